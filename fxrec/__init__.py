@@ -1,0 +1,48 @@
+"""fxrec: hand over the model you already have.
+
+The public contract (../shared/DESIGN.md). Names resolve lazily so that
+`import fxrec` stays cheap and each subsystem loads only when used.
+"""
+from __future__ import annotations
+
+import importlib
+
+__version__ = "0.1.0"
+
+# public name -> module that defines it
+_EXPORTS = {
+    "JaggedTensor": "fxrec.sparse",
+    "KeyedJaggedTensor": "fxrec.sparse",
+    "KeyedTensor": "fxrec.sparse",
+    "EmbeddingBagConfig": "fxrec.modules",
+    "EmbeddingConfig": "fxrec.modules",
+    "EmbeddingBagCollection": "fxrec.modules",
+    "EmbeddingCollection": "fxrec.modules",
+    "TableInfo": "fxrec.types",
+    "Topology": "fxrec.topology",
+    "capture": "fxrec.capture",
+    "find_tables": "fxrec.capture",
+    "plan": "fxrec.planner.plan",
+    "Plan": "fxrec.planner.plan",
+    "TablePlan": "fxrec.planner.plan",
+    "Shard": "fxrec.planner.plan",
+    "Constraint": "fxrec.planner.plan",
+    "PlanError": "fxrec.planner.plan",
+}
+_SUBMODULES = ("optim", "models", "datasets", "metrics", "passes", "planner", "lowering", "runtime")
+
+__all__ = sorted(_EXPORTS) + list(_SUBMODULES)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value  # cache: later lookups skip __getattr__
+        return value
+    if name in _SUBMODULES:
+        return importlib.import_module(f"fxrec.{name}")
+    raise AttributeError(f"module 'fxrec' has no attribute {name!r}")
+
+
+def __dir__():
+    return __all__

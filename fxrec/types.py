@@ -1,0 +1,60 @@
+"""Plain data shared by the front end and the planner.
+
+`TableInfo` is what the front end records for each embedding table it finds and what
+the planner consumes; users may also build it by hand to plan without a model.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+POOLINGS = ("sum", "mean", "none")
+
+
+@dataclass
+class TableInfo:
+    """One embedding table as the compiler sees it.
+
+    name: the path of the module that owns the table (``emb_l.0``, ``user``) or, for a
+    bare parameter read by ``F.embedding*``, the parameter's path.
+    pooling_factor: mean number of ids per bag, measured on the example batch (1.0 for
+    unpooled lookups, where each id is its own output row).
+    """
+
+    name: str
+    num_embeddings: int
+    embedding_dim: int
+    pooling_factor: float = 1.0
+    dtype: torch.dtype = torch.float32
+    pooling: str = "sum"
+    uses: int = 1
+    # Filled by the front end: the lookup nodes' names and the features that feed them.
+    features: list[str] = field(default_factory=list)
+
+    def __post_init__(self):
+        if not self.name:
+            raise ValueError("TableInfo: name must be a non-empty string")
+        if int(self.num_embeddings) <= 0:
+            raise ValueError(f"table {self.name!r}: num_embeddings must be positive, got {self.num_embeddings}")
+        if int(self.embedding_dim) <= 0:
+            raise ValueError(f"table {self.name!r}: embedding_dim must be positive, got {self.embedding_dim}")
+        if self.pooling not in POOLINGS:
+            raise ValueError(f"table {self.name!r}: pooling must be one of {POOLINGS}, got {self.pooling!r}")
+        if not self.pooling_factor >= 0:
+            raise ValueError(f"table {self.name!r}: pooling_factor must be >= 0, got {self.pooling_factor}")
+        if int(self.uses) < 1:
+            raise ValueError(f"table {self.name!r}: uses must be >= 1, got {self.uses}")
+        if isinstance(self.dtype, str):
+            self.dtype = getattr(torch, self.dtype)
+        self.num_embeddings = int(self.num_embeddings)
+        self.embedding_dim = int(self.embedding_dim)
+        self.pooling_factor = float(self.pooling_factor)
+
+    @property
+    def element_bytes(self) -> int:
+        return torch.empty((), dtype=self.dtype).element_size()
+
+    @property
+    def weight_bytes(self) -> int:
+        return self.num_embeddings * self.embedding_dim * self.element_bytes
