@@ -1,0 +1,231 @@
+"""Unsharded reference embedding modules, TorchRec-compatible.
+
+`EmbeddingBagCollection` pools each feature's bags with its table and returns a
+`KeyedTensor` keyed by feature name; `EmbeddingCollection` returns each feature's
+looked-up rows as a `JaggedTensor`. State-dict keys are ``embedding_bags.<table>.weight``
+and ``embeddings.<table>.weight``, as in TorchRec, so checkpoints move between the two.
+
+These modules are what users write and what fxrec's capture recognises; they are also
+the numerical reference the sharded and fused paths are tested against.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from fxrec.sparse import JaggedTensor, KeyedJaggedTensor, KeyedTensor, should_validate
+
+WeightInit = Callable[[Tensor], None]
+BAG_POOLINGS = ("sum", "mean")
+
+
+@dataclass
+class EmbeddingConfig:
+    """One table read without pooling. ``weight_init(weight)`` runs under no_grad;
+    None means uniform(-sqrt(1/num_embeddings), +sqrt(1/num_embeddings))."""
+
+    name: str
+    num_embeddings: int
+    embedding_dim: int
+    feature_names: list[str] = field(default_factory=list)
+    weight_init: Optional[WeightInit] = None
+    dtype: torch.dtype = torch.float32
+
+    def __post_init__(self):
+        _check_config(self)
+
+
+@dataclass
+class EmbeddingBagConfig:
+    """One pooled table: every feature in ``feature_names`` is pooled with it, giving
+    one output per feature. ``pooling`` is "sum" or "mean"."""
+
+    name: str
+    num_embeddings: int
+    embedding_dim: int
+    feature_names: list[str] = field(default_factory=list)
+    pooling: str = "sum"
+    weight_init: Optional[WeightInit] = None
+    dtype: torch.dtype = torch.float32
+
+    def __post_init__(self):
+        self.pooling = str(getattr(self.pooling, "name", self.pooling)).lower()  # PoolingType.SUM too
+        if self.pooling not in BAG_POOLINGS:
+            raise ValueError(f"table {self.name!r}: pooling must be one of {BAG_POOLINGS}, "
+                             f"got {self.pooling!r}")
+        _check_config(self)
+
+
+def _check_config(cfg) -> None:
+    if not isinstance(cfg.name, str) or not cfg.name:
+        raise ValueError(f"embedding table name must be a non-empty string, got {cfg.name!r}")
+    for attr in ("num_embeddings", "embedding_dim"):
+        value = getattr(cfg, attr)
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ValueError(f"table {cfg.name!r}: {attr} must be a positive int, got {value!r}")
+    if isinstance(cfg.feature_names, str):
+        raise ValueError(f"table {cfg.name!r}: feature_names must be a list of names, "
+                         f"got the string {cfg.feature_names!r}")
+    cfg.feature_names = list(cfg.feature_names)
+    if any(not isinstance(f, str) or not f for f in cfg.feature_names):
+        raise ValueError(f"table {cfg.name!r}: feature names must be non-empty strings, got {cfg.feature_names}")
+    if len(set(cfg.feature_names)) != len(cfg.feature_names):
+        raise ValueError(f"table {cfg.name!r}: feature_names repeat a name: {cfg.feature_names}")
+    if isinstance(cfg.dtype, str):
+        cfg.dtype = getattr(torch, cfg.dtype)
+    if not (isinstance(cfg.dtype, torch.dtype) and cfg.dtype.is_floating_point):
+        raise ValueError(f"table {cfg.name!r}: dtype must be a floating torch.dtype, got {cfg.dtype!r}")
+    if cfg.weight_init is not None and not callable(cfg.weight_init):
+        raise ValueError(f"table {cfg.name!r}: weight_init must be callable(weight) or None")
+
+
+def _check_tables(owner: str, tables: Sequence) -> None:
+    """Table names unique; each feature read by one table (outputs are keyed by feature)."""
+    names, owner_of = set(), {}
+    for cfg in tables:
+        if cfg.name in names:
+            raise ValueError(f"{owner}: two tables are named {cfg.name!r}")
+        names.add(cfg.name)
+        for f in cfg.feature_names:
+            if f in owner_of:
+                raise ValueError(f"{owner}: feature {f!r} is read by both table {owner_of[f]!r} and "
+                                 f"table {cfg.name!r}; each feature may feed one table")
+            owner_of[f] = cfg.name
+
+
+def _init_weight(weight: Tensor, cfg) -> None:
+    if weight.is_meta:
+        return  # nothing to initialise; call reset_parameters() after to_empty()
+    with torch.no_grad():
+        if cfg.weight_init is not None:
+            cfg.weight_init(weight)
+        else:
+            bound = math.sqrt(1.0 / cfg.num_embeddings)
+            weight.uniform_(-bound, bound)
+
+
+def _feature(owner: str, kjt, feature: str, table: str) -> JaggedTensor:
+    # A Proxy (symbolic trace) has no key list to check; the lookup becomes a graph node.
+    if isinstance(kjt, KeyedJaggedTensor) and feature not in kjt.index_per_key():
+        raise KeyError(f"{owner}: feature {feature!r} (table {table!r}) is missing from the input; "
+                       f"it has keys {kjt.keys()}")
+    return kjt[feature]
+
+
+def _check_ids(owner: str, ids: Tensor, feature: str, cfg) -> None:
+    if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+        raise ValueError(f"{owner}: feature {feature!r} (table {cfg.name!r}) has ids of dtype "
+                         f"{ids.dtype}; ids must be integers")
+    if ids.numel() == 0:
+        return
+    lo, hi = int(ids.min()), int(ids.max())
+    if lo < 0 or hi >= cfg.num_embeddings:
+        bad = lo if lo < 0 else hi
+        raise ValueError(f"{owner}: feature {feature!r} (table {cfg.name!r}, num_embeddings="
+                         f"{cfg.num_embeddings}) has id {bad}, outside [0, {cfg.num_embeddings})")
+
+
+class EmbeddingBagCollection(nn.Module):
+    """Pooled lookups for several tables.
+
+    forward(kjt) returns a KeyedTensor of shape ``batch x sum(dims)`` keyed by feature, in
+    table order then each table's ``feature_names`` order. Features of the KJT that no
+    table reads are ignored; a missing one raises KeyError. Per-sample weights are used
+    whenever the KJT carries them. Mean pooling of an empty bag gives zeros; with weights,
+    "mean" is ``sum(w_i * row_i) / number_of_ids`` (the bag's length, not the weights' sum).
+    """
+
+    def __init__(self, tables: Sequence[EmbeddingBagConfig], device=None):
+        super().__init__()
+        _check_tables("EmbeddingBagCollection", tables)
+        self._configs = list(tables)
+        self.embedding_bags = nn.ModuleDict()
+        for cfg in self._configs:
+            weight = torch.empty(cfg.num_embeddings, cfg.embedding_dim, device=device, dtype=cfg.dtype)
+            # _weight skips nn.EmbeddingBag's own normal_() init, which we would overwrite.
+            self.embedding_bags[cfg.name] = nn.EmbeddingBag(
+                cfg.num_embeddings, cfg.embedding_dim, mode=cfg.pooling, include_last_offset=True,
+                _weight=weight, device=device, dtype=cfg.dtype)
+        self._feature_names = [f for cfg in self._configs for f in cfg.feature_names]
+        self._dims = [cfg.embedding_dim for cfg in self._configs for _ in cfg.feature_names]
+        self.reset_parameters()
+
+    def embedding_bag_configs(self) -> list[EmbeddingBagConfig]:
+        return list(self._configs)
+
+    def reset_parameters(self) -> None:
+        """Re-initialise every table with its weight_init (or the default uniform)."""
+        for cfg in self._configs:
+            _init_weight(self.embedding_bags[cfg.name].weight, cfg)
+
+    def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
+        pooled = []
+        for cfg in self._configs:
+            bag = self.embedding_bags[cfg.name]
+            for feature in cfg.feature_names:
+                jt = _feature("EmbeddingBagCollection", features, feature, cfg.name)
+                pooled.append(self._pool(bag, cfg, feature, jt))
+        if not pooled:
+            batch = features.stride()
+            values = torch.empty(batch, 0, device=self._device(), dtype=torch.float32)
+            return KeyedTensor([], [], values)
+        return KeyedTensor(self._feature_names, self._dims, torch.cat(pooled, dim=1))
+
+    def _pool(self, bag: nn.EmbeddingBag, cfg: EmbeddingBagConfig, feature: str, jt) -> Tensor:
+        ids, offsets, weights = jt.values(), jt.offsets(), jt.weights_or_none()
+        if should_validate(ids):
+            _check_ids("EmbeddingBagCollection", ids, feature, cfg)
+        if isinstance(weights, Tensor) and weights.dtype != cfg.dtype:
+            weights = weights.to(cfg.dtype)  # embedding_bag wants weights in the table's dtype
+        if cfg.pooling == "sum" or weights is None:
+            return bag(ids, offsets, per_sample_weights=weights)
+        # nn.EmbeddingBag takes per-sample weights only for mode="sum": weighted mean is the
+        # weighted sum over the bag's id count. Under symbolic trace weights is a Proxy that
+        # may be None at run time; then this is the plain mean, so the graph is right either way.
+        total = F.embedding_bag(ids, bag.weight, offsets, mode="sum", per_sample_weights=weights,
+                                include_last_offset=True)
+        return total / jt.lengths().clamp(min=1).unsqueeze(1).to(total)
+
+    def _device(self) -> torch.device:
+        return next(iter(self.parameters())).device if self._configs else torch.device("cpu")
+
+
+class EmbeddingCollection(nn.Module):
+    """Unpooled lookups: forward(kjt) returns ``{feature: JaggedTensor}`` whose values are
+    the rows ``table[ids]`` (``num_ids x dim``) with the input's lengths, in table order
+    then each table's ``feature_names`` order. Per-sample weights are not applied."""
+
+    def __init__(self, tables: Sequence[EmbeddingConfig], device=None):
+        super().__init__()
+        _check_tables("EmbeddingCollection", tables)
+        self._configs = list(tables)
+        self.embeddings = nn.ModuleDict()
+        for cfg in self._configs:
+            weight = torch.empty(cfg.num_embeddings, cfg.embedding_dim, device=device, dtype=cfg.dtype)
+            self.embeddings[cfg.name] = nn.Embedding(cfg.num_embeddings, cfg.embedding_dim, _weight=weight,
+                                                     device=device, dtype=cfg.dtype)
+        self.reset_parameters()
+
+    def embedding_configs(self) -> list[EmbeddingConfig]:
+        return list(self._configs)
+
+    def reset_parameters(self) -> None:
+        for cfg in self._configs:
+            _init_weight(self.embeddings[cfg.name].weight, cfg)
+
+    def forward(self, features: KeyedJaggedTensor) -> dict[str, JaggedTensor]:
+        out = {}
+        for cfg in self._configs:
+            table = self.embeddings[cfg.name]
+            for feature in cfg.feature_names:
+                jt = _feature("EmbeddingCollection", features, feature, cfg.name)
+                ids = jt.values()
+                if should_validate(ids):
+                    _check_ids("EmbeddingCollection", ids, feature, cfg)
+                out[feature] = JaggedTensor(table(ids), lengths=jt.lengths(), validate=False)
+        return out

@@ -1,0 +1,677 @@
+"""Sparse inputs and pooled outputs, in TorchRec's layouts.
+
+* `JaggedTensor`: one feature's bags: ``values`` of all bags concatenated, with
+  ``lengths`` (ids per bag) or ``offsets`` (bag starts, plus the end).
+* `KeyedJaggedTensor` (KJT): several features. Values are key-major: all of key 0's
+  bags, then key 1's; ``lengths`` holds ``len(keys) * stride`` entries in that order.
+* `KeyedTensor`: pooled outputs, ``batch x sum(length_per_key)`` for ``key_dim=1``.
+
+Construction checks the data (sums, monotone offsets, sizes, unique keys) and names the
+offending key and value. Checks are skipped for ``validate=False``, inside
+``validation(False)``, and whenever the tensors are being traced (torch.fx Proxy,
+torch.compile / export, fake or meta tensors) because they read tensor data.
+
+All three types are pytree nodes, so torch.export and torch.compile accept them as
+inputs and outputs; under ``torch.fx.symbolic_trace`` a KJT argument is a Proxy, and
+one built from Proxies lowers itself to a constructor call in the graph.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+from typing import Iterator, Optional, Sequence
+
+import torch
+import torch.utils._pytree as pytree
+from torch import Tensor
+
+# ------------------------------------------------------------------ validation switch
+_VALIDATE = True
+
+
+def set_validation(enabled: bool) -> bool:
+    """Switch construction-time checks on or off process-wide; returns the old setting."""
+    global _VALIDATE
+    previous, _VALIDATE = _VALIDATE, bool(enabled)
+    return previous
+
+
+@contextlib.contextmanager
+def validation(enabled: bool) -> Iterator[None]:
+    """``with validation(False):`` skips the data checks inside the block (hot paths)."""
+    previous = set_validation(enabled)
+    try:
+        yield
+    finally:
+        set_validation(previous)
+
+
+def validation_enabled() -> bool:
+    return _VALIDATE
+
+
+def _fx_symbolic_tracing() -> bool:
+    trace = torch.fx._symbolic_trace
+    check = getattr(trace, "is_fx_symbolic_tracing", None) or trace.is_fx_tracing
+    return check()
+
+
+def is_tracing(*objs) -> bool:
+    """True when data-dependent checks must not run: any Proxy / fake / meta tensor
+    among ``objs``, or an active fx trace, dynamo compile, or make_fx proxy mode."""
+    if torch.compiler.is_compiling() or _fx_symbolic_tracing():
+        return True
+    for t in objs:
+        if isinstance(t, torch.fx.Proxy):
+            return True
+        if isinstance(t, Tensor) and (t.is_meta or type(t) not in (Tensor, torch.nn.Parameter)):
+            return True  # FakeTensor, FunctionalTensor and other tracing subclasses
+    try:
+        return torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.PROXY) is not None
+    except AttributeError:  # pragma: no cover - older torch
+        return False
+
+
+def should_validate(*objs) -> bool:
+    """The test every check uses: validation on globally and nothing is being traced."""
+    return _VALIDATE and not is_tracing(*objs)
+
+
+# ------------------------------------------------------------------ checks
+def _check_keys(owner: str, keys: Sequence[str]) -> None:
+    seen = set()
+    for k in keys:
+        if not isinstance(k, str):
+            raise TypeError(f"{owner}: keys must be strings, got {k!r} ({type(k).__name__})")
+        if k in seen:
+            raise ValueError(f"{owner}: key {k!r} appears more than once in keys {list(keys)}")
+        seen.add(k)
+
+
+def _check_index_tensor(owner: str, name: str, t: Tensor) -> None:
+    if t.dim() != 1 or t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+        raise ValueError(f"{owner}: {name} must be a 1-D integer tensor, got shape "
+                         f"{tuple(t.shape)} dtype {t.dtype}")
+
+
+def _check_jagged(owner, values, lengths, offsets, weights, bag_name) -> None:
+    """Shared checks for JT and KJT; ``bag_name(i)`` names flat bag i in messages."""
+    if values.dim() < 1:
+        raise ValueError(f"{owner}: values must have at least one dimension, got a scalar")
+    n = values.size(0)
+    if offsets is not None:
+        _check_index_tensor(owner, "offsets", offsets)
+        if offsets.numel() == 0 or int(offsets[0]) != 0:
+            raise ValueError(f"{owner}: offsets must start at 0, got {offsets[:1].tolist()}")
+        steps = offsets.diff()
+        if bool((steps < 0).any()):
+            i = int((steps < 0).nonzero()[0])
+            raise ValueError(f"{owner}: offsets must be non-decreasing; {bag_name(i)} goes from "
+                             f"offset {int(offsets[i])} down to {int(offsets[i + 1])}")
+        if int(offsets[-1]) != n:
+            raise ValueError(f"{owner}: offsets end at {int(offsets[-1])} but values has {n} entries")
+    if lengths is not None:
+        _check_index_tensor(owner, "lengths", lengths)
+        if bool((lengths < 0).any()):
+            i = int((lengths < 0).nonzero()[0])
+            raise ValueError(f"{owner}: {bag_name(i)} has negative length {int(lengths[i])}")
+        if offsets is not None and (offsets.numel() != lengths.numel() + 1
+                                    or not torch.equal(offsets.diff(), lengths.to(offsets.dtype))):
+            raise ValueError(f"{owner}: lengths and offsets were both given and disagree")
+    if weights is not None and (weights.dim() != 1 or weights.size(0) != n):
+        raise ValueError(f"{owner}: weights must be 1-D with one weight per value ({n}), "
+                         f"got shape {tuple(weights.shape)}")
+
+
+def _check_sums(owner, keys, lengths, stride, n) -> None:
+    """Names the key whose bags run past the end of values, or the values left over."""
+    sums = lengths.reshape(len(keys), stride).sum(1).tolist() if keys else []
+    total = sum(sums)
+    if total == n:
+        return
+    per_key = {k: s for k, s in zip(keys, sums)}
+    if total > n:
+        end = 0
+        for k, s in zip(keys, sums):
+            end += s
+            if end > n:
+                raise ValueError(f"{owner}: lengths sum to {total} but values has {n} entries; "
+                                 f"key {k!r}'s bags cover values[{end - s}:{end}], past the end "
+                                 f"(per-key length sums {per_key})")
+    last = repr(keys[-1]) if keys else "<no keys>"
+    raise ValueError(f"{owner}: lengths sum to {total} but values has {n} entries; the last "
+                     f"{n - total} values after key {last}'s bags belong to no bag "
+                     f"(per-key length sums {per_key})")
+
+
+# ------------------------------------------------------------------ helpers
+def _offsets_from_lengths(lengths: Tensor) -> Tensor:
+    zero = lengths.new_zeros(1)
+    return torch.cat([zero, lengths.cumsum(0, dtype=lengths.dtype)])
+
+
+def _to(t: Optional[Tensor], device, non_blocking: bool) -> Optional[Tensor]:
+    return None if t is None else t.to(device, non_blocking=non_blocking)
+
+
+def _pinning_available() -> bool:
+    # Page-locked host memory needs an accelerator runtime; CPU-only torch raises
+    # "Cannot access accelerator device" from pin_memory(), so pinning is skipped there.
+    return torch.accelerator.is_available()
+
+
+def _unknown_key(key, keys) -> KeyError:
+    return KeyError(f"unknown key {key!r}; known keys: {list(keys)}")
+
+
+# ------------------------------------------------------------------ JaggedTensor
+class JaggedTensor:
+    """One feature's bags. ``values[offsets[i]:offsets[i+1]]`` is bag i; ``lengths`` and
+    ``offsets`` are derived from each other on first use and cached."""
+
+    def __init__(self, values: Tensor, lengths: Optional[Tensor] = None,
+                 offsets: Optional[Tensor] = None, weights: Optional[Tensor] = None,
+                 validate: bool = True):
+        if lengths is None and offsets is None:
+            raise ValueError("JaggedTensor: give lengths or offsets")
+        self._values, self._lengths, self._offsets, self._weights = values, lengths, offsets, weights
+        if validate and should_validate(values, lengths, offsets, weights):
+            _check_jagged("JaggedTensor", values, lengths, offsets, weights, lambda i: f"bag {i}")
+            if lengths is not None and int(lengths.sum()) != values.size(0):
+                raise ValueError(f"JaggedTensor: lengths sum to {int(lengths.sum())} but values has "
+                                 f"{values.size(0)} entries")
+
+    @staticmethod
+    def from_dense(values: list[Tensor], weights: Optional[list[Tensor]] = None) -> JaggedTensor:
+        """One bag per list entry (each a tensor whose first dim is the bag's ids)."""
+        lengths = torch.tensor([v.size(0) for v in values], dtype=torch.int64)
+        w = torch.cat(weights) if weights is not None else None
+        return JaggedTensor(torch.cat(values), lengths=lengths, weights=w)
+
+    def values(self) -> Tensor:
+        return self._values
+
+    def lengths(self) -> Tensor:
+        if self._lengths is None:
+            self._lengths = self._offsets.diff()
+        return self._lengths
+
+    def offsets(self) -> Tensor:
+        if self._offsets is None:
+            self._offsets = _offsets_from_lengths(self._lengths)
+        return self._offsets
+
+    def lengths_or_none(self) -> Optional[Tensor]:
+        return self._lengths
+
+    def offsets_or_none(self) -> Optional[Tensor]:
+        return self._offsets
+
+    def weights(self) -> Tensor:
+        if self._weights is None:
+            raise ValueError("JaggedTensor has no weights; use weights_or_none()")
+        return self._weights
+
+    def weights_or_none(self) -> Optional[Tensor]:
+        return self._weights
+
+    def to_dense(self) -> list[Tensor]:
+        """The bags as a list of tensors (views of values)."""
+        return list(torch.split(self._values, self.lengths().tolist()))
+
+    def to_dense_weights(self) -> Optional[list[Tensor]]:
+        return None if self._weights is None else list(torch.split(self._weights, self.lengths().tolist()))
+
+    def to_padded_dense(self, desired_length: Optional[int] = None, padding_value=0) -> Tensor:
+        """``[num_bags, L, *values.shape[1:]]``: each bag's first L values, padded with
+        ``padding_value``; L is ``desired_length`` or the longest bag."""
+        return _pad(self._values, self.lengths(), self.offsets(), desired_length, padding_value)
+
+    def to(self, device, non_blocking: bool = False) -> JaggedTensor:
+        return JaggedTensor(self._values.to(device, non_blocking=non_blocking),
+                            _to(self._lengths, device, non_blocking), _to(self._offsets, device, non_blocking),
+                            _to(self._weights, device, non_blocking), validate=False)
+
+    def device(self) -> torch.device:
+        return self._values.device
+
+    def __fx_create_arg__(self, tracer):
+        # A JT built from Proxies inside a traced forward becomes a constructor call.
+        return tracer.create_node("call_function", JaggedTensor, tracer.create_arg(
+            (self._values, self._lengths, self._offsets, self._weights)), {"validate": False})
+
+    def __repr__(self) -> str:
+        return f"JaggedTensor(values={self._values}, lengths={self.lengths()}, weights={self._weights})"
+
+
+def _pad(values, lengths, offsets, desired_length, padding_value) -> Tensor:
+    num_bags = lengths.numel()
+    width = int(lengths.max()) if desired_length is None and num_bags else int(desired_length or 0)
+    out = values.new_full((num_bags, width, *values.shape[1:]), padding_value)
+    bag = torch.repeat_interleave(torch.arange(num_bags, device=values.device), lengths)
+    pos = torch.arange(values.size(0), device=values.device) - offsets[:-1].repeat_interleave(lengths)
+    keep = pos < width
+    out[bag[keep], pos[keep]] = values[keep]
+    return out
+
+
+# ------------------------------------------------------------------ KeyedJaggedTensor
+class KeyedJaggedTensor:
+    """Several features' bags, key-major (TorchRec layout). ``stride()`` is the batch size.
+
+    Guarantees after construction with validation on: keys are unique strings; lengths
+    (or offsets) has ``len(keys) * stride`` bags, non-negative, summing to ``len(values)``;
+    offsets start at 0, never decrease and end at ``len(values)``; weights, when given,
+    has one entry per value.
+    """
+
+    def __init__(self, keys: Sequence[str], values: Tensor, lengths: Optional[Tensor] = None,
+                 offsets: Optional[Tensor] = None, weights: Optional[Tensor] = None,
+                 stride: Optional[int] = None, validate: bool = True):
+        if lengths is None and offsets is None:
+            raise ValueError("KeyedJaggedTensor: give lengths or offsets")
+        self._keys = list(keys)
+        self._values, self._lengths, self._offsets, self._weights = values, lengths, offsets, weights
+        self._stride = None if stride is None else int(stride)
+        self._length_per_key: Optional[list[int]] = None
+        self._offset_per_key: Optional[list[int]] = None
+        self._index_per_key: Optional[dict[str, int]] = None
+        if validate and should_validate(values, lengths, offsets, weights):
+            self._validate()
+
+    def _validate(self) -> None:
+        owner, keys = "KeyedJaggedTensor", self._keys
+        _check_keys(owner, keys)
+        num_bags = self._lengths.numel() if self._lengths is not None else self._offsets.numel() - 1
+        if not keys:
+            if num_bags > 0:
+                raise ValueError(f"{owner}: no keys but {num_bags} bags")
+            return
+        if num_bags % len(keys):
+            raise ValueError(f"{owner}: {num_bags} lengths is not a multiple of the {len(keys)} "
+                             f"keys {keys}; lengths needs batch_size entries per key")
+        stride = num_bags // len(keys)
+        if self._stride is not None and self._stride != stride:
+            raise ValueError(f"{owner}: stride={self._stride} but lengths holds {stride} bags per key")
+        _check_jagged(owner, self._values, self._lengths, self._offsets, self._weights,
+                      lambda i: f"key {keys[i // stride]!r} bag {i % stride}")
+        if self._lengths is not None:
+            _check_sums(owner, keys, self._lengths, stride, self._values.size(0))
+
+    # -- constructors
+    @staticmethod
+    def from_lengths_sync(keys, values, lengths, weights=None, stride=None) -> KeyedJaggedTensor:
+        """Build and compute the per-key sizes now (one host sync)."""
+        return KeyedJaggedTensor(keys, values, lengths=lengths, weights=weights, stride=stride).sync()
+
+    @staticmethod
+    def from_offsets_sync(keys, values, offsets, weights=None, stride=None) -> KeyedJaggedTensor:
+        return KeyedJaggedTensor(keys, values, offsets=offsets, weights=weights, stride=stride).sync()
+
+    @staticmethod
+    def from_jt_dict(jt_dict: dict[str, JaggedTensor]) -> KeyedJaggedTensor:
+        """Keys in dict order; every JaggedTensor must have the same number of bags."""
+        keys = list(jt_dict)
+        if not keys:
+            raise ValueError("KeyedJaggedTensor.from_jt_dict: empty dict (stride unknown); "
+                             "use KeyedJaggedTensor.empty(stride=...)")
+        jts = list(jt_dict.values())
+        stride = jts[0].lengths().numel()
+        for k, jt in jt_dict.items():
+            if jt.lengths().numel() != stride:
+                raise ValueError(f"KeyedJaggedTensor.from_jt_dict: key {k!r} has "
+                                 f"{jt.lengths().numel()} bags, key {keys[0]!r} has {stride}")
+        weights = _all_or_none("from_jt_dict", keys, [jt.weights_or_none() for jt in jts])
+        return KeyedJaggedTensor(keys, torch.cat([jt.values() for jt in jts]),
+                                 lengths=torch.cat([jt.lengths() for jt in jts]),
+                                 weights=weights, stride=stride)
+
+    @staticmethod
+    def empty(is_weighted: bool = False, device=None, values_dtype=torch.int64,
+              lengths_dtype=torch.int64, stride: int = 0) -> KeyedJaggedTensor:
+        w = torch.empty(0, device=device) if is_weighted else None
+        return KeyedJaggedTensor([], torch.empty(0, dtype=values_dtype, device=device),
+                                 lengths=torch.empty(0, dtype=lengths_dtype, device=device),
+                                 weights=w, stride=stride)
+
+    @staticmethod
+    def empty_like(kjt: KeyedJaggedTensor) -> KeyedJaggedTensor:
+        return KeyedJaggedTensor.empty(kjt.weights_or_none() is not None, kjt.device(),
+                                       kjt.values().dtype, kjt.lengths().dtype, kjt.stride())
+
+    # -- accessors
+    def keys(self) -> list[str]:
+        return self._keys
+
+    def values(self) -> Tensor:
+        return self._values
+
+    def weights(self) -> Tensor:
+        if self._weights is None:
+            raise ValueError("KeyedJaggedTensor has no weights; use weights_or_none()")
+        return self._weights
+
+    def weights_or_none(self) -> Optional[Tensor]:
+        return self._weights
+
+    def lengths(self) -> Tensor:
+        if self._lengths is None:
+            self._lengths = self._offsets.diff()
+        return self._lengths
+
+    def offsets(self) -> Tensor:
+        if self._offsets is None:
+            self._offsets = _offsets_from_lengths(self._lengths)
+        return self._offsets
+
+    def lengths_or_none(self) -> Optional[Tensor]:
+        return self._lengths
+
+    def offsets_or_none(self) -> Optional[Tensor]:
+        return self._offsets
+
+    def stride(self) -> int:
+        """Batch size: the explicit stride, else bags / keys (0 with no keys)."""
+        if self._stride is None:
+            if not self._keys:
+                self._stride = 0
+            else:
+                bags = self._lengths.numel() if self._lengths is not None else self._offsets.numel() - 1
+                self._stride = bags // len(self._keys)
+        return self._stride
+
+    def device(self) -> torch.device:
+        return self._values.device
+
+    def length_per_key(self) -> list[int]:
+        """Number of values per key (host ints; computing it syncs once, then cached)."""
+        if self._length_per_key is None:
+            if not self._keys:
+                self._length_per_key = []
+            else:
+                self._length_per_key = self.lengths().reshape(len(self._keys), self.stride()).sum(1).tolist()
+        return self._length_per_key
+
+    def offset_per_key(self) -> list[int]:
+        if self._offset_per_key is None:
+            out = [0]
+            for n in self.length_per_key():
+                out.append(out[-1] + n)
+            self._offset_per_key = out
+        return self._offset_per_key
+
+    def index_per_key(self) -> dict[str, int]:
+        if self._index_per_key is None:
+            self._index_per_key = {k: i for i, k in enumerate(self._keys)}
+        return self._index_per_key
+
+    def sync(self) -> KeyedJaggedTensor:
+        self.offset_per_key()
+        return self
+
+    # -- per-key views
+    def __getitem__(self, key: str) -> JaggedTensor:
+        i = self.index_per_key().get(key)
+        if i is None:
+            raise _unknown_key(key, self._keys)
+        opk, b = self.offset_per_key(), self.stride()
+        values, weights = self._values[opk[i]:opk[i + 1]], self._weights
+        if weights is not None:
+            weights = weights[opk[i]:opk[i + 1]]
+            # Under export the slice sizes are unbacked symbols; tell the tracer they match.
+            torch._check(weights.size(0) == values.size(0))
+        return JaggedTensor(values, lengths=self.lengths()[i * b:(i + 1) * b], weights=weights,
+                            validate=False)
+
+    def to_dict(self) -> dict[str, JaggedTensor]:
+        return {k: self[k] for k in self._keys}
+
+    def split(self, segments: Sequence[int]) -> list[KeyedJaggedTensor]:
+        """Consecutive groups of ``segments[j]`` keys each; weights and stride kept."""
+        if sum(segments) != len(self._keys) or any(s < 0 for s in segments):
+            raise ValueError(f"KeyedJaggedTensor.split: segments {list(segments)} must be "
+                             f"non-negative and sum to the {len(self._keys)} keys")
+        opk, b, out, start = self.offset_per_key(), self.stride(), [], 0
+        for seg in segments:
+            end = start + seg
+            lo, hi = opk[start], opk[end]
+            kjt = KeyedJaggedTensor(self._keys[start:end], self._values[lo:hi],
+                                    lengths=self.lengths()[start * b:end * b],
+                                    weights=None if self._weights is None else self._weights[lo:hi],
+                                    stride=b, validate=False)
+            kjt._length_per_key = self.length_per_key()[start:end]
+            out.append(kjt)
+            start = end
+        return out
+
+    def permute(self, indices: Sequence[int]) -> KeyedJaggedTensor:
+        """New KJT whose j-th key is ``keys[indices[j]]`` (indices may drop keys)."""
+        k = len(self._keys)
+        bad = [i for i in indices if not 0 <= i < k]
+        if bad:
+            raise ValueError(f"KeyedJaggedTensor.permute: indices {bad} out of range for {k} keys")
+        if len(set(indices)) != len(indices):
+            raise ValueError(f"KeyedJaggedTensor.permute: indices {list(indices)} repeat a key")
+        opk, b = self.offset_per_key(), self.stride()
+        pick = lambda t: torch.cat([t[opk[i]:opk[i + 1]] for i in indices]) if indices else t[:0]
+        lengths = self.lengths().reshape(k, b)[list(indices)].reshape(-1) if k else self.lengths()
+        kjt = KeyedJaggedTensor([self._keys[i] for i in indices], pick(self._values), lengths=lengths,
+                                weights=None if self._weights is None else pick(self._weights),
+                                stride=b, validate=False)
+        kjt._length_per_key = [self.length_per_key()[i] for i in indices]
+        return kjt
+
+    @staticmethod
+    def concat(kjts: Sequence[KeyedJaggedTensor]) -> KeyedJaggedTensor:
+        """Keys of all inputs in order; all must share the stride and weightedness."""
+        if not kjts:
+            raise ValueError("KeyedJaggedTensor.concat: empty list")
+        strides = [k.stride() for k in kjts]
+        if len(set(strides)) != 1:
+            raise ValueError(f"KeyedJaggedTensor.concat: strides differ: {strides}")
+        keys = [key for k in kjts for key in k.keys()]
+        _check_keys("KeyedJaggedTensor.concat", keys)
+        weights = _all_or_none("concat", keys, [k.weights_or_none() for k in kjts])
+        out = KeyedJaggedTensor(keys, torch.cat([k.values() for k in kjts]),
+                                lengths=torch.cat([k.lengths() for k in kjts]),
+                                weights=weights, stride=strides[0], validate=False)
+        if all(k._length_per_key is not None for k in kjts):
+            out._length_per_key = [n for k in kjts for n in k._length_per_key]
+        return out
+
+    # -- devices and streams
+    def to(self, device, non_blocking: bool = False) -> KeyedJaggedTensor:
+        kjt = KeyedJaggedTensor(self._keys, self._values.to(device, non_blocking=non_blocking),
+                                _to(self._lengths, device, non_blocking), _to(self._offsets, device, non_blocking),
+                                _to(self._weights, device, non_blocking), self._stride, validate=False)
+        kjt._length_per_key, kjt._offset_per_key = self._length_per_key, self._offset_per_key
+        return kjt
+
+    def pin_memory(self) -> KeyedJaggedTensor:
+        """A copy in page-locked memory, or ``self`` unchanged when torch has no
+        accelerator runtime (CPU-only builds cannot pin; there is nothing to copy to)."""
+        if not _pinning_available():
+            return self
+        pin = lambda t: None if t is None else t.pin_memory()
+        kjt = KeyedJaggedTensor(self._keys, self._values.pin_memory(), pin(self._lengths), pin(self._offsets),
+                                pin(self._weights), self._stride, validate=False)
+        kjt._length_per_key, kjt._offset_per_key = self._length_per_key, self._offset_per_key
+        return kjt
+
+    def record_stream(self, stream) -> None:
+        """Mark the tensors as used on ``stream`` (CUDA tensors only; a no-op on CPU)."""
+        for t in (self._values, self._lengths, self._offsets, self._weights):
+            if t is not None and t.is_cuda:
+                t.record_stream(stream)
+
+    def __fx_create_arg__(self, tracer):
+        return tracer.create_node("call_function", KeyedJaggedTensor, tracer.create_arg(
+            (self._keys, self._values, self._lengths, self._offsets, self._weights, self._stride)),
+            {"validate": False})
+
+    def __repr__(self) -> str:
+        if isinstance(self._values, torch.fx.Proxy):
+            return f"KeyedJaggedTensor(keys={self._keys}, <traced>)"
+        return (f"KeyedJaggedTensor(keys={self._keys}, stride={self.stride()}, values={self._values}, "
+                f"lengths={self.lengths()}, weights={self._weights})")
+
+
+def _all_or_none(op: str, keys, weights: list) -> Optional[Tensor]:
+    present = [w is not None for w in weights]
+    if all(present):
+        return torch.cat(weights)
+    if any(present):
+        raise ValueError(f"KeyedJaggedTensor.{op}: some inputs carry weights and some do not "
+                         f"(keys {keys}); weight all of them or none")
+    return None
+
+
+# ------------------------------------------------------------------ KeyedTensor
+class KeyedTensor:
+    """Pooled outputs: ``values`` holds each key's columns side by side along ``key_dim``
+    (``length_per_key[i]`` columns for key i, in key order)."""
+
+    def __init__(self, keys: Sequence[str], length_per_key: Sequence[int], values: Tensor,
+                 key_dim: int = 1, validate: bool = True):
+        self._keys, self._length_per_key = list(keys), [int(n) for n in length_per_key]
+        self._values, self._key_dim = values, key_dim
+        self._offset_per_key: Optional[list[int]] = None
+        self._index_per_key: Optional[dict[str, int]] = None
+        if validate and should_validate(values):
+            self._validate()
+
+    def _validate(self) -> None:
+        _check_keys("KeyedTensor", self._keys)
+        if len(self._keys) != len(self._length_per_key):
+            raise ValueError(f"KeyedTensor: {len(self._keys)} keys but {len(self._length_per_key)} lengths")
+        if any(n < 0 for n in self._length_per_key):
+            raise ValueError(f"KeyedTensor: negative length_per_key {self._length_per_key}")
+        width = self._values.size(self._key_dim)
+        if width != sum(self._length_per_key):
+            raise ValueError(f"KeyedTensor: values has {width} entries along key_dim={self._key_dim} "
+                             f"but length_per_key {dict(zip(self._keys, self._length_per_key))} "
+                             f"sums to {sum(self._length_per_key)}")
+
+    @staticmethod
+    def from_tensor_list(keys: Sequence[str], tensors: Sequence[Tensor], key_dim: int = 1,
+                         cat_dim: int = 1) -> KeyedTensor:
+        return KeyedTensor(keys, [t.size(key_dim) for t in tensors], torch.cat(list(tensors), dim=cat_dim),
+                           key_dim=key_dim)
+
+    def keys(self) -> list[str]:
+        return self._keys
+
+    def values(self) -> Tensor:
+        return self._values
+
+    def key_dim(self) -> int:
+        return self._key_dim
+
+    def length_per_key(self) -> list[int]:
+        return self._length_per_key
+
+    def offset_per_key(self) -> list[int]:
+        if self._offset_per_key is None:
+            out = [0]
+            for n in self._length_per_key:
+                out.append(out[-1] + n)
+            self._offset_per_key = out
+        return self._offset_per_key
+
+    def __getitem__(self, key: str) -> Tensor:
+        if self._index_per_key is None:
+            self._index_per_key = {k: i for i, k in enumerate(self._keys)}
+        i = self._index_per_key.get(key)
+        if i is None:
+            raise _unknown_key(key, self._keys)
+        return self._values.narrow(self._key_dim, self.offset_per_key()[i], self._length_per_key[i])
+
+    def to_dict(self) -> dict[str, Tensor]:
+        return {k: self[k] for k in self._keys}
+
+    @staticmethod
+    def regroup(keyed_tensors: Sequence[KeyedTensor], groups: Sequence[Sequence[str]]) -> list[Tensor]:
+        """One tensor per group: the named keys' columns (from any input) concatenated."""
+        lookup: dict[str, KeyedTensor] = {}
+        for kt in keyed_tensors:
+            lookup.update({k: kt for k in kt.keys()})
+        out = []
+        for group in groups:
+            missing = [k for k in group if k not in lookup]
+            if missing:
+                raise _unknown_key(missing[0], list(lookup))
+            out.append(torch.cat([lookup[k][k] for k in group], dim=keyed_tensors[0].key_dim()))
+        return out
+
+    def to(self, device, non_blocking: bool = False) -> KeyedTensor:
+        return KeyedTensor(self._keys, self._length_per_key, self._values.to(device, non_blocking=non_blocking),
+                           self._key_dim, validate=False)
+
+    def record_stream(self, stream) -> None:
+        if self._values.is_cuda:
+            self._values.record_stream(stream)
+
+    def __fx_create_arg__(self, tracer):
+        return tracer.create_node("call_function", KeyedTensor, tracer.create_arg(
+            (self._keys, self._length_per_key, self._values, self._key_dim)), {"validate": False})
+
+    def __repr__(self) -> str:
+        return f"KeyedTensor(keys={self._keys}, length_per_key={self._length_per_key}, values={self._values})"
+
+
+# ------------------------------------------------------------------ pytree registration
+# Children are the tensors (None where absent); the context holds the non-tensor data,
+# so a spec made from one batch matches any batch with the same keys and batch size.
+# Offsets are not a child: lengths is always materialised, so the spec does not depend
+# on which of the two happened to be cached.
+def _jt_flatten(jt):
+    return [jt.values(), jt.lengths(), jt.weights_or_none()], None
+
+
+def _jt_unflatten(children, _ctx):
+    values, lengths, weights = children
+    return JaggedTensor(values, lengths=lengths, weights=weights, validate=False)
+
+
+def _kjt_flatten(kjt):
+    return [kjt.values(), kjt.lengths(), kjt.weights_or_none()], (tuple(kjt.keys()), kjt.stride())
+
+
+def _kjt_unflatten(children, ctx):
+    values, lengths, weights = children
+    keys, stride = ctx
+    return KeyedJaggedTensor(list(keys), values, lengths=lengths, weights=weights, stride=stride,
+                             validate=False)
+
+
+def _kt_flatten(kt):
+    return [kt.values()], (tuple(kt.keys()), tuple(kt.length_per_key()), kt.key_dim())
+
+
+def _kt_unflatten(children, ctx):
+    keys, lpk, key_dim = ctx
+    return KeyedTensor(list(keys), list(lpk), children[0], key_dim, validate=False)
+
+
+def _with_keys(flatten, names):
+    def flatten_with_keys(obj):
+        children, ctx = flatten(obj)
+        return [(pytree.GetAttrKey(n), c) for n, c in zip(names, children)], ctx
+    return flatten_with_keys
+
+
+def _register(cls, flatten, unflatten, names, to_json, from_json) -> None:
+    pytree.register_pytree_node(
+        cls, flatten, unflatten, serialized_type_name=f"fxrec.sparse.{cls.__name__}",
+        to_dumpable_context=to_json, from_dumpable_context=from_json,
+        flatten_with_keys_fn=_with_keys(flatten, names))
+
+
+_register(JaggedTensor, _jt_flatten, _jt_unflatten, ("_values", "_lengths", "_weights"),
+          lambda ctx: "null", lambda s: None)
+_register(KeyedJaggedTensor, _kjt_flatten, _kjt_unflatten, ("_values", "_lengths", "_weights"),
+          lambda ctx: json.dumps([list(ctx[0]), ctx[1]]),
+          lambda s: (lambda d: (tuple(d[0]), d[1]))(json.loads(s)))
+_register(KeyedTensor, _kt_flatten, _kt_unflatten, ("_values",),
+          lambda ctx: json.dumps([list(ctx[0]), list(ctx[1]), ctx[2]]),
+          lambda s: (lambda d: (tuple(d[0]), tuple(d[1]), d[2]))(json.loads(s)))
