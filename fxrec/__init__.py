@@ -20,8 +20,7 @@ _EXPORTS = {
     "EmbeddingCollection": "fxrec.modules",
     "TableInfo": "fxrec.types",
     "Topology": "fxrec.topology",
-    "capture": "fxrec.capture",
-    "find_tables": "fxrec.capture",
+    "CaptureError": "fxrec.capture",
     "plan": "fxrec.planner.plan",
     "Plan": "fxrec.planner.plan",
     "TablePlan": "fxrec.planner.plan",
@@ -31,7 +30,12 @@ _EXPORTS = {
 }
 _SUBMODULES = ("optim", "models", "datasets", "metrics", "passes", "planner", "lowering", "runtime")
 
-__all__ = sorted(_EXPORTS) + list(_SUBMODULES)
+__all__ = sorted(list(_EXPORTS) + ["capture", "find_tables"]) + list(_SUBMODULES)
+
+# Bound eagerly: `fxrec.capture` names both a submodule and the public function, and the
+# import system sets the package attribute to the submodule when it is first loaded.
+# Loading it here, then binding the function, makes the function win for good.
+from fxrec.capture import capture, find_tables  # noqa: E402
 
 
 def __getattr__(name: str):

@@ -1,0 +1,289 @@
+"""Capture a user's model as a `torch.fx.GraphModule` with shapes and provenance.
+
+`capture` first traces symbolically with `FxrecTracer`, which keeps embedding modules
+(nn.Embedding, nn.EmbeddingBag, fxrec's EmbeddingBagCollection / EmbeddingCollection)
+as call_module leaves so later passes see each lookup whole; fxrec's KeyedJaggedTensor
+arguments become ordinary placeholders and their methods call_method nodes. Where
+symbolic tracing cannot follow the Python (control flow on a traced value, iterating a
+traced tensor), it falls back to `torch.export` (non-strict, every dimension
+`Dim.AUTO`), whose graph is aten-level: lookups then appear as aten embedding ops on
+the tables' parameters. If both fail, `CaptureError` names the module and source line.
+
+Every node of the result carries (keys from fxrec.passes.lookup): PASS = "capture",
+MODULE (innermost user module path, "" for the root), SOURCE (`SourceLoc` of the
+user's line or None), SHAPE (`TensorSpec`, `SparseSpec`, or a tuple/dict of them; the
+type name otherwise) and, for tensor values, torch's own ``tensor_meta``.
+"""
+from __future__ import annotations
+
+import contextlib
+import inspect
+import io
+import linecache
+import logging
+import os
+import re
+import sys
+import traceback
+from typing import Any, Iterable, NamedTuple, Optional, Union
+
+import torch
+import torch.utils._pytree as pytree
+from torch import Tensor, nn
+from torch.fx._symbolic_trace import PH
+
+from fxrec.passes import lookup as L
+from fxrec.passes.shapes import run_example
+
+_TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
+# fxrec's own tracing and interpreting code, never the "user's line"
+_INTERNAL = (os.path.abspath(__file__), os.path.dirname(os.path.abspath(L.__file__)) + os.sep)
+
+
+class CaptureError(RuntimeError):
+    """The model could not be captured; the message is one line naming the module path
+    and source line of the offending operation and what to do about it."""
+
+
+class SourceLoc(NamedTuple):
+    file: str
+    line: int
+    code: str
+
+    def __str__(self) -> str:
+        return f"{os.path.basename(self.file)}:{self.line} {self.code}".rstrip()
+
+
+# ------------------------------------------------------------------ symbolic tracing
+def _embedding_leaf_types() -> tuple[type, ...]:
+    from fxrec.modules import EmbeddingBagCollection, EmbeddingCollection
+    return (nn.Embedding, nn.EmbeddingBag, EmbeddingBagCollection, EmbeddingCollection)
+
+
+class FxrecTracer(torch.fx.Tracer):
+    """Symbolic tracer that keeps embedding modules and the user's `leaf_modules`
+    (types or qualified names) as call_module leaves, and records in ``meta[SOURCE]``
+    the user's line that created each node."""
+
+    def __init__(self, leaf_modules: Iterable[Union[type, str]] = ()):
+        super().__init__()
+        self._trace_frame = None
+        leaves = list(leaf_modules)
+        self._leaf_types = _embedding_leaf_types() + tuple(t for t in leaves if isinstance(t, type))
+        self._leaf_names = {t for t in leaves if isinstance(t, str)}
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if isinstance(m, self._leaf_types) or module_qualified_name in self._leaf_names:
+            return True
+        return super().is_leaf_module(m, module_qualified_name)
+
+    def trace(self, root, concrete_args=None):
+        self._trace_frame = sys._getframe()
+        try:
+            return super().trace(root, concrete_args)
+        finally:
+            self._trace_frame = None
+
+    def create_proxy(self, kind, target, args, kwargs, name=None, type_expr=None, proxy_factory_fn=None):
+        proxy = super().create_proxy(kind, target, args, kwargs, name, type_expr, proxy_factory_fn)
+        proxy.node.meta[L.SOURCE] = self._user_frame()
+        return proxy
+
+    def _user_frame(self) -> Optional[SourceLoc]:
+        # The innermost frame of user code between here and trace(): torch's own
+        # stack-trace recording symbolizes every frame, which costs seconds on first use.
+        frame = sys._getframe(2)
+        while frame is not None and frame is not self._trace_frame:
+            path = frame.f_code.co_filename
+            if _is_user_file(path):
+                return SourceLoc(path, frame.f_lineno, linecache.getline(path, frame.f_lineno).strip())
+            frame = frame.f_back
+        return None
+
+    def call_module(self, m, forward, args, kwargs):
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except Exception as e:
+            # Remember the innermost module whose forward failed; the scope is gone by
+            # the time the exception reaches capture().
+            if not hasattr(e, "_fxrec_module"):
+                e._fxrec_module = (self.path_of_module(m), type(m).__name__)
+            raise
+
+
+def _placeholders(value: Any) -> Any:
+    if isinstance(value, (list, tuple, dict)):
+        if isinstance(value, dict):
+            return {k: _placeholders(v) for k, v in value.items()}
+        items = [_placeholders(v) for v in value]
+        return type(value)(*items) if hasattr(value, "_fields") else type(value)(items)
+    return None if value is None else PH
+
+
+def _concrete_args(model: nn.Module, inputs: tuple) -> Optional[dict]:
+    """Containers of tensors (DLRM's lists of offsets and indices) are flattened into one
+    placeholder per leaf so a loop over them unrolls; plain scalars are specialised."""
+    params = list(inspect.signature(model.forward).parameters.values())
+    if any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in params):
+        return None
+    if len(inputs) > len(params):
+        raise CaptureError(f"{type(model).__name__}.forward takes {len(params)} arguments "
+                           f"but example_inputs has {len(inputs)}")
+    concrete = {}
+    for p, v in zip(params, inputs):
+        if isinstance(v, (list, tuple, dict)):
+            concrete[p.name] = _placeholders(v)
+        elif v is None or isinstance(v, (bool, int, float, str)):
+            concrete[p.name] = v
+    return concrete or None
+
+
+def _fx_capture(model: nn.Module, inputs: tuple, leaf_modules) -> torch.fx.GraphModule:
+    tracer = FxrecTracer(leaf_modules)
+    graph = tracer.trace(model, concrete_args=_concrete_args(model, inputs))
+    return torch.fx.GraphModule(tracer.root, graph, type(model).__name__)
+
+
+# ------------------------------------------------------------------ torch.export fallback
+def _auto_dims(value: Any) -> Any:
+    """A dynamic_shapes tree marking every tensor dimension Dim.AUTO (export keeps a
+    dimension dynamic where it can): fresh batches with other id counts still run."""
+    if isinstance(value, Tensor):
+        return {i: torch.export.Dim.AUTO for i in range(value.dim())}
+    if isinstance(value, dict):
+        return {k: _auto_dims(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        dims = [_auto_dims(v) for v in value]
+        return dims if isinstance(value, list) or hasattr(value, "_fields") else tuple(dims)
+    node_def = pytree.SUPPORTED_NODES.get(type(value))
+    if node_def is not None:  # custom pytree nodes (KJT...): export wants a list of children
+        children, _ = node_def.flatten_fn(value)
+        return [_auto_dims(c) for c in children]
+    return None
+
+
+@contextlib.contextmanager
+def _quiet():
+    # export prints graphs and warnings to stderr while it fails; its first error line
+    # goes into CaptureError instead.
+    previous = logging.root.manager.disable
+    logging.disable(logging.CRITICAL)
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            yield
+    finally:
+        logging.disable(previous)
+
+
+def _export_capture(model: nn.Module, inputs: tuple) -> torch.fx.GraphModule:
+    with _quiet():
+        ep = torch.export.export(model, inputs, dynamic_shapes=_auto_dims(inputs), strict=False)
+        return ep.module()
+
+
+# ------------------------------------------------------------------ provenance
+_FRAME = re.compile(r'File "([^"]+)", line (\d+), in [^\n]*\n[ \t]*([^\n]*)')
+
+
+def _is_user_file(path: str) -> bool:
+    if path.startswith("<"):  # fx-generated code, <string>, <frozen ...>
+        return False
+    path = os.path.abspath(path)
+    return not (path.startswith(_TORCH_DIR) or path == _INTERNAL[0] or path.startswith(_INTERNAL[1]))
+
+
+def _user_frame_from_trace(stack_trace: Optional[str]) -> Optional[SourceLoc]:
+    frames = [SourceLoc(f, int(n), code.strip()) for f, n, code in _FRAME.findall(stack_trace or "")]
+    user = [f for f in frames if _is_user_file(f.file)]
+    return user[-1] if user else None
+
+
+def _innermost_module(node: torch.fx.Node) -> str:
+    if node.op == "call_module":
+        return str(node.target)
+    stack = node.meta.get("nn_module_stack") or {}
+    paths = [v[0] for v in stack.values() if isinstance(v, tuple) and not str(v[0]).startswith("_empty")]
+    return str(paths[-1]) if paths else ""
+
+
+def _stamp(gm: torch.fx.GraphModule) -> None:
+    for node in gm.graph.nodes:
+        node.meta[L.PASS] = "capture"
+        node.meta[L.MODULE] = _innermost_module(node)
+        if L.SOURCE not in node.meta:  # fx tracing records it; export leaves a stack_trace
+            node.meta[L.SOURCE] = _user_frame_from_trace(node.meta.get("stack_trace"))
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return (text.splitlines()[0] if text else type(e).__name__).strip()
+
+
+def _failure(model: nn.Module, fx_error: Exception, export_error: Optional[Exception]) -> CaptureError:
+    """One line: where (module path, file:line, code), what, and the advice."""
+    frames = [f for f in traceback.extract_tb(fx_error.__traceback__) if _is_user_file(f.filename)]
+    where = ""
+    if frames:  # the innermost user frame is the offending operation
+        f = frames[-1]
+        where = f" at {os.path.basename(f.filename)}:{f.lineno} `{(f.line or '').strip()}`"
+    path, type_name = getattr(fx_error, "_fxrec_module", ("", type(model).__name__))
+    module = f"module '{path}' ({type_name})" if path else f"the root module ({type_name})"
+    advice = (f"mark it a leaf (fxrec.capture(..., leaf_modules=['{path}'])) or move the data-dependent "
+              f"control flow out of its forward (e.g. torch.where)" if path else
+              "move the data-dependent control flow out of forward (e.g. torch.where), or into a "
+              "submodule passed in fxrec.capture(..., leaf_modules=[...])")
+    also = f"; torch.export fallback failed too: {_first_line(export_error)}" if export_error else ""
+    if any(p.is_meta for p in model.parameters()):
+        advice += ("; the model is on the meta device, where operations that read tensor data "
+                   "(after the lookups) cannot run: capture it on cpu")
+    return CaptureError(f"cannot capture {type(model).__name__}: in {module}{where}: "
+                        f"{type(fx_error).__name__}: {_first_line(fx_error)}{also}. Fix: {advice}")
+
+
+# ------------------------------------------------------------------ public API
+def capture(model: nn.Module, example_inputs, *, leaf_modules: Iterable[Union[type, str]] = (),
+            fallback: bool = True) -> torch.fx.GraphModule:
+    """Capture `model` as a GraphModule computing what ``model(*example_inputs)`` does.
+
+    The result takes the model's own arguments (lists and dicts included), shares the
+    model's parameters, has every node stamped with provenance and shapes (module
+    docstring), and ``gm.meta`` holds CAPTURED_BY ("fx" or "export"), CAPTURE_NOTE (why
+    fx failed, when export was used) and PARAM_TABLES (parameter path -> table name).
+    The model itself is left unchanged (buffers, RNG and autograd state). A model whose
+    tables are on the meta device is captured too (no table is materialised; ids stay
+    real up to the lookups), as long as its dense code reads no tensor data.
+
+    Raises CaptureError when neither fx nor (with `fallback`) torch.export captures it.
+    """
+    inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    try:
+        gm, note = _fx_capture(model, inputs, leaf_modules), None
+        run_example(gm, inputs)  # a graph that cannot run its own example is not a capture
+        by = "fx"
+    except CaptureError:
+        raise
+    except Exception as fx_error:
+        if not fallback:
+            raise _failure(model, fx_error, None) from fx_error
+        try:
+            gm = _export_capture(model, inputs)
+            run_example(gm, inputs)
+        except Exception as export_error:
+            raise _failure(model, fx_error, export_error) from fx_error
+        by, note = "export", f"{type(fx_error).__name__}: {_first_line(fx_error)}"
+    _stamp(gm)
+    gm.meta[L.CAPTURED_BY] = by
+    gm.meta[L.CAPTURE_NOTE] = note
+    gm.meta[L.PARAM_TABLES] = L.table_names_by_param(model)
+    return gm
+
+
+def find_tables(model: nn.Module, example_inputs) -> list:
+    """The embedding tables `model` reads on `example_inputs`, as TableInfo in graph
+    order (capture + detect_embeddings)."""
+    from fxrec.passes.detect_embeddings import detect_embeddings_pass
+    from fxrec.passes.runner import PassContext
+    inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    ctx = PassContext(example_inputs=inputs)
+    detect_embeddings_pass(capture(model, inputs), ctx)
+    return list(ctx.tables.values())

@@ -1,0 +1,317 @@
+"""detect_embeddings: find every embedding lookup and the tables behind them.
+
+Recognised, however the user wrote the lookup (kinds of `Lookup`):
+  module_bag            nn.EmbeddingBag call (1-D ids + offsets or 2-D ids; sum/mean;
+                        per-sample weights)
+  module_embedding      nn.Embedding call, unpooled or folded into a following
+                        ``.sum(dim)`` / ``.mean(dim)`` over the ids' last dimension
+  functional_bag        F.embedding_bag(ids, <parameter or buffer>, ...)
+  functional_embedding  F.embedding(ids, <parameter or buffer>), folded like nn.Embedding
+  aten_bag / aten_embedding  the same after a torch.export capture (aten ops on a
+                        parameter); names map back to the owning module
+  ebc / ec              fxrec EmbeddingBagCollection / EmbeddingCollection calls
+Not recognised (left as ordinary dense nodes, with the reason in ctx.log): max-pooling
+bags, lookups with max_norm or scale_grad_by_freq, a weight computed in the graph, and
+nn.Embedding subclasses that override forward.
+
+Table names follow DESIGN.md: the path of the nn.Embedding / nn.EmbeddingBag owning
+the weight (an EBC table ``t0`` at ``sparse.ebc`` is ``sparse.ebc.embedding_bags.t0``),
+else the parameter's path; tied weights share one name. Pooling factors are measured by
+running the graph on ``ctx.example_inputs`` (README.md gives the exact rules).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.fx import GraphModule, Node
+
+from fxrec.passes import lookup as L
+from fxrec.passes.lookup import ArgRef, Lookup, TableRead
+from fxrec.passes.shapes import run_example
+from fxrec.types import TableInfo
+
+aten = torch.ops.aten
+_F_BAG_ARGS = ["input", "weight", "offsets", "max_norm", "norm_type", "scale_grad_by_freq", "mode",
+               "sparse", "per_sample_weights", "include_last_offset", "padding_idx"]
+_F_EMB_ARGS = ["input", "weight", "padding_idx", "max_norm", "norm_type", "scale_grad_by_freq", "sparse"]
+_ATEN_BAGS = (aten.embedding_bag.default, aten.embedding_bag.padding_idx, aten._embedding_bag.default,
+              aten._embedding_bag_forward_only.default)
+_ATEN_MODES = {0: "sum", 1: "mean", 2: "max"}
+_REDUCE_METHODS = {"sum": "sum", "mean": "mean"}
+_REDUCE_FUNCTIONS = {torch.sum: "sum", torch.mean: "mean", aten.sum.dim_IntList: "sum", aten.mean.dim: "mean"}
+
+
+class _Skip(Exception):
+    """A node that looks like a lookup but that fxrec must leave alone (reason given)."""
+
+
+@dataclass
+class _Candidate:
+    node: Node
+    lookup: Lookup
+    weights: list[Tensor]
+    sample: Optional[dict] = None  # measured on the example batch
+    counts: list[tuple[int, int]] = field(default_factory=list)  # per read: (ids, bags)
+
+
+def _arg_refs(node: Node, names: list[str]) -> dict[str, ArgRef]:
+    refs = {}
+    for i, name in enumerate(names):
+        if i < len(node.args):
+            refs[name] = ArgRef(pos=i)
+        elif name in node.kwargs:
+            refs[name] = ArgRef(kw=name)
+    return refs
+
+
+def _const(node: Node, refs: dict, name: str, default: Any = None) -> Any:
+    if name not in refs:
+        return default
+    value = refs[name].of(node)
+    if isinstance(value, Node):
+        raise _Skip(f"its {name} is computed in the graph")
+    return value
+
+
+def _check_bag(mode: str, max_norm, scale_grad_by_freq) -> None:
+    if mode not in ("sum", "mean"):
+        raise _Skip(f"mode={mode!r} pooling is not supported (only sum and mean)")
+    _check_plain(max_norm, scale_grad_by_freq)
+
+
+def _check_plain(max_norm, scale_grad_by_freq) -> None:
+    if max_norm is not None:
+        raise _Skip("max_norm renormalises rows in place, which a sharded table cannot reproduce")
+    if scale_grad_by_freq:
+        raise _Skip("scale_grad_by_freq is not supported")
+
+
+def _padding(padding_idx: Optional[int], rows: int) -> Optional[int]:
+    if padding_idx is None:
+        return None
+    return padding_idx + rows if padding_idx < 0 else padding_idx
+
+
+# ------------------------------------------------------------------ structural matching
+def _match_module(gm: GraphModule, node: Node, names: dict) -> Optional[_Candidate]:
+    from fxrec.modules import EmbeddingBagCollection, EmbeddingCollection
+    mod = gm.get_submodule(node.target)
+    path = str(node.target)
+    if isinstance(mod, (EmbeddingBagCollection, EmbeddingCollection)):
+        bags = isinstance(mod, EmbeddingBagCollection)
+        configs = mod.embedding_bag_configs() if bags else mod.embedding_configs()
+        sub = "embedding_bags" if bags else "embeddings"
+        owners = [f"{path}.{sub}.{c.name}" for c in configs]
+        reads = tuple(TableRead(names.get(f"{o}.weight", o), c.pooling if bags else "none", f"{o}.weight",
+                                tuple(c.feature_names)) for o, c in zip(owners, configs))
+        weights = [gm.get_submodule(o).weight for o in owners]
+        refs = _arg_refs(node, ["features"])
+        return _Candidate(node, Lookup("ebc" if bags else "ec", reads, ids=refs.get("features")), weights)
+    is_bag = type(mod).forward is nn.EmbeddingBag.forward and isinstance(mod, nn.EmbeddingBag)
+    is_emb = type(mod).forward is nn.Embedding.forward and isinstance(mod, nn.Embedding)
+    if not (is_bag or is_emb):
+        return None
+    table = names.get(f"{path}.weight", path)
+    if is_bag:
+        _check_bag(mod.mode, mod.max_norm, mod.scale_grad_by_freq)
+        refs = _arg_refs(node, ["input", "offsets", "per_sample_weights"])
+        lk = Lookup("module_bag", (TableRead(table, mod.mode, f"{path}.weight"),), ids=refs.get("input"),
+                    offsets=refs.get("offsets"),
+                    per_sample_weights=refs.get("per_sample_weights"), padding_idx=mod.padding_idx,
+                    include_last_offset=mod.include_last_offset)
+    else:
+        _check_plain(mod.max_norm, mod.scale_grad_by_freq)
+        refs = _arg_refs(node, ["input"])
+        lk = Lookup("module_embedding", (TableRead(table, "none", f"{path}.weight"),), ids=refs.get("input"),
+                    padding_idx=mod.padding_idx)
+    return _Candidate(node, lk, [mod.weight])
+
+
+def _table_weight(gm: GraphModule, node: Node, ref: ArgRef, names: dict) -> tuple[str, str, Tensor]:
+    weight = ref.of(node)
+    if not (isinstance(weight, Node) and weight.op == "get_attr"):
+        raise _Skip("its weight is computed in the graph, not a parameter or buffer")
+    tensor = L.fetch_attr(gm, str(weight.target))
+    if not (isinstance(tensor, Tensor) and tensor.dim() == 2):
+        raise _Skip(f"its weight {weight.target!r} is not a 2-D tensor")
+    path = str(weight.target)
+    return names.get(path, path), path, tensor
+
+
+def _match_function(gm: GraphModule, node: Node, names: dict) -> Optional[_Candidate]:
+    target = node.target
+    if target is F.embedding_bag or target in _ATEN_BAGS:
+        arg_names = _F_BAG_ARGS if target is F.embedding_bag else [a.name for a in target._schema.arguments]
+        refs = _arg_refs(node, arg_names)
+        ids_name = "input" if target is F.embedding_bag else "indices"
+        table, path, weight = _table_weight(gm, node, refs["weight"], names)
+        mode = _const(node, refs, "mode", "mean" if target is F.embedding_bag else 0)
+        mode = _ATEN_MODES.get(mode, mode)
+        _check_bag(mode, _const(node, refs, "max_norm"), _const(node, refs, "scale_grad_by_freq", False))
+        kind = "functional_bag" if target is F.embedding_bag else "aten_bag"
+        lk = Lookup(kind, (TableRead(table, mode, path),), ids=refs.get(ids_name), offsets=refs.get("offsets"),
+                    per_sample_weights=refs.get("per_sample_weights"), weight=refs["weight"],
+                    padding_idx=_padding(_const(node, refs, "padding_idx"), weight.shape[0]),
+                    include_last_offset=bool(_const(node, refs, "include_last_offset", False)),
+                    output_index=0 if kind == "aten_bag" else None)
+        return _Candidate(node, lk, [weight])
+    if target is F.embedding or target is aten.embedding.default:
+        functional = target is F.embedding
+        refs = _arg_refs(node, _F_EMB_ARGS if functional else [a.name for a in target._schema.arguments])
+        table, path, weight = _table_weight(gm, node, refs["weight"], names)
+        _check_plain(_const(node, refs, "max_norm"), _const(node, refs, "scale_grad_by_freq", False))
+        pad = _const(node, refs, "padding_idx", None if functional else -1)
+        pad = None if (not functional and pad == -1) else _padding(pad, weight.shape[0])
+        lk = Lookup("functional_embedding" if functional else "aten_embedding", (TableRead(table, "none", path),),
+                    ids=refs.get("input" if functional else "indices"), weight=refs["weight"], padding_idx=pad)
+        return _Candidate(node, lk, [weight])
+    return None
+
+
+def _match(gm: GraphModule, node: Node, names: dict, log: list) -> Optional[_Candidate]:
+    try:
+        if node.op == "call_module":
+            return _match_module(gm, node, names)
+        if node.op == "call_function":
+            return _match_function(gm, node, names)
+    except _Skip as why:
+        target = getattr(node.target, "__name__", node.target)
+        log.append(f"detect_embeddings: left %{node.name} ({node.op} {target}) dense: {why}")
+    return None
+
+
+# ------------------------------------------------------------------ measuring on the example
+def _real_ids(ids: Tensor, padding_idx: Optional[int]) -> int:
+    return ids.numel() - (int((ids == padding_idx).sum()) if padding_idx is not None else 0)
+
+
+def _sample(c: _Candidate, args: tuple, kwargs: dict) -> dict:
+    lk = c.lookup
+    if lk.kind in ("ebc", "ec"):
+        kjt = lk.ids.pick(args, kwargs)
+        per_read = []
+        for read in lk.reads:
+            jts = [kjt[f] for f in read.features]
+            per_read.append((sum(jt.values().numel() for jt in jts), sum(jt.lengths().numel() for jt in jts)))
+        return {"per_read": per_read, "weighted": kjt.weights_or_none() is not None}
+    ids = lk.ids.pick(args, kwargs)
+    offsets = lk.offsets.pick(args, kwargs) if lk.offsets else None
+    psw = lk.per_sample_weights.pick(args, kwargs) if lk.per_sample_weights else None
+    return {"shape": tuple(ids.shape), "real": _real_ids(ids, lk.padding_idx),
+            "offsets": None if offsets is None else offsets.numel(), "weighted": isinstance(psw, Tensor)}
+
+
+def _reduction(user: Node, node: Node) -> Optional[tuple[str, Any, Any]]:
+    """(how, dim, keepdim) when `user` is a plain sum/mean of `node`, else None."""
+    if user.op == "call_method" and user.target in _REDUCE_METHODS:
+        how = _REDUCE_METHODS[user.target]
+    elif user.op == "call_function" and user.target in _REDUCE_FUNCTIONS:
+        how = _REDUCE_FUNCTIONS[user.target]
+    else:
+        return None
+    args, kwargs = user.args, user.kwargs
+    if not args or args[0] is not node or kwargs.get("dtype") is not None:
+        return None
+    dim = args[1] if len(args) > 1 else kwargs.get("dim")
+    keepdim = args[2] if len(args) > 2 else kwargs.get("keepdim", False)
+    return how, dim, keepdim
+
+
+def _fold(node: Node, ids_ndim: int) -> Optional[tuple[Node, str, int]]:
+    """The reduction an unpooled lookup folds into: the node's only user, a sum/mean
+    over the ids' last dimension without keepdim (so it is exactly a bag lookup)."""
+    if ids_ndim < 2 or len(node.users) != 1:
+        return None
+    user = next(iter(node.users))
+    found = _reduction(user, node)
+    if found is None:
+        return None
+    how, dim, keepdim = found
+    if isinstance(dim, (list, tuple)):
+        dim = dim[0] if len(dim) == 1 else None
+    if not isinstance(dim, int) or keepdim:
+        return None
+    dim = dim + ids_ndim + 1 if dim < 0 else dim
+    return (user, how, dim) if dim == ids_ndim - 1 else None
+
+
+def _finish(c: _Candidate) -> None:
+    """Fold reductions and turn the sample into per-read (ids, bags) counts."""
+    s, lk = c.sample, c.lookup
+    lk.weighted = s["weighted"]
+    if lk.kind == "ebc":
+        c.counts = s["per_read"]
+    elif lk.kind == "ec":
+        c.counts = [(ids, ids) for ids, _ in s["per_read"]]  # unpooled: each id is its own row
+    elif lk.kind in L.BAG_KINDS:
+        shape = s["shape"]
+        bags = shape[0] if len(shape) == 2 else (s["offsets"] or 0) - int(lk.include_last_offset)
+        c.counts = [(s["real"], bags)]
+    else:
+        shape, numel = s["shape"], int(torch.Size(s["shape"]).numel())
+        folded = _fold(c.node, len(shape))
+        if folded is None:
+            c.counts = [(numel, numel)]
+            return
+        pool, how, dim = folded
+        c.lookup = replace(lk, reads=(replace(lk.reads[0], pooling=how),), pool_node=pool.name, pool_dim=dim)
+        c.counts = [(s["real"], numel // shape[-1] if shape[-1] else 0)]
+
+
+# ------------------------------------------------------------------ tables
+def _combine_pooling(poolings: list[str]) -> str:
+    # Any unpooled read means the table must serve rows; sum and mean mixed is served by
+    # a sum kernel (mean is the sum scaled per bag).
+    if len(set(poolings)) == 1:
+        return poolings[0]
+    return "none" if "none" in poolings else "sum"
+
+
+def _tables(cands: list[_Candidate]) -> dict[str, TableInfo]:
+    acc: dict[str, dict] = {}
+    for c in cands:
+        for read, weight, (ids, bags) in zip(c.lookup.reads, c.weights, c.counts):
+            a = acc.setdefault(read.table, {"weight": weight, "poolings": [], "uses": 0, "ids": 0,
+                                            "bags": 0, "features": []})
+            a["poolings"].append(read.pooling)
+            a["uses"] += max(1, len(read.features))
+            a["ids"] += ids
+            a["bags"] += bags
+            a["features"] += list(read.features) or [c.node.name]
+    return {name: TableInfo(name=name, num_embeddings=a["weight"].shape[0], embedding_dim=a["weight"].shape[1],
+                            pooling_factor=a["ids"] / a["bags"] if a["bags"] else 0.0, dtype=a["weight"].dtype,
+                            pooling=_combine_pooling(a["poolings"]), uses=a["uses"], features=a["features"])
+            for name, a in acc.items()}
+
+
+def detect_embeddings_pass(gm: GraphModule, ctx) -> GraphModule:
+    """Annotate every lookup node with LOOKUP (a `Lookup`) and NODE_TABLES (its tables'
+    TableInfo, aligned with `Lookup.reads`); set ``gm.meta[TABLES]`` and ``ctx.tables``
+    to the TableInfo of every table, in graph order. Adds no nodes."""
+    if ctx.example_inputs is None:
+        raise ValueError("detect_embeddings needs ctx.example_inputs to measure pooling factors")
+    names = gm.meta.get(L.PARAM_TABLES) or L.table_names_by_param(gm)
+    for node in gm.graph.nodes:
+        for key in (L.LOOKUP, L.NODE_TABLES, L.NODE_GROUPS):
+            node.meta.pop(key, None)
+    cands = [c for c in (_match(gm, n, names, ctx.log) for n in gm.graph.nodes) if c is not None]
+    by_node = {c.node: c for c in cands}
+
+    def on_node(node, args, kwargs, _result):
+        if node in by_node:
+            by_node[node].sample = _sample(by_node[node], args, kwargs)
+
+    run_example(gm, tuple(ctx.example_inputs), on_node)
+    for c in cands:
+        _finish(c)
+    tables = _tables(cands)
+    for c in cands:
+        c.node.meta[L.LOOKUP] = c.lookup
+        c.node.meta[L.NODE_TABLES] = tuple(tables[t] for t in c.lookup.tables)
+    gm.meta[L.TABLES] = tables
+    ctx.tables = tables
+    return gm

@@ -1,0 +1,170 @@
+"""The records the front end leaves in the graph for later passes.
+
+`detect_embeddings` puts a `Lookup` in ``node.meta[LOOKUP]`` of every node that reads an
+embedding table, and the tables' `TableInfo` in ``gm.meta[TABLES]``; `group_tables`
+adds `LookupGroup`s. The meta keys are constants here so that no pass spells them by
+hand. fxrec/passes/README.md states the schema and the invariants.
+
+Records hold names and argument positions, never `torch.fx.Node` objects: a node's meta
+is copied (shallowly) when a graph is copied, and a Node reference would then point
+into the old graph.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+# node.meta keys
+PASS = "fxrec_pass"          # str: "capture" or the pass that created the node
+MODULE = "fxrec_module"      # str: path of the innermost user module that produced it ("" = root)
+SOURCE = "fxrec_source"      # SourceLoc | None: the user's line that produced it
+SHAPE = "fxrec_shape"        # TensorSpec | SparseSpec | tuple | dict | str (see fxrec.passes.shapes)
+LOOKUP = "fxrec_lookup"      # Lookup
+NODE_TABLES = "fxrec_tables"  # tuple[TableInfo, ...], aligned with Lookup.reads
+NODE_GROUPS = "fxrec_groups"  # tuple[str, ...]: LookupGroup names, aligned with Lookup.reads
+COMM = "fxrec_comm"          # truthy on nodes that communicate (set by later passes)
+
+# gm.meta keys
+TABLES = "fxrec_tables"        # dict[str, TableInfo] in graph order
+GROUPS = "fxrec_groups"        # list[LookupGroup]
+CAPTURED_BY = "fxrec_capture"  # "fx" | "export"
+CAPTURE_NOTE = "fxrec_capture_note"  # why fx tracing failed, when export was used
+PARAM_TABLES = "fxrec_param_tables"  # dict[param or buffer path, table name]
+PASSES_RUN = "fxrec_passes_run"      # list[str], appended by the runner
+
+KINDS = ("module_bag", "module_embedding", "functional_bag", "functional_embedding",
+         "aten_bag", "aten_embedding", "ebc", "ec")
+BAG_KINDS = ("module_bag", "functional_bag", "aten_bag")
+EMBEDDING_KINDS = ("module_embedding", "functional_embedding", "aten_embedding")
+
+
+@dataclass(frozen=True)
+class ArgRef:
+    """Where one input of a lookup sits in its node: positional index `pos` or keyword `kw`."""
+
+    pos: Optional[int] = None
+    kw: Optional[str] = None
+
+    def pick(self, args: tuple, kwargs: dict) -> Any:
+        """The value at this place in (args, kwargs): fx Nodes for a graph node, tensors
+        when given the evaluated arguments of an Interpreter."""
+        if self.pos is not None:
+            return args[self.pos] if self.pos < len(args) else None
+        return kwargs.get(self.kw)
+
+    def of(self, node: torch.fx.Node) -> Any:
+        return self.pick(node.args, node.kwargs)
+
+
+@dataclass(frozen=True)
+class TableRead:
+    """One table read by a lookup node. `weight_path` is the attribute path, in the
+    GraphModule, of the weight tensor this node reads (``emb_l.0.weight``,
+    ``ebc.embedding_bags.t0.weight``, ``table``); `features` names the KJT features that
+    feed it (EBC/EC) and is empty for the other kinds."""
+
+    table: str
+    pooling: str  # "sum" | "mean" | "none"
+    weight_path: str
+    features: tuple[str, ...] = ()
+
+
+@dataclass
+class Lookup:
+    """An embedding lookup node, whatever the user wrote.
+
+    Guarantees: `reads` has exactly one entry except for kinds "ebc" / "ec", where it
+    lists the collection's tables in the module's table order. `ids`, `offsets`,
+    `per_sample_weights` and `weight` locate the node's inputs (None: absent; for
+    "ebc"/"ec" `ids` is the KeyedJaggedTensor argument and carries offsets and weights).
+    For the embedding kinds, `pool_node` names the sum/mean node the lookup folds into
+    (the node's only user, reducing the ids' last dimension) and `reads[0].pooling` is
+    that reduction; a folded "mean" divides by the full dimension, padding included.
+    For "aten_bag", the pooled rows are element `output_index` of the node's tuple.
+    """
+
+    kind: str
+    reads: tuple[TableRead, ...]
+    ids: Optional[ArgRef] = None
+    offsets: Optional[ArgRef] = None
+    per_sample_weights: Optional[ArgRef] = None
+    weight: Optional[ArgRef] = None
+    padding_idx: Optional[int] = None
+    include_last_offset: bool = False
+    weighted: bool = False  # per-sample weights present on the example batch
+    pool_node: Optional[str] = None
+    pool_dim: Optional[int] = None
+    output_index: Optional[int] = None
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ValueError(f"Lookup: kind must be one of {KINDS}, got {self.kind!r}")
+        if not self.reads:
+            raise ValueError(f"Lookup ({self.kind}): reads no table")
+        if len(self.reads) > 1 and self.kind not in ("ebc", "ec"):
+            raise ValueError(f"Lookup ({self.kind}): reads {len(self.reads)} tables, only ebc/ec read several")
+
+    @property
+    def table(self) -> str:
+        """The table of a single-table lookup."""
+        if len(self.reads) != 1:
+            raise ValueError(f"{self.kind} lookup reads {len(self.reads)} tables: {self.tables}")
+        return self.reads[0].table
+
+    @property
+    def tables(self) -> tuple[str, ...]:
+        return tuple(r.table for r in self.reads)
+
+    @property
+    def pooled(self) -> bool:
+        return all(r.pooling != "none" for r in self.reads)
+
+
+@dataclass
+class LookupGroup:
+    """Table reads that one fused kernel call can serve: same pooling family ("pooled"
+    or "sequence"), weight dtype, device and weightedness, and none of them depending on
+    another's output (`stage` counts the lookups upstream of the group's ids)."""
+
+    name: str
+    family: str
+    dtype: torch.dtype
+    device: str
+    weighted: bool
+    stage: int
+    members: list[tuple[str, str]] = field(default_factory=list)  # (node name, table name)
+
+    @property
+    def tables(self) -> list[str]:
+        return list(dict.fromkeys(t for _, t in self.members))
+
+    @property
+    def nodes(self) -> list[str]:
+        return list(dict.fromkeys(n for n, _ in self.members))
+
+
+def fetch_attr(gm: nn.Module, path: str) -> Any:
+    """The object at dotted attribute `path` (a get_attr target, a `weight_path`)."""
+    obj = gm
+    for part in path.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def table_names_by_param(model: nn.Module) -> dict[str, str]:
+    """Map every parameter and buffer path of `model` (aliases included) to the name of
+    the table it would be: the first path of an nn.Embedding / nn.EmbeddingBag whose
+    weight it is, else its own first path. Tied weights thus share one name."""
+    canonical: dict[int, str] = {}
+    for path, mod in model.named_modules(remove_duplicate=False):
+        if isinstance(mod, (nn.Embedding, nn.EmbeddingBag)):
+            canonical.setdefault(id(mod.weight), path)
+    names: dict[str, str] = {}
+    tensors = list(model.named_parameters(remove_duplicate=False)) + \
+        list(model.named_buffers(remove_duplicate=False))
+    for fqn, t in tensors:
+        names[fqn] = canonical.setdefault(id(t), fqn)
+    return names

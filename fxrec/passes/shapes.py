@@ -1,0 +1,180 @@
+"""Running a graph on its example batch: shapes, dtypes and evaluated arguments.
+
+`run_example` interprets a GraphModule on the example inputs without side effects on the
+model and leaves in every node's meta torch's ``tensor_meta`` (tensor values) and
+fxrec's SHAPE: a `TensorSpec`, a `SparseSpec` for KeyedJaggedTensor / JaggedTensor /
+KeyedTensor values, a tuple or dict of these for containers, else the value's type
+name. Passes use its hook to see the concrete inputs of chosen nodes (detect_embeddings
+measures pooling factors this way).
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import itertools
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import torch
+import torch.utils._pytree as pytree
+from torch import Tensor, nn
+from torch.fx.node import map_aggregate
+from torch.fx.passes.shape_prop import _extract_tensor_metadata
+
+from fxrec.passes import lookup as L
+
+_DTYPE_SHORT = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16", torch.float64: "f64",
+                torch.int64: "i64", torch.int32: "i32", torch.int16: "i16", torch.int8: "i8",
+                torch.uint8: "u8", torch.bool: "b8"}
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    def __str__(self) -> str:
+        short = _DTYPE_SHORT.get(self.dtype, str(self.dtype).replace("torch.", ""))
+        return f"{short}[{', '.join(map(str, self.shape))}]"
+
+
+@dataclass(frozen=True)
+class SparseSpec:
+    """A KeyedJaggedTensor / JaggedTensor / KeyedTensor value: its type, keys, tensors."""
+
+    type: str
+    keys: tuple[str, ...]
+    tensors: tuple[tuple[str, TensorSpec], ...]
+
+    def __str__(self) -> str:
+        parts = [f"keys={list(self.keys)}"] if self.keys else []
+        parts += [f"{name}={spec}" for name, spec in self.tensors]
+        return f"{self.type}({', '.join(parts)})"
+
+
+def describe(value: Any) -> Any:
+    """The plain-data description stored in ``node.meta[SHAPE]``."""
+    from fxrec.sparse import JaggedTensor, KeyedJaggedTensor, KeyedTensor
+    if isinstance(value, Tensor):
+        return TensorSpec(tuple(value.shape), value.dtype)
+    if isinstance(value, KeyedTensor):
+        return SparseSpec("KeyedTensor", tuple(value.keys()), (("values", describe(value.values())),))
+    if isinstance(value, (KeyedJaggedTensor, JaggedTensor)):
+        keys = tuple(value.keys()) if isinstance(value, KeyedJaggedTensor) else ()
+        tensors = {"values": value.values(), "lengths": value.lengths(), "weights": value.weights_or_none()}
+        return SparseSpec(type(value).__name__, keys,
+                          tuple((n, describe(t)) for n, t in tensors.items() if t is not None))
+    if isinstance(value, (list, tuple)):
+        return tuple(describe(v) for v in value)
+    if isinstance(value, dict):
+        return {k: describe(v) for k, v in value.items()}
+    return type(value).__name__
+
+
+def format_spec(spec: Any) -> str:
+    if isinstance(spec, tuple):
+        return "(" + ", ".join(format_spec(s) for s in spec) + ")"
+    if isinstance(spec, dict):
+        return "{" + ", ".join(f"{k}: {format_spec(v)}" for k, v in spec.items()) + "}"
+    return str(spec)
+
+
+# ------------------------------------------------------------------ running on the example
+@contextlib.contextmanager
+def _no_side_effects(module: nn.Module):
+    """Run without autograd, without advancing the RNG, and with every buffer (batch-norm
+    statistics, counters) restored afterwards: capturing must not change the model."""
+    saved = {name: b.detach().clone() for name, b in module.named_buffers()}
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=devices):
+            yield
+    finally:
+        with torch.no_grad():
+            for name, b in module.named_buffers():
+                if name in saved and b.shape == saved[name].shape:
+                    b.copy_(saved[name])
+
+
+def _record(n: torch.fx.Node, result: Any) -> None:
+    found = False
+
+    def tensor_meta(obj):
+        nonlocal found
+        if isinstance(obj, Tensor):
+            found = True
+            return _extract_tensor_metadata(obj)
+        return obj
+
+    meta = map_aggregate(result, tensor_meta)
+    if found:
+        n.meta["tensor_meta"] = meta
+    n.meta["type"] = type(result)
+    n.meta[L.SHAPE] = describe(result)
+
+
+def _any_meta(tree: Any) -> bool:
+    return any(isinstance(t, Tensor) and t.is_meta for t in pytree.tree_leaves(tree))
+
+
+def _to_meta(tree: Any) -> Any:
+    return pytree.tree_map(lambda t: t.to("meta") if isinstance(t, Tensor) else t, tree)
+
+
+def _meta_collection(mod: nn.Module, kjt) -> Any:
+    """What an EBC / EC with meta tables returns, built from the (real) KJT's sizes: its
+    lookups would need the table data, but only shapes are wanted."""
+    from fxrec.modules import EmbeddingBagCollection
+    from fxrec.sparse import JaggedTensor, KeyedTensor
+    if isinstance(mod, EmbeddingBagCollection):
+        configs = mod.embedding_bag_configs()
+        keys = [f for c in configs for f in c.feature_names]
+        dims = [c.embedding_dim for c in configs for _ in c.feature_names]
+        dtype = functools.reduce(torch.promote_types, [c.dtype for c in configs], configs[0].dtype)
+        return KeyedTensor(keys, dims, torch.empty(kjt.stride(), sum(dims), dtype=dtype, device="meta"))
+    return {f: JaggedTensor(torch.empty(kjt[f].values().numel(), c.embedding_dim, dtype=c.dtype, device="meta"),
+                            lengths=kjt[f].lengths(), validate=False)
+            for c in mod.embedding_configs() for f in c.feature_names}
+
+
+class _Recorder(torch.fx.Interpreter):
+    """Like torch's ShapeProp (same ``tensor_meta``), plus SHAPE and a hook, without
+    ShapeProp's printing of tracebacks. A model built on the meta device runs too: a
+    node with a meta input, or a module with meta weights, runs on meta copies of its
+    arguments, so ids stay real up to the lookups (and the hook sees them) while no
+    table is ever materialised."""
+
+    def __init__(self, gm, on_node):
+        super().__init__(gm)
+        self._on_node = on_node
+
+    def run_node(self, n):
+        with self._set_current_node(n):
+            args, kwargs = self.fetch_args_kwargs_from_env(n)
+            result = self._run(n, args, kwargs)
+        _record(n, result)
+        if self._on_node is not None:
+            self._on_node(n, args, kwargs, result)
+        return result
+
+    def _run(self, n, args, kwargs):
+        if n.op == "call_module":
+            mod = self.fetch_attr(n.target)
+            if any(t.is_meta for t in itertools.chain(mod.parameters(), mod.buffers())):
+                from fxrec.modules import EmbeddingBagCollection, EmbeddingCollection
+                if isinstance(mod, (EmbeddingBagCollection, EmbeddingCollection)):
+                    return _meta_collection(mod, args[0] if args else next(iter(kwargs.values())))
+                args, kwargs = _to_meta((args, kwargs))
+        elif n.op in ("call_function", "call_method") and _any_meta((args, kwargs)):
+            args, kwargs = _to_meta((args, kwargs))
+        return getattr(self, n.op)(n.target, args, kwargs)
+
+
+def run_example(gm: torch.fx.GraphModule, example_inputs: tuple,
+                on_node: Optional[Callable[[torch.fx.Node, tuple, dict, Any], None]] = None) -> Any:
+    """Interpret `gm` on `example_inputs` without side effects, refreshing each node's
+    SHAPE and ``tensor_meta`` and calling ``on_node(node, args, kwargs, result)`` with
+    the evaluated (real) arguments; returns the graph's output (meta tensors where the
+    model's weights are on the meta device)."""
+    with _no_side_effects(gm):
+        return _Recorder(gm, on_node).run(*example_inputs)

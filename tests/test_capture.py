@@ -1,0 +1,167 @@
+"""fxrec.capture: the graph computes what the model computes, with shapes and provenance."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import fxrec
+from fxrec.capture import CaptureError, SourceLoc
+from fxrec.modules import EmbeddingBagCollection, EmbeddingBagConfig
+from fxrec.passes import lookup as L
+from fxrec.passes.shapes import SparseSpec, TensorSpec
+from fxrec.sparse import KeyedJaggedTensor
+
+try:
+    from tests import models_zoo as zoo
+except ImportError:  # tests/ is not a package: pytest put it on sys.path
+    import models_zoo as zoo
+
+# (case, how it is captured)
+CAPTURABLE = [
+    ("dlrm_lists", "fx"),
+    ("dlrm_ebc", "fx"),
+    ("two_tower", "fx"),
+    ("seq_attention", "fx"),
+    ("no_tables", "fx"),
+    ("weighted_bag", "fx"),
+    ("bag_2d", "fx"),
+    ("functional_bag", "fx"),
+    ("functional_embedding", "fx"),
+    ("table_dict", "fx"),
+    ("sequence_ec", "fx"),
+    ("shape_branch", "export"),  # control flow on a tensor's rank: fx fails, export captures
+]
+
+
+@pytest.mark.parametrize("name,captured_by", CAPTURABLE)
+def test_graph_computes_what_the_model_computes(name, captured_by):
+    case = zoo.CASES[name]
+    model, example = case.make()
+    gm = fxrec.capture(model, example)
+    assert gm.meta[L.CAPTURED_BY] == captured_by
+    for seed in (11, 12):  # fresh batches: other ids, other bag lengths
+        fresh = case.inputs(seed)
+        torch.testing.assert_close(gm(*fresh), model(*fresh))
+
+
+@pytest.mark.parametrize("name", [n for n, _ in CAPTURABLE])
+def test_every_node_has_provenance_and_shape(name):
+    model, example = zoo.CASES[name].make()
+    gm = fxrec.capture(model, example)
+    for node in gm.graph.nodes:
+        assert node.meta[L.PASS] == "capture"
+        assert L.SHAPE in node.meta
+        if isinstance(node.meta[L.SHAPE], TensorSpec):
+            assert tuple(node.meta["tensor_meta"].shape) == node.meta[L.SHAPE].shape
+
+
+def test_lookup_node_points_at_the_users_module_and_line():
+    model, example = zoo.CASES["dlrm_lists"].make()
+    gm = fxrec.capture(model, example)
+    bags = [n for n in gm.graph.nodes if n.op == "call_module" and str(n.target).startswith("emb_l.")]
+    assert [n.target for n in bags] == ["emb_l.0", "emb_l.1", "emb_l.2"]
+    for node in bags:
+        assert node.meta[L.MODULE] == node.target
+        src = node.meta[L.SOURCE]
+        assert isinstance(src, SourceLoc) and src.file.endswith("models_zoo.py")
+        assert src.code == "V = E(sparse_index_group_batch, sparse_offset_group_batch)"
+        assert node.meta[L.SHAPE] == TensorSpec((zoo.BATCH, 8), torch.float32)
+
+
+def test_nested_module_path_and_sparse_shapes():
+    model, (dense, kjt) = zoo.CASES["dlrm_ebc"].make()
+    gm = fxrec.capture(model, (dense, kjt))
+    by_name = {n.name: n for n in gm.graph.nodes}
+    spec = by_name["kjt"].meta[L.SHAPE]
+    assert isinstance(spec, SparseSpec) and spec.type == "KeyedJaggedTensor"
+    assert spec.keys == ("user", "item", "last_item", "cat")
+    assert dict(spec.tensors)["lengths"] == TensorSpec((4 * zoo.BATCH,), torch.int64)
+    ebc = [n for n in gm.graph.nodes if n.op == "call_module" and n.target == "sparse_arch.ebc"]
+    assert len(ebc) == 1 and ebc[0].meta[L.MODULE] == "sparse_arch.ebc"
+    assert ebc[0].meta[L.SHAPE].type == "KeyedTensor"
+
+
+def test_export_fallback_records_why_and_provenance():
+    model, example = zoo.CASES["shape_branch"].make()
+    gm = fxrec.capture(model, example)
+    assert "TraceError" in gm.meta[L.CAPTURE_NOTE]
+    bag = [n for n in gm.graph.nodes if n.op == "call_function" and "embedding_bag" in str(n.target)]
+    assert len(bag) == 1 and bag[0].meta[L.MODULE] == "bag"
+
+
+class _KJTInside(nn.Module):
+    """Builds its KeyedJaggedTensor inside forward from plain tensors."""
+
+    def __init__(self):
+        super().__init__()
+        self.ebc = EmbeddingBagCollection([EmbeddingBagConfig("t", 10, 4, ["a", "b"])])
+
+    def forward(self, values, lengths):
+        return self.ebc(KeyedJaggedTensor(["a", "b"], values, lengths=lengths)).values()
+
+
+def test_kjt_built_inside_forward():
+    model = _KJTInside()
+    gm = fxrec.capture(model, (torch.randint(0, 10, (7,)), torch.tensor([1, 2, 3, 1])))
+    assert gm.meta[L.CAPTURED_BY] == "fx"
+    fresh = (torch.randint(0, 10, (3,)), torch.tensor([0, 2, 1, 0]))
+    torch.testing.assert_close(gm(*fresh), model(*fresh))
+
+
+class _WithBatchNorm(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.EmbeddingBag(10, 4, mode="sum")
+        self.bn = nn.BatchNorm1d(4)
+        self.drop = nn.Dropout(0.5)
+
+    def forward(self, ids, offsets):
+        return self.drop(self.bn(self.emb(ids, offsets)))
+
+
+def test_capture_leaves_the_model_and_rng_unchanged():
+    model = _WithBatchNorm().train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ids, offsets = torch.randint(0, 10, (6,)), torch.tensor([0, 2, 3, 5])
+    rng = torch.get_rng_state()
+    fxrec.find_tables(model, (ids, offsets))
+    assert torch.equal(torch.get_rng_state(), rng)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_uncapturable_model_names_module_line_and_advice():
+    model, example = zoo.CASES["value_branch"].make()
+    with pytest.raises(CaptureError) as info:
+        fxrec.capture(model, example)
+    msg = str(info.value)
+    assert "\n" not in msg
+    assert "in module 'gate' (Gate)" in msg
+    assert "models_zoo.py:" in msg and "`if x.sum() > 0:" in msg
+    assert "leaf_modules=['gate']" in msg and "torch.export fallback failed too" in msg
+
+
+@pytest.mark.parametrize("leaf", ["gate", zoo.Gate])
+def test_marking_the_offending_module_a_leaf_captures_it(leaf):
+    model, example = zoo.CASES["value_branch"].make()
+    gm = fxrec.capture(model, example, leaf_modules=[leaf])
+    assert gm.meta[L.CAPTURED_BY] == "fx"
+    assert [n.target for n in gm.graph.nodes if n.op == "call_module"] == ["bag", "gate"]
+    ids, offsets = torch.randint(0, 30, (5,)), torch.tensor([0, 1, 3, 5])
+    torch.testing.assert_close(gm(ids, offsets), model(ids, offsets))
+    model.bag.weight.data.neg_()  # flip the sign: the other branch, same graph
+    torch.testing.assert_close(gm(ids, offsets), model(ids, offsets))
+
+
+def test_without_fallback_the_error_points_at_the_root_forward():
+    model, example = zoo.CASES["shape_branch"].make()
+    with pytest.raises(CaptureError, match=r"in the root module \(ShapeBranch\) at models_zoo.py:\d+ "
+                                           r"`if dense.dim\(\) == 3:`.*Fix: move the data-dependent"):
+        fxrec.capture(model, example, fallback=False)
+
+
+def test_wrong_number_of_example_inputs():
+    model, (x,) = zoo.CASES["no_tables"].make()
+    with pytest.raises(CaptureError, match=r"NoTables.forward takes 1 arguments but example_inputs has 2"):
+        fxrec.capture(model, (x, x))

@@ -1,0 +1,143 @@
+"""`fxrec dump`: text, DOT and HTML views of the graph; one-line errors."""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from html.parser import HTMLParser
+
+import pytest
+import torch
+from torch import fx
+
+from fxrec.cli import main
+from fxrec.passes import lookup as L
+from fxrec.passes import render
+
+ZOO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "models_zoo.py")
+
+
+def _dump(capsys, *argv):
+    rc = main(["dump", *argv])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_text_shows_nodes_with_provenance_then_tables(capsys):
+    rc, out, err = _dump(capsys, f"{ZOO}:dlrm_lists")
+    assert rc == 0 and err == ""
+    assert out.startswith(f"# fxrec dump: {ZOO}:dlrm_lists after group_tables (captured by fx)")
+    line = next(x for x in out.splitlines() if x.startswith("%emb_l_1 = "))
+    assert re.fullmatch(r"%emb_l_1 = call_module emb_l\.1\(%l_s_i_2, %l_s_o_2\)  \[capture\] f32\[4, 8\]  "
+                        r"\{module_bag: emb_l\.1 sum group0\}  # models_zoo\.py:\d+ "
+                        r"V = E\(sparse_index_group_batch, sparse_offset_group_batch\) \(in emb_l\.1\)", line)
+    assert "tables (3):" in out
+    assert re.search(r"^name\s+rows\s+dim\s+dtype\s+pooling\s+uses\s+pooling_factor\s+bytes$", out, re.M)
+    assert re.search(r"^emb_l\.2\s+40\s+8\s+float32\s+sum\s+1\s+\d+\.\d\d\s+1280$", out, re.M)
+    assert "groups (1):\ngroup0  pooled  float32  cpu  stage 0: emb_l.0, emb_l.1, emb_l.2" in out
+
+
+@pytest.mark.parametrize("after,lookup_note", [
+    ("capture", None),
+    ("detect_embeddings", "{ebc: sparse_arch.ebc.embedding_bags.t_user sum ['user'],"),
+    ("group_tables", "{ebc: sparse_arch.ebc.embedding_bags.t_user sum ['user'] group0,"),
+])
+def test_after_pass(capsys, after, lookup_note):
+    rc, out, _ = _dump(capsys, f"{ZOO}:dlrm_ebc", "--after", after)
+    assert rc == 0 and f"after {after} " in out.splitlines()[0]
+    ebc_line = next(x for x in out.splitlines() if x.startswith("%sparse_arch_ebc = "))
+    assert (lookup_note in ebc_line) if lookup_note else ("{" not in ebc_line)
+    assert "sparse_arch.ebc.embedding_bags.t_item" in out.split("tables (3):")[1]  # tables always shown
+    assert ("groups (1):" in out) == (after == "group_tables")
+
+
+class _Page(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.rows, self.tags, self.attrs, self.table_rows = [], [], [], {}
+        self._table = None
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        self.tags.append(tag)
+        self.attrs.append(attrs)
+        if tag == "table":
+            self._table = attrs.get("class")
+        if tag == "tr":
+            self.table_rows[self._table] = self.table_rows.get(self._table, 0) + 1
+            if "data-kind" in attrs:
+                self.rows.append((attrs["id"], attrs["data-kind"], attrs["class"]))
+
+
+def test_html_is_self_contained_and_coloured_by_kind(capsys, tmp_path):
+    path = tmp_path / "two_tower.html"
+    rc, out, _ = _dump(capsys, f"{ZOO}:two_tower", "--format", "html", "-o", str(path))
+    assert rc == 0 and out == ""
+    text = path.read_text()
+    page = _Page()
+    page.feed(text)
+    kinds = {row_id: kind for row_id, kind, _ in page.rows}
+    assert all(cls == f"kind-{kind}" for _, kind, cls in page.rows)
+    assert [k for k, v in kinds.items() if v == "lookup"] == [
+        "node-user_tower_user", "node-user_tower_item", "node-mean", "node-user_tower_item_1"]
+    assert kinds["node-user_id"] == "io" and kinds["node-output"] == "io"
+    assert kinds["node-user_tower_mlp_0"] == "dense"
+    assert page.table_rows["tables"] == 1 + 2 and page.table_rows["groups"] == 1 + 2
+    assert "style" in page.tags and not {"script", "link", "img", "iframe"} & set(page.tags)
+    hrefs = [a["href"] for a in page.attrs if "href" in a]
+    assert hrefs and all(h.startswith("#node-") for h in hrefs) and "http" not in text
+    assert all(f".kind-{k}{{background:" in text for k in render.KIND_COLOURS)
+
+
+def test_dot_text(capsys, tmp_path):
+    path = tmp_path / "g.dot"
+    rc, _, _ = _dump(capsys, f"{ZOO}:seq_attention", "--format", "dot", "-o", str(path))
+    text = path.read_text()
+    assert rc == 0 and text.startswith("digraph fxrec {") and text.rstrip().endswith("}")
+    assert re.search(r'"tok" \[label="tok\\ncall_module tok\\nf32\[4, 6, 8\]\\n\{module_embedding: tok none group0\}", '
+                     r'fillcolor="#ffb347"', text)
+    assert '"tokens" -> "tok";' in text and '"tok" -> "add";' in text
+    assert (tmp_path / "g.svg").exists() == (shutil.which("dot") is not None)
+
+
+def test_communication_nodes_are_their_own_kind():
+    graph = fx.Graph()
+    x = graph.placeholder("x")
+    reduced = graph.call_function(torch.ops._c10d_functional.all_reduce.default, (x, "sum", "0"))
+    marked = graph.call_function(torch.neg, (reduced,))
+    marked.meta[L.COMM] = True
+    graph.output(graph.call_function(torch.relu, (marked,)))
+    kinds = render.node_kinds(fx.GraphModule(torch.nn.Module(), graph))
+    assert [kinds[n] for n in graph.nodes] == ["io", "comm", "comm", "dense", "io"]
+
+
+def _bad_file(tmp_path):
+    bad = tmp_path / "broken.py"
+    bad.write_text("import not_a_module_anywhere\n")
+    return bad
+
+
+@pytest.mark.parametrize("spec,message", [
+    (lambda tmp: "no_colon_here", r"fxrec dump: expected FILE\.py:FUNC, got 'no_colon_here'"),
+    (lambda tmp: f"{ZOO}:missing", r"fxrec dump: .*models_zoo\.py' has no function 'missing'"),
+    (lambda tmp: f"{_bad_file(tmp)}:f", r"fxrec dump: importing .*broken\.py' failed: ModuleNotFoundError"),
+    (lambda tmp: f"{ZOO}:value_branch", r"fxrec dump: cannot capture ValueBranch: in module 'gate' \(Gate\)"),
+])
+def test_errors_exit_2_with_one_line(capsys, tmp_path, spec, message):
+    rc, out, err = _dump(capsys, spec(tmp_path))
+    assert rc == 2 and out == ""
+    assert err.count("\n") == 1 and re.match(message, err)
+
+
+def test_unknown_after_pass(capsys):
+    rc, _, err = _dump(capsys, f"{ZOO}:no_tables", "--after", "nope")
+    assert rc == 2 and err == ("fxrec dump: unknown pass 'nope' for --after; choose from: capture, "
+                               "detect_embeddings, group_tables\n")
+
+
+def test_console_exit_status(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "fxrec.cli", "dump", f"{tmp_path}/none.py:f"],
+                          capture_output=True, text=True)
+    assert done.returncode == 2 and done.stderr == f"fxrec dump: no such file: '{tmp_path}/none.py'\n"
