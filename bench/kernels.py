@@ -1,0 +1,276 @@
+"""Fused embedding kernels against the memory-bandwidth floor and against plain torch.
+
+    python bench/kernels.py           # full shapes (meant for a GPU)
+    python bench/kernels.py --cpu     # small shapes, runs on a CPU in about a minute
+
+Per shape: the bytes a pooled lookup must move (rows read + ids + offsets + output
+written), the measured copy bandwidth (a large tensor copy: read + write), the floor
+time = bytes / bandwidth, then each implementation's time and floor/time in percent.
+Zipf ids repeat hot rows, which caches serve, so their "% of floor" can exceed 100.
+
+Training step (forward + backward + optimizer): fxrec's fused module against
+nn.EmbeddingBag(sparse=True) + torch.optim.SGD / Adagrad (note: torch's Adagrad keeps
+a state per element, fxrec's RowWiseAdagrad one per row) and, in --cpu mode, against
+the dense-gradient nn.EmbeddingBag + SGD step.
+"""
+from __future__ import annotations
+
+import argparse
+import warnings
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fxrec.lowering import FusedEmbeddingBags, NoKernelError, check_inputs, select
+from fxrec.optim import SGD, RowWiseAdagrad
+from fxrec.types import TableInfo
+
+
+@dataclass
+class Shape:
+    name: str
+    T: int
+    rows: int
+    B: int
+    L: int  # ids per bag (fixed pooling factor)
+    D: int
+    dtype: torch.dtype = torch.float32
+    dist: str = "uniform"  # or "zipf"
+
+    def label(self) -> str:
+        dt = str(self.dtype).replace("torch.", "")
+        return f"{self.name} T={self.T} rows={self.rows} B={self.B} L={self.L} D={self.D} {dt} {self.dist}"
+
+
+def full_shapes() -> list[Shape]:
+    out = [Shape("criteo", 26, 500_000, 16384, 20, d, dt, dist)
+           for d in (128, 64) for dt in (torch.float32, torch.float16) for dist in ("uniform", "zipf")]
+    return out + [Shape("fbgemm-default", 32, 100_000, 512, 20, 128)]
+
+
+def cpu_shapes() -> list[Shape]:
+    return [Shape("criteo-small", 26, 20_000, 1024, 20, 64),
+            Shape("criteo-small", 26, 20_000, 1024, 20, 64, dist="zipf"),
+            Shape("criteo-small", 26, 20_000, 1024, 20, 64, torch.float16),
+            Shape("fbgemm-default-small", 32, 10_000, 256, 20, 128)]
+
+
+# ---------------------------------------------------------------- inputs and timing
+def make_ids(s: Shape, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Table-major ids (int64) and offsets, L ids per bag. Zipf: density ~ 1/(id+1),
+    hot ids scattered over the table by a multiplicative hash."""
+    n = s.T * s.B * s.L
+    if s.dist == "zipf":
+        u = torch.rand(n, device=device, dtype=torch.float64)
+        ids = (torch.exp(u * math.log(s.rows + 1)) - 1).long().clamp_(0, s.rows - 1)
+        ids = (ids * 1_000_003) % s.rows
+    else:
+        ids = torch.randint(0, s.rows, (n,), device=device)
+    offsets = torch.arange(0, n + 1, s.L, device=device)
+    return ids, offsets
+
+
+def sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timeit(fn, device, min_iters=3, min_time=0.25, max_iters=50) -> float:
+    t0 = time.perf_counter()
+    fn()  # warm-up (compilation, allocator)
+    sync(device)
+    if time.perf_counter() - t0 > 2.0:  # a slow baseline: one timed run is enough
+        min_iters = 1
+    n, t0 = 0, time.perf_counter()
+    while n < min_iters or (time.perf_counter() - t0 < min_time and n < max_iters):
+        fn()
+        n += 1
+    sync(device)
+    return (time.perf_counter() - t0) / n
+
+
+def copy_bandwidth(device) -> float:
+    """Bytes/s of a large copy, counting the read and the write."""
+    numel = (64 if torch.device(device).type == "cuda" else 16) * 2**20
+    src = torch.empty(numel, device=device).uniform_()
+    dst = torch.empty_like(src)
+    return 2 * src.numel() * 4 / timeit(lambda: dst.copy_(src), device, min_iters=5)
+
+
+def lookup_bytes(s: Shape) -> int:
+    eb = torch.empty((), dtype=s.dtype).element_size()
+    n = s.T * s.B * s.L
+    return n * s.D * eb + n * 8 + (s.T * s.B + 1) * 8 + s.B * s.T * s.D * eb
+
+
+# ---------------------------------------------------------------- implementations
+def fused(s: Shape, device, optimizer=None, kernel=None, bounds_check=False) -> FusedEmbeddingBags:
+    tables = [TableInfo(f"t{t}", s.rows, s.D, dtype=s.dtype) for t in range(s.T)]
+    return FusedEmbeddingBags(tables, optimizer=optimizer, kernel=kernel, device=device,
+                              bounds_check=bounds_check)
+
+
+def forward_impls(s: Shape, device, ids, offsets):
+    """name -> zero-argument callable computing the B x (T*D) pooled output."""
+    impls = {}
+    model = fused(s, device)
+    tables = model.split_weights()  # the torch baselines read the same weights
+    per_ids = ids.view(s.T, -1)
+    per_off = torch.arange(0, s.B * s.L, s.L, device=device)
+    impls["torch per-table"] = lambda: torch.cat(
+        [F.embedding_bag(per_ids[t], tables[t], per_off, mode="sum") for t in range(s.T)], dim=1)
+    big = model.weights.view(s.T * s.rows, s.D)  # the tables stacked: one concatenated table
+    shifted = (ids.view(s.T, -1) + torch.arange(s.T, device=device).unsqueeze(1) * s.rows).view(-1)
+    impls["torch concat-table"] = lambda: F.embedding_bag(shifted, big, offsets[:-1], mode="sum") \
+        .view(s.T, s.B, s.D).transpose(0, 1).reshape(s.B, s.T * s.D)
+    impls[f"fxrec:{model.kernel}"] = lambda: model(ids, offsets)
+    # the default module path: the same call preceded by the id/offset validation
+    impls[f"fxrec:{model.kernel} +bounds"] = lambda: (check_inputs(model.layout, ids, offsets), model(ids, offsets))
+    for other in ("fbgemm", "torch"):  # the kernels the registry did not pick, forced
+        try:
+            name, impl = select("pooled_forward", kernel=other, device=device, weight_dtype=s.dtype,
+                                dims=model.layout.dims, poolings=model.layout.poolings)
+        except NoKernelError:
+            continue
+        if name != model.kernel:
+            impls[f"fxrec:{name} (forced)"] = lambda impl=impl: impl(model.weights, model.layout, ids, offsets)
+    if torch.device(device).type == "cuda":
+        fb = fbgemm_cuda(s, None)
+        if fb is not None:
+            impls["fbgemm (cuda TBE)"] = lambda: fb(ids, offsets)
+    return impls
+
+
+def fbgemm_cuda(s: Shape, optimizer):
+    """fbgemm_gpu's own CUDA TBE module for comparison, or None where unavailable."""
+    try:
+        from fbgemm_gpu.split_embedding_configs import EmbOptimType, SparseType
+        from fbgemm_gpu.split_table_batched_embeddings_ops_common import EmbeddingLocation
+        from fbgemm_gpu.split_table_batched_embeddings_ops_training import (
+            ComputeDevice, SplitTableBatchedEmbeddingBagsCodegen)
+        opt = EmbOptimType.EXACT_ROWWISE_ADAGRAD if isinstance(optimizer, RowWiseAdagrad) else EmbOptimType.EXACT_SGD
+        prec = SparseType.FP16 if s.dtype == torch.float16 else SparseType.FP32
+        return SplitTableBatchedEmbeddingBagsCodegen(
+            [(s.rows, s.D, EmbeddingLocation.DEVICE, ComputeDevice.CUDA)] * s.T, optimizer=opt,
+            learning_rate=optimizer.lr if optimizer else 0.01, weights_precision=prec, output_dtype=prec)
+    except Exception as e:  # the CPU-only build, or no GPU
+        print(f"  (fbgemm cuda TBE unavailable: {type(e).__name__}: {str(e)[:80]})")
+        return None
+
+
+def print_row(cols, widths=(30, 11, 9, 9)) -> None:
+    print("  " + "".join(str(c).ljust(w) for c, w in zip(cols, widths)))
+
+
+def bench_forward(shapes, device, bw) -> None:
+    print(f"\n== pooled forward on {device} ({torch.get_num_threads()} CPU threads); "
+          f"copy bandwidth {bw / 1e9:.1f} GB/s ==")
+    for s in shapes:
+        ids, offsets = make_ids(s, device)
+        nbytes = lookup_bytes(s)
+        floor = nbytes / bw
+        print(f"\n{s.label()}\n  bytes moved {nbytes / 1e6:.1f} MB, floor {floor * 1e3:.3f} ms")
+        print_row(("impl", "time ms", "% floor", "x torch"))
+        base = None
+        with torch.no_grad():
+            impls = forward_impls(s, device, ids, offsets)
+        for name, fn in impls.items():
+            with torch.no_grad():
+                t = timeit(fn, device)
+            base = base or t
+            print_row((name, f"{t * 1e3:.3f}", f"{100 * floor / t:.1f}", f"{base / t:.2f}"))
+
+
+# ---------------------------------------------------------------- training step
+def torch_bags(s: Shape, device, sparse: bool) -> nn.ModuleList:
+    return nn.ModuleList(nn.EmbeddingBag(s.rows, s.D, mode="sum", sparse=sparse, device=device)
+                         for _ in range(s.T))
+
+
+def torch_step(bags, opt, per_ids, per_off, grad):
+    out = torch.cat([bag(per_ids[t], per_off) for t, bag in enumerate(bags)], dim=1)
+    out.backward(grad)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+def train_impls(s: Shape, device, ids, offsets, grad, which: str, dense: bool):
+    """name -> (build() -> step callable). Built one at a time to bound memory."""
+    per_ids, per_off = ids.view(s.T, -1), torch.arange(0, s.B * s.L, s.L, device=device)
+    fxrec_opt = SGD(0.01) if which == "sgd" else RowWiseAdagrad(0.01)  # which: "sgd" / "adagrad"
+    torch_opt = (lambda p: torch.optim.SGD(p, lr=0.01)) if which == "sgd" else \
+        (lambda p: torch.optim.Adagrad(p, lr=0.01))
+
+    def build_fused(kernel=None):
+        m = fused(s, device, fxrec_opt, kernel=kernel, bounds_check=True)  # the default module
+        return lambda: m(ids, offsets).backward(grad), "/".join(m.kernels.values())
+
+    def build_torch(sparse):
+        bags = torch_bags(s, device, sparse)
+        opt = torch_opt(bags.parameters())
+        return lambda: torch_step(bags, opt, per_ids, per_off, grad), None
+
+    def build_fbgemm():
+        emb = fbgemm_cuda(s, fxrec_opt)
+        return (lambda: emb(ids, offsets).backward(grad)), "fbgemm" if emb is not None else None
+
+    impls = {f"fxrec fused {fxrec_opt.name}": build_fused,
+             f"torch EmbeddingBag(sparse) + {which}": lambda: build_torch(True)}
+    if torch.device(device).type == "cpu":
+        impls["fxrec fused (torch kernel)"] = lambda: build_fused("torch")
+    else:
+        impls["fbgemm (cuda TBE)"] = build_fbgemm
+    if dense and which == "sgd":
+        impls[f"torch EmbeddingBag(dense) + {which}"] = lambda: build_torch(False)
+    return impls
+
+
+def bench_training(s: Shape, device, dense: bool) -> None:
+    print(f"\n== training step (fwd + bwd + optimizer) on {device}: {s.label()} ==")
+    ids, offsets = make_ids(s, device)
+    grad = torch.randn(s.B, s.T * s.D, device=device, dtype=s.dtype)
+    print_row(("impl", "time ms", "fwd/bwd", "time / fused"), (46, 11, 15, 14))
+    for which in ("sgd", "adagrad"):
+        fused_t = None
+        for name, build in train_impls(s, device, ids, offsets, grad, which, dense).items():
+            step, kernel = build()
+            if kernel is None and name.startswith("fbgemm"):
+                continue
+            t = timeit(step, device, min_iters=2, min_time=0.5)
+            fused_t = fused_t or t
+            print_row((name, f"{t * 1e3:.2f}", kernel or "-", f"{t / fused_t:.2f}"), (46, 11, 15, 14))
+            del step
+    print("  (torch.optim.Adagrad keeps element-wise state; fxrec's RowWiseAdagrad one value per row)")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--cpu", "--small", dest="cpu", action="store_true", help="small shapes on the CPU")
+    ap.add_argument("--device", default=None)
+    ap.add_argument("--threads", type=int, default=None,
+                    help="CPU threads (default with --cpu: 1, which a shared machine times reproducibly)")
+    args = ap.parse_args(argv)
+    threads = args.threads or (1 if args.cpu else None)
+    if threads:
+        torch.set_num_threads(threads)
+    device = args.device or ("cpu" if args.cpu or not torch.cuda.is_available() else "cuda")
+    torch.manual_seed(0)
+    warnings.filterwarnings("ignore", message="Sparse invariant checks")  # from torch.optim.Adagrad
+    bw = copy_bandwidth(device)
+    bench_forward(cpu_shapes() if args.cpu else full_shapes(), device, bw)
+    if args.cpu:
+        bench_training(Shape("dlrm-26", 26, 200_000, 2048, 20, 64), device, dense=True)
+    else:
+        bench_training(Shape("criteo", 26, 500_000, 16384, 20, 128), device, dense=False)
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        raise SystemExit(main())
+    except NoKernelError as e:
+        raise SystemExit(f"bench/kernels.py: {e}")

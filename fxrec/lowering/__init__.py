@@ -1,0 +1,20 @@
+"""fxrec.lowering: fused embedding kernels and the registry that picks one.
+
+Ops (strings): "pooled_forward", "unpooled_forward", "backward_update". Kernels, in
+priority order: "triton" (fxrec's own; CUDA, or the CPU interpreter on explicit
+request), "fbgemm" (fbgemm_gpu's table-batched ops, where importable), "torch" (always).
+`select(op, **problem)` returns the chosen `(name, impl)`; `kernel_choices(op,
+**problem)` says, for every registered kernel, whether it would serve and if not why;
+FXREC_KERNEL=triton|fbgemm|torch forces one.
+
+`FusedEmbeddingBags` is the user-facing module; `TBELayout` the shared data layout.
+"""
+from __future__ import annotations
+
+from .layout import TBELayout, check_inputs
+from .registry import (ENV_VAR, KERNELS, OPS, NoKernelError, Problem, kernel_choices,
+                       register_kernel, registered, select)
+from .tbe import FusedEmbeddingBags
+
+__all__ = ["ENV_VAR", "KERNELS", "OPS", "FusedEmbeddingBags", "NoKernelError", "Problem", "TBELayout",
+           "check_inputs", "kernel_choices", "register_kernel", "registered", "select"]

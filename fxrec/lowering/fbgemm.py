@@ -1,0 +1,139 @@
+"""FBGEMM's table-batched embedding ops (fbgemm_gpu), on our TBE layout as is.
+
+Registers nothing when fbgemm_gpu cannot be imported. Only the CPU ops are wrapped (the
+build installed here is fbgemm-gpu-cpu 1.8.0):
+
+- pooled_forward: ``fbgemm::split_embedding_codegen_forward_cpu``;
+- unpooled_forward: ``fbgemm::split_embedding_nobag_codegen_forward_cpu`` (one dim for
+  all tables, so only layouts with equal dims);
+- backward_update: ``fbgemm::split_embedding[_nobag]_backward_codegen_{sgd,rowwise_adagrad}_cpu``
+  (the update is applied in place, duplicates aggregated per row first).
+
+What the checker declines, and why (found by testing 1.8.0 against torch_ref):
+- bf16 weights: the CPU kernels are not instantiated for BFloat16;
+- Adam: fbgemm 1.8.0 says "Optimizer adam is not supported in CPU mode" (no CPU backward;
+  on GPU its Adam also bias-corrects with one global iteration count, not our per-row
+  step). Its CPU backwards exist for sgd, adagrad, rowwise_adagrad (+ with_counter) and
+  rowwise_rmsprop_ar; fxrec's optimizers map to sgd and rowwise_adagrad;
+- "mean" pooling with per-sample weights: the fp16 forward and the backward disagree
+  with mean = weighted sum / bag length;
+- mixed sum/mean tables: one pooling mode per call;
+- fp16 *forward* unless requested explicitly: it is correct but ~10x slower than torch's
+  F.embedding_bag on this CPU (bench/kernels.py --cpu: 76 ms vs 5.7 ms), while the fp16
+  backward is as fast as torch's, so fp16 modules get a torch forward and an fbgemm update.
+The CPU backward is deterministic (per-row reductions in a fixed order), so it also
+serves the deterministic mode.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .registry import Problem, mark_unavailable, register_kernel
+
+try:
+    import fbgemm_gpu  # noqa: F401  (loads the torch.ops.fbgemm kernels)
+    _ops = torch.ops.fbgemm
+    _ops.split_embedding_codegen_forward_cpu  # noqa: B018  (fails early if the op is missing)
+    AVAILABLE = True
+except Exception as e:  # ImportError, or an fbgemm built against another torch (OSError, RuntimeError)
+    AVAILABLE = False
+    mark_unavailable("fbgemm", f"fbgemm_gpu import failed: {type(e).__name__}: {e}")
+
+_HOST = 3  # fbgemm's EmbeddingLocation.HOST
+_POOLING_MODE = {"sum": 0, "mean": 1}
+_SPARSE_TYPE = {torch.float32: 0, torch.float16: 1}  # fbgemm's SparseType.as_int()
+_OPTIMIZERS = ("sgd", "rowwise_adagrad")
+
+
+def _placements(layout) -> Tensor:
+    return torch.full((layout.num_tables,), _HOST, dtype=torch.int32)
+
+
+def _hash_bits(layout) -> int:
+    return int(math.log2(max(layout.total_rows, 1))) + 1
+
+
+def pooled_forward(weights: Tensor, layout, indices: Tensor, offsets: Tensor,
+                   per_sample_weights: Optional[Tensor] = None) -> Tensor:
+    psw = None if per_sample_weights is None else per_sample_weights.float()
+    return _ops.split_embedding_codegen_forward_cpu(
+        weights, layout.weights_offsets, layout.D_offsets, layout.total_D, layout.hash_size_cumsum,
+        indices, offsets.to(indices.dtype), _POOLING_MODE[layout.poolings[0]], psw,
+        _SPARSE_TYPE[weights.dtype])
+
+
+def unpooled_forward(weights: Tensor, layout, indices: Tensor, offsets: Tensor) -> Tensor:
+    out = _ops.split_embedding_nobag_codegen_forward_cpu(
+        weights, layout.weights_offsets, layout.dims[0], layout.hash_size_cumsum,
+        indices, offsets.to(indices.dtype), _SPARSE_TYPE[weights.dtype])
+    return out.reshape(-1)
+
+
+def backward_update(weights: Tensor, state: dict[str, Tensor], layout, optimizer,
+                    grad_output: Tensor, indices: Tensor, offsets: Tensor,
+                    per_sample_weights: Optional[Tensor] = None, deterministic: bool = False) -> None:
+    plc = _placements(layout)
+    lr = torch.tensor(float(optimizer.lr), dtype=torch.float32)
+    offsets = offsets.to(indices.dtype)
+    grad = grad_output.to(weights.dtype).contiguous()
+    opt_args: tuple = ()
+    if optimizer.name == "rowwise_adagrad":
+        # momentum is in global-row order: table t's slice starts at hash_size_cumsum[t]
+        mom_offsets = layout.hash_size_cumsum[:-1].contiguous()
+        opt_args = (state["momentum"], plc, mom_offsets, lr, float(optimizer.eps), 0.0, 0, 0.0)
+    if layout.pooled:
+        psw = None if per_sample_weights is None else per_sample_weights.float()
+        op = getattr(_ops, f"split_embedding_backward_codegen_{optimizer.name}_cpu")
+        head = (grad, weights, plc, layout.weights_offsets, layout.D_offsets, layout.max_D,
+                layout.hash_size_cumsum, _hash_bits(layout), indices, offsets,
+                _POOLING_MODE[layout.poolings[0]], psw, False)
+    else:
+        op = getattr(_ops, f"split_embedding_nobag_backward_codegen_{optimizer.name}_cpu")
+        head = (grad.view(-1, layout.dims[0]), weights, plc, layout.weights_offsets, layout.dims[0],
+                layout.hash_size_cumsum, _hash_bits(layout), indices, offsets, False)
+    op(*head, *(opt_args or (lr,)))
+
+
+def _check_common(p: Problem) -> Optional[str]:
+    if p.device != "cpu":
+        return f"only fbgemm's CPU ops are wrapped, device is {p.device}"
+    if p.weight_dtype not in _SPARSE_TYPE:
+        return f"weights {p.weight_dtype} unsupported (fbgemm CPU: float32, float16)"
+    return None
+
+
+def _check_forward(p: Problem) -> Optional[str]:
+    if p.weight_dtype == torch.float16 and not p.explicit:
+        return "the fp16 CPU forward is ~10x slower than torch's embedding_bag; served only on request"
+    return None
+
+
+def _check_pooled(p: Problem) -> Optional[str]:
+    if len(set(p.poolings)) != 1 or p.poolings[0] not in _POOLING_MODE:
+        return f"needs one pooling (sum or mean) for all tables, got {sorted(set(p.poolings))}"
+    if p.weighted and p.poolings[0] == "mean":
+        return "mean pooling with per-sample weights disagrees with the reference in fbgemm 1.8.0"
+    return _check_common(p)
+
+
+def _check_unpooled(p: Problem) -> Optional[str]:
+    if len(set(p.dims)) != 1:
+        return f"unpooled lookups need one dim for all tables, got {sorted(set(p.dims))}"
+    return _check_common(p)
+
+
+def _check_backward(p: Problem) -> Optional[str]:
+    if p.optimizer not in _OPTIMIZERS:
+        return f"optimizer {p.optimizer!r} unsupported (fbgemm CPU: {', '.join(_OPTIMIZERS)})"
+    return _check_pooled(p) if p.poolings and p.poolings[0] != "none" else _check_unpooled(p)
+
+
+if AVAILABLE:
+    register_kernel("pooled_forward", "fbgemm", pooled_forward, lambda p: _check_forward(p) or _check_pooled(p))
+    register_kernel("unpooled_forward", "fbgemm", unpooled_forward,
+                    lambda p: _check_forward(p) or _check_unpooled(p))
+    register_kernel("backward_update", "fbgemm", backward_update, _check_backward)

@@ -1,0 +1,228 @@
+"""`FusedEmbeddingBags`: T tables in one table-batched buffer, looked up by one fused op
+and trained by a fused backward + sparse optimizer update.
+
+The layout (flat weights, weights_offsets, D_offsets, input and output formats) is
+described in `layout.py`; `TBELayout` is re-exported here. Kernels come from the
+registry (`registry.select`): Triton, FBGEMM or torch.
+"""
+from __future__ import annotations
+
+import math
+import os
+from typing import Mapping, Optional, Sequence, Union
+
+import torch
+from torch import Tensor, nn
+
+from fxrec.optim import OPTIMIZERS
+
+from . import registry
+from .layout import TBELayout, check_inputs
+from .sparse_update import ROW_STATE, init_state
+from .torch_ref import per_sample_weights_grad
+
+__all__ = ["FusedEmbeddingBags", "TBELayout"]
+
+
+class _FusedLookup(torch.autograd.Function):
+    """Forward: the fused lookup. Backward: the per-sample-weight gradient if needed (from
+    the weights before the update), then, if the owner has an optimizer, the fused update
+    of its weights in place; no weight gradient is returned. Backpropagating twice
+    through one output updates twice."""
+
+    @staticmethod
+    def forward(ctx, anchor, per_sample_weights, owner, indices, offsets):
+        ctx.owner = owner
+        ctx.save_for_backward(indices, offsets, per_sample_weights)
+        return owner._lookup(indices, offsets, per_sample_weights)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        indices, offsets, psw = ctx.saved_tensors
+        owner = ctx.owner
+        grad_output = grad_output.contiguous()
+        psw_grad = None
+        if ctx.needs_input_grad[1]:
+            psw_grad = per_sample_weights_grad(owner.weights, owner.layout, grad_output, indices, offsets)
+            psw_grad = psw_grad.to(psw.dtype)
+        if owner.optimizer is not None:
+            owner._update(grad_output, indices, offsets, psw)
+        return None, psw_grad, None, None, None
+
+
+class FusedEmbeddingBags(nn.Module):
+    """A batch of embedding tables with a fused lookup and fused sparse optimizer.
+
+    tables: objects with ``name, num_embeddings, embedding_dim`` and optionally
+    ``pooling`` ("sum"/"mean"; "none" or absent = unpooled) and ``dtype``
+    (`fxrec.TableInfo`, `fxrec.EmbeddingBagConfig`, `fxrec.EmbeddingConfig`). All tables
+    must be pooled, or all unpooled, and share one dtype (or pass `dtype`).
+    optimizer: `fxrec.optim.SGD/RowWiseAdagrad/Adam`, applied inside backward; None
+    means the weights are never updated (per-sample weights still get gradients).
+    kernel: force "triton", "fbgemm" or "torch" (else FXREC_KERNEL, else the registry's
+    first acceptable kernel); a forced kernel that cannot serve raises NoKernelError.
+    bounds_check: validate ids and offsets on every call (one host sync).
+    deterministic: bit-identical updates run to run (also on when
+    torch.are_deterministic_algorithms_enabled()).
+
+    Weights start uniform(-sqrt(1/rows), +sqrt(1/rows)) per table (not on "meta").
+    """
+
+    def __init__(self, tables: Sequence, optimizer=None, kernel: Optional[str] = None, device=None,
+                 dtype: Optional[torch.dtype] = None, bounds_check: bool = True,
+                 deterministic: bool = False):
+        super().__init__()
+        if optimizer is not None and not isinstance(optimizer, OPTIMIZERS):
+            raise ValueError(f"optimizer must be one of fxrec.optim.SGD/RowWiseAdagrad/Adam, got {optimizer!r}")
+        self.layout = TBELayout(tables, device)
+        dtype = dtype if dtype is not None else _common_dtype(tables)
+        self.register_buffer("weights", torch.empty(self.layout.numel, dtype=dtype, device=self.layout.device))
+        self._optimizer = optimizer
+        self.state_keys = tuple(init_state(optimizer, self.layout, "meta"))
+        for key, value in init_state(optimizer, self.layout).items():
+            self.register_buffer(f"optimizer_{key}", value)
+        self.kernel_request = kernel
+        self.bounds_check = bounds_check
+        self.deterministic = deterministic
+        self.kernels: dict[str, str] = {}
+        self._impls: dict[tuple, tuple[str, object]] = {}
+        # Autograd needs an input that requires grad to call our backward; the weights
+        # are a buffer (they get no gradient), so this empty tensor stands in.
+        self._anchor = torch.empty(0, requires_grad=True)
+        if self.weights.device.type != "meta":
+            with torch.no_grad():
+                for table in self.split_weights():
+                    bound = math.sqrt(1.0 / table.shape[0])
+                    table.uniform_(-bound, bound)
+        # Select now so that a forced kernel that cannot serve fails at construction.
+        self._select(self._lookup_op, torch.int64, False)
+        if optimizer is not None:
+            self._select("backward_update", torch.int64, False)
+
+    @property
+    def optimizer(self):
+        return self._optimizer
+
+    @optimizer.setter
+    def optimizer(self, value) -> None:
+        """Swap in a config of the same type (e.g. a new lr); the state is kept."""
+        if type(value) is not type(self._optimizer):
+            raise ValueError(f"optimizer must stay a {type(self._optimizer).__name__} (its state is "
+                             f"allocated), got {value!r}; build a new FusedEmbeddingBags instead")
+        self._optimizer = value
+
+    # -- kernels -----------------------------------------------------------------
+    @property
+    def _lookup_op(self) -> str:
+        return "pooled_forward" if self.layout.pooled else "unpooled_forward"
+
+    @property
+    def kernel(self) -> str:
+        """Name of the kernel serving the lookup (see `.kernels` for every op)."""
+        return self.kernels[self._lookup_op]
+
+    def _is_deterministic(self) -> bool:
+        return self.deterministic or torch.are_deterministic_algorithms_enabled()
+
+    def _select(self, op: str, index_dtype: torch.dtype, weighted: bool):
+        det = self._is_deterministic()
+        key = (op, index_dtype, weighted, det, self.weights.device.type, os.environ.get(registry.ENV_VAR))
+        if key not in self._impls:
+            self._impls[key] = registry.select(
+                op, kernel=self.kernel_request, device=self.weights.device, weight_dtype=self.weights.dtype,
+                index_dtype=index_dtype, dims=self.layout.dims, poolings=self.layout.poolings,
+                optimizer=self.optimizer.name if (op == "backward_update" and self.optimizer) else None,
+                weighted=weighted, deterministic=det)
+        name, impl = self._impls[key]
+        self.kernels[op] = name
+        return impl
+
+    # -- forward / backward --------------------------------------------------------
+    def forward(self, indices: Tensor, offsets: Tensor, per_sample_weights: Optional[Tensor] = None) -> Tensor:
+        """Pooled: ``B x sum(dims)`` (KeyedTensor layout); unpooled: the flat layout
+        (`layout.split_unpooled`). See layout.py for the input format."""
+        for name, x in (("indices", indices), ("offsets", offsets), ("per_sample_weights", per_sample_weights)):
+            if x is not None and x.device != self.weights.device:
+                raise ValueError(f"{name} are on {x.device}, the tables on {self.weights.device}")
+        check_inputs(self.layout, indices, offsets, per_sample_weights, self.bounds_check)
+        if self.layout.device != self.weights.device:  # the module was moved with .to()
+            self.layout = self.layout.to(self.weights.device)
+        psw_grad = per_sample_weights is not None and per_sample_weights.requires_grad
+        if torch.is_grad_enabled() and (self.optimizer is not None or psw_grad):
+            return _FusedLookup.apply(self._anchor, per_sample_weights, self, indices, offsets)
+        return self._lookup(indices, offsets, per_sample_weights)
+
+    def _lookup(self, indices: Tensor, offsets: Tensor, psw: Optional[Tensor]) -> Tensor:
+        impl = self._select(self._lookup_op, indices.dtype, psw is not None)
+        if self.layout.pooled:
+            return impl(self.weights, self.layout, indices, offsets, psw)
+        return impl(self.weights, self.layout, indices, offsets)
+
+    def _update(self, grad_output: Tensor, indices: Tensor, offsets: Tensor, psw: Optional[Tensor]) -> None:
+        impl = self._select("backward_update", indices.dtype, psw is not None)
+        impl(self.weights, self.optimizer_state(), self.layout, self.optimizer, grad_output,
+             indices, offsets, psw, self._is_deterministic())
+
+    def _apply(self, fn, recurse=True):
+        # .half()/.to(dtype) cast the weights; optimizer state stays fp32/int32 (moved only).
+        saved = self.optimizer_state()
+        super()._apply(fn, recurse)
+        for key, before in saved.items():
+            after = getattr(self, f"optimizer_{key}")
+            if after.dtype != before.dtype:
+                setattr(self, f"optimizer_{key}", before.to(after.device))
+        return self
+
+    # -- weights and state ---------------------------------------------------------
+    def optimizer_state(self) -> dict[str, Tensor]:
+        """The flat state tensors (see sparse_update.init_state), by key; live buffers."""
+        return {key: getattr(self, f"optimizer_{key}") for key in self.state_keys}
+
+    def split_weights(self) -> list[Tensor]:
+        """Per-table ``rows x dim`` views into the flat buffer (writes go through)."""
+        return self.layout.split(self.weights)
+
+    def table_weights(self) -> dict[str, Tensor]:
+        """Table name -> ``rows x dim`` view (export)."""
+        return dict(zip(self.layout.names, self.split_weights()))
+
+    def table_state(self) -> dict[str, dict[str, Tensor]]:
+        """Table name -> its slice of each optimizer state tensor (views)."""
+        out = {}
+        for t, name in enumerate(self.layout.names):
+            h0, h1 = self.layout.hash_size_cumsum_list[t], self.layout.hash_size_cumsum_list[t + 1]
+            out[name] = {k: v[h0:h1] if k in ROW_STATE else self.layout.split(v)[t]
+                         for k, v in self.optimizer_state().items()}
+        return out
+
+    @torch.no_grad()
+    def load_tables(self, weights: Union[Mapping[str, Tensor], Sequence[Tensor]]) -> None:
+        """Copy per-table weights in (by table name, or a sequence in table order)."""
+        if isinstance(weights, Mapping):
+            unknown = sorted(set(weights) - set(self.layout.names))
+            if unknown:
+                raise ValueError(f"unknown table(s) {unknown}; tables are {list(self.layout.names)}")
+            missing = [n for n in self.layout.names if n not in weights]
+            if missing:
+                raise ValueError(f"missing weights for table(s) {missing}")
+            weights = [weights[n] for n in self.layout.names]
+        if len(weights) != self.layout.num_tables:
+            raise ValueError(f"expected {self.layout.num_tables} tables' weights, got {len(weights)}")
+        for name, dst, src in zip(self.layout.names, self.split_weights(), weights):
+            if tuple(src.shape) != tuple(dst.shape):
+                raise ValueError(f"table {name!r}: expected weight {tuple(dst.shape)}, got {tuple(src.shape)}")
+            dst.copy_(src)
+
+    def extra_repr(self) -> str:
+        tables = ", ".join(f"{n}:{r}x{d}:{p}" for n, r, d, p in
+                           zip(self.layout.names, self.layout.rows, self.layout.dims, self.layout.poolings))
+        return f"tables=[{tables}], dtype={self.weights.dtype}, optimizer={self.optimizer}, kernels={self.kernels}"
+
+
+def _common_dtype(tables: Sequence) -> torch.dtype:
+    dtypes = [getattr(t, "dtype", torch.float32) for t in tables]
+    for t, d in zip(tables, dtypes):
+        if d != dtypes[0]:
+            raise ValueError(f"table {t.name!r}: dtype {d} differs from table {tables[0].name!r}'s "
+                             f"{dtypes[0]}; pass dtype= to store all tables in one dtype")
+    return dtypes[0]

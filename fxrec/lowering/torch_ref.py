@@ -1,0 +1,155 @@
+"""Plain-torch kernels: always correct, always registered, the last resort.
+
+Forward: F.embedding_bag per table (it accumulates fp16/bf16 in fp32; with per-sample
+weights, low-precision tables gather the touched rows to pool them in fp32). Backward + update: per table, the occurrences' gradients are summed per
+unique id (index_add_, or in deterministic mode a stable sort + segment_reduce, which
+adds in a fixed order on every device), then the optimizer updates only those rows.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from fxrec.optim import SGD, Adam, RowWiseAdagrad
+
+from .layout import TBELayout
+from .registry import Problem, register_kernel
+from .sparse_update import ROW_STATE, adam_row_scalars
+
+
+def _bounds(offsets: Tensor, B: int, T: int) -> list[int]:
+    # One host sync: where each table's ids start in `indices`.
+    return offsets[::B].tolist() if B > 0 else [0] * (T + 1)
+
+
+def pooled_forward(weights: Tensor, layout: TBELayout, indices: Tensor, offsets: Tensor,
+                   per_sample_weights: Optional[Tensor] = None) -> Tensor:
+    B = layout.batch_size(offsets)
+    bounds = _bounds(offsets, B, layout.num_tables)
+    outs = []
+    for t, table in enumerate(layout.split(weights)):
+        s, e = bounds[t], bounds[t + 1]
+        ids = indices[s:e]
+        bag_off = (offsets[t * B:(t + 1) * B] - s).to(ids.dtype)
+        mean = layout.poolings[t] == "mean"
+        if per_sample_weights is None:  # embedding_bag accumulates fp16/bf16 in fp32 on its own
+            outs.append(F.embedding_bag(ids, table, bag_off, mode="mean" if mean else "sum").float())
+            continue
+        if table.dtype != torch.float32:  # fp32 weights for fp32 per-sample weights, without copying the table
+            table, ids = table[ids].float(), torch.arange(e - s, device=ids.device, dtype=ids.dtype)
+        out = F.embedding_bag(ids, table, bag_off, mode="sum", per_sample_weights=per_sample_weights[s:e].float())
+        if mean:
+            lengths = offsets[t * B + 1:(t + 1) * B + 1] - offsets[t * B:(t + 1) * B]
+            out = out / lengths.clamp(min=1).unsqueeze(1).float()
+        outs.append(out)
+    if B == 0:
+        return weights.new_zeros(0, layout.total_D)
+    return torch.cat(outs, dim=1).to(weights.dtype)
+
+
+def unpooled_forward(weights: Tensor, layout: TBELayout, indices: Tensor, offsets: Tensor) -> Tensor:
+    B = layout.batch_size(offsets)
+    bounds = _bounds(offsets, B, layout.num_tables)
+    outs = [table[indices[s:e]].reshape(-1)
+            for table, s, e in zip(layout.split(weights), bounds[:-1], bounds[1:])]
+    return torch.cat(outs)
+
+
+def per_sample_weights_grad(weights: Tensor, layout: TBELayout, grad_output: Tensor,
+                            indices: Tensor, offsets: Tensor) -> Tensor:
+    """fp32 [N]: d loss / d per_sample_weight[i] = <grad of i's bag, i's row> (/ bag length
+    for mean). Reads only the looked-up rows; call it before the weights are updated."""
+    B = layout.batch_size(offsets)
+    bounds = _bounds(offsets, B, layout.num_tables)
+    out = torch.zeros(indices.numel(), dtype=torch.float32, device=indices.device)
+    for t, table in enumerate(layout.split(weights)):
+        s, e = bounds[t], bounds[t + 1]
+        if e > s:
+            # the occurrence gradient with unit weights, dotted with the row it looked up
+            g = _occurrence_grads(layout, t, grad_output, offsets, B, s, e, 0, None)
+            out[s:e] = (g * table[indices[s:e]].float()).sum(dim=1)
+    return out
+
+
+def _occurrence_grads(layout: TBELayout, t: int, grad_output: Tensor, offsets: Tensor, B: int,
+                      s: int, e: int, unpooled_start: int, psw: Optional[Tensor]) -> Tensor:
+    """fp32 [e - s, dim_t]: the gradient each occurrence of table t sends to its row."""
+    d0, d1 = layout.D_offsets_list[t], layout.D_offsets_list[t + 1]
+    if not layout.pooled:
+        return grad_output[unpooled_start:unpooled_start + (e - s) * (d1 - d0)].view(e - s, d1 - d0).float()
+    lengths = (offsets[t * B + 1:(t + 1) * B + 1] - offsets[t * B:(t + 1) * B]).long()
+    bag = torch.repeat_interleave(torch.arange(B, device=grad_output.device), lengths, output_size=e - s)
+    g = grad_output[bag, d0:d1].float()
+    scale = psw[s:e].float() if psw is not None else None
+    if layout.poolings[t] == "mean":
+        inv = 1.0 / lengths.clamp(min=1)[bag].float()
+        scale = inv if scale is None else scale * inv
+    return g if scale is None else g * scale.unsqueeze(1)
+
+
+def _aggregate(ids: Tensor, grads: Tensor, deterministic: bool) -> tuple[Tensor, Tensor]:
+    """Unique ids (ascending) and the sum of their occurrences' gradients."""
+    uniq, inverse, counts = torch.unique(ids, return_inverse=True, return_counts=True)
+    if deterministic:
+        order = torch.sort(inverse, stable=True).indices
+        return uniq, torch.segment_reduce(grads[order], "sum", lengths=counts)
+    return uniq, grads.new_zeros(uniq.numel(), grads.shape[1]).index_add_(0, inverse, grads)
+
+
+def apply_update(optimizer, table: Tensor, state: dict[str, Tensor], rows: Tensor, g: Tensor) -> None:
+    """Update `table[rows]` (unique rows) and its state slices with summed gradients g (fp32)."""
+    w = table[rows].float()
+    if isinstance(optimizer, SGD):
+        w = w - optimizer.lr * g
+    elif isinstance(optimizer, RowWiseAdagrad):
+        mom = state["momentum"][rows] + (g * g).mean(dim=1)
+        state["momentum"][rows] = mom
+        w = w - (optimizer.lr / (mom.sqrt() + optimizer.eps)).unsqueeze(1) * g
+    elif isinstance(optimizer, Adam):
+        beta1, beta2 = optimizer.betas
+        step = state["step"][rows] + 1
+        state["step"][rows] = step
+        m = state["exp_avg"][rows].lerp(g, 1 - beta1)
+        v = state["exp_avg_sq"][rows] * beta2 + (1 - beta2) * g * g
+        state["exp_avg"][rows], state["exp_avg_sq"][rows] = m, v
+        step_size, bc2_sqrt = adam_row_scalars(optimizer, step)
+        denom = v.sqrt() / bc2_sqrt.unsqueeze(1) + optimizer.eps
+        w = w - step_size.unsqueeze(1) * (m / denom)
+    else:
+        raise ValueError(f"unsupported sparse optimizer {optimizer!r}")
+    table[rows] = w.to(table.dtype)
+
+
+def _table_state(layout: TBELayout, state: dict[str, Tensor], t: int) -> dict[str, Tensor]:
+    """Table t's slice of each state tensor: per-row ones by row, per-element ones like the weights."""
+    h0, h1 = layout.hash_size_cumsum_list[t], layout.hash_size_cumsum_list[t + 1]
+    return {key: value[h0:h1] if key in ROW_STATE else layout.split(value)[t]
+            for key, value in state.items()}
+
+
+def backward_update(weights: Tensor, state: dict[str, Tensor], layout: TBELayout, optimizer,
+                    grad_output: Tensor, indices: Tensor, offsets: Tensor,
+                    per_sample_weights: Optional[Tensor] = None, deterministic: bool = False) -> None:
+    B = layout.batch_size(offsets)
+    bounds = _bounds(offsets, B, layout.num_tables)
+    tables = layout.split(weights)
+    start = 0  # running element offset of table t's block in an unpooled grad_output
+    for t in range(layout.num_tables):
+        s, e = bounds[t], bounds[t + 1]
+        if e > s:
+            g = _occurrence_grads(layout, t, grad_output, offsets, B, s, e, start, per_sample_weights)
+            rows, g = _aggregate(indices[s:e].long(), g, deterministic)
+            apply_update(optimizer, tables[t], _table_state(layout, state, t), rows, g)
+        start += (e - s) * layout.dims[t]
+
+
+def _accept(problem: Problem) -> Optional[str]:
+    return None
+
+
+for _op, _impl in (("pooled_forward", pooled_forward), ("unpooled_forward", unpooled_forward),
+                   ("backward_update", backward_update)):
+    register_kernel(_op, "torch", _impl, _accept)

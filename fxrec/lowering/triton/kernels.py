@@ -1,0 +1,115 @@
+"""Triton kernels for the table-batched layout (see ../layout.py).
+
+Each kernel serves every table in one launch: a program reads its table's dim, weight
+offset and pooling from the small per-table tensors. Loads widen to fp32 and results
+are rounded once to the output/weight dtype. Ids are widened to int64 before address
+arithmetic, so int32 ids index tables of any size.
+
+This module must be imported after TRITON_INTERPRET is set if the kernels are to run
+on the CPU: `triton.jit` decides at decoration time whether to interpret.
+"""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def pooled_forward_kernel(weights_ptr, w_offsets_ptr, d_offsets_ptr, is_mean_ptr,
+                          indices_ptr, offsets_ptr, psw_ptr, out_ptr, B, total_D,
+                          HAS_PSW: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Grid (T*B, cdiv(max_D, BLOCK_D)): program (bag, dblk) pools bag = t*B + b."""
+    bag = tl.program_id(0)
+    t = bag // B
+    b = bag - t * B
+    d0 = tl.load(d_offsets_ptr + t)
+    D = tl.load(d_offsets_ptr + t + 1) - d0
+    w_base = tl.load(w_offsets_ptr + t)
+    start = tl.load(offsets_ptr + bag).to(tl.int64)
+    end = tl.load(offsets_ptr + bag + 1).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    cmask = cols < D
+    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    for i in range(start, end, BLOCK_N):
+        pos = i + tl.arange(0, BLOCK_N)
+        nmask = pos < end
+        ids = tl.load(indices_ptr + pos, mask=nmask, other=0).to(tl.int64)
+        ptrs = weights_ptr + w_base + ids[:, None] * D + cols[None, :]
+        rows = tl.load(ptrs, mask=nmask[:, None] & cmask[None, :], other=0.0).to(tl.float32)
+        if HAS_PSW:
+            s = tl.load(psw_ptr + pos, mask=nmask, other=0.0).to(tl.float32)
+            rows = rows * s[:, None]
+        acc += tl.sum(rows, axis=0)
+    n = (end - start).to(tl.float32)
+    is_mean = tl.load(is_mean_ptr + t)
+    # mean of an empty bag stays 0, as in F.embedding_bag
+    acc = tl.where((is_mean != 0) & (n > 0), acc / tl.maximum(n, 1.0), acc)
+    out = out_ptr + b.to(tl.int64) * total_D + d0 + cols
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=cmask)
+
+
+@triton.jit
+def unpooled_forward_kernel(weights_ptr, w_offsets_ptr, d_offsets_ptr, indices_ptr, offsets_ptr,
+                            out_offsets_ptr, out_ptr, B,
+                            BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Grid (T, cdiv(max N_t, BLOCK_N), cdiv(max_D, BLOCK_D)): copies table t's rows to its block."""
+    t = tl.program_id(0)
+    d0 = tl.load(d_offsets_ptr + t)
+    D = tl.load(d_offsets_ptr + t + 1) - d0
+    w_base = tl.load(w_offsets_ptr + t)
+    first = tl.load(offsets_ptr + t * B).to(tl.int64)
+    last = tl.load(offsets_ptr + (t + 1) * B).to(tl.int64)
+    local = tl.program_id(1).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    pos = first + local
+    nmask = pos < last
+    cols = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask = nmask[:, None] & (cols < D)[None, :]
+    ids = tl.load(indices_ptr + pos, mask=nmask, other=0).to(tl.int64)
+    rows = tl.load(weights_ptr + w_base + ids[:, None] * D + cols[None, :], mask=mask, other=0.0)
+    out_base = tl.load(out_offsets_ptr + t)
+    tl.store(out_ptr + out_base + local[:, None] * D + cols[None, :], rows, mask=mask)
+
+
+@triton.jit
+def backward_update_kernel(weights_ptr, momentum_ptr, exp_avg_ptr, exp_avg_sq_ptr,
+                           step_size_ptr, bc2_sqrt_ptr,
+                           w_offsets_ptr, d_offsets_ptr, hash_cumsum_ptr,
+                           uniq_table_ptr, uniq_row_ptr, seg_ptr, src_off_ptr, scale_ptr, grad_ptr,
+                           lr, eps, one_minus_beta1, beta2, one_minus_beta2,
+                           OPT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Grid (U,): program u sums unique row u's occurrence gradients in sorted order
+    (no atomics: deterministic) and applies the optimizer to that row and its state.
+    OPT: 0 SGD, 1 RowWiseAdagrad, 2 Adam. BLOCK_D >= the table's dim (whole row)."""
+    u = tl.program_id(0)
+    t = tl.load(uniq_table_ptr + u)
+    row = tl.load(uniq_row_ptr + u)
+    D = tl.load(d_offsets_ptr + t + 1) - tl.load(d_offsets_ptr + t)
+    cols = tl.arange(0, BLOCK_D)
+    cmask = cols < D
+    s0 = tl.load(seg_ptr + u)
+    s1 = tl.load(seg_ptr + u + 1)
+    g = tl.zeros([BLOCK_D], dtype=tl.float32)
+    for j in range(s0, s1, BLOCK_N):
+        pos = j + tl.arange(0, BLOCK_N)
+        nmask = pos < s1
+        src = tl.load(src_off_ptr + pos, mask=nmask, other=0)
+        sc = tl.load(scale_ptr + pos, mask=nmask, other=0.0)
+        occ = tl.load(grad_ptr + src[:, None] + cols[None, :], mask=nmask[:, None] & cmask[None, :], other=0.0)
+        g += tl.sum(occ.to(tl.float32) * sc[:, None], axis=0)
+    elem = tl.load(w_offsets_ptr + t) + row * D + cols
+    w = tl.load(weights_ptr + elem, mask=cmask, other=0.0).to(tl.float32)
+    if OPT == 0:
+        w = w - lr * g
+    elif OPT == 1:
+        grow = tl.load(hash_cumsum_ptr + t) + row
+        mom = tl.load(momentum_ptr + grow) + tl.sum(g * g, axis=0) / D.to(tl.float32)
+        tl.store(momentum_ptr + grow, mom)
+        w = w - (lr / (tl.sqrt_rn(mom) + eps)) * g
+    else:
+        m = tl.load(exp_avg_ptr + elem, mask=cmask, other=0.0)
+        v = tl.load(exp_avg_sq_ptr + elem, mask=cmask, other=0.0)
+        m = m + one_minus_beta1 * (g - m)  # torch.optim.Adam's lerp
+        v = v * beta2 + one_minus_beta2 * (g * g)
+        tl.store(exp_avg_ptr + elem, m, mask=cmask)
+        tl.store(exp_avg_sq_ptr + elem, v, mask=cmask)
+        denom = tl.sqrt_rn(v) / tl.load(bc2_sqrt_ptr + u) + eps
+        w = w - tl.load(step_size_ptr + u) * tl.div_rn(m, denom)
+    tl.store(weights_ptr + elem, w.to(weights_ptr.dtype.element_ty), mask=cmask)

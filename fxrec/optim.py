@@ -1,0 +1,95 @@
+"""Sparse optimizer configurations for embedding tables.
+
+These are plain data: the fused kernels (fxrec.lowering) apply them inside the backward
+pass, only to the rows a batch touched, and the planner reads `state_bytes_per_row` to
+size each shard. State lives beside the table, sharded with it, always in fp32 (Adam's
+per-row step count in int32), whatever the weight dtype.
+
+Definitions (g = the row's gradient summed over every occurrence of its id in the batch):
+
+- `SGD(lr)`: ``w -= lr * g``.
+- `RowWiseAdagrad(lr, eps)`: FBGEMM's EXACT_ROWWISE_ADAGRAD (weight_decay=0): one fp32
+  accumulator per row, ``m += mean(g**2)`` over the row's dim, then
+  ``w -= lr / (sqrt(m) + eps) * g``. The accumulator starts at 0. eps defaults to 1e-8,
+  FBGEMM's default for SplitTableBatchedEmbeddingBagsCodegen (TorchRec passes it through).
+- `Adam(lr, betas, eps)`: "lazy" Adam. Each touched row is updated exactly as
+  `torch.optim.Adam` (amsgrad=False, weight_decay=0) updates a parameter holding only
+  that row, with a *per-row* step count: a row's step counts the batches that touched it,
+  and bias correction uses that count (1 - beta**step_row). Rows a batch does not touch
+  are left alone, moments included (unlike dense Adam, whose moments decay every step,
+  and unlike torch.optim.SparseAdam, whose bias correction uses one global step).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar, Union
+
+_FP32 = 4
+_INT32 = 4
+
+
+def _check_lr(kind: str, lr: float) -> None:
+    if not lr >= 0:
+        raise ValueError(f"{kind}: lr must be >= 0, got {lr}")
+
+
+def _check_eps(kind: str, eps: float) -> None:
+    if not eps > 0:
+        raise ValueError(f"{kind}: eps must be > 0, got {eps}")
+
+
+@dataclass(frozen=True)
+class SGD:
+    """Plain SGD on the touched rows; no optimizer state."""
+
+    lr: float
+    name: ClassVar[str] = "sgd"
+
+    def __post_init__(self):
+        _check_lr("SGD", self.lr)
+
+    def state_bytes_per_row(self, dim: int) -> int:
+        return 0
+
+
+@dataclass(frozen=True)
+class RowWiseAdagrad:
+    """FBGEMM's EXACT_ROWWISE_ADAGRAD: one fp32 accumulator per row (see module doc)."""
+
+    lr: float
+    eps: float = 1e-8
+    name: ClassVar[str] = "rowwise_adagrad"
+
+    def __post_init__(self):
+        _check_lr("RowWiseAdagrad", self.lr)
+        _check_eps("RowWiseAdagrad", self.eps)
+
+    def state_bytes_per_row(self, dim: int) -> int:
+        return _FP32
+
+
+@dataclass(frozen=True)
+class Adam:
+    """Lazy Adam with per-row step counts: two fp32 moments per element + an int32 step per row."""
+
+    lr: float
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    name: ClassVar[str] = "adam"
+
+    def __post_init__(self):
+        _check_lr("Adam", self.lr)
+        _check_eps("Adam", self.eps)
+        betas = tuple(float(b) for b in self.betas)
+        if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
+            raise ValueError(f"Adam: betas must be two values in [0, 1), got {self.betas}")
+        object.__setattr__(self, "betas", betas)
+
+    def state_bytes_per_row(self, dim: int) -> int:
+        return 2 * dim * _FP32 + _INT32
+
+
+SparseOptimizer = Union[SGD, RowWiseAdagrad, Adam]
+OPTIMIZERS = (SGD, RowWiseAdagrad, Adam)
+
+__all__ = ["SGD", "RowWiseAdagrad", "Adam", "SparseOptimizer", "OPTIMIZERS"]

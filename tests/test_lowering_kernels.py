@@ -1,0 +1,391 @@
+"""Every fused-lookup kernel against explicit references, on fresh random inputs.
+
+References are written here, independently of fxrec.lowering.torch_ref: pooling is a
+Python loop over bags; the updates come from torch.optim.SGD, an explicit row-wise
+Adagrad and one torch.optim.Adam per touched row, all driven by dense autograd grads.
+
+Kernels under test come from FXREC_TEST_KERNELS (default "torch,fbgemm"). Triton runs
+only in the Triton interpreter, which must be switched on before triton is imported,
+so `test_triton_interpreter_suite` reruns this file in a child pytest with
+TRITON_INTERPRET=1 and FXREC_TEST_KERNELS=triton; nothing leaks into this process.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from fxrec.lowering import FusedEmbeddingBags, NoKernelError, TBELayout, select
+from fxrec.lowering.sparse_update import init_state
+from fxrec.optim import SGD, Adam, RowWiseAdagrad
+from fxrec.types import TableInfo
+
+KERNELS_UNDER_TEST = os.environ.get("FXREC_TEST_KERNELS", "torch,fbgemm").split(",")
+B = 4
+DIMS30 = tuple([4, 8, 12, 16, 33, 3, 5, 20, 7, 9] * 3)
+
+# id -> (dims, poolings, weight dtype, id dtype, per-sample weights)
+POOLED = {
+    "single": ((12,), ("sum",), torch.float32, torch.int64, False),
+    "mixed_dims_weighted": ((4, 12, 33), ("sum",) * 3, torch.float32, torch.int32, True),
+    "mean": ((4, 12, 33), ("mean",) * 3, torch.float32, torch.int64, False),
+    "mean_weighted": ((4, 33), ("mean",) * 2, torch.float32, torch.int64, True),
+    "sum_and_mean": ((4, 12), ("sum", "mean"), torch.float32, torch.int64, True),
+    "fp16_weighted": ((4, 12, 33), ("sum",) * 3, torch.float16, torch.int64, True),
+    "bf16_mean": ((4, 12), ("mean",) * 2, torch.bfloat16, torch.int32, False),
+    "tables30": (DIMS30, ("sum",) * 30, torch.float32, torch.int64, False),
+}
+UNPOOLED = {
+    "equal_dims": ((8, 8), torch.float32, torch.int64),
+    "mixed_dims_fp16": ((4, 12, 33), torch.float16, torch.int32),
+    "single_bf16": ((12,), torch.bfloat16, torch.int64),
+}
+# What fbgemm-gpu-cpu 1.8.0 declines (fxrec/lowering/fbgemm.py says why).
+FBGEMM_DECLINES = {"mean_weighted", "sum_and_mean", "bf16_mean", "mixed_dims_fp16", "single_bf16", "adam"}
+OPTIMIZERS = {"sgd": SGD(lr=0.1), "rowwise_adagrad": RowWiseAdagrad(lr=0.1, eps=1e-8),
+              "adam": Adam(lr=0.05, betas=(0.8, 0.95), eps=1e-6)}
+TOL = {torch.float32: dict(rtol=1.3e-6, atol=1e-5), torch.float16: dict(rtol=2e-3, atol=2e-3),
+       torch.bfloat16: dict(rtol=1.6e-2, atol=1.6e-2)}
+
+
+def kernels(*cases):
+    return [pytest.param(k, c, id=f"{k}-{c}") for k in KERNELS_UNDER_TEST for c in cases]
+
+
+@pytest.fixture
+def gen():
+    seed = int.from_bytes(os.urandom(4), "little")
+    print(f"seed={seed}")  # shown by pytest on failure
+    return torch.Generator().manual_seed(seed)
+
+
+# ---------------------------------------------------------------- inputs & references
+def make_tables(dims, poolings, gen, rows_hi=50):
+    rows = [int(torch.randint(3, rows_hi, (1,), generator=gen)) for _ in dims]
+    return [TableInfo(f"t{i}", r, d, pooling=p) for i, (r, d, p) in enumerate(zip(rows, dims, poolings))]
+
+
+def make_batch(tables, idtype, weighted, gen, dup_range=None):
+    """Table-major ids/offsets with an empty bag per table and a duplicate id per table."""
+    T = len(tables)
+    lengths = torch.randint(0, 5, (T * B,), generator=gen)
+    lengths[::B] = 0
+    lengths[1::B] = torch.maximum(lengths[1::B], torch.tensor(2))
+    ids = []
+    for t, tab in enumerate(tables):
+        n = int(lengths[t * B:(t + 1) * B].sum())
+        x = torch.randint(0, dup_range or tab.num_embeddings, (n,), generator=gen)
+        x[1] = x[0]
+        ids.append(x)
+    offsets = torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)])
+    indices = torch.cat(ids).to(idtype)
+    psw = torch.rand(indices.numel(), generator=gen) + 0.5 if weighted else None
+    return indices, offsets, psw
+
+
+def ref_lookup(tables, weights, indices, offsets, psw):
+    """Differentiable Python-loop lookup. pooled: B x sum(dims); unpooled: flat."""
+    outs = []
+    for t, (tab, w) in enumerate(zip(tables, weights)):
+        if tab.pooling == "none":
+            s, e = int(offsets[t * B]), int(offsets[(t + 1) * B])
+            outs.append(w[indices[s:e].long()].reshape(-1))
+            continue
+        cols = []
+        for b in range(B):
+            s, e = int(offsets[t * B + b]), int(offsets[t * B + b + 1])
+            rows = w[indices[s:e].long()]
+            if psw is not None:
+                rows = rows * psw[s:e, None]
+            v = rows.sum(0)
+            cols.append(v / (e - s) if tab.pooling == "mean" and e > s else v)
+        outs.append(torch.stack(cols))
+    return torch.cat(outs, dim=1 if tables[0].pooling != "none" else 0)
+
+
+class RefTrainer:
+    """fp32 tables updated by torch.optim / explicit formulas on dense autograd grads,
+    rounded to the kernel's weight dtype after each step as the kernels round."""
+
+    def __init__(self, tables, weights, optimizer, dtype):
+        self.tables, self.opt, self.dtype = tables, optimizer, dtype
+        self.w = [w.float().clone() for w in weights]
+        self.momentum = [torch.zeros(t.num_embeddings) for t in tables]
+        self.adam = {}  # (table, row) -> (param, torch.optim.Adam)
+
+    def step(self, indices, offsets, psw, grad_out):
+        params = [torch.nn.Parameter(w) for w in self.w]
+        (ref_lookup(self.tables, params, indices, offsets, psw) * grad_out.float()).sum().backward()
+        for t, p in enumerate(params):
+            s, e = int(offsets[t * B]), int(offsets[(t + 1) * B])
+            self._update(t, p, indices[s:e].long().unique())
+        self.w = [p.detach().to(self.dtype).float() for p in params]
+
+    def _update(self, t, p, touched):
+        if isinstance(self.opt, SGD):
+            torch.optim.SGD([p], lr=self.opt.lr).step()  # untouched rows have zero grad
+            return
+        with torch.no_grad():
+            for r in touched.tolist():
+                g = p.grad[r]
+                if isinstance(self.opt, RowWiseAdagrad):
+                    self.momentum[t][r] += (g * g).mean()
+                    p[r] -= self.opt.lr * g / (self.momentum[t][r].sqrt() + self.opt.eps)
+                else:
+                    self._adam_row(t, r, p, g)
+
+    def _adam_row(self, t, r, p, g):
+        if (t, r) not in self.adam:
+            row = torch.nn.Parameter(p[r].clone())
+            self.adam[(t, r)] = (row, torch.optim.Adam([row], lr=self.opt.lr, betas=self.opt.betas,
+                                                       eps=self.opt.eps))
+        row, opt = self.adam[(t, r)]
+        with torch.no_grad():
+            row.copy_(p[r])
+        row.grad = g.clone()
+        opt.step()
+        p[r] = row.detach()
+
+
+def flat_weights(tables, dtype, gen):
+    return [(torch.rand(t.num_embeddings, t.embedding_dim, generator=gen) - 0.5).to(dtype) for t in tables]
+
+
+def pack(tables, weights):
+    layout = TBELayout(tables)
+    return layout, torch.cat([w.reshape(-1) for w in weights])
+
+
+def problem(layout, wdtype, idtype, weighted=False, optimizer=None):
+    return dict(device="cpu", weight_dtype=wdtype, index_dtype=idtype, dims=layout.dims,
+                poolings=layout.poolings, optimizer=optimizer, weighted=weighted)
+
+
+def forced(op, kernel, case, prob):
+    """The impl `kernel` for op, or None after checking it declines a documented case."""
+    if kernel == "fbgemm" and case in FBGEMM_DECLINES:
+        with pytest.raises(NoKernelError, match="kernel 'fbgemm' cannot serve"):
+            select(op, kernel=kernel, **prob)
+        return None
+    name, impl = select(op, kernel=kernel, **prob)
+    assert name == kernel
+    return impl
+
+
+# ---------------------------------------------------------------- forward
+@pytest.mark.parametrize("kernel,case", kernels(*POOLED))
+def test_pooled_forward(kernel, case, gen):
+    dims, poolings, wdtype, idtype, weighted = POOLED[case]
+    tables = make_tables(dims, poolings, gen)
+    weights = flat_weights(tables, wdtype, gen)
+    layout, flat = pack(tables, weights)
+    indices, offsets, psw = make_batch(tables, idtype, weighted, gen)
+    impl = forced("pooled_forward", kernel, case, problem(layout, wdtype, idtype, weighted))
+    if impl is None:
+        return
+    out = impl(flat, layout, indices, offsets, psw)
+    expected = ref_lookup(tables, [w.double() for w in weights], indices, offsets,
+                          None if psw is None else psw.double())
+    assert out.shape == (B, sum(dims)) and out.dtype == wdtype
+    torch.testing.assert_close(out.double(), expected.to(wdtype).double(), **TOL[wdtype])
+
+
+@pytest.mark.parametrize("kernel,case", kernels(*UNPOOLED))
+def test_unpooled_forward(kernel, case, gen):
+    dims, wdtype, idtype = UNPOOLED[case]
+    tables = make_tables(dims, ("none",) * len(dims), gen)
+    weights = flat_weights(tables, wdtype, gen)
+    layout, flat = pack(tables, weights)
+    indices, offsets, _ = make_batch(tables, idtype, False, gen)
+    impl = forced("unpooled_forward", kernel, case, problem(layout, wdtype, idtype))
+    if impl is None:
+        return
+    out = impl(flat, layout, indices, offsets)
+    torch.testing.assert_close(out, ref_lookup(tables, weights, indices, offsets, None), rtol=0, atol=0)
+    for view, tab, t in zip(layout.split_unpooled(out, offsets), tables, range(len(tables))):
+        s, e = int(offsets[t * B]), int(offsets[(t + 1) * B])
+        assert view.shape == (e - s, tab.embedding_dim)
+
+
+# ---------------------------------------------------------------- backward + update
+BACKWARD = {  # id -> (dims, poolings, weight dtype, id dtype, per-sample weights)
+    "mixed_dims_weighted": POOLED["mixed_dims_weighted"],
+    "mean": POOLED["mean"],
+    "mean_weighted": POOLED["mean_weighted"],
+    "fp16_weighted": POOLED["fp16_weighted"],
+    "bf16_mean": POOLED["bf16_mean"],
+    "tables30": POOLED["tables30"],
+    "equal_dims": ((8, 8), ("none", "none"), torch.float32, torch.int64, False),
+    "mixed_dims_fp16": ((4, 12, 33), ("none",) * 3, torch.float16, torch.int32, False),
+}
+
+
+@pytest.mark.parametrize("opt", list(OPTIMIZERS))
+@pytest.mark.parametrize("kernel,case", kernels(*BACKWARD))
+def test_backward_update(kernel, case, opt, gen):
+    dims, poolings, wdtype, idtype, weighted = BACKWARD[case]
+    optimizer = OPTIMIZERS[opt]
+    tables = make_tables(dims, poolings, gen, rows_hi=12)  # few rows: rows recur across steps
+    weights = flat_weights(tables, wdtype, gen)
+    layout, flat = pack(tables, weights)
+    prob = problem(layout, wdtype, idtype, weighted, optimizer.name)
+    impl = forced("backward_update", kernel, "adam" if opt == "adam" else case, prob)
+    if impl is None:
+        return
+    state = init_state(optimizer, layout)
+    ref = RefTrainer(tables, weights, optimizer, wdtype)
+    for _ in range(2):  # the second step sees non-zero state and per-row step counts
+        indices, offsets, psw = make_batch(tables, idtype, weighted, gen)
+        n_out = B * layout.total_D if layout.pooled else int(layout.unpooled_offsets(offsets)[-1])
+        grad = torch.randn(n_out, generator=gen).to(wdtype)
+        grad = grad.view(B, -1) if layout.pooled else grad
+        impl(flat, state, layout, optimizer, grad, indices, offsets, psw)
+        ref.step(indices, offsets, psw, grad.view(B, -1) if layout.pooled else grad)
+    for t, (got, want) in enumerate(zip(layout.split(flat), ref.w)):
+        torch.testing.assert_close(got.float(), want, **TOL[wdtype], msg=lambda m: f"table {t}: {m}")
+    if opt == "rowwise_adagrad":
+        torch.testing.assert_close(state["momentum"], torch.cat(ref.momentum), rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("kernel", KERNELS_UNDER_TEST)
+@pytest.mark.parametrize("opt", ["sgd", "rowwise_adagrad"])
+def test_deterministic_update_is_bit_identical(kernel, opt, gen):
+    tables = make_tables((4, 12, 33), ("sum",) * 3, gen)
+    indices, offsets, psw = make_batch(tables, torch.int64, True, gen, dup_range=3)
+    grad = torch.randn(B, 49, generator=gen)
+    results = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        m = FusedEmbeddingBags(tables, optimizer=OPTIMIZERS[opt], kernel=kernel, deterministic=True)
+        (m(indices, offsets, psw) * grad).sum().backward()
+        results.append((m.weights.clone(), [v.clone() for v in m.optimizer_state().values()]))
+        assert m.kernels == {"pooled_forward": kernel, "backward_update": kernel}
+    assert torch.equal(results[0][0], results[1][0])
+    assert all(torch.equal(a, b) for a, b in zip(results[0][1], results[1][1]))
+
+
+# ---------------------------------------------------------------- the module
+@pytest.mark.parametrize("kernel", KERNELS_UNDER_TEST)
+def test_module_training_step_matches_reference(kernel, gen):
+    tables = make_tables((4, 12, 33), ("sum",) * 3, gen)
+    m = FusedEmbeddingBags(tables, optimizer=RowWiseAdagrad(lr=0.1), kernel=kernel)
+    assert m.kernel == kernel and m.kernels["backward_update"] == kernel
+    weights = flat_weights(tables, torch.float32, gen)
+    m.load_tables({t.name: w for t, w in zip(tables, weights)})
+    indices, offsets, psw = make_batch(tables, torch.int64, True, gen)
+    psw.requires_grad_()
+    grad = torch.randn(B, 49, generator=gen)
+    out = m(indices, offsets, psw)
+    (out * grad).sum().backward()
+    ref_psw = psw.detach().clone().requires_grad_()
+    ref_params = [w.clone().requires_grad_() for w in weights]
+    (ref_lookup(tables, ref_params, indices, offsets, ref_psw) * grad).sum().backward()
+    torch.testing.assert_close(psw.grad, ref_psw.grad)
+    ref = RefTrainer(tables, weights, m.optimizer, torch.float32)
+    ref.step(indices, offsets, psw.detach(), grad)
+    for got, want in zip(m.table_weights().values(), ref.w):
+        torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("kernel", KERNELS_UNDER_TEST)
+def test_module_unpooled_adam(kernel, gen):
+    tables = make_tables((8, 8), ("none", "none"), gen)
+    opt = Adam(lr=0.01)
+    if kernel == "fbgemm":
+        with pytest.raises(NoKernelError, match="optimizer 'adam' unsupported"):
+            FusedEmbeddingBags(tables, optimizer=opt, kernel=kernel)
+        return
+    m = FusedEmbeddingBags(tables, optimizer=opt, kernel=kernel)
+    ref = RefTrainer(tables, [w.clone() for w in m.split_weights()], opt, torch.float32)
+    for _ in range(2):
+        indices, offsets, _ = make_batch(tables, torch.int64, False, gen)
+        out = m(indices, offsets)
+        grad = torch.randn(out.shape, generator=gen)
+        (out * grad).sum().backward()
+        ref.step(indices, offsets, None, grad)
+    assert m.kernel == kernel
+    for got, want in zip(m.split_weights(), ref.w):
+        torch.testing.assert_close(got, want)
+
+
+# ---------------------------------------------------------------- Triton
+@pytest.mark.skipif("triton" not in KERNELS_UNDER_TEST, reason="runs in the interpreter child only")
+def test_triton_is_not_picked_on_cpu_unless_requested():
+    prob = dict(device="cpu", dims=(4,), poolings=("sum",))
+    assert select("pooled_forward", **prob)[0] != "triton"
+    assert select("pooled_forward", kernel="triton", **prob)[0] == "triton"
+
+
+def test_triton_interpreter_suite():
+    """This file's tests for kernel "triton", in a child pytest under TRITON_INTERPRET=1."""
+    if "triton" in KERNELS_UNDER_TEST:
+        return  # we are the child
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k != "FXREC_KERNEL"}
+    env.update(TRITON_INTERPRET="1", FXREC_TEST_KERNELS="triton")
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__,
+                           "-k", "not interpreter_suite and not gpu and not compile_for"],
+                          env=env, capture_output=True, text=True, timeout=600)
+    tail = proc.stdout[-6000:] + proc.stderr[-2000:]
+    assert proc.returncode == 0, tail
+    assert " passed" in proc.stdout and "failed" not in proc.stdout, tail
+
+
+_BWD_SIG = {"weights_ptr": "*bf16", "momentum_ptr": "*fp32", "exp_avg_ptr": "*fp32", "exp_avg_sq_ptr": "*fp32",
+            "step_size_ptr": "*fp32", "bc2_sqrt_ptr": "*fp32", "w_offsets_ptr": "*i64", "d_offsets_ptr": "*i32",
+            "hash_cumsum_ptr": "*i64", "uniq_table_ptr": "*i64", "uniq_row_ptr": "*i64", "seg_ptr": "*i64",
+            "src_off_ptr": "*i64", "scale_ptr": "*fp32", "grad_ptr": "*bf16", "lr": "fp32", "eps": "fp32",
+            "one_minus_beta1": "fp32", "beta2": "fp32", "one_minus_beta2": "fp32",
+            "OPT": "constexpr", "BLOCK_N": "constexpr", "BLOCK_D": "constexpr"}
+_COMPILE_CASES = {
+    "pooled_forward_kernel": ({"weights_ptr": "*fp16", "w_offsets_ptr": "*i64", "d_offsets_ptr": "*i32",
+                               "is_mean_ptr": "*i32", "indices_ptr": "*i32", "offsets_ptr": "*i32",
+                               "psw_ptr": "*fp32", "out_ptr": "*fp16", "B": "i32", "total_D": "i32",
+                               "HAS_PSW": "constexpr", "BLOCK_N": "constexpr", "BLOCK_D": "constexpr"},
+                              {"HAS_PSW": True, "BLOCK_N": 8, "BLOCK_D": 128}),
+    "unpooled_forward_kernel": ({"weights_ptr": "*bf16", "w_offsets_ptr": "*i64", "d_offsets_ptr": "*i32",
+                                 "indices_ptr": "*i64", "offsets_ptr": "*i64", "out_offsets_ptr": "*i64",
+                                 "out_ptr": "*bf16", "B": "i32", "BLOCK_N": "constexpr", "BLOCK_D": "constexpr"},
+                                {"BLOCK_N": 8, "BLOCK_D": 64}),
+    "backward_sgd": (_BWD_SIG, {"OPT": 0, "BLOCK_N": 8, "BLOCK_D": 64}),
+    "backward_rowwise_adagrad": (_BWD_SIG, {"OPT": 1, "BLOCK_N": 8, "BLOCK_D": 64}),
+    "backward_adam": (_BWD_SIG, {"OPT": 2, "BLOCK_N": 8, "BLOCK_D": 64}),
+}
+
+
+@pytest.mark.parametrize("case", list(_COMPILE_CASES))
+def test_triton_kernels_compile_for_sm90(case):
+    """The interpreter does not run the GPU compiler; compile ahead of time (no GPU needed)."""
+    triton = pytest.importorskip("triton")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from triton.runtime.jit import JITFunction
+
+    from fxrec.lowering.triton import kernels as K
+    sig, constexprs = _COMPILE_CASES[case]
+    fn = getattr(K, case if case.endswith("kernel") else "backward_update_kernel")
+    compiled = triton.compile(ASTSource(fn=JITFunction(fn.fn), signature=sig, constexprs=constexprs),
+                              target=GPUTarget("cuda", 90, 32))
+    assert "cubin" in compiled.asm
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("opt", list(OPTIMIZERS))
+def test_gpu_triton_is_chosen_and_trains(opt, gen):
+    tables = make_tables((4, 12, 33), ("sum",) * 3, gen)
+    m = FusedEmbeddingBags(tables, optimizer=OPTIMIZERS[opt], device="cuda")
+    assert m.kernels == {"pooled_forward": "triton", "backward_update": "triton"}
+    weights = [w.cpu() for w in m.split_weights()]
+    ref = RefTrainer(tables, weights, m.optimizer, torch.float32)
+    indices, offsets, psw = make_batch(tables, torch.int64, True, gen)
+    grad = torch.randn(B, 49, generator=gen)
+    out = m(indices.cuda(), offsets.cuda(), psw.cuda())
+    torch.testing.assert_close(out.cpu(), ref_lookup(tables, weights, indices, offsets, psw))
+    (out * grad.cuda()).sum().backward()
+    ref.step(indices, offsets, psw, grad)
+    for got, want in zip(m.split_weights(), ref.w):
+        torch.testing.assert_close(got.cpu(), want)
