@@ -1,0 +1,326 @@
+"""Collectives as graph-insertable, autograd-aware functions.
+
+Each public function is a plain module-level function, so a pass inserts it with
+``graph.call_function(comm.all_to_all, ...)`` and later passes can see and move it; each is
+also registered with `torch.fx.wrap`, so code that calls ``comm.X(...)`` traces to a single
+call_function node. Guarantees shared by all of them:
+
+- ``group=None`` is the default (WORLD) group. ``group`` may also be a registered name
+  ("world", "intra_node", "cross_node", see `register_group`): a ProcessGroup object cannot be
+  a constant of generated graph code, a string can. With no initialised process group, or a group
+  of one rank, each is the identity (after the same argument checks), so a program rewritten
+  for W ranks also runs in one process with W=1.
+- dim 0 is the split / concatenation dimension; other dims are kept. Any dtype torch.distributed
+  carries works (tested: float32, float16, int64). Empty splits and zero-size tensors are fine.
+- Meta tensors (shape propagation on a model built on the meta device) return a meta tensor of
+  the result's shape without communicating.
+- Gradients: all_to_all, reduce_scatter, all_gather and all_reduce are differentiable (the
+  adjoint collective runs in backward); all_to_all_counts is not (integer counts).
+
+Only ``all_to_all_single``, ``reduce_scatter_single`` / ``all_gather_single`` (formerly
+``*_tensor``) and ``all_reduce`` are used: gloo's list all_to_all rejects uneven sizes, while all
+four of these work on gloo (CPU) and NCCL (GPU).
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Union
+
+import torch
+import torch.distributed as dist
+import torch.fx
+from torch import Tensor
+
+__all__ = ["all_to_all", "all_to_all_counts", "reduce_scatter", "all_gather", "all_reduce",
+           "world_size", "rank", "ProcessGroups", "COMM_KINDS", "register_group", "resolve_group"]
+
+# The kinds a pass writes into node.meta["fxrec_comm"].
+COMM_KINDS = ("all_to_all", "all_to_all_counts", "reduce_scatter", "all_gather", "all_reduce")
+
+Splits = Union[Sequence[int], Tensor]
+
+# torch 2.13 renamed the *_tensor collectives (the old names warn); keep both working.
+_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
+# Named groups for graph code; "world" is the default group. ProcessGroups fills in the rest.
+_GROUPS: dict[str, object] = {"world": None}
+
+
+def register_group(name: str, group) -> None:
+    """Make ``group`` (a ProcessGroup, or None for WORLD) reachable as ``group=name``; a later
+    registration of the same name replaces the earlier one (this process only)."""
+    _GROUPS[name] = group
+
+
+def _initialised() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def resolve_group(group):
+    """The ProcessGroup (or None = WORLD) that ``group`` names. Names are looked up only when
+    torch.distributed is initialised: without it every group is the one-rank identity."""
+    if not isinstance(group, str):
+        return group
+    if not _initialised():
+        return None
+    if group not in _GROUPS:
+        raise ValueError(f"comm: unknown process group name {group!r}; registered: {sorted(_GROUPS)}")
+    return _GROUPS[group]
+
+
+def world_size(group=None) -> int:
+    """Ranks in ``group`` (1 when torch.distributed is not initialised)."""
+    if not _initialised():
+        return 1
+    return dist.get_world_size(resolve_group(group))
+
+
+def rank(group=None) -> int:
+    """This process's rank in ``group`` (0 when torch.distributed is not initialised)."""
+    if not _initialised():
+        return 0
+    return dist.get_rank(resolve_group(group))
+
+
+def _as_splits(splits: Splits, what: str, w: int) -> list[int]:
+    if isinstance(splits, Tensor):
+        splits = splits.tolist()
+    splits = [int(s) for s in splits]
+    if len(splits) != w:
+        raise ValueError(f"all_to_all: {what} has {len(splits)} entries, expected one per rank ({w})")
+    if any(s < 0 for s in splits):
+        raise ValueError(f"all_to_all: {what} has a negative size: {splits}")
+    return splits
+
+
+def _rows(x: Tensor, n: int) -> tuple[int, ...]:
+    return (n, *x.shape[1:])
+
+
+def _need_dim0(x: Tensor, op: str) -> None:
+    if x.dim() == 0:
+        raise ValueError(f"{op}: expected a tensor with at least one dimension, got a scalar")
+
+
+# ------------------------------------------------------------------ all_to_all
+def _a2a(x: Tensor, out_splits: list[int], in_splits: list[int], group) -> Tensor:
+    out = x.new_empty(_rows(x, sum(out_splits)))
+    if x.is_meta:
+        return out
+    dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
+    return out
+
+
+class _AllToAll(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, out_splits, in_splits, group):
+        ctx.splits, ctx.group = (out_splits, in_splits), group
+        return _a2a(x, out_splits, in_splits, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        out_splits, in_splits = ctx.splits
+        # The adjoint sends each received block back where it came from.
+        return _a2a(grad.contiguous(), in_splits, out_splits, ctx.group), None, None, None
+
+
+def all_to_all(x: Tensor, output_split_sizes: Splits, input_split_sizes: Splits, group=None) -> Tensor:
+    """Rank r sends rows ``x[sum(in[:i]) : sum(in[:i+1])]`` to rank i and receives
+    ``output_split_sizes[i]`` rows from rank i, concatenated in rank order.
+
+    Split sizes are lists of W non-negative ints (or int tensors); ``sum(input_split_sizes)``
+    must equal ``x.shape[0]``, and each rank's output size for i must equal rank i's input
+    size for this rank (the caller's contract, usually established by `all_to_all_counts`).
+    Backward: the all-to-all of the gradient with the splits swapped.
+    """
+    _need_dim0(x, "all_to_all")
+    group = resolve_group(group)
+    w = world_size(group)
+    out_splits = _as_splits(output_split_sizes, "output_split_sizes", w)
+    in_splits = _as_splits(input_split_sizes, "input_split_sizes", w)
+    if sum(in_splits) != x.shape[0]:
+        raise ValueError(f"all_to_all: input_split_sizes {in_splits} sum to {sum(in_splits)} "
+                         f"but x has {x.shape[0]} rows")
+    if w == 1:
+        if out_splits != in_splits:
+            raise ValueError(f"all_to_all: with one rank output_split_sizes {out_splits} "
+                             f"must equal input_split_sizes {in_splits}")
+        return x
+    return _AllToAll.apply(x, out_splits, in_splits, group)
+
+
+def all_to_all_counts(counts: Tensor, group=None) -> Tensor:
+    """Exchange equal blocks of counts: ``counts`` has W*k entries, block i (entries
+    ``i*k:(i+1)*k``) goes to rank i; the result holds rank j's block for this rank at
+    ``j*k:(j+1)*k``. Same dtype as ``counts`` (int64 in practice); not differentiable."""
+    group = resolve_group(group)
+    w = world_size(group)
+    if counts.dim() != 1 or counts.numel() % w:
+        raise ValueError(f"all_to_all_counts: expected a 1-D tensor with a multiple of {w} "
+                         f"(world size) entries, got shape {tuple(counts.shape)}")
+    if w == 1:
+        return counts
+    counts = counts.detach().contiguous()
+    out = torch.empty_like(counts)
+    if not counts.is_meta:
+        dist.all_to_all_single(out, counts, group=group)
+    return out
+
+
+# ------------------------------------------------------------------ reduce_scatter / all_gather
+def _rs(x: Tensor, w: int, group) -> Tensor:
+    out = x.new_empty(_rows(x, x.shape[0] // w))
+    if not x.is_meta:
+        _reduce_scatter_single(out, x.contiguous(), op=dist.ReduceOp.SUM, group=group)
+    return out
+
+
+def _ag(x: Tensor, w: int, group) -> Tensor:
+    out = x.new_empty(_rows(x, x.shape[0] * w))
+    if not x.is_meta:
+        _all_gather_single(out, x.contiguous(), group=group)
+    return out
+
+
+class _ReduceScatter(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, w, group):
+        ctx.w, ctx.group = w, group
+        return _rs(x, w, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _ag(grad, ctx.w, ctx.group), None, None
+
+
+class _AllGather(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, w, group):
+        ctx.w, ctx.group = w, group
+        return _ag(x, w, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _rs(grad, ctx.w, ctx.group), None, None
+
+
+def reduce_scatter(x: Tensor, group=None) -> Tensor:
+    """Sum ``x`` over the ranks of ``group``; dim 0 is cut into W equal chunks and rank r
+    gets chunk r. ``x.shape[0]`` must be a multiple of W. Backward: all_gather of the grad."""
+    _need_dim0(x, "reduce_scatter")
+    group = resolve_group(group)
+    w = world_size(group)
+    if x.shape[0] % w:
+        raise ValueError(f"reduce_scatter: dim 0 of x ({x.shape[0]}) is not a multiple of the "
+                         f"world size {w}")
+    if w == 1:
+        return x
+    return _ReduceScatter.apply(x, w, group)
+
+
+def all_gather(x: Tensor, group=None) -> Tensor:
+    """Concatenate every rank's ``x`` on dim 0 in rank order (all ranks pass the same shape).
+    Backward: reduce_scatter (sum) of the grad, so each rank gets the sum of every rank's
+    gradient for its own block."""
+    _need_dim0(x, "all_gather")
+    group = resolve_group(group)
+    w = world_size(group)
+    if w == 1:
+        return x
+    return _AllGather.apply(x, w, group)
+
+
+# ------------------------------------------------------------------ all_reduce
+def _ar(x: Tensor, op: str, w: int, group) -> Tensor:
+    out = x.detach().clone(memory_format=torch.contiguous_format)
+    if not x.is_meta:
+        # SUM then divide rather than ReduceOp.AVG: the same numbers on every backend.
+        dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
+        if op == "avg":
+            out.div_(w)
+    return out
+
+
+class _AllReduce(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, op, w, group):
+        ctx.op, ctx.w, ctx.group = op, w, group
+        return _ar(x, op, w, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        # Every rank's output depends on every input alike: the adjoint is the same reduction.
+        return _ar(grad, ctx.op, ctx.w, ctx.group), None, None, None
+
+
+def all_reduce(x: Tensor, op: str = "sum", group=None) -> Tensor:
+    """A new tensor holding the sum ("sum") or mean ("avg") of ``x`` over the ranks of
+    ``group``; ``x`` is not modified. "avg" needs a floating dtype. Differentiable (the
+    backward is the same reduction of the grad)."""
+    if op not in ("sum", "avg"):
+        raise ValueError(f"all_reduce: op must be 'sum' or 'avg', got {op!r}")
+    if op == "avg" and not (x.is_floating_point() or x.is_complex()):
+        raise ValueError(f"all_reduce: op='avg' needs a floating-point tensor, got {x.dtype}")
+    group = resolve_group(group)
+    w = world_size(group)
+    if w == 1:
+        return x
+    if x.requires_grad:
+        return _AllReduce.apply(x, op, w, group)
+    return _ar(x, op, w, group)
+
+
+for _name in ("all_to_all", "all_to_all_counts", "reduce_scatter", "all_gather", "all_reduce"):
+    torch.fx.wrap(_name)
+
+
+# ------------------------------------------------------------------ process groups
+class ProcessGroups:
+    """The groups a sharded program talks over, built from ``ranks_per_node``.
+
+    - ``world``: the default group (None, which every function here reads as WORLD).
+    - ``intra_node``: this rank's node, ranks ``[node*rpn, (node+1)*rpn)``.
+    - ``cross_node``: the ranks with this rank's local index on every node
+      (``local_rank, local_rank + rpn, ...``).
+    ``intra_node_ranks`` / ``cross_node_ranks`` list the global ranks of each. Every rank must
+    construct ProcessGroups at the same point of the program (``dist.new_group`` is collective
+    and creation order must match). With ``register=True`` the groups are also registered as
+    "intra_node" and "cross_node" for ``group=<name>`` in graph code. Without an initialised process group (one process), the
+    groups are None and every collective is the identity.
+    """
+
+    def __init__(self, topology=None, ranks_per_node: Optional[int] = None, register: bool = True):
+        w = world_size()
+        rpn = ranks_per_node if ranks_per_node is not None else getattr(topology, "ranks_per_node", None)
+        if topology is not None and topology.world_size != w:
+            raise ValueError(f"ProcessGroups: topology has world_size {topology.world_size} but the "
+                             f"process group has {w} ranks")
+        rpn = w if rpn is None else int(rpn)
+        if rpn < 1 or w % rpn:
+            raise ValueError(f"ProcessGroups: world size {w} is not a multiple of ranks_per_node {rpn}")
+        self.world_size, self.ranks_per_node, self.rank = w, rpn, rank()
+        self.num_nodes = w // rpn
+        self.node, self.local_rank = divmod(self.rank, rpn)
+        self.intra_node_ranks = list(range(self.node * rpn, (self.node + 1) * rpn))
+        self.cross_node_ranks = list(range(self.local_rank, w, rpn))
+        self.world = None
+        self.intra_node = self.cross_node = None
+        if dist.is_available() and dist.is_initialized():
+            # Creation is collective: every rank creates every group, in the same order.
+            for node in range(self.num_nodes):
+                g = dist.new_group(list(range(node * rpn, (node + 1) * rpn)))
+                if node == self.node:
+                    self.intra_node = g
+            for local in range(rpn):
+                g = dist.new_group(list(range(local, w, rpn)))
+                if local == self.local_rank:
+                    self.cross_node = g
+        if register:
+            register_group("intra_node", self.intra_node)
+            register_group("cross_node", self.cross_node)
+
+    def __repr__(self) -> str:
+        return (f"ProcessGroups(rank={self.rank}, world_size={self.world_size}, "
+                f"ranks_per_node={self.ranks_per_node}, intra_node={self.intra_node_ranks}, "
+                f"cross_node={self.cross_node_ranks})")

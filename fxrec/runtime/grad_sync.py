@@ -1,0 +1,172 @@
+"""Average dense gradients across ranks during backward, as DDP does.
+
+`DenseGradSync` packs gradients into flat buckets (reverse registration order, which is
+roughly the order backward produces them), starts an async all-reduce as soon as a bucket is
+complete, and at the end of backward waits, divides by the world size and writes the averages
+back into ``param.grad``. The result equals the gradient of the loss averaged over the global
+batch when each rank's loss is the mean over its local batch.
+
+Guarantees:
+- Buckets are launched strictly in bucket order, so every rank issues the same collectives in
+  the same order even when a parameter got no gradient on some rank; such a parameter
+  contributes its current ``.grad`` (zeros when None).
+- Each bucket also reduces one flag per parameter, "had a gradient on this rank", so a
+  parameter that no rank touched keeps ``grad=None`` exactly as in the unsharded step (an
+  optimizer then skips it), and one touched by any rank gets the average on every rank.
+- Gradients accumulated over several backwards without zero_grad stay correct: the old part
+  is already identical on every rank, so averaging it again leaves it unchanged.
+- ``group=None`` creates a dedicated group over all ranks (collective: every rank constructs
+  DenseGradSync at the same point), so bucket all-reduces, launched at data-dependent moments
+  of backward, never interleave with the sharded program's own collectives on the default
+  group. Pass a group to use that one instead.
+
+When finish runs (``auto_finish``):
+- True (default): the first gradient hook of a backward queues `finish` on the autograd engine
+  (``Variable._execution_engine.queue_callback``), so it runs when that backward completes and
+  the user need not call it; an explicit `finish()` afterwards is a no-op. Every rank's backward
+  must then reach at least one of the parameters (the usual SPMD case).
+- False: call `finish()` on every rank after each backward; this also works when a rank's
+  backward produced no dense gradient at all.
+"""
+from __future__ import annotations
+
+from typing import Iterable, Optional
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from fxrec.runtime import comm
+
+__all__ = ["DenseGradSync"]
+
+
+class _Bucket:
+    """Flat buffer: each parameter's gradient at its offset, then one flag per parameter."""
+
+    def __init__(self, params: list[nn.Parameter], dtype: torch.dtype, device: torch.device):
+        self.params = params
+        self.offsets, total = [], 0
+        for p in params:
+            self.offsets.append(total)
+            total += p.numel()
+        self.numel = total
+        self.buffer = torch.zeros(total + len(params), dtype=dtype, device=device)
+        self.ready = [False] * len(params)
+        self.work = None
+
+    def slot(self, i: int) -> Tensor:
+        return self.buffer[self.offsets[i]:self.offsets[i] + self.params[i].numel()]
+
+    def fill(self, i: int, grad: Optional[Tensor]) -> None:
+        if grad is None:
+            self.slot(i).zero_()
+            self.buffer[self.numel + i] = 0
+        else:
+            self.slot(i).copy_(grad.detach().reshape(-1))
+            self.buffer[self.numel + i] = 1
+        self.ready[i] = True
+
+    def complete(self) -> bool:
+        return all(self.ready)
+
+
+class DenseGradSync:
+    """Bucketed, overlapped gradient averaging for ``params`` over ``group`` (see module doc).
+
+    ``params``: the dense parameters (those without ``requires_grad`` and repeats are
+    dropped); every rank passes the same parameters in the same order. ``bucket_bytes``: the
+    size at which a bucket is closed (parameters are never split; one larger than the limit
+    gets a bucket of its own). Without an initialised process group, or with one rank, it
+    registers nothing and `finish` does nothing.
+    """
+
+    def __init__(self, params: Iterable[nn.Parameter], group=None, bucket_bytes: int = 25 * 2 ** 20,
+                 auto_finish: bool = True):
+        if bucket_bytes <= 0:
+            raise ValueError(f"DenseGradSync: bucket_bytes must be positive, got {bucket_bytes}")
+        seen: set[int] = set()
+        self.params = [p for p in params if p.requires_grad and not (id(p) in seen or seen.add(id(p)))]
+        self.auto_finish = auto_finish
+        self.world_size = comm.world_size()
+        self.group = group if group is not None or self.world_size == 1 else dist.new_group()
+        if group is not None:
+            self.world_size = comm.world_size(group)
+        self.buckets = _make_buckets(self.params, bucket_bytes)
+        self._where = {id(p): (b, i) for b, bucket in enumerate(self.buckets) for i, p in enumerate(bucket.params)}
+        self._next = 0  # first bucket not yet launched
+        self._active = False  # a backward has started filling buckets since the last finish
+        self._handles = []
+        if self.world_size > 1:
+            self._handles = [p.register_post_accumulate_grad_hook(self._on_grad) for p in self.params]
+
+    def _on_grad(self, p: nn.Parameter) -> None:
+        if p.grad is not None and p.grad.is_sparse:
+            raise ValueError(f"DenseGradSync: a parameter of shape {tuple(p.shape)} has a sparse gradient; "
+                             "only dense parameters can be averaged here")
+        if not self._active:
+            self._active = True
+            if self.auto_finish:
+                torch.autograd.Variable._execution_engine.queue_callback(self.finish)
+        b, i = self._where[id(p)]
+        self.buckets[b].fill(i, p.grad)
+        self._launch_ready()
+
+    def _launch_ready(self) -> None:
+        # In bucket order only: a bucket waiting for an unused parameter holds back later ones.
+        while self._next < len(self.buckets) and self.buckets[self._next].complete():
+            bucket = self.buckets[self._next]
+            bucket.work = dist.all_reduce(bucket.buffer, op=dist.ReduceOp.SUM, group=self.group, async_op=True)
+            self._next += 1
+
+    def finish(self) -> None:
+        """Complete the step: launch the remaining buckets (parameters without a new
+        gradient contribute their current ``.grad`` or zeros), wait, average, write back."""
+        if self.world_size == 1 or (self.auto_finish and not self._active):
+            return
+        for bucket in self.buckets:
+            for i, p in enumerate(bucket.params):
+                if not bucket.ready[i]:
+                    bucket.fill(i, p.grad)
+        self._launch_ready()
+        for bucket in self.buckets:
+            bucket.work.wait()
+            self._write_back(bucket)
+            bucket.ready = [False] * len(bucket.params)
+            bucket.work = None
+        self._next, self._active = 0, False
+
+    def _write_back(self, bucket: _Bucket) -> None:
+        flags = bucket.buffer[bucket.numel:].tolist()
+        bucket.buffer[:bucket.numel].div_(self.world_size)
+        for i, p in enumerate(bucket.params):
+            if flags[i] == 0:  # no rank had a gradient: leave None, as the unsharded step would
+                continue
+            avg = bucket.slot(i).view_as(p)
+            if p.grad is None:
+                p.grad = avg.clone()
+            else:
+                p.grad.copy_(avg)
+
+    def remove(self) -> None:
+        """Unregister the hooks (the parameters' grads are no longer synchronised)."""
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+
+def _make_buckets(params: list[nn.Parameter], bucket_bytes: int) -> list[_Bucket]:
+    """Reverse registration order, one open bucket per (dtype, device), closed at bucket_bytes."""
+    done: list[tuple[list, tuple]] = []
+    open_: dict[tuple, tuple[int, list]] = {}
+    for p in reversed(params):
+        key = (p.dtype, p.device)
+        nbytes, members = open_.pop(key, (0, []))
+        members.append(p)
+        nbytes += p.numel() * p.element_size()
+        if nbytes >= bucket_bytes:
+            done.append((members, key))
+        else:
+            open_[key] = (nbytes, members)
+    done.extend((members, key) for key, (_, members) in open_.items())
+    return [_Bucket(members, *key) for members, key in done]

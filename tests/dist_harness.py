@@ -1,0 +1,137 @@
+"""Run a function on W real gloo processes and bring the results (or the failure) home.
+
+``run_workers(fn, world_size, *args, timeout=120)`` spawns ``world_size`` processes
+(torch.multiprocessing, spawn context), each with ``MASTER_ADDR=127.0.0.1``, a free port, one
+intra-op thread and an initialised gloo process group, runs ``fn(rank, world_size, *args)`` and
+returns every rank's (picklable) result in rank order. ``fn`` must be a module-level function
+the children can import (a test module's function is fine: spawn children get the parent's
+sys.path).
+
+Failure handling, so a test never hangs:
+- a child's exception is re-raised in the parent: the original exception object when it
+  unpickles (so ``pytest.raises(ValueError, match=...)`` works), chained from a `WorkerError`
+  that carries the child's formatted traceback; otherwise the `WorkerError` itself;
+- a child that dies without reporting (segfault, os._exit) raises `WorkerError` with its exit code;
+- past ``timeout`` seconds every child is killed and `WorkerTimeout` names the ranks that had
+  not finished. After the first failure the other children are killed at once (they are
+  usually stuck in a collective waiting for the failed rank).
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import queue as queue_mod
+import socket
+import time
+import traceback
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+class WorkerError(RuntimeError):
+    """A worker process failed; ``rank`` and ``child_traceback`` say where and how."""
+
+    def __init__(self, rank: int, message: str, child_traceback: str = ""):
+        super().__init__(f"rank {rank}: {message}" + (f"\n--- child traceback ---\n{child_traceback}"
+                                                       if child_traceback else ""))
+        self.rank, self.child_traceback = rank, child_traceback
+
+
+class WorkerTimeout(TimeoutError):
+    """The workers did not all finish within the timeout; they were killed."""
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _child(rank: int, world_size: int, port: int, timeout: float, fn, args, results) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size))
+    torch.set_num_threads(1)
+    try:
+        dist.init_process_group("gloo", rank=rank, world_size=world_size,
+                                timeout=timedelta(seconds=max(timeout, 1.0)))
+        result = fn(rank, world_size, *args)
+        results.put((rank, "ok", pickle.dumps(result)))
+    except BaseException as exc:  # noqa: BLE001 - everything goes back to the parent
+        tb = traceback.format_exc()
+        try:
+            blob = pickle.dumps(exc)
+            pickle.loads(blob)  # some exceptions pickle but do not unpickle
+        except Exception:  # noqa: BLE001
+            blob = None
+        results.put((rank, "error", (f"{type(exc).__name__}: {exc}", tb, blob)))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _kill(procs) -> None:
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+    for p in procs:
+        p.join(timeout=5)
+
+
+def _raise_child_error(rank: int, payload) -> None:
+    message, tb, blob = payload
+    cause = WorkerError(rank, message, tb)
+    if blob is not None:
+        exc = pickle.loads(blob)
+        if isinstance(exc, Exception):
+            raise exc from cause
+    raise cause
+
+
+def run_workers(fn, world_size: int, *args, timeout: float = 120):
+    """``[fn(0, W, *args), ..., fn(W-1, W, *args)]`` computed by W gloo processes."""
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=_child, args=(r, world_size, port, timeout, fn, args, results), daemon=True)
+             for r in range(world_size)]
+    for p in procs:
+        p.start()
+    done: dict[int, object] = {}
+    deadline = time.monotonic() + timeout
+    try:
+        while len(done) < world_size:
+            try:
+                rank, status, payload = results.get(timeout=0.05)
+            except queue_mod.Empty:
+                _check_alive(procs, done, results)
+                if time.monotonic() > deadline:
+                    missing = [r for r in range(world_size) if r not in done]
+                    raise WorkerTimeout(f"run_workers({getattr(fn, '__name__', fn)}): ranks {missing} "
+                                        f"did not finish within {timeout} s; all workers killed") from None
+                continue
+            if status == "error":
+                _raise_child_error(rank, payload)
+            done[rank] = pickle.loads(payload)
+        for p in procs:
+            p.join(timeout=10)
+    finally:
+        _kill(procs)
+        results.close()
+    return [done[r] for r in range(world_size)]
+
+
+def _check_alive(procs, done, results) -> None:
+    """A child that exited without reporting (a crash) fails the run instead of waiting out
+    the timeout. Its report may still be in flight: look once more before blaming it."""
+    for rank, p in enumerate(procs):
+        if rank not in done and not p.is_alive() and p.exitcode not in (None, 0):
+            try:
+                r, status, payload = results.get(timeout=1.0)
+            except queue_mod.Empty:
+                raise WorkerError(rank, f"process exited with code {p.exitcode} without a result") from None
+            if status == "error":
+                _raise_child_error(r, payload)
+            done[r] = pickle.loads(payload)
