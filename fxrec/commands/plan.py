@@ -1,0 +1,142 @@
+"""`fxrec plan`: plan a model's (or a CSV's) tables on a topology and print why."""
+from __future__ import annotations
+
+import argparse
+import csv
+import sys
+
+HELP = "Plan where each embedding table goes: sharding type, kernel, ranks; per-rank time and memory."
+
+OPTIMIZERS = ("sgd", "rowwise_adagrad", "adam")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("target", nargs="?", help="FILE.py:FUNC returning (model, example_inputs)")
+    p.add_argument("--tables", metavar="CSV",
+                   help="plan without a model: columns name, num_embeddings, embedding_dim, pooling_factor "
+                        "(optional: dtype, pooling, uses)")
+    p.add_argument("--world-size", type=int, help="number of ranks (default: the profile's)")
+    p.add_argument("--ranks-per-node", type=int, help="ranks per node (default: 8 for cuda, all for cpu)")
+    p.add_argument("--device", choices=("cpu", "cuda"), help="device kind (default: the profile's, else cpu)")
+    p.add_argument("--memory", help="memory per rank for embeddings, e.g. 80GB or 64GiB")
+    p.add_argument("--topology", metavar="PROFILE", help="topology profile JSON (fxrec bench calibrate)")
+    p.add_argument("--batch-size", type=int, default=512, help="per-rank batch size for the costs (default 512)")
+    p.add_argument("--optimizer", choices=OPTIMIZERS, default="sgd", help="sparse optimizer whose state counts")
+    p.add_argument("--constraint", action="append", default=[], metavar="TABLE=TYPE[,TYPE]",
+                   help="allowed sharding types of a table (repeatable)")
+    p.add_argument("--search", choices=("auto", "heuristic", "exact"), default="auto")
+    p.add_argument("-o", "--output", metavar="PLAN.json", help="write the plan as JSON")
+
+
+class UsageError(Exception):
+    pass
+
+
+def read_tables_csv(path: str) -> list:
+    """TableInfo per row of a CSV; errors name the file, line, table and value."""
+    from fxrec.types import TableInfo
+
+    try:
+        f = open(path, newline="")
+    except OSError as e:
+        raise UsageError(f"cannot read {path!r}: {e.strerror}") from None
+    with f:
+        reader = csv.DictReader(f)
+        cols = [c.strip() for c in reader.fieldnames or []]
+        missing = [c for c in ("name", "num_embeddings", "embedding_dim") if c not in cols]
+        if missing:
+            raise UsageError(f"{path}: missing column(s) {', '.join(map(repr, missing))}; have {cols}")
+        tables = []
+        for line, row in enumerate(reader, start=2):
+            row = {(k or "").strip(): (v or "").strip() for k, v in row.items()}
+            try:
+                _check_dtype(row)
+                tables.append(TableInfo(
+                    name=row["name"], num_embeddings=_number(row, "num_embeddings", int),
+                    embedding_dim=_number(row, "embedding_dim", int),
+                    pooling_factor=_number(row, "pooling_factor", float, 1.0),
+                    dtype=row.get("dtype") or "float32", pooling=row.get("pooling") or "sum",
+                    uses=_number(row, "uses", int, 1)))
+            except (ValueError, AttributeError) as e:
+                raise UsageError(f"{path} line {line}: {e}") from None
+    if not tables:
+        raise UsageError(f"{path}: no tables")
+    return tables
+
+
+def _check_dtype(row: dict) -> None:
+    import torch
+
+    name = row.get("dtype") or "float32"
+    if not isinstance(getattr(torch, name, None), torch.dtype):
+        raise ValueError(f"table {row.get('name')!r}: unknown dtype {name!r} (e.g. float32, float16)")
+
+
+def _number(row: dict, key: str, kind, default=None):
+    text = row.get(key, "")
+    if text == "" and default is not None:
+        return default
+    try:
+        value = float(text)
+        if kind is int and value != int(value):
+            raise ValueError
+        return kind(value)
+    except ValueError:
+        raise ValueError(f"table {row.get('name')!r}: {key} must be {'an integer' if kind is int else 'a number'}, "
+                         f"got {text!r}") from None
+
+
+def _constraints(specs: list[str]) -> dict:
+    out = {}
+    for spec in specs:
+        name, sep, types = spec.partition("=")
+        if not sep or not name or not types:
+            raise UsageError(f"--constraint expects TABLE=TYPE[,TYPE], got {spec!r}")
+        from fxrec.planner.spec import Constraint
+
+        try:
+            out[name] = Constraint(sharding_types=tuple(t.strip() for t in types.split(",")))
+        except ValueError as e:
+            raise UsageError(f"--constraint {spec!r}: {e}") from None
+    return out
+
+
+def _topology(args):
+    from fxrec.topology import Topology
+
+    given = dict(world_size=args.world_size, ranks_per_node=args.ranks_per_node, device=args.device,
+                 memory_per_rank=args.memory)
+    if args.topology:
+        return Topology.load(args.topology, **given)
+    if args.world_size is None:
+        raise UsageError("--world-size is required (or --topology PROFILE)")
+    return Topology(**{k: v for k, v in given.items() if v is not None})
+
+
+def run(args) -> int:
+    import fxrec
+    from fxrec.commands._load import LoadError, load_target
+
+    try:
+        if bool(args.target) == bool(args.tables):
+            raise UsageError("give either FILE.py:FUNC or --tables CSV")
+        topology = _topology(args)
+        constraints = _constraints(args.constraint)
+        if args.tables:
+            source, example_inputs = read_tables_csv(args.tables), None
+        else:
+            source, example_inputs = load_target(args.target)
+        plan = fxrec.plan(source, topology, example_inputs, constraints, batch_size=args.batch_size,
+                          sparse_optimizer=args.optimizer, search=args.search)
+    except fxrec.PlanError as e:
+        print(f"fxrec plan: no plan fits:\n{e}", file=sys.stderr)
+        return 1
+    except (UsageError, LoadError, ValueError, ImportError) as e:
+        print(f"fxrec plan: error: {e}", file=sys.stderr)
+        return 2
+    print(plan.explain())
+    if args.output:
+        with open(args.output, "w") as f:
+            f.write(plan.to_json(indent=1))
+        print(f"wrote {args.output}")
+    return 0

@@ -1,0 +1,170 @@
+"""Storage and time of one shard, as sympy expressions compiled once to numpy.
+
+Each formula below is written once, in sympy, in terms of the shard (rows ``n`` of a
+table of ``N`` rows, ``c`` columns), the table (pooling factor ``pf``, lookups per sample
+``u``, weight bytes per element ``eb``, output bytes per element ``ob``, ``pooled`` 1/0), the kernel's
+efficiency ``eff``, the optimizer's state, the per-rank batch ``B`` and the topology
+(``W`` ranks, ``P`` per node, bandwidths ``bw_mem``, ``bw_intra``, ``bw_inter``,
+``bw_ring``). `expressions` gives them back with a table's numbers substituted, so a
+plan explains itself and re-evaluates for another batch; `shard_costs` evaluates
+them on numpy arrays of many shards at once (the planner's hot path never touches
+sympy).
+
+Model (per training step, seconds; a rank's time is the sum over its shards, with no
+overlap assumed):
+- ids are uniform over rows, so a row-wise shard sees the fraction n/N of the ids;
+- lookup: bytes moved by forward (read rows, write outputs) and backward (read output
+  grads, read+write rows and optimizer state) over ``bw_mem * eff``; a data-parallel
+  table instead updates the whole table densely after its all-reduce;
+- input_dist: the ids (8 bytes) and lengths (4 bytes per bag) the shard receives from
+  the other ranks, over NVLink-class ``bw_intra`` from its node's P-1 peers and
+  ``bw_inter`` from the W-P others;
+- output_dist: what the shard sends forward and receives back in backward: pooled
+  vectors by all-to-all (table/column-wise), a reduce-scatter over all ranks
+  (row-wise, over the ring bandwidth), a reduce-scatter within the node followed by an
+  all-to-all (table-row-wise); unpooled tables return one row per id;
+- allreduce: a data-parallel table's gradient, 2(W-1)/W of it over the ring.
+Communication is charged to the rank that holds the shard; the receiving side of the
+pooled outputs is the same on every rank and is left out.
+"""
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import sympy as sp
+
+SHARDING_TYPES = ("data_parallel", "table_wise", "row_wise", "table_row_wise", "column_wise")
+TERMS = ("lookup", "input_dist", "output_dist", "allreduce")
+ID_BYTES, LENGTH_BYTES = 8, 4
+
+# Fraction of the memory bandwidth each kernel reaches on a lookup (assumed, not
+# measured here): Triton and FBGEMM's table-batched kernels stream rows near the
+# roofline on GPU; the plain-torch fallback launches per table and gathers in two
+# passes. On CPU Triton only runs in its interpreter, hence the tiny factor.
+KERNEL_EFFICIENCY = {
+    "cuda": {"triton": 0.80, "fbgemm": 0.75, "torch": 0.25},
+    "cpu": {"fbgemm": 0.50, "torch": 0.20, "triton": 0.002},
+}
+DEFAULT_KERNELS = {"cuda": ("triton", "fbgemm"), "cpu": ("fbgemm", "torch")}
+KERNELS = ("fbgemm", "triton", "torch")
+
+# Optimizer state: (bytes per element, bytes per row), as fxrec.optim keeps it: fp32
+# state; Adam's two moments per element plus an int32 step count per row.
+OPTIMIZER_STATE = {"sgd": (0, 0), "rowwise_adagrad": (0, 4), "adam": (8, 4)}
+
+# Symbols. Table/shard parameters vary per shard; the rest per plan.
+N, n, c, pf, u, eb, ob, pooled, eff, opt_elem, opt_row = sp.symbols(
+    "N n c pf u eb ob pooled eff opt_elem opt_row", nonnegative=True)
+B = sp.Symbol("B", positive=True)
+W, P = sp.symbols("W P", positive=True, integer=True)
+bw_mem, bw_intra, bw_inter, bw_ring = sp.symbols("bw_mem bw_intra bw_inter bw_ring", positive=True)
+SHARD_ARGS = (N, n, c, pf, u, eb, ob, pooled, eff, opt_elem, opt_row)
+PLAN_ARGS = (B, W, P, bw_mem, bw_intra, bw_inter, bw_ring)
+
+
+def _formulas(sharding: str) -> dict:
+    """The sympy time terms and ``memory`` of one shard of this sharding type."""
+    dp = sharding == "data_parallel"
+    remote = (P - 1) / bw_intra + (W - P) / bw_inter  # s/byte for one message to every peer
+    Bu = B * u  # a table read by `uses` lookups serves that many bags per sample
+    samples = Bu if dp else W * Bu
+    frac = n / N
+    ids = samples * pf * frac
+    out_rows = pooled * samples + (1 - pooled) * ids
+    out_bytes = out_rows * c * ob
+    fwd = ids * c * eb + out_bytes
+    if dp:  # gradient scattered densely, then the whole table updated after the all-reduce
+        bwd = out_bytes + ids * c * eb + N * c * (3 * eb + 2 * opt_elem) + 2 * N * opt_row
+    else:  # fused sparse update of the touched rows
+        bwd = out_bytes + ids * c * (2 * eb + 2 * opt_elem) + 2 * ids * opt_row
+    terms = {t: sp.Integer(0) for t in TERMS}
+    terms["lookup"] = (fwd + bwd) / (bw_mem * eff)
+    if not dp:
+        terms["input_dist"] = Bu * (pf * frac * ID_BYTES + LENGTH_BYTES) * remote
+    unpooled_rows = 2 * Bu * pf * frac * c * ob * remote  # one row per id, all-to-all both ways
+    if sharding in ("table_wise", "column_wise"):
+        terms["output_dist"] = 2 * Bu * c * ob * (pooled + (1 - pooled) * pf) * remote
+    elif sharding == "row_wise":
+        terms["output_dist"] = pooled * 2 * (W - 1) * Bu * c * ob / bw_ring + (1 - pooled) * unpooled_rows
+    elif sharding == "table_row_wise":
+        within_node = (P - 1) * W * Bu * c * ob / (P * bw_intra) + Bu * c * ob * remote / P
+        terms["output_dist"] = pooled * 2 * within_node + (1 - pooled) * unpooled_rows
+    elif dp:
+        terms["allreduce"] = 2 * (W - 1) / W * N * c * eb / bw_ring
+    memory = n * c * (eb + opt_elem) + n * opt_row
+    memory += samples * pf * frac * ID_BYTES + samples * LENGTH_BYTES + 2 * out_bytes
+    if dp:
+        memory += N * c * eb  # the dense gradient the all-reduce needs
+    return {**terms, "memory": memory}
+
+
+@functools.lru_cache(maxsize=None)
+def formulas(sharding: str) -> dict:
+    if sharding not in SHARDING_TYPES:
+        raise ValueError(f"unknown sharding type {sharding!r}; expected one of {SHARDING_TYPES}")
+    return _formulas(sharding)
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled(sharding: str):
+    args = SHARD_ARGS + PLAN_ARGS
+    return {k: sp.lambdify(args, e, modules="numpy") for k, e in formulas(sharding).items()}
+
+
+def plan_values(topology, batch_size: int) -> dict:
+    """The numbers that the per-plan symbols take."""
+    return {B: batch_size, W: topology.world_size, P: topology.ranks_per_node,
+            bw_mem: topology.hbm_bandwidth, bw_intra: topology.intra_node_bandwidth,
+            bw_inter: topology.inter_node_bandwidth, bw_ring: topology.ring_bandwidth}
+
+
+def optimizer_state(optimizer: str) -> tuple[int, int]:
+    if optimizer not in OPTIMIZER_STATE:
+        raise ValueError(f"unknown sparse optimizer {optimizer!r}; expected one of {tuple(OPTIMIZER_STATE)}")
+    return OPTIMIZER_STATE[optimizer]
+
+
+def output_bytes(element_bytes: int) -> int:
+    """Outputs are computed in the weights' dtype when it is 16-bit, else fp32."""
+    return 2 if element_bytes == 2 else 4
+
+
+def shard_costs(sharding: str, shards: dict, topology, batch_size: int, optimizer: str) -> dict:
+    """Evaluate every term and ``memory`` for many shards at once.
+
+    ``shards`` maps the names of `SHARD_ARGS` other than the optimizer's (``N n c pf
+    u eb ob pooled eff``) to equal-length arrays (or scalars). Returns numpy float arrays
+    of seconds per step (one per term, plus ``time``, their sum) and bytes (``memory``).
+    """
+    oe, orow = optimizer_state(optimizer)
+    values = plan_values(topology, batch_size)
+    args = [np.asarray(shards[s.name], dtype=np.float64) for s in SHARD_ARGS[:9]]
+    args += [float(oe), float(orow)] + [float(values[s]) for s in PLAN_ARGS]
+    size = max(a.size for a in args[:9])
+    out = {}
+    for key, fn in _compiled(sharding).items():
+        out[key] = np.broadcast_to(np.asarray(fn(*args), dtype=np.float64), (size,)).copy()
+    out["time"] = sum(out[t] for t in TERMS)
+    return out
+
+
+def shard_expressions(sharding: str, shard: dict, topology, optimizer: str,
+                      symbolic=(B, bw_mem, bw_intra, bw_inter, bw_ring)) -> dict:
+    """The terms (and ``memory``) of one shard as sympy expressions with the shard's
+    numbers substituted and the symbols in ``symbolic`` (by default the batch size and
+    the bandwidths) left free."""
+    oe, orow = optimizer_state(optimizer)
+    subs = {s: shard[s.name] for s in SHARD_ARGS[:9]}
+    subs.update({opt_elem: oe, opt_row: orow})
+    subs.update({k: v for k, v in plan_values(topology, 1).items() if k not in symbolic})
+    return {k: e.subs(subs) for k, e in formulas(sharding).items()}
+
+
+def kernel_efficiency(device: str, kernel: str, overrides: dict | None = None) -> float:
+    if overrides and kernel in overrides:
+        return float(overrides[kernel])
+    table = KERNEL_EFFICIENCY[device]
+    if kernel not in table:
+        raise ValueError(f"unknown kernel {kernel!r}; expected one of {KERNELS}")
+    return table[kernel]

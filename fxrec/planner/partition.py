@@ -1,0 +1,232 @@
+"""Choose one option per table and place its shards: minimise the busiest rank's time
+under every rank's memory.
+
+The heuristic tries several split thresholds theta: each table takes its cheapest
+option (least total time) among those whose largest shard costs at most theta, then
+shards are placed largest first on the least-loaded rank with room, and local search
+moves and swaps shards off the busiest rank. The best packings over the thresholds are
+refined (re-choosing the option of a table on the busiest rank, one or two at a time)
+and perturbed (seeded iterated local search), within a time budget that grows with the
+construction's time. ``lower_bound`` is what no plan can beat: the cheapest total time spread evenly,
+or the table whose smallest possible largest shard is the biggest; ``split_bound`` is
+a tighter one that charges the cost of the splits a makespan forces.
+"""
+from __future__ import annotations
+
+import math
+import random
+import time
+
+from fxrec.planner.packing import Packing
+
+
+def lower_bound(options: list[list]) -> tuple[float, float]:
+    """(sum of cheapest totals, largest indivisible shard), in seconds; the bound is
+    ``max(total / world_size, largest)``."""
+    total = sum(min(o.total_time for o in opts) for opts in options)
+    largest = max(min(o.max_time for o in opts) for opts in options)
+    return total, largest
+
+
+def split_bound(options: list[list], world_size: int, placed: float = 0.0) -> float:
+    """The least T such that choosing, per table, its cheapest option whose largest
+    shard is at most T, costs at most W * T in total (with ``placed`` seconds of load
+    already on the ranks).
+
+    A plan with busiest rank T* uses options whose shards are all at most T*, so their
+    total is at least that cheapest choice and at most W * T*: T* is never below this
+    bound, which is at least ``lower_bound``'s and larger when big tables must split.
+    """
+    return bound_from_events(split_events(options), len(options), world_size, placed)
+
+
+def split_events(options: list[list]) -> list[tuple]:
+    return sorted((o.max_time, i, o.total_time) for i, opts in enumerate(options) for o in opts)
+
+
+def bound_from_events(events: list[tuple], num_tables: int, world_size: int, placed: float = 0.0) -> float:
+    if not num_tables:
+        return placed / world_size
+    best: dict[int, float] = {}
+    total = placed
+    for k, (t, i, tot) in enumerate(events):
+        old = best.get(i)
+        if old is None or tot < old:
+            total += tot - (old or 0.0)
+            best[i] = tot
+        nxt = events[k + 1][0] if k + 1 < len(events) else math.inf
+        if len(best) == num_tables and nxt > t:
+            candidate = max(t, total / world_size)
+            if candidate <= nxt:
+                return candidate
+    return math.inf
+
+
+def choose(options: list[list], theta: float) -> list:
+    """Per table, the least-total option whose largest shard is at most theta (else the
+    one with the smallest largest shard); ties go to less memory."""
+    out = []
+    for opts in options:
+        fit = [o for o in opts if o.max_time <= theta]
+        if fit:
+            out.append(min(fit, key=lambda o: (o.total_time, o.total_mem)))
+        else:
+            out.append(min(opts, key=lambda o: (o.max_time, o.total_time)))
+    return out
+
+
+def pack(chosen: list, topology, cap: float, by: str = "time") -> tuple[Packing | None, int | None]:
+    """Place the chosen options; returns (packing, None) or (None, table that did not
+    fit). ``by="memory"`` orders shards by bytes instead of seconds, for tight memory."""
+    pk = Packing(topology, cap)
+    spread = [o for o in chosen if o.placement == "all"]
+    for opt in sorted(spread, key=lambda o: -o.max_mem):
+        if not pk.place(opt):  # replicas or row shards alone overflow a rank
+            return None, opt.table
+    movable = [o for o in chosen if o.placement != "all"]
+    key = (lambda o: (o.max_mem, o.max_time)) if by == "memory" else (lambda o: (o.max_time, o.max_mem))
+    # pinned tables first: they have the fewest choices; then largest first
+    movable.sort(key=lambda o: (o.allowed is None, tuple(-v for v in key(o))))
+    pk.start_heap()
+    for opt in movable:
+        if not pk.place(opt):
+            return None, opt.table
+    pk.stop_heap()
+    return pk, None
+
+
+def _thetas(options: list[list], world_size: int) -> list[float]:
+    """Split thresholds: none, and fractions of the split-aware bound (shards well under
+    the makespan pack tightly)."""
+    lb = split_bound(options, world_size)
+    return [math.inf] + [lb * f for f in (2.0, 1.0, 0.9, 0.75, 0.6, 0.5, 0.35, 0.25, 0.125)]
+
+
+def heuristic(options: list[list], topology, cap: float, time_budget: float = 30.0):
+    """The best packing over the split thresholds, refined; or (None, tables that
+    failed). Refinement and perturbation get time in proportion to the construction's,
+    so they at most about double the planning time (and never pass ``time_budget``)."""
+    start = time.perf_counter()
+    deadline = start + time_budget
+    found, failed, seen = [], [], set()
+    for theta in _thetas(options, topology.world_size):
+        chosen = choose(options, theta)
+        sig = tuple(id(o) for o in chosen)
+        if sig in seen:
+            continue
+        seen.add(sig)
+        pk, bad = _pack_any(chosen, options, topology, cap)
+        if pk is None:
+            failed.append(bad)
+            continue
+        pk.local_search()
+        found.append(pk)
+        if time.perf_counter() > deadline:
+            break
+    if not found:
+        return None, failed
+    found.sort(key=lambda p: p.score())
+    small = len(options) * topology.world_size <= 256  # pairs of changes are affordable
+    spent = time.perf_counter() - start
+    until = min(deadline, time.perf_counter() + max(1.0 if small else 0.3, 0.5 * spent))
+    for pk in found[:2]:
+        pk.log = []
+        refine(pk, options, until, depth=2 if small else 1)
+    best = min(found[:2], key=lambda p: p.score())
+    if best.makespan() > split_bound(options, topology.world_size) * (1 + 1e-3):
+        until = min(deadline, time.perf_counter() + max(1.0 if small else 0.2, 0.5 * spent))
+        perturb(best, options, until, rounds=300 if small else 30)
+    best.log = None
+    return best, []
+
+
+def refine(pk: Packing, options: list[list], deadline: float, max_tables: int = 8, depth: int = 1) -> None:
+    """Re-choose the option of a table on the busiest rank (re-placing it and running
+    local search) while that lowers (busiest load, number of ranks that busy).
+    ``pk.log`` must be a list (the changes stay undoable by the caller)."""
+    while time.perf_counter() < deadline:
+        base = pk.score()
+        r = max(range(pk.W), key=pk.load.__getitem__)
+        if not _improve_one(pk, options, pk.tables_on(r)[:max_tables], base, depth):
+            break
+
+
+def perturb(pk: Packing, options: list[list], deadline: float, rounds: int, seed: int = 0) -> None:
+    """Iterated local search: re-choose two or three random tables' options at random
+    (one of them on the busiest rank), refine, keep the result only if it is better.
+    Seeded, so a plan is reproducible."""
+    rng = random.Random(seed)
+    T = len(options)
+    for _ in range(rounds):
+        if time.perf_counter() >= deadline:
+            return
+        base = pk.score()
+        mark = len(pk.log)
+        r = max(range(pk.W), key=pk.load.__getitem__)
+        picks = {rng.choice(pk.tables_on(r))} | {rng.randrange(T) for _ in range(rng.randint(1, 2))}
+        ok = True
+        for t in picks:
+            alt = rng.choice(options[t])
+            pk.remove(t)
+            if not pk.place(alt):
+                ok = False
+                break
+        if ok:
+            pk.local_search(max_steps=500)
+            refine(pk, options, deadline)
+            if _better(pk.score(), base):
+                pk.log.clear()
+                continue
+        pk.undo(mark)
+
+
+def _improve_one(pk: Packing, options: list[list], tables: list[int], base, depth: int = 1) -> bool:
+    """Try every other option of each table (and, with depth 2, a second change on the
+    then busiest rank); keep the first change that beats ``base``."""
+    total = sum(pk.load)
+    for t in tables:
+        cur = pk.chosen[t]
+        for alt in sorted(options[t], key=lambda o: o.total_time):
+            if alt is cur or (total - cur.total_time + alt.total_time) / pk.W >= base[0]:
+                continue  # the same, or no better even if perfectly balanced
+            mark = len(pk.log)
+            pk.remove(t)
+            if pk.place(alt):
+                pk.local_search(max_steps=200)
+                if _better(pk.score(), base):
+                    return True
+                if depth > 1:
+                    r = max(range(pk.W), key=pk.load.__getitem__)
+                    others = [u for u in pk.tables_on(r)[:4] if u != t]
+                    if _improve_one(pk, options, others, base, depth - 1):
+                        return True
+            pk.undo(mark)
+    return False
+
+
+def _better(a, b) -> bool:
+    if a[0] < b[0] * (1 - 1e-12):
+        return True
+    return a[0] <= b[0] * (1 + 1e-12) and a[1] < b[1]
+
+
+def _pack_any(chosen: list, options: list[list], topology, cap: float):
+    """Pack by time, then by memory, then with the tables that failed split into
+    options of smaller shards, until it fits or nothing smaller is left."""
+    chosen = list(chosen)
+    for _ in range(len(chosen) + 1):
+        for by in ("time", "memory"):
+            pk, bad = pack(chosen, topology, cap, by)
+            if pk is not None:
+                return pk, None
+        smaller = [o for o in options[bad] if o.max_mem < chosen[bad].max_mem]
+        if not smaller:
+            return None, bad
+        chosen[bad] = min(smaller, key=lambda o: (o.total_time, o.max_mem))
+    return None, bad
+
+
+def assignment(pk: Packing) -> list[tuple]:
+    """Per table, in order: (option, where) with where a list of ranks ("one",
+    "distinct"), a node ("node") or None ("all")."""
+    return [(pk.chosen[i], pk.where[i]) for i in range(len(pk.chosen))]

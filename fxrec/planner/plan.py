@@ -1,0 +1,231 @@
+"""`fxrec.plan`: where every embedding table goes, and the `Plan` it returns.
+
+    plan = fxrec.plan(tables_or_model, fxrec.Topology(8, device="cuda"))
+    plan["user"].sharding, plan["user"].shards, plan.per_rank(), print(plan.explain())
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import torch
+
+from fxrec.planner import cost, enumerate as enum_, exact, partition
+from fxrec.planner import evaluate as ev
+from fxrec.planner import report
+from fxrec.planner.feasibility import check_tables_fit, check_total_fits, packing_failed
+from fxrec.planner.spec import Constraint, PlanError, Shard, TablePlan
+from fxrec.planner.validate import validate_plan
+from fxrec.topology import Topology
+from fxrec.types import TableInfo
+
+__all__ = ["plan", "Plan", "TablePlan", "Shard", "Constraint", "PlanError"]
+
+DEFAULT_BATCH_SIZE = 512
+EXACT_LIMITS = (12, 4)  # the exact search runs by itself up to 12 tables on 4 ranks
+
+
+@dataclasses.dataclass
+class Plan:
+    """Plain data: one `TablePlan` per table, the topology and per-rank batch size it
+    was made for, the sparse optimizer whose state it counts, and search statistics
+    (``stats``: method, lower bound, max rank time at planning time)."""
+
+    tables: dict[str, TablePlan]
+    topology: Topology
+    batch_size: int = DEFAULT_BATCH_SIZE
+    sparse_optimizer: str = "sgd"
+    kernel_efficiency: dict | None = None
+    stats: dict = dataclasses.field(default_factory=dict)
+
+    def __getitem__(self, name: str) -> TablePlan:
+        try:
+            return self.tables[name]
+        except KeyError:
+            raise KeyError(f"plan has no table {name!r}; tables: {sorted(self.tables)[:10]}") from None
+
+    def __contains__(self, name) -> bool:
+        return name in self.tables
+
+    def __iter__(self):
+        return iter(self.tables)
+
+    def __len__(self) -> int:
+        return len(self.tables)
+
+    def per_rank(self, batch_size: int | None = None) -> list[dict]:
+        """Per rank: ``time`` (estimated seconds per step), its terms (``lookup``,
+        ``input_dist``, ``output_dist``, ``allreduce``), ``memory_bytes``,
+        ``memory_fraction`` and ``num_shards``; at the plan's batch size unless another
+        per-rank ``batch_size`` is given (no re-planning)."""
+        return ev.per_rank(self, batch_size or self.batch_size)
+
+    def table_costs(self, batch_size: int | None = None) -> dict:
+        """Per table: its busiest shard's terms, ``time`` and ``rank``, and memory."""
+        return ev.table_summary(self, batch_size or self.batch_size)
+
+    def max_rank_time(self, batch_size: int | None = None) -> float:
+        return max(r["time"] for r in self.per_rank(batch_size))
+
+    def imbalance(self, batch_size: int | None = None) -> float:
+        """Max over mean rank time (1.0 is perfect balance)."""
+        times = [r["time"] for r in self.per_rank(batch_size)]
+        mean = sum(times) / len(times)
+        return max(times) / mean if mean > 0 else 1.0
+
+    def cost_expr(self, name: str, symbolic_bandwidths: bool = False) -> dict:
+        """The table's busiest shard as sympy expressions (``lookup``, ``input_dist``,
+        ``output_dist``, ``allreduce``, their sum ``time``, and ``memory``) in the
+        per-rank batch size ``B`` (`fxrec.planner.cost.B`); the topology's numbers are
+        substituted unless ``symbolic_bandwidths`` keeps ``bw_mem``, ``bw_intra``,
+        ``bw_inter``, ``bw_ring`` free."""
+        return report.cost_expressions(self, name, symbolic_bandwidths)
+
+    def explain(self, batch_size: int | None = None) -> str:
+        """Per table (``t17: row_wise over 8 ranks [fbgemm], 0.41 ms = lookup 0.12 +
+        ids all-to-all 0.09 + reduce-scatter 0.20``), per rank, and the imbalance."""
+        return report.explain(self, batch_size or self.batch_size)
+
+    def check(self, topology: Topology) -> None:
+        """Raise PlanError unless this plan was made for ``topology``'s world."""
+        mine = self.topology
+        if (mine.world_size, mine.ranks_per_node) != (topology.world_size, topology.ranks_per_node):
+            raise PlanError(f"plan was made for {mine.world_size} ranks ({mine.ranks_per_node} per node), "
+                            f"not {topology.world_size} ({topology.ranks_per_node} per node); re-plan")
+
+    def to_json(self, indent: int | None = None) -> str:
+        return json.dumps(report.to_dict(self), indent=indent)
+
+    @classmethod
+    def from_json(cls, text: str) -> "Plan":
+        """Inverse of `to_json`; raises ValueError naming what is malformed."""
+        plan = report.from_dict(json.loads(text), cls)
+        validate_plan(plan)
+        return plan
+
+
+def _tables(model_or_tables, example_inputs) -> list[TableInfo]:
+    if isinstance(model_or_tables, torch.nn.Module):
+        from fxrec.capture import find_tables  # the front end loads only when a model is given
+
+        if example_inputs is None:
+            raise ValueError("fxrec.plan: a model needs example_inputs to find its tables")
+        if not isinstance(example_inputs, tuple):
+            example_inputs = (example_inputs,)
+        return list(find_tables(model_or_tables, example_inputs))
+    tables = list(model_or_tables)
+    seen = set()
+    for i, t in enumerate(tables):
+        if not isinstance(t, TableInfo):
+            raise ValueError(f"fxrec.plan: item {i} is a {type(t).__name__}, not a fxrec.TableInfo")
+        if t.name in seen:
+            raise ValueError(f"fxrec.plan: two tables are named {t.name!r}")
+        seen.add(t.name)
+    if not tables:
+        raise ValueError("fxrec.plan: no tables to plan")
+    return tables
+
+
+def _constraints(constraints, tables, topology: Topology) -> dict:
+    names = {t.name for t in tables}
+    out = {}
+    for name, con in (constraints or {}).items():
+        if name not in names:
+            raise ValueError(f"constraint for unknown table {name!r}; tables: {sorted(names)[:10]}")
+        try:
+            if not isinstance(con, Constraint):
+                con = Constraint(sharding_types=con)
+        except ValueError as e:
+            raise ValueError(f"constraint for table {name!r}: {e}") from None
+        bad = [r for r in con.ranks or () if r >= topology.world_size]
+        if bad:
+            raise ValueError(f"constraint for table {name!r}: rank {bad[0]} is outside the "
+                             f"{topology.world_size}-rank world")
+        out[name] = con
+    return out
+
+
+def optimizer_kind(optimizer) -> str:
+    """"sgd" / "rowwise_adagrad" / "adam" from a name or a fxrec.optim object."""
+    if optimizer is None:
+        return "sgd"
+    if not isinstance(optimizer, str):
+        name = getattr(optimizer, "name", None)
+        if not isinstance(name, str):
+            raise ValueError(f"fxrec.plan: sparse_optimizer must be a name or a fxrec.optim optimizer, "
+                             f"got {optimizer!r}")
+        optimizer = name
+    cost.optimizer_state(optimizer)  # validates
+    return optimizer
+
+
+def plan(model_or_tables, topology: Topology, example_inputs=None, constraints=None, *,
+         batch_size: int = DEFAULT_BATCH_SIZE, sparse_optimizer=None, kernel_efficiency: dict | None = None,
+         search: str = "auto") -> Plan:
+    """Choose every table's sharding type, kernel and shard placement so that the
+    busiest rank's estimated step time is as short as found and every rank's memory
+    fits; raise PlanError (naming tables, needs and fixes) when it cannot fit.
+
+    search: "heuristic", "exact" (branch and bound; small instances only), or "auto"
+    (the heuristic, then the exact search where it is small enough to finish).
+    """
+    if search not in ("auto", "heuristic", "exact"):
+        raise ValueError(f"fxrec.plan: search must be 'auto', 'heuristic' or 'exact', got {search!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"fxrec.plan: batch_size must be a positive integer, got {batch_size!r}")
+    optimizer = optimizer_kind(sparse_optimizer)
+    tables = _tables(model_or_tables, example_inputs)
+    cons = _constraints(constraints, tables, topology)
+    specs = enum_.table_specs(tables, cons, topology, kernel_efficiency)
+    options, rejected = enum_.enumerate_options(specs, topology, batch_size, optimizer)
+    check_tables_fit(specs, options, rejected, topology, batch_size, optimizer)
+    check_total_fits(specs, options, topology, batch_size, optimizer)
+    assignment, stats = _search(options, topology, search)
+    if assignment is None:
+        raise packing_failed(specs, options, stats["failed"], topology)
+    total, largest = partition.lower_bound(options)
+    stats.update(lower_bound=partition.split_bound(options, topology.world_size),
+                 simple_lower_bound=max(total / topology.world_size, largest))
+    tables_out = {}
+    for spec, (opt, where) in zip(specs, assignment):
+        info = dataclasses.replace(spec.info, pooling_factor=spec.pooling_factor)
+        tables_out[info.name] = TablePlan(info.name, opt.sharding, opt.kernel, _shards(opt, where, info, topology),
+                                          info)
+    return Plan(tables_out, topology, batch_size, optimizer, kernel_efficiency, stats)
+
+
+def _search(options, topology, search: str):
+    """The heuristic's assignment, replaced by the exact search's when that runs and
+    beats it; (None, stats with the tables that failed) when nothing fits."""
+    cap = topology.memory_per_rank
+    small = len(options) <= EXACT_LIMITS[0] and topology.world_size <= EXACT_LIMITS[1]
+    pk, failed = partition.heuristic(options, topology, cap)
+    best = partition.assignment(pk) if pk is not None else None
+    stats = dict(method="heuristic", max_rank_time=pk.makespan() if pk else None, failed=failed)
+    if search == "exact" or (search == "auto" and small):
+        result = exact.search(options, topology, cap, upper=stats["max_rank_time"])
+        if result.assignment is not None:
+            best = result.assignment
+            stats.update(method="exact" if result.optimal else "exact (budget hit)",
+                         max_rank_time=result.makespan)
+        elif best is not None and result.optimal:
+            stats["method"] = "heuristic (proved optimal)"
+    if best is None:
+        return None, stats
+    stats.pop("failed")
+    return best, stats
+
+
+def _shards(opt, where, info: TableInfo, topology: Topology) -> list[Shard]:
+    N, d, W, Pn = info.num_embeddings, info.embedding_dim, topology.world_size, topology.ranks_per_node
+    whole_rows, whole_cols = (0, N), (0, d)
+    if opt.sharding == "table_wise":
+        return [Shard(where[0], whole_rows, whole_cols)]
+    if opt.sharding == "data_parallel":
+        return [Shard(r, whole_rows, whole_cols) for r in range(W)]
+    if opt.sharding == "row_wise":
+        return [Shard(r, rows, whole_cols) for r, rows in enumerate(enum_.split_even(N, W))]
+    if opt.sharding == "table_row_wise":
+        return [Shard(where * Pn + i, rows, whole_cols) for i, rows in enumerate(enum_.split_even(N, Pn))]
+    cols = enum_.split_even(d, opt.num_shards)
+    return [Shard(r, whole_rows, c) for r, c in zip(where, cols)]

@@ -1,0 +1,103 @@
+"""Plain data of a plan: `Shard`, `TablePlan`, `Constraint`, `PlanError`.
+
+`fxrec.planner.plan` re-exports these; they live here so that the search modules can
+raise `PlanError` without importing the front door.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fxrec.planner.cost import KERNELS, SHARDING_TYPES
+from fxrec.types import TableInfo
+
+
+class PlanError(ValueError):
+    """No plan exists (or none was found) for these tables on this topology; the
+    message names the tables, the memory they need, the memory there is, and what
+    would make it fit."""
+
+
+@dataclass(frozen=True)
+class Shard:
+    """A block of a table on one rank: ``rows`` and ``cols`` are (start, end),
+    half-open."""
+
+    rank: int
+    rows: tuple[int, int]
+    cols: tuple[int, int]
+
+    @property
+    def num_rows(self) -> int:
+        return self.rows[1] - self.rows[0]
+
+    @property
+    def num_cols(self) -> int:
+        return self.cols[1] - self.cols[0]
+
+
+@dataclass
+class TablePlan:
+    """Where one table lives: its sharding type, kernel and shards.
+
+    For a sharded table the shards tile the table exactly; a ``data_parallel`` table
+    has one whole-table shard per rank. ``table`` is the `TableInfo` that was planned
+    (sizes, dtype, pooling factor), which the cost model needs to re-evaluate.
+    """
+
+    name: str
+    sharding: str
+    kernel: str
+    shards: list[Shard]
+    table: TableInfo | None = None
+
+    @property
+    def ranks(self) -> list[int]:
+        return [s.rank for s in self.shards]
+
+
+def _as_tuple(value, what: str, allowed: tuple, owner: str) -> tuple | None:
+    if value is None:
+        return None
+    values = (value,) if isinstance(value, str) else tuple(value)
+    if not values:
+        raise ValueError(f"{owner}: {what} must not be empty")
+    for v in values:
+        if v not in allowed:
+            raise ValueError(f"{owner}: unknown {what[:-1]} {v!r}; expected one of {allowed}")
+    return values
+
+
+@dataclass
+class Constraint:
+    """What a table's plan may be.
+
+    sharding_types: allowed type names (a string for one). kernels: allowed kernels.
+    ranks: the only ranks its shards may occupy (row_wise and data_parallel then need
+    every rank; table_row_wise a whole node inside the set). min_shards/max_shards:
+    bounds on the number of shards (data_parallel counts one per rank).
+    pooling_factor: overrides the measured ids per bag for the cost model.
+    """
+
+    sharding_types: tuple[str, ...] | str | None = None
+    kernels: tuple[str, ...] | str | None = None
+    ranks: tuple[int, ...] | None = None
+    min_shards: int | None = None
+    max_shards: int | None = None
+    pooling_factor: float | None = None
+
+    def __post_init__(self):
+        self.sharding_types = _as_tuple(self.sharding_types, "sharding_types", SHARDING_TYPES, "Constraint")
+        self.kernels = _as_tuple(self.kernels, "kernels", KERNELS, "Constraint")
+        if self.ranks is not None:
+            ranks = (self.ranks,) if isinstance(self.ranks, int) else tuple(self.ranks)
+            if not ranks or any(isinstance(r, bool) or not isinstance(r, int) or r < 0 for r in ranks):
+                raise ValueError(f"Constraint: ranks must be non-negative integers, got {self.ranks!r}")
+            self.ranks = tuple(sorted(set(ranks)))
+        for name in ("min_shards", "max_shards"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise ValueError(f"Constraint: {name} must be a positive integer, got {v!r}")
+        if self.min_shards and self.max_shards and self.min_shards > self.max_shards:
+            raise ValueError(f"Constraint: min_shards {self.min_shards} > max_shards {self.max_shards}")
+        if self.pooling_factor is not None and not float(self.pooling_factor) >= 0:
+            raise ValueError(f"Constraint: pooling_factor must be >= 0, got {self.pooling_factor!r}")

@@ -1,0 +1,105 @@
+"""`fxrec plan`: from a CSV of tables or a FILE.py:FUNC model, exit codes and output."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import fxrec
+from fxrec.cli import main
+
+CSV = """name,num_embeddings,embedding_dim,pooling_factor
+user,1000000,128,1
+item,5000000,64,20
+cat,100,16,3
+"""
+
+
+@pytest.fixture
+def tables_csv(tmp_path):
+    path = tmp_path / "tables.csv"
+    path.write_text(CSV)
+    return str(path)
+
+
+def test_plan_from_csv_writes_json(tables_csv, tmp_path, capsys):
+    out = tmp_path / "plan.json"
+    rc = main(["plan", "--tables", tables_csv, "--world-size", "16", "--ranks-per-node", "8", "--device", "cuda",
+               "--memory", "80GB", "-o", str(out)])
+    assert rc == 0
+    text = capsys.readouterr().out
+    for needle in ("plan for 16 ranks (2 node(s) x 8), cuda", "user:", "item:", "cat:", "imbalance", "rank  node"):
+        assert needle in text
+    plan = fxrec.Plan.from_json(out.read_text())
+    assert set(plan) == {"user", "item", "cat"}
+    assert plan.topology.world_size == 16 and plan.topology.memory_per_rank == 80 * 10**9
+    assert f"{plan.imbalance():.3f} (max/mean)" in text
+
+
+def test_topology_profile_and_overrides(tables_csv, tmp_path, capsys):
+    profile = tmp_path / "topo.json"
+    fxrec.Topology(2, device="cpu", hbm_bandwidth=1e10).save(str(profile))
+    out = tmp_path / "plan.json"
+    rc = main(["plan", "--tables", tables_csv, "--topology", str(profile), "--world-size", "4", "-o", str(out),
+               "--batch-size", "64", "--optimizer", "adam", "--constraint", "item=row_wise"])
+    assert rc == 0
+    plan = fxrec.Plan.from_json(out.read_text())
+    assert (plan.topology.world_size, plan.topology.hbm_bandwidth) == (4, 1e10)
+    assert (plan.batch_size, plan.sparse_optimizer) == (64, "adam")
+    assert plan["item"].sharding == "row_wise"
+    assert "optimizer adam" in capsys.readouterr().out
+
+
+def test_infeasible_plan_exits_1_naming_the_table(tables_csv, capsys):
+    rc = main(["plan", "--tables", tables_csv, "--world-size", "2", "--memory", "0.5GB"])
+    assert rc == 1
+    err = capsys.readouterr().err
+    assert "no plan fits" in err and "'item'" in err and "to fit:" in err
+
+
+@pytest.mark.parametrize("content,match", [
+    ("name,num_embeddings\nt,10\n", "missing column(s) 'embedding_dim'"),
+    ("name,num_embeddings,embedding_dim\nt,ten,4\n", "line 2: table 't': num_embeddings must be an integer, got 'ten'"),
+    ("name,num_embeddings,embedding_dim\nt,10,0\n", "embedding_dim must be positive"),
+    ("name,num_embeddings,embedding_dim,dtype\nt,10,4,float99\n", "unknown dtype 'float99'"),
+    ("name,num_embeddings,embedding_dim\n", "no tables"),
+])
+def test_bad_csv_exits_2(tmp_path, capsys, content, match):
+    path = tmp_path / "bad.csv"
+    path.write_text(content)
+    assert main(["plan", "--tables", str(path), "--world-size", "2"]) == 2
+    assert match in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["plan", "--world-size", "2"], "either FILE.py:FUNC or --tables"),
+    (["plan", "--tables", "missing.csv", "--world-size", "2"], "cannot read 'missing.csv'"),
+    (["plan", "--tables", "{csv}"], "--world-size is required"),
+    (["plan", "--tables", "{csv}", "--world-size", "3", "--ranks-per-node", "2"], "not a multiple"),
+    (["plan", "--tables", "{csv}", "--world-size", "2", "--constraint", "item"], "TABLE=TYPE"),
+    (["plan", "--tables", "{csv}", "--world-size", "2", "--constraint", "item=spiral"], "unknown sharding_type"),
+    (["plan", "--tables", "{csv}", "--world-size", "2", "--memory", "much"], "cannot read 'much'"),
+    (["plan", "nofile.py:build", "--world-size", "2"], "no such file"),
+])
+def test_usage_errors_exit_2(tables_csv, capsys, argv, match):
+    argv = [a.replace("{csv}", tables_csv) for a in argv]
+    assert main(argv) == 2
+    assert match in capsys.readouterr().err
+
+
+def test_plan_a_model_file(tmp_path, capsys):
+    src = tmp_path / "model.py"
+    src.write_text(
+        "import torch\n"
+        "class M(torch.nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.user = torch.nn.EmbeddingBag(5000, 32, mode='sum')\n"
+        "    def forward(self, ids, offsets):\n"
+        "        return self.user(ids, offsets)\n"
+        "def build():\n"
+        "    return M(), (torch.randint(0, 5000, (8,)), torch.tensor([0, 2, 4, 6]))\n")
+    out = tmp_path / "plan.json"
+    assert main(["plan", f"{src}:build", "--world-size", "2", "-o", str(out)]) == 0
+    assert "user:" in capsys.readouterr().out
+    assert json.loads(out.read_text())["tables"][0]["table"]["pooling_factor"] == 2.0

@@ -1,0 +1,138 @@
+"""The planner's cost model: storage per optimizer, the communication terms of each
+sharding type, kernel efficiency, and numpy evaluation agreeing with the sympy formulas."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import sympy as sp
+
+from fxrec.planner import cost
+from fxrec.topology import Topology
+
+CUDA16 = Topology(16, device="cuda")  # 2 nodes x 8
+B = 512
+
+
+def shard(**kw):
+    base = dict(N=100_000, n=100_000, c=64, pf=10.0, u=1, eb=4, ob=4, pooled=1.0, eff=0.8)
+    base.update(kw)
+    return base
+
+
+def costs(sharding, topo=CUDA16, optimizer="sgd", batch=B, **kw):
+    return {k: float(v[0]) for k, v in cost.shard_costs(sharding, shard(**kw), topo, batch, optimizer).items()}
+
+
+@pytest.mark.parametrize("optimizer,extra", [
+    ("sgd", lambda n, c: 0),
+    ("rowwise_adagrad", lambda n, c: 4 * n),  # one fp32 per row
+    ("adam", lambda n, c: 8 * n * c + 4 * n),  # two fp32 per element + an int32 step per row
+])
+@pytest.mark.parametrize("sharding", ["table_wise", "row_wise", "column_wise"])
+def test_storage_counts_optimizer_state(optimizer, extra, sharding):
+    n, c = 6_250, 32
+    sgd = costs(sharding, n=n, c=c)["memory"]
+    with_state = costs(sharding, optimizer=optimizer, n=n, c=c)["memory"]
+    assert with_state - sgd == extra(n, c)
+    # weights are part of it, and the buffers scale with the batch
+    assert sgd > n * c * 4
+    assert costs(sharding, n=n, c=c, batch=2 * B)["memory"] > sgd
+
+
+def test_data_parallel_adds_allreduce_and_dense_gradient():
+    dp = costs("data_parallel", c=64)
+    ring = CUDA16.ring_bandwidth
+    assert dp["allreduce"] == pytest.approx(2 * 15 / 16 * 100_000 * 64 * 4 / ring)
+    assert dp["input_dist"] == 0 and dp["output_dist"] == 0
+    one = costs("data_parallel", topo=Topology(1, device="cuda"), c=64)
+    assert one["allreduce"] == 0
+    # the dense gradient is held beside the weights
+    assert dp["memory"] >= 2 * 100_000 * 64 * 4
+
+
+def test_row_wise_reduce_scatter_vs_table_wise_all_to_all():
+    topo = CUDA16
+    remote = (topo.ranks_per_node - 1) / topo.intra_node_bandwidth + \
+        (topo.world_size - topo.ranks_per_node) / topo.inter_node_bandwidth
+    tw = costs("table_wise", c=64)
+    rw = costs("row_wise", n=100_000 // 16, c=64)
+    assert tw["output_dist"] == pytest.approx(2 * B * 64 * 4 * remote)
+    assert rw["output_dist"] == pytest.approx(2 * 15 * B * 64 * 4 / topo.ring_bandwidth)
+    # a row shard reads 1/16 of the rows but writes partial sums for every bag
+    G, bw = 16 * B, topo.hbm_bandwidth * 0.8
+    assert tw["lookup"] == pytest.approx((G * 10 * 64 * 4 * 3 + 2 * G * 64 * 4) / bw)
+    assert rw["lookup"] == pytest.approx((G * 10 / 16 * 64 * 4 * 3 + 2 * G * 64 * 4) / bw)
+    # and receives 1/16 of the ids, but every bag's length
+    assert rw["input_dist"] == pytest.approx(B * (10 / 16 * 8 + 4) * remote)
+
+
+def test_unpooled_tables_return_one_row_per_id():
+    pooled = costs("row_wise", n=6_250, pf=1.0)["output_dist"]
+    pooled_pf = costs("row_wise", n=6_250, pf=20.0)["output_dist"]
+    assert pooled == pytest.approx(pooled_pf)  # one pooled vector per bag, whatever the pooling
+    none1 = costs("row_wise", n=6_250, pf=1.0, pooled=0.0)["output_dist"]
+    none20 = costs("row_wise", n=6_250, pf=20.0, pooled=0.0)["output_dist"]
+    assert none20 == pytest.approx(20 * none1)
+    tw1, tw20 = (costs("table_wise", pf=p, pooled=0.0)["output_dist"] for p in (1.0, 20.0))
+    assert tw20 == pytest.approx(20 * tw1)
+
+
+def test_column_wise_splits_lookup_but_repeats_ids():
+    tw = costs("table_wise", c=128)
+    cw = costs("column_wise", c=32)  # one of 4 column shards
+    assert 4 * cw["lookup"] == pytest.approx(tw["lookup"])
+    assert 4 * cw["output_dist"] == pytest.approx(tw["output_dist"])
+    assert cw["input_dist"] == pytest.approx(tw["input_dist"])  # every shard receives all ids
+
+
+def test_table_row_wise_keeps_reduce_scatter_inside_the_node():
+    twrw = costs("table_row_wise", n=100_000 // 8)
+    rw = costs("row_wise", n=100_000 // 16)
+    assert twrw["output_dist"] < rw["output_dist"]
+
+
+def test_kernel_efficiency_scales_lookup_only():
+    fast = costs("table_wise", eff=cost.KERNEL_EFFICIENCY["cuda"]["triton"])
+    slow = costs("table_wise", eff=cost.KERNEL_EFFICIENCY["cuda"]["torch"])
+    assert slow["lookup"] / fast["lookup"] == pytest.approx(0.80 / 0.25)
+    assert slow["output_dist"] == fast["output_dist"]
+    assert cost.kernel_efficiency("cuda", "triton", {"triton": 0.5}) == 0.5
+    with pytest.raises(ValueError, match="unknown kernel 'tpu'"):
+        cost.kernel_efficiency("cuda", "tpu")
+
+
+@pytest.mark.parametrize("sharding", cost.SHARDING_TYPES)
+def test_numpy_evaluation_matches_sympy(sharding):
+    rng = np.random.default_rng(3)
+    params = shard(N=int(rng.integers(1000, 10**6)), c=int(rng.choice([16, 64])), pf=float(rng.uniform(1, 30)),
+                   pooled=float(rng.integers(0, 2)), optimizer=None)
+    params.pop("optimizer")
+    params["n"] = params["N"] // 3
+    exprs = cost.shard_expressions(sharding, params, CUDA16, "adam")
+    values = cost.plan_values(CUDA16, B)
+    got = cost.shard_costs(sharding, params, CUDA16, B, "adam")
+    for key in cost.TERMS + ("memory",):
+        expected = float(exprs[key].subs(values))
+        assert got[key][0] == pytest.approx(expected, rel=1e-12)
+    # the batch size and bandwidths stay free symbols
+    free = set().union(*(e.free_symbols for e in exprs.values()))
+    assert cost.B in free and free <= {cost.B, cost.bw_mem, cost.bw_intra, cost.bw_inter, cost.bw_ring}
+
+
+@pytest.mark.parametrize("bad,match", [
+    ("momentum", "unknown sparse optimizer 'momentum'"),
+])
+def test_unknown_optimizer(bad, match):
+    with pytest.raises(ValueError, match=match):
+        cost.shard_costs("table_wise", shard(), CUDA16, B, bad)
+
+
+def test_unknown_sharding_type():
+    with pytest.raises(ValueError, match="unknown sharding type 'diagonal'"):
+        cost.formulas("diagonal")
+
+
+def test_time_is_linear_in_batch_for_sharded_tables():
+    e = cost.shard_expressions("table_wise", shard(), CUDA16, "sgd", symbolic=(cost.B,))
+    total = sp.expand(sum(e[t] for t in cost.TERMS))
+    assert sp.Poly(total, cost.B).degree() == 1 and total.subs(cost.B, 0) == 0

@@ -1,0 +1,100 @@
+"""fxrec.PlanError messages (which tables, the memory they need, the memory there is, what
+would make it fit) and clear errors for bad planner input."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fxrec
+from fxrec import Constraint, PlanError, TableInfo, Topology
+
+CPU2 = Topology(2, device="cpu", memory_per_rank="1GB")
+
+
+def test_a_table_too_big_for_any_rank():
+    tables = [TableInfo("small", 1000, 16), TableInfo("huge", 10_000_000, 128, 5.0)]  # 5.12 GB of weights
+    with pytest.raises(PlanError) as e:
+        fxrec.plan(tables, CPU2)
+    msg = str(e.value)
+    assert "'huge'" in msg and "'small'" not in msg
+    assert "needs 2.4 GiB on one rank at best (" in msg  # half the weights, plus buffers
+    assert "each rank has 953.7 MiB (2 ranks)" in msg
+    assert "use at least 8 ranks (row_wise" in msg
+    assert "store 'huge' in float16" in msg
+
+
+def test_suggests_row_wise_when_a_constraint_forbids_it():
+    tables = [TableInfo("wide", 3_000_000, 64, 2.0)]  # 768 MB as one shard, 1 GB ranks... of 0.5 GB
+    topo = Topology(4, device="cpu", memory_per_rank="0.5GB")
+    with pytest.raises(PlanError, match=r"allow row_wise for 'wide' \(.* per rank over 4 ranks\)"):
+        fxrec.plan(tables, topo, constraints={"wide": "table_wise"})
+    plan = fxrec.plan(tables, topo)  # free, it fits by splitting
+    assert plan["wide"].sharding in ("row_wise", "column_wise")
+
+
+def test_float16_tables_are_not_told_to_shrink_their_dtype():
+    tables = [TableInfo("h", 10_000_000, 128, 5.0, dtype=torch.float16)]
+    with pytest.raises(PlanError) as e:
+        fxrec.plan(tables, CPU2)
+    assert "float16" in str(e.value) and "store 'h' in float16" not in str(e.value)
+
+
+def test_total_memory_too_small():
+    tables = [TableInfo(f"t{i}", 1_500_000, 64, 2.0) for i in range(8)]  # 384 MB each, 3.1 GB in all
+    with pytest.raises(PlanError) as e:
+        fxrec.plan(tables, Topology(2, device="cpu", memory_per_rank="1GB"))
+    msg = str(e.value)
+    assert "in total but 2 ranks hold 2 x 953.7 MiB" in msg
+    assert "use at least 4 ranks" in msg and "float16" in msg
+
+
+def test_no_packing_although_each_table_and_the_total_fit():
+    # three 589 MB tables, each whole on one rank, on two 1 GB ranks: 1.8 GB of 2 GB
+    tables = [TableInfo(f"t{i}", 2_300_000, 64, 2.0) for i in range(3)]
+    with pytest.raises(PlanError, match=r"could not place table\(s\) 't2' \(562.0 MiB per shard\).*1.9 GiB"):
+        fxrec.plan(tables, CPU2, constraints={t.name: "table_wise" for t in tables})
+    plan = fxrec.plan(tables, CPU2)  # free to split, it fits
+    assert all(r["memory_bytes"] <= CPU2.memory_per_rank for r in plan.per_rank())
+
+
+def test_constraint_leaving_no_option():
+    tables = [TableInfo("t", 1000, 16)]
+    with pytest.raises(PlanError, match="'t': no sharding type is allowed by its constraint"):
+        fxrec.plan(tables, Topology(4), constraints={"t": Constraint("row_wise", ranks=(0, 1))})
+    with pytest.raises(PlanError, match="no sharding type is allowed"):
+        fxrec.plan(tables, Topology(4), constraints={"t": Constraint("column_wise", min_shards=16)})
+
+
+@pytest.mark.parametrize("tables,kwargs,match", [
+    ([], {}, "no tables to plan"),
+    (["t"], {}, "item 0 is a str, not a fxrec.TableInfo"),
+    ([TableInfo("a", 10, 4), TableInfo("a", 20, 4)], {}, "two tables are named 'a'"),
+    ([TableInfo("a", 10, 4)], {"constraints": {"b": "table_wise"}}, "constraint for unknown table 'b'"),
+    ([TableInfo("a", 10, 4)], {"constraints": {"a": "diagonal"}},
+     "constraint for table 'a': .*unknown sharding_type 'diagonal'"),
+    ([TableInfo("a", 10, 4)], {"constraints": {"a": Constraint(ranks=(9,))}}, "rank 9 is outside the 4-rank world"),
+    ([TableInfo("a", 10, 4)], {"batch_size": 0}, "batch_size must be a positive integer"),
+    ([TableInfo("a", 10, 4)], {"search": "magic"}, "search must be"),
+    ([TableInfo("a", 10, 4)], {"sparse_optimizer": "momentum"}, "unknown sparse optimizer 'momentum'"),
+    ([TableInfo("a", 10, 4)], {"sparse_optimizer": 3}, "sparse_optimizer must be a name"),
+])
+def test_bad_input(tables, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        fxrec.plan(tables, Topology(4), **kwargs)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(kernels="cuda_magic"), "unknown kernel 'cuda_magic'"),
+    (dict(min_shards=0), "min_shards must be a positive integer"),
+    (dict(min_shards=4, max_shards=2), "min_shards 4 > max_shards 2"),
+    (dict(ranks=(-1,)), "ranks must be non-negative integers"),
+    (dict(pooling_factor=-2.0), "pooling_factor must be >= 0"),
+])
+def test_bad_constraint(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        Constraint(**kwargs)
+
+
+def test_model_needs_example_inputs():
+    with pytest.raises(ValueError, match="needs example_inputs"):
+        fxrec.plan(torch.nn.EmbeddingBag(10, 4), Topology(2))
