@@ -141,3 +141,24 @@ def test_console_exit_status(tmp_path):
     done = subprocess.run([sys.executable, "-m", "fxrec.cli", "dump", f"{tmp_path}/none.py:f"],
                           capture_output=True, text=True)
     assert done.returncode == 2 and done.stderr == f"fxrec dump: no such file: '{tmp_path}/none.py'\n"
+
+
+def test_topology_adds_the_plan_to_text_and_html(capsys, tmp_path):
+    rc, out, err = _dump(capsys, f"{ZOO}:dlrm_lists", "--world-size", "4", "--device", "cuda",
+                         "--ranks-per-node", "2")
+    assert rc == 0 and err == ""
+    plan = out[out.index("\nplan:\n"):]
+    assert "plan for 4 ranks (2 node(s) x 2), cuda" in plan
+    for table in ("emb_l.0", "emb_l.1", "emb_l.2"):
+        assert re.search(rf"^  {re.escape(table)}: \w+", plan, re.M), table
+    assert re.search(r"^max rank time [\d.]+ ms", plan, re.M)
+    path = tmp_path / "plan.html"
+    rc, _, _ = _dump(capsys, f"{ZOO}:dlrm_lists", "--world-size", "2", "--format", "html", "-o", str(path))
+    page = path.read_text()
+    assert rc == 0 and "<h2>Plan</h2>" in page and "plan for 2 ranks" in page
+
+
+def test_topology_options_without_world_size_are_an_error(capsys):
+    rc, out, err = _dump(capsys, f"{ZOO}:dlrm_lists", "--device", "cuda")
+    assert rc == 2 and out == ""
+    assert err == "fxrec dump: --ranks-per-node/--device/--memory need --world-size (or --topology)\n"

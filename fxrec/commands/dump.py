@@ -3,7 +3,8 @@
 FUNC() returns (model, example_inputs). The model is captured, the passes run up to
 PASS (default: the last one; "capture" shows the graph before any pass), and the graph
 at that point is written node by node with each node's provenance, followed by the
-detected tables and groups. Errors (bad FILE.py:FUNC, import error, capture failure,
+detected tables and groups. Given a topology (--world-size, or --topology PROFILE), the
+tables are also planned on it and the plan is explained. Errors (bad FILE.py:FUNC, import error, capture failure,
 unknown pass) exit with status 2 and one line on stderr starting ``fxrec dump: ``.
 """
 from __future__ import annotations
@@ -25,6 +26,13 @@ def add_arguments(parser) -> None:
                         help="show the graph after this pass ('capture' for none; default: the last pass)")
     parser.add_argument("--format", choices=FORMATS, default="text", help="text (default), dot or html")
     parser.add_argument("-o", "--output", metavar="PATH", default=None, help="write here instead of stdout")
+    topo = parser.add_argument_group("plan (optional): show where each table would go on this topology")
+    topo.add_argument("--world-size", type=int, help="number of ranks")
+    topo.add_argument("--ranks-per-node", type=int, help="ranks per node")
+    topo.add_argument("--device", choices=("cpu", "cuda"), help="device kind")
+    topo.add_argument("--memory", help="memory per rank, e.g. 80GB")
+    topo.add_argument("--topology", metavar="PROFILE", help="topology profile JSON (fxrec bench calibrate)")
+    topo.add_argument("--batch-size", type=int, default=512, help="per-rank batch size for the plan's costs")
 
 
 class DumpError(Exception):
@@ -37,8 +45,9 @@ def _pass_names() -> list[str]:
 
 
 def build_dump(model, example_inputs: tuple, *, after: str | None = None, fmt: str = "text",
-               title: str = "") -> str:
-    """The dump of `model` as a string in format `fmt` (see the module docstring)."""
+               title: str = "", topology=None, batch_size: int = 512) -> str:
+    """The dump of `model` as a string in format `fmt` (see the module docstring); with a
+    `topology`, the detected tables' plan on it is explained as well."""
     from fxrec.capture import capture
     from fxrec.passes import render
     from fxrec.passes.runner import PassContext, run_passes
@@ -63,7 +72,19 @@ def build_dump(model, example_inputs: tuple, *, after: str | None = None, fmt: s
     # Tables are always shown, so detection runs even when the graph is shown before it.
     needed = max(names.index(after) if after in names else 0, names.index("detect_embeddings"))
     run_passes(gm, ctx, until=names[needed], observer=observe)
+    if topology is not None:
+        ctx.plan = _plan(ctx, topology, batch_size)
     return snapshot["graph"](ctx)
+
+
+def _plan(ctx, topology, batch_size: int):
+    import fxrec
+    if not ctx.tables:
+        return None
+    try:
+        return fxrec.plan(list(ctx.tables.values()), topology, batch_size=batch_size)
+    except fxrec.PlanError as e:
+        raise DumpError(f"no plan fits: {e}") from None
 
 
 def _render_graph(render, fmt, gm, title, after):
@@ -76,9 +97,19 @@ def _render_graph(render, fmt, gm, title, after):
         return lambda ctx: text
     if fmt == "html":
         graph_html = render.html_graph(gm)
-        return lambda ctx: render.html_page(heading, graph_html, ctx.tables, ctx.groups, _notes(ctx))
+        return lambda ctx: render.html_page(heading, graph_html, ctx.tables, ctx.groups, _notes(ctx),
+                                            plan_text=_plan_text(ctx))
     graph_text = render.render_graph_text(gm, heading)
-    return lambda ctx: graph_text + "\n" + render.render_tables_text(ctx.tables, ctx.groups, _notes(ctx))
+
+    def text(ctx):
+        out = graph_text + "\n" + render.render_tables_text(ctx.tables, ctx.groups, _notes(ctx))
+        plan = _plan_text(ctx)
+        return out + ("\nplan:\n" + plan + "\n" if plan else "")
+    return text
+
+
+def _plan_text(ctx):
+    return ctx.plan.explain() if ctx.plan is not None else None
 
 
 def _notes(ctx) -> list[str]:
@@ -90,12 +121,31 @@ def _fail(message: str) -> int:
     return 2
 
 
+def _topology(args):
+    """The topology the options describe, or None when none is given."""
+    from fxrec.topology import Topology
+    given = dict(world_size=args.world_size, ranks_per_node=args.ranks_per_node, device=args.device,
+                 memory_per_rank=args.memory)
+    try:
+        if args.topology:
+            return Topology.load(args.topology, **given)
+        if args.world_size is None:
+            if any(v is not None for v in given.values()):
+                raise DumpError("--ranks-per-node/--device/--memory need --world-size (or --topology)")
+            return None
+        return Topology(**{k: v for k, v in given.items() if v is not None})
+    except (OSError, ValueError) as e:
+        raise DumpError(f"bad topology: {e}") from None
+
+
 def run(args) -> int:
     from fxrec.capture import CaptureError
     from fxrec.passes.runner import PassError
     try:
+        topology = _topology(args)
         model, example_inputs = load_target(args.target)
-        out = build_dump(model, example_inputs, after=args.after, fmt=args.format, title=args.target)
+        out = build_dump(model, example_inputs, after=args.after, fmt=args.format, title=args.target,
+                         topology=topology, batch_size=args.batch_size)
     except (LoadError, CaptureError, DumpError) as e:
         return _fail(str(e))
     except PassError as e:

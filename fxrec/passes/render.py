@@ -206,7 +206,8 @@ def html_graph(gm: GraphModule) -> str:
     return "\n".join([f'<table class="graph"><thead><tr>{head}</tr></thead><tbody>', *rows, "</tbody></table>"])
 
 
-def html_page(title: str, graph_html: str, tables: dict, groups: list, notes: Optional[list] = None) -> str:
+def html_page(title: str, graph_html: str, tables: dict, groups: list, notes: Optional[list] = None,
+              plan_text: Optional[str] = None) -> str:
     """A self-contained page (inline CSS, no scripts, no external assets)."""
     e = html.escape
     legend = "".join(f'<span class="kind-{k}">{e(v)}</span>' for k, v in KIND_LABELS.items())
@@ -218,6 +219,8 @@ def html_page(title: str, graph_html: str, tables: dict, groups: list, notes: Op
                        ", ".join(g.tables)) for g in groups]
         parts += [f"<h2>Groups ({len(groups)})</h2>", _html_table(
             ("group", "family", "dtype", "device", "weighted", "stage", "tables"), group_rows, "groups")]
+    if plan_text:
+        parts += ["<h2>Plan</h2>", f'<pre class="plan">{e(plan_text)}</pre>']
     if notes:
         parts += ["<h2>Notes</h2><ul>", *[f"<li>{e(n)}</li>" for n in notes], "</ul>"]
     return "\n".join(parts + ["</body></html>"]) + "\n"
