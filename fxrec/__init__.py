@@ -27,15 +27,17 @@ _EXPORTS = {
     "Shard": "fxrec.planner.plan",
     "Constraint": "fxrec.planner.plan",
     "PlanError": "fxrec.planner.plan",
+    "ShardedModel": "fxrec.shard",
 }
 _SUBMODULES = ("optim", "models", "datasets", "metrics", "passes", "planner", "lowering", "runtime")
 
-__all__ = sorted(list(_EXPORTS) + ["capture", "find_tables"]) + list(_SUBMODULES)
+__all__ = sorted(list(_EXPORTS) + ["capture", "find_tables", "shard"]) + list(_SUBMODULES)
 
-# Bound eagerly: `fxrec.capture` names both a submodule and the public function, and the
-# import system sets the package attribute to the submodule when it is first loaded.
-# Loading it here, then binding the function, makes the function win for good.
+# Bound eagerly: `fxrec.capture` and `fxrec.shard` name both a submodule and the public
+# function, and the import system sets the package attribute to the submodule when it is
+# first loaded. Loading them here, then binding the functions, makes the functions win.
 from fxrec.capture import capture, find_tables  # noqa: E402
+from fxrec.shard import shard  # noqa: E402
 
 
 def __getattr__(name: str):

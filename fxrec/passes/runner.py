@@ -3,7 +3,7 @@
 A pass is a function ``(gm, ctx) -> GraphModule``. The runner checks each result is a
 GraphModule, recompiles it, lints it (`lint`), stamps ``node.meta[PASS]`` on the nodes
 the pass created, and turns any failure into a `PassError` that names the pass and the
-passes that ran before it. Later issues append apply_plan, fuse_lookups and
+passes that ran before it. Later issues append fuse_lookups and
 schedule_overlap to `PASSES`.
 """
 from __future__ import annotations
@@ -14,6 +14,7 @@ from typing import Any, Callable, Iterable, Optional
 from torch.fx import GraphModule
 
 from fxrec.passes import lookup as L
+from fxrec.passes.apply_plan import apply_plan_pass
 from fxrec.passes.detect_embeddings import detect_embeddings_pass
 from fxrec.passes.group_tables import group_tables_pass
 from fxrec.types import TableInfo
@@ -39,6 +40,8 @@ class PassContext:
 PASSES: list[tuple[str, PassFn]] = [
     ("detect_embeddings", detect_embeddings_pass),
     ("group_tables", group_tables_pass),
+    # Needs ctx.topology; without one it leaves the graph as it is (plain capture, dump).
+    ("apply_plan", apply_plan_pass),
 ]
 
 

@@ -1,0 +1,379 @@
+"""apply_plan: rewrite every embedding lookup into explicit input_dist -> local lookup ->
+output_dist nodes for this rank, following a `fxrec.Plan`.
+
+Lookups are served in *units*: all lookups that read a table are in one unit (the fused
+sparse optimizer must see each table's whole gradient at once), and lookups at the same
+stage with the same weight dtype share a unit when their inputs are all ready before any
+of their outputs is used, so one set of collectives serves them all (TorchRec groups its
+all-to-alls the same way). Per unit the graph gets (fxrec/runtime/dist_lookup.py):
+
+    gather (SlotInputs) -> input_dist -> all_to_all_counts -> recv_splits -> all_to_all
+    (ids and lengths) [-> all_to_all (per-sample weights)] -> unpack -> lookup
+    (FusedEmbeddingBags over this rank's shards) -> output_prep ->
+        all_to_all                          table_wise / column_wise sums, unpooled rows
+        reduce_scatter                      row_wise partial sums
+        reduce_scatter(intra_node) + all_to_all(cross_node)   table_row_wise
+    [replicated (data_parallel tables; grads all-reduced in backward)] -> collect -> finish
+
+and each original lookup's users read the unit's result instead. Collectives are
+call_function nodes of `fxrec.runtime.comm` with ``meta["fxrec_comm"]`` set to their kind;
+the per-rank modules live under ``gm.fxrec_shards.<unit>``. Tables leave the GraphModule:
+its parameters are the dense ones only.
+
+Context: ``ctx.topology`` (None: the pass leaves the graph alone), ``ctx.plan`` (None: plan
+now with ``ctx.options["constraints"]``), ``ctx.options``: ``rank``, ``world_size``
+(default: torch.distributed's, 1 without it), ``sparse_optimizer``, ``process_groups``
+(`comm.ProcessGroups`, needed for table_row_wise), ``device``, ``init`` (``init(table, rows,
+cols) -> Tensor``: a shard's initial values; default: sliced from the graph's own weight).
+
+Limits: aten-level lookups (a torch.export capture) are not rewritten (ValueError); a table
+read by two lookups of which one's ids depend on the other's output cannot be sharded.
+"""
+from __future__ import annotations
+
+import operator
+from typing import Optional
+
+import torch
+from torch import nn
+from torch.fx import GraphModule, Node
+
+from fxrec.passes import lookup as L
+from fxrec.passes.shard_ops import FinishOutputs, GatherInputs, NodeSpec, SlotSpec
+from fxrec.runtime import comm
+from fxrec.runtime.dist_lookup import InputDist, RecvSplits, RouteSpec, Unpack, UnitSpec
+from fxrec.runtime.dist_output import CollectOutputs, GroupTable, OutputPrep
+from fxrec.runtime.local_lookup import LocalLookup, ReplicatedLookup
+
+ROOT = "fxrec_shards"
+SUPPORTED = ("module_bag", "functional_bag", "module_embedding", "functional_embedding", "ebc", "ec")
+LOCAL_LOOKUP = "fxrec_local_lookup"  # node.meta: {"unit", "shards"} on the local lookup nodes
+
+
+# ------------------------------------------------------------------ units
+def _depths(gm: GraphModule) -> dict[Node, int]:
+    """Per lookup node, the number of lookups upstream of its inputs."""
+    depth, stage = {}, {}
+    for node in gm.graph.nodes:
+        up = max((depth[a] for a in node.all_input_nodes), default=0)
+        if L.LOOKUP in node.meta:
+            stage[node] = up
+            up += 1
+        depth[node] = up
+    return stage
+
+
+def _output_node(node: Node) -> Node:
+    """The node whose value the lookup produces for its users (the folded .sum/.mean, if any)."""
+    lk = node.meta[L.LOOKUP]
+    if lk.pool_node is None:
+        return node
+    return next(n for n in node.users if n.name == lk.pool_node)
+
+
+def _span(gm: GraphModule, nodes: list[Node], pos: dict) -> tuple[int, int]:
+    """(position after which the unit can run, position of the first use of its outputs)."""
+    inputs = [a for n in nodes for a in n.all_input_nodes]
+    last_ph = max((pos[n] for n in gm.graph.nodes if n.op == "placeholder"), default=-1)
+    anchor = max([pos[a] for a in inputs] + [last_ph])
+    first_use = min((pos[u] for n in nodes for u in _output_node(n).users), default=len(pos))
+    return anchor, first_use
+
+
+def build_units(gm: GraphModule) -> list[list[Node]]:
+    """Lookup nodes grouped into units (see module doc), in graph order."""
+    nodes = [n for n in gm.graph.nodes if L.LOOKUP in n.meta]
+    for n in nodes:
+        if n.meta[L.LOOKUP].kind not in SUPPORTED:
+            raise ValueError(f"apply_plan: lookup %{n.name} of kind {n.meta[L.LOOKUP].kind!r} cannot be sharded "
+                             f"yet (supported: {', '.join(SUPPORTED)}); capture the model with torch.fx")
+    comps: list[tuple[set, list[Node]]] = []  # lookups joined by the tables they share
+    for n in nodes:
+        tables, members = set(n.meta[L.LOOKUP].tables), [n]
+        for comp in [c for c in comps if c[0] & tables]:
+            comps.remove(comp)
+            tables |= comp[0]
+            members += comp[1]
+        comps.append((tables, members))
+    pos = {n: i for i, n in enumerate(gm.graph.nodes)}
+    comps = sorted((sorted(c, key=pos.get) for _, c in comps), key=lambda c: pos[c[0]])
+    stage, units = _depths(gm), []
+    for comp in comps:
+        anchor, first = _span(gm, comp, pos)
+        if anchor >= first or len({stage[n] for n in comp}) > 1:
+            raise ValueError(f"apply_plan: lookups {[n.name for n in comp]} read the same table but one's ids "
+                             f"depend on another's output; such a table cannot be sharded yet")
+        for unit in units:
+            same = stage[unit[0]] == stage[comp[0]] and _dtype(gm, unit[0]) == _dtype(gm, comp[0])
+            anchor, first = _span(gm, unit + comp, pos)
+            if same and anchor < first:
+                unit += comp
+                unit.sort(key=pos.get)
+                break
+        else:
+            units.append(list(comp))
+    return units
+
+
+def _dtype(gm: GraphModule, node: Node) -> torch.dtype:
+    return L.fetch_attr(gm, node.meta[L.LOOKUP].reads[0].weight_path).dtype
+
+
+# ------------------------------------------------------------------ specs
+def _node_specs(nodes: list[Node], tables: dict) -> tuple[list[NodeSpec], list[SlotSpec]]:
+    specs, slots = [], []
+    for n in nodes:
+        lk = n.meta[L.LOOKUP]
+        ks = []
+        for read in lk.reads:
+            info = tables[read.table]
+            for feature in read.features or (None,):
+                ks.append(len(slots))
+                # EmbeddingCollection ignores per-sample weights
+                slots.append(SlotSpec(n.name, read.table, feature, read.pooling, info.pooling != "none",
+                                      info.num_embeddings, info.embedding_dim, bool(lk.weighted) and lk.kind != "ec"))
+        specs.append(NodeSpec(n.name, lk.kind, tuple(ks), lk.include_last_offset, lk.padding_idx,
+                              lk.pool_node is not None))
+    return specs, slots
+
+
+def _routes(slots: list[SlotSpec], plan) -> list[RouteSpec]:
+    routes = []
+    for k, slot in enumerate(slots):
+        tp = plan[slot.table]
+        if tp.sharding == "data_parallel":
+            continue
+        by_row = tp.sharding in ("row_wise", "table_row_wise")
+        shards = sorted(enumerate(tp.shards), key=lambda p: p[1].rows[0] if by_row else p[1].cols[0])
+        output = "a2a" if not slot.served_pooled or not by_row else \
+            ("rs" if tp.sharding == "row_wise" else "twrw")
+        for j, s in shards:
+            if s.num_rows == 0:
+                raise ValueError(f"apply_plan: table {slot.table!r}: {tp.sharding} shard on rank {s.rank} has no "
+                                 f"rows; use fewer shards for a {slot.num_embeddings}-row table")
+            routes.append(RouteSpec(k, slot.table, j, s.rank, tuple(s.rows), tuple(s.cols), by_row,
+                                    slot.served_pooled, slot.weighted and slot.served_pooled, output))
+    return routes
+
+
+def _node_args(gm: GraphModule, n: Node) -> list:
+    lk = n.meta[L.LOOKUP]
+    if lk.kind in ("ebc", "ec") or lk.kind in L.EMBEDDING_KINDS:
+        return [lk.ids.of(n)]
+    return [ref.of(n) if ref is not None else None for ref in (lk.ids, lk.offsets, lk.per_sample_weights)]
+
+
+# ------------------------------------------------------------------ graph
+class _Emitter:
+    """Inserts a unit's nodes in order, stamping provenance and comm kinds."""
+
+    def __init__(self, gm: GraphModule, before: Node, origin: Node, prefix: str):
+        self.gm, self.before, self.origin, self.prefix = gm, before, origin, prefix
+        self.unpacked: list[Node] = []
+
+    def _stamp(self, node: Node, comm_kind: Optional[str] = None) -> Node:
+        for key in (L.MODULE, L.SOURCE):
+            if key in self.origin.meta:
+                node.meta[key] = self.origin.meta[key]
+        if comm_kind:
+            node.meta[L.COMM] = comm_kind
+        return node
+
+    def module(self, name: str, *args) -> Node:
+        with self.gm.graph.inserting_before(self.before):
+            return self._stamp(self.gm.graph.call_module(f"{self.prefix}.{name}", tuple(args)))
+
+    def comm(self, fn, kind: str, *args, **kwargs) -> Node:
+        with self.gm.graph.inserting_before(self.before):
+            return self._stamp(self.gm.graph.call_function(fn, tuple(args), kwargs), kind)
+
+    def items(self, node: Node, n: int) -> list[Node]:
+        with self.gm.graph.inserting_before(self.before):
+            items = [self._stamp(self.gm.graph.call_function(operator.getitem, (node, i))) for i in range(n)]
+        self.unpacked += items
+        return items
+
+    def drop_unused(self) -> None:
+        """Erase the tuple items nobody reads (e.g. the table_row_wise outputs of a unit without any)."""
+        for node in self.unpacked:
+            if not node.users:
+                self.gm.graph.erase_node(node)
+
+
+def _emit_dist(e: _Emitter, spec: UnitSpec, gathered: Node, root: str):
+    """The input_dist / lookup / output_dist nodes; returns (send state, a2a, rs, twrw)."""
+    counts, data, wbuf, send = e.items(e.module("input_dist", gathered), 4)
+    recv_counts = e.comm(comm.all_to_all_counts, "all_to_all_counts", counts)
+    out_d, in_d, out_w, in_w, recv = e.items(e.module("recv_splits", send, recv_counts), 5)
+    data_r = e.comm(comm.all_to_all, "all_to_all", data, out_d, in_d)
+    w_r = e.comm(comm.all_to_all, "all_to_all", wbuf, out_w, in_w) if any(r.weighted for r in spec.routes) else None
+    unpacked = e.items(e.module("unpack", data_r, w_r, recv), 6)
+    looked = e.module("lookup", *unpacked[:5])
+    looked.meta[LOCAL_LOOKUP] = {"unit": e.prefix.split(".")[-1], "shards": [s.key for s in spec.local_shards()]}
+    p_out, u_out = e.items(looked, 2)
+    a2a_buf, a2a_out, a2a_in, rs_buf, tw_buf, tw_out, tw_in = e.items(
+        e.module("output_prep", p_out, u_out, unpacked[5], send), 7)
+    outputs = {r.output for r in spec.routes}
+    a2a = e.comm(comm.all_to_all, "all_to_all", a2a_buf, a2a_out, a2a_in) if "a2a" in outputs else None
+    rs = e.comm(comm.reduce_scatter, "reduce_scatter", rs_buf) if "rs" in outputs else None
+    twrw = None
+    if "twrw" in outputs:
+        with e.gm.graph.inserting_before(e.before):
+            intra = e._stamp(e.gm.graph.call_module(f"{root}.groups", ("intra_node",)))
+            cross = e._stamp(e.gm.graph.call_module(f"{root}.groups", ("cross_node",)))
+        summed = e.comm(comm.reduce_scatter, "reduce_scatter", tw_buf, group=intra)
+        twrw = e.comm(comm.all_to_all, "all_to_all", summed, tw_out, tw_in, group=cross)
+    return send, a2a, rs, twrw
+
+
+def _insertion_point(gm: GraphModule, nodes: list[Node]) -> Node:
+    """The node after which the unit's nodes go: its last input (or the last placeholder)."""
+    pos = {n: i for i, n in enumerate(gm.graph.nodes)}
+    last = max([pos[a] for n in nodes for a in n.all_input_nodes] +
+               [pos[n] for n in gm.graph.nodes if n.op == "placeholder"])
+    return list(gm.graph.nodes)[last]
+
+
+def _unit_modules(gm: GraphModule, spec: UnitSpec, nodes: list[Node], dp_slots: list[int], env: dict) -> nn.Module:
+    """The per-rank modules of one unit, registered at ``gm.fxrec_shards.<unit>``."""
+    node_specs, slots = _node_specs(nodes, gm.meta[L.TABLES])
+    dtype, device, values = _dtype(gm, nodes[0]), env["device"], env["values"]
+    unit = nn.Module()
+    gm.get_submodule(ROOT).add_module(spec.name, unit)
+    unit.gather = GatherInputs(node_specs, slots)
+    unit.collect = CollectOutputs(spec, dp_slots)
+    unit.finish = FinishOutputs(node_specs, slots)
+    if spec.routes:
+        unit.input_dist, unit.recv_splits, unit.unpack = InputDist(spec), RecvSplits(spec), Unpack(spec)
+        init = {s.key: values(s.table, s.rows, s.cols) for s in spec.local_shards()}
+        unit.lookup = LocalLookup(spec.local_shards(), env["optimizer"], spec.world_size, dtype, device, init)
+        unit.output_prep = OutputPrep(spec, dtype, device)
+    if dp_slots:
+        dp = [slots[k] for k in dp_slots]
+        full = {s.table: values(s.table, (0, s.num_embeddings), (0, s.dim)) for s in dp}
+        unit.replicated = _Picked(ReplicatedLookup(dp, env["optimizer"], spec.world_size, dtype, device, full),
+                                  dp_slots)
+    return unit
+
+
+def _rewrite_unit(gm: GraphModule, nodes: list[Node], name: str, env: dict) -> None:
+    plan, P = env["plan"], env["ranks_per_node"]
+    _, slots = _node_specs(nodes, gm.meta[L.TABLES])
+    routes = _routes(slots, plan)
+    spec = UnitSpec(name, env["rank"], env["world_size"], P, tuple(slots), tuple(routes),
+                    {r.table: r.rank // P for r in routes if r.output == "twrw"})
+    dp_slots = [k for k, s in enumerate(slots) if plan[s.table].sharding == "data_parallel"]
+    unit = _unit_modules(gm, spec, nodes, dp_slots, env)
+    e = _Emitter(gm, _insertion_point(gm, nodes).next, nodes[0], f"{ROOT}.{name}")
+    gathered = e.module("gather", [_node_args(gm, n) for n in nodes])
+    send = a2a = rs = twrw = replicated = None
+    if routes:
+        send, a2a, rs, twrw = _emit_dist(e, spec, gathered, ROOT)
+    if dp_slots:
+        replicated = e.module("replicated", gathered)
+        replicated.meta[LOCAL_LOOKUP] = {"unit": name, "shards": [f"{t}@replica" for t in unit.replicated.inner.tables]}
+    collected = e.module("collect", gathered, send, a2a, rs, twrw, replicated)
+    results = e.items(e.module("finish", gathered, collected), len(nodes))
+    for n, out in zip(nodes, results):
+        target = _output_node(n)
+        target.replace_all_uses_with(out)
+        gm.graph.erase_node(target)
+        if target is not n:
+            gm.graph.erase_node(n)
+    e.drop_unused()
+
+
+class _Picked(nn.Module):
+    """Feeds a ReplicatedLookup the inputs of its slots only."""
+
+    def __init__(self, inner: ReplicatedLookup, slots: list[int]):
+        super().__init__()
+        self.inner, self.slots = inner, list(slots)
+
+    def forward(self, inputs):
+        return self.inner([inputs[k] for k in self.slots])
+
+
+# ------------------------------------------------------------------ checks and cleanup
+def check_plan(plan, tables: dict, topology) -> None:
+    """Raise ValueError / PlanError unless `plan` covers exactly these tables, with their
+    sizes, on `topology`."""
+    from fxrec.planner.validate import validate_plan
+
+    plan.check(topology)
+    missing = [t for t in tables if t not in plan]
+    if missing:
+        raise ValueError(f"plan has no entry for table {missing[0]!r}" +
+                         (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "") +
+                         f"; the model's tables are {list(tables)}")
+    extra = [t for t in plan if t not in tables]
+    if extra:
+        raise ValueError(f"plan names table {extra[0]!r}, which the model does not read; tables are {list(tables)}")
+    for name, info in tables.items():
+        tp = plan[name]
+        if tp.table is not None and (tp.table.num_embeddings, tp.table.embedding_dim) != \
+                (info.num_embeddings, info.embedding_dim):
+            raise ValueError(f"plan: table {name!r} was planned as {tp.table.num_embeddings} x "
+                             f"{tp.table.embedding_dim} but the model's is {info.num_embeddings} x {info.embedding_dim}")
+    validate_plan(plan)
+
+
+def _without_tables(gm: GraphModule) -> GraphModule:
+    """The same graph in a GraphModule holding only what the graph references: the tables'
+    weights (and the user's embedding modules) stay with the user's model, so
+    ``parameters()`` are the dense ones. The user's modules are never modified."""
+    for node in list(gm.graph.nodes):
+        if node.op == "get_attr" and not node.users:
+            gm.graph.erase_node(node)
+    out = GraphModule(gm, gm.graph, type(gm).__name__)
+    out.meta.update(gm.meta)
+    return out
+
+
+def _shard_values(gm: GraphModule, init) -> callable:
+    """``values(table, rows, cols)``: a shard's initial values, from `init` when given,
+    else sliced from the graph's own (unsharded) weight."""
+    weights = {r.table: r.weight_path for n in gm.graph.nodes if L.LOOKUP in n.meta for r in n.meta[L.LOOKUP].reads}
+
+    def values(table: str, rows: tuple, cols: tuple) -> torch.Tensor:
+        if init is not None:
+            return init(table, rows, cols)
+        full = L.fetch_attr(gm, weights[table])
+        if full.is_meta:
+            raise ValueError(f"apply_plan: table {table!r} is on the meta device and no initialiser was given "
+                             f"(ctx.options['init']; fxrec.shard passes one)")
+        return full[rows[0]:rows[1], cols[0]:cols[1]]
+    return values
+
+
+def apply_plan_pass(gm: GraphModule, ctx) -> GraphModule:
+    """Rewrite every lookup into this rank's sharded program (module doc). Without
+    ``ctx.topology`` the graph is returned unchanged. Sets ``ctx.plan`` and
+    ``gm.meta["fxrec_plan"]``; raises ValueError / PlanError for a plan that does not fit
+    the model or topology."""
+    if ctx.topology is None:
+        ctx.log.append("apply_plan: no topology given; nothing sharded")
+        return gm
+    opts, tables = ctx.options, gm.meta[L.TABLES]
+    plan = ctx.plan
+    if plan is None:
+        from fxrec.planner.plan import plan as make_plan
+        plan = make_plan(list(tables.values()), ctx.topology, constraints=opts.get("constraints"),
+                         sparse_optimizer=opts.get("sparse_optimizer"), batch_size=opts.get("batch_size", 512))
+    check_plan(plan, tables, ctx.topology)
+    world = opts.get("world_size", comm.world_size())
+    if world != ctx.topology.world_size:
+        raise ValueError(f"apply_plan: the topology has world_size {ctx.topology.world_size} but this job has "
+                         f"{world} ranks")
+    env = dict(plan=plan, rank=opts.get("rank", comm.rank()), world_size=world,
+               ranks_per_node=ctx.topology.ranks_per_node, optimizer=opts.get("sparse_optimizer"),
+               device=opts.get("device", torch.device("cpu")), values=_shard_values(gm, opts.get("init")))
+    units = build_units(gm)
+    gm.add_module(ROOT, nn.Module())
+    gm.get_submodule(ROOT).groups = GroupTable(opts.get("process_groups"))
+    for i, nodes in enumerate(units):
+        _rewrite_unit(gm, nodes, f"u{i}", env)
+        ctx.log.append(f"apply_plan: unit u{i} serves {[n.name for n in nodes]}")
+    gm = _without_tables(gm)
+    gm.meta["fxrec_plan"] = ctx.plan = plan
+    return gm

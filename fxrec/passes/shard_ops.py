@@ -1,0 +1,240 @@
+"""The local ends of a sharded lookup: the user's lookup inputs in, the user's outputs out.
+
+`apply_plan` replaces every lookup node by a unit of nodes (see apply_plan.py). Its first
+node, `GatherInputs`, turns whatever the user passed (nn.EmbeddingBag's ids + offsets or
+2-D ids, per-sample weights, nn.Embedding's ids of any shape, an EBC/EC's
+KeyedJaggedTensor) into one `SlotInput` per (lookup, table, feature) *slot*: int64 ids
+with padding removed, bag lengths for pooled reads, weights, and what it takes to give the
+result back its shape. Its last node, `FinishOutputs`, turns per-slot results (pooled
+``bags x dim`` sums, or ``ids x dim`` rows) into what each original lookup returned
+(a tensor, a pooled ``.sum/.mean``, a KeyedTensor, a dict of JaggedTensors).
+
+Semantics kept from the callee: nn.EmbeddingBag excludes ``padding_idx`` ids from a bag
+(and from a mean's count); a folded ``nn.Embedding(...).mean(dim)`` divides by the full
+dimension; an unpooled ``padding_idx`` position yields the padding row, which is all zeros
+as nn.Embedding builds it and never trained (rows are assumed to stay zero).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+from torch import Tensor, nn
+
+from fxrec.sparse import JaggedTensor, KeyedTensor
+
+__all__ = ["SlotSpec", "NodeSpec", "SlotInput", "GatherInputs", "FinishOutputs", "pool_rows"]
+
+
+@dataclass(frozen=True)
+class SlotSpec:
+    """One (lookup node, table, feature) read. `pooling` is the read's ("none" =
+    unpooled); `served_pooled` says whether the table's shards return pooled sums (every
+    read of the table is pooled) or rows (the pooling, if any, then happens here)."""
+
+    node: str
+    table: str
+    feature: Optional[str]
+    pooling: str
+    served_pooled: bool
+    num_embeddings: int
+    dim: int
+    weighted: bool
+
+
+@dataclass(frozen=True)
+class NodeSpec:
+    """One replaced lookup node: how to read its inputs and rebuild its output.
+    `slots` index the unit's SlotSpecs, in the node's read/feature order."""
+
+    name: str
+    kind: str
+    slots: tuple[int, ...]
+    include_last_offset: bool = False
+    padding_idx: Optional[int] = None
+    folded: bool = False  # nn.Embedding folded into its .sum/.mean (pool_node)
+
+
+@dataclass
+class SlotInput:
+    """A slot's local input. `values` int64 ids (padding removed); `lengths` ids per bag
+    (pooled reads); `weights` per id or None; `divisor` per bag for mean pooling; `shape`
+    the output's leading shape; `keep` the non-padding mask of an unpooled read's ids;
+    `jt_lengths` the lengths an EmbeddingCollection output carries."""
+
+    values: Tensor
+    lengths: Optional[Tensor] = None
+    weights: Optional[Tensor] = None
+    divisor: Optional[Tensor] = None
+    shape: tuple = ()
+    keep: Optional[Tensor] = None
+    jt_lengths: Optional[Tensor] = None
+
+    @property
+    def num_bags(self) -> int:
+        return int(self.lengths.numel()) if self.lengths is not None else int(self.values.numel())
+
+
+# ------------------------------------------------------------------ inputs
+def _bag_lengths(ids: Tensor, offsets: Tensor, include_last: bool, where: str) -> Tensor:
+    if offsets.dim() != 1:
+        raise ValueError(f"{where}: offsets must be 1-D, got shape {tuple(offsets.shape)}")
+    offsets = offsets.long()
+    if include_last:
+        return offsets[1:] - offsets[:-1]
+    return torch.diff(offsets, append=offsets.new_full((1,), ids.numel()))
+
+
+def _drop_padding(values: Tensor, lengths: Tensor, weights: Optional[Tensor], pad: Optional[int]):
+    if pad is None:
+        return values, lengths, weights
+    keep = values != pad
+    bag = torch.repeat_interleave(torch.arange(lengths.numel(), device=values.device), lengths,
+                                  output_size=values.numel())
+    lengths = torch.zeros_like(lengths).index_add_(0, bag, keep.long())
+    return values[keep], lengths, None if weights is None else weights[keep]
+
+
+def _bag_slot(spec: NodeSpec, slot: SlotSpec, ids: Tensor, offsets, psw) -> SlotInput:
+    where = f"table {slot.table!r} (lookup %{spec.name})"
+    if ids.dim() == 2:
+        if offsets is not None:
+            raise ValueError(f"{where}: 2-D ids take no offsets")
+        lengths = torch.full((ids.shape[0],), ids.shape[1], dtype=torch.int64, device=ids.device)
+    elif ids.dim() == 1 and offsets is not None:
+        lengths = _bag_lengths(ids, offsets, spec.include_last_offset, where)
+    else:
+        raise ValueError(f"{where}: expected 1-D ids with offsets or 2-D ids, got shape {tuple(ids.shape)}")
+    weights = None if psw is None else psw.reshape(-1)
+    values, lengths, weights = _drop_padding(ids.reshape(-1).long(), lengths, weights, spec.padding_idx)
+    divisor = lengths.clamp(min=1) if slot.pooling == "mean" else None
+    return SlotInput(values, lengths, weights, divisor, shape=(lengths.numel(),))
+
+
+def _embedding_slot(spec: NodeSpec, slot: SlotSpec, ids: Tensor) -> SlotInput:
+    values = ids.reshape(-1).long()
+    if spec.folded:  # pooled over the last dimension: one bag per leading index
+        L = ids.shape[-1]
+        lengths = torch.full((values.numel() // max(L, 1),), L, dtype=torch.int64, device=ids.device)
+        values, lengths, _ = _drop_padding(values, lengths, None, spec.padding_idx)
+        divisor = torch.full_like(lengths, max(L, 1)) if slot.pooling == "mean" else None
+        return SlotInput(values, lengths, None, divisor, shape=tuple(ids.shape[:-1]))
+    keep = None
+    if spec.padding_idx is not None:
+        keep = values != spec.padding_idx
+        values = values[keep]
+    return SlotInput(values, shape=tuple(ids.shape), keep=keep)
+
+
+def _kjt_slot(spec: NodeSpec, slot: SlotSpec, kjt) -> SlotInput:
+    jt = kjt[slot.feature]
+    values, lengths = jt.values().long(), jt.lengths().long()
+    if spec.kind == "ec":
+        return SlotInput(values, shape=(values.numel(),), jt_lengths=jt.lengths())
+    weights = jt.weights_or_none()
+    divisor = lengths.clamp(min=1) if slot.pooling == "mean" else None
+    return SlotInput(values, lengths, weights, divisor, shape=(lengths.numel(),))
+
+
+def _check(slots: list[SlotSpec], inputs: list[SlotInput], nodes: list[NodeSpec]) -> None:
+    """One host sync for the whole unit: ids in range, bag lengths consistent."""
+    stats = []
+    for inp in inputs:
+        v = inp.values
+        lo_hi = torch.aminmax(v) if v.numel() else (v.new_zeros(()), v.new_zeros(()))
+        total = inp.lengths.sum() if inp.lengths is not None else v.new_tensor(v.numel())
+        neg = (inp.lengths < 0).sum() if inp.lengths is not None else v.new_zeros(())
+        stats.append(torch.stack([lo_hi[0], lo_hi[1], total, neg]))
+    if not stats:
+        return
+    values = torch.stack(stats).tolist()
+    owner = {k: n.name for n in nodes for k in n.slots}
+    for k, (slot, inp, (lo, hi, total, neg)) in enumerate(zip(slots, inputs, values)):
+        feat = f", feature {slot.feature!r}" if slot.feature else ""
+        where = f"table {slot.table!r} (lookup %{owner[k]}{feat})"
+        if inp.values.numel() and (lo < 0 or hi >= slot.num_embeddings):
+            raise ValueError(f"{where}: id {lo if lo < 0 else hi} outside [0, {slot.num_embeddings})")
+        if neg or total != inp.values.numel():
+            raise ValueError(f"{where}: bag lengths sum to {total} (or are negative) but there are "
+                             f"{inp.values.numel()} ids")
+
+
+class GatherInputs(nn.Module):
+    """forward(per_node_args) -> list[SlotInput], one per slot. ``per_node_args[i]`` is
+    (ids, offsets, per_sample_weights) of node i, or (kjt,) for ebc/ec."""
+
+    def __init__(self, nodes: list[NodeSpec], slots: list[SlotSpec]):
+        super().__init__()
+        self.nodes, self.slots = nodes, slots
+
+    def forward(self, per_node_args) -> list[SlotInput]:
+        out: list[Optional[SlotInput]] = [None] * len(self.slots)
+        for spec, args in zip(self.nodes, per_node_args):
+            for k in spec.slots:
+                slot = self.slots[k]
+                if spec.kind in ("ebc", "ec"):
+                    out[k] = _kjt_slot(spec, slot, args[0])
+                elif spec.kind in ("module_bag", "functional_bag"):
+                    out[k] = _bag_slot(spec, slot, *args)
+                else:
+                    out[k] = _embedding_slot(spec, slot, args[0])
+                has_w = out[k].weights is not None
+                if has_w != slot.weighted:
+                    raise ValueError(f"table {slot.table!r} (lookup %{spec.name}): per-sample weights were "
+                                     f"{'present' if slot.weighted else 'absent'} when the model was sharded "
+                                     f"but are {'present' if has_w else 'absent'} now")
+        _check(self.slots, out, self.nodes)
+        return out
+
+    def extra_repr(self) -> str:
+        return f"nodes={[n.name for n in self.nodes]}, slots={len(self.slots)}"
+
+
+# ------------------------------------------------------------------ outputs
+def pool_rows(rows: Tensor, inp: SlotInput) -> Tensor:
+    """Sum (weighted) rows of one slot into its bags: ``num_bags x dim``."""
+    n_bags = inp.lengths.numel()
+    bag = torch.repeat_interleave(torch.arange(n_bags, device=rows.device), inp.lengths, output_size=rows.shape[0])
+    if inp.weights is not None:
+        rows = rows * inp.weights.to(rows.dtype).unsqueeze(1)
+    return rows.new_zeros(n_bags, rows.shape[1]).index_add(0, bag, rows)
+
+
+def _finish_slot(slot: SlotSpec, inp: SlotInput, out: Tensor) -> Tensor:
+    """A slot's result in the callee's form (before the node-level container)."""
+    if slot.pooling == "none":
+        if inp.keep is not None:  # padding positions get the (zero) padding row
+            full = out.new_zeros(inp.keep.numel(), out.shape[1])
+            out = full.index_put((inp.keep.nonzero().squeeze(1),), out)
+        return out.reshape(*inp.shape, slot.dim)
+    if not slot.served_pooled:
+        out = pool_rows(out, inp)
+    if inp.divisor is not None:
+        out = out / inp.divisor.to(out.dtype).unsqueeze(1)
+    return out.reshape(*inp.shape, slot.dim)
+
+
+class FinishOutputs(nn.Module):
+    """forward(inputs, slot_outputs) -> tuple with each replaced node's output, in node order."""
+
+    def __init__(self, nodes: list[NodeSpec], slots: list[SlotSpec]):
+        super().__init__()
+        self.nodes, self.slots = nodes, slots
+
+    def forward(self, inputs: list[SlotInput], slot_outputs: list[Tensor]) -> tuple[Any, ...]:
+        results = []
+        for spec in self.nodes:
+            outs = [_finish_slot(self.slots[k], inputs[k], slot_outputs[k]) for k in spec.slots]
+            if spec.kind == "ebc":
+                keys = [self.slots[k].feature for k in spec.slots]
+                results.append(KeyedTensor(keys, [self.slots[k].dim for k in spec.slots], torch.cat(outs, dim=1)))
+            elif spec.kind == "ec":
+                results.append({self.slots[k].feature: JaggedTensor(o, lengths=inputs[k].jt_lengths, validate=False)
+                                for k, o in zip(spec.slots, outs)})
+            else:
+                results.append(outs[0])
+        return tuple(results)
+
+    def extra_repr(self) -> str:
+        return f"nodes={[n.name for n in self.nodes]}"

@@ -1,0 +1,151 @@
+"""The output side of a sharded lookup unit (see dist_lookup.py for the whole pipeline).
+
+`OutputPrep` cuts this rank's lookup results into the send buffers of the output
+collectives; `CollectOutputs` cuts what came back into one result per slot. Buffers are 1-D
+(shards differ in width). Orders, shared by both sides:
+
+- all_to_all (table_wise / column_wise sums, every unpooled row): the block for source rank s
+  holds, for each route to this rank in route order, the rows of s's bags or ids;
+- reduce_scatter (row_wise): chunk s holds, for each row_wise slot in slot order, the partial
+  sums of s's bags; after the sum each rank holds its own chunk;
+- table_row_wise: on each node, chunk j of the node's reduce_scatter holds, for every node m
+  and each of the node's table_row_wise slots, the partial sums of rank (m, j)'s bags; the
+  cross-node all_to_all then sends node m's block to rank (m, j).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from fxrec.runtime.dist_lookup import LookupState, SendState, UnitSpec
+
+__all__ = ["OutputPrep", "CollectOutputs", "GroupTable"]
+
+
+def _cat(parts: list[Tensor], empty: Tensor) -> Tensor:
+    buf = torch.cat(parts) if parts else empty
+    if torch.is_grad_enabled() and not buf.requires_grad:
+        # Every rank must run the collective's backward, also one that holds no shard
+        # (its buffer is empty and would otherwise be cut from the autograd graph).
+        buf = buf.detach().requires_grad_(True)
+    return buf
+
+
+class OutputPrep(nn.Module):
+    """forward(pooled out, unpooled outs, LookupState, SendState) -> (all_to_all buffer, its
+    out splits, in splits, row_wise reduce_scatter buffer, table_row_wise reduce_scatter
+    buffer, cross-node out splits, in splits); the table_row_wise three are None when the
+    unit has no such table."""
+
+    def __init__(self, spec: UnitSpec, dtype: torch.dtype, device=None):
+        super().__init__()
+        self.spec, self.dtype, self.device = spec, dtype, device
+        self.shards = spec.local_shards()
+        self.col0 = {}  # pooled shard position -> its first column in the fused output
+        c = 0
+        for pos, s in enumerate(self.shards):
+            if s.pooled:
+                self.col0[pos] = c
+                c += s.num_cols
+
+    def _piece(self, p_out, u_out, ls: LookupState, key) -> Tensor:
+        pos, start, n = ls.places[key]
+        shard = self.shards[pos]
+        if shard.pooled:
+            c = self.col0[pos]
+            return p_out[start:start + n, c:c + shard.num_cols].reshape(-1)
+        return u_out[pos - len(self.col0)][start:start + n].reshape(-1)
+
+    def forward(self, p_out, u_out, ls: LookupState, send: SendState):
+        spec, W = self.spec, self.spec.world_size
+        mine = [i for i in spec.my_routes() if spec.routes[i].output == "a2a"]
+        empty = torch.zeros(0, dtype=self.dtype, device=self.device)
+        a2a = [self._piece(p_out, u_out, ls, (s, i)) for s in range(W) for i in mine]
+        a2a_in = [sum(ls.places[(s, i)][2] * spec.routes[i].width for i in mine) for s in range(W)]
+        a2a_out = [0] * W
+        for i, r in enumerate(spec.routes):
+            if r.output == "a2a":
+                a2a_out[r.rank] += send.sizes[i][0 if r.pooled else 1] * r.width
+        rs = [self._piece(p_out, u_out, ls, (s, spec.route_to(k, spec.rank)))
+              for s in range(W) for k in spec.slots_by_output("rs")]
+        return (_cat(a2a, empty), a2a_out, a2a_in, _cat(rs, empty)) + self._twrw(p_out, u_out, ls, send, empty)
+
+    def _twrw(self, p_out, u_out, ls, send: SendState, empty):
+        spec, P, M = self.spec, self.spec.ranks_per_node, self.spec.num_nodes
+        if not any(r.output == "twrw" for r in spec.routes):
+            return None, None, None
+        mine = spec.slots_by_output("twrw", spec.rank // P)
+        parts = [self._piece(p_out, u_out, ls, (m * P + j, spec.route_to(k, spec.rank)))
+                 for j in range(P) for m in range(M) for k in mine]
+        # Every rank feeds the same bags to these slots (RecvSplits checks), so this rank's
+        # own bag counts size every block.
+        cross_in = [sum(send.bags[k] * spec.slots[k].dim for k in mine)] * M
+        cross_out = [sum(send.bags[k] * spec.slots[k].dim for k in spec.slots_by_output("twrw", n))
+                     for n in range(M)]
+        return _cat(parts, empty), cross_out, cross_in
+
+
+class CollectOutputs(nn.Module):
+    """forward(inputs, SendState or None, all_to_all result, row_wise result, table_row_wise
+    result, replicated outputs) -> per slot: pooled sums ``bags x dim`` (tables served
+    pooled) or rows ``ids x dim`` in the slot's own id order."""
+
+    def __init__(self, spec: UnitSpec, dp_slots: list[int]):
+        super().__init__()
+        self.spec, self.dp_slots = spec, list(dp_slots)
+
+    def _a2a_pieces(self, a2a: Tensor, send: SendState) -> dict:
+        spec, keys, sizes = self.spec, [], []
+        for d in range(spec.world_size):
+            for i, r in enumerate(spec.routes):
+                if r.rank == d and r.output == "a2a":
+                    keys.append(i)
+                    sizes.append(send.sizes[i][0 if r.pooled else 1] * r.width)
+        return dict(zip(keys, a2a.split(sizes))) if keys else {}
+
+    def _chunks(self, buf: Optional[Tensor], slots: list[int], send: SendState) -> dict:
+        if not slots:
+            return {}
+        dims = [self.spec.slots[k].dim for k in slots]
+        parts = buf.split([send.bags[k] * d for k, d in zip(slots, dims)])
+        return {k: p.view(send.bags[k], d) for k, p, d in zip(slots, parts, dims)}
+
+    def _from_a2a(self, k: int, pieces: dict, send: SendState) -> Tensor:
+        spec = self.spec
+        routes = spec.routes_of_slot(k)
+        blocks = [pieces[i].view(-1, spec.routes[i].width) for i in routes]
+        if spec.routes[routes[0]].bucketized:  # row-served row_wise: rows come back grouped by shard
+            rows = torch.cat(blocks)
+            perm = send.perms[k]
+            inverse = torch.empty_like(perm)
+            inverse[perm] = torch.arange(rows.shape[0], device=rows.device)
+            return rows.index_select(0, inverse)
+        # table_wise: one block; column_wise: the column blocks side by side, in column order
+        return blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=1)
+
+    def forward(self, inputs, send: Optional[SendState], a2a, rs, twrw, replicated):
+        spec = self.spec
+        out = dict(zip(self.dp_slots, replicated or []))
+        if send is not None:
+            out.update(self._chunks(rs, spec.slots_by_output("rs"), send))
+            twrw_slots = [k for n in range(spec.num_nodes) for k in spec.slots_by_output("twrw", n)]
+            out.update(self._chunks(twrw, twrw_slots, send))
+            pieces = self._a2a_pieces(a2a, send) if a2a is not None else {}
+            for k in range(len(spec.slots)):
+                if k not in out:
+                    out[k] = self._from_a2a(k, pieces, send)
+        return [out[k] for k in range(len(spec.slots))]
+
+
+class GroupTable(nn.Module):
+    """forward(name) -> the process group `name` ("intra_node" / "cross_node"), so that graph
+    nodes name a group without holding the (unprintable) group object in the code."""
+
+    def __init__(self, groups):
+        super().__init__()
+        self._groups = groups
+
+    def forward(self, name: str):
+        return getattr(self._groups, name) if self._groups is not None else None

@@ -1,0 +1,214 @@
+"""The lookups a rank runs on its own tables: its shards, and replicated (data_parallel) tables.
+
+`LocalLookup` serves this rank's shards of a unit with `fxrec.lowering.FusedEmbeddingBags`
+(one pooled, one unpooled), whose backward applies the sparse optimizer to the touched rows.
+The gradient those kernels see is the sum over every rank's samples; the unsharded model,
+trained on the global batch with the loss averaged over it, sees 1/W of that (dense
+gradients are averaged across ranks the same way), so the kernels' input is scaled by 1/W
+in backward, and the per-sample-weight gradient, which belongs to the sample's own rank, is
+scaled back by W.
+
+`ReplicatedLookup` serves data_parallel tables: each rank looks up its own batch in its full
+replica; in backward the replicas' dense gradients (and a touched-row count) are summed
+over ranks with one all-reduce, divided by W, and the optimizer updates the touched rows,
+so replicas stay equal.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from fxrec.lowering.layout import TBELayout
+from fxrec.lowering.sparse_update import init_state
+from fxrec.lowering.tbe import FusedEmbeddingBags
+from fxrec.lowering.torch_ref import apply_update
+from fxrec.passes.shard_ops import SlotInput, SlotSpec
+from fxrec.runtime import comm
+
+__all__ = ["LocalLookup", "ReplicatedLookup", "scale_grad"]
+
+
+class _ScaleGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, scale):
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * ctx.scale, None
+
+
+def scale_grad(x: Optional[Tensor], scale: float) -> Optional[Tensor]:
+    """Identity forward; multiplies the gradient by `scale` in backward."""
+    if x is None or scale == 1.0 or not torch.is_grad_enabled():
+        return x
+    return _ScaleGrad.apply(x, scale)
+
+
+@dataclass(frozen=True)
+class _Table:  # what FusedEmbeddingBags reads from a table spec
+    name: str
+    num_embeddings: int
+    embedding_dim: int
+    pooling: str
+    dtype: torch.dtype
+
+
+class LocalLookup(nn.Module):
+    """forward(pooled indices, offsets, weights, unpooled indices, offsets) -> (pooled
+    ``B x sum(shard widths)`` or None, list of unpooled ``rows x width`` per shard).
+
+    shards: this rank's `LocalShard`s (pooled first); `init[key]` its initial values."""
+
+    def __init__(self, shards, optimizer, world_size: int, dtype: torch.dtype, device, init: dict):
+        super().__init__()
+        self.world_size = world_size
+        pooled = [_Table(s.key, s.num_rows, s.num_cols, "sum", dtype) for s in shards if s.pooled]
+        unpooled = [_Table(s.key, s.num_rows, s.num_cols, "none", dtype) for s in shards if not s.pooled]
+        self.pooled = self._fused(pooled, optimizer, device, init)
+        self.unpooled = self._fused(unpooled, optimizer, device, init)
+
+    @staticmethod
+    def _fused(tables, optimizer, device, init) -> Optional[FusedEmbeddingBags]:
+        if not tables:
+            return None
+        # FusedEmbeddingBags draws its own initial values from the global RNG; keep the
+        # user's RNG stream identical on every rank (each rank builds different shards).
+        with torch.random.fork_rng(devices=[]):
+            fused = FusedEmbeddingBags(tables, optimizer=optimizer, device=device, bounds_check=False)
+        fused.load_tables({t.name: init[t.name] for t in tables})
+        return fused
+
+    def forward(self, p_idx, p_off, p_psw, u_idx, u_off):
+        inv = 1.0 / self.world_size
+        p_out = None
+        if self.pooled is not None:
+            p_psw = scale_grad(p_psw, float(self.world_size)) if p_psw is not None else None
+            p_out = scale_grad(self.pooled(p_idx, p_off, p_psw), inv)
+        u_out = []
+        if self.unpooled is not None:
+            flat = scale_grad(self.unpooled(u_idx, u_off), inv)
+            counts = (u_off[1:] - u_off[:-1]).tolist()
+            widths = self.unpooled.layout.dims
+            u_out = [b.view(n, w) for b, n, w in zip(flat.split([n * w for n, w in zip(counts, widths)]),
+                                                     counts, widths)]
+        return p_out, u_out
+
+    def fused_modules(self) -> list[FusedEmbeddingBags]:
+        return [m for m in (self.pooled, self.unpooled) if m is not None]
+
+    def shard_weights(self) -> dict[str, Tensor]:
+        """Shard key -> ``rows x width`` view of its live weights."""
+        out = {}
+        for m in self.fused_modules():
+            out.update(m.table_weights())
+        return out
+
+
+class _Replicated(torch.autograd.Function):
+    """Forward: every data-parallel slot's lookup. Backward: all-reduce the replicas' grads,
+    then update the touched rows (see module doc)."""
+
+    @staticmethod
+    def forward(ctx, anchor, owner, inputs, *weights):
+        ctx.owner, ctx.inputs = owner, inputs
+        ctx.save_for_backward(*[w if w is not None else anchor for w in weights])
+        return tuple(owner._lookup(inputs, weights))
+
+    @staticmethod
+    def backward(ctx, *grads):
+        owner, inputs = ctx.owner, ctx.inputs
+        weights = [w if w.numel() else None for w in ctx.saved_tensors]
+        psw_grads = owner._psw_grads(inputs, grads, weights, ctx.needs_input_grad[3:])
+        owner._update(inputs, grads, weights)
+        return (None, None, None) + tuple(psw_grads)
+
+
+class ReplicatedLookup(nn.Module):
+    """forward(inputs of the unit's data-parallel slots) -> their outputs: pooled sums
+    ``bags x dim`` for tables served pooled, else rows ``ids x dim``.
+
+    slots: the SlotSpecs, aligned with forward's inputs; `init[table]` the full table."""
+
+    def __init__(self, slots: list[SlotSpec], optimizer, world_size: int, dtype, device, init: dict, group=None):
+        super().__init__()
+        self.slots, self.optimizer, self.world_size, self.group = list(slots), optimizer, world_size, group
+        self.tables = list(dict.fromkeys(s.table for s in self.slots))
+        self._anchor = torch.empty(0, requires_grad=True)
+        self._state: list[dict] = []
+        for i, name in enumerate(self.tables):
+            full = init[name]
+            self.register_buffer(f"table{i}", full.detach().to(device=device, dtype=dtype).clone())
+            spec = _Table(name, full.shape[0], full.shape[1], "none", dtype)
+            state = init_state(optimizer, TBELayout([spec], device))
+            for key, value in state.items():
+                if value.numel() == full.numel() and full.shape[0] != full.numel():
+                    value = value.view(full.shape[0], full.shape[1])
+                self.register_buffer(f"table{i}_{key}", value)
+            self._state.append(list(state))
+
+    def table(self, name: str) -> Tensor:
+        return getattr(self, f"table{self.tables.index(name)}")
+
+    def _table_state(self, i: int) -> dict:
+        return {key: getattr(self, f"table{i}_{key}") for key in self._state[i]}
+
+    def _lookup(self, inputs: list[SlotInput], weights) -> list[Tensor]:
+        outs = []
+        for slot, inp, w in zip(self.slots, inputs, weights):
+            table = self.table(slot.table)
+            if slot.served_pooled:
+                offsets = torch.cat([inp.lengths.new_zeros(1), inp.lengths.cumsum(0)[:-1]])
+                outs.append(F.embedding_bag(inp.values, table, offsets, mode="sum", per_sample_weights=w))
+            else:
+                outs.append(table[inp.values])
+        return outs
+
+    def _occurrence_grads(self, slot: SlotSpec, inp: SlotInput, grad: Tensor, w) -> Tensor:
+        if not slot.served_pooled:
+            return grad
+        bag = torch.repeat_interleave(torch.arange(inp.lengths.numel(), device=grad.device), inp.lengths,
+                                      output_size=inp.values.numel())
+        g = grad[bag]
+        return g * w.unsqueeze(1).to(g.dtype) if w is not None else g
+
+    def _psw_grads(self, inputs, grads, weights, needs) -> list[Optional[Tensor]]:
+        out = []
+        for slot, inp, g, w, need in zip(self.slots, inputs, grads, weights, needs):
+            if not need:
+                out.append(None)
+                continue
+            occ = self._occurrence_grads(slot, inp, g, None)
+            out.append((occ * self.table(slot.table)[inp.values].to(occ.dtype)).sum(1))
+        return out
+
+    @torch.no_grad()
+    def _update(self, inputs, grads, weights) -> None:
+        # One all-reduce: each table's dense grad with a touched-count column.
+        acc = [torch.zeros(self.table(n).shape[0], self.table(n).shape[1] + 1, dtype=torch.float32,
+                           device=self.table(n).device) for n in self.tables]
+        for slot, inp, g, w in zip(self.slots, inputs, grads, weights):
+            if g is None:
+                continue
+            occ = self._occurrence_grads(slot, inp, g, w).float()
+            occ = torch.cat([occ, torch.ones(occ.shape[0], 1, device=occ.device)], dim=1)
+            acc[self.tables.index(slot.table)].index_add_(0, inp.values, occ)
+        flat = comm.all_reduce(torch.cat([a.reshape(-1) for a in acc]), "sum", group=self.group)
+        for i, (name, a) in enumerate(zip(self.tables, flat.split([a.numel() for a in acc]))):
+            a = a.view(-1, self.table(name).shape[1] + 1)
+            rows = (a[:, -1] > 0).nonzero().squeeze(1)
+            if rows.numel() and self.optimizer is not None:
+                apply_update(self.optimizer, self.table(name), self._table_state(i), rows,
+                             a[rows, :-1] / self.world_size)
+
+    def forward(self, inputs: list[SlotInput]) -> list[Tensor]:
+        weights = [inp.weights for inp in inputs]
+        if torch.is_grad_enabled() and (self.optimizer is not None or any(
+                w is not None and w.requires_grad for w in weights)):
+            return list(_Replicated.apply(self._anchor, self, inputs, *weights))
+        return self._lookup(inputs, weights)

@@ -1,0 +1,287 @@
+"""`fxrec.shard`: the user's unsharded model in, this rank's `ShardedModel` out.
+
+    model = DLRM(...)                                    # same seed on every rank
+    sharded = fxrec.shard(model, fxrec.Topology(world_size=4), example_inputs,
+                          sparse_optimizer=fxrec.optim.RowWiseAdagrad(lr=0.05))
+    opt = torch.optim.SGD(sharded.parameters(), lr=0.1)  # dense parameters only
+    loss = loss_fn(sharded(*local_batch), labels); loss.backward(); opt.step()
+
+Every rank calls `shard` (it is collective) with the same model and example inputs. The
+model is captured, its lookups found and planned (rank 0's plan is broadcast so every rank
+runs the same one), and `apply_plan` rewrites the graph into this rank's program.
+
+Equivalence (DESIGN.md): W ranks each fed b local samples compute what the unsharded
+model computes on the concatenated W*b global batch, and one step with the loss averaged
+over each local batch leaves tables and dense parameters where the unsharded step on the
+global batch (loss averaged over it) leaves them: dense gradients are averaged across
+ranks in backward (`DenseGradSync`), sparse ones scaled by 1/W before the fused optimizer.
+Every rank must feed the same local batch size to row_wise / table_row_wise tables (a
+clear error otherwise); table_wise, column_wise and data_parallel ones take any.
+One exception, shared with TorchRec/FBGEMM: under RowWiseAdagrad each column shard of a
+column_wise table keeps its own per-row accumulator (the mean of g^2 over its columns).
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.fx import GraphModule
+
+from fxrec.capture import capture
+from fxrec.optim import OPTIMIZERS, SGD
+from fxrec.passes import lookup as L
+from fxrec.passes.apply_plan import ROOT, apply_plan_pass, build_units, check_plan
+from fxrec.passes.runner import PassContext, run_passes
+from fxrec.runtime import comm
+from fxrec.runtime.local_lookup import LocalLookup, ReplicatedLookup
+from fxrec.runtime.tables import deterministic_init, gather_full, shard_from_full
+
+__all__ = ["shard", "ShardedModel", "DEFAULT_SPARSE_OPTIMIZER"]
+
+# TorchRec's fused default: plain SGD on the touched rows.
+DEFAULT_SPARSE_OPTIMIZER = SGD(lr=0.01)
+
+
+class ShardedModel(nn.Module):
+    """This rank's part of a sharded model. ``forward`` takes the user's arguments (the
+    local batch); ``parameters()`` are the dense parameters only (their gradients are
+    averaged across ranks during backward); the tables' shards are buffers, trained by
+    the fused sparse optimizer inside backward. ``module`` is the rewritten GraphModule."""
+
+    def __init__(self, gm: GraphModule, plan, state_keys: list[str], tables: dict, extra: dict, grad_sync=None):
+        super().__init__()
+        self.module = gm
+        self._plan, self._keys, self._tables, self._extra = plan, list(state_keys), tables, extra
+        self._param_tables = gm.meta.get(L.PARAM_TABLES, {})
+        self.grad_sync = grad_sync
+
+    @property
+    def plan(self):
+        """The `fxrec.Plan` this model was sharded with."""
+        return self._plan
+
+    def forward(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+    # -- the tables ----------------------------------------------------------------
+    def _lookups(self):
+        return [m for m in self.module.modules() if isinstance(m, (LocalLookup, ReplicatedLookup))]
+
+    @property
+    def sparse_optimizer(self):
+        """The fused sparse optimizer (a `fxrec.optim` config)."""
+        for m in self._lookups():
+            if isinstance(m, ReplicatedLookup):
+                return m.optimizer
+            if m.fused_modules():
+                return m.fused_modules()[0].optimizer
+        return None
+
+    @sparse_optimizer.setter
+    def sparse_optimizer(self, value) -> None:
+        """Swap in a config of the same type (e.g. a new learning rate); state is kept."""
+        for m in self._lookups():
+            if isinstance(m, LocalLookup):
+                for fused in m.fused_modules():
+                    fused.optimizer = value
+            else:
+                if type(value) is not type(m.optimizer):
+                    raise ValueError(f"sparse_optimizer must stay a {type(m.optimizer).__name__}, got {value!r}")
+                m.optimizer = value
+
+    def local_shards(self) -> dict[str, list[tuple]]:
+        """Table -> this rank's ``(rows, cols, live weight view)`` pieces."""
+        out: dict[str, list] = {}
+        for m in self._lookups():
+            if isinstance(m, LocalLookup):
+                for key, w in m.shard_weights().items():
+                    table, _, idx = key.rpartition("@")
+                    s = self._plan[table].shards[int(idx)]
+                    out.setdefault(table, []).append((tuple(s.rows), tuple(s.cols), w))
+            else:
+                for name in m.tables:
+                    w = m.table(name)
+                    out.setdefault(name, []).append(((0, w.shape[0]), (0, w.shape[1]), w))
+        return out
+
+    def full_state_dict(self) -> "OrderedDict[str, Tensor]":
+        """The unsharded model's state_dict (same keys, same order), tables gathered from
+        every rank. Collective: every rank calls it; every rank gets the whole dict."""
+        mine = self.local_shards()
+        full = {name: gather_full(mine.get(name, []), info.num_embeddings, info.embedding_dim, info.dtype)
+                for name, info in self._tables.items()}
+        dense = self.module.state_dict()
+        out = OrderedDict()
+        for key in self._keys:
+            table = self._param_tables.get(key)
+            if table in full:
+                out[key] = full[table]
+            else:
+                out[key] = (dense[key] if key in dense else self._extra[key]).detach().clone()
+        return out
+
+    @torch.no_grad()
+    def load_full_state_dict(self, state: dict) -> None:
+        """Load an unsharded state_dict: each shard takes its slice of its table, dense
+        parameters and buffers their values. Optimizer state is left as it is."""
+        missing = [k for k in self._keys if k not in state]
+        if missing:
+            raise KeyError(f"load_full_state_dict: missing key {missing[0]!r}")
+        by_table = {self._param_tables.get(k): k for k in self._keys if self._param_tables.get(k) in self._tables}
+        for table, pieces in self.local_shards().items():
+            for rows, cols, w in pieces:
+                w.copy_(shard_from_full(state[by_table[table]], rows, cols))
+        dense = {k: v for k, v in state.items() if self._param_tables.get(k) not in self._tables}
+        own = self.module.state_dict()
+        self.module.load_state_dict({k: v for k, v in dense.items() if k in own}, strict=False)
+
+
+# ------------------------------------------------------------------ shard()
+def _passes_from_apply_plan() -> list:
+    """apply_plan and the passes after it in the runner's list (apply_plan alone while the
+    list does not hold it yet)."""
+    from fxrec.passes import runner
+
+    names = [name for name, _ in runner.PASSES]
+    if "apply_plan" in names:
+        return runner.PASSES[names.index("apply_plan"):]
+    return [("apply_plan", apply_plan_pass)]
+
+
+def _check_world(topology) -> tuple[int, int]:
+    world, rank = comm.world_size(), comm.rank()
+    if topology.world_size != world:
+        raise ValueError(f"fxrec.shard: topology has world_size {topology.world_size} but this job has {world} "
+                         f"rank(s) (torch.distributed {'is' if dist.is_initialized() else 'is not'} initialised)")
+    return world, rank
+
+
+def _agreed_plan(ctx: PassContext, topology, constraints, optimizer, world: int):
+    """Rank 0's plan on every rank (example batches, hence pooling factors, may differ).
+    A planning error on rank 0 is raised on every rank, so none waits for the others."""
+    from fxrec.planner.plan import Plan, plan as make_plan
+
+    box: list = [None]
+    if comm.rank() == 0:
+        try:
+            box[0] = ("ok", make_plan(list(ctx.tables.values()), topology, constraints=constraints,
+                                      sparse_optimizer=optimizer).to_json())
+        except Exception as e:  # noqa: BLE001 - re-raised below, on every rank
+            box[0] = ("error", e)
+    if world > 1:
+        dist.broadcast_object_list(box, src=0)
+    status, value = box[0]
+    if status == "error":
+        raise value
+    return Plan.from_json(value)
+
+
+def _initialiser(model: nn.Module, tables: dict, seed: int, device):
+    """Shard values: sliced from the model's tables, or drawn by deterministic_init for a
+    table on the meta device (never materialising the full table)."""
+    weights = {}
+    names = L.table_names_by_param(model)
+    params = dict(model.named_parameters(remove_duplicate=False))
+    params.update(dict(model.named_buffers(remove_duplicate=False)))
+    for path, table in names.items():
+        if table in tables and path in params:
+            weights.setdefault(table, params[path])
+
+    def values(table: str, rows, cols) -> Tensor:
+        w, info = weights[table], tables[table]
+        if w.is_meta:
+            return deterministic_init(table, info.num_embeddings, info.embedding_dim, rows, cols, seed=seed,
+                                      dtype=info.dtype, device=device)
+        return shard_from_full(w.detach(), rows, cols).to(device)
+    return values
+
+
+def _materialise_dense(gm: GraphModule, device, seed: int) -> None:
+    """Dense modules left on the meta device get storage and their own reset_parameters(),
+    drawn from one generator stream seeded with `seed` (rank 0's values are broadcast
+    afterwards). Buffers an __init__ computed are not recomputed."""
+    metas = [(path, m) for path, m in gm.named_modules()
+             if any(t.is_meta for t in list(m.parameters(recurse=False)) + list(m.buffers(recurse=False)))]
+    for path, mod in metas:
+        if not hasattr(mod, "reset_parameters"):
+            raise ValueError(f"fxrec.shard: module {path!r} ({type(mod).__name__}) is on the meta device and has no "
+                             f"reset_parameters() to initialise it; build the model's dense part on a real device")
+    if not metas:
+        return
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for _, mod in metas:
+            mod.to_empty(device=device, recurse=False)
+            mod.reset_parameters()
+
+
+_GROUPS: dict = {}
+
+
+def _process_groups(topology):
+    """(ProcessGroups, a group for dense-gradient all-reduces), created once per default
+    process group and ranks_per_node: creating a group is collective and slow (gloo
+    connects every pair), and a job may shard several models."""
+    world_pg = dist.distributed_c10d._get_default_group()
+    key = (id(world_pg), topology.ranks_per_node)
+    cached = _GROUPS.get(key)
+    if cached is None or cached[0] is not world_pg:
+        # Keeping world_pg referenced keeps its id from being reused by a later group.
+        cached = (world_pg, comm.ProcessGroups(topology), dist.new_group(list(range(topology.world_size))))
+        _GROUPS[key] = cached
+    return cached[1], cached[2]
+
+
+def _broadcast_dense(gm: GraphModule) -> None:
+    # As DDP does at construction: every replica starts from rank 0's dense state.
+    for t in list(gm.parameters()) + [b for name, b in gm.named_buffers() if not name.startswith(ROOT)]:
+        dist.broadcast(t.data, src=0)
+
+
+def shard(model: nn.Module, topology, example_inputs, plan=None, constraints=None, sparse_optimizer=None, *,
+          seed: int = 0) -> ShardedModel:
+    """Shard `model` for `topology` on this rank (collective: every rank calls it).
+
+    plan: a `fxrec.Plan` (checked against the model's tables and the topology), else
+    ``fxrec.plan(tables, topology, constraints=...)`` on rank 0, broadcast.
+    sparse_optimizer: `fxrec.optim.SGD / RowWiseAdagrad / Adam`, fused into backward;
+    default `DEFAULT_SPARSE_OPTIMIZER` (SGD, lr 0.01, TorchRec's default).
+    seed: for tables on the meta device (`fxrec.runtime.tables.deterministic_init`) and
+    meta dense modules' reset_parameters().
+    Raises ValueError when the job's world size differs from the topology's, or the plan
+    misses a table, has another table's size or was made for another topology.
+    """
+    inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    world, rank = _check_world(topology)
+    if plan is not None and constraints is not None:
+        raise ValueError("fxrec.shard: give a plan or constraints to plan with, not both")
+    optimizer = DEFAULT_SPARSE_OPTIMIZER if sparse_optimizer is None else sparse_optimizer
+    if not isinstance(optimizer, OPTIMIZERS):
+        raise ValueError(f"fxrec.shard: sparse_optimizer must be fxrec.optim.SGD/RowWiseAdagrad/Adam, got {optimizer!r}")
+    device = torch.device("cuda", torch.cuda.current_device()) if topology.device == "cuda" else torch.device("cpu")
+    state_keys = list(model.state_dict().keys())
+    gm = capture(model, inputs)
+    ctx = PassContext(example_inputs=inputs, topology=topology)
+    gm = run_passes(gm, ctx, until="group_tables")
+    build_units(gm)  # unsupported lookups fail here with their own ValueError, before any planning
+    ctx.plan = plan if plan is not None else _agreed_plan(ctx, topology, constraints, optimizer, world)
+    check_plan(ctx.plan, ctx.tables, topology)  # here, so the user gets the ValueError / PlanError itself
+    groups, dense_group = _process_groups(topology) if world > 1 else (None, None)
+    ctx.options.update(rank=rank, world_size=world, sparse_optimizer=optimizer, process_groups=groups,
+                       device=device, init=_initialiser(model, ctx.tables, seed, device))
+    gm = run_passes(gm, ctx, passes=_passes_from_apply_plan())
+    _materialise_dense(gm, device, seed)
+    # Keys the graph does not hold (a parameter forward never reads): kept as they are.
+    own, names = gm.state_dict(), L.table_names_by_param(model)
+    extra = {k: v.detach() for k, v in model.state_dict(keep_vars=True).items()
+             if k not in own and names.get(k) not in ctx.tables and not v.is_meta}
+    grad_sync = None
+    if world > 1:
+        from fxrec.runtime.grad_sync import DenseGradSync
+
+        _broadcast_dense(gm)
+        grad_sync = DenseGradSync(list(gm.parameters()), group=dense_group)
+    return ShardedModel(gm, ctx.plan, state_keys, dict(ctx.tables), extra, grad_sync)

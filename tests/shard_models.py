@@ -1,0 +1,162 @@
+"""Small models for the sharding equivalence tests, each with local batches that concatenate
+into the global batch the unsharded reference sees.
+
+`CASES[name]`: ``build()`` (call under a fixed seed), ``draw(g, b)`` one rank's local batch of
+b samples, ``concat(batches)`` the global batch (rank 0's samples first). Tables are tiny
+(8-50 rows, dim 4-8) so that a spawn stays fast.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+from fxrec.modules import EmbeddingBagCollection, EmbeddingBagConfig
+from fxrec.sparse import KeyedJaggedTensor
+from models_zoo import DLRMEBC, DLRMLists, SequenceEC, TwoTower, _bags, _mlp
+
+
+def _cat_bags(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, offsets) of several local batches of bags as one batch."""
+    ids, offsets, base = [], [], 0
+    for i, o in pairs:
+        ids.append(i)
+        offsets.append(o + base)
+        base += i.numel()
+    return torch.cat(ids), torch.cat(offsets)
+
+
+def _kjt(g, rows: dict, b: int, weighted: bool = False, max_len: int = 3) -> KeyedJaggedTensor:
+    lengths = torch.randint(0, max_len + 1, (len(rows) * b,), generator=g)
+    per_key = lengths.view(len(rows), b).sum(1).tolist()
+    values = torch.cat([torch.randint(0, n, (k,), generator=g) for n, k in zip(rows.values(), per_key)])
+    weights = torch.rand(values.numel(), generator=g) if weighted else None
+    return KeyedJaggedTensor(list(rows), values, lengths=lengths, weights=weights)
+
+
+def _cat_kjt(kjts: list[KeyedJaggedTensor]) -> KeyedJaggedTensor:
+    keys = kjts[0].keys()
+    weighted = kjts[0].weights_or_none() is not None
+    values, lengths, weights = [], [], []
+    for key in keys:
+        for kjt in kjts:
+            jt = kjt[key]
+            values.append(jt.values())
+            lengths.append(jt.lengths())
+            if weighted:
+                weights.append(jt.weights())
+    return KeyedJaggedTensor(keys, torch.cat(values), lengths=torch.cat(lengths),
+                             weights=torch.cat(weights) if weighted else None)
+
+
+# ------------------------------------------------------------------ models
+def dlrm_lists() -> nn.Module:
+    return DLRMLists(m_spa=8, ln_emb=(12, 24, 40), ln_bot=(4, 8, 8), ln_top=(14, 8, 1))
+
+
+def _dlrm_lists_draw(g, b):
+    pairs = [_bags(g, n, b) for n in (12, 24, 40)]
+    return torch.randn(b, 4, generator=g), [o for _, o in pairs], [i for i, _ in pairs]
+
+
+def _dlrm_lists_cat(batches):
+    dense = torch.cat([x[0] for x in batches])
+    cat = [_cat_bags([(x[2][t], x[1][t]) for x in batches]) for t in range(3)]
+    return dense, [o for _, o in cat], [i for i, _ in cat]
+
+
+def _dlrm_ebc_draw(g, b):
+    return torch.randn(b, 4, generator=g), _kjt(g, {"user": 20, "item": 50, "last_item": 50, "cat": 10}, b)
+
+
+def _cat_dense_kjt(batches):
+    return torch.cat([x[0] for x in batches]), _cat_kjt([x[1] for x in batches])
+
+
+def _two_tower_draw(g, b):
+    return (torch.randint(0, 20, (b,), generator=g), torch.randint(0, 50, (b, 5), generator=g),
+            torch.randint(0, 50, (b,), generator=g))
+
+
+def _cat_tensors(batches):
+    return tuple(torch.cat(parts) for parts in zip(*batches))
+
+
+class Sequence(nn.Module):
+    """Unpooled nn.Embedding: per-token vectors (padding_idx 0) plus position vectors."""
+
+    def __init__(self):
+        super().__init__()
+        self.tok = nn.Embedding(40, 8, padding_idx=0)
+        self.pos = nn.Embedding(6, 8)
+        self.out = nn.Linear(8, 1)
+
+    def forward(self, tokens):
+        positions = torch.arange(tokens.shape[1], device=tokens.device)
+        h = torch.relu(self.tok(tokens) + self.pos(positions))
+        return self.out(h).squeeze(-1)
+
+
+def _sequence_draw(g, b):
+    return (torch.randint(0, 40, (b, 5), generator=g),)
+
+
+class WeightedMean(nn.Module):
+    """Per-sample weights on a sum bag, 2-D ids on a mean bag, and a mean EBC table."""
+
+    def __init__(self):
+        super().__init__()
+        self.bag = nn.EmbeddingBag(30, 4, mode="sum")
+        self.fixed = nn.EmbeddingBag(16, 4, mode="mean")
+        self.ebc = EmbeddingBagCollection([EmbeddingBagConfig("t_a", 24, 4, ["a"], pooling="mean"),
+                                           EmbeddingBagConfig("t_b", 8, 4, ["b"])])
+        self.top = _mlp([16, 8, 1])
+
+    def forward(self, ids, offsets, weights, fixed, kjt):
+        x = torch.cat([self.bag(ids, offsets, per_sample_weights=weights), self.fixed(fixed),
+                       self.ebc(kjt).values()], dim=1)
+        return self.top(x)
+
+
+def _weighted_draw(g, b):
+    ids, offsets = _bags(g, 30, b)
+    return (ids, offsets, torch.rand(ids.numel(), generator=g), torch.randint(0, 16, (b, 3), generator=g),
+            _kjt(g, {"a": 24, "b": 8}, b))
+
+
+def _weighted_cat(batches):
+    ids, offsets = _cat_bags([(x[0], x[1]) for x in batches])
+    return (ids, offsets, torch.cat([x[2] for x in batches]), torch.cat([x[3] for x in batches]),
+            _cat_kjt([x[4] for x in batches]))
+
+
+def _sequence_ec_draw(g, b):
+    return (_kjt(g, {"hist": 30, "clicks": 30, "query": 15}, b),)
+
+
+def _sequence_ec_cat(batches):
+    return (_cat_kjt([x[0] for x in batches]),)
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    build: Callable[[], nn.Module]
+    draw: Callable[[torch.Generator, int], tuple]
+    concat: Callable[[list], tuple]
+
+    def local_batches(self, world: int, b: int, seed: int) -> list[tuple]:
+        g = torch.Generator().manual_seed(seed)
+        return [self.draw(g, b) for _ in range(world)]
+
+
+CASES = {c.name: c for c in [
+    Case("dlrm_lists", dlrm_lists, _dlrm_lists_draw, _dlrm_lists_cat),
+    Case("dlrm_ebc", DLRMEBC, _dlrm_ebc_draw, _cat_dense_kjt),
+    Case("two_tower", TwoTower, _two_tower_draw, _cat_tensors),
+    Case("sequence", Sequence, _sequence_draw, _cat_tensors),
+    Case("weighted_mean", WeightedMean, _weighted_draw, _weighted_cat),
+    Case("sequence_ec", SequenceEC, _sequence_ec_draw, _sequence_ec_cat),
+]}

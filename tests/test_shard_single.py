@@ -1,0 +1,284 @@
+"""fxrec.shard in one process (world size 1, no process group): the rewrite's structure,
+its numbers against the unsharded model, training, state dicts, meta-device models, errors."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+from torch.testing import assert_close
+
+import fxrec
+from fxrec.modules import EmbeddingBagCollection, EmbeddingBagConfig
+from fxrec.optim import SGD, RowWiseAdagrad
+from fxrec.passes import lookup as L
+from fxrec.planner.plan import PlanError
+from fxrec.runtime import comm
+from fxrec.runtime.tables import deterministic_init
+from fxrec.shard import ShardedModel, shard
+from fxrec.topology import Topology
+from fxrec.types import TableInfo
+import models_zoo
+import shard_models
+from shard_models import CASES
+
+B = 3
+
+
+def _make(name: str, seed: int = 0):
+    case = CASES[name]
+    torch.manual_seed(seed)
+    model = case.build()
+    return case, model, case.local_batches(1, B, seed=1)[0]
+
+
+def _all(model, batch, sharding: str) -> dict:
+    return {t.name: sharding for t in fxrec.find_tables(model, batch)}
+
+
+def _comm_counts(sm: ShardedModel) -> dict:
+    counts: dict = {}
+    for node in sm.module.graph.nodes:
+        kind = node.meta.get(L.COMM)
+        if kind:
+            counts[kind] = counts.get(kind, 0) + 1
+    return counts
+
+
+# ------------------------------------------------------------------ structure + numbers
+@pytest.mark.parametrize("name, constraints, expected", [
+    # one unit for the three bags: ids all-to-all (counts + data), then the results back
+    ("dlrm_lists", "table_wise", {"all_to_all_counts": 1, "all_to_all": 2}),
+    ("dlrm_lists", "row_wise", {"all_to_all_counts": 1, "all_to_all": 1, "reduce_scatter": 1}),
+    ("dlrm_lists", "table_row_wise", {"all_to_all_counts": 1, "all_to_all": 2, "reduce_scatter": 1}),
+    ("dlrm_lists", "data_parallel", {}),
+    ("dlrm_lists", {"emb_l.0": "table_wise", "emb_l.1": "row_wise", "emb_l.2": "table_row_wise"},
+     {"all_to_all_counts": 1, "all_to_all": 3, "reduce_scatter": 2}),
+    ("dlrm_ebc", "row_wise", {"all_to_all_counts": 1, "all_to_all": 1, "reduce_scatter": 1}),
+    # per-sample weights travel in their own all-to-all
+    ("weighted_mean", "table_wise", {"all_to_all_counts": 1, "all_to_all": 3}),
+    # the shared item table serves a pooled and an unpooled read: rows come back by all-to-all
+    ("two_tower", "row_wise", {"all_to_all_counts": 1, "all_to_all": 2}),
+    ("sequence_ec", "table_wise", {"all_to_all_counts": 1, "all_to_all": 2}),
+])
+def test_structure_and_forward(name, constraints, expected):
+    case, model, batch = _make(name)
+    cons = _all(model, batch, constraints) if isinstance(constraints, str) else constraints
+    sm = shard(model, Topology(1), batch, constraints=cons)
+    sm.module.graph.lint()
+    assert _comm_counts(sm) == expected
+    assert not [n for n in sm.module.graph.nodes if L.LOOKUP in n.meta]  # every lookup rewritten
+    assert all(n.meta.get(L.PASS) for n in sm.module.graph.nodes)
+    assert all(sm.plan[t].sharding == s for t, s in cons.items())
+    fresh = case.local_batches(1, B, seed=7)[0]
+    assert_close(sm(*fresh), model(*fresh), rtol=1e-6, atol=1e-6)
+
+
+def test_comm_nodes_are_comm_functions():
+    _, model, batch = _make("dlrm_ebc")
+    sm = shard(model, Topology(1), batch, constraints=_all(model, batch, "row_wise"))
+    targets = {n.target for n in sm.module.graph.nodes if n.meta.get(L.COMM)}
+    assert targets == {comm.all_to_all_counts, comm.all_to_all, comm.reduce_scatter}
+
+
+def test_parameters_are_dense_only_and_state_dict_is_full():
+    _, model, batch = _make("two_tower")
+    sm = shard(model, Topology(1), batch)
+    dense = {n for n, _ in model.named_parameters() if ".item." not in n and ".user." not in n}
+    assert {n.removeprefix("module.") for n, _ in sm.named_parameters()} == dense
+    full, ref = sm.full_state_dict(), model.state_dict()
+    assert list(full) == list(ref)  # the shared item table appears under both of its keys
+    for key in ref:
+        assert_close(full[key], ref[key])
+
+
+@pytest.mark.parametrize("name, sharding, optimizer", [
+    ("dlrm_ebc", "row_wise", "sgd"),
+    ("two_tower", "table_wise", "rowwise_adagrad"),
+    ("weighted_mean", "data_parallel", "rowwise_adagrad"),
+    ("sequence", "table_row_wise", "sgd"),
+])
+def test_training_matches_unsharded(name, sharding, optimizer):
+    case, model, batch = _make(name)
+    ref = copy.deepcopy(model)
+    tables = {t.name for t in fxrec.find_tables(model, batch)}
+    sparse = SGD(0.1) if optimizer == "sgd" else RowWiseAdagrad(0.1)
+    sm = shard(model, Topology(1), batch, constraints={t: sharding for t in tables}, sparse_optimizer=sparse)
+    names = L.table_names_by_param(ref)
+    t_params = [p for n, p in ref.named_parameters() if names[n] in tables]
+    d_params = [p for n, p in ref.named_parameters() if names[n] not in tables]
+    opt, ref_opt = torch.optim.SGD(sm.parameters(), lr=0.1), torch.optim.SGD(d_params, lr=0.1)
+    momentum = [torch.zeros(p.shape[0]) for p in t_params]
+    for step in range(3):
+        x = case.local_batches(1, B, seed=20 + step)[0]
+        opt.zero_grad()
+        sm(*x).square().mean().backward()
+        opt.step()
+        ref.zero_grad()
+        ref(*x).square().mean().backward()
+        ref_opt.step()
+        with torch.no_grad():
+            for p, m in zip(t_params, momentum):
+                g = torch.zeros_like(p) if p.grad is None else p.grad
+                if optimizer == "sgd":
+                    p -= 0.1 * g
+                else:
+                    m += (g * g).mean(1)
+                    p -= (0.1 / (m.sqrt() + 1e-8)).unsqueeze(1) * g
+    full = sm.full_state_dict()
+    for key, value in ref.state_dict().items():
+        assert_close(full[key], value, rtol=1e-5, atol=1e-6)
+
+
+def test_load_full_state_dict():
+    _, model, batch = _make("dlrm_ebc")
+    sm = shard(model, Topology(1), batch, constraints=_all(model, batch, "row_wise"))
+    torch.manual_seed(3)
+    other = CASES["dlrm_ebc"].build()
+    sm.load_full_state_dict(other.state_dict())
+    assert_close(sm(*batch), other(*batch))
+
+
+class MetaTables(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.ebc = EmbeddingBagCollection([EmbeddingBagConfig("t_a", 24, 4, ["a"]),
+                                           EmbeddingBagConfig("t_b", 8, 4, ["b"], pooling="mean")])
+        self.lin = nn.Linear(8, 1)
+
+    def forward(self, kjt):
+        return self.lin(self.ebc(kjt).values())
+
+
+def test_meta_model_initialises_deterministically():
+    with torch.device("meta"):
+        model = MetaTables()
+    kjt = CASES["weighted_mean"].local_batches(1, B, seed=1)[0][4]
+    cons = {"ebc.embedding_bags.t_a": "row_wise", "ebc.embedding_bags.t_b": "table_wise"}
+    sm = shard(model, Topology(1), (kjt,), constraints=cons, seed=5)
+    full = sm.full_state_dict()
+    for name, rows in (("t_a", 24), ("t_b", 8)):
+        expected = deterministic_init(f"ebc.embedding_bags.{name}", rows, 4, (0, rows), (0, 4), seed=5)
+        assert_close(full[f"ebc.embedding_bags.{name}.weight"], expected)
+    assert model.ebc.embedding_bags["t_a"].weight.is_meta  # the user's tables stay unmaterialised
+    assert not any(p.is_meta for p in sm.parameters())  # dense layers got storage and reset_parameters()
+    ref = MetaTables()
+    ref.load_state_dict(full)
+    assert_close(sm(kjt), ref(kjt))
+
+
+# ------------------------------------------------------------------ errors
+def test_world_size_mismatch():
+    _, model, batch = _make("dlrm_lists")
+    with pytest.raises(ValueError, match=r"topology has world_size 2 but this job has 1 rank"):
+        shard(model, Topology(2), batch)
+
+
+def test_plan_missing_a_table():
+    _, model, batch = _make("dlrm_lists")
+    tables = fxrec.find_tables(model, batch)
+    plan = fxrec.plan(tables[:2], Topology(1))
+    with pytest.raises(ValueError, match=r"plan has no entry for table 'emb_l.2'"):
+        shard(model, Topology(1), batch, plan=plan)
+
+
+def test_plan_for_another_topology():
+    _, model, batch = _make("dlrm_lists")
+    plan = fxrec.plan(fxrec.find_tables(model, batch), Topology(2))
+    with pytest.raises(PlanError, match=r"plan was made for 2 ranks .* not 1"):
+        shard(model, Topology(1), batch, plan=plan)
+
+
+def test_plan_for_other_table_sizes():
+    _, model, batch = _make("dlrm_lists")
+    tables = [t if t.name != "emb_l.1" else TableInfo("emb_l.1", 99, 8) for t in fxrec.find_tables(model, batch)]
+    with pytest.raises(ValueError, match=r"table 'emb_l.1' was planned as 99 x 8 but the model's is 24 x 8"):
+        shard(model, Topology(1), batch, plan=fxrec.plan(tables, Topology(1)))
+
+
+@pytest.mark.parametrize("sharding", ["table_wise", "row_wise", "data_parallel"])
+def test_id_out_of_range(sharding):
+    _, model, batch = _make("dlrm_lists")
+    sm = shard(model, Topology(1), batch, constraints=_all(model, batch, sharding))
+    dense, offsets, ids = batch
+    bad = [i.clone() for i in ids]
+    bad[1][0] = 24
+    with pytest.raises(ValueError, match=r"table 'emb_l.1' \(lookup %emb_l_1\): id 24 outside \[0, 24\)"):
+        sm(dense, offsets, bad)
+
+
+def test_weights_must_stay_present():
+    case, model, batch = _make("weighted_mean")
+    sm = shard(model, Topology(1), batch)
+    ids, offsets, _, fixed, kjt = batch
+    with pytest.raises(ValueError, match=r"table 'bag' .*per-sample weights were present .* absent now"):
+        sm(ids, offsets, None, fixed, kjt)
+
+
+def test_bad_sparse_optimizer():
+    _, model, batch = _make("dlrm_lists")
+    with pytest.raises(ValueError, match=r"sparse_optimizer must be fxrec.optim"):
+        shard(model, Topology(1), batch, sparse_optimizer=torch.optim.SGD)
+
+
+@pytest.mark.parametrize("sharding", ["table_wise", "row_wise", "data_parallel"])
+def test_per_sample_weight_gradients(sharding):
+    _, model, batch = _make("weighted_mean")
+    ref = copy.deepcopy(model)
+    sm = shard(model, Topology(1), batch, constraints=_all(model, batch, sharding))
+    ids, offsets, w, fixed, kjt = batch
+    w1, w2 = w.clone().requires_grad_(), w.clone().requires_grad_()
+    sm(ids, offsets, w1, fixed, kjt).square().mean().backward()
+    ref(ids, offsets, w2, fixed, kjt).square().mean().backward()
+    assert_close(w1.grad, w2.grad)
+
+
+def test_user_model_untouched_and_optimizer_swappable():
+    _, model, batch = _make("dlrm_ebc")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    sm = shard(model, Topology(1), batch, sparse_optimizer=RowWiseAdagrad(0.1))
+    sm(*batch).sum().backward()
+    for key, value in model.state_dict().items():  # tables train in the shards, not in the model
+        if "embedding_bags" in key:
+            assert_close(value, before[key])
+    assert sm.sparse_optimizer == RowWiseAdagrad(0.1)
+    sm.sparse_optimizer = RowWiseAdagrad(0.01)
+    assert sm.sparse_optimizer == RowWiseAdagrad(0.01)
+    with pytest.raises(ValueError, match="must stay a RowWiseAdagrad"):
+        sm.sparse_optimizer = SGD(0.1)
+
+
+@pytest.mark.parametrize("name", ["functional_bag", "functional_embedding", "bag_2d", "table_dict", "seq_attention"])
+@pytest.mark.parametrize("sharding", ["table_wise", "row_wise", "table_row_wise", "data_parallel"])
+def test_lookup_styles(name, sharding):
+    """The other ways users write lookups (models_zoo): F.embedding_bag on a parameter, a
+    folded F.embedding(...).sum(1), 2-D ids, a dict of tables, padded token ids."""
+    case = models_zoo.CASES[name]
+    model, batch = case.make(0)
+    sm = shard(model, Topology(1), batch, constraints=_all(model, batch, sharding))
+    assert not [n for n in sm.module.graph.nodes if L.LOOKUP in n.meta]
+    fresh = case.inputs(3)
+    assert_close(sm(*fresh), model(*fresh), rtol=1e-6, atol=1e-6)
+
+
+def test_export_captured_lookups_are_refused():
+    model, batch = models_zoo.CASES["shape_branch"].make(0)  # fx cannot trace it: torch.export's aten ops
+    with pytest.raises(ValueError, match=r"lookup %embedding_bag of kind 'aten_bag' cannot be sharded yet"):
+        shard(model, Topology(1), batch)
+
+
+def test_embedding_collection_ignores_weights():
+    torch.manual_seed(0)
+    model = CASES["sequence_ec"].build()
+    g = torch.Generator().manual_seed(1)
+    kjt = shard_models._kjt(g, {"hist": 30, "clicks": 30, "query": 15}, B, weighted=True)
+    sm = shard(model, Topology(1), (kjt,), constraints={"ec.embeddings.t_item": "row_wise"})
+    assert_close(sm(kjt), model(kjt))
+
+
+def test_plan_and_constraints_exclusive():
+    _, model, batch = _make("dlrm_lists")
+    plan = fxrec.plan(fxrec.find_tables(model, batch), Topology(1))
+    with pytest.raises(ValueError, match="give a plan or constraints to plan with, not both"):
+        shard(model, Topology(1), batch, plan=plan, constraints={"emb_l.0": "row_wise"})
