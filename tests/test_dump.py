@@ -134,7 +134,7 @@ def test_errors_exit_2_with_one_line(capsys, tmp_path, spec, message):
 def test_unknown_after_pass(capsys):
     rc, _, err = _dump(capsys, f"{ZOO}:no_tables", "--after", "nope")
     assert rc == 2 and err == ("fxrec dump: unknown pass 'nope' for --after; choose from: capture, "
-                               "detect_embeddings, group_tables\n")
+                               "detect_embeddings, group_tables, apply_plan\n")
 
 
 def test_console_exit_status(tmp_path):
@@ -152,6 +152,26 @@ def test_topology_adds_the_plan_to_text_and_html(capsys, tmp_path):
     for table in ("emb_l.0", "emb_l.1", "emb_l.2"):
         assert re.search(rf"^  {re.escape(table)}: \w+", plan, re.M), table
     assert re.search(r"^max rank time [\d.]+ ms", plan, re.M)
+    assert f"{ZOO}:dlrm_lists after apply_plan " in out.splitlines()[0]
+
+
+def test_topology_shows_each_ranks_sharded_program(capsys):
+    # tiny tables would be data_parallel: constrain them to be sharded
+    outs = []
+    for rank in (0, 3):
+        rc, out, err = _dump(capsys, f"{ZOO}:dlrm_lists", "--world-size", "4", "--rank", str(rank),
+                             "--constraint", "emb_l.0=table_wise", "--constraint", "emb_l.1=row_wise",
+                             "--constraint", "emb_l.2=column_wise")
+        assert rc == 0 and err == ""
+        graph = out[:out.index("\ntables (")]
+        assert re.search(r"= call_function fxrec\.runtime\.comm\.all_to_all\(.*\[apply_plan\]", graph)
+        assert re.search(r"= call_function fxrec\.runtime\.comm\.reduce_scatter\(.*\[apply_plan\]", graph)
+        assert "call_module emb_l." not in graph  # the tables left the graph
+        assert "emb_l.1: row_wise" in out
+        outs.append(graph)
+    assert outs[0] == outs[1]  # SPMD: one program; each rank's shards live in its modules
+    rc, _, err = _dump(capsys, f"{ZOO}:dlrm_lists", "--world-size", "2", "--rank", "2")
+    assert rc == 2 and err == "fxrec dump: --rank 2 is outside the topology's 2 ranks\n"
     path = tmp_path / "plan.html"
     rc, _, _ = _dump(capsys, f"{ZOO}:dlrm_lists", "--world-size", "2", "--format", "html", "-o", str(path))
     page = path.read_text()

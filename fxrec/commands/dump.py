@@ -4,7 +4,8 @@ FUNC() returns (model, example_inputs). The model is captured, the passes run up
 PASS (default: the last one; "capture" shows the graph before any pass), and the graph
 at that point is written node by node with each node's provenance, followed by the
 detected tables and groups. Given a topology (--world-size, or --topology PROFILE), the
-tables are also planned on it and the plan is explained. Errors (bad FILE.py:FUNC, import error, capture failure,
+tables are also planned on it, the plan is explained, and apply_plan rewrites the graph
+into the sharded program of rank --rank (default 0), collectives included. Errors (bad FILE.py:FUNC, import error, capture failure,
 unknown pass) exit with status 2 and one line on stderr starting ``fxrec dump: ``.
 """
 from __future__ import annotations
@@ -33,6 +34,9 @@ def add_arguments(parser) -> None:
     topo.add_argument("--memory", help="memory per rank, e.g. 80GB")
     topo.add_argument("--topology", metavar="PROFILE", help="topology profile JSON (fxrec bench calibrate)")
     topo.add_argument("--batch-size", type=int, default=512, help="per-rank batch size for the plan's costs")
+    topo.add_argument("--rank", type=int, default=0, help="whose sharded program to show (default 0)")
+    topo.add_argument("--constraint", action="append", default=[], metavar="TABLE=TYPE[,TYPE]",
+                      help="allowed sharding types of a table (repeatable)")
 
 
 class DumpError(Exception):
@@ -45,22 +49,32 @@ def _pass_names() -> list[str]:
 
 
 def build_dump(model, example_inputs: tuple, *, after: str | None = None, fmt: str = "text",
-               title: str = "", topology=None, batch_size: int = 512) -> str:
+               title: str = "", topology=None, batch_size: int = 512, rank: int = 0,
+               constraints: dict | None = None) -> str:
     """The dump of `model` as a string in format `fmt` (see the module docstring); with a
     `topology`, the detected tables' plan on it is explained as well."""
     from fxrec.capture import capture
     from fxrec.passes import render
-    from fxrec.passes.runner import PassContext, run_passes
+    from fxrec.passes.runner import PassContext, PassError, run_passes
+    from fxrec.planner.plan import PlanError
 
     names = _pass_names()
     title = title or type(model).__name__
-    after = after or (names[-1] if names else "capture")
+    # Without a topology, apply_plan and the passes after it change nothing: stop before.
+    shown = names if topology is not None or "apply_plan" not in names else names[:names.index("apply_plan")]
+    after = after or (shown[-1] if shown else "capture")
     if after != "capture" and after not in names:
         raise DumpError(f"unknown pass {after!r} for --after; choose from: capture, {', '.join(names)}")
     if fmt not in FORMATS:
         raise DumpError(f"unknown format {fmt!r}; choose from {', '.join(FORMATS)}")
     gm = capture(model, example_inputs)
-    ctx = PassContext(example_inputs=tuple(example_inputs))
+    ctx = PassContext(example_inputs=tuple(example_inputs), topology=topology)
+    if topology is not None:
+        if not 0 <= rank < topology.world_size:
+            raise DumpError(f"--rank {rank} is outside the topology's {topology.world_size} ranks")
+        # one process renders any rank's program: apply_plan only builds it
+        ctx.options.update(rank=rank, world_size=topology.world_size, batch_size=batch_size,
+                           constraints=constraints)
     snapshot: dict = {}
 
     def observe(name, graph_module, _ctx):
@@ -71,18 +85,23 @@ def build_dump(model, example_inputs: tuple, *, after: str | None = None, fmt: s
         observe("capture", gm, ctx)
     # Tables are always shown, so detection runs even when the graph is shown before it.
     needed = max(names.index(after) if after in names else 0, names.index("detect_embeddings"))
-    run_passes(gm, ctx, until=names[needed], observer=observe)
-    if topology is not None:
-        ctx.plan = _plan(ctx, topology, batch_size)
+    try:
+        run_passes(gm, ctx, until=names[needed], observer=observe)
+    except PassError as e:
+        if isinstance(e.__cause__, PlanError):
+            raise DumpError(f"no plan fits: {e.__cause__}") from None
+        raise
+    if topology is not None and ctx.plan is None:  # shown before apply_plan: plan anyway
+        ctx.plan = _plan(ctx, topology, batch_size, constraints)
     return snapshot["graph"](ctx)
 
 
-def _plan(ctx, topology, batch_size: int):
+def _plan(ctx, topology, batch_size: int, constraints):
     import fxrec
     if not ctx.tables:
         return None
     try:
-        return fxrec.plan(list(ctx.tables.values()), topology, batch_size=batch_size)
+        return fxrec.plan(list(ctx.tables.values()), topology, constraints=constraints, batch_size=batch_size)
     except fxrec.PlanError as e:
         raise DumpError(f"no plan fits: {e}") from None
 
@@ -141,12 +160,16 @@ def _topology(args):
 def run(args) -> int:
     from fxrec.capture import CaptureError
     from fxrec.passes.runner import PassError
+    from fxrec.commands.plan import UsageError, constraints_from_specs
     try:
         topology = _topology(args)
+        constraints = constraints_from_specs(args.constraint) or None
+        if constraints and topology is None:
+            raise DumpError("--constraint needs a topology (--world-size or --topology)")
         model, example_inputs = load_target(args.target)
         out = build_dump(model, example_inputs, after=args.after, fmt=args.format, title=args.target,
-                         topology=topology, batch_size=args.batch_size)
-    except (LoadError, CaptureError, DumpError) as e:
+                         topology=topology, batch_size=args.batch_size, rank=args.rank, constraints=constraints)
+    except (LoadError, CaptureError, DumpError, UsageError) as e:
         return _fail(str(e))
     except PassError as e:
         _fail(str(e))

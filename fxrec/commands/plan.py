@@ -86,7 +86,8 @@ def _number(row: dict, key: str, kind, default=None):
                          f"got {text!r}") from None
 
 
-def _constraints(specs: list[str]) -> dict:
+def constraints_from_specs(specs: list[str]) -> dict:
+    """{table: Constraint} from repeated TABLE=TYPE[,TYPE] options (also used by fxrec dump)."""
     out = {}
     for spec in specs:
         name, sep, types = spec.partition("=")
@@ -121,7 +122,7 @@ def run(args) -> int:
         if bool(args.target) == bool(args.tables):
             raise UsageError("give either FILE.py:FUNC or --tables CSV")
         topology = _topology(args)
-        constraints = _constraints(args.constraint)
+        constraints = constraints_from_specs(args.constraint)
         if args.tables:
             source, example_inputs = read_tables_csv(args.tables), None
         else:
