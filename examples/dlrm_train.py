@@ -1,15 +1,22 @@
-"""Train DLRM in one process and report validation AUC and NE.
+"""Train DLRM and report validation AUC and NE, in one process or sharded.
 
 Default: the synthetic Criteo-like log (26 tables, 13 dense features), which finishes
 in well under 3 minutes on 2 CPU cores and reaches AUC >= 0.70. Real data:
 `--criteo-tsv day_0.gz [...]` (Kaggle/Terabyte TSV, hashed into --num-embeddings rows)
 or `--criteo-npy DIR` (TorchRec's preprocessed layout); the last --val-batches batches
 of the stream are held out for validation.
+
+Sharded: `torchrun --nproc-per-node 2 examples/dlrm_train.py --shard` hands the same
+model to `fxrec.shard` (gloo on CPU, NCCL on GPUs); --batch-size is then per rank, each
+rank trains on its slice of every global batch, tables are trained by a fused row-wise
+Adagrad and dense layers by torch's Adagrad, and AUC/NE are computed on the gathered
+predictions of all ranks. Rank 0 prints.
 """
 from __future__ import annotations
 
 import argparse
 import itertools
+import os
 import time
 
 import torch
@@ -38,25 +45,29 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, default=None,
                    help="Adagrad learning rate (default 0.05 for dlrm, 0.02 for dcn, whose cross layers overshoot)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--shard", action="store_true",
+                   help="shard with fxrec over the torchrun job's ranks (one process: world size 1)")
     return p.parse_args(argv)
 
 
-def data_streams(args):
-    """(train iterable, validation list of batches, number of tables, number of dense features)."""
+def data_streams(args, world: int = 1):
+    """(train iterable, validation list of batches, number of tables, number of dense
+    features); batches are global: world x the per-rank --batch-size."""
+    batch_size = args.batch_size * world
     if args.criteo_tsv or args.criteo_npy:
-        reader = (CriteoTsvReader(args.criteo_tsv, batch_size=args.batch_size,
+        reader = (CriteoTsvReader(args.criteo_tsv, batch_size=batch_size,
                                   num_embeddings_per_feature=args.num_embeddings, drop_last=True)
                   if args.criteo_tsv else
-                  CriteoNpyReader(args.criteo_npy, batch_size=args.batch_size,
+                  CriteoNpyReader(args.criteo_npy, batch_size=batch_size,
                                   num_embeddings_per_feature=args.num_embeddings, drop_last=True))
         batches = list(itertools.islice(iter(reader), args.steps + args.val_batches))
         if len(batches) <= args.val_batches:
-            raise SystemExit(f"dlrm_train: the data holds {len(batches)} batches of {args.batch_size}; "
+            raise SystemExit(f"dlrm_train: the data holds {len(batches)} batches of {batch_size}; "
                              f"need more than --val-batches={args.val_batches}")
         first = batches[0]
         return batches[:-args.val_batches], batches[-args.val_batches:], len(first.sparse_features.keys()), \
             first.dense_features.shape[1]
-    train = SyntheticCriteo(num_embeddings=args.num_embeddings, batch_size=args.batch_size,
+    train = SyntheticCriteo(num_embeddings=args.num_embeddings, batch_size=batch_size,
                             num_batches=args.steps, seed=args.seed)
     val = list(train.with_split("val", num_batches=args.val_batches))
     return train, val, 26, 13
@@ -81,39 +92,80 @@ def forward(model, batch, plain: bool) -> torch.Tensor:
     return model(batch.dense_features, batch.sparse_features).squeeze(1)
 
 
-def evaluate(model, batches, plain: bool) -> dict[str, float]:
+def evaluate(model, batches, plain: bool, rank: int = 0, world: int = 1) -> dict[str, float]:
+    """AUC and NE over every rank's predictions (each rank scores its slice)."""
+    from fxrec.runtime import comm
     auc, ne = metrics.AUC(from_logits=True), metrics.NE(from_logits=True)
     model.eval()
     with torch.no_grad():
         for batch in batches:
-            logits = forward(model, batch, plain)
+            local = _local(batch, rank, world)
+            logits = comm.all_gather(forward(model, local, plain)) if world > 1 else forward(model, local, plain)
             auc.update(logits, batch.labels)
             ne.update(logits, batch.labels)
     model.train()
     return {"auc": auc.compute(), "ne": ne.compute()}
 
 
+def _local(batch, rank: int, world: int):
+    n = batch.batch_size // world
+    return batch if world == 1 else batch.slice(rank * n, (rank + 1) * n)
+
+
+def _init_distributed(args) -> tuple[int, int]:
+    """(rank, world) of the torchrun job; initialises the process group when world > 1."""
+    import torch.distributed as dist
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if not args.shard:
+        if world > 1:
+            raise SystemExit("dlrm_train: launched on several ranks: add --shard to shard the model")
+        return 0, 1
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return (dist.get_rank(), world) if world > 1 else (0, 1)
+
+
+def make_trainable(args, model, example_batch, rank: int, world: int):
+    """(model to train, dense optimizer): the model itself, or fxrec's sharded version of it."""
+    if not args.shard:
+        return model, torch.optim.Adagrad(model.parameters(), lr=args.lr)
+    import fxrec
+    example = example_batch.to_plain() if args.plain else (example_batch.dense_features,
+                                                           example_batch.sparse_features)
+    sharded = fxrec.shard(model, fxrec.Topology.from_env(device="cuda" if torch.cuda.is_available() else "cpu"),
+                          example, sparse_optimizer=fxrec.optim.RowWiseAdagrad(lr=args.lr))
+    if rank == 0:
+        counts: dict[str, int] = {}
+        for t in sharded.plan:
+            counts[sharded.plan[t].sharding] = counts.get(sharded.plan[t].sharding, 0) + 1
+        print(f"fxrec.shard: {len(sharded.plan)} tables over {world} rank(s): {counts}")
+    return sharded, torch.optim.Adagrad(sharded.parameters(), lr=args.lr)
+
+
 def main(argv=None) -> dict[str, float]:
     args = parse_args(argv)
     if args.lr is None:
         args.lr = 0.05 if args.model == "dlrm" else 0.02
-    torch.manual_seed(args.seed)
-    train, val, num_tables, num_dense = data_streams(args)
+    rank, world = _init_distributed(args)
+    torch.manual_seed(args.seed)  # the same model on every rank
+    train, val, num_tables, num_dense = data_streams(args, world)
     model = build_model(args, num_tables, num_dense)
-    optimizer = torch.optim.Adagrad(model.parameters(), lr=args.lr)
+    model, optimizer = make_trainable(args, model, _local(val[0], rank, world), rank, world)
     start = time.perf_counter()
-    bar = tqdm(train, total=args.steps, unit="batch", desc="train")
-    for step, batch in enumerate(bar):
+    bar = tqdm(train, total=args.steps, unit="batch", desc="train", disable=rank != 0)
+    for step, global_batch in enumerate(bar):
+        batch = _local(global_batch, rank, world)
         loss = F.binary_cross_entropy_with_logits(forward(model, batch, args.plain), batch.labels)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
         if step % 10 == 0:
-            rate = (step + 1) * args.batch_size / (time.perf_counter() - start)
+            rate = (step + 1) * global_batch.batch_size / (time.perf_counter() - start)
             bar.set_postfix(loss=f"{loss.item():.4f}", samples_s=f"{rate:,.0f}")
-    result = evaluate(model, val, args.plain)
-    print(f"validation: AUC {result['auc']:.4f}  NE {result['ne']:.4f}  "
-          f"({len(val)} batches of {args.batch_size}; trained {time.perf_counter() - start:.1f} s)")
+    result = evaluate(model, val, args.plain, rank, world)
+    if rank == 0:
+        print(f"validation: AUC {result['auc']:.4f}  NE {result['ne']:.4f}  ({len(val)} batches of "
+              f"{val[0].batch_size}; {world} rank(s); trained {time.perf_counter() - start:.1f} s)")
     return result
 
 

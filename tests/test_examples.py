@@ -53,3 +53,23 @@ def test_two_tower_demo_beats_chance(capsys):
     assert result["recall@10"] > 0.1, result
     assert 0 < result["ndcg@10"] <= result["recall@10"]
     assert "recall@10" in capsys.readouterr().out
+
+
+def test_sharded_demo_under_torchrun_matches_one_process(capsys):
+    """torchrun over 2 gloo ranks computes what one process computes on the global batch."""
+    import os
+    import re
+    import subprocess
+    import sys
+    flags = ["--shard", "--steps", "40", "--val-batches", "4", "--num-embeddings", "1000"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           str(EXAMPLES / "dlrm_train.py"), "--batch-size", "128", *flags],
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    line = re.search(r"validation: AUC ([\d.]+)  NE ([\d.]+)  \(4 batches of 256; 2 rank\(s\)", done.stdout)
+    assert line, done.stdout[-2000:]
+    assert "fxrec.shard: 26 tables over 2 rank(s)" in done.stdout
+    single = _load("dlrm_train").main(["--batch-size", "256", *flags])
+    assert abs(float(line.group(1)) - single["auc"]) < 2e-3
+    assert abs(float(line.group(2)) - single["ne"]) < 2e-3
