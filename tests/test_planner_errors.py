@@ -65,6 +65,20 @@ def test_constraint_leaving_no_option():
         fxrec.plan(tables, Topology(4), constraints={"t": Constraint("column_wise", min_shards=16)})
 
 
+@pytest.mark.parametrize("sharding,topology,need", [
+    ("row_wise", Topology(4), 4),
+    ("table_row_wise", Topology(8, ranks_per_node=4), 4),
+])
+def test_row_sharding_needs_a_row_per_rank(sharding, topology, need):
+    """The rewrite gives every rank of a row-wise table a real row range."""
+    tables = [TableInfo("tiny", 3, 8), TableInfo("big", 100, 8)]
+    with pytest.raises(PlanError, match=rf"'tiny': .* {sharding} needs at least {need} rows \(one per rank\), "
+                                        r"the table has 3"):
+        fxrec.plan(tables, topology, constraints={"tiny": sharding})
+    plan = fxrec.plan(tables, topology)  # unconstrained: tiny goes elsewhere, big may be split
+    assert all(s.rows[1] > s.rows[0] for t in plan for s in plan[t].shards)
+
+
 @pytest.mark.parametrize("tables,kwargs,match", [
     ([], {}, "no tables to plan"),
     (["t"], {}, "item 0 is a str, not a fxrec.TableInfo"),

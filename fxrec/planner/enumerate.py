@@ -112,9 +112,13 @@ def _shapes(spec: TableSpec, sharding: str, topology) -> list[tuple[int, int, in
             return []
         if sharding == "data_parallel":
             return [(N, d, W)]
+        if N < W:  # a rank would hold no rows: the rewrite serves every rank a real range
+            return []
         q, r = divmod(N, W)
         return [g for g in ((q + 1, d, r), (q, d, W - r)) if g[2]]
     if sharding == "table_row_wise":
+        if N < Pn:
+            return []
         q, r = divmod(N, Pn)
         return [g for g in ((q + 1, d, r), (q, d, Pn - r)) if g[2]]
     raise AssertionError(sharding)

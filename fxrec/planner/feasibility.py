@@ -62,6 +62,15 @@ def _fixes(spec, topology, batch_size: int, optimizer: str) -> list[str]:
     return out
 
 
+def _too_few_rows(spec, topology) -> str:
+    """Why row_wise / table_row_wise could not apply: every shard needs a row."""
+    n = spec.info.num_embeddings
+    need = {"row_wise": topology.world_size, "table_row_wise": topology.ranks_per_node}
+    short = [f"{t} needs at least {need[t]} rows (one per rank), the table has {n}"
+             for t in spec.types if t in need and n < need[t]]
+    return ("; " + "; ".join(short)) if short else ""
+
+
 def check_tables_fit(specs, options, rejected, topology, batch_size: int, optimizer: str) -> None:
     """Raise if some table has no allowed option whose every shard fits one rank."""
     bad = [i for i, opts in enumerate(options) if not opts]
@@ -73,7 +82,7 @@ def check_tables_fit(specs, options, rejected, topology, batch_size: int, optimi
         spec = specs[i]
         if not rejected[i]:
             lines.append(f"  {spec.info.name!r}: no sharding type is allowed by its constraint "
-                         f"{spec.constraint} on this topology")
+                         f"{spec.constraint} on this topology{_too_few_rows(spec, topology)}")
             continue
         sharding, need, _ = min(rejected[i], key=lambda r: r[1])
         lines.append(f"  {spec.info.name!r}: needs {fmt_bytes(need)} on one rank at best ({sharding}; weights "
