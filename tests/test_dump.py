@@ -153,6 +153,10 @@ def test_topology_adds_the_plan_to_text_and_html(capsys, tmp_path):
         assert re.search(rf"^  {re.escape(table)}: \w+", plan, re.M), table
     assert re.search(r"^max rank time [\d.]+ ms", plan, re.M)
     assert f"{ZOO}:dlrm_lists after apply_plan " in out.splitlines()[0]
+    path = tmp_path / "plan.html"
+    rc, _, _ = _dump(capsys, f"{ZOO}:dlrm_lists", "--world-size", "2", "--format", "html", "-o", str(path))
+    page = path.read_text()
+    assert rc == 0 and "<h2>Plan</h2>" in page and "plan for 2 ranks" in page
 
 
 def test_topology_shows_each_ranks_sharded_program(capsys):
@@ -172,10 +176,6 @@ def test_topology_shows_each_ranks_sharded_program(capsys):
     assert outs[0] == outs[1]  # SPMD: one program; each rank's shards live in its modules
     rc, _, err = _dump(capsys, f"{ZOO}:dlrm_lists", "--world-size", "2", "--rank", "2")
     assert rc == 2 and err == "fxrec dump: --rank 2 is outside the topology's 2 ranks\n"
-    path = tmp_path / "plan.html"
-    rc, _, _ = _dump(capsys, f"{ZOO}:dlrm_lists", "--world-size", "2", "--format", "html", "-o", str(path))
-    page = path.read_text()
-    assert rc == 0 and "<h2>Plan</h2>" in page and "plan for 2 ranks" in page
 
 
 def test_topology_options_without_world_size_are_an_error(capsys):
