@@ -33,6 +33,29 @@ def _cat(parts: list[Tensor], empty: Tensor) -> Tensor:
     return buf
 
 
+class _Pieces(torch.autograd.Function):
+    """The flattened rectangles ``boxes`` = [(tensor, r0, r1, c0, c1)] of 2-D `tensors`,
+    concatenated. Slicing piece by piece would be simpler, but each slice's backward
+    allocates and zero-fills a gradient the size of the whole lookup output: quadratic in
+    the number of pieces (it dominated a 26-table step). Here backward writes every piece's
+    gradient into one zero tensor per input."""
+
+    @staticmethod
+    def forward(ctx, boxes, *tensors):
+        ctx.boxes, ctx.shapes = boxes, [t.shape for t in tensors]
+        return torch.cat([tensors[t][r0:r1, c0:c1].reshape(-1) for t, r0, r1, c0, c1 in boxes])
+
+    @staticmethod
+    def backward(ctx, grad):
+        grads = [grad.new_zeros(shape) for shape in ctx.shapes]
+        pos = 0
+        for t, r0, r1, c0, c1 in ctx.boxes:
+            n = (r1 - r0) * (c1 - c0)
+            grads[t][r0:r1, c0:c1] = grad[pos:pos + n].view(r1 - r0, c1 - c0)
+            pos += n
+        return (None, *grads)
+
+
 class OutputPrep(nn.Module):
     """forward(pooled out, unpooled outs, LookupState, SendState) -> (all_to_all buffer, its
     out splits, in splits, row_wise reduce_scatter buffer, table_row_wise reduce_scatter
@@ -50,41 +73,49 @@ class OutputPrep(nn.Module):
                 self.col0[pos] = c
                 c += s.num_cols
 
-    def _piece(self, p_out, u_out, ls: LookupState, key) -> Tensor:
-        pos, start, n = ls.places[key]
-        shard = self.shards[pos]
-        if shard.pooled:
-            c = self.col0[pos]
-            return p_out[start:start + n, c:c + shard.num_cols].reshape(-1)
-        return u_out[pos - len(self.col0)][start:start + n].reshape(-1)
+    def _pieces(self, p_out, u_out, ls: LookupState, keys: list, empty: Tensor) -> Tensor:
+        """The lookup results of the (source rank, route) `keys`, flattened and concatenated."""
+        tensors = ([p_out] if p_out is not None else []) + list(u_out)
+        first_unpooled = len(tensors) - len(u_out)
+        boxes = []
+        for key in keys:
+            pos, start, n = ls.places[key]
+            shard = self.shards[pos]
+            if shard.pooled:
+                c = self.col0[pos]
+                boxes.append((0, start, start + n, c, c + shard.num_cols))
+            else:
+                t = first_unpooled + pos - len(self.col0)
+                boxes.append((t, start, start + n, 0, tensors[t].shape[1]))
+        return _cat([_Pieces.apply(boxes, *tensors)] if boxes else [], empty)
 
     def forward(self, p_out, u_out, ls: LookupState, send: SendState):
         spec, W = self.spec, self.spec.world_size
         mine = [i for i in spec.my_routes() if spec.routes[i].output == "a2a"]
         empty = torch.zeros(0, dtype=self.dtype, device=self.device)
-        a2a = [self._piece(p_out, u_out, ls, (s, i)) for s in range(W) for i in mine]
+        a2a = self._pieces(p_out, u_out, ls, [(s, i) for s in range(W) for i in mine], empty)
         a2a_in = [sum(ls.places[(s, i)][2] * spec.routes[i].width for i in mine) for s in range(W)]
         a2a_out = [0] * W
         for i, r in enumerate(spec.routes):
             if r.output == "a2a":
                 a2a_out[r.rank] += send.sizes[i][0 if r.pooled else 1] * r.width
-        rs = [self._piece(p_out, u_out, ls, (s, spec.route_to(k, spec.rank)))
-              for s in range(W) for k in spec.slots_by_output("rs")]
-        return (_cat(a2a, empty), a2a_out, a2a_in, _cat(rs, empty)) + self._twrw(p_out, u_out, ls, send, empty)
+        rs = self._pieces(p_out, u_out, ls, [(s, spec.route_to(k, spec.rank))
+                                             for s in range(W) for k in spec.slots_by_output("rs")], empty)
+        return (a2a, a2a_out, a2a_in, rs) + self._twrw(p_out, u_out, ls, send, empty)
 
     def _twrw(self, p_out, u_out, ls, send: SendState, empty):
         spec, P, M = self.spec, self.spec.ranks_per_node, self.spec.num_nodes
         if not any(r.output == "twrw" for r in spec.routes):
             return None, None, None
         mine = spec.slots_by_output("twrw", spec.rank // P)
-        parts = [self._piece(p_out, u_out, ls, (m * P + j, spec.route_to(k, spec.rank)))
-                 for j in range(P) for m in range(M) for k in mine]
+        parts = self._pieces(p_out, u_out, ls, [(m * P + j, spec.route_to(k, spec.rank))
+                                                for j in range(P) for m in range(M) for k in mine], empty)
         # Every rank feeds the same bags to these slots (RecvSplits checks), so this rank's
         # own bag counts size every block.
         cross_in = [sum(send.bags[k] * spec.slots[k].dim for k in mine)] * M
         cross_out = [sum(send.bags[k] * spec.slots[k].dim for k in spec.slots_by_output("twrw", n))
                      for n in range(M)]
-        return _cat(parts, empty), cross_out, cross_in
+        return parts, cross_out, cross_in
 
 
 class CollectOutputs(nn.Module):
