@@ -134,7 +134,7 @@ def test_errors_exit_2_with_one_line(capsys, tmp_path, spec, message):
 def test_unknown_after_pass(capsys):
     rc, _, err = _dump(capsys, f"{ZOO}:no_tables", "--after", "nope")
     assert rc == 2 and err == ("fxrec dump: unknown pass 'nope' for --after; choose from: capture, "
-                               "detect_embeddings, group_tables, apply_plan\n")
+                               "detect_embeddings, group_tables, apply_plan, fuse_lookups\n")
 
 
 def test_console_exit_status(tmp_path):
@@ -152,7 +152,7 @@ def test_topology_adds_the_plan_to_text_and_html(capsys, tmp_path):
     for table in ("emb_l.0", "emb_l.1", "emb_l.2"):
         assert re.search(rf"^  {re.escape(table)}: \w+", plan, re.M), table
     assert re.search(r"^max rank time [\d.]+ ms", plan, re.M)
-    assert f"{ZOO}:dlrm_lists after apply_plan " in out.splitlines()[0]
+    assert f"{ZOO}:dlrm_lists after fuse_lookups " in out.splitlines()[0]
     path = tmp_path / "plan.html"
     rc, _, _ = _dump(capsys, f"{ZOO}:dlrm_lists", "--world-size", "2", "--format", "html", "-o", str(path))
     page = path.read_text()
@@ -172,6 +172,8 @@ def test_topology_shows_each_ranks_sharded_program(capsys):
         assert re.search(r"= call_function fxrec\.runtime\.comm\.reduce_scatter\(.*\[apply_plan\]", graph)
         assert "call_module emb_l." not in graph  # the tables left the graph
         assert "emb_l.1: row_wise" in out
+        # fuse_lookups records the kernel serving each rank's local lookup
+        assert re.search(r"call_module fxrec_shards\.u0\.lookup\(.*\{kernel pooled: pooled_forward=\w+", graph)
         outs.append(graph)
     assert outs[0] == outs[1]  # SPMD: one program; each rank's shards live in its modules
     rc, _, err = _dump(capsys, f"{ZOO}:dlrm_lists", "--world-size", "2", "--rank", "2")

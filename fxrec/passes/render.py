@@ -96,13 +96,22 @@ def _lookup_note(node: Node) -> str:
     return f"{{{lk.kind}: {reads}{fold}}}"
 
 
+def _kernel_note(node: Node) -> str:
+    """``{kernel pooled: pooled_forward=fbgemm backward_update=fbgemm}`` from fuse_lookups."""
+    record = node.meta.get("fxrec_kernel")
+    if not record:
+        return ""
+    parts = [f"{kind}: " + " ".join(f"{op}={k}" for op, k in ops.items()) for kind, ops in record.items()]
+    return "{kernel " + "; ".join(parts) + "}"
+
+
 def node_line(node: Node) -> str:
     """``%name = op target(args)  [pass] shape  {lookup}  # source (in module)``."""
     shape = format_spec(node.meta[L.SHAPE]) if L.SHAPE in node.meta else "?"
     line = f"%{node.name} = {node.op} {_target(node)}({_args(node)})  [{node.meta.get(L.PASS, '?')}] {shape}"
-    note = _lookup_note(node)
-    if note:
-        line += f"  {note}"
+    for note in (_lookup_note(node), _kernel_note(node)):
+        if note:
+            line += f"  {note}"
     source, module = node.meta.get(L.SOURCE), node.meta.get(L.MODULE)
     if source is not None or module:
         line += "  #"

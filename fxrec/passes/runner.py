@@ -3,8 +3,7 @@
 A pass is a function ``(gm, ctx) -> GraphModule``. The runner checks each result is a
 GraphModule, recompiles it, lints it (`lint`), stamps ``node.meta[PASS]`` on the nodes
 the pass created, and turns any failure into a `PassError` that names the pass and the
-passes that ran before it. Later issues append fuse_lookups and
-schedule_overlap to `PASSES`.
+passes that ran before it. A later issue appends schedule_overlap to `PASSES`.
 """
 from __future__ import annotations
 
@@ -16,6 +15,7 @@ from torch.fx import GraphModule
 from fxrec.passes import lookup as L
 from fxrec.passes.apply_plan import apply_plan_pass
 from fxrec.passes.detect_embeddings import detect_embeddings_pass
+from fxrec.passes.fuse_lookups import fuse_lookups_pass
 from fxrec.passes.group_tables import group_tables_pass
 from fxrec.types import TableInfo
 
@@ -42,6 +42,8 @@ PASSES: list[tuple[str, PassFn]] = [
     ("group_tables", group_tables_pass),
     # Needs ctx.topology; without one it leaves the graph as it is (plain capture, dump).
     ("apply_plan", apply_plan_pass),
+    # One fused table-batched call per group (unsharded) / records each local lookup's kernel.
+    ("fuse_lookups", fuse_lookups_pass),
 ]
 
 
