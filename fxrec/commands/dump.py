@@ -16,6 +16,7 @@ import subprocess
 import sys
 
 from fxrec.commands._load import LoadError, load_target
+from fxrec.commands._topology import add_topology_arguments, given_topology, topology_from_args
 
 HELP = "show a model's graph after a pass, with each node's provenance and the detected tables"
 FORMATS = ("text", "dot", "html")
@@ -28,15 +29,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--format", choices=FORMATS, default="text", help="text (default), dot or html")
     parser.add_argument("-o", "--output", metavar="PATH", default=None, help="write here instead of stdout")
     topo = parser.add_argument_group("plan (optional): show where each table would go on this topology")
-    topo.add_argument("--world-size", type=int, help="number of ranks")
-    topo.add_argument("--ranks-per-node", type=int, help="ranks per node")
-    topo.add_argument("--device", choices=("cpu", "cuda"), help="device kind")
-    topo.add_argument("--memory", help="memory per rank, e.g. 80GB")
-    topo.add_argument("--topology", metavar="PROFILE", help="topology profile JSON (fxrec bench calibrate)")
-    topo.add_argument("--batch-size", type=int, default=512, help="per-rank batch size for the plan's costs")
+    add_topology_arguments(topo)
     topo.add_argument("--rank", type=int, default=0, help="whose sharded program to show (default 0)")
-    topo.add_argument("--constraint", action="append", default=[], metavar="TABLE=TYPE[,TYPE]",
-                      help="allowed sharding types of a table (repeatable)")
 
 
 class DumpError(Exception):
@@ -142,17 +136,13 @@ def _fail(message: str) -> int:
 
 def _topology(args):
     """The topology the options describe, or None when none is given."""
-    from fxrec.topology import Topology
-    given = dict(world_size=args.world_size, ranks_per_node=args.ranks_per_node, device=args.device,
-                 memory_per_rank=args.memory)
+    given = given_topology(args)
+    if not args.topology and args.world_size is None:
+        if any(v is not None for v in given.values()):
+            raise DumpError("--ranks-per-node/--device/--memory need --world-size (or --topology)")
+        return None
     try:
-        if args.topology:
-            return Topology.load(args.topology, **given)
-        if args.world_size is None:
-            if any(v is not None for v in given.values()):
-                raise DumpError("--ranks-per-node/--device/--memory need --world-size (or --topology)")
-            return None
-        return Topology(**{k: v for k, v in given.items() if v is not None})
+        return topology_from_args(args, given)
     except (OSError, ValueError) as e:
         raise DumpError(f"bad topology: {e}") from None
 

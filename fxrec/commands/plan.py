@@ -5,6 +5,8 @@ import argparse
 import csv
 import sys
 
+from fxrec.commands._topology import add_topology_arguments, given_topology, topology_from_args
+
 HELP = "Plan where each embedding table goes: sharding type, kernel, ranks; per-rank time and memory."
 
 OPTIMIZERS = ("sgd", "rowwise_adagrad", "adam")
@@ -15,15 +17,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tables", metavar="CSV",
                    help="plan without a model: columns name, num_embeddings, embedding_dim, pooling_factor "
                         "(optional: dtype, pooling, uses)")
-    p.add_argument("--world-size", type=int, help="number of ranks (default: the profile's)")
-    p.add_argument("--ranks-per-node", type=int, help="ranks per node (default: 8 for cuda, all for cpu)")
-    p.add_argument("--device", choices=("cpu", "cuda"), help="device kind (default: the profile's, else cpu)")
-    p.add_argument("--memory", help="memory per rank for embeddings, e.g. 80GB or 64GiB")
-    p.add_argument("--topology", metavar="PROFILE", help="topology profile JSON (fxrec bench calibrate)")
-    p.add_argument("--batch-size", type=int, default=512, help="per-rank batch size for the costs (default 512)")
+    add_topology_arguments(p)
     p.add_argument("--optimizer", choices=OPTIMIZERS, default="sgd", help="sparse optimizer whose state counts")
-    p.add_argument("--constraint", action="append", default=[], metavar="TABLE=TYPE[,TYPE]",
-                   help="allowed sharding types of a table (repeatable)")
     p.add_argument("--search", choices=("auto", "heuristic", "exact"), default="auto")
     p.add_argument("-o", "--output", metavar="PLAN.json", help="write the plan as JSON")
 
@@ -103,15 +98,9 @@ def constraints_from_specs(specs: list[str]) -> dict:
 
 
 def _topology(args):
-    from fxrec.topology import Topology
-
-    given = dict(world_size=args.world_size, ranks_per_node=args.ranks_per_node, device=args.device,
-                 memory_per_rank=args.memory)
-    if args.topology:
-        return Topology.load(args.topology, **given)
-    if args.world_size is None:
+    if args.world_size is None and not args.topology:
         raise UsageError("--world-size is required (or --topology PROFILE)")
-    return Topology(**{k: v for k, v in given.items() if v is not None})
+    return topology_from_args(args, given_topology(args))
 
 
 def run(args) -> int:
