@@ -17,131 +17,15 @@ one built from Proxies lowers itself to a constructor call in the graph.
 """
 from __future__ import annotations
 
-import contextlib
-import json
-from typing import Iterator, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
-import torch.utils._pytree as pytree
 from torch import Tensor
 
-# ------------------------------------------------------------------ validation switch
-_VALIDATE = True
-
-
-def set_validation(enabled: bool) -> bool:
-    """Switch construction-time checks on or off process-wide; returns the old setting."""
-    global _VALIDATE
-    previous, _VALIDATE = _VALIDATE, bool(enabled)
-    return previous
-
-
-@contextlib.contextmanager
-def validation(enabled: bool) -> Iterator[None]:
-    """``with validation(False):`` skips the data checks inside the block (hot paths)."""
-    previous = set_validation(enabled)
-    try:
-        yield
-    finally:
-        set_validation(previous)
-
-
-def validation_enabled() -> bool:
-    return _VALIDATE
-
-
-def _fx_symbolic_tracing() -> bool:
-    trace = torch.fx._symbolic_trace
-    check = getattr(trace, "is_fx_symbolic_tracing", None) or trace.is_fx_tracing
-    return check()
-
-
-def is_tracing(*objs) -> bool:
-    """True when data-dependent checks must not run: any Proxy / fake / meta tensor
-    among ``objs``, or an active fx trace, dynamo compile, or make_fx proxy mode."""
-    if torch.compiler.is_compiling() or _fx_symbolic_tracing():
-        return True
-    for t in objs:
-        if isinstance(t, torch.fx.Proxy):
-            return True
-        if isinstance(t, Tensor) and (t.is_meta or type(t) not in (Tensor, torch.nn.Parameter)):
-            return True  # FakeTensor, FunctionalTensor and other tracing subclasses
-    try:
-        return torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.PROXY) is not None
-    except AttributeError:  # pragma: no cover - older torch
-        return False
-
-
-def should_validate(*objs) -> bool:
-    """The test every check uses: validation on globally and nothing is being traced."""
-    return _VALIDATE and not is_tracing(*objs)
-
-
-# ------------------------------------------------------------------ checks
-def _check_keys(owner: str, keys: Sequence[str]) -> None:
-    seen = set()
-    for k in keys:
-        if not isinstance(k, str):
-            raise TypeError(f"{owner}: keys must be strings, got {k!r} ({type(k).__name__})")
-        if k in seen:
-            raise ValueError(f"{owner}: key {k!r} appears more than once in keys {list(keys)}")
-        seen.add(k)
-
-
-def _check_index_tensor(owner: str, name: str, t: Tensor) -> None:
-    if t.dim() != 1 or t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
-        raise ValueError(f"{owner}: {name} must be a 1-D integer tensor, got shape "
-                         f"{tuple(t.shape)} dtype {t.dtype}")
-
-
-def _check_jagged(owner, values, lengths, offsets, weights, bag_name) -> None:
-    """Shared checks for JT and KJT; ``bag_name(i)`` names flat bag i in messages."""
-    if values.dim() < 1:
-        raise ValueError(f"{owner}: values must have at least one dimension, got a scalar")
-    n = values.size(0)
-    if offsets is not None:
-        _check_index_tensor(owner, "offsets", offsets)
-        if offsets.numel() == 0 or int(offsets[0]) != 0:
-            raise ValueError(f"{owner}: offsets must start at 0, got {offsets[:1].tolist()}")
-        steps = offsets.diff()
-        if bool((steps < 0).any()):
-            i = int((steps < 0).nonzero()[0])
-            raise ValueError(f"{owner}: offsets must be non-decreasing; {bag_name(i)} goes from "
-                             f"offset {int(offsets[i])} down to {int(offsets[i + 1])}")
-        if int(offsets[-1]) != n:
-            raise ValueError(f"{owner}: offsets end at {int(offsets[-1])} but values has {n} entries")
-    if lengths is not None:
-        _check_index_tensor(owner, "lengths", lengths)
-        if bool((lengths < 0).any()):
-            i = int((lengths < 0).nonzero()[0])
-            raise ValueError(f"{owner}: {bag_name(i)} has negative length {int(lengths[i])}")
-        if offsets is not None and (offsets.numel() != lengths.numel() + 1
-                                    or not torch.equal(offsets.diff(), lengths.to(offsets.dtype))):
-            raise ValueError(f"{owner}: lengths and offsets were both given and disagree")
-    if weights is not None and (weights.dim() != 1 or weights.size(0) != n):
-        raise ValueError(f"{owner}: weights must be 1-D with one weight per value ({n}), "
-                         f"got shape {tuple(weights.shape)}")
-
-
-def _check_sums(owner, keys, lengths, stride, n) -> None:
-    """Names the key whose bags run past the end of values, or the values left over."""
-    sums = lengths.reshape(len(keys), stride).sum(1).tolist() if keys else []
-    total = sum(sums)
-    if total == n:
-        return
-    per_key = {k: s for k, s in zip(keys, sums)}
-    if total > n:
-        end = 0
-        for k, s in zip(keys, sums):
-            end += s
-            if end > n:
-                raise ValueError(f"{owner}: lengths sum to {total} but values has {n} entries; "
-                                 f"key {k!r}'s bags cover values[{end - s}:{end}], past the end "
-                                 f"(per-key length sums {per_key})")
-    last = repr(keys[-1]) if keys else "<no keys>"
-    raise ValueError(f"{owner}: lengths sum to {total} but values has {n} entries; the last "
-                     f"{n - total} values after key {last}'s bags belong to no bag "
-                     f"(per-key length sums {per_key})")
+# The validation switch and checks live in sparse_checks.py; re-exported here because
+# users and modules reach them as fxrec.sparse.*.
+from fxrec.sparse_checks import (_check_index_tensor, _check_jagged, _check_keys, _check_sums,  # noqa: F401
+                                 is_tracing, set_validation, should_validate, validation, validation_enabled)
 
 
 # ------------------------------------------------------------------ helpers
@@ -619,59 +503,5 @@ class KeyedTensor:
         return f"KeyedTensor(keys={self._keys}, length_per_key={self._length_per_key}, values={self._values})"
 
 
-# ------------------------------------------------------------------ pytree registration
-# Children are the tensors (None where absent); the context holds the non-tensor data,
-# so a spec made from one batch matches any batch with the same keys and batch size.
-# Offsets are not a child: lengths is always materialised, so the spec does not depend
-# on which of the two happened to be cached.
-def _jt_flatten(jt):
-    return [jt.values(), jt.lengths(), jt.weights_or_none()], None
-
-
-def _jt_unflatten(children, _ctx):
-    values, lengths, weights = children
-    return JaggedTensor(values, lengths=lengths, weights=weights, validate=False)
-
-
-def _kjt_flatten(kjt):
-    return [kjt.values(), kjt.lengths(), kjt.weights_or_none()], (tuple(kjt.keys()), kjt.stride())
-
-
-def _kjt_unflatten(children, ctx):
-    values, lengths, weights = children
-    keys, stride = ctx
-    return KeyedJaggedTensor(list(keys), values, lengths=lengths, weights=weights, stride=stride,
-                             validate=False)
-
-
-def _kt_flatten(kt):
-    return [kt.values()], (tuple(kt.keys()), tuple(kt.length_per_key()), kt.key_dim())
-
-
-def _kt_unflatten(children, ctx):
-    keys, lpk, key_dim = ctx
-    return KeyedTensor(list(keys), list(lpk), children[0], key_dim, validate=False)
-
-
-def _with_keys(flatten, names):
-    def flatten_with_keys(obj):
-        children, ctx = flatten(obj)
-        return [(pytree.GetAttrKey(n), c) for n, c in zip(names, children)], ctx
-    return flatten_with_keys
-
-
-def _register(cls, flatten, unflatten, names, to_json, from_json) -> None:
-    pytree.register_pytree_node(
-        cls, flatten, unflatten, serialized_type_name=f"fxrec.sparse.{cls.__name__}",
-        to_dumpable_context=to_json, from_dumpable_context=from_json,
-        flatten_with_keys_fn=_with_keys(flatten, names))
-
-
-_register(JaggedTensor, _jt_flatten, _jt_unflatten, ("_values", "_lengths", "_weights"),
-          lambda ctx: "null", lambda s: None)
-_register(KeyedJaggedTensor, _kjt_flatten, _kjt_unflatten, ("_values", "_lengths", "_weights"),
-          lambda ctx: json.dumps([list(ctx[0]), ctx[1]]),
-          lambda s: (lambda d: (tuple(d[0]), d[1]))(json.loads(s)))
-_register(KeyedTensor, _kt_flatten, _kt_unflatten, ("_values",),
-          lambda ctx: json.dumps([list(ctx[0]), list(ctx[1]), ctx[2]]),
-          lambda s: (lambda d: (tuple(d[0]), tuple(d[1]), d[2]))(json.loads(s)))
+# Last: registering needs the classes above.
+from fxrec import sparse_pytree  # noqa: E402,F401

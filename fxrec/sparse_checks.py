@@ -1,0 +1,127 @@
+"""Validation of fxrec's sparse types: the global switch, tracing detection, and the
+checks that name the offending key and value (see fxrec/sparse.py)."""
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator, Sequence
+
+import torch
+from torch import Tensor
+
+# ------------------------------------------------------------------ validation switch
+_VALIDATE = True
+
+
+def set_validation(enabled: bool) -> bool:
+    """Switch construction-time checks on or off process-wide; returns the old setting."""
+    global _VALIDATE
+    previous, _VALIDATE = _VALIDATE, bool(enabled)
+    return previous
+
+
+@contextlib.contextmanager
+def validation(enabled: bool) -> Iterator[None]:
+    """``with validation(False):`` skips the data checks inside the block (hot paths)."""
+    previous = set_validation(enabled)
+    try:
+        yield
+    finally:
+        set_validation(previous)
+
+
+def validation_enabled() -> bool:
+    return _VALIDATE
+
+
+def _fx_symbolic_tracing() -> bool:
+    trace = torch.fx._symbolic_trace
+    check = getattr(trace, "is_fx_symbolic_tracing", None) or trace.is_fx_tracing
+    return check()
+
+
+def is_tracing(*objs) -> bool:
+    """True when data-dependent checks must not run: any Proxy / fake / meta tensor
+    among ``objs``, or an active fx trace, dynamo compile, or make_fx proxy mode."""
+    if torch.compiler.is_compiling() or _fx_symbolic_tracing():
+        return True
+    for t in objs:
+        if isinstance(t, torch.fx.Proxy):
+            return True
+        if isinstance(t, Tensor) and (t.is_meta or type(t) not in (Tensor, torch.nn.Parameter)):
+            return True  # FakeTensor, FunctionalTensor and other tracing subclasses
+    try:
+        return torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.PROXY) is not None
+    except AttributeError:  # pragma: no cover - older torch
+        return False
+
+
+def should_validate(*objs) -> bool:
+    """The test every check uses: validation on globally and nothing is being traced."""
+    return _VALIDATE and not is_tracing(*objs)
+
+
+# ------------------------------------------------------------------ checks
+def _check_keys(owner: str, keys: Sequence[str]) -> None:
+    seen = set()
+    for k in keys:
+        if not isinstance(k, str):
+            raise TypeError(f"{owner}: keys must be strings, got {k!r} ({type(k).__name__})")
+        if k in seen:
+            raise ValueError(f"{owner}: key {k!r} appears more than once in keys {list(keys)}")
+        seen.add(k)
+
+
+def _check_index_tensor(owner: str, name: str, t: Tensor) -> None:
+    if t.dim() != 1 or t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+        raise ValueError(f"{owner}: {name} must be a 1-D integer tensor, got shape "
+                         f"{tuple(t.shape)} dtype {t.dtype}")
+
+
+def _check_jagged(owner, values, lengths, offsets, weights, bag_name) -> None:
+    """Shared checks for JT and KJT; ``bag_name(i)`` names flat bag i in messages."""
+    if values.dim() < 1:
+        raise ValueError(f"{owner}: values must have at least one dimension, got a scalar")
+    n = values.size(0)
+    if offsets is not None:
+        _check_index_tensor(owner, "offsets", offsets)
+        if offsets.numel() == 0 or int(offsets[0]) != 0:
+            raise ValueError(f"{owner}: offsets must start at 0, got {offsets[:1].tolist()}")
+        steps = offsets.diff()
+        if bool((steps < 0).any()):
+            i = int((steps < 0).nonzero()[0])
+            raise ValueError(f"{owner}: offsets must be non-decreasing; {bag_name(i)} goes from "
+                             f"offset {int(offsets[i])} down to {int(offsets[i + 1])}")
+        if int(offsets[-1]) != n:
+            raise ValueError(f"{owner}: offsets end at {int(offsets[-1])} but values has {n} entries")
+    if lengths is not None:
+        _check_index_tensor(owner, "lengths", lengths)
+        if bool((lengths < 0).any()):
+            i = int((lengths < 0).nonzero()[0])
+            raise ValueError(f"{owner}: {bag_name(i)} has negative length {int(lengths[i])}")
+        if offsets is not None and (offsets.numel() != lengths.numel() + 1
+                                    or not torch.equal(offsets.diff(), lengths.to(offsets.dtype))):
+            raise ValueError(f"{owner}: lengths and offsets were both given and disagree")
+    if weights is not None and (weights.dim() != 1 or weights.size(0) != n):
+        raise ValueError(f"{owner}: weights must be 1-D with one weight per value ({n}), "
+                         f"got shape {tuple(weights.shape)}")
+
+
+def _check_sums(owner, keys, lengths, stride, n) -> None:
+    """Names the key whose bags run past the end of values, or the values left over."""
+    sums = lengths.reshape(len(keys), stride).sum(1).tolist() if keys else []
+    total = sum(sums)
+    if total == n:
+        return
+    per_key = {k: s for k, s in zip(keys, sums)}
+    if total > n:
+        end = 0
+        for k, s in zip(keys, sums):
+            end += s
+            if end > n:
+                raise ValueError(f"{owner}: lengths sum to {total} but values has {n} entries; "
+                                 f"key {k!r}'s bags cover values[{end - s}:{end}], past the end "
+                                 f"(per-key length sums {per_key})")
+    last = repr(keys[-1]) if keys else "<no keys>"
+    raise ValueError(f"{owner}: lengths sum to {total} but values has {n} entries; the last "
+                     f"{n - total} values after key {last}'s bags belong to no bag "
+                     f"(per-key length sums {per_key})")
