@@ -246,8 +246,10 @@ def _unit_modules(gm: GraphModule, spec: UnitSpec, nodes: list[Node], dp_slots: 
     if spec.routes:
         unit.input_dist, unit.recv_splits, unit.unpack = InputDist(spec), RecvSplits(spec), Unpack(spec)
         init = {s.key: values(s.table, s.rows, s.cols) for s in spec.local_shards()}
-        unit.lookup = LocalLookup(spec.local_shards(), env["optimizer"], spec.world_size, dtype, device, init)
-        unit.output_prep = OutputPrep(spec, dtype, device)
+        # The 1/W of the shards' gradients (local_lookup.py) is applied by OutputPrep's backward.
+        unit.lookup = LocalLookup(spec.local_shards(), env["optimizer"], spec.world_size, dtype, device, init,
+                                  scale_outputs=False)
+        unit.output_prep = OutputPrep(spec, dtype, device, grad_scale=1.0 / spec.world_size)
     if dp_slots:
         dp = [slots[k] for k in dp_slots]
         full = {s.table: values(s.table, (0, s.num_embeddings), (0, s.dim)) for s in dp}

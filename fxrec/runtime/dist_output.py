@@ -24,8 +24,7 @@ from fxrec.runtime.dist_lookup import LookupState, SendState, UnitSpec
 __all__ = ["OutputPrep", "CollectOutputs", "GroupTable"]
 
 
-def _cat(parts: list[Tensor], empty: Tensor) -> Tensor:
-    buf = torch.cat(parts) if parts else empty
+def _grad_anchor(buf: Tensor) -> Tensor:
     if torch.is_grad_enabled() and not buf.requires_grad:
         # Every rank must run the collective's backward, also one that holds no shard
         # (its buffer is empty and would otherwise be cut from the autograd graph).
@@ -35,36 +34,79 @@ def _cat(parts: list[Tensor], empty: Tensor) -> Tensor:
 
 class _Pieces(torch.autograd.Function):
     """The flattened rectangles ``boxes`` = [(tensor, r0, r1, c0, c1)] of 2-D `tensors`,
-    concatenated. Slicing piece by piece would be simpler, but each slice's backward
-    allocates and zero-fills a gradient the size of the whole lookup output: quadratic in
-    the number of pieces (it dominated a 26-table step). Here backward writes every piece's
-    gradient into one zero tensor per input."""
+    concatenated, each written once into one buffer. Backward writes every piece's
+    gradient, times `scale`, into one gradient per input (zero-filled only where the boxes
+    leave gaps): slicing piece by piece would allocate and zero-fill a gradient the size of
+    the whole lookup output per piece, quadratic in the number of pieces."""
 
     @staticmethod
-    def forward(ctx, boxes, *tensors):
-        ctx.boxes, ctx.shapes = boxes, [t.shape for t in tensors]
-        return torch.cat([tensors[t][r0:r1, c0:c1].reshape(-1) for t, r0, r1, c0, c1 in boxes])
+    def forward(ctx, boxes, scale, *tensors):
+        ctx.boxes, ctx.scale, ctx.shapes = boxes, scale, [t.shape for t in tensors]
+        out = tensors[0].new_empty(sum((r1 - r0) * (c1 - c0) for _, r0, r1, c0, c1 in boxes))
+        pos = 0
+        for t, r0, r1, c0, c1 in boxes:
+            n = (r1 - r0) * (c1 - c0)
+            out[pos:pos + n].view(r1 - r0, c1 - c0).copy_(tensors[t][r0:r1, c0:c1])
+            pos += n
+        return out
 
     @staticmethod
     def backward(ctx, grad):
-        grads = [grad.new_zeros(shape) for shape in ctx.shapes]
+        # Boxes never overlap (each is one (source, route) place), so boxes whose areas add
+        # up to a tensor's size cover all of it: its gradient needs no zero fill.
+        covered = [0] * len(ctx.shapes)
+        for t, r0, r1, c0, c1 in ctx.boxes:
+            covered[t] += (r1 - r0) * (c1 - c0)
+        grads = [grad.new_empty(shape) if covered[t] == shape.numel() else grad.new_zeros(shape)
+                 for t, shape in enumerate(ctx.shapes)]
         pos = 0
         for t, r0, r1, c0, c1 in ctx.boxes:
             n = (r1 - r0) * (c1 - c0)
-            grads[t][r0:r1, c0:c1] = grad[pos:pos + n].view(r1 - r0, c1 - c0)
+            src, dst = grad[pos:pos + n].view(r1 - r0, c1 - c0), grads[t][r0:r1, c0:c1]
+            if ctx.scale == 1.0:
+                dst.copy_(src)
+            else:
+                torch.mul(src, ctx.scale, out=dst)
             pos += n
-        return (None, *grads)
+        return (None, None, *grads)
+
+
+class _Blocks(torch.autograd.Function):
+    """Views ``rows x width`` of the 1-D `buf` at `blocks` = [(offset, rows, width)].
+    Backward writes each block's gradient once into one buffer (plain split + view would
+    copy a non-contiguous block gradient twice: in the view's backward, then the cat)."""
+
+    @staticmethod
+    def forward(ctx, blocks, buf):
+        ctx.blocks, ctx.numel = blocks, buf.numel()
+        return tuple(buf[o:o + n * w].view(n, w) for o, n, w in blocks)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        ref = next((g for g in grads if g is not None), None)
+        if ref is None:
+            return None, None
+        full = all(g is not None for g in grads) and sum(n * w for _, n, w in ctx.blocks) == ctx.numel
+        out = ref.new_empty(ctx.numel) if full else ref.new_zeros(ctx.numel)
+        for (o, n, w), g in zip(ctx.blocks, grads):
+            if g is not None:
+                out[o:o + n * w].view(n, w).copy_(g)
+        return None, out
 
 
 class OutputPrep(nn.Module):
     """forward(pooled out, unpooled outs, LookupState, SendState) -> (all_to_all buffer, its
     out splits, in splits, row_wise reduce_scatter buffer, table_row_wise reduce_scatter
     buffer, cross-node out splits, in splits); the table_row_wise three are None when the
-    unit has no such table."""
+    unit has no such table.
 
-    def __init__(self, spec: UnitSpec, dtype: torch.dtype, device=None):
+    grad_scale: the factor backward applies to the gradients of the lookup results (the
+    1/W of local_lookup.py, applied here because this backward writes every gradient
+    element once anyway)."""
+
+    def __init__(self, spec: UnitSpec, dtype: torch.dtype, device=None, grad_scale: float = 1.0):
         super().__init__()
-        self.spec, self.dtype, self.device = spec, dtype, device
+        self.spec, self.dtype, self.device, self.grad_scale = spec, dtype, device, float(grad_scale)
         self.shards = spec.local_shards()
         self.col0 = {}  # pooled shard position -> its first column in the fused output
         c = 0
@@ -87,7 +129,7 @@ class OutputPrep(nn.Module):
             else:
                 t = first_unpooled + pos - len(self.col0)
                 boxes.append((t, start, start + n, 0, tensors[t].shape[1]))
-        return _cat([_Pieces.apply(boxes, *tensors)] if boxes else [], empty)
+        return _grad_anchor(_Pieces.apply(boxes, self.grad_scale, *tensors) if boxes else empty)
 
     def forward(self, p_out, u_out, ls: LookupState, send: SendState):
         spec, W = self.spec, self.spec.world_size
@@ -128,13 +170,16 @@ class CollectOutputs(nn.Module):
         self.spec, self.dp_slots = spec, list(dp_slots)
 
     def _a2a_pieces(self, a2a: Tensor, send: SendState) -> dict:
-        spec, keys, sizes = self.spec, [], []
+        """Route -> its received block, ``rows x width``."""
+        spec, keys, blocks, o = self.spec, [], [], 0
         for d in range(spec.world_size):
             for i, r in enumerate(spec.routes):
                 if r.rank == d and r.output == "a2a":
+                    n = send.sizes[i][0 if r.pooled else 1]
                     keys.append(i)
-                    sizes.append(send.sizes[i][0 if r.pooled else 1] * r.width)
-        return dict(zip(keys, a2a.split(sizes))) if keys else {}
+                    blocks.append((o, n, r.width))
+                    o += n * r.width
+        return dict(zip(keys, _Blocks.apply(blocks, a2a))) if keys else {}
 
     def _chunks(self, buf: Optional[Tensor], slots: list[int], send: SendState) -> dict:
         if not slots:
@@ -146,7 +191,7 @@ class CollectOutputs(nn.Module):
     def _from_a2a(self, k: int, pieces: dict, send: SendState) -> Tensor:
         spec = self.spec
         routes = spec.routes_of_slot(k)
-        blocks = [pieces[i].view(-1, spec.routes[i].width) for i in routes]
+        blocks = [pieces[i] for i in routes]
         if spec.routes[routes[0]].bucketized:  # row-served row_wise: rows come back grouped by shard
             rows = torch.cat(blocks)
             perm = send.perms[k]

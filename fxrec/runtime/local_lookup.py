@@ -5,8 +5,9 @@
 The gradient those kernels see is the sum over every rank's samples; the unsharded model,
 trained on the global batch with the loss averaged over it, sees 1/W of that (dense
 gradients are averaged across ranks the same way), so the kernels' input is scaled by 1/W
-in backward, and the per-sample-weight gradient, which belongs to the sample's own rank, is
-scaled back by W.
+in backward (here, or with ``scale_outputs=False`` by the caller: apply_plan folds it into
+the backward of `OutputPrep`, which writes every gradient element once anyway), and the
+per-sample-weight gradient, which belongs to the sample's own rank, is scaled back by W.
 
 `ReplicatedLookup` serves data_parallel tables: each rank looks up its own batch in its full
 replica; in backward the replicas' dense gradients (and a touched-row count) are summed
@@ -63,11 +64,14 @@ class LocalLookup(nn.Module):
     """forward(pooled indices, offsets, weights, unpooled indices, offsets) -> (pooled
     ``B x sum(shard widths)`` or None, list of unpooled ``rows x width`` per shard).
 
-    shards: this rank's `LocalShard`s (pooled first); `init[key]` its initial values."""
+    shards: this rank's `LocalShard`s (pooled first); `init[key]` its initial values.
+    scale_outputs: scale the outputs' gradients by 1/world_size here; False when the
+    consumer of the outputs scales their gradients itself (module doc)."""
 
-    def __init__(self, shards, optimizer, world_size: int, dtype: torch.dtype, device, init: dict):
+    def __init__(self, shards, optimizer, world_size: int, dtype: torch.dtype, device, init: dict,
+                 scale_outputs: bool = True):
         super().__init__()
-        self.world_size = world_size
+        self.world_size, self.scale_outputs = world_size, scale_outputs
         pooled = [_Table(s.key, s.num_rows, s.num_cols, "sum", dtype) for s in shards if s.pooled]
         unpooled = [_Table(s.key, s.num_rows, s.num_cols, "none", dtype) for s in shards if not s.pooled]
         self.pooled = self._fused(pooled, optimizer, device, init)
@@ -85,7 +89,7 @@ class LocalLookup(nn.Module):
         return fused
 
     def forward(self, p_idx, p_off, p_psw, u_idx, u_off):
-        inv = 1.0 / self.world_size
+        inv = 1.0 / self.world_size if self.scale_outputs else 1.0
         p_out = None
         if self.pooled is not None:
             p_psw = scale_grad(p_psw, float(self.world_size)) if p_psw is not None else None
