@@ -71,6 +71,17 @@ def _output_node(node: Node) -> Node:
     return next(n for n in node.users if n.name == lk.pool_node)
 
 
+def replace_lookups(gm: GraphModule, nodes: list[Node], results: list[Node]) -> None:
+    """Point each lookup's users (or its folded pool node's) at its result; erase both.
+    Shared by apply_plan and fuse_lookups."""
+    for n, out in zip(nodes, results):
+        target = _output_node(n)
+        target.replace_all_uses_with(out)
+        gm.graph.erase_node(target)
+        if target is not n:
+            gm.graph.erase_node(n)
+
+
 def _span(gm: GraphModule, nodes: list[Node], pos: dict) -> tuple[int, int]:
     """(position after which the unit can run, position of the first use of its outputs)."""
     inputs = [a for n in nodes for a in n.all_input_nodes]
@@ -276,12 +287,7 @@ def _rewrite_unit(gm: GraphModule, nodes: list[Node], name: str, env: dict) -> N
         replicated.meta[LOCAL_LOOKUP] = {"unit": name, "shards": [f"{t}@replica" for t in unit.replicated.inner.tables]}
     collected = e.module("collect", gathered, send, a2a, rs, twrw, replicated)
     results = e.items(e.module("finish", gathered, collected), len(nodes))
-    for n, out in zip(nodes, results):
-        target = _output_node(n)
-        target.replace_all_uses_with(out)
-        gm.graph.erase_node(target)
-        if target is not n:
-            gm.graph.erase_node(n)
+    replace_lookups(gm, nodes, results)
     e.drop_unused()
 
 

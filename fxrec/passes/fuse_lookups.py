@@ -52,7 +52,7 @@ from torch.fx import GraphModule, Node
 from torch.fx.node import map_arg
 
 from fxrec.passes import lookup as L
-from fxrec.passes.apply_plan import LOCAL_LOOKUP, SUPPORTED
+from fxrec.passes.apply_plan import LOCAL_LOOKUP, SUPPORTED, replace_lookups
 from fxrec.passes.shard_ops import FinishOutputs, GatherInputs, NodeSpec, SlotSpec
 from fxrec.runtime.dist_lookup import LocalShard, Unpack
 from fxrec.runtime.fused_group import PackInputs, SplitOutputs, kernel_record, with_kernel
@@ -77,12 +77,6 @@ def fusion_units(groups: list) -> list[list]:
         units.append((keys, members))
     order = {g.name: i for i, g in enumerate(groups)}
     return sorted((sorted(m, key=lambda g: order[g.name]) for _, m in units), key=lambda m: order[m[0].name])
-
-
-def _output_node(node: Node) -> Node:
-    """The node whose value the lookup gives its users (the folded .sum/.mean, if any)."""
-    lk = node.meta[L.LOOKUP]
-    return node if lk.pool_node is None else next(u for u in node.users if u.name == lk.pool_node)
 
 
 def _read_elsewhere(gm: GraphModule, nodes: list[Node]) -> Optional[Node]:
@@ -250,12 +244,7 @@ def _fuse_unit(gm: GraphModule, groups: list, nodes: list[Node], name: str, opts
                             "lookups": {n.name: n.meta[L.LOOKUP] for n in nodes}}
     results = e.items(e.module(f"{prefix}.finish", gathered, split), len(nodes), nodes)
     dead_attrs = {a for n in nodes for a in n.all_input_nodes if a.op == "get_attr"}
-    for n, out in zip(nodes, results):
-        target = _output_node(n)
-        target.replace_all_uses_with(out)
-        gm.graph.erase_node(target)
-        if target is not n:
-            gm.graph.erase_node(n)
+    replace_lookups(gm, nodes, results)
     for a in dead_attrs:
         if not a.users:
             gm.graph.erase_node(a)
