@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from fxrec.planner.cost import KERNELS, SHARDING_TYPES
+from fxrec.ranges import span_property
 from fxrec.types import TableInfo
 
 
@@ -26,13 +27,8 @@ class Shard:
     rows: tuple[int, int]
     cols: tuple[int, int]
 
-    @property
-    def num_rows(self) -> int:
-        return self.rows[1] - self.rows[0]
-
-    @property
-    def num_cols(self) -> int:
-        return self.cols[1] - self.cols[0]
+    num_rows = span_property("rows")
+    num_cols = span_property("cols")
 
 
 @dataclass

@@ -30,6 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from fxrec.passes.shard_ops import SlotInput, SlotSpec
+from fxrec.ranges import span_property
 
 __all__ = ["RouteSpec", "LocalShard", "UnitSpec", "InputDist", "RecvSplits", "Unpack", "SendState", "RecvState",
            "LookupState", "bucketize"]
@@ -70,13 +71,8 @@ class LocalShard:
     pooled: bool
     routes: tuple[int, ...]
 
-    @property
-    def num_rows(self) -> int:
-        return self.rows[1] - self.rows[0]
-
-    @property
-    def num_cols(self) -> int:
-        return self.cols[1] - self.cols[0]
+    num_rows = span_property("rows")
+    num_cols = span_property("cols")
 
 
 @dataclass(frozen=True)

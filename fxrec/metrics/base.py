@@ -1,0 +1,117 @@
+"""What every metric shares: input checks, the streaming `Metric` base, `MetricCollection`.
+
+Sums are accumulated in float64 (float32 on MPS, which has no float64) on the device of
+the inputs and read back to the host only in ``compute()``; bad input raises ValueError
+naming the argument and the offending value or shape.
+"""
+from __future__ import annotations
+
+import abc
+from typing import Any, Iterator, Mapping
+
+import torch
+
+__all__ = ["Metric", "MetricCollection"]
+
+
+def _acc_dtype(device: torch.device) -> torch.dtype:
+    # float64 keeps sums over many millions of examples exact enough; MPS lacks it.
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
+def _as_tensor(x: Any, name: str) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        try:
+            x = torch.as_tensor(x)
+        except (TypeError, ValueError, RuntimeError) as err:
+            raise ValueError(f"{name} must be a tensor, got {type(x).__name__}") from err
+    if x.is_complex():
+        raise ValueError(f"{name} must be real, got dtype {x.dtype}")
+    return x.detach()
+
+
+def _reject(flat: torch.Tensor, bad: torch.Tensor, name: str, rule: str) -> None:
+    """Raise naming the first flat index where the 1-D mask ``bad`` is set."""
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0, 0])
+        raise ValueError(f"{name} {rule}, got {flat[i].item()} at flat index {i}")
+
+
+class Metric(abc.ABC):
+    """A streaming metric: ``update(...)`` adds a batch, ``compute()`` returns the value
+    over every batch since construction or ``reset()``, ``reset()`` forgets them.
+
+    Running sums live in one tensor on the first batch's device; later batches are moved
+    there. ``compute()`` before any ``update()`` raises ValueError.
+    """
+
+    def __init__(self) -> None:
+        self._totals: torch.Tensor | None = None
+
+    def reset(self) -> None:
+        self._totals = None
+
+    def _add(self, sums: torch.Tensor) -> None:
+        if self._totals is None:
+            self._totals = sums
+        else:
+            self._totals = self._totals + sums.to(self._totals.device)
+
+    def _sums(self) -> list[float]:
+        if self._totals is None:
+            raise ValueError(f"{type(self).__name__}.compute() called with no data: "
+                             "call update() first")
+        return self._totals.tolist()
+
+    @abc.abstractmethod
+    def update(self, *args: Any, **kwargs: Any) -> None:
+        """Add one batch (validated; ValueError on bad input, state unchanged)."""
+
+    @abc.abstractmethod
+    def compute(self) -> float:
+        """The metric over every batch since construction or reset()."""
+
+
+def _weighted_mean(total: float, weight: float, name: str) -> float:
+    if weight <= 0:
+        raise ValueError(f"{name} is undefined: weights sum to {weight:g}")
+    return total / weight
+
+
+class MetricCollection:
+    """Several metrics fed the same batches: ``update(*args, **kwargs)`` passes its
+    arguments to each metric (so they must share an update signature, e.g. all binary
+    or all retrieval), ``compute()`` returns ``{name: value}``, ``reset()`` resets all.
+
+    If one metric rejects a batch, metrics before it in the collection may already have
+    taken it; ``reset()`` before reusing the collection.
+    """
+
+    def __init__(self, metrics: Mapping[str, Metric]) -> None:
+        if not metrics:
+            raise ValueError("metrics must name at least one metric")
+        for name, metric in metrics.items():
+            if not isinstance(metric, Metric):
+                raise ValueError(f"metrics[{name!r}] must be an fxrec.metrics.Metric, "
+                                 f"got {type(metric).__name__}")
+        self._metrics = dict(metrics)
+
+    def update(self, *args: Any, **kwargs: Any) -> None:
+        for metric in self._metrics.values():
+            metric.update(*args, **kwargs)
+
+    def compute(self) -> dict[str, float]:
+        return {name: metric.compute() for name, metric in self._metrics.items()}
+
+    def reset(self) -> None:
+        for metric in self._metrics.values():
+            metric.reset()
+
+    def __getitem__(self, name: str) -> Metric:
+        return self._metrics[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._metrics)
+
+    def __len__(self) -> int:
+        return len(self._metrics)
