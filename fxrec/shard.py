@@ -17,8 +17,9 @@ global batch (loss averaged over it) leaves them: dense gradients are averaged a
 ranks in backward (`DenseGradSync`), sparse ones scaled by 1/W before the fused optimizer.
 Every rank must feed the same local batch size to row_wise / table_row_wise tables (a
 clear error otherwise); table_wise, column_wise and data_parallel ones take any.
-One exception, shared with TorchRec/FBGEMM: under RowWiseAdagrad each column shard of a
-column_wise table keeps its own per-row accumulator (the mean of g^2 over its columns).
+This holds for RowWiseAdagrad on column_wise tables too (TorchRec/FBGEMM give each column
+shard its own accumulator instead): the shards' per-row sums of g^2 are exchanged in
+backward, so a row's accumulator sees its whole row (fxrec/runtime/row_sync.py).
 """
 from __future__ import annotations
 

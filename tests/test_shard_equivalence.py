@@ -63,8 +63,8 @@ def _constraints(sharding: str, name: str, tables) -> dict:
 
 def _reference_step(sm, t_params: dict, state: dict, optimizer: str) -> None:
     """The sparse update on the unsharded tables' dense gradients, on the rows the batch
-    touched (nonzero gradient). RowWiseAdagrad keeps one accumulator per row of each column
-    shard, as the sharded kernels (and FBGEMM) do; Adam is lazy, with per-row step counts."""
+    touched (nonzero gradient). RowWiseAdagrad's accumulator sees the whole row, also for
+    column_wise tables (fxrec/runtime/row_sync.py); Adam is lazy, with per-row step counts."""
     with torch.no_grad():
         for name, p in t_params.items():
             g = torch.zeros_like(p) if p.grad is None else p.grad
@@ -73,11 +73,9 @@ def _reference_step(sm, t_params: dict, state: dict, optimizer: str) -> None:
             elif optimizer == "adam":
                 _lazy_adam(p, g, state.setdefault(name, {}))
             else:
-                for c0, c1 in sorted({tuple(s.cols) for s in sm.plan[name].shards}):
-                    m = state.setdefault((name, c0), torch.zeros(p.shape[0]))
-                    gb = g[:, c0:c1]
-                    m += (gb * gb).mean(1)
-                    p[:, c0:c1] -= (SPARSE_LR / (m.sqrt() + EPS)).unsqueeze(1) * gb
+                m = state.setdefault(name, torch.zeros(p.shape[0]))
+                m += (g * g).mean(1)
+                p -= (SPARSE_LR / (m.sqrt() + EPS)).unsqueeze(1) * g
 
 
 def _lazy_adam(p, g, st: dict) -> None:

@@ -27,12 +27,12 @@ __all__ = ["FusedEmbeddingBags", "TBELayout"]
 class _FusedLookup(torch.autograd.Function):
     """Forward: the fused lookup. Backward: the per-sample-weight gradient if needed (from
     the weights before the update), then, if the owner has an optimizer, the fused update
-    of its weights in place; no weight gradient is returned. Backpropagating twice
-    through one output updates twice."""
+    of its weights in place (or the caller's `update_hook`, which takes it over); no weight
+    gradient is returned. Backpropagating twice through one output updates twice."""
 
     @staticmethod
-    def forward(ctx, anchor, per_sample_weights, owner, indices, offsets):
-        ctx.owner = owner
+    def forward(ctx, anchor, per_sample_weights, owner, indices, offsets, update_hook):
+        ctx.owner, ctx.update_hook = owner, update_hook
         ctx.save_for_backward(indices, offsets, per_sample_weights)
         return owner._lookup(indices, offsets, per_sample_weights)
 
@@ -45,9 +45,11 @@ class _FusedLookup(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             psw_grad = per_sample_weights_grad(owner.weights, owner.layout, grad_output, indices, offsets)
             psw_grad = psw_grad.to(psw.dtype)
-        if owner.optimizer is not None:
-            owner._update(grad_output, indices, offsets, psw)
-        return None, psw_grad, None, None, None
+        if ctx.update_hook is not None:
+            ctx.update_hook(owner, grad_output, indices, offsets, psw)
+        elif owner.optimizer is not None:
+            owner.update(grad_output, indices, offsets, psw)
+        return None, psw_grad, None, None, None, None
 
 
 class FusedEmbeddingBags(nn.Module):
@@ -138,9 +140,15 @@ class FusedEmbeddingBags(nn.Module):
         return impl
 
     # -- forward / backward --------------------------------------------------------
-    def forward(self, indices: Tensor, offsets: Tensor, per_sample_weights: Optional[Tensor] = None) -> Tensor:
+    def forward(self, indices: Tensor, offsets: Tensor, per_sample_weights: Optional[Tensor] = None,
+                anchor: Optional[Tensor] = None, update_hook=None) -> Tensor:
         """Pooled: ``B x sum(dims)`` (KeyedTensor layout); unpooled: the flat layout
-        (`layout.split_unpooled`). See layout.py for the input format."""
+        (`layout.split_unpooled`). See layout.py for the input format.
+
+        anchor: a tensor that requires grad for the backward to hang from (default: an empty
+        one of this module); a caller passes its own to run code after this backward.
+        update_hook: ``hook(self, grad_output, indices, offsets, per_sample_weights)`` called in
+        backward instead of the fused update (it may call `update` itself)."""
         for name, x in (("indices", indices), ("offsets", offsets), ("per_sample_weights", per_sample_weights)):
             if x is not None and x.device != self.weights.device:
                 raise ValueError(f"{name} are on {x.device}, the tables on {self.weights.device}")
@@ -148,8 +156,9 @@ class FusedEmbeddingBags(nn.Module):
         if self.layout.device != self.weights.device:  # the module was moved with .to()
             self.layout = self.layout.to(self.weights.device)
         psw_grad = per_sample_weights is not None and per_sample_weights.requires_grad
-        if torch.is_grad_enabled() and (self.optimizer is not None or psw_grad):
-            return _FusedLookup.apply(self._anchor, per_sample_weights, self, indices, offsets)
+        if torch.is_grad_enabled() and (self.optimizer is not None or psw_grad or update_hook is not None):
+            return _FusedLookup.apply(self._anchor if anchor is None else anchor, per_sample_weights, self,
+                                      indices, offsets, update_hook)
         return self._lookup(indices, offsets, per_sample_weights)
 
     def _lookup(self, indices: Tensor, offsets: Tensor, psw: Optional[Tensor]) -> Tensor:
@@ -158,7 +167,8 @@ class FusedEmbeddingBags(nn.Module):
             return impl(self.weights, self.layout, indices, offsets, psw)
         return impl(self.weights, self.layout, indices, offsets)
 
-    def _update(self, grad_output: Tensor, indices: Tensor, offsets: Tensor, psw: Optional[Tensor]) -> None:
+    def update(self, grad_output: Tensor, indices: Tensor, offsets: Tensor, psw: Optional[Tensor]) -> None:
+        """The fused backward + optimizer update of the rows `indices` touched, in place."""
         impl = self._select("backward_update", indices.dtype, psw is not None)
         impl(self.weights, self.optimizer_state(), self.layout, self.optimizer, grad_output,
              indices, offsets, psw, self._is_deterministic())

@@ -7,7 +7,7 @@ adds in a fixed order on every device), then the optimizer updates only those ro
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -99,13 +99,18 @@ def _aggregate(ids: Tensor, grads: Tensor, deterministic: bool) -> tuple[Tensor,
     return uniq, grads.new_zeros(uniq.numel(), grads.shape[1]).index_add_(0, inverse, grads)
 
 
-def apply_update(optimizer, table: Tensor, state: dict[str, Tensor], rows: Tensor, g: Tensor) -> None:
-    """Update `table[rows]` (unique rows) and its state slices with summed gradients g (fp32)."""
+def apply_update(optimizer, table: Tensor, state: dict[str, Tensor], rows: Tensor, g: Tensor,
+                 row_sq_mean: Optional[Tensor] = None) -> None:
+    """Update `table[rows]` (unique rows) and its state slices with summed gradients g (fp32).
+
+    row_sq_mean: RowWiseAdagrad only: the mean of g**2 over each row's *whole* dim when `table`
+    holds only some of its columns (a column_wise shard; fxrec/runtime/row_sync.py); default:
+    the mean over `g`'s own columns."""
     w = table[rows].float()
     if isinstance(optimizer, SGD):
         w = w - optimizer.lr * g
     elif isinstance(optimizer, RowWiseAdagrad):
-        mom = state["momentum"][rows] + (g * g).mean(dim=1)
+        mom = state["momentum"][rows] + ((g * g).mean(dim=1) if row_sq_mean is None else row_sq_mean)
         state["momentum"][rows] = mom
         w = w - (optimizer.lr / (mom.sqrt() + optimizer.eps)).unsqueeze(1) * g
     elif isinstance(optimizer, Adam):
@@ -130,20 +135,54 @@ def _table_state(layout: TBELayout, state: dict[str, Tensor], t: int) -> dict[st
             for key, value in state.items()}
 
 
+def table_grads(layout: TBELayout, grad_output: Tensor, indices: Tensor, offsets: Tensor,
+                per_sample_weights: Optional[Tensor] = None, deterministic: bool = False,
+                tables: Optional[Sequence[int]] = None) -> dict[int, tuple[Tensor, Tensor]]:
+    """Per table t (all, or those in `tables`): its unique ids (ascending, int64) and their
+    summed fp32 gradients ``U x dim_t``; a table no id touched gets empty tensors."""
+    B = layout.batch_size(offsets)
+    bounds = _bounds(offsets, B, layout.num_tables)
+    wanted = set(range(layout.num_tables) if tables is None else tables)
+    out, start = {}, 0  # start: running element offset of table t's block in an unpooled grad_output
+    for t in range(layout.num_tables):
+        s, e = bounds[t], bounds[t + 1]
+        if t in wanted:
+            if e > s:
+                g = _occurrence_grads(layout, t, grad_output, offsets, B, s, e, start, per_sample_weights)
+                out[t] = _aggregate(indices[s:e].long(), g, deterministic)
+            else:
+                out[t] = (indices.new_zeros(0, dtype=torch.int64),
+                          grad_output.new_zeros(0, layout.dims[t], dtype=torch.float32))
+        start += (e - s) * layout.dims[t]
+    return out
+
+
+def zero_table_grads(layout: TBELayout, grad_output: Tensor, offsets: Tensor, tables: Sequence[int]) -> Tensor:
+    """A copy of `grad_output` with the parts that reach `tables` zeroed (a zero gradient
+    leaves an SGD or RowWiseAdagrad row exactly as it was)."""
+    out = grad_output.clone()
+    if layout.pooled:
+        for t in tables:
+            out[:, layout.D_offsets_list[t]:layout.D_offsets_list[t + 1]] = 0
+        return out
+    B = layout.batch_size(offsets)
+    bounds = _bounds(offsets, B, layout.num_tables)
+    starts = [0]
+    for t in range(layout.num_tables):
+        starts.append(starts[-1] + (bounds[t + 1] - bounds[t]) * layout.dims[t])
+    for t in tables:
+        out[starts[t]:starts[t + 1]] = 0
+    return out
+
+
 def backward_update(weights: Tensor, state: dict[str, Tensor], layout: TBELayout, optimizer,
                     grad_output: Tensor, indices: Tensor, offsets: Tensor,
                     per_sample_weights: Optional[Tensor] = None, deterministic: bool = False) -> None:
-    B = layout.batch_size(offsets)
-    bounds = _bounds(offsets, B, layout.num_tables)
     tables = layout.split(weights)
-    start = 0  # running element offset of table t's block in an unpooled grad_output
-    for t in range(layout.num_tables):
-        s, e = bounds[t], bounds[t + 1]
-        if e > s:
-            g = _occurrence_grads(layout, t, grad_output, offsets, B, s, e, start, per_sample_weights)
-            rows, g = _aggregate(indices[s:e].long(), g, deterministic)
+    for t, (rows, g) in table_grads(layout, grad_output, indices, offsets, per_sample_weights,
+                                    deterministic).items():
+        if rows.numel():
             apply_update(optimizer, tables[t], _table_state(layout, state, t), rows, g)
-        start += (e - s) * layout.dims[t]
 
 
 def _accept(problem: Problem) -> Optional[str]:

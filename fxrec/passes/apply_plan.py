@@ -15,7 +15,9 @@ all-to-alls the same way). Per unit the graph gets (fxrec/runtime/dist_lookup.py
         reduce_scatter(intra_node) + all_to_all(cross_node)   table_row_wise
     [replicated (data_parallel tables; grads all-reduced in backward)] -> collect -> finish
 
-and each original lookup's users read the unit's result instead. Collectives are
+and each original lookup's users read the unit's result instead. A unit with column_wise
+tables under RowWiseAdagrad also gets a ``row_sync`` node before its lookup, whose backward
+all-to-alls the column shards' per-row sums of g^2 (fxrec/runtime/row_sync.py). Collectives are
 call_function nodes of `fxrec.runtime.comm` with ``meta["fxrec_comm"]`` set to their kind;
 the per-rank modules live under ``gm.fxrec_shards.<unit>``. Tables leave the GraphModule:
 its parameters are the dense ones only.
@@ -44,6 +46,7 @@ from fxrec.runtime import comm
 from fxrec.runtime.dist_lookup import InputDist, RecvSplits, RouteSpec, Unpack, UnitSpec
 from fxrec.runtime.dist_output import CollectOutputs, GroupTable, OutputPrep
 from fxrec.runtime.local_lookup import LocalLookup, ReplicatedLookup
+from fxrec.runtime.row_sync import RowSync
 
 ROOT = "fxrec_shards"
 SUPPORTED = ("module_bag", "functional_bag", "module_embedding", "functional_embedding", "ebc", "ec")
@@ -211,7 +214,7 @@ class _Emitter:
                 self.gm.graph.erase_node(node)
 
 
-def _emit_dist(e: _Emitter, spec: UnitSpec, gathered: Node, root: str):
+def _emit_dist(e: _Emitter, spec: UnitSpec, gathered: Node, root: str, has_sync: bool):
     """The input_dist / lookup / output_dist nodes; returns (send state, a2a, rs, twrw)."""
     counts, data, wbuf, send = e.items(e.module("input_dist", gathered), 4)
     recv_counts = e.comm(comm.all_to_all_counts, "all_to_all_counts", counts)
@@ -219,11 +222,13 @@ def _emit_dist(e: _Emitter, spec: UnitSpec, gathered: Node, root: str):
     data_r = e.comm(comm.all_to_all, "all_to_all", data, out_d, in_d)
     w_r = e.comm(comm.all_to_all, "all_to_all", wbuf, out_w, in_w) if any(r.weighted for r in spec.routes) else None
     unpacked = e.items(e.module("unpack", data_r, w_r, recv), 6)
-    looked = e.module("lookup", *unpacked[:5])
+    # exact RowWiseAdagrad on column_wise tables: its all-to-all runs in backward (row_sync.py)
+    sync = [e._stamp(e.module("row_sync"), "all_to_all")] if has_sync else []
+    looked = e.module("lookup", *unpacked[:5], *sync)
     looked.meta[LOCAL_LOOKUP] = {"unit": e.prefix.split(".")[-1], "shards": [s.key for s in spec.local_shards()]}
     p_out, u_out = e.items(looked, 2)
     a2a_buf, a2a_out, a2a_in, rs_buf, tw_buf, tw_out, tw_in = e.items(
-        e.module("output_prep", p_out, u_out, unpacked[5], send), 7)
+        e.module("output_prep", p_out, u_out, unpacked[5], send, *sync), 7)
     outputs = {r.output for r in spec.routes}
     a2a = e.comm(comm.all_to_all, "all_to_all", a2a_buf, a2a_out, a2a_in) if "a2a" in outputs else None
     rs = e.comm(comm.reduce_scatter, "reduce_scatter", rs_buf) if "rs" in outputs else None
@@ -261,6 +266,8 @@ def _unit_modules(gm: GraphModule, spec: UnitSpec, nodes: list[Node], dp_slots: 
         unit.lookup = LocalLookup(spec.local_shards(), env["optimizer"], spec.world_size, dtype, device, init,
                                   scale_outputs=False)
         unit.output_prep = OutputPrep(spec, dtype, device, grad_scale=1.0 / spec.world_size)
+        if RowSync.needed(spec, env["optimizer"]):
+            unit.row_sync = RowSync(spec, env["optimizer"], device)
     if dp_slots:
         dp = [slots[k] for k in dp_slots]
         full = {s.table: values(s.table, (0, s.num_embeddings), (0, s.dim)) for s in dp}
@@ -281,7 +288,7 @@ def _rewrite_unit(gm: GraphModule, nodes: list[Node], name: str, env: dict) -> N
     gathered = e.module("gather", [_node_args(gm, n) for n in nodes])
     send = a2a = rs = twrw = replicated = None
     if routes:
-        send, a2a, rs, twrw = _emit_dist(e, spec, gathered, ROOT)
+        send, a2a, rs, twrw = _emit_dist(e, spec, gathered, ROOT, hasattr(unit, "row_sync"))
     if dp_slots:
         replicated = e.module("replicated", gathered)
         replicated.meta[LOCAL_LOOKUP] = {"unit": name, "shards": [f"{t}@replica" for t in unit.replicated.inner.tables]}

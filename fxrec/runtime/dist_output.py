@@ -32,6 +32,19 @@ def _grad_anchor(buf: Tensor) -> Tensor:
     return buf
 
 
+class _HangFrom(torch.autograd.Function):
+    """Identity on `buf` whose backward also reaches `token` (row_sync.py): the token's
+    backward then runs after this buffer's collective's, on every rank."""
+
+    @staticmethod
+    def forward(ctx, buf, token):
+        return buf.view_as(buf)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
 class _Pieces(torch.autograd.Function):
     """The flattened rectangles ``boxes`` = [(tensor, r0, r1, c0, c1)] of 2-D `tensors`,
     concatenated, each written once into one buffer. Backward writes every piece's
@@ -131,7 +144,16 @@ class OutputPrep(nn.Module):
                 boxes.append((t, start, start + n, 0, tensors[t].shape[1]))
         return _grad_anchor(_Pieces.apply(boxes, self.grad_scale, *tensors) if boxes else empty)
 
-    def forward(self, p_out, u_out, ls: LookupState, send: SendState):
+    def forward(self, p_out, u_out, ls: LookupState, send: SendState, sync=None):
+        """sync: the unit's `RowSyncState` (or None); its token hangs from every buffer."""
+        out = self._send_buffers(p_out, u_out, ls, send)
+        if sync is None:
+            return out
+        a2a, a2a_out, a2a_in, rs, tw, tw_out, tw_in = out
+        hang = [None if b is None else _HangFrom.apply(b, sync.token) for b in (a2a, rs, tw)]
+        return hang[0], a2a_out, a2a_in, hang[1], hang[2], tw_out, tw_in
+
+    def _send_buffers(self, p_out, u_out, ls: LookupState, send: SendState):
         spec, W = self.spec, self.spec.world_size
         mine = [i for i in spec.my_routes() if spec.routes[i].output == "a2a"]
         empty = torch.zeros(0, dtype=self.dtype, device=self.device)

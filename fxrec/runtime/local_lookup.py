@@ -88,15 +88,18 @@ class LocalLookup(nn.Module):
         fused.load_tables({t.name: init[t.name] for t in tables})
         return fused
 
-    def forward(self, p_idx, p_off, p_psw, u_idx, u_off):
+    def forward(self, p_idx, p_off, p_psw, u_idx, u_off, sync=None):
+        """sync: a `fxrec.runtime.row_sync.RowSyncState` that takes over the split tables'
+        updates (None: the fused modules update their tables themselves)."""
         inv = 1.0 / self.world_size if self.scale_outputs else 1.0
+        hang = {} if sync is None else dict(anchor=sync.token, update_hook=sync.hook)
         p_out = None
         if self.pooled is not None:
             p_psw = scale_grad(p_psw, float(self.world_size)) if p_psw is not None else None
-            p_out = scale_grad(self.pooled(p_idx, p_off, p_psw), inv)
+            p_out = scale_grad(self.pooled(p_idx, p_off, p_psw, **hang), inv)
         u_out = []
         if self.unpooled is not None:
-            flat = scale_grad(self.unpooled(u_idx, u_off), inv)
+            flat = scale_grad(self.unpooled(u_idx, u_off, **hang), inv)
             counts = (u_off[1:] - u_off[:-1]).tolist()
             widths = self.unpooled.layout.dims
             u_out = [b.view(n, w) for b, n, w in zip(flat.split([n * w for n, w in zip(counts, widths)]),

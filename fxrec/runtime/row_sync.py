@@ -1,0 +1,178 @@
+"""Exact RowWiseAdagrad for column_wise tables: each row's accumulator sees its whole row.
+
+RowWiseAdagrad grows a row's accumulator by the mean of g**2 over the row's *whole* dim.
+A column_wise table splits each row over column shards, usually on different ranks, and a
+shard's fused kernel sees only its own columns. FBGEMM and TorchRec let every shard keep an
+accumulator over its own columns, which is not the unsharded update; fxrec keeps the
+unsharded one (DESIGN.md's equivalence), at the price of one small all-to-all per step:
+
+- every column shard of a table receives the same ids (every sample's ids for the table), so
+  its shards' unique rows are the same, in the same (ascending) order on every holder;
+- in the local lookup's backward, `RowSyncState.hook` updates the lookup's other tables with
+  the fused kernel as usual (with the column_wise tables' gradient zeroed: a zero gradient
+  leaves a RowWiseAdagrad row exactly as it was) and keeps, per column shard, its unique rows,
+  their summed gradient and the partial sum of g**2 over its columns;
+- `RowSync` makes a token before the lookup, which the lookup and the unit's output buffers
+  hang from, so on *every* rank (also one without shards) autograd runs the token's backward
+  after the lookup's backward and the unit's output collectives' backward. That backward
+  sends each table's partial sums to the other ranks holding the table, adds the partials of
+  all holders in rank order (so every shard of a row gets a bit-identical accumulator),
+  divides by the table's dim and applies the update to the rows.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from fxrec.lowering.torch_ref import apply_update, table_grads, zero_table_grads
+from fxrec.optim import RowWiseAdagrad
+from fxrec.runtime import comm
+from fxrec.runtime.dist_lookup import UnitSpec
+
+__all__ = ["RowSync", "RowSyncState", "split_tables"]
+
+
+def split_tables(spec: UnitSpec) -> dict[str, tuple[int, ...]]:
+    """The unit's tables whose rows are split over two or more column ranges (column_wise
+    with several shards), each with the sorted ranks holding its shards."""
+    cols: dict[str, set] = {}
+    ranks: dict[str, set] = {}
+    for r in spec.routes:
+        if not r.bucketized:
+            cols.setdefault(r.table, set()).add(r.cols)
+            ranks.setdefault(r.table, set()).add(r.rank)
+    return {t: tuple(sorted(ranks[t])) for t in cols if len(cols[t]) > 1}
+
+
+@dataclass
+class _Entry:  # one column shard's share of a step, kept by the hook
+    owner: nn.Module  # the FusedEmbeddingBags holding the shard
+    key: str  # shard key in the owner's layout
+    table: str
+    cols: tuple[int, int]
+    rows: Tensor  # unique ids, ascending
+    grad: Tensor  # their summed gradients, fp32
+    partial: Tensor  # sum of grad**2 over the shard's columns
+
+
+class _Token(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, anchor, sync, entries):
+        ctx.sync, ctx.entries = sync, entries
+        return anchor.view_as(anchor)
+
+    @staticmethod
+    def backward(ctx, grad):
+        ctx.sync.finish(ctx.entries)
+        ctx.entries.clear()
+        return None, None, None
+
+
+@dataclass
+class RowSyncState:
+    """One step's token and the entries the hook keeps for it (see module doc)."""
+
+    token: Tensor
+    sync: "RowSync"
+    entries: list = field(default_factory=list)
+
+    def hook(self, owner, grad_output: Tensor, indices: Tensor, offsets: Tensor,
+             psw: Optional[Tensor]) -> None:
+        """`FusedEmbeddingBags` update hook: keep the split tables' shares, update the rest."""
+        names = owner.layout.names
+        split = [t for t, key in enumerate(names) if key in self.sync.shard_tables]
+        det = owner.deterministic or torch.are_deterministic_algorithms_enabled()
+        for t, (rows, g) in table_grads(owner.layout, grad_output, indices, offsets, psw, det, split).items():
+            key = names[t]
+            table, cols = self.sync.shard_tables[key]
+            self.entries.append(_Entry(owner, key, table, cols, rows, g, (g * g).sum(dim=1)))
+        if len(split) < len(names):
+            owner.update(zero_table_grads(owner.layout, grad_output, offsets, split), indices, offsets, psw)
+
+
+class RowSync(nn.Module):
+    """forward() -> a `RowSyncState` (None when autograd is off): the token this unit's
+    `LocalLookup` and `OutputPrep` take. Built only for units with split tables under
+    RowWiseAdagrad (`needed`)."""
+
+    def __init__(self, spec: UnitSpec, optimizer, device=None):
+        super().__init__()
+        self.rank, self.world_size, self.optimizer = spec.rank, spec.world_size, optimizer
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.holders = split_tables(spec)
+        self.dims = {s.table: s.dim for s in spec.slots}
+        # shard key -> (table, its column range), for this rank's shards of split tables
+        self.shard_tables = {s.key: (s.table, s.cols) for s in spec.local_shards() if s.table in self.holders}
+        self._anchor = torch.empty(0, requires_grad=True)
+
+    @staticmethod
+    def needed(spec: UnitSpec, optimizer) -> bool:
+        return isinstance(optimizer, RowWiseAdagrad) and bool(split_tables(spec))
+
+    def forward(self) -> Optional[RowSyncState]:
+        if not torch.is_grad_enabled():
+            return None
+        state = RowSyncState(None, self)
+        state.token = _Token.apply(self._anchor, self, state.entries)
+        return state
+
+    # -- backward ----------------------------------------------------------------------
+    def _partials(self, entries: list[_Entry]) -> dict[str, Tensor]:
+        """This rank's partial sum of g**2 per held split table."""
+        by_table: dict[str, list[_Entry]] = {}
+        for e in entries:
+            by_table.setdefault(e.table, []).append(e)
+        held = {t for t, _ in self.shard_tables.values()}
+        if set(by_table) != held:
+            missing = sorted(held - set(by_table))
+            raise RuntimeError(f"rank {self.rank}: no gradient reached the column shards of table(s) {missing} "
+                               f"in this backward; their RowWiseAdagrad row sums cannot be exchanged")
+        # validate_plan puts a table's column shards on distinct ranks: one shard here per table
+        return {t: es[0].partial for t, es in by_table.items()}
+
+    def _exchange(self, mine: dict[str, Tensor]) -> dict[tuple[str, int], Tensor]:
+        """(table, holder rank) -> that holder's partial sums, for every table this rank holds."""
+        order = [t for t in self.holders if t in mine]  # unit order, the same on every rank
+        send, splits = [], []
+        for p in range(self.world_size):
+            shared = [t for t in order if p != self.rank and p in self.holders[t]]
+            send += [mine[t] for t in shared]
+            splits.append(sum(mine[t].numel() for t in shared))
+        out = {(t, self.rank): mine[t] for t in order}
+        if self.world_size == 1:
+            return out
+        buf = torch.cat(send) if send else torch.zeros(0, device=self.device)
+        with torch.no_grad():
+            recv = comm.all_to_all(buf, splits, splits)  # symmetric: a shared table has U rows on both sides
+        pos = 0
+        for p in range(self.world_size):
+            for t in order:
+                if p != self.rank and p in self.holders[t]:
+                    n = mine[t].numel()
+                    out[(t, p)] = recv[pos:pos + n]
+                    pos += n
+        return out
+
+    @torch.no_grad()
+    def finish(self, entries: list[_Entry]) -> None:
+        """Exchange the partial sums and update every kept shard (module doc)."""
+        mine = self._partials(entries)
+        parts = self._exchange(mine)
+        mean = {}
+        for t in mine:
+            holders = self.holders[t]
+            acc = parts[(t, holders[0])].clone()
+            for h in holders[1:]:
+                acc += parts[(t, h)]
+            mean[t] = acc / self.dims[t]
+        for e in entries:
+            if e.rows.numel():
+                state = e.owner.table_state()[e.key]
+                apply_update(self.optimizer, e.owner.table_weights()[e.key], state, e.rows, e.grad,
+                             row_sq_mean=mean[e.table])
+
+    def extra_repr(self) -> str:
+        return f"split_tables={dict(self.holders)}"
