@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from fxrec.optim import SGD, Adam, RowWiseAdagrad
@@ -106,3 +107,105 @@ def sort_occurrences(layout: TBELayout, indices: Tensor, offsets: Tensor,
     uniq_table = table[perm][seg[:-1]]
     return SortedGrads(uniq, uniq_table, uniq - hsc[uniq_table], seg,
                        src_off[perm].contiguous(), scale[perm].contiguous())
+
+
+
+def _group_rows(layout: TBELayout, grad_output: Tensor, offsets: Tensor, bag: Tensor, group: list[int], d: int):
+    """(G, row of G per occurrence): the gradients of `group`'s tables (all of width d) as the
+    rows of one ``n x d`` matrix G (a view when they are the whole layout), and, for every
+    occurrence, the row of G its gradient is (pooled: its bag's; unpooled: its own)."""
+    T, dev = layout.num_tables, grad_output.device
+    B = layout.batch_size(offsets)
+    whole = len(group) == T
+    pos = torch.full((T,), -1, dtype=torch.int64, device=dev)
+    pos[torch.tensor(group, device=dev)] = torch.arange(len(group), device=dev)
+    if layout.pooled:
+        table, b = bag // max(B, 1), bag % max(B, 1)
+        if whole:  # bag t*B + b is row b*T + t of the B x (T*d) gradient seen as (B*T) x d
+            return grad_output.reshape(-1, d), b * T + table
+        else:
+            G = torch.cat([grad_output[:, layout.D_offsets_list[t]:layout.D_offsets_list[t + 1]] for t in group],
+                          dim=1).reshape(-1, d)
+        return G, b * len(group) + pos[table]
+    # unpooled: table t's rows are one block of the flat gradient, its occurrences in order
+    ids_start = offsets[::B].long() if B > 0 else offsets.new_zeros(T + 1)
+    table = bag // max(B, 1)
+    n = (ids_start[1:] - ids_start[:-1]).tolist()
+    starts = layout.unpooled_offsets(offsets).tolist()
+    blocks = [grad_output[starts[t]:starts[t] + n[t] * d].view(n[t], d) for t in group]
+    G = blocks[0] if len(blocks) == 1 else torch.cat(blocks)
+    first_row = torch.zeros(T, dtype=torch.int64, device=dev)
+    acc = 0
+    for t in group:
+        first_row[t] = acc - int(ids_start[t])
+        acc += n[t]
+    return G, torch.arange(bag.numel(), device=dev) + first_row[table]
+
+
+def _segment_sq_sums(G: Tensor, rows: Tensor, scale: Optional[Tensor], counts: Tensor) -> Tensor:
+    """fp32 [S]: for consecutive segments of `counts` occurrences, ``|sum_o scale_o G[rows_o]|^2``.
+
+    A segment of one occurrence is ``scale^2 |G[row]|^2`` (from G's row norms, no gather of
+    its gradient); only segments of several occurrences sum their rows, by `embedding_bag`."""
+    norms = torch.linalg.vector_norm(G.float(), dim=1).square()
+    first = torch.cat([counts.new_zeros(1), counts.cumsum(0)[:-1]])
+    single = counts == 1
+    sums = norms[rows[first]]
+    if scale is not None:
+        sums = sums * scale[first].square()
+    multi = ~single
+    if bool(multi.any()):
+        occ = torch.repeat_interleave(multi, counts, output_size=rows.numel())
+        m_counts = counts[multi]
+        bags = torch.cat([m_counts.new_zeros(1), m_counts.cumsum(0)[:-1]])
+        psw = None if scale is None else scale[occ].to(G.dtype)
+        g = F.embedding_bag(rows[occ], G, bags, mode="sum", per_sample_weights=psw).float()
+        sums[multi] = torch.linalg.vector_norm(g, dim=1).square()  # one pass, no U x d temporary
+    return sums
+
+
+def row_sq_sums(layout: TBELayout, grad_output: Tensor, indices: Tensor, offsets: Tensor,
+                per_sample_weights: Optional[Tensor], tables, deterministic: bool) -> dict[int, tuple[Tensor, Tensor]]:
+    """Per table t in `tables`: its unique ids (ascending, int64) and, per id, the sum over
+    the table's columns of the squared gradient summed over the id's occurrences (fp32) —
+    RowWiseAdagrad's ``sum(g**2)`` before the mean. Per distinct width, one sort of the
+    occurrences by row and one `embedding_bag` over the gradient rows (bags = unique rows),
+    whatever the number of tables; tables no id touched get empty tensors. Occurrences are
+    summed in input order within a row, so the result is the same run to run (`deterministic`
+    is accepted for symmetry with the kernels)."""
+    dev = grad_output.device
+    tables = sorted(set(tables))
+    out = {t: (torch.zeros(0, dtype=torch.int64, device=dev), torch.zeros(0, dtype=torch.float32, device=dev))
+           for t in tables}
+    n = indices.numel()
+    if n == 0:
+        return out
+    B = layout.batch_size(offsets)
+    off = offsets.long()
+    lengths = off[1:] - off[:-1]
+    bag = torch.repeat_interleave(torch.arange(lengths.numel(), device=dev), lengths, output_size=n)
+    table = bag // max(B, 1)
+    # per-occurrence factor: its per-sample weight, 1/len for mean pooling; None when all are 1
+    scale = per_sample_weights.float() if per_sample_weights is not None and layout.pooled else None
+    if layout.pooled and any(p == "mean" for p in layout.poolings):
+        inv = torch.where(layout.is_mean.to(dev)[table].bool(), 1.0 / lengths[bag].clamp(min=1).float(), 1.0)
+        scale = inv if scale is None else scale * inv
+    hsc = layout.hash_size_cumsum.to(dev)
+    key_dtype = torch.int32 if layout.total_rows < 2 ** 31 else torch.int64  # int32 sorts ~3x faster
+    for d in sorted({layout.dims[t] for t in tables}):
+        group = [t for t in tables if layout.dims[t] == d]
+        G, grow = _group_rows(layout, grad_output, offsets, bag, group, d)
+        keep = torch.isin(table, torch.tensor(group, device=dev)) if len(group) < layout.num_tables else None
+        g_table, g_ids, g_rows, g_scale = (table, indices.long(), grow, scale) if keep is None else \
+            (table[keep], indices.long()[keep], grow[keep], None if scale is None else scale[keep])
+        if g_ids.numel() == 0:
+            continue
+        rows_sorted, perm = torch.sort((hsc[g_table] + g_ids).to(key_dtype), stable=True)
+        uniq, counts = torch.unique_consecutive(rows_sorted, return_counts=True)
+        sums = _segment_sq_sums(G, g_rows[perm], None if g_scale is None else g_scale[perm], counts)
+        uniq = uniq.long()
+        u_table = torch.bucketize(uniq, hsc[1:], right=True)
+        per_table = torch.bincount(u_table, minlength=layout.num_tables)[torch.tensor(group, device=dev)].tolist()
+        for t, rows, s_ in zip(group, (uniq - hsc[u_table]).split(per_table), sums.split(per_table)):
+            out[t] = (rows, s_)
+    return out

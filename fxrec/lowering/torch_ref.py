@@ -99,18 +99,13 @@ def _aggregate(ids: Tensor, grads: Tensor, deterministic: bool) -> tuple[Tensor,
     return uniq, grads.new_zeros(uniq.numel(), grads.shape[1]).index_add_(0, inverse, grads)
 
 
-def apply_update(optimizer, table: Tensor, state: dict[str, Tensor], rows: Tensor, g: Tensor,
-                 row_sq_mean: Optional[Tensor] = None) -> None:
-    """Update `table[rows]` (unique rows) and its state slices with summed gradients g (fp32).
-
-    row_sq_mean: RowWiseAdagrad only: the mean of g**2 over each row's *whole* dim when `table`
-    holds only some of its columns (a column_wise shard; fxrec/runtime/row_sync.py); default:
-    the mean over `g`'s own columns."""
+def apply_update(optimizer, table: Tensor, state: dict[str, Tensor], rows: Tensor, g: Tensor) -> None:
+    """Update `table[rows]` (unique rows) and its state slices with summed gradients g (fp32)."""
     w = table[rows].float()
     if isinstance(optimizer, SGD):
         w = w - optimizer.lr * g
     elif isinstance(optimizer, RowWiseAdagrad):
-        mom = state["momentum"][rows] + ((g * g).mean(dim=1) if row_sq_mean is None else row_sq_mean)
+        mom = state["momentum"][rows] + (g * g).mean(dim=1)
         state["momentum"][rows] = mom
         w = w - (optimizer.lr / (mom.sqrt() + optimizer.eps)).unsqueeze(1) * g
     elif isinstance(optimizer, Adam):
@@ -154,24 +149,6 @@ def table_grads(layout: TBELayout, grad_output: Tensor, indices: Tensor, offsets
                 out[t] = (indices.new_zeros(0, dtype=torch.int64),
                           grad_output.new_zeros(0, layout.dims[t], dtype=torch.float32))
         start += (e - s) * layout.dims[t]
-    return out
-
-
-def zero_table_grads(layout: TBELayout, grad_output: Tensor, offsets: Tensor, tables: Sequence[int]) -> Tensor:
-    """A copy of `grad_output` with the parts that reach `tables` zeroed (a zero gradient
-    leaves an SGD or RowWiseAdagrad row exactly as it was)."""
-    out = grad_output.clone()
-    if layout.pooled:
-        for t in tables:
-            out[:, layout.D_offsets_list[t]:layout.D_offsets_list[t + 1]] = 0
-        return out
-    B = layout.batch_size(offsets)
-    bounds = _bounds(offsets, B, layout.num_tables)
-    starts = [0]
-    for t in range(layout.num_tables):
-        starts.append(starts[-1] + (bounds[t + 1] - bounds[t]) * layout.dims[t])
-    for t in tables:
-        out[starts[t]:starts[t + 1]] = 0
     return out
 
 

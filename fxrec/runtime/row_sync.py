@@ -8,16 +8,16 @@ unsharded one (DESIGN.md's equivalence), at the price of one small all-to-all pe
 
 - every column shard of a table receives the same ids (every sample's ids for the table), so
   its shards' unique rows are the same, in the same (ascending) order on every holder;
-- in the local lookup's backward, `RowSyncState.hook` updates the lookup's other tables with
-  the fused kernel as usual (with the column_wise tables' gradient zeroed: a zero gradient
-  leaves a RowWiseAdagrad row exactly as it was) and keeps, per column shard, its unique rows,
-  their summed gradient and the partial sum of g**2 over its columns;
+- in the local lookup's backward, `RowSyncState.hook` computes, per column shard, its unique
+  rows and the sum over its columns of their squared gradient (`row_sq_sums`), and defers the
+  fused update;
 - `RowSync` makes a token before the lookup, which the lookup and the unit's output buffers
   hang from, so on *every* rank (also one without shards) autograd runs the token's backward
   after the lookup's backward and the unit's output collectives' backward. That backward
-  sends each table's partial sums to the other ranks holding the table, adds the partials of
-  all holders in rank order (so every shard of a row gets a bit-identical accumulator),
-  divides by the table's dim and applies the update to the rows.
+  sends each table's sums to the other ranks holding the table and adds all holders' sums in
+  rank order; each shard's accumulator is then advanced by ``whole-row mean - own mean`` and
+  the deferred fused update runs, adding the own mean back: the accumulator grows by the
+  whole-row mean (up to one rounding of the own mean), and the step uses it.
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from fxrec.lowering.torch_ref import apply_update, table_grads, zero_table_grads
+from fxrec.lowering.sparse_update import row_sq_sums
 from fxrec.optim import RowWiseAdagrad
 from fxrec.runtime import comm
 from fxrec.runtime.dist_lookup import UnitSpec
@@ -52,45 +52,47 @@ class _Entry:  # one column shard's share of a step, kept by the hook
     owner: nn.Module  # the FusedEmbeddingBags holding the shard
     key: str  # shard key in the owner's layout
     table: str
-    cols: tuple[int, int]
+    width: int  # the shard's columns
     rows: Tensor  # unique ids, ascending
-    grad: Tensor  # their summed gradients, fp32
-    partial: Tensor  # sum of grad**2 over the shard's columns
+    partial: Tensor  # sum of g**2 over the shard's columns, per row
 
 
 class _Token(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, anchor, sync, entries):
-        ctx.sync, ctx.entries = sync, entries
+    def forward(ctx, anchor, sync, entries, deferred):
+        ctx.sync, ctx.entries, ctx.deferred = sync, entries, deferred
         return anchor.view_as(anchor)
 
     @staticmethod
     def backward(ctx, grad):
-        ctx.sync.finish(ctx.entries)
+        ctx.sync.finish(ctx.entries, ctx.deferred)
         ctx.entries.clear()
-        return None, None, None
+        ctx.deferred.clear()
+        return None, None, None, None
 
 
 @dataclass
 class RowSyncState:
-    """One step's token and the entries the hook keeps for it (see module doc)."""
+    """One step's token and what the hook keeps for it (see module doc)."""
 
     token: Tensor
     sync: "RowSync"
-    entries: list = field(default_factory=list)
+    entries: list = field(default_factory=list)  # _Entry per column shard of a split table
+    deferred: list = field(default_factory=list)  # (fused module, update arguments)
 
     def hook(self, owner, grad_output: Tensor, indices: Tensor, offsets: Tensor,
              psw: Optional[Tensor]) -> None:
-        """`FusedEmbeddingBags` update hook: keep the split tables' shares, update the rest."""
+        """`FusedEmbeddingBags` update hook: the split tables' row sums now, the update later."""
         names = owner.layout.names
         split = [t for t, key in enumerate(names) if key in self.sync.shard_tables]
+        if not split:
+            owner.update(grad_output, indices, offsets, psw)
+            return
         det = owner.deterministic or torch.are_deterministic_algorithms_enabled()
-        for t, (rows, g) in table_grads(owner.layout, grad_output, indices, offsets, psw, det, split).items():
+        for t, (rows, sums) in row_sq_sums(owner.layout, grad_output, indices, offsets, psw, split, det).items():
             key = names[t]
-            table, cols = self.sync.shard_tables[key]
-            self.entries.append(_Entry(owner, key, table, cols, rows, g, (g * g).sum(dim=1)))
-        if len(split) < len(names):
-            owner.update(zero_table_grads(owner.layout, grad_output, offsets, split), indices, offsets, psw)
+            self.entries.append(_Entry(owner, key, self.sync.shard_tables[key], owner.layout.dims[t], rows, sums))
+        self.deferred.append((owner, (grad_output, indices, offsets, psw)))
 
 
 class RowSync(nn.Module):
@@ -104,8 +106,8 @@ class RowSync(nn.Module):
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.holders = split_tables(spec)
         self.dims = {s.table: s.dim for s in spec.slots}
-        # shard key -> (table, its column range), for this rank's shards of split tables
-        self.shard_tables = {s.key: (s.table, s.cols) for s in spec.local_shards() if s.table in self.holders}
+        # shard key -> its table, for this rank's shards of split tables
+        self.shard_tables = {s.key: s.table for s in spec.local_shards() if s.table in self.holders}
         self._anchor = torch.empty(0, requires_grad=True)
 
     @staticmethod
@@ -116,7 +118,7 @@ class RowSync(nn.Module):
         if not torch.is_grad_enabled():
             return None
         state = RowSyncState(None, self)
-        state.token = _Token.apply(self._anchor, self, state.entries)
+        state.token = _Token.apply(self._anchor, self, state.entries, state.deferred)
         return state
 
     # -- backward ----------------------------------------------------------------------
@@ -125,7 +127,7 @@ class RowSync(nn.Module):
         by_table: dict[str, list[_Entry]] = {}
         for e in entries:
             by_table.setdefault(e.table, []).append(e)
-        held = {t for t, _ in self.shard_tables.values()}
+        held = set(self.shard_tables.values())
         if set(by_table) != held:
             missing = sorted(held - set(by_table))
             raise RuntimeError(f"rank {self.rank}: no gradient reached the column shards of table(s) {missing} "
@@ -157,8 +159,8 @@ class RowSync(nn.Module):
         return out
 
     @torch.no_grad()
-    def finish(self, entries: list[_Entry]) -> None:
-        """Exchange the partial sums and update every kept shard (module doc)."""
+    def finish(self, entries: list[_Entry], deferred: list) -> None:
+        """Exchange the row sums, advance the accumulators, run the deferred updates (module doc)."""
         mine = self._partials(entries)
         parts = self._exchange(mine)
         mean = {}
@@ -170,9 +172,10 @@ class RowSync(nn.Module):
             mean[t] = acc / self.dims[t]
         for e in entries:
             if e.rows.numel():
-                state = e.owner.table_state()[e.key]
-                apply_update(self.optimizer, e.owner.table_weights()[e.key], state, e.rows, e.grad,
-                             row_sq_mean=mean[e.table])
+                momentum = e.owner.table_state()[e.key]["momentum"]
+                momentum.index_add_(0, e.rows, mean[e.table] - e.partial / e.width)
+        for owner, args in deferred:
+            owner.update(*args)
 
     def extra_repr(self) -> str:
         return f"split_tables={dict(self.holders)}"
