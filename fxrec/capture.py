@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import io
+import itertools
 import linecache
 import logging
 import os
@@ -175,10 +176,52 @@ def _quiet():
         logging.disable(previous)
 
 
+def _is_mixed(model: nn.Module) -> bool:
+    devices = {t.is_meta for t in itertools.chain(model.parameters(), model.buffers())}
+    return devices == {True, False}
+
+
+@contextlib.contextmanager
+def _real_tensors_on_meta(model: nn.Module):
+    """Swap every real parameter and buffer of `model` for a meta stand-in, restoring the
+    originals on exit; yields {id(stand-in): original}. export traces a model whose tables
+    are on meta but whose dense layers are real only this way: traced as is, a lookup's
+    meta output meets a real weight in the first dense op. Tied tensors share one stand-in."""
+    swapped, shadows = [], {}
+    for mod in model.modules():
+        for store in (mod._parameters, mod._buffers):
+            for name, t in list(store.items()):
+                if t is None or t.is_meta:
+                    continue
+                if id(t) not in shadows:
+                    meta = t.detach().to("meta")
+                    shadows[id(t)] = (nn.Parameter(meta, t.requires_grad) if isinstance(t, nn.Parameter) else meta, t)
+                swapped.append((store, name, t))
+                store[name] = shadows[id(t)][0]
+    try:
+        yield {id(shadow): original for shadow, original in shadows.values()}
+    finally:
+        for store, name, t in swapped:
+            store[name] = t
+
+
+def _put_back(gm: nn.Module, originals: dict) -> None:
+    # ep.module() holds the very tensors it was traced with (the stand-ins): the graph
+    # must share the user's real parameters, as an fx capture does.
+    for mod in gm.modules():
+        for store in (mod._parameters, mod._buffers):
+            for name, t in list(store.items()):
+                if t is not None and id(t) in originals:
+                    store[name] = originals[id(t)]
+
+
 def _export_capture(model: nn.Module, inputs: tuple) -> torch.fx.GraphModule:
-    with _quiet():
+    mixed = _is_mixed(model)
+    with _quiet(), (_real_tensors_on_meta(model) if mixed else contextlib.nullcontext({})) as originals:
         ep = torch.export.export(model, inputs, dynamic_shapes=_auto_dims(inputs), strict=False)
-        return ep.module()
+        gm = ep.module()
+    _put_back(gm, originals)
+    return gm
 
 
 # ------------------------------------------------------------------ provenance
@@ -219,6 +262,13 @@ def _first_line(e: BaseException) -> str:
     return (text.splitlines()[0] if text else type(e).__name__).strip()
 
 
+def _meta_dense(model: nn.Module) -> bool:
+    # Meta tables alone are fine: their lookups yield real zeros on the ids' device
+    # (fxrec.passes.shapes), so dense code after them can read data; meta dense layers cannot.
+    tables = {id(m.weight) for m in model.modules() if isinstance(m, (nn.Embedding, nn.EmbeddingBag))}
+    return any(t.is_meta and id(t) not in tables for t in itertools.chain(model.parameters(), model.buffers()))
+
+
 def _failure(model: nn.Module, fx_error: Exception, export_error: Optional[Exception]) -> CaptureError:
     """One line: where (module path, file:line, code), what, and the advice."""
     frames = [f for f in traceback.extract_tb(fx_error.__traceback__) if _is_user_file(f.filename)]
@@ -233,7 +283,7 @@ def _failure(model: nn.Module, fx_error: Exception, export_error: Optional[Excep
               "move the data-dependent control flow out of forward (e.g. torch.where), or into a "
               "submodule passed in fxrec.capture(..., leaf_modules=[...])")
     also = f"; torch.export fallback failed too: {_first_line(export_error)}" if export_error else ""
-    if any(p.is_meta for p in model.parameters()):
+    if _meta_dense(model):
         advice += ("; the model is on the meta device, where operations that read tensor data "
                    "(after the lookups) cannot run: capture it on cpu")
     return CaptureError(f"cannot capture {type(model).__name__}: in {module}{where}: "
@@ -250,8 +300,10 @@ def capture(model: nn.Module, example_inputs, *, leaf_modules: Iterable[Union[ty
     docstring), and ``gm.meta`` holds CAPTURED_BY ("fx" or "export"), CAPTURE_NOTE (why
     fx failed, when export was used) and PARAM_TABLES (parameter path -> table name).
     The model itself is left unchanged (buffers, RNG and autograd state). A model whose
-    tables are on the meta device is captured too (no table is materialised; ids stay
-    real up to the lookups), as long as its dense code reads no tensor data.
+    tables are on the meta device is captured too, no table being materialised: with its
+    dense layers on a real device, each meta lookup yields zeros of the right shape on
+    its ids' device (fxrec.passes.shapes), so the dense code runs for real; with them on
+    meta as well, that code must read no tensor data.
 
     Raises CaptureError when neither fx nor (with `fallback`) torch.export captures it.
     """

@@ -208,8 +208,11 @@ def _materialise_dense(gm: GraphModule, device, seed: int) -> None:
              if any(t.is_meta for t in list(m.parameters(recurse=False)) + list(m.buffers(recurse=False)))]
     for path, mod in metas:
         if not hasattr(mod, "reset_parameters"):
-            raise ValueError(f"fxrec.shard: module {path!r} ({type(mod).__name__}) is on the meta device and has no "
-                             f"reset_parameters() to initialise it; build the model's dense part on a real device")
+            tensors = [f"{path}.{n}" if path else n for n, t in
+                       list(mod.named_parameters(recurse=False)) + list(mod.named_buffers(recurse=False)) if t.is_meta]
+            raise ValueError(f"fxrec.shard: {', '.join(map(repr, tensors))} of module {path!r} ({type(mod).__name__}) "
+                             f"is on the meta device and the module has no reset_parameters() to initialise it; "
+                             f"build the model's dense part on a real device")
     if not metas:
         return
     with torch.random.fork_rng(devices=[]):

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 import torch
+import torch.nn.functional as F
 import torch.utils._pytree as pytree
 from torch import Tensor, nn
 from torch.fx.node import map_aggregate
@@ -122,27 +123,83 @@ def _to_meta(tree: Any) -> Any:
 
 
 def _meta_collection(mod: nn.Module, kjt) -> Any:
-    """What an EBC / EC with meta tables returns, built from the (real) KJT's sizes: its
-    lookups would need the table data, but only shapes are wanted."""
+    """What an EBC / EC with meta tables returns, built from the (real) KJT's sizes on the
+    KJT's device (`_lookup_device`): its lookups would need the table data, but only
+    shapes are wanted."""
     from fxrec.modules import EmbeddingBagCollection
     from fxrec.sparse import JaggedTensor, KeyedTensor
+    device = _lookup_device(kjt.values())
     if isinstance(mod, EmbeddingBagCollection):
         configs = mod.embedding_bag_configs()
         keys = [f for c in configs for f in c.feature_names]
         dims = [c.embedding_dim for c in configs for _ in c.feature_names]
         dtype = functools.reduce(torch.promote_types, [c.dtype for c in configs], configs[0].dtype)
-        return KeyedTensor(keys, dims, torch.empty(kjt.stride(), sum(dims), dtype=dtype, device="meta"))
-    return {f: JaggedTensor(torch.empty(kjt[f].values().numel(), c.embedding_dim, dtype=c.dtype, device="meta"),
+        return KeyedTensor(keys, dims, torch.zeros(kjt.stride(), sum(dims), dtype=dtype, device=device))
+    return {f: JaggedTensor(torch.zeros(kjt[f].values().numel(), c.embedding_dim, dtype=c.dtype, device=device),
                             lengths=kjt[f].lengths(), validate=False)
             for c in mod.embedding_configs() for f in c.feature_names}
 
 
+# ------------------------------------------------------------------ lookups on meta tables
+# Functional / aten lookups: where their ids and their table sit, as (position, keyword).
+_aten = torch.ops.aten
+_AT_INPUT_WEIGHT = ((0, "input"), (1, "weight"))      # F.embedding*(input, weight, ...)
+_AT_INDICES_WEIGHT = ((1, "indices"), (0, "weight"))  # aten.*embedding*(weight, indices, ...)
+_FUNCTIONAL_LOOKUPS = {
+    F.embedding: _AT_INPUT_WEIGHT, F.embedding_bag: _AT_INPUT_WEIGHT,
+    _aten.embedding.default: _AT_INDICES_WEIGHT, _aten.embedding_bag.default: _AT_INDICES_WEIGHT,
+    _aten.embedding_bag.padding_idx: _AT_INDICES_WEIGHT, _aten._embedding_bag.default: _AT_INDICES_WEIGHT,
+    _aten._embedding_bag_forward_only.default: _AT_INDICES_WEIGHT,
+}
+
+
+def _pick(args: tuple, kwargs: dict, where: tuple[int, str]) -> Any:
+    pos, name = where
+    return args[pos] if pos < len(args) else kwargs.get(name)
+
+
+def _lookup_device(ids: Any) -> torch.device:
+    # A lookup's result belongs on the device of its ids: once sharded, each rank's shards
+    # live on that rank's device, where its batch (ids and dense features alike) arrives and
+    # where the dense layers run. Ids on meta (a fully abstract example) keep it on meta.
+    return ids.device if isinstance(ids, Tensor) else torch.device("meta")
+
+
+def _rehome(result: Any, device: torch.device) -> Any:
+    """`result` (computed on meta) as zeros of the same shapes and dtypes on `device`:
+    batch-sized, never table-sized. Zeros, not empty memory, so that dense code reading
+    them sees finite, repeatable values (only shapes and dtypes are meaningful)."""
+    if device.type == "meta":
+        return result
+    return pytree.tree_map(
+        lambda t: torch.zeros(t.shape, dtype=t.dtype, device=device) if isinstance(t, Tensor) and t.is_meta else t,
+        result)
+
+
+def _meta_table_ids(mod_or_target: Any, args: tuple, kwargs: dict) -> tuple[bool, Any]:
+    """(is a lookup reading a table on meta, its ids) for a module or a call_function target."""
+    from fxrec.modules import EmbeddingBagCollection, EmbeddingCollection
+    if isinstance(mod_or_target, (EmbeddingBagCollection, EmbeddingCollection)):
+        kjt = args[0] if args else next(iter(kwargs.values()), None)
+        return any(p.is_meta for p in mod_or_target.parameters()), kjt
+    if isinstance(mod_or_target, (nn.Embedding, nn.EmbeddingBag)):
+        return mod_or_target.weight.is_meta, _pick(args, kwargs, (0, "input"))
+    where = _FUNCTIONAL_LOOKUPS.get(mod_or_target) if not isinstance(mod_or_target, nn.Module) else None
+    if where is None:
+        return False, None
+    weight = _pick(args, kwargs, where[1])
+    return isinstance(weight, Tensor) and weight.is_meta, _pick(args, kwargs, where[0])
+
+
 class _Recorder(torch.fx.Interpreter):
     """Like torch's ShapeProp (same ``tensor_meta``), plus SHAPE and a hook, without
-    ShapeProp's printing of tracebacks. A model built on the meta device runs too: a
-    node with a meta input, or a module with meta weights, runs on meta copies of its
-    arguments, so ids stay real up to the lookups (and the hook sees them) while no
-    table is ever materialised."""
+    ShapeProp's printing of tracebacks. A model whose tables (or all of whose weights) are
+    on the meta device runs too, with no table ever materialised:
+    - a lookup reading a meta table runs on meta and its result is re-homed to its ids'
+      device (`_rehome`), so dense layers on a real device can consume it;
+    - any other node with a meta input, or a module with meta weights, runs on meta copies
+      of its arguments (a fully-meta model stays on meta after its lookups).
+    Ids stay real up to the lookups, so the hook sees them."""
 
     def __init__(self, gm, on_node):
         super().__init__(gm)
@@ -160,13 +217,20 @@ class _Recorder(torch.fx.Interpreter):
     def _run(self, n, args, kwargs):
         if n.op == "call_module":
             mod = self.fetch_attr(n.target)
-            if any(t.is_meta for t in itertools.chain(mod.parameters(), mod.buffers())):
+            on_meta, ids = _meta_table_ids(mod, args, kwargs)
+            if on_meta:
                 from fxrec.modules import EmbeddingBagCollection, EmbeddingCollection
                 if isinstance(mod, (EmbeddingBagCollection, EmbeddingCollection)):
-                    return _meta_collection(mod, args[0] if args else next(iter(kwargs.values())))
+                    return _meta_collection(mod, ids)
+                meta_args, meta_kwargs = _to_meta((args, kwargs))
+                return _rehome(self.call_module(n.target, meta_args, meta_kwargs), _lookup_device(ids))
+            if any(t.is_meta for t in itertools.chain(mod.parameters(), mod.buffers())):
                 args, kwargs = _to_meta((args, kwargs))
         elif n.op in ("call_function", "call_method") and _any_meta((args, kwargs)):
+            on_meta, ids = _meta_table_ids(n.target, args, kwargs) if n.op == "call_function" else (False, None)
             args, kwargs = _to_meta((args, kwargs))
+            if on_meta:
+                return _rehome(self.call_function(n.target, args, kwargs), _lookup_device(ids))
         return getattr(self, n.op)(n.target, args, kwargs)
 
 
