@@ -184,3 +184,22 @@ def test_topology_options_without_world_size_are_an_error(capsys):
     rc, out, err = _dump(capsys, f"{ZOO}:dlrm_lists", "--device", "cuda")
     assert rc == 2 and out == ""
     assert err == "fxrec dump: --ranks-per-node/--device/--memory need --world-size (or --topology)\n"
+
+
+@pytest.mark.parametrize("dense_device", ["cpu", "meta"])
+def test_topology_dump_of_meta_tables_materialises_nothing(dense_device):
+    """A model whose billion-row tables are on meta (dense layers on cpu or meta too) dumps
+    its sharded program: shards stay on meta, kernels are those the topology's device runs."""
+    import fxrec
+    from fxrec.commands.dump import build_dump
+    from fxrec.models import DLRM
+
+    cfgs = [fxrec.EmbeddingBagConfig(f"t{i}", 10 ** 9, 8, [f"f{i}"]) for i in range(3)]
+    model = DLRM(fxrec.EmbeddingBagCollection(cfgs, device="meta"), 4, [8], [8, 1],
+                 dense_device=torch.device(dense_device))
+    kjt = fxrec.KeyedJaggedTensor.from_lengths_sync([f"f{i}" for i in range(3)], torch.randint(0, 1000, (12,)),
+                                                    torch.ones(12, dtype=torch.long))
+    out = build_dump(model, (torch.randn(4, 4), kjt), topology=fxrec.Topology(4), rank=1)
+    graph = out[:out.index("\ntables (")]
+    assert re.search(r"call_module fxrec_shards\.u0\.lookup\(.*\{kernel pooled: pooled_forward=fbgemm", graph)
+    assert "all_to_all" in graph

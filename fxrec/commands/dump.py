@@ -10,6 +10,8 @@ unknown pass) exit with status 2 and one line on stderr starting ``fxrec dump: `
 """
 from __future__ import annotations
 
+import torch
+
 import os
 import shutil
 import subprocess
@@ -68,7 +70,8 @@ def build_dump(model, example_inputs: tuple, *, after: str | None = None, fmt: s
             raise DumpError(f"--rank {rank} is outside the topology's {topology.world_size} ranks")
         # one process renders any rank's program: apply_plan only builds it
         ctx.options.update(rank=rank, world_size=topology.world_size, batch_size=batch_size,
-                           constraints=constraints)
+                           constraints=constraints, device=torch.device("meta"), init=_meta_shard,
+                           kernel_device=torch.device(topology.device))
     snapshot: dict = {}
 
     def observe(name, graph_module, _ctx):
@@ -88,6 +91,12 @@ def build_dump(model, example_inputs: tuple, *, after: str | None = None, fmt: s
     if topology is not None and ctx.plan is None:  # shown before apply_plan: plan anyway
         ctx.plan = _plan(ctx, topology, batch_size, constraints)
     return snapshot["graph"](ctx)
+
+
+def _meta_shard(table: str, rows: tuple, cols: tuple):
+    """A dump only shows the program: its shards stay on meta (a 100 GB table dumps on a laptop,
+    and a table on the meta device needs no initialiser)."""
+    return torch.empty(rows[1] - rows[0], cols[1] - cols[0], device="meta")
 
 
 def _plan(ctx, topology, batch_size: int, constraints):

@@ -36,6 +36,8 @@ apply_plan writes it) and ``meta["fxrec_kernel"]``: ``{"pooled": {op: kernel},
 ``unpooled_forward``, ``backward_update`` when it trains), or ``{"replicated": ...}``.
 ``ctx.options["kernel"]`` ("triton" | "fbgemm" | "torch") forces a kernel through the
 registry, over FXREC_KERNEL; a forced kernel that cannot serve fails the pass.
+``ctx.options["kernel_device"]``: record the kernels that device would run (default: the
+tables'; `fxrec dump` keeps its shards on meta and records for the topology's device).
 The fused node of case 1 also carries ``meta["fxrec_fused"]``: the replaced lookups'
 records (``{"groups", "tables", "lookups": {node name: Lookup}}``).
 """
@@ -324,7 +326,7 @@ def _weighted(gm: GraphModule, node: Node) -> bool:
     return False
 
 
-def _record(gm: GraphModule, node: Node, kernel: Optional[str]) -> None:
+def _record(gm: GraphModule, node: Node, kernel: Optional[str], device=None) -> None:
     mod = gm.get_submodule(node.target)
     if isinstance(mod, LocalLookup):
         if kernel is not None:
@@ -333,7 +335,7 @@ def _record(gm: GraphModule, node: Node, kernel: Optional[str]) -> None:
                 if fused is not None and fused.kernel_request != kernel:
                     setattr(mod, role, with_kernel(fused, kernel))
         weighted = _weighted(gm, node)
-        node.meta[KERNEL] = {role: kernel_record(getattr(mod, role), weighted)
+        node.meta[KERNEL] = {role: kernel_record(getattr(mod, role), weighted, device)
                              for role in ("pooled", "unpooled") if getattr(mod, role) is not None}
     else:  # ReplicatedLookup (several ranks): F.embedding_bag / indexing and torch's update
         inner = getattr(mod, "inner", mod)
@@ -360,7 +362,7 @@ def fuse_lookups_pass(gm: GraphModule, ctx) -> GraphModule:
                                f"several ranks all-reduce their gradients before the update")
     for node in gm.graph.nodes:
         if LOCAL_LOOKUP in node.meta:
-            _record(gm, node, opts.get("kernel"))
+            _record(gm, node, opts.get("kernel"), opts.get("kernel_device"))
             ctx.log.append(f"{NAME}: %{node.name} kernels {node.meta[KERNEL]}")
     if not changed:
         return gm

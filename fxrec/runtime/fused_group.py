@@ -168,13 +168,15 @@ def with_kernel(fused: FusedEmbeddingBags, kernel: str) -> FusedEmbeddingBags:
     return new
 
 
-def kernel_record(fused: FusedEmbeddingBags, weighted: bool = False) -> dict[str, str]:
+def kernel_record(fused: FusedEmbeddingBags, weighted: bool = False, device=None) -> dict[str, str]:
     """``{op: kernel}`` for the ops `fused` runs on int64 ids (what PackInputs and apply_plan's
     Unpack feed it): its forward, and ``backward_update`` when it has an optimizer. Chosen
     by the registry as FusedEmbeddingBags chooses: its `kernel_request`, else FXREC_KERNEL
-    (as set now), else the first kernel whose checker accepts."""
+    (as set now), else the first kernel whose checker accepts. `device`: the device to choose
+    for (default: the weights'; `fxrec dump` keeps its shards on meta but shows the kernels
+    the topology's device would run)."""
     pooled = fused.layout.pooled
-    problem = dict(device=fused.weights.device, weight_dtype=fused.weights.dtype, index_dtype=torch.int64,
+    problem = dict(device=torch.device(device) if device is not None else fused.weights.device, weight_dtype=fused.weights.dtype, index_dtype=torch.int64,
                    dims=fused.layout.dims, poolings=fused.layout.poolings, weighted=bool(weighted and pooled),
                    deterministic=fused.deterministic or torch.are_deterministic_algorithms_enabled())
     op = "pooled_forward" if pooled else "unpooled_forward"
