@@ -201,6 +201,19 @@ def pool_rows(rows: Tensor, inp: SlotInput) -> Tensor:
     return rows.new_zeros(n_bags, rows.shape[1]).index_add(0, bag, rows)
 
 
+class ColumnBlocks(tuple):
+    """A slot's pooled result as its column blocks, in column order (a column_wise table's
+    shards), not yet joined: a KeyedTensor output concatenates them with its other slots in
+    one copy (joining them first would copy every element twice)."""
+
+    def join(self) -> Tensor:
+        return self[0] if len(self) == 1 else torch.cat(self, dim=1)
+
+
+def _joined(out) -> Tensor:
+    return out.join() if isinstance(out, ColumnBlocks) else out
+
+
 def _finish_slot(slot: SlotSpec, inp: SlotInput, out: Tensor) -> Tensor:
     """A slot's result in the callee's form (before the node-level container)."""
     if slot.pooling == "none":
@@ -222,19 +235,33 @@ class FinishOutputs(nn.Module):
         super().__init__()
         self.nodes, self.slots = nodes, slots
 
-    def forward(self, inputs: list[SlotInput], slot_outputs: list[Tensor]) -> tuple[Any, ...]:
+    def forward(self, inputs: list[SlotInput], slot_outputs: list) -> tuple[Any, ...]:
+        """slot_outputs: per slot a tensor, or its `ColumnBlocks`."""
         results = []
         for spec in self.nodes:
-            outs = [_finish_slot(self.slots[k], inputs[k], slot_outputs[k]) for k in spec.slots]
             if spec.kind == "ebc":
                 keys = [self.slots[k].feature for k in spec.slots]
-                results.append(KeyedTensor(keys, [self.slots[k].dim for k in spec.slots], torch.cat(outs, dim=1)))
-            elif spec.kind == "ec":
+                parts = []
+                for k in spec.slots:
+                    out = slot_outputs[k]
+                    if isinstance(out, ColumnBlocks) and self._as_is(k, inputs[k]):
+                        parts.extend(out)
+                    else:
+                        parts.append(_finish_slot(self.slots[k], inputs[k], _joined(out)))
+                results.append(KeyedTensor(keys, [self.slots[k].dim for k in spec.slots], torch.cat(parts, dim=1)))
+                continue
+            outs = [_finish_slot(self.slots[k], inputs[k], _joined(slot_outputs[k])) for k in spec.slots]
+            if spec.kind == "ec":
                 results.append({self.slots[k].feature: JaggedTensor(o, lengths=inputs[k].jt_lengths, validate=False)
                                 for k, o in zip(spec.slots, outs)})
             else:
                 results.append(outs[0])
         return tuple(results)
+
+    def _as_is(self, k: int, inp: SlotInput) -> bool:
+        """Whether slot k's pooled sums are its output unchanged (no mean division, no reshape)."""
+        slot = self.slots[k]
+        return slot.pooling != "none" and slot.served_pooled and inp.divisor is None and len(inp.shape) == 1
 
     def extra_repr(self) -> str:
         return f"nodes={[n.name for n in self.nodes]}"

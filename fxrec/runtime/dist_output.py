@@ -19,6 +19,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from fxrec.passes.shard_ops import ColumnBlocks
 from fxrec.runtime.dist_lookup import LookupState, SendState, UnitSpec
 
 __all__ = ["OutputPrep", "CollectOutputs", "GroupTable"]
@@ -220,8 +221,9 @@ class CollectOutputs(nn.Module):
             inverse = torch.empty_like(perm)
             inverse[perm] = torch.arange(rows.shape[0], device=rows.device)
             return rows.index_select(0, inverse)
-        # table_wise: one block; column_wise: the column blocks side by side, in column order
-        return blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=1)
+        # table_wise: one block; column_wise: the column blocks, in column order, which
+        # FinishOutputs joins (with the other slots of a KeyedTensor in the same copy)
+        return blocks[0] if len(blocks) == 1 else ColumnBlocks(blocks)
 
     def forward(self, inputs, send: Optional[SendState], a2a, rs, twrw, replicated):
         spec = self.spec
