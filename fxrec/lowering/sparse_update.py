@@ -204,8 +204,9 @@ def row_sq_sums(layout: TBELayout, grad_output: Tensor, indices: Tensor, offsets
         uniq, counts = torch.unique_consecutive(rows_sorted, return_counts=True)
         sums = _segment_sq_sums(G, g_rows[perm], None if g_scale is None else g_scale[perm], counts)
         uniq = uniq.long()
-        u_table = torch.bucketize(uniq, hsc[1:], right=True)
-        per_table = torch.bincount(u_table, minlength=layout.num_tables)[torch.tensor(group, device=dev)].tolist()
-        for t, rows, s_ in zip(group, (uniq - hsc[u_table]).split(per_table), sums.split(per_table)):
-            out[t] = (rows, s_)
+        # unique keys ascend, so table t's are those in [hsc[t], hsc[t+1]): T+1 searches, not U
+        bounds = torch.searchsorted(uniq, hsc).tolist()
+        hsc_list = layout.hash_size_cumsum_list
+        for t in group:
+            out[t] = (uniq[bounds[t]:bounds[t + 1]] - hsc_list[t], sums[bounds[t]:bounds[t + 1]])
     return out
