@@ -49,7 +49,10 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 SHARDINGS = ("table_wise", "column_wise")
-FRAMEWORKS = ("fxrec", "torchrec")
+# fxrec_per_shard: RowWiseAdagrad(exact_column_wise=False), TorchRec's per-column-shard
+# accumulators, so that column_wise compares the same computation too
+FRAMEWORKS = {"table_wise": ("fxrec", "torchrec"), "column_wise": ("fxrec", "fxrec_per_shard", "torchrec")}
+LABELS = {"fxrec": "fxrec", "fxrec_per_shard": "fxrec per-shard acc.", "torchrec": "TorchRec DMP"}
 
 
 def parse_args(argv=None):
@@ -133,7 +136,7 @@ def peak_rss_mb() -> float:
 FXREC_TABLE_PREFIX = "sparse_arch.embedding_bag_collection.embedding_bags."
 
 
-def build_fxrec(args, sharding: str, batches):
+def build_fxrec(args, sharding: str, batches, exact_column_wise: bool = True):
     import fxrec
     from fxrec.models import DLRM
     from fxrec.modules import EmbeddingBagCollection, EmbeddingBagConfig
@@ -141,12 +144,10 @@ def build_fxrec(args, sharding: str, batches):
     from fxrec.types import TableInfo
 
     names = table_names(args)
-    # The whole model on meta: fxrec cannot capture meta tables under CPU dense layers
-    # (the capture runs the graph); shard() materialises the dense layers.
-    with torch.device("meta"):
-        ebc = EmbeddingBagCollection([EmbeddingBagConfig(n, args.rows, args.dim, [f"cat_{i}"])
-                                      for i, n in enumerate(names)])
-        model = DLRM(ebc, 13, args.bottom, args.top)
+    # Tables on meta, dense layers on the CPU: the same model TorchRec's side builds.
+    ebc = EmbeddingBagCollection([EmbeddingBagConfig(n, args.rows, args.dim, [f"cat_{i}"])
+                                  for i, n in enumerate(names)], device=torch.device("meta"))
+    model = DLRM(ebc, 13, args.bottom, args.top, dense_device=torch.device("cpu"))
     topo = fxrec.Topology(args.world)
     tables = {}
     for short, shards in placement(args, sharding).items():
@@ -155,7 +156,8 @@ def build_fxrec(args, sharding: str, batches):
         tables[n] = TablePlan(n, sharding, "fbgemm", [Shard(r, (0, args.rows), c) for r, c in shards], info)
     plan = fxrec.Plan(tables, topo, args.batch_per_rank)
     example = (batches[0].dense_features, batches[0].sparse_features)
-    sharded = fxrec.shard(model, topo, example, plan=plan, sparse_optimizer=fxrec.optim.RowWiseAdagrad(lr=args.lr))
+    sparse = fxrec.optim.RowWiseAdagrad(lr=args.lr, exact_column_wise=exact_column_wise)
+    sharded = fxrec.shard(model, topo, example, plan=plan, sparse_optimizer=sparse)
     for name, pieces in sharded.local_shards().items():
         full = full_table(names.index(name[len(FXREC_TABLE_PREFIX):]), args.rows, args.dim)
         for (r0, r1), (c0, c1), w in pieces:
@@ -293,8 +295,10 @@ def worker(rank: int, framework: str, sharding: str, args, port: int, out_dir: s
     rss_start = rss_mb()
     batches = local_batches(args, rank)
     rss_data = rss_mb()
-    builder = build_fxrec if framework == "fxrec" else build_torchrec
-    step, batches, table_bytes = builder(args, sharding, batches)
+    if framework == "torchrec":
+        step, batches, table_bytes = build_torchrec(args, sharding, batches)
+    else:
+        step, batches, table_bytes = build_fxrec(args, sharding, batches, framework == "fxrec")
     losses, times = [], []
     dist.barrier()
     for i, batch in enumerate(batches):
@@ -306,7 +310,7 @@ def worker(rank: int, framework: str, sharding: str, args, port: int, out_dir: s
         times.append(time.perf_counter() - t0)
     dist.barrier()
     elapsed = time.perf_counter() - start
-    if framework == "fxrec" and "torchrec" in sys.modules:
+    if framework != "torchrec" and "torchrec" in sys.modules:
         raise RuntimeError("the fxrec run imported torchrec")
     peak = peak_rss_mb()  # before the profiler's own allocations
     profiled = args.profile and framework == "fxrec"
@@ -381,26 +385,29 @@ def summary(results: list[dict], args) -> dict:
                 losses=[sum(r["losses"][i] for r in results) / len(results) for i in range(len(results[0]["losses"]))])
 
 
-def report(sharding: str, fx: dict, tr: dict, args) -> list[str]:
+def report(sharding: str, runs: dict[str, dict], args) -> list[str]:
+    """The side-by-side table of one sharding; `runs`: framework -> its best run's summary."""
     def per_rank(values, fmt="{:.0f}"):
         return " / ".join(fmt.format(v) for v in values)
 
-    rows = [("samples/s (global)", f"{fx['samples_s']:,.0f}", f"{tr['samples_s']:,.0f}"),
-            ("ms/step (mean; median)", f"{fx['ms_step']:.1f}; {fx['median_ms']:.1f}",
-             f"{tr['ms_step']:.1f}; {tr['median_ms']:.1f}"),
-            ("peak RSS MiB, rank 0 / 1", per_rank(fx["peak"]), per_rank(tr["peak"])),
-            ("  growth after data (import+model+train)", per_rank(fx["grown"]), per_rank(tr["grown"])),
-            ("  RSS at start (torch + gloo) MiB", per_rank(fx["start"]), per_rank(tr["start"])),
-            ("tables + optimizer state MiB", per_rank(fx["tables"], "{:.1f}"), per_rank(tr["tables"], "{:.1f}")),
-            ("loss, step 1 (mean of ranks)", f"{fx['losses'][0]:.6f}", f"{tr['losses'][0]:.6f}"),
-            (f"loss, step {len(fx['losses'])}", f"{fx['losses'][-1]:.6f}", f"{tr['losses'][-1]:.6f}")]
-    diff = max(abs(a - b) for a, b in zip(fx["losses"], tr["losses"]))
+    names = list(runs)
+    rows = [("samples/s (global)", lambda r: f"{r['samples_s']:,.0f}"),
+            ("ms/step (mean; median)", lambda r: f"{r['ms_step']:.1f}; {r['median_ms']:.1f}"),
+            ("peak RSS MiB, rank 0 / 1", lambda r: per_rank(r["peak"])),
+            ("  growth after data (import+model+train)", lambda r: per_rank(r["grown"])),
+            ("  RSS at start (torch + gloo) MiB", lambda r: per_rank(r["start"])),
+            ("tables + optimizer state MiB", lambda r: per_rank(r["tables"], "{:.1f}")),
+            ("loss, step 1 (mean of ranks)", lambda r: f"{r['losses'][0]:.6f}"),
+            (f"loss, step {len(runs['fxrec']['losses'])}", lambda r: f"{r['losses'][-1]:.6f}")]
     lines = [f"== {sharding}: {args.tables} tables x {args.rows:,} rows x dim {args.dim}, "
              f"batch {args.batch_per_rank} per rank x {args.world} ranks",
-             f"{'':38s}{'fxrec':>22s}{'TorchRec DMP':>22s}"]
-    lines += [f"{name:38s}{a:>22s}{b:>22s}" for name, a, b in rows]
-    lines.append(f"fxrec / TorchRec samples/s: {fx['samples_s'] / tr['samples_s']:.3f}   "
-                 f"max |loss difference| over all {len(fx['losses'])} steps: {diff:.2e}")
+             f"{'':38s}" + "".join(f"{LABELS[n]:>22s}" for n in names)]
+    lines += [f"{label:38s}" + "".join(f"{cell(runs[n]):>22s}" for n in names) for label, cell in rows]
+    tr = runs["torchrec"]
+    for n in names[:-1]:
+        diff = max(abs(a - b) for a, b in zip(runs[n]["losses"], tr["losses"]))
+        lines.append(f"{LABELS[n]} / TorchRec samples/s: {runs[n]['samples_s'] / tr['samples_s']:.3f}   "
+                     f"max |loss difference| over all {len(tr['losses'])} steps: {diff:.2e}")
     return lines
 
 
@@ -414,9 +421,10 @@ def _header() -> str:
 def run_both(sharding: str, args, out_dir: str) -> dict[str, list[dict]]:
     """Each framework `--repeats` times, alternating which goes first (the machine is
     shared, its load drifts); every run's summary, by framework."""
-    got: dict[str, list[dict]] = {f: [] for f in FRAMEWORKS}
+    frameworks = FRAMEWORKS[sharding]
+    got: dict[str, list[dict]] = {f: [] for f in frameworks}
     for rep in range(args.repeats):
-        for framework in FRAMEWORKS if rep % 2 == 0 else FRAMEWORKS[::-1]:
+        for framework in frameworks if rep % 2 == 0 else frameworks[::-1]:
             run_args = argparse.Namespace(**{**vars(args), "profile": args.profile and rep == 0})
             load, t0 = os.getloadavg()[0], time.perf_counter()
             results = run(framework, sharding, run_args, out_dir)
@@ -439,10 +447,10 @@ def main(argv=None) -> None:
     with tempfile.TemporaryDirectory() as out_dir:
         for sharding in args.shardings:
             got = run_both(sharding, args, out_dir)
-            fx, tr = (max(got[f], key=lambda r: r["samples_s"]) for f in FRAMEWORKS)
-            print("\n".join(report(sharding, fx, tr, args)))
-            print("samples/s of every run: fxrec " + ", ".join(f"{r['samples_s']:,.0f}" for r in got["fxrec"]) +
-                  "; TorchRec " + ", ".join(f"{r['samples_s']:,.0f}" for r in got["torchrec"]))
+            best = {f: max(runs, key=lambda r: r["samples_s"]) for f, runs in got.items()}
+            print("\n".join(report(sharding, best, args)))
+            print("samples/s of every run: " + "; ".join(
+                f"{LABELS[f]} " + ", ".join(f"{r['samples_s']:,.0f}" for r in runs) for f, runs in got.items()))
             prof = got["fxrec"][0]["profile"]
             if prof:
                 print(f"-- fxrec rank 0: ops over 5 more {sharding} steps under torch.profiler "

@@ -8,10 +8,14 @@ per-row step count in int32), whatever the weight dtype.
 Definitions (g = the row's gradient summed over every occurrence of its id in the batch):
 
 - `SGD(lr)`: ``w -= lr * g``.
-- `RowWiseAdagrad(lr, eps)`: FBGEMM's EXACT_ROWWISE_ADAGRAD (weight_decay=0): one fp32
-  accumulator per row, ``m += mean(g**2)`` over the row's dim, then
-  ``w -= lr / (sqrt(m) + eps) * g``. The accumulator starts at 0. eps defaults to 1e-8,
-  FBGEMM's default for SplitTableBatchedEmbeddingBagsCodegen (TorchRec passes it through).
+- `RowWiseAdagrad(lr, eps, exact_column_wise=True)`: FBGEMM's EXACT_ROWWISE_ADAGRAD
+  (weight_decay=0): one fp32 accumulator per row, ``m += mean(g**2)`` over the row's dim,
+  then ``w -= lr / (sqrt(m) + eps) * g``. The accumulator starts at 0. eps defaults to
+  1e-8, FBGEMM's default for SplitTableBatchedEmbeddingBagsCodegen (TorchRec passes it
+  through). A column_wise table's row is split over shards: with `exact_column_wise` the
+  shards exchange their per-row sums of g**2 in backward so the accumulator sees the whole
+  row, as unsharded (fxrec/runtime/row_sync.py; it costs a second pass over the gradient);
+  ``False`` gives each shard an accumulator over its own columns, as TorchRec/FBGEMM do.
 - `Adam(lr, betas, eps)`: "lazy" Adam. Each touched row is updated exactly as
   `torch.optim.Adam` (amsgrad=False, weight_decay=0) updates a parameter holding only
   that row, with a *per-row* step count: a row's step counts the batches that touched it,
@@ -58,6 +62,7 @@ class RowWiseAdagrad:
 
     lr: float
     eps: float = 1e-8
+    exact_column_wise: bool = True
     name: ClassVar[str] = "rowwise_adagrad"
 
     def __post_init__(self):

@@ -25,6 +25,7 @@ STRUCTURE = [
     ("dlrm_lists", "rowwise_adagrad", {"emb_l.0": "column_wise"}, True),
     ("dlrm_lists", "sgd", {"emb_l.0": "column_wise"}, False),  # SGD is elementwise: no exchange needed
     ("dlrm_lists", "rowwise_adagrad", {}, False),  # no table split by columns
+    ("dlrm_lists", "per_shard", {"emb_l.0": "column_wise"}, False),  # TorchRec's accumulators: asked for
 ]
 MOMENTA = [  # (case, column_wise tables)
     ("dlrm_lists", {"emb_l.0", "emb_l.2"}),  # emb_l.1 (table_wise) shares the fused kernel
@@ -34,7 +35,8 @@ MOMENTA = [  # (case, column_wise tables)
 
 
 def _optimizer(name: str):
-    return RowWiseAdagrad(LR) if name == "rowwise_adagrad" else SGD(LR)
+    return {"rowwise_adagrad": RowWiseAdagrad(LR), "per_shard": RowWiseAdagrad(LR, exact_column_wise=False),
+            "sgd": SGD(LR)}[name]
 
 
 def _build(rank: int, name: str, column_wise: set, optimizer):

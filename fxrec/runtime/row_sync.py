@@ -4,7 +4,8 @@ RowWiseAdagrad grows a row's accumulator by the mean of g**2 over the row's *who
 A column_wise table splits each row over column shards, usually on different ranks, and a
 shard's fused kernel sees only its own columns. FBGEMM and TorchRec let every shard keep an
 accumulator over its own columns, which is not the unsharded update; fxrec keeps the
-unsharded one (DESIGN.md's equivalence), at the price of one small all-to-all per step:
+unsharded one (DESIGN.md's equivalence; ``RowWiseAdagrad(exact_column_wise=False)`` gives
+TorchRec's), at the price of one small all-to-all and a second pass over the gradient:
 
 - every column shard of a table receives the same ids (every sample's ids for the table), so
   its shards' unique rows are the same, in the same (ascending) order on every holder;
@@ -112,7 +113,7 @@ class RowSync(nn.Module):
 
     @staticmethod
     def needed(spec: UnitSpec, optimizer) -> bool:
-        return isinstance(optimizer, RowWiseAdagrad) and bool(split_tables(spec))
+        return isinstance(optimizer, RowWiseAdagrad) and optimizer.exact_column_wise and bool(split_tables(spec))
 
     def forward(self) -> Optional[RowSyncState]:
         if not torch.is_grad_enabled():
