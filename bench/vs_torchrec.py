@@ -71,7 +71,7 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, default=2, help="runs per framework (alternating); the best is reported")
     p.add_argument("--shardings", nargs="+", choices=SHARDINGS, default=list(SHARDINGS))
     p.add_argument("--profile", action="store_true",
-                   help="also profile fxrec's step on rank 0 (torch.profiler) and print top ops")
+                   help="also profile each framework's step on rank 0 (torch.profiler) and print top ops")
     return p.parse_args(argv)
 
 
@@ -313,7 +313,7 @@ def worker(rank: int, framework: str, sharding: str, args, port: int, out_dir: s
     if framework != "torchrec" and "torchrec" in sys.modules:
         raise RuntimeError("the fxrec run imported torchrec")
     peak = peak_rss_mb()  # before the profiler's own allocations
-    profiled = args.profile and framework == "fxrec"
+    profiled = args.profile
     profile = extra_profiled_steps(step, batches, rank) if profiled else None  # after peak, elapsed
     w, s = table_bytes()
     result = dict(rank=rank, losses=losses, step_times=times[args.warmup:], elapsed=elapsed, peak_rss=peak,
@@ -451,10 +451,10 @@ def main(argv=None) -> None:
             print("\n".join(report(sharding, best, args)))
             print("samples/s of every run: " + "; ".join(
                 f"{LABELS[f]} " + ", ".join(f"{r['samples_s']:,.0f}" for r in runs) for f, runs in got.items()))
-            prof = got["fxrec"][0]["profile"]
-            if prof:
-                print(f"-- fxrec rank 0: ops over 5 more {sharding} steps under torch.profiler "
-                      f"(sorted by self CPU time):\n{prof}")
+            for f, runs in got.items():
+                if runs[0]["profile"]:
+                    print(f"-- {LABELS[f]}, rank 0: ops over 5 more {sharding} steps under torch.profiler "
+                          f"(sorted by self CPU time):\n{runs[0]['profile']}")
             print(flush=True)
 
 
