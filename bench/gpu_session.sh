@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Everything a lent GPU (the `device` tool: one H100/H200, torch 2.11 + Triton 3.6, no
+# fbgemm_gpu, no network) can check, in one call of a few minutes:
+#
+#     run(command="bash bench/gpu_session.sh", timeout_s=540)
+#
+# then copy $OUT/*.txt into bench/results/ and commit them. Each step has its own time
+# limit so that one slow step cannot eat the others'; a failing step is reported and the
+# script goes on. Nothing is installed: fxrec runs from the checkout (PYTHONPATH).
+set -u
+OUT=${OUT:-/tmp/fxrec_gpu}
+mkdir -p "$OUT"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+
+step() {  # step NAME SECONDS COMMAND...
+    local name=$1 limit=$2
+    shift 2
+    echo "== $name (limit ${limit}s): $*"
+    local t0=$SECONDS
+    timeout "$limit" "$@" > "$OUT/$name.txt" 2>&1
+    echo "   exit $? after $((SECONDS - t0))s; last lines:"
+    tail -n 5 "$OUT/$name.txt" | sed 's/^/   | /'
+}
+
+step environment 60 python -c "
+import torch, triton, sys
+print(sys.version.split()[0], 'torch', torch.__version__, 'triton', triton.__version__)
+print(torch.cuda.get_device_name(), torch.cuda.get_device_properties(0).total_memory // 2**30, 'GiB')
+try:
+    import fbgemm_gpu  # noqa: F401
+    print('fbgemm_gpu importable')
+except Exception as e:
+    print('fbgemm_gpu not importable:', type(e).__name__)
+"
+# The kernels against the bandwidth floor and against torch (issue #6's table).
+step kernels_gpu 300 python bench/kernels.py
+# The GPU-marked tests (kernels on CUDA, sparse types and metrics on CUDA).
+step gpu_tests 120 python -m pytest -q -m gpu tests/test_lowering_kernels.py tests/test_sparse.py tests/test_metrics.py
+echo "results in $OUT"
