@@ -92,14 +92,15 @@ def forward(model, batch, plain: bool) -> torch.Tensor:
     return model(batch.dense_features, batch.sparse_features).squeeze(1)
 
 
-def evaluate(model, batches, plain: bool, rank: int = 0, world: int = 1) -> dict[str, float]:
+def evaluate(model, batches, plain: bool, rank: int = 0, world: int = 1,
+             device: torch.device = torch.device("cpu")) -> dict[str, float]:
     """AUC and NE over every rank's predictions (each rank scores its slice)."""
     from fxrec.runtime import comm
     auc, ne = metrics.AUC(from_logits=True), metrics.NE(from_logits=True)
     model.eval()
     with torch.no_grad():
         for batch in batches:
-            local = _local(batch, rank, world)
+            local = _local(batch, rank, world, device)
             logits = comm.all_gather(forward(model, local, plain)) if world > 1 else forward(model, local, plain)
             auc.update(logits, batch.labels)
             ne.update(logits, batch.labels)
@@ -107,9 +108,17 @@ def evaluate(model, batches, plain: bool, rank: int = 0, world: int = 1) -> dict
     return {"auc": auc.compute(), "ne": ne.compute()}
 
 
-def _local(batch, rank: int, world: int):
+def _device(args) -> torch.device:
+    """Where a sharded run computes: this rank's GPU under torchrun when there is one."""
+    if args.shard and torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+def _local(batch, rank: int, world: int, device: torch.device = torch.device("cpu")):
     n = batch.batch_size // world
-    return batch if world == 1 else batch.slice(rank * n, (rank + 1) * n)
+    local = batch if world == 1 else batch.slice(rank * n, (rank + 1) * n)
+    return local if device.type == "cpu" else local.to(device)
 
 
 def _init_distributed(args) -> tuple[int, int]:
@@ -120,6 +129,8 @@ def _init_distributed(args) -> tuple[int, int]:
         if world > 1:
             raise SystemExit("dlrm_train: launched on several ranks: add --shard to shard the model")
         return 0, 1
+    if _device(args).type == "cuda":
+        torch.cuda.set_device(_device(args))
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     return (dist.get_rank(), world) if world > 1 else (0, 1)
@@ -150,11 +161,12 @@ def main(argv=None) -> dict[str, float]:
     torch.manual_seed(args.seed)  # the same model on every rank
     train, val, num_tables, num_dense = data_streams(args, world)
     model = build_model(args, num_tables, num_dense)
-    model, optimizer = make_trainable(args, model, _local(val[0], rank, world), rank, world)
+    device = _device(args)
+    model, optimizer = make_trainable(args, model.to(device), _local(val[0], rank, world, device), rank, world)
     start = time.perf_counter()
     bar = tqdm(train, total=args.steps, unit="batch", desc="train", disable=rank != 0)
     for step, global_batch in enumerate(bar):
-        batch = _local(global_batch, rank, world)
+        batch = _local(global_batch, rank, world, device)
         loss = F.binary_cross_entropy_with_logits(forward(model, batch, args.plain), batch.labels)
         optimizer.zero_grad()
         loss.backward()
@@ -162,7 +174,7 @@ def main(argv=None) -> dict[str, float]:
         if step % 10 == 0:
             rate = (step + 1) * global_batch.batch_size / (time.perf_counter() - start)
             bar.set_postfix(loss=f"{loss.item():.4f}", samples_s=f"{rate:,.0f}")
-    result = evaluate(model, val, args.plain, rank, world)
+    result = evaluate(model, val, args.plain, rank, world, device)
     if rank == 0:
         print(f"validation: AUC {result['auc']:.4f}  NE {result['ne']:.4f}  ({len(val)} batches of "
               f"{val[0].batch_size}; {world} rank(s); trained {time.perf_counter() - start:.1f} s)")

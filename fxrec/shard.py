@@ -278,6 +278,8 @@ def shard(model: nn.Module, topology, example_inputs, plan=None, constraints=Non
                        device=device, init=_initialiser(model, ctx.tables, seed, device))
     gm = run_passes(gm, ctx, passes=_passes_from_apply_plan())
     _materialise_dense(gm, device, seed)
+    if device.type != "cpu":  # as DistributedModelParallel does: the dense part joins the shards
+        gm.to(device)
     # Keys the graph does not hold (a parameter forward never reads): kept as they are.
     own, names = gm.state_dict(), L.table_names_by_param(model)
     extra = {k: v.detach() for k, v in model.state_dict(keep_vars=True).items()
