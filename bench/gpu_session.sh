@@ -36,4 +36,7 @@ except Exception as e:
 step kernels_gpu 300 python bench/kernels.py
 # The GPU-marked tests (kernels on CUDA, sparse types and metrics on CUDA).
 step gpu_tests 120 python -m pytest -q -m gpu tests/test_lowering_kernels.py tests/test_sparse.py tests/test_metrics.py
+# fxrec.shard on the GPU (one rank: the CUDA placement and kernels; NCCL needs two GPUs).
+step shard_gpu 120 python -m torch.distributed.run --nproc-per-node 1 examples/dlrm_train.py --shard \
+    --steps 100 --val-batches 10
 echo "results in $OUT"
