@@ -250,6 +250,36 @@ def test_backward_update(kernel, case, opt, gen):
         torch.testing.assert_close(state["momentum"], torch.cat(ref.momentum), rtol=1e-4, atol=1e-3)
 
 
+@pytest.mark.parametrize("opt", list(OPTIMIZERS))
+@pytest.mark.parametrize("kernel", KERNELS_UNDER_TEST)
+def test_backward_update_hot_rows(kernel, opt, gen, monkeypatch):
+    """Rows with many occurrences (Zipf-like ids): Triton first sums a hot row's occurrences in
+    chunks (here of 3, so that small shapes reach it), then reduces the chunks."""
+    if kernel == "triton":
+        from fxrec.lowering.triton import ops
+        monkeypatch.setattr(ops, "_BWD_CHUNK", 3)
+    dims, poolings = (4, 12, 33), ("sum",) * 3
+    tables = make_tables(dims, poolings, gen)
+    weights = flat_weights(tables, torch.float32, gen)
+    layout, flat = pack(tables, weights)
+    optimizer = OPTIMIZERS[opt]
+    impl = forced("backward_update", kernel, "adam" if opt == "adam" else "hot",
+                  problem(layout, torch.float32, torch.int64, True, optimizer.name))
+    if impl is None:
+        return
+    state = init_state(optimizer, layout)
+    ref = RefTrainer(tables, weights, optimizer, torch.float32)
+    for _ in range(2):
+        indices, offsets, psw = make_batch(tables, torch.int64, True, gen, dup_range=2)  # rows recur ~5x
+        grad = torch.randn(B, layout.total_D, generator=gen)
+        impl(flat, state, layout, optimizer, grad, indices, offsets, psw)
+        ref.step(indices, offsets, psw, grad)
+    for t, (got, want) in enumerate(zip(layout.split(flat), ref.w)):
+        torch.testing.assert_close(got, want, msg=lambda m: f"table {t}: {m}")
+    if opt == "rowwise_adagrad":
+        torch.testing.assert_close(state["momentum"], torch.cat(ref.momentum), rtol=1e-4, atol=1e-3)
+
+
 @pytest.mark.parametrize("kernel", KERNELS_UNDER_TEST)
 @pytest.mark.parametrize("opt", ["sgd", "rowwise_adagrad"])
 def test_deterministic_update_is_bit_identical(kernel, opt, gen):
@@ -353,6 +383,11 @@ _COMPILE_CASES = {
     "backward_sgd": (_BWD_SIG, {"OPT": 0, "BLOCK_N": 8, "BLOCK_D": 64}),
     "backward_rowwise_adagrad": (_BWD_SIG, {"OPT": 1, "BLOCK_N": 8, "BLOCK_D": 64}),
     "backward_adam": (_BWD_SIG, {"OPT": 2, "BLOCK_N": 8, "BLOCK_D": 64}),
+    "segment_sum_kernel": ({"d_offsets_ptr": "*i32", "uniq_table_ptr": "*i64", "chunk_row_ptr": "*i64",
+                            "chunk_first_ptr": "*i64", "chunk_last_ptr": "*i64", "src_off_ptr": "*i64",
+                            "scale_ptr": "*fp32", "grad_ptr": "*fp16", "out_ptr": "*fp32",
+                            "BLOCK_N": "constexpr", "BLOCK_D": "constexpr"},
+                           {"BLOCK_N": 8, "BLOCK_D": 64}),
 }
 
 

@@ -113,3 +113,29 @@ def backward_update_kernel(weights_ptr, momentum_ptr, exp_avg_ptr, exp_avg_sq_pt
         denom = tl.sqrt_rn(v) / tl.load(bc2_sqrt_ptr + u) + eps
         w = w - tl.load(step_size_ptr + u) * tl.div_rn(m, denom)
     tl.store(weights_ptr + elem, w.to(weights_ptr.dtype.element_ty), mask=cmask)
+
+
+@triton.jit
+def segment_sum_kernel(d_offsets_ptr, uniq_table_ptr, chunk_row_ptr, chunk_first_ptr, chunk_last_ptr,
+                       src_off_ptr, scale_ptr, grad_ptr, out_ptr,
+                       BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Grid (C,): program c sums the (scaled) occurrence gradients ``chunk_first[c]:chunk_last[c]``
+    of sorted occurrences, all of unique row ``chunk_row[c]``, in order, into fp32 row c of
+    `out` (C x BLOCK_D). The first pass for rows too hot for one program
+    (`backward_update_kernel` then reduces each row's chunks)."""
+    c = tl.program_id(0)
+    t = tl.load(uniq_table_ptr + tl.load(chunk_row_ptr + c))
+    D = tl.load(d_offsets_ptr + t + 1) - tl.load(d_offsets_ptr + t)
+    cols = tl.arange(0, BLOCK_D)
+    cmask = cols < D
+    s0 = tl.load(chunk_first_ptr + c)
+    s1 = tl.load(chunk_last_ptr + c)
+    g = tl.zeros([BLOCK_D], dtype=tl.float32)
+    for j in range(s0, s1, BLOCK_N):
+        pos = j + tl.arange(0, BLOCK_N)
+        nmask = pos < s1
+        src = tl.load(src_off_ptr + pos, mask=nmask, other=0)
+        sc = tl.load(scale_ptr + pos, mask=nmask, other=0.0)
+        occ = tl.load(grad_ptr + src[:, None] + cols[None, :], mask=nmask[:, None] & cmask[None, :], other=0.0)
+        g += tl.sum(occ.to(tl.float32) * sc[:, None], axis=0)
+    tl.store(out_ptr + c.to(tl.int64) * BLOCK_D + cols, g, mask=cmask)

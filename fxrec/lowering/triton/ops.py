@@ -2,7 +2,9 @@
 
 Index preparation for the backward (global rows, stable sort, unique) runs in torch
 (`sparse_update.sort_occurrences`); one kernel launch then reduces and updates every
-unique row of every table.
+unique row of every table. When a row has more than `_BWD_CHUNK` occurrences (hot ids),
+a first launch sums every row's occurrences in chunks, in order, and the update reduces
+the chunks instead: still deterministic, and no row's program loops over a hot row alone.
 """
 from __future__ import annotations
 
@@ -21,6 +23,9 @@ _FWD_BLOCK_N = 8  # ids gathered per step of a bag's loop
 _BWD_BLOCK_N = 8  # occurrences reduced per step of a row's loop
 _FWD_MAX_BLOCK_D = 128
 MAX_DIM = 8192  # the backward keeps a whole row in one program
+# Occurrences one backward program reduces at most: a hotter row (Zipf ids) is first summed in
+# chunks by many programs, so one row cannot serialise the whole launch.
+_BWD_CHUNK = 2048
 
 
 def _block_d(max_d: int, cap: Optional[int] = None) -> int:
@@ -81,10 +86,38 @@ def backward_update(weights: Tensor, state: dict[str, Tensor], layout: TBELayout
         state["step"][sg.uniq_global] = step
         step_size, bc2_sqrt = adam_row_scalars(optimizer, step)
         beta1, beta2 = optimizer.betas
+    block_d = _block_d(layout.max_D)
+    grad_output = grad_output.contiguous()
+    seg, src_off, scale, grad = sg.seg, sg.src_off, sg.scale, grad_output
+    chunks = _hot_chunks(sg.seg, _BWD_CHUNK)
+    if chunks is not None:  # rows reduce their chunks' partial sums, not their occurrences
+        chunk_row, first, last, seg = chunks
+        grad = torch.empty(chunk_row.numel(), block_d, dtype=torch.float32, device=dev)
+        kernels.segment_sum_kernel[(chunk_row.numel(),)](
+            layout.D_offsets.to(dev), sg.uniq_table, chunk_row, first, last, src_off, scale, grad_output,
+            grad, BLOCK_N=_BWD_BLOCK_N, BLOCK_D=block_d)
+        src_off = torch.arange(chunk_row.numel(), device=dev) * block_d
+        scale = torch.ones(chunk_row.numel(), dtype=torch.float32, device=dev)
     kernels.backward_update_kernel[(sg.num_unique,)](
         weights, state.get("momentum", weights), state.get("exp_avg", weights),
         state.get("exp_avg_sq", weights), step_size, bc2_sqrt,
         layout.weights_offsets.to(dev), layout.D_offsets.to(dev), layout.hash_size_cumsum.to(dev),
-        sg.uniq_table, sg.uniq_row, sg.seg, sg.src_off, sg.scale, grad_output.contiguous(),
+        sg.uniq_table, sg.uniq_row, seg, src_off, scale, grad,
         float(optimizer.lr), float(getattr(optimizer, "eps", 0.0)), 1.0 - beta1, beta2, 1.0 - beta2,
-        OPT=_OPT_CODE[optimizer.name], BLOCK_N=_BWD_BLOCK_N, BLOCK_D=_block_d(layout.max_D))
+        OPT=_OPT_CODE[optimizer.name], BLOCK_N=_BWD_BLOCK_N, BLOCK_D=block_d)
+
+
+def _hot_chunks(seg: Tensor, chunk: int):
+    """None when no unique row has more than `chunk` occurrences; else every row's
+    occurrences cut in chunks of at most `chunk`, in order: (row of each chunk, its first and
+    end occurrence, and per row the range of its chunks as a [U+1] segment array)."""
+    counts = seg[1:] - seg[:-1]
+    if counts.numel() == 0 or int(counts.max()) <= chunk:  # one host sync
+        return None
+    per_row = (counts + chunk - 1) // chunk
+    chunk_seg = torch.cat([per_row.new_zeros(1), per_row.cumsum(0)])
+    total = int(chunk_seg[-1])
+    row = torch.repeat_interleave(torch.arange(counts.numel(), device=seg.device), per_row, output_size=total)
+    first = seg[row] + (torch.arange(total, device=seg.device) - chunk_seg[row]) * chunk
+    last = torch.minimum(first + chunk, seg[row + 1])
+    return row, first, last, chunk_seg
