@@ -1,12 +1,16 @@
 """Planner quality: the busiest rank's time against the lower bound and the exact optimum.
 
 Random table sets with log-normal sizes and pooling factors, planned on several
-topologies. Reported per regime (several seeds): max rank time / lower bound, where the
-lower bound is max(cheapest total time / ranks, largest indivisible shard) (the issue's
-"LB"), and / the split-aware bound (partition.split_bound: the splits that a makespan
-forces cost their extra communication; still a lower bound, tighter when a few tables
-dominate); and on small instances max rank time of the heuristic / the exact optimum
-(branch and bound).
+topologies. Reported per regime (several seeds): max rank time over three lower bounds
+(fxrec.planner.bounds; each holds for every plan the enumerator allows, each at least
+the one before):
+- LB: max(cheapest total time / ranks, largest indivisible shard) (the issue's bound);
+- split-LB: the splits that a makespan forces cost their extra communication;
+- cover-LB: a table that must be split over every rank leaves less room on each, which
+  forces the other tables' shards smaller (the tightest; the proof is in
+  `bounds.cover_bound`).
+On small instances also max rank time of the heuristic / the exact optimum (branch and
+bound).
 
     .venv/bin/python bench/planner_quality.py            # all regimes
     .venv/bin/python bench/planner_quality.py --quick    # fewer seeds
@@ -68,14 +72,14 @@ def run_regime(name: str, seeds: list[int]) -> list[float]:
         t0 = time.perf_counter()
         plan = fxrec.plan(tables, topo, search="heuristic")
         dt = time.perf_counter() - t0
-        ratio = plan.max_rank_time() / plan.stats["simple_lower_bound"]
-        split = plan.max_rank_time() / plan.stats["lower_bound"]
-        ratios.append((ratio, split))
+        top = plan.max_rank_time()
+        ratio, split, tight = (top / plan.stats[k] for k in ("simple_lower_bound", "split_lower_bound", "lower_bound"))
+        ratios.append((ratio, split, tight))
         kinds = {}
         for tp in plan.tables.values():
             kinds[tp.sharding] = kinds.get(tp.sharding, 0) + 1
-        print(f"  seed {seed}: max/LB {ratio:.4f}  max/split-LB {split:.4f}  imbalance {plan.imbalance():.4f}  "
-              f"{dt:.2f}s  {kinds}")
+        print(f"  seed {seed}: max/LB {ratio:.4f}  max/split-LB {split:.4f}  max/cover-LB {tight:.4f}  "
+              f"imbalance {plan.imbalance():.4f}  {dt:.2f}s  {kinds}")
     return ratios
 
 
@@ -108,6 +112,7 @@ def main() -> None:
         r = np.array(run_regime(name, seeds))
         summary.append((name, r[:, 0].max(), r[:, 0].mean()))
         summary.append(("  vs split-aware bound", r[:, 1].max(), r[:, 1].mean()))
+        summary.append(("  vs cover-aware bound (tightest)", r[:, 2].max(), r[:, 2].mean()))
     exact_cases = [(8, 4, 2, "cuda"), (10, 4, 4, "cuda"), (8, 4, 4, "cpu")] if args.quick else \
         [(8, 4, 2, "cuda"), (10, 4, 4, "cuda"), (12, 4, 2, "cuda"), (10, 4, 4, "cpu")]
     for count, world, rpn, device in exact_cases:

@@ -37,7 +37,8 @@ def main() -> None:
             kinds = dict(Counter(tp.sharding for tp in plan.tables.values()))
             ok = "ok" if dt < TARGETS[case] else "SLOW"
             print(f"{count} tables / {world} ranks, seed {seed}: {dt:.2f} s ({ok}, target {TARGETS[case]:.0f} s); "
-                  f"max/LB {plan.max_rank_time() / plan.stats['simple_lower_bound']:.4f}; {kinds}")
+                  f"max/LB {plan.max_rank_time() / plan.stats['simple_lower_bound']:.4f}, "
+                  f"max/cover-LB {plan.max_rank_time() / plan.stats['lower_bound']:.4f}; {kinds}")
 
 
 if __name__ == "__main__":

@@ -136,3 +136,42 @@ def test_time_is_linear_in_batch_for_sharded_tables():
     e = cost.shard_expressions("table_wise", shard(), CUDA16, "sgd", symbolic=(cost.B,))
     total = sp.expand(sum(e[t] for t in cost.TERMS))
     assert sp.Poly(total, cost.B).degree() == 1 and total.subs(cost.B, 0) == 0
+
+
+@pytest.mark.parametrize("device,c,eb,floor", [
+    ("cuda", 16, 4, 128),  # 64-byte rows move a 128-byte line
+    ("cuda", 32, 2, 128),  # fp16: 64 bytes
+    ("cuda", 64, 4, None),  # 256 bytes: no floor
+    ("cpu", 8, 4, 64),  # 32-byte rows move a 64-byte cache line
+    ("cpu", 16, 4, None),  # exactly one line
+])
+def test_narrow_rows_move_a_whole_access(device, c, eb, floor):
+    topo = Topology(4, device=device)
+    eff = 0.5
+    got = costs("table_wise", topo=topo, c=c, eb=eb, ob=cost.output_bytes(eb), eff=eff)["lookup"]
+    ids, row = 4 * B * 10, floor or c * eb  # W * B bags of pf = 10 ids each
+    out = 4 * B * c * cost.output_bytes(eb)
+    assert got == pytest.approx((3 * ids * row + 2 * out) / (topo.hbm_bandwidth * eff))
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_each_optimizer_state_array_is_a_scattered_access(device):
+    topo = Topology(4, device=device)
+    gran, bw = cost.ROW_ACCESS_BYTES[device], topo.hbm_bandwidth * 0.8
+    ids = 4 * B * 10
+    sgd = costs("table_wise", topo=topo, c=64)["lookup"]
+    # one 4-byte momentum per row: read and written, each access a whole line
+    ada = costs("table_wise", topo=topo, c=64, optimizer="rowwise_adagrad")["lookup"]
+    assert ada - sgd == pytest.approx(2 * ids * gran / bw)
+    # Adam: two 64-wide fp32 moments (256 bytes each) and a 4-byte step per row
+    adam = costs("table_wise", topo=topo, c=64, optimizer="adam")["lookup"]
+    assert adam - sgd == pytest.approx(2 * ids * (2 * 64 * 4 + gran) / bw)
+
+
+def test_narrow_column_shards_cost_more_than_their_share():
+    # a 64-wide fp32 table cut 16 ways has 16-byte rows: every shard still moves 128
+    whole = costs("table_wise", c=64)["lookup"]
+    four = costs("column_wise", c=16)["lookup"]
+    sixteen = costs("column_wise", c=4)["lookup"]
+    assert 4 * four > whole and 16 * sixteen > 4 * four
+    assert sixteen == pytest.approx(four * (3 * 10 * 128 + 2 * 4 * 4) / (3 * 10 * 128 + 2 * 16 * 4))

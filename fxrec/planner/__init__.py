@@ -3,6 +3,7 @@
 - cost.py        storage and time of one shard (sympy, compiled once to numpy)
 - enumerate.py   every allowed (sharding type, kernel, shard sizes) per table
 - packing.py     per-rank loads; placing, moving and swapping shards
+- bounds.py      lower bounds on the busiest rank's time (simple, split-aware, cover-aware)
 - partition.py   the heuristic: split thresholds, largest-first placement, local search
 - exact.py       branch and bound for small instances
 - feasibility.py PlanError messages: what does not fit and what would make it fit

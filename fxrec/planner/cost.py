@@ -5,8 +5,9 @@ table of ``N`` rows, ``c`` columns), the table (pooling factor ``pf``, lookups p
 ``u``, weight bytes per element ``eb``, output bytes per element ``ob``, ``pooled`` 1/0), the kernel's
 efficiency ``eff``, the optimizer's state, the per-rank batch ``B`` and the topology
 (``W`` ranks, ``P`` per node, bandwidths ``bw_mem``, ``bw_intra``, ``bw_inter``,
-``bw_ring``). `expressions` gives them back with a table's numbers substituted, so a
-plan explains itself and re-evaluates for another batch; `shard_costs` evaluates
+``bw_ring``, and ``gran``, the bytes that one scattered row access moves at least).
+`shard_expressions` gives them back with a table's numbers substituted, so a plan
+explains itself and re-evaluates for another batch; `shard_costs` evaluates
 them on numpy arrays of many shards at once (the planner's hot path never touches
 sympy).
 
@@ -15,7 +16,11 @@ overlap assumed):
 - ids are uniform over rows, so a row-wise shard sees the fraction n/N of the ids;
 - lookup: bytes moved by forward (read rows, write outputs) and backward (read output
   grads, read+write rows and optimizer state) over ``bw_mem * eff``; a data-parallel
-  table instead updates the whole table densely after its all-reduce;
+  table instead updates the whole table densely after its all-reduce. Rows are read
+  and written at scattered addresses, so each access of a row of one array (weights,
+  each fp32 optimizer-state array) moves at least ``gran`` bytes, however narrow the
+  row (`ROW_ACCESS_BYTES`); outputs, ids and dense updates stream and are charged by
+  their bytes;
 - input_dist: the ids (8 bytes) and lengths (4 bytes per bag) the shard receives from
   the other ranks, over NVLink-class ``bw_intra`` from its node's P-1 peers and
   ``bw_inter`` from the W-P others;
@@ -46,11 +51,19 @@ KERNEL_EFFICIENCY = {
     "cuda": {"triton": 0.80, "fbgemm": 0.75, "torch": 0.25},
     "cpu": {"fbgemm": 0.50, "torch": 0.20, "triton": 0.002},
 }
+# The least a scattered row access moves from memory, in bytes. CPU: one 64-byte cache
+# line. GPU: one 128-byte L2 line; a narrower row is no cheaper to gather, since the
+# lookup is bound by the number of rows in flight, not by their bytes (TorchRec's
+# calibrated estimator charges the same floor: rows narrower than 32 fp32 elements
+# cost as 32). It makes narrow column shards (a 64-wide fp32 table cut 16 ways has
+# 16-byte rows) as expensive as they are.
+ROW_ACCESS_BYTES = {"cuda": 128, "cpu": 64}
 DEFAULT_KERNELS = {"cuda": ("triton", "fbgemm"), "cpu": ("fbgemm", "torch")}
 KERNELS = ("fbgemm", "triton", "torch")
 
 # Optimizer state: (bytes per element, bytes per row), as fxrec.optim keeps it: fp32
-# state; Adam's two moments per element plus an int32 step count per row.
+# state; Adam's two moments per element plus an int32 step count per row. Every state
+# array holds 4-byte entries, so bytes / 4 is the number of arrays a row update touches.
 OPTIMIZER_STATE = {"sgd": (0, 0), "rowwise_adagrad": (0, 4), "adam": (8, 4)}
 
 # Symbols. Table/shard parameters vary per shard; the rest per plan.
@@ -59,8 +72,19 @@ N, n, c, pf, u, eb, ob, pooled, eff, opt_elem, opt_row = sp.symbols(
 B = sp.Symbol("B", positive=True)
 W, P = sp.symbols("W P", positive=True, integer=True)
 bw_mem, bw_intra, bw_inter, bw_ring = sp.symbols("bw_mem bw_intra bw_inter bw_ring", positive=True)
+gran = sp.Symbol("gran", positive=True)
 SHARD_ARGS = (N, n, c, pf, u, eb, ob, pooled, eff, opt_elem, opt_row)
-PLAN_ARGS = (B, W, P, bw_mem, bw_intra, bw_inter, bw_ring)
+PLAN_ARGS = (B, W, P, bw_mem, bw_intra, bw_inter, bw_ring, gran)
+STATE_ENTRY_BYTES = 4
+
+
+def row_access_bytes():
+    """Bytes moved per id by one read of its rows: (weights, per-element optimizer
+    state, per-row optimizer state); each state array is its own scattered access."""
+    weights = sp.Max(c * eb, gran)
+    elem_state = sp.Max(c * opt_elem, gran * opt_elem / STATE_ENTRY_BYTES)
+    row_state = gran * opt_row / STATE_ENTRY_BYTES
+    return weights, elem_state, row_state
 
 
 def _formulas(sharding: str) -> dict:
@@ -73,11 +97,12 @@ def _formulas(sharding: str) -> dict:
     ids = samples * pf * frac
     out_rows = pooled * samples + (1 - pooled) * ids
     out_bytes = out_rows * c * ob
-    fwd = ids * c * eb + out_bytes
-    if dp:  # gradient scattered densely, then the whole table updated after the all-reduce
-        bwd = out_bytes + ids * c * eb + N * c * (3 * eb + 2 * opt_elem) + 2 * N * opt_row
-    else:  # fused sparse update of the touched rows
-        bwd = out_bytes + ids * c * (2 * eb + 2 * opt_elem) + 2 * ids * opt_row
+    row_w, row_elem, row_state = row_access_bytes()
+    fwd = ids * row_w + out_bytes
+    if dp:  # gradient scattered densely, then the whole table updated (streamed) after the all-reduce
+        bwd = out_bytes + ids * row_w + N * c * (3 * eb + 2 * opt_elem) + 2 * N * opt_row
+    else:  # fused sparse update of the touched rows: read and write weights and state
+        bwd = out_bytes + 2 * ids * (row_w + row_elem + row_state)
     terms = {t: sp.Integer(0) for t in TERMS}
     terms["lookup"] = (fwd + bwd) / (bw_mem * eff)
     if not dp:
@@ -116,7 +141,8 @@ def plan_values(topology, batch_size: int) -> dict:
     """The numbers that the per-plan symbols take."""
     return {B: batch_size, W: topology.world_size, P: topology.ranks_per_node,
             bw_mem: topology.hbm_bandwidth, bw_intra: topology.intra_node_bandwidth,
-            bw_inter: topology.inter_node_bandwidth, bw_ring: topology.ring_bandwidth}
+            bw_inter: topology.inter_node_bandwidth, bw_ring: topology.ring_bandwidth,
+            gran: ROW_ACCESS_BYTES[topology.device]}
 
 
 def optimizer_state(optimizer: str) -> tuple[int, int]:

@@ -4,7 +4,7 @@ heuristic, so tests can bound the heuristic's gap.
 
 Pruning: a node is cut when ``max(busiest rank, (placed load + cheapest totals of the
 rest) / W, least-loaded rank + largest indivisible shard of the rest)``, or the
-split-aware bound of the rest on top of the placed load (`partition.split_bound`),
+split-aware bound of the rest on top of the placed load (`bounds.split_bound`),
 cannot beat the best plan found.
 Symmetry: two ranks are interchangeable for the rest of the search when they carry the
 same load and memory and every remaining option treats them alike (same size group of
@@ -17,7 +17,7 @@ import itertools
 import math
 from dataclasses import dataclass
 
-from fxrec.planner.partition import bound_from_events, split_events
+from fxrec.planner.bounds import bound_from_events, split_events
 
 
 @dataclass

@@ -7,9 +7,8 @@ shards are placed largest first on the least-loaded rank with room, and local se
 moves and swaps shards off the busiest rank. The best packings over the thresholds are
 refined (re-choosing the option of a table on the busiest rank, one or two at a time)
 and perturbed (seeded iterated local search), within a time budget that grows with the
-construction's time. ``lower_bound`` is what no plan can beat: the cheapest total time spread evenly,
-or the table whose smallest possible largest shard is the biggest; ``split_bound`` is
-a tighter one that charges the cost of the splits a makespan forces.
+construction's time. The bounds (`fxrec.planner.bounds`, re-exported here) set the
+thresholds and say when to stop.
 """
 from __future__ import annotations
 
@@ -17,49 +16,8 @@ import math
 import random
 import time
 
+from fxrec.planner.bounds import cover_bound, lower_bound, split_bound  # noqa: F401 (the last two re-exported)
 from fxrec.planner.packing import Packing
-
-
-def lower_bound(options: list[list]) -> tuple[float, float]:
-    """(sum of cheapest totals, largest indivisible shard), in seconds; the bound is
-    ``max(total / world_size, largest)``."""
-    total = sum(min(o.total_time for o in opts) for opts in options)
-    largest = max(min(o.max_time for o in opts) for opts in options)
-    return total, largest
-
-
-def split_bound(options: list[list], world_size: int, placed: float = 0.0) -> float:
-    """The least T such that choosing, per table, its cheapest option whose largest
-    shard is at most T, costs at most W * T in total (with ``placed`` seconds of load
-    already on the ranks).
-
-    A plan with busiest rank T* uses options whose shards are all at most T*, so their
-    total is at least that cheapest choice and at most W * T*: T* is never below this
-    bound, which is at least ``lower_bound``'s and larger when big tables must split.
-    """
-    return bound_from_events(split_events(options), len(options), world_size, placed)
-
-
-def split_events(options: list[list]) -> list[tuple]:
-    return sorted((o.max_time, i, o.total_time) for i, opts in enumerate(options) for o in opts)
-
-
-def bound_from_events(events: list[tuple], num_tables: int, world_size: int, placed: float = 0.0) -> float:
-    if not num_tables:
-        return placed / world_size
-    best: dict[int, float] = {}
-    total = placed
-    for k, (t, i, tot) in enumerate(events):
-        old = best.get(i)
-        if old is None or tot < old:
-            total += tot - (old or 0.0)
-            best[i] = tot
-        nxt = events[k + 1][0] if k + 1 < len(events) else math.inf
-        if len(best) == num_tables and nxt > t:
-            candidate = max(t, total / world_size)
-            if candidate <= nxt:
-                return candidate
-    return math.inf
 
 
 def choose(options: list[list], theta: float) -> list:
@@ -95,10 +53,9 @@ def pack(chosen: list, topology, cap: float, by: str = "time") -> tuple[Packing 
     return pk, None
 
 
-def _thetas(options: list[list], world_size: int) -> list[float]:
-    """Split thresholds: none, and fractions of the split-aware bound (shards well under
-    the makespan pack tightly)."""
-    lb = split_bound(options, world_size)
+def _thetas(lb: float) -> list[float]:
+    """Split thresholds: none, and fractions of the lower bound ``lb`` (shards well
+    under the makespan pack tightly)."""
     return [math.inf] + [lb * f for f in (2.0, 1.0, 0.9, 0.75, 0.6, 0.5, 0.35, 0.25, 0.125)]
 
 
@@ -109,7 +66,8 @@ def heuristic(options: list[list], topology, cap: float, time_budget: float = 30
     start = time.perf_counter()
     deadline = start + time_budget
     found, failed, seen = [], [], set()
-    for theta in _thetas(options, topology.world_size):
+    lb = cover_bound(options, topology)
+    for theta in _thetas(lb):
         chosen = choose(options, theta)
         sig = tuple(id(o) for o in chosen)
         if sig in seen:
@@ -133,7 +91,7 @@ def heuristic(options: list[list], topology, cap: float, time_budget: float = 30
         pk.log = []
         refine(pk, options, until, depth=2 if small else 1)
     best = min(found[:2], key=lambda p: p.score())
-    if best.makespan() > split_bound(options, topology.world_size) * (1 + 1e-3):
+    if best.makespan() > lb * (1 + 1e-3):
         until = min(deadline, time.perf_counter() + max(1.0 if small else 0.2, 0.5 * spent))
         perturb(best, options, until, rounds=300 if small else 30)
     best.log = None

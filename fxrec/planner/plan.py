@@ -10,7 +10,7 @@ import json
 
 import torch
 
-from fxrec.planner import cost, enumerate as enum_, exact, partition
+from fxrec.planner import bounds, cost, enumerate as enum_, exact, partition
 from fxrec.planner import evaluate as ev
 from fxrec.planner import report
 from fxrec.planner.feasibility import check_tables_fit, check_total_fits, packing_failed
@@ -29,7 +29,9 @@ EXACT_LIMITS = (12, 4)  # the exact search runs by itself up to 12 tables on 4 r
 class Plan:
     """Plain data: one `TablePlan` per table, the topology and per-rank batch size it
     was made for, the sparse optimizer whose state it counts, and search statistics
-    (``stats``: method, lower bound, max rank time at planning time)."""
+    (``stats``: method, max rank time at planning time, and three lower bounds on it:
+    ``lower_bound`` the tightest (`bounds.cover_bound`), ``split_lower_bound`` and
+    ``simple_lower_bound`` (max of total / ranks and the largest indivisible shard))."""
 
     tables: dict[str, TablePlan]
     topology: Topology
@@ -183,8 +185,9 @@ def plan(model_or_tables, topology: Topology, example_inputs=None, constraints=N
     assignment, stats = _search(options, topology, search)
     if assignment is None:
         raise packing_failed(specs, options, stats["failed"], topology)
-    total, largest = partition.lower_bound(options)
-    stats.update(lower_bound=partition.split_bound(options, topology.world_size),
+    total, largest = bounds.lower_bound(options)
+    stats.update(lower_bound=bounds.cover_bound(options, topology),
+                 split_lower_bound=bounds.split_bound(options, topology.world_size),
                  simple_lower_bound=max(total / topology.world_size, largest))
     tables_out = {}
     for spec, (opt, where) in zip(specs, assignment):
