@@ -39,4 +39,6 @@ step gpu_tests 120 python -m pytest -q -m gpu tests/test_lowering_kernels.py tes
 # fxrec.shard on the GPU (one rank: the CUDA placement and kernels; NCCL needs two GPUs).
 step shard_gpu 120 python -m torch.distributed.run --nproc-per-node 1 examples/dlrm_train.py --shard \
     --steps 100 --val-batches 10
+# The planner's profile of this GPU under NCCL (one rank: HBM bandwidth; collectives need two GPUs).
+step calibrate_gpu 90 python -m fxrec.cli bench calibrate --world-size 1 --backend nccl -o "$OUT/topology_gpu.json"
 echo "results in $OUT"
