@@ -60,7 +60,7 @@ def test_row_sq_sums_matches_per_table_reference(pooled, dims, tables, weighted,
         layout, grad, ids, offsets, psw = _problem(g, pooled, dims, rows=7, batch=batch, weighted=weighted)
         wanted = list(range(len(dims))) if tables is None else tables
         ref = table_grads(layout, grad, ids, offsets, psw, deterministic, wanted)
-        got = row_sq_sums(layout, grad, ids, offsets, psw, wanted, deterministic)
+        got = row_sq_sums(layout, grad, ids, offsets, psw, wanted)
         assert sorted(got) == sorted(wanted)
         for t in wanted:
             rows, g_sum = ref[t]

@@ -72,6 +72,18 @@ class SortedGrads:
         return self.uniq_global.numel()
 
 
+def _occurrence_scale(layout: TBELayout, table: Tensor, bag: Tensor, lengths: Tensor,
+                      per_sample_weights: Optional[Tensor]) -> Optional[Tensor]:
+    """fp32 per occurrence of a pooled layout: its per-sample weight, divided by its bag's
+    length where the table pools by mean; None when every factor is 1."""
+    scale = per_sample_weights.float() if per_sample_weights is not None else None
+    if any(p == "mean" for p in layout.poolings):
+        mean = layout.is_mean.to(table.device)[table].bool()
+        length = lengths[bag].clamp(min=1).float()
+        scale = torch.where(mean, 1.0 / length, 1.0) if scale is None else torch.where(mean, scale / length, scale)
+    return scale
+
+
 def sort_occurrences(layout: TBELayout, indices: Tensor, offsets: Tensor,
                      per_sample_weights: Optional[Tensor] = None) -> SortedGrads:
     """Group the batch's occurrences by global row (stable, so deterministic).
@@ -93,10 +105,9 @@ def sort_occurrences(layout: TBELayout, indices: Tensor, offsets: Tensor,
     global_row = hsc[table] + indices.long()
     if layout.pooled:
         src_off = (bag - table * B) * layout.total_D + d_off[table]
-        scale = (per_sample_weights.float() if per_sample_weights is not None
-                 else torch.ones(n, dtype=torch.float32, device=dev))
-        mean = layout.is_mean.to(dev)[table].bool()
-        scale = torch.where(mean, scale / lengths[bag].clamp(min=1).float(), scale)
+        scale = _occurrence_scale(layout, table, bag, lengths, per_sample_weights)
+        if scale is None:
+            scale = torch.ones(n, dtype=torch.float32, device=dev)
     else:
         first = off[::B][:-1] if B > 0 else off.new_zeros(layout.num_tables)
         src_off = layout.unpooled_offsets(offsets)[table] + (torch.arange(n, device=dev) - first[table]) * dims[table]
@@ -110,36 +121,35 @@ def sort_occurrences(layout: TBELayout, indices: Tensor, offsets: Tensor,
 
 
 
-def _group_rows(layout: TBELayout, grad_output: Tensor, offsets: Tensor, bag: Tensor, group: list[int], d: int):
+def _group_rows(layout: TBELayout, grad_output: Tensor, offsets: Tensor, bag: Tensor, table: Tensor,
+                group: list[int], d: int):
     """(G, row of G per occurrence): the gradients of `group`'s tables (all of width d) as the
     rows of one ``n x d`` matrix G (a view when they are the whole layout), and, for every
-    occurrence, the row of G its gradient is (pooled: its bag's; unpooled: its own)."""
+    occurrence (in bag `bag` of table `table`), the row of G its gradient is (pooled: its
+    bag's; unpooled: its own)."""
     T, dev = layout.num_tables, grad_output.device
     B = layout.batch_size(offsets)
-    whole = len(group) == T
-    pos = torch.full((T,), -1, dtype=torch.int64, device=dev)
-    pos[torch.tensor(group, device=dev)] = torch.arange(len(group), device=dev)
     if layout.pooled:
-        table, b = bag // max(B, 1), bag % max(B, 1)
-        if whole:  # bag t*B + b is row b*T + t of the B x (T*d) gradient seen as (B*T) x d
+        b = bag - table * B
+        if len(group) == T:  # bag t*B + b is row b*T + t of the B x (T*d) gradient seen as (B*T) x d
             return grad_output.reshape(-1, d), b * T + table
-        else:
-            G = torch.cat([grad_output[:, layout.D_offsets_list[t]:layout.D_offsets_list[t + 1]] for t in group],
-                          dim=1).reshape(-1, d)
+        pos = torch.full((T,), -1, dtype=torch.int64, device=dev)
+        pos[torch.tensor(group, device=dev)] = torch.arange(len(group), device=dev)
+        G = torch.cat([grad_output[:, layout.D_offsets_list[t]:layout.D_offsets_list[t + 1]] for t in group],
+                      dim=1).reshape(-1, d)
         return G, b * len(group) + pos[table]
     # unpooled: table t's rows are one block of the flat gradient, its occurrences in order
-    ids_start = offsets[::B].long() if B > 0 else offsets.new_zeros(T + 1)
-    table = bag // max(B, 1)
-    n = (ids_start[1:] - ids_start[:-1]).tolist()
+    ids_start = offsets[::B].tolist() if B > 0 else [0] * (T + 1)
+    n = [e - s for s, e in zip(ids_start[:-1], ids_start[1:])]
     starts = layout.unpooled_offsets(offsets).tolist()
     blocks = [grad_output[starts[t]:starts[t] + n[t] * d].view(n[t], d) for t in group]
     G = blocks[0] if len(blocks) == 1 else torch.cat(blocks)
-    first_row = torch.zeros(T, dtype=torch.int64, device=dev)
+    first_row = [0] * T  # occurrence i of table t is row first_row[t] + i of G
     acc = 0
     for t in group:
-        first_row[t] = acc - int(ids_start[t])
+        first_row[t] = acc - ids_start[t]
         acc += n[t]
-    return G, torch.arange(bag.numel(), device=dev) + first_row[table]
+    return G, torch.arange(bag.numel(), device=dev) + torch.tensor(first_row, device=dev)[table]
 
 
 def _segment_sq_sums(G: Tensor, rows: Tensor, scale: Optional[Tensor], counts: Tensor) -> Tensor:
@@ -165,14 +175,13 @@ def _segment_sq_sums(G: Tensor, rows: Tensor, scale: Optional[Tensor], counts: T
 
 
 def row_sq_sums(layout: TBELayout, grad_output: Tensor, indices: Tensor, offsets: Tensor,
-                per_sample_weights: Optional[Tensor], tables, deterministic: bool) -> dict[int, tuple[Tensor, Tensor]]:
+                per_sample_weights: Optional[Tensor], tables) -> dict[int, tuple[Tensor, Tensor]]:
     """Per table t in `tables`: its unique ids (ascending, int64) and, per id, the sum over
     the table's columns of the squared gradient summed over the id's occurrences (fp32) —
     RowWiseAdagrad's ``sum(g**2)`` before the mean. Per distinct width, one sort of the
     occurrences by row and one `embedding_bag` over the gradient rows (bags = unique rows),
     whatever the number of tables; tables no id touched get empty tensors. Occurrences are
-    summed in input order within a row, so the result is the same run to run (`deterministic`
-    is accepted for symmetry with the kernels)."""
+    summed in input order within a row, so the result is the same run to run."""
     dev = grad_output.device
     tables = sorted(set(tables))
     out = {t: (torch.zeros(0, dtype=torch.int64, device=dev), torch.zeros(0, dtype=torch.float32, device=dev))
@@ -185,16 +194,12 @@ def row_sq_sums(layout: TBELayout, grad_output: Tensor, indices: Tensor, offsets
     lengths = off[1:] - off[:-1]
     bag = torch.repeat_interleave(torch.arange(lengths.numel(), device=dev), lengths, output_size=n)
     table = bag // max(B, 1)
-    # per-occurrence factor: its per-sample weight, 1/len for mean pooling; None when all are 1
-    scale = per_sample_weights.float() if per_sample_weights is not None and layout.pooled else None
-    if layout.pooled and any(p == "mean" for p in layout.poolings):
-        inv = torch.where(layout.is_mean.to(dev)[table].bool(), 1.0 / lengths[bag].clamp(min=1).float(), 1.0)
-        scale = inv if scale is None else scale * inv
+    scale = _occurrence_scale(layout, table, bag, lengths, per_sample_weights) if layout.pooled else None
     hsc = layout.hash_size_cumsum.to(dev)
     key_dtype = torch.int32 if layout.total_rows < 2 ** 31 else torch.int64  # int32 sorts ~3x faster
     for d in sorted({layout.dims[t] for t in tables}):
         group = [t for t in tables if layout.dims[t] == d]
-        G, grow = _group_rows(layout, grad_output, offsets, bag, group, d)
+        G, grow = _group_rows(layout, grad_output, offsets, bag, table, group, d)
         keep = torch.isin(table, torch.tensor(group, device=dev)) if len(group) < layout.num_tables else None
         g_table, g_ids, g_rows, g_scale = (table, indices.long(), grow, scale) if keep is None else \
             (table[keep], indices.long()[keep], grow[keep], None if scale is None else scale[keep])

@@ -89,8 +89,7 @@ class RowSyncState:
         if not split:
             owner.update(grad_output, indices, offsets, psw)
             return
-        det = owner.deterministic or torch.are_deterministic_algorithms_enabled()
-        for t, (rows, sums) in row_sq_sums(owner.layout, grad_output, indices, offsets, psw, split, det).items():
+        for t, (rows, sums) in row_sq_sums(owner.layout, grad_output, indices, offsets, psw, split).items():
             key = names[t]
             self.entries.append(_Entry(owner, key, self.sync.shard_tables[key], owner.layout.dims[t], rows, sums))
         self.deferred.append((owner, (grad_output, indices, offsets, psw)))
@@ -124,17 +123,14 @@ class RowSync(nn.Module):
 
     # -- backward ----------------------------------------------------------------------
     def _partials(self, entries: list[_Entry]) -> dict[str, Tensor]:
-        """This rank's partial sum of g**2 per held split table."""
-        by_table: dict[str, list[_Entry]] = {}
-        for e in entries:
-            by_table.setdefault(e.table, []).append(e)
-        held = set(self.shard_tables.values())
-        if set(by_table) != held:
-            missing = sorted(held - set(by_table))
+        """This rank's partial sum of g**2 per held split table (validate_plan puts a table's
+        column shards on distinct ranks: one entry per table)."""
+        mine = {e.table: e.partial for e in entries}
+        missing = sorted(set(self.shard_tables.values()) - set(mine))
+        if missing:
             raise RuntimeError(f"rank {self.rank}: no gradient reached the column shards of table(s) {missing} "
                                f"in this backward; their RowWiseAdagrad row sums cannot be exchanged")
-        # validate_plan puts a table's column shards on distinct ranks: one shard here per table
-        return {t: es[0].partial for t, es in by_table.items()}
+        return mine
 
     def _exchange(self, mine: dict[str, Tensor]) -> dict[tuple[str, int], Tensor]:
         """(table, holder rank) -> that holder's partial sums, for every table this rank holds."""
