@@ -41,6 +41,7 @@ from torch import nn
 from torch.fx import GraphModule, Node
 
 from fxrec.passes import lookup as L
+from fxrec.passes.group_tables import lookup_stages
 from fxrec.passes.shard_ops import FinishOutputs, GatherInputs, NodeSpec, SlotSpec
 from fxrec.runtime import comm
 from fxrec.runtime.dist_lookup import InputDist, RecvSplits, RouteSpec, Unpack, UnitSpec
@@ -54,18 +55,6 @@ LOCAL_LOOKUP = "fxrec_local_lookup"  # node.meta: {"unit", "shards"} on the loca
 
 
 # ------------------------------------------------------------------ units
-def _depths(gm: GraphModule) -> dict[Node, int]:
-    """Per lookup node, the number of lookups upstream of its inputs."""
-    depth, stage = {}, {}
-    for node in gm.graph.nodes:
-        up = max((depth[a] for a in node.all_input_nodes), default=0)
-        if L.LOOKUP in node.meta:
-            stage[node] = up
-            up += 1
-        depth[node] = up
-    return stage
-
-
 def _output_node(node: Node) -> Node:
     """The node whose value the lookup produces for its users (the folded .sum/.mean, if any)."""
     lk = node.meta[L.LOOKUP]
@@ -111,7 +100,7 @@ def build_units(gm: GraphModule) -> list[list[Node]]:
         comps.append((tables, members))
     pos = {n: i for i, n in enumerate(gm.graph.nodes)}
     comps = sorted((sorted(c, key=pos.get) for _, c in comps), key=lambda c: pos[c[0]])
-    stage, units = _depths(gm), []
+    stage, units = lookup_stages(gm), []
     for comp in comps:
         anchor, first = _span(gm, comp, pos)
         if anchor >= first or len({stage[n] for n in comp}) > 1:

@@ -15,7 +15,7 @@ from fxrec.passes import lookup as L
 from fxrec.passes.lookup import LookupGroup
 
 
-def _stages(gm: GraphModule) -> dict:
+def lookup_stages(gm: GraphModule) -> dict:
     """For each lookup node, how many lookups lie upstream of it (one linear sweep)."""
     depth, stage = {}, {}
     for node in gm.graph.nodes:
@@ -31,7 +31,7 @@ def group_tables_pass(gm: GraphModule, ctx) -> GraphModule:
     """Record `LookupGroup`s in ``gm.meta[GROUPS]`` and ``ctx.groups`` (in order of first
     member) and, on each lookup node, NODE_GROUPS: the group of each of its reads.
     Every read of every lookup is in exactly one group. Adds no nodes."""
-    stages = _stages(gm)
+    stages = lookup_stages(gm)
     groups: dict[tuple, LookupGroup] = {}
     for node, stage in stages.items():
         lk = node.meta[L.LOOKUP]

@@ -69,6 +69,22 @@ def unpooled_forward_kernel(weights_ptr, w_offsets_ptr, d_offsets_ptr, indices_p
 
 
 @triton.jit
+def _sum_occurrences(src_off_ptr, scale_ptr, grad_ptr, s0, s1, cols, cmask,
+                     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """fp32 [BLOCK_D]: the sum, in order, of sorted occurrences s0:s1's gradient rows (starting
+    at element src_off[i] of grad, columns `cols` where `cmask`), each times scale[i]."""
+    g = tl.zeros([BLOCK_D], dtype=tl.float32)
+    for j in range(s0, s1, BLOCK_N):
+        pos = j + tl.arange(0, BLOCK_N)
+        nmask = pos < s1
+        src = tl.load(src_off_ptr + pos, mask=nmask, other=0)
+        sc = tl.load(scale_ptr + pos, mask=nmask, other=0.0)
+        occ = tl.load(grad_ptr + src[:, None] + cols[None, :], mask=nmask[:, None] & cmask[None, :], other=0.0)
+        g += tl.sum(occ.to(tl.float32) * sc[:, None], axis=0)
+    return g
+
+
+@triton.jit
 def backward_update_kernel(weights_ptr, momentum_ptr, exp_avg_ptr, exp_avg_sq_ptr,
                            step_size_ptr, bc2_sqrt_ptr,
                            w_offsets_ptr, d_offsets_ptr, hash_cumsum_ptr,
@@ -86,14 +102,7 @@ def backward_update_kernel(weights_ptr, momentum_ptr, exp_avg_ptr, exp_avg_sq_pt
     cmask = cols < D
     s0 = tl.load(seg_ptr + u)
     s1 = tl.load(seg_ptr + u + 1)
-    g = tl.zeros([BLOCK_D], dtype=tl.float32)
-    for j in range(s0, s1, BLOCK_N):
-        pos = j + tl.arange(0, BLOCK_N)
-        nmask = pos < s1
-        src = tl.load(src_off_ptr + pos, mask=nmask, other=0)
-        sc = tl.load(scale_ptr + pos, mask=nmask, other=0.0)
-        occ = tl.load(grad_ptr + src[:, None] + cols[None, :], mask=nmask[:, None] & cmask[None, :], other=0.0)
-        g += tl.sum(occ.to(tl.float32) * sc[:, None], axis=0)
+    g = _sum_occurrences(src_off_ptr, scale_ptr, grad_ptr, s0, s1, cols, cmask, BLOCK_N, BLOCK_D)
     elem = tl.load(w_offsets_ptr + t) + row * D + cols
     w = tl.load(weights_ptr + elem, mask=cmask, other=0.0).to(tl.float32)
     if OPT == 0:
@@ -130,12 +139,5 @@ def segment_sum_kernel(d_offsets_ptr, uniq_table_ptr, chunk_row_ptr, chunk_first
     cmask = cols < D
     s0 = tl.load(chunk_first_ptr + c)
     s1 = tl.load(chunk_last_ptr + c)
-    g = tl.zeros([BLOCK_D], dtype=tl.float32)
-    for j in range(s0, s1, BLOCK_N):
-        pos = j + tl.arange(0, BLOCK_N)
-        nmask = pos < s1
-        src = tl.load(src_off_ptr + pos, mask=nmask, other=0)
-        sc = tl.load(scale_ptr + pos, mask=nmask, other=0.0)
-        occ = tl.load(grad_ptr + src[:, None] + cols[None, :], mask=nmask[:, None] & cmask[None, :], other=0.0)
-        g += tl.sum(occ.to(tl.float32) * sc[:, None], axis=0)
+    g = _sum_occurrences(src_off_ptr, scale_ptr, grad_ptr, s0, s1, cols, cmask, BLOCK_N, BLOCK_D)
     tl.store(out_ptr + c.to(tl.int64) * BLOCK_D + cols, g, mask=cmask)
