@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from fxrec.lowering import FusedEmbeddingBags, NoKernelError, TBELayout, select
-from fxrec.lowering.sparse_update import init_state
+from fxrec.lowering.sparse_update import init_state, sort_occurrences
 from fxrec.optim import SGD, Adam, RowWiseAdagrad
 from fxrec.types import TableInfo
 
@@ -271,6 +271,8 @@ def test_backward_update_hot_rows(kernel, opt, gen, monkeypatch):
     ref = RefTrainer(tables, weights, optimizer, torch.float32)
     for _ in range(2):
         indices, offsets, psw = make_batch(tables, torch.int64, True, gen, dup_range=2)  # rows recur ~5x
+        if kernel == "triton":  # the batch does reach the chunked path
+            assert ops._hot_chunks(sort_occurrences(layout, indices, offsets, psw).seg, ops._BWD_CHUNK) is not None
         grad = torch.randn(B, layout.total_D, generator=gen)
         impl(flat, state, layout, optimizer, grad, indices, offsets, psw)
         ref.step(indices, offsets, psw, grad)
