@@ -119,6 +119,31 @@ def test_bad_batches_are_rejected_naming_table_and_value(indices, offsets, match
         m(torch.tensor(indices), torch.tensor(offsets))
 
 
+# Runs of equal-row tables share one min/max on the CPU (TBELayout.equal_row_runs): an id
+# valid for the run's other tables but not for its own, and runs that are empty, must
+# still be caught and named, and ids at each table's last row must pass.
+RUN_TABLES = [TableInfo(n, r, 4) for n, r in (("a", 10), ("b", 10), ("c", 5), ("d", 10), ("e", 10))]
+
+
+@pytest.mark.parametrize("indices,offsets,match", [
+    ([9, 9, 4, 9, 9], [0, 1, 2, 3, 4, 5], None),  # every table's last row
+    ([9, 9, 5, 9, 9], [0, 1, 2, 3, 4, 5], r"table 'c': id 5 out of range \[0, 5\)"),
+    ([9, 9, 4, 9, 10], [0, 1, 2, 3, 4, 5], r"table 'e': id 10 out of range \[0, 10\)"),
+    ([4, 10], [0, 0, 0, 1, 1, 2], r"table 'e': id 10 out of range"),  # runs (a,b) and d empty
+    ([-1, 0], [0, 0, 0, 0, 1, 2], r"table 'd': id -1 out of range"),
+    ([3], [0, 0, 0, 1, 1, 1], None),
+])
+def test_bounds_check_over_equal_row_runs(indices, offsets, match):
+    m = FusedEmbeddingBags(RUN_TABLES, optimizer=SGD(0.1))
+    assert m.layout.equal_row_runs == ((0, 2), (2, 3), (3, 5))
+    args = torch.tensor(indices), torch.tensor(offsets)
+    if match is None:
+        assert m(*args).shape == (1, 20)
+    else:
+        with pytest.raises(ValueError, match=match):
+            m(*args)
+
+
 def test_bad_inputs_types():
     m = FusedEmbeddingBags(TABLES)
     indices, offsets = batch()
