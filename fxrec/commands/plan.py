@@ -9,7 +9,9 @@ from fxrec.commands._topology import add_topology_arguments, given_topology, top
 
 HELP = "Plan where each embedding table goes: sharding type, kernel, ranks; per-rank time and memory."
 
-OPTIMIZERS = ("sgd", "rowwise_adagrad", "adam")
+# fxrec.planner.cost.OPTIMIZER_STATE's names (not imported: it loads sympy); rowwise_adagrad is
+# fxrec's exact one, rowwise_adagrad_per_shard TorchRec's (exact_column_wise=False)
+OPTIMIZERS = ("sgd", "rowwise_adagrad", "rowwise_adagrad_per_shard", "adam")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -18,7 +20,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="plan without a model: columns name, num_embeddings, embedding_dim, pooling_factor "
                         "(optional: dtype, pooling, uses)")
     add_topology_arguments(p)
-    p.add_argument("--optimizer", choices=OPTIMIZERS, default="sgd", help="sparse optimizer whose state counts")
+    p.add_argument("--optimizer", choices=OPTIMIZERS, default="sgd",
+                   help="sparse optimizer whose state (and exact column_wise row sync) counts")
     p.add_argument("--search", choices=("auto", "heuristic", "exact"), default="auto")
     p.add_argument("-o", "--output", metavar="PLAN.json", help="write the plan as JSON")
 

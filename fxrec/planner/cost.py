@@ -1,10 +1,11 @@
 """Storage and time of one shard, as sympy expressions compiled once to numpy.
 
 Each formula below is written once, in sympy, in terms of the shard (rows ``n`` of a
-table of ``N`` rows, ``c`` columns), the table (pooling factor ``pf``, lookups per sample
-``u``, weight bytes per element ``eb``, output bytes per element ``ob``, ``pooled`` 1/0), the kernel's
-efficiency ``eff``, the optimizer's state, the per-rank batch ``B`` and the topology
-(``W`` ranks, ``P`` per node, bandwidths ``bw_mem``, ``bw_intra``, ``bw_inter``,
+table of ``N`` rows, ``c`` of its ``C`` columns), the table (pooling factor ``pf``, lookups
+per sample ``u``, weight bytes per element ``eb``, output bytes per element ``ob``,
+``pooled`` 1/0), the kernel's efficiency ``eff``, the optimizer (its state ``opt_elem``,
+``opt_row``, and ``opt_sync`` 1/0: whether it syncs split rows), the per-rank batch ``B``
+and the topology (``W`` ranks, ``P`` per node, bandwidths ``bw_mem``, ``bw_intra``, ``bw_inter``,
 ``bw_ring``, and ``gran``, the bytes that one scattered row access moves at least).
 `shard_expressions` gives them back with a table's numbers substituted, so a plan
 explains itself and re-evaluates for another batch; `shard_costs` evaluates
@@ -28,7 +29,14 @@ overlap assumed):
   vectors by all-to-all (table/column-wise), a reduce-scatter over all ranks
   (row-wise, over the ring bandwidth), a reduce-scatter within the node followed by an
   all-to-all (table-row-wise); unpooled tables return one row per id;
-- allreduce: a data-parallel table's gradient, 2(W-1)/W of it over the ring.
+- allreduce: a data-parallel table's gradient, 2(W-1)/W of it over the ring;
+- row_sync: exact RowWiseAdagrad on a column_wise table (fxrec/runtime/row_sync.py): each
+  column shard makes a second pass over the lookup gradient for its per-row sums of g**2
+  (charged to lookup: per id, its bag's output-grad row gathered, and one fp32 partial
+  written and read) and sends those sums, one fp32 per touched row, to the table's other k-1 = C/c - 1
+  column shards, each at the average cost of a message to one other rank. Other sharding
+  types hold whole rows, and ``rowwise_adagrad_per_shard`` (TorchRec's per-shard
+  accumulator) does neither.
 Communication is charged to the rank that holds the shard; the receiving side of the
 pooled outputs is the same on every rank and is left out.
 """
@@ -40,7 +48,7 @@ import numpy as np
 import sympy as sp
 
 SHARDING_TYPES = ("data_parallel", "table_wise", "row_wise", "table_row_wise", "column_wise")
-TERMS = ("lookup", "input_dist", "output_dist", "allreduce")
+TERMS = ("lookup", "input_dist", "output_dist", "allreduce", "row_sync")
 ID_BYTES, LENGTH_BYTES = 8, 4
 
 # Fraction of the memory bandwidth each kernel reaches on a lookup (assumed, not
@@ -64,16 +72,23 @@ KERNELS = ("fbgemm", "triton", "torch")
 # Optimizer state: (bytes per element, bytes per row), as fxrec.optim keeps it: fp32
 # state; Adam's two moments per element plus an int32 step count per row. Every state
 # array holds 4-byte entries, so bytes / 4 is the number of arrays a row update touches.
-OPTIMIZER_STATE = {"sgd": (0, 0), "rowwise_adagrad": (0, 4), "adam": (8, 4)}
+# "rowwise_adagrad" is RowWiseAdagrad(exact_column_wise=True), fxrec's default;
+# "rowwise_adagrad_per_shard" is exact_column_wise=False (TorchRec's): same state.
+OPTIMIZER_STATE = {"sgd": (0, 0), "rowwise_adagrad": (0, 4), "rowwise_adagrad_per_shard": (0, 4), "adam": (8, 4)}
+# 1 where a column_wise table's shards exchange per-row sums of g**2 in backward so that
+# each row's accumulator sees the whole row (the row_sync term); 0 elsewhere.
+OPTIMIZER_ROW_SYNC = {"sgd": 0, "rowwise_adagrad": 1, "rowwise_adagrad_per_shard": 0, "adam": 0}
 
 # Symbols. Table/shard parameters vary per shard; the rest per plan.
-N, n, c, pf, u, eb, ob, pooled, eff, opt_elem, opt_row = sp.symbols(
-    "N n c pf u eb ob pooled eff opt_elem opt_row", nonnegative=True)
+N, n, c, C, pf, u, eb, ob, pooled, eff, opt_elem, opt_row, opt_sync = sp.symbols(
+    "N n c C pf u eb ob pooled eff opt_elem opt_row opt_sync", nonnegative=True)
 B = sp.Symbol("B", positive=True)
 W, P = sp.symbols("W P", positive=True, integer=True)
 bw_mem, bw_intra, bw_inter, bw_ring = sp.symbols("bw_mem bw_intra bw_inter bw_ring", positive=True)
 gran = sp.Symbol("gran", positive=True)
-SHARD_ARGS = (N, n, c, pf, u, eb, ob, pooled, eff, opt_elem, opt_row)
+OPT_ARGS = (opt_elem, opt_row, opt_sync)  # from the optimizer's name, not given per shard
+SHARD_ARGS = (N, n, c, C, pf, u, eb, ob, pooled, eff) + OPT_ARGS
+GIVEN_ARGS = SHARD_ARGS[:-len(OPT_ARGS)]  # what a shard dict carries
 PLAN_ARGS = (B, W, P, bw_mem, bw_intra, bw_inter, bw_ring, gran)
 STATE_ENTRY_BYTES = 4
 
@@ -104,6 +119,14 @@ def _formulas(sharding: str) -> dict:
     else:  # fused sparse update of the touched rows: read and write weights and state
         bwd = out_bytes + 2 * ids * (row_w + row_elem + row_state)
     terms = {t: sp.Integer(0) for t in TERMS}
+    if sharding == "column_wise":
+        # exact RowWiseAdagrad, only where the row is split (C > c, `RowSync.needed`; column
+        # shards sit on distinct ranks, so that needs W > 1): a second pass (`row_sq_sums`)
+        # gathers, per id, its bag's output-grad row (a scattered access of at least `gran`
+        # bytes) and writes and reads one fp32 partial, an upper bound since unique rows <= ids
+        sync = opt_sync * sp.Heaviside(C - c, 0) * sp.Heaviside(W - 1, 0)
+        bwd += sync * ids * (sp.Max(c * ob, gran) + 2 * STATE_ENTRY_BYTES)
+        terms["row_sync"] = sync * _row_sync(ids, remote)
     terms["lookup"] = (fwd + bwd) / (bw_mem * eff)
     if not dp:
         terms["input_dist"] = Bu * (pf * frac * ID_BYTES + LENGTH_BYTES) * remote
@@ -122,6 +145,30 @@ def _formulas(sharding: str) -> dict:
     if dp:
         memory += N * c * eb  # the dense gradient the all-reduce needs
     return {**terms, "memory": memory}
+
+
+def _row_sync(ids, remote):
+    """Seconds a column shard spends sending its per-row sums of g**2 to the table's other
+    column shards (fxrec/runtime/row_sync.py), before the sync flag.
+
+    One fp32 per unique touched row goes to each of the k-1 = C/c - 1 other shards (the
+    planner cuts a table into equal column shards, so C/c is k; k = 1: nothing). Unique
+    rows are not known ahead of time: min(ids, n) bounds them from above (a column shard
+    holds every row, n = N; the ids bound is the one that binds on large tables, the rows
+    one keeps a small hot table from being charged thousands of times its rows).
+
+    The peers' ranks are chosen by the partitioner after shards are costed, so each peer
+    is charged the average cost of a message to one other rank, ``remote / (W-1)``:
+    (P-1)/(W-1) of the other ranks are on the node, (W-P)/(W-1) off it. That is the exact
+    expectation when the k-1 peers are distinct ranks drawn uniformly (column shards sit
+    on distinct ranks); the all-peers-off-node worst case would overcharge placements
+    that keep a table's shards on one node. Max(W-1, 1): at W = 1 ``remote`` is 0 and
+    there is no peer, so the term is 0 rather than 0/0. As for the other collectives,
+    only the sending side is charged to the shard.
+    """
+    peers = C / c - 1
+    unique_rows = sp.Min(ids, n)
+    return peers * unique_rows * STATE_ENTRY_BYTES * remote / sp.Max(W - 1, 1)
 
 
 @functools.lru_cache(maxsize=None)
@@ -151,6 +198,19 @@ def optimizer_state(optimizer: str) -> tuple[int, int]:
     return OPTIMIZER_STATE[optimizer]
 
 
+def optimizer_values(optimizer: str) -> dict:
+    """The numbers that `OPT_ARGS` take for this optimizer."""
+    oe, orow = optimizer_state(optimizer)
+    return {opt_elem: oe, opt_row: orow, opt_sync: OPTIMIZER_ROW_SYNC[optimizer]}
+
+
+def _given(shard: dict, what: str) -> list:
+    missing = [s.name for s in GIVEN_ARGS if s.name not in shard]
+    if missing:
+        raise ValueError(f"{what}: shard parameter(s) {missing} missing; expected {[s.name for s in GIVEN_ARGS]}")
+    return [shard[s.name] for s in GIVEN_ARGS]
+
+
 def output_bytes(element_bytes: int) -> int:
     """Outputs are computed in the weights' dtype when it is 16-bit, else fp32."""
     return 2 if element_bytes == 2 else 4
@@ -159,15 +219,15 @@ def output_bytes(element_bytes: int) -> int:
 def shard_costs(sharding: str, shards: dict, topology, batch_size: int, optimizer: str) -> dict:
     """Evaluate every term and ``memory`` for many shards at once.
 
-    ``shards`` maps the names of `SHARD_ARGS` other than the optimizer's (``N n c pf
-    u eb ob pooled eff``) to equal-length arrays (or scalars). Returns numpy float arrays
+    ``shards`` maps the names of `GIVEN_ARGS` (``N n c C pf u eb ob pooled eff``; ``C``
+    is the table's full dim) to equal-length arrays (or scalars). Returns numpy float arrays
     of seconds per step (one per term, plus ``time``, their sum) and bytes (``memory``).
     """
-    oe, orow = optimizer_state(optimizer)
+    opt = optimizer_values(optimizer)
     values = plan_values(topology, batch_size)
-    args = [np.asarray(shards[s.name], dtype=np.float64) for s in SHARD_ARGS[:9]]
-    args += [float(oe), float(orow)] + [float(values[s]) for s in PLAN_ARGS]
-    size = max(a.size for a in args[:9])
+    args = [np.asarray(v, dtype=np.float64) for v in _given(shards, "shard_costs")]
+    size = max(a.size for a in args)
+    args += [float(opt[s]) for s in OPT_ARGS] + [float(values[s]) for s in PLAN_ARGS]
     out = {}
     for key, fn in _compiled(sharding).items():
         out[key] = np.broadcast_to(np.asarray(fn(*args), dtype=np.float64), (size,)).copy()
@@ -180,9 +240,8 @@ def shard_expressions(sharding: str, shard: dict, topology, optimizer: str,
     """The terms (and ``memory``) of one shard as sympy expressions with the shard's
     numbers substituted and the symbols in ``symbolic`` (by default the batch size and
     the bandwidths) left free."""
-    oe, orow = optimizer_state(optimizer)
-    subs = {s: shard[s.name] for s in SHARD_ARGS[:9]}
-    subs.update({opt_elem: oe, opt_row: orow})
+    subs = dict(zip(GIVEN_ARGS, _given(shard, "shard_expressions")))
+    subs.update(optimizer_values(optimizer))
     subs.update({k: v for k, v in plan_values(topology, 1).items() if k not in symbolic})
     return {k: e.subs(subs) for k, e in formulas(sharding).items()}
 

@@ -195,14 +195,14 @@ def enumerate_options(specs: list[TableSpec], topology, batch_size: int, optimiz
 
 def _shard_arrays(specs, items) -> dict:
     """Column arrays of the cost model's shard parameters, one entry per size group."""
-    cols = {k: [] for k in ("N", "n", "c", "pf", "u", "eb", "ob", "pooled", "eff")}
+    cols = {s.name: [] for s in cost.GIVEN_ARGS}
     for i, _, groups in items:
         spec = specs[i]
         info = spec.info
         eb = info.element_bytes
         for rows_, c, _ in groups:
-            for key, v in (("N", info.num_embeddings), ("n", rows_), ("c", c), ("pf", spec.pooling_factor),
-                           ("u", info.uses), ("eb", eb), ("ob", cost.output_bytes(eb)),
+            for key, v in (("N", info.num_embeddings), ("n", rows_), ("c", c), ("C", info.embedding_dim),
+                           ("pf", spec.pooling_factor), ("u", info.uses), ("eb", eb), ("ob", cost.output_bytes(eb)),
                            ("pooled", 0.0 if info.pooling == "none" else 1.0), ("eff", spec.eff)):
                 cols[key].append(v)
     return cols

@@ -18,7 +18,7 @@ TIME_KEYS = cost.TERMS + ("time",)
 def _shard_params(tp, eff: float, n: int, c: int) -> dict:
     info = tp.table
     eb = info.element_bytes
-    return dict(N=info.num_embeddings, n=n, c=c, pf=info.pooling_factor, u=info.uses, eb=eb,
+    return dict(N=info.num_embeddings, n=n, c=c, C=info.embedding_dim, pf=info.pooling_factor, u=info.uses, eb=eb,
                 ob=cost.output_bytes(eb), pooled=0.0 if info.pooling == "none" else 1.0, eff=eff)
 
 

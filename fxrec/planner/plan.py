@@ -10,6 +10,7 @@ import json
 
 import torch
 
+from fxrec.optim import RowWiseAdagrad
 from fxrec.planner import bounds, cost, enumerate as enum_, exact, partition
 from fxrec.planner import evaluate as ev
 from fxrec.planner import report
@@ -57,7 +58,7 @@ class Plan:
 
     def per_rank(self, batch_size: int | None = None) -> list[dict]:
         """Per rank: ``time`` (estimated seconds per step), its terms (``lookup``,
-        ``input_dist``, ``output_dist``, ``allreduce``), ``memory_bytes``,
+        ``input_dist``, ``output_dist``, ``allreduce``, ``row_sync``), ``memory_bytes``,
         ``memory_fraction`` and ``num_shards``; at the plan's batch size unless another
         per-rank ``batch_size`` is given (no re-planning)."""
         return ev.per_rank(self, batch_size or self.batch_size)
@@ -77,7 +78,7 @@ class Plan:
 
     def cost_expr(self, name: str, symbolic_bandwidths: bool = False) -> dict:
         """The table's busiest shard as sympy expressions (``lookup``, ``input_dist``,
-        ``output_dist``, ``allreduce``, their sum ``time``, and ``memory``) in the
+        ``output_dist``, ``allreduce``, ``row_sync``, their sum ``time``, and ``memory``) in the
         per-rank batch size ``B`` (`fxrec.planner.cost.B`); the topology's numbers are
         substituted unless ``symbolic_bandwidths`` keeps ``bw_mem``, ``bw_intra``,
         ``bw_inter``, ``bw_ring`` free."""
@@ -148,9 +149,13 @@ def _constraints(constraints, tables, topology: Topology) -> dict:
 
 
 def optimizer_kind(optimizer) -> str:
-    """"sgd" / "rowwise_adagrad" / "adam" from a name or a fxrec.optim object."""
+    """"sgd" / "rowwise_adagrad" / "rowwise_adagrad_per_shard" / "adam" from a name or a
+    fxrec.optim object. The kind is what the cost model tells apart: RowWiseAdagrad with
+    ``exact_column_wise=False`` keeps the same state but skips the column_wise row sync."""
     if optimizer is None:
         return "sgd"
+    if isinstance(optimizer, RowWiseAdagrad) and not optimizer.exact_column_wise:
+        return "rowwise_adagrad_per_shard"
     if not isinstance(optimizer, str):
         name = getattr(optimizer, "name", None)
         if not isinstance(name, str):

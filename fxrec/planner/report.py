@@ -63,7 +63,7 @@ def output_label(tp) -> str:
 
 def term_labels(tp) -> dict:
     return {"lookup": "lookup", "input_dist": "ids all-to-all", "output_dist": output_label(tp),
-            "allreduce": "all-reduce"}
+            "allreduce": "all-reduce", "row_sync": "row-sum all-to-all"}
 
 
 def where(tp) -> str:
@@ -86,12 +86,13 @@ def table_line(name: str, tp, c: dict) -> str:
 
 def rank_rows(ranks: list[dict]) -> list[str]:
     head = f"{'rank':>5} {'node':>5} {'time ms':>9} {'lookup':>8} {'ids a2a':>8} {'output':>8} {'allred':>8} " \
-           f"{'memory':>11} {'mem %':>6} {'shards':>6}"
+           f"{'rowsync':>8} {'memory':>11} {'mem %':>6} {'shards':>6}"
     rows = [head]
     for r in ranks:
         rows.append(f"{r['rank']:>5} {r['node']:>5} {_ms(r['time']):>9} {_ms(r['lookup']):>8} "
                      f"{_ms(r['input_dist']):>8} {_ms(r['output_dist']):>8} {_ms(r['allreduce']):>8} "
-                     f"{fmt_bytes(r['memory_bytes']):>11} {100 * r['memory_fraction']:>6.1f} {r['num_shards']:>6}")
+                     f"{_ms(r['row_sync']):>8} {fmt_bytes(r['memory_bytes']):>11} {100 * r['memory_fraction']:>6.1f} "
+                     f"{r['num_shards']:>6}")
     return rows
 
 
@@ -134,9 +135,9 @@ def cost_expressions(plan, name: str, symbolic_bandwidths: bool = False) -> dict
     shard = next(s for s in tp.shards if s.rank == worst)
     eff = cost.kernel_efficiency(plan.topology.device, tp.kernel, plan.kernel_efficiency)
     info = tp.table
-    params = dict(N=info.num_embeddings, n=shard.num_rows, c=shard.num_cols, pf=info.pooling_factor,
-                  u=info.uses, eb=info.element_bytes, ob=cost.output_bytes(info.element_bytes),
-                  pooled=0 if info.pooling == "none" else 1, eff=eff)
+    params = dict(N=info.num_embeddings, n=shard.num_rows, c=shard.num_cols, C=info.embedding_dim,
+                  pf=info.pooling_factor, u=info.uses, eb=info.element_bytes,
+                  ob=cost.output_bytes(info.element_bytes), pooled=0 if info.pooling == "none" else 1, eff=eff)
     symbolic = (cost.B,) + ((cost.bw_mem, cost.bw_intra, cost.bw_inter, cost.bw_ring) if symbolic_bandwidths else ())
     exprs = cost.shard_expressions(tp.sharding, params, plan.topology, plan.sparse_optimizer, symbolic)
     exprs["time"] = sp.simplify(sum(exprs[t] for t in cost.TERMS))
