@@ -36,6 +36,15 @@ def test_plan_from_csv_writes_json(tables_csv, tmp_path, capsys):
     assert f"{plan.imbalance():.3f} (max/mean)" in text
 
 
+def test_hedge_flag_reaches_the_planner(tables_csv, tmp_path):
+    paths = {h: tmp_path / f"plan{h}.json" for h in ("0", "0.2")}
+    for h, path in paths.items():
+        assert main(["plan", "--tables", tables_csv, "--world-size", "4", "--ranks-per-node", "2",
+                     "--search", "heuristic", "--hedge", h, "-o", str(path)]) == 0
+    stats = {h: fxrec.Plan.from_json(p.read_text()).stats for h, p in paths.items()}
+    assert "hedge_steps" not in stats["0"] and "hedge_steps" in stats["0.2"]
+
+
 def test_topology_profile_and_overrides(tables_csv, tmp_path, capsys):
     profile = tmp_path / "topo.json"
     fxrec.Topology(2, device="cpu", hbm_bandwidth=1e10).save(str(profile))
@@ -80,6 +89,7 @@ def test_bad_csv_exits_2(tmp_path, capsys, content, match):
     (["plan", "--tables", "{csv}", "--world-size", "2", "--constraint", "item=spiral"], "unknown sharding_type"),
     (["plan", "--tables", "{csv}", "--world-size", "2", "--memory", "much"], "cannot read 'much'"),
     (["plan", "nofile.py:build", "--world-size", "2"], "no such file"),
+    (["plan", "--tables", "{csv}", "--world-size", "2", "--hedge", "1.5"], "hedge must be a fraction in [0, 1), got 1.5"),
 ])
 def test_usage_errors_exit_2(tables_csv, capsys, argv, match):
     argv = [a.replace("{csv}", tables_csv) for a in argv]

@@ -23,6 +23,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--optimizer", choices=OPTIMIZERS, default="sgd",
                    help="sparse optimizer whose state (and exact column_wise row sync) counts")
     p.add_argument("--search", choices=("auto", "heuristic", "exact"), default="auto")
+    p.add_argument("--hedge", type=float, default=0.005, metavar="FRACTION",
+                   help="on several nodes, the share of the busiest rank's time the plan may give up to stay "
+                        "balanced if intra-node links were as slow as the NIC (0: off; default 0.005)")
     p.add_argument("-o", "--output", metavar="PLAN.json", help="write the plan as JSON")
 
 
@@ -120,7 +123,7 @@ def run(args) -> int:
         else:
             source, example_inputs = load_target(args.target)
         plan = fxrec.plan(source, topology, example_inputs, constraints, batch_size=args.batch_size,
-                          sparse_optimizer=args.optimizer, search=args.search)
+                          sparse_optimizer=args.optimizer, search=args.search, hedge=args.hedge)
     except fxrec.PlanError as e:
         print(f"fxrec plan: no plan fits:\n{e}", file=sys.stderr)
         return 1

@@ -5,6 +5,7 @@
 - packing.py     per-rank loads; placing, moving and swapping shards
 - bounds.py      lower bounds on the busiest rank's time (simple, split-aware, cover-aware)
 - partition.py   the heuristic: split thresholds, largest-first placement, local search
+- hedge.py       after the heuristic: stay balanced if every remote byte crossed the NIC
 - exact.py       branch and bound for small instances
 - feasibility.py PlanError messages: what does not fit and what would make it fit
 - evaluate.py    a finished plan's costs per shard / table / rank, at any batch size

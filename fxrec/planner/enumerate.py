@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fxrec.planner import cost
+from fxrec.planner import cost, hedge
 from fxrec.planner.spec import Constraint
 
 # Where the partitioner may put an option's shards.
@@ -39,6 +39,7 @@ class Option:
     counts: tuple
     allowed: frozenset | None = None  # ranks the shards may use (None: any)
     nodes: tuple | None = None  # for "node": the nodes it may use
+    alt_times: tuple | None = None  # ``times`` under the pessimistic topology (`fxrec.planner.hedge`)
 
     def __post_init__(self):
         self.num_shards = sum(self.counts)
@@ -160,6 +161,7 @@ def enumerate_options(specs: list[TableSpec], topology, batch_size: int, optimiz
     dropped because a shard exceeds ``topology.memory_per_rank``.
     """
     rows = {s: [] for s in cost.SHARDING_TYPES}  # sharding -> [(table, option slot, groups)]
+    worse = hedge.pessimistic(topology)  # also cost every shard for `hedge`
     for i, spec in enumerate(specs):
         for slot, (sharding, groups) in enumerate(_candidates(spec, topology)):
             rows[sharding].append((i, slot, groups))
@@ -169,10 +171,12 @@ def enumerate_options(specs: list[TableSpec], topology, batch_size: int, optimiz
             continue
         shards = _shard_arrays(specs, items)
         res = cost.shard_costs(sharding, shards, topology, batch_size, optimizer)
+        alt = cost.shard_costs(sharding, shards, worse, batch_size, optimizer)["time"] if worse else None
         pos = 0
         for i, slot, groups in items:
             k = len(groups)
-            built[i][slot] = (sharding, groups, res["time"][pos:pos + k], res["memory"][pos:pos + k])
+            alt_t = tuple(float(t) for t in alt[pos:pos + k]) if worse else None
+            built[i][slot] = (sharding, groups, res["time"][pos:pos + k], res["memory"][pos:pos + k], alt_t)
             pos += k
     cap = topology.memory_per_rank
     options, rejected = [], []
@@ -180,9 +184,9 @@ def enumerate_options(specs: list[TableSpec], topology, batch_size: int, optimiz
         keep, drop = [], []
         pins = frozenset(spec.constraint.ranks) if spec.constraint.ranks is not None else None
         for slot in sorted(built[i]):
-            sharding, groups, times, mems = built[i][slot]
+            sharding, groups, times, mems, alt_t = built[i][slot]
             opt = Option(i, sharding, spec.kernel, PLACEMENT[sharding], tuple(float(t) for t in times),
-                         tuple(float(m) for m in mems), tuple(g[2] for g in groups), pins)
+                         tuple(float(m) for m in mems), tuple(g[2] for g in groups), pins, alt_times=alt_t)
             if sharding == "table_row_wise":
                 opt.nodes = _allowed_nodes(spec, topology)
                 if opt.nodes == ():

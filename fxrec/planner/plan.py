@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import time
 
 import torch
 
 from fxrec.optim import RowWiseAdagrad
 from fxrec.planner import bounds, cost, enumerate as enum_, exact, partition
+from fxrec.planner import hedge as hedge_
 from fxrec.planner import evaluate as ev
 from fxrec.planner import report
 from fxrec.planner.feasibility import check_tables_fit, check_total_fits, packing_failed
@@ -23,6 +25,7 @@ from fxrec.types import TableInfo
 __all__ = ["plan", "Plan", "TablePlan", "Shard", "Constraint", "PlanError"]
 
 DEFAULT_BATCH_SIZE = 512
+HEDGE_SLACK = 0.005  # the busiest rank may give up 0.5% to stay balanced if intra-node links are slow
 EXACT_LIMITS = (12, 4)  # the exact search runs by itself up to 12 tables on 4 ranks
 
 
@@ -168,16 +171,21 @@ def optimizer_kind(optimizer) -> str:
 
 def plan(model_or_tables, topology: Topology, example_inputs=None, constraints=None, *,
          batch_size: int = DEFAULT_BATCH_SIZE, sparse_optimizer=None, kernel_efficiency: dict | None = None,
-         search: str = "auto") -> Plan:
+         search: str = "auto", hedge: float = HEDGE_SLACK) -> Plan:
     """Choose every table's sharding type, kernel and shard placement so that the
     busiest rank's estimated step time is as short as found and every rank's memory
     fits; raise PlanError (naming tables, needs and fixes) when it cannot fit.
 
     search: "heuristic", "exact" (branch and bound; small instances only), or "auto"
     (the heuristic, then the exact search where it is small enough to finish).
+    hedge: on several nodes, how much (a fraction) the heuristic's busiest rank may give
+    up so that the plan also stays balanced if every remote byte crossed the NIC
+    (`fxrec.planner.hedge`); 0 turns it off. The exact search is never hedged.
     """
     if search not in ("auto", "heuristic", "exact"):
         raise ValueError(f"fxrec.plan: search must be 'auto', 'heuristic' or 'exact', got {search!r}")
+    if isinstance(hedge, bool) or not isinstance(hedge, (int, float)) or not 0 <= hedge < 1:
+        raise ValueError(f"fxrec.plan: hedge must be a fraction in [0, 1), got {hedge!r}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"fxrec.plan: batch_size must be a positive integer, got {batch_size!r}")
     optimizer = optimizer_kind(sparse_optimizer)
@@ -187,7 +195,7 @@ def plan(model_or_tables, topology: Topology, example_inputs=None, constraints=N
     options, rejected = enum_.enumerate_options(specs, topology, batch_size, optimizer)
     check_tables_fit(specs, options, rejected, topology, batch_size, optimizer)
     check_total_fits(specs, options, topology, batch_size, optimizer)
-    assignment, stats = _search(options, topology, search)
+    assignment, stats = _search(options, topology, search, hedge)
     if assignment is None:
         raise packing_failed(specs, options, stats["failed"], topology)
     total, largest = bounds.lower_bound(options)
@@ -202,15 +210,25 @@ def plan(model_or_tables, topology: Topology, example_inputs=None, constraints=N
     return Plan(tables_out, topology, batch_size, optimizer, kernel_efficiency, stats)
 
 
-def _search(options, topology, search: str):
-    """The heuristic's assignment, replaced by the exact search's when that runs and
-    beats it; (None, stats with the tables that failed) when nothing fits."""
+def _search(options, topology, search: str, slack: float):
+    """The heuristic's assignment (hedged within ``slack``, `fxrec.planner.hedge`),
+    replaced by the exact search's when that runs and beats it; (None, stats with the
+    tables that failed) when nothing fits."""
     cap = topology.memory_per_rank
     small = len(options) <= EXACT_LIMITS[0] and topology.world_size <= EXACT_LIMITS[1]
+    start = time.perf_counter()
     pk, failed = partition.heuristic(options, topology, cap)
-    best = partition.assignment(pk) if pk is not None else None
     stats = dict(method="heuristic", max_rank_time=pk.makespan() if pk else None, failed=failed)
-    if search == "exact" or (search == "auto" and small):
+    run_exact = search == "exact" or (search == "auto" and small)
+    if pk is not None and slack > 0 and not run_exact and topology.num_nodes > 1:
+        # within `slack` of the search's result, balanced when every remote byte crosses the
+        # NIC too; not where the exact search runs, whose optimum is the point of running it
+        spent = time.perf_counter() - start
+        stats["hedge_steps"] = hedge_.hedge(pk, slack, time.perf_counter() + max(0.2, 0.5 * spent))
+    best = partition.assignment(pk) if pk is not None else None
+    if pk is not None:
+        stats["max_rank_time"] = pk.makespan()
+    if run_exact:
         result = exact.search(options, topology, cap, upper=stats["max_rank_time"])
         if result.assignment is not None:
             best = result.assignment
