@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fxrec.lowering import FusedEmbeddingBags, NoKernelError, check_inputs, select
+from fxrec.lowering import FusedEmbeddingBags, NoKernelError, TBELayout, check_inputs, select
 from fxrec.optim import SGD, RowWiseAdagrad
 from fxrec.types import TableInfo
 
@@ -178,11 +178,18 @@ def bench_forward(shapes, device, bw) -> None:
         base = None
         with torch.no_grad():
             impls = forward_impls(s, device, ids, offsets)
+        times = {}
         for name, fn in impls.items():
             with torch.no_grad():
-                t = timeit(fn, device)
+                t = times[name] = timeit(fn, device)
             base = base or t
             print_row((name, f"{t * 1e3:.3f}", f"{100 * floor / t:.1f}", f"{base / t:.2f}"))
+        # The check's own cost, timed alone: the +bounds row minus the plain one is a difference
+        # of two noisy times, this is not.
+        picked = next(n for n in impls if n.startswith("fxrec:") and "(forced)" not in n and "+bounds" not in n)
+        layout = TBELayout([TableInfo(f"t{t}", s.rows, s.D, dtype=s.dtype) for t in range(s.T)], device)
+        check = timeit(lambda: check_inputs(layout, ids, offsets), device)
+        print(f"  bounds check alone {check * 1e3:.3f} ms = {100 * check / times[picked]:.1f}% of {picked}")
 
 
 # ---------------------------------------------------------------- training step
