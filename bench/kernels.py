@@ -108,9 +108,12 @@ def lookup_bytes(s: Shape) -> int:
 
 
 # ---------------------------------------------------------------- implementations
+def shape_tables(s: Shape) -> list[TableInfo]:
+    return [TableInfo(f"t{t}", s.rows, s.D, dtype=s.dtype) for t in range(s.T)]
+
+
 def fused(s: Shape, device, optimizer=None, kernel=None, bounds_check=False) -> FusedEmbeddingBags:
-    tables = [TableInfo(f"t{t}", s.rows, s.D, dtype=s.dtype) for t in range(s.T)]
-    return FusedEmbeddingBags(tables, optimizer=optimizer, kernel=kernel, device=device,
+    return FusedEmbeddingBags(shape_tables(s), optimizer=optimizer, kernel=kernel, device=device,
                               bounds_check=bounds_check)
 
 
@@ -187,7 +190,7 @@ def bench_forward(shapes, device, bw) -> None:
         # The check's own cost, timed alone: the +bounds row minus the plain one is a difference
         # of two noisy times, this is not.
         picked = next(n for n in impls if n.startswith("fxrec:") and "(forced)" not in n and "+bounds" not in n)
-        layout = TBELayout([TableInfo(f"t{t}", s.rows, s.D, dtype=s.dtype) for t in range(s.T)], device)
+        layout = TBELayout(shape_tables(s), device)
         check = timeit(lambda: check_inputs(layout, ids, offsets), device)
         print(f"  bounds check alone {check * 1e3:.3f} ms = {100 * check / times[picked]:.1f}% of {picked}")
 

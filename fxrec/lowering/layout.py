@@ -24,6 +24,7 @@ Outputs:
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Optional, Sequence
@@ -93,7 +94,7 @@ class TBELayout:
     def total_rows(self) -> int:
         return self.hash_size_cumsum_list[-1]
 
-    @property
+    @functools.cached_property
     def equal_row_runs(self) -> tuple[tuple[int, int], ...]:
         """Maximal runs [t0, t1) of consecutive tables with the same number of rows.
 
@@ -188,11 +189,12 @@ def _check_values(layout: TBELayout, indices: Tensor, offsets: Tensor, B: int) -
                          f"got first={first}, last={last}, {decreasing} decreasing step(s)")
     if B == 0 or n == 0:
         return
-    if on_host:
-        if _runs_in_range(layout, indices, off, B):
-            return
-        flat = [0.0] * 3 + table_minmax(indices, off, B, T).reshape(-1).tolist()  # a bad id: name its table
-    lo, hi = flat[3:3 + T], flat[3 + T:3 + 2 * T]
+    if not on_host:
+        lo, hi = flat[3:3 + T], flat[3 + T:3 + 2 * T]
+    elif _runs_in_range(layout, indices, off, B):
+        return
+    else:  # a bad id somewhere: per-table min/max names its table
+        lo, hi = table_minmax(indices, off, B, T).tolist()
     for t in range(T):
         bad = lo[t] if lo[t] < 0 else (hi[t] if hi[t] >= layout.rows[t] else None)
         if bad is not None:

@@ -204,6 +204,15 @@ def optimizer_values(optimizer: str) -> dict:
     return {opt_elem: oe, opt_row: orow, opt_sync: OPTIMIZER_ROW_SYNC[optimizer]}
 
 
+def shard_params(info, n: int, c: int, pf: float, eff: float, element_bytes: int | None = None) -> dict:
+    """`GIVEN_ARGS` of an ``n`` x ``c`` shard of the table ``info`` (a TableInfo), at pooling
+    factor ``pf`` and kernel efficiency ``eff``; ``element_bytes`` overrides the table's
+    dtype (feasibility's "what if fp16")."""
+    eb = element_bytes or info.element_bytes
+    return dict(N=info.num_embeddings, n=n, c=c, C=info.embedding_dim, pf=pf, u=info.uses, eb=eb,
+                ob=output_bytes(eb), pooled=0 if info.pooling == "none" else 1, eff=eff)
+
+
 def _given(shard: dict, what: str) -> list:
     missing = [s.name for s in GIVEN_ARGS if s.name not in shard]
     if missing:

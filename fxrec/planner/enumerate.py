@@ -202,11 +202,7 @@ def _shard_arrays(specs, items) -> dict:
     cols = {s.name: [] for s in cost.GIVEN_ARGS}
     for i, _, groups in items:
         spec = specs[i]
-        info = spec.info
-        eb = info.element_bytes
         for rows_, c, _ in groups:
-            for key, v in (("N", info.num_embeddings), ("n", rows_), ("c", c), ("C", info.embedding_dim),
-                           ("pf", spec.pooling_factor), ("u", info.uses), ("eb", eb), ("ob", cost.output_bytes(eb)),
-                           ("pooled", 0.0 if info.pooling == "none" else 1.0), ("eff", spec.eff)):
+            for key, v in cost.shard_params(spec.info, rows_, c, spec.pooling_factor, spec.eff).items():
                 cols[key].append(v)
     return cols

@@ -15,13 +15,6 @@ from fxrec.planner import cost
 TIME_KEYS = cost.TERMS + ("time",)
 
 
-def _shard_params(tp, eff: float, n: int, c: int) -> dict:
-    info = tp.table
-    eb = info.element_bytes
-    return dict(N=info.num_embeddings, n=n, c=c, C=info.embedding_dim, pf=info.pooling_factor, u=info.uses, eb=eb,
-                ob=cost.output_bytes(eb), pooled=0.0 if info.pooling == "none" else 1.0, eff=eff)
-
-
 def table_costs(plan, batch_size: int) -> dict:
     """name -> {"shards": [(rank, {term: seconds, "time", "memory"})], ...}."""
     topo = plan.topology
@@ -38,7 +31,7 @@ def table_costs(plan, batch_size: int) -> dict:
         for name, (n, c), _ in items:
             tp = plan.tables[name]
             eff = cost.kernel_efficiency(topo.device, tp.kernel, plan.kernel_efficiency)
-            for k, v in _shard_params(tp, eff, n, c).items():
+            for k, v in cost.shard_params(tp.table, n, c, tp.table.pooling_factor, eff).items():
                 cols[k].append(v)
         res = cost.shard_costs(sharding, cols, topo, batch_size, plan.sparse_optimizer)
         for j, (name, _, ranks) in enumerate(items):

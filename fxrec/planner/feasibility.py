@@ -27,10 +27,8 @@ def _row_wise_shard_bytes(spec, topology, world_size: int, batch_size: int, opti
     topo = dataclasses.replace(topology, world_size=world_size,
                                ranks_per_node=math.gcd(world_size, topology.ranks_per_node))
     info = spec.info
-    eb = element_bytes or info.element_bytes
-    shard = dict(N=info.num_embeddings, n=math.ceil(info.num_embeddings / world_size), c=info.embedding_dim,
-                 C=info.embedding_dim, pf=spec.pooling_factor, u=info.uses, eb=eb, ob=cost.output_bytes(eb),
-                 pooled=0.0 if info.pooling == "none" else 1.0, eff=spec.eff)
+    shard = cost.shard_params(info, math.ceil(info.num_embeddings / world_size), info.embedding_dim,
+                              spec.pooling_factor, spec.eff, element_bytes)
     return float(cost.shard_costs("row_wise", shard, topo, batch_size, optimizer)["memory"][0])
 
 

@@ -42,13 +42,10 @@ def alt_loads(pk: Packing) -> tuple[list[float], list[float]]:
     item_alt = [0.0] * len(pk.item_time)
     for table, opt in pk.chosen.items():
         alt = opt.alt_times
-        if opt.placement == "all":
-            for r in range(pk.W):
-                load[r] += alt[r >= opt.counts[0]]
-        elif opt.placement == "node":
-            base = pk.where[table] * pk.P
-            for i in range(pk.P):
-                load[base + i] += alt[i >= opt.counts[0]]
+        if opt.placement in ("all", "node"):
+            fixed = pk.all_shards(opt, alt) if opt.placement == "all" else pk.node_shards(opt, pk.where[table], alt)
+            for r, t, _ in fixed:
+                load[r] += t
         else:
             for i in pk.items[table]:
                 item_alt[i] = alt[0]

@@ -115,14 +115,16 @@ class Packing:
         self.log = log
 
     # -- placing and removing whole options ---------------------------------------------------
-    def all_shards(self, opt):
-        k0 = opt.counts[0]
-        return [(r, opt.times[r >= k0], opt.mems[r >= k0]) for r in range(self.W)]
+    def all_shards(self, opt, times=None):
+        """(rank, time, bytes) of an "all" option's shards; ``times`` replaces
+        ``opt.times`` (the hedge's pessimistic ones)."""
+        k0, times = opt.counts[0], times or opt.times
+        return [(r, times[r >= k0], opt.mems[r >= k0]) for r in range(self.W)]
 
-    def node_shards(self, opt, node: int):
+    def node_shards(self, opt, node: int, times=None):
         """(rank, time, bytes) of a "node" option's shards on ``node``."""
-        k0, base = opt.counts[0], node * self.P
-        return [(base + i, opt.times[i >= k0], opt.mems[i >= k0]) for i in range(self.P)]
+        k0, base, times = opt.counts[0], node * self.P, times or opt.times
+        return [(base + i, times[i >= k0], opt.mems[i >= k0]) for i in range(self.P)]
 
     def start_heap(self) -> None:
         """Use a heap of loads while many shards are placed in a row (initial packing)."""

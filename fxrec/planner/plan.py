@@ -218,7 +218,7 @@ def _search(options, topology, search: str, slack: float):
     small = len(options) <= EXACT_LIMITS[0] and topology.world_size <= EXACT_LIMITS[1]
     start = time.perf_counter()
     pk, failed = partition.heuristic(options, topology, cap)
-    stats = dict(method="heuristic", max_rank_time=pk.makespan() if pk else None, failed=failed)
+    stats = dict(method="heuristic", failed=failed)
     run_exact = search == "exact" or (search == "auto" and small)
     if pk is not None and slack > 0 and not run_exact and topology.num_nodes > 1:
         # within `slack` of the search's result, balanced when every remote byte crosses the
@@ -226,8 +226,7 @@ def _search(options, topology, search: str, slack: float):
         spent = time.perf_counter() - start
         stats["hedge_steps"] = hedge_.hedge(pk, slack, time.perf_counter() + max(0.2, 0.5 * spent))
     best = partition.assignment(pk) if pk is not None else None
-    if pk is not None:
-        stats["max_rank_time"] = pk.makespan()
+    stats["max_rank_time"] = pk.makespan() if pk is not None else None
     if run_exact:
         result = exact.search(options, topology, cap, upper=stats["max_rank_time"])
         if result.assignment is not None:

@@ -134,10 +134,7 @@ def cost_expressions(plan, name: str, symbolic_bandwidths: bool = False) -> dict
     worst = plan.table_costs()[name]["rank"]
     shard = next(s for s in tp.shards if s.rank == worst)
     eff = cost.kernel_efficiency(plan.topology.device, tp.kernel, plan.kernel_efficiency)
-    info = tp.table
-    params = dict(N=info.num_embeddings, n=shard.num_rows, c=shard.num_cols, C=info.embedding_dim,
-                  pf=info.pooling_factor, u=info.uses, eb=info.element_bytes,
-                  ob=cost.output_bytes(info.element_bytes), pooled=0 if info.pooling == "none" else 1, eff=eff)
+    params = cost.shard_params(tp.table, shard.num_rows, shard.num_cols, tp.table.pooling_factor, eff)
     symbolic = (cost.B,) + ((cost.bw_mem, cost.bw_intra, cost.bw_inter, cost.bw_ring) if symbolic_bandwidths else ())
     exprs = cost.shard_expressions(tp.sharding, params, plan.topology, plan.sparse_optimizer, symbolic)
     exprs["time"] = sp.simplify(sum(exprs[t] for t in cost.TERMS))
