@@ -156,21 +156,22 @@ def _segment_sq_sums(G: Tensor, rows: Tensor, scale: Optional[Tensor], counts: T
     """fp32 [S]: for consecutive segments of `counts` occurrences, ``|sum_o scale_o G[rows_o]|^2``.
 
     A segment of one occurrence is ``scale^2 |G[row]|^2`` (from G's row norms, no gather of
-    its gradient); only segments of several occurrences sum their rows, by `embedding_bag`."""
+    its gradient); only segments of several occurrences sum their rows, by `embedding_bag`.
+    Gathers use index_select / masked_select: on the CPU they are 2-4x faster than
+    advanced indexing (``x[idx]``, ``x[mask]``), which dominated this function's time."""
     norms = torch.linalg.vector_norm(G.float(), dim=1).square()
     first = torch.cat([counts.new_zeros(1), counts.cumsum(0)[:-1]])
-    single = counts == 1
-    sums = norms[rows[first]]
+    sums = norms.index_select(0, rows.index_select(0, first))
     if scale is not None:
-        sums = sums * scale[first].square()
-    multi = ~single
+        sums = sums * scale.index_select(0, first).square()
+    multi = counts > 1
     if bool(multi.any()):
         occ = torch.repeat_interleave(multi, counts, output_size=rows.numel())
-        m_counts = counts[multi]
+        m_counts = counts.masked_select(multi)
         bags = torch.cat([m_counts.new_zeros(1), m_counts.cumsum(0)[:-1]])
-        psw = None if scale is None else scale[occ].to(G.dtype)
-        g = F.embedding_bag(rows[occ], G, bags, mode="sum", per_sample_weights=psw).float()
-        sums[multi] = torch.linalg.vector_norm(g, dim=1).square()  # one pass, no U x d temporary
+        psw = None if scale is None else scale.masked_select(occ).to(G.dtype)
+        g = F.embedding_bag(rows.masked_select(occ), G, bags, mode="sum", per_sample_weights=psw).float()
+        sums.masked_scatter_(multi, torch.linalg.vector_norm(g, dim=1).square())  # no U x d temporary
     return sums
 
 
@@ -202,12 +203,14 @@ def row_sq_sums(layout: TBELayout, grad_output: Tensor, indices: Tensor, offsets
         G, grow = _group_rows(layout, grad_output, offsets, bag, table, group, d)
         keep = torch.isin(table, torch.tensor(group, device=dev)) if len(group) < layout.num_tables else None
         g_table, g_ids, g_rows, g_scale = (table, indices.long(), grow, scale) if keep is None else \
-            (table[keep], indices.long()[keep], grow[keep], None if scale is None else scale[keep])
+            (table.masked_select(keep), indices.long().masked_select(keep), grow.masked_select(keep),
+             None if scale is None else scale.masked_select(keep))
         if g_ids.numel() == 0:
             continue
-        rows_sorted, perm = torch.sort((hsc[g_table] + g_ids).to(key_dtype), stable=True)
+        rows_sorted, perm = torch.sort((hsc.index_select(0, g_table) + g_ids).to(key_dtype), stable=True)
         uniq, counts = torch.unique_consecutive(rows_sorted, return_counts=True)
-        sums = _segment_sq_sums(G, g_rows[perm], None if g_scale is None else g_scale[perm], counts)
+        sums = _segment_sq_sums(G, g_rows.index_select(0, perm),
+                                None if g_scale is None else g_scale.index_select(0, perm), counts)
         uniq = uniq.long()
         # unique keys ascend, so table t's are those in [hsc[t], hsc[t+1]): T+1 searches, not U
         bounds = torch.searchsorted(uniq, hsc).tolist()
