@@ -102,23 +102,26 @@ def sort_occurrences(layout: TBELayout, indices: Tensor, offsets: Tensor,
     table = bag // max(B, 1)
     hsc, d_off = layout.hash_size_cumsum.to(dev), layout.D_offsets.to(dev).long()
     dims = layout.dims_t.to(dev)
-    global_row = hsc[table] + indices.long()
+    # int32 keys sort about twice as fast (half the radix passes on a GPU, half the bytes on a CPU)
+    key_dtype = torch.int32 if layout.total_rows < 2 ** 31 else torch.int64
+    global_row = (hsc.index_select(0, table) + indices.long()).to(key_dtype)
     if layout.pooled:
-        src_off = (bag - table * B) * layout.total_D + d_off[table]
+        src_off = (bag - table * B) * layout.total_D + d_off.index_select(0, table)
         scale = _occurrence_scale(layout, table, bag, lengths, per_sample_weights)
         if scale is None:
             scale = torch.ones(n, dtype=torch.float32, device=dev)
     else:
         first = off[::B][:-1] if B > 0 else off.new_zeros(layout.num_tables)
-        src_off = layout.unpooled_offsets(offsets)[table] + (torch.arange(n, device=dev) - first[table]) * dims[table]
+        src_off = layout.unpooled_offsets(offsets).index_select(0, table) + \
+            (torch.arange(n, device=dev) - first.index_select(0, table)) * dims.index_select(0, table)
         scale = torch.ones(n, dtype=torch.float32, device=dev)
     sorted_rows, perm = torch.sort(global_row, stable=True)
     uniq, counts = torch.unique_consecutive(sorted_rows, return_counts=True)
+    uniq = uniq.long()
     seg = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
-    uniq_table = table[perm][seg[:-1]]
-    return SortedGrads(uniq, uniq_table, uniq - hsc[uniq_table], seg,
-                       src_off[perm].contiguous(), scale[perm].contiguous())
-
+    uniq_table = table.index_select(0, perm.index_select(0, seg[:-1]))
+    return SortedGrads(uniq, uniq_table, uniq - hsc.index_select(0, uniq_table), seg,
+                       src_off.index_select(0, perm), scale.index_select(0, perm))
 
 
 def _group_rows(layout: TBELayout, grad_output: Tensor, offsets: Tensor, bag: Tensor, table: Tensor,
