@@ -8,6 +8,7 @@ Kernels under test come from FXREC_TEST_KERNELS (default "torch,fbgemm"). Triton
 only in the Triton interpreter, which must be switched on before triton is imported,
 so `test_triton_interpreter_suite` reruns this file in a child pytest with
 TRITON_INTERPRET=1 and FXREC_TEST_KERNELS=triton; nothing leaks into this process.
+Triton's backward tests run twice: the rows kernel (the default) and the one-row kernel.
 """
 from __future__ import annotations
 
@@ -55,6 +56,47 @@ def kernels(*cases):
     return [pytest.param(k, c, id=f"{k}-{c}") for k in KERNELS_UNDER_TEST for c in cases]
 
 
+# Triton's backward has two update kernels: "rows" (several unique rows per program, the
+# default) and "one_row" (one unique row per program, config rows=0). Other kernels: None.
+BWD_KERNELS = [(k, v) for k in KERNELS_UNDER_TEST for v in (("rows", "one_row") if k == "triton" else (None,))]
+
+
+def bwd_kernels(*cases):
+    return [pytest.param(k, v, *cases_, id="-".join(filter(None, (k, v) + cases_)))
+            for k, v in BWD_KERNELS for cases_ in ([(c,) for c in cases] or [()])]
+
+
+class LaunchCounter:
+    """Stands in for a Triton kernel: counts launches, then launches it."""
+
+    def __init__(self, kernel):
+        self.kernel, self.launches = kernel, 0
+
+    def __getitem__(self, grid):
+        self.launches += 1
+        return self.kernel[grid]
+
+
+def use_triton_backward(variant, monkeypatch) -> dict:
+    """Route Triton's backward to `variant`'s update kernel, also where it is called without a
+    config: the registry holds `ops.backward_update` itself, so its default config is patched.
+    Returns both update kernels' launch counters, by variant."""
+    from fxrec.lowering.triton import kernels as K
+    from fxrec.lowering.triton import ops
+    if variant == "one_row":
+        monkeypatch.setitem(ops.backward_update.__kwdefaults__, "config", {"rows": 0})
+    counters = {}
+    for v, name in (("rows", "backward_update_rows_kernel"), ("one_row", "backward_update_kernel")):
+        counters[v] = LaunchCounter(getattr(K, name))
+        monkeypatch.setattr(K, name, counters[v])
+    return counters
+
+
+def assert_launched_only(counters, variant):
+    launches = {v: c.launches for v, c in counters.items()}
+    assert launches[variant] > 0 and sum(launches.values()) == launches[variant], launches
+
+
 @pytest.fixture
 def gen():
     seed = int.from_bytes(os.urandom(4), "little")
@@ -68,12 +110,13 @@ def make_tables(dims, poolings, gen, rows_hi=50):
     return [TableInfo(f"t{i}", r, d, pooling=p) for i, (r, d, p) in enumerate(zip(rows, dims, poolings))]
 
 
-def make_batch(tables, idtype, weighted, gen, dup_range=None):
-    """Table-major ids/offsets with an empty bag per table and a duplicate id per table."""
+def make_batch(tables, idtype, weighted, gen, dup_range=None, min_ids=2):
+    """Table-major ids/offsets with an empty bag per table and a duplicate id per table; each
+    table's second bag has at least `min_ids` ids."""
     T = len(tables)
     lengths = torch.randint(0, 5, (T * B,), generator=gen)
     lengths[::B] = 0
-    lengths[1::B] = torch.maximum(lengths[1::B], torch.tensor(2))
+    lengths[1::B] = torch.maximum(lengths[1::B], torch.tensor(min_ids))
     ids = []
     for t, tab in enumerate(tables):
         n = int(lengths[t * B:(t + 1) * B].sum())
@@ -224,8 +267,9 @@ BACKWARD = {  # id -> (dims, poolings, weight dtype, id dtype, per-sample weight
 
 
 @pytest.mark.parametrize("opt", list(OPTIMIZERS))
-@pytest.mark.parametrize("kernel,case", kernels(*BACKWARD))
-def test_backward_update(kernel, case, opt, gen):
+@pytest.mark.parametrize("kernel,variant,case", bwd_kernels(*BACKWARD))
+def test_backward_update(kernel, variant, case, opt, gen, monkeypatch):
+    counters = use_triton_backward(variant, monkeypatch) if kernel == "triton" else None
     dims, poolings, wdtype, idtype, weighted = BACKWARD[case]
     optimizer = OPTIMIZERS[opt]
     tables = make_tables(dims, poolings, gen, rows_hi=12)  # few rows: rows recur across steps
@@ -248,16 +292,35 @@ def test_backward_update(kernel, case, opt, gen):
         torch.testing.assert_close(got.float(), want, **TOL[wdtype], msg=lambda m: f"table {t}: {m}")
     if opt == "rowwise_adagrad":
         torch.testing.assert_close(state["momentum"], torch.cat(ref.momentum), rtol=1e-4, atol=1e-3)
+    if counters:
+        assert_launched_only(counters, variant)
 
 
+def hot_batch(tables, gen, mix: str):
+    """A batch with rows of more than 3 occurrences. "all_hot": 7+ ids on 2 rows per table, so
+    a row occurs at least 4 times; "hot_and_cold": ids over the whole table (rows rarely
+    recur), but the first 7 ids of each table's second bag are one row."""
+    if mix == "all_hot":
+        return make_batch(tables, torch.int64, True, gen, dup_range=2, min_ids=7)
+    indices, offsets, psw = make_batch(tables, torch.int64, True, gen, min_ids=7)
+    for t in range(len(tables)):
+        s = int(offsets[t * B + 1])
+        indices[s:s + 7] = 0
+    return indices, offsets, psw
+
+
+@pytest.mark.parametrize("mix", ["all_hot", "hot_and_cold"])
 @pytest.mark.parametrize("opt", list(OPTIMIZERS))
-@pytest.mark.parametrize("kernel", KERNELS_UNDER_TEST)
-def test_backward_update_hot_rows(kernel, opt, gen, monkeypatch):
+@pytest.mark.parametrize("kernel,variant", bwd_kernels())
+def test_backward_update_hot_rows(kernel, variant, opt, mix, gen, monkeypatch):
     """Rows with many occurrences (Zipf-like ids): Triton first sums a hot row's occurrences in
-    chunks (here of 3, so that small shapes reach it), then reduces the chunks."""
+    chunks (here of 3, so that small shapes reach it), then reduces the chunks. The rows kernel
+    chunks only the hot rows and updates the cold ones from their occurrences (two launches)."""
     if kernel == "triton":
         from fxrec.lowering.triton import ops
-        monkeypatch.setattr(ops, "_BWD_CHUNK", 3)
+        counters = use_triton_backward(variant, monkeypatch)
+        chunk = {"rows": "_BWD_ROWS_CHUNK", "one_row": "_BWD_CHUNK"}[variant]
+        monkeypatch.setattr(ops, chunk, 3)
     dims, poolings = (4, 12, 33), ("sum",) * 3
     tables = make_tables(dims, poolings, gen)
     weights = flat_weights(tables, torch.float32, gen)
@@ -270,9 +333,12 @@ def test_backward_update_hot_rows(kernel, opt, gen, monkeypatch):
     state = init_state(optimizer, layout)
     ref = RefTrainer(tables, weights, optimizer, torch.float32)
     for _ in range(2):
-        indices, offsets, psw = make_batch(tables, torch.int64, True, gen, dup_range=2)  # rows recur ~5x
-        if kernel == "triton":  # the batch does reach the chunked path
-            assert ops._hot_chunks(sort_occurrences(layout, indices, offsets, psw).seg, ops._BWD_CHUNK) is not None
+        indices, offsets, psw = hot_batch(tables, gen, mix)
+        seg = sort_occurrences(layout, indices, offsets, psw).seg
+        counts = seg[1:] - seg[:-1]
+        assert bool((counts > 3).any())  # the batch does reach the chunked path
+        if mix == "hot_and_cold":
+            assert bool((counts <= 3).any())
         grad = torch.randn(B, layout.total_D, generator=gen)
         impl(flat, state, layout, optimizer, grad, indices, offsets, psw)
         ref.step(indices, offsets, psw, grad)
@@ -280,11 +346,16 @@ def test_backward_update_hot_rows(kernel, opt, gen, monkeypatch):
         torch.testing.assert_close(got, want, msg=lambda m: f"table {t}: {m}")
     if opt == "rowwise_adagrad":
         torch.testing.assert_close(state["momentum"], torch.cat(ref.momentum), rtol=1e-4, atol=1e-3)
+    if kernel == "triton":
+        assert_launched_only(counters, variant)
+        if variant == "rows" and mix == "hot_and_cold":  # per step: the cold rows, then the hot rows' chunks
+            assert counters["rows"].launches == 4
 
 
-@pytest.mark.parametrize("kernel", KERNELS_UNDER_TEST)
+@pytest.mark.parametrize("kernel,variant", bwd_kernels())
 @pytest.mark.parametrize("opt", ["sgd", "rowwise_adagrad"])
-def test_deterministic_update_is_bit_identical(kernel, opt, gen):
+def test_deterministic_update_is_bit_identical(kernel, variant, opt, gen, monkeypatch):
+    counters = use_triton_backward(variant, monkeypatch) if kernel == "triton" else None
     tables = make_tables((4, 12, 33), ("sum",) * 3, gen)
     indices, offsets, psw = make_batch(tables, torch.int64, True, gen, dup_range=3)
     grad = torch.randn(B, 49, generator=gen)
@@ -297,6 +368,8 @@ def test_deterministic_update_is_bit_identical(kernel, opt, gen):
         assert m.kernels == {"pooled_forward": kernel, "backward_update": kernel}
     assert torch.equal(results[0][0], results[1][0])
     assert all(torch.equal(a, b) for a, b in zip(results[0][1], results[1][1]))
+    if counters:
+        assert_launched_only(counters, variant)
 
 
 # ---------------------------------------------------------------- the module
@@ -344,11 +417,83 @@ def test_module_unpooled_adam(kernel, gen):
 
 
 # ---------------------------------------------------------------- Triton
-@pytest.mark.skipif("triton" not in KERNELS_UNDER_TEST, reason="runs in the interpreter child only")
+only_in_triton_child = pytest.mark.skipif("triton" not in KERNELS_UNDER_TEST,
+                                          reason="runs in the interpreter child only")
+
+
+@only_in_triton_child
 def test_triton_is_not_picked_on_cpu_unless_requested():
     prob = dict(device="cpu", dims=(4,), poolings=("sum",))
     assert select("pooled_forward", **prob)[0] != "triton"
     assert select("pooled_forward", kernel="triton", **prob)[0] == "triton"
+
+
+@only_in_triton_child
+@pytest.mark.parametrize("op", ["pooled_forward", "unpooled_forward"])
+def test_triton_forward_config(op, gen):
+    """A launch config other than the heuristic's (benchmarks sweep these) computes the same."""
+    from fxrec.lowering.triton import ops
+    pooled = op == "pooled_forward"
+    tables = make_tables((4, 12, 33), ("sum" if pooled else "none",) * 3, gen)
+    weights = flat_weights(tables, torch.float32, gen)
+    layout, flat = pack(tables, weights)
+    indices, offsets, psw = make_batch(tables, torch.int64, pooled, gen)
+    config = {"block_n": 32, "num_warps": 2}
+    out = (ops.pooled_forward(flat, layout, indices, offsets, psw, config=config) if pooled
+           else ops.unpooled_forward(flat, layout, indices, offsets, config=config))
+    torch.testing.assert_close(out, ref_lookup(tables, weights, indices, offsets, psw))
+
+
+BAD_CONFIGS = {  # id -> (op, config, error)
+    "pooled_unknown": ("pooled_forward", {"blockn": 16}, "pooled_forward: unknown config key 'blockn'"),
+    "unpooled_rows": ("unpooled_forward", {"rows": 4}, "unpooled_forward: unknown config key 'rows'"),
+    "backward_unknown": ("backward_update", {"warps": 4}, "backward_update: unknown config key 'warps'"),
+    "block_n_not_pow2": ("pooled_forward", {"block_n": 12}, "config block_n=12 must be a power of two"),
+    "rows_negative": ("backward_update", {"rows": -1}, r"config rows=-1 must be a power of two or 0"),
+}
+
+
+@only_in_triton_child
+@pytest.mark.parametrize("case", list(BAD_CONFIGS))
+def test_triton_config_rejects_bad_entries(case, gen):
+    from fxrec.lowering.triton import ops
+    op, config, error = BAD_CONFIGS[case]
+    tables = make_tables((4, 12), ("none" if op == "unpooled_forward" else "sum",) * 2, gen)
+    layout, flat = pack(tables, flat_weights(tables, torch.float32, gen))
+    before = flat.clone()
+    indices, offsets, _ = make_batch(tables, torch.int64, False, gen)
+    with pytest.raises(ValueError, match=error):
+        if op == "backward_update":
+            ops.backward_update(flat, init_state(OPTIMIZERS["sgd"], layout), layout, OPTIMIZERS["sgd"],
+                                torch.ones(B, layout.total_D), indices, offsets, config=config)
+        else:
+            getattr(ops, op)(flat, layout, indices, offsets, config=config)
+    assert torch.equal(flat, before)  # rejected before any update
+
+
+@only_in_triton_child
+@pytest.mark.parametrize("ids,groups,block_n", [(0, 4, 8), (28, 4, 8), (36, 4, 16), (80, 4, 32), (10**6, 3, 32)])
+def test_triton_forward_block_n_is_the_mean_bag(ids, groups, block_n):
+    """Mean ids per bag (per table, unpooled) rounded up to a power of two, within [8, 32]."""
+    from fxrec.lowering.triton import ops
+    assert ops._fwd_block_n(ids, groups) == block_n
+
+
+@only_in_triton_child
+@pytest.mark.parametrize("block_d,rows", [(4, 16), (64, 16), (128, 8), (256, 4), (1024, 1), (8192, 1)])
+def test_triton_backward_rows_per_program(block_d, rows):
+    """About 1024 elements per rows-kernel tile, at most 16 rows, at least one."""
+    from fxrec.lowering.triton import ops
+    assert ops._bwd_rows(block_d) == rows
+
+
+@only_in_triton_child
+@pytest.mark.parametrize("rows,block_d,warps", [(8, 128, 4), (16, 64, 4), (16, 32, 2), (16, 4, 1), (4, 256, 4),
+                                                (1, 8192, 8)])
+def test_triton_backward_rows_warps(rows, block_d, warps):
+    """8 tile elements per thread (~128 registers on sm_90, no spills), 1 to 8 warps."""
+    from fxrec.lowering.triton import ops
+    assert ops._bwd_warps(rows, block_d) == warps
 
 
 def test_triton_interpreter_suite():
@@ -372,20 +517,34 @@ _BWD_SIG = {"weights_ptr": "*bf16", "momentum_ptr": "*fp32", "exp_avg_ptr": "*fp
             "src_off_ptr": "*i64", "scale_ptr": "*fp32", "grad_ptr": "*bf16", "lr": "fp32", "eps": "fp32",
             "one_minus_beta1": "fp32", "beta2": "fp32", "one_minus_beta2": "fp32",
             "OPT": "constexpr", "BLOCK_N": "constexpr", "BLOCK_D": "constexpr"}
-_COMPILE_CASES = {
-    "pooled_forward_kernel": ({"weights_ptr": "*fp16", "w_offsets_ptr": "*i64", "d_offsets_ptr": "*i32",
-                               "is_mean_ptr": "*i32", "indices_ptr": "*i32", "offsets_ptr": "*i32",
-                               "psw_ptr": "*fp32", "out_ptr": "*fp16", "B": "i32", "total_D": "i32",
-                               "HAS_PSW": "constexpr", "BLOCK_N": "constexpr", "BLOCK_D": "constexpr"},
-                              {"HAS_PSW": True, "BLOCK_N": 8, "BLOCK_D": 128}),
-    "unpooled_forward_kernel": ({"weights_ptr": "*bf16", "w_offsets_ptr": "*i64", "d_offsets_ptr": "*i32",
+_BWD_ROWS_SIG = {"weights_ptr": "*bf16", "momentum_ptr": "*fp32", "exp_avg_ptr": "*fp32", "exp_avg_sq_ptr": "*fp32",
+                 "step_size_ptr": "*fp32", "bc2_sqrt_ptr": "*fp32", "w_offsets_ptr": "*i64",
+                 "d_offsets_ptr": "*i32", "hash_cumsum_ptr": "*i64", "uniq_table_ptr": "*i64",
+                 "uniq_row_ptr": "*i64", "sel_ptr": "*i64", "start_ptr": "*i64", "end_ptr": "*i64",
+                 "src_off_ptr": "*i64", "scale_ptr": "*fp32", "grad_ptr": "*bf16", "lr": "fp32", "eps": "fp32",
+                 "one_minus_beta1": "fp32", "beta2": "fp32", "one_minus_beta2": "fp32", "H": "i32",
+                 "OPT": "constexpr", "HAS_SEL": "constexpr", "ROWS": "constexpr", "BLOCK_D": "constexpr"}
+_POOLED_SIG = {"weights_ptr": "*fp16", "w_offsets_ptr": "*i64", "d_offsets_ptr": "*i32", "is_mean_ptr": "*i32",
+               "indices_ptr": "*i32", "offsets_ptr": "*i32", "psw_ptr": "*fp32", "out_ptr": "*fp16", "B": "i32",
+               "total_D": "i32", "HAS_PSW": "constexpr", "BLOCK_N": "constexpr", "BLOCK_D": "constexpr"}
+_COMPILE_CASES = {  # case -> (kernel, signature, constexprs)
+    **{f"pooled_forward_kernel{suffix}": ("pooled_forward_kernel", _POOLED_SIG,
+                                          {"HAS_PSW": True, "BLOCK_N": n, "BLOCK_D": 128})
+       for suffix, n in (("", 8), ("_n32", 32))},
+    "unpooled_forward_kernel": ("unpooled_forward_kernel",
+                                {"weights_ptr": "*bf16", "w_offsets_ptr": "*i64", "d_offsets_ptr": "*i32",
                                  "indices_ptr": "*i64", "offsets_ptr": "*i64", "out_offsets_ptr": "*i64",
                                  "out_ptr": "*bf16", "B": "i32", "BLOCK_N": "constexpr", "BLOCK_D": "constexpr"},
                                 {"BLOCK_N": 8, "BLOCK_D": 64}),
-    "backward_sgd": (_BWD_SIG, {"OPT": 0, "BLOCK_N": 8, "BLOCK_D": 64}),
-    "backward_rowwise_adagrad": (_BWD_SIG, {"OPT": 1, "BLOCK_N": 8, "BLOCK_D": 64}),
-    "backward_adam": (_BWD_SIG, {"OPT": 2, "BLOCK_N": 8, "BLOCK_D": 64}),
-    "segment_sum_kernel": ({"d_offsets_ptr": "*i32", "uniq_table_ptr": "*i64", "chunk_row_ptr": "*i64",
+    "backward_sgd": ("backward_update_kernel", _BWD_SIG, {"OPT": 0, "BLOCK_N": 8, "BLOCK_D": 64}),
+    "backward_rowwise_adagrad": ("backward_update_kernel", _BWD_SIG, {"OPT": 1, "BLOCK_N": 8, "BLOCK_D": 64}),
+    "backward_adam": ("backward_update_kernel", _BWD_SIG, {"OPT": 2, "BLOCK_N": 8, "BLOCK_D": 64}),
+    **{f"backward_rows_{opt}_r{rows}_d{block_d}{'_sel' if sel else ''}": (
+        "backward_update_rows_kernel", _BWD_ROWS_SIG, {"OPT": code, "HAS_SEL": sel, "ROWS": rows, "BLOCK_D": block_d})
+       for opt, code in (("sgd", 0), ("rowwise_adagrad", 1), ("adam", 2))
+       for rows, block_d, sel in ((8, 128, False), (16, 64, True), (4, 64, False))},
+    "segment_sum_kernel": ("segment_sum_kernel",
+                           {"d_offsets_ptr": "*i32", "uniq_table_ptr": "*i64", "chunk_row_ptr": "*i64",
                             "chunk_first_ptr": "*i64", "chunk_last_ptr": "*i64", "src_off_ptr": "*i64",
                             "scale_ptr": "*fp32", "grad_ptr": "*fp16", "out_ptr": "*fp32",
                             "BLOCK_N": "constexpr", "BLOCK_D": "constexpr"},
@@ -402,8 +561,8 @@ def test_triton_kernels_compile_for_sm90(case):
     from triton.runtime.jit import JITFunction
 
     from fxrec.lowering.triton import kernels as K
-    sig, constexprs = _COMPILE_CASES[case]
-    fn = getattr(K, case if case.endswith("kernel") else "backward_update_kernel")
+    kernel, sig, constexprs = _COMPILE_CASES[case]
+    fn = getattr(K, kernel)
     compiled = triton.compile(ASTSource(fn=JITFunction(fn.fn), signature=sig, constexprs=constexprs),
                               target=GPUTarget("cuda", 90, 32))
     assert "cubin" in compiled.asm

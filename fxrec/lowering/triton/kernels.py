@@ -5,6 +5,11 @@ offset and pooling from the small per-table tensors. Loads widen to fp32 and res
 are rounded once to the output/weight dtype. Ids are widened to int64 before address
 arithmetic, so int32 ids index tables of any size.
 
+The fused backward has two update kernels with the same formulas: `backward_update_rows_kernel`
+(the default: several unique rows per program, see its docstring for why) and
+`backward_update_kernel` (one unique row per program; ops' config rows=0, kept so benchmarks
+can compare the two).
+
 This module must be imported after TRITON_INTERPRET is set if the kernels are to run
 on the CPU: `triton.jit` decides at decoration time whether to interpret.
 """
@@ -141,3 +146,66 @@ def segment_sum_kernel(d_offsets_ptr, uniq_table_ptr, chunk_row_ptr, chunk_first
     s1 = tl.load(chunk_last_ptr + c)
     g = _sum_occurrences(src_off_ptr, scale_ptr, grad_ptr, s0, s1, cols, cmask, BLOCK_N, BLOCK_D)
     tl.store(out_ptr + c.to(tl.int64) * BLOCK_D + cols, g, mask=cmask)
+
+
+@triton.jit
+def backward_update_rows_kernel(weights_ptr, momentum_ptr, exp_avg_ptr, exp_avg_sq_ptr,
+                                step_size_ptr, bc2_sqrt_ptr,
+                                w_offsets_ptr, d_offsets_ptr, hash_cumsum_ptr,
+                                uniq_table_ptr, uniq_row_ptr, sel_ptr, start_ptr, end_ptr,
+                                src_off_ptr, scale_ptr, grad_ptr,
+                                lr, eps, one_minus_beta1, beta2, one_minus_beta2, H,
+                                OPT: tl.constexpr, HAS_SEL: tl.constexpr, ROWS: tl.constexpr,
+                                BLOCK_D: tl.constexpr):
+    """Grid (cdiv(H, ROWS),): program p updates the rows at positions p*ROWS .. p*ROWS+ROWS-1
+    (of H) together in a [ROWS, BLOCK_D] tile, with `backward_update_kernel`'s formulas (OPT 0
+    SGD, 1 RowWiseAdagrad, 2 Adam). Position h is unique row ``sel[h]`` (HAS_SEL; else h itself)
+    and sums the gradient rows of sorted entries ``start[h]:end[h]`` (occurrences, or chunk
+    partial sums of a hot row). Why: most unique rows of a real batch have one or two
+    occurrences, so a program per row leaves most of its tile masked and waits on one row's
+    chain of dependent loads; here ROWS rows' loads are in flight at once (FBGEMM's CUDA
+    backward runs a warp per row, several rows per block). Entries are summed in order, one per
+    loop step, and the block loops as often as its busiest row has entries: deterministic
+    (fixed order, no atomics). BLOCK_D >= every table's dim; each row masks to its own D."""
+    h = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    hmask = h < H
+    if HAS_SEL:
+        u = tl.load(sel_ptr + h, mask=hmask, other=0)
+    else:
+        u = h
+    t = tl.load(uniq_table_ptr + u, mask=hmask, other=0)
+    row = tl.load(uniq_row_ptr + u, mask=hmask, other=0)
+    d_first = tl.load(d_offsets_ptr + t, mask=hmask, other=0)
+    D = tl.load(d_offsets_ptr + t + 1, mask=hmask, other=0) - d_first  # 0 past H: all masked
+    cols = tl.arange(0, BLOCK_D)
+    mask = cols[None, :] < D[:, None]
+    s0 = tl.load(start_ptr + h, mask=hmask, other=0)
+    count = tl.load(end_ptr + h, mask=hmask, other=0) - s0
+    g = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
+    for j in range(0, tl.max(count, axis=0)):
+        has = count > j  # rows with a j-th entry
+        src = tl.load(src_off_ptr + s0 + j, mask=has, other=0)
+        sc = tl.load(scale_ptr + s0 + j, mask=has, other=0.0)
+        occ = tl.load(grad_ptr + src[:, None] + cols[None, :], mask=has[:, None] & mask, other=0.0)
+        g += occ.to(tl.float32) * sc[:, None]
+    elem = (tl.load(w_offsets_ptr + t, mask=hmask, other=0) + row * D)[:, None] + cols[None, :]
+    w = tl.load(weights_ptr + elem, mask=mask, other=0.0).to(tl.float32)
+    if OPT == 0:
+        w = w - lr * g
+    elif OPT == 1:
+        grow = tl.load(hash_cumsum_ptr + t, mask=hmask, other=0) + row
+        # masked cols of g are 0: the mean is over the row's own D (max(D, 1): no 0/0 past H)
+        mom = tl.load(momentum_ptr + grow, mask=hmask, other=0.0) \
+            + tl.sum(g * g, axis=1) / tl.maximum(D, 1).to(tl.float32)
+        tl.store(momentum_ptr + grow, mom, mask=hmask)
+        w = w - (lr / (tl.sqrt_rn(mom) + eps))[:, None] * g
+    else:
+        m = tl.load(exp_avg_ptr + elem, mask=mask, other=0.0)
+        v = tl.load(exp_avg_sq_ptr + elem, mask=mask, other=0.0)
+        m = m + one_minus_beta1 * (g - m)  # torch.optim.Adam's lerp
+        v = v * beta2 + one_minus_beta2 * (g * g)
+        tl.store(exp_avg_ptr + elem, m, mask=mask)
+        tl.store(exp_avg_sq_ptr + elem, v, mask=mask)
+        denom = tl.sqrt_rn(v) / tl.load(bc2_sqrt_ptr + u, mask=hmask, other=1.0)[:, None] + eps
+        w = w - tl.load(step_size_ptr + u, mask=hmask, other=0.0)[:, None] * tl.div_rn(m, denom)
+    tl.store(weights_ptr + elem, w.to(weights_ptr.dtype.element_ty), mask=mask)
