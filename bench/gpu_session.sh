@@ -4,6 +4,7 @@
 #
 #     run(command="bash bench/gpu_session.sh", timeout_s=540)
 #
+# The steps' limits add up to 540 s, in order of what matters most if time runs short.
 # then copy $OUT/*.txt into bench/results/ and commit them. Each step has its own time
 # limit so that one slow step cannot eat the others'; a failing step is reported and the
 # script goes on. Nothing is installed: fxrec runs from the checkout (PYTHONPATH).
@@ -11,6 +12,7 @@ set -u
 OUT=${OUT:-/tmp/fxrec_gpu}
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1  # a step cut by its time limit still leaves the lines it printed
 
 step() {  # step NAME SECONDS COMMAND...
     local name=$1 limit=$2
@@ -22,7 +24,7 @@ step() {  # step NAME SECONDS COMMAND...
     tail -n 5 "$OUT/$name.txt" | sed 's/^/   | /'
 }
 
-step environment 60 python -c "
+step environment 30 python -c "
 import torch, triton, sys
 print(sys.version.split()[0], 'torch', torch.__version__, 'triton', triton.__version__)
 print(torch.cuda.get_device_name(), torch.cuda.get_device_properties(0).total_memory // 2**30, 'GiB')
@@ -33,12 +35,14 @@ except Exception as e:
     print('fbgemm_gpu not importable:', type(e).__name__)
 "
 # The kernels against the bandwidth floor and against torch (issue #6's table).
-step kernels_gpu 300 python bench/kernels.py
+step kernels_gpu 200 python bench/kernels.py
+# Triton launch configurations side by side: which defaults to keep.
+step kernels_sweep 100 python bench/kernels.py --sweep
 # The GPU-marked tests (kernels on CUDA, sparse types and metrics on CUDA).
-step gpu_tests 120 python -m pytest -q -m gpu tests/test_lowering_kernels.py tests/test_sparse.py tests/test_metrics.py
+step gpu_tests 80 python -m pytest -q -m gpu tests/test_lowering_kernels.py tests/test_sparse.py tests/test_metrics.py
 # fxrec.shard on the GPU (one rank: the CUDA placement and kernels; NCCL needs two GPUs).
-step shard_gpu 120 python -m torch.distributed.run --nproc-per-node 1 examples/dlrm_train.py --shard \
+step shard_gpu 80 python -m torch.distributed.run --nproc-per-node 1 examples/dlrm_train.py --shard \
     --steps 100 --val-batches 10
 # The planner's profile of this GPU under NCCL (one rank: HBM bandwidth; collectives need two GPUs).
-step calibrate_gpu 90 python -m fxrec.cli bench calibrate --world-size 1 --backend nccl -o "$OUT/topology_gpu.json"
+step calibrate_gpu 50 python -m fxrec.cli bench calibrate --world-size 1 --backend nccl -o "$OUT/topology_gpu.json"
 echo "results in $OUT"

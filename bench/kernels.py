@@ -11,7 +11,15 @@ Zipf ids repeat hot rows, which caches serve, so their "% of floor" can exceed 1
 Training step (forward + backward + optimizer): fxrec's fused module against
 nn.EmbeddingBag(sparse=True) + torch.optim.SGD / Adagrad (note: torch's Adagrad keeps
 a state per element, fxrec's RowWiseAdagrad one per row) and, in --cpu mode, against
-the dense-gradient nn.EmbeddingBag + SGD step.
+the dense-gradient nn.EmbeddingBag + SGD step. Its floor: the forward's bytes, plus
+reading the output gradient and reading and writing each touched row and its optimizer
+state (`step_bytes`); "% floor" is given for every row of that table.
+
+    python bench/kernels.py --sweep   # (GPU) Triton launch configurations side by side
+
+--sweep times fxrec's Triton kernels under several launch configurations (ids per step
+and warps for the forward; unique rows per program and warps for the fused update) on a
+few shapes, so that one short GPU session shows which configuration the defaults should be.
 """
 from __future__ import annotations
 
@@ -105,6 +113,18 @@ def lookup_bytes(s: Shape) -> int:
     eb = torch.empty((), dtype=s.dtype).element_size()
     n = s.T * s.B * s.L
     return n * s.D * eb + n * 8 + (s.T * s.B + 1) * 8 + s.B * s.T * s.D * eb
+
+
+def touched_rows(s: Shape, ids: torch.Tensor) -> int:
+    """Distinct (table, id) pairs of the batch: the rows a sparse update reads and writes."""
+    return int(torch.unique(ids.view(s.T, -1) + torch.arange(s.T, device=ids.device).unsqueeze(1) * s.rows).numel())
+
+
+def step_bytes(s: Shape, unique_rows: int, state_per_row: int) -> int:
+    """A training step's floor bytes: the forward's, then the output gradient read once and
+    every touched row (and `state_per_row` bytes of its optimizer state) read and written."""
+    eb = torch.empty((), dtype=s.dtype).element_size()
+    return lookup_bytes(s) + s.B * s.T * s.D * eb + unique_rows * 2 * (s.D * eb + state_per_row)
 
 
 # ---------------------------------------------------------------- implementations
@@ -239,12 +259,17 @@ def train_impls(s: Shape, device, ids, offsets, grad, which: str, dense: bool):
     return impls
 
 
-def bench_training(s: Shape, device, dense: bool) -> None:
+def bench_training(s: Shape, device, dense: bool, bw: float) -> None:
     print(f"\n== training step (fwd + bwd + optimizer) on {device}: {s.label()} ==")
     ids, offsets = make_ids(s, device)
     grad = torch.randn(s.B, s.T * s.D, device=device, dtype=s.dtype)
-    print_row(("impl", "time ms", "fwd/bwd", "time / fused"), (46, 11, 15, 14))
+    unique = touched_rows(s, ids)
+    widths = (46, 11, 15, 14, 9)
     for which in ("sgd", "adagrad"):
+        floor = step_bytes(s, unique, 0 if which == "sgd" else 4) / bw  # RowWiseAdagrad: one fp32 per row
+        print(f"  {which}: {unique:,} touched rows; floor {floor * 1e3:.3f} ms (forward + read the output "
+              f"gradient + read/write touched rows{'' if which == 'sgd' else ' and their fp32 state'})")
+        print_row(("impl", "time ms", "fwd/bwd", "time / fused", "% floor"), widths)
         fused_t = None
         for name, build in train_impls(s, device, ids, offsets, grad, which, dense).items():
             step, kernel = build()
@@ -252,14 +277,69 @@ def bench_training(s: Shape, device, dense: bool) -> None:
                 continue
             t = timeit(step, device, min_iters=2, min_time=0.5)
             fused_t = fused_t or t
-            print_row((name, f"{t * 1e3:.2f}", kernel or "-", f"{t / fused_t:.2f}"), (46, 11, 15, 14))
+            print_row((name, f"{t * 1e3:.2f}", kernel or "-", f"{t / fused_t:.2f}", f"{100 * floor / t:.1f}"),
+                      widths)
             del step
     print("  (torch.optim.Adagrad keeps element-wise state; fxrec's RowWiseAdagrad one value per row)")
+
+
+# ---------------------------------------------------------------- Triton launch sweep
+FWD_CONFIGS = [None] + [{"block_n": n, "num_warps": w} for n in (8, 16, 32) for w in (2, 4, 8)]
+# rows=0: the one-row kernel; rows=16 at dim 128 needs 8 warps not to spill (see triton/ops.py)
+BWD_CONFIGS = [None] + [{"rows": r, "num_warps": w} for r in (0, 8, 16) for w in (2, 4, 8)]
+
+
+def sweep_shapes(small: bool) -> list[Shape]:
+    if small:  # the interpreter on a CPU: only that the sweep runs
+        return [Shape("tiny", 3, 1000, 16, 4, 16)]
+    return [Shape("criteo", 26, 500_000, 16384, 20, 128), Shape("criteo", 26, 500_000, 16384, 20, 64, torch.float16),
+            Shape("criteo", 26, 500_000, 16384, 20, 128, dist="zipf"), Shape("fbgemm-default", 32, 100_000, 512, 20, 128)]
+
+
+def _config_label(config) -> str:
+    return "default" if config is None else " ".join(f"{k}={v}" for k, v in config.items())
+
+
+def sweep(device, bw: float, small: bool = False) -> None:
+    """Time fxrec's Triton forward and fused SGD / RowWiseAdagrad update per launch config."""
+    from fxrec.lowering.triton import ops
+    for s in sweep_shapes(small):
+        ids, offsets = make_ids(s, device)
+        fwd_floor = lookup_bytes(s) / bw
+        print(f"\n== Triton sweep on {device}: {s.label()} ==")
+        block_d = ops._block_d(s.D)
+        rows = ops._bwd_rows(block_d)
+        print(f"  forward floor {fwd_floor * 1e3:.3f} ms; defaults: forward block_n="
+              f"{ops._fwd_block_n(ids.numel(), s.T * s.B)} num_warps={ops._NUM_WARPS}, update rows={rows} "
+              f"num_warps={ops._bwd_warps(rows, block_d)}")
+        print_row(("forward config", "time ms", "% floor"), (30, 11, 9))
+        m = fused(s, device)
+        for config in FWD_CONFIGS:
+            t = timeit(lambda: ops.pooled_forward(m.weights, m.layout, ids, offsets, config=config), device)
+            print_row((_config_label(config), f"{t * 1e3:.3f}", f"{100 * fwd_floor / t:.1f}"), (30, 11, 9))
+        if not (small or (s.name == "criteo" and s.D == 128)):  # the update: one dim (compile time)
+            continue
+        grad = torch.randn(s.B, s.T * s.D, device=device, dtype=s.dtype)
+        unique = touched_rows(s, ids)
+        fwd_bytes = lookup_bytes(s)
+        for opt in (SGD(0.01), RowWiseAdagrad(0.01)):
+            state_bytes = 0 if isinstance(opt, SGD) else 4
+            floor = (step_bytes(s, unique, state_bytes) - fwd_bytes) / bw  # the update alone
+            print(f"  fused {opt.name} update alone: {unique:,} touched rows, floor {floor * 1e3:.3f} ms")
+            print_row((f"{opt.name} config", "time ms", "% floor"), (30, 11, 9))
+            m = fused(s, device, opt)
+            state = m.optimizer_state()
+            for config in BWD_CONFIGS:
+                t = timeit(lambda: ops.backward_update(m.weights, state, m.layout, opt, grad, ids, offsets,
+                                                       config=config), device)
+                print_row((_config_label(config), f"{t * 1e3:.3f}", f"{100 * floor / t:.1f}"), (30, 11, 9))
+            del m, state
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cpu", "--small", dest="cpu", action="store_true", help="small shapes on the CPU")
+    ap.add_argument("--sweep", action="store_true", help="Triton launch configurations side by side (GPU)")
     ap.add_argument("--device", default=None)
     ap.add_argument("--threads", type=int, default=None,
                     help="CPU threads (default with --cpu: 1, which a shared machine times reproducibly)")
@@ -271,11 +351,14 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     warnings.filterwarnings("ignore", message="Sparse invariant checks")  # from torch.optim.Adagrad
     bw = copy_bandwidth(device)
+    if args.sweep:
+        sweep(device, bw, small=args.cpu)
+        return 0
     bench_forward(cpu_shapes() if args.cpu else full_shapes(), device, bw)
     if args.cpu:
-        bench_training(Shape("dlrm-26", 26, 200_000, 2048, 20, 64), device, dense=True)
+        bench_training(Shape("dlrm-26", 26, 200_000, 2048, 20, 64), device, dense=True, bw=bw)
     else:
-        bench_training(Shape("criteo", 26, 500_000, 16384, 20, 128), device, dense=False)
+        bench_training(Shape("criteo", 26, 500_000, 16384, 20, 128), device, dense=False, bw=bw)
     return 0
 
 
