@@ -208,6 +208,43 @@ def test_load_and_export_per_table_weights():
         m.load_tables({**new, "nope": torch.zeros(1)})
 
 
+def test_uninitialised_module_loads_table_by_table():
+    """initialize=False draws nothing (the global RNG is untouched); load_table fills one table."""
+    before = torch.random.get_rng_state()
+    m = FusedEmbeddingBags(TABLES, optimizer=RowWiseAdagrad(0.1), initialize=False)
+    assert torch.equal(torch.random.get_rng_state(), before)
+    new = {t.name: torch.randn(t.num_embeddings, t.embedding_dim) for t in TABLES}
+    for name, w in new.items():
+        m.load_table(name, w)
+    assert all(torch.equal(w, new[name]) for name, w in m.table_weights().items())
+    with pytest.raises(ValueError, match=r"unknown table 'nope'; tables are \['user', 'item', 'ctx'\]"):
+        m.load_table("nope", torch.zeros(1))
+    with pytest.raises(ValueError, match=r"table 'ctx': expected weight \(7, 33\), got \(33, 7\)"):
+        m.load_table("ctx", torch.zeros(33, 7))
+
+
+def test_local_lookup_holds_one_shard_of_initial_values_at_a_time():
+    """LocalLookup asks for each shard's values while filling it: the previous shard's are
+    released before the next is drawn (no second copy of a rank's tables while sharding)."""
+    import weakref
+
+    from fxrec.runtime.dist_lookup import LocalShard
+    from fxrec.runtime.local_lookup import LocalLookup
+    shards = [LocalShard(f"s{i}", f"t{i}", (0, 50), (0, 8), True, ()) for i in range(3)]
+    drawn, alive = [], []
+
+    def init(key):
+        assert all(ref() is None for ref in alive), f"{key}: an earlier shard's values are still held"
+        value = torch.full((50, 8), float(len(drawn)))
+        drawn.append(key)
+        alive.append(weakref.ref(value))
+        return value
+
+    lookup = LocalLookup(shards, SGD(0.1), 1, torch.float32, "cpu", init)
+    assert drawn == ["s0", "s1", "s2"]
+    assert [float(w.mean()) for w in lookup.pooled.split_weights()] == [0.0, 1.0, 2.0]
+
+
 def test_no_optimizer_means_no_gradient_and_meta_allocates_nothing():
     m = FusedEmbeddingBags(TABLES)
     assert not m(*batch()).requires_grad

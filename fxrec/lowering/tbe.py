@@ -67,12 +67,14 @@ class FusedEmbeddingBags(nn.Module):
     deterministic: bit-identical updates run to run (also on when
     torch.are_deterministic_algorithms_enabled()).
 
-    Weights start uniform(-sqrt(1/rows), +sqrt(1/rows)) per table (not on "meta").
+    Weights start uniform(-sqrt(1/rows), +sqrt(1/rows)) per table (not on "meta"), or
+    uninitialised with ``initialize=False``, for a caller that loads every table right after
+    (`load_table`): drawing values only to overwrite them costs a pass over every row.
     """
 
     def __init__(self, tables: Sequence, optimizer=None, kernel: Optional[str] = None, device=None,
                  dtype: Optional[torch.dtype] = None, bounds_check: bool = True,
-                 deterministic: bool = False):
+                 deterministic: bool = False, initialize: bool = True):
         super().__init__()
         if optimizer is not None and not isinstance(optimizer, OPTIMIZERS):
             raise ValueError(f"optimizer must be one of fxrec.optim.SGD/RowWiseAdagrad/Adam, got {optimizer!r}")
@@ -91,7 +93,7 @@ class FusedEmbeddingBags(nn.Module):
         # Autograd needs an input that requires grad to call our backward; the weights
         # are a buffer (they get no gradient), so this empty tensor stands in.
         self._anchor = torch.empty(0, requires_grad=True)
-        if self.weights.device.type != "meta":
+        if initialize and self.weights.device.type != "meta":
             with torch.no_grad():
                 for table in self.split_weights():
                     bound = math.sqrt(1.0 / table.shape[0])
@@ -218,10 +220,18 @@ class FusedEmbeddingBags(nn.Module):
             weights = [weights[n] for n in self.layout.names]
         if len(weights) != self.layout.num_tables:
             raise ValueError(f"expected {self.layout.num_tables} tables' weights, got {len(weights)}")
-        for name, dst, src in zip(self.layout.names, self.split_weights(), weights):
-            if tuple(src.shape) != tuple(dst.shape):
-                raise ValueError(f"table {name!r}: expected weight {tuple(dst.shape)}, got {tuple(src.shape)}")
-            dst.copy_(src)
+        for name, src in zip(self.layout.names, weights):
+            self.load_table(name, src)
+
+    @torch.no_grad()
+    def load_table(self, name: str, weight: Tensor) -> None:
+        """Copy one table's ``rows x dim`` weights in (by table name)."""
+        if name not in self.layout.names:
+            raise ValueError(f"unknown table {name!r}; tables are {list(self.layout.names)}")
+        dst = self.split_weights()[self.layout.names.index(name)]
+        if tuple(weight.shape) != tuple(dst.shape):
+            raise ValueError(f"table {name!r}: expected weight {tuple(dst.shape)}, got {tuple(weight.shape)}")
+        dst.copy_(weight)
 
     def extra_repr(self) -> str:
         tables = ", ".join(f"{n}:{r}x{d}:{p}" for n, r, d, p in

@@ -37,7 +37,7 @@ import operator
 from typing import Optional
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 from torch.fx import GraphModule, Node
 
 from fxrec.passes import lookup as L
@@ -250,7 +250,10 @@ def _unit_modules(gm: GraphModule, spec: UnitSpec, nodes: list[Node], dp_slots: 
     unit.finish = FinishOutputs(node_specs, slots)
     if spec.routes:
         unit.input_dist, unit.recv_splits, unit.unpack = InputDist(spec), RecvSplits(spec), Unpack(spec)
-        init = {s.key: values(s.table, s.rows, s.cols) for s in spec.local_shards()}
+        shards = {s.key: s for s in spec.local_shards()}
+
+        def init(key: str) -> Tensor:  # drawn when LocalLookup fills that shard, not all at once
+            return values(shards[key].table, shards[key].rows, shards[key].cols)
         # The 1/W of the shards' gradients (local_lookup.py) is applied by OutputPrep's backward.
         unit.lookup = LocalLookup(spec.local_shards(), env["optimizer"], spec.world_size, dtype, device, init,
                                   scale_outputs=False)

@@ -147,7 +147,7 @@ def _lookup_module(pack: PackInputs, keys: dict, weights: dict, optimizer, kerne
               for t in pack.pooled_tables + pack.unpooled_tables]
     first = next(iter(weights.values()))
     init = {keys[t]: w.detach() for t, w in weights.items()}
-    module = LocalLookup(shards, optimizer, 1, first.dtype, first.device, init)
+    module = LocalLookup(shards, optimizer, 1, first.dtype, first.device, init.__getitem__)
     if kernel is not None:
         module.pooled = with_kernel(module.pooled, kernel) if module.pooled is not None else None
         module.unpooled = with_kernel(module.unpooled, kernel) if module.unpooled is not None else None

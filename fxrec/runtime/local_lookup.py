@@ -17,7 +17,7 @@ so replicas stay equal.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -64,12 +64,14 @@ class LocalLookup(nn.Module):
     """forward(pooled indices, offsets, weights, unpooled indices, offsets) -> (pooled
     ``B x sum(shard widths)`` or None, list of unpooled ``rows x width`` per shard).
 
-    shards: this rank's `LocalShard`s (pooled first); `init[key]` its initial values.
+    shards: this rank's `LocalShard`s (pooled first); `init(key)` its initial values, called
+    once per shard while the fused tables are filled, so that at most one shard's values
+    exist beside the fused storage (not a second copy of every table on the rank).
     scale_outputs: scale the outputs' gradients by 1/world_size here; False when the
     consumer of the outputs scales their gradients itself (module doc)."""
 
-    def __init__(self, shards, optimizer, world_size: int, dtype: torch.dtype, device, init: dict,
-                 scale_outputs: bool = True):
+    def __init__(self, shards, optimizer, world_size: int, dtype: torch.dtype, device,
+                 init: Callable[[str], Tensor], scale_outputs: bool = True):
         super().__init__()
         self.world_size, self.scale_outputs = world_size, scale_outputs
         pooled = [_Table(s.key, s.num_rows, s.num_cols, "sum", dtype) for s in shards if s.pooled]
@@ -81,11 +83,11 @@ class LocalLookup(nn.Module):
     def _fused(tables, optimizer, device, init) -> Optional[FusedEmbeddingBags]:
         if not tables:
             return None
-        # FusedEmbeddingBags draws its own initial values from the global RNG; keep the
-        # user's RNG stream identical on every rank (each rank builds different shards).
-        with torch.random.fork_rng(devices=[]):
-            fused = FusedEmbeddingBags(tables, optimizer=optimizer, device=device, bounds_check=False)
-        fused.load_tables({t.name: init[t.name] for t in tables})
+        # Uninitialised storage, filled shard by shard: the user's RNG stream is left alone
+        # (each rank builds different shards) and no shard is drawn twice.
+        fused = FusedEmbeddingBags(tables, optimizer=optimizer, device=device, bounds_check=False, initialize=False)
+        for t in tables:
+            fused.load_table(t.name, init(t.name))
         return fused
 
     def forward(self, p_idx, p_off, p_psw, u_idx, u_off, sync=None):
