@@ -223,6 +223,19 @@ def test_uninitialised_module_loads_table_by_table():
         m.load_table("ctx", torch.zeros(33, 7))
 
 
+def test_with_kernel_copies_tables_and_state_and_draws_nothing():
+    from fxrec.runtime.fused_group import with_kernel
+    m = FusedEmbeddingBags(TABLES, optimizer=RowWiseAdagrad(0.1))
+    (m(*batch()) * torch.randn(2, 49)).sum().backward()  # momentum is no longer zero
+    before = torch.random.get_rng_state()
+    new = with_kernel(m, "torch")
+    assert torch.equal(torch.random.get_rng_state(), before)
+    assert new.kernels == {"pooled_forward": "torch", "backward_update": "torch"}
+    assert torch.equal(new.weights, m.weights)
+    assert torch.equal(new.optimizer_state()["momentum"], m.optimizer_state()["momentum"])
+    assert bool(m.optimizer_state()["momentum"].any())
+
+
 def test_local_lookup_holds_one_shard_of_initial_values_at_a_time():
     """LocalLookup asks for each shard's values while filling it: the previous shard's are
     released before the next is drawn (no second copy of a rank's tables while sharding)."""

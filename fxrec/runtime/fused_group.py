@@ -155,13 +155,12 @@ class _Spec:  # what FusedEmbeddingBags reads from a table
 def with_kernel(fused: FusedEmbeddingBags, kernel: str) -> FusedEmbeddingBags:
     """A FusedEmbeddingBags like `fused` (tables, weights, optimizer and its state, device,
     checks) whose kernels are forced to `kernel`; raises `NoKernelError` when that kernel
-    cannot serve these tables. The user's RNG stream is left as it was."""
+    cannot serve these tables. The user's RNG stream is left as it was (nothing is drawn)."""
     lay = fused.layout
     specs = [_Spec(n, r, d, p, fused.weights.dtype) for n, r, d, p in zip(lay.names, lay.rows, lay.dims, lay.poolings)]
-    with torch.random.fork_rng(devices=[]):  # the constructor draws initial values we overwrite
-        new = FusedEmbeddingBags(specs, optimizer=fused.optimizer, kernel=kernel, device=fused.weights.device,
-                                 dtype=fused.weights.dtype, bounds_check=fused.bounds_check,
-                                 deterministic=fused.deterministic)
+    new = FusedEmbeddingBags(specs, optimizer=fused.optimizer, kernel=kernel, device=fused.weights.device,
+                             dtype=fused.weights.dtype, bounds_check=fused.bounds_check,
+                             deterministic=fused.deterministic, initialize=False)
     new.weights.copy_(fused.weights)
     for key, value in fused.optimizer_state().items():
         new.optimizer_state()[key].copy_(value)
