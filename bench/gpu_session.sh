@@ -38,11 +38,18 @@ except Exception as e:
 step kernels_gpu 200 python bench/kernels.py
 # Triton launch configurations side by side: which defaults to keep.
 step kernels_sweep 100 python bench/kernels.py --sweep
-# The GPU-marked tests (kernels on CUDA, sparse types and metrics on CUDA).
-step gpu_tests 80 python -m pytest -q -m gpu tests/test_lowering_kernels.py tests/test_sparse.py tests/test_metrics.py
-# fxrec.shard on the GPU (one rank: the CUDA placement and kernels; NCCL needs two GPUs).
-step shard_gpu 80 python -m torch.distributed.run --nproc-per-node 1 examples/dlrm_train.py --shard \
+# One rank per GPU (the -x2/-x4/-x8 kinds lend several): with two or more, NCCL's collectives
+# really run, in the sharded equivalence tests (tests/test_shard_nccl.py) and the example.
+GPUS=$(python -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 1)
+RANKS=$(( GPUS > 4 ? 4 : (GPUS < 1 ? 1 : GPUS) ))
+echo "== $GPUS GPU(s): $RANKS rank(s) for the sharded steps"
+# The GPU-marked tests (kernels on CUDA, sparse types and metrics on CUDA; NCCL equivalence
+# with 2+ GPUs, skipped with one).
+step gpu_tests 80 python -m pytest -q -m gpu tests/test_lowering_kernels.py tests/test_sparse.py tests/test_metrics.py \
+    tests/test_shard_nccl.py
+# fxrec.shard on the GPU(s): CUDA placement and kernels; NCCL collectives with 2+ ranks.
+step shard_gpu 80 python -m torch.distributed.run --nproc-per-node "$RANKS" examples/dlrm_train.py --shard \
     --steps 100 --val-batches 10
-# The planner's profile of this GPU under NCCL (one rank: HBM bandwidth; collectives need two GPUs).
-step calibrate_gpu 50 python -m fxrec.cli bench calibrate --world-size 1 --backend nccl -o "$OUT/topology_gpu.json"
+# The planner's profile of this machine under NCCL (one rank: HBM bandwidth only).
+step calibrate_gpu 50 python -m fxrec.cli bench calibrate --world-size "$RANKS" --backend nccl -o "$OUT/topology_gpu.json"
 echo "results in $OUT"

@@ -1,8 +1,9 @@
 """Run a function on W real gloo processes and bring the results (or the failure) home.
 
-``run_workers(fn, world_size, *args, timeout=120)`` spawns ``world_size`` processes
-(torch.multiprocessing, spawn context), each with ``MASTER_ADDR=127.0.0.1``, a free port, one
-intra-op thread and an initialised gloo process group, runs ``fn(rank, world_size, *args)`` and
+``run_workers(fn, world_size, *args, timeout=120, backend="gloo")`` spawns ``world_size``
+processes (torch.multiprocessing, spawn context), each with ``MASTER_ADDR=127.0.0.1``, a free
+port, one intra-op thread and an initialised process group (gloo; or nccl, each rank on
+``cuda:rank``, for the GPU-marked tests), runs ``fn(rank, world_size, *args)`` and
 returns every rank's (picklable) result in rank order. ``fn`` must be a module-level function
 the children can import (a test module's function is fine: spawn children get the parent's
 sys.path).
@@ -50,12 +51,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _child(rank: int, world_size: int, port: int, timeout: float, fn, args, results) -> None:
+def _child(rank: int, world_size: int, port: int, timeout: float, backend: str, fn, args, results) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size))
     torch.set_num_threads(1)
     try:
-        dist.init_process_group("gloo", rank=rank, world_size=world_size,
+        if backend == "nccl":
+            torch.cuda.set_device(rank)
+        dist.init_process_group(backend, rank=rank, world_size=world_size,
                                 timeout=timedelta(seconds=max(timeout, 1.0)))
         result = fn(rank, world_size, *args)
         results.put((rank, "ok", pickle.dumps(result)))
@@ -90,12 +93,14 @@ def _raise_child_error(rank: int, payload) -> None:
     raise cause
 
 
-def run_workers(fn, world_size: int, *args, timeout: float = 120):
-    """``[fn(0, W, *args), ..., fn(W-1, W, *args)]`` computed by W gloo processes."""
+def run_workers(fn, world_size: int, *args, timeout: float = 120, backend: str = "gloo"):
+    """``[fn(0, W, *args), ..., fn(W-1, W, *args)]`` computed by W processes (gloo, or nccl)."""
+    if backend not in ("gloo", "nccl"):
+        raise ValueError(f"run_workers: backend must be 'gloo' or 'nccl', got {backend!r}")
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_child, args=(r, world_size, port, timeout, fn, args, results), daemon=True)
+    procs = [ctx.Process(target=_child, args=(r, world_size, port, timeout, backend, fn, args, results), daemon=True)
              for r in range(world_size)]
     for p in procs:
         p.start()
