@@ -101,6 +101,24 @@ def timeit(fn, device, min_iters=3, min_time=0.25, max_iters=50) -> float:
     return (time.perf_counter() - t0) / n
 
 
+def queued_gpu_time(fn, iters: int = 20) -> float:
+    """Seconds per call of `fn` on the GPU alone: a long `torch.cuda._sleep` goes first, so
+    the host queues every call while the GPU sleeps, then CUDA events time the calls back to
+    back, without the host's launch overhead in between (which `timeit`'s wall time includes:
+    at FBGEMM's default shape the lookup itself takes ~50 us). A `fn` that synchronises ends
+    the sleep early and then counts its host time too: an upper bound either way."""
+    fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda._sleep(200_000_000)  # ~0.1 s at ~2 GHz: longer than queuing `iters` calls
+    start.record()
+    for _ in range(iters):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / 1e3 / iters
+
+
 def copy_bandwidth(device) -> float:
     """Bytes/s of a large copy, counting the read and the write."""
     numel = (64 if torch.device(device).type == "cuda" else 16) * 2**20
@@ -186,6 +204,7 @@ def fbgemm_cuda(s: Shape, optimizer):
 
 
 def print_row(cols, widths=(30, 11, 9, 9)) -> None:
+    widths = tuple(widths) + (11,) * (len(cols) - len(widths))  # extra columns: 11 wide
     print("  " + "".join(str(c).ljust(w) for c, w in zip(cols, widths)))
 
 
@@ -197,7 +216,9 @@ def bench_forward(shapes, device, bw) -> None:
         nbytes = lookup_bytes(s)
         floor = nbytes / bw
         print(f"\n{s.label()}\n  bytes moved {nbytes / 1e6:.1f} MB, floor {floor * 1e3:.3f} ms")
-        print_row(("impl", "time ms", "% floor", "x torch"))
+        cuda = torch.device(device).type == "cuda"
+        # on a GPU also the kernels' own time, without the host's launch overhead
+        print_row(("impl", "time ms", "% floor", "x torch") + (("gpu ms", "% floor") if cuda else ()))
         base = None
         with torch.no_grad():
             impls = forward_impls(s, device, ids, offsets)
@@ -205,8 +226,10 @@ def bench_forward(shapes, device, bw) -> None:
         for name, fn in impls.items():
             with torch.no_grad():
                 t = times[name] = timeit(fn, device)
+                g = queued_gpu_time(fn) if cuda else None
             base = base or t
-            print_row((name, f"{t * 1e3:.3f}", f"{100 * floor / t:.1f}", f"{base / t:.2f}"))
+            print_row((name, f"{t * 1e3:.3f}", f"{100 * floor / t:.1f}", f"{base / t:.2f}")
+                      + ((f"{g * 1e3:.3f}", f"{100 * floor / g:.1f}") if cuda else ()))
         # The check's own cost, timed alone: the +bounds row minus the plain one is a difference
         # of two noisy times, this is not.
         picked = next(n for n in impls if n.startswith("fxrec:") and "(forced)" not in n and "+bounds" not in n)
@@ -314,9 +337,17 @@ def sweep(device, bw: float, small: bool = False) -> None:
               f"num_warps={ops._bwd_warps(rows, block_d)}")
         print_row(("forward config", "time ms", "% floor"), (30, 11, 9))
         m = fused(s, device)
+        cuda = torch.device(device).type == "cuda"
         for config in FWD_CONFIGS:
-            t = timeit(lambda: ops.pooled_forward(m.weights, m.layout, ids, offsets, config=config), device)
-            print_row((_config_label(config), f"{t * 1e3:.3f}", f"{100 * fwd_floor / t:.1f}"), (30, 11, 9))
+            def call():
+                return ops.pooled_forward(m.weights, m.layout, ids, offsets, config=config)
+            t = timeit(call, device)
+            extra = ()
+            if cuda:
+                g = queued_gpu_time(call)
+                extra = (f"gpu {g * 1e3:.3f} ms", f"{100 * fwd_floor / g:.1f}%")
+            print_row((_config_label(config), f"{t * 1e3:.3f}", f"{100 * fwd_floor / t:.1f}") + extra,
+                      (30, 11, 9, 16, 9))
         if not (small or (s.name == "criteo" and s.D == 128)):  # the update: one dim (compile time)
             continue
         grad = torch.randn(s.B, s.T * s.D, device=device, dtype=s.dtype)
