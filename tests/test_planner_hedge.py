@@ -78,12 +78,17 @@ def test_plan_hedges_within_its_slack_and_balances_the_pessimistic_model(seed):
     assert fxrec.Plan.from_json(hedged.to_json()).max_rank_time() == pytest.approx(hedged.max_rank_time())
 
 
-def test_one_node_and_exact_search_are_not_hedged():
+def test_one_node_and_exact_search_are_not_hedged(monkeypatch):
+    # The heuristic's refinement stops at a wall-clock deadline, so two plans of the same
+    # tables may differ on a loaded machine: assert that the hedge never runs, not that two
+    # plans are equal.
+    def no_hedge(*args, **kwargs):
+        raise AssertionError("the hedge ran")
+    monkeypatch.setattr(hedge, "hedge", no_hedge)
     tables = random_tables(3, 40)
     one_node = Topology(8, ranks_per_node=8, device="cuda")
     assert hedge.pessimistic(one_node) is None
-    a, b = fxrec.plan(tables, one_node, hedge=0.0), fxrec.plan(tables, one_node, hedge=0.2)
-    assert a.to_json() == b.to_json() and "hedge_steps" not in b.stats
+    assert "hedge_steps" not in fxrec.plan(tables, one_node, hedge=0.2).stats
     small = fxrec.plan(tables[:6], Topology(4, ranks_per_node=2, device="cuda"), hedge=0.2)
     assert small.stats["method"].startswith(("exact", "heuristic (proved")) and "hedge_steps" not in small.stats
 
