@@ -90,6 +90,19 @@ def _sum_occurrences(src_off_ptr, scale_ptr, grad_ptr, s0, s1, cols, cmask,
 
 
 @triton.jit
+def _adam_moments(exp_avg_ptr, exp_avg_sq_ptr, elem, mask, g, one_minus_beta1, beta2, one_minus_beta2):
+    """Adam's first and second moments of the elements `elem` (where `mask`), advanced by
+    gradient g, stored and returned (both update kernels share them)."""
+    m = tl.load(exp_avg_ptr + elem, mask=mask, other=0.0)
+    v = tl.load(exp_avg_sq_ptr + elem, mask=mask, other=0.0)
+    m = m + one_minus_beta1 * (g - m)  # torch.optim.Adam's lerp
+    v = v * beta2 + one_minus_beta2 * (g * g)
+    tl.store(exp_avg_ptr + elem, m, mask=mask)
+    tl.store(exp_avg_sq_ptr + elem, v, mask=mask)
+    return m, v
+
+
+@triton.jit
 def backward_update_kernel(weights_ptr, momentum_ptr, exp_avg_ptr, exp_avg_sq_ptr,
                            step_size_ptr, bc2_sqrt_ptr,
                            w_offsets_ptr, d_offsets_ptr, hash_cumsum_ptr,
@@ -118,12 +131,7 @@ def backward_update_kernel(weights_ptr, momentum_ptr, exp_avg_ptr, exp_avg_sq_pt
         tl.store(momentum_ptr + grow, mom)
         w = w - (lr / (tl.sqrt_rn(mom) + eps)) * g
     else:
-        m = tl.load(exp_avg_ptr + elem, mask=cmask, other=0.0)
-        v = tl.load(exp_avg_sq_ptr + elem, mask=cmask, other=0.0)
-        m = m + one_minus_beta1 * (g - m)  # torch.optim.Adam's lerp
-        v = v * beta2 + one_minus_beta2 * (g * g)
-        tl.store(exp_avg_ptr + elem, m, mask=cmask)
-        tl.store(exp_avg_sq_ptr + elem, v, mask=cmask)
+        m, v = _adam_moments(exp_avg_ptr, exp_avg_sq_ptr, elem, cmask, g, one_minus_beta1, beta2, one_minus_beta2)
         denom = tl.sqrt_rn(v) / tl.load(bc2_sqrt_ptr + u) + eps
         w = w - tl.load(step_size_ptr + u) * tl.div_rn(m, denom)
     tl.store(weights_ptr + elem, w.to(weights_ptr.dtype.element_ty), mask=cmask)
@@ -200,12 +208,7 @@ def backward_update_rows_kernel(weights_ptr, momentum_ptr, exp_avg_ptr, exp_avg_
         tl.store(momentum_ptr + grow, mom, mask=hmask)
         w = w - (lr / (tl.sqrt_rn(mom) + eps))[:, None] * g
     else:
-        m = tl.load(exp_avg_ptr + elem, mask=mask, other=0.0)
-        v = tl.load(exp_avg_sq_ptr + elem, mask=mask, other=0.0)
-        m = m + one_minus_beta1 * (g - m)  # torch.optim.Adam's lerp
-        v = v * beta2 + one_minus_beta2 * (g * g)
-        tl.store(exp_avg_ptr + elem, m, mask=mask)
-        tl.store(exp_avg_sq_ptr + elem, v, mask=mask)
+        m, v = _adam_moments(exp_avg_ptr, exp_avg_sq_ptr, elem, mask, g, one_minus_beta1, beta2, one_minus_beta2)
         denom = tl.sqrt_rn(v) / tl.load(bc2_sqrt_ptr + u, mask=hmask, other=1.0)[:, None] + eps
         w = w - tl.load(step_size_ptr + u, mask=hmask, other=0.0)[:, None] * tl.div_rn(m, denom)
     tl.store(weights_ptr + elem, w.to(weights_ptr.dtype.element_ty), mask=mask)
