@@ -84,6 +84,12 @@ def _occurrence_scale(layout: TBELayout, table: Tensor, bag: Tensor, lengths: Te
     return scale
 
 
+def _key_dtype(layout: TBELayout) -> torch.dtype:
+    """The dtype of global-row sort keys: int32 where the rows fit, which sorts 2-3x faster
+    (half a radix sort's passes on a GPU, half the bytes on a CPU)."""
+    return torch.int32 if layout.total_rows < 2 ** 31 else torch.int64
+
+
 def sort_occurrences(layout: TBELayout, indices: Tensor, offsets: Tensor,
                      per_sample_weights: Optional[Tensor] = None) -> SortedGrads:
     """Group the batch's occurrences by global row (stable, so deterministic).
@@ -102,9 +108,7 @@ def sort_occurrences(layout: TBELayout, indices: Tensor, offsets: Tensor,
     table = bag // max(B, 1)
     hsc, d_off = layout.hash_size_cumsum.to(dev), layout.D_offsets.to(dev).long()
     dims = layout.dims_t.to(dev)
-    # int32 keys sort about twice as fast (half the radix passes on a GPU, half the bytes on a CPU)
-    key_dtype = torch.int32 if layout.total_rows < 2 ** 31 else torch.int64
-    global_row = (hsc.index_select(0, table) + indices.long()).to(key_dtype)
+    global_row = (hsc.index_select(0, table) + indices.long()).to(_key_dtype(layout))
     if layout.pooled:
         src_off = (bag - table * B) * layout.total_D + d_off.index_select(0, table)
         scale = _occurrence_scale(layout, table, bag, lengths, per_sample_weights)
@@ -200,7 +204,6 @@ def row_sq_sums(layout: TBELayout, grad_output: Tensor, indices: Tensor, offsets
     table = bag // max(B, 1)
     scale = _occurrence_scale(layout, table, bag, lengths, per_sample_weights) if layout.pooled else None
     hsc = layout.hash_size_cumsum.to(dev)
-    key_dtype = torch.int32 if layout.total_rows < 2 ** 31 else torch.int64  # int32 sorts ~3x faster
     for d in sorted({layout.dims[t] for t in tables}):
         group = [t for t in tables if layout.dims[t] == d]
         G, grow = _group_rows(layout, grad_output, offsets, bag, table, group, d)
@@ -210,7 +213,7 @@ def row_sq_sums(layout: TBELayout, grad_output: Tensor, indices: Tensor, offsets
              None if scale is None else scale.masked_select(keep))
         if g_ids.numel() == 0:
             continue
-        rows_sorted, perm = torch.sort((hsc.index_select(0, g_table) + g_ids).to(key_dtype), stable=True)
+        rows_sorted, perm = torch.sort((hsc.index_select(0, g_table) + g_ids).to(_key_dtype(layout)), stable=True)
         uniq, counts = torch.unique_consecutive(rows_sorted, return_counts=True)
         sums = _segment_sq_sums(G, g_rows.index_select(0, perm),
                                 None if g_scale is None else g_scale.index_select(0, perm), counts)

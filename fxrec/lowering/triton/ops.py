@@ -186,8 +186,8 @@ def backward_update(weights: Tensor, state: dict[str, Tensor], layout: TBELayout
 
     seg = sg.seg
     hot = (seg[1:] - seg[:-1]) > _BWD_ROWS_CHUNK
-    n_hot = int(hot.sum())  # one host sync
-    if n_hot == 0:  # the usual case (uniform ids): one launch over every unique row
+    hot_rows = torch.nonzero(hot).flatten()  # one host sync
+    if hot_rows.numel() == 0:  # the usual case (uniform ids): one launch over every unique row
         update(None, seg[:-1], seg[1:], sg.src_off, sg.scale, grad_output, sg.num_unique)
         return
     # Hot rows (Zipf ids) would keep a block looping while its other rows wait: only they are
@@ -196,9 +196,9 @@ def backward_update(weights: Tensor, state: dict[str, Tensor], layout: TBELayout
     if cold.numel():
         update(cold, seg.index_select(0, cold), seg.index_select(0, cold + 1), sg.src_off, sg.scale, grad_output,
                cold.numel())
-    chunks = _row_chunks(seg, torch.nonzero(hot).flatten(), _BWD_ROWS_CHUNK)
+    chunks = _row_chunks(seg, hot_rows, _BWD_ROWS_CHUNK)
     chunk_seg, src_off, scale, sums = _chunk_sums(layout, sg, chunks, grad_output, block_d, block_n, num_warps)
-    update(chunks.rows, chunk_seg[:-1], chunk_seg[1:], src_off, scale, sums, n_hot)
+    update(chunks.rows, chunk_seg[:-1], chunk_seg[1:], src_off, scale, sums, hot_rows.numel())
 
 
 def _chunk_sums(layout: TBELayout, sg, chunks: "_Chunks", grad_output: Tensor, block_d: int, block_n: int,
