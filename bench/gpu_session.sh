@@ -4,9 +4,9 @@
 #
 #     run(command="bash bench/gpu_session.sh", timeout_s=540)
 #
-# The steps' limits add up to 540 s, in order of what matters most if time runs short.
 # then copy $OUT/*.txt into bench/results/ and commit them. Each step has its own time
-# limit so that one slow step cannot eat the others'; a failing step is reported and the
+# limit so that one slow step cannot eat the others' (the limits add up to 540 s, the steps
+# in order of what matters most if time runs short); a failing step is reported and the
 # script goes on. Nothing is installed: fxrec runs from the checkout (PYTHONPATH).
 set -u
 OUT=${OUT:-/tmp/fxrec_gpu}

@@ -13,7 +13,7 @@ nn.EmbeddingBag(sparse=True) + torch.optim.SGD / Adagrad (note: torch's Adagrad 
 a state per element, fxrec's RowWiseAdagrad one per row) and, in --cpu mode, against
 the dense-gradient nn.EmbeddingBag + SGD step. Its floor: the forward's bytes, plus
 reading the output gradient and reading and writing each touched row and its optimizer
-state (`step_bytes`); "% floor" is given for every row of that table.
+state (`update_bytes`); "% floor" is given for every row of that table.
 
     python bench/kernels.py --sweep   # (GPU) Triton launch configurations side by side
 
@@ -105,7 +105,8 @@ def queued_gpu_time(fn, iters: int = 20) -> float:
     """Seconds per call of `fn` on the GPU alone: a long `torch.cuda._sleep` goes first, so
     the host queues every call while the GPU sleeps, then CUDA events time the calls back to
     back, without the host's launch overhead in between (which `timeit`'s wall time includes:
-    at FBGEMM's default shape the lookup itself takes ~50 us). A `fn` that synchronises ends
+    at FBGEMM's default shape the lookup moves ~180 MB, tens of microseconds on an H100/H200).
+    A `fn` that synchronises ends
     the sleep early and then counts its host time too: an upper bound either way."""
     fn()
     torch.cuda.synchronize()
@@ -138,11 +139,17 @@ def touched_rows(s: Shape, ids: torch.Tensor) -> int:
     return int(torch.unique(ids.view(s.T, -1) + torch.arange(s.T, device=ids.device).unsqueeze(1) * s.rows).numel())
 
 
-def step_bytes(s: Shape, unique_rows: int, state_per_row: int) -> int:
-    """A training step's floor bytes: the forward's, then the output gradient read once and
-    every touched row (and `state_per_row` bytes of its optimizer state) read and written."""
+def update_bytes(s: Shape, unique_rows: int, optimizer) -> int:
+    """The fused update's floor bytes: the output gradient read once and every touched row
+    and its optimizer state read and written. A training step's floor adds the forward's
+    (`lookup_bytes`)."""
     eb = torch.empty((), dtype=s.dtype).element_size()
-    return lookup_bytes(s) + s.B * s.T * s.D * eb + unique_rows * 2 * (s.D * eb + state_per_row)
+    return s.B * s.T * s.D * eb + unique_rows * 2 * (s.D * eb + optimizer.state_bytes_per_row(s.D))
+
+
+def fxrec_optimizer(which: str):
+    """fxrec's sparse optimizer for a training comparison ("sgd" or "adagrad")."""
+    return SGD(0.01) if which == "sgd" else RowWiseAdagrad(0.01)
 
 
 # ---------------------------------------------------------------- implementations
@@ -254,7 +261,7 @@ def torch_step(bags, opt, per_ids, per_off, grad):
 def train_impls(s: Shape, device, ids, offsets, grad, which: str, dense: bool):
     """name -> (build() -> step callable). Built one at a time to bound memory."""
     per_ids, per_off = ids.view(s.T, -1), torch.arange(0, s.B * s.L, s.L, device=device)
-    fxrec_opt = SGD(0.01) if which == "sgd" else RowWiseAdagrad(0.01)  # which: "sgd" / "adagrad"
+    fxrec_opt = fxrec_optimizer(which)
     torch_opt = (lambda p: torch.optim.SGD(p, lr=0.01)) if which == "sgd" else \
         (lambda p: torch.optim.Adagrad(p, lr=0.01))
 
@@ -289,7 +296,7 @@ def bench_training(s: Shape, device, dense: bool, bw: float) -> None:
     unique = touched_rows(s, ids)
     widths = (46, 11, 15, 14, 9)
     for which in ("sgd", "adagrad"):
-        floor = step_bytes(s, unique, 0 if which == "sgd" else 4) / bw  # RowWiseAdagrad: one fp32 per row
+        floor = (lookup_bytes(s) + update_bytes(s, unique, fxrec_optimizer(which))) / bw
         print(f"  {which}: {unique:,} touched rows; floor {floor * 1e3:.3f} ms (forward + read the output "
               f"gradient + read/write touched rows{'' if which == 'sgd' else ' and their fp32 state'})")
         print_row(("impl", "time ms", "fwd/bwd", "time / fused", "% floor"), widths)
@@ -352,10 +359,8 @@ def sweep(device, bw: float, small: bool = False) -> None:
             continue
         grad = torch.randn(s.B, s.T * s.D, device=device, dtype=s.dtype)
         unique = touched_rows(s, ids)
-        fwd_bytes = lookup_bytes(s)
-        for opt in (SGD(0.01), RowWiseAdagrad(0.01)):
-            state_bytes = 0 if isinstance(opt, SGD) else 4
-            floor = (step_bytes(s, unique, state_bytes) - fwd_bytes) / bw  # the update alone
+        for opt in (fxrec_optimizer("sgd"), fxrec_optimizer("adagrad")):
+            floor = update_bytes(s, unique, opt) / bw
             print(f"  fused {opt.name} update alone: {unique:,} touched rows, floor {floor * 1e3:.3f} ms")
             print_row((f"{opt.name} config", "time ms", "% floor"), (30, 11, 9))
             m = fused(s, device, opt)
