@@ -21,8 +21,9 @@ from fxrec.passes.lookup import table_names_by_param
 from fxrec.shard import shard
 from fxrec.topology import Topology
 from shard_models import CASES
+from test_shard_equivalence import DENSE_LR, EPS, SPARSE_LR, STEPS, _reference_step  # the gloo test's reference
 
-B, STEPS, SPARSE_LR, DENSE_LR, EPS = 4, 3, 0.1, 0.1, 1e-8
+B = 4
 GPUS = torch.cuda.device_count() if torch.cuda.is_available() else 0
 WORLD = min(GPUS, 4)
 # (sharding, model): every sharding type, pooled (KJT) and unpooled lookups
@@ -67,7 +68,7 @@ def _run_job(rank: int, world: int, sharding: str, name: str, device_type: str =
     dense = [p for n, p in ref.named_parameters() if names[n] not in sm.plan]
     opt = torch.optim.SGD(list(sm.parameters()) or [torch.zeros(1, requires_grad=True)], lr=DENSE_LR)
     ref_opt = torch.optim.SGD(dense or [torch.zeros(1, requires_grad=True)], lr=DENSE_LR)
-    momentum = {name: torch.zeros(p.shape[0]) for name, p in t_params.items()}
+    state: dict = {}
     for step in range(STEPS):
         batches = case.local_batches(world, B, seed=10 + step)
         opt.zero_grad()
@@ -76,14 +77,7 @@ def _run_job(rank: int, world: int, sharding: str, name: str, device_type: str =
         ref.zero_grad()
         ref(*case.concat(batches)).square().mean().backward()
         ref_opt.step()
-        with torch.no_grad():  # exact row-wise Adagrad on the touched rows (whole-row mean)
-            for tname, p in t_params.items():
-                if p.grad is None:
-                    continue
-                g = p.grad
-                touched = g.abs().sum(1) > 0
-                momentum[tname][touched] += g[touched].square().mean(1)
-                p[touched] -= SPARSE_LR / (momentum[tname][touched].sqrt() + EPS).unsqueeze(1) * g[touched]
+        _reference_step(sm, t_params, state, "rowwise_adagrad")  # exact: the whole row's mean
     full, want = sm.full_state_dict(), ref.state_dict()
     if list(full) != list(want):
         bad.append(f"full_state_dict keys {list(full)} != {list(want)}")
