@@ -16,12 +16,12 @@ stays within ``slack`` of what the search found and becomes balanced under both 
 
 Each accepted step lowers the pessimistic load of the rank it leaves below that rank's
 old load without raising the receiving rank to it, so the sum of squared pessimistic
-loads strictly falls and the loop ends (a step budget bounds it as well).
+loads strictly falls and the loop ends (a step budget and a budget of counted work,
+`fxrec.planner.packing.Work`, bound it as well: never the clock, so plans are reproducible).
 """
 from __future__ import annotations
 
 import dataclasses
-import time
 
 from fxrec.planner.packing import Packing
 
@@ -53,11 +53,11 @@ def alt_loads(pk: Packing) -> tuple[list[float], list[float]]:
     return load, item_alt
 
 
-def hedge(pk: Packing, slack: float, deadline: float = float("inf"), max_steps: int = 20_000) -> int:
+def hedge(pk: Packing, slack: float, until: float = float("inf"), max_steps: int = 20_000) -> int:
     """Rebalance ``pk`` under the pessimistic model within ``slack`` of its nominal
-    makespan (see the module doc) until no step helps or ``deadline`` (a
-    `time.perf_counter` value) passes; returns the number of steps taken. ``pk.log`` must
-    be None (nothing to undo)."""
+    makespan (see the module doc) until no step helps or ``pk.work.units`` reaches
+    ``until``; returns the number of steps taken. ``pk.log`` must be None (nothing to
+    undo)."""
     if slack < 0:
         raise ValueError(f"hedge: slack must be >= 0, got {slack}")
     if not pk.chosen or any(o.alt_times is None for o in pk.chosen.values()):
@@ -65,7 +65,8 @@ def hedge(pk: Packing, slack: float, deadline: float = float("inf"), max_steps: 
     cap_time = pk.makespan() * (1 + slack)
     alt, item_alt = alt_loads(pk)
     steps = 0
-    while steps < max_steps and time.perf_counter() < deadline:
+    while steps < max_steps and pk.work.units < until:
+        pk.work.units += pk.W
         r = max(range(pk.W), key=alt.__getitem__)
         step = _best_move(pk, alt, item_alt, r, cap_time) or _best_swap(pk, alt, item_alt, r, cap_time)
         if step is None:
@@ -82,6 +83,7 @@ def _best_move(pk: Packing, alt, item_alt, r: int, cap_time: float):
     """Move one item off r: the move leaving the lower of the two ranks' new maxima."""
     top = alt[r]
     best, best_peak = None, top * (1 - 1e-12)
+    pk.work.units += len(pk.rank_items[r]) * pk.W
     for i in pk.rank_items[r]:
         a, t = item_alt[i], pk.item_time[i]
         if a <= 0:
@@ -100,9 +102,11 @@ def _best_swap(pk: Packing, alt, item_alt, r: int, cap_time: float):
     top = alt[r]
     best, best_peak = None, top * (1 - 1e-12)
     mine = list(pk.rank_items[r])
+    pk.work.units += pk.W
     for q in sorted(range(pk.W), key=alt.__getitem__)[:FANOUT]:
         if q == r or not pk.rank_items[q]:
             continue
+        pk.work.units += len(pk.rank_items[q]) * len(mine)
         for j in pk.rank_items[q]:
             aj, tj = item_alt[j], pk.item_time[j]
             for i in mine:

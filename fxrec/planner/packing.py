@@ -7,6 +7,10 @@ of "node" options (table_row_wise) move as one group; the single shards of "one"
 "distinct" options (table_wise, column_wise) are items that local search moves and
 swaps. Every accepted move or swap strictly lowers the sum of squared loads, so local
 search terminates.
+
+Every operation also adds what it cost to a `Work` counter (about one unit per Python-level
+step: a load update, a candidate looked at, a rank scanned). The search's later phases are
+bounded by these units, never by the clock, so a busy machine gets the same plan, only later.
 """
 from __future__ import annotations
 
@@ -16,8 +20,17 @@ import heapq
 import numpy as np
 
 
+class Work:
+    """Units of search work done so far, shared by the packings of one search."""
+
+    __slots__ = ("units",)
+
+    def __init__(self):
+        self.units = 0
+
+
 class Packing:
-    def __init__(self, topology, cap: float):
+    def __init__(self, topology, cap: float, work: Work | None = None):
         self.W, self.P, self.cap = topology.world_size, topology.ranks_per_node, float(cap)
         self.num_nodes = topology.num_nodes
         self.load = [0.0] * self.W
@@ -29,9 +42,11 @@ class Packing:
         self.rank_items = [set() for _ in range(self.W)]
         self.log: list[tuple] | None = None  # undo log while a trial runs
         self._heap = None
+        self.work = work if work is not None else Work()
 
     # -- primitive, undoable operations ---------------------------------------------------
     def _bump(self, r: int, t: float, m: float) -> None:
+        self.work.units += 1
         self.load[r] += t
         self.mem[r] += m
         if self._heap is not None:
@@ -88,6 +103,7 @@ class Packing:
     def undo(self, mark: int) -> None:
         """Take back every operation logged after ``mark`` (a length of ``log``)."""
         log, self.log = self.log, None
+        self.work.units += len(log) - mark
         while len(log) > mark:
             op = log.pop()
             if op[0] == "move":
@@ -139,6 +155,7 @@ class Packing:
         not in ``exclude``."""
         if allowed is not None or self._heap is None:
             best = None
+            self.work.units += len(allowed) if allowed is not None else self.W
             for r in (allowed if allowed is not None else range(self.W)):
                 if r in exclude or self.mem[r] + m > self.cap:
                     continue
@@ -154,6 +171,7 @@ class Packing:
             if entry[1] not in exclude and self.mem[entry[1]] + m <= self.cap:
                 found = entry[1]
                 break
+        self.work.units += len(stash) + 1
         for entry in stash:
             heapq.heappush(self._heap, entry)
         return found
@@ -185,7 +203,9 @@ class Packing:
     def _place_node(self, opt) -> bool:
         """table_row_wise: the node whose busiest rank ends least busy."""
         best, best_peak = None, None
-        for node in (opt.nodes if opt.nodes is not None else range(self.num_nodes)):
+        nodes = opt.nodes if opt.nodes is not None else range(self.num_nodes)
+        self.work.units += len(nodes) * self.P
+        for node in nodes:
             shards = self.node_shards(opt, node)
             if any(self.mem[r] + m > self.cap for r, _, m in shards):
                 continue
@@ -212,6 +232,7 @@ class Packing:
     def tables_on(self, r: int) -> list[int]:
         """Tables with a shard on rank r, busiest shard first."""
         on = {}
+        self.work.units += len(self.rank_items[r]) + len(self.chosen)
         for i in self.rank_items[r]:
             on[self.item_table[i]] = self.item_time[i]
         P = self.P
@@ -223,10 +244,12 @@ class Packing:
         return sorted(on, key=lambda t: -on[t])
 
     def makespan(self) -> float:
+        self.work.units += self.W
         return max(self.load)
 
     def score(self) -> tuple[float, int]:
         """(busiest load, how many ranks are within 1e-9 of it): smaller is better."""
+        self.work.units += self.W
         top = max(self.load)
         return top, sum(1 for x in self.load if x >= top * (1 - 1e-9))
 
@@ -242,11 +265,13 @@ class Packing:
             return False
         if opt.num_shards > 1:
             table = self.item_table[i]
+            self.work.units += len(self.rank_items[r])
             return not any(j != leaving and self.item_table[j] == table for j in self.rank_items[r])
         return True
 
     def _busiest_and_idlest(self, k: int) -> tuple[int, list[int]]:
         """The busiest rank and the k least busy others (numpy beyond a few ranks)."""
+        self.work.units += self.W
         if self.W <= 32:
             order = sorted(range(self.W), key=self.load.__getitem__)
             return order[-1], order[:min(k, self.W - 1)]
@@ -260,6 +285,7 @@ class Packing:
         Lr = self.load[r]
         best, best_peak = None, Lr * (1 - 1e-12)
         items = sorted(self.rank_items[r], key=self.item_time.__getitem__, reverse=True)
+        self.work.units += len(items) * (len(qs) + 1)
         for q in qs:
             gap = Lr - self.load[q]
             for i in items:
@@ -277,6 +303,7 @@ class Packing:
             Lq = self.load[q]
             gap = Lr - Lq
             theirs = sorted(self.rank_items[q], key=self.item_time.__getitem__)
+            self.work.units += len(theirs) + 4 * len(mine)
             times = [self.item_time[j] for j in theirs]
             for i in mine:
                 t = self.item_time[i]

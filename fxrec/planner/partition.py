@@ -6,18 +6,25 @@ option (least total time) among those whose largest shard costs at most theta, t
 shards are placed largest first on the least-loaded rank with room, and local search
 moves and swaps shards off the busiest rank. The best packings over the thresholds are
 refined (re-choosing the option of a table on the busiest rank, one or two at a time)
-and perturbed (seeded iterated local search), within a time budget that grows with the
-construction's time. The bounds (`fxrec.planner.bounds`, re-exported here) set the
-thresholds and say when to stop.
+and perturbed (seeded iterated local search), within a budget of counted work
+(`fxrec.planner.packing.Work`) that grows with the construction's work, never with the
+clock: the same input gives the same plan on a fast or a loaded machine. The bounds
+(`fxrec.planner.bounds`, re-exported here) set the thresholds and say when to stop.
 """
 from __future__ import annotations
 
 import math
 import random
-import time
 
 from fxrec.planner.bounds import cover_bound, lower_bound, split_bound  # noqa: F401 (the last two re-exported)
-from fxrec.planner.packing import Packing
+from fxrec.planner.packing import Packing, Work
+
+# Work floors of the refinement and the perturbation (they also get half the construction's
+# work). One unit is about one Python-level step, 3-5 million a second on the 2-core
+# machine the planner benchmarks ran on: the floors are ~1 s there for small instances
+# (pairs of changes are tried) and 0.2-0.3 s for large ones, what the time budgets were.
+REFINE_FLOOR = {True: 4_500_000, False: 1_400_000}
+PERTURB_FLOOR = {True: 4_500_000, False: 900_000}
 
 
 def choose(options: list[list], theta: float) -> list:
@@ -33,10 +40,12 @@ def choose(options: list[list], theta: float) -> list:
     return out
 
 
-def pack(chosen: list, topology, cap: float, by: str = "time") -> tuple[Packing | None, int | None]:
+def pack(chosen: list, topology, cap: float, by: str = "time",
+         work: Work | None = None) -> tuple[Packing | None, int | None]:
     """Place the chosen options; returns (packing, None) or (None, table that did not
-    fit). ``by="memory"`` orders shards by bytes instead of seconds, for tight memory."""
-    pk = Packing(topology, cap)
+    fit). ``by="memory"`` orders shards by bytes instead of seconds, for tight memory.
+    ``work``: the counter the packing adds to (a new one if None)."""
+    pk = Packing(topology, cap, work)
     spread = [o for o in chosen if o.placement == "all"]
     for opt in sorted(spread, key=lambda o: -o.max_mem):
         if not pk.place(opt):  # replicas or row shards alone overflow a rank
@@ -59,12 +68,12 @@ def _thetas(lb: float) -> list[float]:
     return [math.inf] + [lb * f for f in (2.0, 1.0, 0.9, 0.75, 0.6, 0.5, 0.35, 0.25, 0.125)]
 
 
-def heuristic(options: list[list], topology, cap: float, time_budget: float = 30.0):
+def heuristic(options: list[list], topology, cap: float):
     """The best packing over the split thresholds, refined; or (None, tables that
-    failed). Refinement and perturbation get time in proportion to the construction's,
-    so they at most about double the planning time (and never pass ``time_budget``)."""
-    start = time.perf_counter()
-    deadline = start + time_budget
+    failed). Refinement and perturbation each get work in proportion to the
+    construction's (at least a floor), so they at most about double the planning time;
+    the packing's ``work`` counts all of it."""
+    work = Work()
     found, failed, seen = [], [], set()
     lb = cover_bound(options, topology)
     for theta in _thetas(lb):
@@ -73,50 +82,49 @@ def heuristic(options: list[list], topology, cap: float, time_budget: float = 30
         if sig in seen:
             continue
         seen.add(sig)
-        pk, bad = _pack_any(chosen, options, topology, cap)
+        pk, bad = _pack_any(chosen, options, topology, cap, work)
         if pk is None:
             failed.append(bad)
             continue
         pk.local_search()
         found.append(pk)
-        if time.perf_counter() > deadline:
-            break
     if not found:
         return None, failed
     found.sort(key=lambda p: p.score())
     small = len(options) * topology.world_size <= 256  # pairs of changes are affordable
-    spent = time.perf_counter() - start
-    until = min(deadline, time.perf_counter() + max(1.0 if small else 0.3, 0.5 * spent))
+    built = work.units
+    until = work.units + max(REFINE_FLOOR[small], built // 2)
     for pk in found[:2]:
         pk.log = []
         refine(pk, options, until, depth=2 if small else 1)
     best = min(found[:2], key=lambda p: p.score())
     if best.makespan() > lb * (1 + 1e-3):
-        until = min(deadline, time.perf_counter() + max(1.0 if small else 0.2, 0.5 * spent))
+        until = work.units + max(PERTURB_FLOOR[small], built // 2)
         perturb(best, options, until, rounds=300 if small else 30)
     best.log = None
     return best, []
 
 
-def refine(pk: Packing, options: list[list], deadline: float, max_tables: int = 8, depth: int = 1) -> None:
+def refine(pk: Packing, options: list[list], until: int, max_tables: int = 8, depth: int = 1) -> None:
     """Re-choose the option of a table on the busiest rank (re-placing it and running
-    local search) while that lowers (busiest load, number of ranks that busy).
-    ``pk.log`` must be a list (the changes stay undoable by the caller)."""
-    while time.perf_counter() < deadline:
+    local search) while that lowers (busiest load, number of ranks that busy) and
+    ``pk.work.units`` is below ``until``. ``pk.log`` must be a list (the changes stay
+    undoable by the caller)."""
+    while pk.work.units < until:
         base = pk.score()
         r = max(range(pk.W), key=pk.load.__getitem__)
         if not _improve_one(pk, options, pk.tables_on(r)[:max_tables], base, depth):
             break
 
 
-def perturb(pk: Packing, options: list[list], deadline: float, rounds: int, seed: int = 0) -> None:
+def perturb(pk: Packing, options: list[list], until: int, rounds: int, seed: int = 0) -> None:
     """Iterated local search: re-choose two or three random tables' options at random
     (one of them on the busiest rank), refine, keep the result only if it is better.
-    Seeded, so a plan is reproducible."""
+    Seeded and bounded by work (``pk.work.units`` below ``until``), so a plan is reproducible."""
     rng = random.Random(seed)
     T = len(options)
     for _ in range(rounds):
-        if time.perf_counter() >= deadline:
+        if pk.work.units >= until:
             return
         base = pk.score()
         mark = len(pk.log)
@@ -131,7 +139,7 @@ def perturb(pk: Packing, options: list[list], deadline: float, rounds: int, seed
                 break
         if ok:
             pk.local_search(max_steps=500)
-            refine(pk, options, deadline)
+            refine(pk, options, until)
             if _better(pk.score(), base):
                 pk.log.clear()
                 continue
@@ -168,13 +176,13 @@ def _better(a, b) -> bool:
     return a[0] <= b[0] * (1 + 1e-12) and a[1] < b[1]
 
 
-def _pack_any(chosen: list, options: list[list], topology, cap: float):
+def _pack_any(chosen: list, options: list[list], topology, cap: float, work: Work | None = None):
     """Pack by time, then by memory, then with the tables that failed split into
     options of smaller shards, until it fits or nothing smaller is left."""
     chosen = list(chosen)
     for _ in range(len(chosen) + 1):
         for by in ("time", "memory"):
-            pk, bad = pack(chosen, topology, cap, by)
+            pk, bad = pack(chosen, topology, cap, by, work)
             if pk is not None:
                 return pk, None
         smaller = [o for o in options[bad] if o.max_mem < chosen[bad].max_mem]

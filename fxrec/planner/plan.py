@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import time
 
 import torch
 
@@ -26,6 +25,9 @@ __all__ = ["plan", "Plan", "TablePlan", "Shard", "Constraint", "PlanError"]
 
 DEFAULT_BATCH_SIZE = 512
 HEDGE_SLACK = 0.005  # the busiest rank may give up 0.5% to stay balanced if intra-node links are slow
+# the hedge's work floor (`fxrec.planner.packing.Work` units, ~0.2 s on the benchmarks' machine);
+# it also gets half the search's work
+HEDGE_FLOOR = 900_000
 EXACT_LIMITS = (12, 4)  # the exact search runs by itself up to 12 tables on 4 ranks
 
 
@@ -216,15 +218,13 @@ def _search(options, topology, search: str, slack: float):
     tables that failed) when nothing fits."""
     cap = topology.memory_per_rank
     small = len(options) <= EXACT_LIMITS[0] and topology.world_size <= EXACT_LIMITS[1]
-    start = time.perf_counter()
     pk, failed = partition.heuristic(options, topology, cap)
     stats = dict(method="heuristic", failed=failed)
     run_exact = search == "exact" or (search == "auto" and small)
     if pk is not None and slack > 0 and not run_exact and topology.num_nodes > 1:
         # within `slack` of the search's result, balanced when every remote byte crosses the
         # NIC too; not where the exact search runs, whose optimum is the point of running it
-        spent = time.perf_counter() - start
-        stats["hedge_steps"] = hedge_.hedge(pk, slack, time.perf_counter() + max(0.2, 0.5 * spent))
+        stats["hedge_steps"] = hedge_.hedge(pk, slack, pk.work.units + max(HEDGE_FLOOR, pk.work.units // 2))
     best = partition.assignment(pk) if pk is not None else None
     stats["max_rank_time"] = pk.makespan() if pk is not None else None
     if run_exact:
