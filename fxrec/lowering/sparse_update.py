@@ -128,57 +128,95 @@ def sort_occurrences(layout: TBELayout, indices: Tensor, offsets: Tensor,
                        src_off.index_select(0, perm), scale.index_select(0, perm))
 
 
-def _group_rows(layout: TBELayout, grad_output: Tensor, offsets: Tensor, bag: Tensor, table: Tensor,
-                group: list[int], d: int):
-    """(G, row of G per occurrence): the gradients of `group`'s tables (all of width d) as the
-    rows of one ``n x d`` matrix G (a view when they are the whole layout), and, for every
-    occurrence (in bag `bag` of table `table`), the row of G its gradient is (pooled: its
-    bag's; unpooled: its own)."""
+def _group_occurrences(layout: TBELayout, grad_output: Tensor, indices: Tensor, offsets: Tensor,
+                       per_sample_weights: Optional[Tensor], group: list[int], bounds: list[int]):
+    """The occurrences of `group`'s tables (all of one width d), in input order, as
+    ``(G, rows, keys, scale, bases)``:
+
+    - G: their gradients as the rows of one ``m x d`` matrix, a view when the group is the
+      whole layout (pooled: a bag's row; unpooled: an occurrence's own);
+    - rows: per occurrence, the row of G its gradient is;
+    - keys: per occurrence, ``bases[i] + id`` for the group's i-th table, with ``bases`` the
+      cumulative rows of the group's tables (`_key_dtype`), so they sort table-major;
+    - scale: per occurrence, its per-sample weight divided by its bag's length where the
+      table pools by mean; None when every factor is 1.
+
+    Indices are table-major, so table t's occurrences are ``bounds[t]:bounds[t + 1]`` and
+    each per-occurrence tensor is built by one `repeat_interleave` of a per-table or per-bag
+    one, not by gathers over a per-occurrence bag index."""
     T, dev = layout.num_tables, grad_output.device
+    d = layout.dims[group[0]]
     B = layout.batch_size(offsets)
-    if layout.pooled:
-        b = bag - table * B
-        if len(group) == T:  # bag t*B + b is row b*T + t of the B x (T*d) gradient seen as (B*T) x d
-            return grad_output.reshape(-1, d), b * T + table
-        pos = torch.full((T,), -1, dtype=torch.int64, device=dev)
-        pos[torch.tensor(group, device=dev)] = torch.arange(len(group), device=dev)
+    whole = len(group) == T
+    counts = [bounds[t + 1] - bounds[t] for t in group]
+    n = sum(counts)
+
+    def take(x: Tensor, per: int) -> Tensor:  # the group's part of a table-major tensor
+        if whole:
+            return x
+        return torch.cat([x[bounds[t]:bounds[t + 1]] if per == 0 else x[t * per:(t + 1) * per] for t in group])
+
+    bases = [0]
+    for t in group:
+        bases.append(bases[-1] + layout.rows[t])
+    kdt = _key_dtype(layout)
+    keys = take(indices, 0).to(kdt) + torch.repeat_interleave(
+        torch.tensor(bases[:-1], dtype=kdt, device=dev), torch.tensor(counts, device=dev), output_size=n)
+    if not layout.pooled:  # one row of G per occurrence: table t's block of the flat gradient
+        starts = layout.unpooled_offsets(offsets).tolist()
+        blocks = [grad_output[starts[t]:starts[t] + c * d].view(c, d) for t, c in zip(group, counts)]
+        G = grad_output[:n * d].view(n, d) if whole else (blocks[0] if len(blocks) == 1 else torch.cat(blocks))
+        return G, torch.arange(n, device=dev), keys, None, bases
+    Tg = len(group)
+    if whole:  # bag t*B + b is row b*T + t of the B x (T*d) gradient seen as (B*T) x d
+        G = grad_output.reshape(-1, d)
+    else:
         G = torch.cat([grad_output[:, layout.D_offsets_list[t]:layout.D_offsets_list[t + 1]] for t in group],
                       dim=1).reshape(-1, d)
-        return G, b * len(group) + pos[table]
-    # unpooled: table t's rows are one block of the flat gradient, its occurrences in order
-    ids_start = offsets[::B].tolist() if B > 0 else [0] * (T + 1)
-    n = [e - s for s, e in zip(ids_start[:-1], ids_start[1:])]
-    starts = layout.unpooled_offsets(offsets).tolist()
-    blocks = [grad_output[starts[t]:starts[t] + n[t] * d].view(n[t], d) for t in group]
-    G = blocks[0] if len(blocks) == 1 else torch.cat(blocks)
-    first_row = [0] * T  # occurrence i of table t is row first_row[t] + i of G
-    acc = 0
-    for t in group:
-        first_row[t] = acc - ids_start[t]
-        acc += n[t]
-    return G, torch.arange(bag.numel(), device=dev) + torch.tensor(first_row, device=dev)[table]
+    off = offsets.long()
+    lengths = take(off[1:] - off[:-1], B)
+    bag_rows = (torch.arange(B, device=dev) * Tg + torch.arange(Tg, device=dev)[:, None]).reshape(-1)
+    rows = torch.repeat_interleave(bag_rows, lengths, output_size=n)
+    mean = [i for i, t in enumerate(group) if layout.poolings[t] == "mean"]
+    scale = take(per_sample_weights, 0).float() if per_sample_weights is not None else None
+    if mean:
+        bag_scale = torch.ones(Tg, B, dtype=torch.float32, device=dev)
+        bag_scale[mean] = 1.0 / lengths.view(Tg, B)[mean].clamp(min=1).float()
+        per_occ = torch.repeat_interleave(bag_scale.reshape(-1), lengths, output_size=n)
+        scale = per_occ if scale is None else scale * per_occ
+    return G, rows, keys, scale, bases
 
 
-def _segment_sq_sums(G: Tensor, rows: Tensor, scale: Optional[Tensor], counts: Tensor) -> Tensor:
-    """fp32 [S]: for consecutive segments of `counts` occurrences, ``|sum_o scale_o G[rows_o]|^2``.
+def _sq_norms(x: Tensor) -> Tensor:
+    """fp32 squared norm of each row (`vector_norm` reduces without an x-sized temporary;
+    `vecdot` multiplies first and was 5x slower here)."""
+    return torch.linalg.vector_norm(x.float(), dim=1).square()
 
-    A segment of one occurrence is ``scale^2 |G[row]|^2`` (from G's row norms, no gather of
-    its gradient); only segments of several occurrences sum their rows, by `embedding_bag`.
-    Gathers use index_select / masked_select: on the CPU they are 2-4x faster than
-    advanced indexing (``x[idx]``, ``x[mask]``), which dominated this function's time."""
-    norms = torch.linalg.vector_norm(G.float(), dim=1).square()
-    first = torch.cat([counts.new_zeros(1), counts.cumsum(0)[:-1]])
-    sums = norms.index_select(0, rows.index_select(0, first))
+
+def _segment_sq_sums(G: Tensor, rows: Tensor, scale: Optional[Tensor], keys: Tensor, counts: Tensor) -> Tensor:
+    """fp32 [S]: for the S runs of equal sorted `keys` (lengths `counts`), ``|sum_o scale_o G[rows_o]|^2``.
+
+    A run of one occurrence is ``scale^2 |G[row]|^2`` (from G's row norms, no gather of
+    its gradient); only runs of several sum their rows, by `embedding_bag`. Gathers use
+    index_select / masked_select: on the CPU they are 2-4x faster than advanced indexing
+    (``x[idx]``, ``x[mask]``)."""
+    first = counts.cumsum(0) - counts
+    sums = _sq_norms(G).index_select(0, rows.index_select(0, first))
     if scale is not None:
         sums = sums * scale.index_select(0, first).square()
-    multi = counts > 1
-    if bool(multi.any()):
-        occ = torch.repeat_interleave(multi, counts, output_size=rows.numel())
+    n = rows.numel()
+    if counts.numel() < n:  # some row occurs more than once
+        # an occurrence belongs to a run of several iff it equals a neighbour
+        same = keys[1:] == keys[:-1]
+        occ = torch.zeros(n, dtype=torch.bool, device=rows.device)
+        occ[1:] = same
+        occ[:-1] |= same
+        multi = counts > 1
         m_counts = counts.masked_select(multi)
-        bags = torch.cat([m_counts.new_zeros(1), m_counts.cumsum(0)[:-1]])
         psw = None if scale is None else scale.masked_select(occ).to(G.dtype)
-        g = F.embedding_bag(rows.masked_select(occ), G, bags, mode="sum", per_sample_weights=psw).float()
-        sums.masked_scatter_(multi, torch.linalg.vector_norm(g, dim=1).square())  # no U x d temporary
+        g = F.embedding_bag(rows.masked_select(occ), G, m_counts.cumsum(0) - m_counts, mode="sum",
+                            per_sample_weights=psw)
+        sums.masked_scatter_(multi, _sq_norms(g))  # no U x d temporary
     return sums
 
 
@@ -187,40 +225,30 @@ def row_sq_sums(layout: TBELayout, grad_output: Tensor, indices: Tensor, offsets
     """Per table t in `tables`: its unique ids (ascending, int64) and, per id, the sum over
     the table's columns of the squared gradient summed over the id's occurrences (fp32) —
     RowWiseAdagrad's ``sum(g**2)`` before the mean. Per distinct width, one sort of the
-    occurrences by row and one `embedding_bag` over the gradient rows (bags = unique rows),
-    whatever the number of tables; tables no id touched get empty tensors. Occurrences are
-    summed in input order within a row, so the result is the same run to run."""
+    occurrences by row and one `embedding_bag` over the gradient rows of the rows that occur
+    more than once, whatever the number of tables; tables no id touched get empty tensors.
+    Occurrences are summed in input order within a row, so the result is the same run to run."""
     dev = grad_output.device
     tables = sorted(set(tables))
     out = {t: (torch.zeros(0, dtype=torch.int64, device=dev), torch.zeros(0, dtype=torch.float32, device=dev))
            for t in tables}
-    n = indices.numel()
-    if n == 0:
+    if indices.numel() == 0:
         return out
     B = layout.batch_size(offsets)
-    off = offsets.long()
-    lengths = off[1:] - off[:-1]
-    bag = torch.repeat_interleave(torch.arange(lengths.numel(), device=dev), lengths, output_size=n)
-    table = bag // max(B, 1)
-    scale = _occurrence_scale(layout, table, bag, lengths, per_sample_weights) if layout.pooled else None
-    hsc = layout.hash_size_cumsum.to(dev)
+    bounds = offsets[::B].tolist()  # table t's occurrences: bounds[t]:bounds[t + 1]
     for d in sorted({layout.dims[t] for t in tables}):
         group = [t for t in tables if layout.dims[t] == d]
-        G, grow = _group_rows(layout, grad_output, offsets, bag, table, group, d)
-        keep = torch.isin(table, torch.tensor(group, device=dev)) if len(group) < layout.num_tables else None
-        g_table, g_ids, g_rows, g_scale = (table, indices.long(), grow, scale) if keep is None else \
-            (table.masked_select(keep), indices.long().masked_select(keep), grow.masked_select(keep),
-             None if scale is None else scale.masked_select(keep))
-        if g_ids.numel() == 0:
+        G, rows, keys, scale, bases = _group_occurrences(layout, grad_output, indices, offsets,
+                                                         per_sample_weights, group, bounds)
+        if keys.numel() == 0:
             continue
-        rows_sorted, perm = torch.sort((hsc.index_select(0, g_table) + g_ids).to(_key_dtype(layout)), stable=True)
-        uniq, counts = torch.unique_consecutive(rows_sorted, return_counts=True)
-        sums = _segment_sq_sums(G, g_rows.index_select(0, perm),
-                                None if g_scale is None else g_scale.index_select(0, perm), counts)
+        keys, perm = torch.sort(keys, stable=True)
+        uniq, counts = torch.unique_consecutive(keys, return_counts=True)
+        sums = _segment_sq_sums(G, rows.index_select(0, perm),
+                                None if scale is None else scale.index_select(0, perm), keys, counts)
         uniq = uniq.long()
-        # unique keys ascend, so table t's are those in [hsc[t], hsc[t+1]): T+1 searches, not U
-        bounds = torch.searchsorted(uniq, hsc).tolist()
-        hsc_list = layout.hash_size_cumsum_list
-        for t in group:
-            out[t] = (uniq[bounds[t]:bounds[t + 1]] - hsc_list[t], sums[bounds[t]:bounds[t + 1]])
+        # unique keys ascend, so the group's i-th table's are those in [bases[i], bases[i+1])
+        cut = torch.searchsorted(uniq, torch.tensor(bases, dtype=torch.int64, device=dev)).tolist()
+        for i, t in enumerate(group):
+            out[t] = (uniq[cut[i]:cut[i + 1]] - bases[i], sums[cut[i]:cut[i + 1]])
     return out
