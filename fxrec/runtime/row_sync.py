@@ -167,10 +167,16 @@ class RowSync(nn.Module):
             for h in holders[1:]:
                 acc += parts[(t, h)]
             mean[t] = acc / self.dims[t]
+        # one index_add_ per fused module into its flat accumulators (global row = the
+        # table's first row + id), not one per column shard
+        rows, deltas = {}, {}
         for e in entries:
             if e.rows.numel():
-                momentum = e.owner.table_state()[e.key]["momentum"]
-                momentum.index_add_(0, e.rows, mean[e.table] - e.partial / e.width)
+                first = e.owner.layout.hash_size_cumsum_list[e.owner.layout.names.index(e.key)]
+                rows.setdefault(e.owner, []).append(e.rows + first)
+                deltas.setdefault(e.owner, []).append(mean[e.table] - e.partial / e.width)
+        for owner in rows:
+            owner.optimizer_state()["momentum"].index_add_(0, torch.cat(rows[owner]), torch.cat(deltas[owner]))
         for owner, args in deferred:
             owner.update(*args)
 
