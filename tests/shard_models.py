@@ -140,6 +140,37 @@ def _sequence_ec_cat(batches):
     return (_cat_kjt([x[0] for x in batches]),)
 
 
+class UnevenBags(nn.Module):
+    """Tables looked up with different bag counts per sample: one bag each of `one` and
+    `one_b`, two of `two` and `two_b`, three of `three` (2-D ids of ``k * b`` rows, the
+    pooled rows then viewed per sample). A rank holding several of them sends pooled routes
+    of unequal bag counts, which dist_output.py lays out route by route instead of row-major."""
+
+    def __init__(self):
+        super().__init__()
+        self.one = nn.EmbeddingBag(20, 8, mode="sum")
+        self.one_b = nn.EmbeddingBag(16, 8, mode="mean")
+        self.two = nn.EmbeddingBag(30, 8, mode="sum")
+        self.two_b = nn.EmbeddingBag(24, 8, mode="sum")
+        self.three = nn.EmbeddingBag(12, 8, mode="mean")
+        # a sigmoid last: behind a final ReLU, a sample with a negative output sends no gradient,
+        # and the reference's lazy Adam (rows with a nonzero gradient) would skip rows that
+        # fxrec's (rows the batch touched, as FBGEMM and torch's SparseAdam) updates
+        self.top = _mlp([8 * 9, 8, 1], last_sigmoid=True)
+
+    def forward(self, x1, x1b, x2, x2b, x3):
+        b = x1.shape[0]
+        parts = [self.one(x1), self.one_b(x1b), self.two(x2).view(b, -1), self.two_b(x2b).view(b, -1),
+                 self.three(x3).view(b, -1)]
+        return self.top(torch.cat(parts, 1))
+
+
+def _uneven_draw(g, b):
+    return (torch.randint(0, 20, (b, 3), generator=g), torch.randint(0, 16, (b, 2), generator=g),
+            torch.randint(0, 30, (2 * b, 3), generator=g), torch.randint(0, 24, (2 * b, 1), generator=g),
+            torch.randint(0, 12, (3 * b, 2), generator=g))
+
+
 @dataclass(frozen=True)
 class Case:
     name: str
@@ -159,4 +190,5 @@ CASES = {c.name: c for c in [
     Case("sequence", Sequence, _sequence_draw, _cat_tensors),
     Case("weighted_mean", WeightedMean, _weighted_draw, _weighted_cat),
     Case("sequence_ec", SequenceEC, _sequence_ec_draw, _sequence_ec_cat),
+    Case("uneven_bags", UnevenBags, _uneven_draw, _cat_tensors),
 ]}

@@ -246,7 +246,9 @@ def _unit_modules(gm: GraphModule, spec: UnitSpec, nodes: list[Node], dp_slots: 
     unit = nn.Module()
     gm.get_submodule(ROOT).add_module(spec.name, unit)
     unit.gather = GatherInputs(node_specs, slots)
-    unit.collect = CollectOutputs(spec, dp_slots)
+    # The 1/W of the shards' gradients (local_lookup.py) is applied in backward by CollectOutputs
+    # (what all_to_all brought) and OutputPrep (what reduce_scatter brought).
+    unit.collect = CollectOutputs(spec, dp_slots, grad_scale=1.0 / spec.world_size)
     unit.finish = FinishOutputs(node_specs, slots)
     if spec.routes:
         unit.input_dist, unit.recv_splits, unit.unpack = InputDist(spec), RecvSplits(spec), Unpack(spec)
@@ -254,7 +256,6 @@ def _unit_modules(gm: GraphModule, spec: UnitSpec, nodes: list[Node], dp_slots: 
 
         def init(key: str) -> Tensor:  # drawn when LocalLookup fills that shard, not all at once
             return values(shards[key].table, shards[key].rows, shards[key].cols)
-        # The 1/W of the shards' gradients (local_lookup.py) is applied by OutputPrep's backward.
         unit.lookup = LocalLookup(spec.local_shards(), env["optimizer"], spec.world_size, dtype, device, init,
                                   scale_outputs=False)
         unit.output_prep = OutputPrep(spec, dtype, device, grad_scale=1.0 / spec.world_size)

@@ -250,7 +250,9 @@ class FinishOutputs(nn.Module):
                         parts.append(_finish_slot(self.slots[k], inputs[k], _joined(out)))
                 results.append(KeyedTensor(keys, [self.slots[k].dim for k in spec.slots], torch.cat(parts, dim=1)))
                 continue
-            outs = [_finish_slot(self.slots[k], inputs[k], _joined(slot_outputs[k])) for k in spec.slots]
+            # contiguous: a pooled slot's result may be a strided view into the received buffer
+            # (dist_output.py), which the user's code would not expect of an embedding's output
+            outs = [_finish_slot(self.slots[k], inputs[k], _joined(slot_outputs[k])).contiguous() for k in spec.slots]
             if spec.kind == "ec":
                 results.append({self.slots[k].feature: JaggedTensor(o, lengths=inputs[k].jt_lengths, validate=False)
                                 for k, o in zip(spec.slots, outs)})

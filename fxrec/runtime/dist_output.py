@@ -4,8 +4,16 @@
 collectives; `CollectOutputs` cuts what came back into one result per slot. Buffers are 1-D
 (shards differ in width). Orders, shared by both sides:
 
-- all_to_all (table_wise / column_wise sums, every unpooled row): the block for source rank s
-  holds, for each route to this rank in route order, the rows of s's bags or ids;
+- all_to_all (table_wise / column_wise sums, every unpooled row): the block between a holder
+  and a receiver holds first the pooled routes, then the unpooled ones, each in route order.
+  Pooled routes that all carry the same number of bags (the usual case: every feature of a
+  batch has one bag per sample) are laid out row-major, one row per bag holding every route's
+  columns (`_block_layout`): that is how the holder's fused lookup output already lies, so
+  when the buffer is the whole output (every a2a-served shard, every bag) it is sent as it
+  is, without a copy, and its gradient needs none either. Otherwise each route's rows follow
+  one another (``rows x width`` each). The gradients' 1/W (local_lookup.py) is applied by the
+  receiver's `_Blocks` backward, which writes every gradient element of the buffer once
+  anyway;
 - reduce_scatter (row_wise): chunk s holds, for each row_wise slot in slot order, the partial
   sums of s's bags; after the sum each rank holds its own chunk;
 - table_row_wise: on each node, chunk j of the node's reduce_scatter holds, for every node m
@@ -46,22 +54,45 @@ class _HangFrom(torch.autograd.Function):
         return grad, None
 
 
+def _block_layout(counts: list[int], widths: list[int]) -> list[tuple[int, int, int]]:
+    """Where the pooled routes of one all_to_all block lie, as (offset in the block, row
+    width, first column) per route, given each route's bag count and width: row-major (one
+    row of ``sum(widths)`` per bag) when every count is the same, else one ``count x width``
+    piece per route in turn. Holder and receiver both call it, with the same numbers."""
+    if counts and all(c == counts[0] for c in counts):
+        total, col = sum(widths), 0
+        out = []
+        for w in widths:
+            out.append((0, total, col))
+            col += w
+        return out
+    out, o = [], 0
+    for c, w in zip(counts, widths):
+        out.append((o, w, 0))
+        o += c * w
+    return out
+
+
+def _dst(buf: Tensor, pos: int, rows: int, width: int, col: int, cols: int) -> Tensor:
+    """The ``rows x cols`` window at column `col` of the ``rows x width`` matrix at `pos` of `buf`."""
+    return buf[pos:pos + rows * width].view(rows, width)[:, col:col + cols]
+
+
 class _Pieces(torch.autograd.Function):
-    """The flattened rectangles ``boxes`` = [(tensor, r0, r1, c0, c1)] of 2-D `tensors`,
-    concatenated, each written once into one buffer. Backward writes every piece's
-    gradient, times `scale`, into one gradient per input (zero-filled only where the boxes
-    leave gaps): slicing piece by piece would allocate and zero-fill a gradient the size of
-    the whole lookup output per piece, quadratic in the number of pieces."""
+    """Rectangles ``boxes`` = [(tensor, r0, r1, c0, c1, pos, width, col)] of 2-D `tensors`,
+    each written once into one 1-D buffer of `numel`, at column `col` of the ``(r1 - r0) x
+    width`` matrix starting at `pos` (``width = c1 - c0, col = 0``: the flattened rectangle).
+    Backward writes every piece's gradient, times `scale`, into one gradient per input
+    (zero-filled only where the boxes leave gaps): slicing piece by piece would allocate and
+    zero-fill a gradient the size of the whole lookup output per piece, quadratic in the
+    number of pieces."""
 
     @staticmethod
-    def forward(ctx, boxes, scale, *tensors):
+    def forward(ctx, boxes, scale, numel, *tensors):
         ctx.boxes, ctx.scale, ctx.shapes = boxes, scale, [t.shape for t in tensors]
-        out = tensors[0].new_empty(sum((r1 - r0) * (c1 - c0) for _, r0, r1, c0, c1 in boxes))
-        pos = 0
-        for t, r0, r1, c0, c1 in boxes:
-            n = (r1 - r0) * (c1 - c0)
-            out[pos:pos + n].view(r1 - r0, c1 - c0).copy_(tensors[t][r0:r1, c0:c1])
-            pos += n
+        out = tensors[0].new_empty(numel)
+        for t, r0, r1, c0, c1, pos, width, col in boxes:
+            _dst(out, pos, r1 - r0, width, col, c1 - c0).copy_(tensors[t][r0:r1, c0:c1])
         return out
 
     @staticmethod
@@ -69,43 +100,53 @@ class _Pieces(torch.autograd.Function):
         # Boxes never overlap (each is one (source, route) place), so boxes whose areas add
         # up to a tensor's size cover all of it: its gradient needs no zero fill.
         covered = [0] * len(ctx.shapes)
-        for t, r0, r1, c0, c1 in ctx.boxes:
+        for t, r0, r1, c0, c1, *_ in ctx.boxes:
             covered[t] += (r1 - r0) * (c1 - c0)
         grads = [grad.new_empty(shape) if covered[t] == shape.numel() else grad.new_zeros(shape)
                  for t, shape in enumerate(ctx.shapes)]
-        pos = 0
-        for t, r0, r1, c0, c1 in ctx.boxes:
-            n = (r1 - r0) * (c1 - c0)
-            src, dst = grad[pos:pos + n].view(r1 - r0, c1 - c0), grads[t][r0:r1, c0:c1]
+        for t, r0, r1, c0, c1, pos, width, col in ctx.boxes:
+            src, dst = _dst(grad, pos, r1 - r0, width, col, c1 - c0), grads[t][r0:r1, c0:c1]
             if ctx.scale == 1.0:
                 dst.copy_(src)
             else:
                 torch.mul(src, ctx.scale, out=dst)
-            pos += n
-        return (None, None, *grads)
+        return (None, None, None, *grads)
+
+
+def _whole(boxes, shape) -> bool:
+    """Whether `boxes` place every element of the one 2-D tensor of `shape` exactly where it
+    lies in memory (row-major), so that the buffer is that tensor, flattened."""
+    C = shape[1]
+    return all(t == 0 and width == C and col == c0 and pos == r0 * C for t, r0, _, c0, _, pos, width, col in boxes) \
+        and sum((r1 - r0) * (c1 - c0) for _, r0, r1, c0, c1, *_ in boxes) == shape[0] * C
 
 
 class _Blocks(torch.autograd.Function):
-    """Views ``rows x width`` of the 1-D `buf` at `blocks` = [(offset, rows, width)].
-    Backward writes each block's gradient once into one buffer (plain split + view would
-    copy a non-contiguous block gradient twice: in the view's backward, then the cat)."""
+    """Views ``rows x cols`` of the 1-D `buf` at `blocks` = [(offset, rows, width, col,
+    cols)]: from column `col` of the ``rows x width`` matrix at `offset`. Backward writes each
+    block's gradient once, times `scale`, into one buffer (plain split + view would copy a
+    non-contiguous block gradient twice: in the view's backward, then the cat)."""
 
     @staticmethod
-    def forward(ctx, blocks, buf):
-        ctx.blocks, ctx.numel = blocks, buf.numel()
-        return tuple(buf[o:o + n * w].view(n, w) for o, n, w in blocks)
+    def forward(ctx, blocks, scale, buf):
+        ctx.blocks, ctx.scale, ctx.numel = blocks, scale, buf.numel()
+        return tuple(_dst(buf, o, n, width, col, cols) for o, n, width, col, cols in blocks)
 
     @staticmethod
     def backward(ctx, *grads):
         ref = next((g for g in grads if g is not None), None)
         if ref is None:
-            return None, None
-        full = all(g is not None for g in grads) and sum(n * w for _, n, w in ctx.blocks) == ctx.numel
+            return None, None, None
+        full = all(g is not None for g in grads) and sum(n * c for _, n, _, _, c in ctx.blocks) == ctx.numel
         out = ref.new_empty(ctx.numel) if full else ref.new_zeros(ctx.numel)
-        for (o, n, w), g in zip(ctx.blocks, grads):
+        for (o, n, width, col, cols), g in zip(ctx.blocks, grads):
             if g is not None:
-                out[o:o + n * w].view(n, w).copy_(g)
-        return None, out
+                dst = _dst(out, o, n, width, col, cols)
+                if ctx.scale == 1.0:
+                    dst.copy_(g)
+                else:
+                    torch.mul(g, ctx.scale, out=dst)
+        return None, None, out
 
 
 class OutputPrep(nn.Module):
@@ -114,9 +155,10 @@ class OutputPrep(nn.Module):
     buffer, cross-node out splits, in splits); the table_row_wise three are None when the
     unit has no such table.
 
-    grad_scale: the factor backward applies to the gradients of the lookup results (the
-    1/W of local_lookup.py, applied here because this backward writes every gradient
-    element once anyway)."""
+    grad_scale: the factor backward applies to the gradients of the lookup results sent by
+    reduce_scatter (the 1/W of local_lookup.py, applied here because this backward writes
+    every gradient element once anyway); those sent by all_to_all get it from the receiver's
+    `CollectOutputs`, so that a buffer that is the lookup output itself needs no backward."""
 
     def __init__(self, spec: UnitSpec, dtype: torch.dtype, device=None, grad_scale: float = 1.0):
         super().__init__()
@@ -129,21 +171,53 @@ class OutputPrep(nn.Module):
                 self.col0[pos] = c
                 c += s.num_cols
 
+    def _rect(self, tensors: list, ls: LookupState, key) -> tuple[int, int, int, int, int]:
+        """(tensor, r0, r1, c0, c1): where the lookup results of (source rank, route) `key` lie."""
+        pos, start, n = ls.places[key]
+        shard = self.shards[pos]
+        if shard.pooled:
+            c = self.col0[pos]
+            return 0, start, start + n, c, c + shard.num_cols
+        t = (1 if self.col0 else 0) + pos - len(self.col0)
+        return t, start, start + n, 0, tensors[t].shape[1]
+
+    @staticmethod
+    def _buffer(boxes: list, numel: int, tensors: list, scale: float, empty: Tensor) -> Tensor:
+        if not boxes:
+            return _grad_anchor(empty)
+        if scale == 1.0 and _whole(boxes, tensors[0].shape):
+            return tensors[0].reshape(-1)  # the fused output as it lies: no copy, nor in backward
+        return _grad_anchor(_Pieces.apply(boxes, scale, numel, *tensors))
+
     def _pieces(self, p_out, u_out, ls: LookupState, keys: list, empty: Tensor) -> Tensor:
         """The lookup results of the (source rank, route) `keys`, flattened and concatenated."""
         tensors = ([p_out] if p_out is not None else []) + list(u_out)
-        first_unpooled = len(tensors) - len(u_out)
-        boxes = []
+        boxes, pos = [], 0
         for key in keys:
-            pos, start, n = ls.places[key]
-            shard = self.shards[pos]
-            if shard.pooled:
-                c = self.col0[pos]
-                boxes.append((0, start, start + n, c, c + shard.num_cols))
-            else:
-                t = first_unpooled + pos - len(self.col0)
-                boxes.append((t, start, start + n, 0, tensors[t].shape[1]))
-        return _grad_anchor(_Pieces.apply(boxes, self.grad_scale, *tensors) if boxes else empty)
+            t, r0, r1, c0, c1 = self._rect(tensors, ls, key)
+            boxes.append((t, r0, r1, c0, c1, pos, c1 - c0, 0))
+            pos += (r1 - r0) * (c1 - c0)
+        return self._buffer(boxes, pos, tensors, self.grad_scale, empty)
+
+    def _a2a_buffer(self, p_out, u_out, ls: LookupState, mine: list[int], empty: Tensor) -> Tensor:
+        """The all_to_all send buffer: per receiver, the block of the module doc (its pooled
+        routes as `_block_layout` places them, then its unpooled ones); gradients unscaled."""
+        tensors = ([p_out] if p_out is not None else []) + list(u_out)
+        routes = self.spec.routes
+        pooled = [i for i in mine if routes[i].pooled]
+        unpooled = [i for i in mine if not routes[i].pooled]
+        boxes, pos = [], 0
+        for s in range(self.spec.world_size):
+            rects = [self._rect(tensors, ls, (s, i)) for i in pooled]
+            layout = _block_layout([r1 - r0 for _, r0, r1, _, _ in rects], [c1 - c0 for *_, c0, c1 in rects])
+            for (t, r0, r1, c0, c1), (o, width, col) in zip(rects, layout):
+                boxes.append((t, r0, r1, c0, c1, pos + o, width, col))
+            pos += sum((r1 - r0) * (c1 - c0) for _, r0, r1, c0, c1 in rects)
+            for i in unpooled:
+                t, r0, r1, c0, c1 = self._rect(tensors, ls, (s, i))
+                boxes.append((t, r0, r1, c0, c1, pos, c1 - c0, 0))
+                pos += (r1 - r0) * (c1 - c0)
+        return self._buffer(boxes, pos, tensors, 1.0, empty)
 
     def forward(self, p_out, u_out, ls: LookupState, send: SendState, sync=None):
         """sync: the unit's `RowSyncState` (or None); its token hangs from every buffer."""
@@ -158,7 +232,7 @@ class OutputPrep(nn.Module):
         spec, W = self.spec, self.spec.world_size
         mine = [i for i in spec.my_routes() if spec.routes[i].output == "a2a"]
         empty = torch.zeros(0, dtype=self.dtype, device=self.device)
-        a2a = self._pieces(p_out, u_out, ls, [(s, i) for s in range(W) for i in mine], empty)
+        a2a = self._a2a_buffer(p_out, u_out, ls, mine, empty)
         a2a_in = [sum(ls.places[(s, i)][2] * spec.routes[i].width for i in mine) for s in range(W)]
         a2a_out = [0] * W
         for i, r in enumerate(spec.routes):
@@ -186,23 +260,35 @@ class OutputPrep(nn.Module):
 class CollectOutputs(nn.Module):
     """forward(inputs, SendState or None, all_to_all result, row_wise result, table_row_wise
     result, replicated outputs) -> per slot: pooled sums ``bags x dim`` (tables served
-    pooled) or rows ``ids x dim`` in the slot's own id order."""
+    pooled; possibly a strided view into the received buffer) or rows ``ids x dim`` in the
+    slot's own id order.
 
-    def __init__(self, spec: UnitSpec, dp_slots: list[int]):
+    grad_scale: the factor the backward applies to the gradients of what all_to_all
+    brought (the 1/W of local_lookup.py; see the module doc)."""
+
+    def __init__(self, spec: UnitSpec, dp_slots: list[int], grad_scale: float = 1.0):
         super().__init__()
-        self.spec, self.dp_slots = spec, list(dp_slots)
+        self.spec, self.dp_slots, self.grad_scale = spec, list(dp_slots), float(grad_scale)
 
     def _a2a_pieces(self, a2a: Tensor, send: SendState) -> dict:
         """Route -> its received block, ``rows x width``."""
         spec, keys, blocks, o = self.spec, [], [], 0
         for d in range(spec.world_size):
-            for i, r in enumerate(spec.routes):
-                if r.rank == d and r.output == "a2a":
-                    n = send.sizes[i][0 if r.pooled else 1]
+            from_d = [i for i, r in enumerate(spec.routes) if r.rank == d and r.output == "a2a"]
+            pooled = [i for i in from_d if spec.routes[i].pooled]
+            counts = [send.sizes[i][0] for i in pooled]
+            widths = [spec.routes[i].width for i in pooled]
+            for i, (off, width, col), n, w in zip(pooled, _block_layout(counts, widths), counts, widths):
+                keys.append(i)
+                blocks.append((o + off, n, width, col, w))
+            o += sum(n * w for n, w in zip(counts, widths))
+            for i in from_d:
+                if not spec.routes[i].pooled:
+                    n, w = send.sizes[i][1], spec.routes[i].width
                     keys.append(i)
-                    blocks.append((o, n, r.width))
-                    o += n * r.width
-        return dict(zip(keys, _Blocks.apply(blocks, a2a))) if keys else {}
+                    blocks.append((o, n, w, 0, w))
+                    o += n * w
+        return dict(zip(keys, _Blocks.apply(blocks, self.grad_scale, a2a))) if keys else {}
 
     def _chunks(self, buf: Optional[Tensor], slots: list[int], send: SendState) -> dict:
         if not slots:
