@@ -39,6 +39,7 @@ import os
 import platform
 import resource
 import socket
+import statistics
 import sys
 import tempfile
 import time
@@ -411,6 +412,23 @@ def report(sharding: str, runs: dict[str, dict], args) -> list[str]:
     return lines
 
 
+def spread_lines(got: dict[str, list[dict]]) -> list[str]:
+    """Beside the best runs: each framework's median run against TorchRec's, and the ratio
+    within each repeat (the two runs back to back, so a slow drift of the machine's load
+    cancels), with its median."""
+    tr = [r["samples_s"] for r in got["torchrec"]]
+    lines = []
+    for f, runs in got.items():
+        if f == "torchrec":
+            continue
+        mine = [r["samples_s"] for r in runs]
+        pairs = [a / b for a, b in zip(mine, tr)]
+        lines.append(f"{LABELS[f]} / TorchRec: medians {statistics.median(mine):,.0f} / {statistics.median(tr):,.0f}"
+                     f" = {statistics.median(mine) / statistics.median(tr):.3f}; per repeat "
+                     + ", ".join(f"{p:.2f}" for p in pairs) + f" (median {statistics.median(pairs):.3f})")
+    return lines
+
+
 def _header() -> str:
     from datetime import datetime
 
@@ -442,7 +460,7 @@ def main(argv=None) -> None:
     print(_header())
     print(f"# pooling ~{args.pooling} ids/bag (Poisson), bottom MLP {args.bottom}, top MLP {args.top}, "
           f"lr {args.lr}; {args.warmup} warm-up + {args.steps} timed steps; 1 thread per rank, gloo; "
-          f"each framework run {args.repeats}x in fresh processes, best run reported; the 2 cores are "
+          f"each framework run {args.repeats}x in fresh processes, best run reported (medians below it); the 2 cores are "
           f"shared with other jobs (load averages below)", flush=True)
     with tempfile.TemporaryDirectory() as out_dir:
         for sharding in args.shardings:
@@ -451,6 +469,7 @@ def main(argv=None) -> None:
             print("\n".join(report(sharding, best, args)))
             print("samples/s of every run: " + "; ".join(
                 f"{LABELS[f]} " + ", ".join(f"{r['samples_s']:,.0f}" for r in runs) for f, runs in got.items()))
+            print("\n".join(spread_lines(got)))
             for f, runs in got.items():
                 if runs[0]["profile"]:
                     print(f"-- {LABELS[f]}, rank 0: ops over 5 more {sharding} steps under torch.profiler "
