@@ -2,9 +2,9 @@
 
 The search's later phases (refinement, perturbation, the hedge) are bounded by counted
 work, never by the clock, so a slow or loaded machine cannot cut them short at a
-different point. The tests replace `time.perf_counter` (wherever the planner might read it) with a clock
-that runs 50 ms per reading, a machine far slower than any real one, and compare plans as
-JSON.
+different point. The tests replace `time.perf_counter` (wherever the planner might read
+it) with a clock that runs 50 ms per reading, a machine far slower than any real one, and
+compare plans as JSON.
 """
 from __future__ import annotations
 
