@@ -460,8 +460,8 @@ def main(argv=None) -> None:
     print(_header())
     print(f"# pooling ~{args.pooling} ids/bag (Poisson), bottom MLP {args.bottom}, top MLP {args.top}, "
           f"lr {args.lr}; {args.warmup} warm-up + {args.steps} timed steps; 1 thread per rank, gloo; "
-          f"each framework run {args.repeats}x in fresh processes, best run reported (medians below it); the 2 cores are "
-          f"shared with other jobs (load averages below)", flush=True)
+          f"each framework run {args.repeats}x in fresh processes, best run reported (medians below it); "
+          f"the 2 cores are shared with other jobs (load averages below)", flush=True)
     with tempfile.TemporaryDirectory() as out_dir:
         for sharding in args.shardings:
             got = run_both(sharding, args, out_dir)
