@@ -189,14 +189,20 @@ class OutputPrep(nn.Module):
             return tensors[0].reshape(-1)  # the fused output as it lies: no copy, nor in backward
         return _grad_anchor(_Pieces.apply(boxes, scale, numel, *tensors))
 
-    def _pieces(self, p_out, u_out, ls: LookupState, keys: list, empty: Tensor) -> Tensor:
-        """The lookup results of the (source rank, route) `keys`, flattened and concatenated."""
-        tensors = ([p_out] if p_out is not None else []) + list(u_out)
-        boxes, pos = [], 0
+    def _flat_boxes(self, tensors: list, ls: LookupState, keys, boxes: list, pos: int) -> int:
+        """Append the boxes of the (source rank, route) `keys`, each flattened, one after
+        another from `pos`; returns the position after them."""
         for key in keys:
             t, r0, r1, c0, c1 = self._rect(tensors, ls, key)
             boxes.append((t, r0, r1, c0, c1, pos, c1 - c0, 0))
             pos += (r1 - r0) * (c1 - c0)
+        return pos
+
+    def _pieces(self, p_out, u_out, ls: LookupState, keys: list, empty: Tensor) -> Tensor:
+        """The lookup results of the (source rank, route) `keys`, flattened and concatenated."""
+        tensors = ([p_out] if p_out is not None else []) + list(u_out)
+        boxes: list = []
+        pos = self._flat_boxes(tensors, ls, keys, boxes, 0)
         return self._buffer(boxes, pos, tensors, self.grad_scale, empty)
 
     def _a2a_buffer(self, p_out, u_out, ls: LookupState, mine: list[int], empty: Tensor) -> Tensor:
@@ -213,10 +219,7 @@ class OutputPrep(nn.Module):
             for (t, r0, r1, c0, c1), (o, width, col) in zip(rects, layout):
                 boxes.append((t, r0, r1, c0, c1, pos + o, width, col))
             pos += sum((r1 - r0) * (c1 - c0) for _, r0, r1, c0, c1 in rects)
-            for i in unpooled:
-                t, r0, r1, c0, c1 = self._rect(tensors, ls, (s, i))
-                boxes.append((t, r0, r1, c0, c1, pos, c1 - c0, 0))
-                pos += (r1 - r0) * (c1 - c0)
+            pos = self._flat_boxes(tensors, ls, [(s, i) for i in unpooled], boxes, pos)
         return self._buffer(boxes, pos, tensors, 1.0, empty)
 
     def forward(self, p_out, u_out, ls: LookupState, send: SendState, sync=None):

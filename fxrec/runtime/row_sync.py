@@ -51,9 +51,9 @@ def split_tables(spec: UnitSpec) -> dict[str, tuple[int, ...]]:
 @dataclass
 class _Entry:  # one column shard's share of a step, kept by the hook
     owner: nn.Module  # the FusedEmbeddingBags holding the shard
-    key: str  # shard key in the owner's layout
     table: str
     width: int  # the shard's columns
+    first_row: int  # the shard's first row in the owner's flat optimizer state
     rows: Tensor  # unique ids, ascending
     partial: Tensor  # sum of g**2 over the shard's columns, per row
 
@@ -91,7 +91,8 @@ class RowSyncState:
             return
         for t, (rows, sums) in row_sq_sums(owner.layout, grad_output, indices, offsets, psw, split).items():
             key = names[t]
-            self.entries.append(_Entry(owner, key, self.sync.shard_tables[key], owner.layout.dims[t], rows, sums))
+            self.entries.append(_Entry(owner, self.sync.shard_tables[key], owner.layout.dims[t],
+                                       owner.layout.hash_size_cumsum_list[t], rows, sums))
         self.deferred.append((owner, (grad_output, indices, offsets, psw)))
 
 
@@ -167,13 +168,11 @@ class RowSync(nn.Module):
             for h in holders[1:]:
                 acc += parts[(t, h)]
             mean[t] = acc / self.dims[t]
-        # one index_add_ per fused module into its flat accumulators (global row = the
-        # table's first row + id), not one per column shard
+        # one index_add_ per fused module into its flat accumulators, not one per column shard
         rows, deltas = {}, {}
         for e in entries:
             if e.rows.numel():
-                first = e.owner.layout.hash_size_cumsum_list[e.owner.layout.names.index(e.key)]
-                rows.setdefault(e.owner, []).append(e.rows + first)
+                rows.setdefault(e.owner, []).append(e.rows + e.first_row)
                 deltas.setdefault(e.owner, []).append(mean[e.table] - e.partial / e.width)
         for owner in rows:
             owner.optimizer_state()["momentum"].index_add_(0, torch.cat(rows[owner]), torch.cat(deltas[owner]))
