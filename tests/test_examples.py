@@ -56,12 +56,18 @@ def test_two_tower_demo_beats_chance(capsys):
 
 
 def test_sharded_demo_under_torchrun_matches_one_process(capsys):
-    """torchrun over 2 gloo ranks computes what one process computes on the global batch."""
+    """torchrun over 2 gloo ranks computes what one process computes on the global batch.
+
+    Short on purpose: Adagrad's first step moves every element by about lr whatever its
+    gradient's size, so rounding-level differences (another reduction order) in a near-zero
+    gradient become lr-sized ones, and over long runs two correct programs drift apart. At
+    this lr the per-step losses of 1 and 2 ranks agree to ~1e-7 for ~35 steps, under the
+    fbgemm and the torch kernels alike."""
     import os
     import re
     import subprocess
     import sys
-    flags = ["--shard", "--steps", "40", "--val-batches", "4", "--num-embeddings", "1000"]
+    flags = ["--shard", "--steps", "30", "--val-batches", "4", "--num-embeddings", "1000"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                            str(EXAMPLES / "dlrm_train.py"), "--batch-size", "128", *flags],
