@@ -43,6 +43,46 @@ def _worker(rank: int, world: int) -> dict:
     start = sum(sizes[:rank])
     assert_close(got, want[start:start + sizes[rank]])
     out["uneven_ok"] = True
+    out.update(_bad_batches(rank, model, case, g))
+    return out
+
+
+def _check_chain(graph) -> list[str]:
+    """What the replicated lookup reads, back to gather: [its input, that node's two inputs,
+    the first of those's input], by module name or function name."""
+    def name(n):
+        return n.target.split(".")[-1] if isinstance(n.target, str) else n.target.__name__
+    rep = next(n for n in graph.nodes if name(n) == "replicated")
+    check = rep.args[0]
+    faults, gathered = check.args
+    return [name(check), name(faults), name(gathered), name(faults.args[0]), name(faults.args[0].args[0])]
+
+
+def _bad_batches(rank: int, model, case, g) -> dict:
+    """One rank's bad ids or offsets raise the same error on every rank, at the unit's counts
+    exchange, before any ids move; the sharded model then serves the next good batch."""
+    batches = [case.draw(g, 3) for _ in range(2)]
+    # emb_l.1 replicated: its lookup has no collective of its own, but its unit's counts
+    # exchange (for the other tables) carries its faults too
+    plan = {"emb_l.0": "table_wise", "emb_l.1": "data_parallel", "emb_l.2": "row_wise"}
+    sm = shard(model, Topology(2), batches[rank], constraints=plan)
+    dense, offsets, ids = batches[rank]
+    far = [i.clone() for i in ids]
+    if rank == 1:
+        far[1][0] = 24  # emb_l.1 has 24 rows
+    short = [o.clone() for o in offsets]
+    if rank == 0:
+        short[2] = short[2].flip(0)  # decreasing offsets: a negative bag length
+    out = {"far_id": _expect(lambda: sm(dense, offsets, far), ValueError),
+           "both_bad": _expect(lambda: sm(dense, short, far), ValueError)}
+    with torch.no_grad():
+        got, want = sm(*batches[rank]), model(*case.concat(batches))
+    assert_close(got, want[3 * rank:3 * rank + 3])
+    # every table replicated: the unit has no collective of its own, but checks collectively
+    dp = shard(model, Topology(2), batches[rank], constraints={t: "data_parallel" for t in plan})
+    out["dp_far_id"] = _expect(lambda: dp(dense, offsets, far), ValueError)
+    out["dp_chain"] = _check_chain(dp.module.graph)
+    out["good_after_bad"] = True
     return out
 
 
@@ -69,3 +109,28 @@ def test_row_wise_needs_equal_batches(results):
 
 def test_uneven_batches_where_the_plan_allows(results):
     assert all(r["uneven_ok"] for r in results)
+
+
+def test_one_ranks_bad_ids_raise_on_every_rank(results):
+    for r in results:
+        assert r["far_id"] == "ValueError: rank 1's batch: table 'emb_l.1' (lookup %emb_l_1): id 24 outside [0, 24)"
+
+
+def test_bad_ids_raise_on_every_rank_with_every_table_replicated(results):
+    for r in results:
+        assert r["dp_far_id"] == "ValueError: rank 1's batch: table 'emb_l.1' (lookup %emb_l_1): id 24 outside [0, 24)"
+
+
+def test_replicated_unit_checks_before_its_lookup(results):
+    for r in results:
+        assert r["dp_chain"] == ["fault_check", "all_to_all_counts", "gather", "fault_send", "gather"]
+
+
+def test_the_first_faulty_rank_is_reported(results):
+    for r in results:
+        assert r["both_bad"].startswith("ValueError: rank 0's batch: table 'emb_l.2' (lookup %emb_l_2): bag length -")
+        assert "is negative (offsets must not decrease)" in r["both_bad"]
+
+
+def test_a_good_batch_after_bad_ones(results):
+    assert all(r["good_after_bad"] for r in results)

@@ -208,6 +208,35 @@ def test_id_out_of_range(sharding):
         sm(dense, offsets, bad)
 
 
+class _PaddedBags(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.bags = nn.EmbeddingBag(10, 4, mode="mean", padding_idx=0)
+
+    def forward(self, ids, offsets):
+        return self.bags(ids, offsets)
+
+
+@pytest.mark.parametrize("offsets, error", [
+    ([0, 2], None),
+    ([0, 0, 5], None),  # an empty bag, and a bag at the very end holding no id
+    ([0, 3, 2], r"table 'bags' \(lookup %bags\): bag length -1 is negative \(offsets must not decrease\)"),
+    ([1, 2], r"table 'bags' \(lookup %bags\): bag lengths sum to 4 but there are 5 ids"),
+    ([0, 9], r"bag length -4 is negative"),
+])
+def test_offsets_with_padding_ids(offsets, error):
+    """Dropping padding ids from bags must not fail on bad offsets before the check names them."""
+    torch.manual_seed(0)
+    model = _PaddedBags()
+    ids = torch.tensor([1, 0, 2, 0, 4])
+    sm = shard(model, Topology(1), (ids, torch.tensor([0, 2])))
+    if error is None:
+        assert_close(sm(ids, torch.tensor(offsets)), model(ids, torch.tensor(offsets)))
+    else:
+        with pytest.raises(ValueError, match=error):
+            sm(ids, torch.tensor(offsets))
+
+
 def test_weights_must_stay_present():
     case, model, batch = _make("weighted_mean")
     sm = shard(model, Topology(1), batch)

@@ -15,12 +15,16 @@ all-to-alls the same way). Per unit the graph gets (fxrec/runtime/dist_lookup.py
         reduce_scatter(intra_node) + all_to_all(cross_node)   table_row_wise
     [replicated (data_parallel tables; grads all-reduced in backward)] -> collect -> finish
 
-and each original lookup's users read the unit's result instead. A unit with column_wise
-tables under RowWiseAdagrad also gets a ``row_sync`` node before its lookup, whose backward
-all-to-alls the column shards' per-row sums of g^2 (fxrec/runtime/row_sync.py). Collectives are
-call_function nodes of `fxrec.runtime.comm` with ``meta["fxrec_comm"]`` set to their kind;
-the per-rank modules live under ``gm.fxrec_shards.<unit>``. Tables leave the GraphModule:
-its parameters are the dense ones only.
+and each original lookup's users read the unit's result instead. The unit's ids and bag
+lengths are checked in input_dist, and a fault travels in the counts, so one rank's bad batch
+raises the same error on every rank (a unit of replicated tables only, over several ranks,
+gets ``fault_send -> all_to_all_counts -> fault_check`` after gather for that). A unit with
+column_wise tables under RowWiseAdagrad also gets a ``row_sync`` node before its lookup,
+whose backward all-to-alls the column shards' per-row sums of g^2
+(fxrec/runtime/row_sync.py). Collectives are call_function nodes of `fxrec.runtime.comm`
+with ``meta["fxrec_comm"]`` set to their kind; the per-rank modules live under
+``gm.fxrec_shards.<unit>``. Tables leave the GraphModule: its parameters are the dense
+ones only.
 
 Context: ``ctx.topology`` (None: the pass leaves the graph alone), ``ctx.plan`` (None: plan
 now with ``ctx.options["constraints"]``), ``ctx.options``: ``rank``, ``world_size``
@@ -44,7 +48,7 @@ from fxrec.passes import lookup as L
 from fxrec.passes.group_tables import lookup_stages
 from fxrec.passes.shard_ops import FinishOutputs, GatherInputs, NodeSpec, SlotSpec
 from fxrec.runtime import comm
-from fxrec.runtime.dist_lookup import InputDist, RecvSplits, RouteSpec, Unpack, UnitSpec
+from fxrec.runtime.dist_lookup import FaultCheck, FaultSend, InputDist, RecvSplits, RouteSpec, Unpack, UnitSpec
 from fxrec.runtime.dist_output import CollectOutputs, GroupTable, OutputPrep
 from fxrec.runtime.local_lookup import LocalLookup, ReplicatedLookup
 from fxrec.runtime.row_sync import RowSync
@@ -245,7 +249,12 @@ def _unit_modules(gm: GraphModule, spec: UnitSpec, nodes: list[Node], dp_slots: 
     dtype, device, values = _dtype(gm, nodes[0]), env["device"], env["values"]
     unit = nn.Module()
     gm.get_submodule(ROOT).add_module(spec.name, unit)
-    unit.gather = GatherInputs(node_specs, slots)
+    # Over several ranks the inputs' check travels with the unit's first collective (InputDist,
+    # or FaultSend where no table is sharded), so that one rank's bad batch raises on all.
+    collective_check = bool(spec.routes) or spec.world_size > 1
+    unit.gather = GatherInputs(node_specs, slots, check=not collective_check)
+    if not spec.routes and spec.world_size > 1:
+        unit.fault_send, unit.fault_check = FaultSend(slots, spec.world_size), FaultCheck(slots)
     # The 1/W of the shards' gradients (local_lookup.py) is applied in backward by CollectOutputs
     # (what all_to_all brought) and OutputPrep (what reduce_scatter brought).
     unit.collect = CollectOutputs(spec, dp_slots, grad_scale=1.0 / spec.world_size)
@@ -279,6 +288,9 @@ def _rewrite_unit(gm: GraphModule, nodes: list[Node], name: str, env: dict) -> N
     unit = _unit_modules(gm, spec, nodes, dp_slots, env)
     e = _Emitter(gm, _insertion_point(gm, nodes).next, nodes[0], f"{ROOT}.{name}")
     gathered = e.module("gather", [_node_args(gm, n) for n in nodes])
+    if hasattr(unit, "fault_send"):
+        faults = e.comm(comm.all_to_all_counts, "all_to_all_counts", e.module("fault_send", gathered))
+        gathered = e.module("fault_check", faults, gathered)
     send = a2a = rs = twrw = replicated = None
     if routes:
         send, a2a, rs, twrw = _emit_dist(e, spec, gathered, ROOT, hasattr(unit, "row_sync"))

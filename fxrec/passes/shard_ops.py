@@ -17,14 +17,15 @@ as nn.Embedding builds it and never trained (rows are assumed to stay zero).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, ClassVar, Optional
 
 import torch
 from torch import Tensor, nn
 
 from fxrec.sparse import JaggedTensor, KeyedTensor
 
-__all__ = ["SlotSpec", "NodeSpec", "SlotInput", "GatherInputs", "FinishOutputs", "pool_rows"]
+__all__ = ["SlotSpec", "NodeSpec", "SlotInput", "InputFault", "find_fault", "check_inputs", "GatherInputs",
+           "FinishOutputs", "pool_rows"]
 
 
 @dataclass(frozen=True)
@@ -61,7 +62,8 @@ class SlotInput:
     """A slot's local input. `values` int64 ids (padding removed); `lengths` ids per bag
     (pooled reads); `weights` per id or None; `divisor` per bag for mean pooling; `shape`
     the output's leading shape; `keep` the non-padding mask of an unpooled read's ids;
-    `jt_lengths` the lengths an EmbeddingCollection output carries."""
+    `jt_lengths` the lengths an EmbeddingCollection output carries; `raw` the bag lengths
+    and id count as given, before padding ids were dropped (what `find_fault` checks)."""
 
     values: Tensor
     lengths: Optional[Tensor] = None
@@ -70,6 +72,7 @@ class SlotInput:
     shape: tuple = ()
     keep: Optional[Tensor] = None
     jt_lengths: Optional[Tensor] = None
+    raw: Optional[tuple[Tensor, int]] = None
 
     @property
     def num_bags(self) -> int:
@@ -90,10 +93,15 @@ def _drop_padding(values: Tensor, lengths: Tensor, weights: Optional[Tensor], pa
     if pad is None:
         return values, lengths, weights
     keep = values != pad
-    bag = torch.repeat_interleave(torch.arange(lengths.numel(), device=values.device), lengths,
-                                  output_size=values.numel())
-    lengths = torch.zeros_like(lengths).index_add_(0, bag, keep.long())
-    return values[keep], lengths, None if weights is None else weights[keep]
+    # Kept ids per bag from a prefix sum over the ids, read at each bag's clamped ends: unlike
+    # a repeat_interleave over the lengths it cannot fail on lengths that do not add up,
+    # which the input check then reports with the table's name (from `SlotInput.raw`).
+    n = values.numel()
+    before = torch.zeros(n + 1, dtype=torch.int64, device=values.device)
+    before[1:] = keep.cumsum(0)
+    ends = lengths.cumsum(0)
+    kept = before.index_select(0, ends.clamp(0, n)) - before.index_select(0, (ends - lengths).clamp(0, n))
+    return values[keep], kept, None if weights is None else weights[keep]
 
 
 def _bag_slot(spec: NodeSpec, slot: SlotSpec, ids: Tensor, offsets, psw) -> SlotInput:
@@ -107,9 +115,10 @@ def _bag_slot(spec: NodeSpec, slot: SlotSpec, ids: Tensor, offsets, psw) -> Slot
     else:
         raise ValueError(f"{where}: expected 1-D ids with offsets or 2-D ids, got shape {tuple(ids.shape)}")
     weights = None if psw is None else psw.reshape(-1)
-    values, lengths, weights = _drop_padding(ids.reshape(-1).long(), lengths, weights, spec.padding_idx)
-    divisor = lengths.clamp(min=1) if slot.pooling == "mean" else None
-    return SlotInput(values, lengths, weights, divisor, shape=(lengths.numel(),))
+    raw = (lengths, ids.numel()) if spec.padding_idx is not None else None
+    values, kept, weights = _drop_padding(ids.reshape(-1).long(), lengths, weights, spec.padding_idx)
+    divisor = kept.clamp(min=1) if slot.pooling == "mean" else None
+    return SlotInput(values, kept, weights, divisor, shape=(kept.numel(),), raw=raw)
 
 
 def _embedding_slot(spec: NodeSpec, slot: SlotSpec, ids: Tensor) -> SlotInput:
@@ -137,36 +146,83 @@ def _kjt_slot(spec: NodeSpec, slot: SlotSpec, kjt) -> SlotInput:
     return SlotInput(values, lengths, weights, divisor, shape=(lengths.numel(),))
 
 
-def _check(slots: list[SlotSpec], inputs: list[SlotInput], nodes: list[NodeSpec]) -> None:
-    """One host sync for the whole unit: ids in range, bag lengths consistent."""
-    stats = []
+ID_RANGE, NEGATIVE_LENGTH, LENGTHS_SUM = 1, 2, 3  # InputFault kinds
+
+
+@dataclass(frozen=True)
+class InputFault:
+    """One slot's local input failing the check (`find_fault`), as `WIDTH` ints, so that a
+    rank can tell the others inside the counts it exchanges anyway (dist_lookup.InputDist):
+    then every rank raises the same error at the same collective, and no rank is left
+    waiting in one for a rank that raised."""
+
+    kind: int   # ID_RANGE, NEGATIVE_LENGTH or LENGTHS_SUM
+    slot: int
+    value: int  # the offending id, the most negative length, or what the lengths sum to
+    ids: int    # the slot's number of ids
+
+    WIDTH: ClassVar[int] = 4
+
+    def ints(self) -> list[int]:
+        return [self.kind, self.slot, self.value, self.ids]
+
+    @classmethod
+    def from_ints(cls, row) -> Optional["InputFault"]:
+        """The fault `ints` encoded, or None for the all-zero row of a clean input."""
+        return cls(*map(int, row)) if row[0] else None
+
+    def message(self, slots: list[SlotSpec]) -> str:
+        slot = slots[self.slot]
+        feat = f", feature {slot.feature!r}" if slot.feature else ""
+        where = f"table {slot.table!r} (lookup %{slot.node}{feat})"
+        if self.kind == ID_RANGE:
+            return f"{where}: id {self.value} outside [0, {slot.num_embeddings})"
+        if self.kind == NEGATIVE_LENGTH:
+            return f"{where}: bag length {self.value} is negative (offsets must not decrease)"
+        return f"{where}: bag lengths sum to {self.value} but there are {self.ids} ids"
+
+
+def find_fault(slots: list[SlotSpec], inputs: list[SlotInput]) -> Optional[InputFault]:
+    """The first slot whose ids are out of range or whose bag lengths are inconsistent, or
+    None. One host sync for the whole unit."""
+    stats, counts = [], []
     for inp in inputs:
         v = inp.values
-        lo_hi = torch.aminmax(v) if v.numel() else (v.new_zeros(()), v.new_zeros(()))
-        total = inp.lengths.sum() if inp.lengths is not None else v.new_tensor(v.numel())
-        neg = (inp.lengths < 0).sum() if inp.lengths is not None else v.new_zeros(())
-        stats.append(torch.stack([lo_hi[0], lo_hi[1], total, neg]))
+        lengths, n = inp.raw if inp.raw is not None else (inp.lengths, v.numel())
+        zero = v.new_zeros(())
+        lo, hi = torch.aminmax(v) if v.numel() else (zero, zero)
+        total = lengths.sum() if lengths is not None else v.new_tensor(n)
+        shortest = lengths.min() if lengths is not None and lengths.numel() else zero
+        stats.append(torch.stack([lo, hi, total, shortest]))
+        counts.append(n)
     if not stats:
-        return
-    values = torch.stack(stats).tolist()
-    owner = {k: n.name for n in nodes for k in n.slots}
-    for k, (slot, inp, (lo, hi, total, neg)) in enumerate(zip(slots, inputs, values)):
-        feat = f", feature {slot.feature!r}" if slot.feature else ""
-        where = f"table {slot.table!r} (lookup %{owner[k]}{feat})"
-        if inp.values.numel() and (lo < 0 or hi >= slot.num_embeddings):
-            raise ValueError(f"{where}: id {lo if lo < 0 else hi} outside [0, {slot.num_embeddings})")
-        if neg or total != inp.values.numel():
-            raise ValueError(f"{where}: bag lengths sum to {total} (or are negative) but there are "
-                             f"{inp.values.numel()} ids")
+        return None
+    for k, (slot, n, (lo, hi, total, shortest)) in enumerate(zip(slots, counts, torch.stack(stats).tolist())):
+        if inputs[k].values.numel() and (lo < 0 or hi >= slot.num_embeddings):
+            return InputFault(ID_RANGE, k, lo if lo < 0 else hi, n)
+        if shortest < 0:
+            return InputFault(NEGATIVE_LENGTH, k, shortest, n)
+        if total != n:
+            return InputFault(LENGTHS_SUM, k, total, n)
+    return None
+
+
+def check_inputs(slots: list[SlotSpec], inputs: list[SlotInput]) -> None:
+    """Raise ValueError naming the table, lookup, feature and value of `find_fault`'s fault."""
+    fault = find_fault(slots, inputs)
+    if fault is not None:
+        raise ValueError(fault.message(slots))
 
 
 class GatherInputs(nn.Module):
     """forward(per_node_args) -> list[SlotInput], one per slot. ``per_node_args[i]`` is
-    (ids, offsets, per_sample_weights) of node i, or (kjt,) for ebc/ec."""
+    (ids, offsets, per_sample_weights) of node i, or (kjt,) for ebc/ec. With `check`, ids
+    and bag lengths are checked here (`check_inputs`); a sharded unit with collectives
+    checks them in its InputDist instead, so that every rank raises together."""
 
-    def __init__(self, nodes: list[NodeSpec], slots: list[SlotSpec]):
+    def __init__(self, nodes: list[NodeSpec], slots: list[SlotSpec], check: bool = True):
         super().__init__()
-        self.nodes, self.slots = nodes, slots
+        self.nodes, self.slots, self.check = nodes, slots, check
 
     def forward(self, per_node_args) -> list[SlotInput]:
         out: list[Optional[SlotInput]] = [None] * len(self.slots)
@@ -184,11 +240,12 @@ class GatherInputs(nn.Module):
                     raise ValueError(f"table {slot.table!r} (lookup %{spec.name}): per-sample weights were "
                                      f"{'present' if slot.weighted else 'absent'} when the model was sharded "
                                      f"but are {'present' if has_w else 'absent'} now")
-        _check(self.slots, out, self.nodes)
+        if self.check:
+            check_inputs(self.slots, out)
         return out
 
     def extra_repr(self) -> str:
-        return f"nodes={[n.name for n in self.nodes]}, slots={len(self.slots)}"
+        return f"nodes={[n.name for n in self.nodes]}, slots={len(self.slots)}, check={self.check}"
 
 
 # ------------------------------------------------------------------ outputs

@@ -16,9 +16,12 @@ one ids all-to-all; the graph is
 
 Counts block per destination: the local bag count of every slot (K ints, so every rank can
 check that row-wise reduce-scatters see equal batches), then (lengths, ids) sizes per route
-(2R ints, zero for routes to other ranks). Received pieces are ordered by source rank, then
-route order. A shard's bags in the fused lookup are ordered (source rank, route, bag), so a
-source's bags are contiguous.
+(2R ints, zero for routes to other ranks), then the sender's input fault
+(`shard_ops.InputFault`, zeros when its ids and lengths passed the check): InputDist checks
+the unit's inputs, and RecvSplits raises the first faulty rank's error on every rank, before
+any data moves. Received pieces are ordered by source rank, then route order. A shard's
+bags in the fused lookup are ordered (source rank, route, bag), so a source's bags are
+contiguous.
 """
 from __future__ import annotations
 
@@ -29,11 +32,11 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from fxrec.passes.shard_ops import SlotInput, SlotSpec
+from fxrec.passes.shard_ops import InputFault, SlotInput, SlotSpec, find_fault
 from fxrec.ranges import span_property
 
 __all__ = ["RouteSpec", "LocalShard", "UnitSpec", "InputDist", "RecvSplits", "Unpack", "SendState", "RecvState",
-           "LookupState", "bucketize"]
+           "LookupState", "bucketize", "FaultSend", "FaultCheck", "raise_first_fault"]
 
 OUTPUT_KINDS = ("a2a", "rs", "twrw")
 
@@ -157,6 +160,46 @@ def bucketize(values: Tensor, lengths: Optional[Tensor], weights: Optional[Tenso
     return list(zip(len_parts, id_parts, w_parts)), order
 
 
+def raise_first_fault(rows: list[list[int]], slots) -> None:
+    """Raise the error of the first rank whose row (what it sent this rank) ends in an
+    `InputFault`: every rank receives every rank's fault, so all raise the same error."""
+    for s, row in enumerate(rows):
+        fault = InputFault.from_ints(row[-InputFault.WIDTH:])
+        if fault is not None:
+            raise ValueError((f"rank {s}'s batch: " if len(rows) > 1 else "") + fault.message(list(slots)))
+
+
+class FaultSend(nn.Module):
+    """forward(inputs) -> int64 ``W * InputFault.WIDTH``: this rank's input fault (zeros when
+    its inputs pass the check) once for every rank. A unit without routes (every table
+    replicated) has no counts exchange to carry it: apply_plan gives it this small
+    all-to-all instead, so that one rank's bad ids do not leave the others waiting in the
+    dense gradients' all-reduce."""
+
+    def __init__(self, slots: list[SlotSpec], world_size: int):
+        super().__init__()
+        self.slots, self.world_size = list(slots), world_size
+
+    def forward(self, inputs: list[SlotInput]) -> Tensor:
+        fault = find_fault(self.slots, inputs)
+        ints = fault.ints() if fault is not None else [0] * InputFault.WIDTH
+        dev = inputs[0].values.device if inputs else None
+        return torch.tensor(ints * self.world_size, dtype=torch.int64, device=dev)
+
+
+class FaultCheck(nn.Module):
+    """forward(received faults, inputs) -> the inputs, once no rank's were faulty
+    (`raise_first_fault`); the lookups take them from here, so they run after the check."""
+
+    def __init__(self, slots: list[SlotSpec]):
+        super().__init__()
+        self.slots = list(slots)
+
+    def forward(self, faults: Tensor, inputs: list[SlotInput]) -> list[SlotInput]:
+        raise_first_fault(faults.view(-1, InputFault.WIDTH).tolist(), self.slots)
+        return inputs
+
+
 @dataclass
 class SendState:
     bags: list[int]            # per slot: local bags (ids for row-served slots)
@@ -165,7 +208,8 @@ class SendState:
 
 
 class InputDist(nn.Module):
-    """forward(inputs) -> (counts, ids+lengths buffer, weights buffer or None, SendState)."""
+    """forward(inputs) -> (counts, ids+lengths buffer, weights buffer or None, SendState).
+    Inputs that fail the check send nothing but the fault (module doc)."""
 
     def __init__(self, spec: UnitSpec):
         super().__init__()
@@ -192,9 +236,17 @@ class InputDist(nn.Module):
 
     def forward(self, inputs: list[SlotInput]):
         spec, W = self.spec, self.spec.world_size
+        dev = inputs[0].values.device if inputs else None
+        fault = find_fault(list(spec.slots), inputs)
+        bags = [inp.num_bags for inp in inputs]
+        if fault is not None:  # send no ids: RecvSplits raises on every rank
+            counts = (bags + [0] * (2 * len(spec.routes)) + fault.ints()) * W
+            empty = torch.zeros(0, dtype=torch.int64, device=dev)
+            return (torch.tensor(counts, dtype=torch.int64, device=dev), empty,
+                    torch.zeros(0, device=dev) if self.weighted else None,
+                    SendState(bags, [(0, 0)] * len(spec.routes), {}))
         per_route, perms = self._payloads(inputs)
         sizes = [(0 if p[0] is None else p[0].numel(), p[1].numel()) for p in per_route]
-        bags = [inp.num_bags for inp in inputs]
         counts = []
         data, weights = [], []
         for d in range(W):
@@ -206,8 +258,7 @@ class InputDist(nn.Module):
                     data += ([lens] if lens is not None else []) + [ids]
                     if r.weighted:
                         weights.append(w)
-            counts += block
-        dev = inputs[0].values.device if inputs else None
+            counts += block + [0] * InputFault.WIDTH
         buf = torch.cat(data) if data else torch.zeros(0, dtype=torch.int64, device=dev)
         wbuf = None
         if self.weighted:
@@ -232,8 +283,9 @@ class RecvState:
 
 class RecvSplits(nn.Module):
     """forward(send_state, received counts) -> (data out splits, data in splits, weights out
-    splits, weights in splits, RecvState). Checks that every rank fed the same number of
-    bags to each reduce-scattered (row_wise / table_row_wise) slot."""
+    splits, weights in splits, RecvState). Raises the first faulty rank's input error on
+    every rank, and checks that every rank fed the same number of bags to each
+    reduce-scattered (row_wise / table_row_wise) slot."""
 
     def __init__(self, spec: UnitSpec):
         super().__init__()
@@ -242,6 +294,7 @@ class RecvSplits(nn.Module):
     def forward(self, state: SendState, recv_counts: Tensor):
         spec, W, K = self.spec, self.spec.world_size, len(self.spec.slots)
         rows = recv_counts.view(W, -1).tolist()
+        raise_first_fault(rows, spec.slots)
         bags = [row[:K] for row in rows]
         mine = spec.my_routes()
         sizes = {(s, i): (rows[s][K + 2 * i], rows[s][K + 2 * i + 1]) for s in range(W) for i in mine}
