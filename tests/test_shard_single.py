@@ -245,6 +245,15 @@ def test_weights_must_stay_present():
         sm(ids, offsets, None, fixed, kjt)
 
 
+def test_weights_must_match_the_ids():
+    case, model, batch = _make("weighted_mean")
+    sm = shard(model, Topology(1), batch)
+    ids, offsets, w, fixed, kjt = batch
+    with pytest.raises(ValueError, match=rf"table 'bag' \(lookup %bag\): {w.numel() - 1} per-sample weights "
+                                         rf"for {ids.numel()} ids"):
+        sm(ids, offsets, w[:-1], fixed, kjt)
+
+
 def test_bad_sparse_optimizer():
     _, model, batch = _make("dlrm_lists")
     with pytest.raises(ValueError, match=r"sparse_optimizer must be fxrec.optim"):

@@ -62,8 +62,9 @@ class SlotInput:
     """A slot's local input. `values` int64 ids (padding removed); `lengths` ids per bag
     (pooled reads); `weights` per id or None; `divisor` per bag for mean pooling; `shape`
     the output's leading shape; `keep` the non-padding mask of an unpooled read's ids;
-    `jt_lengths` the lengths an EmbeddingCollection output carries; `raw` the bag lengths
-    and id count as given, before padding ids were dropped (what `find_fault` checks)."""
+    `jt_lengths` the lengths an EmbeddingCollection output carries; `raw` the bag lengths,
+    id count and per-sample weight count as given, before padding ids were dropped (what
+    `find_fault` checks)."""
 
     values: Tensor
     lengths: Optional[Tensor] = None
@@ -72,7 +73,7 @@ class SlotInput:
     shape: tuple = ()
     keep: Optional[Tensor] = None
     jt_lengths: Optional[Tensor] = None
-    raw: Optional[tuple[Tensor, int]] = None
+    raw: Optional[tuple[Tensor, int, Optional[int]]] = None
 
     @property
     def num_bags(self) -> int:
@@ -101,7 +102,9 @@ def _drop_padding(values: Tensor, lengths: Tensor, weights: Optional[Tensor], pa
     before[1:] = keep.cumsum(0)
     ends = lengths.cumsum(0)
     kept = before.index_select(0, ends.clamp(0, n)) - before.index_select(0, (ends - lengths).clamp(0, n))
-    return values[keep], kept, None if weights is None else weights[keep]
+    if weights is not None and weights.numel() == n:  # (else the check reports the count)
+        weights = weights[keep]
+    return values[keep], kept, weights
 
 
 def _bag_slot(spec: NodeSpec, slot: SlotSpec, ids: Tensor, offsets, psw) -> SlotInput:
@@ -115,7 +118,8 @@ def _bag_slot(spec: NodeSpec, slot: SlotSpec, ids: Tensor, offsets, psw) -> Slot
     else:
         raise ValueError(f"{where}: expected 1-D ids with offsets or 2-D ids, got shape {tuple(ids.shape)}")
     weights = None if psw is None else psw.reshape(-1)
-    raw = (lengths, ids.numel()) if spec.padding_idx is not None else None
+    raw = (lengths, ids.numel(), None if weights is None else weights.numel()) \
+        if spec.padding_idx is not None else None
     values, kept, weights = _drop_padding(ids.reshape(-1).long(), lengths, weights, spec.padding_idx)
     divisor = kept.clamp(min=1) if slot.pooling == "mean" else None
     return SlotInput(values, kept, weights, divisor, shape=(kept.numel(),), raw=raw)
@@ -146,7 +150,7 @@ def _kjt_slot(spec: NodeSpec, slot: SlotSpec, kjt) -> SlotInput:
     return SlotInput(values, lengths, weights, divisor, shape=(lengths.numel(),))
 
 
-ID_RANGE, NEGATIVE_LENGTH, LENGTHS_SUM = 1, 2, 3  # InputFault kinds
+ID_RANGE, NEGATIVE_LENGTH, LENGTHS_SUM, WEIGHTS, WEIGHTS_COUNT = 1, 2, 3, 4, 5  # InputFault kinds
 
 
 @dataclass(frozen=True)
@@ -156,9 +160,11 @@ class InputFault:
     then every rank raises the same error at the same collective, and no rank is left
     waiting in one for a rank that raised."""
 
-    kind: int   # ID_RANGE, NEGATIVE_LENGTH or LENGTHS_SUM
+    kind: int   # ID_RANGE, NEGATIVE_LENGTH, LENGTHS_SUM, WEIGHTS or WEIGHTS_COUNT
     slot: int
-    value: int  # the offending id, the most negative length, or what the lengths sum to
+    value: int  # the offending id, the most negative length, what the lengths sum to,
+                # whether per-sample weights came (they did iff the model had none), or
+                # how many came
     ids: int    # the slot's number of ids
 
     WIDTH: ClassVar[int] = 4
@@ -177,18 +183,30 @@ class InputFault:
         where = f"table {slot.table!r} (lookup %{slot.node}{feat})"
         if self.kind == ID_RANGE:
             return f"{where}: id {self.value} outside [0, {slot.num_embeddings})"
+        if self.kind == WEIGHTS:
+            was, now = ("absent", "present") if self.value else ("present", "absent")
+            return f"{where}: per-sample weights were {was} when the model was sharded but are {now} now"
+        if self.kind == WEIGHTS_COUNT:
+            return f"{where}: {self.value} per-sample weights for {self.ids} ids"
         if self.kind == NEGATIVE_LENGTH:
             return f"{where}: bag length {self.value} is negative (offsets must not decrease)"
         return f"{where}: bag lengths sum to {self.value} but there are {self.ids} ids"
 
 
 def find_fault(slots: list[SlotSpec], inputs: list[SlotInput]) -> Optional[InputFault]:
-    """The first slot whose ids are out of range or whose bag lengths are inconsistent, or
-    None. One host sync for the whole unit."""
+    """The first slot whose per-sample weights come or go against the model's, or whose ids
+    are out of range or bag lengths inconsistent; or None. One host sync for the whole unit."""
+    for k, (slot, inp) in enumerate(zip(slots, inputs)):
+        _, n, n_w = inp.raw if inp.raw is not None else \
+            (None, inp.values.numel(), None if inp.weights is None else inp.weights.numel())
+        if (n_w is not None) != slot.weighted:
+            return InputFault(WEIGHTS, k, int(n_w is not None), n)
+        if n_w is not None and n_w != n:
+            return InputFault(WEIGHTS_COUNT, k, n_w, n)
     stats, counts = [], []
     for inp in inputs:
         v = inp.values
-        lengths, n = inp.raw if inp.raw is not None else (inp.lengths, v.numel())
+        lengths, n = inp.raw[:2] if inp.raw is not None else (inp.lengths, v.numel())
         zero = v.new_zeros(())
         lo, hi = torch.aminmax(v) if v.numel() else (zero, zero)
         total = lengths.sum() if lengths is not None else v.new_tensor(n)
@@ -216,9 +234,9 @@ def check_inputs(slots: list[SlotSpec], inputs: list[SlotInput]) -> None:
 
 class GatherInputs(nn.Module):
     """forward(per_node_args) -> list[SlotInput], one per slot. ``per_node_args[i]`` is
-    (ids, offsets, per_sample_weights) of node i, or (kjt,) for ebc/ec. With `check`, ids
-    and bag lengths are checked here (`check_inputs`); a sharded unit with collectives
-    checks them in its InputDist instead, so that every rank raises together."""
+    (ids, offsets, per_sample_weights) of node i, or (kjt,) for ebc/ec. With `check`, the
+    weights, ids and bag lengths are checked here (`check_inputs`); a sharded unit with
+    collectives checks them in its InputDist instead, so that every rank raises together."""
 
     def __init__(self, nodes: list[NodeSpec], slots: list[SlotSpec], check: bool = True):
         super().__init__()
@@ -235,11 +253,6 @@ class GatherInputs(nn.Module):
                     out[k] = _bag_slot(spec, slot, *args)
                 else:
                     out[k] = _embedding_slot(spec, slot, args[0])
-                has_w = out[k].weights is not None
-                if has_w != slot.weighted:
-                    raise ValueError(f"table {slot.table!r} (lookup %{spec.name}): per-sample weights were "
-                                     f"{'present' if slot.weighted else 'absent'} when the model was sharded "
-                                     f"but are {'present' if has_w else 'absent'} now")
         if self.check:
             check_inputs(self.slots, out)
         return out
