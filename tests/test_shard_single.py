@@ -3,6 +3,7 @@ its numbers against the unsharded model, training, state dicts, meta-device mode
 from __future__ import annotations
 
 import copy
+import re
 
 import pytest
 import torch
@@ -243,6 +244,18 @@ def test_weights_must_stay_present():
     ids, offsets, _, fixed, kjt = batch
     with pytest.raises(ValueError, match=r"table 'bag' .*per-sample weights were present .* absent now"):
         sm(ids, offsets, None, fixed, kjt)
+
+
+def test_missing_feature_named_with_its_table():
+    _, model, (dense, kjt) = _make("dlrm_ebc")
+    sm = shard(model, Topology(1), (dense, kjt))
+    keys, b = kjt.keys()[:-1], dense.shape[0]  # every feature but the last
+    lengths = kjt.lengths()[:len(keys) * b]
+    short = fxrec.KeyedJaggedTensor.from_lengths_sync(keys=keys, values=kjt.values()[:int(lengths.sum())],
+                                                      lengths=lengths)
+    tail = f"feature {kjt.keys()[-1]!r} is missing from the input; it has keys {keys}"
+    with pytest.raises(KeyError, match=r"table '\S+' \(lookup %\w+\): " + re.escape(tail)):
+        sm(dense, short)
 
 
 def test_weights_must_match_the_ids():

@@ -141,7 +141,11 @@ def _embedding_slot(spec: NodeSpec, slot: SlotSpec, ids: Tensor) -> SlotInput:
 
 
 def _kjt_slot(spec: NodeSpec, slot: SlotSpec, kjt) -> SlotInput:
-    jt = kjt[slot.feature]
+    try:
+        jt = kjt[slot.feature]
+    except KeyError:  # as the unsharded collection says it, with the lookup
+        raise KeyError(f"table {slot.table!r} (lookup %{spec.name}): feature {slot.feature!r} is missing "
+                       f"from the input; it has keys {list(kjt.keys())}") from None
     values, lengths = jt.values().long(), jt.lengths().long()
     if spec.kind == "ec":
         return SlotInput(values, shape=(values.numel(),), jt_lengths=jt.lengths())
