@@ -1,6 +1,9 @@
 """fxrec.shard on 2 gloo processes: bad input fails on every rank with a clear error (no rank is
-left waiting in a collective), and ranks may feed different batch sizes where the plan allows."""
+left waiting in a collective), and ranks may feed different batch sizes where the plan allows,
+an empty one included."""
 from __future__ import annotations
+
+import copy
 
 import pytest
 import torch
@@ -8,6 +11,7 @@ from torch.testing import assert_close
 
 import fxrec
 from dist_harness import run_workers
+from fxrec.optim import SGD
 from fxrec.planner.plan import PlanError
 from fxrec.shard import shard
 from fxrec.topology import Topology
@@ -44,7 +48,34 @@ def _worker(rank: int, world: int) -> dict:
     assert_close(got, want[start:start + sizes[rank]])
     out["uneven_ok"] = True
     out.update(_bad_batches(rank, model, case, g))
+    out["empty"] = {sharding: _empty_batch_step(rank, sharding) for sharding in EMPTY_OK}
     return out
+
+
+EMPTY_OK = ["table_wise", "column_wise", "data_parallel"]  # the types that take uneven batches
+
+
+def _empty_batch_step(rank: int, sharding: str) -> list[str]:
+    """Rank 0 feeds no sample (a job's last, short batch): its outputs are empty, and one SGD
+    step on the summed outputs leaves every table row and dense parameter where the unsharded
+    step on the global batch leaves them (loss sum / W: each rank's gradients are averaged)."""
+    case = CASES["dlrm_ebc"]
+    torch.manual_seed(0)
+    model = case.build()
+    ref = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(2)
+    example, batches = case.draw(g, 3), [case.draw(g, b) for b in (0, 3)]
+    tables = fxrec.find_tables(model, example)
+    sm = shard(model, Topology(2), example, constraints={t.name: sharding for t in tables},
+               sparse_optimizer=SGD(0.1))
+    out = sm(*batches[rank])
+    assert out.shape[0] == (0, 3)[rank]
+    out.sum().backward()
+    torch.optim.SGD(sm.parameters(), lr=0.1).step()
+    (ref(*case.concat(batches)).sum() / 2).backward()
+    torch.optim.SGD(ref.parameters(), lr=0.1).step()
+    got, want = sm.full_state_dict(), ref.state_dict()
+    return [k for k in want if not torch.allclose(got[k], want[k], rtol=1e-5, atol=1e-6)]
 
 
 def _check_chain(graph) -> list[str]:
@@ -109,6 +140,11 @@ def test_row_wise_needs_equal_batches(results):
 
 def test_uneven_batches_where_the_plan_allows(results):
     assert all(r["uneven_ok"] for r in results)
+
+
+@pytest.mark.parametrize("sharding", EMPTY_OK)
+def test_a_rank_with_an_empty_batch_trains_like_the_global_batch(results, sharding):
+    assert results[0]["empty"][sharding] == [] and results[1]["empty"][sharding] == []
 
 
 def test_one_ranks_bad_ids_raise_on_every_rank(results):

@@ -172,7 +172,7 @@ class ReplicatedLookup(nn.Module):
         for slot, inp, w in zip(self.slots, inputs, weights):
             table = self.table(slot.table)
             if slot.served_pooled:
-                offsets = torch.cat([inp.lengths.new_zeros(1), inp.lengths.cumsum(0)[:-1]])
+                offsets = inp.lengths.cumsum(0) - inp.lengths  # one per bag: none for an empty batch
                 outs.append(F.embedding_bag(inp.values, table, offsets, mode="sum", per_sample_weights=w))
             else:
                 outs.append(table[inp.values])
