@@ -17,7 +17,7 @@ as nn.Embedding builds it and never trained (rows are assumed to stay zero).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar, Optional
+from typing import Any, ClassVar, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -181,7 +181,7 @@ class InputFault:
         """The fault `ints` encoded, or None for the all-zero row of a clean input."""
         return cls(*map(int, row)) if row[0] else None
 
-    def message(self, slots: list[SlotSpec]) -> str:
+    def message(self, slots: Sequence[SlotSpec]) -> str:
         slot = slots[self.slot]
         feat = f", feature {slot.feature!r}" if slot.feature else ""
         where = f"table {slot.table!r} (lookup %{slot.node}{feat})"
@@ -197,30 +197,35 @@ class InputFault:
         return f"{where}: bag lengths sum to {self.value} but there are {self.ids} ids"
 
 
-def find_fault(slots: list[SlotSpec], inputs: list[SlotInput]) -> Optional[InputFault]:
+def _as_given(inp: SlotInput) -> tuple[Optional[Tensor], int, Optional[int]]:
+    """(bag lengths, id count, per-sample weight count or None) as the user gave them."""
+    if inp.raw is not None:
+        return inp.raw
+    return inp.lengths, inp.values.numel(), None if inp.weights is None else inp.weights.numel()
+
+
+def find_fault(slots: Sequence[SlotSpec], inputs: list[SlotInput]) -> Optional[InputFault]:
     """The first slot whose per-sample weights come or go against the model's, or whose ids
     are out of range or bag lengths inconsistent; or None. One host sync for the whole unit."""
-    for k, (slot, inp) in enumerate(zip(slots, inputs)):
-        _, n, n_w = inp.raw if inp.raw is not None else \
-            (None, inp.values.numel(), None if inp.weights is None else inp.weights.numel())
+    given = [_as_given(inp) for inp in inputs]
+    for k, (slot, (_, n, n_w)) in enumerate(zip(slots, given)):
         if (n_w is not None) != slot.weighted:
             return InputFault(WEIGHTS, k, int(n_w is not None), n)
         if n_w is not None and n_w != n:
             return InputFault(WEIGHTS_COUNT, k, n_w, n)
-    stats, counts = [], []
-    for inp in inputs:
+    stats = []
+    for inp, (lengths, n, _) in zip(inputs, given):
         v = inp.values
-        lengths, n = inp.raw[:2] if inp.raw is not None else (inp.lengths, v.numel())
         zero = v.new_zeros(())
         lo, hi = torch.aminmax(v) if v.numel() else (zero, zero)
         total = lengths.sum() if lengths is not None else v.new_tensor(n)
         shortest = lengths.min() if lengths is not None and lengths.numel() else zero
         stats.append(torch.stack([lo, hi, total, shortest]))
-        counts.append(n)
     if not stats:
         return None
-    for k, (slot, n, (lo, hi, total, shortest)) in enumerate(zip(slots, counts, torch.stack(stats).tolist())):
-        if inputs[k].values.numel() and (lo < 0 or hi >= slot.num_embeddings):
+    for k, (slot, inp, (_, n, _), (lo, hi, total, shortest)) in enumerate(
+            zip(slots, inputs, given, torch.stack(stats).tolist())):
+        if inp.values.numel() and (lo < 0 or hi >= slot.num_embeddings):
             return InputFault(ID_RANGE, k, lo if lo < 0 else hi, n)
         if shortest < 0:
             return InputFault(NEGATIVE_LENGTH, k, shortest, n)
@@ -229,7 +234,7 @@ def find_fault(slots: list[SlotSpec], inputs: list[SlotInput]) -> Optional[Input
     return None
 
 
-def check_inputs(slots: list[SlotSpec], inputs: list[SlotInput]) -> None:
+def check_inputs(slots: Sequence[SlotSpec], inputs: list[SlotInput]) -> None:
     """Raise ValueError naming the table, lookup, feature and value of `find_fault`'s fault."""
     fault = find_fault(slots, inputs)
     if fault is not None:

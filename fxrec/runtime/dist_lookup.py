@@ -166,7 +166,7 @@ def raise_first_fault(rows: list[list[int]], slots) -> None:
     for s, row in enumerate(rows):
         fault = InputFault.from_ints(row[-InputFault.WIDTH:])
         if fault is not None:
-            raise ValueError((f"rank {s}'s batch: " if len(rows) > 1 else "") + fault.message(list(slots)))
+            raise ValueError((f"rank {s}'s batch: " if len(rows) > 1 else "") + fault.message(slots))
 
 
 class FaultSend(nn.Module):
@@ -237,7 +237,7 @@ class InputDist(nn.Module):
     def forward(self, inputs: list[SlotInput]):
         spec, W = self.spec, self.spec.world_size
         dev = inputs[0].values.device if inputs else None
-        fault = find_fault(list(spec.slots), inputs)
+        fault = find_fault(spec.slots, inputs)
         bags = [inp.num_bags for inp in inputs]
         if fault is not None:  # send no ids: RecvSplits raises on every rank
             counts = (bags + [0] * (2 * len(spec.routes)) + fault.ints()) * W
