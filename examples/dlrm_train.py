@@ -11,6 +11,10 @@ model to `fxrec.shard` (gloo on CPU, NCCL on GPUs); --batch-size is then per ran
 rank trains on its slice of every global batch, tables are trained by a fused row-wise
 Adagrad and dense layers by torch's Adagrad, and AUC/NE are computed on the gathered
 predictions of all ranks. Rank 0 prints.
+
+Checkpoints: `--save DIR` writes the model (every rank its shards), both optimizers' state
+and the step reached, with `fxrec.checkpoint`; `--resume DIR` reads one back, whatever plan
+or number of ranks wrote it, and trains --steps more steps on the batches that follow.
 """
 from __future__ import annotations
 
@@ -48,12 +52,15 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--shard", action="store_true",
                    help="shard with fxrec over the torchrun job's ranks (one process: world size 1)")
+    p.add_argument("--save", metavar="DIR", help="write a checkpoint (fxrec.checkpoint) after training")
+    p.add_argument("--resume", metavar="DIR", help="start from this checkpoint, at the step it reached")
     return p.parse_args(argv)
 
 
-def data_streams(args, world: int = 1):
+def data_streams(args, world: int = 1, start: int = 0):
     """(train iterable, validation list of batches, number of tables, number of dense
-    features); batches are global: world x the per-rank --batch-size."""
+    features); batches are global: world x the per-rank --batch-size. Training reads
+    --steps batches from batch `start` on (a resumed run); validation does not move."""
     batch_size = args.batch_size * world
     if args.criteo_tsv or args.criteo_npy:
         reader = (CriteoTsvReader(args.criteo_tsv, batch_size=batch_size,
@@ -61,17 +68,17 @@ def data_streams(args, world: int = 1):
                   if args.criteo_tsv else
                   CriteoNpyReader(args.criteo_npy, batch_size=batch_size,
                                   num_embeddings_per_feature=args.num_embeddings, drop_last=True))
-        batches = list(itertools.islice(iter(reader), args.steps + args.val_batches))
-        if len(batches) <= args.val_batches:
+        batches = list(itertools.islice(iter(reader), start + args.steps + args.val_batches))
+        if len(batches) <= start + args.val_batches:
             raise SystemExit(f"dlrm_train: the data holds {len(batches)} batches of {batch_size}; "
-                             f"need more than --val-batches={args.val_batches}")
+                             f"need more than {start} (resumed at) + --val-batches={args.val_batches}")
         first = batches[0]
-        return batches[:-args.val_batches], batches[-args.val_batches:], len(first.sparse_features.keys()), \
+        return batches[start:-args.val_batches], batches[-args.val_batches:], len(first.sparse_features.keys()), \
             first.dense_features.shape[1]
     train = SyntheticCriteo(num_embeddings=args.num_embeddings, batch_size=batch_size,
-                            num_batches=args.steps, seed=args.seed)
+                            num_batches=start + args.steps, seed=args.seed)
     val = list(train.with_split("val", num_batches=args.val_batches))
-    return train, val, 26, 13
+    return itertools.islice(train, start, None), val, 26, 13
 
 
 def build_model(args, num_tables: int, num_dense: int) -> torch.nn.Module:
@@ -155,13 +162,19 @@ def make_trainable(args, model, example_batch, rank: int, world: int):
 
 
 def main(argv=None) -> dict[str, float]:
+    import fxrec
     args = parse_args(argv)
     rank, world = _init_distributed(args)
     torch.manual_seed(args.seed)  # the same model on every rank
-    train, val, num_tables, num_dense = data_streams(args, world)
+    first = fxrec.checkpoint.read_extra(args.resume)["step"] if args.resume else 0
+    train, val, num_tables, num_dense = data_streams(args, world, start=first)
     model = build_model(args, num_tables, num_dense)
     device = _device(args)
     model, optimizer = make_trainable(args, model.to(device), _local(val[0], rank, world, device), rank, world)
+    if args.resume:
+        fxrec.checkpoint.load(model, args.resume, optimizer=optimizer)
+        if rank == 0:
+            print(f"resumed from {args.resume} at step {first}")
     start = time.perf_counter()
     bar = tqdm(train, total=args.steps, unit="batch", desc="train", disable=rank != 0)
     for step, global_batch in enumerate(bar):
@@ -173,6 +186,8 @@ def main(argv=None) -> dict[str, float]:
         if step % 10 == 0:
             rate = (step + 1) * global_batch.batch_size / (time.perf_counter() - start)
             bar.set_postfix(loss=f"{loss.item():.4f}", samples_s=f"{rate:,.0f}")
+    if args.save:
+        fxrec.checkpoint.save(model, args.save, optimizer=optimizer, extra={"step": first + args.steps})
     result = evaluate(model, val, args.plain, rank, world, device)
     if rank == 0:
         print(f"validation: AUC {result['auc']:.4f}  NE {result['ne']:.4f}  ({len(val)} batches of "

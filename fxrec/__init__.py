@@ -30,8 +30,10 @@ _EXPORTS = {
     "ShardedModel": "fxrec.shard",
 }
 _SUBMODULES = ("optim", "models", "datasets", "metrics", "passes", "planner", "lowering", "runtime")
+# public submodule name -> where it lives (DESIGN.md's layout keeps checkpointing in runtime/)
+_ALIASES = {"checkpoint": "fxrec.runtime.checkpoint"}
 
-__all__ = sorted(list(_EXPORTS) + ["capture", "find_tables", "shard"]) + list(_SUBMODULES)
+__all__ = sorted(list(_EXPORTS) + ["capture", "find_tables", "shard"]) + list(_SUBMODULES) + list(_ALIASES)
 
 # Bound eagerly: `fxrec.capture` and `fxrec.shard` name both a submodule and the public
 # function, and the import system sets the package attribute to the submodule when it is
@@ -47,6 +49,8 @@ def __getattr__(name: str):
         return value
     if name in _SUBMODULES:
         return importlib.import_module(f"fxrec.{name}")
+    if name in _ALIASES:
+        return importlib.import_module(_ALIASES[name])
     raise AttributeError(f"module 'fxrec' has no attribute {name!r}")
 
 

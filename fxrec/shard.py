@@ -108,6 +108,24 @@ class ShardedModel(nn.Module):
                     out.setdefault(name, []).append(((0, w.shape[0]), (0, w.shape[1]), w))
         return out
 
+    def local_optimizer_state(self) -> dict[str, list[tuple]]:
+        """Table -> this rank's ``(rows, cols, {state name: live view})`` pieces, aligned with
+        `local_shards`: the fused sparse optimizer's state of each shard (empty dicts under
+        SGD). Row state (``momentum``, ``step``) is ``rows``; the rest ``rows x width``."""
+        out: dict[str, list] = {}
+        for m in self._lookups():
+            if isinstance(m, LocalLookup):
+                for fused in m.fused_modules():
+                    for key, state in fused.table_state().items():
+                        table, _, idx = key.rpartition("@")
+                        s = self._plan[table].shards[int(idx)]
+                        out.setdefault(table, []).append((tuple(s.rows), tuple(s.cols), state))
+            else:
+                for name, state in m.table_state().items():
+                    w = m.table(name)
+                    out.setdefault(name, []).append(((0, w.shape[0]), (0, w.shape[1]), state))
+        return out
+
     def full_state_dict(self) -> "OrderedDict[str, Tensor]":
         """The unsharded model's state_dict (same keys, same order), tables gathered from
         every rank. Collective: every rank calls it; every rank gets the whole dict."""

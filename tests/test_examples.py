@@ -23,6 +23,18 @@ def test_dlrm_demo_learns(flags, capsys):
     assert "validation: AUC" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("flags", [["--shard"], ["--plain"]])
+def test_dlrm_demo_resumes_where_it_stopped(flags, tmp_path, capsys):
+    """20 steps straight, or 10, a checkpoint, and 10 more from it: the same model."""
+    common = ["--val-batches", "4", "--num-embeddings", "1000", "--batch-size", "128", *flags]
+    demo = _load("dlrm_train")
+    straight = demo.main(["--steps", "20", *common])
+    demo.main(["--steps", "10", "--save", str(tmp_path / "ckpt"), *common])
+    resumed = demo.main(["--steps", "10", "--resume", str(tmp_path / "ckpt"), *common])
+    assert f"resumed from {tmp_path / 'ckpt'} at step 10" in capsys.readouterr().out
+    assert resumed == pytest.approx(straight, abs=1e-6)
+
+
 def test_dlrm_demo_reads_criteo_tsv(tmp_path):
     import random
     rng = random.Random(0)

@@ -8,6 +8,8 @@ different orders. bench/gpu_session.sh runs this file when it finds two or more 
 from __future__ import annotations
 
 import copy
+import os
+import tempfile
 import traceback
 
 import pytest
@@ -84,7 +86,23 @@ def _run_job(rank: int, world: int, sharding: str, name: str, device_type: str =
     for key in want:
         if key in full:
             _close(f"after {STEPS} steps, {key}", full[key], want[key], bad)
+    _checkpoint_round_trip(sm, full, case, topology, tables, batches[rank], device, sharding, name, bad)
     return bad
+
+
+def _checkpoint_round_trip(sm, full, case, topology, tables, batch, device, sharding, name, bad) -> None:
+    """fxrec.checkpoint from the GPU shards: saved under this plan, loaded under another
+    (row_wise or table_wise) on the same ranks, the tables come back (the optimizer state's
+    resharding is checked on gloo, tests/test_checkpoint.py)."""
+    path = os.path.join(tempfile.gettempdir(), f"fxrec_nccl_ckpt_{os.getppid()}_{sharding}_{name}")
+    fxrec.checkpoint.save(sm, path)
+    other_kind = "row_wise" if sharding == "table_wise" else "table_wise"
+    other = shard(case.build(), topology, _to(batch, device), constraints={t.name: other_kind for t in tables},
+                  sparse_optimizer=RowWiseAdagrad(SPARSE_LR, eps=EPS))
+    fxrec.checkpoint.load(other, path)
+    for key, value in other.full_state_dict().items():
+        if not torch.equal(value.cpu(), full[key].cpu()):
+            bad.append(f"checkpoint {sharding} -> {other_kind}: {key} differs after load")
 
 
 def _worker(rank: int, world: int, device_type: str = "cuda") -> dict:

@@ -167,6 +167,10 @@ class ReplicatedLookup(nn.Module):
     def _table_state(self, i: int) -> dict:
         return {key: getattr(self, f"table{i}_{key}") for key in self._state[i]}
 
+    def table_state(self) -> dict[str, dict[str, Tensor]]:
+        """Table name -> its optimizer state (live buffers), as `FusedEmbeddingBags.table_state`."""
+        return {name: self._table_state(i) for i, name in enumerate(self.tables)}
+
     def _lookup(self, inputs: list[SlotInput], weights) -> list[Tensor]:
         outs = []
         for slot, inp, w in zip(self.slots, inputs, weights):

@@ -1,0 +1,266 @@
+"""Checkpoints: save a model sharded under one plan, load it under any other.
+
+    fxrec.checkpoint.save(sharded, "ckpt/step_1000", optimizer=dense_opt)  # every rank calls it
+    ...
+    fxrec.checkpoint.load(sharded, "ckpt/step_1000", optimizer=dense_opt)  # any plan, any world size
+
+A checkpoint is a torch.distributed.checkpoint (DCP) directory keyed as the unsharded model:
+
+- the unsharded model's state_dict keys. Each rank writes only what it holds: a sharded table
+  goes to DCP as a ShardedTensor over the live shard views (no table is gathered or copied);
+  a replicated table, the dense parameters and buffers, equal on every rank, are written once
+  (DCP keeps one copy of a key that several ranks write whole);
+- ``sparse_optimizer.<table key>.<state>``: the fused optimizer's state, tiled like its table:
+  RowWiseAdagrad's ``momentum`` and Adam's ``step`` per row (``rows``), Adam's ``exp_avg`` and
+  ``exp_avg_sq`` per element (``rows x dim``). A column_wise table's shards all see the same ids,
+  so they hold the same per-row state, written once. The exception is
+  ``RowWiseAdagrad(exact_column_wise=False)``, TorchRec's accumulator per column shard: its
+  ``momentum`` is ``rows x shards`` and loads only into as many column shards;
+- ``dense_optimizer``: the torch optimizer's state over the dense parameters, keyed by their
+  paths (torch's ``get_optimizer_state_dict``), when `save` is given the optimizer;
+- ``extra.<key>``: the caller's values (`save`'s ``extra``, returned by `load`).
+
+Loading reshards: for each piece this rank holds under *its* plan, DCP reads the overlapping
+parts of the saved pieces, in place into the live shards. So a checkpoint written by 2 ranks
+loads on 4, under another plan, into a model built on the meta device, or into the plain
+unsharded model (`load(model, path)` with an ``nn.Module``: whole tables, no process group).
+The keys and shapes are checked against the checkpoint's metadata before anything is read,
+so a mismatch names the key (and table) and both shapes instead of failing half-loaded.
+
+Save and load of a ShardedModel are collective (every rank calls them); of a plain module,
+local (one process).
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import warnings
+from typing import Optional, Union
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import Tensor, nn
+from torch.distributed._shard.metadata import ShardMetadata
+from torch.distributed._shard.sharded_tensor import Shard, ShardedTensor
+from torch.distributed._shard.sharded_tensor.metadata import ShardedTensorMetadata, TensorProperties
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+from fxrec.lowering.sparse_update import ROW_STATE
+from fxrec.optim import RowWiseAdagrad
+from fxrec.shard import ShardedModel
+
+__all__ = ["save", "load", "read_extra", "state_dict", "SPARSE_PREFIX", "DENSE_OPTIMIZER"]
+
+SPARSE_PREFIX = "sparse_optimizer"
+DENSE_OPTIMIZER = "dense_optimizer"
+EXTRA = "extra"
+
+PathLike = Union[str, os.PathLike]
+
+
+# ------------------------------------------------------------------ the state dict
+def _placed(size: tuple, local: list, everyone: list, rank: int) -> Optional[Tensor]:
+    """This rank's pieces of one global tensor of `size`, as DCP takes them.
+
+    local: ``(offsets, live view)`` of this rank; everyone: ``(rank, offsets, sizes)`` of every
+    piece on every rank, tiling `size` without overlap (DCP's ShardedTensor needs the whole
+    layout). None when this rank holds nothing; the view itself when it holds the whole."""
+    local = [(tuple(o), t) for o, t in local if t.numel()]
+    if not local:
+        return None
+    if len(local) == 1 and tuple(local[0][1].shape) == tuple(size):
+        return local[0][1]
+    device = local[0][1].device
+    metas = [ShardMetadata(list(o), list(z), f"rank:{r}/{device}") for r, o, z in everyone if math.prod(z)]
+    views = dict(local)
+    shards = [Shard(views[tuple(m.shard_offsets)], m) for m in metas if m.placement.rank() == rank]
+    layout = ShardedTensorMetadata(metas, torch.Size(size), TensorProperties.create_from_tensor(local[0][1]))
+    return ShardedTensor._init_from_local_shards_and_global_metadata(shards, layout)
+
+
+def _table_entries(model: ShardedModel, key: str, table: str, rank: int, weights: list,
+                   states: Optional[list]) -> dict:
+    """The checkpoint entries of one table key: its weight and, given this rank's pieces of its
+    optimizer state (`states`), that state; only those this rank holds a piece of."""
+    info, shards = model._tables[table], model.plan[table].shards
+    n, d = info.num_embeddings, info.embedding_dim
+    tiles = [(s.rank, (s.rows[0], s.cols[0]), (s.rows[1] - s.rows[0], s.cols[1] - s.cols[0])) for s in shards]
+    rows = [(s.rank, (s.rows[0],), (s.rows[1] - s.rows[0],)) for s in shards]
+    col_starts = sorted({s.cols[0] for s in shards})  # > 1 entry: a column_wise table
+    opt = model.sparse_optimizer
+    per_shard = isinstance(opt, RowWiseAdagrad) and not opt.exact_column_wise and len(col_starts) > 1
+    out = {key: _placed((n, d), [((r[0], c[0]), w) for r, c, w in weights], tiles, rank)}
+    if states:  # None: weights only; []: no piece here, nothing to write or read
+        pieces = states
+        for name in pieces[0][2]:
+            if name in ROW_STATE and per_shard and name == "momentum":
+                cols = [(s.rank, (0, col_starts.index(s.cols[0])), (n, 1)) for s in shards]
+                local = [((0, col_starts.index(c[0])), st[name].unsqueeze(1)) for r, c, st in pieces]
+                value = _placed((n, len(col_starts)), local, cols, rank)
+            elif name in ROW_STATE:
+                # column shards hold whole rows, equal across shards: each is the whole tensor
+                value = _placed((n,), [((r[0],), st[name]) for r, c, st in pieces], rows, rank)
+            else:
+                value = _placed((n, d), [((r[0], c[0]), st[name]) for r, c, st in pieces], tiles, rank)
+            out[f"{SPARSE_PREFIX}.{key}.{name}"] = value
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def state_dict(model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None,
+               sparse_optimizer: bool = True) -> dict:
+    """What `save` writes and `load` reads, as live views (DCP's ``state_dict`` argument).
+
+    model: a `ShardedModel` (this rank's pieces, see the module doc) or a plain module (its
+    ``state_dict()``). optimizer: the torch optimizer over the dense parameters, under
+    ``dense_optimizer``. sparse_optimizer: include the fused optimizer's state."""
+    if isinstance(model, ShardedModel):
+        rank, out = _rank(), {}
+        dense = model.module.state_dict()
+        weights, states = model.local_shards(), model.local_optimizer_state() if sparse_optimizer else None
+        for key in model._keys:
+            table = model._param_tables.get(key)
+            if table in model._tables:
+                out.update(_table_entries(model, key, table, rank, weights.get(table, []),
+                                          None if states is None else states.get(table, [])))
+            elif key in dense or key in model._extra:
+                out[key] = dense[key] if key in dense else model._extra[key]
+        module = model.module
+    else:
+        out = dict(model.state_dict())
+        module = model
+    if optimizer is not None:
+        out[DENSE_OPTIMIZER] = get_optimizer_state_dict(module, optimizer)
+    return out
+
+
+# ------------------------------------------------------------------ save / load
+def _collective(model: nn.Module) -> bool:
+    return isinstance(model, ShardedModel) and dist.is_initialized() and dist.get_world_size() > 1
+
+
+@contextlib.contextmanager
+def _quiet():
+    """DCP warns on every single-process save/load that it assumes one process; here that is
+    the documented intent (a plain module, or a ShardedModel of one rank), not a surprise. It
+    also warns that ShardedTensor is deprecated for DTensor, each time it touches one; but a
+    DTensor's placements cannot say "rows 0-99 on rank 3, columns 8-15 on rank 1" (uneven
+    row ranges, a table on a chosen rank), which a plan does, and ShardedTensor can."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is .*unavailable or uninitialized")
+        warnings.filterwarnings("ignore", message="Please use DTensor instead and we are deprecating ShardedTensor")
+        yield
+
+
+def save(model: nn.Module, path: PathLike, optimizer: Optional[torch.optim.Optimizer] = None,
+         extra: Optional[dict] = None) -> None:
+    """Write `model` (and the dense `optimizer`'s state) to the DCP directory `path`.
+
+    extra: the caller's own values (a step count, a data loader's position), a flat dict of
+    str keys to tensors or picklable values, given back by `load`; under ``extra.<key>``.
+    Collective for a ShardedModel: every rank calls it with the same path (and extra)."""
+    sd = state_dict(model, optimizer)
+    for key, value in (extra or {}).items():
+        if not isinstance(key, str) or isinstance(value, dict):
+            raise ValueError(f"fxrec.checkpoint.save: extra must map str keys to tensors or picklable "
+                             f"values (not dicts); got {key!r}: {type(value).__name__}")
+        sd[f"{EXTRA}.{key}"] = value
+    with _quiet():
+        dcp.save(sd, storage_writer=dcp.FileSystemWriter(os.fspath(path)), no_dist=not _collective(model))
+
+
+@torch.no_grad()
+def load(model: nn.Module, path: PathLike, optimizer: Optional[torch.optim.Optimizer] = None,
+         sparse_optimizer: bool = True) -> dict:
+    """Read the checkpoint at `path` into `model` in place, whatever plan or world size wrote
+    it (module doc). optimizer: restore the dense optimizer's state too (it must have been
+    saved). sparse_optimizer=False: the tables' weights only, leaving the fused optimizer's
+    state as it is (e.g. a checkpoint of the plain model, or of another sparse optimizer).
+
+    Collective for a ShardedModel. Raises FileNotFoundError for a path that holds no
+    checkpoint and ValueError for a key the checkpoint lacks or a shape that differs; on
+    every rank, with the first failing rank's message, before anything is read.
+    Returns the `extra` dict given to `save` (empty if none)."""
+    path = os.fspath(path)
+    sd = state_dict(model, optimizer, sparse_optimizer)
+    with _quiet():
+        problem = _problem(model, sd, path)
+    if _collective(model):  # one rank's problem stops every rank, not only that one
+        everyone: list = [None] * dist.get_world_size()
+        dist.all_gather_object(everyone, problem)
+        first = next(((r, p) for r, p in enumerate(everyone) if p is not None), None)
+        problem = None if first is None else (first[1][0], f"rank {first[0]}: {first[1][1]}")
+    if problem is not None:
+        kind, message = problem
+        raise (FileNotFoundError if kind == "missing" else ValueError)(f"fxrec.checkpoint.load: {message}")
+    reader = dcp.FileSystemReader(path)
+    sd.update(_extra_templates(reader))
+    with _quiet():
+        dcp.load(sd, storage_reader=reader, no_dist=not _collective(model))
+    if optimizer is not None:
+        set_optimizer_state_dict(model.module if isinstance(model, ShardedModel) else model, optimizer,
+                                 sd[DENSE_OPTIMIZER])
+    return {k[len(EXTRA) + 1:]: v for k, v in sd.items() if k.startswith(EXTRA + ".")}
+
+
+def _extra_templates(reader) -> dict:
+    """A value per saved ``extra.<key>`` for DCP to fill (it reads into what it is given)."""
+    return {key: torch.empty(md.size, dtype=md.properties.dtype) if isinstance(md, TensorStorageMetadata) else None
+            for key, md in reader.read_metadata().state_dict_metadata.items() if key.startswith(EXTRA + ".")}
+
+
+def read_extra(path: PathLike) -> dict:
+    """`save`'s ``extra`` values alone, without a model (e.g. the step to resume from, before
+    building the data stream). Local: any process may call it."""
+    path = os.fspath(path)
+    if not os.path.isfile(os.path.join(path, ".metadata")):
+        raise FileNotFoundError(f"fxrec.checkpoint.read_extra: no checkpoint at {path!r} (no .metadata file)")
+    reader = dcp.FileSystemReader(path)
+    sd = _extra_templates(reader)
+    if sd:
+        with _quiet():
+            dcp.load(sd, storage_reader=reader, no_dist=True)
+    return {k[len(EXTRA) + 1:]: v for k, v in sd.items()}
+
+
+def _problem(model: nn.Module, sd: dict, path: str) -> Optional[tuple[str, str]]:
+    """Why this rank cannot read `path` into `sd`, as (kind, message); None when it can: the
+    checkpoint exists and has every key this rank reads, with this model's shape."""
+    if not os.path.isfile(os.path.join(path, ".metadata")):
+        return "missing", f"no checkpoint at {path!r} (no .metadata file)"
+    if not isinstance(model, ShardedModel):
+        meta = [k for k, v in sd.items() if isinstance(v, Tensor) and v.is_meta]
+        if meta:
+            return "model", (f"{meta[0]!r} is on the meta device; a plain module loads in place, so build "
+                             "it on a real device (or shard it first)")
+    try:
+        saved = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
+    except Exception as e:  # noqa: BLE001 - a damaged file: say which, and why
+        return "bad", f"cannot read the metadata of {path!r}: {type(e).__name__}: {e}"
+    tables = model._param_tables if isinstance(model, ShardedModel) else {}
+
+    def what(key: str) -> str:
+        base = key[len(SPARSE_PREFIX) + 1:].rpartition(".")[0] if key.startswith(SPARSE_PREFIX + ".") else key
+        return f"{key!r} (table {tables[base]!r})" if base in tables else repr(key)
+
+    if DENSE_OPTIMIZER in sd and not any(k.startswith(DENSE_OPTIMIZER + ".") for k in saved):
+        return "keys", f"{path!r} was saved without a dense optimizer's state; load it without optimizer="
+    for key, value in sd.items():
+        if key == DENSE_OPTIMIZER:
+            continue
+        if key not in saved:
+            hint = ""
+            if key.startswith(SPARSE_PREFIX + "."):
+                hint = ("; it holds no such sparse optimizer state (saved with another sparse optimizer, or "
+                        "from a plain model?): pass sparse_optimizer=False to load the weights only")
+            return "keys", f"{path!r} has no {what(key)}{hint}"
+        md = saved[key]
+        if isinstance(md, TensorStorageMetadata) and tuple(md.size) != tuple(value.size()):
+            return "shape", f"{what(key)} is {tuple(md.size)} in {path!r} and {tuple(value.size())} in this model"
+    return None

@@ -1,0 +1,283 @@
+"""fxrec.checkpoint: a model sharded one way saves, and loads sharded another way (another plan,
+another world size, the plain model), and training resumes exactly where it stopped.
+
+Each job trains 2 steps on W=2 gloo ranks, saves (tables, sparse optimizer state, the dense
+torch optimizer's state), and trains a 3rd step: the uninterrupted run. A fresh model (other
+seed), sharded by the job's load plan on W=2 or W=4 ranks, loads the checkpoint and trains the
+same 3rd step. By DESIGN.md's equivalence the two 3rd steps see the same global batch, so the
+loaded tables equal the saved ones exactly and the resumed run's tables and dense parameters
+equal the uninterrupted run's (fp32, 1e-5).
+"""
+from __future__ import annotations
+
+import os
+import traceback
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+import fxrec
+from dist_harness import run_workers
+from fxrec.optim import SGD, Adam, RowWiseAdagrad
+from fxrec.shard import shard
+from fxrec.topology import Topology
+from shard_models import CASES
+from test_shard_equivalence import MIXED
+
+GLOBAL_B = 4  # samples per step, split over the ranks
+LR = 0.05
+RANKS_PER_NODE = {2: 1, 4: 2}
+SPARSE = {"sgd": lambda: SGD(LR), "rowwise_adagrad": lambda: RowWiseAdagrad(LR, eps=1e-8),
+          "rowwise_adagrad_per_shard": lambda: RowWiseAdagrad(LR, eps=1e-8, exact_column_wise=False),
+          "adam": lambda: Adam(LR, betas=(0.9, 0.99), eps=1e-4)}
+
+# (job, model, sparse optimizer, saved as (W=2), loaded as (world, sharding), loaded on meta)
+JOBS = [
+    ("rw_to_cw", "dlrm_ebc", "rowwise_adagrad", "row_wise", (4, "column_wise"), False),
+    ("mixed_to_tw", "dlrm_lists", "adam", "mixed", (4, "table_wise"), False),
+    ("cw_to_dp", "two_tower", "rowwise_adagrad", "column_wise", (4, "data_parallel"), True),
+    ("twrw_to_rw", "sequence_ec", "sgd", "table_row_wise", (4, "row_wise"), True),
+    ("dp_to_twrw", "dlrm_ebc", "adam", "data_parallel", (4, "table_row_wise"), False),
+    ("cw_per_shard", "dlrm_ebc", "rowwise_adagrad_per_shard", "column_wise", (2, "column_wise"), False),
+]
+
+
+def _local(case, step: int, world: int, rank: int) -> tuple:
+    """This rank's part of step `step`'s global batch (the same samples for any world size)."""
+    parts = case.local_batches(GLOBAL_B, 1, seed=100 + step)
+    k = GLOBAL_B // world
+    return case.concat(parts[rank * k:(rank + 1) * k])
+
+
+def _build(name: str, optimizer: str, sharding: str, world: int, rank: int, seed: int, meta: bool = False):
+    case = CASES[name]
+    torch.manual_seed(seed)
+    if meta:
+        with torch.device("meta"):
+            model = case.build()
+    else:
+        model = case.build()
+    example = _local(case, 0, world, rank)
+    tables = fxrec.find_tables(case.build(), example)
+    cons = MIXED[name] if sharding == "mixed" else {t.name: sharding for t in tables}
+    sm = shard(model, Topology(world, ranks_per_node=RANKS_PER_NODE[world]), example, constraints=cons,
+               sparse_optimizer=SPARSE[optimizer](), seed=seed)
+    params = list(sm.parameters())  # none in a tables-only model: then no dense optimizer
+    return sm, torch.optim.Adam(params, lr=0.01) if params else None
+
+
+def _step(sm, opt, name: str, step: int, world: int, rank: int) -> None:
+    sm(*_local(CASES[name], step, world, rank)).square().mean().backward()
+    if opt is not None:
+        opt.step()
+        opt.zero_grad()
+
+
+def _save_worker(rank: int, world: int, root: str) -> dict:
+    out = {}
+    for job, name, optimizer, saved_as, _, _ in JOBS:
+        try:
+            sm, opt = _build(name, optimizer, saved_as, world, rank, seed=0)
+            for step in (0, 1):
+                _step(sm, opt, name, step, world, rank)
+            fxrec.checkpoint.save(sm, os.path.join(root, job), optimizer=opt)
+            saved = sm.full_state_dict()
+            _step(sm, opt, name, 2, world, rank)
+            out[job] = (saved, sm.full_state_dict())
+        except Exception:  # noqa: BLE001 - reported per job; the other ranks fail their collective too
+            out[job] = traceback.format_exc(limit=8)
+            break
+    return out
+
+
+def _load_worker(rank: int, world: int, root: str, jobs: list) -> dict:
+    out = {}
+    try:
+        out.update(_mismatches(rank, world, root))
+    except Exception:  # noqa: BLE001
+        out["mismatches"] = traceback.format_exc(limit=8)
+        return out
+    for job, name, optimizer, _, (_, sharding), meta in jobs:
+        try:
+            sm, opt = _build(name, optimizer, sharding, world, rank, seed=7, meta=meta)
+            fxrec.checkpoint.load(sm, os.path.join(root, job), optimizer=opt)
+            loaded = sm.full_state_dict()
+            _step(sm, opt, name, 2, world, rank)
+            out[job] = (loaded, sm.full_state_dict())
+        except Exception:  # noqa: BLE001
+            out[job] = traceback.format_exc(limit=8)
+            break
+    return out
+
+
+def _raised(fn) -> str:
+    try:
+        fn()
+    except ValueError as e:
+        return str(e)
+    return "nothing raised"
+
+
+def _mismatches(rank: int, world: int, root: str) -> dict:
+    """Checkpoints that do not fit the model: every rank raises, also one that holds no piece of
+    the offending table (it would otherwise wait in DCP's collectives for the others)."""
+    out = {}
+    if world == 4:
+        # the plain model's checkpoint has no sparse optimizer state; table_wise puts dlrm_ebc's
+        # 3 tables on 3 of the 4 ranks
+        sm, _ = _build("dlrm_ebc", "rowwise_adagrad", "table_wise", world, rank, seed=3)
+        out["no_sparse_state"] = _raised(lambda: fxrec.checkpoint.load(sm, os.path.join(root, "plain")))
+        fxrec.checkpoint.load(sm, os.path.join(root, "plain"), sparse_optimizer=False)
+        out["plain_to_tw"] = sm.full_state_dict()
+    if world == 2:
+        # one accumulator per column shard does not load into the exact (one per row) layout
+        sm, _ = _build("dlrm_ebc", "rowwise_adagrad", "column_wise", world, rank, seed=3)
+        out["per_shard_to_exact"] = _raised(lambda: fxrec.checkpoint.load(sm, os.path.join(root, "cw_per_shard")))
+    return out
+
+
+_RUNS: dict = {}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """The save run on 2 ranks, then each load world's run: rank 0's results per job."""
+    if not _RUNS:
+        root = str(tmp_path_factory.mktemp("ckpt"))
+        _RUNS["root"] = root
+        _RUNS["saved"] = run_workers(_save_worker, 2, root, timeout=600)[0]
+        torch.manual_seed(5)
+        plain = CASES["dlrm_ebc"].build()
+        fxrec.checkpoint.save(plain, os.path.join(root, "plain"))  # one process, no process group
+        _RUNS["plain"] = plain.state_dict()
+        for world in (2, 4):
+            jobs = [j for j in JOBS if j[4][0] == world]
+            per_rank = run_workers(_load_worker, world, root, jobs, timeout=600)
+            _RUNS[world] = per_rank[0]
+            _RUNS[world, "errors"] = [r.get("no_sparse_state", r.get("per_shard_to_exact")) for r in per_rank]
+    return _RUNS
+
+
+def _result(runs, job: str, where) -> tuple:
+    res = where.get(job)
+    assert res is not None, f"{job} did not run (an earlier job failed)"
+    assert not isinstance(res, str), res
+    return res
+
+
+@pytest.mark.parametrize("job", [j[0] for j in JOBS])
+def test_resume_under_another_plan_equals_uninterrupted(runs, job):
+    spec = next(j for j in JOBS if j[0] == job)
+    saved, uninterrupted = _result(runs, job, runs["saved"])
+    loaded, resumed = _result(runs, job, runs[spec[4][0]])
+    assert list(loaded) == list(saved)
+    for key in saved:
+        assert torch.equal(loaded[key], saved[key]), f"{job}: {key} differs after load"
+    for key in uninterrupted:
+        assert_close(resumed[key], uninterrupted[key], rtol=1e-5, atol=1e-6, msg=lambda m: f"{job} {key}: {m}")
+
+
+def test_a_plain_models_checkpoint_loads_sharded(runs):
+    """Saved by the unsharded model in one process; loaded table_wise on 4 ranks."""
+    got = _result(runs, "plain_to_tw", runs[4])
+    want = runs["plain"]
+    assert list(got) == list(want)
+    for key in want:
+        assert torch.equal(got[key], want[key]), key
+
+
+@pytest.mark.parametrize("world, match", [
+    (4, r"rank \d: .*'sparse_optimizer\.sparse_arch\.ebc\.embedding_bags\.t_\w+\.weight\.momentum' "
+        r"\(table 'sparse_arch\.ebc\.embedding_bags\.t_\w+'\).*sparse_optimizer=False"),
+    (2, r"rank 0: .*'sparse_optimizer\.sparse_arch\.ebc\.embedding_bags\.t_user\.weight\.momentum' "
+        r"\(table 'sparse_arch\.ebc\.embedding_bags\.t_user'\) is \(\d+, 2\) in .* and \(\d+,\) in this model"),
+])
+def test_a_checkpoint_that_does_not_fit_raises_on_every_rank(runs, world, match):
+    import re
+
+    errors = runs[world, "errors"]
+    assert len(errors) == world
+    for rank, message in enumerate(errors):
+        assert re.search(match, message), f"rank {rank}: {message}"
+    assert len(set(errors)) == 1  # the first failing rank's message, everywhere
+
+
+def test_a_sharded_checkpoint_loads_into_the_plain_model(runs):
+    """Saved row_wise on 2 ranks; the unsharded model (one process, no process group) reads
+    whole tables."""
+    saved, _ = _result(runs, "rw_to_cw", runs["saved"])
+    torch.manual_seed(9)
+    plain = CASES["dlrm_ebc"].build()
+    fxrec.checkpoint.load(plain, os.path.join(runs["root"], "rw_to_cw"))
+    for key, value in plain.state_dict().items():
+        assert torch.equal(value, saved[key]), key
+
+
+# ------------------------------------------------------------------ one process
+def test_world_one_sharded_round_trip_with_dense_optimizer(tmp_path):
+    """A ShardedModel of one rank (no process group): save after 2 steps, load into a fresh one,
+    and the 3rd step matches."""
+    runs_ = []
+    for seed, load in ((0, False), (4, True)):
+        sm, opt = _world_one(seed)
+        if load:
+            fxrec.checkpoint.load(sm, tmp_path / "w1", optimizer=opt)
+        else:
+            for step in (0, 1):
+                _step(sm, opt, "dlrm_lists", step, 1, 0)
+            fxrec.checkpoint.save(sm, tmp_path / "w1", optimizer=opt)
+        _step(sm, opt, "dlrm_lists", 2, 1, 0)
+        runs_.append(sm.full_state_dict())
+    for key in runs_[0]:
+        assert_close(runs_[1][key], runs_[0][key], rtol=1e-5, atol=1e-6)
+
+
+def _world_one(seed: int):
+    case = CASES["dlrm_lists"]
+    torch.manual_seed(seed)
+    sm = shard(case.build(), Topology(1), _local(case, 0, 1, 0), sparse_optimizer=SPARSE["adam"](), seed=seed)
+    return sm, torch.optim.Adam(sm.parameters(), lr=0.01)
+
+
+def test_no_checkpoint_at_the_path(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"no checkpoint at '.*nowhere'"):
+        fxrec.checkpoint.load(CASES["dlrm_ebc"].build(), tmp_path / "nowhere")
+
+
+class _Tables(torch.nn.Module):
+    def __init__(self, rows: int, device=None):
+        super().__init__()
+        self.emb = torch.nn.EmbeddingBag(rows, 4, mode="sum", device=device)
+
+
+def test_a_table_of_another_size_names_the_key_and_both_shapes(tmp_path):
+    fxrec.checkpoint.save(_Tables(10), tmp_path / "t")
+    with pytest.raises(ValueError, match=r"'emb\.weight' is \(10, 4\) in .* and \(12, 4\) in this model"):
+        fxrec.checkpoint.load(_Tables(12), tmp_path / "t")
+    with pytest.raises(ValueError, match=r"has no 'user_tower\.user\.weight'"):
+        fxrec.checkpoint.load(CASES["two_tower"].build(), tmp_path / "t")
+
+
+def test_a_plain_module_on_meta_is_refused(tmp_path):
+    fxrec.checkpoint.save(_Tables(10), tmp_path / "t")
+    with pytest.raises(ValueError, match=r"'emb\.weight' is on the meta device"):
+        fxrec.checkpoint.load(_Tables(10, device="meta"), tmp_path / "t")
+
+
+def test_loading_a_dense_optimizer_that_was_not_saved(tmp_path):
+    model = _Tables(10)
+    fxrec.checkpoint.save(model, tmp_path / "t")
+    with pytest.raises(ValueError, match=r"saved without a dense optimizer's state"):
+        fxrec.checkpoint.load(model, tmp_path / "t", optimizer=torch.optim.Adam(model.parameters()))
+
+
+def test_extra_values_come_back(tmp_path):
+    model = _Tables(10)
+    fxrec.checkpoint.save(model, tmp_path / "t", extra={"step": 41, "seen": torch.arange(3), "name": "run-a"})
+    got = fxrec.checkpoint.load(_Tables(10), tmp_path / "t")
+    assert got["step"] == 41 and got["name"] == "run-a" and torch.equal(got["seen"], torch.arange(3))
+    fxrec.checkpoint.save(model, tmp_path / "u")
+    assert fxrec.checkpoint.load(model, tmp_path / "u") == {}
+    with pytest.raises(ValueError, match=r"extra must map str keys .* got 'loader': dict"):
+        fxrec.checkpoint.save(model, tmp_path / "v", extra={"loader": {"pos": 3}})
