@@ -15,8 +15,9 @@ model computes on the concatenated W*b global batch, and one step with the loss 
 over each local batch leaves tables and dense parameters where the unsharded step on the
 global batch (loss averaged over it) leaves them: dense gradients are averaged across
 ranks in backward (`DenseGradSync`), sparse ones scaled by 1/W before the fused optimizer.
-Every rank must feed the same local batch size to row_wise / table_row_wise tables (a
-clear error otherwise); table_wise, column_wise and data_parallel ones take any.
+Ranks may feed different local batch sizes (a job's last, short batch; an empty one), under
+every sharding type: the bag counts travel with the ids, and row-wise reduce-scatters pad
+their chunks to the largest batch.
 This holds for RowWiseAdagrad on column_wise tables too (TorchRec/FBGEMM give each column
 shard its own accumulator instead): the shards' per-row sums of g^2 are exchanged in
 backward, so a row's accumulator sees its whole row (fxrec/runtime/row_sync.py).

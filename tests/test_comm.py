@@ -82,6 +82,26 @@ def _check_reduce_scatter_all_gather(rank, w, dtype, m, seed):
     assert_close(y.grad, expected, **tol)
 
 
+def _check_reduce_scatter_uneven(rank, w, seed):
+    """Chunks of different sizes (one empty): rank r gets the sum of every rank's chunk r;
+    backward hands each rank's chunk r the gradient rank r saw."""
+    gen = torch.Generator().manual_seed(seed)
+    splits = [(r * 2 + 1) % 4 for r in range(w)]  # 1, 3, 1, 3: uneven
+    splits[-1] = 0
+    xs = [torch.randn(sum(splits), 2, generator=gen) for _ in range(w)]
+    gs = [torch.randn(splits[r], 2, generator=gen) for r in range(w)]
+    x = xs[rank].clone().requires_grad_(True)
+    out = comm.reduce_scatter(x, split_sizes=splits)
+    start = sum(splits[:rank])
+    assert_close(out.detach(), sum(xs)[start:start + splits[rank]])
+    (out * gs[rank]).sum().backward()
+    assert_close(x.grad, torch.cat(gs), rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"reduce_scatter: split_sizes \[.*\] sum to .* but x has"):
+        comm.reduce_scatter(torch.zeros(sum(splits) + 1, 2), split_sizes=splits)
+    with pytest.raises(ValueError, match="reduce_scatter: split_sizes has 1 entries"):
+        comm.reduce_scatter(torch.zeros(4), split_sizes=[4])
+
+
 def _check_all_reduce(rank, w, seed):
     gen = torch.Generator().manual_seed(seed)
     xs = [torch.randn(4, 3, generator=gen) for _ in range(w)]
@@ -122,6 +142,7 @@ def _comm_worker(rank, w):
             _check_reduce_scatter_all_gather(rank, w, dtype, m, seed)
     _check_counts(rank, w, 100)
     _check_all_reduce(rank, w, 101)
+    _check_reduce_scatter_uneven(rank, w, 102)
     _check_meta_and_errors(rank, w)
     # Zero-size rows (trailing dim 0) and a fully empty exchange.
     assert comm.all_to_all(torch.zeros(w, 0), [1] * w, [1] * w).shape == (w, 0)

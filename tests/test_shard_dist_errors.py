@@ -37,42 +37,44 @@ def _worker(rank: int, world: int) -> dict:
     out = {}
     out["world"] = _expect(lambda: shard(model, Topology(4), batches[rank]), ValueError)
     out["infeasible"] = _expect(lambda: shard(model, Topology(2, memory_per_rank="1KB"), batches[rank]), PlanError)
-    rw = shard(model, Topology(2), batches[rank], constraints={t.name: "row_wise" for t in tables})
-    out["unequal_row_wise"] = _expect(lambda: rw(*batches[rank]), ValueError)
-    # table_wise and data_parallel exchange bag counts: uneven local batches are fine
-    mixed = {"emb_l.0": "table_wise", "emb_l.1": "data_parallel", "emb_l.2": "column_wise"}
-    sm = shard(model, Topology(2), batches[rank], constraints=mixed)
-    with torch.no_grad():
-        got, want = sm(*batches[rank]), model(*case.concat(batches))
-    start = sum(sizes[:rank])
-    assert_close(got, want[start:start + sizes[rank]])
+    # every type exchanges bag counts (row_wise and table_row_wise reduce-scatters pad their
+    # chunks to the largest batch): uneven local batches are fine
+    for mixed in ({"emb_l.0": "table_wise", "emb_l.1": "data_parallel", "emb_l.2": "column_wise"},
+                  {"emb_l.0": "row_wise", "emb_l.1": "table_row_wise", "emb_l.2": "row_wise"}):
+        sm = shard(model, Topology(2, ranks_per_node=1), batches[rank], constraints=mixed)
+        with torch.no_grad():
+            got, want = sm(*batches[rank]), model(*case.concat(batches))
+        start = sum(sizes[:rank])
+        assert_close(got, want[start:start + sizes[rank]])
     out["uneven_ok"] = True
     out.update(_bad_batches(rank, model, case, g))
     out["empty"] = {sharding: _empty_batch_step(rank, sharding) for sharding in EMPTY_OK}
+    out["row_wise_2_3"] = _empty_batch_step(rank, "row_wise", (2, 3))
     return out
 
 
-EMPTY_OK = ["table_wise", "column_wise", "data_parallel"]  # the types that take uneven batches
+EMPTY_OK = ["table_wise", "column_wise", "data_parallel", "row_wise", "table_row_wise"]
 
 
-def _empty_batch_step(rank: int, sharding: str) -> list[str]:
-    """Rank 0 feeds no sample (a job's last, short batch): its outputs are empty, and one SGD
-    step on the summed outputs leaves every table row and dense parameter where the unsharded
-    step on the global batch leaves them (loss sum / W: each rank's gradients are averaged)."""
+def _empty_batch_step(rank: int, sharding: str, sizes: tuple = (0, 3), ranks_per_node: int = 1) -> list[str]:
+    """Rank 0 feeds no sample (a job's last, short batch), or fewer than rank 1 (`sizes`): the
+    outputs have each rank's batch, and one SGD step on the summed outputs leaves every table
+    row and dense parameter where the unsharded step on the global batch leaves them (loss
+    sum / W: each rank's gradients are averaged)."""
     case = CASES["dlrm_ebc"]
     torch.manual_seed(0)
     model = case.build()
     ref = copy.deepcopy(model)
     g = torch.Generator().manual_seed(2)
-    example, batches = case.draw(g, 3), [case.draw(g, b) for b in (0, 3)]
+    example, batches = case.draw(g, 3), [case.draw(g, b) for b in sizes]
     tables = fxrec.find_tables(model, example)
-    sm = shard(model, Topology(2), example, constraints={t.name: sharding for t in tables},
-               sparse_optimizer=SGD(0.1))
+    sm = shard(model, Topology(len(sizes), ranks_per_node=ranks_per_node), example,
+               constraints={t.name: sharding for t in tables}, sparse_optimizer=SGD(0.1))
     out = sm(*batches[rank])
-    assert out.shape[0] == (0, 3)[rank]
+    assert out.shape[0] == sizes[rank]
     out.sum().backward()
     torch.optim.SGD(sm.parameters(), lr=0.1).step()
-    (ref(*case.concat(batches)).sum() / 2).backward()
+    (ref(*case.concat(batches)).sum() / len(sizes)).backward()
     torch.optim.SGD(ref.parameters(), lr=0.1).step()
     got, want = sm.full_state_dict(), ref.state_dict()
     return [k for k in want if not torch.allclose(got[k], want[k], rtol=1e-5, atol=1e-6)]
@@ -132,12 +134,6 @@ def test_planning_error_raised_on_every_rank(results):
         assert r["infeasible"].startswith("PlanError") and "emb_l" in r["infeasible"]
 
 
-def test_row_wise_needs_equal_batches(results):
-    for r in results:
-        assert "table 'emb_l.0'" in r["unequal_row_wise"]
-        assert "every rank must feed the same number of bags per step; ranks fed [2, 3]" in r["unequal_row_wise"]
-
-
 def test_uneven_batches_where_the_plan_allows(results):
     assert all(r["uneven_ok"] for r in results)
 
@@ -145,6 +141,30 @@ def test_uneven_batches_where_the_plan_allows(results):
 @pytest.mark.parametrize("sharding", EMPTY_OK)
 def test_a_rank_with_an_empty_batch_trains_like_the_global_batch(results, sharding):
     assert results[0]["empty"][sharding] == [] and results[1]["empty"][sharding] == []
+
+
+def test_row_wise_trains_on_uneven_batches(results):
+    """Local batches of 2 and 3: the reduce-scatter's chunks are padded to 3 bags."""
+    assert results[0]["row_wise_2_3"] == [] and results[1]["row_wise_2_3"] == []
+
+
+UNEVEN_4 = (1, 2, 0, 3)
+
+
+def _uneven_worker(rank: int, world: int) -> dict:
+    # 2 nodes x 2 ranks: table_row_wise's node reduce-scatter and cross-node all-to-all both
+    # see uneven chunks
+    return {s: _empty_batch_step(rank, s, UNEVEN_4, ranks_per_node=2) for s in ("row_wise", "table_row_wise")}
+
+
+@pytest.mark.parametrize("sharding", ["row_wise", "table_row_wise"])
+def test_uneven_batches_on_two_nodes_train_like_the_global_batch(sharding):
+    if "uneven_4" not in _CACHE:
+        _CACHE["uneven_4"] = run_workers(_uneven_worker, 4, timeout=180)
+    assert all(r[sharding] == [] for r in _CACHE["uneven_4"]), _CACHE["uneven_4"]
+
+
+_CACHE: dict = {}
 
 
 def test_one_ranks_bad_ids_raise_on_every_rank(results):

@@ -220,17 +220,17 @@ def _emit_dist(e: _Emitter, spec: UnitSpec, gathered: Node, root: str, has_sync:
     looked = e.module("lookup", *unpacked[:5], *sync)
     looked.meta[LOCAL_LOOKUP] = {"unit": e.prefix.split(".")[-1], "shards": [s.key for s in spec.local_shards()]}
     p_out, u_out = e.items(looked, 2)
-    a2a_buf, a2a_out, a2a_in, rs_buf, tw_buf, tw_out, tw_in = e.items(
-        e.module("output_prep", p_out, u_out, unpacked[5], send, *sync), 7)
+    a2a_buf, a2a_out, a2a_in, rs_buf, rs_splits, tw_buf, tw_splits, tw_out, tw_in = e.items(
+        e.module("output_prep", p_out, u_out, unpacked[5], send, *sync), 9)
     outputs = {r.output for r in spec.routes}
     a2a = e.comm(comm.all_to_all, "all_to_all", a2a_buf, a2a_out, a2a_in) if "a2a" in outputs else None
-    rs = e.comm(comm.reduce_scatter, "reduce_scatter", rs_buf) if "rs" in outputs else None
+    rs = e.comm(comm.reduce_scatter, "reduce_scatter", rs_buf, split_sizes=rs_splits) if "rs" in outputs else None
     twrw = None
     if "twrw" in outputs:
         with e.gm.graph.inserting_before(e.before):
             intra = e._stamp(e.gm.graph.call_module(f"{root}.groups", ("intra_node",)))
             cross = e._stamp(e.gm.graph.call_module(f"{root}.groups", ("cross_node",)))
-        summed = e.comm(comm.reduce_scatter, "reduce_scatter", tw_buf, group=intra)
+        summed = e.comm(comm.reduce_scatter, "reduce_scatter", tw_buf, group=intra, split_sizes=tw_splits)
         twrw = e.comm(comm.all_to_all, "all_to_all", summed, tw_out, tw_in, group=cross)
     return send, a2a, rs, twrw
 

@@ -83,14 +83,14 @@ def rank(group=None) -> int:
     return dist.get_rank(resolve_group(group))
 
 
-def _as_splits(splits: Splits, what: str, w: int) -> list[int]:
+def _as_splits(splits: Splits, what: str, w: int, op: str = "all_to_all") -> list[int]:
     if isinstance(splits, Tensor):
         splits = splits.tolist()
     splits = [int(s) for s in splits]
     if len(splits) != w:
-        raise ValueError(f"all_to_all: {what} has {len(splits)} entries, expected one per rank ({w})")
+        raise ValueError(f"{op}: {what} has {len(splits)} entries, expected one per rank ({w})")
     if any(s < 0 for s in splits):
-        raise ValueError(f"all_to_all: {what} has a negative size: {splits}")
+        raise ValueError(f"{op}: {what} has a negative size: {splits}")
     return splits
 
 
@@ -205,12 +205,45 @@ class _AllGather(torch.autograd.Function):
         return _rs(grad, ctx.w, ctx.group), None, None
 
 
-def reduce_scatter(x: Tensor, group=None) -> Tensor:
-    """Sum ``x`` over the ranks of ``group``; dim 0 is cut into W equal chunks and rank r
-    gets chunk r. ``x.shape[0]`` must be a multiple of W. Backward: all_gather of the grad."""
+class _ReduceScatterV(torch.autograd.Function):
+    """reduce_scatter of uneven chunks: each chunk padded (zeros) to the largest, the collective
+    on equal chunks, this rank's part kept; backward all_gathers the padded gradients and
+    drops the padding. Only for uneven splits: equal ones take `_ReduceScatter` as they are."""
+
+    @staticmethod
+    def forward(ctx, x, splits, rank, group):
+        ctx.splits, ctx.rank, ctx.group = splits, rank, group
+        width = max(splits)
+        padded = x.new_zeros(_rows(x, width * len(splits)))
+        for r, part in enumerate(x.split(splits)):
+            padded[r * width:r * width + splits[r]] = part
+        return _rs(padded, len(splits), group)[:splits[rank]]
+
+    @staticmethod
+    def backward(ctx, grad):
+        width, w = max(ctx.splits), len(ctx.splits)
+        mine = grad.new_zeros(_rows(grad, width))
+        mine[:grad.shape[0]] = grad
+        every = _ag(mine, w, ctx.group)
+        return torch.cat([every[r * width:r * width + n] for r, n in enumerate(ctx.splits)]), None, None, None
+
+
+def reduce_scatter(x: Tensor, group=None, split_sizes: Optional[Splits] = None) -> Tensor:
+    """Sum ``x`` over the ranks of ``group``; dim 0 is cut into W chunks and rank r gets the
+    sum of every rank's chunk r. Chunks are equal (``x.shape[0]`` a multiple of W) unless
+    `split_sizes` gives each rank's (W non-negative ints, the same on every rank, summing to
+    ``x.shape[0]``): uneven chunks travel padded to the largest. Backward: all_gather of the
+    grad."""
     _need_dim0(x, "reduce_scatter")
     group = resolve_group(group)
     w = world_size(group)
+    if split_sizes is not None:
+        splits = _as_splits(split_sizes, "split_sizes", w, "reduce_scatter")
+        if sum(splits) != x.shape[0]:
+            raise ValueError(f"reduce_scatter: split_sizes {splits} sum to {sum(splits)} but x has "
+                             f"{x.shape[0]} rows")
+        if w > 1 and len(set(splits)) > 1:
+            return _ReduceScatterV.apply(x, splits, dist.get_rank(group), group)
     if x.shape[0] % w:
         raise ValueError(f"reduce_scatter: dim 0 of x ({x.shape[0]}) is not a multiple of the "
                          f"world size {w}")

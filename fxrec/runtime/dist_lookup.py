@@ -14,8 +14,8 @@ one ids all-to-all; the graph is
       (row_wise partial sums) | comm.reduce_scatter on the node + comm.all_to_all across
       nodes (table_row_wise) -> CollectOutputs (OutputPrep and CollectOutputs: dist_output.py)
 
-Counts block per destination: the local bag count of every slot (K ints, so every rank can
-check that row-wise reduce-scatters see equal batches), then (lengths, ids) sizes per route
+Counts block per destination: the local bag count of every slot (K ints: every rank learns
+every rank's batch), then (lengths, ids) sizes per route
 (2R ints, zero for routes to other ranks), then the sender's input fault
 (`shard_ops.InputFault`, zeros when its ids and lengths passed the check): InputDist checks
 the unit's inputs, and RecvSplits raises the first faulty rank's error on every rank, before
@@ -284,8 +284,7 @@ class RecvState:
 class RecvSplits(nn.Module):
     """forward(send_state, received counts) -> (data out splits, data in splits, weights out
     splits, weights in splits, RecvState). Raises the first faulty rank's input error on
-    every rank, and checks that every rank fed the same number of bags to each
-    reduce-scattered (row_wise / table_row_wise) slot."""
+    every rank."""
 
     def __init__(self, spec: UnitSpec):
         super().__init__()
@@ -298,13 +297,6 @@ class RecvSplits(nn.Module):
         bags = [row[:K] for row in rows]
         mine = spec.my_routes()
         sizes = {(s, i): (rows[s][K + 2 * i], rows[s][K + 2 * i + 1]) for s in range(W) for i in mine}
-        for k in spec.slots_by_output("rs") + spec.slots_by_output("twrw"):
-            per_rank = [b[k] for b in bags]
-            if len(set(per_rank)) > 1:
-                slot = spec.slots[k]
-                raise ValueError(f"table {slot.table!r} ({spec.routes[spec.routes_of_slot(k)[0]].output} "
-                                 f"sharding, lookup %{slot.node}): every rank must feed the same number of "
-                                 f"bags per step; ranks fed {per_rank}")
         out_data = [sum(sizes[(s, i)][0] + sizes[(s, i)][1] for i in mine) for s in range(W)]
         out_w = [sum(sizes[(s, i)][1] for i in mine if spec.routes[i].weighted) for s in range(W)]
         in_data, in_w = send_splits(spec, state)

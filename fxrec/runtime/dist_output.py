@@ -15,7 +15,8 @@ collectives; `CollectOutputs` cuts what came back into one result per slot. Buff
   receiver's `_Blocks` backward, which writes every gradient element of the buffer once
   anyway;
 - reduce_scatter (row_wise): chunk s holds, for each row_wise slot in slot order, the partial
-  sums of s's bags; after the sum each rank holds its own chunk;
+  sums of s's bags (chunks differ when the ranks fed different batch sizes: the collective
+  pads them); after the sum each rank holds its own chunk;
 - table_row_wise: on each node, chunk j of the node's reduce_scatter holds, for every node m
   and each of the node's table_row_wise slots, the partial sums of rank (m, j)'s bags; the
   cross-node all_to_all then sends node m's block to rank (m, j).
@@ -151,9 +152,9 @@ class _Blocks(torch.autograd.Function):
 
 class OutputPrep(nn.Module):
     """forward(pooled out, unpooled outs, LookupState, SendState) -> (all_to_all buffer, its
-    out splits, in splits, row_wise reduce_scatter buffer, table_row_wise reduce_scatter
-    buffer, cross-node out splits, in splits); the table_row_wise three are None when the
-    unit has no such table.
+    out splits, in splits, row_wise reduce_scatter buffer, its chunk sizes, table_row_wise
+    reduce_scatter buffer, its chunk sizes, cross-node out splits, in splits); the
+    table_row_wise four are None when the unit has no such table.
 
     grad_scale: the factor backward applies to the gradients of the lookup results sent by
     reduce_scatter (the 1/W of local_lookup.py, applied here because this backward writes
@@ -227,9 +228,9 @@ class OutputPrep(nn.Module):
         out = self._send_buffers(p_out, u_out, ls, send)
         if sync is None:
             return out
-        a2a, a2a_out, a2a_in, rs, tw, tw_out, tw_in = out
+        a2a, a2a_out, a2a_in, rs, rs_splits, tw, tw_splits, tw_out, tw_in = out
         hang = [None if b is None else _HangFrom.apply(b, sync.token) for b in (a2a, rs, tw)]
-        return hang[0], a2a_out, a2a_in, hang[1], hang[2], tw_out, tw_in
+        return hang[0], a2a_out, a2a_in, hang[1], rs_splits, hang[2], tw_splits, tw_out, tw_in
 
     def _send_buffers(self, p_out, u_out, ls: LookupState, send: SendState):
         spec, W = self.spec, self.spec.world_size
@@ -241,23 +242,35 @@ class OutputPrep(nn.Module):
         for i, r in enumerate(spec.routes):
             if r.output == "a2a":
                 a2a_out[r.rank] += send.sizes[i][0 if r.pooled else 1] * r.width
-        rs = self._pieces(p_out, u_out, ls, [(s, spec.route_to(k, spec.rank))
-                                             for s in range(W) for k in spec.slots_by_output("rs")], empty)
-        return (a2a, a2a_out, a2a_in, rs) + self._twrw(p_out, u_out, ls, send, empty)
+        rs, rs_splits = self._rs_buffer(p_out, u_out, ls, [[(s, spec.route_to(k, spec.rank))
+                                                            for k in spec.slots_by_output("rs")] for s in range(W)],
+                                        empty)
+        return (a2a, a2a_out, a2a_in, rs, rs_splits) + self._twrw(p_out, u_out, ls, send, empty)
+
+    def _rs_buffer(self, p_out, u_out, ls: LookupState, chunks: list[list], empty: Tensor):
+        """(reduce_scatter send buffer, its chunk sizes): chunk j holds the lookup results of
+        the (source rank, route) keys ``chunks[j]``, one after another. Chunks differ when the
+        ranks fed different batch sizes; every rank of the group computes the same sizes (each
+        holder got every source's bag counts) and `comm.reduce_scatter` pads them."""
+        sizes = [sum(ls.places[key][2] * self.spec.routes[key[1]].width for key in keys) for keys in chunks]
+        return self._pieces(p_out, u_out, ls, [key for keys in chunks for key in keys], empty), sizes
 
     def _twrw(self, p_out, u_out, ls, send: SendState, empty):
         spec, P, M = self.spec, self.spec.ranks_per_node, self.spec.num_nodes
         if not any(r.output == "twrw" for r in spec.routes):
-            return None, None, None
+            return None, None, None, None
         mine = spec.slots_by_output("twrw", spec.rank // P)
-        parts = self._pieces(p_out, u_out, ls, [(m * P + j, spec.route_to(k, spec.rank))
-                                                for j in range(P) for m in range(M) for k in mine], empty)
-        # Every rank feeds the same bags to these slots (RecvSplits checks), so this rank's
-        # own bag counts size every block.
-        cross_in = [sum(send.bags[k] * spec.slots[k].dim for k in mine)] * M
+        route = {k: spec.route_to(k, spec.rank) for k in mine}
+        parts, splits = self._rs_buffer(p_out, u_out, ls, [[(m * P + j, route[k]) for m in range(M) for k in mine]
+                                                           for j in range(P)], empty)
+        # after the node's reduce_scatter this rank (local index j) holds, per node m, the sums
+        # of rank (m, j)'s bags for this node's tables: block m goes to rank (m, j); what comes
+        # back from node n are this rank's own bags' sums for node n's tables
+        j = spec.rank % P
+        cross_in = [sum(ls.places[(m * P + j, route[k])][2] * spec.slots[k].dim for k in mine) for m in range(M)]
         cross_out = [sum(send.bags[k] * spec.slots[k].dim for k in spec.slots_by_output("twrw", n))
                      for n in range(M)]
-        return parts, cross_out, cross_in
+        return parts, splits, cross_out, cross_in
 
 
 class CollectOutputs(nn.Module):
