@@ -281,3 +281,15 @@ def test_extra_values_come_back(tmp_path):
     assert fxrec.checkpoint.load(model, tmp_path / "u") == {}
     with pytest.raises(ValueError, match=r"extra must map str keys .* got 'loader': dict"):
         fxrec.checkpoint.save(model, tmp_path / "v", extra={"loader": {"pos": 3}})
+
+
+def test_saving_again_to_a_path_replaces_the_checkpoint(tmp_path, recwarn):
+    model = _Tables(10)
+    fxrec.checkpoint.save(model, tmp_path / "latest", extra={"step": 1})
+    with torch.no_grad():
+        model.emb.weight.add_(1.0)
+    fxrec.checkpoint.save(model, tmp_path / "latest", extra={"step": 2})
+    other = _Tables(10)
+    assert fxrec.checkpoint.load(other, tmp_path / "latest") == {"step": 2}
+    assert torch.equal(other.emb.weight, model.emb.weight)
+    assert not [w for w in recwarn if "checkpoint" in str(w.message)]

@@ -155,6 +155,7 @@ def _quiet():
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is .*unavailable or uninitialized")
         warnings.filterwarnings("ignore", message="Please use DTensor instead and we are deprecating ShardedTensor")
+        warnings.filterwarnings("ignore", message="Detected an existing checkpoint in")  # save replaces it
         yield
 
 
@@ -164,7 +165,8 @@ def save(model: nn.Module, path: PathLike, optimizer: Optional[torch.optim.Optim
 
     extra: the caller's own values (a step count, a data loader's position), a flat dict of
     str keys to tensors or picklable values, given back by `load`; under ``extra.<key>``.
-    Collective for a ShardedModel: every rank calls it with the same path (and extra)."""
+    A checkpoint already at `path` is replaced. Collective for a ShardedModel: every rank
+    calls it with the same path (and extra)."""
     sd = state_dict(model, optimizer)
     for key, value in (extra or {}).items():
         if not isinstance(key, str) or isinstance(value, dict):
@@ -172,7 +174,9 @@ def save(model: nn.Module, path: PathLike, optimizer: Optional[torch.optim.Optim
                              f"values (not dicts); got {key!r}: {type(value).__name__}")
         sd[f"{EXTRA}.{key}"] = value
     with _quiet():
-        dcp.save(sd, storage_writer=dcp.FileSystemWriter(os.fspath(path)), no_dist=not _collective(model))
+        # overwrite: a run that saves to one "latest" path replaces it (DCP would warn each time)
+        dcp.save(sd, storage_writer=dcp.FileSystemWriter(os.fspath(path), overwrite=True),
+                 no_dist=not _collective(model))
 
 
 @torch.no_grad()
