@@ -143,20 +143,87 @@ class ShardedModel(nn.Module):
                 out[key] = (dense[key] if key in dense else self._extra[key]).detach().clone()
         return out
 
+    def state_dict(self, *args, destination=None, prefix: str = "", keep_vars: bool = False):
+        """The unsharded model's keys, as TorchRec's DistributedModelParallel gives them: a
+        table as a ShardedTensor of this rank's live shards (the plain tensor where this rank
+        holds it whole; absent where it holds none), dense parameters and buffers as tensors.
+        ``torch.distributed.checkpoint.save(sharded.state_dict(), ...)`` writes it, and
+        ``dcp.load`` into it reads back in place, resharding; `full_state_dict` gathers
+        instead, and `fxrec.checkpoint` adds the optimizers' state."""
+        from fxrec.runtime.checkpoint import model_state
+
+        if args:
+            raise TypeError("ShardedModel.state_dict takes keyword arguments only (destination=, prefix=, keep_vars=)")
+        out = OrderedDict() if destination is None else destination
+        for key, value in model_state(self, keep_vars).items():
+            out[prefix + key] = value
+        return out
+
     @torch.no_grad()
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """Copy `state_dict` in: the unsharded model's (each shard takes its slice of each
+        table) or a `state_dict()` of this model (a table's ShardedTensor must then hold this
+        rank's pieces, as after ``dcp.load`` into it). Optimizer state is left as it is.
+        Returns (missing keys, unexpected keys); with `strict`, either raises RuntimeError."""
+        from torch.distributed._shard.sharded_tensor import ShardedTensor
+
+        if assign:
+            raise ValueError("ShardedModel.load_state_dict: assign=True is not possible, the shards live in "
+                             "fused buffers; their values are copied in")
+        keys = set(self._keys)
+        unexpected = [k for k in state_dict if k not in keys]
+        missing, pieces = [], self.local_shards()
+        dense = self.module.state_dict()
+        for key in self._keys:
+            table = self._param_tables.get(key)
+            if table in self._tables:
+                mine = pieces.get(table, [])
+                if key not in state_dict:
+                    missing += [key] if mine else []
+                    continue
+                value, info = state_dict[key], self._tables[table]
+                for rows, cols, w in mine:
+                    if isinstance(value, ShardedTensor):
+                        src = {tuple(s.metadata.shard_offsets): s.tensor for s in value.local_shards()}.get(
+                            (rows[0], cols[0]))
+                        if src is None or tuple(src.shape) != tuple(w.shape):
+                            raise ValueError(f"load_state_dict: {key!r} (table {table!r}) holds no local shard at "
+                                             f"rows {rows}, cols {cols}; read a checkpoint into this model's own "
+                                             "state_dict() (torch.distributed.checkpoint reshards) or pass whole tensors")
+                    else:
+                        if tuple(value.shape) != (info.num_embeddings, info.embedding_dim):
+                            raise ValueError(f"load_state_dict: {key!r} (table {table!r}) is {tuple(value.shape)}, "
+                                             f"the table {(info.num_embeddings, info.embedding_dim)}")
+                        src = shard_from_full(value, rows, cols)
+                    if src.data_ptr() != w.data_ptr():
+                        w.copy_(src)
+            elif key in dense or key in self._extra:
+                if key not in state_dict:
+                    missing.append(key)
+                    continue
+                target = dense[key] if key in dense else self._extra[key]
+                if state_dict[key].data_ptr() != target.data_ptr():
+                    target.copy_(state_dict[key])
+        if strict and (missing or unexpected):
+            raise RuntimeError(f"Error(s) in loading state_dict for ShardedModel: missing keys {missing}, "
+                               f"unexpected keys {unexpected}")
+        return nn.modules.module._IncompatibleKeys(missing, unexpected)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # A parent module's load_state_dict reaches here, then recurses into `module` (the
+        # rewritten graph, keyed differently): that cannot load the shards. Say so.
+        error_msgs.append(f"{prefix or 'a ShardedModel'}: load it with its own load_state_dict (the "
+                          "unsharded model's keys), not through a parent module's")
+
     def load_full_state_dict(self, state: dict) -> None:
         """Load an unsharded state_dict: each shard takes its slice of its table, dense
-        parameters and buffers their values. Optimizer state is left as it is."""
+        parameters and buffers their values (`load_state_dict` with whole tensors; keys
+        the model lacks are ignored). Optimizer state is left as it is."""
         missing = [k for k in self._keys if k not in state]
         if missing:
             raise KeyError(f"load_full_state_dict: missing key {missing[0]!r}")
-        by_table = {self._param_tables.get(k): k for k in self._keys if self._param_tables.get(k) in self._tables}
-        for table, pieces in self.local_shards().items():
-            for rows, cols, w in pieces:
-                w.copy_(shard_from_full(state[by_table[table]], rows, cols))
-        dense = {k: v for k, v in state.items() if self._param_tables.get(k) not in self._tables}
-        own = self.module.state_dict()
-        self.module.load_state_dict({k: v for k, v in dense.items() if k in own}, strict=False)
+        self.load_state_dict({k: state[k] for k in self._keys}, strict=False)
 
 
 # ------------------------------------------------------------------ shard()

@@ -11,6 +11,7 @@ equal the uninterrupted run's (fp32, 1e-5).
 from __future__ import annotations
 
 import os
+import re
 import traceback
 
 import pytest
@@ -95,6 +96,8 @@ def _load_worker(rank: int, world: int, root: str, jobs: list) -> dict:
     out = {}
     try:
         out.update(_mismatches(rank, world, root))
+        if world == 2:
+            out.update(_idioms(rank, world, root))
     except Exception:  # noqa: BLE001
         out["mismatches"] = traceback.format_exc(limit=8)
         return out
@@ -137,6 +140,41 @@ def _mismatches(rank: int, world: int, root: str) -> dict:
     return out
 
 
+def _idioms(rank: int, world: int, root: str) -> dict:
+    """`ShardedModel.state_dict` / `load_state_dict` as torch and TorchRec users write them."""
+    import torch.distributed.checkpoint as dcp
+
+    out = {}
+    rw, _ = _build("dlrm_ebc", "sgd", "row_wise", world, rank, seed=0)
+    dcp.save(rw.state_dict(), checkpoint_id=os.path.join(root, "idiom"))
+    tw, _ = _build("dlrm_ebc", "sgd", "table_wise", world, rank, seed=3)
+    sd = tw.state_dict()
+    dcp.load(sd, checkpoint_id=os.path.join(root, "idiom"))  # in place, resharded
+    tw.load_state_dict(sd)
+    out["dcp_idiom"] = (rw.full_state_dict(), tw.full_state_dict())
+    torch.manual_seed(5)
+    plain = CASES["dlrm_ebc"].build()
+    tw.load_state_dict(plain.state_dict())  # the unsharded model's
+    out["from_plain"] = (plain.state_dict(), tw.full_state_dict())
+    out["other_layout"] = _raised(lambda: tw.load_state_dict(rw.state_dict()))
+    partial = dict(plain.state_dict())
+    del partial["top.0.bias"]
+    try:
+        tw.load_state_dict(partial)
+        out["missing"] = "nothing raised"
+    except RuntimeError as e:
+        out["missing"] = str(e)
+    out["lenient"] = tw.load_state_dict(partial, strict=False).missing_keys
+    parent = torch.nn.Sequential(tw)
+    out["parent_keys"] = sorted(parent.state_dict())[:2]
+    try:
+        parent.load_state_dict(parent.state_dict())
+        out["through_parent"] = "nothing raised"
+    except RuntimeError as e:
+        out["through_parent"] = str(e)
+    return out
+
+
 _RUNS: dict = {}
 
 
@@ -156,6 +194,7 @@ def runs(tmp_path_factory):
             per_rank = run_workers(_load_worker, world, root, jobs, timeout=600)
             _RUNS[world] = per_rank[0]
             _RUNS[world, "errors"] = [r.get("no_sparse_state", r.get("per_shard_to_exact")) for r in per_rank]
+            _RUNS[world, "all"] = per_rank
     return _RUNS
 
 
@@ -194,8 +233,6 @@ def test_a_plain_models_checkpoint_loads_sharded(runs):
         r"\(table 'sparse_arch\.ebc\.embedding_bags\.t_user'\) is \(\d+, 2\) in .* and \(\d+,\) in this model"),
 ])
 def test_a_checkpoint_that_does_not_fit_raises_on_every_rank(runs, world, match):
-    import re
-
     errors = runs[world, "errors"]
     assert len(errors) == world
     for rank, message in enumerate(errors):
@@ -293,3 +330,23 @@ def test_saving_again_to_a_path_replaces_the_checkpoint(tmp_path, recwarn):
     assert fxrec.checkpoint.load(other, tmp_path / "latest") == {"step": 2}
     assert torch.equal(other.emb.weight, model.emb.weight)
     assert not [w for w in recwarn if "checkpoint" in str(w.message)]
+
+
+def test_state_dict_and_load_state_dict_as_users_write_them(runs):
+    """dcp.save(sharded.state_dict()) / dcp.load + load_state_dict across plans, the unsharded
+    model's state_dict, and the errors of keys that do not fit."""
+    for rank, res in enumerate(runs[2, "all"]):
+        assert "mismatches" not in res, res.get("mismatches")
+        want, got = res["dcp_idiom"]
+        for key in want:
+            assert torch.equal(got[key], want[key]), f"rank {rank}: {key}"
+        want, got = res["from_plain"]
+        for key in want:
+            assert torch.equal(got[key], want[key]), f"rank {rank}: {key}"
+        assert "missing keys ['top.0.bias']" in res["missing"]
+        assert res["lenient"] == ["top.0.bias"]
+        assert res["parent_keys"] == ["0.bot.0.bias", "0.bot.0.weight"]
+        assert "load it with its own load_state_dict" in res["through_parent"]
+    other = runs[2, "all"][0]["other_layout"]
+    assert re.search(r"'sparse_arch\.ebc\.embedding_bags\.t_\w+\.weight' \(table .*\) holds no local shard at "
+                     r"rows", other), other

@@ -81,23 +81,47 @@ def _placed(size: tuple, local: list, everyone: list, rank: int) -> Optional[Ten
     return ShardedTensor._init_from_local_shards_and_global_metadata(shards, layout)
 
 
-def _table_entries(model: ShardedModel, key: str, table: str, rank: int, weights: list,
-                   states: Optional[list]) -> dict:
-    """The checkpoint entries of one table key: its weight and, given this rank's pieces of its
-    optimizer state (`states`), that state; only those this rank holds a piece of."""
+def _layout(model: ShardedModel, table: str) -> tuple:
+    """(rows, dim, every shard as (rank, offsets, sizes), by rows only, column starts)."""
     info, shards = model._tables[table], model.plan[table].shards
-    n, d = info.num_embeddings, info.embedding_dim
     tiles = [(s.rank, (s.rows[0], s.cols[0]), (s.rows[1] - s.rows[0], s.cols[1] - s.cols[0])) for s in shards]
     rows = [(s.rank, (s.rows[0],), (s.rows[1] - s.rows[0],)) for s in shards]
-    col_starts = sorted({s.cols[0] for s in shards})  # > 1 entry: a column_wise table
+    return info.num_embeddings, info.embedding_dim, tiles, rows, sorted({s.cols[0] for s in shards})
+
+
+def model_state(model: ShardedModel, keep_vars: bool = False) -> dict:
+    """`ShardedModel.state_dict`'s entries (unprefixed): the unsharded model's keys, a table as
+    this rank's live pieces (`_placed`; absent where it holds none), dense values as tensors."""
+    rank, out = _rank(), {}
+    dense = model.module.state_dict(keep_vars=keep_vars)
+    weights = model.local_shards()
+    for key in model._keys:
+        table = model._param_tables.get(key)
+        if table in model._tables:
+            n, d, tiles, _, _ = _layout(model, table)
+            value = _placed((n, d), [((r[0], c[0]), w) for r, c, w in weights.get(table, [])], tiles, rank)
+            if value is not None:
+                out[key] = value
+        elif key in dense or key in model._extra:
+            out[key] = dense[key] if key in dense else model._extra[key]
+    return out
+
+
+def _sparse_state(model: ShardedModel) -> dict:
+    """``sparse_optimizer.<key>.<state>`` for every table key this rank holds a piece of."""
+    rank, out = _rank(), {}
+    states = model.local_optimizer_state()
     opt = model.sparse_optimizer
-    per_shard = isinstance(opt, RowWiseAdagrad) and not opt.exact_column_wise and len(col_starts) > 1
-    out = {key: _placed((n, d), [((r[0], c[0]), w) for r, c, w in weights], tiles, rank)}
-    if states:  # None: weights only; []: no piece here, nothing to write or read
-        pieces = states
+    for key in model._keys:
+        table = model._param_tables.get(key)
+        pieces = states.get(table, []) if table in model._tables else []
+        if not pieces:
+            continue
+        n, d, tiles, rows, col_starts = _layout(model, table)
+        per_shard = isinstance(opt, RowWiseAdagrad) and not opt.exact_column_wise and len(col_starts) > 1
         for name in pieces[0][2]:
             if name in ROW_STATE and per_shard and name == "momentum":
-                cols = [(s.rank, (0, col_starts.index(s.cols[0])), (n, 1)) for s in shards]
+                cols = [(r, (0, col_starts.index(o[1])), (n, 1)) for r, o, _ in tiles]
                 local = [((0, col_starts.index(c[0])), st[name].unsqueeze(1)) for r, c, st in pieces]
                 value = _placed((n, len(col_starts)), local, cols, rank)
             elif name in ROW_STATE:
@@ -105,8 +129,9 @@ def _table_entries(model: ShardedModel, key: str, table: str, rank: int, weights
                 value = _placed((n,), [((r[0],), st[name]) for r, c, st in pieces], rows, rank)
             else:
                 value = _placed((n, d), [((r[0], c[0]), st[name]) for r, c, st in pieces], tiles, rank)
-            out[f"{SPARSE_PREFIX}.{key}.{name}"] = value
-    return {k: v for k, v in out.items() if v is not None}
+            if value is not None:
+                out[f"{SPARSE_PREFIX}.{key}.{name}"] = value
+    return out
 
 
 def _rank() -> int:
@@ -117,24 +142,14 @@ def state_dict(model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = No
                sparse_optimizer: bool = True) -> dict:
     """What `save` writes and `load` reads, as live views (DCP's ``state_dict`` argument).
 
-    model: a `ShardedModel` (this rank's pieces, see the module doc) or a plain module (its
-    ``state_dict()``). optimizer: the torch optimizer over the dense parameters, under
-    ``dense_optimizer``. sparse_optimizer: include the fused optimizer's state."""
-    if isinstance(model, ShardedModel):
-        rank, out = _rank(), {}
-        dense = model.module.state_dict()
-        weights, states = model.local_shards(), model.local_optimizer_state() if sparse_optimizer else None
-        for key in model._keys:
-            table = model._param_tables.get(key)
-            if table in model._tables:
-                out.update(_table_entries(model, key, table, rank, weights.get(table, []),
-                                          None if states is None else states.get(table, [])))
-            elif key in dense or key in model._extra:
-                out[key] = dense[key] if key in dense else model._extra[key]
-        module = model.module
-    else:
-        out = dict(model.state_dict())
-        module = model
+    model: a `ShardedModel` (its ``state_dict()``: this rank's pieces, see the module doc) or a
+    plain module (its ``state_dict()``). optimizer: the torch optimizer over the dense
+    parameters, under ``dense_optimizer``. sparse_optimizer: include the fused optimizer's
+    state (a ShardedModel's)."""
+    out = dict(model.state_dict())
+    if isinstance(model, ShardedModel) and sparse_optimizer:
+        out.update(_sparse_state(model))
+    module = model.module if isinstance(model, ShardedModel) else model
     if optimizer is not None:
         out[DENSE_OPTIMIZER] = get_optimizer_state_dict(module, optimizer)
     return out
