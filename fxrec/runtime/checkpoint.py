@@ -36,6 +36,7 @@ import contextlib
 import math
 import os
 import warnings
+from concurrent.futures import Future
 from typing import Optional, Union
 
 import torch
@@ -175,23 +176,46 @@ def _quiet():
 
 
 def save(model: nn.Module, path: PathLike, optimizer: Optional[torch.optim.Optimizer] = None,
-         extra: Optional[dict] = None) -> None:
+         extra: Optional[dict] = None, background: bool = False) -> Optional[Future]:
     """Write `model` (and the dense `optimizer`'s state) to the DCP directory `path`.
 
     extra: the caller's own values (a step count, a data loader's position), a flat dict of
     str keys to tensors or picklable values, given back by `load`; under ``extra.<key>``.
+    background: copy this rank's state to CPU memory now, write it in a background thread,
+    and return at once a Future that completes when the checkpoint is whole (call
+    ``.result()`` before the next save, and before the process exits). Training may go on
+    meanwhile: the checkpoint holds the values of the moment `save` was called. The copy
+    costs memory for this rank's pieces; ranks coordinate on a gloo group of their own, so
+    the writes never interleave with the model's collectives.
     A checkpoint already at `path` is replaced. Collective for a ShardedModel: every rank
-    calls it with the same path (and extra)."""
+    calls it with the same path, extra and background."""
     sd = state_dict(model, optimizer)
     for key, value in (extra or {}).items():
         if not isinstance(key, str) or isinstance(value, dict):
             raise ValueError(f"fxrec.checkpoint.save: extra must map str keys to tensors or picklable "
                              f"values (not dicts); got {key!r}: {type(value).__name__}")
         sd[f"{EXTRA}.{key}"] = value
+    # overwrite: a run that saves to one "latest" path replaces it (DCP would warn each time)
+    writer = dcp.FileSystemWriter(os.fspath(path), overwrite=True)
     with _quiet():
-        # overwrite: a run that saves to one "latest" path replaces it (DCP would warn each time)
-        dcp.save(sd, storage_writer=dcp.FileSystemWriter(os.fspath(path), overwrite=True),
-                 no_dist=not _collective(model))
+        if not background:
+            dcp.save(sd, storage_writer=writer, no_dist=not _collective(model))
+            return None
+        if _collective(model):
+            return dcp.async_save(sd, storage_writer=writer, process_group=_background_group())
+        return dcp.async_save(sd, storage_writer=writer, no_dist=True)
+
+
+_BACKGROUND_GROUPS: dict = {}
+
+
+def _background_group():
+    """A gloo group over all ranks for background saves, made once (collectively: every rank's
+    first background save makes it at the same point)."""
+    key = id(dist.group.WORLD)
+    if key not in _BACKGROUND_GROUPS:
+        _BACKGROUND_GROUPS[key] = dist.new_group(backend="gloo")
+    return _BACKGROUND_GROUPS[key]
 
 
 @torch.no_grad()
