@@ -22,11 +22,15 @@ Definitions (g = the row's gradient summed over every occurrence of its id in th
   and bias correction uses that count (1 - beta**step_row). Rows a batch does not touch
   are left alone, moments included (unlike dense Adam, whose moments decay every step,
   and unlike torch.optim.SparseAdam, whose bias correction uses one global step).
+
+`PerTable({table: optimizer, ...}, default=...)` gives tables their own optimizer (as
+TorchRec's per-table fused parameters do): tables with equal configurations share one fused
+kernel, and the planner sizes each table for its own optimizer's state.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar, Union
+from typing import ClassVar, Iterable, Mapping, Optional, Union
 
 _FP32 = 4
 _INT32 = 4
@@ -97,4 +101,53 @@ class Adam:
 SparseOptimizer = Union[SGD, RowWiseAdagrad, Adam]
 OPTIMIZERS = (SGD, RowWiseAdagrad, Adam)
 
-__all__ = ["SGD", "RowWiseAdagrad", "Adam", "SparseOptimizer", "OPTIMIZERS"]
+
+class PerTable:
+    """A sparse optimizer per table: `tables` maps table names (`fxrec.TableInfo.name`, as
+    `fxrec.find_tables` and plans spell them) to SGD / RowWiseAdagrad / Adam; `default`
+    serves every other table (None: each table must be named)."""
+
+    name: ClassVar[str] = "per_table"
+
+    def __init__(self, tables: Mapping[str, SparseOptimizer], default: Optional[SparseOptimizer] = None):
+        for key, opt in dict(tables).items():
+            if not isinstance(key, str) or not isinstance(opt, OPTIMIZERS):
+                raise ValueError(f"PerTable: tables must map table names to fxrec.optim.SGD/RowWiseAdagrad/Adam, "
+                                 f"got {key!r}: {opt!r}")
+        if default is not None and not isinstance(default, OPTIMIZERS):
+            raise ValueError(f"PerTable: default must be fxrec.optim.SGD/RowWiseAdagrad/Adam or None, got {default!r}")
+        self.tables, self.default = dict(tables), default
+
+    def for_table(self, name: str) -> SparseOptimizer:
+        if name in self.tables:
+            return self.tables[name]
+        if self.default is None:
+            raise ValueError(f"PerTable: no optimizer for table {name!r} and no default (tables named: "
+                             f"{sorted(self.tables)})")
+        return self.default
+
+    def check_tables(self, names: Iterable[str]) -> None:
+        """Every named table exists and every table has an optimizer (ValueError otherwise)."""
+        names = list(names)
+        unknown = sorted(set(self.tables) - set(names))
+        if unknown:
+            raise ValueError(f"PerTable: unknown table(s) {unknown}; the model's tables are {sorted(names)}")
+        for name in names:
+            self.for_table(name)
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, PerTable) and (self.tables, self.default) == (other.tables, other.default)
+
+    def __hash__(self) -> int:
+        return hash((tuple(sorted(self.tables.items())), self.default))
+
+    def __repr__(self) -> str:
+        return f"PerTable({self.tables!r}, default={self.default!r})"
+
+
+def for_table(optimizer, name: str):
+    """The optimizer of table `name` under `optimizer` (a config, a PerTable, or None)."""
+    return optimizer.for_table(name) if isinstance(optimizer, PerTable) else optimizer
+
+
+__all__ = ["SGD", "RowWiseAdagrad", "Adam", "PerTable", "for_table", "SparseOptimizer", "OPTIMIZERS"]

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from torch.fx import GraphModule
 
 from fxrec.capture import capture
-from fxrec.optim import OPTIMIZERS, SGD
+from fxrec.optim import OPTIMIZERS, SGD, PerTable, for_table
 from fxrec.passes import lookup as L
 from fxrec.passes.apply_plan import ROOT, apply_plan_pass, build_units, check_plan
 from fxrec.passes.runner import PassContext, run_passes
@@ -53,10 +53,12 @@ class ShardedModel(nn.Module):
     averaged across ranks during backward); the tables' shards are buffers, trained by
     the fused sparse optimizer inside backward. ``module`` is the rewritten GraphModule."""
 
-    def __init__(self, gm: GraphModule, plan, state_keys: list[str], tables: dict, extra: dict, grad_sync=None):
+    def __init__(self, gm: GraphModule, plan, state_keys: list[str], tables: dict, extra: dict, grad_sync=None,
+                 sparse_optimizer=None):
         super().__init__()
         self.module = gm
         self._plan, self._keys, self._tables, self._extra = plan, list(state_keys), tables, extra
+        self._sparse_optimizer = sparse_optimizer
         self._param_tables = gm.meta.get(L.PARAM_TABLES, {})
         self.grad_sync = grad_sync
 
@@ -74,25 +76,38 @@ class ShardedModel(nn.Module):
 
     @property
     def sparse_optimizer(self):
-        """The fused sparse optimizer (a `fxrec.optim` config)."""
-        for m in self._lookups():
-            if isinstance(m, ReplicatedLookup):
-                return m.optimizer
-            if m.fused_modules():
-                return m.fused_modules()[0].optimizer
-        return None
+        """The fused sparse optimizer (a `fxrec.optim` config, or a `fxrec.optim.PerTable`)."""
+        return self._sparse_optimizer
 
     @sparse_optimizer.setter
     def sparse_optimizer(self, value) -> None:
-        """Swap in a config of the same type (e.g. a new learning rate); state is kept."""
+        """Swap in configs of the same types per table (e.g. a new learning rate); state is
+        kept. Tables that share a fused kernel (their configs were equal when sharded) must
+        keep equal configs."""
         for m in self._lookups():
-            if isinstance(m, LocalLookup):
-                for fused in m.fused_modules():
-                    fused.optimizer = value
-            else:
-                if type(value) is not type(m.optimizer):
-                    raise ValueError(f"sparse_optimizer must stay a {type(m.optimizer).__name__}, got {value!r}")
+            if isinstance(m, ReplicatedLookup):
+                for name in m.tables:
+                    if type(for_table(value, name)) is not type(for_table(m.optimizer, name)):
+                        raise ValueError(f"sparse_optimizer: table {name!r} must stay a "
+                                         f"{type(for_table(m.optimizer, name)).__name__}, got {for_table(value, name)!r}")
+                continue
+            for fused in m.fused_modules():
+                tables = [key.rpartition("@")[0] for key in fused.layout.names]
+                configs = {t: for_table(value, t) for t in tables}
+                if len(set(configs.values())) > 1:
+                    raise ValueError(f"sparse_optimizer: tables {tables} share one fused kernel (their optimizers "
+                                     f"were equal when sharded) and must keep equal optimizers, got {configs}")
+                config = configs[tables[0]]
+                if type(config) is not type(fused.optimizer):
+                    raise ValueError(f"sparse_optimizer: table {tables[0]!r} must stay a "
+                                     f"{type(fused.optimizer).__name__}, got {config!r}")
+        for m in self._lookups():
+            if isinstance(m, ReplicatedLookup):
                 m.optimizer = value
+            else:
+                for fused in m.fused_modules():
+                    fused.optimizer = for_table(value, fused.layout.names[0].rpartition("@")[0])
+        self._sparse_optimizer = value
 
     def local_shards(self) -> dict[str, list[tuple]]:
         """Table -> this rank's ``(rows, cols, live weight view)`` pieces."""
@@ -337,8 +352,9 @@ def shard(model: nn.Module, topology, example_inputs, plan=None, constraints=Non
 
     plan: a `fxrec.Plan` (checked against the model's tables and the topology), else
     ``fxrec.plan(tables, topology, constraints=...)`` on rank 0, broadcast.
-    sparse_optimizer: `fxrec.optim.SGD / RowWiseAdagrad / Adam`, fused into backward;
-    default `DEFAULT_SPARSE_OPTIMIZER` (SGD, lr 0.01, TorchRec's default).
+    sparse_optimizer: `fxrec.optim.SGD / RowWiseAdagrad / Adam`, fused into backward, or a
+    `fxrec.optim.PerTable` of them (tables with equal configs share fused kernels); default
+    `DEFAULT_SPARSE_OPTIMIZER` (SGD, lr 0.01, TorchRec's default).
     seed: for tables on the meta device (`fxrec.runtime.tables.deterministic_init`) and
     meta dense modules' reset_parameters().
     Raises ValueError when the job's world size differs from the topology's, or the plan
@@ -349,14 +365,17 @@ def shard(model: nn.Module, topology, example_inputs, plan=None, constraints=Non
     if plan is not None and constraints is not None:
         raise ValueError("fxrec.shard: give a plan or constraints to plan with, not both")
     optimizer = DEFAULT_SPARSE_OPTIMIZER if sparse_optimizer is None else sparse_optimizer
-    if not isinstance(optimizer, OPTIMIZERS):
-        raise ValueError(f"fxrec.shard: sparse_optimizer must be fxrec.optim.SGD/RowWiseAdagrad/Adam, got {optimizer!r}")
+    if not isinstance(optimizer, OPTIMIZERS + (PerTable,)):
+        raise ValueError(f"fxrec.shard: sparse_optimizer must be fxrec.optim.SGD/RowWiseAdagrad/Adam or a "
+                         f"fxrec.optim.PerTable, got {optimizer!r}")
     device = torch.device("cuda", torch.cuda.current_device()) if topology.device == "cuda" else torch.device("cpu")
     state_keys = list(model.state_dict().keys())
     gm = capture(model, inputs)
     ctx = PassContext(example_inputs=inputs, topology=topology)
     gm = run_passes(gm, ctx, until="group_tables")
     build_units(gm)  # unsupported lookups fail here with their own ValueError, before any planning
+    if isinstance(optimizer, PerTable):
+        optimizer.check_tables(ctx.tables)  # a misspelt table, or one without an optimizer
     ctx.plan = plan if plan is not None else _agreed_plan(ctx, topology, constraints, optimizer, world)
     check_plan(ctx.plan, ctx.tables, topology)  # here, so the user gets the ValueError / PlanError itself
     groups, dense_group = _process_groups(topology) if world > 1 else (None, None)
@@ -376,4 +395,4 @@ def shard(model: nn.Module, topology, example_inputs, plan=None, constraints=Non
 
         _broadcast_dense(gm)
         grad_sync = DenseGradSync(list(gm.parameters()), group=dense_group)
-    return ShardedModel(gm, ctx.plan, state_keys, dict(ctx.tables), extra, grad_sync)
+    return ShardedModel(gm, ctx.plan, state_keys, dict(ctx.tables), extra, grad_sync, optimizer)

@@ -44,6 +44,7 @@ import torch
 from torch import Tensor, nn
 from torch.fx import GraphModule, Node
 
+from fxrec.optim import PerTable
 from fxrec.passes import lookup as L
 from fxrec.passes.group_tables import lookup_stages
 from fxrec.passes.shard_ops import FinishOutputs, GatherInputs, NodeSpec, SlotSpec
@@ -278,12 +279,22 @@ def _unit_modules(gm: GraphModule, spec: UnitSpec, nodes: list[Node], dp_slots: 
     return unit
 
 
+def optimizer_groups(optimizer, tables: list[str]) -> dict:
+    """Table -> the index of its optimizer configuration among the distinct ones (in table
+    order, so the same on every rank); empty when every table has the same one."""
+    if not isinstance(optimizer, PerTable):
+        return {}
+    configs = list(dict.fromkeys(optimizer.for_table(t) for t in tables))
+    return {t: configs.index(optimizer.for_table(t)) for t in tables} if len(configs) > 1 else {}
+
+
 def _rewrite_unit(gm: GraphModule, nodes: list[Node], name: str, env: dict) -> None:
     plan, P = env["plan"], env["ranks_per_node"]
     _, slots = _node_specs(nodes, gm.meta[L.TABLES])
     routes = _routes(slots, plan)
     spec = UnitSpec(name, env["rank"], env["world_size"], P, tuple(slots), tuple(routes),
-                    {r.table: r.rank // P for r in routes if r.output == "twrw"})
+                    {r.table: r.rank // P for r in routes if r.output == "twrw"},
+                    optimizer_groups(env["optimizer"], sorted({s.table for s in slots})))
     dp_slots = [k for k, s in enumerate(slots) if plan[s.table].sharding == "data_parallel"]
     unit = _unit_modules(gm, spec, nodes, dp_slots, env)
     e = _Emitter(gm, _insertion_point(gm, nodes).next, nodes[0], f"{ROOT}.{name}")

@@ -332,7 +332,7 @@ def _record(gm: GraphModule, node: Node, kernel: Optional[str], device=None) -> 
         if kernel is not None:
             for role in ("pooled", "unpooled"):
                 fused = getattr(mod, role)
-                if fused is not None and fused.kernel_request != kernel:
+                if fused is not None and getattr(fused, "kernel_request", None) != kernel:
                     setattr(mod, role, with_kernel(fused, kernel))
         weighted = _weighted(gm, node)
         node.meta[KERNEL] = {role: kernel_record(getattr(mod, role), weighted, device)

@@ -204,6 +204,21 @@ def optimizer_values(optimizer: str) -> dict:
     return {opt_elem: oe, opt_row: orow, opt_sync: OPTIMIZER_ROW_SYNC[optimizer]}
 
 
+def kind_for(optimizer, table: str) -> str:
+    """Table `table`'s optimizer kind: `optimizer` is one kind for every table, or a dict of
+    them by table name (`fxrec.optim.PerTable`)."""
+    return optimizer if isinstance(optimizer, str) else optimizer[table]
+
+
+def _opt_args(optimizer) -> list:
+    """`OPT_ARGS`' values: scalars for one kind, arrays for a kind per shard."""
+    if isinstance(optimizer, str):
+        opt = optimizer_values(optimizer)
+        return [float(opt[s]) for s in OPT_ARGS]
+    per = [optimizer_values(k) for k in optimizer]
+    return [np.asarray([v[s] for v in per], dtype=np.float64) for s in OPT_ARGS]
+
+
 def shard_params(info, n: int, c: int, pf: float, eff: float, element_bytes: int | None = None) -> dict:
     """`GIVEN_ARGS` of an ``n`` x ``c`` shard of the table ``info`` (a TableInfo), at pooling
     factor ``pf`` and kernel efficiency ``eff``; ``element_bytes`` overrides the table's
@@ -225,18 +240,18 @@ def output_bytes(element_bytes: int) -> int:
     return 2 if element_bytes == 2 else 4
 
 
-def shard_costs(sharding: str, shards: dict, topology, batch_size: int, optimizer: str) -> dict:
+def shard_costs(sharding: str, shards: dict, topology, batch_size: int, optimizer) -> dict:
     """Evaluate every term and ``memory`` for many shards at once.
 
     ``shards`` maps the names of `GIVEN_ARGS` (``N n c C pf u eb ob pooled eff``; ``C``
-    is the table's full dim) to equal-length arrays (or scalars). Returns numpy float arrays
-    of seconds per step (one per term, plus ``time``, their sum) and bytes (``memory``).
+    is the table's full dim) to equal-length arrays (or scalars). ``optimizer``: one kind
+    for every shard, or a sequence of kinds, one per shard. Returns numpy float arrays of
+    seconds per step (one per term, plus ``time``, their sum) and bytes (``memory``).
     """
-    opt = optimizer_values(optimizer)
     values = plan_values(topology, batch_size)
     args = [np.asarray(v, dtype=np.float64) for v in _given(shards, "shard_costs")]
     size = max(a.size for a in args)
-    args += [float(opt[s]) for s in OPT_ARGS] + [float(values[s]) for s in PLAN_ARGS]
+    args += _opt_args(optimizer) + [float(values[s]) for s in PLAN_ARGS]
     out = {}
     for key, fn in _compiled(sharding).items():
         out[key] = np.broadcast_to(np.asarray(fn(*args), dtype=np.float64), (size,)).copy()

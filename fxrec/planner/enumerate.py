@@ -153,7 +153,7 @@ def _allowed_nodes(spec: TableSpec, topology) -> tuple | None:
     return tuple(nd for nd in range(topology.num_nodes) if set(topology.node_ranks(nd)) <= pins)
 
 
-def enumerate_options(specs: list[TableSpec], topology, batch_size: int, optimizer: str):
+def enumerate_options(specs: list[TableSpec], topology, batch_size: int, optimizer):
     """Per table, the options whose every shard fits one rank's memory.
 
     Returns ``(options, rejected)``: ``options[i]`` lists table i's options;
@@ -170,8 +170,10 @@ def enumerate_options(specs: list[TableSpec], topology, batch_size: int, optimiz
         if not items:
             continue
         shards = _shard_arrays(specs, items)
-        res = cost.shard_costs(sharding, shards, topology, batch_size, optimizer)
-        alt = cost.shard_costs(sharding, shards, worse, batch_size, optimizer)["time"] if worse else None
+        kinds = optimizer if isinstance(optimizer, str) else \
+            [cost.kind_for(optimizer, specs[i].info.name) for i, _, groups in items for _ in groups]
+        res = cost.shard_costs(sharding, shards, topology, batch_size, kinds)
+        alt = cost.shard_costs(sharding, shards, worse, batch_size, kinds)["time"] if worse else None
         pos = 0
         for i, slot, groups in items:
             k = len(groups)

@@ -33,7 +33,8 @@ def table_costs(plan, batch_size: int) -> dict:
             eff = cost.kernel_efficiency(topo.device, tp.kernel, plan.kernel_efficiency)
             for k, v in cost.shard_params(tp.table, n, c, tp.table.pooling_factor, eff).items():
                 cols[k].append(v)
-        res = cost.shard_costs(sharding, cols, topo, batch_size, plan.sparse_optimizer)
+        kinds = [cost.kind_for(plan.sparse_optimizer, name) for name, _, _ in items]
+        res = cost.shard_costs(sharding, cols, topo, batch_size, kinds)
         for j, (name, _, ranks) in enumerate(items):
             entry = {k: float(res[k][j]) for k in TIME_KEYS + ("memory",)}
             out[name]["shards"].extend((r, entry) for r in ranks)

@@ -21,7 +21,7 @@ def fmt_bytes(b: float) -> str:
     return f"{b:.0f} B"
 
 
-def _row_wise_shard_bytes(spec, topology, world_size: int, batch_size: int, optimizer: str,
+def _row_wise_shard_bytes(spec, topology, world_size: int, batch_size: int, optimizer,
                           element_bytes: int | None = None) -> float:
     """Largest row-wise shard of a table on ``world_size`` ranks (same device, node size)."""
     topo = dataclasses.replace(topology, world_size=world_size,
@@ -29,10 +29,10 @@ def _row_wise_shard_bytes(spec, topology, world_size: int, batch_size: int, opti
     info = spec.info
     shard = cost.shard_params(info, math.ceil(info.num_embeddings / world_size), info.embedding_dim,
                               spec.pooling_factor, spec.eff, element_bytes)
-    return float(cost.shard_costs("row_wise", shard, topo, batch_size, optimizer)["memory"][0])
+    return float(cost.shard_costs("row_wise", shard, topo, batch_size, cost.kind_for(optimizer, info.name))["memory"][0])
 
 
-def _ranks_needed(spec, topology, batch_size: int, optimizer: str) -> int | None:
+def _ranks_needed(spec, topology, batch_size: int, optimizer) -> int | None:
     """The smallest multiple of the node size (doubling) on which row-wise fits."""
     w = topology.world_size
     for _ in range(24):
@@ -42,7 +42,7 @@ def _ranks_needed(spec, topology, batch_size: int, optimizer: str) -> int | None
     return None
 
 
-def _fixes(spec, topology, batch_size: int, optimizer: str) -> list[str]:
+def _fixes(spec, topology, batch_size: int, optimizer) -> list[str]:
     cap, W = topology.memory_per_rank, topology.world_size
     name = spec.info.name
     out = []
@@ -69,7 +69,7 @@ def _too_few_rows(spec, topology) -> str:
     return ("; " + "; ".join(short)) if short else ""
 
 
-def check_tables_fit(specs, options, rejected, topology, batch_size: int, optimizer: str) -> None:
+def check_tables_fit(specs, options, rejected, topology, batch_size: int, optimizer) -> None:
     """Raise if some table has no allowed option whose every shard fits one rank."""
     bad = [i for i, opts in enumerate(options) if not opts]
     if not bad:
@@ -91,7 +91,7 @@ def check_tables_fit(specs, options, rejected, topology, batch_size: int, optimi
     raise PlanError("\n".join(lines))
 
 
-def check_total_fits(specs, options, topology, batch_size: int, optimizer: str) -> None:
+def check_total_fits(specs, options, topology, batch_size: int, optimizer) -> None:
     """Raise if the cheapest-memory option of every table together exceeds all ranks."""
     need = [min(o.total_mem for o in opts) for opts in options]
     have = topology.memory_per_rank * topology.world_size

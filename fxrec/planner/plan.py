@@ -10,7 +10,7 @@ import json
 
 import torch
 
-from fxrec.optim import RowWiseAdagrad
+from fxrec.optim import PerTable, RowWiseAdagrad
 from fxrec.planner import bounds, cost, enumerate as enum_, exact, partition
 from fxrec.planner import hedge as hedge_
 from fxrec.planner import evaluate as ev
@@ -34,7 +34,8 @@ EXACT_LIMITS = (12, 4)  # the exact search runs by itself up to 12 tables on 4 r
 @dataclasses.dataclass
 class Plan:
     """Plain data: one `TablePlan` per table, the topology and per-rank batch size it
-    was made for, the sparse optimizer whose state it counts, and search statistics
+    was made for, the sparse optimizer whose state it counts (its kind, or a dict of kinds by
+    table name when the tables' differ: `fxrec.optim.PerTable`), and search statistics
     (``stats``: method, max rank time at planning time, and three lower bounds on it:
     ``lower_bound`` the tightest (`bounds.cover_bound`), ``split_lower_bound`` and
     ``simple_lower_bound`` (max of total / ranks and the largest indivisible shard))."""
@@ -42,7 +43,7 @@ class Plan:
     tables: dict[str, TablePlan]
     topology: Topology
     batch_size: int = DEFAULT_BATCH_SIZE
-    sparse_optimizer: str = "sgd"
+    sparse_optimizer: str | dict = "sgd"
     kernel_efficiency: dict | None = None
     stats: dict = dataclasses.field(default_factory=dict)
 
@@ -171,6 +172,16 @@ def optimizer_kind(optimizer) -> str:
     return optimizer
 
 
+def optimizer_kinds(sparse_optimizer, names: list[str]):
+    """`optimizer_kind` for every table: one kind, or (for a `fxrec.optim.PerTable` whose
+    tables differ) a dict of kinds by table name, which the cost model takes per shard."""
+    if not isinstance(sparse_optimizer, PerTable):
+        return optimizer_kind(sparse_optimizer)
+    sparse_optimizer.check_tables(names)
+    kinds = {name: optimizer_kind(sparse_optimizer.for_table(name)) for name in names}
+    return next(iter(kinds.values())) if len(set(kinds.values())) == 1 else kinds
+
+
 def plan(model_or_tables, topology: Topology, example_inputs=None, constraints=None, *,
          batch_size: int = DEFAULT_BATCH_SIZE, sparse_optimizer=None, kernel_efficiency: dict | None = None,
          search: str = "auto", hedge: float = HEDGE_SLACK) -> Plan:
@@ -190,8 +201,8 @@ def plan(model_or_tables, topology: Topology, example_inputs=None, constraints=N
         raise ValueError(f"fxrec.plan: hedge must be a fraction in [0, 1), got {hedge!r}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"fxrec.plan: batch_size must be a positive integer, got {batch_size!r}")
-    optimizer = optimizer_kind(sparse_optimizer)
     tables = _tables(model_or_tables, example_inputs)
+    optimizer = optimizer_kinds(sparse_optimizer, [t.name for t in tables])
     cons = _constraints(constraints, tables, topology)
     specs = enum_.table_specs(tables, cons, topology, kernel_efficiency)
     options, rejected = enum_.enumerate_options(specs, topology, batch_size, optimizer)

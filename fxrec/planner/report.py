@@ -112,7 +112,17 @@ def header(plan, batch_size: int) -> str:
     t = plan.topology
     return (f"plan for {t.world_size} ranks ({t.num_nodes} node(s) x {t.ranks_per_node}), {t.device}, "
             f"{fmt_bytes(t.memory_per_rank)} per rank; batch {batch_size} per rank; "
-            f"optimizer {plan.sparse_optimizer}")
+            f"optimizer {_optimizers(plan.sparse_optimizer)}")
+
+
+def _optimizers(optimizer) -> str:
+    """One kind, or the kinds per table (`fxrec.optim.PerTable`) with their tables."""
+    if isinstance(optimizer, str):
+        return optimizer
+    by_kind: dict = {}
+    for table, kind in optimizer.items():
+        by_kind.setdefault(kind, []).append(table)
+    return "; ".join(f"{kind}: {', '.join(tables)}" for kind, tables in by_kind.items())
 
 
 def explain(plan, batch_size: int) -> str:
@@ -136,6 +146,7 @@ def cost_expressions(plan, name: str, symbolic_bandwidths: bool = False) -> dict
     eff = cost.kernel_efficiency(plan.topology.device, tp.kernel, plan.kernel_efficiency)
     params = cost.shard_params(tp.table, shard.num_rows, shard.num_cols, tp.table.pooling_factor, eff)
     symbolic = (cost.B,) + ((cost.bw_mem, cost.bw_intra, cost.bw_inter, cost.bw_ring) if symbolic_bandwidths else ())
-    exprs = cost.shard_expressions(tp.sharding, params, plan.topology, plan.sparse_optimizer, symbolic)
+    exprs = cost.shard_expressions(tp.sharding, params, plan.topology, cost.kind_for(plan.sparse_optimizer, name),
+                                   symbolic)
     exprs["time"] = sp.simplify(sum(exprs[t] for t in cost.TERMS))
     return exprs

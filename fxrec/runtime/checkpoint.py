@@ -50,7 +50,7 @@ from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 
 from fxrec.lowering.sparse_update import ROW_STATE
-from fxrec.optim import RowWiseAdagrad
+from fxrec.optim import RowWiseAdagrad, for_table
 from fxrec.shard import ShardedModel
 
 __all__ = ["save", "load", "read_extra", "state_dict", "SPARSE_PREFIX", "DENSE_OPTIMIZER"]
@@ -112,13 +112,13 @@ def _sparse_state(model: ShardedModel) -> dict:
     """``sparse_optimizer.<key>.<state>`` for every table key this rank holds a piece of."""
     rank, out = _rank(), {}
     states = model.local_optimizer_state()
-    opt = model.sparse_optimizer
     for key in model._keys:
         table = model._param_tables.get(key)
         pieces = states.get(table, []) if table in model._tables else []
         if not pieces:
             continue
         n, d, tiles, rows, col_starts = _layout(model, table)
+        opt = for_table(model.sparse_optimizer, table)
         per_shard = isinstance(opt, RowWiseAdagrad) and not opt.exact_column_wise and len(col_starts) > 1
         for name in pieces[0][2]:
             if name in ROW_STATE and per_shard and name == "momentum":

@@ -89,6 +89,10 @@ class UnitSpec:
     slots: tuple[SlotSpec, ...]
     routes: tuple[RouteSpec, ...]
     twrw_node: dict = field(default_factory=dict)  # table -> node holding it (table_row_wise)
+    # table -> its sparse optimizer's group (`fxrec.optim.PerTable`: one fused kernel per
+    # group); absent: group 0. Local shards are ordered by group, so a group's tables are
+    # contiguous in the fused lookup's inputs and output
+    groups: dict = field(default_factory=dict)
 
     @property
     def num_nodes(self) -> int:
@@ -119,10 +123,11 @@ class UnitSpec:
             seen.setdefault((r.table, r.shard), []).append(i)
         shards = [LocalShard(f"{t}@{s}", t, self.routes[ids[0]].rows, self.routes[ids[0]].cols,
                              self.routes[ids[0]].pooled, tuple(ids)) for (t, s), ids in seen.items()]
-        return [s for s in shards if s.pooled] + [s for s in shards if not s.pooled]
+        return sorted(shards, key=lambda s: (not s.pooled, self.groups.get(s.table, 0)))  # stable: route order
 
     def local_shards(self) -> list[LocalShard]:
-        """This rank's shards, pooled ones first, each once, in route order."""
+        """This rank's shards, pooled ones first, then by optimizer group, each once, in
+        route order."""
         return self._local
 
     def slots_by_output(self, kind: str, node: Optional[int] = None) -> list[int]:

@@ -155,7 +155,13 @@ class _Spec:  # what FusedEmbeddingBags reads from a table
 def with_kernel(fused: FusedEmbeddingBags, kernel: str) -> FusedEmbeddingBags:
     """A FusedEmbeddingBags like `fused` (tables, weights, optimizer and its state, device,
     checks) whose kernels are forced to `kernel`; raises `NoKernelError` when that kernel
-    cannot serve these tables. The user's RNG stream is left as it was (nothing is drawn)."""
+    cannot serve these tables. The user's RNG stream is left as it was (nothing is drawn).
+    A `FusedGroups` gets each of its parts forced, in place."""
+    if hasattr(fused, "parts"):
+        for i, part in enumerate(fused.parts):
+            if part.kernel_request != kernel:
+                fused.parts[i] = with_kernel(part, kernel)
+        return fused
     lay = fused.layout
     specs = [_Spec(n, r, d, p, fused.weights.dtype) for n, r, d, p in zip(lay.names, lay.rows, lay.dims, lay.poolings)]
     new = FusedEmbeddingBags(specs, optimizer=fused.optimizer, kernel=kernel, device=fused.weights.device,
@@ -173,7 +179,16 @@ def kernel_record(fused: FusedEmbeddingBags, weighted: bool = False, device=None
     by the registry as FusedEmbeddingBags chooses: its `kernel_request`, else FXREC_KERNEL
     (as set now), else the first kernel whose checker accepts. `device`: the device to choose
     for (default: the weights'; `fxrec dump` keeps its shards on meta but shows the kernels
-    the topology's device would run)."""
+    the topology's device would run). A `FusedGroups` (one kernel per sparse optimizer)
+    gives each op's kernels joined by "+", in its parts' order, once each."""
+    if hasattr(fused, "parts"):
+        merged: dict[str, list[str]] = {}
+        for part in fused.parts:
+            for op, name in kernel_record(part, weighted, device).items():
+                merged.setdefault(op, [])
+                if name not in merged[op]:
+                    merged[op].append(name)
+        return {op: "+".join(names) for op, names in merged.items()}
     pooled = fused.layout.pooled
     problem = dict(device=torch.device(device) if device is not None else fused.weights.device, weight_dtype=fused.weights.dtype, index_dtype=torch.int64,
                    dims=fused.layout.dims, poolings=fused.layout.poolings, weighted=bool(weighted and pooled),

@@ -27,10 +27,11 @@ from fxrec.lowering.layout import TBELayout
 from fxrec.lowering.sparse_update import init_state
 from fxrec.lowering.tbe import FusedEmbeddingBags
 from fxrec.lowering.torch_ref import apply_update
+from fxrec.optim import for_table
 from fxrec.passes.shard_ops import SlotInput, SlotSpec
 from fxrec.runtime import comm
 
-__all__ = ["LocalLookup", "ReplicatedLookup", "scale_grad"]
+__all__ = ["LocalLookup", "ReplicatedLookup", "FusedGroups", "scale_grad"]
 
 
 class _ScaleGrad(torch.autograd.Function):
@@ -60,6 +61,72 @@ class _Table:  # what FusedEmbeddingBags reads from a table spec
     dtype: torch.dtype
 
 
+def _table_slices(indices: Tensor, offsets: Tensor, psw: Optional[Tensor], tables: list[int], T: int):
+    """The TBE inputs (indices, offsets, weights) of `tables` (positions among the T tables
+    of table-major `offsets`, ``T*B+1`` entries), in that order."""
+    B = (offsets.numel() - 1) // T
+    if B == 0:
+        return indices[:0], offsets[:1], None if psw is None else psw[:0]
+    bounds = offsets[::B].tolist()  # table t's ids: bounds[t]:bounds[t + 1]
+    a, b = tables[0], tables[-1] + 1
+    if tables == list(range(a, b)):  # contiguous (the usual case: shards are ordered by group)
+        idx = indices[bounds[a]:bounds[b]]
+        return idx, offsets[a * B:b * B + 1] - bounds[a], None if psw is None else psw[bounds[a]:bounds[b]]
+    idx = torch.cat([indices[bounds[t]:bounds[t + 1]] for t in tables])
+    offs, run = [], 0
+    for t in tables:
+        offs.append(offsets[t * B:(t + 1) * B] - (bounds[t] - run))
+        run += bounds[t + 1] - bounds[t]
+    offs.append(offsets.new_full((1,), run))
+    w = None if psw is None else torch.cat([psw[bounds[t]:bounds[t + 1]] for t in tables])
+    return idx, torch.cat(offs), w
+
+
+class FusedGroups(nn.Module):
+    """Tables of several sparse optimizer configurations (`fxrec.optim.PerTable`) served as
+    one `FusedEmbeddingBags` over all of them would be: one fused module per configuration
+    (`parts`, holding the tables at positions ``members[i]``), the same inputs and output
+    layout (pooled ``B x sum(dims)``, or the flat unpooled one) in the tables' order."""
+
+    def __init__(self, parts: list[FusedEmbeddingBags], members: list[list[int]], dims: list[int], pooled: bool):
+        super().__init__()
+        self.parts, self.members, self.pooled = nn.ModuleList(parts), [list(m) for m in members], pooled
+        self.dims, self.num_tables = list(dims), len(dims)
+        order = [t for m in self.members for t in m]  # table positions, part after part
+        self._in_order = order == list(range(self.num_tables))
+        if pooled and not self._in_order:  # output column c of the concatenation -> its place
+            starts = [sum(self.dims[:t]) for t in range(self.num_tables)]
+            cols = [c for t in order for c in range(starts[t], starts[t] + self.dims[t])]
+            self.register_buffer("_cols", torch.argsort(torch.tensor(cols)), persistent=False)
+
+    def forward(self, indices: Tensor, offsets: Tensor, per_sample_weights: Optional[Tensor] = None, **hang):
+        outs = []
+        for part, members in zip(self.parts, self.members):
+            idx, off, w = _table_slices(indices, offsets, per_sample_weights, members, self.num_tables)
+            outs.append(part(idx, off, w, **hang) if self.pooled else part(idx, off, **hang))
+        if self.pooled:
+            out = torch.cat(outs, dim=1)
+            return out if self._in_order else out.index_select(1, self._cols.to(out.device))
+        if self._in_order:
+            return torch.cat(outs)
+        # unpooled: each part's flat output holds its tables one after another; put them in order
+        counts = (offsets[1:] - offsets[:-1]).view(self.num_tables, -1).sum(1).tolist()
+        blocks: dict = {}
+        for out, members in zip(outs, self.members):
+            for t, block in zip(members, out.split([counts[t] * self.dims[t] for t in members])):
+                blocks[t] = block
+        return torch.cat([blocks[t] for t in range(self.num_tables)])
+
+    def fused_modules(self) -> list[FusedEmbeddingBags]:
+        return list(self.parts)
+
+    def table_weights(self) -> dict[str, Tensor]:
+        out = {}
+        for part in self.parts:
+            out.update(part.table_weights())
+        return out
+
+
 class LocalLookup(nn.Module):
     """forward(pooled indices, offsets, weights, unpooled indices, offsets) -> (pooled
     ``B x sum(shard widths)`` or None, list of unpooled ``rows x width`` per shard).
@@ -74,21 +141,31 @@ class LocalLookup(nn.Module):
                  init: Callable[[str], Tensor], scale_outputs: bool = True):
         super().__init__()
         self.world_size, self.scale_outputs = world_size, scale_outputs
-        pooled = [_Table(s.key, s.num_rows, s.num_cols, "sum", dtype) for s in shards if s.pooled]
-        unpooled = [_Table(s.key, s.num_rows, s.num_cols, "none", dtype) for s in shards if not s.pooled]
-        self.pooled = self._fused(pooled, optimizer, device, init)
-        self.unpooled = self._fused(unpooled, optimizer, device, init)
+        pooled = [(s, _Table(s.key, s.num_rows, s.num_cols, "sum", dtype)) for s in shards if s.pooled]
+        unpooled = [(s, _Table(s.key, s.num_rows, s.num_cols, "none", dtype)) for s in shards if not s.pooled]
+        self.pooled = self._fused(pooled, optimizer, device, init, True)
+        self.unpooled = self._fused(unpooled, optimizer, device, init, False)
 
     @staticmethod
-    def _fused(tables, optimizer, device, init) -> Optional[FusedEmbeddingBags]:
+    def _fused(tables, optimizer, device, init, pooled: bool):
+        """One FusedEmbeddingBags, or a FusedGroups of one per optimizer configuration."""
         if not tables:
             return None
-        # Uninitialised storage, filled shard by shard: the user's RNG stream is left alone
-        # (each rank builds different shards) and no shard is drawn twice.
-        fused = FusedEmbeddingBags(tables, optimizer=optimizer, device=device, bounds_check=False, initialize=False)
-        for t in tables:
-            fused.load_table(t.name, init(t.name))
-        return fused
+        configs: dict = {}  # configuration -> positions of its tables
+        for pos, (shard, _) in enumerate(tables):
+            configs.setdefault(for_table(optimizer, shard.table), []).append(pos)
+        parts = []
+        for config, members in configs.items():
+            specs = [tables[p][1] for p in members]
+            # Uninitialised storage, filled shard by shard: the user's RNG stream is left alone
+            # (each rank builds different shards) and no shard is drawn twice.
+            fused = FusedEmbeddingBags(specs, optimizer=config, device=device, bounds_check=False, initialize=False)
+            for t in specs:
+                fused.load_table(t.name, init(t.name))
+            parts.append(fused)
+        if len(parts) == 1:
+            return parts[0]
+        return FusedGroups(parts, list(configs.values()), [t.embedding_dim for _, t in tables], pooled)
 
     def forward(self, p_idx, p_off, p_psw, u_idx, u_off, sync=None):
         """sync: a `fxrec.runtime.row_sync.RowSyncState` that takes over the split tables'
@@ -103,13 +180,17 @@ class LocalLookup(nn.Module):
         if self.unpooled is not None:
             flat = scale_grad(self.unpooled(u_idx, u_off, **hang), inv)
             counts = (u_off[1:] - u_off[:-1]).tolist()
-            widths = self.unpooled.layout.dims
+            widths = self.unpooled.dims if isinstance(self.unpooled, FusedGroups) else self.unpooled.layout.dims
             u_out = [b.view(n, w) for b, n, w in zip(flat.split([n * w for n, w in zip(counts, widths)]),
                                                      counts, widths)]
         return p_out, u_out
 
     def fused_modules(self) -> list[FusedEmbeddingBags]:
-        return [m for m in (self.pooled, self.unpooled) if m is not None]
+        out = []
+        for m in (self.pooled, self.unpooled):
+            if m is not None:
+                out += m.fused_modules() if isinstance(m, FusedGroups) else [m]
+        return out
 
     def shard_weights(self) -> dict[str, Tensor]:
         """Shard key -> ``rows x width`` view of its live weights."""
@@ -154,7 +235,7 @@ class ReplicatedLookup(nn.Module):
             full = init[name]
             self.register_buffer(f"table{i}", full.detach().to(device=device, dtype=dtype).clone())
             spec = _Table(name, full.shape[0], full.shape[1], "none", dtype)
-            state = init_state(optimizer, TBELayout([spec], device))
+            state = init_state(for_table(optimizer, name), TBELayout([spec], device))
             for key, value in state.items():
                 if value.numel() == full.numel() and full.shape[0] != full.numel():
                     value = value.view(full.shape[0], full.shape[1])
@@ -215,8 +296,9 @@ class ReplicatedLookup(nn.Module):
         for i, (name, a) in enumerate(zip(self.tables, flat.split([a.numel() for a in acc]))):
             a = a.view(-1, self.table(name).shape[1] + 1)
             rows = (a[:, -1] > 0).nonzero().squeeze(1)
-            if rows.numel() and self.optimizer is not None:
-                apply_update(self.optimizer, self.table(name), self._table_state(i), rows,
+            opt = for_table(self.optimizer, name)
+            if rows.numel() and opt is not None:
+                apply_update(opt, self.table(name), self._table_state(i), rows,
                              a[rows, :-1] / self.world_size)
 
     def forward(self, inputs: list[SlotInput]) -> list[Tensor]:

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from fxrec.lowering.sparse_update import row_sq_sums
-from fxrec.optim import RowWiseAdagrad
+from fxrec.optim import RowWiseAdagrad, for_table
 from fxrec.runtime import comm
 from fxrec.runtime.dist_lookup import UnitSpec
 
@@ -46,6 +46,16 @@ def split_tables(spec: UnitSpec) -> dict[str, tuple[int, ...]]:
             cols.setdefault(r.table, set()).add(r.cols)
             ranks.setdefault(r.table, set()).add(r.rank)
     return {t: tuple(sorted(ranks[t])) for t in cols if len(cols[t]) > 1}
+
+
+def _exact_split_tables(spec: UnitSpec, optimizer) -> dict[str, tuple[int, ...]]:
+    """`split_tables` whose optimizer (per table: `fxrec.optim.PerTable`) is exact RowWiseAdagrad."""
+    out = {}
+    for table, ranks in split_tables(spec).items():
+        opt = for_table(optimizer, table)
+        if isinstance(opt, RowWiseAdagrad) and opt.exact_column_wise:
+            out[table] = ranks
+    return out
 
 
 @dataclass
@@ -105,7 +115,7 @@ class RowSync(nn.Module):
         super().__init__()
         self.rank, self.world_size, self.optimizer = spec.rank, spec.world_size, optimizer
         self.device = torch.device(device) if device is not None else torch.device("cpu")
-        self.holders = split_tables(spec)
+        self.holders = _exact_split_tables(spec, optimizer)
         self.dims = {s.table: s.dim for s in spec.slots}
         # shard key -> its table, for this rank's shards of split tables
         self.shard_tables = {s.key: s.table for s in spec.local_shards() if s.table in self.holders}
@@ -113,7 +123,7 @@ class RowSync(nn.Module):
 
     @staticmethod
     def needed(spec: UnitSpec, optimizer) -> bool:
-        return isinstance(optimizer, RowWiseAdagrad) and optimizer.exact_column_wise and bool(split_tables(spec))
+        return bool(_exact_split_tables(spec, optimizer))
 
     def forward(self) -> Optional[RowSyncState]:
         if not torch.is_grad_enabled():
