@@ -35,8 +35,10 @@ def pooled_forward(weights: Tensor, layout: TBELayout, indices: Tensor, offsets:
         ids = indices[s:e]
         bag_off = (offsets[t * B:(t + 1) * B] - s).to(ids.dtype)
         mean = layout.poolings[t] == "mean"
-        if per_sample_weights is None:  # embedding_bag accumulates fp16/bf16 in fp32 on its own
-            outs.append(F.embedding_bag(ids, table, bag_off, mode="mean" if mean else "sum").float())
+        if per_sample_weights is None:
+            # embedding_bag accumulates fp16/bf16 in fp32 on its own and rounds once to the
+            # table's dtype, the output's: no round trip through fp32 (two more passes)
+            outs.append(F.embedding_bag(ids, table, bag_off, mode="mean" if mean else "sum"))
             continue
         if table.dtype != torch.float32:  # fp32 weights for fp32 per-sample weights, without copying the table
             table, ids = table[ids].float(), torch.arange(e - s, device=ids.device, dtype=ids.dtype)
@@ -47,7 +49,7 @@ def pooled_forward(weights: Tensor, layout: TBELayout, indices: Tensor, offsets:
         outs.append(out)
     if B == 0:
         return weights.new_zeros(0, layout.total_D)
-    return torch.cat(outs, dim=1).to(weights.dtype)
+    return torch.cat([o.to(weights.dtype) for o in outs], dim=1)  # fp32 only where weighted
 
 
 def unpooled_forward(weights: Tensor, layout: TBELayout, indices: Tensor, offsets: Tensor) -> Tensor:
