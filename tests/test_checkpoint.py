@@ -6,7 +6,10 @@ torch optimizer's state), and trains a 3rd step: the uninterrupted run. A fresh 
 seed), sharded by the job's load plan on W=2 or W=4 ranks, loads the checkpoint and trains the
 same 3rd step. By DESIGN.md's equivalence the two 3rd steps see the same global batch, so the
 loaded tables equal the saved ones exactly and the resumed run's tables and dense parameters
-equal the uninterrupted run's (fp32, 1e-5).
+equal the uninterrupted run's (fp32, 1e-5). Two jobs save in the background and train their
+3rd step while the files are written. The 2-rank load run also checks the
+``dcp.save(sharded.state_dict())`` / ``load_state_dict`` idioms and errors that must reach
+every rank.
 """
 from __future__ import annotations
 
