@@ -15,12 +15,12 @@ import torch
 import fxrec
 from dist_harness import run_workers
 from fxrec.optim import SGD, Adam, PerTable, RowWiseAdagrad
-from fxrec.passes.lookup import table_names_by_param
 from fxrec.runtime.local_lookup import FusedGroups, LocalLookup
 from fxrec.shard import shard
 from fxrec.topology import Topology
 from shard_models import CASES
-from test_shard_equivalence import ADAM_EPS, BETAS, DENSE_LR, EPS, MIXED, SPARSE_LR, _mismatch, _reference_step
+from test_shard_equivalence import (ADAM_EPS, BETAS, EPS, MIXED, SPARSE_LR, _mismatch, _reference_step,
+                                    reference_training)
 
 B, STEPS = 2, 3
 CONFIGS = {"sgd": SGD(SPARSE_LR), "rowwise_adagrad": RowWiseAdagrad(SPARSE_LR, eps=EPS),
@@ -43,11 +43,7 @@ def _per_table(kinds: dict) -> PerTable:
 def _train(sm, ref, case, world: int, rank: int, kinds: dict, bad: list) -> None:
     """STEPS steps of `sm` (local batches) and of the unsharded `ref` (global batch, each table
     updated by its own kind), then every key compared."""
-    names = table_names_by_param(ref)
-    t_params = {names[n]: p for n, p in ref.named_parameters() if names[n] in sm.plan}
-    dense = [p for n, p in ref.named_parameters() if names[n] not in sm.plan]
-    opt = torch.optim.SGD(list(sm.parameters()) or [torch.zeros(1, requires_grad=True)], lr=DENSE_LR)
-    ref_opt = torch.optim.SGD(dense or [torch.zeros(1, requires_grad=True)], lr=DENSE_LR)
+    t_params, opt, ref_opt = reference_training(sm, ref)
     state: dict = {}
     for step in range(STEPS):
         batches = case.local_batches(world, B, seed=10 + step)

@@ -90,6 +90,17 @@ def _reference_step(sm, t_params: dict, state: dict, optimizer: str) -> None:
                 p -= (SPARSE_LR / (m.sqrt() + EPS)).unsqueeze(1) * g
 
 
+def reference_training(sm, ref) -> tuple[dict, torch.optim.Optimizer, torch.optim.Optimizer]:
+    """(the unsharded `ref`'s table parameters by table name, SGD over `sm`'s dense parameters,
+    SGD over `ref`'s): what a test trains side by side (a dummy parameter where there is none)."""
+    names = table_names_by_param(ref)
+    t_params = {names[n]: p for n, p in ref.named_parameters() if names[n] in sm.plan}
+    dense = [p for n, p in ref.named_parameters() if names[n] not in sm.plan]
+    opt = torch.optim.SGD(list(sm.parameters()) or [torch.zeros(1, requires_grad=True)], lr=DENSE_LR)
+    ref_opt = torch.optim.SGD(dense or [torch.zeros(1, requires_grad=True)], lr=DENSE_LR)
+    return t_params, opt, ref_opt
+
+
 def _lazy_adam(p, g, st: dict) -> None:
     rows = (g != 0).any(1).nonzero().squeeze(1)
     for key in ("m", "v"):
@@ -131,11 +142,7 @@ def _run_job(rank: int, world: int, sharding: str, name: str, optimizer: str) ->
             bad.append(f"plan put {table} {sm.plan[table].sharding}, not {kind}")
     with torch.no_grad():
         _mismatch("forward", sm(*batches[rank]), ref(*case.concat(batches))[rank * B:(rank + 1) * B], bad)
-    names = table_names_by_param(ref)
-    t_params = {names[n]: p for n, p in ref.named_parameters() if names[n] in sm.plan}
-    dense = [p for n, p in ref.named_parameters() if names[n] not in sm.plan]
-    opt = torch.optim.SGD(list(sm.parameters()) or [torch.zeros(1, requires_grad=True)], lr=DENSE_LR)
-    ref_opt = torch.optim.SGD(dense or [torch.zeros(1, requires_grad=True)], lr=DENSE_LR)
+    t_params, opt, ref_opt = reference_training(sm, ref)
     state: dict = {}
     for step in range(STEPS):
         batches = case.local_batches(world, B, seed=10 + step)

@@ -19,11 +19,10 @@ from torch.testing import assert_close
 import fxrec
 from dist_harness import run_workers
 from fxrec.optim import RowWiseAdagrad
-from fxrec.passes.lookup import table_names_by_param
 from fxrec.shard import shard
 from fxrec.topology import Topology
 from shard_models import CASES
-from test_shard_equivalence import DENSE_LR, EPS, SPARSE_LR, STEPS, _reference_step  # the gloo test's reference
+from test_shard_equivalence import EPS, SPARSE_LR, STEPS, _reference_step, reference_training  # the gloo test's
 
 B = 4
 GPUS = torch.cuda.device_count() if torch.cuda.is_available() else 0
@@ -65,11 +64,7 @@ def _run_job(rank: int, world: int, sharding: str, name: str, device_type: str =
                sparse_optimizer=RowWiseAdagrad(SPARSE_LR, eps=EPS))
     with torch.no_grad():
         _close("forward", sm(*_to(batches[rank], device)), ref(*case.concat(batches))[rank * B:(rank + 1) * B], bad)
-    names = table_names_by_param(ref)
-    t_params = {names[n]: p for n, p in ref.named_parameters() if names[n] in sm.plan}
-    dense = [p for n, p in ref.named_parameters() if names[n] not in sm.plan]
-    opt = torch.optim.SGD(list(sm.parameters()) or [torch.zeros(1, requires_grad=True)], lr=DENSE_LR)
-    ref_opt = torch.optim.SGD(dense or [torch.zeros(1, requires_grad=True)], lr=DENSE_LR)
+    t_params, opt, ref_opt = reference_training(sm, ref)
     state: dict = {}
     for step in range(STEPS):
         batches = case.local_batches(world, B, seed=10 + step)
