@@ -220,28 +220,40 @@ def _background_group():
 
 @torch.no_grad()
 def load(model: nn.Module, path: PathLike, optimizer: Optional[torch.optim.Optimizer] = None,
-         sparse_optimizer: bool = True) -> dict:
+         sparse_optimizer: bool = True, strict: bool = True) -> dict:
     """Read the checkpoint at `path` into `model` in place, whatever plan or world size wrote
     it (module doc). optimizer: restore the dense optimizer's state too (it must have been
     saved). sparse_optimizer=False: the tables' weights only, leaving the fused optimizer's
     state as it is (e.g. a checkpoint of the plain model, or of another sparse optimizer).
+    strict=False: what the checkpoint lacks (a table or layer added since, another sparse
+    optimizer's state, the dense optimizer's) is left as it is and named in a warning, to
+    warm-start a grown model; a shape that differs still raises.
 
     Collective for a ShardedModel. Raises FileNotFoundError for a path that holds no
-    checkpoint and ValueError for a key the checkpoint lacks or a shape that differs; on
-    every rank, with the first failing rank's message, before anything is read.
+    checkpoint and ValueError for a key the checkpoint lacks (strict) or a shape that
+    differs; on every rank, with the first failing rank's message, before anything is read.
     Returns the `extra` dict given to `save` (empty if none)."""
     path = os.fspath(path)
     sd = state_dict(model, optimizer, sparse_optimizer)
     with _quiet():
-        problem = _problem(model, sd, path)
+        problem, absent = _problem(model, sd, path, strict)
+    skipped = sorted(absent)
     if _collective(model):  # one rank's problem stops every rank, not only that one
         everyone: list = [None] * dist.get_world_size()
-        dist.all_gather_object(everyone, problem)
-        first = next(((r, p) for r, p in enumerate(everyone) if p is not None), None)
+        dist.all_gather_object(everyone, (problem, absent))
+        first = next(((r, p) for r, (p, _) in enumerate(everyone) if p is not None), None)
         problem = None if first is None else (first[1][0], f"rank {first[0]}: {first[1][1]}")
+        skipped = sorted({k for _, keys in everyone for k in keys})
     if problem is not None:
         kind, message = problem
         raise (FileNotFoundError if kind == "missing" else ValueError)(f"fxrec.checkpoint.load: {message}")
+    for key in absent:
+        sd.pop(key)
+    if skipped and _rank() == 0:
+        warnings.warn(f"fxrec.checkpoint.load: {path!r} lacks {len(skipped)} key(s) of this model, left as they "
+                      f"were: {', '.join(skipped)}", stacklevel=3)  # the caller's line (past no_grad's wrapper)
+    if DENSE_OPTIMIZER in absent:
+        optimizer = None
     reader = dcp.FileSystemReader(path)
     sd.update(_extra_templates(reader))
     with _quiet():
@@ -272,20 +284,22 @@ def read_extra(path: PathLike) -> dict:
     return {k[len(EXTRA) + 1:]: v for k, v in sd.items()}
 
 
-def _problem(model: nn.Module, sd: dict, path: str) -> Optional[tuple[str, str]]:
-    """Why this rank cannot read `path` into `sd`, as (kind, message); None when it can: the
-    checkpoint exists and has every key this rank reads, with this model's shape."""
+def _problem(model: nn.Module, sd: dict, path: str, strict: bool = True):
+    """(why this rank cannot read `path` into `sd`, as (kind, message), or None when it can: the
+    checkpoint exists and has every key this rank reads, with this model's shape; the keys the
+    checkpoint lacks, which a non-strict load leaves out)."""
+    absent: list = []
     if not os.path.isfile(os.path.join(path, ".metadata")):
-        return "missing", f"no checkpoint at {path!r} (no .metadata file)"
+        return ("missing", f"no checkpoint at {path!r} (no .metadata file)"), absent
     if not isinstance(model, ShardedModel):
         meta = [k for k, v in sd.items() if isinstance(v, Tensor) and v.is_meta]
         if meta:
-            return "model", (f"{meta[0]!r} is on the meta device; a plain module loads in place, so build "
-                             "it on a real device (or shard it first)")
+            return ("model", (f"{meta[0]!r} is on the meta device; a plain module loads in place, so build "
+                              "it on a real device (or shard it first)")), absent
     try:
         saved = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
     except Exception as e:  # noqa: BLE001 - a damaged file: say which, and why
-        return "bad", f"cannot read the metadata of {path!r}: {type(e).__name__}: {e}"
+        return ("bad", f"cannot read the metadata of {path!r}: {type(e).__name__}: {e}"), absent
     tables = model._param_tables if isinstance(model, ShardedModel) else {}
 
     def what(key: str) -> str:
@@ -293,17 +307,24 @@ def _problem(model: nn.Module, sd: dict, path: str) -> Optional[tuple[str, str]]
         return f"{key!r} (table {tables[base]!r})" if base in tables else repr(key)
 
     if DENSE_OPTIMIZER in sd and not any(k.startswith(DENSE_OPTIMIZER + ".") for k in saved):
-        return "keys", f"{path!r} was saved without a dense optimizer's state; load it without optimizer="
+        if strict:
+            return ("keys", f"{path!r} was saved without a dense optimizer's state; load it without "
+                            "optimizer="), absent
+        absent.append(DENSE_OPTIMIZER)
     for key, value in sd.items():
         if key == DENSE_OPTIMIZER:
             continue
         if key not in saved:
+            if not strict:
+                absent.append(key)
+                continue
             hint = ""
             if key.startswith(SPARSE_PREFIX + "."):
                 hint = ("; it holds no such sparse optimizer state (saved with another sparse optimizer, or "
                         "from a plain model?): pass sparse_optimizer=False to load the weights only")
-            return "keys", f"{path!r} has no {what(key)}{hint}"
+            return ("keys", f"{path!r} has no {what(key)}{hint}"), absent
         md = saved[key]
         if isinstance(md, TensorStorageMetadata) and tuple(md.size) != tuple(value.size()):
-            return "shape", f"{what(key)} is {tuple(md.size)} in {path!r} and {tuple(value.size())} in this model"
-    return None
+            return ("shape", f"{what(key)} is {tuple(md.size)} in {path!r} and {tuple(value.size())} in "
+                             "this model"), absent
+    return None, absent
