@@ -87,9 +87,10 @@ class ShardedModel(nn.Module):
         for m in self._lookups():
             if isinstance(m, ReplicatedLookup):
                 for name in m.tables:
-                    if type(for_table(value, name)) is not type(for_table(m.optimizer, name)):
-                        raise ValueError(f"sparse_optimizer: table {name!r} must stay a "
-                                         f"{type(for_table(m.optimizer, name)).__name__}, got {for_table(value, name)!r}")
+                    new, old = for_table(value, name), for_table(m.optimizer, name)
+                    if type(new) is not type(old):
+                        raise ValueError(f"sparse_optimizer: table {name!r} must stay a {type(old).__name__}, "
+                                         f"got {new!r}")
                 continue
             for fused in m.fused_modules():
                 tables = [key.rpartition("@")[0] for key in fused.layout.names]
@@ -204,7 +205,8 @@ class ShardedModel(nn.Module):
                         if src is None or tuple(src.shape) != tuple(w.shape):
                             raise ValueError(f"load_state_dict: {key!r} (table {table!r}) holds no local shard at "
                                              f"rows {rows}, cols {cols}; read a checkpoint into this model's own "
-                                             "state_dict() (torch.distributed.checkpoint reshards) or pass whole tensors")
+                                             "state_dict() (torch.distributed.checkpoint reshards) or pass whole "
+                                             "tensors")
                     else:
                         if tuple(value.shape) != (info.num_embeddings, info.embedding_dim):
                             raise ValueError(f"load_state_dict: {key!r} (table {table!r}) is {tuple(value.shape)}, "

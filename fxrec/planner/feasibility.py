@@ -29,7 +29,8 @@ def _row_wise_shard_bytes(spec, topology, world_size: int, batch_size: int, opti
     info = spec.info
     shard = cost.shard_params(info, math.ceil(info.num_embeddings / world_size), info.embedding_dim,
                               spec.pooling_factor, spec.eff, element_bytes)
-    return float(cost.shard_costs("row_wise", shard, topo, batch_size, cost.kind_for(optimizer, info.name))["memory"][0])
+    kind = cost.kind_for(optimizer, info.name)
+    return float(cost.shard_costs("row_wise", shard, topo, batch_size, kind)["memory"][0])
 
 
 def _ranks_needed(spec, topology, batch_size: int, optimizer) -> int | None:
