@@ -31,7 +31,7 @@ def _mlp(sizes: list[int], last_sigmoid: bool = False) -> nn.Sequential:
 def _bags(g: torch.Generator, rows: int, batch: int, max_len: int = 3):
     """(ids, offsets) of `batch` bags with 0..max_len ids each."""
     lengths = torch.randint(0, max_len + 1, (batch,), generator=g)
-    offsets = torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)[:-1]])
+    offsets = lengths.cumsum(0) - lengths  # no bag, no offset: an empty batch has none
     return torch.randint(0, rows, (int(lengths.sum()),), generator=g), offsets
 
 
