@@ -13,8 +13,10 @@ Adagrad and dense layers by torch's Adagrad, and AUC/NE are computed on the gath
 predictions of all ranks. Rank 0 prints.
 
 Checkpoints: `--save DIR` writes the model (every rank its shards), both optimizers' state
-and the step reached, with `fxrec.checkpoint`; `--resume DIR` reads one back, whatever plan
-or number of ranks wrote it, and trains --steps more steps on the batches that follow.
+and the step reached, with `fxrec.checkpoint`, after training (and with `--save-every N`
+every N steps too, written in the background while training goes on); `--resume DIR` reads
+one back, whatever plan or number of ranks wrote it, and trains --steps more steps on the
+batches that follow.
 """
 from __future__ import annotations
 
@@ -53,6 +55,8 @@ def parse_args(argv=None):
     p.add_argument("--shard", action="store_true",
                    help="shard with fxrec over the torchrun job's ranks (one process: world size 1)")
     p.add_argument("--save", metavar="DIR", help="write a checkpoint (fxrec.checkpoint) after training")
+    p.add_argument("--save-every", type=int, default=0, metavar="N",
+                   help="with --save: also every N steps, in the background while training goes on")
     p.add_argument("--resume", metavar="DIR", help="start from this checkpoint, at the step it reached")
     return p.parse_args(argv)
 
@@ -164,6 +168,8 @@ def make_trainable(args, model, example_batch, rank: int, world: int):
 def main(argv=None) -> dict[str, float]:
     import fxrec
     args = parse_args(argv)
+    if args.save_every < 0 or (args.save_every and not args.save):
+        raise SystemExit(f"dlrm_train: --save-every {args.save_every} needs --save DIR and N >= 1")
     rank, world = _init_distributed(args)
     torch.manual_seed(args.seed)  # the same model on every rank
     first = fxrec.checkpoint.read_extra(args.resume)["step"] if args.resume else 0
@@ -175,7 +181,7 @@ def main(argv=None) -> dict[str, float]:
         fxrec.checkpoint.load(model, args.resume, optimizer=optimizer)
         if rank == 0:
             print(f"resumed from {args.resume} at step {first}")
-    start = time.perf_counter()
+    start, pending = time.perf_counter(), None
     bar = tqdm(train, total=args.steps, unit="batch", desc="train", disable=rank != 0)
     for step, global_batch in enumerate(bar):
         batch = _local(global_batch, rank, world, device)
@@ -186,6 +192,13 @@ def main(argv=None) -> dict[str, float]:
         if step % 10 == 0:
             rate = (step + 1) * global_batch.batch_size / (time.perf_counter() - start)
             bar.set_postfix(loss=f"{loss.item():.4f}", samples_s=f"{rate:,.0f}")
+        if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < args.steps:
+            if pending is not None:
+                pending.result()  # the previous one is whole before this one replaces it
+            pending = fxrec.checkpoint.save(model, args.save, optimizer=optimizer,
+                                            extra={"step": first + step + 1}, background=True)
+    if pending is not None:
+        pending.result()
     if args.save:
         fxrec.checkpoint.save(model, args.save, optimizer=optimizer, extra={"step": first + args.steps})
     result = evaluate(model, val, args.plain, rank, world, device)

@@ -423,3 +423,21 @@ def test_another_sparse_optimizers_state_is_left_when_not_strict(tmp_path, recwa
     recwarn.clear()
     fxrec.checkpoint.load(adam, tmp_path / "a", sparse_optimizer=False)  # weights only: nothing lacks
     assert not [w for w in recwarn if "fxrec.checkpoint.load" in str(w.message)]
+
+
+def test_a_save_cut_short_leaves_no_checkpoint_rather_than_a_mix(tmp_path, monkeypatch):
+    """The old metadata goes before the new files are written (DCP writes metadata last): a
+    save that fails midway leaves nothing `load` would take for a checkpoint."""
+    import torch.distributed.checkpoint as dcp
+
+    model = _Tables(10)
+    fxrec.checkpoint.save(model, tmp_path / "latest")
+
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(dcp, "save", broken)
+    with pytest.raises(OSError, match="disk full"):
+        fxrec.checkpoint.save(model, tmp_path / "latest")
+    with pytest.raises(FileNotFoundError, match=r"no checkpoint at .*latest"):
+        fxrec.checkpoint.load(_Tables(10), tmp_path / "latest")

@@ -29,7 +29,7 @@ def test_dlrm_demo_resumes_where_it_stopped(flags, tmp_path, capsys):
     common = ["--val-batches", "4", "--num-embeddings", "1000", "--batch-size", "128", *flags]
     demo = _load("dlrm_train")
     straight = demo.main(["--steps", "20", *common])
-    demo.main(["--steps", "10", "--save", str(tmp_path / "ckpt"), *common])
+    demo.main(["--steps", "10", "--save", str(tmp_path / "ckpt"), "--save-every", "4", *common])
     resumed = demo.main(["--steps", "10", "--resume", str(tmp_path / "ckpt"), *common])
     assert f"resumed from {tmp_path / 'ckpt'} at step 10" in capsys.readouterr().out
     assert resumed == pytest.approx(straight, abs=1e-6)

@@ -61,6 +61,14 @@ EXTRA = "extra"
 
 PathLike = Union[str, os.PathLike]
 
+# A background save runs DCP in a thread of its own, past `_quiet`'s reach (warning filters are
+# process-wide, and catch_warnings is not thread-safe), so the two notices that fxrec's own use
+# of DCP triggers there are filtered for torch's modules once, here (see `_quiet` for why they
+# are not news to an fxrec user).
+for _notice in ("torch.distributed is .*unavailable or uninitialized, assuming the intent is to save",
+                "Please use DTensor instead and we are deprecating ShardedTensor"):
+    warnings.filterwarnings("ignore", message=_notice, module=r"torch\.")
+
 
 # ------------------------------------------------------------------ the state dict
 def _placed(size: tuple, local: list, everyone: list, rank: int) -> Optional[Tensor]:
@@ -187,23 +195,41 @@ def save(model: nn.Module, path: PathLike, optimizer: Optional[torch.optim.Optim
     meanwhile: the checkpoint holds the values of the moment `save` was called. The copy
     costs memory for this rank's pieces; ranks coordinate on a gloo group of their own, so
     the writes never interleave with the model's collectives.
-    A checkpoint already at `path` is replaced. Collective for a ShardedModel: every rank
-    calls it with the same path, extra and background."""
+    A checkpoint already at `path` is replaced: its metadata is removed first, so a save that
+    does not finish leaves no checkpoint there rather than a mix of the old and the new (save
+    elsewhere to keep the last one while writing the next). Collective for a ShardedModel:
+    every rank calls it with the same path, extra and background."""
     sd = state_dict(model, optimizer)
     for key, value in (extra or {}).items():
         if not isinstance(key, str) or isinstance(value, dict):
             raise ValueError(f"fxrec.checkpoint.save: extra must map str keys to tensors or picklable "
                              f"values (not dicts); got {key!r}: {type(value).__name__}")
         sd[f"{EXTRA}.{key}"] = value
-    # overwrite: a run that saves to one "latest" path replaces it (DCP would warn each time)
+    collective = _collective(model)
+    group = _background_group() if background and collective else None
+    _clear(os.fspath(path), collective, group)
     writer = dcp.FileSystemWriter(os.fspath(path), overwrite=True)
     with _quiet():
         if not background:
-            dcp.save(sd, storage_writer=writer, no_dist=not _collective(model))
+            dcp.save(sd, storage_writer=writer, no_dist=not collective)
             return None
-        if _collective(model):
-            return dcp.async_save(sd, storage_writer=writer, process_group=_background_group())
+        if collective:
+            return dcp.async_save(sd, storage_writer=writer, process_group=group)
         return dcp.async_save(sd, storage_writer=writer, no_dist=True)
+
+
+def _clear(path: str, collective: bool, group) -> None:
+    """A save replaces the checkpoint at `path`, whose metadata goes first: DCP writes the
+    new metadata last, so a save cut short leaves no checkpoint there (`load` says so) rather
+    than the old metadata over half-rewritten data, which would load a silent mix of both.
+    Rank 0 removes it; the others wait, so none sees the old one while planning."""
+    if _rank() == 0:
+        try:
+            os.remove(os.path.join(path, ".metadata"))
+        except FileNotFoundError:
+            pass
+    if collective:
+        dist.barrier(group=group)
 
 
 _BACKGROUND_GROUPS: dict = {}
