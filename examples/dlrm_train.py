@@ -181,7 +181,7 @@ def main(argv=None) -> dict[str, float]:
         fxrec.checkpoint.load(model, args.resume, optimizer=optimizer)
         if rank == 0:
             print(f"resumed from {args.resume} at step {first}")
-    start, pending = time.perf_counter(), None
+    start = time.perf_counter()
     bar = tqdm(train, total=args.steps, unit="batch", desc="train", disable=rank != 0)
     for step, global_batch in enumerate(bar):
         batch = _local(global_batch, rank, world, device)
@@ -193,12 +193,9 @@ def main(argv=None) -> dict[str, float]:
             rate = (step + 1) * global_batch.batch_size / (time.perf_counter() - start)
             bar.set_postfix(loss=f"{loss.item():.4f}", samples_s=f"{rate:,.0f}")
         if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < args.steps:
-            if pending is not None:
-                pending.result()  # the previous one is whole before this one replaces it
-            pending = fxrec.checkpoint.save(model, args.save, optimizer=optimizer,
-                                            extra={"step": first + step + 1}, background=True)
-    if pending is not None:
-        pending.result()
+            # written while training goes on; the next save waits for it to finish
+            fxrec.checkpoint.save(model, args.save, optimizer=optimizer, extra={"step": first + step + 1},
+                                  background=True)
     if args.save:
         fxrec.checkpoint.save(model, args.save, optimizer=optimizer, extra={"step": first + args.steps})
     result = evaluate(model, val, args.plain, rank, world, device)

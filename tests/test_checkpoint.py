@@ -441,3 +441,10 @@ def test_a_save_cut_short_leaves_no_checkpoint_rather_than_a_mix(tmp_path, monke
         fxrec.checkpoint.save(model, tmp_path / "latest")
     with pytest.raises(FileNotFoundError, match=r"no checkpoint at .*latest"):
         fxrec.checkpoint.load(_Tables(10), tmp_path / "latest")
+
+
+def test_the_next_save_or_load_waits_for_a_background_save(tmp_path):
+    model = _Tables(10)
+    fxrec.checkpoint.save(model, tmp_path / "a", extra={"step": 1}, background=True)
+    fxrec.checkpoint.save(model, tmp_path / "a", extra={"step": 2}, background=True)  # waits for the first
+    assert fxrec.checkpoint.load(_Tables(10), tmp_path / "a") == {"step": 2}  # waits for the second

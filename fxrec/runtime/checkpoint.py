@@ -190,8 +190,8 @@ def save(model: nn.Module, path: PathLike, optimizer: Optional[torch.optim.Optim
     extra: the caller's own values (a step count, a data loader's position), a flat dict of
     str keys to tensors or picklable values, given back by `load`; under ``extra.<key>``.
     background: copy this rank's state to CPU memory now, write it in a background thread,
-    and return at once a Future that completes when the checkpoint is whole (call
-    ``.result()`` before the next save, and before the process exits). Training may go on
+    and return at once a Future that completes when the checkpoint is whole (the next save or
+    load waits for it; call ``.result()`` before the process exits). Training may go on
     meanwhile: the checkpoint holds the values of the moment `save` was called. The copy
     costs memory for this rank's pieces; ranks coordinate on a gloo group of their own, so
     the writes never interleave with the model's collectives.
@@ -205,6 +205,7 @@ def save(model: nn.Module, path: PathLike, optimizer: Optional[torch.optim.Optim
             raise ValueError(f"fxrec.checkpoint.save: extra must map str keys to tensors or picklable "
                              f"values (not dicts); got {key!r}: {type(value).__name__}")
         sd[f"{EXTRA}.{key}"] = value
+    _wait_for_background()
     collective = _collective(model)
     group = _background_group() if background and collective else None
     _clear(os.fspath(path), collective, group)
@@ -214,8 +215,22 @@ def save(model: nn.Module, path: PathLike, optimizer: Optional[torch.optim.Optim
             dcp.save(sd, storage_writer=writer, no_dist=not collective)
             return None
         if collective:
-            return dcp.async_save(sd, storage_writer=writer, process_group=group)
-        return dcp.async_save(sd, storage_writer=writer, no_dist=True)
+            done = dcp.async_save(sd, storage_writer=writer, process_group=group)
+        else:
+            done = dcp.async_save(sd, storage_writer=writer, no_dist=True)
+    _BACKGROUND[0] = done
+    return done
+
+
+_BACKGROUND: list = [None]  # this process's last background save
+
+
+def _wait_for_background() -> None:
+    """Finish this process's last background save (its error, if any, is raised here): a
+    save or load must not overlap it, on disk or on the background group's collectives."""
+    done, _BACKGROUND[0] = _BACKGROUND[0], None
+    if done is not None:
+        done.result()
 
 
 def _clear(path: str, collective: bool, group) -> None:
@@ -260,6 +275,7 @@ def load(model: nn.Module, path: PathLike, optimizer: Optional[torch.optim.Optim
     differs; on every rank, with the first failing rank's message, before anything is read.
     Returns the `extra` dict given to `save` (empty if none)."""
     path = os.fspath(path)
+    _wait_for_background()
     sd = state_dict(model, optimizer, sparse_optimizer)
     with _quiet():
         problem, absent = _problem(model, sd, path, strict)
