@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import fxrec
 from fxrec import metrics
 from fxrec.datasets import CriteoNpyReader, CriteoTsvReader, SyntheticCriteo
 from fxrec.models import DLRM, DLRM_DCN, DLRM_DCNPlain, DLRMPlain
@@ -152,7 +153,6 @@ def make_trainable(args, model, example_batch, rank: int, world: int):
     """(model to train, dense optimizer): the model itself, or fxrec's sharded version of it."""
     if not args.shard:
         return model, torch.optim.Adagrad(model.parameters(), lr=args.lr)
-    import fxrec
     example = example_batch.to_plain() if args.plain else (example_batch.dense_features,
                                                            example_batch.sparse_features)
     sharded = fxrec.shard(model, fxrec.Topology.from_env(device="cuda" if torch.cuda.is_available() else "cpu"),
@@ -166,7 +166,6 @@ def make_trainable(args, model, example_batch, rank: int, world: int):
 
 
 def main(argv=None) -> dict[str, float]:
-    import fxrec
     args = parse_args(argv)
     if args.save_every < 0 or (args.save_every and not args.save):
         raise SystemExit(f"dlrm_train: --save-every {args.save_every} needs --save DIR and N >= 1")

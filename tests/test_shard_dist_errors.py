@@ -134,7 +134,7 @@ def test_planning_error_raised_on_every_rank(results):
         assert r["infeasible"].startswith("PlanError") and "emb_l" in r["infeasible"]
 
 
-def test_uneven_batches_where_the_plan_allows(results):
+def test_uneven_batches_under_every_sharding_type(results):
     assert all(r["uneven_ok"] for r in results)
 
 
