@@ -61,13 +61,13 @@ class _Table:  # what FusedEmbeddingBags reads from a table spec
     dtype: torch.dtype
 
 
-def _table_slices(indices: Tensor, offsets: Tensor, psw: Optional[Tensor], tables: list[int], T: int):
-    """The TBE inputs (indices, offsets, weights) of `tables` (positions among the T tables
-    of table-major `offsets`, ``T*B+1`` entries), in that order."""
-    B = (offsets.numel() - 1) // T
+def _table_slices(indices: Tensor, offsets: Tensor, psw: Optional[Tensor], tables: list[int], B: int,
+                  bounds: list[int]):
+    """The TBE inputs (indices, offsets, weights) of `tables` (positions among the tables of
+    table-major `offsets`, B bags each; table t's ids are ``bounds[t]:bounds[t + 1]``), in
+    that order."""
     if B == 0:
         return indices[:0], offsets[:1], None if psw is None else psw[:0]
-    bounds = offsets[::B].tolist()  # table t's ids: bounds[t]:bounds[t + 1]
     a, b = tables[0], tables[-1] + 1
     if tables == list(range(a, b)):  # contiguous (the usual case: shards are ordered by group)
         idx = indices[bounds[a]:bounds[b]]
@@ -101,8 +101,10 @@ class FusedGroups(nn.Module):
 
     def forward(self, indices: Tensor, offsets: Tensor, per_sample_weights: Optional[Tensor] = None, **hang):
         outs = []
+        B = (offsets.numel() - 1) // self.num_tables
+        bounds = offsets[::B].tolist() if B > 0 else []  # one host sync for every part
         for part, members in zip(self.parts, self.members):
-            idx, off, w = _table_slices(indices, offsets, per_sample_weights, members, self.num_tables)
+            idx, off, w = _table_slices(indices, offsets, per_sample_weights, members, B, bounds)
             outs.append(part(idx, off, w, **hang) if self.pooled else part(idx, off, **hang))
         if self.pooled:
             out = torch.cat(outs, dim=1)
