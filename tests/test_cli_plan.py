@@ -59,6 +59,19 @@ def test_topology_profile_and_overrides(tables_csv, tmp_path, capsys):
     assert "optimizer adam" in capsys.readouterr().out
 
 
+def test_an_optimizer_per_table(tables_csv, tmp_path, capsys):
+    out = tmp_path / "plan.json"
+    assert main(["plan", "--tables", tables_csv, "--world-size", "4", "--optimizer", "rowwise_adagrad",
+                 "--table-optimizer", "cat=adam", "-o", str(out)]) == 0
+    assert fxrec.Plan.from_json(out.read_text()).sparse_optimizer == {
+        "user": "rowwise_adagrad", "item": "rowwise_adagrad", "cat": "adam"}
+    assert "optimizer rowwise_adagrad: user, item; adam: cat" in capsys.readouterr().out
+    assert main(["plan", "--tables", tables_csv, "--world-size", "4", "--table-optimizer", "dog=adam"]) == 2
+    assert "PerTable: unknown table(s) ['dog']" in capsys.readouterr().err
+    assert main(["plan", "--tables", tables_csv, "--world-size", "4", "--table-optimizer", "cat=lamb"]) == 2
+    assert "--table-optimizer expects TABLE=OPTIMIZER" in capsys.readouterr().err
+
+
 def test_infeasible_plan_exits_1_naming_the_table(tables_csv, capsys):
     rc = main(["plan", "--tables", tables_csv, "--world-size", "2", "--memory", "0.5GB"])
     assert rc == 1

@@ -22,6 +22,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_topology_arguments(p)
     p.add_argument("--optimizer", choices=OPTIMIZERS, default="sgd",
                    help="sparse optimizer whose state (and exact column_wise row sync) counts")
+    p.add_argument("--table-optimizer", action="append", default=[], metavar="TABLE=OPTIMIZER",
+                   help="this table's own sparse optimizer (fxrec.optim.PerTable; repeatable); "
+                        "--optimizer serves the others")
     p.add_argument("--search", choices=("auto", "heuristic", "exact"), default="auto")
     p.add_argument("--hedge", type=float, default=0.005, metavar="FRACTION",
                    help="on several nodes, the share of the busiest rank's time the plan may give up to stay "
@@ -103,6 +106,25 @@ def constraints_from_specs(specs: list[str]) -> dict:
     return out
 
 
+def sparse_optimizer_from_args(args):
+    """--optimizer, or with --table-optimizer a `fxrec.optim.PerTable` of configs of those
+    kinds (the planner reads their kinds; the learning rates do not matter to it)."""
+    if not args.table_optimizer:
+        return args.optimizer
+    from fxrec.optim import SGD, Adam, PerTable, RowWiseAdagrad
+
+    config = {"sgd": SGD(0.01), "rowwise_adagrad": RowWiseAdagrad(0.01), "adam": Adam(0.01),
+              "rowwise_adagrad_per_shard": RowWiseAdagrad(0.01, exact_column_wise=False)}
+    tables = {}
+    for spec in args.table_optimizer:
+        name, sep, kind = spec.partition("=")
+        if not sep or not name or kind not in config:
+            raise UsageError(f"--table-optimizer expects TABLE=OPTIMIZER with OPTIMIZER one of {OPTIMIZERS}, "
+                             f"got {spec!r}")
+        tables[name] = config[kind]
+    return PerTable(tables, default=config[args.optimizer])
+
+
 def _topology(args):
     if args.world_size is None and not args.topology:
         raise UsageError("--world-size is required (or --topology PROFILE)")
@@ -123,7 +145,7 @@ def run(args) -> int:
         else:
             source, example_inputs = load_target(args.target)
         plan = fxrec.plan(source, topology, example_inputs, constraints, batch_size=args.batch_size,
-                          sparse_optimizer=args.optimizer, search=args.search, hedge=args.hedge)
+                          sparse_optimizer=sparse_optimizer_from_args(args), search=args.search, hedge=args.hedge)
     except fxrec.PlanError as e:
         print(f"fxrec plan: no plan fits:\n{e}", file=sys.stderr)
         return 1
