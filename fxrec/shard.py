@@ -110,38 +110,31 @@ class ShardedModel(nn.Module):
                     fused.optimizer = for_table(value, fused.layout.names[0].rpartition("@")[0])
         self._sparse_optimizer = value
 
-    def local_shards(self) -> dict[str, list[tuple]]:
-        """Table -> this rank's ``(rows, cols, live weight view)`` pieces."""
+    def _pieces(self, of_shards, of_replicas) -> dict[str, list[tuple]]:
+        """Table -> this rank's ``(rows, cols, value)`` pieces, where `of_shards(LocalLookup)`
+        gives ``{shard key: value}`` and `of_replicas(ReplicatedLookup)` ``{table: value}``."""
         out: dict[str, list] = {}
         for m in self._lookups():
             if isinstance(m, LocalLookup):
-                for key, w in m.shard_weights().items():
+                for key, value in of_shards(m).items():
                     table, _, idx = key.rpartition("@")
                     s = self._plan[table].shards[int(idx)]
-                    out.setdefault(table, []).append((tuple(s.rows), tuple(s.cols), w))
+                    out.setdefault(table, []).append((tuple(s.rows), tuple(s.cols), value))
             else:
-                for name in m.tables:
+                for name, value in of_replicas(m).items():
                     w = m.table(name)
-                    out.setdefault(name, []).append(((0, w.shape[0]), (0, w.shape[1]), w))
+                    out.setdefault(name, []).append(((0, w.shape[0]), (0, w.shape[1]), value))
         return out
+
+    def local_shards(self) -> dict[str, list[tuple]]:
+        """Table -> this rank's ``(rows, cols, live weight view)`` pieces."""
+        return self._pieces(lambda m: m.shard_weights(), lambda m: {name: m.table(name) for name in m.tables})
 
     def local_optimizer_state(self) -> dict[str, list[tuple]]:
         """Table -> this rank's ``(rows, cols, {state name: live view})`` pieces, aligned with
         `local_shards`: the fused sparse optimizer's state of each shard (empty dicts under
         SGD). Row state (``momentum``, ``step``) is ``rows``; the rest ``rows x width``."""
-        out: dict[str, list] = {}
-        for m in self._lookups():
-            if isinstance(m, LocalLookup):
-                for fused in m.fused_modules():
-                    for key, state in fused.table_state().items():
-                        table, _, idx = key.rpartition("@")
-                        s = self._plan[table].shards[int(idx)]
-                        out.setdefault(table, []).append((tuple(s.rows), tuple(s.cols), state))
-            else:
-                for name, state in m.table_state().items():
-                    w = m.table(name)
-                    out.setdefault(name, []).append(((0, w.shape[0]), (0, w.shape[1]), state))
-        return out
+        return self._pieces(lambda m: m.shard_state(), lambda m: m.table_state())
 
     def full_state_dict(self) -> "OrderedDict[str, Tensor]":
         """The unsharded model's state_dict (same keys, same order), tables gathered from

@@ -122,12 +122,6 @@ class FusedGroups(nn.Module):
     def fused_modules(self) -> list[FusedEmbeddingBags]:
         return list(self.parts)
 
-    def table_weights(self) -> dict[str, Tensor]:
-        out = {}
-        for part in self.parts:
-            out.update(part.table_weights())
-        return out
-
 
 class LocalLookup(nn.Module):
     """forward(pooled indices, offsets, weights, unpooled indices, offsets) -> (pooled
@@ -199,6 +193,13 @@ class LocalLookup(nn.Module):
         out = {}
         for m in self.fused_modules():
             out.update(m.table_weights())
+        return out
+
+    def shard_state(self) -> dict[str, dict[str, Tensor]]:
+        """Shard key -> its optimizer state (live views, `FusedEmbeddingBags.table_state`)."""
+        out = {}
+        for m in self.fused_modules():
+            out.update(m.table_state())
         return out
 
 
