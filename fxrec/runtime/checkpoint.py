@@ -179,7 +179,6 @@ def _quiet():
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is .*unavailable or uninitialized")
         warnings.filterwarnings("ignore", message="Please use DTensor instead and we are deprecating ShardedTensor")
-        warnings.filterwarnings("ignore", message="Detected an existing checkpoint in")  # save replaces it
         yield
 
 
@@ -209,6 +208,7 @@ def save(model: nn.Module, path: PathLike, optimizer: Optional[torch.optim.Optim
     collective = _collective(model)
     group = _background_group() if background and collective else None
     _clear(os.fspath(path), collective, group)
+    # _clear removed the old metadata; overwrite=True spells out that old data files may stay
     writer = dcp.FileSystemWriter(os.fspath(path), overwrite=True)
     with _quiet():
         if not background:
@@ -278,7 +278,7 @@ def load(model: nn.Module, path: PathLike, optimizer: Optional[torch.optim.Optim
     _wait_for_background()
     sd = state_dict(model, optimizer, sparse_optimizer)
     with _quiet():
-        problem, absent = _problem(model, sd, path, strict)
+        problem, absent, saved = _problem(model, sd, path, strict)
     skipped = sorted(absent)
     if _collective(model):  # one rank's problem stops every rank, not only that one
         everyone: list = [None] * dist.get_world_size()
@@ -296,20 +296,20 @@ def load(model: nn.Module, path: PathLike, optimizer: Optional[torch.optim.Optim
                       f"were: {', '.join(skipped)}", stacklevel=3)  # the caller's line (past no_grad's wrapper)
     if DENSE_OPTIMIZER in absent:
         optimizer = None
-    reader = dcp.FileSystemReader(path)
-    sd.update(_extra_templates(reader))
+    sd.update(_extra_templates(saved))
     with _quiet():
-        dcp.load(sd, storage_reader=reader, no_dist=not _collective(model))
+        dcp.load(sd, storage_reader=dcp.FileSystemReader(path), no_dist=not _collective(model))
     if optimizer is not None:
         set_optimizer_state_dict(model.module if isinstance(model, ShardedModel) else model, optimizer,
                                  sd[DENSE_OPTIMIZER])
     return {k[len(EXTRA) + 1:]: v for k, v in sd.items() if k.startswith(EXTRA + ".")}
 
 
-def _extra_templates(reader) -> dict:
-    """A value per saved ``extra.<key>`` for DCP to fill (it reads into what it is given)."""
+def _extra_templates(saved: dict) -> dict:
+    """A value per ``extra.<key>`` of the checkpoint's metadata `saved`, for DCP to fill (it
+    reads into what it is given)."""
     return {key: torch.empty(md.size, dtype=md.properties.dtype) if isinstance(md, TensorStorageMetadata) else None
-            for key, md in reader.read_metadata().state_dict_metadata.items() if key.startswith(EXTRA + ".")}
+            for key, md in saved.items() if key.startswith(EXTRA + ".")}
 
 
 def read_extra(path: PathLike) -> dict:
@@ -319,7 +319,7 @@ def read_extra(path: PathLike) -> dict:
     if not os.path.isfile(os.path.join(path, ".metadata")):
         raise FileNotFoundError(f"fxrec.checkpoint.read_extra: no checkpoint at {path!r} (no .metadata file)")
     reader = dcp.FileSystemReader(path)
-    sd = _extra_templates(reader)
+    sd = _extra_templates(reader.read_metadata().state_dict_metadata)
     if sd:
         with _quiet():
             dcp.load(sd, storage_reader=reader, no_dist=True)
@@ -329,19 +329,20 @@ def read_extra(path: PathLike) -> dict:
 def _problem(model: nn.Module, sd: dict, path: str, strict: bool = True):
     """(why this rank cannot read `path` into `sd`, as (kind, message), or None when it can: the
     checkpoint exists and has every key this rank reads, with this model's shape; the keys the
-    checkpoint lacks, which a non-strict load leaves out)."""
+    checkpoint lacks, which a non-strict load leaves out; the checkpoint's metadata by key,
+    read once here, or None when it could not be read)."""
     absent: list = []
     if not os.path.isfile(os.path.join(path, ".metadata")):
-        return ("missing", f"no checkpoint at {path!r} (no .metadata file)"), absent
+        return ("missing", f"no checkpoint at {path!r} (no .metadata file)"), absent, None
     if not isinstance(model, ShardedModel):
         meta = [k for k, v in sd.items() if isinstance(v, Tensor) and v.is_meta]
         if meta:
             return ("model", (f"{meta[0]!r} is on the meta device; a plain module loads in place, so build "
-                              "it on a real device (or shard it first)")), absent
+                              "it on a real device (or shard it first)")), absent, None
     try:
         saved = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
     except Exception as e:  # noqa: BLE001 - a damaged file: say which, and why
-        return ("bad", f"cannot read the metadata of {path!r}: {type(e).__name__}: {e}"), absent
+        return ("bad", f"cannot read the metadata of {path!r}: {type(e).__name__}: {e}"), absent, None
     tables = model._param_tables if isinstance(model, ShardedModel) else {}
 
     def what(key: str) -> str:
@@ -351,7 +352,7 @@ def _problem(model: nn.Module, sd: dict, path: str, strict: bool = True):
     if DENSE_OPTIMIZER in sd and not any(k.startswith(DENSE_OPTIMIZER + ".") for k in saved):
         if strict:
             return ("keys", f"{path!r} was saved without a dense optimizer's state; load it without "
-                            "optimizer="), absent
+                            "optimizer="), absent, saved
         absent.append(DENSE_OPTIMIZER)
     for key, value in sd.items():
         if key == DENSE_OPTIMIZER:
@@ -364,9 +365,9 @@ def _problem(model: nn.Module, sd: dict, path: str, strict: bool = True):
             if key.startswith(SPARSE_PREFIX + "."):
                 hint = ("; it holds no such sparse optimizer state (saved with another sparse optimizer, or "
                         "from a plain model?): pass sparse_optimizer=False to load the weights only")
-            return ("keys", f"{path!r} has no {what(key)}{hint}"), absent
+            return ("keys", f"{path!r} has no {what(key)}{hint}"), absent, saved
         md = saved[key]
         if isinstance(md, TensorStorageMetadata) and tuple(md.size) != tuple(value.size()):
             return ("shape", f"{what(key)} is {tuple(md.size)} in {path!r} and {tuple(value.size())} in "
-                             "this model"), absent
-    return None, absent
+                             "this model"), absent, saved
+    return None, absent, saved

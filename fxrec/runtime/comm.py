@@ -212,7 +212,7 @@ class _ReduceScatterV(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, splits, rank, group):
-        ctx.splits, ctx.rank, ctx.group = splits, rank, group
+        ctx.splits, ctx.group = splits, group
         width = max(splits)
         padded = x.new_zeros(_rows(x, width * len(splits)))
         for r, part in enumerate(x.split(splits)):
