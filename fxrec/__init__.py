@@ -28,6 +28,7 @@ _EXPORTS = {
     "Constraint": "fxrec.planner.plan",
     "PlanError": "fxrec.planner.plan",
     "ShardedModel": "fxrec.shard",
+    "lower_for_inference": "fxrec.lowering.inference",
 }
 _SUBMODULES = ("optim", "models", "datasets", "metrics", "passes", "planner", "lowering", "runtime")
 # public submodule name -> where it lives (DESIGN.md's layout keeps checkpointing in runtime/)

@@ -54,9 +54,9 @@ def test_new_nodes_are_stamped_with_their_pass():
 
 @pytest.mark.parametrize("disable,until,expected", [
     ((), None, DEFAULT),
-    (("group_tables", "apply_plan", "fuse_lookups"), None, ["detect_embeddings"]),
+    (("group_tables", "apply_plan", "fuse_lookups", "quantize_tables"), None, ["detect_embeddings"]),
     ((), "detect_embeddings", ["detect_embeddings"]),
-    (("detect_embeddings", "group_tables", "apply_plan", "fuse_lookups"), None, []),
+    (("detect_embeddings", "group_tables", "apply_plan", "fuse_lookups", "quantize_tables"), None, []),
 ])
 def test_disable_and_until(disable, until, expected):
     _, _, _, gm, ctx = _captured()
@@ -110,7 +110,7 @@ def test_failures_name_the_pass_and_those_before(fn, reason):
     _, _, _, gm, ctx = _captured()
     passes = PASSES + [("bad", fn)]
     with pytest.raises(PassError, match=rf"pass 'bad' failed: {reason}.*\(passes run before it: "
-                                        r"detect_embeddings, group_tables, apply_plan, fuse_lookups\)") as info:
+                                        r"detect_embeddings, group_tables, apply_plan, fuse_lookups, quantize_tables\)") as info:
         run_passes(gm, ctx, passes=passes)
     assert info.value.pass_name == "bad" and info.value.ran_before == DEFAULT
 

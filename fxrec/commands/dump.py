@@ -5,7 +5,10 @@ PASS (default: the last one; "capture" shows the graph before any pass), and the
 at that point is written node by node with each node's provenance, followed by the
 detected tables and groups. Given a topology (--world-size, or --topology PROFILE), the
 tables are also planned on it, the plan is explained, and apply_plan rewrites the graph
-into the sharded program of rank --rank (default 0), collectives included. Errors (bad FILE.py:FUNC, import error, capture failure,
+into the sharded program of rank --rank (default 0), collectives included. With
+--weight-dtype TYPE (int8, int4, int2, fp16, fp32), the graph is the one
+`fxrec.lower_for_inference` builds: fused lookups over quantized tables, with the kernel
+serving each. Errors (bad FILE.py:FUNC, import error, capture failure,
 unknown pass) exit with status 2 and one line on stderr starting ``fxrec dump: ``.
 """
 from __future__ import annotations
@@ -30,6 +33,9 @@ def add_arguments(parser) -> None:
                         help="show the graph after this pass ('capture' for none; default: the last pass)")
     parser.add_argument("--format", choices=FORMATS, default="text", help="text (default), dot or html")
     parser.add_argument("-o", "--output", metavar="PATH", default=None, help="write here instead of stdout")
+    parser.add_argument("--weight-dtype", metavar="TYPE", default=None,
+                        help="show the inference graph with tables quantized to TYPE (int8, int4, int2, fp16, "
+                             "fp32), as fxrec.lower_for_inference builds it; not with a topology")
     topo = parser.add_argument_group("plan (optional): show where each table would go on this topology")
     add_topology_arguments(topo)
     topo.add_argument("--rank", type=int, default=0, help="whose sharded program to show (default 0)")
@@ -46,9 +52,10 @@ def _pass_names() -> list[str]:
 
 def build_dump(model, example_inputs: tuple, *, after: str | None = None, fmt: str = "text",
                title: str = "", topology=None, batch_size: int = 512, rank: int = 0,
-               constraints: dict | None = None) -> str:
+               constraints: dict | None = None, weight_dtype: str | None = None) -> str:
     """The dump of `model` as a string in format `fmt` (see the module docstring); with a
-    `topology`, the detected tables' plan on it is explained as well."""
+    `topology`, the detected tables' plan on it is explained as well; with `weight_dtype`,
+    the inference graph with quantized tables."""
     from fxrec.capture import capture
     from fxrec.passes import render
     from fxrec.passes.runner import PassContext, PassError, run_passes
@@ -56,8 +63,13 @@ def build_dump(model, example_inputs: tuple, *, after: str | None = None, fmt: s
 
     names = _pass_names()
     title = title or type(model).__name__
+    if weight_dtype is not None and topology is not None:
+        raise DumpError("--weight-dtype shows the one-process inference graph: give no topology with it")
     # Without a topology, apply_plan and the passes after it change nothing: stop before.
-    shown = names if topology is not None or "apply_plan" not in names else names[:names.index("apply_plan")]
+    unsharded = topology is None and weight_dtype is None and "apply_plan" in names
+    shown = names[:names.index("apply_plan")] if unsharded else names
+    if weight_dtype is None:  # quantize_tables runs for inference only
+        shown = [n for n in shown if n != "quantize_tables"]
     after = after or (shown[-1] if shown else "capture")
     if after != "capture" and after not in names:
         raise DumpError(f"unknown pass {after!r} for --after; choose from: capture, {', '.join(names)}")
@@ -72,6 +84,8 @@ def build_dump(model, example_inputs: tuple, *, after: str | None = None, fmt: s
         ctx.options.update(rank=rank, world_size=topology.world_size, batch_size=batch_size,
                            constraints=constraints, device=torch.device("meta"), init=_meta_shard,
                            kernel_device=torch.device(topology.device))
+    if weight_dtype is not None:  # what fxrec.lower_for_inference runs
+        ctx.options.update(inference=True, weight_dtype=weight_dtype)
     snapshot: dict = {}
 
     def observe(name, graph_module, _ctx):
@@ -87,6 +101,8 @@ def build_dump(model, example_inputs: tuple, *, after: str | None = None, fmt: s
     except PassError as e:
         if isinstance(e.__cause__, PlanError):
             raise DumpError(f"no plan fits: {e.__cause__}") from None
+        if weight_dtype is not None and isinstance(e.__cause__, ValueError):  # a bad type or dim
+            raise DumpError(f"--weight-dtype {weight_dtype}: {e.__cause__}") from None
         raise
     if topology is not None and ctx.plan is None:  # shown before apply_plan: plan anyway
         ctx.plan = _plan(ctx, topology, batch_size, constraints)
@@ -167,7 +183,8 @@ def run(args) -> int:
             raise DumpError("--constraint needs a topology (--world-size or --topology)")
         model, example_inputs = load_target(args.target)
         out = build_dump(model, example_inputs, after=args.after, fmt=args.format, title=args.target,
-                         topology=topology, batch_size=args.batch_size, rank=args.rank, constraints=constraints)
+                         topology=topology, batch_size=args.batch_size, rank=args.rank, constraints=constraints,
+                         weight_dtype=args.weight_dtype)
     except (LoadError, CaptureError, DumpError, UsageError) as e:
         return _fail(str(e))
     except PassError as e:

@@ -23,6 +23,11 @@ What the checker declines, and why (found by testing 1.8.0 against torch_ref):
   backward is as fast as torch's, so fp16 modules get a torch forward and an fbgemm update.
 The CPU backward is deterministic (per-row reductions in a fixed order), so it also
 serves the deterministic mode.
+
+Quantized tables (inference, fxrec/lowering/quant.py's format, which is fbgemm's IntNBit
+layout): quant_pooled_forward and quant_unpooled_forward call
+``fbgemm::int_nbit_split_embedding_codegen_lookup_function`` on our uint8 buffer, tables of
+mixed types (fp32, fp16, int8, int4, int2) in one call; unpooled needs one dim for all tables.
 """
 from __future__ import annotations
 
@@ -98,6 +103,52 @@ def backward_update(weights: Tensor, state: dict[str, Tensor], layout, optimizer
     op(*head, *(opt_args or (lr,)))
 
 
+_OUTPUT_TYPE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 5}  # SparseType.as_int()
+
+
+def _nbit(weights: Tensor, layout, indices: Tensor, offsets: Tensor, pooling_mode: int, total_D: int,
+          per_sample_weights: Optional[Tensor], output_dtype: torch.dtype) -> Tensor:
+    psw = None if per_sample_weights is None else per_sample_weights.float()
+    return _ops.int_nbit_split_embedding_codegen_lookup_function(
+        weights, torch.empty(0, dtype=torch.uint8), _placements(layout), layout.weights_offsets, layout.weights_tys,
+        layout.D_offsets, total_D, layout.max_dim("int2"), layout.max_dim("int4"), layout.max_dim("int8"),
+        layout.max_dim("fp16"), layout.max_dim("fp32"), indices, offsets.to(indices.dtype), pooling_mode, psw,
+        _OUTPUT_TYPE[output_dtype], None, None, layout.row_alignment)
+
+
+def quant_pooled_forward(weights: Tensor, layout, indices: Tensor, offsets: Tensor,
+                         per_sample_weights: Optional[Tensor] = None,
+                         output_dtype: torch.dtype = torch.float32) -> Tensor:
+    return _nbit(weights, layout, indices, offsets, _POOLING_MODE[layout.poolings[0]], layout.total_D,
+                 per_sample_weights, output_dtype)
+
+
+def quant_unpooled_forward(weights: Tensor, layout, indices: Tensor, offsets: Tensor,
+                           output_dtype: torch.dtype = torch.float32) -> Tensor:
+    out = _nbit(weights, layout, indices, offsets, 2, layout.dims[0], None, output_dtype)  # 2: PoolingMode.NONE
+    return out.reshape(-1)
+
+
+def _check_quant(p: Problem) -> Optional[str]:
+    if p.device != "cpu":
+        return f"only fbgemm's CPU ops are wrapped, device is {p.device}"
+    if p.output_dtype not in _OUTPUT_TYPE:
+        return f"output {p.output_dtype} unsupported (fbgemm: float32, float16, bfloat16)"
+    return None
+
+
+def _check_quant_pooled(p: Problem) -> Optional[str]:
+    if len(set(p.poolings)) != 1 or p.poolings[0] not in _POOLING_MODE:
+        return f"needs one pooling (sum or mean) for all tables, got {sorted(set(p.poolings))}"
+    return _check_quant(p)
+
+
+def _check_quant_unpooled(p: Problem) -> Optional[str]:
+    if len(set(p.dims)) != 1:
+        return f"unpooled lookups need one dim for all tables, got {sorted(set(p.dims))}"
+    return _check_quant(p)
+
+
 def _check_common(p: Problem) -> Optional[str]:
     if p.device != "cpu":
         return f"only fbgemm's CPU ops are wrapped, device is {p.device}"
@@ -137,3 +188,5 @@ if AVAILABLE:
     register_kernel("unpooled_forward", "fbgemm", unpooled_forward,
                     lambda p: _check_forward(p) or _check_unpooled(p))
     register_kernel("backward_update", "fbgemm", backward_update, _check_backward)
+    register_kernel("quant_pooled_forward", "fbgemm", quant_pooled_forward, _check_quant_pooled)
+    register_kernel("quant_unpooled_forward", "fbgemm", quant_unpooled_forward, _check_quant_unpooled)

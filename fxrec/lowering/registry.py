@@ -22,7 +22,8 @@ from typing import Callable, Optional
 
 import torch
 
-OPS = ("pooled_forward", "unpooled_forward", "backward_update")
+# quant_*: lookups of row-wise quantized tables (fxrec/lowering/quant.py's format), for inference
+OPS = ("pooled_forward", "unpooled_forward", "backward_update", "quant_pooled_forward", "quant_unpooled_forward")
 KERNELS = ("triton", "fbgemm", "torch")
 ENV_VAR = "FXREC_KERNEL"
 
@@ -44,11 +45,14 @@ class Problem:
     weighted: bool = False  # per-sample weights present
     deterministic: bool = False
     explicit: bool = False  # set by `select` when the kernel was forced
+    weight_types: tuple[str, ...] = ()  # quant_* ops: each table's QuantType name ("int8", ...)
+    output_dtype: torch.dtype = torch.float32  # quant_* ops: the dtype of the looked-up values
 
     def __post_init__(self):
         object.__setattr__(self, "device", torch.device(self.device).type)
         object.__setattr__(self, "dims", tuple(int(d) for d in self.dims))
         object.__setattr__(self, "poolings", tuple(self.poolings))
+        object.__setattr__(self, "weight_types", tuple(self.weight_types))
 
 
 Checker = Callable[[Problem], Optional[str]]

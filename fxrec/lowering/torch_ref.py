@@ -16,6 +16,7 @@ from torch import Tensor
 from fxrec.optim import SGD, Adam, RowWiseAdagrad
 
 from .layout import TBELayout
+from .quant import QuantLayout, dequantize_rows
 from .registry import Problem, register_kernel
 from .sparse_update import ROW_STATE, adam_row_scalars
 
@@ -164,10 +165,46 @@ def backward_update(weights: Tensor, state: dict[str, Tensor], layout: TBELayout
             apply_update(optimizer, tables[t], _table_state(layout, state, t), rows, g)
 
 
+# ------------------------------------------------------------------ quantized tables (inference)
+def quant_pooled_forward(weights: Tensor, layout: QuantLayout, indices: Tensor, offsets: Tensor,
+                         per_sample_weights: Optional[Tensor] = None,
+                         output_dtype: torch.dtype = torch.float32) -> Tensor:
+    """Per table: gather the touched rows' bytes, decode them to fp32, pool them in order."""
+    B = layout.batch_size(offsets)
+    bounds = _bounds(offsets, B, layout.num_tables)
+    outs = []
+    for t, table in enumerate(layout.split(weights)):
+        s, e = bounds[t], bounds[t + 1]
+        rows = dequantize_rows(table.index_select(0, indices[s:e].long()), layout.types[t], layout.dims[t])
+        local = torch.arange(e - s, device=indices.device)
+        bag_off = (offsets[t * B:(t + 1) * B] - s).long()
+        mean = layout.poolings[t] == "mean"
+        psw = None if per_sample_weights is None else per_sample_weights[s:e].float()
+        out = F.embedding_bag(local, rows, bag_off, mode="mean" if mean and psw is None else "sum",
+                              per_sample_weights=psw)
+        if mean and psw is not None:
+            lengths = offsets[t * B + 1:(t + 1) * B + 1] - offsets[t * B:(t + 1) * B]
+            out = out / lengths.clamp(min=1).unsqueeze(1).float()
+        outs.append(out)
+    if B == 0:
+        return torch.zeros(0, layout.total_D, dtype=output_dtype, device=weights.device)
+    return torch.cat(outs, dim=1).to(output_dtype)
+
+
+def quant_unpooled_forward(weights: Tensor, layout: QuantLayout, indices: Tensor, offsets: Tensor,
+                           output_dtype: torch.dtype = torch.float32) -> Tensor:
+    B = layout.batch_size(offsets)
+    bounds = _bounds(offsets, B, layout.num_tables)
+    outs = [dequantize_rows(table.index_select(0, indices[s:e].long()), q, d).reshape(-1)
+            for table, q, d, s, e in zip(layout.split(weights), layout.types, layout.dims, bounds[:-1], bounds[1:])]
+    return torch.cat(outs).to(output_dtype)
+
+
 def _accept(problem: Problem) -> Optional[str]:
     return None
 
 
 for _op, _impl in (("pooled_forward", pooled_forward), ("unpooled_forward", unpooled_forward),
-                   ("backward_update", backward_update)):
+                   ("backward_update", backward_update), ("quant_pooled_forward", quant_pooled_forward),
+                   ("quant_unpooled_forward", quant_unpooled_forward)):
     register_kernel(_op, "torch", _impl, _accept)

@@ -17,6 +17,7 @@ from fxrec.passes.apply_plan import apply_plan_pass
 from fxrec.passes.detect_embeddings import detect_embeddings_pass
 from fxrec.passes.fuse_lookups import fuse_lookups_pass
 from fxrec.passes.group_tables import group_tables_pass
+from fxrec.passes.quantize_tables import quantize_tables_pass
 from fxrec.types import TableInfo
 
 PassFn = Callable[[GraphModule, "PassContext"], GraphModule]
@@ -44,6 +45,8 @@ PASSES: list[tuple[str, PassFn]] = [
     ("apply_plan", apply_plan_pass),
     # One fused table-batched call per group (unsharded) / records each local lookup's kernel.
     ("fuse_lookups", fuse_lookups_pass),
+    # Inference only (ctx.options["weight_dtype"]): the fused tables become quantized constants.
+    ("quantize_tables", quantize_tables_pass),
 ]
 
 

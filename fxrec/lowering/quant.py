@@ -1,0 +1,232 @@
+"""Row-wise quantized tables for inference: the storage format, quantization, dequantization.
+
+The format is FBGEMM's IntNBit table-batched layout, so `fbgemm::int_nbit_split_embedding_
+codegen_lookup_function` reads our buffer as is, and fxrec's Triton and torch kernels read
+the same bytes:
+
+- one flat uint8 buffer; table t starts at byte ``weights_offsets[t]`` (a multiple of
+  `TABLE_ALIGN`) and each of its rows takes ``row_bytes[t]`` bytes (padded up to the
+  layout's `row_alignment`: FBGEMM uses 1 on the CPU, 16 on a GPU);
+- "fp32" / "fp16" rows hold the dim values as they are (little-endian);
+- "int8" / "int4" / "int2" rows start with 4 bytes of quantization parameters, an fp16
+  scale then an fp16 bias, followed by the codes: element j is bits ``(j % k) * bits`` of
+  byte ``j // k`` (k = 8 // bits codes per byte, low bits first). A value is
+  ``scale * code + bias``.
+
+Quantization (`quantize_rows`) is row-wise asymmetric and rounds as FBGEMM's own quantizer
+(FloatToFusedNBitRowwiseQuantizedSBHalf) does: bias = fp16(row min), scale = fp16((row max -
+bias) / (2**bits - 1)), code = round((x - bias) / scale) clamped to [0, 2**bits - 1], with
+the fp16-rounded scale and bias (the codes are the nearest ones for the values that will be
+decoded). Each element is then off by at most about half a scale step (`max_error`). A
+constant row stores scale 1 and code 0: it decodes to its fp16 value.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from .layout import TBELayout
+
+__all__ = ["QUANT_TYPES", "QuantLayout", "QuantType", "dequantize_rows", "max_error", "quant_type",
+           "quantize_rows"]
+
+TABLE_ALIGN = 16  # a table's first byte: 16-byte loads stay aligned for every row_alignment
+
+
+@dataclass(frozen=True)
+class QuantType:
+    name: str  # "fp32", "fp16", "int8", "int4", "int2"
+    bits: int
+    sparse_type: int  # fbgemm's SparseType.as_int()
+
+    @property
+    def integer(self) -> bool:
+        return self.name.startswith("int")
+
+    @property
+    def per_byte(self) -> int:
+        """Codes per byte (integer types)."""
+        return 8 // self.bits
+
+    def unpadded_row_bytes(self, dim: int) -> int:
+        if self.integer:
+            return dim // self.per_byte + 4
+        return dim * self.bits // 8
+
+
+QUANT_TYPES = {t.name: t for t in (QuantType("fp32", 32, 0), QuantType("fp16", 16, 1), QuantType("int8", 8, 2),
+                                   QuantType("int4", 4, 3), QuantType("int2", 2, 4))}
+_ALIASES = {"float32": "fp32", "float": "fp32", "float16": "fp16", "half": "fp16",
+            torch.float32: "fp32", torch.float16: "fp16", torch.int8: "int8", torch.uint8: "int8"}
+
+
+def quant_type(value, table: Optional[str] = None) -> QuantType:
+    """The `QuantType` named by `value` ("int8", "int4", "int2", "fp16", "fp32" or the torch
+    dtypes float32 / float16 / int8); a clear error otherwise."""
+    if isinstance(value, QuantType):
+        return value
+    key = _ALIASES.get(value, value) if isinstance(value, (str, torch.dtype)) else value
+    if isinstance(key, str) and key.lower() in QUANT_TYPES:
+        return QUANT_TYPES[key.lower()]
+    if isinstance(key, str) and key.lower() in _ALIASES:
+        return QUANT_TYPES[_ALIASES[key.lower()]]
+    where = f"table {table!r}: " if table is not None else ""
+    raise ValueError(f"{where}weight_dtype {value!r} is not a quantized table type; choose one of "
+                     f"{sorted(QUANT_TYPES)}")
+
+
+def check_dim(table: str, dim: int, qtype: QuantType) -> None:
+    """intN codes pack whole bytes per row (FBGEMM's rule): the dim must be a multiple of 8 / bits."""
+    if qtype.integer and dim % qtype.per_byte:
+        raise ValueError(f"table {table!r}: dim {dim} cannot be stored as {qtype.name} (its codes pack "
+                         f"{qtype.per_byte} per byte, so the dim must be a multiple of {qtype.per_byte}); "
+                         f"choose int8 or fp16 for this table")
+
+
+class QuantLayout(TBELayout):
+    """A `TBELayout` whose flat buffer is uint8 in the module doc's format: table t's rows
+    are ``row_bytes[t]`` bytes each, from byte ``weights_offsets[t]``; `types` names each
+    table's `QuantType` and `weights_tys` holds fbgemm's SparseType codes (uint8, T)."""
+
+    def __init__(self, tables: Sequence, types: Sequence, device=None, row_alignment: Optional[int] = None):
+        super().__init__(tables, device)
+        if len(types) != self.num_tables:
+            raise ValueError(f"QuantLayout: {self.num_tables} tables but {len(types)} types")
+        self.types = tuple(t if isinstance(t, QuantType) else quant_type(t, n) for t, n in zip(types, self.names))
+        for name, dim, qtype in zip(self.names, self.dims, self.types):
+            check_dim(name, dim, qtype)
+        if row_alignment is None:
+            row_alignment = 16 if self.device.type == "cuda" else 1
+        if row_alignment < 1 or row_alignment & (row_alignment - 1):
+            raise ValueError(f"row_alignment must be a power of two, got {row_alignment}")
+        self.row_alignment = row_alignment
+        self.row_bytes = tuple(-(-q.unpadded_row_bytes(d) // row_alignment) * row_alignment
+                               for q, d in zip(self.types, self.dims))
+        offsets, pos = [], 0
+        for r, b in zip(self.rows, self.row_bytes):
+            offsets.append(pos)
+            pos += -(-(r * b) // TABLE_ALIGN) * TABLE_ALIGN
+        self.weights_offsets_list = tuple(offsets)
+        self.numel = pos
+        self.weights_offsets = torch.tensor(offsets, dtype=torch.int64, device=self.device)
+        self.weights_tys = torch.tensor([q.sparse_type for q in self.types], dtype=torch.uint8, device=self.device)
+
+    def max_dim(self, name: str) -> int:
+        """The largest dim of the tables stored as `name` (0 if none), as fbgemm's op takes them."""
+        return max([d for d, q in zip(self.dims, self.types) if q.name == name], default=0)
+
+    def to(self, device) -> "QuantLayout":
+        return QuantLayout(self._specs(), self.types, device, self.row_alignment)
+
+    def split(self, flat: Tensor) -> list[Tensor]:
+        """Per-table ``rows x row_bytes`` uint8 views of the buffer."""
+        return [flat[o:o + r * b].view(r, b) for o, r, b in zip(self.weights_offsets_list, self.rows, self.row_bytes)]
+
+    def nbytes_per_table(self) -> list[int]:
+        return [r * b for r, b in zip(self.rows, self.row_bytes)]
+
+
+# ------------------------------------------------------------------ quantize / dequantize
+_FP16_MAX = 65504.0
+
+
+@torch.no_grad()
+def quantize_rows(weight: Tensor, qtype: QuantType, row_bytes: Optional[int] = None,
+                  table: str = "?") -> Tensor:
+    """``rows x dim`` float -> ``rows x row_bytes`` uint8 rows in `qtype`'s format (module doc);
+    padding bytes are zero. Raises ValueError naming `table` for values the format cannot
+    hold (non-finite, or beyond fp16's range where fp16 numbers are stored)."""
+    if weight.dim() != 2 or not weight.is_floating_point():
+        raise ValueError(f"table {table!r}: expected a 2-D float weight, got {weight.dtype} {tuple(weight.shape)}")
+    if weight.device.type == "meta":
+        raise ValueError(f"table {table!r} is on the meta device: there are no values to quantize "
+                         f"(load the trained weights first)")
+    rows, dim = weight.shape
+    check_dim(table, dim, qtype)
+    row_bytes = qtype.unpadded_row_bytes(dim) if row_bytes is None else row_bytes
+    out = torch.zeros(rows, row_bytes, dtype=torch.uint8, device=weight.device)
+    if rows == 0:
+        return out
+    w = weight.float()
+    if not torch.isfinite(w).all():
+        bad = torch.nonzero(~torch.isfinite(w).all(1))[0, 0].item()
+        raise ValueError(f"table {table!r}: row {bad} holds a non-finite value ({w[bad][~torch.isfinite(w[bad])][0].item()})")
+    if qtype.name == "fp32":
+        out[:, :dim * 4] = w.contiguous().view(torch.uint8).view(rows, dim * 4)
+        return out
+    if qtype.name != "fp32":
+        big = w.abs().amax()
+        if big > _FP16_MAX:
+            row = int(torch.nonzero(w.abs().amax(1) > _FP16_MAX)[0, 0])
+            raise ValueError(f"table {table!r}: row {row} holds {w[row].abs().max().item():.4g}, beyond fp16's "
+                             f"range (65504), which {qtype.name} stores its values or scale in; use fp32")
+    if qtype.name == "fp16":
+        out[:, :dim * 2] = w.half().contiguous().view(torch.uint8).view(rows, dim * 2)
+        return out
+    levels = (1 << qtype.bits) - 1
+    lo, hi = torch.aminmax(w, dim=1)
+    # FBGEMM's rounding (FloatToFusedNBitRowwiseQuantizedSBHalf): the bias is rounded to fp16
+    # first and the range taken from it; a constant row, or a scale that underflows fp16,
+    # stores scale 1 (every code is then 0 or near it)
+    bias = lo.half()
+    b = bias.float()
+    span = hi - b
+    scale = torch.where(span > 0, span / levels, torch.ones_like(span)).half()
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    inv = 1.0 / scale.float()
+    codes = torch.round((w - b[:, None]) * inv[:, None]).clamp_(0, levels).to(torch.uint8)
+    k = qtype.per_byte
+    if k > 1:  # element j at bits (j % k) * bits of byte j // k
+        shifts = (torch.arange(k, device=w.device, dtype=torch.uint8) * qtype.bits)
+        codes = (codes.view(rows, dim // k, k) << shifts).sum(dim=2, dtype=torch.int32).to(torch.uint8)
+    out[:, 0:4] = torch.stack([scale, bias], dim=1).view(torch.uint8)
+    out[:, 4:4 + dim // k] = codes
+    return out
+
+
+def _fresh(x: Tensor) -> Tensor:
+    """A packed copy: `contiguous()` keeps a one-row slice's odd row stride, which a dtype
+    view rejects."""
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device).copy_(x)
+
+
+def dequantize_rows(rows: Tensor, qtype: QuantType, dim: int) -> Tensor:
+    """``N x row_bytes`` uint8 rows -> ``N x dim`` float32 values (the module doc's decoding)."""
+    n = rows.shape[0]
+    if n == 0:  # an empty slice keeps its row stride, which a dtype view would reject
+        return torch.zeros(0, dim, dtype=torch.float32, device=rows.device)
+    if qtype.name == "fp32":
+        return _fresh(rows[:, :dim * 4]).view(torch.float32).view(n, dim)
+    if qtype.name == "fp16":
+        return _fresh(rows[:, :dim * 2]).view(torch.float16).view(n, dim).float()
+    qp = _fresh(rows[:, 0:4]).view(torch.float16).float()  # n x 2: scale, bias
+    k = qtype.per_byte
+    packed = rows[:, 4:4 + dim // k]
+    if k == 1:
+        codes = packed.float()
+    else:
+        shifts = torch.arange(k, device=rows.device, dtype=torch.uint8) * qtype.bits
+        mask = (1 << qtype.bits) - 1
+        codes = ((packed.unsqueeze(2) >> shifts) & mask).reshape(n, dim).float()
+    return codes * qp[:, 0:1] + qp[:, 1:2]
+
+
+def max_error(weight: Tensor, qtype: QuantType) -> Tensor:
+    """Per row, a bound on the error `quantize_rows` leaves (fp32 [rows]): half a scale step,
+    plus fp16's rounding of the values (fp16) or of the bias and scale (intN; the scale's
+    error grows with the code, up to 2**bits of them)."""
+    w = weight.float()
+    lo, hi = torch.aminmax(w, dim=1)
+    mag = torch.maximum(lo.abs(), hi.abs())
+    if qtype.name == "fp32":
+        return torch.zeros_like(lo)
+    fp16_ulp = mag * 2.0 ** -11
+    if qtype.name == "fp16":
+        return fp16_ulp
+    step = (hi - lo) / ((1 << qtype.bits) - 1)
+    levels = (1 << qtype.bits) - 1
+    # fp16 subnormal scales (tiny row ranges) keep only absolute precision 2**-24 per code step
+    return step * (0.5 + 2.0 ** -10 * (1 << qtype.bits)) + fp16_ulp + levels * 2.0 ** -24

@@ -1,0 +1,88 @@
+"""quantize_tables: the fused lookups' tables become row-wise quantized constants (inference).
+
+Runs only when ``ctx.options["weight_dtype"]`` is set (`fxrec.lower_for_inference` sets it):
+one type for every table ("int8", "int4", "int2", "fp16", "fp32"), or a mapping table name
+-> type that names every table. In each local lookup that fuse_lookups left (a `LocalLookup`
+node), every `FusedEmbeddingBags` becomes a `QuantizedEmbeddingBags` holding its tables
+quantized (fxrec/lowering/quant.py), with the same inputs and outputs, so the graph around
+it is unchanged; its float copy is dropped. Lookups of ``ctx.options["output_dtype"]``
+(default float32) come out of the kernel chosen by the registry for the quant_* ops
+(``ctx.options["kernel"]`` forces one), recorded in ``node.meta[fuse_lookups.KERNEL]``
+(``{"pooled": {"quant_pooled_forward": kernel}, ...}``), which `fxrec dump` shows.
+
+Tables whose lookups fuse_lookups left unfused (it logged why: a weight tied to a dense
+layer, lookups at several stages, an aten-level capture) keep their float weights; they are
+listed in ``gm.meta[FLOAT_TABLES]`` (table -> reason) for the caller to report.
+"""
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+from torch.fx import GraphModule
+
+from fxrec.lowering.quant import quant_type
+from fxrec.lowering.quant_tbe import QuantizedEmbeddingBags
+from fxrec.passes import lookup as L
+from fxrec.passes.apply_plan import LOCAL_LOOKUP
+from fxrec.passes.fuse_lookups import KERNEL, _weighted
+from fxrec.runtime.local_lookup import FusedGroups, LocalLookup
+
+NAME = "quantize_tables"
+FLOAT_TABLES = "fxrec_float_tables"  # gm.meta: {table: why it stays float}
+
+
+def _types_for(weight_dtype, tables: dict) -> dict:
+    """Table name -> QuantType, checked against the model's tables."""
+    if isinstance(weight_dtype, Mapping):
+        unknown = sorted(set(weight_dtype) - set(tables))
+        missing = [t for t in tables if t not in weight_dtype]
+        if unknown or missing:
+            raise ValueError(f"weight_dtype must map every table to a type: unknown table(s) {unknown}, "
+                             f"missing {missing}; the model's tables are {list(tables)}")
+        return {t: quant_type(weight_dtype[t], t) for t in tables}
+    return {t: quant_type(weight_dtype, t) for t in tables}
+
+
+def _quantized(fused, keys_to_tables: dict, types: dict, opts: dict) -> QuantizedEmbeddingBags:
+    if isinstance(fused, FusedGroups):  # several sparse optimizers: none in inference
+        raise ValueError(f"{NAME}: a lookup fused per sparse optimizer cannot be quantized; lower without one")
+    return QuantizedEmbeddingBags.from_fused(
+        fused, {n: types[keys_to_tables[n]] for n in fused.layout.names},
+        output_dtype=opts.get("output_dtype", torch.float32), kernel=opts.get("kernel"),
+        bounds_check=opts.get("bounds_check", True))
+
+
+def quantize_tables_pass(gm: GraphModule, ctx) -> GraphModule:
+    """Quantize every fused lookup's tables (module doc); a no-op without options['weight_dtype']."""
+    opts = ctx.options
+    if opts.get("weight_dtype") is None:
+        return gm
+    tables = gm.meta.get(L.TABLES, ctx.tables)
+    types = _types_for(opts["weight_dtype"], tables)
+    served = set()
+    for node in gm.graph.nodes:
+        if LOCAL_LOOKUP not in node.meta or node.op != "call_module":
+            continue
+        mod = gm.get_submodule(node.target)
+        if not isinstance(mod, LocalLookup):
+            continue
+        keys = {k: k.split("@")[0] for k in node.meta[LOCAL_LOOKUP]["shards"]}
+        record = {}
+        for role in ("pooled", "unpooled"):
+            fused = getattr(mod, role)
+            if fused is None:
+                continue
+            q = _quantized(fused, keys, types, opts)
+            setattr(mod, role, q)
+            record[role] = q.kernel_record(_weighted(gm, node) and role == "pooled", opts.get("kernel_device"))
+            served.update(keys[n] for n in q.layout.names)
+            kinds = ", ".join(f"{n}:{t.name}" for n, t in zip(q.layout.names, q.layout.types))
+            ctx.log.append(f"{NAME}: %{node.name} {role} tables [{kinds}], {q.layout.numel:,} bytes, "
+                           f"kernel {record[role]}")
+        node.meta[KERNEL] = record
+    unfused = {t: "its lookups were left unfused (see fuse_lookups' log)" for t in tables if t not in served}
+    gm.meta[FLOAT_TABLES] = unfused
+    for t, why in unfused.items():
+        ctx.log.append(f"{NAME}: table {t!r} stays {tables[t].dtype}: {why}")
+    return gm
