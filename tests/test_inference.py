@@ -72,6 +72,24 @@ def test_codes_and_qparams_match_fbgemm_quantizer(bits):
     assert mismatch < 0.01  # a code may round the other way at an exact half step
 
 
+@pytest.mark.parametrize("qtype", ["int8", "int4", "int2"])
+def test_back_format_matches_torch_prepack(qtype):
+    """The "back" format is what torch's own rowwise prepack ops write (codes, then scale
+    and bias: fp32 for int8, fp16 for int4 / int2)."""
+    w = torch.randn(64, 32, generator=torch.Generator().manual_seed(2))
+    prepack = {"int8": torch.ops.quantized.embedding_bag_byte_prepack,
+               "int4": torch.ops.quantized.embedding_bag_4bit_prepack,
+               "int2": torch.ops.quantized.embedding_bag_2bit_prepack}[qtype]
+    theirs = prepack(w)
+    ours = quantize_rows(w, QUANT_TYPES[qtype], qparams="back")
+    assert ours.shape == theirs.shape
+    n = 32 * QUANT_TYPES[qtype].bits // 8
+    torch.testing.assert_close(ours[:, n:].contiguous().view(torch.float32 if qtype == "int8" else torch.float16),
+                               theirs[:, n:].contiguous().view(torch.float32 if qtype == "int8" else torch.float16),
+                               rtol=1e-6, atol=0)
+    assert (ours[:, :n] != theirs[:, :n]).float().mean().item() < 0.01
+
+
 def test_layout_bytes_and_alignment():
     tables = [TableInfo(name=f"t{i}", num_embeddings=r, embedding_dim=d) for i, (r, d) in
               enumerate([(10, 8), (7, 6), (5, 12), (3, 4)])]
@@ -81,6 +99,10 @@ def test_layout_bytes_and_alignment():
     assert lay.weights_tys.tolist() == [2, 3, 1, 4]
     lay16 = QuantLayout(tables, ["int8", "int4", "fp16", "int2"], row_alignment=16)
     assert lay16.row_bytes == (16, 16, 32, 16)
+    back = QuantLayout(tables, ["int8", "int4", "fp16", "int2"], qparams="back")
+    assert back.row_bytes == (16, 7, 24, 5)  # int8 keeps fp32 scale and bias there
+    with pytest.raises(ValueError, match="row_alignment must be 1"):
+        QuantLayout(tables, ["int8"] * 4, row_alignment=16, qparams="back")
 
 
 def test_format_errors_name_table_and_value():
@@ -162,6 +184,23 @@ def test_quant_pooled_kernels(kernel, case):
         assert (err <= max_error(weights[t.name], QUANT_TYPES[types[tables.index(t)]])).all()
 
 
+@pytest.mark.parametrize("case", ["mixed_types", "mixed_weighted_int32", "mean_weighted"])
+def test_torch_kernel_reads_the_front_format_too(case):
+    """Torch, the last resort, serves a buffer in FBGEMM's format (decoding the touched rows)."""
+    from fxrec.lowering.torch_ref import quant_pooled_forward
+
+    dims, types, pooling, weighted, idt, B = KERNEL_CASES[case]
+    g = torch.Generator().manual_seed(5)
+    tables = [TableInfo(name=f"t{i}", num_embeddings=6 + i, embedding_dim=d, pooling=pooling) for i, d in enumerate(dims)]
+    mod = QuantizedEmbeddingBags.from_float(tables, [torch.randn(6 + i, d, generator=g) for i, d in enumerate(dims)],
+                                            dict(zip([t.name for t in tables], types)), kernel="fbgemm")
+    indices, offsets = _batch(g, tables, B, idt)
+    psw = torch.rand(indices.numel(), generator=g) if weighted else None
+    out = quant_pooled_forward(mod.weights, mod.layout, indices, offsets, psw)
+    torch.testing.assert_close(out, _ref_pooled(tables, mod.dequantized(), indices, offsets, psw, B),
+                               rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("types", [("int8", "int4", "fp16"), ("int2", "fp32", "int8")])
 def test_quant_unpooled_kernels(kernel, types):
@@ -175,7 +214,7 @@ def test_quant_unpooled_kernels(kernel, types):
     values = mod.dequantized()
     bounds = offsets[::4].tolist()
     ref = torch.cat([values[t.name][indices[s:e]].reshape(-1) for t, s, e in zip(tables, bounds, bounds[1:])])
-    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)  # torch's ops decode with a fused multiply-add
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
@@ -196,7 +235,11 @@ def test_quant_kernel_choice_and_bounds():
     tables = [TableInfo(name="a", num_embeddings=10, embedding_dim=8), TableInfo(name="b", num_embeddings=5,
                                                                                  embedding_dim=4)]
     mod = QuantizedEmbeddingBags.from_float(tables, [torch.randn(10, 8), torch.randn(5, 4)], "int8")
-    assert mod.kernel == "fbgemm"  # fbgemm-gpu-cpu is installed: its IntNBit op serves the CPU
+    # on the CPU torch's rowwise ops beat fbgemm's table-batched op: torch, in their row format
+    assert mod.kernel == "torch" and mod.layout.qparams == "back" and mod.layout.row_bytes == (16, 12)
+    forced = QuantizedEmbeddingBags.from_float(tables, [torch.randn(10, 8), torch.randn(5, 4)], "int8",
+                                               kernel="fbgemm")
+    assert forced.kernel == "fbgemm" and forced.layout.qparams == "front" and forced.layout.row_bytes == (12, 8)
     with pytest.raises(ValueError, match=r"table 'b': id 5 out of range \[0, 5\)"):
         mod(torch.tensor([1, 2, 5]), torch.tensor([0, 1, 2, 2, 3]))
     with pytest.raises(ValueError, match=r"table 'a': id -1 out of range"):
@@ -274,7 +317,7 @@ def test_lowered_graph_structure_and_state(name):
     assert lookups and all(n.op == "call_module" for n in lookups)
     for node in lookups:  # the kernel serving each quantized lookup, as `fxrec dump` shows it
         ops = {op: k for record in node.meta[KERNEL].values() for op, k in record.items()}
-        assert set(ops) <= {"quant_pooled_forward", "quant_unpooled_forward"} and set(ops.values()) == {"fbgemm"}
+        assert set(ops) <= {"quant_pooled_forward", "quant_unpooled_forward"} and set(ops.values()) == {"torch"}
     # no float copy of a table anywhere in the lowered module's state
     state = lowered.state_dict()
     assert sum(v.numel() for v in state.values() if v.dtype == torch.uint8) == sum(m.layout.numel for m in quant)
@@ -316,12 +359,20 @@ def test_lowered_state_dict_round_trip():
         torch.testing.assert_close(p, q, rtol=0, atol=0)
 
 
-def test_forced_kernels_agree():
-    case = CASES["dlrm_lists"]
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("qtype", ["int8", "int4"])
+def test_forced_kernel_serves_the_lowered_model(kernel, qtype):
+    case = CASES["dlrm_ebc"]
     model, ex = case.make(0)
+    lowered = fxrec.lower_for_inference(model, ex, qtype, kernel=kernel)
+    quant = [m for m in lowered.modules() if isinstance(m, QuantizedEmbeddingBags)]
+    assert {m.kernel for m in quant} == {kernel}
+    assert {m.layout.qparams for m in quant} == {"back" if kernel == "torch" else "front"}
+    ref = _decoded_model(model, lowered)
     x = case.inputs(4)
-    outs = {k: fxrec.lower_for_inference(model, ex, "int8", kernel=k)(*x) for k in KERNELS}
-    torch.testing.assert_close(outs["torch"], outs["fbgemm"], rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        for a, b in zip(_flat(lowered(*x)), _flat(ref(*x))):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
 class _Tied(nn.Module):
@@ -388,5 +439,5 @@ def test_dump_shows_the_inference_graph(tmp_path):
 
     model, ex = CASES["dlrm_lists"].make(0)
     text = build_dump(model, ex, weight_dtype="int4")
-    assert "quant_pooled_forward=fbgemm" in text
+    assert "quant_pooled_forward=torch" in text
     assert "emb_l.0:int4" in text

@@ -5,7 +5,9 @@ The inference twin of `FusedEmbeddingBags` (tbe.py): the same inputs and outputs
 other (`LocalLookup`, the glue of fuse_lookups). The weights are a uint8 buffer in
 quant.py's format; each table has its own type (fp32, fp16, int8, int4, int2). Kernels come
 from the registry's ``quant_pooled_forward`` / ``quant_unpooled_forward``: Triton, FBGEMM's
-IntNBit op, or torch. There is no backward: the tables are constants.
+IntNBit op, or torch (torch's rowwise quantized ops); the buffer's row format follows the
+kernel chosen at construction ("back" for torch, "front" for the table-batched kernels).
+There is no backward: the tables are constants.
 """
 from __future__ import annotations
 
@@ -51,10 +53,16 @@ class QuantizedEmbeddingBags(nn.Module):
             types = [quant_type(weight_types, n) for n in names]
         if output_dtype not in _OUTPUT_DTYPES:
             raise ValueError(f"output_dtype must be one of {_OUTPUT_DTYPES}, got {output_dtype}")
-        self.layout = QuantLayout(tables, types, device, row_alignment)
-        self.register_buffer("weights", torch.zeros(self.layout.numel, dtype=torch.uint8, device=self.layout.device))
         self.output_dtype = output_dtype
         self.kernel_request = kernel
+        # The row format follows the kernel: torch's rowwise ops read "back", FBGEMM's and
+        # fxrec's Triton table-batched kernels "front" (quant.py). Ask which kernel would serve
+        # the "front" format; torch then gets its own.
+        front = QuantLayout(tables, types, device, row_alignment)
+        probe = self._problem(front, torch.int64, False, None)
+        name, _ = registry.select(self._op_for(front), kernel=kernel, **probe)
+        self.layout = front if name != "torch" else QuantLayout(tables, types, device, 1, qparams="back")
+        self.register_buffer("weights", torch.zeros(self.layout.numel, dtype=torch.uint8, device=self.layout.device))
         self.bounds_check = bounds_check
         self.optimizer = None  # read by code shared with FusedEmbeddingBags: these tables never train
         self.kernels: dict[str, str] = {}
@@ -82,21 +90,29 @@ class QuantizedEmbeddingBags(nn.Module):
                               device=fused.weights.device, **kwargs)
 
     # -- kernels -----------------------------------------------------------------
+    @staticmethod
+    def _op_for(layout) -> str:
+        return "quant_pooled_forward" if layout.pooled else "quant_unpooled_forward"
+
     @property
     def _op(self) -> str:
-        return "quant_pooled_forward" if self.layout.pooled else "quant_unpooled_forward"
+        return self._op_for(self.layout)
 
     @property
     def kernel(self) -> str:
         """Name of the kernel serving the lookup."""
         return self.kernels[self._op]
 
+    def _problem(self, layout, index_dtype, weighted: bool, device) -> dict:
+        return dict(device=torch.device(device) if device is not None else layout.device,
+                    weight_dtype=torch.uint8, index_dtype=index_dtype, dims=layout.dims,
+                    poolings=layout.poolings, weighted=bool(weighted and layout.pooled),
+                    weight_types=tuple(q.name for q in layout.types), output_dtype=self.output_dtype,
+                    qparams=layout.qparams)
+
     def problem(self, index_dtype: torch.dtype = torch.int64, weighted: bool = False, device=None) -> dict:
         """The registry `Problem` fields of this module's lookup."""
-        return dict(device=torch.device(device) if device is not None else self.weights.device,
-                    weight_dtype=torch.uint8, index_dtype=index_dtype, dims=self.layout.dims,
-                    poolings=self.layout.poolings, weighted=bool(weighted and self.layout.pooled),
-                    weight_types=tuple(q.name for q in self.layout.types), output_dtype=self.output_dtype)
+        return self._problem(self.layout, index_dtype, weighted, device if device is not None else self.weights.device)
 
     def _select(self, index_dtype: torch.dtype, weighted: bool):
         key = (index_dtype, weighted, self.weights.device.type, os.environ.get(registry.ENV_VAR))
@@ -135,7 +151,7 @@ class QuantizedEmbeddingBags(nn.Module):
 
     def dequantized(self) -> dict[str, Tensor]:
         """Table name -> its ``rows x dim`` values as the kernels read them (fp32)."""
-        return {n: dequantize_rows(w, q, d) for n, w, q, d in
+        return {n: dequantize_rows(w, q, d, self.layout.qparams) for n, w, q, d in
                 zip(self.layout.names, self.split_weights(), self.layout.types, self.layout.dims)}
 
     @torch.no_grad()
@@ -163,11 +179,13 @@ class QuantizedEmbeddingBags(nn.Module):
         if tuple(weight.shape) != shape:
             raise ValueError(f"table {name!r}: expected weight {shape}, got {tuple(weight.shape)}")
         dst = self.split_weights()[t]
-        dst.copy_(quantize_rows(weight.detach(), self.layout.types[t], self.layout.row_bytes[t], name))
+        dst.copy_(quantize_rows(weight.detach(), self.layout.types[t], self.layout.row_bytes[t], name,
+                                self.layout.qparams))
 
     def extra_repr(self) -> str:
         tables = ", ".join(f"{n}:{r}x{d}:{q.name}:{p}" for n, r, d, q, p in
                            zip(self.layout.names, self.layout.rows, self.layout.dims, self.layout.types,
                                self.layout.poolings))
-        return (f"tables=[{tables}], bytes={self.layout.numel}, output_dtype={self.output_dtype}, "
+        return (f"tables=[{tables}], bytes={self.layout.numel}, qparams={self.layout.qparams}, "
+                f"output_dtype={self.output_dtype}, "
                 f"kernels={self.kernels}")

@@ -166,37 +166,67 @@ def backward_update(weights: Tensor, state: dict[str, Tensor], layout: TBELayout
 
 
 # ------------------------------------------------------------------ quantized tables (inference)
+# torch's own rowwise quantized bag ops, by type; they read the "back" format (quant.py)
+_ATEN_BAGS = {"int8": "embedding_bag_byte_rowwise_offsets", "int4": "embedding_bag_4bit_rowwise_offsets",
+              "int2": "embedding_bag_2bit_rowwise_offsets"}
+
+
+def _quant_bags(table: Tensor, qtype, dim: int, qparams: str, ids: Tensor, bag_off: Tensor, mean: bool,
+                psw: Optional[Tensor]) -> Tensor:
+    """fp32 pooled bags of one quantized table (``rows x row_bytes`` uint8): torch's rowwise
+    op where the format is its own, else the touched rows decoded to fp32 and pooled in order.
+    Mean: the (weighted) sum over the bag's length, 0 for an empty bag."""
+    if qparams == "back" and qtype.name in _ATEN_BAGS:  # these ops always sum (their mode is ignored)
+        op = getattr(torch.ops.quantized, _ATEN_BAGS[qtype.name])
+        out = op(table, ids, bag_off.to(ids.dtype), False, 0, False, psw, None, False)
+    elif qtype.name == "fp32":  # the rows are the table: no copy
+        out = F.embedding_bag(ids, table.view(torch.float32), bag_off, mode="sum", per_sample_weights=psw)
+    else:
+        rows = dequantize_rows(table.index_select(0, ids.long()), qtype, dim, qparams)
+        local = torch.arange(ids.numel(), device=ids.device)
+        out = F.embedding_bag(local, rows, bag_off, mode="sum", per_sample_weights=psw)
+    if mean:
+        ends = torch.cat([bag_off[1:], bag_off.new_full((1,), ids.numel())])
+        out = out / (ends - bag_off).clamp(min=1).unsqueeze(1).to(out.dtype)
+    return out
+
+
 def quant_pooled_forward(weights: Tensor, layout: QuantLayout, indices: Tensor, offsets: Tensor,
                          per_sample_weights: Optional[Tensor] = None,
                          output_dtype: torch.dtype = torch.float32) -> Tensor:
-    """Per table: gather the touched rows' bytes, decode them to fp32, pool them in order."""
+    """Per table: torch's rowwise quantized bag op (the "back" format), else the touched
+    rows decoded to fp32 and pooled in order."""
     B = layout.batch_size(offsets)
+    if B == 0:
+        return torch.zeros(0, layout.total_D, dtype=output_dtype, device=weights.device)
     bounds = _bounds(offsets, B, layout.num_tables)
     outs = []
     for t, table in enumerate(layout.split(weights)):
         s, e = bounds[t], bounds[t + 1]
-        rows = dequantize_rows(table.index_select(0, indices[s:e].long()), layout.types[t], layout.dims[t])
-        local = torch.arange(e - s, device=indices.device)
-        bag_off = (offsets[t * B:(t + 1) * B] - s).long()
         mean = layout.poolings[t] == "mean"
         psw = None if per_sample_weights is None else per_sample_weights[s:e].float()
-        out = F.embedding_bag(local, rows, bag_off, mode="mean" if mean and psw is None else "sum",
-                              per_sample_weights=psw)
-        if mean and psw is not None:
-            lengths = offsets[t * B + 1:(t + 1) * B + 1] - offsets[t * B:(t + 1) * B]
-            out = out / lengths.clamp(min=1).unsqueeze(1).float()
-        outs.append(out)
-    if B == 0:
-        return torch.zeros(0, layout.total_D, dtype=output_dtype, device=weights.device)
+        outs.append(_quant_bags(table, layout.types[t], layout.dims[t], layout.qparams, indices[s:e],
+                                offsets[t * B:(t + 1) * B] - s, mean, psw))
     return torch.cat(outs, dim=1).to(output_dtype)
 
 
 def quant_unpooled_forward(weights: Tensor, layout: QuantLayout, indices: Tensor, offsets: Tensor,
                            output_dtype: torch.dtype = torch.float32) -> Tensor:
+    """Each id's row as a bag of one (the same per-table paths as the pooled op)."""
     B = layout.batch_size(offsets)
     bounds = _bounds(offsets, B, layout.num_tables)
-    outs = [dequantize_rows(table.index_select(0, indices[s:e].long()), q, d).reshape(-1)
-            for table, q, d, s, e in zip(layout.split(weights), layout.types, layout.dims, bounds[:-1], bounds[1:])]
+    outs = []
+    for table, q, d, s, e in zip(layout.split(weights), layout.types, layout.dims, bounds[:-1], bounds[1:]):
+        ids = indices[s:e]
+        if ids.numel() == 0:
+            continue
+        if q.name == "fp32":
+            outs.append(table.view(torch.float32).index_select(0, ids.long()).reshape(-1))
+            continue
+        one = torch.arange(ids.numel(), device=ids.device, dtype=ids.dtype)
+        outs.append(_quant_bags(table, q, d, layout.qparams, ids, one, False, None).reshape(-1))
+    if not outs:
+        return torch.zeros(0, dtype=output_dtype, device=weights.device)
     return torch.cat(outs).to(output_dtype)
 
 
