@@ -35,9 +35,11 @@ except Exception as e:
     print('fbgemm_gpu not importable:', type(e).__name__)
 "
 # The kernels against the bandwidth floor and against torch (issue #6's table).
-step kernels_gpu 200 python bench/kernels.py
+step kernels_gpu 190 python bench/kernels.py
 # Triton launch configurations side by side: which defaults to keep.
-step kernels_sweep 100 python bench/kernels.py --sweep
+step kernels_sweep 80 python bench/kernels.py --sweep
+# Quantized inference: Triton's int8/int4/fp16 lookups against the floor, a DLRM lowered.
+step inference_gpu 60 python bench/inference.py
 # One rank per GPU (the -x2/-x4/-x8 kinds lend several): with two or more, NCCL's collectives
 # really run, in the sharded equivalence tests (tests/test_shard_nccl.py) and the example.
 GPUS=$(python -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 1)
@@ -46,10 +48,10 @@ echo "== $GPUS GPU(s): $RANKS rank(s) for the sharded steps"
 # The GPU-marked tests (kernels on CUDA, sparse types and metrics on CUDA; NCCL equivalence
 # with 2+ GPUs, skipped with one).
 step gpu_tests 80 python -m pytest -q -m gpu tests/test_lowering_kernels.py tests/test_sparse.py tests/test_metrics.py \
-    tests/test_shard_nccl.py
+    tests/test_quant_triton.py tests/test_shard_nccl.py
 # fxrec.shard on the GPU(s): CUDA placement and kernels; NCCL collectives with 2+ ranks.
-step shard_gpu 80 python -m torch.distributed.run --nproc-per-node "$RANKS" examples/dlrm_train.py --shard \
+step shard_gpu 60 python -m torch.distributed.run --nproc-per-node "$RANKS" examples/dlrm_train.py --shard \
     --steps 100 --val-batches 10
 # The planner's profile of this machine under NCCL (one rank: HBM bandwidth only).
-step calibrate_gpu 50 python -m fxrec.cli bench calibrate --world-size "$RANKS" --backend nccl -o "$OUT/topology_gpu.json"
+step calibrate_gpu 40 python -m fxrec.cli bench calibrate --world-size "$RANKS" --backend nccl -o "$OUT/topology_gpu.json"
 echo "results in $OUT"

@@ -439,5 +439,30 @@ def test_dump_shows_the_inference_graph(tmp_path):
 
     model, ex = CASES["dlrm_lists"].make(0)
     text = build_dump(model, ex, weight_dtype="int4")
-    assert "quant_pooled_forward=torch" in text
+    assert "quant_pooled_forward=fbgemm" in text  # int4 on the CPU: fbgemm's op beats torch's
     assert "emb_l.0:int4" in text
+
+
+def test_one_rank_ebc_output_is_not_copied():
+    """The fused lookup's B x sum(dims) output already has the KeyedTensor's layout: the
+    EBC's result is that tensor, not a concatenation of its column blocks."""
+    from fxrec.passes.shard_ops import _cat_columns
+
+    base = torch.randn(4, 10)
+    assert _cat_columns([base[:, 0:3], base[:, 3:7], base[:, 7:10]]) is base
+    for parts in ([base[:, 0:3], base[:, 7:10]], [base[:, 3:7], base[:, 0:3], base[:, 7:10]],
+                  [base[:2, 0:3], base[:2, 3:10]], [torch.randn(4, 3), torch.randn(4, 7)]):
+        out = _cat_columns(parts)
+        assert out is not base and torch.equal(out, torch.cat(parts, dim=1))
+
+
+def test_bounds_check_switch_reaches_the_input_check():
+    from fxrec.passes.shard_ops import GatherInputs
+
+    model, ex = CASES["dlrm_ebc"].make(0)
+    for check in (True, False):
+        lowered = fxrec.lower_for_inference(model, ex, "int8", bounds_check=check)
+        gathers = [m for m in lowered.modules() if isinstance(m, GatherInputs)]
+        quant = [m for m in lowered.modules() if isinstance(m, QuantizedEmbeddingBags)]
+        assert gathers and all(g.check is check for g in gathers)
+        assert not any(m.bounds_check for m in quant)  # checked once, by the unit's input check

@@ -166,7 +166,7 @@ def backward_update(weights: Tensor, state: dict[str, Tensor], layout: TBELayout
 
 
 # ------------------------------------------------------------------ quantized tables (inference)
-# torch's own rowwise quantized bag ops, by type; they read the "back" format (quant.py)
+# torch's own rowwise quantized bag ops (CPU), by type; they read the "back" format (quant.py)
 _ATEN_BAGS = {"int8": "embedding_bag_byte_rowwise_offsets", "int4": "embedding_bag_4bit_rowwise_offsets",
               "int2": "embedding_bag_2bit_rowwise_offsets"}
 
@@ -176,7 +176,7 @@ def _quant_bags(table: Tensor, qtype, dim: int, qparams: str, ids: Tensor, bag_o
     """fp32 pooled bags of one quantized table (``rows x row_bytes`` uint8): torch's rowwise
     op where the format is its own, else the touched rows decoded to fp32 and pooled in order.
     Mean: the (weighted) sum over the bag's length, 0 for an empty bag."""
-    if qparams == "back" and qtype.name in _ATEN_BAGS:  # these ops always sum (their mode is ignored)
+    if qparams == "back" and qtype.name in _ATEN_BAGS and table.device.type == "cpu":  # they always sum
         op = getattr(torch.ops.quantized, _ATEN_BAGS[qtype.name])
         out = op(table, ids, bag_off.to(ids.dtype), False, 0, False, psw, None, False)
     elif qtype.name == "fp32":  # the rows are the table: no copy

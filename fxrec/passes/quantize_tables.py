@@ -9,6 +9,8 @@ it is unchanged; its float copy is dropped. Lookups of ``ctx.options["output_dty
 (default float32) come out of the kernel chosen by the registry for the quant_* ops
 (``ctx.options["kernel"]`` forces one), recorded in ``node.meta[fuse_lookups.KERNEL]``
 (``{"pooled": {"quant_pooled_forward": kernel}, ...}``), which `fxrec dump` shows.
+``ctx.options["bounds_check"]`` (default True) switches the unit's input check (ids, bag
+lengths, weights; `GatherInputs`) on or off; the quantized module itself does not check again.
 
 Tables whose lookups fuse_lookups left unfused (it logged why: a weight tied to a dense
 layer, lookups at several stages, an aten-level capture) keep their float weights; they are
@@ -26,6 +28,7 @@ from fxrec.lowering.quant_tbe import QuantizedEmbeddingBags
 from fxrec.passes import lookup as L
 from fxrec.passes.apply_plan import LOCAL_LOOKUP
 from fxrec.passes.fuse_lookups import KERNEL, _weighted
+from fxrec.passes.shard_ops import GatherInputs
 from fxrec.runtime.local_lookup import FusedGroups, LocalLookup
 
 NAME = "quantize_tables"
@@ -47,10 +50,10 @@ def _types_for(weight_dtype, tables: dict) -> dict:
 def _quantized(fused, keys_to_tables: dict, types: dict, opts: dict) -> QuantizedEmbeddingBags:
     if isinstance(fused, FusedGroups):  # several sparse optimizers: none in inference
         raise ValueError(f"{NAME}: a lookup fused per sparse optimizer cannot be quantized; lower without one")
+    # the unit's GatherInputs checks every id already, naming the lookup (bounds_check below)
     return QuantizedEmbeddingBags.from_fused(
         fused, {n: types[keys_to_tables[n]] for n in fused.layout.names},
-        output_dtype=opts.get("output_dtype", torch.float32), kernel=opts.get("kernel"),
-        bounds_check=opts.get("bounds_check", True))
+        output_dtype=opts.get("output_dtype", torch.float32), kernel=opts.get("kernel"), bounds_check=False)
 
 
 def quantize_tables_pass(gm: GraphModule, ctx) -> GraphModule:
@@ -81,6 +84,9 @@ def quantize_tables_pass(gm: GraphModule, ctx) -> GraphModule:
             ctx.log.append(f"{NAME}: %{node.name} {role} tables [{kinds}], {q.layout.numel:,} bytes, "
                            f"kernel {record[role]}")
         node.meta[KERNEL] = record
+        gather = getattr(gm.get_submodule(node.target.rpartition(".")[0]), "gather", None)
+        if isinstance(gather, GatherInputs):  # ids, offsets and weights checked on every call, or not
+            gather.check = bool(opts.get("bounds_check", True))
     unfused = {t: "its lookups were left unfused (see fuse_lookups' log)" for t in tables if t not in served}
     gm.meta[FLOAT_TABLES] = unfused
     for t, why in unfused.items():

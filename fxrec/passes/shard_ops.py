@@ -307,6 +307,24 @@ def _finish_slot(slot: SlotSpec, inp: SlotInput, out: Tensor) -> Tensor:
     return out.reshape(*inp.shape, slot.dim)
 
 
+def _cat_columns(parts: list[Tensor]) -> Tensor:
+    """``torch.cat(parts, dim=1)``, or, when the parts are the consecutive column blocks of one
+    2-D tensor in order (a one-rank fused lookup whose output already has the KeyedTensor's
+    layout), that tensor itself: no copy of the whole output."""
+    base = parts[0]._base if parts else None
+    if base is not None and base.dim() == 2 and all(p._base is base and p.dim() == 2 for p in parts):
+        col, rows = 0, base.shape[0]
+        for p in parts:
+            if (p.shape[0] != rows or p.stride() != base.stride()
+                    or p.storage_offset() != base.storage_offset() + col * base.stride(1)):
+                break
+            col += p.shape[1]
+        else:
+            if col == base.shape[1]:
+                return base
+    return torch.cat(parts, dim=1)
+
+
 class FinishOutputs(nn.Module):
     """forward(inputs, slot_outputs) -> tuple with each replaced node's output, in node order."""
 
@@ -327,7 +345,7 @@ class FinishOutputs(nn.Module):
                         parts.extend(out)
                     else:
                         parts.append(_finish_slot(self.slots[k], inputs[k], _joined(out)))
-                results.append(KeyedTensor(keys, [self.slots[k].dim for k in spec.slots], torch.cat(parts, dim=1)))
+                results.append(KeyedTensor(keys, [self.slots[k].dim for k in spec.slots], _cat_columns(parts)))
                 continue
             # contiguous: a pooled slot's result may be a strided view into the received buffer
             # (dist_output.py), which the user's code would not expect of an embedding's output

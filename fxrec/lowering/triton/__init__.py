@@ -5,9 +5,13 @@ TRITON_INTERPRET=1 in the environment *and* the kernel was requested explicitly
 (``kernel="triton"`` or FXREC_KERNEL=triton) -- the interpreter is for testing, far too
 slow to be picked on its own. Weights fp32/fp16/bf16, ids int32/int64, sum/mean/none
 pooling, per-sample weights, SGD/RowWiseAdagrad/Adam, dims up to `ops.MAX_DIM`.
+Quantized tables (quant_pooled_forward / quant_unpooled_forward, `quant_ops`): uint8 buffers
+of fp32/fp16/int8/int4/int2 tables in FBGEMM's format (qparams "front"), mixed in one
+launch, output fp32/fp16/bf16.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional
 
 import torch
@@ -16,6 +20,7 @@ from ..registry import Problem, mark_unavailable, register_kernel
 
 try:
     from . import ops as _ops
+    from . import quant_ops as _quant_ops
     from .kernels import pooled_forward_kernel as _probe
 
     # triton.jit chose interpreter or compiler when kernels.py was imported.
@@ -28,6 +33,7 @@ except Exception as e:  # ImportError, or a triton that fails to initialise
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _OPTIMIZERS = ("sgd", "rowwise_adagrad", "adam")
+_QUANT_TYPES = ("fp32", "fp16", "int8", "int4", "int2")
 
 
 def _check(p: Problem) -> Optional[str]:
@@ -53,7 +59,26 @@ def _check_backward(p: Problem) -> Optional[str]:
     return _check(p)
 
 
+def _check_quant(p: Problem) -> Optional[str]:
+    # device and ids as for float tables; the weight dtype is checked below
+    reason = _check(dataclasses.replace(p, weight_dtype=torch.float32))
+    if reason is not None:
+        return reason
+    if p.weight_dtype != torch.uint8:
+        return f"quantized weights must be a uint8 buffer, got {p.weight_dtype}"
+    odd = sorted(set(p.weight_types) - set(_QUANT_TYPES))
+    if odd:
+        return f"table types {odd} unsupported (Triton: {', '.join(_QUANT_TYPES)})"
+    if p.output_dtype not in _DTYPES:
+        return f"output {p.output_dtype} unsupported (Triton: float32, float16, bfloat16)"
+    if p.qparams != "front":
+        return f"qparams {p.qparams!r} unsupported (Triton reads FBGEMM's 'front' format)"
+    return None
+
+
 if AVAILABLE:
     register_kernel("pooled_forward", "triton", _ops.pooled_forward, _check)
     register_kernel("unpooled_forward", "triton", _ops.unpooled_forward, _check)
     register_kernel("backward_update", "triton", _ops.backward_update, _check_backward)
+    register_kernel("quant_pooled_forward", "triton", _quant_ops.quant_pooled_forward, _check_quant)
+    register_kernel("quant_unpooled_forward", "triton", _quant_ops.quant_unpooled_forward, _check_quant)
