@@ -17,6 +17,11 @@ and the step reached, with `fxrec.checkpoint`, after training (and with `--save-
 every N steps too, written in the background while training goes on); `--resume DIR` reads
 one back, whatever plan or number of ranks wrote it, and trains --steps more steps on the
 batches that follow.
+
+Inference: `--quantize int8` (or int4, int2, fp16; repeatable) lowers the trained model with
+`fxrec.lower_for_inference` (tables quantized row-wise, one fused lookup per group) and
+reports its validation AUC and NE beside the float model's. A sharded model is gathered
+first (`full_state_dict`) and lowered on rank 0.
 """
 from __future__ import annotations
 
@@ -59,6 +64,9 @@ def parse_args(argv=None):
     p.add_argument("--save-every", type=int, default=0, metavar="N",
                    help="with --save: also every N steps, in the background while training goes on")
     p.add_argument("--resume", metavar="DIR", help="start from this checkpoint, at the step it reached")
+    p.add_argument("--quantize", action="append", default=[], metavar="TYPE",
+                   choices=["int8", "int4", "int2", "fp16", "fp32"],
+                   help="after training, also evaluate the model lowered for inference with tables of TYPE")
     return p.parse_args(argv)
 
 
@@ -201,7 +209,30 @@ def main(argv=None) -> dict[str, float]:
     if rank == 0:
         print(f"validation: AUC {result['auc']:.4f}  NE {result['ne']:.4f}  ({len(val)} batches of "
               f"{val[0].batch_size}; {world} rank(s); trained {time.perf_counter() - start:.1f} s)")
+    if args.quantize:
+        result.update(evaluate_quantized(args, model, val, num_tables, num_dense, rank, world))
     return result
+
+
+def evaluate_quantized(args, model, val, num_tables: int, num_dense: int, rank: int, world: int) -> dict:
+    """Validation AUC / NE of the trained model lowered for inference with each --quantize
+    type (rank 0; a sharded model is gathered first, a collective every rank joins)."""
+    if args.shard:
+        state = model.full_state_dict()  # collective
+        if rank != 0:
+            return {}
+        model = build_model(args, num_tables, num_dense)
+        model.load_state_dict(state)
+    model = model.cpu()
+    example = val[0].to_plain() if args.plain else (val[0].dense_features, val[0].sparse_features)
+    out = {}
+    for qtype in args.quantize:
+        lowered = fxrec.lower_for_inference(model, example, qtype)
+        scores = evaluate(lowered, val, args.plain)
+        tables = sum(m.layout.numel for m in lowered.modules() if hasattr(m, "dequantized"))
+        print(f"validation, tables {qtype} ({tables / 2**20:.1f} MiB): AUC {scores['auc']:.4f}  NE {scores['ne']:.4f}")
+        out.update({f"auc_{qtype}": scores["auc"], f"ne_{qtype}": scores["ne"]})
+    return out
 
 
 if __name__ == "__main__":

@@ -79,7 +79,7 @@ def test_sharded_demo_under_torchrun_matches_one_process(capsys):
     import re
     import subprocess
     import sys
-    flags = ["--shard", "--steps", "30", "--val-batches", "4", "--num-embeddings", "1000"]
+    flags = ["--shard", "--steps", "30", "--val-batches", "4", "--num-embeddings", "1000", "--quantize", "int8"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                            str(EXAMPLES / "dlrm_train.py"), "--batch-size", "128", *flags],
@@ -91,3 +91,17 @@ def test_sharded_demo_under_torchrun_matches_one_process(capsys):
     single = _load("dlrm_train").main(["--batch-size", "256", *flags])
     assert abs(float(line.group(1)) - single["auc"]) < 2e-3
     assert abs(float(line.group(2)) - single["ne"]) < 2e-3
+    # rank 0 gathers the shards and lowers the trained model with int8 tables
+    quantized = re.search(r"validation, tables int8 \([\d.]+ MiB\): AUC ([\d.]+)  NE ([\d.]+)", done.stdout)
+    assert quantized, done.stdout[-2000:]
+    assert abs(float(quantized.group(1)) - single["auc_int8"]) < 2e-3
+
+
+def test_dlrm_demo_quantized_inference_keeps_the_auc(capsys):
+    """The trained model lowered with int8 / int4 tables scores the validation set as the
+    float model does, up to the quantization's small loss."""
+    result = _load("dlrm_train").main(["--steps", "120", "--val-batches", "8", "--num-embeddings", "1000",
+                                       "--batch-size", "256", "--quantize", "int8", "--quantize", "int4"])
+    assert abs(result["auc_int8"] - result["auc"]) < 2e-3 and abs(result["ne_int8"] - result["ne"]) < 2e-3
+    assert abs(result["auc_int4"] - result["auc"]) < 1e-2
+    assert "validation, tables int4" in capsys.readouterr().out
