@@ -427,6 +427,17 @@ def test_lower_for_inference_errors():
         lowered(dense, offsets, ids)
 
 
+def test_lowered_or_sharded_models_are_refused():
+    case = CASES["dlrm_lists"]
+    model, ex = case.make(0)
+    lowered = fxrec.lower_for_inference(model, ex, "int8")
+    with pytest.raises(ValueError, match=r"holds fxrec's fused tables already \(at 'fxrec_fused.f0.lookup.pooled'\)"):
+        fxrec.lower_for_inference(lowered, ex, "int4")
+    sharded = fxrec.shard(model, fxrec.Topology(world_size=1), ex)
+    with pytest.raises(ValueError, match=r"takes the unsharded model: .*full_state_dict"):
+        fxrec.lower_for_inference(sharded, ex, "int8")
+
+
 def test_meta_tables_cannot_be_lowered():
     with torch.device("meta"):
         bag = _OneBag(100, 8)

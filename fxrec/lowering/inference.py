@@ -24,6 +24,7 @@ from torch.fx import GraphModule
 
 from fxrec.lowering.quant import check_dim, quant_type
 from fxrec.lowering.quant_tbe import QuantizedEmbeddingBags
+from fxrec.lowering.tbe import FusedEmbeddingBags
 from fxrec.passes import lookup as L
 from fxrec.passes.fuse_lookups import ROOT as FUSED_ROOT
 from fxrec.passes.quantize_tables import FLOAT_TABLES
@@ -85,7 +86,17 @@ def lower_for_inference(model: nn.Module, example_inputs, weight_dtype: Union[st
     device (nothing to quantize), and CaptureError when the model cannot be captured.
     """
     from fxrec.capture import capture  # fxrec.capture imports the lowering package
+    from fxrec.shard import ShardedModel
 
+    if isinstance(model, ShardedModel):
+        raise ValueError("fxrec.lower_for_inference takes the unsharded model: load the sharded one's tables into "
+                         "it first (model.load_state_dict(sharded.full_state_dict()), a collective, then lower "
+                         "on one rank)")
+    fused = next((path for path, m in model.named_modules()
+                  if isinstance(m, (QuantizedEmbeddingBags, FusedEmbeddingBags))), None)
+    if fused is not None:
+        raise ValueError(f"fxrec.lower_for_inference: the model holds fxrec's fused tables already (at "
+                         f"{fused or 'its root'!r}): it was lowered or fused before; lower the original model")
     inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
     was_training = model.training
     model.eval()  # traced code may read self.training (F.dropout(..., training=self.training))
