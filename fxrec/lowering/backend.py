@@ -1,0 +1,317 @@
+"""``torch.compile(model, backend="fxrec")``: fxrec's fused lookups inside the compiler users already call.
+
+Dynamo hands this backend each graph it captured, the model's parameters among its inputs.
+The backend finds the embedding lookups (`F.embedding_bag` / `F.embedding` whose weight is a
+parameter: what nn.EmbeddingBag / nn.Embedding / fxrec's collections inline to), runs
+fxrec's passes on the graph (detect_embeddings, group_tables, fuse_lookups, and
+quantize_tables when asked), and returns the rewritten graph, which runs eagerly: one fused
+table-batched lookup per group (Triton, FBGEMM or torch, as the registry chooses), the rest
+of the graph as it was. Tables are named by their module's path (``emb_l.0``,
+``sparse_arch.ebc.embedding_bags.t_user``), as `fxrec.find_tables` names module tables.
+
+What is fused, and how the tables stay the model's:
+
+- No gradient wanted for the tables (``torch.no_grad()`` / eval, or frozen tables): each
+  group's tables move into one fused buffer and the model's parameters become views of it
+  (``param.data``), so the compiled lookups always read the current values: an optimizer
+  step, ``load_state_dict`` or any in-place write reaches them. Dynamo recompiles once
+  (the parameters' storage moved); that compile finds them in place and reuses the buffer.
+- Training with ``options={"sparse_optimizer": fxrec.optim.RowWiseAdagrad(lr=...)}`` (SGD,
+  Adam, PerTable): the same buffer, trained inside backward by the fused optimizer, as in
+  `fxrec.shard`. The tables then get no ``.grad``, so a torch optimizer given all of the
+  model's parameters updates only the dense ones.
+- Training without a sparse optimizer: the lookups stay as they are (the user's optimizer
+  owns the tables and needs their gradients); the graph's log says so.
+- ``options={"weight_dtype": "int8"}`` (int4, int2, fp16, fp32, or a mapping per table;
+  also "output_dtype"): inference on quantized tables, as `fxrec.lower_for_inference`. The
+  quantized copy is refreshed from the model's parameters before a call whenever one of
+  them changed in place since (its version counter moved). Not with gradients.
+- ``options={"kernel": "triton" | "fbgemm" | "torch"}`` forces the kernel.
+
+Every graph compiled here is appended to `compiled` (the last 32), with its decisions in
+``meta["fxrec_log"]``.
+"""
+from __future__ import annotations
+
+import re
+import weakref
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.fx import GraphModule, Node
+
+__all__ = ["fxrec_backend", "register", "compiled", "OPTIONS"]
+
+OPTIONS = ("sparse_optimizer", "weight_dtype", "output_dtype", "kernel", "bounds_check")
+LOG = "fxrec_log"
+_LOOKUPS = (F.embedding_bag, F.embedding)
+compiled: list[GraphModule] = []
+_KEEP = 32
+# id(parameter) -> (the parameter, the fused module whose buffer it views, table name), all
+# weak: a recompile reuses the buffer. Not a WeakKeyDictionary: it compares keys with ==,
+# which a tensor answers elementwise.
+_ALIASED: dict[int, tuple[weakref.ref, weakref.ref, str]] = {}
+
+
+def _aliased(param: nn.Parameter) -> Optional[tuple[Any, str]]:
+    entry = _ALIASED.get(id(param))
+    if entry is None or entry[0]() is not param or entry[1]() is None:
+        return None
+    return entry[1](), entry[2]
+
+
+def register() -> None:
+    """Make ``backend="fxrec"`` known to torch.compile where fxrec is not installed (a
+    checkout on PYTHONPATH); an installed fxrec registers it through its entry point."""
+    from torch._dynamo.backends import registry
+
+    if "fxrec" not in registry._COMPILER_FNS:
+        registry.register_backend(fxrec_backend, name="fxrec")
+
+
+def _check_options(options: Optional[dict]) -> dict:
+    opts = dict(options or {})
+    unknown = sorted(set(opts) - set(OPTIONS))
+    if unknown:
+        raise ValueError(f"torch.compile(backend='fxrec'): unknown option(s) {unknown}; the options are {list(OPTIONS)}")
+    return opts
+
+
+# ------------------------------------------------------------------ the lookups' tables
+def _source_path(node: Node) -> Optional[list[str]]:
+    """``L['self']._modules['emb_l']._modules['0']._parameters['weight']`` -> [emb_l, 0, weight]."""
+    grapharg = node.meta.get("grapharg")
+    source = getattr(grapharg, "source", None)
+    if source is None:
+        return None
+    keys = re.findall(r"\['([^']+)'\]", source.name)
+    if not keys:
+        return None
+    # the first key is the frame's local: the model ('self') is no part of a name, another
+    # local (a module a helper function was handed: 'bag') is
+    return keys[1:] if keys[0] == "self" and len(keys) > 1 else keys
+
+
+def _lookup_tables(gm: GraphModule, example_inputs) -> dict[Node, tuple[str, nn.Parameter]]:
+    """Placeholder -> (table name, parameter) for every parameter a lookup reads as its weight."""
+    value = dict(zip([n for n in gm.graph.nodes if n.op == "placeholder"], example_inputs))
+    out: dict[Node, tuple[str, nn.Parameter]] = {}
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or node.target not in _LOOKUPS:
+            continue
+        weight = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
+        param = value.get(weight) if isinstance(weight, Node) else None
+        if not isinstance(param, nn.Parameter) or param.dim() != 2 or weight in out:
+            continue
+        path = _source_path(weight) or [weight.name]
+        if len(path) > 1 and path[-1] == "weight":  # a module's table: named by the module's path
+            path = path[:-1]
+        out[weight] = (".".join(path), param)
+    return out
+
+
+def _as_attributes(gm: GraphModule, tables: dict) -> dict[str, nn.Parameter]:
+    """Read each table from an attribute of `gm` at its name's path (get_attr), not from its
+    placeholder (which stays, unused: dynamo still passes it), so that detect_embeddings
+    sees a parameter lookup, named by that path."""
+    by_name, made = {}, set()
+    for node, (name, param) in tables.items():
+        parts = name.split(".")
+        if hasattr(gm, parts[0]) and parts[0] not in made:  # dynamo's own attribute: keep clear of it
+            parts = ["fxrec_tables"] + parts
+            name = ".".join(parts)
+        owner = gm
+        for part in parts[:-1]:
+            if not hasattr(owner, part):
+                owner.add_module(part, nn.Module())
+                if owner is gm:
+                    made.add(part)
+            owner = getattr(owner, part)
+        owner.register_parameter(parts[-1], param)
+        with gm.graph.inserting_after(node):
+            attr = gm.graph.get_attr(name)
+        node.replace_all_uses_with(attr)
+        by_name[name] = param
+    gm.recompile()
+    return by_name
+
+
+def _concrete(example_inputs) -> tuple:
+    """The inputs with symbolic sizes replaced by the values they stood for in this call."""
+    out = []
+    for x in example_inputs:
+        if isinstance(x, torch.SymInt):
+            x = x.node.hint
+        out.append(x)
+    return tuple(out)
+
+
+# ------------------------------------------------------------------ float tables: shared storage
+def _same_layout(a, b) -> bool:
+    la, lb = a.layout, b.layout
+    return (la.names, la.rows, la.dims, la.poolings) == (lb.names, lb.rows, lb.dims, lb.poolings) \
+        and a.weights.dtype == b.weights.dtype and a.weights.device == b.weights.device
+
+
+def _share_storage(gm: GraphModule, params: dict[str, nn.Parameter], log: list[str]) -> None:
+    """Make each fused table the model's parameter's storage (module doc). Tables an earlier
+    compile fused already keep their one buffer: a recompile (same optimizer kind) reuses
+    that module, state and all; another graph (an eval graph beside a training one) gets
+    its own module over the same buffer, so every graph reads and writes the same tables."""
+    from fxrec.runtime.local_lookup import LocalLookup
+
+    for path, lookup in gm.named_modules():
+        if not isinstance(lookup, LocalLookup):
+            continue
+        for role in ("pooled", "unpooled"):
+            fused = getattr(lookup, role)
+            if fused is None:
+                continue
+            parts = fused.fused_modules() if hasattr(fused, "fused_modules") else [fused]
+            for i, part in enumerate(parts):
+                names = list(part.layout.names)
+                if any(_aliased(params[n]) is not None for n in names):
+                    kept = _earlier(part, params)
+                    if kept is None:  # `_grouping_conflict` let this graph through: cannot happen
+                        raise RuntimeError(f"backend: tables {names} were fused by an earlier compile in another "
+                                           f"layout; this graph cannot share their buffer")
+                    if type(kept.optimizer) is type(part.optimizer):
+                        kept.optimizer = part.optimizer  # a new lr takes effect, the state stays
+                        if hasattr(fused, "parts"):
+                            fused.parts[i] = kept
+                        else:
+                            setattr(lookup, role, kept)
+                        log.append(f"backend: {path}.{role} reuses the fused module of an earlier compile ({names})")
+                    else:
+                        part.weights = kept.weights
+                        log.append(f"backend: {path}.{role} shares the fused buffer of an earlier compile ({names}), "
+                                   f"with its own optimizer state")
+                    continue
+                with torch.no_grad():
+                    for name, view in part.table_weights().items():
+                        params[name].data = view
+                        _ALIASED[id(params[name])] = (weakref.ref(params[name]), weakref.ref(part), name)
+                for key in [k for k, e in _ALIASED.items() if e[0]() is None]:  # dead parameters
+                    del _ALIASED[key]
+                log.append(f"backend: {path}.{role}: tables {names} now live in its fused buffer")
+
+
+def _earlier(part, params: dict) -> Optional[Any]:
+    """The fused module of an earlier compile whose buffer all of these tables' parameters
+    view, laid out exactly as `part`; None otherwise."""
+    owners = set()
+    for name in part.layout.names:
+        entry = _aliased(params[name])
+        if entry is None or entry[1] != name:
+            return None
+        owners.add(entry[0])
+    if len(owners) != 1:
+        return None
+    (module,) = owners
+    if not _same_layout(module, part):
+        return None
+    views = module.table_weights()
+    if any(params[n].data_ptr() != views[n].data_ptr() for n in part.layout.names):
+        return None
+    return module
+
+
+def _grouping_conflict(gm: GraphModule, ctx, params: dict[str, nn.Parameter]) -> Optional[str]:
+    """Why this graph must not fuse: a table it would fuse lives, since an earlier compile,
+    in a fused buffer holding another set of tables (an eval graph reading some of a
+    training graph's tables). Such a graph reads the tables unfused, from that buffer."""
+    from fxrec.passes import lookup as L
+    from fxrec.passes.fuse_lookups import fusion_units
+
+    by_name = {n.name: n for n in gm.graph.nodes}
+    for unit in fusion_units(ctx.groups):
+        pooled: dict[str, bool] = {}
+        for group in unit:
+            for node in group.nodes:
+                for read in by_name[node].meta[L.LOOKUP].reads:
+                    pooled[read.table] = pooled.get(read.table, True) and read.pooling != "none"
+        for role in (True, False):
+            names = {t for t, p in pooled.items() if p is role}
+            owners = {id(e[0]) if e else None for e in (_aliased(params[t]) for t in names if t in params)}
+            if not names or owners == {None}:
+                continue
+            entry = _aliased(params[next(iter(names))])
+            if len(owners) > 1 or entry is None or set(entry[0].layout.names) != names:
+                return (f"tables {sorted(names)} were fused with other tables by an earlier compile; this graph "
+                        f"reads them unfused, from that buffer")
+    return None
+
+
+# ------------------------------------------------------------------ quantized tables: refresh
+class _Refreshing:
+    """Calls the lowered graph, first re-quantizing any table whose parameter was written in
+    place since it was last quantized (its `_version` moved)."""
+
+    def __init__(self, gm: GraphModule, params: dict[str, nn.Parameter]):
+        from fxrec.lowering.quant_tbe import QuantizedEmbeddingBags
+
+        self.gm = gm
+        self.where = []  # (module, table name, parameter, version seen)
+        for module in gm.modules():
+            if isinstance(module, QuantizedEmbeddingBags):
+                for name in module.layout.names:
+                    self.where.append([module, name, params[name], params[name]._version])
+
+    def __call__(self, *args):
+        for entry in self.where:
+            module, name, param, seen = entry
+            if param._version != seen:
+                module.load_table(name, param.detach())
+                entry[3] = param._version
+        return self.gm(*args)
+
+
+# ------------------------------------------------------------------ the backend
+def _done(gm: GraphModule, log: list[str], fn=None):
+    gm.meta[LOG] = list(log)
+    compiled.append(gm)
+    del compiled[:-_KEEP]
+    return fn if fn is not None else gm.forward
+
+
+def fxrec_backend(gm: GraphModule, example_inputs, options: Optional[dict] = None, mode: Optional[str] = None):
+    """The torch.compile backend (module doc). `mode` (torch.compile's) is ignored: the
+    graph around the fused lookups runs eagerly."""
+    from fxrec.passes.detect_embeddings import detect_embeddings_pass
+    from fxrec.passes.fuse_lookups import fuse_lookups_pass
+    from fxrec.passes.group_tables import group_tables_pass
+    from fxrec.passes.quantize_tables import quantize_tables_pass
+    from fxrec.passes.runner import PassContext, run_passes
+
+    opts = _check_options(options)
+    log: list[str] = []
+    tables = _lookup_tables(gm, example_inputs)
+    if not tables:
+        return _done(gm, ["backend: no embedding lookup reads a parameter in this graph"])
+    quantize = opts.get("weight_dtype") is not None
+    wants_grad = torch.is_grad_enabled() and any(p.requires_grad for _, p in tables.values())
+    if wants_grad and quantize:
+        return _done(gm, ["backend: lookups left unfused: weight_dtype quantizes for inference, and this graph "
+                          "wants the tables' gradients (compile under torch.no_grad())"])
+    if wants_grad and opts.get("sparse_optimizer") is None:
+        return _done(gm, ["backend: lookups left unfused: the tables want gradients and no sparse_optimizer was "
+                          "given (options={'sparse_optimizer': fxrec.optim...} trains them inside backward)"])
+    params = _as_attributes(gm, tables)
+    ctx = PassContext(example_inputs=_concrete(example_inputs), options={
+        "inference": not wants_grad, "sparse_optimizer": opts.get("sparse_optimizer") if wants_grad else None,
+        "kernel": opts.get("kernel"), "weight_dtype": opts.get("weight_dtype"),
+        "output_dtype": opts.get("output_dtype", torch.float32), "bounds_check": opts.get("bounds_check", True)})
+    gm = run_passes(gm, ctx, passes=[("detect_embeddings", detect_embeddings_pass),
+                                     ("group_tables", group_tables_pass)])
+    conflict = None if quantize else _grouping_conflict(gm, ctx, params)
+    if conflict is not None:
+        return _done(gm, [f"backend: lookups left unfused: {conflict}"])
+    passes = [("fuse_lookups", fuse_lookups_pass)] + ([("quantize_tables", quantize_tables_pass)] if quantize else [])
+    out = run_passes(gm, ctx, passes=passes)
+    log += [line for line in ctx.log if not line.startswith("ran ")]
+    if quantize:
+        return _done(out, log, _Refreshing(out, params))
+    _share_storage(out, params, log)
+    return _done(out, log)

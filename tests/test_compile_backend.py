@@ -1,0 +1,213 @@
+"""torch.compile(model, backend="fxrec"): fused lookups inside dynamo's graphs, against eager.
+
+- Inference (no_grad): the compiled model computes what the model computes, on fresh
+  inputs, for every test model dynamo captures; each graph's lookups are one fused call;
+  the tables live in the fused buffer (the parameters view it), so in-place updates reach
+  the compiled model; recompiles stay bounded.
+- Training: without a sparse optimizer the lookups stay unfused and training equals eager;
+  with one, the tables are trained inside backward and three SGD steps equal eager SGD.
+- Quantized inference through options: what fxrec.lower_for_inference computes, refreshed
+  after the model's tables change.
+"""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch._dynamo
+
+import fxrec
+from fxrec.lowering import backend as B
+from fxrec.lowering import FusedEmbeddingBags, QuantizedEmbeddingBags
+from models_zoo import CASES
+from test_inference import _flat
+
+MODELS = ["dlrm_lists", "dlrm_ebc", "two_tower", "seq_attention", "functional_bag", "weighted_bag", "table_dict",
+          "bag_2d", "functional_embedding", "sequence_ec"]
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    torch._dynamo.reset()
+    B.compiled.clear()
+    yield
+    torch._dynamo.reset()
+
+
+def _fused_modules(kind=FusedEmbeddingBags):
+    return [m for g in B.compiled for m in g.modules() if isinstance(m, kind)]
+
+
+def test_backend_is_found_by_name():
+    assert "fxrec" in torch._dynamo.list_backends()
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_inference_equals_eager_and_fuses(name):
+    case = CASES[name]
+    model, _ = case.make(0)
+    reference = copy.deepcopy(model)
+    compiled = torch.compile(model, backend="fxrec")
+    with torch.no_grad():
+        for seed in (1, 2, 3):
+            x = case.inputs(seed)
+            for a, b in zip(_flat(compiled(*x)), _flat(reference(*x))):
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    logs = [line for g in B.compiled for line in g.meta["fxrec_log"]]
+    if name == "sequence_ec":  # its KeyedJaggedTensor code breaks the graph around each lookup
+        return
+    assert any("serves groups" in line for line in logs), logs
+    # every table the model reads is a view of a fused buffer now
+    buffers = {m.weights.untyped_storage().data_ptr() for m in _fused_modules()}
+    tables = [t.name for t in fxrec.find_tables(reference, case.inputs(0))]
+    params = dict(model.named_parameters())
+    for table in tables:
+        weight = params.get(f"{table}.weight", params.get(table))
+        assert weight.untyped_storage().data_ptr() in buffers, table
+
+
+def test_one_graph_fuses_all_its_lookups_and_recompiles_share_the_buffer():
+    case = CASES["dlrm_lists"]
+    model, _ = case.make(0)
+    compiled = torch.compile(model, backend="fxrec")
+    with torch.no_grad():
+        for seed in (1, 2, 3, 4):  # batches of other sizes: dynamo recompiles (dynamic shapes)
+            compiled(*case.inputs(seed))
+    assert 1 <= len(B.compiled) <= 3
+    # a recompile finds the tables in the fused buffer and reuses it: one buffer in all
+    fused = {id(m): m for m in _fused_modules()}
+    assert len(fused) == 1 and list(fused.values())[0].layout.names == ("emb_l.0", "emb_l.1", "emb_l.2")
+    if len(B.compiled) > 1:
+        assert any("reuses the fused module" in line for line in B.compiled[-1].meta["fxrec_log"])
+
+
+def test_in_place_updates_reach_the_compiled_model():
+    case = CASES["dlrm_lists"]
+    model, _ = case.make(0)
+    compiled = torch.compile(model, backend="fxrec")
+    x = case.inputs(1)
+    with torch.no_grad():
+        compiled(*x)
+        model.emb_l[1].weight.add_(0.5)  # an optimizer step, load_state_dict, ...
+        model.load_state_dict({**model.state_dict(), "emb_l.0.weight": torch.randn(20, 8)})
+        torch.testing.assert_close(compiled(*x), copy.deepcopy(model)(*x), rtol=1e-5, atol=1e-6)
+
+
+def _train(model, case, steps, lr, compiled_model=None):
+    run = compiled_model if compiled_model is not None else model
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    for step in range(steps):
+        x = case.inputs(10 + step)
+        out = run(*x)
+        loss = sum(o.float().pow(2).mean() for o in _flat(out))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+
+@pytest.mark.parametrize("name", ["dlrm_lists", "two_tower", "weighted_bag"])
+def test_training_without_sparse_optimizer_stays_eager(name):
+    case = CASES[name]
+    model, _ = case.make(0)
+    reference = copy.deepcopy(model)
+    _train(model, case, 3, 0.1, torch.compile(model, backend="fxrec"))
+    _train(reference, case, 3, 0.1)
+    for (k, a), b in zip(model.state_dict().items(), reference.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=k)
+    logs = [line for g in B.compiled for line in g.meta["fxrec_log"]]
+    assert any("left unfused: the tables want gradients and no sparse_optimizer" in line for line in logs)
+
+
+@pytest.mark.parametrize("name", ["dlrm_lists", "two_tower", "weighted_bag", "table_dict"])
+def test_training_with_a_sparse_optimizer_equals_eager_sgd(name):
+    case = CASES[name]
+    model, _ = case.make(0)
+    reference = copy.deepcopy(model)
+    lr = 0.1
+    compiled = torch.compile(model, backend="fxrec", options={"sparse_optimizer": fxrec.optim.SGD(lr=lr)})
+    _train(model, case, 3, lr, compiled)
+    _train(reference, case, 3, lr)
+    for (k, a), b in zip(model.state_dict().items(), reference.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=k)
+    tables = {t.name for t in fxrec.find_tables(reference, case.inputs(0))}
+    for k, p in model.named_parameters():
+        if k in tables or k.rpartition(".")[0] in tables:
+            assert p.grad is None, k  # trained inside backward: the user's optimizer skips them
+    assert _fused_modules() and all(m.optimizer is not None for m in _fused_modules())
+
+
+def test_quantized_inference_through_options_and_refresh():
+    case = CASES["dlrm_lists"]
+    model, ex = case.make(0)
+    compiled = torch.compile(model, backend="fxrec", options={"weight_dtype": "int4"})
+    x = case.inputs(1)
+    with torch.no_grad():
+        got = compiled(*x)
+        torch.testing.assert_close(got, fxrec.lower_for_inference(model, ex, "int4")(*x), rtol=1e-5, atol=1e-6)
+        assert _fused_modules(QuantizedEmbeddingBags)
+        model.emb_l[2].weight.mul_(2.0)  # the quantized copy follows the table
+        torch.testing.assert_close(compiled(*x), fxrec.lower_for_inference(model, ex, "int4")(*x),
+                                   rtol=1e-5, atol=1e-6)
+
+
+def test_quantizing_a_training_graph_is_refused_in_the_log():
+    case = CASES["bag_2d"]
+    model, _ = case.make(0)
+    reference = copy.deepcopy(model)
+    x = case.inputs(1)
+    out = torch.compile(model, backend="fxrec", options={"weight_dtype": "int8"})(*x)
+    torch.testing.assert_close(out, reference(*x))  # float lookups, unfused
+    assert "weight_dtype quantizes for inference" in B.compiled[-1].meta["fxrec_log"][0]
+
+
+def test_unknown_option_is_named():
+    model, _ = CASES["bag_2d"].make(0)
+    with pytest.raises(Exception, match=r"unknown option\(s\) \['sparse_optimiser'\]"):
+        torch.compile(model, backend="fxrec", options={"sparse_optimiser": None})(*CASES["bag_2d"].inputs(1))
+
+
+def test_training_and_eval_graphs_share_one_buffer():
+    """A training graph (fused optimizer) and an eval graph (no_grad) of one model read and
+    write the same tables: evaluating between steps sees every step."""
+    case = CASES["dlrm_lists"]
+    model, _ = case.make(0)
+    reference = copy.deepcopy(model)
+    lr = 0.1
+    compiled = torch.compile(model, backend="fxrec", options={"sparse_optimizer": fxrec.optim.SGD(lr=lr)})
+    x = case.inputs(99)
+    for steps in (2, 1):
+        _train(model, case, steps, lr, compiled)
+        _train(reference, case, steps, lr)
+        with torch.no_grad():
+            torch.testing.assert_close(compiled(*x), reference(*x), rtol=1e-5, atol=1e-6)
+    assert len({m.weights.data_ptr() for m in _fused_modules()}) == 1
+    assert any("shares the fused buffer" in line for g in B.compiled for line in g.meta["fxrec_log"])
+
+
+class _Subset(torch.nn.Module):
+    """Reads tables a, b and (when `use_c`) c: an eval path may read fewer tables."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = (torch.nn.EmbeddingBag(n, 4, mode="sum") for n in (10, 12, 14))
+        self.use_c = True
+
+    def forward(self, ids, offsets):
+        out = self.a(ids, offsets) + self.b(ids, offsets)
+        return out + self.c(ids, offsets) if self.use_c else out
+
+
+def test_a_graph_reading_fewer_fused_tables_reads_them_unfused():
+    model = _Subset()
+    reference = copy.deepcopy(model)
+    compiled = torch.compile(model, backend="fxrec")
+    ids, offsets = torch.tensor([1, 2, 3, 9]), torch.tensor([0, 1, 3])
+    with torch.no_grad():
+        compiled(ids, offsets)  # a, b, c fused together
+        model.use_c = reference.use_c = False
+        torch.testing.assert_close(compiled(ids, offsets), reference(ids, offsets))
+        model.a.weight.add_(1.0)
+        reference.a.weight.add_(1.0)
+        torch.testing.assert_close(compiled(ids, offsets), reference(ids, offsets))
+    assert "were fused with other tables by an earlier compile" in B.compiled[-1].meta["fxrec_log"][0]
