@@ -211,3 +211,36 @@ def test_a_graph_reading_fewer_fused_tables_reads_them_unfused():
         reference.a.weight.add_(1.0)
         torch.testing.assert_close(compiled(ids, offsets), reference(ids, offsets))
     assert "were fused with other tables by an earlier compile" in B.compiled[-1].meta["fxrec_log"][0]
+
+
+def test_rowwise_adagrad_inside_backward_equals_its_formula():
+    """RowWiseAdagrad on the fused tables against the formula on eager dense gradients:
+    m += mean(g^2) over the row, w -= lr g / (sqrt(m) + eps) (a row no id touched has g = 0
+    and stays as it was either way)."""
+    case = CASES["dlrm_lists"]
+    model, _ = case.make(0)
+    reference = copy.deepcopy(model)
+    lr, eps = 0.05, 1e-8
+    compiled = torch.compile(model, backend="fxrec",
+                             options={"sparse_optimizer": fxrec.optim.RowWiseAdagrad(lr=lr, eps=eps)})
+    tables = [f"emb_l.{i}.weight" for i in range(3)]
+    dense_ref = [p for n, p in reference.named_parameters() if n not in tables]
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    ref_opt = torch.optim.SGD(dense_ref, lr=lr)
+    momentum = {n: torch.zeros(p.shape[0]) for n, p in reference.named_parameters() if n in tables}
+    for step in range(3):
+        x = case.inputs(20 + step)
+        opt.zero_grad()
+        compiled(*x).pow(2).mean().backward()
+        opt.step()
+        ref_opt.zero_grad()
+        reference(*x).pow(2).mean().backward()
+        ref_opt.step()
+        with torch.no_grad():
+            for n, p in reference.named_parameters():
+                if n in tables:
+                    momentum[n] += p.grad.pow(2).mean(1)
+                    p -= lr * p.grad / (momentum[n].sqrt() + eps).unsqueeze(1)
+                    p.grad = None
+    for (k, a), b in zip(model.state_dict().items(), reference.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=k)
