@@ -38,6 +38,9 @@ from fxrec.optim import SGD, RowWiseAdagrad
 from fxrec.types import TableInfo
 
 
+ROUNDS = 3  # forward timings: best of this many interleaved rounds
+
+
 @dataclass
 class Shape:
     name: str
@@ -229,10 +232,16 @@ def bench_forward(shapes, device, bw) -> None:
         base = None
         with torch.no_grad():
             impls = forward_impls(s, device, ids, offsets)
-        times = {}
+        # best of ROUNDS interleaved rounds: timed one after another, the first implementation
+        # alone paid for a cold start (page faults, clocks) and the ratios leaned its way
+        times = {name: float("inf") for name in impls}
+        for _ in range(ROUNDS):
+            for name, fn in impls.items():
+                with torch.no_grad():
+                    times[name] = min(times[name], timeit(fn, device))
         for name, fn in impls.items():
+            t = times[name]
             with torch.no_grad():
-                t = times[name] = timeit(fn, device)
                 g = queued_gpu_time(fn) if cuda else None
             base = base or t
             print_row((name, f"{t * 1e3:.3f}", f"{100 * floor / t:.1f}", f"{base / t:.2f}")
