@@ -22,30 +22,16 @@ import torch
 from torch import nn
 from torch.fx import GraphModule
 
-from fxrec.lowering.quant import check_dim, quant_type
 from fxrec.lowering.quant_tbe import QuantizedEmbeddingBags
 from fxrec.lowering.tbe import FusedEmbeddingBags
 from fxrec.passes import lookup as L
 from fxrec.passes.fuse_lookups import ROOT as FUSED_ROOT
-from fxrec.passes.quantize_tables import FLOAT_TABLES
+from fxrec.passes.quantize_tables import FLOAT_TABLES, table_types
 from fxrec.passes.runner import PassContext, run_passes
 
 __all__ = ["lower_for_inference"]
 
 LOG = "fxrec_log"
-
-
-def _check_types(weight_dtype, tables: dict) -> None:
-    """Bad types and dims raise ValueError here, naming the table, not inside a pass."""
-    if isinstance(weight_dtype, Mapping):
-        unknown = sorted(set(weight_dtype) - set(tables))
-        missing = [t for t in tables if t not in weight_dtype]
-        if unknown or missing:
-            raise ValueError(f"weight_dtype must map every table to a type: unknown table(s) {unknown}, "
-                             f"missing {missing}; the model's tables are {list(tables)}")
-    for name, info in tables.items():
-        qtype = quant_type(weight_dtype[name] if isinstance(weight_dtype, Mapping) else weight_dtype, name)
-        check_dim(name, info.embedding_dim, qtype)
 
 
 def _own_dense_state(gm: GraphModule) -> None:
@@ -108,7 +94,7 @@ def lower_for_inference(model: nn.Module, example_inputs, weight_dtype: Union[st
         "inference": True, "weight_dtype": weight_dtype, "output_dtype": output_dtype, "kernel": kernel,
         "bounds_check": bounds_check})
     gm = run_passes(gm, ctx, until="group_tables")
-    _check_types(weight_dtype, ctx.tables)
+    table_types(weight_dtype, ctx.tables)  # bad types and dims raise here, naming the table, not in a pass
     meta = sorted({r.table for n in gm.graph.nodes if L.LOOKUP in n.meta for r in n.meta[L.LOOKUP].reads
                    if L.fetch_attr(gm, r.weight_path).is_meta})
     if meta:

@@ -147,6 +147,13 @@ class _Spec:
     pooling: str
 
 
+def check_devices(device: torch.device, **tensors: Optional[Tensor]) -> None:
+    """Each given tensor (None: absent) is on `device`, where the tables are."""
+    for name, x in tensors.items():
+        if x is not None and x.device != device:
+            raise ValueError(f"{name} are on {x.device}, the tables on {device}")
+
+
 def check_inputs(layout: TBELayout, indices: Tensor, offsets: Tensor,
                  per_sample_weights: Optional[Tensor] = None, bounds_check: bool = True) -> int:
     """Validate a batch against the layout; return the batch size B.

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from . import registry
-from .layout import check_inputs
+from .layout import check_devices, check_inputs
 from .quant import QuantLayout, dequantize_rows, quant_type, quantize_rows
 
 __all__ = ["QuantizedEmbeddingBags"]
@@ -132,9 +132,7 @@ class QuantizedEmbeddingBags(nn.Module):
     def forward(self, indices: Tensor, offsets: Tensor, per_sample_weights: Optional[Tensor] = None,
                 **_unused) -> Tensor:
         """Pooled: ``B x sum(dims)`` in `output_dtype`; unpooled: the flat layout (layout.py)."""
-        for name, x in (("indices", indices), ("offsets", offsets), ("per_sample_weights", per_sample_weights)):
-            if x is not None and x.device != self.weights.device:
-                raise ValueError(f"{name} are on {x.device}, the tables on {self.weights.device}")
+        check_devices(self.weights.device, indices=indices, offsets=offsets, per_sample_weights=per_sample_weights)
         check_inputs(self.layout, indices, offsets, per_sample_weights, self.bounds_check)
         if self.layout.device != self.weights.device:  # the module was moved with .to()
             self.layout = self.layout.to(self.weights.device)

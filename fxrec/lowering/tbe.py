@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from fxrec.optim import OPTIMIZERS
 
 from . import registry
-from .layout import TBELayout, check_inputs
+from .layout import TBELayout, check_devices, check_inputs
 from .sparse_update import ROW_STATE, init_state
 from .torch_ref import per_sample_weights_grad
 
@@ -151,9 +151,7 @@ class FusedEmbeddingBags(nn.Module):
         one of this module); a caller passes its own to run code after this backward.
         update_hook: ``hook(self, grad_output, indices, offsets, per_sample_weights)`` called in
         backward instead of the fused update (it may call `update` itself)."""
-        for name, x in (("indices", indices), ("offsets", offsets), ("per_sample_weights", per_sample_weights)):
-            if x is not None and x.device != self.weights.device:
-                raise ValueError(f"{name} are on {x.device}, the tables on {self.weights.device}")
+        check_devices(self.weights.device, indices=indices, offsets=offsets, per_sample_weights=per_sample_weights)
         check_inputs(self.layout, indices, offsets, per_sample_weights, self.bounds_check)
         if self.layout.device != self.weights.device:  # the module was moved with .to()
             self.layout = self.layout.to(self.weights.device)

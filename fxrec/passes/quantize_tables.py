@@ -23,7 +23,7 @@ from typing import Mapping
 import torch
 from torch.fx import GraphModule
 
-from fxrec.lowering.quant import quant_type
+from fxrec.lowering.quant import check_dim, quant_type
 from fxrec.lowering.quant_tbe import QuantizedEmbeddingBags
 from fxrec.passes import lookup as L
 from fxrec.passes.apply_plan import LOCAL_LOOKUP
@@ -35,16 +35,22 @@ NAME = "quantize_tables"
 FLOAT_TABLES = "fxrec_float_tables"  # gm.meta: {table: why it stays float}
 
 
-def _types_for(weight_dtype, tables: dict) -> dict:
-    """Table name -> QuantType, checked against the model's tables."""
+def table_types(weight_dtype, tables: dict) -> dict:
+    """Table name -> QuantType, checked against the model's tables (a mapping must name each
+    of them and no other); a bad type or a dim the type cannot pack raises ValueError naming
+    the table."""
     if isinstance(weight_dtype, Mapping):
         unknown = sorted(set(weight_dtype) - set(tables))
         missing = [t for t in tables if t not in weight_dtype]
         if unknown or missing:
             raise ValueError(f"weight_dtype must map every table to a type: unknown table(s) {unknown}, "
                              f"missing {missing}; the model's tables are {list(tables)}")
-        return {t: quant_type(weight_dtype[t], t) for t in tables}
-    return {t: quant_type(weight_dtype, t) for t in tables}
+        types = {t: quant_type(weight_dtype[t], t) for t in tables}
+    else:
+        types = {t: quant_type(weight_dtype, t) for t in tables}
+    for name, qtype in types.items():
+        check_dim(name, tables[name].embedding_dim, qtype)
+    return types
 
 
 def _quantized(fused, keys_to_tables: dict, types: dict, opts: dict) -> QuantizedEmbeddingBags:
@@ -62,7 +68,7 @@ def quantize_tables_pass(gm: GraphModule, ctx) -> GraphModule:
     if opts.get("weight_dtype") is None:
         return gm
     tables = gm.meta.get(L.TABLES, ctx.tables)
-    types = _types_for(opts["weight_dtype"], tables)
+    types = table_types(opts["weight_dtype"], tables)
     served = set()
     for node in gm.graph.nodes:
         if LOCAL_LOOKUP not in node.meta or node.op != "call_module":
