@@ -477,3 +477,19 @@ def test_bounds_check_switch_reaches_the_input_check():
         quant = [m for m in lowered.modules() if isinstance(m, QuantizedEmbeddingBags)]
         assert gathers and all(g.check is check for g in gathers)
         assert not any(m.bounds_check for m in quant)  # checked once, by the unit's input check
+
+
+def test_quantize_in_chunks_equals_at_once(monkeypatch):
+    """quantize_rows works a chunk of rows at a time (no float copy of a large table): the
+    bytes, and the row an error names, are those of one pass."""
+    from fxrec.lowering import quant
+
+    w = torch.randn(37, 16, generator=torch.Generator().manual_seed(6))
+    kinds = [(q, f) for q in TYPES for f in ("front", "back")]
+    whole = {(q, f): quantize_rows(w, QUANT_TYPES[q], qparams=f) for q, f in kinds}
+    monkeypatch.setattr(quant, "_CHUNK_ROWS", 8)
+    for q, f in kinds:
+        assert torch.equal(quantize_rows(w, QUANT_TYPES[q], qparams=f), whole[(q, f)]), (q, f)
+    w[29, 3] = float("inf")
+    with pytest.raises(ValueError, match=r"table 'x': row 29 holds a non-finite value \(inf\)"):
+        quantize_rows(w, QUANT_TYPES["int8"], table="x")

@@ -146,21 +146,22 @@ class QuantLayout(TBELayout):
         """Per-table ``rows x row_bytes`` uint8 views of the buffer."""
         return [flat[o:o + r * b].view(r, b) for o, r, b in zip(self.weights_offsets_list, self.rows, self.row_bytes)]
 
-    def nbytes_per_table(self) -> list[int]:
-        return [r * b for r, b in zip(self.rows, self.row_bytes)]
-
 
 # ------------------------------------------------------------------ quantize / dequantize
 _FP16_MAX = 65504.0
 
 
+_CHUNK_ROWS = 1 << 16  # rows quantized at a time: the fp32 temporaries stay a few MB, whatever the table
+
+
 @torch.no_grad()
 def quantize_rows(weight: Tensor, qtype: QuantType, row_bytes: Optional[int] = None,
-                  table: str = "?", qparams: str = "front") -> Tensor:
+                  table: str = "?", qparams: str = "front", out: Optional[Tensor] = None) -> Tensor:
     """``rows x dim`` float -> ``rows x row_bytes`` uint8 rows in `qtype`'s format with the
-    scale and bias at `qparams` (module doc); padding bytes are zero. Raises ValueError
-    naming `table` for values the format cannot hold (non-finite, or beyond fp16's range
-    where fp16 numbers are stored)."""
+    scale and bias at `qparams` (module doc), written into `out` when given (e.g. a view of a
+    module's buffer); padding bytes are zero. Works `_CHUNK_ROWS` rows at a time, so a large
+    table never needs a float copy of itself. Raises ValueError naming `table` for values the
+    format cannot hold (non-finite, or beyond fp16's range where fp16 numbers are stored)."""
     if weight.dim() != 2 or not weight.is_floating_point():
         raise ValueError(f"table {table!r}: expected a 2-D float weight, got {weight.dtype} {tuple(weight.shape)}")
     if weight.device.type == "meta":
@@ -169,26 +170,38 @@ def quantize_rows(weight: Tensor, qtype: QuantType, row_bytes: Optional[int] = N
     rows, dim = weight.shape
     check_dim(table, dim, qtype)
     row_bytes = qtype.unpadded_row_bytes(dim, qparams) if row_bytes is None else row_bytes
-    out = torch.zeros(rows, row_bytes, dtype=torch.uint8, device=weight.device)
-    if rows == 0:
-        return out
-    w = weight.float()
-    if not torch.isfinite(w).all():
-        bad = torch.nonzero(~torch.isfinite(w).all(1))[0, 0].item()
-        raise ValueError(f"table {table!r}: row {bad} holds a non-finite value ({w[bad][~torch.isfinite(w[bad])][0].item()})")
+    if out is None:
+        out = torch.empty(rows, row_bytes, dtype=torch.uint8, device=weight.device)
+    elif tuple(out.shape) != (rows, row_bytes) or out.dtype != torch.uint8:
+        raise ValueError(f"table {table!r}: out must be uint8 {(rows, row_bytes)}, got {out.dtype} {tuple(out.shape)}")
+    for start in range(0, rows, _CHUNK_ROWS):
+        stop = min(start + _CHUNK_ROWS, rows)
+        _quantize_chunk(weight[start:stop].float(), qtype, qparams, out[start:stop], table, start)
+    return out
+
+
+def _quantize_chunk(w: Tensor, qtype: QuantType, qparams: str, out: Tensor, table: str, first: int) -> None:
+    """`quantize_rows` for rows ``first:first + len(w)`` (fp32 `w`) into `out`."""
+    rows, dim = w.shape
+    out.zero_()  # padding bytes
+    finite = torch.isfinite(w).all(1)
+    if not finite.all():
+        bad = int(torch.nonzero(~finite)[0, 0])
+        raise ValueError(f"table {table!r}: row {first + bad} holds a non-finite value "
+                         f"({w[bad][~torch.isfinite(w[bad])][0].item()})")
     if qtype.name == "fp32":
         out[:, :dim * 4] = w.contiguous().view(torch.uint8).view(rows, dim * 4)
-        return out
+        return
     half_qparams = qtype.qparam_bytes(qparams) == 4
     if qtype.name == "fp16" or half_qparams:
-        big = w.abs().amax()
-        if big > _FP16_MAX:
-            row = int(torch.nonzero(w.abs().amax(1) > _FP16_MAX)[0, 0])
-            raise ValueError(f"table {table!r}: row {row} holds {w[row].abs().max().item():.4g}, beyond fp16's "
-                             f"range (65504), which {qtype.name} stores its values or scale in; use fp32")
+        big = w.abs().amax(1) > _FP16_MAX
+        if big.any():
+            row = int(torch.nonzero(big)[0, 0])
+            raise ValueError(f"table {table!r}: row {first + row} holds {w[row].abs().max().item():.4g}, beyond "
+                             f"fp16's range (65504), which {qtype.name} stores its values or scale in; use fp32")
     if qtype.name == "fp16":
         out[:, :dim * 2] = w.half().contiguous().view(torch.uint8).view(rows, dim * 2)
-        return out
+        return
     levels = (1 << qtype.bits) - 1
     lo, hi = torch.aminmax(w, dim=1)
     # FBGEMM's rounding (FloatToFusedNBitRowwiseQuantizedSBHalf): the bias is rounded to fp16
@@ -212,7 +225,6 @@ def quantize_rows(weight: Tensor, qtype: QuantType, row_bytes: Optional[int] = N
         out[:, 0:nq], out[:, nq:nq + nc] = qp, codes
     else:
         out[:, 0:nc], out[:, nc:nc + nq] = codes, qp
-    return out
 
 
 def _fresh(x: Tensor) -> Tensor:

@@ -176,9 +176,8 @@ class QuantizedEmbeddingBags(nn.Module):
         shape = (self.layout.rows[t], self.layout.dims[t])
         if tuple(weight.shape) != shape:
             raise ValueError(f"table {name!r}: expected weight {shape}, got {tuple(weight.shape)}")
-        dst = self.split_weights()[t]
-        dst.copy_(quantize_rows(weight.detach(), self.layout.types[t], self.layout.row_bytes[t], name,
-                                self.layout.qparams))
+        quantize_rows(weight.detach(), self.layout.types[t], self.layout.row_bytes[t], name, self.layout.qparams,
+                      out=self.split_weights()[t])
 
     def extra_repr(self) -> str:
         tables = ", ".join(f"{n}:{r}x{d}:{q.name}:{p}" for n, r, d, q, p in
