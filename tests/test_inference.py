@@ -324,6 +324,7 @@ def test_lowered_graph_structure_and_state(name):
     table_params = [k for k, t in L.table_names_by_param(model).items() if t in tables]
     assert not set(table_params) & set(state)
     assert not any(L.LOOKUP in n.meta for n in lowered.graph.nodes)  # no user lookup left
+    assert not any(hasattr(m, "source_weights") for m in lowered.modules())  # the user's tables are let go
     assert any("quantize_tables:" in line for line in lowered.meta["fxrec_log"])
 
 

@@ -16,6 +16,9 @@ Three kinds of graph reach this pass:
    update must see its whole gradient at once. Such a table is served as rows and pooled
    in the glue, as apply_plan does. The tables leave the GraphModule's parameters (they
    are the fused module's buffers, copied from the user's weights; meta stays meta).
+   With ``ctx.options["weight_dtype"]`` (inference, quantize_tables runs next) the fused
+   modules hold no copy (they are built on meta) and the unit keeps the user's weights in
+   its `source_weights` for quantize_tables, which quantizes them and drops that reference.
    Training: the tables are trained inside backward by ``ctx.options["sparse_optimizer"]``
    (an `fxrec.optim` config). Without one, fusing would silently freeze the tables, so the
    pass leaves the lookups unfused (a line in ``ctx.log``) unless
@@ -141,13 +144,14 @@ def _node_args(node: Node) -> list:
     return [ref.of(node) if ref is not None else None for ref in (lk.ids, lk.offsets, lk.per_sample_weights)]
 
 
-def _lookup_module(pack: PackInputs, keys: dict, weights: dict, optimizer, kernel) -> LocalLookup:
-    """A one-rank LocalLookup over pack's tables (shard `keys[table]`), holding copies of `weights`."""
+def _lookup_module(pack: PackInputs, keys: dict, weights: dict, optimizer, kernel, device=None) -> LocalLookup:
+    """A one-rank LocalLookup over pack's tables (shard `keys[table]`), holding copies of
+    `weights` (on `device`, default theirs; "meta" holds no copy)."""
     shards = [LocalShard(keys[t], t, (0, weights[t].shape[0]), (0, weights[t].shape[1]), t in pack.pooled_tables, ())
               for t in pack.pooled_tables + pack.unpooled_tables]
     first = next(iter(weights.values()))
     init = {keys[t]: w.detach() for t, w in weights.items()}
-    module = LocalLookup(shards, optimizer, 1, first.dtype, first.device, init.__getitem__)
+    module = LocalLookup(shards, optimizer, 1, first.dtype, device or first.device, init.__getitem__)
     if kernel is not None:
         module.pooled = with_kernel(module.pooled, kernel) if module.pooled is not None else None
         module.unpooled = with_kernel(module.unpooled, kernel) if module.unpooled is not None else None
@@ -233,8 +237,13 @@ def _fuse_unit(gm: GraphModule, groups: list, nodes: list[Node], name: str, opts
     unit.gather, unit.finish = GatherInputs(specs, slots), FinishOutputs(specs, slots)
     unit.pack = PackInputs(slots)
     weights = {r.table: L.fetch_attr(gm, r.weight_path) for n in nodes for r in n.meta[L.LOOKUP].reads}
-    unit.lookup = _lookup_module(unit.pack, {t: t for t in weights}, weights, opts.get("sparse_optimizer"),
-                                 opts.get("kernel"))
+    if opts.get("weight_dtype") is not None:
+        # quantize_tables will quantize the user's tables themselves: no float copy meanwhile
+        unit.lookup = _lookup_module(unit.pack, {t: t for t in weights}, weights, None, None, device="meta")
+        unit.lookup.source_weights = dict(weights)  # a plain attribute (not state), dropped by quantize_tables
+    else:
+        unit.lookup = _lookup_module(unit.pack, {t: t for t in weights}, weights, opts.get("sparse_optimizer"),
+                                     opts.get("kernel"))
     unit.split = SplitOutputs(unit.pack.pooled_dims)
     args = [_node_args(n) for n in nodes]
     e = _Emitter(gm, _after_inputs(gm, args), nodes[0])
@@ -362,7 +371,9 @@ def fuse_lookups_pass(gm: GraphModule, ctx) -> GraphModule:
                                f"several ranks all-reduce their gradients before the update")
     for node in gm.graph.nodes:
         if LOCAL_LOOKUP in node.meta:
-            _record(gm, node, opts.get("kernel"), opts.get("kernel_device"))
+            # a forced kernel is quantize_tables' to apply when it quantizes (the float modules are on meta)
+            forced = None if opts.get("weight_dtype") is not None else opts.get("kernel")
+            _record(gm, node, forced, opts.get("kernel_device"))
             ctx.log.append(f"{NAME}: %{node.name} kernels {node.meta[KERNEL]}")
     if not changed:
         return gm

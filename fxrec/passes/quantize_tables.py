@@ -53,13 +53,19 @@ def table_types(weight_dtype, tables: dict) -> dict:
     return types
 
 
-def _quantized(fused, keys_to_tables: dict, types: dict, opts: dict) -> QuantizedEmbeddingBags:
+def _quantized(fused, keys_to_tables: dict, types: dict, opts: dict, source) -> QuantizedEmbeddingBags:
+    """`fused`'s tables quantized: from the user's weights when fuse_lookups kept them
+    (`source`, its modules then on meta), else from `fused`'s own copy."""
     if isinstance(fused, FusedGroups):  # several sparse optimizers: none in inference
         raise ValueError(f"{NAME}: a lookup fused per sparse optimizer cannot be quantized; lower without one")
+    types = {n: types[keys_to_tables[n]] for n in fused.layout.names}
     # the unit's GatherInputs checks every id already, naming the lookup (bounds_check below)
-    return QuantizedEmbeddingBags.from_fused(
-        fused, {n: types[keys_to_tables[n]] for n in fused.layout.names},
-        output_dtype=opts.get("output_dtype", torch.float32), kernel=opts.get("kernel"), bounds_check=False)
+    kw = dict(output_dtype=opts.get("output_dtype", torch.float32), kernel=opts.get("kernel"), bounds_check=False)
+    if source is None:
+        return QuantizedEmbeddingBags.from_fused(fused, types, **kw)
+    weights = {n: source[n] for n in fused.layout.names}
+    return QuantizedEmbeddingBags.from_float(fused.layout._specs(), weights, types,
+                                             device=next(iter(weights.values())).device, **kw)
 
 
 def quantize_tables_pass(gm: GraphModule, ctx) -> GraphModule:
@@ -77,12 +83,13 @@ def quantize_tables_pass(gm: GraphModule, ctx) -> GraphModule:
         if not isinstance(mod, LocalLookup):
             continue
         keys = {k: k.split("@")[0] for k in node.meta[LOCAL_LOOKUP]["shards"]}
+        source = getattr(mod, "source_weights", None)
         record = {}
         for role in ("pooled", "unpooled"):
             fused = getattr(mod, role)
             if fused is None:
                 continue
-            q = _quantized(fused, keys, types, opts)
+            q = _quantized(fused, keys, types, opts, source)
             setattr(mod, role, q)
             record[role] = q.kernel_record(_weighted(gm, node) and role == "pooled", opts.get("kernel_device"))
             served.update(keys[n] for n in q.layout.names)
@@ -90,6 +97,8 @@ def quantize_tables_pass(gm: GraphModule, ctx) -> GraphModule:
             ctx.log.append(f"{NAME}: %{node.name} {role} tables [{kinds}], {q.layout.numel:,} bytes, "
                            f"kernel {record[role]}")
         node.meta[KERNEL] = record
+        if source is not None:
+            del mod.source_weights  # the lowered module must not keep the user's tables alive
         gather = getattr(gm.get_submodule(node.target.rpartition(".")[0]), "gather", None)
         if isinstance(gather, GatherInputs):  # ids, offsets and weights checked on every call, or not
             gather.check = bool(opts.get("bounds_check", True))
