@@ -5,7 +5,9 @@ one type for every table ("int8", "int4", "int2", "fp16", "fp32"), or a mapping 
 -> type that names every table. In each local lookup that fuse_lookups left (a `LocalLookup`
 node), every `FusedEmbeddingBags` becomes a `QuantizedEmbeddingBags` holding its tables
 quantized (fxrec/lowering/quant.py), with the same inputs and outputs, so the graph around
-it is unchanged; its float copy is dropped. Lookups of ``ctx.options["output_dtype"]``
+it is unchanged. The values come from the user's weights that fuse_lookups kept for this
+(`source_weights`, its float modules then being on meta: no float copy is ever made; the
+reference is dropped here), else from the float module's own copy. Lookups of ``ctx.options["output_dtype"]``
 (default float32) come out of the kernel chosen by the registry for the quant_* ops
 (``ctx.options["kernel"]`` forces one), recorded in ``node.meta[fuse_lookups.KERNEL]``
 (``{"pooled": {"quant_pooled_forward": kernel}, ...}``), which `fxrec dump` shows.
