@@ -29,7 +29,7 @@ IntNBit layout): quant_pooled_forward and quant_unpooled_forward call
 ``fbgemm::int_nbit_split_embedding_codegen_lookup_function`` on our uint8 buffer, tables of
 mixed types (fp32, fp16, int8, int4, int2) in one call; unpooled needs one dim for all tables.
 When every table is int8 or fp32, served only on request: torch's own ops (kernel "torch",
-the "back" format) are then faster on this CPU (bench/inference.py: 1.3-1.6x for int8, 1.4-1.6x
+the "back" format) are then faster on this CPU (bench/inference.py: 1.1-1.6x for int8, 1.2-1.3x
 for fp32); fbgemm's op stays ahead for fp16, int4 and int2 tables and mixes of types.
 """
 from __future__ import annotations
