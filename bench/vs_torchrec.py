@@ -24,6 +24,9 @@ accumulator (the mean of g^2 over its columns), fxrec keeps the unsharded update
 accumulator over the whole row, exchanged between the shards in backward), so the loss
 curves agree only roughly (they move apart fastest where training is unstable).
 
+fxrec also runs through its TrainPipeline (the next batch's id all-to-all overlapping the
+current step; TorchRec's DMP here runs without its pipeline, as fxrec's first column).
+
 Each framework runs in its own freshly spawned pair of processes (one thread each), so
 the RSS high-water marks (``ru_maxrss``) do not mix; the fxrec processes never import
 torchrec (checked). Needs TorchRec, which fxrec never depends on: run it from the
@@ -34,6 +37,7 @@ bench environment (see bench/planner_vs_torchrec.py for how it is built),
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -51,9 +55,13 @@ import torch.nn.functional as F
 
 SHARDINGS = ("table_wise", "column_wise")
 # fxrec_per_shard: RowWiseAdagrad(exact_column_wise=False), TorchRec's per-column-shard
-# accumulators, so that column_wise compares the same computation too
-FRAMEWORKS = {"table_wise": ("fxrec", "torchrec"), "column_wise": ("fxrec", "fxrec_per_shard", "torchrec")}
-LABELS = {"fxrec": "fxrec", "fxrec_per_shard": "fxrec per-shard acc.", "torchrec": "TorchRec DMP"}
+# accumulators, so that column_wise compares the same computation too. fxrec_pipeline: the
+# same steps as fxrec through fxrec.runtime.pipeline.TrainPipeline (the next batch's ids
+# all-to-all overlaps the current step): its losses must equal fxrec's exactly.
+FRAMEWORKS = {"table_wise": ("fxrec", "fxrec_pipeline", "torchrec"),
+              "column_wise": ("fxrec", "fxrec_pipeline", "fxrec_per_shard", "torchrec")}
+LABELS = {"fxrec": "fxrec", "fxrec_pipeline": "fxrec + TrainPipeline", "fxrec_per_shard": "fxrec per-shard acc.",
+          "torchrec": "TorchRec DMP"}
 
 
 def parse_args(argv=None):
@@ -137,7 +145,7 @@ def peak_rss_mb() -> float:
 FXREC_TABLE_PREFIX = "sparse_arch.embedding_bag_collection.embedding_bags."
 
 
-def build_fxrec(args, sharding: str, batches, exact_column_wise: bool = True):
+def build_fxrec(args, sharding: str, batches, exact_column_wise: bool = True, pipeline: bool = False):
     import fxrec
     from fxrec.models import DLRM
     from fxrec.modules import EmbeddingBagCollection, EmbeddingBagConfig
@@ -166,9 +174,22 @@ def build_fxrec(args, sharding: str, batches, exact_column_wise: bool = True):
     init_dense(model, sharded.module)
     opt = torch.optim.Adagrad(sharded.parameters(), lr=args.lr)
 
+    def loss_fn(out, batch):
+        return F.binary_cross_entropy_with_logits(out.squeeze(1), batch.labels)
+
+    if pipeline:  # the same steps through fxrec's TrainPipeline: the next batch's ids travel early
+        from fxrec.runtime.pipeline import TrainPipeline
+
+        pipe = TrainPipeline(sharded, opt, loss_fn, inputs=lambda b: (b.dense_features, b.sparse_features))
+        stream = itertools.cycle(batches)  # the timed loop (and the profiled steps) walk `batches` in order
+
+        def step(batch):
+            return pipe.progress(stream)[0]
+
+        return step, batches, lambda: fxrec_table_bytes(sharded)
+
     def step(batch):
-        loss = F.binary_cross_entropy_with_logits(sharded(batch.dense_features, batch.sparse_features).squeeze(1),
-                                                  batch.labels)
+        loss = loss_fn(sharded(batch.dense_features, batch.sparse_features), batch)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -299,7 +320,8 @@ def worker(rank: int, framework: str, sharding: str, args, port: int, out_dir: s
     if framework == "torchrec":
         step, batches, table_bytes = build_torchrec(args, sharding, batches)
     else:
-        step, batches, table_bytes = build_fxrec(args, sharding, batches, framework == "fxrec")
+        step, batches, table_bytes = build_fxrec(args, sharding, batches, framework != "fxrec_per_shard",
+                                                 pipeline=framework == "fxrec_pipeline")
     losses, times = [], []
     dist.barrier()
     for i, batch in enumerate(batches):

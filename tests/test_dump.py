@@ -134,7 +134,8 @@ def test_errors_exit_2_with_one_line(capsys, tmp_path, spec, message):
 def test_unknown_after_pass(capsys):
     rc, _, err = _dump(capsys, f"{ZOO}:no_tables", "--after", "nope")
     assert rc == 2 and err == ("fxrec dump: unknown pass 'nope' for --after; choose from: capture, "
-                               "detect_embeddings, group_tables, apply_plan, fuse_lookups, quantize_tables\n")
+                               "detect_embeddings, group_tables, apply_plan, fuse_lookups, quantize_tables, "
+                               "schedule_overlap\n")
 
 
 def test_console_exit_status(tmp_path):
@@ -152,7 +153,7 @@ def test_topology_adds_the_plan_to_text_and_html(capsys, tmp_path):
     for table in ("emb_l.0", "emb_l.1", "emb_l.2"):
         assert re.search(rf"^  {re.escape(table)}: \w+", plan, re.M), table
     assert re.search(r"^max rank time [\d.]+ ms", plan, re.M)
-    assert f"{ZOO}:dlrm_lists after fuse_lookups " in out.splitlines()[0]
+    assert f"{ZOO}:dlrm_lists after schedule_overlap " in out.splitlines()[0]
     path = tmp_path / "plan.html"
     rc, _, _ = _dump(capsys, f"{ZOO}:dlrm_lists", "--world-size", "2", "--format", "html", "-o", str(path))
     page = path.read_text()

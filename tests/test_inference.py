@@ -191,7 +191,8 @@ def test_torch_kernel_reads_the_front_format_too(case):
 
     dims, types, pooling, weighted, idt, B = KERNEL_CASES[case]
     g = torch.Generator().manual_seed(5)
-    tables = [TableInfo(name=f"t{i}", num_embeddings=6 + i, embedding_dim=d, pooling=pooling) for i, d in enumerate(dims)]
+    tables = [TableInfo(name=f"t{i}", num_embeddings=6 + i, embedding_dim=d, pooling=pooling)
+              for i, d in enumerate(dims)]
     mod = QuantizedEmbeddingBags.from_float(tables, [torch.randn(6 + i, d, generator=g) for i, d in enumerate(dims)],
                                             dict(zip([t.name for t in tables], types)), kernel="fbgemm")
     indices, offsets = _batch(g, tables, B, idt)

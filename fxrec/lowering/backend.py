@@ -75,7 +75,8 @@ def _check_options(options: Optional[dict]) -> dict:
     opts = dict(options or {})
     unknown = sorted(set(opts) - set(OPTIONS))
     if unknown:
-        raise ValueError(f"torch.compile(backend='fxrec'): unknown option(s) {unknown}; the options are {list(OPTIONS)}")
+        raise ValueError(f"torch.compile(backend='fxrec'): unknown option(s) {unknown}; "
+                         f"the options are {list(OPTIONS)}")
     return opts
 
 

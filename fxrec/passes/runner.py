@@ -3,7 +3,7 @@
 A pass is a function ``(gm, ctx) -> GraphModule``. The runner checks each result is a
 GraphModule, recompiles it, lints it (`lint`), stamps ``node.meta[PASS]`` on the nodes
 the pass created, and turns any failure into a `PassError` that names the pass and the
-passes that ran before it. A later issue appends schedule_overlap to `PASSES`.
+passes that ran before it.
 """
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from fxrec.passes.detect_embeddings import detect_embeddings_pass
 from fxrec.passes.fuse_lookups import fuse_lookups_pass
 from fxrec.passes.group_tables import group_tables_pass
 from fxrec.passes.quantize_tables import quantize_tables_pass
+from fxrec.passes.schedule_overlap import schedule_overlap_pass
 from fxrec.types import TableInfo
 
 PassFn = Callable[[GraphModule, "PassContext"], GraphModule]
@@ -47,6 +48,8 @@ PASSES: list[tuple[str, PassFn]] = [
     ("fuse_lookups", fuse_lookups_pass),
     # Inference only (ctx.options["weight_dtype"]): the fused tables become quantized constants.
     ("quantize_tables", quantize_tables_pass),
+    # Annotates the input stage (the batch's id distribution) that a TrainPipeline runs early.
+    ("schedule_overlap", schedule_overlap_pass),
 ]
 
 

@@ -23,6 +23,8 @@ four of these work on gloo (CPU) and NCCL (GPU).
 """
 from __future__ import annotations
 
+import contextlib
+import threading
 from typing import Optional, Sequence, Union
 
 import torch
@@ -31,7 +33,8 @@ import torch.fx
 from torch import Tensor
 
 __all__ = ["all_to_all", "all_to_all_counts", "reduce_scatter", "all_gather", "all_reduce",
-           "world_size", "rank", "ProcessGroups", "COMM_KINDS", "register_group", "resolve_group"]
+           "world_size", "rank", "ProcessGroups", "COMM_KINDS", "register_group", "resolve_group",
+           "groups_for_this_thread"]
 
 # The kinds a pass writes into node.meta["fxrec_comm"].
 COMM_KINDS = ("all_to_all", "all_to_all_counts", "reduce_scatter", "all_gather", "all_reduce")
@@ -57,9 +60,32 @@ def _initialised() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
+# This thread's replacements for named groups (and "world" for None): a pipeline's
+# background thread runs its collectives on groups of its own (`groups_for_this_thread`).
+_THREAD = threading.local()
+
+
+@contextlib.contextmanager
+def groups_for_this_thread(groups: dict):
+    """Within the block, collectives this thread issues on group name ``k`` (``"world"`` also
+    for ``group=None``) use ``groups[k]`` instead: a second stream of collectives, on groups
+    with the same ranks, that runs beside the main thread's without interleaving with it."""
+    before = getattr(_THREAD, "groups", None)
+    _THREAD.groups = dict(groups)
+    try:
+        yield
+    finally:
+        _THREAD.groups = before
+
+
 def resolve_group(group):
     """The ProcessGroup (or None = WORLD) that ``group`` names. Names are looked up only when
     torch.distributed is initialised: without it every group is the one-rank identity."""
+    mine = getattr(_THREAD, "groups", None)
+    if mine is not None and (group is None or isinstance(group, str)):
+        key = "world" if group is None else group
+        if key in mine:
+            return mine[key]
     if not isinstance(group, str):
         return group
     if not _initialised():

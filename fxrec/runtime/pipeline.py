@@ -1,0 +1,189 @@
+"""`TrainPipeline`: batch i+1's ids travel to their shards while batch i trains.
+
+A sharded training step first distributes the batch's ids (apply_plan's input_dist: counts
+and ids all-to-all), then looks up, exchanges the pooled vectors, runs the dense layers and
+backward. The id distribution reads only the batch, so, as TorchRec's
+TrainPipelineSparseDist does, the pipeline runs it for the next batch while the current one
+computes:
+
+- the sharded program is split along the schedule_overlap pass's annotations into an input
+  stage and a main stage (the same modules; the main stage reads the input stage's values
+  from an inbox instead of computing them);
+- the input stage of batch i+1 runs in a background thread on process groups of its own
+  (`comm.groups_for_this_thread`: same ranks, a second stream of collectives, so the two
+  threads' collectives never interleave on one group), while the main thread runs batch
+  i's main stage, loss, backward and optimizer step;
+- the results are the same as running the sharded model step by step: the input stage
+  reads no parameter, and a batch's main stage waits for its own input stage.
+
+`progress(batches)` takes the next batch from an iterator of batches, trains one step on it
+and returns ``(loss, output)``; it raises StopIteration when the iterator is exhausted.
+A batch is the model's arguments as a tuple, or anything `inputs(batch)` turns into them
+(e.g. ``lambda b: (b.dense_features, b.sparse_features)`` for `fxrec.datasets.Batch`);
+`loss_fn(output, batch)` sees the batch itself. Every rank feeds its own batches in step.
+The first batch's input stage runs in the main thread; when one of its values requires grad
+(per-sample weights that are trained), every batch's does (no overlap, the same results), as
+gradients must then flow back through the stage's collectives on the main thread's groups.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import copy
+from typing import Any, Callable, Iterator, Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.fx import Graph, GraphModule, Node
+
+from fxrec.passes.schedule_overlap import INPUT, STAGE, handed_over, input_stage
+from fxrec.runtime import comm
+
+__all__ = ["TrainPipeline", "split_stages"]
+
+
+class _Inbox(nn.Module):
+    """forward(i) -> the i-th value the input stage handed over for the current batch."""
+
+    def __init__(self):
+        super().__init__()
+        self.values: Optional[tuple] = None
+
+    def forward(self, i: int):
+        return self.values[i]
+
+
+def _with_outputs(graph: Graph, outputs: list[Node]) -> None:
+    """Make the graph return `outputs` (a tuple)."""
+    old = next(n for n in graph.nodes if n.op == "output")
+    with graph.inserting_before(old):
+        graph.output(tuple(outputs))
+    graph.erase_node(old)
+
+
+def _pruned(gm: GraphModule) -> GraphModule:
+    """`gm` without the nodes and submodules nothing reads any more."""
+    gm.graph.eliminate_dead_code()
+    gm.delete_all_unused_submodules()
+    gm.recompile()
+    return gm
+
+
+def split_stages(gm: GraphModule) -> Optional[tuple[GraphModule, GraphModule, _Inbox]]:
+    """(input stage, main stage, the main stage's inbox) of a sharded program, both taking
+    the program's own arguments; None when no node distributes ids (nothing to overlap)."""
+    stage = input_stage(gm)
+    frontier = handed_over(gm, stage)
+    if not frontier:
+        return None
+    # input stage: the same graph, returning the handed-over values
+    g_in = copy.deepcopy(gm.graph)
+    by_name = {n.name: n for n in g_in.nodes}
+    _with_outputs(g_in, [by_name[n.name] for n in frontier])
+    info = getattr(g_in._codegen, "pytree_info", None)
+    if info is not None:  # the model's out_spec does not describe a tuple of handed-over values
+        g_in._codegen.pytree_info = info._replace(out_spec=None)
+    input_gm = _pruned(GraphModule(gm, g_in, "InputStage"))
+    # main stage: the handed-over nodes read from the inbox, the rest of the input stage gone
+    g_main = copy.deepcopy(gm.graph)
+    by_name = {n.name: n for n in g_main.nodes}
+    inbox = _Inbox()
+    main_root = nn.Module()
+    for name, child in gm.named_children():
+        main_root.add_module(name, child)
+    for name, p in gm.named_parameters(recurse=False):
+        main_root.register_parameter(name, p)
+    for name, b in gm.named_buffers(recurse=False):
+        main_root.register_buffer(name, b)
+    main_root.add_module("fxrec_inbox", inbox)
+    for i, node in enumerate(frontier):
+        old = by_name[node.name]
+        with g_main.inserting_before(old):
+            new = g_main.call_module("fxrec_inbox", (i,))
+        new.meta.update(old.meta)
+        old.replace_all_uses_with(new)
+    main_gm = _pruned(GraphModule(main_root, g_main, "MainStage"))
+    return input_gm, main_gm, inbox
+
+
+def _rank_sets() -> int:
+    """Ranks per node of the running job, from its registered intra-node group."""
+    intra = comm._GROUPS.get("intra_node")
+    if intra is None:
+        return comm.world_size()
+    return len(dist.get_process_group_ranks(intra))
+
+
+class TrainPipeline:
+    """Trains a `fxrec.ShardedModel`, overlapping the next batch's id distribution with the
+    current batch's step (module doc).
+
+    optimizer: the dense parameters' optimizer (``sharded.parameters()``); the tables train
+    inside backward as usual. loss_fn(output, batch) -> scalar loss. inputs(batch) -> the
+    model's arguments (default: the batch is that tuple). Collective: every rank constructs
+    its pipeline at the same point (it creates process groups)."""
+
+    def __init__(self, model, optimizer: torch.optim.Optimizer, loss_fn: Callable[[Any, Any], torch.Tensor],
+                 inputs: Callable[[Any], tuple] = tuple):
+        self.model, self.optimizer, self.loss_fn, self.inputs = model, optimizer, loss_fn, inputs
+        split = split_stages(model.module)
+        self._stages = split
+        self._groups: dict = {}
+        if split is not None and comm.world_size() > 1:
+            pgs = comm.ProcessGroups(ranks_per_node=_rank_sets(), register=False)  # collective
+            world = dist.new_group(list(range(comm.world_size())))  # collective
+            self._groups = {"world": world, "intra_node": pgs.intra_node, "cross_node": pgs.cross_node}
+        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="fxrec-input-dist")
+        self._next: Optional[tuple] = None  # (batch, future of its input stage's values)
+        self._background: Optional[bool] = None  # input stages in the background thread (set at the first)
+        self.overlapped = 0  # input stages started in the background
+
+    def _input_stage(self, batch):
+        input_gm = self._stages[0]
+        with comm.groups_for_this_thread(self._groups):
+            return input_gm(*self.inputs(batch))
+
+    def _start(self, batch) -> tuple:
+        return batch, self._pool.submit(self._input_stage, batch)
+
+    def progress(self, batches: Iterator) -> tuple[torch.Tensor, Any]:
+        """One training step on the next batch of `batches` (module doc)."""
+        if self._stages is None:  # nothing distributes ids: a plain step
+            batch = next(batches)
+            return self._step(batch, self.model(*self.inputs(batch)))
+        input_gm, main_gm, inbox = self._stages
+        if self._next is None:  # the first batch, or every batch when the stage carries gradients
+            batch = next(batches)
+            values = input_gm(*self.inputs(batch))
+            if self._background is None:
+                self._background = not any(isinstance(v, torch.Tensor) and v.requires_grad for v in values)
+        else:
+            batch, pending = self._next
+            values = pending.result()  # this batch's input stage (raises what it raised)
+            self._next = None
+        if self._background:
+            try:  # the next batch's ids travel while this one trains
+                self._next = self._start(next(batches))
+                self.overlapped += 1
+            except StopIteration:
+                pass
+        inbox.values = tuple(values)
+        try:
+            out = main_gm(*self.inputs(batch))
+        finally:
+            inbox.values = None
+        return self._step(batch, out)
+
+    def _step(self, batch, out) -> tuple[torch.Tensor, Any]:
+        loss = self.loss_fn(out, batch)
+        self.optimizer.zero_grad()
+        loss.backward()
+        self.optimizer.step()
+        return loss, out
+
+    def close(self) -> None:
+        """Wait for a pending input stage and stop the background thread."""
+        if self._next is not None:
+            self._next[1].result()
+            self._next = None
+        self._pool.shutdown(wait=True)
