@@ -61,9 +61,13 @@ def _with_outputs(graph: Graph, outputs: list[Node]) -> None:
     graph.erase_node(old)
 
 
-def _pruned(gm: GraphModule) -> GraphModule:
-    """`gm` without the nodes and submodules nothing reads any more."""
-    gm.graph.eliminate_dead_code()
+def _without(gm: GraphModule, names: set[str]) -> GraphModule:
+    """`gm` without the nodes named `names` (none of them may be read by a node that stays)
+    and the submodules only they called. Not dead-code elimination: a node the program runs
+    for its effect alone stays where it is."""
+    for node in reversed(list(gm.graph.nodes)):
+        if node.name in names:
+            gm.graph.erase_node(node)
     gm.delete_all_unused_submodules()
     gm.recompile()
     return gm
@@ -83,7 +87,9 @@ def split_stages(gm: GraphModule) -> Optional[tuple[GraphModule, GraphModule, _I
     info = getattr(g_in._codegen, "pytree_info", None)
     if info is not None:  # the model's out_spec does not describe a tuple of handed-over values
         g_in._codegen.pytree_info = info._replace(out_spec=None)
-    input_gm = _pruned(GraphModule(gm, g_in, "InputStage"))
+    keep = {n.name for n in stage}
+    input_gm = _without(GraphModule(gm, g_in, "InputStage"),
+                        {n.name for n in g_in.nodes if n.op not in ("placeholder", "output") and n.name not in keep})
     # main stage: the handed-over nodes read from the inbox, the rest of the input stage gone
     g_main = copy.deepcopy(gm.graph)
     by_name = {n.name: n for n in g_main.nodes}
@@ -102,7 +108,7 @@ def split_stages(gm: GraphModule) -> Optional[tuple[GraphModule, GraphModule, _I
             new = g_main.call_module("fxrec_inbox", (i,))
         new.meta.update(old.meta)
         old.replace_all_uses_with(new)
-    main_gm = _pruned(GraphModule(main_root, g_main, "MainStage"))
+    main_gm = _without(GraphModule(main_root, g_main, "MainStage"), keep)
     return input_gm, main_gm, inbox
 
 
