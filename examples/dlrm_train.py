@@ -18,6 +18,9 @@ every N steps too, written in the background while training goes on); `--resume 
 one back, whatever plan or number of ranks wrote it, and trains --steps more steps on the
 batches that follow.
 
+`--shard --pipeline` trains through `fxrec.runtime.pipeline.TrainPipeline`: each next batch's
+ids are sent to their shards while the current batch trains (the same results).
+
 Inference: `--quantize int8` (or int4, int2, fp16; repeatable) lowers the trained model with
 `fxrec.lower_for_inference` (tables quantized row-wise, one fused lookup per group) and
 reports its validation AUC and NE beside the float model's. A sharded model is gathered
@@ -64,6 +67,8 @@ def parse_args(argv=None):
     p.add_argument("--save-every", type=int, default=0, metavar="N",
                    help="with --save: also every N steps, in the background while training goes on")
     p.add_argument("--resume", metavar="DIR", help="start from this checkpoint, at the step it reached")
+    p.add_argument("--pipeline", action="store_true",
+                   help="with --shard: train through fxrec's TrainPipeline (the next batch's ids travel early)")
     p.add_argument("--quantize", action="append", default=[], metavar="TYPE",
                    choices=["int8", "int4", "int2", "fp16", "fp32"],
                    help="after training, also evaluate the model lowered for inference with tables of TYPE")
@@ -173,10 +178,47 @@ def make_trainable(args, model, example_batch, rank: int, world: int):
     return sharded, torch.optim.Adagrad(sharded.parameters(), lr=args.lr)
 
 
+def _loss(logits, batch) -> torch.Tensor:
+    return F.binary_cross_entropy_with_logits(logits, batch.labels)
+
+
+def plain_steps(args, model, optimizer, train, rank: int, world: int, device):
+    """Train on each batch of `train`; yields (loss, samples in the global batch) per step."""
+    for global_batch in train:
+        batch = _local(global_batch, rank, world, device)
+        loss = _loss(forward(model, batch, args.plain), batch)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        yield loss, global_batch.batch_size
+
+
+def pipelined_steps(args, model, optimizer, train, rank: int, world: int, device):
+    """The same steps through fxrec's TrainPipeline: each next batch's ids are sent to their
+    shards while the current batch trains."""
+    from fxrec.runtime.pipeline import TrainPipeline
+
+    pipe = TrainPipeline(model, optimizer, lambda out, b: _loss(out.squeeze(1), b),
+                         inputs=(lambda b: b.to_plain()) if args.plain else
+                         (lambda b: (b.dense_features, b.sparse_features)))
+    stream = (_local(b, rank, world, device) for b in train)  # this rank's slice of each global batch
+    try:
+        while True:
+            try:
+                loss, _ = pipe.progress(stream)
+            except StopIteration:
+                return
+            yield loss, args.batch_size * world
+    finally:
+        pipe.close()
+
+
 def main(argv=None) -> dict[str, float]:
     args = parse_args(argv)
     if args.save_every < 0 or (args.save_every and not args.save):
         raise SystemExit(f"dlrm_train: --save-every {args.save_every} needs --save DIR and N >= 1")
+    if args.pipeline and not args.shard:
+        raise SystemExit("dlrm_train: --pipeline trains a sharded model: add --shard")
     rank, world = _init_distributed(args)
     torch.manual_seed(args.seed)  # the same model on every rank
     first = fxrec.checkpoint.read_extra(args.resume)["step"] if args.resume else 0
@@ -189,15 +231,11 @@ def main(argv=None) -> dict[str, float]:
         if rank == 0:
             print(f"resumed from {args.resume} at step {first}")
     start = time.perf_counter()
-    bar = tqdm(train, total=args.steps, unit="batch", desc="train", disable=rank != 0)
-    for step, global_batch in enumerate(bar):
-        batch = _local(global_batch, rank, world, device)
-        loss = F.binary_cross_entropy_with_logits(forward(model, batch, args.plain), batch.labels)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+    steps = (pipelined_steps if args.pipeline else plain_steps)(args, model, optimizer, train, rank, world, device)
+    bar = tqdm(steps, total=args.steps, unit="batch", desc="train", disable=rank != 0)
+    for step, (loss, samples) in enumerate(bar):
         if step % 10 == 0:
-            rate = (step + 1) * global_batch.batch_size / (time.perf_counter() - start)
+            rate = (step + 1) * samples / (time.perf_counter() - start)
             bar.set_postfix(loss=f"{loss.item():.4f}", samples_s=f"{rate:,.0f}")
         if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < args.steps:
             # written while training goes on; the next save waits for it to finish

@@ -95,6 +95,12 @@ def test_sharded_demo_under_torchrun_matches_one_process(capsys):
     quantized = re.search(r"validation, tables int8 \([\d.]+ MiB\): AUC ([\d.]+)  NE ([\d.]+)", done.stdout)
     assert quantized, done.stdout[-2000:]
     assert abs(float(quantized.group(1)) - single["auc_int8"]) < 2e-3
+    # through the TrainPipeline (ids sent one batch ahead): the same training, to the digit
+    piped = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                            str(EXAMPLES / "dlrm_train.py"), "--batch-size", "128", "--pipeline", *flags],
+                           capture_output=True, text=True, timeout=300, env=env)
+    assert piped.returncode == 0, piped.stderr[-3000:]
+    assert line.group(0) in piped.stdout, piped.stdout[-2000:]
 
 
 def test_dlrm_demo_quantized_inference_keeps_the_auc(capsys):
