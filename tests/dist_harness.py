@@ -140,3 +140,12 @@ def _check_alive(procs, done, results) -> None:
             if status == "error":
                 _raise_child_error(r, payload)
             done[r] = pickle.loads(payload)
+
+
+def merge_failures(per_rank: list[dict]) -> dict:
+    """Per-rank ``{job: [failure, ...]}`` results as one ``{job: ["rank r: failure", ...]}``."""
+    merged: dict = {}
+    for rank, res in enumerate(per_rank):
+        for job, fails in res.items():
+            merged.setdefault(job, []).extend(f"rank {rank}: {f}" for f in fails)
+    return merged

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import fxrec
-from dist_harness import run_workers
+from dist_harness import merge_failures, run_workers
 from fxrec.optim import RowWiseAdagrad
 from fxrec.passes.schedule_overlap import INPUT, STAGE
 from fxrec.runtime import comm
@@ -42,6 +42,19 @@ def _sharded(name, world, sharding, rpn=None):
     return case, sm
 
 
+def _step_by_step(sharded, batches) -> list[float]:
+    """The reference: the same steps without the pipeline; the losses."""
+    opt = torch.optim.SGD(list(sharded.parameters()) or [torch.zeros(1, requires_grad=True)], lr=LR)
+    losses = []
+    for batch in batches:
+        loss = _loss(sharded(*batch), batch)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
 def _train_both(rank: int, world: int, name: str, sharding: str, rpn=None) -> list[str]:
     """name "<model>+grad": the per-sample weights (argument 2) require grad, so the input
     stage carries gradients and must run in step (no overlap)."""
@@ -61,14 +74,7 @@ def _train_both(rank: int, world: int, name: str, sharding: str, rpn=None) -> li
         except StopIteration:
             break
     pipe.close()
-    ref_opt = torch.optim.SGD(list(plain.parameters()) or [torch.zeros(1, requires_grad=True)], lr=LR)
-    ref_losses = []
-    for batch in batches:
-        loss = _loss(plain(*batch), batch)
-        ref_opt.zero_grad()
-        loss.backward()
-        ref_opt.step()
-        ref_losses.append(loss.item())
+    ref_losses = _step_by_step(plain, batches)
     fails = []
     if len(losses) != STEPS or losses != ref_losses:
         fails.append(f"losses {losses} != {ref_losses}")
@@ -107,12 +113,7 @@ def _results(world: int, rpn) -> dict:
     key = (world, rpn)
     if key not in _RESULTS:
         jobs = JOBS if rpn is None else [("dlrm_ebc", "table_row_wise"), ("sequence", "table_row_wise")]
-        per_rank = run_workers(_worker, world, jobs, rpn, timeout=600)
-        merged: dict = {}
-        for rank, res in enumerate(per_rank):
-            for job, fails in res.items():
-                merged.setdefault(job, []).extend(f"rank {rank}: {f}" for f in fails)
-        _RESULTS[key] = merged
+        _RESULTS[key] = merge_failures(run_workers(_worker, world, jobs, rpn, timeout=600))
     return _RESULTS[key]
 
 
@@ -171,12 +172,4 @@ def test_one_process_pipeline_equals_plain_steps():
     with pytest.raises(StopIteration):
         pipe.progress(it)
     pipe.close()
-    opt = torch.optim.SGD(plain.parameters(), lr=LR)
-    want = []
-    for batch in batches:
-        loss = _loss(plain(*batch), batch)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        want.append(loss.item())
-    assert got == want
+    assert got == _step_by_step(plain, batches)

@@ -18,7 +18,7 @@ import torch
 from torch.testing import assert_close
 
 import fxrec
-from dist_harness import run_workers
+from dist_harness import merge_failures, run_workers
 from fxrec.optim import SGD, Adam, RowWiseAdagrad
 from fxrec.passes.lookup import table_names_by_param
 from fxrec.shard import shard
@@ -177,12 +177,7 @@ _RESULTS: dict = {}
 
 def _results(world: int) -> dict:
     if world not in _RESULTS:
-        per_rank = run_workers(_worker, world, _jobs(world), timeout=600)
-        merged: dict = {}
-        for rank, res in enumerate(per_rank):
-            for job, fails in res.items():
-                merged.setdefault(job, []).extend(f"rank {rank}: {f}" for f in fails)
-        _RESULTS[world] = merged
+        _RESULTS[world] = merge_failures(run_workers(_worker, world, _jobs(world), timeout=600))
     return _RESULTS[world]
 
 
