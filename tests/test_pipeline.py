@@ -152,6 +152,8 @@ def test_split_puts_the_id_exchange_in_the_input_stage():
                     any(u.op == "call_module" and "unpack" in u.target for u in n.users)]
     assert ids_exchange and all(stage[n.name] == INPUT for n in ids_exchange)
     assert any(stage[n.name] != INPUT for n in comms)  # the pooled vectors' exchange runs in the main stage
+    from fxrec.passes.render import node_line
+    assert all(("{stage input_dist}" in node_line(n)) == (stage[n.name] == INPUT) for n in gm.graph.nodes)
     split = split_stages(gm)
     assert split is not None
     input_gm, main_gm, _ = split

@@ -105,11 +105,17 @@ def _kernel_note(node: Node) -> str:
     return "{kernel " + "; ".join(parts) + "}"
 
 
+def _stage_note(node: Node) -> str:
+    """``{stage input_dist}`` on the nodes schedule_overlap put in the input stage (the rest is
+    the main stage, not marked)."""
+    return "{stage input_dist}" if node.meta.get("fxrec_stage") == "input_dist" else ""
+
+
 def node_line(node: Node) -> str:
-    """``%name = op target(args)  [pass] shape  {lookup}  # source (in module)``."""
+    """``%name = op target(args)  [pass] shape  {lookup} {kernel} {stage}  # source (in module)``."""
     shape = format_spec(node.meta[L.SHAPE]) if L.SHAPE in node.meta else "?"
     line = f"%{node.name} = {node.op} {_target(node)}({_args(node)})  [{node.meta.get(L.PASS, '?')}] {shape}"
-    for note in (_lookup_note(node), _kernel_note(node)):
+    for note in (_lookup_note(node), _kernel_note(node), _stage_note(node)):
         if note:
             line += f"  {note}"
     source, module = node.meta.get(L.SOURCE), node.meta.get(L.MODULE)
