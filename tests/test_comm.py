@@ -252,3 +252,23 @@ def test_harness_kills_hung_children():
     with pytest.raises(WorkerTimeout, match=r"ranks \[0, 1\] did not finish within 4 s"):
         run_workers(_hanging_worker, 2, timeout=4)
     assert time.monotonic() - start < 30
+
+
+def test_groups_for_this_thread_replace_names_in_this_thread_only():
+    """The pipeline's background thread sends its collectives to groups of its own: names
+    (and None for WORLD) resolve to them inside the block, in that thread only."""
+    import threading
+
+    mine = object()
+    seen = {}
+    with comm.groups_for_this_thread({"world": mine, "fxrec_test_other": mine}):
+        seen["none"], seen["named"] = comm.resolve_group(None), comm.resolve_group("fxrec_test_other")
+
+        def elsewhere():
+            seen["thread"] = comm.resolve_group(None)
+
+        t = threading.Thread(target=elsewhere)
+        t.start()
+        t.join()
+    assert seen == {"none": mine, "named": mine, "thread": None}
+    assert comm.resolve_group(None) is None  # the block restored this thread's view
