@@ -117,6 +117,33 @@ def _results(world: int, rpn) -> dict:
     return _RESULTS[key]
 
 
+def _bad_batch_then_good(rank: int, world: int) -> list:
+    """Rank 0's second batch holds an id out of range: both ranks raise at that step (not
+    later, not one of them), and the pipeline goes on with the next batch."""
+    case, piped = _sharded("dlrm_ebc", world, "row_wise")
+    batches = [case.local_batches(world, B, seed=30 + s)[rank] for s in range(4)]
+    if rank == 0:
+        dense, kjt = batches[1]
+        values = kjt.values().clone()
+        values[0] = 10_000
+        batches[1] = (dense, type(kjt)(kjt.keys(), values, lengths=kjt.lengths()))
+    pipe = TrainPipeline(piped, torch.optim.SGD(piped.parameters(), lr=LR), _loss)
+    it, seen = iter(batches), []
+    for _ in range(4):
+        try:
+            pipe.progress(it)
+            seen.append("trained")
+        except ValueError as e:
+            seen.append(str(e))
+    pipe.close()
+    return seen
+
+
+def test_a_bad_batch_raises_on_every_rank_and_training_goes_on():
+    for seen in run_workers(_bad_batch_then_good, 2, timeout=300):
+        assert seen[0] == seen[2] == seen[3] == "trained" and "id 10000" in seen[1], seen
+
+
 @pytest.mark.parametrize("name, sharding", JOBS)
 def test_pipeline_trains_like_step_by_step_on_two_ranks(name, sharding):
     assert not _results(2, None)[(name, sharding)]

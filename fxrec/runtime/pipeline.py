@@ -164,9 +164,10 @@ class TrainPipeline:
             if self._background is None:
                 self._background = not any(isinstance(v, torch.Tensor) and v.requires_grad for v in values)
         else:
-            batch, pending = self._next
-            values = pending.result()  # this batch's input stage (raises what it raised)
-            self._next = None
+            (batch, pending), self._next = self._next, None
+            # this batch's input stage; what it raised (a bad id: on every rank, by the input
+            # check's exchange) is raised here, and the next call goes on with the next batch
+            values = pending.result()
         if self._background:
             try:  # the next batch's ids travel while this one trains
                 self._next = self._start(next(batches))
