@@ -189,8 +189,9 @@ class TrainPipeline:
         return loss, out
 
     def close(self) -> None:
-        """Wait for a pending input stage and stop the background thread."""
+        """Wait for a pending input stage (its batch is not trained; what it raised is
+        dropped with it) and stop the background thread."""
         if self._next is not None:
-            self._next[1].result()
+            concurrent.futures.wait([self._next[1]])
             self._next = None
         self._pool.shutdown(wait=True)
