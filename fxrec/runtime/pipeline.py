@@ -36,7 +36,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.fx import Graph, GraphModule, Node
 
-from fxrec.passes.schedule_overlap import INPUT, STAGE, handed_over, input_stage
+from fxrec.passes.schedule_overlap import handed_over, input_stage
 from fxrec.runtime import comm
 
 __all__ = ["TrainPipeline", "split_stages"]
