@@ -48,7 +48,7 @@ echo "== $GPUS GPU(s): $RANKS rank(s) for the sharded steps"
 # The GPU-marked tests (kernels on CUDA, sparse types and metrics on CUDA; NCCL equivalence
 # with 2+ GPUs, skipped with one).
 step gpu_tests 80 python -m pytest -q -m gpu tests/test_lowering_kernels.py tests/test_sparse.py tests/test_metrics.py \
-    tests/test_quant_triton.py tests/test_shard_nccl.py
+    tests/test_quant_triton.py tests/test_inference.py tests/test_compile_backend.py tests/test_shard_nccl.py
 # fxrec.shard on the GPU(s): CUDA placement and kernels; NCCL collectives with 2+ ranks.
 step shard_gpu 60 python -m torch.distributed.run --nproc-per-node "$RANKS" examples/dlrm_train.py --shard \
     --steps 100 --val-batches 10

@@ -21,7 +21,7 @@ import fxrec
 from fxrec.lowering import backend as B
 from fxrec.lowering import FusedEmbeddingBags, QuantizedEmbeddingBags
 from models_zoo import CASES
-from test_inference import _flat
+from test_inference import _flat, _to_cuda
 
 MODELS = ["dlrm_lists", "dlrm_ebc", "two_tower", "seq_attention", "functional_bag", "weighted_bag", "table_dict",
           "bag_2d", "functional_embedding", "sequence_ec"]
@@ -244,3 +244,20 @@ def test_rowwise_adagrad_inside_backward_equals_its_formula():
                     p.grad = None
     for (k, a), b in zip(model.state_dict().items(), reference.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=k)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("name", ["dlrm_lists", "two_tower", "table_dict"])
+def test_gpu_inference_equals_eager_on_triton(name):
+    case = CASES[name]
+    model, _ = case.make(0)
+    model = model.cuda()
+    reference = copy.deepcopy(model)
+    compiled = torch.compile(model, backend="fxrec")
+    with torch.no_grad():
+        for seed in (1, 2):
+            x = _to_cuda(case.inputs(seed))
+            for a, b in zip(_flat(compiled(*x)), _flat(reference(*x))):
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert {m.kernel for m in _fused_modules()} == {"triton"}

@@ -494,3 +494,34 @@ def test_quantize_in_chunks_equals_at_once(monkeypatch):
     w[29, 3] = float("inf")
     with pytest.raises(ValueError, match=r"table 'x': row 29 holds a non-finite value \(inf\)"):
         quantize_rows(w, QUANT_TYPES["int8"], table="x")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("qtype", ["int8", "int4", "fp16"])
+@pytest.mark.parametrize("name", ["dlrm_lists", "dlrm_ebc", "two_tower", "sequence_ec"])
+def test_gpu_lowered_model_equals_model_with_decoded_tables(name, qtype):
+    """On a GPU the lookups run on fxrec's Triton kernels, in FBGEMM's row format."""
+    case = CASES[name]
+    model, ex = case.make(0)
+    model = model.cuda()
+    ex = _to_cuda(ex)
+    lowered = fxrec.lower_for_inference(model, ex, _types_for(model, ex, qtype))
+    quant = [m for m in lowered.modules() if isinstance(m, QuantizedEmbeddingBags)]
+    assert quant and {m.kernel for m in quant} == {"triton"} and {m.layout.qparams for m in quant} == {"front"}
+    ref = _decoded_model(model, lowered)
+    with torch.no_grad():
+        x = _to_cuda(case.inputs(1))
+        for a, b in zip(_flat(lowered(*x)), _flat(ref(*x))):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def _to_cuda(x):
+    """A batch (tensors, lists, tuples, dicts, sparse types) moved to the GPU."""
+    if isinstance(x, torch.Tensor):
+        return x.cuda()
+    if isinstance(x, (list, tuple)):
+        return type(x)(_to_cuda(v) for v in x)
+    if isinstance(x, dict):
+        return {k: _to_cuda(v) for k, v in x.items()}
+    return x.to("cuda") if hasattr(x, "to") else x
