@@ -525,3 +525,34 @@ def _to_cuda(x):
     if isinstance(x, dict):
         return {k: _to_cuda(v) for k, v in x.items()}
     return x.to("cuda") if hasattr(x, "to") else x
+
+
+@pytest.mark.parametrize("types", [("fp32", "fp16", "int8"), ("fp16", "int4", "fp32")])
+def test_torch_kernel_reads_padded_rows(types):
+    """FBGEMM's GPU layout pads each row to 16 bytes: the torch kernel (the fallback there)
+    reads only a row's own values, pooled and unpooled."""
+    from fxrec.lowering.torch_ref import quant_pooled_forward, quant_unpooled_forward
+
+    g = torch.Generator().manual_seed(8)
+    dims = (6, 10, 4)  # fp32 x 6 = 24 bytes, fp16 x 10 = 20 bytes: both padded to 32
+    for pooling in ("sum", "none"):
+        ds = dims if pooling == "sum" else (8, 8, 8)
+        tables = [TableInfo(name=f"p{i}", num_embeddings=7 + i, embedding_dim=d, pooling=pooling)
+                  for i, d in enumerate(ds)]
+        lay = QuantLayout(tables, list(types), row_alignment=16)
+        buf = torch.zeros(lay.numel, dtype=torch.uint8)
+        values = {}
+        for t, part, q, nbytes in zip(tables, lay.split(buf), lay.types, lay.row_bytes):
+            w = torch.randn(t.num_embeddings, t.embedding_dim, generator=g)
+            quantize_rows(w, q, nbytes, t.name, out=part)
+            values[t.name] = dequantize_rows(part, q, t.embedding_dim)
+        indices, offsets = _batch(g, tables, 4, torch.int64)
+        if pooling == "sum":
+            got = quant_pooled_forward(buf, lay, indices, offsets)
+            torch.testing.assert_close(got, _ref_pooled(tables, values, indices, offsets, None, 4),
+                                       rtol=1e-5, atol=1e-5)
+        else:
+            got = quant_unpooled_forward(buf, lay, indices, offsets)
+            bounds = offsets[::4].tolist()
+            want = torch.cat([values[t.name][indices[s:e]].reshape(-1) for t, s, e in zip(tables, bounds, bounds[1:])])
+            torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)

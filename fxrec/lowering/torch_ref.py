@@ -179,8 +179,14 @@ def _quant_bags(table: Tensor, qtype, dim: int, qparams: str, ids: Tensor, bag_o
     if qparams == "back" and qtype.name in _ATEN_BAGS and table.device.type == "cpu":  # they always sum
         op = getattr(torch.ops.quantized, _ATEN_BAGS[qtype.name])
         out = op(table, ids, bag_off.to(ids.dtype), False, 0, False, psw, None, False)
-    elif qtype.name == "fp32":  # the rows are the table: no copy
-        out = F.embedding_bag(ids, table.view(torch.float32), bag_off, mode="sum", per_sample_weights=psw)
+    elif qtype.name in ("fp32", "fp16"):  # raw values: a typed view of the table, nothing to decode
+        values = table.view(torch.float32 if qtype.name == "fp32" else torch.float16)[:, :dim]
+        if qtype.name == "fp32" and values.is_contiguous():  # unpadded rows: pool straight from the table
+            out = F.embedding_bag(ids, values, bag_off, mode="sum", per_sample_weights=psw)
+        else:  # gather the touched rows (fp16 pooled in fp32; padded rows would make a table-wide copy)
+            rows = values.index_select(0, ids.long()).float()
+            out = F.embedding_bag(torch.arange(ids.numel(), device=ids.device), rows, bag_off, mode="sum",
+                                  per_sample_weights=psw)
     else:
         rows = dequantize_rows(table.index_select(0, ids.long()), qtype, dim, qparams)
         local = torch.arange(ids.numel(), device=ids.device)
@@ -220,8 +226,9 @@ def quant_unpooled_forward(weights: Tensor, layout: QuantLayout, indices: Tensor
         ids = indices[s:e]
         if ids.numel() == 0:
             continue
-        if q.name == "fp32":
-            outs.append(table.view(torch.float32).index_select(0, ids.long()).reshape(-1))
+        if q.name in ("fp32", "fp16"):  # raw values: gather from a typed view
+            values = table.view(torch.float32 if q.name == "fp32" else torch.float16)[:, :d]
+            outs.append(values.index_select(0, ids.long()).float().reshape(-1))
             continue
         one = torch.arange(ids.numel(), device=ids.device, dtype=ids.dtype)
         outs.append(_quant_bags(table, q, d, layout.qparams, ids, one, False, None).reshape(-1))
