@@ -27,7 +27,7 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -145,6 +145,24 @@ class _Spec:
     num_embeddings: int
     embedding_dim: int
     pooling: str
+
+
+def in_table_order(names: Sequence[str], values, what: str) -> list:
+    """`values` as a list in the order of the tables `names`: a mapping table name -> value
+    must name every table and no other, a sequence must hold one value per table; otherwise
+    ValueError saying which tables are unknown or missing, or how many values came."""
+    names = list(names)
+    if isinstance(values, Mapping):
+        unknown = sorted(set(values) - set(names))
+        missing = [n for n in names if n not in values]
+        if unknown or missing:
+            raise ValueError(f"{what} must name every table: unknown table(s) {unknown}, missing {missing}; "
+                             f"the tables are {names}")
+        return [values[n] for n in names]
+    values: list[Any] = list(values)
+    if len(values) != len(names):
+        raise ValueError(f"expected {what} for {len(names)} tables, got {len(values)}")
+    return values
 
 
 def check_devices(device: torch.device, **tensors: Optional[Tensor]) -> None:

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from . import registry
-from .layout import check_devices, check_inputs
+from .layout import check_devices, check_inputs, in_table_order
 from .quant import QuantLayout, dequantize_rows, quant_type, quantize_rows
 
 __all__ = ["QuantizedEmbeddingBags"]
@@ -43,14 +43,9 @@ class QuantizedEmbeddingBags(nn.Module):
                  bounds_check: bool = True, row_alignment: Optional[int] = None):
         super().__init__()
         names = [str(t.name) for t in tables]
-        if isinstance(weight_types, Mapping):
-            missing = [n for n in names if n not in weight_types]
-            unknown = sorted(set(weight_types) - set(names))
-            if missing or unknown:
-                raise ValueError(f"weight_types must name every table: missing {missing}, unknown {unknown}")
-            types = [quant_type(weight_types[n], n) for n in names]
-        else:
-            types = [quant_type(weight_types, n) for n in names]
+        per_table = in_table_order(names, weight_types, "weight_types") if isinstance(weight_types, Mapping) \
+            else [weight_types] * len(names)
+        types = [quant_type(w, n) for w, n in zip(per_table, names)]
         if output_dtype not in _OUTPUT_DTYPES:
             raise ValueError(f"output_dtype must be one of {_OUTPUT_DTYPES}, got {output_dtype}")
         self.output_dtype = output_dtype
@@ -155,16 +150,7 @@ class QuantizedEmbeddingBags(nn.Module):
     @torch.no_grad()
     def load_tables(self, weights: Union[Mapping[str, Tensor], Sequence[Tensor]]) -> None:
         """Quantize per-table float weights in (by table name, or a sequence in table order)."""
-        names = self.layout.names
-        if isinstance(weights, Mapping):
-            unknown = sorted(set(weights) - set(names))
-            missing = [n for n in names if n not in weights]
-            if unknown or missing:
-                raise ValueError(f"weights must name every table: missing {missing}, unknown {unknown}")
-            weights = [weights[n] for n in names]
-        if len(weights) != len(names):
-            raise ValueError(f"expected {len(names)} tables' weights, got {len(weights)}")
-        for name, w in zip(names, weights):
+        for name, w in zip(self.layout.names, in_table_order(self.layout.names, weights, "weights")):
             self.load_table(name, w)
 
     @torch.no_grad()

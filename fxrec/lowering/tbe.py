@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from fxrec.optim import OPTIMIZERS
 
 from . import registry
-from .layout import TBELayout, check_devices, check_inputs
+from .layout import TBELayout, check_devices, check_inputs, in_table_order
 from .sparse_update import ROW_STATE, init_state
 from .torch_ref import per_sample_weights_grad
 
@@ -208,17 +208,7 @@ class FusedEmbeddingBags(nn.Module):
     @torch.no_grad()
     def load_tables(self, weights: Union[Mapping[str, Tensor], Sequence[Tensor]]) -> None:
         """Copy per-table weights in (by table name, or a sequence in table order)."""
-        if isinstance(weights, Mapping):
-            unknown = sorted(set(weights) - set(self.layout.names))
-            if unknown:
-                raise ValueError(f"unknown table(s) {unknown}; tables are {list(self.layout.names)}")
-            missing = [n for n in self.layout.names if n not in weights]
-            if missing:
-                raise ValueError(f"missing weights for table(s) {missing}")
-            weights = [weights[n] for n in self.layout.names]
-        if len(weights) != self.layout.num_tables:
-            raise ValueError(f"expected {self.layout.num_tables} tables' weights, got {len(weights)}")
-        for name, src in zip(self.layout.names, weights):
+        for name, src in zip(self.layout.names, in_table_order(self.layout.names, weights, "weights")):
             self.load_table(name, src)
 
     @torch.no_grad()

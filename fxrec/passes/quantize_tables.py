@@ -25,6 +25,7 @@ from typing import Mapping
 import torch
 from torch.fx import GraphModule
 
+from fxrec.lowering.layout import in_table_order
 from fxrec.lowering.quant import check_dim, quant_type
 from fxrec.lowering.quant_tbe import QuantizedEmbeddingBags
 from fxrec.passes import lookup as L
@@ -41,15 +42,9 @@ def table_types(weight_dtype, tables: dict) -> dict:
     """Table name -> QuantType, checked against the model's tables (a mapping must name each
     of them and no other); a bad type or a dim the type cannot pack raises ValueError naming
     the table."""
-    if isinstance(weight_dtype, Mapping):
-        unknown = sorted(set(weight_dtype) - set(tables))
-        missing = [t for t in tables if t not in weight_dtype]
-        if unknown or missing:
-            raise ValueError(f"weight_dtype must map every table to a type: unknown table(s) {unknown}, "
-                             f"missing {missing}; the model's tables are {list(tables)}")
-        types = {t: quant_type(weight_dtype[t], t) for t in tables}
-    else:
-        types = {t: quant_type(weight_dtype, t) for t in tables}
+    per_table = in_table_order(tables, weight_dtype, "weight_dtype") if isinstance(weight_dtype, Mapping) \
+        else [weight_dtype] * len(tables)
+    types = {t: quant_type(w, t) for t, w in zip(tables, per_table)}
     for name, qtype in types.items():
         check_dim(name, tables[name].embedding_dim, qtype)
     return types
