@@ -223,16 +223,11 @@ def _grouping_conflict(gm: GraphModule, ctx, params: dict[str, nn.Parameter]) ->
     """Why this graph must not fuse: a table it would fuse lives, since an earlier compile,
     in a fused buffer holding another set of tables (an eval graph reading some of a
     training graph's tables). Such a graph reads the tables unfused, from that buffer."""
-    from fxrec.passes import lookup as L
-    from fxrec.passes.fuse_lookups import fusion_units
+    from fxrec.passes.fuse_lookups import fusion_units, served_pooled
 
     by_name = {n.name: n for n in gm.graph.nodes}
     for unit in fusion_units(ctx.groups):
-        pooled: dict[str, bool] = {}
-        for group in unit:
-            for node in group.nodes:
-                for read in by_name[node].meta[L.LOOKUP].reads:
-                    pooled[read.table] = pooled.get(read.table, True) and read.pooling != "none"
+        pooled = served_pooled([by_name[n] for group in unit for n in group.nodes])
         for role in (True, False):
             names = {t for t, p in pooled.items() if p is role}
             owners = {id(e[0]) if e else None for e in (_aliased(params[t]) for t in names if t in params)}

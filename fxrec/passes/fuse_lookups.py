@@ -114,13 +114,20 @@ def _why_not(gm: GraphModule, groups: list, nodes: list[Node]) -> Optional[str]:
 
 
 # ------------------------------------------------------------------ specs and modules
-def _specs(gm: GraphModule, nodes: list[Node]) -> tuple[list[NodeSpec], list[SlotSpec]]:
-    """One NodeSpec per lookup and one SlotSpec per (lookup, table, feature) read. A table
-    is served pooled when every read of it here is pooled, else as rows."""
+def served_pooled(nodes: list[Node]) -> dict[str, bool]:
+    """Table -> whether one fused call over these lookups serves it pooled: when every read
+    of it here is pooled (else as rows, pooled in the glue)."""
     pooled: dict[str, bool] = {}
     for n in nodes:
         for r in n.meta[L.LOOKUP].reads:
             pooled[r.table] = pooled.get(r.table, True) and r.pooling != "none"
+    return pooled
+
+
+def _specs(gm: GraphModule, nodes: list[Node]) -> tuple[list[NodeSpec], list[SlotSpec]]:
+    """One NodeSpec per lookup and one SlotSpec per (lookup, table, feature) read (a table
+    served pooled or as rows: `served_pooled`)."""
+    pooled = served_pooled(nodes)
     tables, specs, slots = gm.meta[L.TABLES], [], []
     for n in nodes:
         lk, ks = n.meta[L.LOOKUP], []
