@@ -183,6 +183,10 @@ def test_split_puts_the_id_exchange_in_the_input_stage():
     assert all(("{stage input_dist}" in node_line(n)) == (stage[n.name] == INPUT) for n in gm.graph.nodes)
     split = split_stages(gm)
     assert split is not None
+    for node in gm.graph.nodes:  # the split follows the pass's marks: without them, no split
+        node.meta.pop(STAGE)
+    with pytest.raises(ValueError, match="no schedule_overlap marks"):
+        split_stages(gm)
     input_gm, main_gm, _ = split
     main_targets = {n.target for n in main_gm.graph.nodes}
     assert comm.all_to_all_counts not in main_targets and comm.all_to_all_counts in {n.target for n in

@@ -7,8 +7,8 @@ So batch i+1's input distribution can run while batch i computes, on a process g
 its own (`fxrec.runtime.pipeline.TrainPipeline`), as TorchRec's sparse-dist pipeline does.
 
 This pass changes no node. It sets ``node.meta[STAGE]`` on every node: INPUT for the nodes
-of the input stage, MAIN for the rest, and ``gm.meta[STAGE]`` to the number of input-stage
-nodes whose values the main stage reads (the pipeline hands exactly those over). A node
+of the input stage, MAIN for the rest, BOTH for placeholders; the pipeline splits the
+program along these marks and hands over the values `handed_over` lists. A node
 is INPUT when it is an ancestor of a local lookup (a `LocalLookup` or `ReplicatedLookup`
 node) and none of its own inputs is MAIN-only, where MAIN-only are: get_attr nodes
 (parameters and buffers), modules holding parameters, the lookups themselves, and `RowSync`
@@ -71,7 +71,6 @@ def schedule_overlap_pass(gm: GraphModule, ctx) -> GraphModule:
     for node in gm.graph.nodes:
         node.meta[STAGE] = BOTH if node.op == "placeholder" else (INPUT if node in stage else MAIN)
     frontier = handed_over(gm, stage)
-    gm.meta[STAGE] = len(frontier)
     if stage:
         ctx.log.append(f"{NAME}: {len(stage)} node(s) distribute the batch's ids before any lookup; "
                        f"{len(frontier)} value(s) pass to the main stage")

@@ -36,7 +36,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.fx import Graph, GraphModule, Node
 
-from fxrec.passes.schedule_overlap import handed_over, input_stage
+from fxrec.passes.schedule_overlap import INPUT, STAGE, handed_over
 from fxrec.runtime import comm
 
 __all__ = ["TrainPipeline", "split_stages"]
@@ -74,9 +74,13 @@ def _without(gm: GraphModule, names: set[str]) -> GraphModule:
 
 
 def split_stages(gm: GraphModule) -> Optional[tuple[GraphModule, GraphModule, _Inbox]]:
-    """(input stage, main stage, the main stage's inbox) of a sharded program, both taking
-    the program's own arguments; None when no node distributes ids (nothing to overlap)."""
-    stage = input_stage(gm)
+    """(input stage, main stage, the main stage's inbox) of a sharded program, split along
+    the schedule_overlap pass's marks, both taking the program's own arguments; None when
+    no node distributes ids (nothing to overlap)."""
+    if not any(STAGE in n.meta for n in gm.graph.nodes):
+        raise ValueError("split_stages: the program carries no schedule_overlap marks (run the pass, or build it "
+                         "with fxrec.shard, which does)")
+    stage = {n for n in gm.graph.nodes if n.meta.get(STAGE) == INPUT}
     frontier = handed_over(gm, stage)
     if not frontier:
         return None
@@ -112,7 +116,7 @@ def split_stages(gm: GraphModule) -> Optional[tuple[GraphModule, GraphModule, _I
     return input_gm, main_gm, inbox
 
 
-def _rank_sets() -> int:
+def _ranks_per_node() -> int:
     """Ranks per node of the running job, from its registered intra-node group."""
     intra = comm._GROUPS.get("intra_node")
     if intra is None:
@@ -136,21 +140,22 @@ class TrainPipeline:
         self._stages = split
         self._groups: dict = {}
         if split is not None and comm.world_size() > 1:
-            pgs = comm.ProcessGroups(ranks_per_node=_rank_sets(), register=False)  # collective
+            pgs = comm.ProcessGroups(ranks_per_node=_ranks_per_node(), register=False)  # collective
             world = dist.new_group(list(range(comm.world_size())))  # collective
             self._groups = {"world": world, "intra_node": pgs.intra_node, "cross_node": pgs.cross_node}
         self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="fxrec-input-dist")
-        self._next: Optional[tuple] = None  # (batch, future of its input stage's values)
+        self._next: Optional[tuple] = None  # (batch, its model arguments, future of its input stage's values)
         self._background: Optional[bool] = None  # input stages in the background thread (set at the first)
         self.overlapped = 0  # input stages started in the background
 
-    def _input_stage(self, batch):
+    def _input_stage(self, args: tuple):
         input_gm = self._stages[0]
         with comm.groups_for_this_thread(self._groups):
-            return input_gm(*self.inputs(batch))
+            return input_gm(*args)
 
     def _start(self, batch) -> tuple:
-        return batch, self._pool.submit(self._input_stage, batch)
+        args = tuple(self.inputs(batch))
+        return batch, args, self._pool.submit(self._input_stage, args)
 
     def progress(self, batches: Iterator) -> tuple[torch.Tensor, Any]:
         """One training step on the next batch of `batches` (module doc)."""
@@ -160,11 +165,12 @@ class TrainPipeline:
         input_gm, main_gm, inbox = self._stages
         if self._next is None:  # the first batch, or every batch when the stage carries gradients
             batch = next(batches)
-            values = input_gm(*self.inputs(batch))
+            args = tuple(self.inputs(batch))
+            values = input_gm(*args)
             if self._background is None:
                 self._background = not any(isinstance(v, torch.Tensor) and v.requires_grad for v in values)
         else:
-            (batch, pending), self._next = self._next, None
+            (batch, args, pending), self._next = self._next, None
             # this batch's input stage; what it raised (a bad id: on every rank, by the input
             # check's exchange) is raised here, and the next call goes on with the next batch
             values = pending.result()
@@ -176,7 +182,7 @@ class TrainPipeline:
                 pass
         inbox.values = tuple(values)
         try:
-            out = main_gm(*self.inputs(batch))
+            out = main_gm(*args)
         finally:
             inbox.values = None
         return self._step(batch, out)
@@ -192,6 +198,6 @@ class TrainPipeline:
         """Wait for a pending input stage (its batch is not trained; what it raised is
         dropped with it) and stop the background thread."""
         if self._next is not None:
-            concurrent.futures.wait([self._next[1]])
+            concurrent.futures.wait([self._next[2]])
             self._next = None
         self._pool.shutdown(wait=True)
