@@ -18,20 +18,40 @@ import triton.language as tl
 
 
 @triton.jit
-def pooled_forward_kernel(weights_ptr, w_offsets_ptr, d_offsets_ptr, is_mean_ptr,
-                          indices_ptr, offsets_ptr, psw_ptr, out_ptr, B, total_D,
-                          HAS_PSW: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Grid (T*B, cdiv(max_D, BLOCK_D)): program (bag, dblk) pools bag = t*B + b."""
+def bag_of_program(d_offsets_ptr, offsets_ptr, B, BLOCK_D: tl.constexpr):
+    """A pooled kernel's program (bag, dblk) of grid (T*B, cdiv(max_D, BLOCK_D)), bag = t*B + b:
+    (t, b, d0 = its table's first output column, D = its dim, its ids' range start:end, the
+    column block cols and its mask)."""
     bag = tl.program_id(0)
     t = bag // B
     b = bag - t * B
     d0 = tl.load(d_offsets_ptr + t)
     D = tl.load(d_offsets_ptr + t + 1) - d0
-    w_base = tl.load(w_offsets_ptr + t)
     start = tl.load(offsets_ptr + bag).to(tl.int64)
     end = tl.load(offsets_ptr + bag + 1).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    cmask = cols < D
+    return t, b, d0, D, start, end, cols, cols < D
+
+
+@triton.jit
+def store_bag(acc, is_mean_ptr, out_ptr, t, b, d0, start, end, cols, cmask, total_D):
+    """Store bag (t, b)'s fp32 sums `acc` (divided by its length where table t pools by
+    mean) at its columns of the B x total_D output, rounded once to the output's dtype."""
+    n = (end - start).to(tl.float32)
+    is_mean = tl.load(is_mean_ptr + t)
+    # mean of an empty bag stays 0, as in F.embedding_bag
+    acc = tl.where((is_mean != 0) & (n > 0), acc / tl.maximum(n, 1.0), acc)
+    out = out_ptr + b.to(tl.int64) * total_D + d0 + cols
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=cmask)
+
+
+@triton.jit
+def pooled_forward_kernel(weights_ptr, w_offsets_ptr, d_offsets_ptr, is_mean_ptr,
+                          indices_ptr, offsets_ptr, psw_ptr, out_ptr, B, total_D,
+                          HAS_PSW: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Grid (T*B, cdiv(max_D, BLOCK_D)): program (bag, dblk) pools bag = t*B + b."""
+    t, b, d0, D, start, end, cols, cmask = bag_of_program(d_offsets_ptr, offsets_ptr, B, BLOCK_D)
+    w_base = tl.load(w_offsets_ptr + t)
     acc = tl.zeros([BLOCK_D], dtype=tl.float32)
     for i in range(start, end, BLOCK_N):
         pos = i + tl.arange(0, BLOCK_N)
@@ -43,12 +63,7 @@ def pooled_forward_kernel(weights_ptr, w_offsets_ptr, d_offsets_ptr, is_mean_ptr
             s = tl.load(psw_ptr + pos, mask=nmask, other=0.0).to(tl.float32)
             rows = rows * s[:, None]
         acc += tl.sum(rows, axis=0)
-    n = (end - start).to(tl.float32)
-    is_mean = tl.load(is_mean_ptr + t)
-    # mean of an empty bag stays 0, as in F.embedding_bag
-    acc = tl.where((is_mean != 0) & (n > 0), acc / tl.maximum(n, 1.0), acc)
-    out = out_ptr + b.to(tl.int64) * total_D + d0 + cols
-    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=cmask)
+    store_bag(acc, is_mean_ptr, out_ptr, t, b, d0, start, end, cols, cmask, total_D)
 
 
 @triton.jit

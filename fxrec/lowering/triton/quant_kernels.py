@@ -20,6 +20,8 @@ on the CPU: `triton.jit` decides at decoration time whether to interpret.
 import triton
 import triton.language as tl
 
+from .kernels import bag_of_program, store_bag
+
 
 @triton.jit
 def _fp16_at(row_ptrs, byte: tl.constexpr, mask):
@@ -76,18 +78,10 @@ def quant_pooled_forward_kernel(weights_ptr, w_offsets_ptr, row_bytes_ptr, tys_p
                                 indices_ptr, offsets_ptr, psw_ptr, out_ptr, B, total_D,
                                 HAS_PSW: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """Grid (T*B, cdiv(max_D, BLOCK_D)): program (bag, dblk) pools bag = t*B + b."""
-    bag = tl.program_id(0)
-    t = bag // B
-    b = bag - t * B
-    d0 = tl.load(d_offsets_ptr + t)
-    D = tl.load(d_offsets_ptr + t + 1) - d0
+    t, b, d0, D, start, end, cols, cmask = bag_of_program(d_offsets_ptr, offsets_ptr, B, BLOCK_D)
     w_base = tl.load(w_offsets_ptr + t).to(tl.int64)
     row_bytes = tl.load(row_bytes_ptr + t).to(tl.int64)
     ty = tl.load(tys_ptr + t).to(tl.int32)
-    start = tl.load(offsets_ptr + bag).to(tl.int64)
-    end = tl.load(offsets_ptr + bag + 1).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    cmask = cols < D
     if ty == 0:
         acc = _pool_bag(weights_ptr, w_base, row_bytes, indices_ptr, psw_ptr, start, end, cols, cmask,
                         HAS_PSW, 0, 32, BLOCK_N, BLOCK_D)
@@ -103,12 +97,7 @@ def quant_pooled_forward_kernel(weights_ptr, w_offsets_ptr, row_bytes_ptr, tys_p
     else:
         acc = _pool_bag(weights_ptr, w_base, row_bytes, indices_ptr, psw_ptr, start, end, cols, cmask,
                         HAS_PSW, 2, 2, BLOCK_N, BLOCK_D)
-    n = (end - start).to(tl.float32)
-    is_mean = tl.load(is_mean_ptr + t)
-    # mean of an empty bag stays 0, as in F.embedding_bag
-    acc = tl.where((is_mean != 0) & (n > 0), acc / tl.maximum(n, 1.0), acc)
-    out = out_ptr + b.to(tl.int64) * total_D + d0 + cols
-    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=cmask)
+    store_bag(acc, is_mean_ptr, out_ptr, t, b, d0, start, end, cols, cmask, total_D)
 
 
 @triton.jit
