@@ -67,21 +67,28 @@ def pooled_forward_kernel(weights_ptr, w_offsets_ptr, d_offsets_ptr, is_mean_ptr
 
 
 @triton.jit
-def unpooled_forward_kernel(weights_ptr, w_offsets_ptr, d_offsets_ptr, indices_ptr, offsets_ptr,
-                            out_offsets_ptr, out_ptr, B,
-                            BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Grid (T, cdiv(max N_t, BLOCK_N), cdiv(max_D, BLOCK_D)): copies table t's rows to its block."""
+def block_of_program(d_offsets_ptr, offsets_ptr, B, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """An unpooled kernel's program of grid (T, cdiv(max N_t, BLOCK_N), cdiv(max_D, BLOCK_D)):
+    (t, D = its dim, local = its ids' positions within table t's, pos = their positions in
+    indices, their mask, the column block cols and its mask)."""
     t = tl.program_id(0)
-    d0 = tl.load(d_offsets_ptr + t)
-    D = tl.load(d_offsets_ptr + t + 1) - d0
-    w_base = tl.load(w_offsets_ptr + t)
+    D = tl.load(d_offsets_ptr + t + 1) - tl.load(d_offsets_ptr + t)
     first = tl.load(offsets_ptr + t * B).to(tl.int64)
     last = tl.load(offsets_ptr + (t + 1) * B).to(tl.int64)
     local = tl.program_id(1).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     pos = first + local
-    nmask = pos < last
     cols = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
-    mask = nmask[:, None] & (cols < D)[None, :]
+    return t, D, local, pos, pos < last, cols, cols < D
+
+
+@triton.jit
+def unpooled_forward_kernel(weights_ptr, w_offsets_ptr, d_offsets_ptr, indices_ptr, offsets_ptr,
+                            out_offsets_ptr, out_ptr, B,
+                            BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Grid (T, cdiv(max N_t, BLOCK_N), cdiv(max_D, BLOCK_D)): copies table t's rows to its block."""
+    t, D, local, pos, nmask, cols, cmask = block_of_program(d_offsets_ptr, offsets_ptr, B, BLOCK_N, BLOCK_D)
+    w_base = tl.load(w_offsets_ptr + t)
+    mask = nmask[:, None] & cmask[None, :]
     ids = tl.load(indices_ptr + pos, mask=nmask, other=0).to(tl.int64)
     rows = tl.load(weights_ptr + w_base + ids[:, None] * D + cols[None, :], mask=mask, other=0.0)
     out_base = tl.load(out_offsets_ptr + t)

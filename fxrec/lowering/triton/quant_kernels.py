@@ -20,7 +20,7 @@ on the CPU: `triton.jit` decides at decoration time whether to interpret.
 import triton
 import triton.language as tl
 
-from .kernels import bag_of_program, store_bag
+from .kernels import bag_of_program, block_of_program, store_bag
 
 
 @triton.jit
@@ -106,19 +106,10 @@ def quant_unpooled_forward_kernel(weights_ptr, w_offsets_ptr, row_bytes_ptr, tys
                                   BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """Grid (T, cdiv(max N_t, BLOCK_N), cdiv(max_D, BLOCK_D)): decodes a block of table t's
     looked-up rows into its block of the flat output."""
-    t = tl.program_id(0)
-    d0 = tl.load(d_offsets_ptr + t)
-    D = tl.load(d_offsets_ptr + t + 1) - d0
+    t, D, local, pos, nmask, cols, cmask = block_of_program(d_offsets_ptr, offsets_ptr, B, BLOCK_N, BLOCK_D)
     w_base = tl.load(w_offsets_ptr + t).to(tl.int64)
     row_bytes = tl.load(row_bytes_ptr + t).to(tl.int64)
     ty = tl.load(tys_ptr + t).to(tl.int32)
-    first = tl.load(offsets_ptr + t * B).to(tl.int64)
-    last = tl.load(offsets_ptr + (t + 1) * B).to(tl.int64)
-    local = tl.program_id(1).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    pos = first + local
-    nmask = pos < last
-    cols = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
-    cmask = cols < D
     ids = tl.load(indices_ptr + pos, mask=nmask, other=0).to(tl.int64)
     row_start = w_base + ids * row_bytes
     if ty == 0:
