@@ -13,8 +13,6 @@ Triton's backward tests run twice: the rows kernel (the default) and the one-row
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -23,6 +21,7 @@ from fxrec.lowering import FusedEmbeddingBags, NoKernelError, TBELayout, select
 from fxrec.lowering.sparse_update import init_state, sort_occurrences
 from fxrec.optim import SGD, Adam, RowWiseAdagrad
 from fxrec.types import TableInfo
+from triton_child import run_interpreter_child
 
 KERNELS_UNDER_TEST = os.environ.get("FXREC_TEST_KERNELS", "torch,fbgemm").split(",")
 B = 4
@@ -501,14 +500,9 @@ def test_triton_interpreter_suite():
     if "triton" in KERNELS_UNDER_TEST:
         return  # we are the child
     pytest.importorskip("triton")
-    env = {k: v for k, v in os.environ.items() if k != "FXREC_KERNEL"}
-    env.update(TRITON_INTERPRET="1", FXREC_TEST_KERNELS="triton")
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__,
-                           "-k", "not interpreter_suite and not gpu and not compile_for"],
-                          env=env, capture_output=True, text=True, timeout=600)
-    tail = proc.stdout[-6000:] + proc.stderr[-2000:]
-    assert proc.returncode == 0, tail
-    assert " passed" in proc.stdout and "failed" not in proc.stdout, tail
+    status, out, tail = run_interpreter_child(__file__, "interpreter_suite or gpu or compile_for")
+    assert status == 0, tail
+    assert " passed" in out and "failed" not in out, tail
 
 
 _BWD_SIG = {"weights_ptr": "*bf16", "momentum_ptr": "*fp32", "exp_avg_ptr": "*fp32", "exp_avg_sq_ptr": "*fp32",

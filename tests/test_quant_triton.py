@@ -10,7 +10,6 @@ for a GPU (sm_90) ahead of time, which the interpreter never does.
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 
 import pytest
@@ -20,6 +19,7 @@ from fxrec.lowering import torch_ref
 from fxrec.lowering.quant import QuantLayout, quantize_rows
 from fxrec.lowering.registry import kernel_choices, registered, select
 from fxrec.types import TableInfo
+from triton_child import run_interpreter_child
 
 KERNELS_UNDER_TEST = os.environ.get("FXREC_TEST_KERNELS", "torch,fbgemm").split(",")
 CHILD = "triton" in KERNELS_UNDER_TEST
@@ -193,14 +193,9 @@ def test_triton_interpreter_suite():
     if CHILD:
         return  # we are the child
     pytest.importorskip("triton")
-    env = {k: v for k, v in os.environ.items() if k != "FXREC_KERNEL"}
-    env.update(TRITON_INTERPRET="1", FXREC_TEST_KERNELS="triton")
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__,
-                           "-k", "not interpreter_suite and not gpu and not compile_for and not checker"],
-                          env=env, capture_output=True, text=True, timeout=600)
-    tail = proc.stdout[-6000:] + proc.stderr[-2000:]
-    assert proc.returncode == 0, tail
-    assert " passed" in proc.stdout and "failed" not in proc.stdout and "skipped" not in proc.stdout, tail
+    status, out, tail = run_interpreter_child(__file__, "interpreter_suite or gpu or compile_for or checker")
+    assert status == 0, tail
+    assert " passed" in out and "failed" not in out and "skipped" not in out, tail
 
 
 QUANT_OPS = ("quant_pooled_forward", "quant_unpooled_forward")
