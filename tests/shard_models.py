@@ -7,12 +7,14 @@ b samples, ``concat(batches)`` the global batch (rank 0's samples first). Tables
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 from torch import nn
 
+import fxrec
 from fxrec.modules import EmbeddingBagCollection, EmbeddingBagConfig
 from fxrec.sparse import KeyedJaggedTensor
 from models_zoo import DLRMEBC, DLRMLists, SequenceEC, TwoTower, _bags, _mlp
@@ -181,6 +183,15 @@ class Case:
     def local_batches(self, world: int, b: int, seed: int) -> list[tuple]:
         g = torch.Generator().manual_seed(seed)
         return [self.draw(g, b) for _ in range(world)]
+
+    def setup(self, world: int, b: int, seed: int) -> tuple:
+        """(the model built from seed 0, a copy of it to train unsharded, `world` local
+        batches of b samples drawn from `seed`, the model's tables): what every rank of a
+        sharded test builds alike."""
+        torch.manual_seed(0)
+        model = self.build()
+        batches = self.local_batches(world, b, seed=seed)
+        return model, copy.deepcopy(model), batches, fxrec.find_tables(model, batches[0])
 
 
 CASES = {c.name: c for c in [

@@ -6,7 +6,6 @@ dense parameter where the unsharded model trained with the same per-table update
 them; the planner sizes each table for its own optimizer's state."""
 from __future__ import annotations
 
-import copy
 import traceback
 
 import pytest
@@ -71,11 +70,7 @@ def _groups(sm) -> list[list[str]]:
 
 def _run_job(rank: int, world: int, name: str, sharding: str, kinds: dict) -> dict:
     case, bad = CASES[name], []
-    torch.manual_seed(0)
-    model = case.build()
-    ref = copy.deepcopy(model)
-    batches = case.local_batches(world, B, seed=1)
-    tables = fxrec.find_tables(model, batches[0])
+    model, ref, batches, tables = case.setup(world, B, seed=1)
     cons = MIXED[name] if sharding == "mixed" else {t.name: sharding for t in tables}
     sm = shard(model, Topology(world, ranks_per_node=1), batches[rank], constraints=cons,
                sparse_optimizer=_per_table(kinds))
@@ -127,10 +122,8 @@ def test_one_process_with_interleaved_optimizer_groups():
     optimizers alternate (adam, sgd, adam): FusedGroups reorders its kernels' outputs."""
     case = CASES["dlrm_ebc"]
     kinds = {EBC + "t_user": "adam", EBC + "t_item": "sgd", EBC + "t_cat": "adam"}
-    torch.manual_seed(0)
-    model = case.build()
-    ref = copy.deepcopy(model)
-    sm = shard(model, Topology(1), case.local_batches(1, B, seed=1)[0], sparse_optimizer=_per_table(kinds))
+    model, ref, batches, _ = case.setup(1, B, seed=1)
+    sm = shard(model, Topology(1), batches[0], sparse_optimizer=_per_table(kinds))
     grouped = [m for m in sm.module.modules() if isinstance(m, FusedGroups)]
     assert len(grouped) == 1 and [len(p.layout.names) for p in grouped[0].parts] == [2, 1]
     assert not grouped[0]._in_order

@@ -32,10 +32,8 @@ def _loss(out, batch):
 
 def _sharded(name, world, sharding, rpn=None):
     case = CASES[name]
-    torch.manual_seed(0)
-    model = case.build()
-    example = case.local_batches(world, B, seed=0)[0]
-    tables = fxrec.find_tables(model, example)
+    model, _, batches, tables = case.setup(world, B, seed=0)
+    example = batches[0]
     topology = fxrec.Topology(world_size=world, ranks_per_node=rpn)
     sm = fxrec.shard(model, topology, example, constraints={t.name: sharding for t in tables},
                      sparse_optimizer=RowWiseAdagrad(lr=LR))

@@ -10,7 +10,6 @@ gradients (SGD, or RowWiseAdagrad's ``m += mean(g^2); w -= lr / (sqrt(m) + eps) 
 """
 from __future__ import annotations
 
-import copy
 import traceback
 
 import pytest
@@ -124,11 +123,7 @@ def _mismatch(what: str, got, want, out: list) -> None:
 
 def _run_job(rank: int, world: int, sharding: str, name: str, optimizer: str) -> list[str]:
     case, bad = CASES[name], []
-    torch.manual_seed(0)
-    model = case.build()
-    ref = copy.deepcopy(model)
-    batches = case.local_batches(world, B, seed=1)
-    tables = fxrec.find_tables(model, batches[0])
+    model, ref, batches, tables = case.setup(world, B, seed=1)
     topology = Topology(world, ranks_per_node=RANKS_PER_NODE[world])
     cons = _constraints(sharding, name, tables)
     plan = fxrec.plan(tables, topology, constraints=cons) if sharding == "explicit_plan" else None
