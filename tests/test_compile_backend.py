@@ -261,3 +261,17 @@ def test_gpu_inference_equals_eager_on_triton(name):
             for a, b in zip(_flat(compiled(*x)), _flat(reference(*x))):
                 torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     assert {m.kernel for m in _fused_modules()} == {"triton"}
+
+
+def test_register_makes_the_name_known_without_the_entry_point(monkeypatch):
+    """From a bare checkout (no installed entry point) register() is what makes
+    backend="fxrec" resolve."""
+    from torch._dynamo.backends import registry
+
+    monkeypatch.setattr(registry, "_BACKENDS", {k: v for k, v in registry._BACKENDS.items() if k != "fxrec"})
+    monkeypatch.setattr(registry, "_COMPILER_FNS", {k: v for k, v in registry._COMPILER_FNS.items() if k != "fxrec"})
+    monkeypatch.setattr(registry, "_lazy_import", lambda: None)
+    with pytest.raises(Exception, match="fxrec"):
+        registry.lookup_backend("fxrec")
+    B.register()
+    assert registry.lookup_backend("fxrec") is B.fxrec_backend

@@ -556,3 +556,19 @@ def test_torch_kernel_reads_padded_rows(types):
             bounds = offsets[::4].tolist()
             want = torch.cat([values[t.name][indices[s:e]].reshape(-1) for t, s, e in zip(tables, bounds, bounds[1:])])
             torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+def test_fusing_for_quantization_makes_no_float_copy():
+    """With a weight_dtype, fuse_lookups builds its fused modules on meta and keeps the user's
+    tables for quantize_tables: no float copy of a table exists on the way."""
+    from fxrec.capture import capture
+    from fxrec.passes.runner import PassContext, run_passes
+    from fxrec.runtime.local_lookup import LocalLookup
+
+    model, ex = CASES["dlrm_lists"].make(0)
+    ctx = PassContext(example_inputs=ex, options={"inference": True, "weight_dtype": "int8"})
+    gm = run_passes(capture(model, ex), ctx, until="fuse_lookups")
+    lookups = [m for m in gm.modules() if isinstance(m, LocalLookup)]
+    assert lookups and all(f.weights.is_meta for m in lookups for f in m.fused_modules())
+    source = lookups[0].source_weights
+    assert all(source[f"emb_l.{i}"] is model.emb_l[i].weight for i in range(3))  # the user's own tensors
