@@ -24,6 +24,7 @@ backward, so a row's accumulator sees its whole row (fxrec/runtime/row_sync.py).
 """
 from __future__ import annotations
 
+import warnings
 from collections import OrderedDict
 from typing import Optional
 
@@ -341,6 +342,21 @@ def _broadcast_dense(gm: GraphModule) -> None:
         dist.broadcast(t.data, src=0)
 
 
+def _check_dense_tables(model: nn.Module, dense: dict, tables: dict) -> None:
+    """Warn about looked-up tables detect_embeddings left dense; refuse a model with no
+    table to shard (all tables dense, or none), naming why."""
+    why = "; ".join(f"{t!r}: {reason}" for t, reason in sorted(dense.items()))
+    if not tables:
+        found = f"each of its lookups is left dense ({why})" if dense else (
+            "it calls no nn.EmbeddingBag, nn.Embedding, F.embedding_bag, F.embedding or fxrec "
+            "EmbeddingBagCollection / EmbeddingCollection")
+        raise ValueError(f"fxrec.shard: {type(model).__name__} has no embedding table to shard: {found}. "
+                         f"A model without one trains data-parallel with torch's DistributedDataParallel")
+    if dense:
+        warnings.warn(f"fxrec.shard: table(s) {sorted(dense)} stay dense parameters (whole on every rank, trained "
+                      f"by the dense optimizer, gradients averaged): {why}", stacklevel=3)
+
+
 def shard(model: nn.Module, topology, example_inputs, plan=None, constraints=None, sparse_optimizer=None, *,
           seed: int = 0) -> ShardedModel:
     """Shard `model` for `topology` on this rank (collective: every rank calls it).
@@ -368,6 +384,7 @@ def shard(model: nn.Module, topology, example_inputs, plan=None, constraints=Non
     gm = capture(model, inputs)
     ctx = PassContext(example_inputs=inputs, topology=topology)
     gm = run_passes(gm, ctx, until="group_tables")
+    _check_dense_tables(model, gm.meta.get(L.DENSE_TABLES, {}), ctx.tables)
     build_units(gm)  # unsupported lookups fail here with their own ValueError, before any planning
     if isinstance(optimizer, PerTable):
         optimizer.check_tables(ctx.tables)  # a misspelt table, or one without an optimizer

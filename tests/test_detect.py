@@ -175,6 +175,52 @@ def test_unsupported_lookups_stay_dense_with_a_note():
     assert "weight is computed in the graph" in notes
 
 
+class _ReadOutside(nn.Module):
+    """Each table's weight read one way besides (or instead of) its lookups."""
+
+    def __init__(self):
+        super().__init__()
+        self.plain = nn.EmbeddingBag(10, 4, mode="sum")   # only looked up: a table
+        self.tied = nn.EmbeddingBag(12, 4, mode="sum")    # also the output layer's weight
+        self.reg = nn.Embedding(14, 4)                    # also in an L2 penalty
+        self.hashed = nn.EmbeddingBag(16, 4, mode="sum")  # ids modulo its rows: metadata only, folded
+        self.placed = nn.EmbeddingBag(18, 4, mode="sum")  # its .device read: a use
+        self.shared = nn.Parameter(torch.randn(20, 4))    # a max bag and a sum bag on one parameter
+        self.ebc = EmbeddingBagCollection([EmbeddingBagConfig("t_a", 8, 4, ["a"]),
+                                           EmbeddingBagConfig("t_b", 9, 4, ["b"])])
+
+    def forward(self, x, kjt):
+        out = self.plain(x) + F.linear(self.tied(x), self.tied.weight)[:, :4] + self.reg(x).sum(1)
+        out = out + self.hashed(x % self.hashed.weight.shape[0]) * self.hashed.weight.size(1)
+        out = out + self.placed(x).to(self.placed.weight.device)
+        out = out + F.embedding_bag(x, self.shared, mode="max") + F.embedding_bag(x, self.shared, mode="sum")
+        kt = self.ebc(kjt)
+        out = out + kt["a"] + kt["b"] + self.ebc.embedding_bags.t_b.weight.sum()  # t_a falls with t_b
+        return out + 1e-3 * self.reg.weight.pow(2).sum()
+
+
+def test_tables_read_outside_lookups_stay_dense_with_the_reason():
+    model = _ReadOutside()
+    x = torch.randint(0, 8, (B, 3))
+    kjt = fxrec.KeyedJaggedTensor(["a", "b"], torch.randint(0, 8, (2 * B,)), lengths=torch.ones(2 * B, dtype=torch.long))
+    gm = fxrec.capture(model, (x, kjt))
+    ctx = PassContext(example_inputs=(x, kjt))
+    gm = run_passes(gm, ctx, until="detect_embeddings")
+    lint(gm)
+    assert list(ctx.tables) == ["plain", "hashed"]
+    dense = gm.meta[L.DENSE_TABLES]
+    assert sorted(dense) == sorted(["tied", "reg", "placed", "shared", "ebc.embedding_bags.t_a",
+                                    "ebc.embedding_bags.t_b"])
+    assert "also read outside embedding lookups, by %linear" in dense["tied"]
+    assert "mode='max' pooling is not supported" in dense["shared"]
+    assert "together with ['ebc.embedding_bags.t_b']" in dense["ebc.embedding_bags.t_a"]
+    assert [n.name for n in gm.graph.nodes if L.LOOKUP in n.meta] == ["plain", "hashed"]
+    # the metadata reads of `hashed` became constants; the weight is read by nothing else
+    assert not [n for n in gm.graph.nodes if n.op == "get_attr" and n.target == "hashed.weight"]
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x, kjt), model(x, kjt))
+
+
 def test_detect_needs_example_inputs():
     model, example = zoo.CASES["bag_2d"].make()
     with pytest.raises(fxrec.passes.PassError, match="detect_embeddings needs ctx.example_inputs"):

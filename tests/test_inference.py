@@ -377,7 +377,7 @@ def test_forced_kernel_serves_the_lowered_model(kernel, qtype):
 
 
 class _Tied(nn.Module):
-    """A table whose weight is also a dense layer's (tied): its lookups stay unfused."""
+    """A table whose weight is also a dense layer's (tied): its lookups stay unfused, float."""
 
     def __init__(self):
         super().__init__()
@@ -392,10 +392,14 @@ class _Tied(nn.Module):
 def test_tied_table_stays_float_with_a_warning():
     model = _Tied()
     ex = (torch.tensor([1, 2, 3]), torch.tensor([0, 2]))
-    with pytest.warns(UserWarning, match=r"table\(s\) \['bag', 'other'\] stay unquantized: .*tied to a dense layer"):
+    # `bag` is no table (its weight is a dense layer's too); `other` is quantized alone
+    with pytest.warns(UserWarning, match=r"table\(s\) \['bag'\] stay unquantized: 'bag': its weight is also read "
+                                         r"outside embedding lookups"):
         lowered = fxrec.lower_for_inference(model, ex, "int8")
+    quantized = [m for m in lowered.modules() if isinstance(m, QuantizedEmbeddingBags)]
+    assert [tuple(m.layout.names) for m in quantized] == [("other",)]
     with torch.no_grad():
-        torch.testing.assert_close(lowered(*ex), model(*ex), rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(lowered(*ex), _decoded_model(model, lowered)(*ex), rtol=1e-6, atol=1e-6)
 
 
 class _OneBag(nn.Module):

@@ -97,6 +97,13 @@ def test_bad_input(tables, kwargs, match):
         fxrec.plan(tables, Topology(4), **kwargs)
 
 
+def test_a_model_without_tables():
+    model = torch.nn.EmbeddingBag(10, 4, mode="max")  # left dense: no kernel pools by max
+    with pytest.raises(ValueError, match=r"fxrec.plan: EmbeddingBag looks up no embedding table fxrec can place "
+                                         r"\(`fxrec dump` lists the lookups it left dense"):
+        fxrec.plan(model, Topology(4), (torch.randint(0, 10, (3, 2)),))
+
+
 @pytest.mark.parametrize("kwargs,match", [
     (dict(kernels="cuda_magic"), "unknown kernel 'cuda_magic'"),
     (dict(min_shards=0), "min_shards must be a positive integer"),

@@ -273,6 +273,39 @@ def test_bad_sparse_optimizer():
         shard(model, Topology(1), batch, sparse_optimizer=torch.optim.SGD)
 
 
+
+def test_tables_left_dense_are_named_in_a_warning():
+    case = CASES["dense_tables"]
+    model, _, batches, _ = case.setup(1, B, seed=0)
+    with pytest.warns(UserWarning, match=r"table\(s\) \['item', 'tags'\] stay dense parameters .*'item': its weight "
+                                         r"is also read outside embedding lookups, by %t .*'tags': %tags\w*: "
+                                         r"mode='max' pooling is not supported"):
+        sm = shard(model, Topology(1), batches[0])
+    assert sorted(sm.plan) == ["hist", "user"]
+    assert {"module.item.weight", "module.tags.weight"} <= {n for n, _ in sm.named_parameters()}
+
+
+class _NoTable(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.bag = nn.EmbeddingBag(10, 4, mode="max")
+        self.lin = nn.Linear(3, 4)
+
+    def forward(self, ids, x):
+        return self.bag(ids) + self.lin(x)
+
+
+@pytest.mark.parametrize("max_bag, why", [
+    (True, r"each of its lookups is left dense \('bag': %bag: mode='max' pooling is not supported"),
+    (False, r"it calls no nn.EmbeddingBag, nn.Embedding")])
+def test_a_model_without_a_table_to_shard_is_refused(max_bag, why):
+    model = _NoTable()
+    inputs = (torch.randint(0, 10, (B, 2)), torch.randn(B, 3))
+    if not max_bag:
+        model.bag, inputs = nn.Identity(), (torch.randn(B, 4), torch.randn(B, 3))
+    with pytest.raises(ValueError, match=r"fxrec.shard: _NoTable has no embedding table to shard: " + why):
+        shard(model, Topology(1), inputs)
+
 @pytest.mark.parametrize("sharding", ["table_wise", "row_wise", "data_parallel"])
 def test_per_sample_weight_gradients(sharding):
     _, model, batch = _make("weighted_mean")

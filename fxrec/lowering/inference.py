@@ -106,10 +106,10 @@ def lower_for_inference(model: nn.Module, example_inputs, weight_dtype: Union[st
         gm.eval()
     except NotImplementedError:  # a torch.export capture: the mode was fixed (eval) when it was captured
         pass
-    floats = gm.meta.get(FLOAT_TABLES, {})
-    if floats:
-        why = [line for line in ctx.log if "left unfused" in line]
-        warnings.warn(f"fxrec.lower_for_inference: table(s) {sorted(floats)} stay unquantized: "
+    floats, dense = gm.meta.get(FLOAT_TABLES, {}), gm.meta.get(L.DENSE_TABLES, {})
+    if floats or dense:
+        why = [line for line in ctx.log if "left unfused" in line] + [f"{t!r}: {r}" for t, r in sorted(dense.items())]
+        warnings.warn(f"fxrec.lower_for_inference: table(s) {sorted({*floats, *dense})} stay unquantized: "
                       f"{'; '.join(why) or 'their lookups were not fused'}", stacklevel=2)
     gm.meta[LOG] = list(ctx.log)
     return gm

@@ -10,9 +10,11 @@ Recognised, however the user wrote the lookup (kinds of `Lookup`):
   aten_bag / aten_embedding  the same after a torch.export capture (aten ops on a
                         parameter); names map back to the owning module
   ebc / ec              fxrec EmbeddingBagCollection / EmbeddingCollection calls
-Not recognised (left as ordinary dense nodes, with the reason in ctx.log): max-pooling
-bags, lookups with max_norm or scale_grad_by_freq, a weight computed in the graph, and
-nn.Embedding subclasses that override forward.
+Not recognised (left as ordinary dense nodes, with the reason in ctx.log and, per table,
+in ``gm.meta[DENSE_TABLES]``): max-pooling bags, lookups with max_norm or
+scale_grad_by_freq, a weight computed in the graph, nn.Embedding subclasses that override
+forward, and every lookup of a table whose weight is also read outside lookups (a tied
+output layer, a regulariser: table_reads.py).
 
 Table names follow DESIGN.md: the path of the nn.Embedding / nn.EmbeddingBag owning
 the weight (an EBC table ``t0`` at ``sparse.ebc`` is ``sparse.ebc.embedding_bags.t0``),
@@ -32,6 +34,7 @@ from torch.fx import GraphModule, Node
 from fxrec.passes import lookup as L
 from fxrec.passes.lookup import ArgRef, Lookup, TableRead
 from fxrec.passes.shapes import run_example
+from fxrec.passes.table_reads import fold_weight_metadata, reads_outside
 from fxrec.types import TableInfo
 
 aten = torch.ops.aten
@@ -172,7 +175,7 @@ def _match_function(gm: GraphModule, node: Node, names: dict) -> Optional[_Candi
     return None
 
 
-def _match(gm: GraphModule, node: Node, names: dict, log: list) -> Optional[_Candidate]:
+def _match(gm: GraphModule, node: Node, names: dict, log: list, dense: dict) -> Optional[_Candidate]:
     try:
         if node.op == "call_module":
             return _match_module(gm, node, names)
@@ -181,7 +184,43 @@ def _match(gm: GraphModule, node: Node, names: dict, log: list) -> Optional[_Can
     except _Skip as why:
         target = getattr(node.target, "__name__", node.target)
         log.append(f"detect_embeddings: left %{node.name} ({node.op} {target}) dense: {why}")
+        table = _skipped_table(node, names)
+        if table is not None:
+            dense.setdefault(table, f"%{node.name}: {why}")
     return None
+
+
+def _skipped_table(node: Node, names: dict) -> Optional[str]:
+    """The table a lookup left dense reads, where it is a module's weight or a parameter."""
+    if node.op == "call_module":
+        return names.get(f"{node.target}.weight")
+    weights = [a for a in (*node.args, *node.kwargs.values()) if isinstance(a, Node) and a.op == "get_attr"]
+    return names.get(str(weights[0].target)) if weights else None
+
+
+def _without_outside_reads(gm: GraphModule, cands: list[_Candidate], names: dict, log: list,
+                           dense: dict) -> list[_Candidate]:
+    """`cands` less the lookups of tables whose weight is read elsewhere too (table_reads.py),
+    to a fixed point: a dropped lookup of several tables is a read of each of them."""
+    tables = {r.table for c in cands for r in c.lookup.reads}
+    fold_weight_metadata(gm, tables, names)
+    while True:
+        outside = reads_outside(gm, {c.node for c in cands}, tables, names)
+        outside.update({t: None for t in tables & set(dense)})  # a lookup of it was left dense
+        drop = [c for c in cands if any(r.table in outside for r in c.lookup.reads)]
+        if not drop:
+            return cands
+        for c in drop:
+            hit = sorted({r.table for r in c.lookup.reads if r.table in outside})
+            for r in c.lookup.reads:
+                other = outside.get(r.table)
+                why = dense.get(r.table) or (f"its weight is also read outside embedding lookups, by %{other.name} "
+                                              f"(a dense layer tied to it, a regulariser)" if other is not None else
+                                              f"%{c.node.name} looks it up together with {hit}, left dense")
+                if r.table not in dense:
+                    dense[r.table] = why
+                    log.append(f"detect_embeddings: left table {r.table!r} dense: {why}")
+        cands = [c for c in cands if c not in drop]
 
 
 # ------------------------------------------------------------------ measuring on the example
@@ -291,14 +330,18 @@ def _tables(cands: list[_Candidate]) -> dict[str, TableInfo]:
 def detect_embeddings_pass(gm: GraphModule, ctx) -> GraphModule:
     """Annotate every lookup node with LOOKUP (a `Lookup`) and NODE_TABLES (its tables'
     TableInfo, aligned with `Lookup.reads`); set ``gm.meta[TABLES]`` and ``ctx.tables``
-    to the TableInfo of every table, in graph order. Adds no nodes."""
+    to the TableInfo of every table, in graph order, and ``gm.meta[DENSE_TABLES]`` to the
+    tables left dense, with the reason. Adds no nodes; folds reads of a table's shape or
+    dtype into constants (table_reads.py)."""
     if ctx.example_inputs is None:
         raise ValueError("detect_embeddings needs ctx.example_inputs to measure pooling factors")
     names = gm.meta.get(L.PARAM_TABLES) or L.table_names_by_param(gm)
     for node in gm.graph.nodes:
         for key in (L.LOOKUP, L.NODE_TABLES, L.NODE_GROUPS):
             node.meta.pop(key, None)
-    cands = [c for c in (_match(gm, n, names, ctx.log) for n in gm.graph.nodes) if c is not None]
+    dense: dict[str, str] = {}
+    cands = [c for c in (_match(gm, n, names, ctx.log, dense) for n in list(gm.graph.nodes)) if c is not None]
+    cands = _without_outside_reads(gm, cands, names, ctx.log, dense)
     by_node = {c.node: c for c in cands}
 
     def on_node(node, args, kwargs, _result):
@@ -313,5 +356,6 @@ def detect_embeddings_pass(gm: GraphModule, ctx) -> GraphModule:
         c.node.meta[L.LOOKUP] = c.lookup
         c.node.meta[L.NODE_TABLES] = tuple(tables[t] for t in c.lookup.tables)
     gm.meta[L.TABLES] = tables
+    gm.meta[L.DENSE_TABLES] = dense
     ctx.tables = tables
     return gm

@@ -24,8 +24,9 @@ Three kinds of graph reach this pass:
    pass leaves the lookups unfused (a line in ``ctx.log``) unless
    ``ctx.options["inference"]`` is true.
    A group is left unfused, with a line in ``ctx.log``, when its lookups are aten-level
-   (a torch.export capture), when one of its tables is also read by a lookup at another
-   stage, or when a table's weight is also read outside the lookups (tied to a dense layer).
+   (a torch.export capture) or when one of its tables is also read by a lookup at another
+   stage. (A table whose weight is also read outside lookups, tied to a dense layer, is no
+   table to begin with: detect_embeddings leaves it dense.)
 2. **Sharded** (apply_plan ran): each unit already has one `LocalLookup` node per rank;
    its kernels are recorded. A data_parallel unit on a one-rank job, served by apply_plan
    through `ReplicatedLookup` (plain torch), is rewritten to pack -> `LocalLookup` ->
@@ -47,7 +48,6 @@ records (``{"groups", "tables", "lookups": {node name: Lookup}}``).
 from __future__ import annotations
 
 import heapq
-import itertools
 import operator
 from typing import Optional
 
@@ -84,32 +84,12 @@ def fusion_units(groups: list) -> list[list]:
     return sorted((sorted(m, key=lambda g: order[g.name]) for _, m in units), key=lambda m: order[m[0].name])
 
 
-def _read_elsewhere(gm: GraphModule, nodes: list[Node]) -> Optional[Node]:
-    """A node outside these lookups that reads one of their tables' weights, if any."""
-    weights = {id(L.fetch_attr(gm, r.weight_path)) for n in nodes for r in n.meta[L.LOOKUP].reads}
-    unit = set(nodes)
-    for node in gm.graph.nodes:
-        if node in unit:
-            continue
-        if node.op == "get_attr" and id(L.fetch_attr(gm, node.target)) in weights:
-            if any(u not in unit for u in node.users):
-                return node
-        elif node.op == "call_module":
-            mod = gm.get_submodule(node.target)
-            if any(id(t) in weights for t in itertools.chain(mod.parameters(), mod.buffers())):
-                return node
-    return None
-
-
 def _why_not(gm: GraphModule, groups: list, nodes: list[Node]) -> Optional[str]:
     kinds = sorted({n.meta[L.LOOKUP].kind for n in nodes} - set(SUPPORTED))
     if kinds:
         return f"lookups of kind {kinds} (a torch.export capture) are not fused; capture with torch.fx"
     if len({g.stage for g in groups}) > 1:
         return "a table is read by lookups at different stages (one's ids depend on another's output)"
-    other = _read_elsewhere(gm, nodes)
-    if other is not None:
-        return f"a table's weight is also read by %{other.name} (tied to a dense layer)"
     return None
 
 

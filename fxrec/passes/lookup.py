@@ -33,6 +33,7 @@ GROUPS = "fxrec_groups"        # list[LookupGroup]
 CAPTURED_BY = "fxrec_capture"  # "fx" | "export"
 CAPTURE_NOTE = "fxrec_capture_note"  # why fx tracing failed, when export was used
 PARAM_TABLES = "fxrec_param_tables"  # dict[param or buffer path, table name]
+DENSE_TABLES = "fxrec_dense_tables"  # dict[table name, why]: looked-up weights left as dense parameters
 PASSES_RUN = "fxrec_passes_run"      # list[str], appended by the runner
 
 KINDS = ("module_bag", "module_embedding", "functional_bag", "functional_embedding",

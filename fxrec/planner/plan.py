@@ -121,7 +121,11 @@ def _tables(model_or_tables, example_inputs) -> list[TableInfo]:
             raise ValueError("fxrec.plan: a model needs example_inputs to find its tables")
         if not isinstance(example_inputs, tuple):
             example_inputs = (example_inputs,)
-        return list(find_tables(model_or_tables, example_inputs))
+        found = list(find_tables(model_or_tables, example_inputs))
+        if not found:
+            raise ValueError(f"fxrec.plan: {type(model_or_tables).__name__} looks up no embedding table fxrec can "
+                             f"place (`fxrec dump` lists the lookups it left dense, and why)")
+        return found
     tables = list(model_or_tables)
     seen = set()
     for i, t in enumerate(tables):
