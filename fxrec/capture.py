@@ -127,9 +127,6 @@ def _concrete_args(model: nn.Module, inputs: tuple) -> Optional[dict]:
     params = list(inspect.signature(model.forward).parameters.values())
     if any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in params):
         return None
-    if len(inputs) > len(params):
-        raise CaptureError(f"{type(model).__name__}.forward takes {len(params)} arguments "
-                           f"but example_inputs has {len(inputs)}")
     concrete = {}
     for p, v in zip(params, inputs):
         if isinstance(v, (list, tuple, dict)):
@@ -291,6 +288,24 @@ def _failure(model: nn.Module, fx_error: Exception, export_error: Optional[Excep
 
 
 # ------------------------------------------------------------------ public API
+def _check_arguments(model: nn.Module, inputs: tuple, given) -> None:
+    """Raise a CaptureError naming forward's parameters when `inputs` cannot be its arguments
+    (before tracing, whose own error would be some tensor op failing on the wrong value)."""
+    try:
+        signature = inspect.signature(model.forward)
+    except (TypeError, ValueError):  # a builtin or C++ forward: nothing to check against
+        return
+    try:
+        signature.bind(*inputs)
+    except TypeError as e:
+        hint = ""
+        if not isinstance(given, tuple):
+            hint = (f"; example_inputs is one {type(given).__name__}, taken as forward's only argument: give a "
+                    f"tuple of forward's arguments")
+        raise CaptureError(f"example_inputs do not fit {type(model).__name__}.forward{signature}: {e}{hint}") \
+            from None
+
+
 def capture(model: nn.Module, example_inputs, *, leaf_modules: Iterable[Union[type, str]] = (),
             fallback: bool = True) -> torch.fx.GraphModule:
     """Capture `model` as a GraphModule computing what ``model(*example_inputs)`` does.
@@ -308,6 +323,7 @@ def capture(model: nn.Module, example_inputs, *, leaf_modules: Iterable[Union[ty
     Raises CaptureError when neither fx nor (with `fallback`) torch.export captures it.
     """
     inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    _check_arguments(model, inputs, example_inputs)
     try:
         gm, note = _fx_capture(model, inputs, leaf_modules), None
         run_example(gm, inputs)  # a graph that cannot run its own example is not a capture

@@ -163,5 +163,13 @@ def test_without_fallback_the_error_points_at_the_root_forward():
 
 def test_wrong_number_of_example_inputs():
     model, (x,) = zoo.CASES["no_tables"].make()
-    with pytest.raises(CaptureError, match=r"NoTables.forward takes 1 arguments but example_inputs has 2"):
+    with pytest.raises(CaptureError, match=r"example_inputs do not fit NoTables.forward\(x\): too many positional"):
         fxrec.capture(model, (x, x))
+
+
+def test_a_list_of_example_inputs_is_one_argument():
+    model, example = zoo.CASES["weighted_bag"].make()
+    with pytest.raises(CaptureError, match=r"do not fit WeightedBag.forward\(ids, offsets, weights\): missing a "
+                                           r"required argument: 'offsets'; example_inputs is one list, taken as "
+                                           r"forward's only argument: give a tuple of forward's arguments"):
+        fxrec.capture(model, list(example))
