@@ -25,7 +25,9 @@ Definitions (g = the row's gradient summed over every occurrence of its id in th
 
 `PerTable({table: optimizer, ...}, default=...)` gives tables their own optimizer (as
 TorchRec's per-table fused parameters do): tables with equal configurations share one fused
-kernel, and the planner sizes each table for its own optimizer's state.
+kernel, and the planner sizes each table for its own optimizer's state. A table mapped to
+None is not trained (no state, no update): `freeze` maps the tables whose weight is frozen
+(``requires_grad=False``, ``nn.Embedding.from_pretrained``) or a buffer that way.
 """
 from __future__ import annotations
 
@@ -104,21 +106,22 @@ OPTIMIZERS = (SGD, RowWiseAdagrad, Adam)
 
 class PerTable:
     """A sparse optimizer per table: `tables` maps table names (`fxrec.TableInfo.name`, as
-    `fxrec.find_tables` and plans spell them) to SGD / RowWiseAdagrad / Adam; `default`
-    serves every other table (None: each table must be named)."""
+    `fxrec.find_tables` and plans spell them) to SGD / RowWiseAdagrad / Adam, or to None for
+    a table that is not trained; `default` serves every other table (None: each table must
+    be named)."""
 
     name: ClassVar[str] = "per_table"
 
-    def __init__(self, tables: Mapping[str, SparseOptimizer], default: Optional[SparseOptimizer] = None):
+    def __init__(self, tables: Mapping[str, Optional[SparseOptimizer]], default: Optional[SparseOptimizer] = None):
         for key, opt in dict(tables).items():
-            if not isinstance(key, str) or not isinstance(opt, OPTIMIZERS):
-                raise ValueError(f"PerTable: tables must map table names to fxrec.optim.SGD/RowWiseAdagrad/Adam, "
-                                 f"got {key!r}: {opt!r}")
+            if not isinstance(key, str) or not (opt is None or isinstance(opt, OPTIMIZERS)):
+                raise ValueError(f"PerTable: tables must map table names to fxrec.optim.SGD/RowWiseAdagrad/Adam "
+                                 f"(or None: not trained), got {key!r}: {opt!r}")
         if default is not None and not isinstance(default, OPTIMIZERS):
             raise ValueError(f"PerTable: default must be fxrec.optim.SGD/RowWiseAdagrad/Adam or None, got {default!r}")
         self.tables, self.default = dict(tables), default
 
-    def for_table(self, name: str) -> SparseOptimizer:
+    def for_table(self, name: str) -> Optional[SparseOptimizer]:
         if name in self.tables:
             return self.tables[name]
         if self.default is None:
@@ -150,4 +153,20 @@ def for_table(optimizer, name: str):
     return optimizer.for_table(name) if isinstance(optimizer, PerTable) else optimizer
 
 
-__all__ = ["SGD", "RowWiseAdagrad", "Adam", "PerTable", "for_table", "SparseOptimizer", "OPTIMIZERS"]
+def freeze(optimizer, tables: Iterable[str]):
+    """`optimizer` (a config or a PerTable) with `tables` not trained: a PerTable mapping them
+    to None (`optimizer` itself when `tables` is empty). A frozen table that `optimizer`, a
+    PerTable, names with an optimizer is a contradiction: ValueError naming it."""
+    tables = list(tables)
+    if not tables:
+        return optimizer
+    if not isinstance(optimizer, PerTable):
+        return PerTable({t: None for t in tables}, default=optimizer)
+    named = sorted(t for t in tables if optimizer.tables.get(t) is not None)
+    if named:
+        raise ValueError(f"PerTable names an optimizer for table(s) {named}, whose weight is frozen "
+                         f"(requires_grad=False, or a buffer): unfreeze them, or leave them out of the PerTable")
+    return PerTable({**optimizer.tables, **{t: None for t in tables}}, default=optimizer.default)
+
+
+__all__ = ["SGD", "RowWiseAdagrad", "Adam", "PerTable", "for_table", "freeze", "SparseOptimizer", "OPTIMIZERS"]

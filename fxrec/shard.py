@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from torch.fx import GraphModule
 
 from fxrec.capture import capture
-from fxrec.optim import OPTIMIZERS, SGD, PerTable, for_table
+from fxrec.optim import OPTIMIZERS, SGD, PerTable, for_table, freeze
 from fxrec.passes import lookup as L
 from fxrec.passes.apply_plan import ROOT, apply_plan_pass, build_units, check_plan
 from fxrec.passes.runner import PassContext, run_passes
@@ -55,11 +55,12 @@ class ShardedModel(nn.Module):
     the fused sparse optimizer inside backward. ``module`` is the rewritten GraphModule."""
 
     def __init__(self, gm: GraphModule, plan, state_keys: list[str], tables: dict, extra: dict, grad_sync=None,
-                 sparse_optimizer=None):
+                 sparse_optimizer=None, frozen=()):
         super().__init__()
         self.module = gm
         self._plan, self._keys, self._tables, self._extra = plan, list(state_keys), tables, extra
         self._sparse_optimizer = sparse_optimizer
+        self.frozen = tuple(frozen)  # tables the user's model does not train (`fxrec.optim.freeze`)
         self._param_tables = gm.meta.get(L.PARAM_TABLES, {})
         self.grad_sync = grad_sync
 
@@ -77,14 +78,16 @@ class ShardedModel(nn.Module):
 
     @property
     def sparse_optimizer(self):
-        """The fused sparse optimizer (a `fxrec.optim` config, or a `fxrec.optim.PerTable`)."""
+        """The fused sparse optimizer (a `fxrec.optim` config, or a `fxrec.optim.PerTable`,
+        which maps the `frozen` tables to None)."""
         return self._sparse_optimizer
 
     @sparse_optimizer.setter
     def sparse_optimizer(self, value) -> None:
         """Swap in configs of the same types per table (e.g. a new learning rate); state is
         kept. Tables that share a fused kernel (their configs were equal when sharded) must
-        keep equal configs."""
+        keep equal configs. The `frozen` tables stay untrained."""
+        value = freeze(value, self.frozen)
         for m in self._lookups():
             if isinstance(m, ReplicatedLookup):
                 for name in m.tables:
@@ -386,6 +389,8 @@ def shard(model: nn.Module, topology, example_inputs, plan=None, constraints=Non
     gm = run_passes(gm, ctx, until="group_tables")
     _check_dense_tables(model, gm.meta.get(L.DENSE_TABLES, {}), ctx.tables)
     build_units(gm)  # unsupported lookups fail here with their own ValueError, before any planning
+    frozen = L.frozen_tables(model, ctx.tables)
+    optimizer = freeze(optimizer, frozen)  # a sparse optimizer must not train what the model freezes
     if isinstance(optimizer, PerTable):
         optimizer.check_tables(ctx.tables)  # a misspelt table, or one without an optimizer
     ctx.plan = plan if plan is not None else _agreed_plan(ctx, topology, constraints, optimizer, world)
@@ -407,4 +412,4 @@ def shard(model: nn.Module, topology, example_inputs, plan=None, constraints=Non
 
         _broadcast_dense(gm)
         grad_sync = DenseGradSync(list(gm.parameters()), group=dense_group)
-    return ShardedModel(gm, ctx.plan, state_keys, dict(ctx.tables), extra, grad_sync, optimizer)
+    return ShardedModel(gm, ctx.plan, state_keys, dict(ctx.tables), extra, grad_sync, optimizer, frozen)

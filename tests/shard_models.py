@@ -173,10 +173,13 @@ def _uneven_draw(g, b):
             torch.randint(0, 12, (3 * b, 2), generator=g))
 
 
-class DenseTables(nn.Module):
-    """Retrieval scoring against the whole item table, which thus stays a dense parameter (its
-    weight is read outside lookups), and a max-pooled bag (dense too: no kernel pools by max),
-    beside two tables fxrec shards. The dense ones train like DDP's parameters."""
+class OddTables(nn.Module):
+    """Tables that are not plain trained lookups, beside two that are (user, hist):
+    - item: also scored against whole, so its weight is read outside lookups: it stays a
+      dense parameter, trained like DDP's;
+    - tags: max-pooled, which no kernel does: dense too;
+    - pre: pretrained and frozen, and codes: a buffer read by F.embedding_bag: both sharded
+      and never trained."""
 
     def __init__(self):
         super().__init__()
@@ -184,15 +187,18 @@ class DenseTables(nn.Module):
         self.hist = nn.EmbeddingBag(40, 8, mode="mean")
         self.item = nn.Embedding(30, 8)
         self.tags = nn.EmbeddingBag(25, 8, mode="max")
+        self.pre = nn.EmbeddingBag.from_pretrained(torch.randn(35, 8), mode="sum")
+        self.register_buffer("codes", torch.randn(45, 8))
         self.proj = nn.Linear(16, 8)
 
     def forward(self, user, hist, item, tags):
         u = self.proj(torch.cat([self.user(user), self.hist(hist)], 1)) + self.tags(tags)
+        u = u * self.pre(tags).sigmoid() + torch.nn.functional.embedding_bag(hist, self.codes, mode="mean")
         scores = u @ self.item.weight.t()
         return torch.cat([scores, (u * self.item(item)).sum(1, keepdim=True)], 1)
 
 
-def _dense_tables_draw(g, b):
+def _odd_tables_draw(g, b):
     return (torch.randint(0, 20, (b,), generator=g), torch.randint(0, 40, (b, 4), generator=g),
             torch.randint(0, 30, (b,), generator=g), torch.randint(0, 25, (b, 3), generator=g))
 
@@ -226,5 +232,5 @@ CASES = {c.name: c for c in [
     Case("weighted_mean", WeightedMean, _weighted_draw, _weighted_cat),
     Case("sequence_ec", SequenceEC, _sequence_ec_draw, _sequence_ec_cat),
     Case("uneven_bags", UnevenBags, _uneven_draw, _cat_tensors),
-    Case("dense_tables", DenseTables, _dense_tables_draw, _cat_tensors),
+    Case("odd_tables", OddTables, _odd_tables_draw, _cat_tensors),
 ]}

@@ -137,6 +137,24 @@ def test_training_with_a_sparse_optimizer_equals_eager_sgd(name):
     assert _fused_modules() and all(m.optimizer is not None for m in _fused_modules())
 
 
+def test_a_frozen_table_is_read_not_trained():
+    """One table of dlrm_lists frozen (requires_grad=False): the sparse optimizer trains the
+    others inside backward and leaves it as it was, as eager training does."""
+    case = CASES["dlrm_lists"]
+    model, _ = case.make(0)
+    model.emb_l[1].weight.requires_grad_(False)
+    reference = copy.deepcopy(model)
+    frozen = model.emb_l[1].weight.detach().clone()
+    compiled = torch.compile(model, backend="fxrec", options={"sparse_optimizer": fxrec.optim.SGD(lr=0.1)})
+    _train(model, case, 2, 0.1, compiled)
+    _train(reference, case, 2, 0.1)
+    for (k, a), b in zip(model.state_dict().items(), reference.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=k)
+    assert torch.equal(model.emb_l[1].weight, frozen)
+    optimizers = {name: m.optimizer for m in _fused_modules() for name in m.layout.names}
+    assert optimizers == {"emb_l.0": fxrec.optim.SGD(lr=0.1), "emb_l.1": None, "emb_l.2": fxrec.optim.SGD(lr=0.1)}
+
+
 def test_quantized_inference_through_options_and_refresh():
     case = CASES["dlrm_lists"]
     model, ex = case.make(0)

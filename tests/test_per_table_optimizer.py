@@ -157,6 +157,38 @@ def test_a_new_learning_rate_per_table_keeps_shared_kernels_equal():
         sm.sparse_optimizer = RowWiseAdagrad(0.5)
 
 
+def _fused_optimizers(sm) -> dict:
+    return {name: fused.optimizer for m in sm.module.modules() if isinstance(m, LocalLookup)
+            for fused in m.fused_modules() for name in fused.layout.names}
+
+
+def test_frozen_tables_stay_frozen_under_a_new_optimizer():
+    """A pretrained frozen table and a buffer table get no sparse optimizer, also after the
+    user swaps in a new one (a learning-rate schedule), and take no state."""
+    case = CASES["odd_tables"]
+    model, _, batches, _ = case.setup(1, B, seed=1)
+    sm = shard(model, Topology(1), batches[0], sparse_optimizer=RowWiseAdagrad(0.1))
+    assert sm.frozen == ("pre", "codes")
+    sm.sparse_optimizer = RowWiseAdagrad(0.05)
+    optimizers = {key.rpartition("@")[0]: opt for key, opt in _fused_optimizers(sm).items()}
+    assert optimizers["pre"] is None and optimizers["codes"] is None
+    assert optimizers["user"] == optimizers["hist"] == RowWiseAdagrad(0.05)
+    state = sm.local_optimizer_state()
+    assert all(not st for t in ("pre", "codes") for *_, st in state[t]) and all(st for *_, st in state["user"])
+    before = {k: v.clone() for k, v in sm.full_state_dict().items() if k in ("pre.weight", "codes")}
+    sm(*batches[0]).square().mean().backward()
+    after = sm.full_state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+
+
+def test_a_per_table_optimizer_for_a_frozen_table_is_refused():
+    case = CASES["odd_tables"]
+    model, _, batches, _ = case.setup(1, B, seed=1)
+    with pytest.raises(ValueError, match=r"PerTable names an optimizer for table\(s\) \['pre'\], whose weight is "
+                                         r"frozen \(requires_grad=False, or a buffer\)"):
+        shard(model, Topology(1), batches[0], sparse_optimizer=PerTable({"pre": SGD(0.1)}, default=SGD(0.1)))
+
+
 def test_the_planner_sizes_each_table_for_its_own_optimizer():
     """Adam keeps 2 fp32 moments per element, SGD nothing: a memory cap that Adam on every
     table would exceed fits when only the small table uses Adam."""

@@ -27,7 +27,7 @@ from shard_models import CASES
 B, STEPS, SPARSE_LR, DENSE_LR, EPS = 2, 3, 0.1, 0.1, 1e-8
 SHARDINGS = ["table_wise", "row_wise", "column_wise", "data_parallel", "table_row_wise", "mixed", "explicit_plan"]
 MODELS = ["dlrm_lists", "dlrm_ebc", "two_tower", "sequence", "weighted_mean", "sequence_ec", "uneven_bags",
-          "dense_tables"]
+          "odd_tables"]
 OPTIMIZERS = ["sgd", "rowwise_adagrad", "adam", "rowwise_adagrad_per_shard"]
 BETAS, ADAM_EPS = (0.9, 0.99), 1e-4  # a larger eps: Adam's g / |g| would magnify rounding of tiny grads
 RANKS_PER_NODE = {2: 1, 4: 2}  # table_row_wise crosses nodes: 2 nodes x 1 rank, 2 nodes x 2 ranks
@@ -45,7 +45,8 @@ MIXED = {
     "sequence_ec": {"ec.embeddings.t_item": "column_wise", "ec.embeddings.t_query": "row_wise"},
     "uneven_bags": {"one": "table_wise", "one_b": "row_wise", "two": "table_wise", "two_b": "table_row_wise",
                     "three": "column_wise"},
-    "dense_tables": {"user": "column_wise", "hist": "row_wise"},  # item and tags stay dense
+    # item and tags stay dense; pre and codes are never trained
+    "odd_tables": {"user": "column_wise", "hist": "row_wise", "pre": "table_wise", "codes": "table_row_wise"},
 }
 # column_wise needs at least 2 column shards of >= 4 columns: dim-4 tables cannot be split
 NO_COLUMN_WISE = {"weighted_mean"}

@@ -275,13 +275,13 @@ def test_bad_sparse_optimizer():
 
 
 def test_tables_left_dense_are_named_in_a_warning():
-    case = CASES["dense_tables"]
+    case = CASES["odd_tables"]
     model, _, batches, _ = case.setup(1, B, seed=0)
     with pytest.warns(UserWarning, match=r"table\(s\) \['item', 'tags'\] stay dense parameters .*'item': its weight "
                                          r"is also read outside embedding lookups, by %t .*'tags': %tags\w*: "
                                          r"mode='max' pooling is not supported"):
         sm = shard(model, Topology(1), batches[0])
-    assert sorted(sm.plan) == ["hist", "user"]
+    assert sorted(sm.plan) == ["codes", "hist", "pre", "user"]
     assert {"module.item.weight", "module.tags.weight"} <= {n for n, _ in sm.named_parameters()}
 
 

@@ -275,6 +275,8 @@ def _done(gm: GraphModule, log: list[str], fn=None):
 def fxrec_backend(gm: GraphModule, example_inputs, options: Optional[dict] = None, mode: Optional[str] = None):
     """The torch.compile backend (module doc). `mode` (torch.compile's) is ignored: the
     graph around the fused lookups runs eagerly."""
+    from fxrec.optim import freeze
+    from fxrec.passes import lookup as L
     from fxrec.passes.detect_embeddings import detect_embeddings_pass
     from fxrec.passes.fuse_lookups import fuse_lookups_pass
     from fxrec.passes.group_tables import group_tables_pass
@@ -301,6 +303,8 @@ def fxrec_backend(gm: GraphModule, example_inputs, options: Optional[dict] = Non
         "output_dtype": opts.get("output_dtype", torch.float32), "bounds_check": opts.get("bounds_check", True)})
     gm = run_passes(gm, ctx, passes=[("detect_embeddings", detect_embeddings_pass),
                                      ("group_tables", group_tables_pass)])
+    if wants_grad:  # frozen tables (requires_grad=False) are read, not trained
+        ctx.options["sparse_optimizer"] = freeze(ctx.options["sparse_optimizer"], L.frozen_tables(gm, ctx.tables))
     conflict = None if quantize else _grouping_conflict(gm, ctx, params)
     if conflict is not None:
         return _done(gm, [f"backend: lookups left unfused: {conflict}"])

@@ -155,6 +155,14 @@ def fetch_attr(gm: nn.Module, path: str) -> Any:
     return obj
 
 
+def frozen_tables(model: nn.Module, tables) -> list[str]:
+    """The tables (names, of `tables`) that `model` does not train: no parameter reading them
+    requires grad (``requires_grad=False``, ``nn.Embedding.from_pretrained``), or a buffer."""
+    names = table_names_by_param(model)
+    trained = {names[path] for path, p in model.named_parameters(remove_duplicate=False) if p.requires_grad}
+    return [t for t in tables if t not in trained]
+
+
 def table_names_by_param(model: nn.Module) -> dict[str, str]:
     """Map every parameter and buffer path of `model` (aliases included) to the name of
     the table it would be: the first path of an nn.Embedding / nn.EmbeddingBag whose

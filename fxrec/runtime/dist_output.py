@@ -187,7 +187,9 @@ class OutputPrep(nn.Module):
         if not boxes:
             return _grad_anchor(empty)
         if scale == 1.0 and _whole(boxes, tensors[0].shape):
-            return tensors[0].reshape(-1)  # the fused output as it lies: no copy, nor in backward
+            # the fused output as it lies: no copy, nor in backward (anchored: a rank holding
+            # only frozen tables has an output without grad, yet must join the backward)
+            return _grad_anchor(tensors[0].reshape(-1))
         return _grad_anchor(_Pieces.apply(boxes, scale, numel, *tensors))
 
     def _flat_boxes(self, tensors: list, ls: LookupState, keys, boxes: list, pos: int) -> int:

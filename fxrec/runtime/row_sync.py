@@ -97,7 +97,8 @@ class RowSyncState:
         names = owner.layout.names
         split = [t for t, key in enumerate(names) if key in self.sync.shard_tables]
         if not split:
-            owner.update(grad_output, indices, offsets, psw)
+            if owner.optimizer is not None:  # None: frozen tables, read but not trained
+                owner.update(grad_output, indices, offsets, psw)
             return
         for t, (rows, sums) in row_sq_sums(owner.layout, grad_output, indices, offsets, psw, split).items():
             key = names[t]
