@@ -44,6 +44,7 @@ JOBS = [
     ("twrw_to_rw", "sequence_ec", "sgd", "table_row_wise", (4, "row_wise"), True),
     ("dp_to_twrw", "dlrm_ebc", "adam", "data_parallel", (4, "table_row_wise"), False),
     ("cw_per_shard", "dlrm_ebc", "rowwise_adagrad_per_shard", "column_wise", (2, "column_wise"), False),
+    ("odd_rw_to_tw", "odd_tables", "rowwise_adagrad", "row_wise", (4, "table_wise"), False),
 ]
 
 

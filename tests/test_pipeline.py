@@ -90,7 +90,7 @@ def _train_both(rank: int, world: int, name: str, sharding: str, rpn=None) -> li
 
 JOBS = [("dlrm_ebc", "table_wise"), ("dlrm_ebc", "row_wise"), ("dlrm_lists", "column_wise"),
         ("two_tower", "table_wise"), ("sequence", "row_wise"), ("weighted_mean", "table_wise"),
-        ("weighted_mean+grad", "row_wise")]
+        ("weighted_mean+grad", "row_wise"), ("odd_tables", "column_wise")]
 
 
 def _worker(rank: int, world: int, jobs: list, rpn) -> dict:
