@@ -193,6 +193,7 @@ def _mixed_dims():
     ("dlrm_lists", {"sparse_optimizer": None, "inference": True}, {"pooled": {"pooled_forward": FB}}),
     ("dlrm_lists", {"kernel": "torch"}, {"pooled": {"pooled_forward": "torch", "backward_update": "torch"}}),
 ])
+@pytest.mark.usefixtures("one_thread")
 def test_recorded_kernel_is_the_one_that_runs(name, options, expected):
     model, example = _mixed_dims() if name == "mixed_dims" else zoo.CASES[name].make()
     gm, _ = _fuse(model, example, **options)

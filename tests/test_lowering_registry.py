@@ -36,6 +36,7 @@ def _no_forced_kernel(monkeypatch):
     (SGD(0.1), torch.bfloat16, "sum", False, "torch", "torch"),  # nor bf16
     (SGD(0.1), torch.float32, "mean", True, "torch", "torch"),  # nor weighted mean
 ])
+@pytest.mark.usefixtures("one_thread")
 def test_module_picks_the_expected_kernel(opt, dtype, pooling, weighted, fwd, bwd):
     tables = [TableInfo(t.name, t.num_embeddings, t.embedding_dim, pooling=pooling) for t in TABLES]
     m = FusedEmbeddingBags(tables, optimizer=opt, dtype=dtype)
@@ -48,9 +49,30 @@ def test_module_picks_the_expected_kernel(opt, dtype, pooling, weighted, fwd, bw
     assert out.shape == (2, 49) and out.dtype == dtype
 
 
+@pytest.mark.skipif(not FBGEMM, reason="fbgemm_gpu is not installed")
+def test_pooled_forward_on_several_threads_goes_to_torch_and_the_update_stays_fbgemm():
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        m = FusedEmbeddingBags([TableInfo(t.name, t.num_embeddings, t.embedding_dim) for t in TABLES],
+                               optimizer=SGD(0.1))
+        indices, offsets = batch()
+        m(indices, offsets).sum().backward()
+        assert m.kernels == {"pooled_forward": "torch", "backward_update": "fbgemm"}
+        prob = dict(device="cpu", dims=(4,), poolings=("sum",), threads=2)
+        assert "runs on one thread" in dict(kernel_choices("pooled_forward", **prob))["fbgemm"]
+        assert select("pooled_forward", kernel="fbgemm", **prob)[0] == "fbgemm"  # on request
+        assert select("unpooled_forward", **dict(prob, poolings=("none",)))[0] == "fbgemm"
+        torch.set_num_threads(1)  # the choice follows the thread count of each call
+        m(indices, offsets)
+        assert m.kernels["pooled_forward"] == "fbgemm"
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_triton_is_never_chosen_on_cpu_by_default():
     assert registered("pooled_forward")[-1] == "torch"
-    prob = dict(device="cpu", dims=(4,), poolings=("sum",))
+    prob = dict(device="cpu", dims=(4,), poolings=("sum",))  # one thread: Problem's default
     assert select("pooled_forward", **prob)[0] == CPU_FAST
     choices = dict(kernel_choices("pooled_forward", **prob))
     assert choices["torch"] is None

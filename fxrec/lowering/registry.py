@@ -48,6 +48,7 @@ class Problem:
     weight_types: tuple[str, ...] = ()  # quant_* ops: each table's QuantType name ("int8", ...)
     output_dtype: torch.dtype = torch.float32  # quant_* ops: the dtype of the looked-up values
     qparams: str = "front"  # quant_* ops: where rows keep scale and bias (fxrec/lowering/quant.py)
+    threads: int = 1  # torch's intra-op threads (torch.get_num_threads()), for CPU kernels that scale or not
 
     def __post_init__(self):
         object.__setattr__(self, "device", torch.device(self.device).type)

@@ -130,13 +130,14 @@ class FusedEmbeddingBags(nn.Module):
 
     def _select(self, op: str, index_dtype: torch.dtype, weighted: bool):
         det = self._is_deterministic()
-        key = (op, index_dtype, weighted, det, self.weights.device.type, os.environ.get(registry.ENV_VAR))
+        threads = torch.get_num_threads()
+        key = (op, index_dtype, weighted, det, self.weights.device.type, threads, os.environ.get(registry.ENV_VAR))
         if key not in self._impls:
             self._impls[key] = registry.select(
                 op, kernel=self.kernel_request, device=self.weights.device, weight_dtype=self.weights.dtype,
                 index_dtype=index_dtype, dims=self.layout.dims, poolings=self.layout.poolings,
                 optimizer=self.optimizer.name if (op == "backward_update" and self.optimizer) else None,
-                weighted=weighted, deterministic=det)
+                weighted=weighted, deterministic=det, threads=threads)
         name, impl = self._impls[key]
         self.kernels[op] = name
         return impl
