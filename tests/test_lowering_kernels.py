@@ -371,6 +371,46 @@ def test_deterministic_update_is_bit_identical(kernel, variant, opt, gen, monkey
         assert_launched_only(counters, variant)
 
 
+@pytest.mark.skipif("fbgemm" not in KERNELS_UNDER_TEST, reason="fbgemm not under test")
+@pytest.mark.parametrize("opt", ["sgd", "rowwise_adagrad"])
+@pytest.mark.parametrize("case", ["mixed_dims_weighted", "mean", "tables30", "unpooled"])
+def test_fbgemm_update_on_several_threads_is_the_same_bits(case, opt, gen):
+    """fbgemm's update, called on runs of tables from several threads at once, equals one call."""
+    if case == "unpooled":
+        dims, poolings, dtype, idx, weighted = (8, 8, 8), ("none",) * 3, torch.float32, torch.int64, False
+    else:
+        dims, poolings, dtype, idx, weighted = POOLED[case]
+    tables = make_tables(dims, poolings, gen)
+    indices, offsets, psw = make_batch(tables, idx, weighted, gen, dup_range=3)
+    results, before = [], torch.get_num_threads()
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            torch.manual_seed(0)
+            m = FusedEmbeddingBags(tables, optimizer=OPTIMIZERS[opt], kernel="fbgemm")
+            for step in range(2):
+                out = m(indices, offsets, psw)
+                out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(step)))
+            assert m.kernels["backward_update"] == "fbgemm"
+            results.append([m.weights.clone()] + list(m.optimizer_state().values()))
+    finally:
+        torch.set_num_threads(before)
+    for other in results[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(results[0], other))
+
+
+@pytest.mark.skipif("fbgemm" not in KERNELS_UNDER_TEST, reason="fbgemm not under test")
+def test_fbgemm_update_runs_cut_the_ids_evenly():
+    from fxrec.lowering.fbgemm import _table_runs
+    layout = TBELayout([TableInfo(f"t{i}", 10, 4) for i in range(6)])
+    lengths = torch.tensor([10, 1, 1, 1, 1, 3])  # ids per table, B = 1
+    offsets = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
+    assert _table_runs(layout, offsets, 1) == [(0, 6)]
+    assert _table_runs(layout, offsets, 2) == [(0, 1), (1, 6)]
+    assert _table_runs(layout, offsets, 6) == [(t, t + 1) for t in range(6)]
+    assert _table_runs(layout, offsets[:1].repeat(7), 3) == [(0, 2), (2, 4), (4, 6)]  # no ids: even cuts
+
+
 # ---------------------------------------------------------------- the module
 @pytest.mark.parametrize("kernel", KERNELS_UNDER_TEST)
 def test_module_training_step_matches_reference(kernel, gen):

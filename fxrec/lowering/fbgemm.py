@@ -7,7 +7,8 @@ build installed here is fbgemm-gpu-cpu 1.8.0):
 - unpooled_forward: ``fbgemm::split_embedding_nobag_codegen_forward_cpu`` (one dim for
   all tables, so only layouts with equal dims);
 - backward_update: ``fbgemm::split_embedding[_nobag]_backward_codegen_{sgd,rowwise_adagrad}_cpu``
-  (the update is applied in place, duplicates aggregated per row first).
+  (the update is applied in place, duplicates aggregated per row first). The op runs on one
+  thread; with torch on N intra-op threads it is called on N runs of tables at once.
 
 What the checker declines, and why (found by testing 1.8.0 against torch_ref):
 - bf16 weights: the CPU kernels are not instantiated for BFloat16;
@@ -39,6 +40,7 @@ for fp32); fbgemm's op stays ahead for fp16, int4 and int2 tables and mixes of t
 from __future__ import annotations
 
 import math
+from concurrent.futures import ThreadPoolExecutor
 from typing import Optional
 
 import torch
@@ -85,29 +87,79 @@ def unpooled_forward(weights: Tensor, layout, indices: Tensor, offsets: Tensor) 
     return out.reshape(-1)
 
 
+def _table_runs(layout, offsets: Tensor, parts: int) -> list[tuple[int, int]]:
+    """Up to `parts` runs ``[t0, t1)`` of consecutive tables, cut where their work (ids, plus
+    one per table) reaches equal shares (one host sync: each table's first id)."""
+    T = layout.num_tables
+    B = layout.batch_size(offsets)
+    if parts <= 1 or T <= 1 or B == 0:
+        return [(0, T)]
+    starts = offsets[::B].tolist()  # T + 1 values: table t's ids are starts[t]:starts[t + 1]
+    work = [s - starts[0] + t for t, s in enumerate(starts)]  # cumulative, before table t
+    runs, t0 = [], 0
+    for k in range(1, parts):
+        target = work[-1] * k / parts
+        t1 = next(t for t in range(T + 1) if t == T or work[t] >= target)
+        if t1 > 0 and target - work[t1 - 1] < work[t1] - target:  # the cut before is nearer
+            t1 -= 1
+        t1 = max(t0 + 1, min(T - (parts - k), t1))
+        if t1 > t0 and t1 < T:
+            runs.append((t0, t1))
+            t0 = t1
+    return runs + [(t0, T)]
+
+
+_POOL: Optional[ThreadPoolExecutor] = None
+
+
+def _in_parallel(calls: list) -> None:
+    """Run the zero-argument `calls` on threads of a shared pool (fbgemm's CPU ops release
+    the GIL), one per call; the first exception propagates."""
+    global _POOL
+    if len(calls) == 1:
+        calls[0]()
+        return
+    if _POOL is None or _POOL._max_workers < len(calls):
+        _POOL = ThreadPoolExecutor(max_workers=len(calls), thread_name_prefix="fxrec-fbgemm")
+    for future in [_POOL.submit(c) for c in calls]:
+        future.result()
+
+
 def backward_update(weights: Tensor, state: dict[str, Tensor], layout, optimizer,
                     grad_output: Tensor, indices: Tensor, offsets: Tensor,
                     per_sample_weights: Optional[Tensor] = None, deterministic: bool = False) -> None:
-    plc = _placements(layout)
+    """The fused update, on torch's intra-op threads: fbgemm's CPU backward runs on one
+    thread, so with N threads it is called on N runs of tables at once (tables are updated
+    independently: the result is the same bits as one call)."""
     lr = torch.tensor(float(optimizer.lr), dtype=torch.float32)
     offsets = offsets.to(indices.dtype)
     grad = grad_output.to(weights.dtype).contiguous()
-    opt_args: tuple = ()
-    if optimizer.name == "rowwise_adagrad":
-        # momentum is in global-row order: table t's slice starts at hash_size_cumsum[t]
-        mom_offsets = layout.hash_size_cumsum[:-1].contiguous()
-        opt_args = (state["momentum"], plc, mom_offsets, lr, float(optimizer.eps), 0.0, 0, 0.0)
-    if layout.pooled:
-        psw = None if per_sample_weights is None else per_sample_weights.float()
-        op = getattr(_ops, f"split_embedding_backward_codegen_{optimizer.name}_cpu")
-        head = (grad, weights, plc, layout.weights_offsets, layout.D_offsets, layout.max_D,
-                layout.hash_size_cumsum, _hash_bits(layout), indices, offsets,
-                _POOLING_MODE[layout.poolings[0]], psw, False)
-    else:
-        op = getattr(_ops, f"split_embedding_nobag_backward_codegen_{optimizer.name}_cpu")
-        head = (grad.view(-1, layout.dims[0]), weights, plc, layout.weights_offsets, layout.dims[0],
-                layout.hash_size_cumsum, _hash_bits(layout), indices, offsets, False)
-    op(*head, *(opt_args or (lr,)))
+    psw = None if per_sample_weights is None else per_sample_weights.float()
+    B = layout.batch_size(offsets)
+
+    def run(t0: int, t1: int) -> None:
+        # Every table argument is cut to the run; weights, grad, indices and per-sample weights
+        # stay whole, as the cut offsets and D/weights offsets index them absolutely.
+        plc = torch.full((t1 - t0,), _HOST, dtype=torch.int32)
+        opt_args: tuple = (lr,)
+        if optimizer.name == "rowwise_adagrad":
+            # momentum is in global-row order: table t's slice starts at hash_size_cumsum[t]
+            opt_args = (state["momentum"], plc, layout.hash_size_cumsum[t0:t1].contiguous(), lr,
+                        float(optimizer.eps), 0.0, 0, 0.0)
+        w_off, hsc = layout.weights_offsets[t0:t1].contiguous(), layout.hash_size_cumsum[t0:t1 + 1].contiguous()
+        off = offsets[t0 * B:t1 * B + 1]
+        if layout.pooled:
+            op = getattr(_ops, f"split_embedding_backward_codegen_{optimizer.name}_cpu")
+            head = (grad, weights, plc, w_off, layout.D_offsets[t0:t1 + 1].contiguous(), layout.max_D, hsc,
+                    _hash_bits(layout), indices, off, _POOLING_MODE[layout.poolings[0]], psw, False)
+        else:
+            op = getattr(_ops, f"split_embedding_nobag_backward_codegen_{optimizer.name}_cpu")
+            head = (grad.view(-1, layout.dims[0]), weights, plc, w_off, layout.dims[0], hsc, _hash_bits(layout),
+                    indices, off, False)
+        op(*head, *opt_args)
+
+    runs = _table_runs(layout, offsets, min(torch.get_num_threads(), layout.num_tables))
+    _in_parallel([lambda r=r: run(*r) for r in runs])
 
 
 _OUTPUT_TYPE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 5}  # SparseType.as_int()
