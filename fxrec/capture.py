@@ -66,9 +66,10 @@ class FxrecTracer(torch.fx.Tracer):
     (types or qualified names) as call_module leaves, and records in ``meta[SOURCE]``
     the user's line that created each node."""
 
-    def __init__(self, leaf_modules: Iterable[Union[type, str]] = ()):
+    def __init__(self, leaf_modules: Iterable[Union[type, str]] = (), training_flag: bool = False):
         super().__init__()
         self._trace_frame = None
+        self._training_flag = training_flag
         leaves = list(leaf_modules)
         self._leaf_types = _embedding_leaf_types() + tuple(t for t in leaves if isinstance(t, type))
         self._leaf_names = {t for t in leaves if isinstance(t, str)}
@@ -84,6 +85,15 @@ class FxrecTracer(torch.fx.Tracer):
             return super().trace(root, concrete_args)
         finally:
             self._trace_frame = None
+
+    def create_args_for_root(self, root_fn, is_module, concrete_args=None):
+        out = super().create_args_for_root(root_fn, is_module, concrete_args)
+        if self._training_flag:  # after the placeholders: every module's `training` reads one node
+            flag = self.create_proxy("call_module", L.TRAINING_FLAG, (), {})
+            for m in self.root.modules():
+                if not isinstance(m, TrainingFlag):
+                    m.__dict__["training"] = flag
+        return out
 
     def create_proxy(self, kind, target, args, kwargs, name=None, type_expr=None, proxy_factory_fn=None):
         proxy = super().create_proxy(kind, target, args, kwargs, name, type_expr, proxy_factory_fn)
@@ -136,10 +146,51 @@ def _concrete_args(model: nn.Module, inputs: tuple) -> Optional[dict]:
     return concrete or None
 
 
+class TrainingFlag(nn.Module):
+    """``forward() -> self.training``: what traced code reads where the model's own code read
+    ``self.training`` (``F.dropout(x, p, self.training)``), so that ``train()`` / ``eval()``
+    of the captured module (or of a ShardedModel around it) reach that code at run time
+    instead of the mode it was captured in."""
+
+    def forward(self) -> bool:
+        return self.training
+
+
+def _fx_trace(model: nn.Module, inputs: tuple, leaf_modules, flag: bool) -> torch.fx.GraphModule:
+    tracer = FxrecTracer(leaf_modules, training_flag=flag)
+    concrete = _concrete_args(model, inputs)
+    if not flag:
+        return torch.fx.GraphModule(model, tracer.trace(model, concrete), type(model).__name__)
+    saved = {m: m.__dict__["training"] for m in model.modules()}
+    model.add_module(L.TRAINING_FLAG, TrainingFlag().train(model.training))
+    try:
+        graph = tracer.trace(model, concrete)
+        for m, mode in saved.items():  # before the GraphModule copies the root's mode
+            m.__dict__["training"] = mode
+        node = next(n for n in graph.nodes if n.op == "call_module" and n.target == L.TRAINING_FLAG)
+        if not node.users:
+            graph.erase_node(node)
+        return torch.fx.GraphModule(model, graph, type(model).__name__)
+    finally:
+        for m, mode in saved.items():
+            m.__dict__["training"] = mode
+        delattr(model, L.TRAINING_FLAG)
+
+
 def _fx_capture(model: nn.Module, inputs: tuple, leaf_modules) -> torch.fx.GraphModule:
-    tracer = FxrecTracer(leaf_modules)
-    graph = tracer.trace(model, concrete_args=_concrete_args(model, inputs))
-    return torch.fx.GraphModule(tracer.root, graph, type(model).__name__)
+    """fx's trace, with every ``self.training`` a graph value (`TrainingFlag`). Code that
+    branches on it cannot trace so; it is traced again with the mode as a constant, and
+    ``gm.meta[TRAINING_BAKED]`` says which mode and where (ShardedModel warns when switched)."""
+    if hasattr(model, L.TRAINING_FLAG):
+        return _fx_trace(model, inputs, leaf_modules, flag=False)
+    try:
+        return _fx_trace(model, inputs, leaf_modules, flag=True)
+    except torch.fx.proxy.TraceError as first:
+        gm = _fx_trace(model, inputs, leaf_modules, flag=False)  # raises on any other control flow
+        where = _user_location(first)
+        gm.meta[L.TRAINING_BAKED] = (model.training, f"{type(model).__name__}.forward branches on self.training"
+                                                     + (f" at {where}" if where else ""))
+        return gm
 
 
 # ------------------------------------------------------------------ torch.export fallback
@@ -266,13 +317,19 @@ def _meta_dense(model: nn.Module) -> bool:
     return any(t.is_meta and id(t) not in tables for t in itertools.chain(model.parameters(), model.buffers()))
 
 
+def _user_location(error: Exception) -> str:
+    """``file:line `code``` of the innermost user frame in `error`'s traceback, or ""."""
+    frames = [f for f in traceback.extract_tb(error.__traceback__) if _is_user_file(f.filename)]
+    if not frames:
+        return ""
+    f = frames[-1]  # the innermost user frame is the offending operation
+    return f"{os.path.basename(f.filename)}:{f.lineno} `{(f.line or '').strip()}`"
+
+
 def _failure(model: nn.Module, fx_error: Exception, export_error: Optional[Exception]) -> CaptureError:
     """One line: where (module path, file:line, code), what, and the advice."""
-    frames = [f for f in traceback.extract_tb(fx_error.__traceback__) if _is_user_file(f.filename)]
-    where = ""
-    if frames:  # the innermost user frame is the offending operation
-        f = frames[-1]
-        where = f" at {os.path.basename(f.filename)}:{f.lineno} `{(f.line or '').strip()}`"
+    where = _user_location(fx_error)
+    where = f" at {where}" if where else ""
     path, type_name = getattr(fx_error, "_fxrec_module", ("", type(model).__name__))
     module = f"module '{path}' ({type_name})" if path else f"the root module ({type_name})"
     advice = (f"mark it a leaf (fxrec.capture(..., leaf_modules=['{path}'])) or move the data-dependent "

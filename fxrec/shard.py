@@ -72,6 +72,19 @@ class ShardedModel(nn.Module):
     def forward(self, *args, **kwargs):
         return self.module(*args, **kwargs)
 
+    def train(self, mode: bool = True):
+        """As nn.Module.train. The captured code follows the mode where it read
+        ``self.training`` as a value; where it branched on it, it runs the branch of the mode
+        it was captured in, and switching to the other mode warns so."""
+        baked = self.module.meta.get(L.TRAINING_BAKED)
+        if baked is not None and bool(mode) != baked[0]:
+            captured = "training" if baked[0] else "eval"
+            warnings.warn(f"fxrec: {baked[1]}, so it was captured with the {captured}-mode branch, which the "
+                          f"sharded model runs also in {'training' if mode else 'eval'} mode; shard the model in "
+                          f"the mode you run it in, or make the branch a value (torch.where, F.dropout(x, p, "
+                          f"self.training))", stacklevel=2)
+        return super().train(mode)
+
     # -- the tables ----------------------------------------------------------------
     def _lookups(self):
         return [m for m in self.module.modules() if isinstance(m, (LocalLookup, ReplicatedLookup))]

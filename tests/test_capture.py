@@ -173,3 +173,57 @@ def test_a_list_of_example_inputs_is_one_argument():
                                            r"required argument: 'offsets'; example_inputs is one list, taken as "
                                            r"forward's only argument: give a tuple of forward's arguments"):
         fxrec.capture(model, list(example))
+
+
+class _Dropouts(nn.Module):
+    """Reads self.training as a value, in the root and in a submodule."""
+
+    def __init__(self):
+        super().__init__()
+        self.bag = nn.EmbeddingBag(20, 8, mode="sum")
+        self.head = nn.Sequential(nn.Linear(8, 8), _FunctionalDropout())
+
+    def forward(self, ids, offsets):
+        return self.head(torch.nn.functional.dropout(self.bag(ids, offsets), 0.5, self.training))
+
+
+class _FunctionalDropout(nn.Module):
+    def forward(self, x):
+        return torch.nn.functional.dropout(x, p=0.5, training=self.training)
+
+
+class _ModeBranch(_Dropouts):
+    def forward(self, ids, offsets):
+        h = self.bag(ids, offsets)
+        if self.training:
+            h = h * 0.5
+        return h
+
+
+def test_training_read_as_a_value_follows_train_and_eval():
+    model = _Dropouts()
+    example = (torch.randint(0, 20, (6,)), torch.tensor([0, 2, 4]))
+    gm = fxrec.capture(model, example)
+    flags = [n for n in gm.graph.nodes if n.op == "call_module" and n.target == L.TRAINING_FLAG]
+    assert len(flags) == 1 and L.TRAINING_BAKED not in gm.meta
+    assert not hasattr(model, L.TRAINING_FLAG) and all(m.training is True for m in model.modules())
+    gm.eval()
+    model.eval()
+    torch.testing.assert_close(gm(*example), model(*example), rtol=0, atol=0)
+    gm.train()
+    torch.manual_seed(0)
+    got = gm(*example)
+    model.train()
+    torch.manual_seed(0)
+    torch.testing.assert_close(got, model(*example), rtol=0, atol=0)  # the same dropout masks
+
+
+def test_a_branch_on_training_is_captured_in_the_current_mode_and_named():
+    model = _ModeBranch()
+    example = (torch.randint(0, 20, (6,)), torch.tensor([0, 2, 4]))
+    gm = fxrec.capture(model, example)
+    mode, why = gm.meta[L.TRAINING_BAKED]
+    assert mode is True and "_ModeBranch.forward branches on self.training at test_capture.py:" in why
+    assert "`if self.training:`" in why
+    assert not [n for n in gm.graph.nodes if n.target == L.TRAINING_FLAG]
+    assert all(type(v) is bool for m in model.modules() for k, v in vars(m).items() if k == "training")

@@ -35,6 +35,8 @@ CAPTURE_NOTE = "fxrec_capture_note"  # why fx tracing failed, when export was us
 PARAM_TABLES = "fxrec_param_tables"  # dict[param or buffer path, table name]
 DENSE_TABLES = "fxrec_dense_tables"  # dict[table name, why]: looked-up weights left as dense parameters
 PASSES_RUN = "fxrec_passes_run"      # list[str], appended by the runner
+TRAINING_BAKED = "fxrec_training_baked"  # (mode, why): the graph runs the code of that mode only
+TRAINING_FLAG = "fxrec_training"     # the captured module's TrainingFlag (capture.py)
 
 KINDS = ("module_bag", "module_embedding", "functional_bag", "functional_embedding",
          "aten_bag", "aten_embedding", "ebc", "ec")
