@@ -75,7 +75,7 @@ class FxrecTracer(torch.fx.Tracer):
         self._leaf_names = {t for t in leaves if isinstance(t, str)}
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        if isinstance(m, self._leaf_types) or module_qualified_name in self._leaf_names:
+        if isinstance(m, self._leaf_types + (TrainingFlag,)) or module_qualified_name in self._leaf_names:
             return True
         return super().is_leaf_module(m, module_qualified_name)
 
@@ -91,7 +91,7 @@ class FxrecTracer(torch.fx.Tracer):
         if self._training_flag:  # after the placeholders: every module's `training` reads one node
             flag = self.create_proxy("call_module", L.TRAINING_FLAG, (), {})
             for m in self.root.modules():
-                if not isinstance(m, TrainingFlag):
+                if not isinstance(m, TrainingFlag) and "training" in m.__dict__:
                     m.__dict__["training"] = flag
         return out
 
@@ -161,7 +161,7 @@ def _fx_trace(model: nn.Module, inputs: tuple, leaf_modules, flag: bool) -> torc
     concrete = _concrete_args(model, inputs)
     if not flag:
         return torch.fx.GraphModule(model, tracer.trace(model, concrete), type(model).__name__)
-    saved = {m: m.__dict__["training"] for m in model.modules()}
+    saved = {m: m.__dict__["training"] for m in model.modules() if "training" in m.__dict__}
     model.add_module(L.TRAINING_FLAG, TrainingFlag().train(model.training))
     try:
         graph = tracer.trace(model, concrete)
@@ -185,7 +185,7 @@ def _fx_capture(model: nn.Module, inputs: tuple, leaf_modules) -> torch.fx.Graph
         return _fx_trace(model, inputs, leaf_modules, flag=False)
     try:
         return _fx_trace(model, inputs, leaf_modules, flag=True)
-    except torch.fx.proxy.TraceError as first:
+    except Exception as first:  # noqa: BLE001 - the trace with the mode fixed says whether it was the flag
         gm = _fx_trace(model, inputs, leaf_modules, flag=False)  # raises on any other control flow
         where = _user_location(first)
         gm.meta[L.TRAINING_BAKED] = (model.training, f"{type(model).__name__}.forward branches on self.training"

@@ -216,6 +216,10 @@ def test_training_read_as_a_value_follows_train_and_eval():
     model.train()
     torch.manual_seed(0)
     torch.testing.assert_close(got, model(*example), rtol=0, atol=0)  # the same dropout masks
+    again = fxrec.capture(gm, example)  # a captured module captures again with its flag kept a call
+    assert [n for n in again.graph.nodes if n.target == L.TRAINING_FLAG] and L.TRAINING_BAKED not in again.meta
+    again.eval()
+    torch.testing.assert_close(again(*example), model.eval()(*example), rtol=0, atol=0)
 
 
 def test_a_branch_on_training_is_captured_in_the_current_mode_and_named():

@@ -40,6 +40,7 @@ for fp32); fbgemm's op stays ahead for fp16, int4 and int2 tables and mixes of t
 from __future__ import annotations
 
 import math
+import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import Optional
 
@@ -109,7 +110,7 @@ def _table_runs(layout, offsets: Tensor, parts: int) -> list[tuple[int, int]]:
     return runs + [(t0, T)]
 
 
-_POOL: Optional[ThreadPoolExecutor] = None
+_POOL: tuple = (None, 0, 0)  # (ThreadPoolExecutor, its workers, the pid that made it)
 
 
 def _in_parallel(calls: list) -> None:
@@ -119,9 +120,11 @@ def _in_parallel(calls: list) -> None:
     if len(calls) == 1:
         calls[0]()
         return
-    if _POOL is None or _POOL._max_workers < len(calls):
-        _POOL = ThreadPoolExecutor(max_workers=len(calls), thread_name_prefix="fxrec-fbgemm")
-    for future in [_POOL.submit(c) for c in calls]:
+    pool, workers, pid = _POOL
+    if pool is None or workers < len(calls) or pid != os.getpid():  # a forked child has no threads
+        pool = ThreadPoolExecutor(max_workers=len(calls), thread_name_prefix="fxrec-fbgemm")
+        _POOL = (pool, len(calls), os.getpid())
+    for future in [pool.submit(c) for c in calls]:
         future.result()
 
 
