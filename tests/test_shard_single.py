@@ -282,6 +282,10 @@ def test_tables_left_dense_are_named_in_a_warning():
                                          r"mode='max' pooling is not supported"):
         sm = shard(model, Topology(1), batches[0])
     assert sorted(sm.plan) == ["codes", "hist", "pre", "user"]
+    notes = fxrec.passes.PassContext(example_inputs=batches[0])
+    fxrec.passes.run_passes(fxrec.capture(case.build(), batches[0]), notes, until="detect_embeddings")
+    assert "detect_embeddings: table(s) ['pre', 'codes'] are frozen (requires_grad=False, or a buffer)" in \
+        "\n".join(notes.log)
     assert {"module.item.weight", "module.tags.weight"} <= {n for n, _ in sm.named_parameters()}
 
 

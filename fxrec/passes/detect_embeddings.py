@@ -358,4 +358,8 @@ def detect_embeddings_pass(gm: GraphModule, ctx) -> GraphModule:
     gm.meta[L.TABLES] = tables
     gm.meta[L.DENSE_TABLES] = dense
     ctx.tables = tables
+    frozen = L.frozen_tables(gm, tables)
+    if frozen:  # fxrec.shard and the compile backend give them no sparse optimizer (fxrec.optim.freeze)
+        ctx.log.append(f"detect_embeddings: table(s) {frozen} are frozen (requires_grad=False, or a buffer): "
+                       f"looked up, never trained")
     return gm
