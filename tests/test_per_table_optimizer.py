@@ -162,6 +162,7 @@ def _fused_optimizers(sm) -> dict:
             for fused in m.fused_modules() for name in fused.layout.names}
 
 
+@pytest.mark.filterwarnings("ignore:fxrec.shard. table.s. .* stay dense parameters")
 def test_frozen_tables_stay_frozen_under_a_new_optimizer():
     """A pretrained frozen table and a buffer table get no sparse optimizer, also after the
     user swaps in a new one (a learning-rate schedule), and take no state."""
@@ -181,6 +182,7 @@ def test_frozen_tables_stay_frozen_under_a_new_optimizer():
     assert all(torch.equal(after[k], v) for k, v in before.items())
 
 
+@pytest.mark.filterwarnings("ignore:fxrec.shard. table.s. .* stay dense parameters")
 def test_a_per_table_optimizer_for_a_frozen_table_is_refused():
     case = CASES["odd_tables"]
     model, _, batches, _ = case.setup(1, B, seed=1)
