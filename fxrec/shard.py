@@ -24,6 +24,7 @@ backward, so a row's accumulator sees its whole row (fxrec/runtime/row_sync.py).
 """
 from __future__ import annotations
 
+import itertools
 import warnings
 from collections import OrderedDict
 from typing import Optional
@@ -55,9 +56,12 @@ class ShardedModel(nn.Module):
     the fused sparse optimizer inside backward. ``module`` is the rewritten GraphModule."""
 
     def __init__(self, gm: GraphModule, plan, state_keys: list[str], tables: dict, extra: dict, grad_sync=None,
-                 sparse_optimizer=None, frozen=()):
+                 sparse_optimizer=None, frozen=(), other_mode: Optional[GraphModule] = None):
         super().__init__()
         self.module = gm
+        # the program of the other mode, for a forward that branches on self.training: it shares
+        # `module`'s shards and dense modules, so it is kept out of the module tree (no state)
+        self.__dict__["_other_mode"] = other_mode
         self._plan, self._keys, self._tables, self._extra = plan, list(state_keys), tables, extra
         self._sparse_optimizer = sparse_optimizer
         self.frozen = tuple(frozen)  # tables the user's model does not train (`fxrec.optim.freeze`)
@@ -70,14 +74,23 @@ class ShardedModel(nn.Module):
         return self._plan
 
     def forward(self, *args, **kwargs):
-        return self.module(*args, **kwargs)
+        return self.program(self.training)(*args, **kwargs)
+
+    def program(self, training: bool) -> GraphModule:
+        """The rewritten program that runs in this mode: `module`, or, for a forward that
+        branches on self.training, the one captured in the other mode (same shards)."""
+        baked = self.module.meta.get(L.TRAINING_BAKED)
+        if baked is not None and bool(training) != baked[0] and self._other_mode is not None:
+            return self._other_mode
+        return self.module
 
     def train(self, mode: bool = True):
         """As nn.Module.train. The captured code follows the mode where it read
-        ``self.training`` as a value; where it branched on it, it runs the branch of the mode
-        it was captured in, and switching to the other mode warns so."""
+        ``self.training`` as a value; where it branched on it, each mode runs a program
+        captured in that mode. Only where the two modes look up different tables (or the dense
+        part was on the meta device) is there one program, and switching modes warns."""
         baked = self.module.meta.get(L.TRAINING_BAKED)
-        if baked is not None and bool(mode) != baked[0]:
+        if baked is not None and bool(mode) != baked[0] and self._other_mode is None:
             captured = "training" if baked[0] else "eval"
             warnings.warn(f"fxrec: {baked[1]}, so it was captured with the {captured}-mode branch, which the "
                           f"sharded model runs also in {'training' if mode else 'eval'} mode; shard the model in "
@@ -254,6 +267,43 @@ class ShardedModel(nn.Module):
 
 
 # ------------------------------------------------------------------ shard()
+def _structure(module: nn.Module) -> list:
+    return [(n, type(m).__name__) for n, m in module.named_modules()] + \
+        [(n, tuple(b.shape), b.dtype) for n, b in module.named_buffers()]
+
+
+def _other_mode(model: nn.Module, inputs: tuple, gm: GraphModule, ctx) -> Optional[GraphModule]:
+    """For a forward that branches on self.training: the sharded program captured in the
+    other mode, built on meta and then given `gm`'s shards (ROOT) and, as any capture, the
+    model's own dense modules. None where that cannot hold: the two modes look up other
+    tables, or the dense part is on meta (materialised for `gm` alone)."""
+    names = L.table_names_by_param(model)
+    if any(t.is_meta for path, t in itertools.chain(model.named_parameters(), model.named_buffers())
+           if names.get(path) not in ctx.tables):
+        return None
+    was = model.training
+    model.train(not was)
+    try:
+        other = capture(model, inputs)
+    finally:
+        model.train(was)
+    octx = PassContext(example_inputs=inputs, topology=ctx.topology, plan=ctx.plan)
+    other = run_passes(other, octx, until="group_tables")
+    if list(octx.tables) != list(ctx.tables):
+        return None
+    octx.options.update(ctx.options, device=torch.device("meta"), init=_meta_shard,
+                        kernel_device=ctx.options["device"])
+    other = run_passes(other, octx, passes=_passes_from_apply_plan())
+    if not hasattr(other, ROOT) or _structure(other.get_submodule(ROOT)) != _structure(gm.get_submodule(ROOT)):
+        return None
+    setattr(other, ROOT, gm.get_submodule(ROOT))
+    return other
+
+
+def _meta_shard(table: str, rows: tuple, cols: tuple) -> Tensor:
+    return torch.empty(rows[1] - rows[0], cols[1] - cols[0], device="meta")
+
+
 def _passes_from_apply_plan() -> list:
     """apply_plan and the passes after it in the runner's list (apply_plan alone while the
     list does not hold it yet)."""
@@ -412,9 +462,12 @@ def shard(model: nn.Module, topology, example_inputs, plan=None, constraints=Non
     ctx.options.update(rank=rank, world_size=world, sparse_optimizer=optimizer, process_groups=groups,
                        device=device, init=_initialiser(model, ctx.tables, seed, device))
     gm = run_passes(gm, ctx, passes=_passes_from_apply_plan())
+    other = _other_mode(model, inputs, gm, ctx) if L.TRAINING_BAKED in gm.meta else None
     _materialise_dense(gm, device, seed)
     if device.type != "cpu":  # as DistributedModelParallel does: the dense part joins the shards
         gm.to(device)
+        if other is not None:
+            other.to(device)
     # Keys the graph does not hold (a parameter forward never reads): kept as they are.
     own, names = gm.state_dict(), L.table_names_by_param(model)
     extra = {k: v.detach() for k, v in model.state_dict(keep_vars=True).items()
@@ -425,4 +478,4 @@ def shard(model: nn.Module, topology, example_inputs, plan=None, constraints=Non
 
         _broadcast_dense(gm)
         grad_sync = DenseGradSync(list(gm.parameters()), group=dense_group)
-    return ShardedModel(gm, ctx.plan, state_keys, dict(ctx.tables), extra, grad_sync, optimizer, frozen)
+    return ShardedModel(gm, ctx.plan, state_keys, dict(ctx.tables), extra, grad_sync, optimizer, frozen, other)

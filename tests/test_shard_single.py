@@ -289,22 +289,6 @@ def test_tables_left_dense_are_named_in_a_warning():
     assert {"module.item.weight", "module.tags.weight"} <= {n for n, _ in sm.named_parameters()}
 
 
-def test_eval_mode_reaches_dropout_written_with_self_training():
-    from test_capture import _Dropouts, _ModeBranch
-    example = (torch.randint(0, 20, (6,)), torch.tensor([0, 2, 4]))
-    torch.manual_seed(0)
-    model = _Dropouts()
-    reference = copy.deepcopy(model).eval()
-    sm = shard(model, Topology(1), example)
-    sm.eval()
-    with torch.no_grad():
-        assert_close(sm(*example), reference(*example), rtol=0, atol=0)
-    sm = shard(_ModeBranch(), Topology(1), example)
-    with pytest.warns(UserWarning, match=r"_ModeBranch.forward branches on self.training at test_capture.py:\d+ "
-                                         r"`if self.training:`, so it was captured with the training-mode branch"):
-        sm.eval()
-
-
 class _NoTable(nn.Module):
     def __init__(self):
         super().__init__()

@@ -136,7 +136,7 @@ class TrainPipeline:
     def __init__(self, model, optimizer: torch.optim.Optimizer, loss_fn: Callable[[Any, Any], torch.Tensor],
                  inputs: Callable[[Any], tuple] = tuple):
         self.model, self.optimizer, self.loss_fn, self.inputs = model, optimizer, loss_fn, inputs
-        split = split_stages(model.module)
+        split = split_stages(model.program(True))  # the training-mode program
         self._stages = split
         self._groups: dict = {}
         if split is not None and comm.world_size() > 1:
