@@ -291,7 +291,7 @@ def _other_mode(model: nn.Module, inputs: tuple, gm: GraphModule, ctx) -> Option
     other = run_passes(other, octx, until="group_tables")
     if list(octx.tables) != list(ctx.tables):
         return None
-    octx.options.update(ctx.options, device=torch.device("meta"), init=_meta_shard,
+    octx.options.update(ctx.options, device=torch.device("meta"), init=meta_shard,
                         kernel_device=ctx.options["device"])
     other = run_passes(other, octx, passes=_passes_from_apply_plan())
     if not hasattr(other, ROOT) or _structure(other.get_submodule(ROOT)) != _structure(gm.get_submodule(ROOT)):
@@ -300,7 +300,9 @@ def _other_mode(model: nn.Module, inputs: tuple, gm: GraphModule, ctx) -> Option
     return other
 
 
-def _meta_shard(table: str, rows: tuple, cols: tuple) -> Tensor:
+def meta_shard(table: str, rows: tuple, cols: tuple) -> Tensor:
+    """A shard's stand-in on meta, for a program built only to be shown (`fxrec dump`: a 100 GB
+    table dumps on a laptop) or to be given real shards afterwards (`_other_mode`)."""
     return torch.empty(rows[1] - rows[0], cols[1] - cols[0], device="meta")
 
 

@@ -60,6 +60,7 @@ def build_dump(model, example_inputs: tuple, *, after: str | None = None, fmt: s
     from fxrec.passes import render
     from fxrec.passes.runner import PassContext, PassError, run_passes
     from fxrec.planner.plan import PlanError
+    from fxrec.shard import meta_shard
 
     names = _pass_names()
     title = title or type(model).__name__
@@ -82,7 +83,7 @@ def build_dump(model, example_inputs: tuple, *, after: str | None = None, fmt: s
             raise DumpError(f"--rank {rank} is outside the topology's {topology.world_size} ranks")
         # one process renders any rank's program: apply_plan only builds it
         ctx.options.update(rank=rank, world_size=topology.world_size, batch_size=batch_size,
-                           constraints=constraints, device=torch.device("meta"), init=_meta_shard,
+                           constraints=constraints, device=torch.device("meta"), init=meta_shard,
                            kernel_device=torch.device(topology.device))
     if weight_dtype is not None:  # what fxrec.lower_for_inference runs
         ctx.options.update(inference=True, weight_dtype=weight_dtype)
@@ -107,12 +108,6 @@ def build_dump(model, example_inputs: tuple, *, after: str | None = None, fmt: s
     if topology is not None and ctx.plan is None:  # shown before apply_plan: plan anyway
         ctx.plan = _plan(ctx, topology, batch_size, constraints)
     return snapshot["graph"](ctx)
-
-
-def _meta_shard(table: str, rows: tuple, cols: tuple):
-    """A dump only shows the program: its shards stay on meta (a 100 GB table dumps on a laptop,
-    and a table on the meta device needs no initialiser)."""
-    return torch.empty(rows[1] - rows[0], cols[1] - cols[0], device="meta")
 
 
 def _plan(ctx, topology, batch_size: int, constraints):
