@@ -155,7 +155,7 @@ def test_pipeline_table_row_wise_two_nodes(name):
 def test_split_puts_the_id_exchange_in_the_input_stage():
     """A two-rank program, built in one process on meta (`fxrec dump`'s way): the
     all-to-alls of ids and counts are input-stage nodes, the pooled-vector exchange not."""
-    from fxrec.commands.dump import _meta_shard
+    from fxrec.shard import meta_shard
     from fxrec.capture import capture
     from fxrec.passes.runner import PassContext, run_passes
 
@@ -166,7 +166,7 @@ def test_split_puts_the_id_exchange_in_the_input_stage():
     tables = fxrec.find_tables(model, example)
     topo = fxrec.Topology(world_size=2)
     ctx = PassContext(example_inputs=example, topology=topo)
-    ctx.options.update(rank=0, world_size=2, batch_size=B, device=torch.device("meta"), init=_meta_shard,
+    ctx.options.update(rank=0, world_size=2, batch_size=B, device=torch.device("meta"), init=meta_shard,
                        constraints={t.name: "row_wise" for t in tables})
     gm = run_passes(capture(model, example), ctx)
     stage = {n.name: n.meta[STAGE] for n in gm.graph.nodes}
