@@ -165,6 +165,13 @@ def in_table_order(names: Sequence[str], values, what: str) -> list:
     return values
 
 
+def table_position(names: Sequence[str], name: str) -> int:
+    """Table `name`'s position among `names`; ValueError naming the tables when it is none."""
+    if name not in names:
+        raise ValueError(f"unknown table {name!r}; tables are {list(names)}")
+    return list(names).index(name)
+
+
 def check_devices(device: torch.device, **tensors: Optional[Tensor]) -> None:
     """Each given tensor (None: absent) is on `device`, where the tables are."""
     for name, x in tensors.items():

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from . import registry
-from .layout import check_devices, check_inputs, in_table_order
+from .layout import check_devices, check_inputs, in_table_order, table_position
 from .quant import QuantLayout, dequantize_rows, quant_type, quantize_rows
 
 __all__ = ["QuantizedEmbeddingBags"]
@@ -156,9 +156,7 @@ class QuantizedEmbeddingBags(nn.Module):
     @torch.no_grad()
     def load_table(self, name: str, weight: Tensor) -> None:
         """Quantize one table's ``rows x dim`` float weights into the buffer."""
-        if name not in self.layout.names:
-            raise ValueError(f"unknown table {name!r}; tables are {list(self.layout.names)}")
-        t = self.layout.names.index(name)
+        t = table_position(self.layout.names, name)
         shape = (self.layout.rows[t], self.layout.dims[t])
         if tuple(weight.shape) != shape:
             raise ValueError(f"table {name!r}: expected weight {shape}, got {tuple(weight.shape)}")

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from fxrec.optim import OPTIMIZERS
 
 from . import registry
-from .layout import TBELayout, check_devices, check_inputs, in_table_order
+from .layout import TBELayout, check_devices, check_inputs, in_table_order, table_position
 from .sparse_update import ROW_STATE, init_state
 from .torch_ref import per_sample_weights_grad
 
@@ -215,9 +215,7 @@ class FusedEmbeddingBags(nn.Module):
     @torch.no_grad()
     def load_table(self, name: str, weight: Tensor) -> None:
         """Copy one table's ``rows x dim`` weights in (by table name)."""
-        if name not in self.layout.names:
-            raise ValueError(f"unknown table {name!r}; tables are {list(self.layout.names)}")
-        dst = self.split_weights()[self.layout.names.index(name)]
+        dst = self.split_weights()[table_position(self.layout.names, name)]
         if tuple(weight.shape) != tuple(dst.shape):
             raise ValueError(f"table {name!r}: expected weight {tuple(dst.shape)}, got {tuple(weight.shape)}")
         dst.copy_(weight)
