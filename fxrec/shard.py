@@ -454,7 +454,7 @@ def shard(model: nn.Module, topology, example_inputs, plan=None, constraints=Non
     gm = run_passes(gm, ctx, until="group_tables")
     _check_dense_tables(model, gm.meta.get(L.DENSE_TABLES, {}), ctx.tables)
     build_units(gm)  # unsupported lookups fail here with their own ValueError, before any planning
-    frozen = L.frozen_tables(model, ctx.tables)
+    frozen = gm.meta[L.FROZEN_TABLES]  # the capture reads the model's own parameters
     optimizer = freeze(optimizer, frozen)  # a sparse optimizer must not train what the model freezes
     if isinstance(optimizer, PerTable):
         optimizer.check_tables(ctx.tables)  # a misspelt table, or one without an optimizer

@@ -304,7 +304,7 @@ def fxrec_backend(gm: GraphModule, example_inputs, options: Optional[dict] = Non
     gm = run_passes(gm, ctx, passes=[("detect_embeddings", detect_embeddings_pass),
                                      ("group_tables", group_tables_pass)])
     if wants_grad:  # frozen tables (requires_grad=False) are read, not trained
-        ctx.options["sparse_optimizer"] = freeze(ctx.options["sparse_optimizer"], L.frozen_tables(gm, ctx.tables))
+        ctx.options["sparse_optimizer"] = freeze(ctx.options["sparse_optimizer"], gm.meta[L.FROZEN_TABLES])
     conflict = None if quantize else _grouping_conflict(gm, ctx, params)
     if conflict is not None:
         return _done(gm, [f"backend: lookups left unfused: {conflict}"])

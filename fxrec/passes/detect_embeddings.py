@@ -330,8 +330,8 @@ def _tables(cands: list[_Candidate]) -> dict[str, TableInfo]:
 def detect_embeddings_pass(gm: GraphModule, ctx) -> GraphModule:
     """Annotate every lookup node with LOOKUP (a `Lookup`) and NODE_TABLES (its tables'
     TableInfo, aligned with `Lookup.reads`); set ``gm.meta[TABLES]`` and ``ctx.tables``
-    to the TableInfo of every table, in graph order, and ``gm.meta[DENSE_TABLES]`` to the
-    tables left dense, with the reason. Adds no nodes; folds reads of a table's shape or
+    to the TableInfo of every table, in graph order, ``gm.meta[DENSE_TABLES]`` to the
+    tables left dense, with the reason, and ``gm.meta[FROZEN_TABLES]`` to those not trained. Adds no nodes; folds reads of a table's shape or
     dtype into constants (table_reads.py)."""
     if ctx.example_inputs is None:
         raise ValueError("detect_embeddings needs ctx.example_inputs to measure pooling factors")
@@ -358,7 +358,7 @@ def detect_embeddings_pass(gm: GraphModule, ctx) -> GraphModule:
     gm.meta[L.TABLES] = tables
     gm.meta[L.DENSE_TABLES] = dense
     ctx.tables = tables
-    frozen = L.frozen_tables(gm, tables)
+    frozen = gm.meta[L.FROZEN_TABLES] = L.frozen_tables(gm, tables, names)
     if frozen:  # fxrec.shard and the compile backend give them no sparse optimizer (fxrec.optim.freeze)
         ctx.log.append(f"detect_embeddings: table(s) {frozen} are frozen (requires_grad=False, or a buffer): "
                        f"looked up, never trained")

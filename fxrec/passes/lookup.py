@@ -34,6 +34,7 @@ CAPTURED_BY = "fxrec_capture"  # "fx" | "export"
 CAPTURE_NOTE = "fxrec_capture_note"  # why fx tracing failed, when export was used
 PARAM_TABLES = "fxrec_param_tables"  # dict[param or buffer path, table name]
 DENSE_TABLES = "fxrec_dense_tables"  # dict[table name, why]: looked-up weights left as dense parameters
+FROZEN_TABLES = "fxrec_frozen_tables"  # list[table name]: tables the model does not train (frozen_tables)
 PASSES_RUN = "fxrec_passes_run"      # list[str], appended by the runner
 TRAINING_BAKED = "fxrec_training_baked"  # (mode, why): the graph runs the code of that mode only
 TRAINING_FLAG = "fxrec_training"     # the captured module's TrainingFlag (capture.py)
@@ -157,11 +158,12 @@ def fetch_attr(gm: nn.Module, path: str) -> Any:
     return obj
 
 
-def frozen_tables(model: nn.Module, tables) -> list[str]:
+def frozen_tables(model: nn.Module, tables, names: Optional[dict] = None) -> list[str]:
     """The tables (names, of `tables`) that `model` does not train: no parameter reading them
-    requires grad (``requires_grad=False``, ``nn.Embedding.from_pretrained``), or a buffer."""
-    names = table_names_by_param(model)
-    trained = {names[path] for path, p in model.named_parameters(remove_duplicate=False) if p.requires_grad}
+    requires grad (``requires_grad=False``, ``nn.Embedding.from_pretrained``), or a buffer.
+    `names`: `table_names_by_param(model)`, when the caller has it."""
+    names = table_names_by_param(model) if names is None else names
+    trained = {names.get(path, path) for path, p in model.named_parameters(remove_duplicate=False) if p.requires_grad}
     return [t for t in tables if t not in trained]
 
 

@@ -53,10 +53,9 @@ def _inline(node: Node, value) -> None:
         node.graph.erase_node(node)
 
 
-def fold_weight_metadata(gm: GraphModule, tables: set, names: dict) -> int:
-    """Fold the metadata reads of the weights of `tables` into constants; returns how many
-    reads were folded. Leaves other uses alone. `names` as for `reads_outside`."""
-    folded = 0
+def fold_weight_metadata(gm: GraphModule, tables: set, names: dict) -> None:
+    """Fold the metadata reads of the weights of `tables` into constants. Leaves other uses
+    alone. `names` as for `reads_outside`."""
     for node in list(gm.graph.nodes):
         if node.op != "get_attr" or names.get(str(node.target)) not in tables:
             continue
@@ -71,10 +70,8 @@ def fold_weight_metadata(gm: GraphModule, tables: set, names: dict) -> int:
             if isinstance(value, torch.Size):
                 value = tuple(value)  # a plain tuple is a graph constant on every torch version
             _inline(user, value)
-            folded += 1
         if not node.users:
             gm.graph.erase_node(node)
-    return folded
 
 
 def reads_outside(gm: GraphModule, lookups: set, tables: set, names: dict) -> dict[str, Node]:
