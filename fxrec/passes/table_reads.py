@@ -89,7 +89,8 @@ def reads_outside(gm: GraphModule, lookups: set, tables: set, names: dict) -> di
                     out[table] = other
         elif node.op == "call_module" and node not in lookups:
             mod = gm.get_submodule(str(node.target))
-            held = itertools.chain(mod.named_parameters(remove_duplicate=False), mod.named_buffers(remove_duplicate=False))
+            held = itertools.chain(mod.named_parameters(remove_duplicate=False),
+                                   mod.named_buffers(remove_duplicate=False))
             for path, _ in held:
                 table = names.get(f"{node.target}.{path}" if node.target else path)
                 if table in tables:
