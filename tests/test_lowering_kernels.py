@@ -374,8 +374,12 @@ def test_deterministic_update_is_bit_identical(kernel, variant, opt, gen, monkey
 @pytest.mark.skipif("fbgemm" not in KERNELS_UNDER_TEST, reason="fbgemm not under test")
 @pytest.mark.parametrize("opt", ["sgd", "rowwise_adagrad"])
 @pytest.mark.parametrize("case", ["mixed_dims_weighted", "mean", "tables30", "unpooled"])
-def test_fbgemm_update_on_several_threads_is_the_same_bits(case, opt, gen):
+def test_fbgemm_update_on_several_threads_is_the_same_bits(case, opt, gen, monkeypatch):
     """fbgemm's update, called on runs of tables from several threads at once, equals one call."""
+    from fxrec.lowering import fbgemm as fb
+    runs: list[int] = []  # how many runs of tables each update was cut into
+    in_parallel = fb._in_parallel
+    monkeypatch.setattr(fb, "_in_parallel", lambda calls: (runs.append(len(calls)), in_parallel(calls)))
     if case == "unpooled":
         dims, poolings, dtype, idx, weighted = (8, 8, 8), ("none",) * 3, torch.float32, torch.int64, False
     else:
@@ -392,6 +396,7 @@ def test_fbgemm_update_on_several_threads_is_the_same_bits(case, opt, gen):
                 out = m(indices, offsets, psw)
                 out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(step)))
             assert m.kernels["backward_update"] == "fbgemm"
+            assert runs[-2:] == [min(threads, len(dims))] * 2  # one run per thread, at most one per table
             results.append([m.weights.clone()] + list(m.optimizer_state().values()))
     finally:
         torch.set_num_threads(before)
