@@ -214,7 +214,18 @@ def pipelined_steps(args, model, optimizer, train, rank: int, world: int, device
 
 
 def main(argv=None) -> dict[str, float]:
-    args = parse_args(argv)
+    import torch.distributed as dist
+    owned = not (dist.is_available() and dist.is_initialized())
+    try:
+        return _main(parse_args(argv))
+    finally:
+        # A rank that exits with its gloo group alive can abort in the group's destructor
+        # ("terminate called without an active exception") while its peer is still working.
+        if owned and dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _main(args) -> dict[str, float]:
     if args.save_every < 0 or (args.save_every and not args.save):
         raise SystemExit(f"dlrm_train: --save-every {args.save_every} needs --save DIR and N >= 1")
     if args.pipeline and not args.shard:
