@@ -4,9 +4,13 @@ Dynamo hands this backend each graph it captured, the model's parameters among i
 The backend finds the embedding lookups (`F.embedding_bag` / `F.embedding` whose weight is a
 parameter: what nn.EmbeddingBag / nn.Embedding / fxrec's collections inline to), runs
 fxrec's passes on the graph (detect_embeddings, group_tables, fuse_lookups, and
-quantize_tables when asked), and returns the rewritten graph, which runs eagerly: one fused
-table-batched lookup per group (Triton, FBGEMM or torch, as the registry chooses), the rest
-of the graph as it was. Tables are named by their module's path (``emb_l.0``,
+quantize_tables when asked): one fused table-batched lookup per group (Triton, FBGEMM or
+torch, as the registry chooses). The rest of the graph (dense MLPs, interaction, loss) goes
+to inductor, as under ``torch.compile(model)``: `dense_compile.compile_dense` cuts it into
+segments around fxrec's modules and compiles each dense one. ``options={"dense": "eager"}``
+runs the rest as captured instead (no compile time; eager numerics), ``"aot_eager"`` or any
+other torch.compile backend name compiles it with that. A graph with nothing fused goes to
+that backend whole. Tables are named by their module's path (``emb_l.0``,
 ``sparse_arch.ebc.embedding_bags.t_user``), as `fxrec.find_tables` names module tables.
 
 What is fused, and how the tables stay the model's:
@@ -27,6 +31,7 @@ What is fused, and how the tables stay the model's:
   quantized copy is refreshed from the model's parameters before a call whenever one of
   them changed in place since (its version counter moved). Not with gradients.
 - ``options={"kernel": "triton" | "fbgemm" | "torch"}`` forces the kernel.
+- ``mode`` (torch.compile's) goes to inductor, for the dense segments.
 
 Every graph compiled here is appended to `compiled` (the last 32), with its decisions in
 ``meta["fxrec_log"]``.
@@ -42,9 +47,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.fx import GraphModule, Node
 
+from .dense_compile import check_dense, compile_dense, compile_whole
+
 __all__ = ["fxrec_backend", "register", "compiled", "OPTIONS"]
 
-OPTIONS = ("sparse_optimizer", "weight_dtype", "output_dtype", "kernel", "bounds_check")
+OPTIONS = ("sparse_optimizer", "weight_dtype", "output_dtype", "kernel", "bounds_check", "dense")
 LOG = "fxrec_log"
 _LOOKUPS = (F.embedding_bag, F.embedding)
 compiled: list[GraphModule] = []
@@ -77,6 +84,7 @@ def _check_options(options: Optional[dict]) -> dict:
     if unknown:
         raise ValueError(f"torch.compile(backend='fxrec'): unknown option(s) {unknown}; "
                          f"the options are {list(OPTIONS)}")
+    opts["dense"] = check_dense(opts.get("dense", "inductor"))
     return opts
 
 
@@ -245,10 +253,10 @@ class _Refreshing:
     """Calls the lowered graph, first re-quantizing any table whose parameter was written in
     place since it was last quantized (its `_version` moved)."""
 
-    def __init__(self, gm: GraphModule, params: dict[str, nn.Parameter]):
+    def __init__(self, gm: GraphModule, params: dict[str, nn.Parameter], run):
         from fxrec.lowering.quant_tbe import QuantizedEmbeddingBags
 
-        self.gm = gm
+        self.gm, self.run = gm, run
         self.where = []  # (module, table name, parameter, version seen)
         for module in gm.modules():
             if isinstance(module, QuantizedEmbeddingBags):
@@ -261,7 +269,7 @@ class _Refreshing:
             if param._version != seen:
                 module.load_table(name, param.detach())
                 entry[3] = param._version
-        return self.gm(*args)
+        return self.run(*args)
 
 
 # ------------------------------------------------------------------ the backend
@@ -273,8 +281,7 @@ def _done(gm: GraphModule, log: list[str], fn=None):
 
 
 def fxrec_backend(gm: GraphModule, example_inputs, options: Optional[dict] = None, mode: Optional[str] = None):
-    """The torch.compile backend (module doc). `mode` (torch.compile's) is ignored: the
-    graph around the fused lookups runs eagerly."""
+    """The torch.compile backend (module doc). `mode` (torch.compile's) goes to inductor."""
     from fxrec.optim import freeze
     from fxrec.passes import lookup as L
     from fxrec.passes.detect_embeddings import detect_embeddings_pass
@@ -284,18 +291,24 @@ def fxrec_backend(gm: GraphModule, example_inputs, options: Optional[dict] = Non
     from fxrec.passes.runner import PassContext, run_passes
 
     opts = _check_options(options)
+    dense = opts["dense"]
     log: list[str] = []
+
+    def whole(why: str):  # nothing fused: the graph goes to the dense backend as it came
+        return _done(gm, [why, f"backend: the whole graph compiled with {dense}"],
+                     compile_whole(gm, example_inputs, dense, mode))
+
     tables = _lookup_tables(gm, example_inputs)
     if not tables:
-        return _done(gm, ["backend: no embedding lookup reads a parameter in this graph"])
+        return whole("backend: no embedding lookup reads a parameter in this graph")
     quantize = opts.get("weight_dtype") is not None
     wants_grad = torch.is_grad_enabled() and any(p.requires_grad for _, p in tables.values())
     if wants_grad and quantize:
-        return _done(gm, ["backend: lookups left unfused: weight_dtype quantizes for inference, and this graph "
-                          "wants the tables' gradients (compile under torch.no_grad())"])
+        return whole("backend: lookups left unfused: weight_dtype quantizes for inference, and this graph "
+                     "wants the tables' gradients (compile under torch.no_grad())")
     if wants_grad and opts.get("sparse_optimizer") is None:
-        return _done(gm, ["backend: lookups left unfused: the tables want gradients and no sparse_optimizer was "
-                          "given (options={'sparse_optimizer': fxrec.optim...} trains them inside backward)"])
+        return whole("backend: lookups left unfused: the tables want gradients and no sparse_optimizer was "
+                     "given (options={'sparse_optimizer': fxrec.optim...} trains them inside backward)")
     params = _as_attributes(gm, tables)
     ctx = PassContext(example_inputs=_concrete(example_inputs), options={
         "inference": not wants_grad, "sparse_optimizer": opts.get("sparse_optimizer") if wants_grad else None,
@@ -306,12 +319,14 @@ def fxrec_backend(gm: GraphModule, example_inputs, options: Optional[dict] = Non
     if wants_grad:  # frozen tables (requires_grad=False) are read, not trained
         ctx.options["sparse_optimizer"] = freeze(ctx.options["sparse_optimizer"], gm.meta[L.FROZEN_TABLES])
     conflict = None if quantize else _grouping_conflict(gm, ctx, params)
-    if conflict is not None:
-        return _done(gm, [f"backend: lookups left unfused: {conflict}"])
+    if conflict is not None:  # gm reads its tables by get_attr now: split, not handed over whole
+        log = [f"backend: lookups left unfused: {conflict}"]
+        return _done(gm, log, compile_dense(gm, dense, mode, log).forward)
     passes = [("fuse_lookups", fuse_lookups_pass)] + ([("quantize_tables", quantize_tables_pass)] if quantize else [])
     out = run_passes(gm, ctx, passes=passes)
     log += [line for line in ctx.log if not line.startswith("ran ")]
     if quantize:
-        return _done(out, log, _Refreshing(out, params))
+        run = compile_dense(out, dense, mode, log)
+        return _done(out, log, _Refreshing(out, params, run))
     _share_storage(out, params, log)
-    return _done(out, log)
+    return _done(out, log, compile_dense(out, dense, mode, log).forward)

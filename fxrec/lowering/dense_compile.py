@@ -1,0 +1,116 @@
+"""The rest of a graph the compile backend fused: compiled by another torch.compile backend.
+
+`torch.compile(model, backend="fxrec")` replaces the embedding lookups by fxrec's fused
+modules; what remains (the dense MLPs, the feature interaction, the loss) is what inductor
+is good at and fxrec is not. `compile_dense` cuts the rewritten graph into segments, in
+graph order: runs of nodes fxrec's passes made (their provenance, ``meta["fxrec_pass"]``,
+names a pass) and runs of the nodes dynamo captured (provenance "input"). fxrec's segments
+run as they are; each dense segment is handed to ``torch.compile(segment, backend=...)``.
+
+Why nested torch.compile and not the backend function itself: a backend needs example
+inputs, and a dense segment after the lookups reads the fused modules' outputs, which have
+no fake value before the first call (the fused kernels sync with the host, and fake tensors
+cannot run them). torch.compile compiles the segment on its first call, with its own guards:
+a new batch size recompiles it (dynamic after the first change, as torch.compile always
+does), exactly as when the user compiles a function that calls an uncompiled one.
+
+A graph with no fused lookup (nothing to fuse, or lookups left for the user's optimizer) is
+handed to the backend whole, with dynamo's own example inputs: `compile_whole`.
+"""
+from __future__ import annotations
+
+import re
+from typing import Optional
+
+import torch
+from torch.fx import GraphModule, Node
+from torch.fx.passes.split_module import split_module
+
+from fxrec.passes import lookup as L
+
+__all__ = ["DENSE_BACKENDS", "compile_dense", "compile_whole", "check_dense"]
+
+# "eager" runs the rest of the graph as dynamo captured it; any other name is a torch.compile
+# backend (torch._dynamo.list_backends()): "inductor" (the default), "aot_eager", ...
+DENSE_BACKENDS = ("inductor", "aot_eager", "eager")
+SEGMENTS = "fxrec_dense_segments"  # gm.meta: list of (submodule name, "fxrec" | backend, node count)
+
+
+def check_dense(name) -> str:
+    """The dense backend's name, or a ValueError naming the accepted ones."""
+    import torch._dynamo
+
+    known = set(DENSE_BACKENDS) | set(torch._dynamo.list_backends(exclude_tags=()))
+    if not isinstance(name, str) or name not in known or name == "fxrec":
+        raise ValueError(f"torch.compile(backend='fxrec'): options['dense'] = {name!r} is not a torch.compile "
+                         f"backend; use one of {sorted(known - {'fxrec'})} ('eager' runs the rest unchanged)")
+    return name
+
+
+def _is_dense(node: Node) -> bool:
+    return node.meta.get(L.PASS, "input") == "input"
+
+
+def _partitions(gm: GraphModule) -> dict[Node, int]:
+    """Node -> segment number: a new segment wherever graph order switches between fxrec's
+    nodes and dynamo's. Placeholders, get_attr and the output are placed by split_module."""
+    part, seg, last = {}, -1, None
+    for node in gm.graph.nodes:
+        if node.op in ("placeholder", "get_attr", "output"):
+            continue
+        kind = _is_dense(node)
+        if kind is not last:
+            seg, last = seg + 1, kind
+        part[node] = seg
+    return part
+
+
+def compile_dense(gm: GraphModule, backend: str, mode: Optional[str], log: list[str]) -> GraphModule:
+    """`gm` split into segments (module doc), each dense one compiled with `backend`
+    (``mode`` goes to inductor). Returns `gm` itself for backend "eager" or when the graph
+    has no dense computation; ``meta[SEGMENTS]`` of the result lists the segments."""
+    part = _partitions(gm)
+    dense_nodes = [n for n in part if _is_dense(n)]
+    if backend == "eager" or not dense_nodes:
+        gm.meta[SEGMENTS] = [("", "fxrec", len(part))]
+        log.append("backend: the rest of the graph runs eagerly"
+                   + ("" if backend == "eager" else " (it has no dense computation)"))
+        return gm
+    kinds = {part[n]: ("eager" if not _is_dense(n) else backend) for n in part}
+    counts: dict[int, int] = {}
+    for n, s in part.items():
+        counts[s] = counts.get(s, 0) + 1
+    split = split_module(gm, None, lambda n: part[n], keep_original_order=True)
+    segments = []
+    for name, sub in list(split.named_children()):
+        match = re.fullmatch(r"submod_(\d+)", name)  # beside them: the tables' owners, for get_attr
+        if match is None:
+            continue
+        s = int(match.group(1))
+        if kinds[s] == "eager":
+            segments.append((name, "fxrec", counts[s]))
+            continue
+        kwargs = {"mode": mode} if backend == "inductor" and mode is not None else {}
+        setattr(split, name, torch.compile(sub, backend=backend, **kwargs))
+        segments.append((name, backend, counts[s]))
+    split.meta.update(gm.meta)
+    gm.meta[SEGMENTS] = split.meta[SEGMENTS] = segments
+    log.append("backend: dense segments " + ", ".join(f"{n} ({c} nodes)" for n, k, c in segments if k != "fxrec")
+               + f" compiled with {backend}" + (f" (mode {mode})" if mode else "")
+               + "; fxrec's " + ", ".join(n for n, k, _ in segments if k == "fxrec") + " run as they are")
+    return split
+
+
+def compile_whole(gm: GraphModule, example_inputs, backend: str, mode: Optional[str]):
+    """The callable `backend` makes of the whole graph (no lookup was fused), or gm.forward
+    for "eager"."""
+    if backend == "eager":
+        return gm.forward
+    if backend == "inductor":
+        from torch._inductor import list_mode_options
+        from torch._inductor.compile_fx import compile_fx
+
+        return compile_fx(gm, example_inputs, config_patches=list_mode_options(mode) if mode else None)
+    from torch._dynamo import lookup_backend
+
+    return lookup_backend(backend)(gm, example_inputs)

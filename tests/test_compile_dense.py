@@ -1,0 +1,146 @@
+"""torch.compile(backend="fxrec"): the graph around the fused lookups goes to another backend.
+
+By default inductor compiles the dense segments (test_compile_backend runs every model that
+way); here: how the graph is cut (segments and their backends in the graph's meta),
+``options={"dense": ...}`` (eager, aot_eager, a bad name), a graph with nothing to fuse
+handed over whole, a KeyedTensor crossing from fxrec's segment into a compiled one, and a
+new batch size recompiling a segment, each against the eager model on fresh inputs.
+"""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch._dynamo
+from torch._dynamo.utils import counters
+
+import fxrec
+from fxrec.lowering import backend as B
+from fxrec.lowering.dense_compile import SEGMENTS, compile_dense
+from models_zoo import CASES
+from test_compile_backend import _train
+from test_inference import _flat
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    torch._dynamo.reset()
+    counters.clear()
+    B.compiled.clear()
+    yield
+    torch._dynamo.reset()
+
+
+def _segments() -> list[tuple[str, str, int]]:
+    return [s for g in B.compiled for s in g.meta.get(SEGMENTS, [])]
+
+
+def _same_as_eager(case, compiled, reference, seeds=(1, 2)) -> None:
+    with torch.no_grad():
+        for seed in seeds:
+            x = case.inputs(seed)
+            for a, b in zip(_flat(compiled(*x)), _flat(reference(*x))):
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def _inductor_graphs() -> int:
+    return counters["inductor"]["fxgraph_cache_miss"] + counters["inductor"]["fxgraph_cache_hit"]
+
+
+@pytest.mark.parametrize("name", ["dlrm_lists", "dlrm_ebc"])
+def test_dense_segments_go_to_inductor_by_default(name):
+    """dlrm_ebc's fused segment hands the dense one a KeyedTensor."""
+    case = CASES[name]
+    model, _ = case.make(0)
+    reference = copy.deepcopy(model)
+    _same_as_eager(case, torch.compile(model, backend="fxrec"), reference)
+    kinds = {kind for _, kind, _ in _segments()}
+    assert kinds == {"fxrec", "inductor"}, _segments()
+    assert _inductor_graphs() >= 1
+    logs = [line for g in B.compiled for line in g.meta["fxrec_log"]]
+    assert any("compiled with inductor" in line for line in logs), logs
+
+
+def test_dense_eager_keeps_the_rewritten_graph():
+    case = CASES["dlrm_lists"]
+    model, _ = case.make(0)
+    reference = copy.deepcopy(model)
+    _same_as_eager(case, torch.compile(model, backend="fxrec", options={"dense": "eager"}), reference)
+    assert {kind for _, kind, _ in _segments()} == {"fxrec"}
+    assert _inductor_graphs() == 0
+    assert not any(isinstance(m, torch._dynamo.eval_frame.OptimizedModule) for g in B.compiled for m in g.modules())
+
+
+def test_training_with_aot_eager_dense_equals_eager_sgd():
+    case = CASES["two_tower"]
+    model, _ = case.make(0)
+    reference = copy.deepcopy(model)
+    compiled = torch.compile(model, backend="fxrec",
+                             options={"sparse_optimizer": fxrec.optim.SGD(lr=0.1), "dense": "aot_eager"})
+    _train(model, case, 3, 0.1, compiled)
+    _train(reference, case, 3, 0.1)
+    for (k, a), b in zip(model.state_dict().items(), reference.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=k)
+    assert "aot_eager" in {kind for _, kind, _ in _segments()}
+
+
+def test_an_unfused_graph_goes_to_the_dense_backend_whole():
+    """Training without a sparse optimizer: nothing is fused, inductor compiles the graph."""
+    case = CASES["dlrm_lists"]
+    model, _ = case.make(0)
+    reference = copy.deepcopy(model)
+    _train(model, case, 2, 0.1, torch.compile(model, backend="fxrec"))
+    _train(reference, case, 2, 0.1)
+    for (k, a), b in zip(model.state_dict().items(), reference.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=k)
+    logs = [line for g in B.compiled for line in g.meta["fxrec_log"]]
+    assert "backend: the whole graph compiled with inductor" in logs, logs
+    assert _inductor_graphs() >= 1
+
+
+def test_new_batch_sizes_recompile_the_dense_segment():
+    """Batches of 8, 5 and 1 samples: dynamo recompiles (1 is always specialised),
+    each time the dense segment is compiled again, and every answer is the eager one."""
+    from models_zoo import _dlrm_lists_inputs
+
+    model, _ = CASES["dlrm_lists"].make(0)
+    reference = copy.deepcopy(model)
+    compiled = torch.compile(model, backend="fxrec", options={"dense": "aot_eager"})
+    with torch.no_grad():
+        for seed, batch in enumerate((8, 5, 1)):
+            x = _dlrm_lists_inputs(torch.Generator().manual_seed(seed), batch=batch)
+            torch.testing.assert_close(compiled(*x), reference(*x), rtol=1e-5, atol=1e-6)
+    assert sum(kind == "aot_eager" for _, kind, _ in _segments()) >= 2
+
+
+@pytest.mark.parametrize("dense", ["inductr", 3, "fxrec"])
+def test_a_bad_dense_backend_is_named(dense):
+    case = CASES["bag_2d"]
+    model, _ = case.make(0)
+    with pytest.raises(Exception, match=f"options\\['dense'\\] = {dense!r} is not a torch.compile backend"):
+        torch.compile(model, backend="fxrec", options={"dense": dense})(*case.inputs(1))
+
+
+def test_segments_follow_graph_order():
+    """A graph whose dense work comes before and after fxrec's nodes: three segments, the
+    two dense ones compiled, each node in exactly one."""
+    from torch.fx import symbolic_trace
+
+    from fxrec.passes import lookup as L
+
+    class M(torch.nn.Module):
+        def forward(self, x):
+            a = x * 2
+            b = torch.relu(a)
+            return b + 1
+
+    gm = symbolic_trace(M())
+    nodes = [n for n in gm.graph.nodes if n.op == "call_function"]
+    for n in gm.graph.nodes:
+        n.meta[L.PASS] = "fuse_lookups" if n is nodes[1] else "input"  # pretend relu is fxrec's
+    log: list[str] = []
+    split = compile_dense(gm, "aot_eager", None, log)
+    assert [(k, c) for _, k, c in split.meta[SEGMENTS]] == [("aot_eager", 1), ("fxrec", 1), ("aot_eager", 1)]
+    x = torch.randn(5)
+    torch.testing.assert_close(split(x), torch.relu(x * 2) + 1)
