@@ -165,6 +165,7 @@ class SeqAttention(nn.Module):
     def __init__(self, d=8):
         super().__init__()
         self.tok = nn.Embedding(30, d, padding_idx=0)
+        nn.init.normal_(self.tok.weight)  # the padding row too: lookups must read it as it is
         self.pos = nn.Embedding(6, d)
         self.attn = nn.MultiheadAttention(d, 2, batch_first=True)
         self.out = nn.Linear(d, 1)

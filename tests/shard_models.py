@@ -87,17 +87,23 @@ def _cat_tensors(batches):
 
 
 class Sequence(nn.Module):
-    """Unpooled nn.Embedding: per-token vectors (padding_idx 0) plus position vectors."""
+    """Unpooled nn.Embedding: per-token vectors (padding_idx 0) plus position vectors, and a
+    summed nn.Embedding over the tokens' tags (padding_idx 3). Both padded tables are
+    re-initialised, so their padding rows are not zero: the padding positions must read
+    them and leave them untrained."""
 
     def __init__(self):
         super().__init__()
         self.tok = nn.Embedding(40, 8, padding_idx=0)
         self.pos = nn.Embedding(6, 8)
+        self.tag = nn.Embedding(20, 8, padding_idx=3)
+        nn.init.normal_(self.tok.weight, std=0.3)
+        nn.init.normal_(self.tag.weight, std=0.3)
         self.out = nn.Linear(8, 1)
 
     def forward(self, tokens):
         positions = torch.arange(tokens.shape[1], device=tokens.device)
-        h = torch.relu(self.tok(tokens) + self.pos(positions))
+        h = torch.relu(self.tok(tokens) + self.pos(positions) + self.tag(tokens % 20).sum(1, keepdim=True))
         return self.out(h).squeeze(-1)
 
 

@@ -292,7 +292,10 @@ def _finish(c: _Candidate) -> None:
         c.counts = [(s["real"], bags)]
     else:
         shape, numel = s["shape"], int(torch.Size(s["shape"]).numel())
-        folded = _fold(c.node, len(shape))
+        # With a padding_idx the read stays unpooled: its padding positions must give the
+        # padding row (zero only until the user re-initialises or loads the table) and carry
+        # no gradient, which only a per-position mask on the rows can do.
+        folded = _fold(c.node, len(shape)) if lk.padding_idx is None else None
         if folded is None:
             c.counts = [(numel, numel)]
             return

@@ -86,7 +86,8 @@ class Lookup:
     "ebc"/"ec" `ids` is the KeyedJaggedTensor argument and carries offsets and weights).
     For the embedding kinds, `pool_node` names the sum/mean node the lookup folds into
     (the node's only user, reducing the ids' last dimension) and `reads[0].pooling` is
-    that reduction; a folded "mean" divides by the full dimension, padding included.
+    that reduction (never with a padding_idx: see detect_embeddings); a folded "mean" divides
+    by the full dimension.
     For "aten_bag", the pooled rows are element `output_index` of the node's tuple.
     """
 

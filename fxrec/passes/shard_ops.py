@@ -4,15 +4,16 @@
 node, `GatherInputs`, turns whatever the user passed (nn.EmbeddingBag's ids + offsets or
 2-D ids, per-sample weights, nn.Embedding's ids of any shape, an EBC/EC's
 KeyedJaggedTensor) into one `SlotInput` per (lookup, table, feature) *slot*: int64 ids
-with padding removed, bag lengths for pooled reads, weights, and what it takes to give the
+(a bag's padding removed), bag lengths for pooled reads, weights, and what it takes to give the
 result back its shape. Its last node, `FinishOutputs`, turns per-slot results (pooled
 ``bags x dim`` sums, or ``ids x dim`` rows) into what each original lookup returned
 (a tensor, a pooled ``.sum/.mean``, a KeyedTensor, a dict of JaggedTensors).
 
 Semantics kept from the callee: nn.EmbeddingBag excludes ``padding_idx`` ids from a bag
 (and from a mean's count); a folded ``nn.Embedding(...).mean(dim)`` divides by the full
-dimension; an unpooled ``padding_idx`` position yields the padding row, which is all zeros
-as nn.Embedding builds it and never trained (rows are assumed to stay zero).
+dimension; an nn.Embedding ``padding_idx`` position yields the padding row, whatever it
+holds (zeros as nn.Embedding builds it, anything after a re-initialisation or a load), and
+passes no gradient to it. Such a read is never folded into a bag (detect_embeddings).
 """
 from __future__ import annotations
 
@@ -59,9 +60,10 @@ class NodeSpec:
 
 @dataclass
 class SlotInput:
-    """A slot's local input. `values` int64 ids (padding removed); `lengths` ids per bag
+    """A slot's local input. `values` int64 ids (a bag's padding removed); `lengths` ids per bag
     (pooled reads); `weights` per id or None; `divisor` per bag for mean pooling; `shape`
-    the output's leading shape; `keep` the non-padding mask of an unpooled read's ids;
+    the output's leading shape; `keep` the non-padding mask of an unpooled read's ids (the
+    padding positions get no gradient);
     `jt_lengths` the lengths an EmbeddingCollection output carries; `raw` the bag lengths,
     id count and per-sample weight count as given, before padding ids were dropped (what
     `find_fault` checks)."""
@@ -127,16 +129,14 @@ def _bag_slot(spec: NodeSpec, slot: SlotSpec, ids: Tensor, offsets, psw) -> Slot
 
 def _embedding_slot(spec: NodeSpec, slot: SlotSpec, ids: Tensor) -> SlotInput:
     values = ids.reshape(-1).long()
-    if spec.folded:  # pooled over the last dimension: one bag per leading index
+    if spec.folded:  # pooled over the last dimension: one bag per leading index (no padding_idx)
         L = ids.shape[-1]
         lengths = torch.full((values.numel() // max(L, 1),), L, dtype=torch.int64, device=ids.device)
-        values, lengths, _ = _drop_padding(values, lengths, None, spec.padding_idx)
         divisor = torch.full_like(lengths, max(L, 1)) if slot.pooling == "mean" else None
         return SlotInput(values, lengths, None, divisor, shape=tuple(ids.shape[:-1]))
-    keep = None
-    if spec.padding_idx is not None:
-        keep = values != spec.padding_idx
-        values = values[keep]
+    # padding ids are looked up like any other (F.embedding returns the padding row, zero
+    # or not); `keep` masks their gradient in _finish_slot
+    keep = values != spec.padding_idx if spec.padding_idx is not None else None
     return SlotInput(values, shape=tuple(ids.shape), keep=keep)
 
 
@@ -296,9 +296,8 @@ def _joined(out) -> Tensor:
 def _finish_slot(slot: SlotSpec, inp: SlotInput, out: Tensor) -> Tensor:
     """A slot's result in the callee's form (before the node-level container)."""
     if slot.pooling == "none":
-        if inp.keep is not None:  # padding positions get the (zero) padding row
-            full = out.new_zeros(inp.keep.numel(), out.shape[1])
-            out = full.index_put((inp.keep.nonzero().squeeze(1),), out)
+        if inp.keep is not None and out.requires_grad:  # the padding row gets no gradient
+            out = torch.where(inp.keep.unsqueeze(1), out, out.detach())
         return out.reshape(*inp.shape, slot.dim)
     if not slot.served_pooled:
         out = pool_rows(out, inp)
