@@ -15,14 +15,18 @@
    `fxrec.lower_for_inference(model, example, t)` for t in fp32 / fp16 / int8 / int4:
    ms per batch, the tables' bytes, and how far the predictions move from the eager
    model's (max and mean |p - p_fp32| of the sigmoid over the batches).
-3. torch.compile. The plain-torch DLRM (`DLRMPlain`) compiled with ``backend="fxrec"``
-   against eager, under no_grad: ms per batch and the largest difference.
+3. torch.compile. The plain-torch DLRM (`DLRMPlain`) under no_grad: eager, plain inductor,
+   ``backend="fxrec"`` with ``options={"dense": "eager"}`` and with its default (inductor
+   compiles the rest): ms per batch, compile time, the largest difference from eager.
+   ``--only compile`` runs this part alone.
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import sys
+import time
 import warnings
 
 import torch
@@ -139,8 +143,9 @@ def bench_dlrm(device, rows: int, batch: int, batches: int, repeats: int = 3) ->
 
 
 def bench_compile(device, rows: int, batch: int, batches: int, repeats: int = 3) -> None:
-    """torch.compile(model, backend="fxrec") on the plain-torch DLRM (a list of nn.EmbeddingBag:
-    dynamo captures all its lookups in one graph), eval under no_grad, against eager."""
+    """torch.compile on the plain-torch DLRM (a list of nn.EmbeddingBag: dynamo captures all
+    its lookups in one graph), eval under no_grad, against eager: plain inductor, and
+    backend="fxrec" with the dense rest run eagerly and compiled by inductor (its default)."""
     from fxrec.datasets import SyntheticCriteo
     from fxrec.lowering import backend
 
@@ -152,40 +157,55 @@ def bench_compile(device, rows: int, batch: int, batches: int, repeats: int = 3)
     with torch.no_grad():
         ref = [model(*b) for b in data]
     backend.register()
-    compiled = torch.compile(model, backend="fxrec")
-    with torch.no_grad():
-        got = [compiled(*b) for b in data]  # compiles (and recompiles once, the tables moved)
-    err = max((a - b).abs().max().item() for a, b in zip(got, ref))
-    kernels = sorted({m.kernel for g in backend.compiled for m in g.modules() if isinstance(m, FusedEmbeddingBags)})
-    best = {"eager": float("inf"), "compiled": float("inf")}
+    variants = {"eager": (model, "")}
+    for name, kwargs in (("inductor", dict(backend="inductor")),
+                         ("fxrec, dense eager", dict(backend="fxrec", options={"dense": "eager"})),
+                         ("fxrec (dense: inductor)", dict(backend="fxrec"))):
+        torch._dynamo.reset()
+        backend.compiled.clear()
+        m = torch.compile(copy.deepcopy(model), **kwargs)  # fxrec moves the tables: its own copy each
+        start = time.perf_counter()
+        with torch.no_grad():
+            got = [m(*b) for b in data]  # compiles (fxrec: and recompiles once, the tables moved)
+        compile_s = time.perf_counter() - start
+        err = max((a - b).abs().max().item() for a, b in zip(got, ref))
+        kernels = sorted({f.kernel for g in backend.compiled for f in g.modules() if isinstance(f, FusedEmbeddingBags)})
+        note = f"compile+first pass {compile_s:.0f} s; max |diff| {err:.1e}"
+        variants[name] = (m, note + (f"; lookups on {'+'.join(kernels)}" if kernels else ""))
+    best = {name: float("inf") for name in variants}
     for _ in range(repeats):
-        for name, m in (("eager", model), ("compiled", compiled)):
+        for name, (m, _) in variants.items():
             with torch.no_grad():
                 best[name] = min(best[name], timeit(lambda: [m(*b) for b in data], device) / batches)
-    print(f"\n== torch.compile(DLRMPlain, backend='fxrec'), {T} tables x {rows:,} rows x dim {D}, batch {batch}, "
-          f"no_grad: {len(backend.compiled)} graph(s) compiled, fused lookups on {'+'.join(kernels) or 'none'}")
-    print(f"eager {best['eager'] * 1e3:.2f} ms/batch, compiled {best['compiled'] * 1e3:.2f} ms/batch "
-          f"({best['eager'] / best['compiled']:.2f}x); max |difference| {err:.1e}")
+    print(f"\n== torch.compile(DLRMPlain), {T} tables x {rows:,} rows x dim {D}, batch {batch}, no_grad "
+          f"(best of {repeats} interleaved rounds, {batches} batches each)")
+    print_row(("variant", "ms/batch", "vs eager"), widths=(26, 9, 9))
+    for name, (m, note) in variants.items():
+        print_row((name, f"{best[name] * 1e3:.2f}", f"{best['eager'] / best[name]:.2f}x"), widths=(26, 9, 9))
+        if note:
+            print(f"    {note}")
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cpu", action="store_true", help="small shapes on the CPU")
+    p.add_argument("--only", choices=("lookups", "dlrm", "compile"), help="run one part")
     args = p.parse_args(argv)
+    run = (lambda part: args.only in (None, part))
     device = "cpu" if args.cpu or not torch.cuda.is_available() else "cuda"
     torch.manual_seed(0)
     bw = copy_bandwidth(device)
-    print(f"# python bench/inference.py{' --cpu' if args.cpu else ''}: torch {torch.__version__}, device {device}"
+    print(f"# python bench/inference.py{' --cpu' if args.cpu else ''}{' --only ' + args.only if args.only else ''}: torch {torch.__version__}, device {device}"
           f"{' (' + torch.cuda.get_device_name() + ')' if device == 'cuda' else ''}, threads {torch.get_num_threads()}")
     print(f"# types: {', '.join(f'{n} ({q.bits} bits)' for n, q in QUANT_TYPES.items())}; intN rows carry an fp16 "
           f"scale and bias (4 bytes)")
-    bench_lookups(shapes(device == "cpu"), device, bw)
-    if device == "cpu":
-        bench_dlrm(device, rows=100_000, batch=2048, batches=4)
-        bench_compile(device, rows=100_000, batch=2048, batches=4)
-    else:
-        bench_dlrm(device, rows=1_000_000, batch=16384, batches=8)
-        bench_compile(device, rows=1_000_000, batch=16384, batches=8)
+    if run("lookups"):
+        bench_lookups(shapes(device == "cpu"), device, bw)
+    size = dict(rows=100_000, batch=2048, batches=4) if device == "cpu" else dict(rows=1_000_000, batch=16384, batches=8)
+    if run("dlrm"):
+        bench_dlrm(device, **size)
+    if run("compile"):
+        bench_compile(device, **size)
     sync(device)
     return 0
 
