@@ -402,6 +402,33 @@ def test_tied_table_stays_float_with_a_warning():
         torch.testing.assert_close(lowered(*ex), _decoded_model(model, lowered)(*ex), rtol=1e-6, atol=1e-6)
 
 
+class _BagThenLinear(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.bag = nn.EmbeddingBag(30, 8, mode="sum")
+        self.lin = nn.Linear(8, 1)
+
+    def forward(self, ids, offsets):
+        return self.lin(self.bag(ids, offsets))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_a_half_precision_model_gets_lookups_in_its_dtype(dtype):
+    """The lookups come out in the tables' dtype unless output_dtype says otherwise: an fp16
+    or bf16 model's dense layers take them (they refused the float32 default before)."""
+    torch.manual_seed(0)
+    model = _BagThenLinear().to(dtype).eval()
+    ex = (torch.tensor([1, 2, 3, 4, 5]), torch.tensor([0, 2, 2]))
+    lowered = fxrec.lower_for_inference(model, ex, "int8")
+    assert [m.output_dtype for m in lowered.modules() if isinstance(m, QuantizedEmbeddingBags)] == [dtype]
+    with torch.no_grad():
+        out = lowered(*ex)
+        assert out.dtype == dtype
+        torch.testing.assert_close(out, _decoded_model(model, lowered)(*ex), rtol=1e-2, atol=1e-2)
+    as_asked = fxrec.lower_for_inference(model.float(), ex, "int8", output_dtype=torch.bfloat16)
+    assert [m.output_dtype for m in as_asked.modules() if isinstance(m, QuantizedEmbeddingBags)] == [torch.bfloat16]
+
+
 class _OneBag(nn.Module):
     def __init__(self, rows, dim):
         super().__init__()

@@ -313,7 +313,7 @@ def fxrec_backend(gm: GraphModule, example_inputs, options: Optional[dict] = Non
     ctx = PassContext(example_inputs=_concrete(example_inputs), options={
         "inference": not wants_grad, "sparse_optimizer": opts.get("sparse_optimizer") if wants_grad else None,
         "kernel": opts.get("kernel"), "weight_dtype": opts.get("weight_dtype"),
-        "output_dtype": opts.get("output_dtype", torch.float32), "bounds_check": opts.get("bounds_check", True)})
+        "output_dtype": opts.get("output_dtype"), "bounds_check": opts.get("bounds_check", True)})
     gm = run_passes(gm, ctx, passes=[("detect_embeddings", detect_embeddings_pass),
                                      ("group_tables", group_tables_pass)])
     if wants_grad:  # frozen tables (requires_grad=False) are read, not trained

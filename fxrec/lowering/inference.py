@@ -54,15 +54,16 @@ def _own_dense_state(gm: GraphModule) -> None:
 
 
 def lower_for_inference(model: nn.Module, example_inputs, weight_dtype: Union[str, Mapping[str, str]] = "int8", *,
-                        output_dtype: torch.dtype = torch.float32, kernel: Optional[str] = None,
+                        output_dtype: Optional[torch.dtype] = None, kernel: Optional[str] = None,
                         bounds_check: bool = True) -> GraphModule:
     """`model` (unchanged) as an eval-mode module whose embedding tables are quantized.
 
     weight_dtype: "int8" (default), "int4", "int2", "fp16" or "fp32" for every table, or a
     mapping table name (`fxrec.find_tables`) -> type naming every table. intN types need
     dims that pack whole bytes (int4: even, int2: multiples of 4).
-    output_dtype: what the lookups return (float32, float16, bfloat16); the dense layers
-    see it as the unquantized model's lookups would give it.
+    output_dtype: what the lookups return (float32, float16, bfloat16); default: each
+    table's own dtype, as the model's lookups return it. Another dtype reaches the dense
+    layers as it is (they must take it: an fp32 Linear refuses fp16 inputs).
     kernel: force "triton", "fbgemm" or "torch" for the lookups (else FXREC_KERNEL, else the
     registry's choice); bounds_check: check ids against the tables on every call.
 

@@ -8,7 +8,8 @@ quantized (fxrec/lowering/quant.py), with the same inputs and outputs, so the gr
 it is unchanged. The values come from the user's weights that fuse_lookups kept for this
 (`source_weights`, its float modules then being on meta: no float copy is ever made; the
 reference is dropped here), else from the float module's own copy. Lookups of ``ctx.options["output_dtype"]``
-(default float32) come out of the kernel chosen by the registry for the quant_* ops
+(default None: the tables' own float dtype, what the model's lookups return, so a half-precision
+model's dense layers get half-precision inputs) come out of the kernel chosen by the registry for the quant_* ops
 (``ctx.options["kernel"]`` forces one), recorded in ``node.meta[fuse_lookups.KERNEL]``
 (``{"pooled": {"quant_pooled_forward": kernel}, ...}``), which `fxrec dump` shows.
 ``ctx.options["bounds_check"]`` (default True) switches the unit's input check (ids, bag
@@ -50,6 +51,12 @@ def table_types(weight_dtype, tables: dict) -> dict:
     return types
 
 
+def _own_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The lookups' output dtype when none is asked for: the tables' own, where a kernel can
+    write it (float32, float16, bfloat16), else float32 (a float64 table)."""
+    return dtype if dtype in (torch.float32, torch.float16, torch.bfloat16) else torch.float32
+
+
 def _quantized(fused, keys_to_tables: dict, types: dict, opts: dict, source) -> QuantizedEmbeddingBags:
     """`fused`'s tables quantized: from the user's weights when fuse_lookups kept them
     (`source`, its modules then on meta), else from `fused`'s own copy."""
@@ -57,7 +64,8 @@ def _quantized(fused, keys_to_tables: dict, types: dict, opts: dict, source) -> 
         raise ValueError(f"{NAME}: a lookup fused per sparse optimizer cannot be quantized; lower without one")
     types = {n: types[keys_to_tables[n]] for n in fused.layout.names}
     # the unit's GatherInputs checks every id already, naming the lookup (bounds_check below)
-    kw = dict(output_dtype=opts.get("output_dtype", torch.float32), kernel=opts.get("kernel"), bounds_check=False)
+    out = opts.get("output_dtype") or _own_dtype(fused.weights.dtype)
+    kw = dict(output_dtype=out, kernel=opts.get("kernel"), bounds_check=False)
     if source is None:
         return QuantizedEmbeddingBags.from_fused(fused, types, **kw)
     weights = {n: source[n] for n in fused.layout.names}
