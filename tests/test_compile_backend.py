@@ -231,6 +231,45 @@ def test_a_graph_reading_fewer_fused_tables_reads_them_unfused():
     assert "were fused with other tables by an earlier compile" in B.compiled[-1].meta["fxrec_log"][0]
 
 
+class _BrokenTowers(torch.nn.Module):
+    """`item` read as pooled bags (history.mean) before a graph break and as rows after it:
+    dynamo hands the backend two graphs, each fusing its own reads."""
+
+    def __init__(self):
+        super().__init__()
+        self.user, self.item = torch.nn.Embedding(20, 8), torch.nn.Embedding(50, 8)
+
+    def forward(self, user_id, history, item_id):
+        u = self.user(user_id) + self.item(history).mean(dim=1)
+        torch._dynamo.graph_break()
+        return (u * self.item(item_id)).sum(-1)
+
+
+def _towers_batch(seed):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randint(0, 20, (4,), generator=g), torch.randint(0, 50, (4, 5), generator=g),
+            torch.randint(0, 50, (4,), generator=g))
+
+
+def test_a_table_read_pooled_and_as_rows_across_a_graph_break():
+    """Inference: the second graph reads `item` unfused, from the first graph's pooled buffer.
+    Training with a sparse optimizer: refused, naming the table (read unfused it would be
+    trained by the user's optimizer too)."""
+    model = _BrokenTowers().eval()
+    reference = copy.deepcopy(model)
+    compiled = torch.compile(model, backend="fxrec")
+    with torch.no_grad():
+        for seed in (1, 2):
+            torch.testing.assert_close(compiled(*_towers_batch(seed)), reference(*_towers_batch(seed)))
+    logs = [line for g in B.compiled for line in g.meta["fxrec_log"]]
+    assert any("to serve pooled bags, and this graph reads them as rows" in line for line in logs), logs
+    torch._dynamo.reset()
+    trained = torch.compile(_BrokenTowers(), backend="fxrec", options={"sparse_optimizer": fxrec.optim.SGD(lr=0.1)})
+    with pytest.raises(Exception, match=r"tables \['item'\] were fused by an earlier compile to serve pooled bags.*"
+                                        r"remove the graph break"):
+        trained(*_towers_batch(1)).sum().backward()
+
+
 def test_rowwise_adagrad_inside_backward_equals_its_formula():
     """RowWiseAdagrad on the fused tables against the formula on eager dense gradients:
     m += mean(g^2) over the row, w -= lr g / (sqrt(m) + eps) (a row no id touched has g = 0

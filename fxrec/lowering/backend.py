@@ -237,13 +237,21 @@ def _grouping_conflict(gm: GraphModule, ctx, params: dict[str, nn.Parameter]) ->
     for unit in fusion_units(ctx.groups):
         pooled = served_pooled([by_name[n] for group in unit for n in group.nodes])
         for role in (True, False):
-            names = {t for t, p in pooled.items() if p is role}
-            owners = {id(e[0]) if e else None for e in (_aliased(params[t]) for t in names if t in params)}
-            if not names or owners == {None}:
+            names = {t for t, p in pooled.items() if p is role and t in params}
+            entries = [_aliased(params[t]) for t in names]
+            if not names or all(e is None for e in entries):
                 continue
-            entry = _aliased(params[next(iter(names))])
-            if len(owners) > 1 or entry is None or set(entry[0].layout.names) != names:
+            # an earlier compile's modules: one, or one per sparse optimizer (a FusedGroups'
+            # parts, frozen tables apart), holding exactly these tables
+            owners = {id(e[0]): e[0] for e in entries if e is not None}.values()
+            if any(e is None for e in entries) or {n for o in owners for n in o.layout.names} != names:
                 return (f"tables {sorted(names)} were fused with other tables by an earlier compile; this graph "
+                        f"reads them unfused, from that buffer")
+            served = {o.layout.pooled for o in owners}
+            if served != {role}:  # e.g. a graph break between a table's bag and row reads
+                how = ("pooled bags", "rows")
+                return (f"tables {sorted(names)} were fused by an earlier compile to serve "
+                        f"{how[not next(iter(served))]}, and this graph reads them as {how[not role]}; it "
                         f"reads them unfused, from that buffer")
     return None
 
@@ -319,6 +327,13 @@ def fxrec_backend(gm: GraphModule, example_inputs, options: Optional[dict] = Non
     if wants_grad:  # frozen tables (requires_grad=False) are read, not trained
         ctx.options["sparse_optimizer"] = freeze(ctx.options["sparse_optimizer"], gm.meta[L.FROZEN_TABLES])
     conflict = None if quantize else _grouping_conflict(gm, ctx, params)
+    if conflict is not None and wants_grad:
+        # Read unfused, the tables would get .grad and the user's optimizer would train them
+        # beside the sparse optimizer: not what eager training with one optimizer computes.
+        raise ValueError(f"torch.compile(backend='fxrec'): {conflict.split('; ')[0]}. With a sparse_optimizer "
+                         f"every read of a table must be fused in one graph: remove the graph break between its "
+                         f"lookups (a print, .item(), data-dependent branch; see torch._dynamo.explain), or "
+                         f"train with fxrec.shard, which captures the whole model, or without a sparse_optimizer")
     if conflict is not None:  # gm reads its tables by get_attr now: split, not handed over whole
         log = [f"backend: lookups left unfused: {conflict}"]
         return _done(gm, log, compile_dense(gm, dense, mode, log).forward)
