@@ -209,6 +209,17 @@ def test_id_out_of_range(sharding):
         sm(dense, offsets, bad)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.uint8, torch.int16])
+def test_ids_of_another_dtype_are_refused(dtype):
+    """F.embedding_bag refuses them; fxrec's lookup would have truncated a float id to a row."""
+    _, model, batch = _make("dlrm_lists")
+    sm = shard(model, Topology(1), batch)
+    dense, offsets, ids = batch
+    bad = [i if k != 2 else i.to(dtype) for k, i in enumerate(ids)]
+    with pytest.raises(TypeError, match=rf"table 'emb_l.2' \(lookup %emb_l_2\): ids must be int64 or int32, got {dtype}"):
+        sm(dense, offsets, bad)
+
+
 class _PaddedBags(nn.Module):
     def __init__(self):
         super().__init__()

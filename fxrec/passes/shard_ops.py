@@ -83,6 +83,17 @@ class SlotInput:
 
 
 # ------------------------------------------------------------------ inputs
+_ID_DTYPES = (torch.int64, torch.int32)  # what F.embedding / F.embedding_bag take
+
+
+def _int_ids(ids: Tensor, where: str) -> Tensor:
+    """`ids` flat as int64; other dtypes are refused as the lookup itself would refuse them
+    (a float id would otherwise be truncated to a row without a word)."""
+    if ids.dtype not in _ID_DTYPES:
+        raise TypeError(f"{where}: ids must be int64 or int32, got {ids.dtype}")
+    return ids.reshape(-1).long()
+
+
 def _bag_lengths(ids: Tensor, offsets: Tensor, include_last: bool, where: str) -> Tensor:
     if offsets.dim() != 1:
         raise ValueError(f"{where}: offsets must be 1-D, got shape {tuple(offsets.shape)}")
@@ -122,13 +133,13 @@ def _bag_slot(spec: NodeSpec, slot: SlotSpec, ids: Tensor, offsets, psw) -> Slot
     weights = None if psw is None else psw.reshape(-1)
     raw = (lengths, ids.numel(), None if weights is None else weights.numel()) \
         if spec.padding_idx is not None else None
-    values, kept, weights = _drop_padding(ids.reshape(-1).long(), lengths, weights, spec.padding_idx)
+    values, kept, weights = _drop_padding(_int_ids(ids, where), lengths, weights, spec.padding_idx)
     divisor = kept.clamp(min=1) if slot.pooling == "mean" else None
     return SlotInput(values, kept, weights, divisor, shape=(kept.numel(),), raw=raw)
 
 
 def _embedding_slot(spec: NodeSpec, slot: SlotSpec, ids: Tensor) -> SlotInput:
-    values = ids.reshape(-1).long()
+    values = _int_ids(ids, f"table {slot.table!r} (lookup %{spec.name})")
     if spec.folded:  # pooled over the last dimension: one bag per leading index (no padding_idx)
         L = ids.shape[-1]
         lengths = torch.full((values.numel() // max(L, 1),), L, dtype=torch.int64, device=ids.device)
@@ -146,7 +157,8 @@ def _kjt_slot(spec: NodeSpec, slot: SlotSpec, kjt) -> SlotInput:
     except KeyError:  # as the unsharded collection says it, with the lookup
         raise KeyError(f"table {slot.table!r} (lookup %{spec.name}): feature {slot.feature!r} is missing "
                        f"from the input; it has keys {list(kjt.keys())}") from None
-    values, lengths = jt.values().long(), jt.lengths().long()
+    values, lengths = _int_ids(jt.values(), f"table {slot.table!r} (lookup %{spec.name}), feature {slot.feature!r}"), \
+        jt.lengths().long()
     if spec.kind == "ec":
         return SlotInput(values, shape=(values.numel(),), jt_lengths=jt.lengths())
     weights = jt.weights_or_none()
