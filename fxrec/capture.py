@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from torch.fx._symbolic_trace import PH
 
 from fxrec.passes import lookup as L
-from fxrec.passes.shapes import run_example
+from fxrec.passes.shapes import ExampleIdError, run_example
 
 _TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
 # fxrec's own tracing and interpreting code, never the "user's line"
@@ -385,7 +385,7 @@ def capture(model: nn.Module, example_inputs, *, leaf_modules: Iterable[Union[ty
         gm, note = _fx_capture(model, inputs, leaf_modules), None
         run_example(gm, inputs)  # a graph that cannot run its own example is not a capture
         by = "fx"
-    except CaptureError:
+    except (CaptureError, ExampleIdError):  # a bad example is no reason to try torch.export
         raise
     except Exception as fx_error:
         if not fallback:

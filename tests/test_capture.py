@@ -167,6 +167,33 @@ def test_wrong_number_of_example_inputs():
         fxrec.capture(model, (x, x))
 
 
+class _ModuleAndFunctional(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.bag = nn.EmbeddingBag(30, 4, mode="sum")
+        self.table = nn.Parameter(torch.randn(20, 4))
+
+    def forward(self, ids, offsets, u):
+        return self.bag(ids, offsets) + torch.nn.functional.embedding(u, self.table)
+
+
+@pytest.mark.parametrize("bad, error", [
+    (0, r"table 'bag' \(lookup %bag\): id 30 outside \[0, 30\) in the example inputs"),
+    (2, r"table 'table' \(lookup %embedding\): id -1 outside \[0, 20\) in the example inputs"),
+])
+def test_an_example_id_outside_its_table_is_named(bad, error):
+    """The example is wrong, not the capture: no torch.export fallback, no advice about
+    control flow; fxrec.shard and lower_for_inference say the same."""
+    example = [torch.tensor([1, 2, 3, 4]), torch.tensor([0, 2, 2, 3]), torch.tensor([1, 2, 3, 4])]
+    example[bad] = torch.tensor([1, 30, 3, 4]) if bad == 0 else torch.tensor([1, -1, 3, 4])
+    model = _ModuleAndFunctional()
+    for call in (lambda: fxrec.capture(model, tuple(example)),
+                 lambda: fxrec.lower_for_inference(model, tuple(example), "int8"),
+                 lambda: fxrec.shard(model, fxrec.Topology(1), tuple(example))):
+        with pytest.raises(ValueError, match=error):
+            call()
+
+
 def test_a_list_of_example_inputs_is_one_argument():
     model, example = zoo.CASES["weighted_bag"].make()
     with pytest.raises(CaptureError, match=r"do not fit WeightedBag.forward\(ids, offsets, weights\): missing a "

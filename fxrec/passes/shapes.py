@@ -191,6 +191,30 @@ def _meta_table_ids(mod_or_target: Any, args: tuple, kwargs: dict) -> tuple[bool
     return isinstance(weight, Tensor) and weight.is_meta, _pick(args, kwargs, where[0])
 
 
+class ExampleIdError(ValueError):
+    """An id of the example inputs outside its table: the example is wrong, not the model
+    or its capture (raised before the lookup would fail with torch's index error)."""
+
+
+def _check_example_ids(n: torch.fx.Node, mod_or_target: Any, args: tuple, kwargs: dict) -> None:
+    if isinstance(mod_or_target, (nn.Embedding, nn.EmbeddingBag)):
+        ids, rows, table = _pick(args, kwargs, (0, "input")), mod_or_target.num_embeddings, str(n.target)
+    else:
+        where = _FUNCTIONAL_LOOKUPS.get(mod_or_target) if not isinstance(mod_or_target, nn.Module) else None
+        weight = _pick(args, kwargs, where[1]) if where is not None else None
+        if not isinstance(weight, Tensor) or weight.dim() != 2:
+            return
+        ids, rows = _pick(args, kwargs, where[0]), weight.shape[0]
+        node = _pick(n.args, n.kwargs, where[1])
+        table = str(node.target) if isinstance(node, torch.fx.Node) and node.op == "get_attr" else f"%{n.name}"
+    if not isinstance(ids, Tensor) or ids.is_meta or ids.numel() == 0 or ids.is_floating_point():
+        return
+    lo, hi = (int(v) for v in torch.aminmax(ids.detach()))
+    if lo < 0 or hi >= rows:
+        raise ExampleIdError(f"table {table!r} (lookup %{n.name}): id {lo if lo < 0 else hi} outside [0, {rows}) "
+                             f"in the example inputs")
+
+
 class _Recorder(torch.fx.Interpreter):
     """Like torch's ShapeProp (same ``tensor_meta``), plus SHAPE and a hook, without
     ShapeProp's printing of tracebacks. A model whose tables (or all of whose weights) are
@@ -199,7 +223,8 @@ class _Recorder(torch.fx.Interpreter):
       device (`_rehome`), so dense layers on a real device can consume it;
     - any other node with a meta input, or a module with meta weights, runs on meta copies
       of its arguments (a fully-meta model stays on meta after its lookups).
-    Ids stay real up to the lookups, so the hook sees them."""
+    Ids stay real up to the lookups, so the hook sees them; an id outside its table raises
+    ExampleIdError naming the table, before torch's own index error."""
 
     def __init__(self, gm, on_node):
         super().__init__(gm)
@@ -215,6 +240,8 @@ class _Recorder(torch.fx.Interpreter):
         return result
 
     def _run(self, n, args, kwargs):
+        if n.op in ("call_module", "call_function"):
+            _check_example_ids(n, self.fetch_attr(n.target) if n.op == "call_module" else n.target, args, kwargs)
         if n.op == "call_module":
             mod = self.fetch_attr(n.target)
             on_meta, ids = _meta_table_ids(mod, args, kwargs)
