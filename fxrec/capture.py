@@ -82,9 +82,27 @@ class FxrecTracer(torch.fx.Tracer):
     def trace(self, root, concrete_args=None):
         self._trace_frame = sys._getframe()
         try:
-            return super().trace(root, concrete_args)
+            with _recording_grad_switches(self):
+                return super().trace(root, concrete_args)
         finally:
             self._trace_frame = None
+
+    # grad-mode switches as graph nodes (fxrec/passes/grad_mode.py): fx alone would switch
+    # the mode while tracing and record nothing, and the graph would train what forward
+    # computed with gradients off
+    def grad_switch(self, mode) -> tuple:
+        """Record ``prev = is_grad_enabled(); _set_grad_enabled(mode)``; returns what
+        `grad_restore` needs. Tracing itself goes on in the mode a constant asks for."""
+        prev = self.create_proxy("call_function", torch.is_grad_enabled, (), {})
+        self.create_proxy("call_function", torch._C._set_grad_enabled, (mode,), {})
+        was = torch.is_grad_enabled()
+        _SET_GRAD(mode if isinstance(mode, bool) else was)
+        return prev, was
+
+    def grad_restore(self, saved: tuple) -> None:
+        prev, was = saved
+        self.create_proxy("call_function", torch._C._set_grad_enabled, (prev,), {})
+        _SET_GRAD(was)
 
     def create_args_for_root(self, root_fn, is_module, concrete_args=None):
         out = super().create_args_for_root(root_fn, is_module, concrete_args)
@@ -154,6 +172,47 @@ class TrainingFlag(nn.Module):
 
     def forward(self) -> bool:
         return self.training
+
+
+_SET_GRAD = torch._C._set_grad_enabled
+
+
+@contextlib.contextmanager
+def _recording_grad_switches(tracer: FxrecTracer):
+    """While `tracer` traces, torch's grad-mode context managers (whatever name the model
+    imported them by: their methods are patched) record their switches in its graph."""
+    from torch.autograd import grad_mode as G
+
+    def switching(mode_of):
+        def enter(self):
+            self._fxrec_saved = tracer.grad_switch(mode_of(self))
+        return enter
+
+    def restore(self, *exc):
+        saved = self.__dict__.pop("_fxrec_saved", None)
+        if saved is not None:
+            tracer.grad_restore(saved)
+
+    def set_init(self, mode):  # set_grad_enabled switches when built, usable without `with`
+        self.mode = mode
+        self._fxrec_saved = tracer.grad_switch(mode)
+
+    def inference_enter(self):  # inference mode: gradients off, as far as the graph can say
+        if self.mode:
+            self._fxrec_saved = tracer.grad_switch(False)
+
+    patches = [(G.no_grad, "__enter__", switching(lambda self: False)), (G.no_grad, "__exit__", restore),
+               (G.enable_grad, "__enter__", switching(lambda self: True)), (G.enable_grad, "__exit__", restore),
+               (G.set_grad_enabled, "__init__", set_init), (G.set_grad_enabled, "__exit__", restore),
+               (G.inference_mode, "__enter__", inference_enter), (G.inference_mode, "__exit__", restore)]
+    saved = [(cls, name, cls.__dict__[name]) for cls, name, _ in patches]
+    try:
+        for cls, name, fn in patches:
+            setattr(cls, name, fn)
+        yield
+    finally:
+        for cls, name, fn in saved:
+            setattr(cls, name, fn)
 
 
 def _fx_trace(model: nn.Module, inputs: tuple, leaf_modules, flag: bool) -> torch.fx.GraphModule:

@@ -185,11 +185,16 @@ class OddTables(nn.Module):
       dense parameter, trained like DDP's;
     - tags: max-pooled, which no kernel does: dense too;
     - pre: pretrained and frozen, and codes: a buffer read by F.embedding_bag: both sharded
-      and never trained."""
+      and never trained;
+    - negs: looked up inside torch.no_grad() (negatives), in a @torch.no_grad() method: dense,
+      and that read trains nothing; `frozen`, a Linear applied in the same block, gets no
+      gradient either."""
 
     def __init__(self):
         super().__init__()
         self.user = nn.Embedding(20, 8)
+        self.negs = nn.Embedding(30, 8)
+        self.frozen = nn.Linear(8, 8)
         self.hist = nn.EmbeddingBag(40, 8, mode="mean")
         self.item = nn.Embedding(30, 8)
         self.tags = nn.EmbeddingBag(25, 8, mode="max")
@@ -201,7 +206,12 @@ class OddTables(nn.Module):
         u = self.proj(torch.cat([self.user(user), self.hist(hist)], 1)) + self.tags(tags)
         u = u * self.pre(tags).sigmoid() + torch.nn.functional.embedding_bag(hist, self.codes, mode="mean")
         scores = u @ self.item.weight.t()
-        return torch.cat([scores, (u * self.item(item)).sum(1, keepdim=True)], 1)
+        n, f = self._negatives(item, u)
+        return torch.cat([scores, (u * self.item(item)).sum(1, keepdim=True), (u * (n + f)).sum(1, keepdim=True)], 1)
+
+    @torch.no_grad()
+    def _negatives(self, item, u):
+        return self.negs((item + 1) % 30), self.frozen(u)
 
 
 def _odd_tables_draw(g, b):

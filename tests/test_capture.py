@@ -258,3 +258,57 @@ def test_a_branch_on_training_is_captured_in_the_current_mode_and_named():
     assert "`if self.training:`" in why
     assert not [n for n in gm.graph.nodes if n.target == L.TRAINING_FLAG]
     assert all(type(v) is bool for m in model.modules() for k, v in vars(m).items() if k == "training")
+
+
+class _GradSwitches(nn.Module):
+    """Every way a forward switches gradients: no_grad (imported by another name), a
+    @torch.no_grad() method, enable_grad inside it, set_grad_enabled as a block."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c, self.d = (nn.Linear(4, 4) for _ in range(4))
+
+    def forward(self, x):
+        from torch import no_grad as quiet
+
+        with quiet():
+            y = self.a(x)
+            with torch.enable_grad():
+                y = y + self.b(x)
+        with torch.set_grad_enabled(False):
+            z = self.c(x)
+        return self._frozen(x) + y + z + x.sum()
+
+    @torch.no_grad()
+    def _frozen(self, x):
+        return self.d(x)
+
+
+def test_grad_mode_switches_are_captured():
+    """fx alone drops them (every Linear would be trained); captured, the graph trains b only
+    and leaves the caller's mode as it found it, on or off."""
+    from fxrec.passes.grad_mode import grad_states
+
+    torch.manual_seed(0)
+    model = _GradSwitches()
+    x = torch.randn(3, 4, requires_grad=True)
+    gm = fxrec.capture(model, (x,))
+    switches = [n for n in gm.graph.nodes if n.target is torch._C._set_grad_enabled]
+    assert len(switches) == 8  # four blocks, each switching and restoring
+    states = {n.name: s for n, s in grad_states(gm).items() if n.op == "call_module"}
+    assert states == {"a": False, "b": True, "c": False, "d": False}
+    gm(x).sum().backward()
+    got = {k: p.grad for k, p in model.named_parameters()}
+    model.zero_grad()
+    grad_x = x.grad.clone()
+    x.grad = None
+    model(x).sum().backward()
+    for k, p in model.named_parameters():
+        assert (got[k] is None) == (p.grad is None), k
+        if p.grad is not None:
+            torch.testing.assert_close(got[k], p.grad)
+    torch.testing.assert_close(grad_x, x.grad)
+    assert sorted(k for k, g in got.items() if g is not None) == ["b.bias", "b.weight"]
+    with torch.no_grad():  # the restores read the mode at run time: still off after the blocks
+        assert not gm(x).requires_grad and not torch.is_grad_enabled()
+    assert torch.is_grad_enabled()

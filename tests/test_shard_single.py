@@ -288,9 +288,10 @@ def test_bad_sparse_optimizer():
 def test_tables_left_dense_are_named_in_a_warning():
     case = CASES["odd_tables"]
     model, _, batches, _ = case.setup(1, B, seed=0)
-    with pytest.warns(UserWarning, match=r"table\(s\) \['item', 'tags'\] stay dense parameters .*'item': its weight "
-                                         r"is also read outside embedding lookups, by %t .*'tags': %tags\w*: "
-                                         r"mode='max' pooling is not supported"):
+    with pytest.warns(UserWarning, match=r"table\(s\) \['item', 'negs', 'tags'\] stay dense parameters .*'item': its "
+                                         r"weight is also read outside embedding lookups, by %t .*'negs': %negs reads it "
+                                         r"with gradients off \(torch.no_grad\(\) at shard_models.py:\d+ return "
+                                         r"self.negs.*'tags': %tags\w*: mode='max' pooling is not supported"):
         sm = shard(model, Topology(1), batches[0])
     assert sorted(sm.plan) == ["codes", "hist", "pre", "user"]
     notes = fxrec.passes.PassContext(example_inputs=batches[0])
@@ -381,3 +382,74 @@ def test_plan_and_constraints_exclusive():
     plan = fxrec.plan(fxrec.find_tables(model, batch), Topology(1))
     with pytest.raises(ValueError, match="give a plan or constraints to plan with, not both"):
         shard(model, Topology(1), batch, plan=plan, constraints={"emb_l.0": "row_wise"})
+
+
+class _IdsUnderNoGrad(nn.Module):
+    """Ids hashed inside a no_grad block, looked up after it: the fused unit goes after the
+    block (inside it, it would train nothing)."""
+
+    def __init__(self):
+        super().__init__()
+        self.bag, self.other = nn.EmbeddingBag(30, 4, mode="sum"), nn.EmbeddingBag(30, 4, mode="sum")
+        self.lin = nn.Linear(4, 1)
+
+    def forward(self, ids, raw):
+        with torch.no_grad():
+            hashed = (raw * 7) % 30
+        return self.lin(self.bag(ids) + self.other(hashed))
+
+
+class _UnitAcrossABlock(nn.Module):
+    """`first` is read before the block and its result used inside it; `second`'s ids come
+    from inside it."""
+
+    def __init__(self):
+        super().__init__()
+        self.first, self.second = nn.EmbeddingBag(30, 4, mode="sum"), nn.EmbeddingBag(30, 4, mode="sum")
+        self.lin = nn.Linear(4, 1)
+
+    def forward(self, ids, raw):
+        a = self.first(ids)
+        with torch.no_grad():
+            scale = a.abs().mean()
+            hashed = (raw * 7) % 30
+        return self.lin(a * scale + self.second(hashed))
+
+
+@pytest.mark.parametrize("build", [_IdsUnderNoGrad, _UnitAcrossABlock])
+def test_lookups_around_a_no_grad_block_train_as_unsharded(build):
+    """Every node of the sharded program runs in the grad mode it ran in the model (the
+    runner's lint checks it), so three SGD steps equal unsharded training."""
+    torch.manual_seed(0)
+    model = build()
+    reference = copy.deepcopy(model)
+    batch = (torch.randint(0, 30, (B, 3)), torch.randint(0, 100, (B, 2)))
+    sm = shard(model, Topology(1), batch, sparse_optimizer=fxrec.optim.SGD(lr=0.1))
+    dense = torch.optim.SGD(sm.parameters(), lr=0.1)
+    plain = torch.optim.SGD(reference.parameters(), lr=0.1)
+    for step in range(3):
+        g = torch.Generator().manual_seed(step)
+        x = (torch.randint(0, 30, (B, 3), generator=g), torch.randint(0, 100, (B, 2), generator=g))
+        for run, opt in ((sm, dense), (reference, plain)):
+            opt.zero_grad()
+            run(*x).square().mean().backward()
+            opt.step()
+    full = sm.full_state_dict()
+    for k, v in reference.state_dict().items():
+        assert_close(full[k], v, msg=k)
+
+
+def test_lint_refuses_a_node_moved_out_of_its_no_grad_block():
+    from fxrec.passes.runner import lint
+
+    gm = fxrec.capture(_UnitAcrossABlock(), (torch.randint(0, 30, (B, 3)), torch.randint(0, 100, (B, 2))))
+    from fxrec.passes.grad_mode import stamp
+
+    stamp(gm)
+    mean = next(n for n in gm.graph.nodes if n.target == "mean")
+    restore = [n for n in gm.graph.nodes if n.target is torch._C._set_grad_enabled][-1]
+    restore.append(mean)  # after the block's end
+    gm.recompile()
+    with pytest.raises(ValueError, match=r"changes the grad mode of 1 node\(s\): %mean ran with grad mode off and "
+                                         r"would run with the caller's"):
+        lint(gm)

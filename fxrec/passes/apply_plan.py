@@ -46,6 +46,7 @@ from torch.fx import GraphModule, Node
 
 from fxrec.optim import PerTable
 from fxrec.passes import lookup as L
+from fxrec.passes.grad_mode import GRAD_MODE, INHERIT, settle
 from fxrec.passes.group_tables import lookup_stages
 from fxrec.passes.shard_ops import FinishOutputs, GatherInputs, NodeSpec, SlotSpec
 from fxrec.runtime import comm
@@ -180,7 +181,7 @@ class _Emitter:
         self.unpacked: list[Node] = []
 
     def _stamp(self, node: Node, comm_kind: Optional[str] = None) -> Node:
-        for key in (L.MODULE, L.SOURCE):
+        for key in (L.MODULE, L.SOURCE, GRAD_MODE):  # the grad mode it must run in: lint checks it
             if key in self.origin.meta:
                 node.meta[key] = self.origin.meta[key]
         if comm_kind:
@@ -297,7 +298,8 @@ def _rewrite_unit(gm: GraphModule, nodes: list[Node], name: str, env: dict) -> N
                     optimizer_groups(env["optimizer"], sorted({s.table for s in slots})))
     dp_slots = [k for k, s in enumerate(slots) if plan[s.table].sharding == "data_parallel"]
     unit = _unit_modules(gm, spec, nodes, dp_slots, env)
-    e = _Emitter(gm, _insertion_point(gm, nodes).next, nodes[0], f"{ROOT}.{name}")
+    before = settle(gm, _insertion_point(gm, nodes).next, nodes[0].meta.get(GRAD_MODE, INHERIT))
+    e = _Emitter(gm, before, nodes[0], f"{ROOT}.{name}")
     gathered = e.module("gather", [_node_args(gm, n) for n in nodes])
     if hasattr(unit, "fault_send"):
         faults = e.comm(comm.all_to_all_counts, "all_to_all_counts", e.module("fault_send", gathered))

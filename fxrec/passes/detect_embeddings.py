@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from torch.fx import GraphModule, Node
 
 from fxrec.passes import lookup as L
+from fxrec.passes.grad_mode import stamp
 from fxrec.passes.lookup import ArgRef, Lookup, TableRead
 from fxrec.passes.shapes import run_example
 from fxrec.passes.table_reads import fold_weight_metadata, reads_outside
@@ -344,6 +345,17 @@ def detect_embeddings_pass(gm: GraphModule, ctx) -> GraphModule:
             node.meta.pop(key, None)
     dense: dict[str, str] = {}
     cands = [c for c in (_match(gm, n, names, ctx.log, dense) for n in list(gm.graph.nodes)) if c is not None]
+    states = stamp(gm)
+    for c in cands:
+        if states[c.node] is False:  # a lookup the model makes with gradients off: no trained lookup
+            src = c.node.meta.get(L.SOURCE)
+            why = (f"%{c.node.name} reads it with gradients off (torch.no_grad()" + (f" at {src}" if src else "")
+                   + "), a read its sparse optimizer cannot tell apart; look it up outside the block and "
+                     "detach() the result to shard it")
+            for r in c.lookup.reads:
+                if r.table not in dense:
+                    dense[r.table] = why
+                    ctx.log.append(f"detect_embeddings: left table {r.table!r} dense: {why}")
     cands = _without_outside_reads(gm, cands, names, ctx.log, dense)
     by_node = {c.node: c for c in cands}
 

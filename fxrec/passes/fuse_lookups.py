@@ -57,6 +57,7 @@ from torch.fx import GraphModule, Node
 from torch.fx.node import map_arg
 
 from fxrec.passes import lookup as L
+from fxrec.passes.grad_mode import GRAD_MODE, INHERIT, settle
 from fxrec.passes.apply_plan import LOCAL_LOOKUP, SUPPORTED, replace_lookups
 from fxrec.passes.shard_ops import FinishOutputs, GatherInputs, NodeSpec, SlotSpec
 from fxrec.runtime.dist_lookup import LocalShard, Unpack
@@ -154,7 +155,7 @@ class _Emitter:
 
     def stamp(self, node: Node, origin: Optional[Node] = None) -> Node:
         origin = origin or self.origin
-        for key in (L.MODULE, L.SOURCE):
+        for key in (L.MODULE, L.SOURCE, GRAD_MODE):  # the grad mode it must run in: lint checks it
             if key in origin.meta:
                 node.meta[key] = origin.meta[key]
         node.meta[L.PASS] = NAME
@@ -233,7 +234,7 @@ def _fuse_unit(gm: GraphModule, groups: list, nodes: list[Node], name: str, opts
                                      opts.get("kernel"))
     unit.split = SplitOutputs(unit.pack.pooled_dims)
     args = [_node_args(n) for n in nodes]
-    e = _Emitter(gm, _after_inputs(gm, args), nodes[0])
+    e = _Emitter(gm, settle(gm, _after_inputs(gm, args), nodes[0].meta.get(GRAD_MODE, INHERIT)), nodes[0])
     prefix = f"{ROOT}.{name}"
     gathered = e.module(f"{prefix}.gather", args)
     split = e.fused(prefix, gathered)

@@ -26,6 +26,7 @@ LOOKUP = "fxrec_lookup"      # Lookup
 NODE_TABLES = "fxrec_tables"  # tuple[TableInfo, ...], aligned with Lookup.reads
 NODE_GROUPS = "fxrec_groups"  # tuple[str, ...]: LookupGroup names, aligned with Lookup.reads
 COMM = "fxrec_comm"          # truthy on nodes that communicate (set by later passes)
+GRAD_MODE = "fxrec_grad_mode"  # "inherit" | True | False | "dynamic": the grad mode the node runs in (grad_mode.py)
 
 # gm.meta keys
 TABLES = "fxrec_tables"        # dict[str, TableInfo] in graph order

@@ -16,6 +16,7 @@ from fxrec.passes import lookup as L
 from fxrec.passes.apply_plan import apply_plan_pass
 from fxrec.passes.detect_embeddings import detect_embeddings_pass
 from fxrec.passes.fuse_lookups import fuse_lookups_pass
+from fxrec.passes.grad_mode import changed_states
 from fxrec.passes.group_tables import group_tables_pass
 from fxrec.passes.quantize_tables import quantize_tables_pass
 from fxrec.passes.schedule_overlap import schedule_overlap_pass
@@ -72,7 +73,8 @@ def _reason(e: BaseException) -> str:
 
 def lint(gm: GraphModule) -> None:
     """torch.fx's graph lint plus fxrec's invariants (fxrec/passes/README.md): every node
-    has provenance, and every lookup's tables are registered in ``gm.meta[TABLES]``."""
+    has provenance, every lookup's tables are registered in ``gm.meta[TABLES]``, and every
+    node stamped with a grad mode still runs in it (grad_mode.py)."""
     gm.graph.lint()
     tables = gm.meta.get(L.TABLES, {})
     for node in gm.graph.nodes:
@@ -83,6 +85,10 @@ def lint(gm: GraphModule) -> None:
             missing = [t for t in lk.tables if t not in tables]
             if missing:
                 raise ValueError(f"lookup %{node.name} reads tables {missing} missing from gm.meta[{L.TABLES!r}]")
+    moved = changed_states(gm)
+    if moved:  # e.g. a fused unit that had to go inside a torch.no_grad() block
+        raise ValueError(f"the rewrite changes the grad mode of {len(moved)} node(s): {'; '.join(moved[:3])} "
+                         f"(a torch.no_grad() block in forward that the lookups' rewrite cannot keep whole)")
 
 
 def _select(passes, disable: Iterable[str], until: Optional[str]) -> list[tuple[str, PassFn]]:

@@ -47,7 +47,7 @@ from torch.distributed._shard.metadata import ShardMetadata
 from torch.distributed._shard.sharded_tensor import Shard, ShardedTensor
 from torch.distributed._shard.sharded_tensor.metadata import ShardedTensorMetadata, TensorProperties
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict, set_optimizer_state_dict
 
 from fxrec.lowering.sparse_update import ROW_STATE
 from fxrec.optim import RowWiseAdagrad, for_table
@@ -296,13 +296,27 @@ def load(model: nn.Module, path: PathLike, optimizer: Optional[torch.optim.Optim
                       f"were: {', '.join(skipped)}", stacklevel=3)  # the caller's line (past no_grad's wrapper)
     if DENSE_OPTIMIZER in absent:
         optimizer = None
+    dropped = optimizer is not None and _only_saved_dense_state(sd[DENSE_OPTIMIZER], saved)
     sd.update(_extra_templates(saved))
     with _quiet():
         dcp.load(sd, storage_reader=dcp.FileSystemReader(path), no_dist=not _collective(model))
     if optimizer is not None:
         set_optimizer_state_dict(model.module if isinstance(model, ShardedModel) else model, optimizer,
-                                 sd[DENSE_OPTIMIZER])
+                                 sd[DENSE_OPTIMIZER], options=StateDictOptions(strict=not dropped))
     return {k[len(EXTRA) + 1:]: v for k, v in sd.items() if k.startswith(EXTRA + ".")}
+
+
+def _only_saved_dense_state(osd: dict, saved: dict) -> bool:
+    """Drop from the dense optimizer's template the parameters whose state the checkpoint
+    lacks. torch's get_optimizer_state_dict gives a fresh optimizer state for every
+    parameter, but one that never had a gradient (a layer applied under torch.no_grad(), an
+    unused branch) had none when saved: it gets none now, as then. True if any was dropped."""
+    prefix = f"{DENSE_OPTIMIZER}.state."
+    kept = {k[len(prefix):] for k in saved if k.startswith(prefix)}
+    dropped = [fqn for fqn in osd.get("state", {}) if not any(k.startswith(f"{fqn}.") for k in kept)]
+    for fqn in dropped:
+        del osd["state"][fqn]
+    return bool(dropped)
 
 
 def _extra_templates(saved: dict) -> dict:
