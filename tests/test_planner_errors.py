@@ -79,6 +79,18 @@ def test_row_sharding_needs_a_row_per_rank(sharding, topology, need):
     assert all(s.rows[1] > s.rows[0] for t in plan for s in plan[t].shards)
 
 
+@pytest.mark.parametrize("dim, why", [
+    (12, r"dim 12 \(3 blocks of 4 columns\) has no such split over 2 ranks"),
+    (17, r"dim 17 \(17 columns\) has no such split over 2 ranks"),
+])
+def test_column_wise_without_a_split_says_why(dim, why):
+    """Not "do not fit": memory is no part of it."""
+    with pytest.raises(PlanError, match=r"^1 table\(s\) cannot be placed on 2 ranks\n.*column_wise needs 2 or more "
+                                        r"equal shards of whole .*" + why):
+        fxrec.plan([TableInfo("t", 100, dim)], Topology(2), constraints={"t": "column_wise"})
+    assert len(fxrec.plan([TableInfo("t", 100, 16)], Topology(2), constraints={"t": "column_wise"})["t"].shards) == 2
+
+
 @pytest.mark.parametrize("tables,kwargs,match", [
     ([], {}, "no tables to plan"),
     (["t"], {}, "item 0 is a str, not a fxrec.TableInfo"),

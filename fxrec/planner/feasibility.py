@@ -62,11 +62,18 @@ def _fixes(spec, topology, batch_size: int, optimizer) -> list[str]:
 
 
 def _too_few_rows(spec, topology) -> str:
-    """Why row_wise / table_row_wise could not apply: every shard needs a row."""
-    n = spec.info.num_embeddings
+    """Why row_wise / table_row_wise / column_wise could not apply: every row shard needs a
+    row; column shards are equal, of whole blocks of 4 columns (when the dim has them)."""
+    from fxrec.planner.enumerate import column_splits
+
+    n, d = spec.info.num_embeddings, spec.info.embedding_dim
     need = {"row_wise": topology.world_size, "table_row_wise": topology.ranks_per_node}
     short = [f"{t} needs at least {need[t]} rows (one per rank), the table has {n}"
              for t in spec.types if t in need and n < need[t]]
+    if "column_wise" in spec.types and not column_splits(d, topology.world_size):
+        unit = "blocks of 4 columns" if d % 4 == 0 else "columns"
+        short.append(f"column_wise needs 2 or more equal shards of whole {unit}, at most one per rank: dim {d} "
+                     f"({d // 4 if d % 4 == 0 else d} {unit}) has no such split over {topology.world_size} ranks")
     return ("; " + "; ".join(short)) if short else ""
 
 
@@ -76,7 +83,10 @@ def check_tables_fit(specs, options, rejected, topology, batch_size: int, optimi
     if not bad:
         return
     cap, W = topology.memory_per_rank, topology.world_size
-    lines = [f"{len(bad)} table(s) do not fit: each rank has {fmt_bytes(cap)} ({W} ranks)"]
+    if not any(rejected[i] for i in bad):  # no option at all: the constraint, not memory
+        lines = [f"{len(bad)} table(s) cannot be placed on {W} ranks"]
+    else:
+        lines = [f"{len(bad)} table(s) do not fit: each rank has {fmt_bytes(cap)} ({W} ranks)"]
     for i in bad:
         spec = specs[i]
         if not rejected[i]:
