@@ -94,8 +94,12 @@ def build_units(gm: GraphModule) -> list[list[Node]]:
     nodes = [n for n in gm.graph.nodes if L.LOOKUP in n.meta]
     for n in nodes:
         if n.meta[L.LOOKUP].kind not in SUPPORTED:
-            raise ValueError(f"apply_plan: lookup %{n.name} of kind {n.meta[L.LOOKUP].kind!r} cannot be sharded "
-                             f"yet (supported: {', '.join(SUPPORTED)}); capture the model with torch.fx")
+            why = gm.meta.get(L.CAPTURE_NOTE)  # torch.export's aten-level graph: why fx could not trace
+            src = n.meta.get(L.SOURCE)
+            raise ValueError(f"apply_plan: lookup %{n.name}" + (f" at {src}" if src else "") + f" of kind "
+                             f"{n.meta[L.LOOKUP].kind!r} cannot be sharded yet (supported: {', '.join(SUPPORTED)}); "
+                             f"capture the model with torch.fx" + (f", which failed on it: {why}" if why else "")
+                             + " (fxrec.capture(model, inputs, fallback=False) says where)")
     comps: list[tuple[set, list[Node]]] = []  # lookups joined by the tables they share
     for n in nodes:
         tables, members = set(n.meta[L.LOOKUP].tables), [n]
