@@ -44,7 +44,7 @@ def test_backend_is_found_by_name():
 
 
 @pytest.mark.parametrize("name", MODELS)
-def test_inference_equals_eager_and_fuses(name):
+def test_inference_equals_eager_and_fuses(name, one_thread):
     case = CASES[name]
     model, _ = case.make(0)
     reference = copy.deepcopy(model)
@@ -67,7 +67,7 @@ def test_inference_equals_eager_and_fuses(name):
         assert weight.untyped_storage().data_ptr() in buffers, table
 
 
-def test_one_graph_fuses_all_its_lookups_and_recompiles_share_the_buffer():
+def test_one_graph_fuses_all_its_lookups_and_recompiles_share_the_buffer(one_thread):
     case = CASES["dlrm_lists"]
     model, _ = case.make(0)
     compiled = torch.compile(model, backend="fxrec")
@@ -185,7 +185,7 @@ def test_unknown_option_is_named():
         torch.compile(model, backend="fxrec", options={"sparse_optimiser": None})(*CASES["bag_2d"].inputs(1))
 
 
-def test_training_and_eval_graphs_share_one_buffer():
+def test_training_and_eval_graphs_share_one_buffer(one_thread):
     """A training graph (fused optimizer) and an eval graph (no_grad) of one model read and
     write the same tables: evaluating between steps sees every step."""
     case = CASES["dlrm_lists"]
@@ -216,7 +216,7 @@ class _Subset(torch.nn.Module):
         return out + self.c(ids, offsets) if self.use_c else out
 
 
-def test_a_graph_reading_fewer_fused_tables_reads_them_unfused():
+def test_a_graph_reading_fewer_fused_tables_reads_them_unfused(one_thread):
     model = _Subset()
     reference = copy.deepcopy(model)
     compiled = torch.compile(model, backend="fxrec")

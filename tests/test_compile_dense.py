@@ -49,7 +49,7 @@ def _inductor_graphs() -> int:
 
 
 @pytest.mark.parametrize("name", ["dlrm_lists", "dlrm_ebc"])
-def test_dense_segments_go_to_inductor_by_default(name):
+def test_dense_segments_go_to_inductor_by_default(name, one_thread):
     """dlrm_ebc's fused segment hands the dense one a KeyedTensor."""
     case = CASES[name]
     model, _ = case.make(0)
@@ -144,3 +144,33 @@ def test_segments_follow_graph_order():
     assert [(k, c) for _, k, c in split.meta[SEGMENTS]] == [("aot_eager", 1), ("fxrec", 1), ("aot_eager", 1)]
     x = torch.randn(5)
     torch.testing.assert_close(split(x), torch.relu(x * 2) + 1)
+
+
+@pytest.fixture
+def two_threads():
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_inference_keeps_lookups_only_torch_would_serve(two_threads):
+    """On 2 CPU threads every pooled forward is torch's per-table embedding_bag (fbgemm's runs
+    on one thread): an inference graph keeps its lookups and goes to inductor as it is. A
+    kernel asked for fuses anyway; training (the fused optimizer) always fuses."""
+    from fxrec.lowering import FusedEmbeddingBags
+
+    case = CASES["dlrm_lists"]
+    model, _ = case.make(0)
+    reference = copy.deepcopy(model)
+    _same_as_eager(case, torch.compile(model, backend="fxrec"), reference)
+    logs = [line for g in B.compiled for line in g.meta["fxrec_log"]]
+    assert any("lookups left unfused: on this device each would be served by torch's per-table embedding_bag"
+               in line for line in logs), logs
+    assert not [m for g in B.compiled for m in g.modules() if isinstance(m, FusedEmbeddingBags)]
+    assert {kind for _, kind, _ in _segments()} == {"inductor"}
+    torch._dynamo.reset()
+    B.compiled.clear()
+    _same_as_eager(case, torch.compile(model, backend="fxrec", options={"kernel": "torch", "dense": "eager"}),
+                   reference)
+    assert [m.kernel for g in B.compiled for m in g.modules() if isinstance(m, FusedEmbeddingBags)]

@@ -26,6 +26,10 @@ What is fused, and how the tables stay the model's:
   model's parameters updates only the dense ones.
 - Training without a sparse optimizer: the lookups stay as they are (the user's optimizer
   owns the tables and needs their gradients); the graph's log says so.
+- Inference where every group would be served by torch's per-table kernel (a CPU with
+  several threads, where fbgemm's forward runs on one): the lookups stay as they are too,
+  and go to inductor with the rest; a fused call would only add packing around the same
+  embedding_bag calls. ``options={"kernel": ...}`` fuses anyway.
 - ``options={"weight_dtype": "int8"}`` (int4, int2, fp16, fp32, or a mapping per table;
   also "output_dtype"): inference on quantized tables, as `fxrec.lower_for_inference`. The
   quantized copy is refreshed from the model's parameters before a call whenever one of
@@ -256,6 +260,42 @@ def _grouping_conflict(gm: GraphModule, ctx, params: dict[str, nn.Parameter]) ->
     return None
 
 
+def _nothing_to_gain(gm: GraphModule, ctx, params: dict[str, nn.Parameter], opts: dict) -> Optional[str]:
+    """Why fusing this inference graph would only slow it down, or None: every group's
+    lookup would be served by torch's per-table kernel (a CPU with several threads, where
+    fbgemm's forward runs on one), which is what the model calls already; the packing
+    around a fused call would be all that changed. A kernel asked for fuses anyway."""
+    import os
+
+    from fxrec.lowering import registry
+    from fxrec.passes import lookup as L
+    from fxrec.passes.fuse_lookups import fusion_units, served_pooled
+
+    if opts.get("kernel") is not None or os.environ.get("FXREC_KERNEL"):
+        return None
+    by_name = {n.name: n for n in gm.graph.nodes}
+    for unit in fusion_units(ctx.groups):
+        nodes = [by_name[n] for group in unit for n in group.nodes]
+        pooled = served_pooled(nodes)
+        weighted = any(n.meta[L.LOOKUP].weighted for n in nodes)
+        for role in (True, False):
+            names = [t for t, p in pooled.items() if p is role and t in params]
+            if not names:
+                continue
+            first = params[names[0]]
+            poolings = [(ctx.tables[t].pooling if ctx.tables[t].pooling in ("sum", "mean") else "sum") if role
+                        else "none" for t in names]
+            kernel, _ = registry.select("pooled_forward" if role else "unpooled_forward", device=first.device,
+                                        weight_dtype=first.dtype, index_dtype=torch.int64,
+                                        dims=[params[t].shape[1] for t in names], poolings=poolings,
+                                        weighted=weighted and role, threads=torch.get_num_threads())
+            if kernel != "torch":
+                return None
+    return ("lookups left unfused: on this device each would be served by torch's per-table embedding_bag, "
+            "which the model calls already, so fusing would only add packing (options={'kernel': 'torch'} "
+            "fuses anyway)")
+
+
 # ------------------------------------------------------------------ quantized tables: refresh
 class _Refreshing:
     """Calls the lowered graph, first re-quantizing any table whose parameter was written in
@@ -326,6 +366,10 @@ def fxrec_backend(gm: GraphModule, example_inputs, options: Optional[dict] = Non
                                      ("group_tables", group_tables_pass)])
     if wants_grad:  # frozen tables (requires_grad=False) are read, not trained
         ctx.options["sparse_optimizer"] = freeze(ctx.options["sparse_optimizer"], gm.meta[L.FROZEN_TABLES])
+    idle = None if quantize or wants_grad else _nothing_to_gain(gm, ctx, params, opts)
+    if idle is not None:  # gm reads its tables by get_attr now: split, not handed over whole
+        log = [f"backend: {idle}"]
+        return _done(gm, log, compile_dense(gm, dense, mode, log).forward)
     conflict = None if quantize else _grouping_conflict(gm, ctx, params)
     if conflict is not None and wants_grad:
         # Read unfused, the tables would get .grad and the user's optimizer would train them
