@@ -107,7 +107,8 @@ def _train(model, case, steps, lr, compiled_model=None):
 
 
 @pytest.mark.parametrize("name", ["dlrm_lists", "two_tower", "weighted_bag"])
-def test_training_without_sparse_optimizer_stays_eager(name):
+def test_training_without_sparse_optimizer_keeps_the_lookups(name):
+    """Nothing fused: the graph goes to inductor whole, as under torch.compile(model)."""
     case = CASES[name]
     model, _ = case.make(0)
     reference = copy.deepcopy(model)
@@ -117,6 +118,7 @@ def test_training_without_sparse_optimizer_stays_eager(name):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=k)
     logs = [line for g in B.compiled for line in g.meta["fxrec_log"]]
     assert any("left unfused: the tables want gradients and no sparse_optimizer" in line for line in logs)
+    assert "backend: the whole graph compiled with inductor" in logs, logs
 
 
 @pytest.mark.parametrize("name", ["dlrm_lists", "two_tower", "weighted_bag", "table_dict"])
