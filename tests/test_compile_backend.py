@@ -230,7 +230,7 @@ def test_a_graph_reading_fewer_fused_tables_reads_them_unfused(one_thread):
         model.a.weight.add_(1.0)
         reference.a.weight.add_(1.0)
         torch.testing.assert_close(compiled(ids, offsets), reference(ids, offsets))
-    assert "were fused with other tables by an earlier compile" in B.compiled[-1].meta["fxrec_log"][0]
+    assert any("were fused with other tables by an earlier compile" in line for line in B.compiled[-1].meta["fxrec_log"])
 
 
 class _BrokenTowers(torch.nn.Module):

@@ -367,8 +367,9 @@ def fxrec_backend(gm: GraphModule, example_inputs, options: Optional[dict] = Non
     if wants_grad:  # frozen tables (requires_grad=False) are read, not trained
         ctx.options["sparse_optimizer"] = freeze(ctx.options["sparse_optimizer"], gm.meta[L.FROZEN_TABLES])
     idle = None if quantize or wants_grad else _nothing_to_gain(gm, ctx, params, opts)
+    notes = [line for line in ctx.log if not line.startswith("ran ")]  # detect_embeddings' decisions
     if idle is not None:  # gm reads its tables by get_attr now: split, not handed over whole
-        log = [f"backend: {idle}"]
+        log = notes + [f"backend: {idle}"]
         return _done(gm, log, compile_dense(gm, dense, mode, log).forward)
     conflict = None if quantize else _grouping_conflict(gm, ctx, params)
     if conflict is not None and wants_grad:
@@ -379,7 +380,7 @@ def fxrec_backend(gm: GraphModule, example_inputs, options: Optional[dict] = Non
                          f"lookups (a print, .item(), data-dependent branch; see torch._dynamo.explain), or "
                          f"train with fxrec.shard, which captures the whole model, or without a sparse_optimizer")
     if conflict is not None:  # gm reads its tables by get_attr now: split, not handed over whole
-        log = [f"backend: lookups left unfused: {conflict}"]
+        log = notes + [f"backend: lookups left unfused: {conflict}"]
         return _done(gm, log, compile_dense(gm, dense, mode, log).forward)
     passes = [("fuse_lookups", fuse_lookups_pass)] + ([("quantize_tables", quantize_tables_pass)] if quantize else [])
     out = run_passes(gm, ctx, passes=passes)
