@@ -13,6 +13,7 @@ every rank.
 """
 from __future__ import annotations
 
+import copy
 import os
 import re
 import traceback
@@ -331,6 +332,66 @@ def test_extra_values_come_back(tmp_path):
     assert fxrec.checkpoint.load(model, tmp_path / "u") == {}
     with pytest.raises(ValueError, match=r"extra must map str keys .* got 'loader': dict"):
         fxrec.checkpoint.save(model, tmp_path / "v", extra={"loader": {"pos": 3}})
+    with pytest.raises(ValueError, match=r"nor lists holding tensors.* got 'rng': list"):
+        fxrec.checkpoint.save(model, tmp_path / "v", extra={"rng": [torch.get_rng_state()]})
+
+
+class _WithExtra(torch.nn.Module):
+    def __init__(self, name: str = "extra"):
+        super().__init__()
+        self.main = torch.nn.Linear(3, 2)
+        self.add_module(name, torch.nn.Linear(2, 2))
+
+    def forward(self, x):
+        return self.extra(self.main(x))
+
+
+def test_a_submodule_named_extra_is_the_models(tmp_path):
+    """The caller's extras live apart from the model's keys; a submodule named like the
+    checkpoint's own entries is refused rather than mistaken for them."""
+    torch.manual_seed(0)
+    saved = _WithExtra()
+    fxrec.checkpoint.save(saved, tmp_path / "t", extra={"weight": torch.zeros(2, 2), "step": 3})
+    torch.manual_seed(1)
+    fresh = _WithExtra()
+    got = fxrec.checkpoint.load(fresh, tmp_path / "t")
+    assert torch.equal(fresh.extra.weight, saved.extra.weight) and torch.equal(got["weight"], torch.zeros(2, 2))
+    assert sorted(got) == ["step", "weight"] == sorted(fxrec.checkpoint.read_extra(tmp_path / "t"))
+    with pytest.raises(ValueError, match=r"the model's key 'dense_optimizer.weight' starts like the checkpoint's "
+                                         r"own entries"):
+        fxrec.checkpoint.save(_WithExtra("dense_optimizer"), tmp_path / "u")
+
+
+@pytest.mark.parametrize("make", [lambda ps: torch.optim.Adam(ps, lr=0.1),
+                                  lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, dampening=0.1)])
+def test_saving_before_the_first_step_changes_nothing(tmp_path, make):
+    """torch's get_optimizer_state_dict makes an empty optimizer's state by a zero step (Adam's
+    count moves, momentum buffers appear): a save, or a load, must not leave that behind."""
+    torch.manual_seed(0)
+    model = _WithExtra()
+    runs = []
+    for save in (False, True):
+        m = copy.deepcopy(model)
+        opt = make(m.parameters())
+        if save:
+            fxrec.checkpoint.save(m, tmp_path / "t", optimizer=opt)
+            fxrec.checkpoint.load(m, tmp_path / "t", optimizer=opt)
+        for step in range(3):
+            opt.zero_grad()
+            m(torch.randn(4, 3, generator=torch.Generator().manual_seed(step))).square().mean().backward()
+            opt.step()
+        runs.append(m.state_dict())
+    for k in runs[0]:
+        assert torch.equal(runs[0][k], runs[1][k]), k
+
+
+def test_a_damaged_data_file_names_the_checkpoint(tmp_path):
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 64))
+    fxrec.checkpoint.save(model, tmp_path / "t")
+    (data,) = [f for f in (tmp_path / "t").iterdir() if f.suffix == ".distcp"]
+    data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])
+    with pytest.raises(ValueError, match=r"fxrec.checkpoint.load: reading '.*t' failed \(rank 0: EOFError.*damaged"):
+        fxrec.checkpoint.load(torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 64)), tmp_path / "t")
 
 
 def test_saving_again_to_a_path_replaces_the_checkpoint(tmp_path, recwarn):

@@ -18,7 +18,10 @@ A checkpoint is a torch.distributed.checkpoint (DCP) directory keyed as the unsh
   ``momentum`` is ``rows x shards`` and loads only into as many column shards;
 - ``dense_optimizer``: the torch optimizer's state over the dense parameters, keyed by their
   paths (torch's ``get_optimizer_state_dict``), when `save` is given the optimizer;
-- ``extra.<key>``: the caller's values (`save`'s ``extra``, returned by `load`).
+- ``fxrec_extra.<key>``: the caller's values (`save`'s ``extra``, returned by `load`).
+
+A model key under one of these prefixes (a submodule named ``sparse_optimizer``,
+``dense_optimizer`` or ``fxrec_extra``) would be mistaken for them: save and load refuse it.
 
 Loading reshards: for each piece this rank holds under *its* plan, DCP reads the overlapping
 parts of the saved pieces, in place into the live shards. So a checkpoint written by 2 ranks
@@ -57,7 +60,7 @@ __all__ = ["save", "load", "read_extra", "state_dict", "SPARSE_PREFIX", "DENSE_O
 
 SPARSE_PREFIX = "sparse_optimizer"
 DENSE_OPTIMIZER = "dense_optimizer"
-EXTRA = "extra"
+EXTRA = "fxrec_extra"  # not "extra": a submodule may well be named so
 
 PathLike = Union[str, os.PathLike]
 
@@ -148,20 +151,42 @@ def _rank() -> int:
 
 
 def state_dict(model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None,
-               sparse_optimizer: bool = True) -> dict:
+               sparse_optimizer: bool = True, *, template: bool = False) -> dict:
     """What `save` writes and `load` reads, as live views (DCP's ``state_dict`` argument).
 
     model: a `ShardedModel` (its ``state_dict()``: this rank's pieces, see the module doc) or a
     plain module (its ``state_dict()``). optimizer: the torch optimizer over the dense
     parameters, under ``dense_optimizer``. sparse_optimizer: include the fused optimizer's
-    state (a ShardedModel's)."""
+    state (a ShardedModel's). template: what `load` reads into (an optimizer without state
+    yet gets a stand-in for DCP to overwrite; saved, it has none)."""
     out = dict(model.state_dict())
+    reserved = [k for k in out if k == DENSE_OPTIMIZER or k.startswith((DENSE_OPTIMIZER + ".", SPARSE_PREFIX + ".",
+                                                                         EXTRA + "."))]
+    if reserved:
+        raise ValueError(f"fxrec.checkpoint: the model's key {reserved[0]!r} starts like the checkpoint's own "
+                         f"entries ({SPARSE_PREFIX}., {DENSE_OPTIMIZER}, {EXTRA}.); rename that submodule")
     if isinstance(model, ShardedModel) and sparse_optimizer:
         out.update(_sparse_state(model))
     module = model.module if isinstance(model, ShardedModel) else model
     if optimizer is not None:
-        out[DENSE_OPTIMIZER] = get_optimizer_state_dict(module, optimizer)
+        out[DENSE_OPTIMIZER] = _dense_state(module, optimizer, template)
     return out
+
+
+def _dense_state(module: nn.Module, optimizer: torch.optim.Optimizer, template: bool) -> dict:
+    """torch's get_optimizer_state_dict, without its side effect: an optimizer with no state
+    yet (before its first step) gets state made by a step with zero gradients, which moves
+    Adam's step count and seeds momentum buffers, so training after a save would differ from
+    training without it. Such an optimizer is put back as it was; it is saved without state,
+    and for a load (`template`) the state made serves only as what DCP reads into."""
+    if optimizer.state:
+        return get_optimizer_state_dict(module, optimizer)
+    before = optimizer.state_dict()
+    osd = get_optimizer_state_dict(module, optimizer)
+    optimizer.load_state_dict(before)
+    if not template:
+        osd["state"] = {}
+    return osd
 
 
 # ------------------------------------------------------------------ save / load
@@ -187,7 +212,8 @@ def save(model: nn.Module, path: PathLike, optimizer: Optional[torch.optim.Optim
     """Write `model` (and the dense `optimizer`'s state) to the DCP directory `path`.
 
     extra: the caller's own values (a step count, a data loader's position), a flat dict of
-    str keys to tensors or picklable values, given back by `load`; under ``extra.<key>``.
+    str keys to tensors or picklable values (no dicts, no lists holding tensors: DCP would
+    split them into keys of their own), given back by `load`; under ``fxrec_extra.<key>``.
     background: copy this rank's state to CPU memory now, write it in a background thread,
     and return at once a Future that completes when the checkpoint is whole (the next save or
     load waits for it; call ``.result()`` before the process exits). Training may go on
@@ -200,9 +226,11 @@ def save(model: nn.Module, path: PathLike, optimizer: Optional[torch.optim.Optim
     every rank calls it with the same path, extra and background."""
     sd = state_dict(model, optimizer)
     for key, value in (extra or {}).items():
-        if not isinstance(key, str) or isinstance(value, dict):
+        nested = isinstance(value, (list, tuple)) and any(isinstance(v, Tensor) for v in value)
+        if not isinstance(key, str) or isinstance(value, dict) or nested:
             raise ValueError(f"fxrec.checkpoint.save: extra must map str keys to tensors or picklable "
-                             f"values (not dicts); got {key!r}: {type(value).__name__}")
+                             f"values (not dicts, nor lists holding tensors: give each tensor a key of its "
+                             f"own); got {key!r}: {type(value).__name__}")
         sd[f"{EXTRA}.{key}"] = value
     _wait_for_background()
     collective = _collective(model)
@@ -276,7 +304,7 @@ def load(model: nn.Module, path: PathLike, optimizer: Optional[torch.optim.Optim
     Returns the `extra` dict given to `save` (empty if none)."""
     path = os.fspath(path)
     _wait_for_background()
-    sd = state_dict(model, optimizer, sparse_optimizer)
+    sd = state_dict(model, optimizer, sparse_optimizer, template=True)
     with _quiet():
         problem, absent, saved = _problem(model, sd, path, strict)
     skipped = sorted(absent)
@@ -299,7 +327,13 @@ def load(model: nn.Module, path: PathLike, optimizer: Optional[torch.optim.Optim
     dropped = optimizer is not None and _only_saved_dense_state(sd[DENSE_OPTIMIZER], saved)
     sd.update(_extra_templates(saved))
     with _quiet():
-        dcp.load(sd, storage_reader=dcp.FileSystemReader(path), no_dist=not _collective(model))
+        try:
+            dcp.load(sd, storage_reader=dcp.FileSystemReader(path), no_dist=not _collective(model))
+        except dcp.api.CheckpointException as e:  # a BaseException, whose text ends in the bare error
+            why = "; ".join(f"rank {r}: {type(err[0]).__name__}: {err[0]}" if isinstance(err, tuple) else
+                            f"rank {r}: {err}" for r, err in sorted(e.failures.items()))
+            raise ValueError(f"fxrec.checkpoint.load: reading {path!r} failed ({why}); its data files are "
+                             f"damaged or incomplete, and the model may be partly loaded") from e
     if optimizer is not None:
         set_optimizer_state_dict(model.module if isinstance(model, ShardedModel) else model, optimizer,
                                  sd[DENSE_OPTIMIZER], options=StateDictOptions(strict=not dropped))
