@@ -142,6 +142,62 @@ def test_a_bad_batch_raises_on_every_rank_and_training_goes_on():
         assert seen[0] == seen[2] == seen[3] == "trained" and "id 10000" in seen[1], seen
 
 
+class _Flaky:
+    """Batches, but asking for number 2 raises OSError once (a transient read error)."""
+
+    def __init__(self, batches):
+        self.batches, self.i, self.failed = list(batches), 0, False
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self.i == 2 and not self.failed:
+            self.failed = True
+            raise OSError("transient read error")
+        if self.i >= len(self.batches):
+            raise StopIteration
+        self.i += 1
+        return self.batches[self.i - 1]
+
+
+def _iterator_error(rank: int, world: int) -> list:
+    """The pipeline asks for batch 2 while batch 1 trains: the error is raised at the step
+    that takes batch 2, batch 1 trains first, and the losses and parameters are those of
+    step-by-step training that meets the same error."""
+    runs = []
+    for piped in (True, False):
+        case, sm = _sharded("dlrm_ebc", world, "row_wise")
+        opt = torch.optim.SGD(sm.parameters(), lr=LR)
+        batches = _Flaky(case.local_batches(world, B, seed=40 + s)[rank] for s in range(4))
+        pipe = TrainPipeline(sm, opt, _loss) if piped else None
+        seen = []
+        for _ in range(5):
+            try:
+                if piped:
+                    seen.append(round(pipe.progress(batches)[0].item(), 6))
+                else:
+                    batch = next(batches)
+                    loss = _loss(sm(*batch), batch)
+                    opt.zero_grad()
+                    loss.backward()
+                    opt.step()
+                    seen.append(round(loss.item(), 6))
+            except OSError as e:
+                seen.append(str(e))
+        if piped:
+            pipe.close()
+        runs.append((seen, {k: v.clone() for k, v in sm.full_state_dict().items()}))
+    return runs
+
+
+def test_an_iterator_error_is_raised_at_its_step_and_no_batch_is_lost():
+    for (piped, p_state), (plain, s_state) in run_workers(_iterator_error, 2, timeout=300):
+        assert piped == plain and piped[2] == "transient read error", (piped, plain)
+        for k in s_state:
+            assert torch.equal(p_state[k], s_state[k]), k
+
+
 @pytest.mark.parametrize("name, sharding", JOBS)
 def test_pipeline_trains_like_step_by_step_on_two_ranks(name, sharding):
     assert not _results(2, None)[(name, sharding)]

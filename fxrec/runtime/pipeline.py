@@ -17,7 +17,12 @@ computes:
   reads no parameter, and a batch's main stage waits for its own input stage.
 
 `progress(batches)` takes the next batch from an iterator of batches, trains one step on it
-and returns ``(loss, output)``; it raises StopIteration when the iterator is exhausted.
+and returns ``(loss, output)``; it raises StopIteration when the iterator is exhausted, and
+what else the iterator raised when the step that asked for that batch comes (the current
+batch has trained by then, as step by step). The steps equal step-by-step training bit for
+bit as long as the batch stream draws no random numbers from torch's global generator, which
+the model's dropout also draws from: the pipeline asks for batch i+1 before batch i's forward
+(give the stream a ``torch.Generator`` of its own).
 A batch is the model's arguments as a tuple, or anything `inputs(batch)` turns into them
 (e.g. ``lambda b: (b.dense_features, b.sparse_features)`` for `fxrec.datasets.Batch`);
 `loss_fn(output, batch)` sees the batch itself. Every rank feeds its own batches in step.
@@ -147,6 +152,7 @@ class TrainPipeline:
         self._next: Optional[tuple] = None  # (batch, its model arguments, future of its input stage's values)
         self._background: Optional[bool] = None  # input stages in the background thread (set at the first)
         self.overlapped = 0  # input stages started in the background
+        self._raised: Optional[BaseException] = None  # what the iterator raised when asked ahead
 
     def _input_stage(self, args: tuple):
         input_gm = self._stages[0]
@@ -159,6 +165,9 @@ class TrainPipeline:
 
     def progress(self, batches: Iterator) -> tuple[torch.Tensor, Any]:
         """One training step on the next batch of `batches` (module doc)."""
+        if self._raised is not None:  # asked ahead for this batch, the iterator raised: raise it now
+            raised, self._raised = self._raised, None
+            raise raised
         if self._stages is None:  # nothing distributes ids: a plain step
             batch = next(batches)
             return self._step(batch, self.model(*self.inputs(batch)))
@@ -180,6 +189,8 @@ class TrainPipeline:
                 self.overlapped += 1
             except StopIteration:
                 pass
+            except Exception as e:  # noqa: BLE001 - the iterator's error belongs to the next step, as
+                self._raised = e     # step by step: this batch still trains, the next call raises it
         inbox.values = tuple(values)
         try:
             out = main_gm(*args)
