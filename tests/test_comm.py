@@ -102,6 +102,25 @@ def _check_reduce_scatter_uneven(rank, w, seed):
         comm.reduce_scatter(torch.zeros(4), split_sizes=[4])
 
 
+def _check_all_gather_uneven(rank, w, seed):
+    """Blocks of different lengths (one empty), as a last short batch gives: the concatenation
+    in rank order; backward hands each rank the sum of every rank's gradient for its block.
+    Other dims that differ raise on every rank, naming the shapes."""
+    gen = torch.Generator().manual_seed(seed)
+    sizes = [(r * 3 + 2) % 5 for r in range(w)]  # 2, 0, 3, 1
+    xs = [torch.randn(sizes[r], 3, generator=gen) for r in range(w)]
+    gs = [torch.randn(sum(sizes), 3, generator=gen) for _ in range(w)]
+    x = xs[rank].clone().requires_grad_(True)
+    out = comm.all_gather(x)
+    assert_close(out.detach(), torch.cat(xs), rtol=0, atol=0)
+    (out * gs[rank]).sum().backward()
+    start = sum(sizes[:rank])
+    assert_close(x.grad, sum(gs)[start:start + sizes[rank]])
+    with pytest.raises(ValueError, match=r"all_gather: every rank's tensor must have the same shape past dim 0; "
+                                         r"the ranks' shapes are \[\(2, 3\), \(2, 4\)"):
+        comm.all_gather(torch.zeros(2, 3 + rank))
+
+
 def _check_all_reduce(rank, w, seed):
     gen = torch.Generator().manual_seed(seed)
     xs = [torch.randn(4, 3, generator=gen) for _ in range(w)]
@@ -143,6 +162,7 @@ def _comm_worker(rank, w):
     _check_counts(rank, w, 100)
     _check_all_reduce(rank, w, 101)
     _check_reduce_scatter_uneven(rank, w, 102)
+    _check_all_gather_uneven(rank, w, 103)
     _check_meta_and_errors(rank, w)
     # Zero-size rows (trailing dim 0) and a fully empty exchange.
     assert comm.all_to_all(torch.zeros(w, 0), [1] * w, [1] * w).shape == (w, 0)

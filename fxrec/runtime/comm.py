@@ -278,8 +278,48 @@ def reduce_scatter(x: Tensor, group=None, split_sizes: Optional[Splits] = None) 
     return _ReduceScatter.apply(x, w, group)
 
 
+class _AllGatherV(torch.autograd.Function):
+    """all_gather of uneven first dims: each rank's block padded to the largest, gathered,
+    the padding dropped; backward reduce-scatters the padded gradient."""
+
+    @staticmethod
+    def forward(ctx, x, sizes, rank, group):
+        ctx.sizes, ctx.rank, ctx.group = sizes, rank, group
+        width = max(sizes)
+        padded = x.new_zeros(_rows(x, width))
+        padded[:x.shape[0]] = x
+        out = _ag(padded, len(sizes), group)
+        return torch.cat([out[r * width:r * width + n] for r, n in enumerate(sizes)])
+
+    @staticmethod
+    def backward(ctx, grad):
+        width = max(ctx.sizes)
+        padded = grad.new_zeros(_rows(grad, width * len(ctx.sizes)))
+        for r, part in enumerate(grad.split(ctx.sizes)):
+            padded[r * width:r * width + ctx.sizes[r]] = part
+        return _rs(padded, len(ctx.sizes), ctx.group)[:ctx.sizes[ctx.rank]], None, None, None
+
+
+_MAX_DIMS = 8
+
+
+def _shapes(x: Tensor, w: int, group) -> list[tuple[int, ...]]:
+    """Every rank's shape of `x` (one small all_gather)."""
+    if x.dim() > _MAX_DIMS:
+        raise ValueError(f"all_gather: at most {_MAX_DIMS} dimensions, got {x.dim()}")
+    mine = torch.full((_MAX_DIMS + 1,), -1, dtype=torch.int64, device=x.device)
+    mine[0] = x.dim()
+    mine[1:x.dim() + 1] = torch.tensor(x.shape, dtype=torch.int64)
+    every = mine.new_empty(w * (_MAX_DIMS + 1))
+    _all_gather_single(every, mine, group=group)
+    rows = every.view(w, _MAX_DIMS + 1).tolist()
+    return [tuple(r[1:r[0] + 1]) for r in rows]
+
+
 def all_gather(x: Tensor, group=None) -> Tensor:
-    """Concatenate every rank's ``x`` on dim 0 in rank order (all ranks pass the same shape).
+    """Concatenate every rank's ``x`` on dim 0 in rank order. The first dims may differ (a
+    last, shorter batch); the others must match on every rank, else every rank raises a
+    ValueError naming each rank's shape (one small exchange of shapes comes first).
     Backward: reduce_scatter (sum) of the grad, so each rank gets the sum of every rank's
     gradient for its own block."""
     _need_dim0(x, "all_gather")
@@ -287,7 +327,14 @@ def all_gather(x: Tensor, group=None) -> Tensor:
     w = world_size(group)
     if w == 1:
         return x
-    return _AllGather.apply(x, w, group)
+    shapes = _shapes(x, w, group) if not x.is_meta else [tuple(x.shape)] * w
+    if len({s[1:] for s in shapes}) > 1:
+        raise ValueError(f"all_gather: every rank's tensor must have the same shape past dim 0; the ranks' "
+                         f"shapes are {shapes}")
+    sizes = [s[0] for s in shapes]
+    if len(set(sizes)) == 1:
+        return _AllGather.apply(x, w, group)
+    return _AllGatherV.apply(x, sizes, rank(group), group)
 
 
 # ------------------------------------------------------------------ all_reduce
