@@ -5,6 +5,9 @@ the planner consumes; users may also build it by hand to plan without a model.
 """
 from __future__ import annotations
 
+import math
+import numbers
+
 from dataclasses import dataclass, field
 
 import torch
@@ -35,20 +38,31 @@ class TableInfo:
     def __post_init__(self):
         if not self.name:
             raise ValueError("TableInfo: name must be a non-empty string")
-        if int(self.num_embeddings) <= 0:
+        for key in ("num_embeddings", "embedding_dim", "uses"):  # counts: whole numbers, never truncated
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                if not (isinstance(value, numbers.Real) and not isinstance(value, bool)
+                        and math.isfinite(value) and value == int(value)):
+                    raise ValueError(f"table {self.name!r}: {key} must be a whole number, got {value!r}")
+            setattr(self, key, int(value))
+        if self.num_embeddings <= 0:
             raise ValueError(f"table {self.name!r}: num_embeddings must be positive, got {self.num_embeddings}")
-        if int(self.embedding_dim) <= 0:
+        if self.embedding_dim <= 0:
             raise ValueError(f"table {self.name!r}: embedding_dim must be positive, got {self.embedding_dim}")
         if self.pooling not in POOLINGS:
             raise ValueError(f"table {self.name!r}: pooling must be one of {POOLINGS}, got {self.pooling!r}")
-        if not self.pooling_factor >= 0:
-            raise ValueError(f"table {self.name!r}: pooling_factor must be >= 0, got {self.pooling_factor}")
-        if int(self.uses) < 1:
+        if not (isinstance(self.pooling_factor, numbers.Real) and 0 <= self.pooling_factor < math.inf):
+            raise ValueError(f"table {self.name!r}: pooling_factor must be a finite number >= 0, "
+                             f"got {self.pooling_factor!r}")
+        if self.uses < 1:
             raise ValueError(f"table {self.name!r}: uses must be >= 1, got {self.uses}")
         if isinstance(self.dtype, str):
-            self.dtype = getattr(torch, self.dtype)
-        self.num_embeddings = int(self.num_embeddings)
-        self.embedding_dim = int(self.embedding_dim)
+            dtype = getattr(torch, self.dtype, None)
+            if not isinstance(dtype, torch.dtype):
+                raise ValueError(f"table {self.name!r}: unknown dtype {self.dtype!r} (e.g. 'float32', 'float16')")
+            self.dtype = dtype
+        elif not isinstance(self.dtype, torch.dtype):
+            raise ValueError(f"table {self.name!r}: dtype must be a torch.dtype or its name, got {self.dtype!r}")
         self.pooling_factor = float(self.pooling_factor)
 
     @property

@@ -85,10 +85,15 @@ def test_infeasible_plan_exits_1_naming_the_table(tables_csv, capsys):
     ("name,num_embeddings,embedding_dim\nt,10,0\n", "embedding_dim must be positive"),
     ("name,num_embeddings,embedding_dim,dtype\nt,10,4,float99\n", "unknown dtype 'float99'"),
     ("name,num_embeddings,embedding_dim\n", "no tables"),
+    ("name,num_embeddings,embedding_dim,name\nt,10,4,u\n", "line 1: column(s) 'name' given twice"),
+    ("name,num_embeddings,embedding_dim\nt,10,4,99\n", "line 2: 4 fields for the header's 3: ['99'] past the last"),
+    ("name,num_embeddings,embedding_dim\nt,1e400,4\n", "num_embeddings must be an integer, got '1e400'"),
+    ("name,num_embeddings,embedding_dim,pooling_factor\nt,10,4,inf\n", "pooling_factor must be a number, got 'inf'"),
+    (b"name,num_embeddings,embedding_dim\nt\xff,10,4\n", "not UTF-8 text (byte 0xff"),
 ])
 def test_bad_csv_exits_2(tmp_path, capsys, content, match):
     path = tmp_path / "bad.csv"
-    path.write_text(content)
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
     assert main(["plan", "--tables", str(path), "--world-size", "2"]) == 2
     assert match in capsys.readouterr().err
 
@@ -103,6 +108,10 @@ def test_bad_csv_exits_2(tmp_path, capsys, content, match):
     (["plan", "--tables", "{csv}", "--world-size", "2", "--memory", "much"], "cannot read 'much'"),
     (["plan", "nofile.py:build", "--world-size", "2"], "no such file"),
     (["plan", "--tables", "{csv}", "--world-size", "2", "--hedge", "1.5"], "hedge must be a fraction in [0, 1), got 1.5"),
+    (["plan", "--tables", "{csv}", "--world-size", "2", "--constraint", "item=row_wise", "--constraint",
+      "item=table_wise"], "table 'item' is constrained twice"),
+    (["plan", "--tables", "{csv}", "--world-size", "2", "-o", "/nonexistent/dir/p.json"],
+     "cannot write '/nonexistent/dir/p.json'"),
 ])
 def test_usage_errors_exit_2(tables_csv, capsys, argv, match):
     argv = [a.replace("{csv}", tables_csv) for a in argv]
@@ -126,3 +135,28 @@ def test_plan_a_model_file(tmp_path, capsys):
     assert main(["plan", f"{src}:build", "--world-size", "2", "-o", str(out)]) == 0
     assert "user:" in capsys.readouterr().out
     assert json.loads(out.read_text())["tables"][0]["table"]["pooling_factor"] == 2.0
+
+
+def test_a_spreadsheets_csv_with_a_bom_and_exact_big_counts(tmp_path, capsys):
+    path = tmp_path / "t.csv"
+    path.write_bytes("\ufeffname,num_embeddings,embedding_dim\nt,9007199254740993,4\n".encode())
+    from fxrec.commands.plan import read_tables_csv
+
+    (table,) = read_tables_csv(str(path))
+    assert table.name == "t" and table.num_embeddings == 9007199254740993  # float() would round it
+
+
+@pytest.mark.parametrize("body, match", [
+    ("def build():\n    return 1, 2\n", "must return (model, example_inputs) with an nn.Module first, got int"),
+    ("import torch\n"
+     "def build():\n"
+     "    return torch.nn.EmbeddingBag(10, 4), (torch.tensor([[1, 12]]),)\n",
+     "id 12 outside [0, 10) in the example inputs"),
+])
+def test_a_bad_model_file_is_one_line_for_plan_and_dump(tmp_path, capsys, body, match):
+    src = tmp_path / "model.py"
+    src.write_text(body)
+    for argv in (["plan", f"{src}:build", "--world-size", "2"], ["dump", f"{src}:build"]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert match in err and "Traceback" not in err and "While executing" not in err, err

@@ -114,6 +114,8 @@ def test_synthetic_is_deterministic_and_splits_differ():
     torch.testing.assert_close(ds.batch(2).sparse_features.values(), a[2].sparse_features.values())
     val = ds.with_split("val", num_batches=2)
     assert len(val) == 2
+    assert len(ds.with_split("val")) == len(ds)  # as many batches as the one it splits from
+    assert ds.with_split("val", num_batches=None).num_batches is None  # endless, when asked
     assert not torch.equal(val.batch(0).dense_features, a[0].dense_features)
     # same hidden model: the validation view scores a batch exactly as the training view
     torch.testing.assert_close(val.true_logits(a[0]), ds.true_logits(a[0]))

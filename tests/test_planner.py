@@ -123,6 +123,10 @@ def test_json_round_trip():
     (lambda d: d["tables"][0]["shards"][0].__setitem__(0, 99), "rank 99, outside the 4-rank world"),
     (lambda d: d.update(version=7), "version 1"),
     (lambda d: d["tables"][0].pop("kernel"), "malformed"),
+    (lambda d: d["tables"].append(d["tables"][0]), "table 't0' is planned twice"),
+    (lambda d: d.update(batch_size=-5), "batch_size must be a positive integer, got -5"),
+    (lambda d: d["tables"][0]["shards"][0].__setitem__(0, 1.7), "shard fields must be whole numbers, got 1.7"),
+    (lambda d: d["tables"][0]["table"].update(num_embeddings=1000.9), "num_embeddings must be a whole number"),
 ])
 def test_from_json_rejects_broken_plans(edit, match):
     plan = fxrec.plan(random_tables(5, 3), TOPOLOGIES["cpu4"], constraints={"t0": "table_wise"})

@@ -103,6 +103,11 @@ def test_column_wise_without_a_split_says_why(dim, why):
     ([TableInfo("a", 10, 4)], {"search": "magic"}, "search must be"),
     ([TableInfo("a", 10, 4)], {"sparse_optimizer": "momentum"}, "unknown sparse optimizer 'momentum'"),
     ([TableInfo("a", 10, 4)], {"sparse_optimizer": 3}, "sparse_optimizer must be a name"),
+    # the costs divide by an efficiency: a negative one sent the partition search round forever
+    ([TableInfo("a", 10, 4)], {"kernel_efficiency": {"fbgemm": -1.0}},
+     r"kernel_efficiency\['fbgemm'\] must be a positive finite number, got -1.0"),
+    ([TableInfo("a", 10, 4)], {"kernel_efficiency": {"torch": float("nan")}}, "must be a positive finite number"),
+    ([TableInfo("a", 10, 4)], {"kernel_efficiency": {"nope": 0.5}}, "names unknown kernel 'nope'"),
 ])
 def test_bad_input(tables, kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -131,3 +136,18 @@ def test_bad_constraint(kwargs, match):
 def test_model_needs_example_inputs():
     with pytest.raises(ValueError, match="needs example_inputs"):
         fxrec.plan(torch.nn.EmbeddingBag(10, 4), Topology(2))
+
+
+@pytest.mark.parametrize("args, kwargs, match", [
+    (("a", 1.5, 4), {}, r"num_embeddings must be a whole number, got 1.5"),
+    (("a", 10, 2.9), {}, r"embedding_dim must be a whole number, got 2.9"),
+    (("a", True, 4), {}, r"num_embeddings must be a whole number, got True"),
+    (("a", 10, 4), {"uses": 1.5}, r"uses must be a whole number, got 1.5"),
+    (("a", 10, 4), {"pooling_factor": float("inf")}, r"pooling_factor must be a finite number >= 0, got inf"),
+    (("a", 10, 4), {"dtype": "bogus"}, r"unknown dtype 'bogus'"),
+    (("a", 10, 4), {"dtype": 3}, r"dtype must be a torch.dtype or its name, got 3"),
+])
+def test_table_info_refuses_what_it_would_truncate(args, kwargs, match):
+    with pytest.raises(ValueError, match=rf"table 'a': {match}"):
+        TableInfo(*args, **kwargs)
+    assert TableInfo("a", 10.0, 4).num_embeddings == 10  # a whole float is fine

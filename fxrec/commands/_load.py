@@ -38,6 +38,11 @@ def load_target(spec: str):
     if not (isinstance(result, tuple) and len(result) == 2):
         raise LoadError(f"{path}:{func}() must return (model, example_inputs), got {type(result).__name__}")
     model, example_inputs = result
+    import torch.nn as nn
+
+    if not isinstance(model, nn.Module):
+        raise LoadError(f"{path}:{func}() must return (model, example_inputs) with an nn.Module first, got "
+                        f"{type(model).__name__}")
     if not isinstance(example_inputs, tuple):
         example_inputs = (example_inputs,)
     return model, example_inputs

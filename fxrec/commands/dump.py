@@ -169,8 +169,9 @@ def _topology(args):
 
 def run(args) -> int:
     from fxrec.capture import CaptureError
+    from fxrec.commands.plan import UsageError, _first_part, constraints_from_specs
     from fxrec.passes.runner import PassError
-    from fxrec.commands.plan import UsageError, constraints_from_specs
+    from fxrec.passes.shapes import ExampleIdError
     try:
         topology = _topology(args)
         constraints = constraints_from_specs(args.constraint) or None
@@ -180,16 +181,19 @@ def run(args) -> int:
         out = build_dump(model, example_inputs, after=args.after, fmt=args.format, title=args.target,
                          topology=topology, batch_size=args.batch_size, rank=args.rank, constraints=constraints,
                          weight_dtype=args.weight_dtype)
-    except (LoadError, CaptureError, DumpError, UsageError) as e:
-        return _fail(str(e))
+    except (LoadError, CaptureError, DumpError, UsageError, ExampleIdError) as e:
+        return _fail(_first_part(e))
     except PassError as e:
         _fail(str(e))
         return 1
     if args.output is None:
         sys.stdout.write(out)
         return 0
-    with open(args.output, "w", encoding="utf-8") as f:
-        f.write(out)
+    try:
+        with open(args.output, "w", encoding="utf-8") as f:
+            f.write(out)
+    except OSError as e:
+        return _fail(f"cannot write {args.output!r}: {e.strerror}")
     if args.format == "dot" and shutil.which("dot"):
         svg = os.path.splitext(args.output)[0] + ".svg"
         done = subprocess.run(["dot", "-Tsvg", args.output, "-o", svg], capture_output=True, text=True)

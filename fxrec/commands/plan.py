@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import math
 import sys
 
 from fxrec.commands._topology import add_topology_arguments, given_topology, topology_from_args
@@ -41,28 +42,40 @@ def read_tables_csv(path: str) -> list:
     from fxrec.types import TableInfo
 
     try:
-        f = open(path, newline="")
+        f = open(path, newline="", encoding="utf-8-sig")  # utf-8-sig: the BOM spreadsheets write
     except OSError as e:
         raise UsageError(f"cannot read {path!r}: {e.strerror}") from None
     with f:
-        reader = csv.DictReader(f)
-        cols = [c.strip() for c in reader.fieldnames or []]
-        missing = [c for c in ("name", "num_embeddings", "embedding_dim") if c not in cols]
-        if missing:
-            raise UsageError(f"{path}: missing column(s) {', '.join(map(repr, missing))}; have {cols}")
-        tables = []
-        for line, row in enumerate(reader, start=2):
-            row = {(k or "").strip(): (v or "").strip() for k, v in row.items()}
-            try:
-                _check_dtype(row)
-                tables.append(TableInfo(
-                    name=row["name"], num_embeddings=_number(row, "num_embeddings", int),
-                    embedding_dim=_number(row, "embedding_dim", int),
-                    pooling_factor=_number(row, "pooling_factor", float, 1.0),
-                    dtype=row.get("dtype") or "float32", pooling=row.get("pooling") or "sum",
-                    uses=_number(row, "uses", int, 1)))
-            except (ValueError, AttributeError) as e:
-                raise UsageError(f"{path} line {line}: {e}") from None
+        try:
+            return _read_tables(csv.DictReader(f), path, TableInfo)
+        except UnicodeDecodeError as e:
+            raise UsageError(f"{path}: not UTF-8 text (byte {e.object[e.start]:#04x}: {e.reason})") from None
+
+
+def _read_tables(reader, path: str, TableInfo) -> list:
+    cols = [c.strip() for c in reader.fieldnames or []]
+    missing = [c for c in ("name", "num_embeddings", "embedding_dim") if c not in cols]
+    if missing:
+        raise UsageError(f"{path}: missing column(s) {', '.join(map(repr, missing))}; have {cols}")
+    twice = sorted({c for c in cols if cols.count(c) > 1})
+    if twice:
+        raise UsageError(f"{path} line 1: column(s) {', '.join(map(repr, twice))} given twice")
+    tables = []
+    for line, row in enumerate(reader, start=2):
+        if None in row:  # DictReader's key for fields past the header's
+            raise UsageError(f"{path} line {line}: {len(cols) + len(row[None])} fields for the header's "
+                             f"{len(cols)}: {row[None]!r} past the last column")
+        row = {(k or "").strip(): (v or "").strip() for k, v in row.items()}
+        try:
+            _check_dtype(row)
+            tables.append(TableInfo(
+                name=row["name"], num_embeddings=_number(row, "num_embeddings", int),
+                embedding_dim=_number(row, "embedding_dim", int),
+                pooling_factor=_number(row, "pooling_factor", float, 1.0),
+                dtype=row.get("dtype") or "float32", pooling=row.get("pooling") or "sum",
+                uses=_number(row, "uses", int, 1)))
+        except (ValueError, AttributeError) as e:
+            raise UsageError(f"{path} line {line}: {e}") from None
     if not tables:
         raise UsageError(f"{path}: no tables")
     return tables
@@ -81,13 +94,22 @@ def _number(row: dict, key: str, kind, default=None):
     if text == "" and default is not None:
         return default
     try:
+        if kind is int:  # exactly: float() would round ids past 2**53
+            value = float(text)  # "1e6" is an integer too
+            return int(text) if text.lstrip("+-").isdigit() else _whole(value)
         value = float(text)
-        if kind is int and value != int(value):
+        if not math.isfinite(value):
             raise ValueError
-        return kind(value)
-    except ValueError:
+        return value
+    except (ValueError, OverflowError):
         raise ValueError(f"table {row.get('name')!r}: {key} must be {'an integer' if kind is int else 'a number'}, "
                          f"got {text!r}") from None
+
+
+def _whole(value: float) -> int:
+    if not math.isfinite(value) or value != int(value):
+        raise ValueError
+    return int(value)
 
 
 def constraints_from_specs(specs: list[str]) -> dict:
@@ -97,6 +119,9 @@ def constraints_from_specs(specs: list[str]) -> dict:
         name, sep, types = spec.partition("=")
         if not sep or not name or not types:
             raise UsageError(f"--constraint expects TABLE=TYPE[,TYPE], got {spec!r}")
+        if name in out:  # the second would silently win: say so instead
+            raise UsageError(f"--constraint {spec!r}: table {name!r} is constrained twice; give its types once, "
+                             f"comma-separated")
         from fxrec.planner.spec import Constraint
 
         try:
@@ -133,6 +158,7 @@ def _topology(args):
 
 def run(args) -> int:
     import fxrec
+    from fxrec.capture import CaptureError
     from fxrec.commands._load import LoadError, load_target
 
     try:
@@ -149,12 +175,21 @@ def run(args) -> int:
     except fxrec.PlanError as e:
         print(f"fxrec plan: no plan fits:\n{e}", file=sys.stderr)
         return 1
-    except (UsageError, LoadError, ValueError, ImportError) as e:
-        print(f"fxrec plan: error: {e}", file=sys.stderr)
+    except (UsageError, LoadError, CaptureError, ValueError, ImportError) as e:
+        print(f"fxrec plan: error: {_first_part(e)}", file=sys.stderr)
         return 2
     print(plan.explain())
     if args.output:
-        with open(args.output, "w") as f:
-            f.write(plan.to_json(indent=1))
+        try:
+            with open(args.output, "w") as f:
+                f.write(plan.to_json(indent=1))
+        except OSError as e:
+            print(f"fxrec plan: error: cannot write {args.output!r}: {e.strerror}", file=sys.stderr)
+            return 2
         print(f"wrote {args.output}")
     return 0
+
+
+def _first_part(e: Exception) -> str:
+    """The error without the text torch.fx appends while interpreting ("While executing ...")."""
+    return str(e).split("\n\nWhile executing")[0]

@@ -142,12 +142,14 @@ class SyntheticCriteo:
         """One `TableSpec(name="t_cat_i", num_embeddings, feature_name="cat_i")` per table."""
         return [TableSpec(f"t_cat_{i}", n, f"cat_{i}") for i, n in enumerate(self.num_embeddings)]
 
-    def with_split(self, split: str | int, num_batches: int | None = None) -> SyntheticCriteo:
-        """The same hidden model and shapes, sampling another split (e.g. "val")."""
+    def with_split(self, split: str | int, num_batches=...) -> SyntheticCriteo:
+        """The same hidden model and shapes, sampling another split (e.g. "val"); as many
+        batches as this one unless `num_batches` says (None: endless)."""
         other = object.__new__(SyntheticCriteo)
         other.__dict__.update(self.__dict__)
         other.split = split
-        other.num_batches = None if num_batches is None else int(num_batches)
+        if num_batches is not ...:
+            other.num_batches = None if num_batches is None else int(num_batches)
         other._check()
         other._stream = _SPLITS[split] if isinstance(split, str) else int(split)
         return other

@@ -186,6 +186,24 @@ def optimizer_kinds(sparse_optimizer, names: list[str]):
     return next(iter(kinds.values())) if len(set(kinds.values())) == 1 else kinds
 
 
+def _check_kernel_efficiency(overrides) -> None:
+    """Kernel name -> the fraction of the bandwidth floor it reaches: a known kernel, a
+    positive finite number (the costs divide by it: 0, less or nan have no meaning)."""
+    from fxrec.planner.cost import KERNELS
+
+    if overrides is None:
+        return
+    if not isinstance(overrides, dict):
+        raise ValueError(f"fxrec.plan: kernel_efficiency must map kernel names to fractions, got {overrides!r}")
+    for kernel, value in overrides.items():
+        if kernel not in KERNELS:
+            raise ValueError(f"fxrec.plan: kernel_efficiency names unknown kernel {kernel!r}; the kernels are "
+                             f"{list(KERNELS)}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+            raise ValueError(f"fxrec.plan: kernel_efficiency[{kernel!r}] must be a positive finite number, "
+                             f"got {value!r}")
+
+
 def plan(model_or_tables, topology: Topology, example_inputs=None, constraints=None, *,
          batch_size: int = DEFAULT_BATCH_SIZE, sparse_optimizer=None, kernel_efficiency: dict | None = None,
          search: str = "auto", hedge: float = HEDGE_SLACK) -> Plan:
@@ -205,6 +223,7 @@ def plan(model_or_tables, topology: Topology, example_inputs=None, constraints=N
         raise ValueError(f"fxrec.plan: hedge must be a fraction in [0, 1), got {hedge!r}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"fxrec.plan: batch_size must be a positive integer, got {batch_size!r}")
+    _check_kernel_efficiency(kernel_efficiency)
     tables = _tables(model_or_tables, example_inputs)
     optimizer = optimizer_kinds(sparse_optimizer, [t.name for t in tables])
     cons = _constraints(constraints, tables, topology)

@@ -29,6 +29,12 @@ def to_dict(plan) -> dict:
                 stats=plan.stats, tables=tables)
 
 
+def _whole(value, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"plan JSON: {where} fields must be whole numbers, got {value!r}")
+    return value
+
+
 def from_dict(data: dict, cls):
     if not isinstance(data, dict) or data.get("version") != JSON_VERSION:
         raise ValueError(f"plan JSON: expected an object with version {JSON_VERSION}")
@@ -41,9 +47,16 @@ def from_dict(data: dict, cls):
             if not isinstance(dtype, torch.dtype):
                 raise ValueError(f"table {t['name']!r}: unknown dtype {t['table']['dtype']!r}")
             info = TableInfo(name=t["name"], dtype=dtype, **td)
-            shards = [Shard(int(r), (int(r0), int(r1)), (int(c0), int(c1))) for r, r0, r1, c0, c1 in t["shards"]]
+            if t["name"] in tables:  # a second entry would silently replace the first
+                raise ValueError(f"plan JSON: table {t['name']!r} is planned twice")
+            where = f"table {t['name']!r}: shard"
+            shards = [[_whole(v, where) for v in entry] for entry in t["shards"]]
+            shards = [Shard(r, (r0, r1), (c0, c1)) for r, r0, r1, c0, c1 in shards]
             tables[t["name"]] = TablePlan(t["name"], t["sharding"], t["kernel"], shards, info)
-        return cls(tables, topology, int(data["batch_size"]), data["sparse_optimizer"],
+        batch = data["batch_size"]
+        if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+            raise ValueError(f"plan JSON: batch_size must be a positive integer, got {batch!r}")
+        return cls(tables, topology, batch, data["sparse_optimizer"],
                    data.get("kernel_efficiency"), data.get("stats") or {})
     except (KeyError, TypeError) as e:
         raise ValueError(f"plan JSON: malformed ({type(e).__name__}: {e})") from None
