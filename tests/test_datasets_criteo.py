@@ -236,6 +236,21 @@ def test_npy_value_errors_name_file_and_row(tmp_path, part, row, col, value, mat
         list(CriteoNpyReader(tmp_path / "day_0", batch_size=2, num_embeddings_per_feature=sizes))
 
 
+def test_npy_uint64_ids_hash_exactly_and_empty_files_are_named(tmp_path):
+    """uint64 ids past 2**63 hash in uint64 (int64 would wrap them to other rows); unhashed,
+    they are refused with file, row and feature. A 0-byte file is named, not torch's EOFError."""
+    write_split(tmp_path / "day_0", 2, seed=6)
+    sparse = np.full((2, 26), 2**64 - 5, dtype=np.uint64)
+    np.save(tmp_path / "day_0_sparse.npy", sparse)
+    (batch,) = list(CriteoNpyReader(tmp_path / "day_0", batch_size=2, num_embeddings_per_feature=1000))
+    assert int(batch.sparse_features.values()[0]) == (2**64 - 5) % 1000 == 611
+    with pytest.raises(ValueError, match=r"day_0_sparse\.npy: row 0: cat_0 has id 18446744073709551611, past int64"):
+        list(CriteoNpyReader(tmp_path / "day_0", batch_size=2))
+    (tmp_path / "day_0_labels.npy").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"day_0_labels\.npy: not a readable \.npy array"):
+        CriteoNpyReader(tmp_path / "day_0")
+
+
 def test_npy_missing_files(tmp_path):
     write_split(tmp_path / "day_0", 2, seed=5)
     (tmp_path / "day_0_labels.npy").unlink()

@@ -68,6 +68,8 @@ def test_load_movielens_formats(tmp_path, fmt, how):
         ("1m", "1:2:3:4", r"ratings\.dat:3: expected 4 '::'-separated columns, got 1"),
         ("csv", "1,2,abc,4", r"ratings\.csv:3: column 3 \(rating\): not a decimal number: 'abc'"),
         ("csv", "-1,2,3.0,4", r"ratings\.csv:3: column 1 \(user\): not a non-negative integer: '-1'"),
+        ("100k", "1\t99999999999999999999\t3\t4", r"u\.data:3: column 2 \(item\): past int64"),
+        ("csv", "1,2," + "9" * 400 + ",4", r"ratings\.csv:3: column 3 \(rating\): too large"),
     ],
 )
 def test_malformed_lines_name_file_line_and_column(tmp_path, fmt, line, match):
@@ -215,3 +217,10 @@ def test_two_tower_rejects_bad_arguments():
         TwoTowerBatches(inter, batch_size=0)
     with pytest.raises(ValueError, match="history_length must be >= 0"):
         TwoTowerBatches(inter, history_length=-1)
+
+
+def test_a_gz_that_is_not_gzip_names_the_file(tmp_path):
+    path = tmp_path / "ratings.csv.gz"
+    path.write_text("userId,movieId,rating,timestamp\n1,2,3.0,4\n")  # plain text under a .gz name
+    with pytest.raises(ValueError, match=r"ratings\.csv\.gz: unreadable after line 0: BadGzipFile"):
+        load_movielens(path)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import gzip
 import os
 import re
+import zlib
 from typing import Iterable, Iterator, Sequence
 
 import torch
@@ -61,6 +62,18 @@ def open_text(path: PathLike):
     if str(path).endswith(".gz"):
         return gzip.open(path, "rt", encoding="utf-8", errors="surrogateescape", newline="")
     return open(path, "rt", encoding="utf-8", errors="surrogateescape", newline="")
+
+
+def text_lines(path: PathLike) -> Iterator[tuple[int, str]]:
+    """``(line number, line)`` of a text or ``.gz`` file; a damaged file (not gzip, cut short)
+    raises a ValueError naming it and the last line read, not gzip's bare error."""
+    lineno = 0
+    try:
+        with open_text(path) as handle:
+            for lineno, line in enumerate(handle, start=1):
+                yield lineno, line
+    except (EOFError, OSError, zlib.error) as e:  # gzip.BadGzipFile is an OSError
+        raise ValueError(f"{os.fspath(path)}: unreadable after line {lineno}: {type(e).__name__}: {e}") from e
 
 
 def _bad(path, lineno: int, col: int, msg: str) -> ValueError:
@@ -159,15 +172,14 @@ class CriteoTsvReader:
         """Every parsed record ``(label, raw dense ints, ids)``, honouring ``limit``."""
         count = 0
         for path in self.paths:
-            with open_text(path) as handle:
-                for lineno, line in enumerate(handle, start=1):
-                    if self.limit is not None and count >= self.limit:
-                        return
-                    line = line.rstrip("\r\n")
-                    if not line:
-                        continue
-                    yield parse_line(line, path, lineno, self.sizes)
-                    count += 1
+            for lineno, line in text_lines(path):
+                if self.limit is not None and count >= self.limit:
+                    return
+                line = line.rstrip("\r\n")
+                if not line:
+                    continue
+                yield parse_line(line, path, lineno, self.sizes)
+                count += 1
 
     def __iter__(self) -> Iterator[Batch]:
         labels, dense, ids = [], [], []

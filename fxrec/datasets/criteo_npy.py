@@ -54,7 +54,7 @@ class _Split:
                 raise FileNotFoundError(f"Criteo split {stem}: missing file {path}")
             try:
                 arrays[part] = np.load(path, mmap_mode=mode, allow_pickle=False)
-            except ValueError as err:
+            except (ValueError, EOFError) as err:  # EOFError: an empty or cut file
                 raise ValueError(f"{path}: not a readable .npy array ({err})") from err
         self.dense, self.sparse, self.labels = arrays["dense"], arrays["sparse"], arrays["labels"]
         self._check_shapes()
@@ -78,7 +78,14 @@ class _Split:
     def read(self, start: int, stop: int, sizes: list[int] | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Rows [start, stop) as (float32 dense, int64 ids, float32 labels), checked."""
         dense = np.asarray(self.dense[start:stop], dtype=np.float32)
-        ids = np.asarray(self.sparse[start:stop], dtype=np.int64)
+        raw = np.asarray(self.sparse[start:stop])
+        if raw.dtype == np.uint64 and sizes is not None:  # hash in uint64: past 2**63 int64 would wrap
+            raw = np.mod(raw, np.asarray(sizes, dtype=np.uint64))
+        elif raw.dtype == np.uint64 and raw.size and int(raw.max()) > np.iinfo(np.int64).max:
+            r, c = (int(x[0]) for x in np.nonzero(raw > np.iinfo(np.int64).max))
+            raise ValueError(f"{self.files['sparse']}: row {start + r}: {SPARSE_KEYS[c]} has id {int(raw[r, c])}, "
+                             f"past int64; pass num_embeddings_per_feature to hash it into range")
+        ids = raw.astype(np.int64)
         labels = np.asarray(self.labels[start:stop], dtype=np.float64).reshape(-1)
         bad = np.flatnonzero((labels != 0) & (labels != 1))
         if bad.size:

@@ -11,6 +11,7 @@ column. Entirely empty lines are skipped.
 """
 from __future__ import annotations
 
+import math
 import os
 import re
 from array import array
@@ -19,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fxrec.datasets.criteo import PathLike, open_text
+from fxrec.datasets.criteo import PathLike, text_lines
 from fxrec.datasets.interactions import Interactions
 
 _COLUMNS = ("user", "item", "rating", "timestamp")
@@ -37,6 +38,8 @@ FORMATS = {
 def _uint(text: str, path, lineno: int, col: int) -> int:
     if not _UINT.match(text):
         raise ValueError(f"{os.fspath(path)}:{lineno}: column {col + 1} ({_COLUMNS[col]}): not a non-negative integer: {text!r}")
+    if int(text) >= 2**63:
+        raise ValueError(f"{os.fspath(path)}:{lineno}: column {col + 1} ({_COLUMNS[col]}): past int64: {text!r}")
     return int(text)
 
 
@@ -44,26 +47,27 @@ def read_ratings(path: PathLike, sep: str, header: bool, integer_ratings: bool) 
     """Parse one ratings file of the given layout into `Interactions` (ids remapped)."""
     users, items, times = array("q"), array("q"), array("q")
     ratings = array("d")
-    with open_text(path) as handle:
-        for lineno, line in enumerate(handle, start=1):
-            line = line.rstrip("\r\n")
-            if lineno == 1 and header:
-                if line.lstrip("\ufeff") != _CSV_HEADER:
-                    raise ValueError(f"{os.fspath(path)}:1: expected header {_CSV_HEADER!r}, got {line!r}")
-                continue
-            if not line:
-                continue
-            fields = line.split(sep)
-            if len(fields) != 4:
-                raise ValueError(f"{os.fspath(path)}:{lineno}: expected 4 {sep!r}-separated columns, got {len(fields)}")
-            users.append(_uint(fields[0], path, lineno, 0))
-            items.append(_uint(fields[1], path, lineno, 1))
-            rating = fields[2]
-            if not (_UINT if integer_ratings else _DECIMAL).match(rating):
-                kind = "an integer" if integer_ratings else "a decimal number"
-                raise ValueError(f"{os.fspath(path)}:{lineno}: column 3 (rating): not {kind}: {rating!r}")
-            ratings.append(float(rating))
-            times.append(_uint(fields[3], path, lineno, 3))
+    for lineno, line in text_lines(path):
+        line = line.rstrip("\r\n")
+        if lineno == 1 and header:
+            if line.lstrip("\ufeff") != _CSV_HEADER:
+                raise ValueError(f"{os.fspath(path)}:1: expected header {_CSV_HEADER!r}, got {line!r}")
+            continue
+        if not line:
+            continue
+        fields = line.split(sep)
+        if len(fields) != 4:
+            raise ValueError(f"{os.fspath(path)}:{lineno}: expected 4 {sep!r}-separated columns, got {len(fields)}")
+        users.append(_uint(fields[0], path, lineno, 0))
+        items.append(_uint(fields[1], path, lineno, 1))
+        rating = fields[2]
+        if not (_UINT if integer_ratings else _DECIMAL).match(rating):
+            kind = "an integer" if integer_ratings else "a decimal number"
+            raise ValueError(f"{os.fspath(path)}:{lineno}: column 3 (rating): not {kind}: {rating!r}")
+        if not math.isfinite(float(rating)):
+            raise ValueError(f"{os.fspath(path)}:{lineno}: column 3 (rating): too large: {rating[:20]!r}...")
+        ratings.append(float(rating))
+        times.append(_uint(fields[3], path, lineno, 3))
     as_np = lambda buf, dtype: torch.from_numpy(np.frombuffer(buf, dtype=dtype).copy())  # noqa: E731
     return Interactions.from_raw(as_np(users, np.int64), as_np(items, np.int64), as_np(ratings, np.float64), as_np(times, np.int64))
 
