@@ -108,8 +108,14 @@ def test_column_wise_without_a_split_says_why(dim, why):
      r"kernel_efficiency\['fbgemm'\] must be a positive finite number, got -1.0"),
     ([TableInfo("a", 10, 4)], {"kernel_efficiency": {"torch": float("nan")}}, "must be a positive finite number"),
     ([TableInfo("a", 10, 4)], {"kernel_efficiency": {"nope": 0.5}}, "names unknown kernel 'nope'"),
+    ([TableInfo("a", 10, 4)], {"constraints": {"a": 3}}, "constraint for table 'a': expected a sharding type"),
+    ([TableInfo("a", 10, 4)], {"constraints": [("a", "row_wise")]}, "constraints must map table names .* got a list"),
+    ([TableInfo("a", 10, 4)], {"constraints": {"a": Constraint()}}, None),
 ])
 def test_bad_input(tables, kwargs, match):
+    if match is None:  # the good neighbour of the cases above
+        fxrec.plan(tables, Topology(4), **kwargs)
+        return
     with pytest.raises(ValueError, match=match):
         fxrec.plan(tables, Topology(4), **kwargs)
 
@@ -126,7 +132,7 @@ def test_a_model_without_tables():
     (dict(min_shards=0), "min_shards must be a positive integer"),
     (dict(min_shards=4, max_shards=2), "min_shards 4 > max_shards 2"),
     (dict(ranks=(-1,)), "ranks must be non-negative integers"),
-    (dict(pooling_factor=-2.0), "pooling_factor must be >= 0"),
+    (dict(pooling_factor=-2.0), "pooling_factor must be a finite number >= 0"),
 ])
 def test_bad_constraint(kwargs, match):
     with pytest.raises(ValueError, match=match):

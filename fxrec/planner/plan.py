@@ -5,6 +5,8 @@
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import dataclasses
 import json
 
@@ -142,10 +144,16 @@ def _tables(model_or_tables, example_inputs) -> list[TableInfo]:
 def _constraints(constraints, tables, topology: Topology) -> dict:
     names = {t.name for t in tables}
     out = {}
+    if constraints is not None and not isinstance(constraints, Mapping):
+        raise ValueError(f"fxrec.plan: constraints must map table names to a sharding type (a string), a list "
+                         f"of them, or a fxrec.Constraint; got a {type(constraints).__name__}")
     for name, con in (constraints or {}).items():
         if name not in names:
             raise ValueError(f"constraint for unknown table {name!r}; tables: {sorted(names)[:10]}")
         try:
+            if not isinstance(con, (Constraint, str, list, tuple)):
+                raise ValueError(f"expected a sharding type (a string), a list of them or a fxrec.Constraint, "
+                                 f"got {con!r}")
             if not isinstance(con, Constraint):
                 con = Constraint(sharding_types=con)
         except ValueError as e:

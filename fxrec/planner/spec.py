@@ -95,5 +95,6 @@ class Constraint:
                 raise ValueError(f"Constraint: {name} must be a positive integer, got {v!r}")
         if self.min_shards and self.max_shards and self.min_shards > self.max_shards:
             raise ValueError(f"Constraint: min_shards {self.min_shards} > max_shards {self.max_shards}")
-        if self.pooling_factor is not None and not float(self.pooling_factor) >= 0:
-            raise ValueError(f"Constraint: pooling_factor must be >= 0, got {self.pooling_factor!r}")
+        pf = self.pooling_factor
+        if pf is not None and (isinstance(pf, bool) or not isinstance(pf, (int, float)) or not 0 <= pf < float("inf")):
+            raise ValueError(f"Constraint: pooling_factor must be a finite number >= 0, got {pf!r}")
