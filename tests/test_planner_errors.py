@@ -20,7 +20,9 @@ def test_a_table_too_big_for_any_rank():
     assert "needs 2.4 GiB on one rank at best (" in msg  # half the weights, plus buffers
     assert "each rank has 953.7 MiB (2 ranks)" in msg
     assert "use at least 8 ranks (row_wise" in msg
-    assert "store 'huge' in float16" in msg
+    assert "float16" not in msg  # half the bytes (1.2 GiB per rank) would not fit either: no fix
+    with pytest.raises(PlanError, match=r"store 'huge' in float16 \(row_wise: 1\.2 GiB per rank"):
+        fxrec.plan(tables, Topology(2, device="cpu", memory_per_rank="1.5GB"))  # where it would
 
 
 def test_suggests_row_wise_when_a_constraint_forbids_it():

@@ -54,8 +54,8 @@ def _fixes(spec, topology, batch_size: int, optimizer) -> list[str]:
     if more is not None:
         out.append(f"use at least {more} ranks (row_wise: "
                    f"{fmt_bytes(_row_wise_shard_bytes(spec, topology, more, batch_size, optimizer))} per rank)")
-    if spec.info.element_bytes > 2:
-        half = _row_wise_shard_bytes(spec, topology, W, batch_size, optimizer, element_bytes=2)
+    half = _row_wise_shard_bytes(spec, topology, W, batch_size, optimizer, element_bytes=2)
+    if spec.info.element_bytes > 2 and half <= cap:  # a fix only where it fits by itself
         out.append(f"store {name!r} in float16 (row_wise: {fmt_bytes(half)} per rank, weights "
                    f"{fmt_bytes(spec.info.num_embeddings * spec.info.embedding_dim * 2)})")
     return out
