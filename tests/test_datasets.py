@@ -219,6 +219,11 @@ def test_signal_is_learnable_by_a_small_model():
         (dict(split=-1), "seed and an int split must be >= 0"),
         (dict(seed=-3), "seed and an int split must be >= 0"),
         (dict(signal_weights=(0.0, 0.0, 0.0)), "signal_weights must be 3 non-negative"),
+        # neither truncated nor left to fail deep inside torch
+        (dict(batch_size=2.5), "batch_size must be a whole number, got 2.5"),
+        (dict(num_tables=1, num_embeddings=1.9), "num_embeddings must be a whole number, got 1.9"),
+        (dict(num_tables=1, pooling_factors=float("inf")), "a pooling factor must be finite, got inf"),
+        (dict(signal_scale=float("nan")), "signal_scale must be finite, got nan"),
     ],
 )
 def test_synthetic_rejects_bad_arguments(kwargs, match):

@@ -41,6 +41,21 @@ class TableSpec(NamedTuple):
     feature_name: str
 
 
+def _whole(value, what: str) -> int:
+    """`value` as an int; a fraction (2.5 rows, a batch of 2.7) is an error, not truncated."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)) \
+            or not math.isfinite(value) or value != int(value):
+        raise ValueError(f"SyntheticCriteo: {what} must be a whole number, got {value!r}")
+    return int(value)
+
+
+def _finite(value, what: str) -> float:
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"SyntheticCriteo: {what} must be finite, got {value}")
+    return value
+
+
 def _per_table(value, num_tables: int, what: str, cast) -> list:
     if not isinstance(value, (int, float, np.integer, np.floating)):
         value = list(value)
@@ -85,22 +100,24 @@ class SyntheticCriteo:
         logit_bias: float = 0.0,
         score_buckets: int = 2**20,
     ):
-        if int(num_tables) < 1:
+        if _whole(num_tables, "num_tables") < 1:
             raise ValueError(f"SyntheticCriteo: num_tables must be >= 1, got {num_tables}")
         self.num_tables = int(num_tables)
-        self.num_embeddings = _per_table(num_embeddings, self.num_tables, "num_embeddings", int)
-        self.pooling_factors = _per_table(pooling_factors, self.num_tables, "pooling_factors", float)
-        self.num_dense = int(num_dense)
-        self.batch_size = int(batch_size)
-        self.num_batches = None if num_batches is None else int(num_batches)
-        self.zipf_alpha = None if zipf_alpha is None else float(zipf_alpha)
-        self.seed = int(seed)
+        self.num_embeddings = _per_table(num_embeddings, self.num_tables, "num_embeddings",
+                                         lambda v: _whole(v, "num_embeddings"))
+        self.pooling_factors = _per_table(pooling_factors, self.num_tables, "pooling_factors",
+                                          lambda v: _finite(v, "a pooling factor"))
+        self.num_dense = _whole(num_dense, "num_dense")
+        self.batch_size = _whole(batch_size, "batch_size")
+        self.num_batches = None if num_batches is None else _whole(num_batches, "num_batches")
+        self.zipf_alpha = None if zipf_alpha is None else _finite(zipf_alpha, "zipf_alpha")
+        self.seed = _whole(seed, "seed")
         self.split = split
         self.bag_lengths = bag_lengths
-        self.signal_scale = float(signal_scale)
-        self.signal_weights = tuple(float(w) for w in signal_weights)
-        self.logit_bias = float(logit_bias)
-        self.score_buckets = int(score_buckets)
+        self.signal_scale = _finite(signal_scale, "signal_scale")
+        self.signal_weights = tuple(_finite(w, "signal_weights") for w in signal_weights)
+        self.logit_bias = _finite(logit_bias, "logit_bias")
+        self.score_buckets = _whole(score_buckets, "score_buckets")
         self._check()
         self._stream = _SPLITS[split] if isinstance(split, str) else int(split)
         self._build_hidden_model()
