@@ -120,6 +120,7 @@ def _line(label="1", dense=None, cats=None):
         (_line(dense=["1"] * 3 + ["1.5"] + ["1"] * 9), r"bad\.tsv:3: column 5 \(int_3\): not an integer: '1.5'"),
         (_line(dense=[" 7"] + ["1"] * 12), r"bad\.tsv:3: column 2 \(int_0\): not an integer: ' 7'"),
         (_line(dense=["1"] * 12 + ["+7"]), r"bad\.tsv:3: column 14 \(int_12\): not an integer: '\+7'"),
+        (_line(dense=["9" * 30] + ["1"] * 12), r"bad\.tsv:3: column 2 \(int_0\): integer past int64: '9{24}'"),
         (_line(cats=["0a"] * 25 + ["xyz"]), r"bad\.tsv:3: column 40 \(cat_25\): not a hexadecimal id: 'xyz'"),
         (_line(cats=["0x1f"] + ["0a"] * 25), r"bad\.tsv:3: column 15 \(cat_0\): not a hexadecimal id: '0x1f'"),
     ],

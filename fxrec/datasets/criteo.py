@@ -95,7 +95,10 @@ def parse_line(line: str, path: PathLike, lineno: int, sizes: list[int] | None) 
         if not text:
             dense.append(0)
         elif _INT.match(text):
-            dense.append(int(text))
+            value = int(text)
+            if not -2**63 <= value < 2**63:  # the batch holds int64: name the line, not torch's overflow
+                raise _bad(path, lineno, col, f"integer past int64: {text[:24]!r}")
+            dense.append(value)
         else:
             raise _bad(path, lineno, col, f"not an integer: {text!r}")
     ids = []
