@@ -148,6 +148,7 @@ def test_a_spreadsheets_csv_with_a_bom_and_exact_big_counts(tmp_path, capsys):
 
 @pytest.mark.parametrize("body, match", [
     ("def build():\n    return 1, 2\n", "must return (model, example_inputs) with an nn.Module first, got int"),
+    ("import sys\ndef build():\n    sys.exit(3)\n", "build() called sys.exit(3)"),
     ("import torch\n"
      "def build():\n"
      "    return torch.nn.EmbeddingBag(10, 4), (torch.tensor([[1, 12]]),)\n",

@@ -26,6 +26,8 @@ def load_target(spec: str):
         module = importlib.util.module_from_spec(module_spec)
         sys.modules[name] = module
         module_spec.loader.exec_module(module)
+    except SystemExit as e:  # sys.exit() at import: the CLI would end with that status, silently
+        raise LoadError(f"importing {path!r} called sys.exit({e.code!r})") from e
     except Exception as e:  # a user's file may raise anything while importing
         raise LoadError(f"importing {path!r} failed: {type(e).__name__}: {e}") from e
     fn = getattr(module, func, None)
@@ -33,6 +35,8 @@ def load_target(spec: str):
         raise LoadError(f"{path!r} has no function {func!r}")
     try:
         result = fn()
+    except SystemExit as e:
+        raise LoadError(f"{path}:{func}() called sys.exit({e.code!r})") from e
     except Exception as e:
         raise LoadError(f"{path}:{func}() raised {type(e).__name__}: {e}") from e
     if not (isinstance(result, tuple) and len(result) == 2):
