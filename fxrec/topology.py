@@ -10,6 +10,7 @@ Units: bytes for memory, bytes per second for bandwidths.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from dataclasses import asdict, dataclass, fields
@@ -56,6 +57,8 @@ def parse_bytes(value, what: str = "memory") -> int:
         if not m or m.group(2).lower() not in _UNITS:
             raise ValueError(f"{what}: cannot read {value!r} as a size (e.g. 80GB, 512MiB, 1e9)")
         number, unit = float(m.group(1)), m.group(2).lower()
+    if not math.isfinite(number * _UNITS[unit]):
+        raise ValueError(f"{what}: {value!r} is not a finite size")
     size = int(number * _UNITS[unit])
     if size <= 0:
         raise ValueError(f"{what}: must be positive, got {value!r}")

@@ -110,3 +110,7 @@ def test_bench_needs_action_and_checks_size(capsys):
     assert "calibrate" in capsys.readouterr().err
     assert main(["bench", "calibrate", "--size", "huge"]) == 2
     assert "cannot read 'huge'" in capsys.readouterr().err
+    assert main(["bench", "calibrate", "--size", "1"]) == 2  # a byte times latency, not bandwidth
+    assert "--size '1' is too small to measure a bandwidth" in capsys.readouterr().err
+    assert main(["bench", "calibrate", "--size", "1e400"]) == 2
+    assert "'1e400' is not a finite size" in capsys.readouterr().err

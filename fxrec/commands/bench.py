@@ -22,21 +22,31 @@ def _calibrate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-o", "--output", default="topology.json", help="profile to write (default topology.json)")
 
 
+_MIN_SIZE = 64 * 1024
+
+
 def _calibrate(args) -> int:
     from fxrec.planner.calibrate import calibrate
     from fxrec.topology import parse_bytes
 
     try:
         size = parse_bytes(args.size, "--size")
+        if size < _MIN_SIZE:  # smaller, a collective's latency is all it would time
+            raise ValueError(f"--size {args.size!r} is too small to measure a bandwidth: give at least 64KiB")
         if args.iters < 1:
             raise ValueError(f"--iters must be positive, got {args.iters}")
         topology, result = calibrate(args.world_size, args.backend, size, args.iters)
-    except ValueError as e:
-        print(f"fxrec bench calibrate: error: {e}", file=sys.stderr)
+    except (ValueError, RuntimeError) as e:  # RuntimeError: the backend cannot start (nccl without GPUs)
+        print(f"fxrec bench calibrate: error: {str(e).strip().splitlines()[-1] if str(e).strip() else e}",
+              file=sys.stderr)
         return 2
     if int(os.environ.get("RANK", "0")) != 0:
         return 0  # under torchrun only rank 0 writes
-    topology.save(args.output, calibration=result)
+    try:
+        topology.save(args.output, calibration=result)
+    except OSError as e:
+        print(f"fxrec bench calibrate: error: cannot write {args.output!r}: {e.strerror}", file=sys.stderr)
+        return 2
     print(f"memory bandwidth {topology.hbm_bandwidth / 1e9:.2f} GB/s; "
           f"{result['backend']} all-to-all {topology.intra_node_bandwidth / 1e9:.3f} GB/s per rank "
           f"over {topology.world_size} rank(s)")
