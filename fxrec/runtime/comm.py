@@ -231,27 +231,38 @@ class _AllGather(torch.autograd.Function):
         return _rs(grad, ctx.w, ctx.group), None, None
 
 
+def _rs_v(x: Tensor, splits: list[int], rank: int, group) -> Tensor:
+    """reduce_scatter of uneven chunks: each chunk padded (zeros) to the largest, the
+    collective on equal chunks, this rank's part kept."""
+    width = max(splits)
+    padded = x.new_zeros(_rows(x, width * len(splits)))
+    for r, part in enumerate(x.split(splits)):
+        padded[r * width:r * width + splits[r]] = part
+    return _rs(padded, len(splits), group)[:splits[rank]]
+
+
+def _ag_v(x: Tensor, sizes: list[int], group) -> Tensor:
+    """all_gather of uneven blocks (rank r's has sizes[r] rows): each padded to the largest,
+    the collective on equal blocks, the padding dropped."""
+    width = max(sizes)
+    mine = x.new_zeros(_rows(x, width))
+    mine[:x.shape[0]] = x
+    every = _ag(mine, len(sizes), group)
+    return torch.cat([every[r * width:r * width + n] for r, n in enumerate(sizes)])
+
+
 class _ReduceScatterV(torch.autograd.Function):
-    """reduce_scatter of uneven chunks: each chunk padded (zeros) to the largest, the collective
-    on equal chunks, this rank's part kept; backward all_gathers the padded gradients and
-    drops the padding. Only for uneven splits: equal ones take `_ReduceScatter` as they are."""
+    """`_rs_v`; backward `_ag_v` of the gradients. Only for uneven splits: equal ones take
+    `_ReduceScatter` as they are."""
 
     @staticmethod
     def forward(ctx, x, splits, rank, group):
         ctx.splits, ctx.group = splits, group
-        width = max(splits)
-        padded = x.new_zeros(_rows(x, width * len(splits)))
-        for r, part in enumerate(x.split(splits)):
-            padded[r * width:r * width + splits[r]] = part
-        return _rs(padded, len(splits), group)[:splits[rank]]
+        return _rs_v(x, splits, rank, group)
 
     @staticmethod
     def backward(ctx, grad):
-        width, w = max(ctx.splits), len(ctx.splits)
-        mine = grad.new_zeros(_rows(grad, width))
-        mine[:grad.shape[0]] = grad
-        every = _ag(mine, w, ctx.group)
-        return torch.cat([every[r * width:r * width + n] for r, n in enumerate(ctx.splits)]), None, None, None
+        return _ag_v(grad, ctx.splits, ctx.group), None, None, None
 
 
 def reduce_scatter(x: Tensor, group=None, split_sizes: Optional[Splits] = None) -> Tensor:
@@ -279,25 +290,16 @@ def reduce_scatter(x: Tensor, group=None, split_sizes: Optional[Splits] = None) 
 
 
 class _AllGatherV(torch.autograd.Function):
-    """all_gather of uneven first dims: each rank's block padded to the largest, gathered,
-    the padding dropped; backward reduce-scatters the padded gradient."""
+    """`_ag_v`; backward `_rs_v` of the gradient (the transpose of `_ReduceScatterV`)."""
 
     @staticmethod
     def forward(ctx, x, sizes, rank, group):
         ctx.sizes, ctx.rank, ctx.group = sizes, rank, group
-        width = max(sizes)
-        padded = x.new_zeros(_rows(x, width))
-        padded[:x.shape[0]] = x
-        out = _ag(padded, len(sizes), group)
-        return torch.cat([out[r * width:r * width + n] for r, n in enumerate(sizes)])
+        return _ag_v(x, sizes, group)
 
     @staticmethod
     def backward(ctx, grad):
-        width = max(ctx.sizes)
-        padded = grad.new_zeros(_rows(grad, width * len(ctx.sizes)))
-        for r, part in enumerate(grad.split(ctx.sizes)):
-            padded[r * width:r * width + ctx.sizes[r]] = part
-        return _rs(padded, len(ctx.sizes), ctx.group)[:ctx.sizes[ctx.rank]], None, None, None
+        return _rs_v(grad, ctx.sizes, ctx.rank, ctx.group), None, None, None
 
 
 _MAX_DIMS = 8
