@@ -13,8 +13,9 @@ Recognised, however the user wrote the lookup (kinds of `Lookup`):
 Not recognised (left as ordinary dense nodes, with the reason in ctx.log and, per table,
 in ``gm.meta[DENSE_TABLES]``): max-pooling bags, lookups with max_norm or
 scale_grad_by_freq, a weight computed in the graph, nn.Embedding subclasses that override
-forward, and every lookup of a table whose weight is also read outside lookups (a tied
-output layer, a regulariser: table_reads.py).
+forward, every lookup of a table whose weight is also read outside lookups (a tied
+output layer, a regulariser: table_reads.py) or that one lookup reads with gradients off
+(inside ``torch.no_grad()``: grad_mode.py).
 
 Table names follow DESIGN.md: the path of the nn.Embedding / nn.EmbeddingBag owning
 the weight (an EBC table ``t0`` at ``sparse.ebc`` is ``sparse.ebc.embedding_bags.t0``),
@@ -199,6 +200,13 @@ def _skipped_table(node: Node, names: dict) -> Optional[str]:
     return names.get(str(weights[0].target)) if weights else None
 
 
+def _leave_dense(dense: dict, table: str, why: str, log: list) -> None:
+    """Record (once) that `table` stays a dense parameter, and why."""
+    if table not in dense:
+        dense[table] = why
+        log.append(f"detect_embeddings: left table {table!r} dense: {why}")
+
+
 def _without_outside_reads(gm: GraphModule, cands: list[_Candidate], names: dict, log: list,
                            dense: dict) -> list[_Candidate]:
     """`cands` less the lookups of tables whose weight is read elsewhere too (table_reads.py),
@@ -215,12 +223,9 @@ def _without_outside_reads(gm: GraphModule, cands: list[_Candidate], names: dict
             hit = sorted({r.table for r in c.lookup.reads if r.table in outside})
             for r in c.lookup.reads:
                 other = outside.get(r.table)
-                why = dense.get(r.table) or (f"its weight is also read outside embedding lookups, by %{other.name} "
-                                              f"(a dense layer tied to it, a regulariser)" if other is not None else
-                                              f"%{c.node.name} looks it up together with {hit}, left dense")
-                if r.table not in dense:
-                    dense[r.table] = why
-                    log.append(f"detect_embeddings: left table {r.table!r} dense: {why}")
+                _leave_dense(dense, r.table, f"its weight is also read outside embedding lookups, by %{other.name} "
+                                             f"(a dense layer tied to it, a regulariser)" if other is not None else
+                                             f"%{c.node.name} looks it up together with {hit}, left dense", log)
         cands = [c for c in cands if c not in drop]
 
 
@@ -335,8 +340,9 @@ def detect_embeddings_pass(gm: GraphModule, ctx) -> GraphModule:
     """Annotate every lookup node with LOOKUP (a `Lookup`) and NODE_TABLES (its tables'
     TableInfo, aligned with `Lookup.reads`); set ``gm.meta[TABLES]`` and ``ctx.tables``
     to the TableInfo of every table, in graph order, ``gm.meta[DENSE_TABLES]`` to the
-    tables left dense, with the reason, and ``gm.meta[FROZEN_TABLES]`` to those not trained. Adds no nodes; folds reads of a table's shape or
-    dtype into constants (table_reads.py)."""
+    tables left dense, with the reason, and ``gm.meta[FROZEN_TABLES]`` to those not trained;
+    stamps every node's grad mode (grad_mode.py). Adds no nodes; folds reads of a table's
+    shape or dtype into constants (table_reads.py)."""
     if ctx.example_inputs is None:
         raise ValueError("detect_embeddings needs ctx.example_inputs to measure pooling factors")
     names = gm.meta.get(L.PARAM_TABLES) or L.table_names_by_param(gm)
@@ -353,9 +359,7 @@ def detect_embeddings_pass(gm: GraphModule, ctx) -> GraphModule:
                    + "), a read its sparse optimizer cannot tell apart; look it up outside the block and "
                      "detach() the result to shard it")
             for r in c.lookup.reads:
-                if r.table not in dense:
-                    dense[r.table] = why
-                    ctx.log.append(f"detect_embeddings: left table {r.table!r} dense: {why}")
+                _leave_dense(dense, r.table, why, ctx.log)
     cands = _without_outside_reads(gm, cands, names, ctx.log, dense)
     by_node = {c.node: c for c in cands}
 
