@@ -96,13 +96,13 @@ class FxrecTracer(torch.fx.Tracer):
         prev = self.create_proxy("call_function", torch.is_grad_enabled, (), {})
         self.create_proxy("call_function", torch._C._set_grad_enabled, (mode,), {})
         was = torch.is_grad_enabled()
-        _SET_GRAD(mode if isinstance(mode, bool) else was)
+        torch._C._set_grad_enabled(mode if isinstance(mode, bool) else was)
         return prev, was
 
     def grad_restore(self, saved: tuple) -> None:
         prev, was = saved
         self.create_proxy("call_function", torch._C._set_grad_enabled, (prev,), {})
-        _SET_GRAD(was)
+        torch._C._set_grad_enabled(was)
 
     def create_args_for_root(self, root_fn, is_module, concrete_args=None):
         out = super().create_args_for_root(root_fn, is_module, concrete_args)
@@ -172,9 +172,6 @@ class TrainingFlag(nn.Module):
 
     def forward(self) -> bool:
         return self.training
-
-
-_SET_GRAD = torch._C._set_grad_enabled
 
 
 @contextlib.contextmanager
