@@ -7,12 +7,23 @@ from __future__ import annotations
 
 import math
 import numbers
-
 from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 
 POOLINGS = ("sum", "mean", "none")
+
+
+def whole(value) -> Optional[int]:
+    """`value` as an int when it is a whole number (an integer, or a finite real without a
+    fraction: 1e6, 10.0), else None (1.5, inf, a bool, a string): counts are refused by
+    their callers, never truncated."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return None
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    return int(value) if math.isfinite(value) and value == int(value) else None
 
 
 @dataclass
@@ -38,13 +49,11 @@ class TableInfo:
     def __post_init__(self):
         if not self.name:
             raise ValueError("TableInfo: name must be a non-empty string")
-        for key in ("num_embeddings", "embedding_dim", "uses"):  # counts: whole numbers, never truncated
-            value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-                if not (isinstance(value, numbers.Real) and not isinstance(value, bool)
-                        and math.isfinite(value) and value == int(value)):
-                    raise ValueError(f"table {self.name!r}: {key} must be a whole number, got {value!r}")
-            setattr(self, key, int(value))
+        for key in ("num_embeddings", "embedding_dim", "uses"):
+            count = whole(getattr(self, key))
+            if count is None:
+                raise ValueError(f"table {self.name!r}: {key} must be a whole number, got {getattr(self, key)!r}")
+            setattr(self, key, count)
         if self.num_embeddings <= 0:
             raise ValueError(f"table {self.name!r}: num_embeddings must be positive, got {self.num_embeddings}")
         if self.embedding_dim <= 0:

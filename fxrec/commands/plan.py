@@ -66,8 +66,7 @@ def _read_tables(reader, path: str, TableInfo) -> list:
             raise UsageError(f"{path} line {line}: {len(cols) + len(row[None])} fields for the header's "
                              f"{len(cols)}: {row[None]!r} past the last column")
         row = {(k or "").strip(): (v or "").strip() for k, v in row.items()}
-        try:
-            _check_dtype(row)
+        try:  # TableInfo checks the dtype's name
             tables.append(TableInfo(
                 name=row["name"], num_embeddings=_number(row, "num_embeddings", int),
                 embedding_dim=_number(row, "embedding_dim", int),
@@ -81,35 +80,25 @@ def _read_tables(reader, path: str, TableInfo) -> list:
     return tables
 
 
-def _check_dtype(row: dict) -> None:
-    import torch
-
-    name = row.get("dtype") or "float32"
-    if not isinstance(getattr(torch, name, None), torch.dtype):
-        raise ValueError(f"table {row.get('name')!r}: unknown dtype {name!r} (e.g. float32, float16)")
-
-
 def _number(row: dict, key: str, kind, default=None):
+    from fxrec.types import whole
+
     text = row.get(key, "")
     if text == "" and default is not None:
         return default
     try:
-        if kind is int:  # exactly: float() would round ids past 2**53
-            value = float(text)  # "1e6" is an integer too
-            return int(text) if text.lstrip("+-").isdigit() else _whole(value)
+        if kind is int:  # digits exactly (float() would round past 2**53); "1e6" is a whole number too
+            count = int(text) if text.lstrip("+-").isdigit() else whole(float(text))
+            if count is None:
+                raise ValueError
+            return count
         value = float(text)
         if not math.isfinite(value):
             raise ValueError
         return value
-    except (ValueError, OverflowError):
+    except ValueError:
         raise ValueError(f"table {row.get('name')!r}: {key} must be {'an integer' if kind is int else 'a number'}, "
                          f"got {text!r}") from None
-
-
-def _whole(value: float) -> int:
-    if not math.isfinite(value) or value != int(value):
-        raise ValueError
-    return int(value)
 
 
 def constraints_from_specs(specs: list[str]) -> dict:

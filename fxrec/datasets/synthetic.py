@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from fxrec.datasets.batch import Batch, make_batch
+from fxrec.types import whole
 
 _SPLITS = {"train": 0, "val": 1, "test": 2}
 _BAG_LENGTHS = ("poisson", "uniform", "fixed")
@@ -43,10 +44,10 @@ class TableSpec(NamedTuple):
 
 def _whole(value, what: str) -> int:
     """`value` as an int; a fraction (2.5 rows, a batch of 2.7) is an error, not truncated."""
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)) \
-            or not math.isfinite(value) or value != int(value):
+    count = whole(value)
+    if count is None:
         raise ValueError(f"SyntheticCriteo: {what} must be a whole number, got {value!r}")
-    return int(value)
+    return count
 
 
 def _finite(value, what: str) -> float:

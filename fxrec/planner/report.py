@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import sympy as sp
-import torch
 
 from fxrec.planner import cost
 from fxrec.planner.feasibility import dtype_name, fmt_bytes
@@ -42,11 +41,7 @@ def from_dict(data: dict, cls):
         topology = Topology(**data["topology"])
         tables = {}
         for t in data["tables"]:
-            td = dict(t["table"])
-            dtype = getattr(torch, td.pop("dtype"), None)
-            if not isinstance(dtype, torch.dtype):
-                raise ValueError(f"table {t['name']!r}: unknown dtype {t['table']['dtype']!r}")
-            info = TableInfo(name=t["name"], dtype=dtype, **td)
+            info = TableInfo(name=t["name"], **t["table"])  # it reads the dtype's name
             if t["name"] in tables:  # a second entry would silently replace the first
                 raise ValueError(f"plan JSON: table {t['name']!r} is planned twice")
             where = f"table {t['name']!r}: shard"
