@@ -291,7 +291,7 @@ def _nothing_to_gain(gm: GraphModule, ctx, params: dict[str, nn.Parameter], opts
                                         weighted=weighted and role, threads=torch.get_num_threads())
             if kernel != "torch":
                 return None
-    return ("lookups left unfused: on this device each would be served by torch's per-table embedding_bag, "
+    return ("on this device each would be served by torch's per-table embedding_bag, "
             "which the model calls already, so fusing would only add packing (options={'kernel': 'torch'} "
             "fuses anyway)")
 
@@ -346,6 +346,10 @@ def fxrec_backend(gm: GraphModule, example_inputs, options: Optional[dict] = Non
         return _done(gm, [why, f"backend: the whole graph compiled with {dense}"],
                      compile_whole(gm, example_inputs, dense, mode))
 
+    def unfused(why: str):  # after detect_embeddings: gm reads its tables by get_attr, so split it
+        log = [line for line in ctx.log if not line.startswith("ran ")] + [f"backend: lookups left unfused: {why}"]
+        return _done(gm, log, compile_dense(gm, dense, mode, log).forward)
+
     tables = _lookup_tables(gm, example_inputs)
     if not tables:
         return whole("backend: no embedding lookup reads a parameter in this graph")
@@ -367,10 +371,8 @@ def fxrec_backend(gm: GraphModule, example_inputs, options: Optional[dict] = Non
     if wants_grad:  # frozen tables (requires_grad=False) are read, not trained
         ctx.options["sparse_optimizer"] = freeze(ctx.options["sparse_optimizer"], gm.meta[L.FROZEN_TABLES])
     idle = None if quantize or wants_grad else _nothing_to_gain(gm, ctx, params, opts)
-    notes = [line for line in ctx.log if not line.startswith("ran ")]  # detect_embeddings' decisions
-    if idle is not None:  # gm reads its tables by get_attr now: split, not handed over whole
-        log = notes + [f"backend: {idle}"]
-        return _done(gm, log, compile_dense(gm, dense, mode, log).forward)
+    if idle is not None:
+        return unfused(idle)
     conflict = None if quantize else _grouping_conflict(gm, ctx, params)
     if conflict is not None and wants_grad:
         # Read unfused, the tables would get .grad and the user's optimizer would train them
@@ -379,9 +381,8 @@ def fxrec_backend(gm: GraphModule, example_inputs, options: Optional[dict] = Non
                          f"every read of a table must be fused in one graph: remove the graph break between its "
                          f"lookups (a print, .item(), data-dependent branch; see torch._dynamo.explain), or "
                          f"train with fxrec.shard, which captures the whole model, or without a sparse_optimizer")
-    if conflict is not None:  # gm reads its tables by get_attr now: split, not handed over whole
-        log = notes + [f"backend: lookups left unfused: {conflict}"]
-        return _done(gm, log, compile_dense(gm, dense, mode, log).forward)
+    if conflict is not None:
+        return unfused(conflict)
     passes = [("fuse_lookups", fuse_lookups_pass)] + ([("quantize_tables", quantize_tables_pass)] if quantize else [])
     out = run_passes(gm, ctx, passes=passes)
     log += [line for line in ctx.log if not line.startswith("ran ")]
