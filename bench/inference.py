@@ -195,13 +195,15 @@ def main(argv=None) -> int:
     device = "cpu" if args.cpu or not torch.cuda.is_available() else "cuda"
     torch.manual_seed(0)
     bw = copy_bandwidth(device)
-    print(f"# python bench/inference.py{' --cpu' if args.cpu else ''}{' --only ' + args.only if args.only else ''}: torch {torch.__version__}, device {device}"
+    flags = (" --cpu" if args.cpu else "") + (f" --only {args.only}" if args.only else "")
+    print(f"# python bench/inference.py{flags}: torch {torch.__version__}, device {device}"
           f"{' (' + torch.cuda.get_device_name() + ')' if device == 'cuda' else ''}, threads {torch.get_num_threads()}")
     print(f"# types: {', '.join(f'{n} ({q.bits} bits)' for n, q in QUANT_TYPES.items())}; intN rows carry an fp16 "
           f"scale and bias (4 bytes)")
     if run("lookups"):
         bench_lookups(shapes(device == "cpu"), device, bw)
-    size = dict(rows=100_000, batch=2048, batches=4) if device == "cpu" else dict(rows=1_000_000, batch=16384, batches=8)
+    size = (dict(rows=100_000, batch=2048, batches=4) if device == "cpu" else
+            dict(rows=1_000_000, batch=16384, batches=8))
     if run("dlrm"):
         bench_dlrm(device, **size)
     if run("compile"):
