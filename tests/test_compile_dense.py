@@ -160,3 +160,39 @@ def test_inference_keeps_lookups_only_torch_would_serve(two_threads):
     _same_as_eager(case, torch.compile(model, backend="fxrec", options={"kernel": "torch", "dense": "eager"}),
                    reference)
     assert [m.kernel for g in B.compiled for m in g.modules() if isinstance(m, FusedEmbeddingBags)]
+
+
+def test_mode_reaches_inductor(monkeypatch):
+    """torch.compile's `mode` goes to inductor: to each dense segment's torch.compile, and as
+    inductor's config for a graph handed over whole."""
+    import torch._inductor.compile_fx as inductor
+    from torch.fx import symbolic_trace
+
+    from fxrec.lowering.dense_compile import compile_whole
+    from fxrec.passes import lookup as L
+
+    seen = {}
+
+    def fake_compile(module, **kw):
+        seen["segment"] = kw
+        return module
+
+    def fake_compile_fx(gm, inputs, **kw):
+        seen["whole"] = kw
+        return gm
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    monkeypatch.setattr(inductor, "compile_fx", fake_compile_fx)
+
+    class M(torch.nn.Module):
+        def forward(self, x):
+            return torch.relu(x * 2) + 1
+
+    gm = symbolic_trace(M())
+    first = next(n for n in gm.graph.nodes if n.op == "call_function")
+    for n in gm.graph.nodes:
+        n.meta[L.PASS] = "fuse_lookups" if n is first else "input"
+    compile_dense(gm, "inductor", "max-autotune-no-cudagraphs", [])
+    assert seen["segment"] == {"backend": "inductor", "mode": "max-autotune-no-cudagraphs"}
+    compile_whole(symbolic_trace(M()), [torch.randn(3)], "inductor", "max-autotune-no-cudagraphs")
+    assert seen["whole"]["config_patches"] == torch._inductor.list_mode_options("max-autotune-no-cudagraphs")
