@@ -312,3 +312,29 @@ def test_grad_mode_switches_are_captured():
     with torch.no_grad():  # the restores read the mode at run time: still off after the blocks
         assert not gm(x).requires_grad and not torch.is_grad_enabled()
     assert torch.is_grad_enabled()
+
+
+class _InferenceBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c, self.d = nn.Linear(4, 4), nn.Linear(4, 4)
+
+    def forward(self, x):
+        with torch.inference_mode():
+            z = self.c(x)
+        return z + self.d(x)
+
+
+def test_an_inference_mode_block_is_captured_as_gradients_off():
+    torch.manual_seed(0)
+    model = _InferenceBlock()
+    x = torch.randn(3, 4)
+    gm = fxrec.capture(model, (x,))
+    assert sum(n.target is torch._C._set_grad_enabled for n in gm.graph.nodes) == 2
+    gm(x).sum().backward()
+    assert model.c.weight.grad is None and model.d.weight.grad is not None
+    got = model.d.weight.grad.clone()
+    model.zero_grad()
+    model(x).sum().backward()
+    assert model.c.weight.grad is None
+    torch.testing.assert_close(got, model.d.weight.grad)
