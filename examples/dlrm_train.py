@@ -217,10 +217,14 @@ def main(argv=None) -> dict[str, float]:
     import torch.distributed as dist
     owned = not (dist.is_available() and dist.is_initialized())
     try:
-        return _main(parse_args(argv))
+        result = _main(parse_args(argv))
+        if owned and dist.is_available() and dist.is_initialized():
+            dist.barrier()  # leave together: rank 0 alone evaluates the quantized model
+        return result
     finally:
-        # A rank that exits with its gloo group alive can abort in the group's destructor
-        # ("terminate called without an active exception") while its peer is still working.
+        # A rank that exits with its gloo group alive, or tears it down while its peer still
+        # works, can abort in the group's destructor ("terminate called without an active
+        # exception"); the barrier above keeps the ranks in step up to here.
         if owned and dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
 
