@@ -186,9 +186,9 @@ class OddTables(nn.Module):
     - tags: max-pooled, which no kernel does: dense too;
     - pre: pretrained and frozen, and codes: a buffer read by F.embedding_bag: both sharded
       and never trained;
-    - negs: looked up inside torch.no_grad() (negatives), in a @torch.no_grad() method: dense,
-      and that read trains nothing; `frozen`, a Linear applied in the same block, gets no
-      gradient either."""
+    - negs: looked up only inside torch.no_grad() (negatives), in a @torch.no_grad() method:
+      sharded and frozen, as the model never trains it; `frozen`, a Linear applied in the
+      same block, gets no gradient either."""
 
     def __init__(self):
         super().__init__()

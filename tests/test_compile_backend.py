@@ -368,3 +368,40 @@ def test_a_lookup_under_no_grad_is_left_to_the_users_optimizer():
     logs = [line for g in B.compiled for line in g.meta["fxrec_log"]]
     assert any("left table 'item' dense: %n reads it with gradients off" in line for line in logs), logs
     assert [m.layout.names for m in _fused_modules()] == [("user",)]
+
+
+class _OwnNegatives(_Negatives):
+    """Negatives from a table of their own, read only under no_grad."""
+
+    def __init__(self):
+        super().__init__()
+        self.negs = torch.nn.Embedding(30, 8)
+
+    def forward(self, u, pos, neg):
+        uv, p = self.lin(self.user(u)), self.item(pos)
+        with torch.no_grad():
+            n = self.negs(neg)
+        return torch.stack([(uv * p).sum(1), (uv * n).sum(1)], 1)
+
+
+def test_a_table_read_only_under_no_grad_is_fused_frozen():
+    """Its own fused call, with no optimizer (frozen), inside the block; three steps equal eager SGD."""
+    model = _OwnNegatives()
+    reference = copy.deepcopy(model)
+    compiled = torch.compile(model, backend="fxrec", options={"sparse_optimizer": fxrec.optim.SGD(lr=0.1),
+                                                             "dense": "eager"})
+    optimizers = [torch.optim.SGD(m.parameters(), lr=0.1) for m in (model, reference)]
+    for step in range(3):
+        g = torch.Generator().manual_seed(step)
+        x = (torch.randint(0, 20, (4,), generator=g), torch.randint(0, 30, (4,), generator=g),
+             torch.randint(0, 30, (4,), generator=g))
+        for run, opt in zip((compiled, reference), optimizers):
+            opt.zero_grad()
+            run(*x).square().mean().backward()
+            opt.step()
+    for (k, a), b in zip(model.state_dict().items(), reference.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=k)
+    assert {m.layout.names: m.optimizer for m in _fused_modules()} == {("user", "item"): fxrec.optim.SGD(lr=0.1),
+                                                                        ("negs",): None}
+    logs = "\n".join(line for g in B.compiled for line in g.meta["fxrec_log"])
+    assert "table(s) ['negs'] are frozen: every lookup of them runs with gradients off" in logs

@@ -11,6 +11,7 @@ from torch import nn
 from torch.testing import assert_close
 
 import fxrec
+from fxrec.passes.grad_mode import grad_states
 from fxrec.modules import EmbeddingBagCollection, EmbeddingBagConfig
 from fxrec.optim import SGD, RowWiseAdagrad
 from fxrec.passes import lookup as L
@@ -288,16 +289,17 @@ def test_bad_sparse_optimizer():
 def test_tables_left_dense_are_named_in_a_warning():
     case = CASES["odd_tables"]
     model, _, batches, _ = case.setup(1, B, seed=0)
-    with pytest.warns(UserWarning, match=r"table\(s\) \['item', 'negs', 'tags'\] stay dense parameters .*'item': its "
-                                         r"weight is also read outside embedding lookups, by %t .*'negs': %negs reads it "
-                                         r"with gradients off \(torch.no_grad\(\) at shard_models.py:\d+ return "
-                                         r"self.negs.*'tags': %tags\w*: mode='max' pooling is not supported"):
+    with pytest.warns(UserWarning, match=r"table\(s\) \['item', 'tags'\] stay dense parameters .*'item': its "
+                                         r"weight is also read outside embedding lookups, by %t .*"
+                                         r"'tags': %tags\w*: mode='max' pooling is not supported"):
         sm = shard(model, Topology(1), batches[0])
-    assert sorted(sm.plan) == ["codes", "hist", "pre", "user"]
+    assert sorted(sm.plan) == ["codes", "hist", "negs", "pre", "user"]
+    assert sm.frozen == ("pre", "codes", "negs")
     notes = fxrec.passes.PassContext(example_inputs=batches[0])
     fxrec.passes.run_passes(fxrec.capture(case.build(), batches[0]), notes, until="detect_embeddings")
-    assert "detect_embeddings: table(s) ['pre', 'codes'] are frozen (requires_grad=False, or a buffer)" in \
-        "\n".join(notes.log)
+    log = "\n".join(notes.log)
+    assert "detect_embeddings: table(s) ['pre', 'codes'] are frozen (requires_grad=False, or a buffer)" in log
+    assert "detect_embeddings: table(s) ['negs'] are frozen: every lookup of them runs with gradients off" in log
     assert {"module.item.weight", "module.tags.weight"} <= {n for n, _ in sm.named_parameters()}
 
 
@@ -440,6 +442,71 @@ def test_lookups_around_a_no_grad_block_train_as_unsharded(build):
     full = sm.full_state_dict()
     for k, v in reference.state_dict().items():
         assert_close(full[k], v, msg=k)
+
+
+class _QuietNegatives(nn.Module):
+    """Negatives from a table of their own, looked up only inside no_grad (`negs`), or from
+    the item table that also serves the positives (`shared=True`)."""
+
+    def __init__(self, shared: bool = False):
+        super().__init__()
+        self.shared = shared
+        self.user, self.item, self.negs = nn.Embedding(20, 8), nn.Embedding(30, 8), nn.Embedding(30, 8)
+        self.lin = nn.Linear(8, 8)
+
+    def forward(self, u, pos, neg):
+        uv, p = self.lin(self.user(u)), self.item(pos)
+        with torch.no_grad():
+            n = (self.item if self.shared else self.negs)((neg * 7) % 30)
+        return torch.stack([(uv * p).sum(1), (uv * n).sum(1)], 1)
+
+
+def _quiet_batch(g=None):
+    return (torch.randint(0, 20, (B,), generator=g), torch.randint(0, 30, (B,), generator=g),
+            torch.randint(0, 30, (B,), generator=g))
+
+
+@pytest.mark.parametrize("opt", ["sgd", "adam"])
+def test_a_table_read_only_under_no_grad_is_sharded_frozen(opt):
+    """`negs` is a table (sharded, in the plan) that nothing trains: frozen, so it gets no
+    sparse optimizer (Adam would step every row it is handed), and its unit runs inside the
+    no_grad block; the other tables train as unsharded."""
+    torch.manual_seed(0)
+    model = _QuietNegatives()
+    reference = copy.deepcopy(model)
+    sparse = fxrec.optim.SGD(lr=0.1) if opt == "sgd" else fxrec.optim.Adam(lr=0.1)
+    sm = shard(model, Topology(1), _quiet_batch(), sparse_optimizer=sparse)
+    assert sorted(sm.plan) == ["item", "negs", "user"] and sm.frozen == ("negs",)
+    states = grad_states(sm.module)
+    lookups = {n.meta["fxrec_local_lookup"]["unit"]: states[n] for n in sm.module.graph.nodes
+               if "fxrec_local_lookup" in n.meta}
+    assert sorted(lookups.values(), key=str) == [False, "inherit"], lookups  # negs' unit inside the block
+    dense = torch.optim.SGD(sm.parameters(), lr=0.1)
+    plain = torch.optim.SGD(reference.parameters(), lr=0.1)
+    for step in range(3):
+        x = _quiet_batch(torch.Generator().manual_seed(step))
+        for run, o in ((sm, dense), (reference, plain)):
+            o.zero_grad()
+            run(*x).square().mean().backward()
+            o.step()
+    full = sm.full_state_dict()
+    assert_close(full["negs.weight"], model.negs.weight, rtol=0, atol=0)  # never touched
+    assert_close(full["negs.weight"], reference.negs.weight, rtol=0, atol=0)
+    if opt == "adam":  # no plain-torch reference for fxrec's row-wise Adam: the trained tables did move
+        assert not torch.equal(full["item.weight"], reference.item.weight)
+        return
+    for k, v in reference.state_dict().items():
+        assert_close(full[k], v, msg=k)
+
+
+def test_a_table_read_with_and_without_gradients_stays_dense():
+    """The item table serves positives (trained) and negatives (under no_grad): one fused
+    update could not tell the two reads apart, so it stays dense, named in the warning."""
+    with pytest.warns(UserWarning, match=r"table\(s\) \['item'\] stay dense parameters .*'item': %item_1 reads it "
+                                         r"with gradients off \(torch.no_grad\(\) at test_shard_single.py:\d+ .*\) "
+                                         r"and another lookup with gradients on"):
+        sm = shard(_QuietNegatives(shared=True), Topology(1), _quiet_batch())
+    assert sorted(sm.plan) == ["user"] and sm.frozen == ()
 
 
 def test_lint_refuses_a_node_moved_out_of_its_no_grad_block():

@@ -3,8 +3,8 @@ output_dist nodes for this rank, following a `fxrec.Plan`.
 
 Lookups are served in *units*: all lookups that read a table are in one unit (the fused
 sparse optimizer must see each table's whole gradient at once), and lookups at the same
-stage with the same weight dtype share a unit when their inputs are all ready before any
-of their outputs is used, so one set of collectives serves them all (TorchRec groups its
+stage with the same weight dtype and grad mode share a unit when their inputs are all ready
+before any of their outputs is used, so one set of collectives serves them all (TorchRec groups its
 all-to-alls the same way). Per unit the graph gets (fxrec/runtime/dist_lookup.py):
 
     gather (SlotInputs) -> input_dist -> all_to_all_counts -> recv_splits -> all_to_all
@@ -117,7 +117,8 @@ def build_units(gm: GraphModule) -> list[list[Node]]:
             raise ValueError(f"apply_plan: lookups {[n.name for n in comp]} read the same table but one's ids "
                              f"depend on another's output; such a table cannot be sharded yet")
         for unit in units:
-            same = stage[unit[0]] == stage[comp[0]] and _dtype(gm, unit[0]) == _dtype(gm, comp[0])
+            same = stage[unit[0]] == stage[comp[0]] and _dtype(gm, unit[0]) == _dtype(gm, comp[0]) and \
+                unit[0].meta.get(GRAD_MODE) == comp[0].meta.get(GRAD_MODE)  # a unit runs in one mode
             anchor, first = _span(gm, unit + comp, pos)
             if same and anchor < first:
                 unit += comp

@@ -15,7 +15,8 @@ in ``gm.meta[DENSE_TABLES]``): max-pooling bags, lookups with max_norm or
 scale_grad_by_freq, a weight computed in the graph, nn.Embedding subclasses that override
 forward, every lookup of a table whose weight is also read outside lookups (a tied
 output layer, a regulariser: table_reads.py) or that one lookup reads with gradients off
-(inside ``torch.no_grad()``: grad_mode.py).
+(inside ``torch.no_grad()``: grad_mode.py) and another with gradients on. A table every
+lookup of which runs with gradients off is a table, frozen (``gm.meta[FROZEN_TABLES]``).
 
 Table names follow DESIGN.md: the path of the nn.Embedding / nn.EmbeddingBag owning
 the weight (an EBC table ``t0`` at ``sparse.ebc`` is ``sparse.ebc.embedding_bags.t0``),
@@ -352,14 +353,16 @@ def detect_embeddings_pass(gm: GraphModule, ctx) -> GraphModule:
     dense: dict[str, str] = {}
     cands = [c for c in (_match(gm, n, names, ctx.log, dense) for n in list(gm.graph.nodes)) if c is not None]
     states = stamp(gm)
+    quiet = _read_only_quietly(cands, states)
     for c in cands:
         if states[c.node] is False:  # a lookup the model makes with gradients off: no trained lookup
             src = c.node.meta.get(L.SOURCE)
             why = (f"%{c.node.name} reads it with gradients off (torch.no_grad()" + (f" at {src}" if src else "")
-                   + "), a read its sparse optimizer cannot tell apart; look it up outside the block and "
-                     "detach() the result to shard it")
+                   + ") and another lookup with gradients on, reads one fused update cannot tell apart; look "
+                     "it up outside the block and detach() the result to shard it")
             for r in c.lookup.reads:
-                _leave_dense(dense, r.table, why, ctx.log)
+                if r.table not in quiet:
+                    _leave_dense(dense, r.table, why, ctx.log)
     cands = _without_outside_reads(gm, cands, names, ctx.log, dense)
     by_node = {c.node: c for c in cands}
 
@@ -381,4 +384,20 @@ def detect_embeddings_pass(gm: GraphModule, ctx) -> GraphModule:
     if frozen:  # fxrec.shard and the compile backend give them no sparse optimizer (fxrec.optim.freeze)
         ctx.log.append(f"detect_embeddings: table(s) {frozen} are frozen (requires_grad=False, or a buffer): "
                        f"looked up, never trained")
+    quiet = [t for t in tables if t in quiet and t not in frozen]
+    if quiet:  # no gradient ever reaches them: the model does not train them either
+        frozen.extend(quiet)
+        ctx.log.append(f"detect_embeddings: table(s) {quiet} are frozen: every lookup of them runs with "
+                       f"gradients off (torch.no_grad()), so the model never trains them")
     return gm
+
+
+def _read_only_quietly(cands: list[_Candidate], states: dict) -> set[str]:
+    """The tables every lookup of which runs with gradients off. Such a table is sharded
+    and frozen: its units run inside the no_grad block (grad_mode.settle), reading only.
+    A table also read with gradients on stays dense: its one fused update would see the
+    quiet read's rows as touched with a zero gradient, which Adam's step does not ignore."""
+    off, on = set(), set()
+    for c in cands:
+        (off if states[c.node] is False else on).update(r.table for r in c.lookup.reads)
+    return off - on

@@ -5,7 +5,9 @@ many tables in one launch when they share a pooling family (pooled bags vs unpoo
 rows), a weight dtype, a device and weightedness (per-sample weights are given for the
 whole launch or not at all), and when all their ids are ready at once: a lookup whose
 ids depend on another lookup's output cannot share its launch, so `stage` (the number
-of lookups upstream) is part of the key. Embedding dims may differ within a group.
+of lookups upstream) is part of the key, and so is the grad mode the lookup runs in (a
+table read only inside ``torch.no_grad()`` is looked up there, by a call of its own).
+Embedding dims may differ within a group.
 """
 from __future__ import annotations
 
@@ -39,9 +41,9 @@ def group_tables_pass(gm: GraphModule, ctx) -> GraphModule:
         for read in lk.reads:
             family = "sequence" if read.pooling == "none" else "pooled"
             weight = L.fetch_attr(gm, read.weight_path)
-            key = (family, weight.dtype, str(weight.device), lk.weighted, stage)
+            key = (family, weight.dtype, str(weight.device), lk.weighted, stage, node.meta.get(L.GRAD_MODE, "inherit"))
             if key not in groups:
-                groups[key] = LookupGroup(f"group{len(groups)}", *key)
+                groups[key] = LookupGroup(f"group{len(groups)}", *key[:5], grad_mode=key[5])
             groups[key].members.append((node.name, read.table))
             names.append(groups[key].name)
         node.meta[L.NODE_GROUPS] = tuple(names)

@@ -133,7 +133,9 @@ class Lookup:
 class LookupGroup:
     """Table reads that one fused kernel call can serve: same pooling family ("pooled"
     or "sequence"), weight dtype, device and weightedness, and none of them depending on
-    another's output (`stage` counts the lookups upstream of the group's ids)."""
+    another's output (`stage` counts the lookups upstream of the group's ids), and all run
+    in one grad mode (`grad_mode`, grad_mode.py: a read inside ``torch.no_grad()`` must
+    not share a call that autograd records)."""
 
     name: str
     family: str
@@ -142,6 +144,7 @@ class LookupGroup:
     weighted: bool
     stage: int
     members: list[tuple[str, str]] = field(default_factory=list)  # (node name, table name)
+    grad_mode: Any = "inherit"  # GRAD_MODE of its lookups
 
     @property
     def tables(self) -> list[str]:
