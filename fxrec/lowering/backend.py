@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import re
 import weakref
+from collections.abc import Mapping
 from typing import Any, Optional
 
 import torch
@@ -60,17 +61,35 @@ LOG = "fxrec_log"
 _LOOKUPS = (F.embedding_bag, F.embedding)
 compiled: list[GraphModule] = []
 _KEEP = 32
-# id(parameter) -> (the parameter, the fused module whose buffer it views, table name), all
-# weak: a recompile reuses the buffer. Not a WeakKeyDictionary: it compares keys with ==,
-# which a tensor answers elementwise.
-_ALIASED: dict[int, tuple[weakref.ref, weakref.ref, str]] = {}
+# id(parameter) -> (the parameter, table name, {optimizer type: a fused module whose buffer
+# it views}), all weak: a recompile reuses the module of its optimizer's kind, state and all;
+# graphs of other kinds (an eval graph beside a training one) share its buffer. Not a
+# WeakKeyDictionary: it compares keys with ==, which a tensor answers elementwise.
+_ALIASED: dict[int, tuple[weakref.ref, str, dict[type, weakref.ref]]] = {}
+_ANY = object()
 
 
-def _aliased(param: nn.Parameter) -> Optional[tuple[Any, str]]:
+def _aliased(param: nn.Parameter, kind=_ANY) -> Optional[tuple[Any, str]]:
+    """(a fused module whose buffer `param` views, its table name): the one trained by an
+    optimizer of type `kind` when given (None when there is none), else any."""
     entry = _ALIASED.get(id(param))
-    if entry is None or entry[0]() is not param or entry[1]() is None:
+    if entry is None or entry[0]() is not param:
         return None
-    return entry[1](), entry[2]
+    refs = entry[2] if kind is _ANY else {kind: entry[2][kind]} if kind in entry[2] else {}
+    for ref in refs.values():
+        if ref() is not None:
+            return ref(), entry[1]
+    return None
+
+
+def _alias(param: nn.Parameter, name: str, module) -> None:
+    """Record that `param` views `module`'s buffer (as table `name`)."""
+    entry = _ALIASED.get(id(param))
+    if entry is None or entry[0]() is not param:
+        entry = _ALIASED[id(param)] = (weakref.ref(param), name, {})
+    entry[2][type(module.optimizer)] = weakref.ref(module)
+    for key in [k for k, e in _ALIASED.items() if e[0]() is None]:  # dead parameters
+        del _ALIASED[key]
 
 
 def register() -> None:
@@ -125,11 +144,14 @@ def _lookup_tables(gm: GraphModule, example_inputs) -> dict[Node, tuple[str, nn.
     return out
 
 
-def _as_attributes(gm: GraphModule, tables: dict) -> dict[str, nn.Parameter]:
+def _as_attributes(gm: GraphModule, tables: dict) -> tuple[dict[str, nn.Parameter], dict[str, int]]:
     """Read each table from an attribute of `gm` at its name's path (get_attr), not from its
     placeholder (which stays, unused: dynamo still passes it), so that detect_embeddings
-    sees a parameter lookup, named by that path."""
-    by_name, made = {}, set()
+    sees a parameter lookup, named by that path. Returns the tables by that name, and the
+    position among the graph's inputs where dynamo passes each (the model's parameter as it
+    is at each call: `_Rebinding`)."""
+    inputs = {n: i for i, n in enumerate(n for n in gm.graph.nodes if n.op == "placeholder")}
+    by_name, made, where = {}, set(), {}
     for node, (name, param) in tables.items():
         parts = name.split(".")
         if hasattr(gm, parts[0]) and parts[0] not in made:  # dynamo's own attribute: keep clear of it
@@ -146,9 +168,20 @@ def _as_attributes(gm: GraphModule, tables: dict) -> dict[str, nn.Parameter]:
         with gm.graph.inserting_after(node):
             attr = gm.graph.get_attr(name)
         node.replace_all_uses_with(attr)
-        by_name[name] = param
+        by_name[name], where[name] = param, inputs[node]
     gm.recompile()
-    return by_name
+    return by_name, where
+
+
+def _as_inputs(gm: GraphModule, where: dict[str, int]) -> None:
+    """Undo `_as_attributes` for a graph left unfused: its lookups read the tables dynamo
+    passes again, so a parameter the user replaces (``load_state_dict(assign=True)``) is read."""
+    inputs = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    for node in list(gm.graph.nodes):
+        if node.op == "get_attr" and node.target in where:
+            node.replace_all_uses_with(inputs[where[node.target]])
+            gm.graph.erase_node(node)
+    gm.recompile()
 
 
 def _concrete(example_inputs) -> tuple:
@@ -186,37 +219,39 @@ def _share_storage(gm: GraphModule, params: dict[str, nn.Parameter], log: list[s
             for i, part in enumerate(parts):
                 names = list(part.layout.names)
                 if any(_aliased(params[n]) is not None for n in names):
-                    kept = _earlier(part, params)
-                    if kept is None:  # `_grouping_conflict` let this graph through: cannot happen
-                        raise RuntimeError(f"backend: tables {names} were fused by an earlier compile in another "
-                                           f"layout; this graph cannot share their buffer")
-                    if type(kept.optimizer) is type(part.optimizer):
+                    kept = _earlier(part, params, type(part.optimizer))
+                    if kept is not None:
                         kept.optimizer = part.optimizer  # a new lr takes effect, the state stays
                         if hasattr(fused, "parts"):
                             fused.parts[i] = kept
                         else:
                             setattr(lookup, role, kept)
                         log.append(f"backend: {path}.{role} reuses the fused module of an earlier compile ({names})")
-                    else:
-                        part.weights = kept.weights
-                        log.append(f"backend: {path}.{role} shares the fused buffer of an earlier compile ({names}), "
-                                   f"with its own optimizer state")
+                        continue
+                    kept = _earlier(part, params)
+                    if kept is None:  # `_grouping_conflict` let this graph through: cannot happen
+                        raise RuntimeError(f"backend: tables {names} were fused by an earlier compile in another "
+                                           f"layout; this graph cannot share their buffer")
+                    part.weights = kept.weights  # its own optimizer state, which its recompiles keep
+                    for name in names:
+                        _alias(params[name], name, part)
+                    log.append(f"backend: {path}.{role} shares the fused buffer of an earlier compile ({names}), "
+                               f"with its own optimizer state")
                     continue
                 with torch.no_grad():
                     for name, view in part.table_weights().items():
                         params[name].data = view
-                        _ALIASED[id(params[name])] = (weakref.ref(params[name]), weakref.ref(part), name)
-                for key in [k for k, e in _ALIASED.items() if e[0]() is None]:  # dead parameters
-                    del _ALIASED[key]
+                        _alias(params[name], name, part)
                 log.append(f"backend: {path}.{role}: tables {names} now live in its fused buffer")
 
 
-def _earlier(part, params: dict) -> Optional[Any]:
-    """The fused module of an earlier compile whose buffer all of these tables' parameters
-    view, laid out exactly as `part`; None otherwise."""
+def _earlier(part, params: dict, kind=_ANY) -> Optional[Any]:
+    """The fused module of an earlier compile (trained by an optimizer of type `kind`, when
+    given) whose buffer all of these tables' parameters view, laid out exactly as `part`;
+    None otherwise."""
     owners = set()
     for name in part.layout.names:
-        entry = _aliased(params[name])
+        entry = _aliased(params[name], kind)
         if entry is None or entry[1] != name:
             return None
         owners.add(entry[0])
@@ -297,26 +332,70 @@ def _nothing_to_gain(gm: GraphModule, ctx, params: dict[str, nn.Parameter], opts
 
 
 # ------------------------------------------------------------------ quantized tables: refresh
-class _Refreshing:
-    """Calls the lowered graph, first re-quantizing any table whose parameter was written in
-    place since it was last quantized (its `_version` moved)."""
+def _written(param: nn.Parameter) -> tuple:
+    """What changes whenever `param`'s values may have: the parameter itself (replaced by
+    ``load_state_dict(assign=True)``), its storage (``.data = ...``), its version (in-place
+    writes), and the version of the fused buffer it views, if any (a fused optimizer's
+    update writes that buffer, not the parameter: `FusedEmbeddingBags.update` bumps it)."""
+    owner = _aliased(param)
+    return (id(param), param.data_ptr(), param._version,
+            None if owner is None else (id(owner[0].weights), owner[0].weights._version))
 
-    def __init__(self, gm: GraphModule, params: dict[str, nn.Parameter], run):
+
+class _Refreshing:
+    """Calls the lowered graph, first re-quantizing any table whose parameter (as dynamo
+    passes it, at its input position) changed since it was last quantized (`_written`)."""
+
+    def __init__(self, gm: GraphModule, params: dict[str, nn.Parameter], where: dict[str, int], run):
         from fxrec.lowering.quant_tbe import QuantizedEmbeddingBags
 
         self.gm, self.run = gm, run
-        self.where = []  # (module, table name, parameter, version seen)
+        self.slots = []  # [module, table name, input position, what was quantized]
         for module in gm.modules():
             if isinstance(module, QuantizedEmbeddingBags):
                 for name in module.layout.names:
-                    self.where.append([module, name, params[name], params[name]._version])
+                    self.slots.append([module, name, where[name], _written(params[name])])
 
     def __call__(self, *args):
-        for entry in self.where:
-            module, name, param, seen = entry
-            if param._version != seen:
-                module.load_table(name, param.detach())
-                entry[3] = param._version
+        for slot in self.slots:
+            module, name, i, seen = slot
+            now = _written(args[i])
+            if now != seen:
+                module.load_table(name, args[i].detach())
+                slot[3] = now
+        return self.run(*args)
+
+
+class _Rebinding:
+    """Calls the fused graph, first moving into the fused buffer any table whose parameter
+    (as dynamo passes it) no longer views it: the user replaced the parameter
+    (``load_state_dict(assign=True)``, ``mod.weight = nn.Parameter(...)``) or its data
+    (``mod.weight.data = ...``). The new values are copied in and the parameter made a view
+    of the buffer again, as `_share_storage` made the first one; optimizer state stays."""
+
+    def __init__(self, gm: GraphModule, where: dict[str, int], run):
+        from fxrec.lowering.tbe import FusedEmbeddingBags
+
+        self.run = run
+        self.slots = []  # (input position, table name, fused module)
+        for module in gm.modules():
+            if isinstance(module, FusedEmbeddingBags):
+                self.slots += [(where[name], name, module) for name in module.layout.names if name in where]
+
+    def __call__(self, *args):
+        for i, name, module in self.slots:
+            param = args[i]
+            view = module.table_weights()[name]
+            if param.data_ptr() == view.data_ptr() and _aliased(param) is not None:
+                continue
+            if param.shape != view.shape or param.dtype != view.dtype:
+                raise ValueError(f"torch.compile(backend='fxrec'): table {name!r} was replaced by a "
+                                 f"{tuple(param.shape)} {param.dtype} tensor, and its fused buffer holds "
+                                 f"{tuple(view.shape)} {view.dtype}; recompile (torch._dynamo.reset()) for a new shape")
+            with torch.no_grad():
+                view.copy_(param.detach())
+                param.data = view
+            _alias(param, name, module)
         return self.run(*args)
 
 
@@ -346,8 +425,9 @@ def fxrec_backend(gm: GraphModule, example_inputs, options: Optional[dict] = Non
         return _done(gm, [why, f"backend: the whole graph compiled with {dense}"],
                      compile_whole(gm, example_inputs, dense, mode))
 
-    def unfused(why: str):  # after detect_embeddings: gm reads its tables by get_attr, so split it
+    def unfused(why: str):  # after detect_embeddings: the lookups read their inputs again
         log = [line for line in ctx.log if not line.startswith("ran ")] + [f"backend: lookups left unfused: {why}"]
+        _as_inputs(gm, where)
         return _done(gm, log, compile_dense(gm, dense, mode, log).forward)
 
     tables = _lookup_tables(gm, example_inputs)
@@ -361,7 +441,7 @@ def fxrec_backend(gm: GraphModule, example_inputs, options: Optional[dict] = Non
     if wants_grad and opts.get("sparse_optimizer") is None:
         return whole("backend: lookups left unfused: the tables want gradients and no sparse_optimizer was "
                      "given (options={'sparse_optimizer': fxrec.optim...} trains them inside backward)")
-    params = _as_attributes(gm, tables)
+    params, where = _as_attributes(gm, tables)
     ctx = PassContext(example_inputs=_concrete(example_inputs), options={
         "inference": not wants_grad, "sparse_optimizer": opts.get("sparse_optimizer") if wants_grad else None,
         "kernel": opts.get("kernel"), "weight_dtype": opts.get("weight_dtype"),
@@ -383,11 +463,17 @@ def fxrec_backend(gm: GraphModule, example_inputs, options: Optional[dict] = Non
                          f"train with fxrec.shard, which captures the whole model, or without a sparse_optimizer")
     if conflict is not None:
         return unfused(conflict)
+    if isinstance(opts.get("weight_dtype"), Mapping):  # each graph quantizes its own tables
+        ctx.options["weight_dtype"] = {t: w for t, w in opts["weight_dtype"].items() if t in ctx.tables}
+        others = sorted(set(opts["weight_dtype"]) - set(ctx.tables))
+        if others:
+            log.append(f"backend: weight_dtype names table(s) {others} this graph does not look up (another graph "
+                       f"of the model may; the tables here are {list(ctx.tables)})")
     passes = [("fuse_lookups", fuse_lookups_pass)] + ([("quantize_tables", quantize_tables_pass)] if quantize else [])
     out = run_passes(gm, ctx, passes=passes)
     log += [line for line in ctx.log if not line.startswith("ran ")]
     if quantize:
         run = compile_dense(out, dense, mode, log)
-        return _done(out, log, _Refreshing(out, params, run))
+        return _done(out, log, _Refreshing(out, params, where, run))
     _share_storage(out, params, log)
-    return _done(out, log, compile_dense(out, dense, mode, log).forward)
+    return _done(out, log, _Rebinding(out, where, compile_dense(out, dense, mode, log).forward))

@@ -156,8 +156,8 @@ def in_table_order(names: Sequence[str], values, what: str) -> list:
         unknown = sorted(set(values) - set(names))
         missing = [n for n in names if n not in values]
         if unknown or missing:
-            raise ValueError(f"{what} must name every table: unknown table(s) {unknown}, missing {missing}; "
-                             f"the tables are {names}")
+            wrong = ([f"unknown table(s) {unknown}"] if unknown else []) + ([f"missing {missing}"] if missing else [])
+            raise ValueError(f"{what} must name every table: {', '.join(wrong)}; the tables are {names}")
         return [values[n] for n in names]
     values: list[Any] = list(values)
     if len(values) != len(names):

@@ -173,6 +173,10 @@ class FusedEmbeddingBags(nn.Module):
         impl = self._select("backward_update", indices.dtype, psw is not None)
         impl(self.weights, self.optimizer_state(), self.layout, self.optimizer, grad_output,
              indices, offsets, psw, self._is_deterministic())
+        # fbgemm's ops write the buffer without bumping its version counter; whoever keeps
+        # a copy of the tables (the compile backend's quantized serving copy) reads it to
+        # know they changed
+        torch.autograd.graph.increment_version(self.weights)
 
     def _apply(self, fn, recurse=True):
         # .half()/.to(dtype) cast the weights; optimizer state stays fp32/int32 (moved only).
