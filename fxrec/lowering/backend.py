@@ -33,7 +33,11 @@ What is fused, and how the tables stay the model's:
 - ``options={"weight_dtype": "int8"}`` (int4, int2, fp16, fp32, or a mapping per table;
   also "output_dtype"): inference on quantized tables, as `fxrec.lower_for_inference`. The
   quantized copy is refreshed from the model's parameters before a call whenever one of
-  them changed in place since (its version counter moved). Not with gradients.
+  them changed since: written in place (its version counter, or that of the fused buffer it
+  views, moved), or replaced (``load_state_dict(assign=True)``, ``.data = ...``). Not with
+  gradients.
+- A float table replaced that way is copied into the fused buffer before the next call
+  (`_Rebinding`); a graph left unfused reads the tables dynamo passes.
 - ``options={"kernel": "triton" | "fbgemm" | "torch"}`` forces the kernel.
 - ``mode`` (torch.compile's) goes to inductor, for the dense segments.
 
