@@ -188,6 +188,7 @@ def test_topology_options_without_world_size_are_an_error(capsys):
 
 
 @pytest.mark.parametrize("dense_device", ["cpu", "meta"])
+@pytest.mark.usefixtures("one_thread")  # fbgemm's forward: one thread's choice (two: torch's)
 def test_topology_dump_of_meta_tables_materialises_nothing(dense_device):
     """A model whose billion-row tables are on meta (dense layers on cpu or meta too) dumps
     its sharded program: shards stay on meta, kernels are those the topology's device runs."""

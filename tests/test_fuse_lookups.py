@@ -5,6 +5,7 @@ the cases left unfused."""
 from __future__ import annotations
 
 import copy
+import os
 
 import pytest
 import torch
@@ -212,6 +213,39 @@ def test_env_var_forces_torch(monkeypatch):
     assert node.meta[KERNEL] == {"unpooled": {"unpooled_forward": "torch", "backward_update": "torch"}}
 
 
+def test_recorded_kernel_follows_the_thread_count():
+    """From 2 threads on, torch's embedding_bag serves the pooled forward on the CPU (fbgemm's
+    runs on one thread): the record says so, as the module then runs."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        model, example = zoo.CASES["dlrm_lists"].make()
+        gm, _ = _fuse(model, example)
+        (node,) = _fused_nodes(gm)
+        assert node.meta[KERNEL] == {"pooled": {"pooled_forward": "torch", "backward_update": FB}}
+        gm(*example).float().pow(2).mean().backward()
+        assert _module(gm, node).pooled.kernels == node.meta[KERNEL]["pooled"]
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("kernel", [FB, "torch"])
+def test_env_var_reaches_quantized_inference_and_sharded_dumps(monkeypatch, capsys, kernel):
+    """The float modules of these two are stand-ins on meta: a kernel forced by FXREC_KERNEL
+    is checked, and recorded, for the device the lookups will run on."""
+    from fxrec.cli import main
+
+    monkeypatch.setenv("FXREC_KERNEL", kernel)
+    model, example = zoo.CASES["dlrm_lists"].make()
+    lowered = fxrec.lower_for_inference(model, example, weight_dtype="int8")
+    kernels = [n.meta[KERNEL] for n in lowered.graph.nodes if KERNEL in n.meta]
+    assert kernels == [{"pooled": {"quant_pooled_forward": kernel}}]
+    lowered(*example)
+    zoo_file = os.path.join(os.path.dirname(os.path.abspath(__file__)), "models_zoo.py")
+    assert main(["dump", f"{zoo_file}:dlrm_lists", "--world-size", "2", "--constraint", "emb_l.0=table_wise"]) == 0
+    assert f"pooled_forward={kernel}" in capsys.readouterr().out
+
+
 def test_forced_kernel_that_cannot_serve_fails_the_pass():
     with pytest.raises(PassError, match=r"pass 'fuse_lookups' failed: NoKernelError: kernel 'fbgemm' cannot "
                                         r"serve unpooled_forward: unpooled lookups need one dim") as info:
@@ -234,6 +268,7 @@ def fuse_in_runner(monkeypatch):
     ("dlrm_ebc", "table_wise"),    # apply_plan's own LocalLookup: only recorded
     ("dlrm_ebc", "row_wise"),
 ])
+@pytest.mark.usefixtures("one_thread")  # the kernels asserted are one thread's (two: torch's pooled forward)
 def test_sharded_one_rank(fuse_in_runner, name, sharding):
     case = zoo.CASES[name]
     model, example = case.make()

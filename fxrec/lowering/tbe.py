@@ -98,10 +98,13 @@ class FusedEmbeddingBags(nn.Module):
                 for table in self.split_weights():
                     bound = math.sqrt(1.0 / table.shape[0])
                     table.uniform_(-bound, bound)
-        # Select now so that a forced kernel that cannot serve fails at construction.
-        self._select(self._lookup_op, torch.int64, False)
-        if optimizer is not None:
-            self._select("backward_update", torch.int64, False)
+        # Select now so that a forced kernel that cannot serve fails at construction; not on
+        # meta, where nothing runs (`fxrec dump`'s shards, inference's float stand-ins): their
+        # kernels are recorded for the device they are meant for (fused_group.kernel_record).
+        if self.weights.device.type != "meta":
+            self._select(self._lookup_op, torch.int64, False)
+            if optimizer is not None:
+                self._select("backward_update", torch.int64, False)
 
     @property
     def optimizer(self):

@@ -358,10 +358,10 @@ def fuse_lookups_pass(gm: GraphModule, ctx) -> GraphModule:
                 ctx.log.append(f"{NAME}: {node.target} stays on ReplicatedLookup (torch): replicas on "
                                f"several ranks all-reduce their gradients before the update")
     for node in gm.graph.nodes:
-        if LOCAL_LOOKUP in node.meta:
-            # a forced kernel is quantize_tables' to apply when it quantizes (the float modules are on meta)
-            forced = None if opts.get("weight_dtype") is not None else opts.get("kernel")
-            _record(gm, node, forced, opts.get("kernel_device"))
+        # With weight_dtype the float modules are stand-ins on meta: quantize_tables, next,
+        # quantizes them, applies a forced kernel and records the kernels that serve.
+        if LOCAL_LOOKUP in node.meta and opts.get("weight_dtype") is None:
+            _record(gm, node, opts.get("kernel"), opts.get("kernel_device"))
             ctx.log.append(f"{NAME}: %{node.name} kernels {node.meta[KERNEL]}")
     if not changed:
         return gm

@@ -192,7 +192,8 @@ def kernel_record(fused: FusedEmbeddingBags, weighted: bool = False, device=None
     pooled = fused.layout.pooled
     problem = dict(device=torch.device(device) if device is not None else fused.weights.device, weight_dtype=fused.weights.dtype, index_dtype=torch.int64,
                    dims=fused.layout.dims, poolings=fused.layout.poolings, weighted=bool(weighted and pooled),
-                   deterministic=fused.deterministic or torch.are_deterministic_algorithms_enabled())
+                   deterministic=fused.deterministic or torch.are_deterministic_algorithms_enabled(),
+                   threads=torch.get_num_threads())  # as FusedEmbeddingBags._select chooses at run time
     op = "pooled_forward" if pooled else "unpooled_forward"
     out = {op: registry.select(op, kernel=fused.kernel_request, **problem)[0]}
     if fused.optimizer is not None:
