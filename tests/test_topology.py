@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 import fxrec
 from fxrec.cli import main
@@ -114,3 +115,18 @@ def test_bench_needs_action_and_checks_size(capsys):
     assert "--size '1' is too small to measure a bandwidth" in capsys.readouterr().err
     assert main(["bench", "calibrate", "--size", "1e400"]) == 2
     assert "'1e400' is not a finite size" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks a host without GPUs")
+def test_bench_calibrate_nccl_without_gpus_is_a_one_line_error(capsys):
+    assert main(["bench", "calibrate", "--backend", "nccl", "--world-size", "2", "--size", "64KiB"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fxrec bench calibrate: error: calibrate: backend 'nccl' needs CUDA GPUs") and \
+        err.count("\n") == 1
+
+
+def test_bench_calibrate_one_rank_says_links_are_not_measured(tmp_path, capsys):
+    out = tmp_path / "profile.json"
+    assert main(["bench", "calibrate", "--world-size", "1", "--size", "64KiB", "--iters", "1", "-o", str(out)]) == 0
+    assert "links not measured on 1 rank (the profile keeps the default" in capsys.readouterr().out
+    assert json.loads(out.read_text())["calibration"]["measured"] == ["hbm_bandwidth"]

@@ -47,9 +47,13 @@ def _calibrate(args) -> int:
     except OSError as e:
         print(f"fxrec bench calibrate: error: cannot write {args.output!r}: {e.strerror}", file=sys.stderr)
         return 2
-    print(f"memory bandwidth {topology.hbm_bandwidth / 1e9:.2f} GB/s; "
-          f"{result['backend']} all-to-all {topology.intra_node_bandwidth / 1e9:.3f} GB/s per rank "
-          f"over {topology.world_size} rank(s)")
+    if topology.world_size > 1:
+        links = (f"{result['backend']} all-to-all {topology.intra_node_bandwidth / 1e9:.3f} GB/s per rank "
+                 f"over {topology.world_size} ranks")
+    else:  # nothing to exchange with: the profile keeps the device's default link speed
+        links = (f"links not measured on 1 rank (the profile keeps the default "
+                 f"{topology.intra_node_bandwidth / 1e9:.3f} GB/s; give --world-size 2 or more)")
+    print(f"memory bandwidth {topology.hbm_bandwidth / 1e9:.2f} GB/s; {links}")
     print(f"wrote {args.output} (read it with fxrec.Topology.load or fxrec plan --topology)")
     return 0
 

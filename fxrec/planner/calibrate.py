@@ -122,6 +122,9 @@ def calibrate(world_size: int = 2, backend: str | None = None, size_bytes: int =
     if backend not in ("gloo", "nccl"):
         raise ValueError(f"calibrate: backend must be 'gloo' or 'nccl', got {backend!r}")
     device_kind = "cuda" if backend == "nccl" else "cpu"
+    if backend == "nccl" and not (dist.is_nccl_available() and torch.cuda.is_available()):
+        raise ValueError("calibrate: backend 'nccl' needs CUDA GPUs and a torch built with NCCL; this one has "
+                         + ("no GPU" if dist.is_nccl_available() else "no NCCL") + " (use --backend gloo)")
     if dist.is_initialized() or int(os.environ.get("WORLD_SIZE", "1")) > 1:
         return _calibrate_in_job(backend, device_kind, size_bytes, iters)
     if world_size < 1:
@@ -135,8 +138,11 @@ def calibrate(world_size: int = 2, backend: str | None = None, size_bytes: int =
         else:
             import torch.multiprocessing as mp
 
-            mp.spawn(_worker, args=(world_size, backend, os.path.join(tmp, "init"), size_bytes, iters, out_path),
-                     nprocs=world_size, join=True)
+            try:
+                mp.spawn(_worker, args=(world_size, backend, os.path.join(tmp, "init"), size_bytes, iters,
+                                        out_path), nprocs=world_size, join=True)
+            except mp.ProcessRaisedException as e:  # the worker's traceback: its last line says why
+                raise RuntimeError(f"calibrate: a worker failed: {str(e).strip().splitlines()[-1]}") from e
             with open(out_path) as f:
                 result = json.load(f)
     return _profile(result, world_size, world_size, device_kind), result
