@@ -183,9 +183,10 @@ class ShardedModel(nn.Module):
         return out
 
     def state_dict(self, *args, destination=None, prefix: str = "", keep_vars: bool = False):
-        """The unsharded model's keys, as TorchRec's DistributedModelParallel gives them: a
-        table as a ShardedTensor of this rank's live shards (the plain tensor where this rank
-        holds it whole; absent where it holds none), dense parameters and buffers as tensors.
+        """The unsharded model's keys on every rank, as TorchRec's DistributedModelParallel
+        gives them: a sharded table as a ShardedTensor of this rank's live shards (none where
+        it holds none), a data_parallel table and the dense parameters and buffers as tensors
+        (a job of one process, without a process group: every table as a tensor).
         ``torch.distributed.checkpoint.save(sharded.state_dict(), ...)`` writes it, and
         ``dcp.load`` into it reads back in place, resharding; `full_state_dict` gathers
         instead, and `fxrec.checkpoint` adds the optimizers' state."""
@@ -194,7 +195,7 @@ class ShardedModel(nn.Module):
         if args:
             raise TypeError("ShardedModel.state_dict takes keyword arguments only (destination=, prefix=, keep_vars=)")
         out = OrderedDict() if destination is None else destination
-        for key, value in model_state(self, keep_vars).items():
+        for key, value in model_state(self, keep_vars, every_key=True).items():
             out[prefix + key] = value
         return out
 

@@ -166,6 +166,14 @@ def _idioms(rank: int, world: int, root: str) -> dict:
     dcp.load(sd, checkpoint_id=os.path.join(root, "idiom"))  # in place, resharded
     tw.load_state_dict(sd)
     out["dcp_idiom"] = (rw.full_state_dict(), tw.full_state_dict())
+    # the other way: table_wise holds each table on one rank, a shard-less ShardedTensor elsewhere
+    out["keys"] = sorted(tw.state_dict())
+    tw2, _ = _build("dlrm_ebc", "sgd", "table_wise", world, rank, seed=7)
+    dcp.save(tw2.state_dict(), checkpoint_id=os.path.join(root, "idiom_tw"))
+    sd = rw.state_dict()
+    dcp.load(sd, checkpoint_id=os.path.join(root, "idiom_tw"))
+    rw.load_state_dict(sd)
+    out["dcp_idiom_tw"] = (tw2.full_state_dict(), rw.full_state_dict())
     torch.manual_seed(5)
     plain = CASES["dlrm_ebc"].build()
     tw.load_state_dict(plain.state_dict())  # the unsharded model's
@@ -411,9 +419,11 @@ def test_state_dict_and_load_state_dict_as_users_write_them(runs):
     model's state_dict, and the errors of keys that do not fit."""
     for rank, res in enumerate(runs[2, "all"]):
         assert "mismatches" not in res, res.get("mismatches")
-        want, got = res["dcp_idiom"]
-        for key in want:
-            assert torch.equal(got[key], want[key]), f"rank {rank}: {key}"
+        for idiom in ("dcp_idiom", "dcp_idiom_tw"):
+            want, got = res[idiom]
+            for key in want:
+                assert torch.equal(got[key], want[key]), f"rank {rank}: {idiom} {key}"
+        assert res["keys"] == runs[2, "all"][0]["keys"]  # TorchRec's: every key on every rank
         want, got = res["from_plain"]
         for key in want:
             assert torch.equal(got[key], want[key]), f"rank {rank}: {key}"

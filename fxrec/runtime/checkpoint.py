@@ -74,22 +74,28 @@ for _notice in ("torch.distributed is .*unavailable or uninitialized, assuming t
 
 
 # ------------------------------------------------------------------ the state dict
-def _placed(size: tuple, local: list, everyone: list, rank: int) -> Optional[Tensor]:
+def _placed(size: tuple, local: list, everyone: list, rank: int,
+            always: Optional[tuple[torch.dtype, torch.device]] = None) -> Optional[Tensor]:
     """This rank's pieces of one global tensor of `size`, as DCP takes them.
 
     local: ``(offsets, live view)`` of this rank; everyone: ``(rank, offsets, sizes)`` of every
     piece on every rank, tiling `size` without overlap (DCP's ShardedTensor needs the whole
-    layout). None when this rank holds nothing; the view itself when it holds the whole."""
+    layout). None when this rank holds nothing; the view itself when it holds the whole.
+    always: ``(dtype, device)``: a ShardedTensor on every rank instead, with no local shard
+    where this rank holds none (TorchRec's state_dict: the same keys on every rank)."""
     local = [(tuple(o), t) for o, t in local if t.numel()]
-    if not local:
-        return None
-    if len(local) == 1 and tuple(local[0][1].shape) == tuple(size):
-        return local[0][1]
-    device = local[0][1].device
+    if always is None:
+        if not local:
+            return None
+        if len(local) == 1 and tuple(local[0][1].shape) == tuple(size):
+            return local[0][1]
+    device = local[0][1].device if local else always[1]
     metas = [ShardMetadata(list(o), list(z), f"rank:{r}/{device}") for r, o, z in everyone if math.prod(z)]
     views = dict(local)
     shards = [Shard(views[tuple(m.shard_offsets)], m) for m in metas if m.placement.rank() == rank]
-    layout = ShardedTensorMetadata(metas, torch.Size(size), TensorProperties.create_from_tensor(local[0][1]))
+    props = TensorProperties.create_from_tensor(local[0][1]) if local else \
+        TensorProperties(dtype=always[0], layout=torch.strided, requires_grad=False)
+    layout = ShardedTensorMetadata(metas, torch.Size(size), props)
     return ShardedTensor._init_from_local_shards_and_global_metadata(shards, layout)
 
 
@@ -101,17 +107,26 @@ def _layout(model: ShardedModel, table: str) -> tuple:
     return info.num_embeddings, info.embedding_dim, tiles, rows, sorted({s.cols[0] for s in shards})
 
 
-def model_state(model: ShardedModel, keep_vars: bool = False) -> dict:
+def model_state(model: ShardedModel, keep_vars: bool = False, every_key: bool = False) -> dict:
     """`ShardedModel.state_dict`'s entries (unprefixed): the unsharded model's keys, a table as
-    this rank's live pieces (`_placed`; absent where it holds none), dense values as tensors."""
+    this rank's live pieces (`_placed`; absent where it holds none), dense values as tensors.
+    every_key: in a process group of several ranks, every sharded table as a ShardedTensor on
+    every rank, without local shards where the rank holds none, as TorchRec's state_dict
+    gives it (a data_parallel table, whole on every rank, stays a tensor)."""
     rank, out = _rank(), {}
     dense = model.module.state_dict(keep_vars=keep_vars)
     weights = model.local_shards()
+    spread = every_key and dist.is_initialized() and dist.get_world_size() > 1
+    device = torch.device("cuda", torch.cuda.current_device()) if model.plan.topology.device == "cuda" \
+        else torch.device("cpu")
     for key in model._keys:
         table = model._param_tables.get(key)
         if table in model._tables:
             n, d, tiles, _, _ = _layout(model, table)
-            value = _placed((n, d), [((r[0], c[0]), w) for r, c, w in weights.get(table, [])], tiles, rank)
+            always = (model._tables[table].dtype, device) \
+                if spread and model.plan[table].sharding != "data_parallel" else None
+            value = _placed((n, d), [((r[0], c[0]), w) for r, c, w in weights.get(table, [])], tiles, rank,
+                            always)
             if value is not None:
                 out[key] = value
         elif key in dense or key in model._extra:
@@ -159,7 +174,10 @@ def state_dict(model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = No
     parameters, under ``dense_optimizer``. sparse_optimizer: include the fused optimizer's
     state (a ShardedModel's). template: what `load` reads into (an optimizer without state
     yet gets a stand-in for DCP to overwrite; saved, it has none)."""
-    out = dict(model.state_dict())
+    # a ShardedModel's pieces: only what this rank holds. Not its state_dict(), whose shard-less
+    # ShardedTensors (TorchRec's keys on every rank) made DCP's load of a checkpoint beside the
+    # dense optimizer's state fail ("Missing key in checkpoint state_dict: dense_optimizer.param_groups")
+    out = model_state(model) if isinstance(model, ShardedModel) else dict(model.state_dict())
     reserved = [k for k in out if k == DENSE_OPTIMIZER or k.startswith((DENSE_OPTIMIZER + ".", SPARSE_PREFIX + ".",
                                                                          EXTRA + "."))]
     if reserved:
