@@ -4,6 +4,7 @@ an empty one included."""
 from __future__ import annotations
 
 import copy
+import re
 
 import pytest
 import torch
@@ -190,3 +191,69 @@ def test_the_first_faulty_rank_is_reported(results):
 
 def test_a_good_batch_after_bad_ones(results):
     assert all(r["good_after_bad"] for r in results)
+
+
+# ------------------------------------------------------------------ inputs one rank cannot read
+class _Folded(torch.nn.Module):
+    """An nn.Embedding whose .sum(1) over 2-D ids fxrec folds into a bag lookup."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = torch.nn.Embedding(30, 4)
+
+    def forward(self, ids):
+        return self.emb(ids).sum(1)
+
+
+def _unreadable_worker(rank: int, world: int) -> dict:
+    """On rank 1 only: float ids, a missing KeyedJaggedTensor feature, float64 per-sample
+    weights, 1-D ids where a folded .sum(1) was captured on 2-D ones. Each is refused before
+    any id moves, with the same error on both ranks (none waits in a collective), and
+    the next good batch runs."""
+    out = {}
+    for name, sharding in (("dlrm_lists", "table_wise"), ("dlrm_ebc", "row_wise"), ("weighted_mean", "row_wise"),
+                           ("dlrm_lists", "data_parallel")):
+        case = CASES[name]
+        torch.manual_seed(0)
+        model = case.build()
+        g = torch.Generator().manual_seed(3)
+        batches = [case.draw(g, 3) for _ in range(world)]
+        tables = fxrec.find_tables(model, batches[0])
+        sm = shard(model, Topology(world), batches[rank], constraints={t.name: sharding for t in tables})
+        bad = batches[rank]
+        if rank == 1 and name == "dlrm_lists":
+            dense, offsets, ids = bad
+            bad = (dense, offsets, [i if k != 1 else i.float() for k, i in enumerate(ids)])
+        elif rank == 1 and name == "dlrm_ebc":
+            dense, kjt = bad
+            keys, b = kjt.keys()[:-1], dense.shape[0]
+            lengths = kjt.lengths()[:len(keys) * b]
+            bad = (dense, fxrec.KeyedJaggedTensor.from_lengths_sync(keys=keys, values=kjt.values()[:int(lengths.sum())],
+                                                                   lengths=lengths))
+        elif rank == 1:
+            ids, offsets, w, *rest = bad
+            bad = (ids, offsets, w.double(), *rest)
+        out[f"{name}/{sharding}"] = _expect(lambda: sm(*bad), (TypeError, KeyError, ValueError))
+        with torch.no_grad():
+            sm(*batches[rank])
+    torch.manual_seed(0)
+    model = _Folded()
+    sm = shard(model, Topology(world), (torch.randint(0, 30, (3, 2)),), constraints={"emb": "row_wise"})
+    ids = torch.randint(0, 30, (3,)) if rank == 1 else torch.randint(0, 30, (3, 2))
+    out["folded"] = _expect(lambda: sm(ids), ValueError)
+    return out
+
+
+def test_an_input_one_rank_cannot_read_raises_on_every_rank():
+    results = run_workers(_unreadable_worker, 2, timeout=180)
+    assert results[0] == results[1], results
+    r = results[0]
+    assert r["dlrm_lists/table_wise"] == ("TypeError: rank 1's batch: table 'emb_l.1' (lookup %emb_l_1): ids must be "
+                                          "int64 or int32, got torch.float32")
+    assert r["dlrm_lists/data_parallel"] == r["dlrm_lists/table_wise"]
+    assert re.fullmatch(r"KeyError: \"rank 1's batch: table '\S+' \(lookup %\w+, feature '\w+'\): the feature is "
+                        r"missing from the input\"", r["dlrm_ebc/row_wise"]), r["dlrm_ebc/row_wise"]
+    assert r["weighted_mean/row_wise"] == ("TypeError: rank 1's batch: table 'bag' (lookup %bag): per-sample weights "
+                                           "must have the table's dtype, torch.float32, got torch.float64")
+    assert r["folded"] == ("ValueError: rank 1's batch: table 'emb' (lookup %emb): ids were 2-D when the model was "
+                           "captured (the .sum/.mean after the lookup pools their last dimension), got 1-D ids")

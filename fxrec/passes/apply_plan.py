@@ -145,9 +145,10 @@ def _node_specs(nodes: list[Node], tables: dict) -> tuple[list[NodeSpec], list[S
                 ks.append(len(slots))
                 # EmbeddingCollection ignores per-sample weights
                 slots.append(SlotSpec(n.name, read.table, feature, read.pooling, info.pooling != "none",
-                                      info.num_embeddings, info.embedding_dim, bool(lk.weighted) and lk.kind != "ec"))
+                                      info.num_embeddings, info.embedding_dim, bool(lk.weighted) and lk.kind != "ec",
+                                      info.dtype))
         specs.append(NodeSpec(n.name, lk.kind, tuple(ks), lk.include_last_offset, lk.padding_idx,
-                              lk.pool_node is not None))
+                              None if lk.pool_node is None else lk.pool_dim + 1))
     return specs, slots
 
 

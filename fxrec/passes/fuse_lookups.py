@@ -118,9 +118,10 @@ def _specs(gm: GraphModule, nodes: list[Node]) -> tuple[list[NodeSpec], list[Slo
                 ks.append(len(slots))
                 # an EmbeddingCollection ignores per-sample weights
                 slots.append(SlotSpec(n.name, read.table, feature, read.pooling, pooled[read.table],
-                                      info.num_embeddings, info.embedding_dim, bool(lk.weighted) and lk.kind != "ec"))
+                                      info.num_embeddings, info.embedding_dim, bool(lk.weighted) and lk.kind != "ec",
+                                      info.dtype))
         specs.append(NodeSpec(n.name, lk.kind, tuple(ks), lk.include_last_offset, lk.padding_idx,
-                              lk.pool_node is not None))
+                              None if lk.pool_node is None else lk.pool_dim + 1))
     return specs, slots
 
 

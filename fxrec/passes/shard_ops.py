@@ -43,6 +43,7 @@ class SlotSpec:
     num_embeddings: int
     dim: int
     weighted: bool
+    dtype: Optional[torch.dtype] = None  # the table's: per-sample weights must have it, as in torch
 
 
 @dataclass(frozen=True)
@@ -55,7 +56,7 @@ class NodeSpec:
     slots: tuple[int, ...]
     include_last_offset: bool = False
     padding_idx: Optional[int] = None
-    folded: bool = False  # nn.Embedding folded into its .sum/.mean (pool_node)
+    folded: Optional[int] = None  # nn.Embedding folded into its .sum/.mean (pool_node): the ids' ndim
 
 
 @dataclass
@@ -76,6 +77,7 @@ class SlotInput:
     keep: Optional[Tensor] = None
     jt_lengths: Optional[Tensor] = None
     raw: Optional[tuple[Tensor, int, Optional[int]]] = None
+    bad: Optional[tuple[int, int]] = None  # (reason, detail) of an input that could not be read (`BadInput`)
 
     @property
     def num_bags(self) -> int:
@@ -84,19 +86,75 @@ class SlotInput:
 
 # ------------------------------------------------------------------ inputs
 _ID_DTYPES = (torch.int64, torch.int32)  # what F.embedding / F.embedding_bag take
+# every dtype, in an order all ranks share: a bad input's dtype travels as its position
+DTYPES = sorted({v for v in vars(torch).values() if isinstance(v, torch.dtype)}, key=str)
+# why a slot's input cannot be read at all (`BadInput`), and the exception it raises
+IDS_DTYPE, NO_FEATURE, WEIGHTS_DTYPE, FOLDED_NDIM, BAG_IDS_NDIM, OFFSETS_WITH_2D, OFFSETS_NDIM, WEIGHTS_SHAPE = \
+    range(1, 9)
 
 
-def _int_ids(ids: Tensor, where: str) -> Tensor:
+class BadInput(Exception):
+    """A slot's input that cannot be read (wrong dtype or rank, a missing feature): raised
+    while reading it, as (reason, detail) small ints, so that a sharded unit can send them
+    to the other ranks with its counts and every rank raise the same error
+    (`InputFault.message` words it)."""
+
+    def __init__(self, reason: int, detail: int = 0):
+        super().__init__(reason, detail)
+        self.reason, self.detail = reason, detail
+
+
+def _dtype_code(dtype: torch.dtype) -> int:
+    return DTYPES.index(dtype) if dtype in DTYPES else -1
+
+
+def _say_dtype(code: int) -> str:
+    return str(DTYPES[code]) if 0 <= code < len(DTYPES) else "another dtype"
+
+
+def bad_input_message(slot: "SlotSpec", reason: int, detail: int) -> tuple[type, str]:
+    """(exception type, text) of a `BadInput`, as torch's lookup would word it."""
+    if reason == IDS_DTYPE:
+        return TypeError, f"ids must be int64 or int32, got {_say_dtype(detail)}"
+    if reason == NO_FEATURE:
+        return KeyError, "the feature is missing from the input"
+    if reason == WEIGHTS_DTYPE:
+        return TypeError, (f"per-sample weights must have the table's dtype, {slot.dtype}, got "
+                           f"{_say_dtype(detail)}")
+    if reason == FOLDED_NDIM:
+        return ValueError, (f"ids were {detail // 100}-D when the model was captured (the .sum/.mean after the "
+                            f"lookup pools their last dimension), got {detail % 100}-D ids")
+    if reason == BAG_IDS_NDIM:
+        return ValueError, f"expected 1-D ids with offsets or 2-D ids, got {detail}-D ids"
+    if reason == OFFSETS_WITH_2D:
+        return ValueError, "2-D ids take no offsets"
+    if reason == OFFSETS_NDIM:
+        return ValueError, f"offsets must be 1-D, got {detail}-D offsets"
+    if reason == WEIGHTS_SHAPE:
+        return ValueError, f"per-sample weights must have the ids' shape, got {detail}-D weights"
+    return ValueError, f"unreadable input (reason {reason})"
+
+
+def _int_ids(ids: Tensor) -> Tensor:
     """`ids` flat as int64; other dtypes are refused as the lookup itself would refuse them
     (a float id would otherwise be truncated to a row without a word)."""
     if ids.dtype not in _ID_DTYPES:
-        raise TypeError(f"{where}: ids must be int64 or int32, got {ids.dtype}")
+        raise BadInput(IDS_DTYPE, _dtype_code(ids.dtype))
     return ids.reshape(-1).long()
 
 
-def _bag_lengths(ids: Tensor, offsets: Tensor, include_last: bool, where: str) -> Tensor:
+def _check_weights(slot: "SlotSpec", ids: Tensor, psw: Optional[Tensor]) -> None:
+    if psw is None:
+        return
+    if slot.dtype is not None and psw.dtype != slot.dtype:
+        raise BadInput(WEIGHTS_DTYPE, _dtype_code(psw.dtype))
+    if psw.numel() == ids.numel() and psw.shape != ids.shape:  # (a count that differs: find_fault's)
+        raise BadInput(WEIGHTS_SHAPE, psw.dim())
+
+
+def _bag_lengths(ids: Tensor, offsets: Tensor, include_last: bool) -> Tensor:
     if offsets.dim() != 1:
-        raise ValueError(f"{where}: offsets must be 1-D, got shape {tuple(offsets.shape)}")
+        raise BadInput(OFFSETS_NDIM, offsets.dim())
     offsets = offsets.long()
     if include_last:
         return offsets[1:] - offsets[:-1]
@@ -121,26 +179,29 @@ def _drop_padding(values: Tensor, lengths: Tensor, weights: Optional[Tensor], pa
 
 
 def _bag_slot(spec: NodeSpec, slot: SlotSpec, ids: Tensor, offsets, psw) -> SlotInput:
-    where = f"table {slot.table!r} (lookup %{spec.name})"
     if ids.dim() == 2:
         if offsets is not None:
-            raise ValueError(f"{where}: 2-D ids take no offsets")
+            raise BadInput(OFFSETS_WITH_2D)
         lengths = torch.full((ids.shape[0],), ids.shape[1], dtype=torch.int64, device=ids.device)
     elif ids.dim() == 1 and offsets is not None:
-        lengths = _bag_lengths(ids, offsets, spec.include_last_offset, where)
+        lengths = _bag_lengths(ids, offsets, spec.include_last_offset)
     else:
-        raise ValueError(f"{where}: expected 1-D ids with offsets or 2-D ids, got shape {tuple(ids.shape)}")
+        raise BadInput(BAG_IDS_NDIM, ids.dim())
+    values = _int_ids(ids)
+    _check_weights(slot, ids, psw)
     weights = None if psw is None else psw.reshape(-1)
     raw = (lengths, ids.numel(), None if weights is None else weights.numel()) \
         if spec.padding_idx is not None else None
-    values, kept, weights = _drop_padding(_int_ids(ids, where), lengths, weights, spec.padding_idx)
+    values, kept, weights = _drop_padding(values, lengths, weights, spec.padding_idx)
     divisor = kept.clamp(min=1) if slot.pooling == "mean" else None
     return SlotInput(values, kept, weights, divisor, shape=(kept.numel(),), raw=raw)
 
 
 def _embedding_slot(spec: NodeSpec, slot: SlotSpec, ids: Tensor) -> SlotInput:
-    values = _int_ids(ids, f"table {slot.table!r} (lookup %{spec.name})")
-    if spec.folded:  # pooled over the last dimension: one bag per leading index (no padding_idx)
+    values = _int_ids(ids)
+    if spec.folded is not None:  # pooled over the last dimension: one bag per leading index (no padding_idx)
+        if ids.dim() != spec.folded:  # the .sum/.mean's dim was the ids' last at capture: not now
+            raise BadInput(FOLDED_NDIM, 100 * spec.folded + min(ids.dim(), 99))
         L = ids.shape[-1]
         lengths = torch.full((values.numel() // max(L, 1),), L, dtype=torch.int64, device=ids.device)
         divisor = torch.full_like(lengths, max(L, 1)) if slot.pooling == "mean" else None
@@ -155,18 +216,17 @@ def _kjt_slot(spec: NodeSpec, slot: SlotSpec, kjt) -> SlotInput:
     try:
         jt = kjt[slot.feature]
     except KeyError:  # as the unsharded collection says it, with the lookup
-        raise KeyError(f"table {slot.table!r} (lookup %{spec.name}): feature {slot.feature!r} is missing "
-                       f"from the input; it has keys {list(kjt.keys())}") from None
-    values, lengths = _int_ids(jt.values(), f"table {slot.table!r} (lookup %{spec.name}), feature {slot.feature!r}"), \
-        jt.lengths().long()
+        raise BadInput(NO_FEATURE) from None
+    values, lengths = _int_ids(jt.values()), jt.lengths().long()
     if spec.kind == "ec":
         return SlotInput(values, shape=(values.numel(),), jt_lengths=jt.lengths())
     weights = jt.weights_or_none()
+    _check_weights(slot, jt.values(), weights)
     divisor = lengths.clamp(min=1) if slot.pooling == "mean" else None
     return SlotInput(values, lengths, weights, divisor, shape=(lengths.numel(),))
 
 
-ID_RANGE, NEGATIVE_LENGTH, LENGTHS_SUM, WEIGHTS, WEIGHTS_COUNT = 1, 2, 3, 4, 5  # InputFault kinds
+ID_RANGE, NEGATIVE_LENGTH, LENGTHS_SUM, WEIGHTS, WEIGHTS_COUNT, BAD_INPUT = 1, 2, 3, 4, 5, 6  # InputFault kinds
 
 
 @dataclass(frozen=True)
@@ -176,12 +236,12 @@ class InputFault:
     then every rank raises the same error at the same collective, and no rank is left
     waiting in one for a rank that raised."""
 
-    kind: int   # ID_RANGE, NEGATIVE_LENGTH, LENGTHS_SUM, WEIGHTS or WEIGHTS_COUNT
+    kind: int   # ID_RANGE, NEGATIVE_LENGTH, LENGTHS_SUM, WEIGHTS, WEIGHTS_COUNT or BAD_INPUT
     slot: int
     value: int  # the offending id, the most negative length, what the lengths sum to,
-                # whether per-sample weights came (they did iff the model had none), or
-                # how many came
-    ids: int    # the slot's number of ids
+                # whether per-sample weights came (they did iff the model had none), how
+                # many came, or (BAD_INPUT) the `BadInput` reason
+    ids: int    # the slot's number of ids; (BAD_INPUT) the `BadInput` detail
 
     WIDTH: ClassVar[int] = 4
 
@@ -193,10 +253,17 @@ class InputFault:
         """The fault `ints` encoded, or None for the all-zero row of a clean input."""
         return cls(*map(int, row)) if row[0] else None
 
+    def error(self, slots: Sequence[SlotSpec]) -> type:
+        """The exception type to raise: a `BadInput`'s own (TypeError for a dtype, KeyError
+        for a missing feature), else ValueError."""
+        return bad_input_message(slots[self.slot], self.value, self.ids)[0] if self.kind == BAD_INPUT else ValueError
+
     def message(self, slots: Sequence[SlotSpec]) -> str:
         slot = slots[self.slot]
         feat = f", feature {slot.feature!r}" if slot.feature else ""
         where = f"table {slot.table!r} (lookup %{slot.node}{feat})"
+        if self.kind == BAD_INPUT:
+            return f"{where}: {bad_input_message(slot, self.value, self.ids)[1]}"
         if self.kind == ID_RANGE:
             return f"{where}: id {self.value} outside [0, {slot.num_embeddings})"
         if self.kind == WEIGHTS:
@@ -219,6 +286,9 @@ def _as_given(inp: SlotInput) -> tuple[Optional[Tensor], int, Optional[int]]:
 def find_fault(slots: Sequence[SlotSpec], inputs: list[SlotInput]) -> Optional[InputFault]:
     """The first slot whose per-sample weights come or go against the model's, or whose ids
     are out of range or bag lengths inconsistent; or None. One host sync for the whole unit."""
+    for k, inp in enumerate(inputs):
+        if inp.bad is not None:
+            return InputFault(BAD_INPUT, k, *inp.bad)
     given = [_as_given(inp) for inp in inputs]
     for k, (slot, (_, n, n_w)) in enumerate(zip(slots, given)):
         if (n_w is not None) != slot.weighted:
@@ -247,10 +317,22 @@ def find_fault(slots: Sequence[SlotSpec], inputs: list[SlotInput]) -> Optional[I
 
 
 def check_inputs(slots: Sequence[SlotSpec], inputs: list[SlotInput]) -> None:
-    """Raise ValueError naming the table, lookup, feature and value of `find_fault`'s fault."""
+    """Raise ValueError (a `BadInput`'s TypeError / KeyError) naming the table, lookup,
+    feature and value of `find_fault`'s fault."""
     fault = find_fault(slots, inputs)
     if fault is not None:
-        raise ValueError(fault.message(slots))
+        raise fault.error(slots)(fault.message(slots))
+
+
+def _device_of(args) -> Optional[torch.device]:
+    """The device of a lookup's inputs (a KeyedJaggedTensor's values'), for a stand-in."""
+    for a in args:
+        if isinstance(a, Tensor):
+            return a.device
+        values = getattr(a, "values", None)
+        if callable(values):
+            return values().device
+    return None
 
 
 class GatherInputs(nn.Module):
@@ -268,12 +350,16 @@ class GatherInputs(nn.Module):
         for spec, args in zip(self.nodes, per_node_args):
             for k in spec.slots:
                 slot = self.slots[k]
-                if spec.kind in ("ebc", "ec"):
-                    out[k] = _kjt_slot(spec, slot, args[0])
-                elif spec.kind in ("module_bag", "functional_bag"):
-                    out[k] = _bag_slot(spec, slot, *args)
-                else:
-                    out[k] = _embedding_slot(spec, slot, args[0])
+                try:
+                    if spec.kind in ("ebc", "ec"):
+                        out[k] = _kjt_slot(spec, slot, args[0])
+                    elif spec.kind in ("module_bag", "functional_bag"):
+                        out[k] = _bag_slot(spec, slot, *args)
+                    else:
+                        out[k] = _embedding_slot(spec, slot, args[0])
+                except BadInput as e:  # an empty stand-in that carries why (find_fault reports it)
+                    empty = torch.zeros(0, dtype=torch.int64, device=_device_of(args))
+                    out[k] = SlotInput(empty, empty, shape=(0,), bad=(e.reason, e.detail))
         if self.check:
             check_inputs(self.slots, out)
         return out

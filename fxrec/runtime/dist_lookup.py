@@ -171,7 +171,7 @@ def raise_first_fault(rows: list[list[int]], slots) -> None:
     for s, row in enumerate(rows):
         fault = InputFault.from_ints(row[-InputFault.WIDTH:])
         if fault is not None:
-            raise ValueError((f"rank {s}'s batch: " if len(rows) > 1 else "") + fault.message(slots))
+            raise fault.error(slots)((f"rank {s}'s batch: " if len(rows) > 1 else "") + fault.message(slots))
 
 
 class FaultSend(nn.Module):
