@@ -165,7 +165,8 @@ def freeze(optimizer, tables: Iterable[str]):
     named = sorted(t for t in tables if optimizer.tables.get(t) is not None)
     if named:
         raise ValueError(f"PerTable names an optimizer for table(s) {named}, whose weight is frozen "
-                         f"(requires_grad=False, or a buffer): unfreeze them, or leave them out of the PerTable")
+                         f"(requires_grad=False, or a buffer), or which the model looks up only with gradients "
+                         f"off (torch.no_grad()): unfreeze them, or leave them out of the PerTable")
     return PerTable({**optimizer.tables, **{t: None for t in tables}}, default=optimizer.default)
 
 

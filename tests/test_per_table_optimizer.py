@@ -169,10 +169,10 @@ def test_frozen_tables_stay_frozen_under_a_new_optimizer():
     case = CASES["odd_tables"]
     model, _, batches, _ = case.setup(1, B, seed=1)
     sm = shard(model, Topology(1), batches[0], sparse_optimizer=RowWiseAdagrad(0.1))
-    assert sm.frozen == ("pre", "codes")
+    assert sm.frozen == ("pre", "codes", "negs")  # negs: looked up only under no_grad
     sm.sparse_optimizer = RowWiseAdagrad(0.05)
     optimizers = {key.rpartition("@")[0]: opt for key, opt in _fused_optimizers(sm).items()}
-    assert optimizers["pre"] is None and optimizers["codes"] is None
+    assert optimizers["pre"] is None and optimizers["codes"] is None and optimizers["negs"] is None
     assert optimizers["user"] == optimizers["hist"] == RowWiseAdagrad(0.05)
     state = sm.local_optimizer_state()
     assert all(not st for t in ("pre", "codes") for *_, st in state[t]) and all(st for *_, st in state["user"])
