@@ -236,13 +236,19 @@ def _main(args) -> dict[str, float]:
         raise SystemExit("dlrm_train: --pipeline trains a sharded model: add --shard")
     rank, world = _init_distributed(args)
     torch.manual_seed(args.seed)  # the same model on every rank
-    first = fxrec.checkpoint.read_extra(args.resume)["step"] if args.resume else 0
-    train, val, num_tables, num_dense = data_streams(args, world, start=first)
+    try:  # a missing or damaged file: one line naming it, not a traceback
+        first = fxrec.checkpoint.read_extra(args.resume)["step"] if args.resume else 0
+        train, val, num_tables, num_dense = data_streams(args, world, start=first)
+    except (OSError, ValueError, KeyError) as e:
+        raise SystemExit(f"dlrm_train: {e}") from None
     model = build_model(args, num_tables, num_dense)
     device = _device(args)
     model, optimizer = make_trainable(args, model.to(device), _local(val[0], rank, world, device), rank, world)
     if args.resume:
-        fxrec.checkpoint.load(model, args.resume, optimizer=optimizer)
+        try:
+            fxrec.checkpoint.load(model, args.resume, optimizer=optimizer)
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"dlrm_train: {e}") from None
         if rank == 0:
             print(f"resumed from {args.resume} at step {first}")
     start = time.perf_counter()

@@ -81,9 +81,12 @@ def main(argv=None) -> dict[str, float]:
         raise SystemExit(f"two_tower_train: --history-length must be >= 1 (the query tower reads it), "
                          f"got {args.history_length}")
     torch.manual_seed(args.seed)
-    inter = (load_movielens(args.movielens) if args.movielens
-             else synthetic_interactions(num_users=args.num_users, num_items=args.num_items,
-                                    num_interactions=args.num_interactions, seed=args.seed))
+    try:  # a missing or damaged file: one line naming it, not a traceback
+        inter = (load_movielens(args.movielens) if args.movielens
+                 else synthetic_interactions(num_users=args.num_users, num_items=args.num_items,
+                                             num_interactions=args.num_interactions, seed=args.seed))
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"two_tower_train: {e}") from None
     train, test = leave_last_out(inter)
     batches = TwoTowerBatches(train, args.batch_size, history_length=args.history_length, seed=args.seed)
     test_batches = TwoTowerBatches(test, 256, history_length=args.history_length, history_from=train, shuffle=False)

@@ -58,6 +58,16 @@ def test_dlrm_demo_rejects_too_little_data(tmp_path):
         _load("dlrm_train").main(["--criteo-tsv", str(path), "--batch-size", "64"])
 
 
+@pytest.mark.parametrize("demo, argv, message", [
+    ("dlrm_train", ["--resume", "{tmp}/none"], r"^dlrm_train: fxrec.checkpoint.read_extra: no checkpoint at '.*none'"),
+    ("dlrm_train", ["--criteo-tsv", "{tmp}/none.tsv"], r"^dlrm_train: CriteoTsvReader: no such file .*none.tsv"),
+    ("two_tower_train", ["--movielens", "{tmp}/none"], r"^two_tower_train: .*none: no such file or directory"),
+])
+def test_demos_name_a_missing_file_in_one_line(tmp_path, demo, argv, message):
+    with pytest.raises(SystemExit, match=message):
+        _load(demo).main([a.format(tmp=tmp_path) for a in argv])
+
+
 def test_two_tower_demo_beats_chance(capsys):
     result = _load("two_tower_train").main(["--epochs", "2", "--num-users", "200", "--num-items", "300",
                                             "--num-interactions", "8000", "--batch-size", "256"])
