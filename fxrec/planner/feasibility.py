@@ -34,13 +34,25 @@ def _row_wise_shard_bytes(spec, topology, world_size: int, batch_size: int, opti
 
 
 def _ranks_needed(spec, topology, batch_size: int, optimizer) -> int | None:
-    """The smallest multiple of the node size (doubling) on which row-wise fits."""
+    """The smallest multiple of the node size on which row-wise fits: doubling the world
+    size until it does, then bisecting between the last two sizes (the largest shard only
+    shrinks as ranks are added)."""
+    def fits(w: int) -> bool:
+        return _row_wise_shard_bytes(spec, topology, w, batch_size, optimizer) <= topology.memory_per_rank
+
     w = topology.world_size
     for _ in range(24):
+        if fits(2 * w):
+            break
         w *= 2
-        if _row_wise_shard_bytes(spec, topology, w, batch_size, optimizer) <= topology.memory_per_rank:
-            return w
-    return None
+    else:
+        return None
+    step = topology.ranks_per_node
+    lo, hi = w // step, 2 * w // step  # in nodes: lo does not fit, hi does
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if fits(mid * step) else (mid, hi)
+    return hi * step
 
 
 def _fixes(spec, topology, batch_size: int, optimizer) -> list[str]:
