@@ -93,6 +93,16 @@ def test_plan_uses_exact_search_on_small_instances():
     assert fxrec.plan(tables, topo, search="heuristic").stats["method"] == "heuristic"
 
 
+def test_an_exact_search_that_finds_nothing_better_says_so():
+    """On 16 ranks the branch and bound runs out of its budget before it beats or proves the
+    heuristic's plan: the plan is the heuristic's, and its stats say the exact search ran."""
+    topo = Topology(16, ranks_per_node=8, device="cuda")
+    tables, _ = instance(0, 10, topo)
+    plan = fxrec.plan(tables, topo, search="exact")
+    assert plan.stats["method"] == "heuristic (exact search: nothing better within its budget)"
+    assert "search: heuristic (exact search: nothing better within its budget)" in plan.explain()
+
+
 def test_medium_instance_is_close_to_the_lower_bound():
     topo = Topology(32, device="cuda")
     rng = np.random.default_rng(12)

@@ -26,7 +26,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--table-optimizer", action="append", default=[], metavar="TABLE=OPTIMIZER",
                    help="this table's own sparse optimizer (fxrec.optim.PerTable; repeatable); "
                         "--optimizer serves the others")
-    p.add_argument("--search", choices=("auto", "heuristic", "exact"), default="auto")
+    p.add_argument("--search", choices=("auto", "heuristic", "exact"), default="auto",
+                   help="exact: branch and bound from the heuristic's plan, within a budget of steps (small "
+                        "instances); auto: exact where the instance is small (default: %(default)s)")
     p.add_argument("--hedge", type=float, default=0.005, metavar="FRACTION",
                    help="on several nodes, the share of the busiest rank's time the plan may give up to stay "
                         "balanced if intra-node links were as slow as the NIC (0: off; default 0.005)")

@@ -277,6 +277,8 @@ def _search(options, topology, search: str, slack: float):
                          max_rank_time=result.makespan)
         elif best is not None and result.optimal:
             stats["method"] = "heuristic (proved optimal)"
+        elif best is not None:  # the exact search ran out of budget before beating or proving it
+            stats["method"] = "heuristic (exact search: nothing better within its budget)"
     if best is None:
         return None, stats
     stats.pop("failed")
