@@ -131,6 +131,16 @@ def test_errors_exit_2_with_one_line(capsys, tmp_path, spec, message):
     assert err.count("\n") == 1 and re.match(message, err)
 
 
+@pytest.mark.parametrize("target, options, message", [
+    ("no_tables", [], "fxrec dump: cannot shard: fxrec.plan: no tables to plan\n"),
+    ("dlrm_lists", ["--batch-size", "0"],
+     "fxrec dump: cannot shard: fxrec.plan: batch_size must be a positive integer, got 0\n"),
+])
+def test_what_cannot_be_sharded_exits_2_with_one_line(capsys, target, options, message):
+    rc, out, err = _dump(capsys, f"{ZOO}:{target}", "--world-size", "2", *options)
+    assert (rc, out, err) == (2, "", message)
+
+
 def test_unknown_after_pass(capsys):
     rc, _, err = _dump(capsys, f"{ZOO}:no_tables", "--after", "nope")
     assert rc == 2 and err == ("fxrec dump: unknown pass 'nope' for --after; choose from: capture, "

@@ -104,6 +104,8 @@ def build_dump(model, example_inputs: tuple, *, after: str | None = None, fmt: s
             raise DumpError(f"no plan fits: {e.__cause__}") from None
         if weight_dtype is not None and isinstance(e.__cause__, ValueError):  # a bad type or dim
             raise DumpError(f"--weight-dtype {weight_dtype}: {e.__cause__}") from None
+        if e.pass_name == "apply_plan" and isinstance(e.__cause__, ValueError):  # no tables, a bad batch size
+            raise DumpError(f"cannot shard: {e.__cause__}") from None
         raise
     if topology is not None and ctx.plan is None:  # shown before apply_plan: plan anyway
         ctx.plan = _plan(ctx, topology, batch_size, constraints)
