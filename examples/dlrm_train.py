@@ -21,7 +21,7 @@ batches that follow.
 `--shard --pipeline` trains through `fxrec.runtime.pipeline.TrainPipeline`: each next batch's
 ids are sent to their shards while the current batch trains (the same results).
 
-Inference: `--quantize int8` (or int4, int2, fp16; repeatable) lowers the trained model with
+Inference: `--quantize int8` (or int4, int2, fp16, fp32; repeatable) lowers the trained model with
 `fxrec.lower_for_inference` (tables quantized row-wise, one fused lookup per group) and
 reports its validation AUC and NE beside the float model's. A sharded model is gathered
 first (`full_state_dict`) and lowered on rank 0.
@@ -71,7 +71,8 @@ def parse_args(argv=None):
                    help="with --shard: train through fxrec's TrainPipeline (the next batch's ids travel early)")
     p.add_argument("--quantize", action="append", default=[], metavar="TYPE",
                    choices=["int8", "int4", "int2", "fp16", "fp32"],
-                   help="after training, also evaluate the model lowered for inference with tables of TYPE")
+                   help="after training, also evaluate the model lowered for inference with tables of TYPE "
+                        "(int8, int4, int2, fp16 or fp32; repeatable)")
     return p.parse_args(argv)
 
 
