@@ -186,7 +186,7 @@ def test_replicated_unit_checks_before_its_lookup(results):
 def test_the_first_faulty_rank_is_reported(results):
     for r in results:
         assert r["both_bad"].startswith("ValueError: rank 0's batch: table 'emb_l.2' (lookup %emb_l_2): bag length -")
-        assert "is negative (offsets must not decrease)" in r["both_bad"]
+        assert "is negative (offsets must not decrease, nor pass the number of ids, " in r["both_bad"]
 
 
 def test_a_good_batch_after_bad_ones(results):

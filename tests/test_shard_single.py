@@ -233,7 +233,8 @@ class _PaddedBags(nn.Module):
 @pytest.mark.parametrize("offsets, error", [
     ([0, 2], None),
     ([0, 0, 5], None),  # an empty bag, and a bag at the very end holding no id
-    ([0, 3, 2], r"table 'bags' \(lookup %bags\): bag length -1 is negative \(offsets must not decrease\)"),
+    ([0, 3, 2], r"table 'bags' \(lookup %bags\): bag length -1 is negative \(offsets must not decrease, nor pass "
+                r"the number of ids, \d+\)"),
     ([1, 2], r"table 'bags' \(lookup %bags\): bag lengths sum to 4 but there are 5 ids"),
     ([0, 9], r"bag length -4 is negative"),
 ])

@@ -272,7 +272,8 @@ class InputFault:
         if self.kind == WEIGHTS_COUNT:
             return f"{where}: {self.value} per-sample weights for {self.ids} ids"
         if self.kind == NEGATIVE_LENGTH:
-            return f"{where}: bag length {self.value} is negative (offsets must not decrease)"
+            return (f"{where}: bag length {self.value} is negative (offsets must not decrease, nor pass the "
+                    f"number of ids, {self.ids})")
         return f"{where}: bag lengths sum to {self.value} but there are {self.ids} ids"
 
 
