@@ -603,3 +603,29 @@ def test_fusing_for_quantization_makes_no_float_copy():
     assert lookups and all(f.weights.is_meta for m in lookups for f in m.fused_modules())
     source = lookups[0].source_weights
     assert all(source[f"emb_l.{i}"] is model.emb_l[i].weight for i in range(3))  # the user's own tensors
+
+
+class _NeedsExport(nn.Module):
+    """fx cannot trace `int(offsets.shape[0])`: torch.export captures it, which fixes `scale`."""
+
+    def __init__(self):
+        super().__init__()
+        self.e, self.lin = nn.EmbeddingBag(50, 4, mode="sum"), nn.Linear(4, 1)
+
+    def forward(self, ids, offsets, scale: float = 1.0):
+        y = self.e(ids, offsets) + torch.zeros(int(offsets.shape[0]), 1)
+        return self.lin(y) * scale
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_an_exported_capture_names_the_arguments_it_fixed():
+    model = _NeedsExport().eval()
+    ids, offsets = torch.tensor([1, 2, 3, 4, 5]), torch.tensor([0, 2])
+    lowered = fxrec.lower_for_inference(model, (ids, offsets), weight_dtype="int8")
+    assert lowered.meta[L.CAPTURED_BY] == "export"
+    with torch.no_grad():
+        torch.testing.assert_close(lowered(ids, offsets), model(ids, offsets))
+        for kwargs, args in (({}, (3.0,)), ({"scale": 3.0}, ())):
+            with pytest.raises(TypeError, match=r"captured by torch.export .* with its 2 example input\(s\), which "
+                                                r"fixes the other arguments at their values then \(scale=1.0\)"):
+                lowered(ids, offsets, *args, **kwargs)

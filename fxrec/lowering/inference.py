@@ -102,6 +102,8 @@ def lower_for_inference(model: nn.Module, example_inputs, weight_dtype: Union[st
         raise ValueError(f"table(s) {meta} are on the meta device: there are no values to quantize "
                          f"(load the trained weights first)")
     gm = run_passes(gm, ctx, passes=_after("group_tables"))
+    if gm.meta.get(L.CAPTURED_BY) == "export":
+        gm.register_forward_pre_hook(_exported_call_check(model, len(inputs)), with_kwargs=True, prepend=True)
     _own_dense_state(gm)
     try:
         gm.eval()
@@ -114,6 +116,28 @@ def lower_for_inference(model: nn.Module, example_inputs, weight_dtype: Union[st
                       f"{'; '.join(why) or 'their lookups were not fused'}", stacklevel=2)
     gm.meta[LOG] = list(ctx.log)
     return gm
+
+
+def _exported_call_check(model: nn.Module, arity: int):
+    """A pre-hook refusing, by name, the arguments torch.export fixed: it captured forward
+    with the example's `arity` positional inputs, and the rest of forward's parameters (a
+    float `scale`, a flag) at their defaults, as constants of the graph."""
+    import inspect
+
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        params = []
+    fixed = [f"{p.name}={p.default!r}" for p in params[arity:] if p.default is not inspect.Parameter.empty]
+
+    def hook(_module, args, kwargs):
+        if len(args) != arity or kwargs:
+            got = f"{len(args)} positional argument(s)" + (f" and keyword(s) {sorted(kwargs)}" if kwargs else "")
+            raise TypeError(f"fxrec.lower_for_inference: the model was captured by torch.export (fx could not "
+                            f"trace it) with its {arity} example input(s), which fixes the other arguments at "
+                            f"their values then" + (f" ({', '.join(fixed)})" if fixed else "")
+                            + f"; call it with {arity} positional input(s), got {got}")
+    return hook
 
 
 def _after(name: str) -> list:
