@@ -348,12 +348,9 @@ class _Negatives(torch.nn.Module):
         return torch.stack([(uv * p).sum(1), (uv * n).sum(1)], 1)
 
 
-def test_a_lookup_under_no_grad_is_left_to_the_users_optimizer():
-    """dynamo records the no_grad block; its table is not fused (its fused optimizer could not
-    tell that read from the others), so three steps equal eager SGD."""
-    model = _Negatives()
-    reference = copy.deepcopy(model)
-    compiled = torch.compile(model, backend="fxrec", options={"sparse_optimizer": fxrec.optim.SGD(lr=0.1)})
+def _three_sgd_steps_equal_eager(model, reference, compiled) -> None:
+    """Three SGD steps of `compiled` (over `model`) and of the eager `reference` on negatives
+    batches leave the same state."""
     optimizers = [torch.optim.SGD(m.parameters(), lr=0.1) for m in (model, reference)]
     for step in range(3):
         g = torch.Generator().manual_seed(step)
@@ -365,6 +362,15 @@ def test_a_lookup_under_no_grad_is_left_to_the_users_optimizer():
             opt.step()
     for (k, a), b in zip(model.state_dict().items(), reference.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_a_lookup_under_no_grad_is_left_to_the_users_optimizer():
+    """dynamo records the no_grad block; its table is not fused (its fused optimizer could not
+    tell that read from the others), so three steps equal eager SGD."""
+    model = _Negatives()
+    reference = copy.deepcopy(model)
+    compiled = torch.compile(model, backend="fxrec", options={"sparse_optimizer": fxrec.optim.SGD(lr=0.1)})
+    _three_sgd_steps_equal_eager(model, reference, compiled)
     logs = [line for g in B.compiled for line in g.meta["fxrec_log"]]
     assert any("left table 'item' dense: %n reads it with gradients off" in line for line in logs), logs
     assert [m.layout.names for m in _fused_modules()] == [("user",)]
@@ -390,17 +396,7 @@ def test_a_table_read_only_under_no_grad_is_fused_frozen():
     reference = copy.deepcopy(model)
     compiled = torch.compile(model, backend="fxrec", options={"sparse_optimizer": fxrec.optim.SGD(lr=0.1),
                                                              "dense": "eager"})
-    optimizers = [torch.optim.SGD(m.parameters(), lr=0.1) for m in (model, reference)]
-    for step in range(3):
-        g = torch.Generator().manual_seed(step)
-        x = (torch.randint(0, 20, (4,), generator=g), torch.randint(0, 30, (4,), generator=g),
-             torch.randint(0, 30, (4,), generator=g))
-        for run, opt in zip((compiled, reference), optimizers):
-            opt.zero_grad()
-            run(*x).square().mean().backward()
-            opt.step()
-    for (k, a), b in zip(model.state_dict().items(), reference.state_dict().values()):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=k)
+    _three_sgd_steps_equal_eager(model, reference, compiled)
     assert {m.layout.names: m.optimizer for m in _fused_modules()} == {("user", "item"): fxrec.optim.SGD(lr=0.1),
                                                                         ("negs",): None}
     logs = "\n".join(line for g in B.compiled for line in g.meta["fxrec_log"])
