@@ -437,7 +437,9 @@ def fxrec_backend(gm: GraphModule, example_inputs, options: Optional[dict] = Non
 
     tables = _lookup_tables(gm, example_inputs)
     if not tables:
-        return whole("backend: no embedding lookup reads a parameter in this graph")
+        return whole("backend: no embedding lookup reads a parameter in this graph (a lookup dynamo ran "
+                     "outside its graphs, at a graph break, runs as the model wrote it: "
+                     "torch._dynamo.explain(model)(*inputs) shows the breaks)")
     quantize = opts.get("weight_dtype") is not None
     wants_grad = torch.is_grad_enabled() and any(p.requires_grad for _, p in tables.values())
     if wants_grad and quantize:
