@@ -381,15 +381,20 @@ class _Rebinding:
         from fxrec.lowering.tbe import FusedEmbeddingBags
 
         self.run = run
-        self.slots = []  # (input position, table name, fused module)
+        self.slots = []  # [input position, table name, fused module, where its view starts]
         for module in gm.modules():
             if isinstance(module, FusedEmbeddingBags):
-                self.slots += [(where[name], name, module) for name in module.layout.names if name in where]
+                views = module.table_weights()
+                self.slots += [[where[n], n, module, views[n].data_ptr()] for n in module.layout.names if n in where]
 
     def __call__(self, *args):
-        for i, name, module in self.slots:
+        for slot in self.slots:
+            i, name, module, start = slot
             param = args[i]
+            if param.data_ptr() == start:  # every call but one after a replacement: no view built
+                continue
             view = module.table_weights()[name]
+            slot[3] = view.data_ptr()
             if param.data_ptr() == view.data_ptr() and _aliased(param) is not None:
                 continue
             if param.shape != view.shape or param.dtype != view.dtype:

@@ -133,10 +133,16 @@ class SplitOutputs(nn.Module):
         self.cols = cols
 
     def forward(self, places: list[Place], pooled: Optional[Tensor], unpooled: list[Tensor]) -> list[Tensor]:
+        # One split into the tables' column blocks, not a 2-D slice per slot: autograd gives a
+        # slice's gradient the shape of the sliced tensor, so each slot's backward filled a whole
+        # B x sum(dims) tensor with zeros (T tables: T^2 B D work); a split's backward is one cat.
+        blocks = pooled.split([b - a for a, b in zip(self.cols, self.cols[1:])], dim=1) \
+            if pooled is not None else ()
         out = []
         for p in places:
             if p.pooled:
-                out.append(pooled[p.start:p.start + p.count, self.cols[p.table]:self.cols[p.table + 1]])
+                block = blocks[p.table]
+                out.append(block if p.start == 0 and p.count == block.shape[0] else block[p.start:p.start + p.count])
             else:
                 out.append(unpooled[p.table][p.start:p.start + p.count])
         return out
