@@ -252,3 +252,37 @@ def row_sq_sums(layout: TBELayout, grad_output: Tensor, indices: Tensor, offsets
         for i, t in enumerate(group):
             out[t] = (uniq[cut[i]:cut[i + 1]] - bases[i], sums[cut[i]:cut[i + 1]])
     return out
+
+
+def merge_calls(layout: TBELayout, calls: list) -> tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
+    """Several lookups' ``(grad_output, indices, offsets, per_sample_weights)`` on one layout as
+    one call's: table t's bags (their ids, weights and gradient rows) of each call in turn,
+    as if the calls' batches had been one batch. The fused update of the result is the
+    update of each row's gradient summed over every call, as the unfused model's optimizer
+    step sees it. A call without per-sample weights, beside one with, weighs its ids 1."""
+    T = layout.num_tables
+    lengths, ids, weights, grads = [], [[] for _ in range(T)], [[] for _ in range(T)], [[] for _ in range(T)]
+    weighted = any(c[3] is not None for c in calls)
+    dtype = calls[0][1].dtype if all(c[1].dtype == calls[0][1].dtype for c in calls) else torch.int64
+    for grad, indices, offsets, psw in calls:
+        B = layout.batch_size(offsets)
+        off = offsets.long()
+        lengths.append((off[1:] - off[:-1]).view(T, B))
+        bounds = off[::B].tolist() if B else [0] * (T + 1)
+        w = psw if psw is not None or not weighted else torch.ones(indices.numel(), device=indices.device)
+        blocks = layout.split_unpooled(grad, offsets) if not layout.pooled else None
+        for t in range(T):
+            ids[t].append(indices[bounds[t]:bounds[t + 1]].to(dtype))
+            if weighted:
+                weights[t].append(w[bounds[t]:bounds[t + 1]].float())
+            if blocks is not None:
+                grads[t].append(blocks[t].reshape(-1))
+    merged = torch.cat(lengths, dim=1).reshape(-1)
+    offsets = torch.cat([merged.new_zeros(1), merged.cumsum(0)]).to(calls[0][2].dtype)
+    indices = torch.cat([x for per in ids for x in per])
+    psw = torch.cat([x for per in weights for x in per]) if weighted else None
+    if layout.pooled:  # batch-major rows: one call's batch after another's
+        grad = torch.cat([c[0] for c in calls], dim=0)
+    else:  # table-major blocks of rows
+        grad = torch.cat([x for per in grads for x in per])
+    return grad, indices, offsets, psw

@@ -18,7 +18,7 @@ from fxrec.optim import OPTIMIZERS
 
 from . import registry
 from .layout import TBELayout, check_devices, check_inputs, in_table_order, table_position
-from .sparse_update import ROW_STATE, init_state
+from .sparse_update import ROW_STATE, init_state, merge_calls
 from .torch_ref import per_sample_weights_grad
 
 __all__ = ["FusedEmbeddingBags", "TBELayout"]
@@ -48,7 +48,7 @@ class _FusedLookup(torch.autograd.Function):
         if ctx.update_hook is not None:
             ctx.update_hook(owner, grad_output, indices, offsets, psw)
         elif owner.optimizer is not None:
-            owner.update(grad_output, indices, offsets, psw)
+            owner.update_after_backward(grad_output, indices, offsets, psw)
         return None, psw_grad, None, None, None, None
 
 
@@ -93,6 +93,7 @@ class FusedEmbeddingBags(nn.Module):
         # Autograd needs an input that requires grad to call our backward; the weights
         # are a buffer (they get no gradient), so this empty tensor stands in.
         self._anchor = torch.empty(0, requires_grad=True)
+        self._pending: Optional[tuple[int, list]] = None  # (backward's graph task, its calls): update_after_backward
         if initialize and self.weights.device.type != "meta":
             with torch.no_grad():
                 for table in self.split_weights():
@@ -170,6 +171,24 @@ class FusedEmbeddingBags(nn.Module):
         if self.layout.pooled:
             return impl(self.weights, self.layout, indices, offsets, psw)
         return impl(self.weights, self.layout, indices, offsets)
+
+    def update_after_backward(self, grad_output: Tensor, indices: Tensor, offsets: Tensor,
+                              psw: Optional[Tensor]) -> None:
+        """`update` once the running backward is done, with every lookup of this module it
+        backpropagated through (`merge_calls`): a row two calls touched (a graph that dynamo
+        broke around each feature of a shared table, a model called twice before one
+        backward) is updated once, with its summed gradient, as an optimizer step after
+        backward would; updating per call would apply RowWiseAdagrad and Adam twice."""
+        task = torch._C._current_graph_task_id()
+        if self._pending is None or self._pending[0] != task:  # (left from a backward that failed: dropped)
+            self._pending = (task, [])
+            torch.autograd.Variable._execution_engine.queue_callback(self._run_pending)
+        self._pending[1].append((grad_output, indices, offsets, psw))
+
+    def _run_pending(self) -> None:
+        _, calls = self._pending
+        self._pending = None
+        self.update(*(calls[0] if len(calls) == 1 else merge_calls(self.layout, calls)))
 
     def update(self, grad_output: Tensor, indices: Tensor, offsets: Tensor, psw: Optional[Tensor]) -> None:
         """The fused backward + optimizer update of the rows `indices` touched, in place."""

@@ -218,7 +218,7 @@ class _Replicated(torch.autograd.Function):
         owner, inputs = ctx.owner, ctx.inputs
         weights = [w if w.numel() else None for w in ctx.saved_tensors]
         psw_grads = owner._psw_grads(inputs, grads, weights, ctx.needs_input_grad[3:])
-        owner._update(inputs, grads, weights)
+        owner._update_after_backward(inputs, grads, weights)
         return (None, None, None) + tuple(psw_grads)
 
 
@@ -233,6 +233,7 @@ class ReplicatedLookup(nn.Module):
         self.slots, self.optimizer, self.world_size, self.group = list(slots), optimizer, world_size, group
         self.tables = list(dict.fromkeys(s.table for s in self.slots))
         self._anchor = torch.empty(0, requires_grad=True)
+        self._pending: Optional[tuple[int, list]] = None  # (backward's graph task, its sums): _update_after_backward
         self._state: list[dict] = []
         for i, name in enumerate(self.tables):
             full = init[name]
@@ -285,16 +286,34 @@ class ReplicatedLookup(nn.Module):
         return out
 
     @torch.no_grad()
-    def _update(self, inputs, grads, weights) -> None:
-        # One all-reduce: each table's dense grad with a touched-count column.
-        acc = [torch.zeros(self.table(n).shape[0], self.table(n).shape[1] + 1, dtype=torch.float32,
-                           device=self.table(n).device) for n in self.tables]
+    def _update_after_backward(self, inputs, grads, weights) -> None:
+        """Add this call's gradients to the running backward's sums; `_update` runs once that
+        backward is done, with every call of this module it went through (a model called
+        twice before one backward updates each row once, with its summed gradient, as
+        FusedEmbeddingBags.update_after_backward does). Every rank queues it at the same
+        point of the same backward, so the all-reduce in it meets the others'."""
+        task = torch._C._current_graph_task_id()
+        if self._pending is None or self._pending[0] != task:  # (left from a backward that failed: dropped)
+            acc = [torch.zeros(self.table(n).shape[0], self.table(n).shape[1] + 1, dtype=torch.float32,
+                               device=self.table(n).device) for n in self.tables]
+            self._pending = (task, acc)
+            torch.autograd.Variable._execution_engine.queue_callback(self._run_pending)
+        acc = self._pending[1]
         for slot, inp, g, w in zip(self.slots, inputs, grads, weights):
             if g is None:
                 continue
             occ = self._occurrence_grads(slot, inp, g, w).float()
             occ = torch.cat([occ, torch.ones(occ.shape[0], 1, device=occ.device)], dim=1)
             acc[self.tables.index(slot.table)].index_add_(0, inp.values, occ)
+
+    def _run_pending(self) -> None:
+        _, acc = self._pending
+        self._pending = None
+        self._update(acc)
+
+    @torch.no_grad()
+    def _update(self, acc: list[Tensor]) -> None:
+        # One all-reduce: each table's dense grad with a touched-count column.
         flat = comm.all_reduce(torch.cat([a.reshape(-1) for a in acc]), "sum", group=self.group)
         for i, (name, a) in enumerate(zip(self.tables, flat.split([a.numel() for a in acc]))):
             a = a.view(-1, self.table(name).shape[1] + 1)
