@@ -36,7 +36,7 @@ def double_negate_output(gm: GraphModule, ctx) -> GraphModule:
 
 
 def test_default_order():
-    assert DEFAULT[:3] == ["detect_embeddings", "guard_inplace", "group_tables"]
+    assert DEFAULT[:4] == ["detect_embeddings", "guard_inplace", "hoist_inputs", "group_tables"]
 
 
 def test_new_nodes_are_stamped_with_their_pass():
@@ -71,7 +71,7 @@ def test_disable_and_until(disable, until, expected):
 @pytest.mark.parametrize("kwargs", [{"disable": ["nope"]}, {"until": "nope"}])
 def test_unknown_pass_name(kwargs):
     _, _, _, gm, ctx = _captured()
-    with pytest.raises(ValueError, match="unknown pass .nope.; the passes are: detect_embeddings, guard_inplace, "
+    with pytest.raises(ValueError, match="unknown pass .nope.; the passes are: detect_embeddings, guard_inplace, hoist_inputs, "
                                          "group_tables, apply_plan, fuse_lookups"):
         run_passes(gm, ctx, **kwargs)
 

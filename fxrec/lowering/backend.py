@@ -424,6 +424,7 @@ def fxrec_backend(gm: GraphModule, example_inputs, options: Optional[dict] = Non
     from fxrec.passes.fuse_lookups import fuse_lookups_pass
     from fxrec.passes.group_tables import group_tables_pass
     from fxrec.passes.guard_inplace import guard_inplace_pass
+    from fxrec.passes.hoist_inputs import hoist_inputs_pass
     from fxrec.passes.quantize_tables import quantize_tables_pass
     from fxrec.passes.runner import PassContext, run_passes
 
@@ -460,6 +461,7 @@ def fxrec_backend(gm: GraphModule, example_inputs, options: Optional[dict] = Non
         "output_dtype": opts.get("output_dtype"), "bounds_check": opts.get("bounds_check", True)})
     gm = run_passes(gm, ctx, passes=[("detect_embeddings", detect_embeddings_pass),
                                      ("guard_inplace", guard_inplace_pass),
+                                     ("hoist_inputs", hoist_inputs_pass),
                                      ("group_tables", group_tables_pass)])
     if wants_grad:  # frozen tables (requires_grad=False) are read, not trained
         ctx.options["sparse_optimizer"] = freeze(ctx.options["sparse_optimizer"], gm.meta[L.FROZEN_TABLES])

@@ -19,6 +19,7 @@ from fxrec.passes.fuse_lookups import fuse_lookups_pass
 from fxrec.passes.grad_mode import changed_states
 from fxrec.passes.group_tables import group_tables_pass
 from fxrec.passes.guard_inplace import guard_inplace_pass
+from fxrec.passes.hoist_inputs import hoist_inputs_pass
 from fxrec.passes.quantize_tables import quantize_tables_pass
 from fxrec.passes.schedule_overlap import schedule_overlap_pass
 from fxrec.types import TableInfo
@@ -45,6 +46,8 @@ PASSES: list[tuple[str, PassFn]] = [
     ("detect_embeddings", detect_embeddings_pass),
     # Lookups about to move read their ids, and give their results, as where the model made them.
     ("guard_inplace", guard_inplace_pass),
+    # The ids of lookups that only wait on graph order are indexed early, so they share a unit.
+    ("hoist_inputs", hoist_inputs_pass),
     ("group_tables", group_tables_pass),
     # Needs ctx.topology; without one it leaves the graph as it is (plain capture, dump).
     ("apply_plan", apply_plan_pass),
