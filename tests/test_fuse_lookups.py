@@ -190,7 +190,8 @@ def _mixed_dims():
     ("seq_attention", {}, {"unpooled": {"unpooled_forward": FB, "backward_update": FB}}),
     # fbgemm has no CPU Adam: its update falls back to torch, the forward stays fbgemm
     ("dlrm_lists", {"sparse_optimizer": Adam(LR)}, {"pooled": {"pooled_forward": FB, "backward_update": "torch"}}),
-    ("mixed_dims", {}, {"unpooled": {"unpooled_forward": "torch", "backward_update": "torch"}}),
+    # fbgemm's nobag forward needs one dim; its update takes any (ids as bags of one)
+    ("mixed_dims", {}, {"unpooled": {"unpooled_forward": "torch", "backward_update": FB}}),
     ("dlrm_lists", {"sparse_optimizer": None, "inference": True}, {"pooled": {"pooled_forward": FB}}),
     ("dlrm_lists", {"kernel": "torch"}, {"pooled": {"pooled_forward": "torch", "backward_update": "torch"}}),
 ])

@@ -45,6 +45,8 @@ UNPOOLED = {
 }
 # What fbgemm-gpu-cpu 1.8.0 declines (fxrec/lowering/fbgemm.py says why).
 FBGEMM_DECLINES = {"mean_weighted", "sum_and_mean", "bf16_mean", "mixed_dims_fp16", "single_bf16", "adam"}
+# its backward serves unpooled tables of mixed dims (each id a bag of one); its nobag forward does not
+FBGEMM_SERVES = {"backward_update": {"mixed_dims_fp16"}}
 OPTIMIZERS = {"sgd": SGD(lr=0.1), "rowwise_adagrad": RowWiseAdagrad(lr=0.1, eps=1e-8),
               "adam": Adam(lr=0.05, betas=(0.8, 0.95), eps=1e-6)}
 TOL = {torch.float32: dict(rtol=1.3e-6, atol=1e-5), torch.float16: dict(rtol=2e-3, atol=2e-3),
@@ -208,7 +210,7 @@ def problem(layout, wdtype, idtype, weighted=False, optimizer=None):
 
 def forced(op, kernel, case, prob):
     """The impl `kernel` for op, or None after checking it declines a documented case."""
-    if kernel == "fbgemm" and case in FBGEMM_DECLINES:
+    if kernel == "fbgemm" and case in FBGEMM_DECLINES - FBGEMM_SERVES.get(op, set()):
         with pytest.raises(NoKernelError, match="kernel 'fbgemm' cannot serve"):
             select(op, kernel=kernel, **prob)
         return None
@@ -624,3 +626,19 @@ def test_gpu_triton_is_chosen_and_trains(opt, gen):
     ref.step(indices, offsets, psw, grad)
     for got, want in zip(m.split_weights(), ref.w):
         torch.testing.assert_close(got.cpu(), want)
+
+
+@pytest.mark.skipif("fbgemm" not in KERNELS_UNDER_TEST, reason="fbgemm not under test")
+@pytest.mark.parametrize("batch", [0, 2])
+def test_fbgemm_unpooled_update_without_ids_changes_nothing(batch):
+    """Unpooled updates go through fbgemm's pooled backward, each id a bag of one: a batch
+    with no ids at all (an empty local batch, or empty bags) leaves weights and state alone."""
+    from fxrec.lowering import FusedEmbeddingBags
+    from fxrec.optim import RowWiseAdagrad
+    from fxrec.types import TableInfo
+
+    fused = FusedEmbeddingBags([TableInfo(f"t{i}", 10, 4, pooling="none") for i in range(3)],
+                               RowWiseAdagrad(0.1), kernel="fbgemm")
+    before = fused.weights.clone()
+    fused.update(torch.zeros(0), torch.zeros(0, dtype=torch.long), torch.zeros(3 * batch + 1, dtype=torch.long), None)
+    assert torch.equal(fused.weights, before) and not fused.optimizer_state()["momentum"].any()
