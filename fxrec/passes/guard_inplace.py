@@ -110,7 +110,9 @@ class _Families:
         self.parent: dict[Node, Node] = {}
         for node in gm.graph.nodes:
             first = node.args[0] if node.args and isinstance(node.args[0], Node) else None
-            if first is not None and (_aliases(node) or writes(gm, node)):
+            for target in writes(gm, node):  # x.add_(1) is x; torch.add(a, b, out=c) is c
+                self.join(node, target)
+            if first is not None and _aliases(node):
                 self.join(node, first)
 
     def find(self, node: Node) -> Node:
