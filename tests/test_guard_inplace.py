@@ -165,3 +165,44 @@ def test_the_compile_backend_guards_too():
         assert sum("reads a snapshot of %x" in line for line in B.compiled[-1].meta["fxrec_log"]) == 2
     finally:
         torch._dynamo.reset()
+
+
+class _ThroughModules(nn.Module):
+    """The ids written through what nn.Identity / nn.Flatten return (the ids themselves, a view)."""
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.e1, self.e2, self.through = nn.Embedding(40, 4), nn.Embedding(41, 4), module
+
+    def forward(self, x):
+        x = x.clone()
+        a = self.e1(x)
+        self.through(x).add_(1)
+        return torch.cat([a, self.e2(x)], 1)
+
+
+@pytest.mark.parametrize("module", [nn.Identity(), nn.Flatten(0)], ids=["identity", "flatten"])
+def test_a_write_through_a_module_that_returns_its_input(module):
+    torch.manual_seed(0)
+    model = _ThroughModules(module)
+    x = torch.randint(0, 40, (6,))
+    sm = shard(model, Topology(1), (x,))
+    assert _snapshots(sm.module) == 2
+    with torch.no_grad():
+        assert_close(sm(x), model(x))
+
+
+def test_the_callers_example_is_not_written():
+    """Passes run the model on the example: on copies, so a model that writes its input in
+    place leaves the caller's tensor as it was (ids near a table's end would otherwise
+    drift out of range)."""
+    class WritesInput(_WriteAfter):
+        def forward(self, x):
+            a = self.e1(x)
+            x.add_(1)
+            return torch.cat([a, self.e2(x)], 1)
+
+    x = torch.full((4,), 39)
+    shard(WritesInput(), Topology(1), (x,))
+    fxrec.lower_for_inference(WritesInput(), (x,), weight_dtype="fp32")
+    assert x.tolist() == [39] * 4

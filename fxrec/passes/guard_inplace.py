@@ -75,9 +75,21 @@ def writes(gm: GraphModule, node: Node) -> list[Node]:
     return []
 
 
-def _aliases(node: Node) -> bool:
+# torch.nn modules whose result may be their input or a view of it (dropout: in eval mode)
+_ALIAS_MODULES = (nn.Identity, nn.Flatten, nn.Unflatten, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d,
+                  nn.AlphaDropout, nn.FeatureAlphaDropout)
+
+
+def _aliases(gm: GraphModule, node: Node) -> bool:
+    """Whether `node`'s result may share storage with its first argument. Of submodule calls:
+    the torch.nn modules that return their input or a view of it, and any module fx kept
+    whole that is not torch.nn's (what it returns is unknown); not a lookup."""
     if node.op == "call_method":
         return str(node.target) in _ALIAS_METHODS
+    if node.op == "call_module":
+        mod = gm.get_submodule(str(node.target))
+        return L.LOOKUP not in node.meta and (isinstance(mod, _ALIAS_MODULES)
+                                              or not type(mod).__module__.startswith("torch.nn"))
     return node.op == "call_function" and node.target in _ALIAS_FUNCTIONS
 
 
@@ -112,7 +124,7 @@ class _Families:
             first = node.args[0] if node.args and isinstance(node.args[0], Node) else None
             for target in writes(gm, node):  # x.add_(1) is x; torch.add(a, b, out=c) is c
                 self.join(node, target)
-            if first is not None and _aliases(node):
+            if first is not None and _aliases(gm, node):
                 self.join(node, first)
 
     def find(self, node: Node) -> Node:

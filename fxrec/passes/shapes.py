@@ -266,6 +266,10 @@ def run_example(gm: torch.fx.GraphModule, example_inputs: tuple,
     """Interpret `gm` on `example_inputs` without side effects, refreshing each node's
     SHAPE and ``tensor_meta`` and calling ``on_node(node, args, kwargs, result)`` with
     the evaluated (real) arguments; returns the graph's output (meta tensors where the
-    model's weights are on the meta device)."""
+    model's weights are on the meta device). The inputs are copies: a model that writes its
+    inputs in place (``x.add_(1)``) leaves the caller's example as it was, however many
+    passes run it."""
+    from fxrec.passes.guard_inplace import snapshot
+
     with _no_side_effects(gm):
-        return _Recorder(gm, on_node).run(*example_inputs)
+        return _Recorder(gm, on_node).run(*snapshot(tuple(example_inputs)))
