@@ -159,3 +159,86 @@ def test_compiled_training_with_a_table_shared_across_graph_breaks():
         assert any("serves groups" in line for g in B.compiled for line in g.meta["fxrec_log"])
     finally:
         torch._dynamo.reset()
+
+
+# ------------------------------------------------------------------ backwards that do not train
+class _Weighted(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.bag, self.other, self.lin = nn.EmbeddingBag(10, 4, mode="sum"), nn.EmbeddingBag(10, 4), nn.Linear(8, 1)
+
+    def forward(self, ids, offsets, w):
+        return self.lin(torch.cat([self.bag(ids, offsets, per_sample_weights=w), self.other(ids, offsets)], 1))
+
+
+def _weighted_batch(g, b=3):
+    ids = torch.randint(0, 10, (2 * b,), generator=g)
+    return ids, torch.arange(0, 2 * b, 2), torch.rand(2 * b, generator=g, requires_grad=True)
+
+
+class _Raise(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        raise RuntimeError("a backward that fails")
+
+
+def _quiet_backwards(rank: int, world: int, sharding: str) -> dict:
+    """torch.autograd.grad(loss, [per-sample weights]) asks one gradient: no table moves (in
+    the unsharded model no optimizer steps either), and the gradient is the unsharded one.
+    Then a backward that raises, and a good step after it: as the unsharded good step."""
+    torch.manual_seed(0)
+    model = _Weighted()
+    reference = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(3)
+    local = [_weighted_batch(g) for _ in range(world)]
+    sm = shard(model, Topology(world), local[rank][:2] + (local[rank][2].detach(),),
+               constraints={"bag": sharding, "other": sharding}, sparse_optimizer=RowWiseAdagrad(LR, eps=EPS))
+    before = sm.full_state_dict()
+    (got,) = torch.autograd.grad(sm(*local[rank]).square().sum(), [local[rank][2]])
+    after = sm.full_state_dict()
+    out = {"moved": [k for k in before if not torch.equal(before[k], after[k])]}
+    ids = torch.cat([b[0] for b in local])
+    offsets = torch.arange(0, ids.numel(), 2)
+    w = torch.cat([b[2].detach() for b in local]).requires_grad_(True)
+    (want,) = torch.autograd.grad(reference(ids, offsets, w).square().sum(), [w])
+    out["psw_grad"] = (got, want[6 * rank:6 * rank + 6])
+    try:
+        (_Raise.apply(sm(*local[rank])).sum()).backward()
+    except RuntimeError:
+        pass
+    opt = torch.optim.SGD(sm.parameters(), lr=LR)
+    opt.zero_grad()
+    sm(*local[rank]).square().sum().backward()
+    opt.step()
+    reference(ids, offsets, w.detach()).square().sum().div(world).backward()
+    with torch.no_grad():
+        for name in ("bag", "other"):
+            table = getattr(reference, name).weight
+            acc = table.grad.square().mean(1)
+            table -= LR * table.grad / (acc.sqrt() + EPS).unsqueeze(1)
+        for p in reference.lin.parameters():
+            p -= LR * p.grad
+    full = sm.full_state_dict()
+    out["after_good_step"] = {k: (full[k], v) for k, v in reference.state_dict().items()}
+    return out
+
+
+def _check_quiet(results):
+    for res in results:
+        assert res["moved"] == []
+        assert_close(*res["psw_grad"], rtol=1e-5, atol=1e-6)
+        for key, (got, want) in res["after_good_step"].items():
+            assert_close(got, want, rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_autograd_grad_does_not_train_and_a_failed_backward_is_forgotten():
+    _check_quiet([_quiet_backwards(0, 1, "table_wise")])
+
+
+def test_autograd_grad_does_not_train_and_a_failed_backward_is_forgotten_on_two_ranks():
+    for sharding in ("table_wise", "data_parallel"):  # data_parallel: ReplicatedLookup, and dense grad sync
+        _check_quiet(run_workers(_quiet_backwards, 2, sharding, timeout=120))

@@ -24,15 +24,28 @@ from .torch_ref import per_sample_weights_grad
 __all__ = ["FusedEmbeddingBags", "TBELayout"]
 
 
+def trains_now(anchor_node) -> bool:
+    """Whether the running backward reaches the tables, whose stand-in in the autograd graph
+    is the lookup's anchor (`anchor_node`: its grad_fn, never a leaf's). ``loss.backward()``
+    does, and ``backward(inputs=...)`` naming the anchor; ``torch.autograd.grad(loss, [w])``
+    asks for other gradients only (a gradient penalty, per-sample weights' gradient) and
+    must not step the sparse optimizer, as it steps no torch optimizer."""
+    try:
+        return torch._C._will_engine_execute_node(anchor_node)
+    except (AttributeError, RuntimeError):  # a torch without it: every backward trains
+        return True
+
+
 class _FusedLookup(torch.autograd.Function):
     """Forward: the fused lookup. Backward: the per-sample-weight gradient if needed (from
     the weights before the update), then, if the owner has an optimizer, the fused update
     of its weights in place (or the caller's `update_hook`, which takes it over); no weight
-    gradient is returned. Backpropagating twice through one output updates twice."""
+    gradient is returned. Backpropagating twice through one output updates twice; a backward
+    that does not reach the tables (`trains_now`) does not update."""
 
     @staticmethod
     def forward(ctx, anchor, per_sample_weights, owner, indices, offsets, update_hook):
-        ctx.owner, ctx.update_hook = owner, update_hook
+        ctx.owner, ctx.update_hook, ctx.anchor_node = owner, update_hook, anchor.grad_fn
         ctx.save_for_backward(indices, offsets, per_sample_weights)
         return owner._lookup(indices, offsets, per_sample_weights)
 
@@ -45,7 +58,9 @@ class _FusedLookup(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             psw_grad = per_sample_weights_grad(owner.weights, owner.layout, grad_output, indices, offsets)
             psw_grad = psw_grad.to(psw.dtype)
-        if ctx.update_hook is not None:
+        if not trains_now(ctx.anchor_node):
+            pass
+        elif ctx.update_hook is not None:
             ctx.update_hook(owner, grad_output, indices, offsets, psw)
         elif owner.optimizer is not None:
             owner.update_after_backward(grad_output, indices, offsets, psw)
@@ -162,8 +177,10 @@ class FusedEmbeddingBags(nn.Module):
             self.layout = self.layout.to(self.weights.device)
         psw_grad = per_sample_weights is not None and per_sample_weights.requires_grad
         if torch.is_grad_enabled() and (self.optimizer is not None or psw_grad or update_hook is not None):
-            return _FusedLookup.apply(self._anchor if anchor is None else anchor, per_sample_weights, self,
-                                      indices, offsets, update_hook)
+            anchor = self._anchor if anchor is None else anchor
+            if anchor.grad_fn is None:  # a leaf: a node of its own, that backward can be asked about
+                anchor = anchor.view_as(anchor)
+            return _FusedLookup.apply(anchor, per_sample_weights, self, indices, offsets, update_hook)
         return self._lookup(indices, offsets, per_sample_weights)
 
     def _lookup(self, indices: Tensor, offsets: Tensor, psw: Optional[Tensor]) -> Tensor:

@@ -51,7 +51,7 @@ from fxrec.passes.group_tables import lookup_stages
 from fxrec.passes.shard_ops import FinishOutputs, GatherInputs, NodeSpec, SlotSpec
 from fxrec.runtime import comm
 from fxrec.runtime.dist_lookup import FaultCheck, FaultSend, InputDist, RecvSplits, RouteSpec, Unpack, UnitSpec
-from fxrec.runtime.dist_output import CollectOutputs, GroupTable, OutputPrep
+from fxrec.runtime.dist_output import CollectOutputs, GroupTable, OutputPrep, reaching
 from fxrec.runtime.local_lookup import LocalLookup, ReplicatedLookup
 from fxrec.runtime.row_sync import RowSync
 
@@ -231,6 +231,11 @@ def _emit_dist(e: _Emitter, spec: UnitSpec, gathered: Node, root: str, has_sync:
     a2a_buf, a2a_out, a2a_in, rs_buf, rs_splits, tw_buf, tw_splits, tw_out, tw_in = e.items(
         e.module("output_prep", p_out, u_out, unpacked[5], send, *sync), 9)
     outputs = {r.output for r in spec.routes}
+    if w_r is not None:  # the weights' all-to-all backward runs on every rank (dist_output.reaching)
+        first = "a2a" if "a2a" in outputs else "rs" if "rs" in outputs else "twrw"
+        hung = e.comm(reaching, None, {"a2a": a2a_buf, "rs": rs_buf, "twrw": tw_buf}[first], w_r)
+        a2a_buf, rs_buf, tw_buf = [hung if k == first else b for k, b in
+                                   (("a2a", a2a_buf), ("rs", rs_buf), ("twrw", tw_buf))]
     a2a = e.comm(comm.all_to_all, "all_to_all", a2a_buf, a2a_out, a2a_in) if "a2a" in outputs else None
     rs = e.comm(comm.reduce_scatter, "reduce_scatter", rs_buf, split_sizes=rs_splits) if "rs" in outputs else None
     twrw = None

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from fxrec.passes.shard_ops import ColumnBlocks
 from fxrec.runtime.dist_lookup import LookupState, SendState, UnitSpec
 
-__all__ = ["OutputPrep", "CollectOutputs", "GroupTable"]
+__all__ = ["OutputPrep", "CollectOutputs", "GroupTable", "reaching"]
 
 
 def _grad_anchor(buf: Tensor) -> Tensor:
@@ -53,6 +53,30 @@ class _HangFrom(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         return grad, None
+
+
+class _Reaches(torch.autograd.Function):
+    """Identity on `buf` whose backward also gives `other` a zero gradient: `other`'s own
+    collective's backward then runs on every rank."""
+
+    @staticmethod
+    def forward(ctx, buf, other):
+        ctx.other_shape = other.shape
+        return buf.view_as(buf)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, grad.new_zeros(ctx.other_shape)
+
+
+def reaching(buf: Optional[Tensor], received_weights: Optional[Tensor]) -> Optional[Tensor]:
+    """`buf` (a unit's send buffer) such that its backward reaches the per-sample weights the
+    unit received, when they take gradients. Their all-to-all's backward must run on every
+    rank, also one whose shards read no weights (a table_wise unit's weighted table lives on
+    one rank): without this, that rank left the collective out and its peers waited in it."""
+    if buf is None or received_weights is None or not received_weights.requires_grad or not torch.is_grad_enabled():
+        return buf
+    return _Reaches.apply(buf, received_weights)
 
 
 def _block_layout(counts: list[int], widths: list[int]) -> list[tuple[int, int, int]]:

@@ -96,6 +96,7 @@ class DenseGradSync:
         self._where = {id(p): (b, i) for b, bucket in enumerate(self.buckets) for i, p in enumerate(bucket.params)}
         self._next = 0  # first bucket not yet launched
         self._active = False  # a backward has started filling buckets since the last finish
+        self._task = -1  # that backward's autograd graph task
         self._handles = []
         if self.world_size > 1:
             self._handles = [p.register_post_accumulate_grad_hook(self._on_grad) for p in self.params]
@@ -104,13 +105,27 @@ class DenseGradSync:
         if p.grad is not None and p.grad.is_sparse:
             raise ValueError(f"DenseGradSync: a parameter of shape {tuple(p.shape)} has a sparse gradient; "
                              "only dense parameters can be averaged here")
+        task = torch._C._current_graph_task_id()
+        if self._active and self.auto_finish and task != self._task:
+            self._drop_unfinished()  # a backward that raised before its finish ran
         if not self._active:
-            self._active = True
+            self._active, self._task = True, task
             if self.auto_finish:
                 torch.autograd.Variable._execution_engine.queue_callback(self.finish)
         b, i = self._where[id(p)]
         self.buckets[b].fill(i, p.grad)
         self._launch_ready()
+
+    def _drop_unfinished(self) -> None:
+        """Forget a step whose backward failed: its launched all-reduces are waited for (every
+        rank launched them, in the same backward) and their sums dropped; the gradients it
+        filled in stay as the failed backward left them, as in the unsharded model."""
+        for bucket in self.buckets:
+            if bucket.work is not None:
+                bucket.work.wait()
+                bucket.work = None
+            bucket.ready = [False] * len(bucket.params)
+        self._next, self._active = 0, False
 
     def _launch_ready(self) -> None:
         # In bucket order only: a bucket waiting for an unused parameter holds back later ones.

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from fxrec.lowering.layout import TBELayout
 from fxrec.lowering.sparse_update import init_state
-from fxrec.lowering.tbe import FusedEmbeddingBags
+from fxrec.lowering.tbe import FusedEmbeddingBags, trains_now
 from fxrec.lowering.torch_ref import apply_update
 from fxrec.optim import for_table
 from fxrec.passes.shard_ops import SlotInput, SlotSpec
@@ -209,7 +209,7 @@ class _Replicated(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, anchor, owner, inputs, *weights):
-        ctx.owner, ctx.inputs = owner, inputs
+        ctx.owner, ctx.inputs, ctx.anchor_node = owner, inputs, anchor.grad_fn
         ctx.save_for_backward(*[w if w is not None else anchor for w in weights])
         return tuple(owner._lookup(inputs, weights))
 
@@ -218,7 +218,8 @@ class _Replicated(torch.autograd.Function):
         owner, inputs = ctx.owner, ctx.inputs
         weights = [w if w.numel() else None for w in ctx.saved_tensors]
         psw_grads = owner._psw_grads(inputs, grads, weights, ctx.needs_input_grad[3:])
-        owner._update_after_backward(inputs, grads, weights)
+        if trains_now(ctx.anchor_node):  # (every rank asks the same backward: the all-reduce stays matched)
+            owner._update_after_backward(inputs, grads, weights)
         return (None, None, None) + tuple(psw_grads)
 
 
@@ -327,5 +328,5 @@ class ReplicatedLookup(nn.Module):
         weights = [inp.weights for inp in inputs]
         if torch.is_grad_enabled() and (self.optimizer is not None or any(
                 w is not None and w.requires_grad for w in weights)):
-            return list(_Replicated.apply(self._anchor, self, inputs, *weights))
+            return list(_Replicated.apply(self._anchor.view_as(self._anchor), self, inputs, *weights))
         return self._lookup(inputs, weights)
