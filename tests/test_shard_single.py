@@ -524,3 +524,22 @@ def test_lint_refuses_a_node_moved_out_of_its_no_grad_block():
     with pytest.raises(ValueError, match=r"changes the grad mode of 1 node\(s\): %mean ran with grad mode off and "
                                          r"would run with the caller's"):
         lint(gm)
+
+
+def test_kjt_weights_of_another_dtype_are_cast_as_the_collection_casts_them():
+    """fxrec's EmbeddingBagCollection casts a KeyedJaggedTensor's weights to the table's
+    dtype (an nn.EmbeddingBag refuses them, and so does its sharded lookup)."""
+    class Weighted(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.ebc = EmbeddingBagCollection([EmbeddingBagConfig("t", 10, 4, ["a"])])
+
+        def forward(self, kjt):
+            return self.ebc(kjt).values()
+
+    model = Weighted()
+    kjt = fxrec.KeyedJaggedTensor(["a"], torch.tensor([1, 2, 3]), lengths=torch.tensor([2, 1]),
+                                  weights=torch.rand(3, dtype=torch.float64))
+    sm = shard(model, Topology(1), (kjt,))
+    with torch.no_grad():
+        assert_close(sm(kjt), model(kjt))

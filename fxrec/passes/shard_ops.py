@@ -221,7 +221,8 @@ def _kjt_slot(spec: NodeSpec, slot: SlotSpec, kjt) -> SlotInput:
     if spec.kind == "ec":
         return SlotInput(values, shape=(values.numel(),), jt_lengths=jt.lengths())
     weights = jt.weights_or_none()
-    _check_weights(slot, jt.values(), weights)
+    if weights is not None and slot.dtype is not None and weights.dtype != slot.dtype:
+        weights = weights.to(slot.dtype)  # as the unsharded EmbeddingBagCollection casts them
     divisor = lengths.clamp(min=1) if slot.pooling == "mean" else None
     return SlotInput(values, lengths, weights, divisor, shape=(lengths.numel(),))
 
