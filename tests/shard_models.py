@@ -20,6 +20,25 @@ from fxrec.sparse import KeyedJaggedTensor
 from models_zoo import DLRMEBC, DLRMLists, SequenceEC, TwoTower, _bags, _mlp
 
 
+def train_side_by_side(sharded, reference: nn.Module, batches, lr: float = 0.1) -> None:
+    """One step per batch, on the mean square of each model's output: torch SGD on the
+    sharded model's dense parameters (its tables train by its own sparse optimizer) and on
+    every parameter of the unsharded `reference`."""
+    optimizers = [torch.optim.SGD(sharded.parameters(), lr=lr), torch.optim.SGD(reference.parameters(), lr=lr)]
+    for batch in batches:
+        for run, opt in zip((sharded, reference), optimizers):
+            opt.zero_grad()
+            run(*batch).square().mean().backward()
+            opt.step()
+
+
+def assert_state_like(sharded, reference: nn.Module) -> None:
+    """Every entry of the unsharded `reference`'s state_dict equals the sharded model's."""
+    full = sharded.full_state_dict()
+    for key, value in reference.state_dict().items():
+        torch.testing.assert_close(full[key], value, msg=key)
+
+
 def _cat_bags(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
     """(ids, offsets) of several local batches of bags as one batch."""
     ids, offsets, base = [], [], 0

@@ -20,6 +20,7 @@ from dist_harness import run_workers
 from fxrec.passes.guard_inplace import snapshot
 from fxrec.shard import shard
 from fxrec.topology import Topology
+from shard_models import assert_state_like, train_side_by_side
 
 
 class _WriteAfter(nn.Module):
@@ -114,16 +115,9 @@ def test_a_result_written_in_place_trains_as_unsharded():
     batch = (torch.randint(0, 40, (5,), generator=g), torch.randint(0, 30, (5,), generator=g))
     sm = shard(model, Topology(1), batch, sparse_optimizer=fxrec.optim.SGD(lr=0.1))
     assert _snapshots(sm.module) == 1
-    dense, plain = torch.optim.SGD(sm.parameters(), lr=0.1), torch.optim.SGD(reference.parameters(), lr=0.1)
-    for step in range(3):
-        x = (torch.randint(0, 40, (5,), generator=g), torch.randint(0, 30, (5,), generator=g))
-        for run, opt in ((sm, dense), (reference, plain)):
-            opt.zero_grad()
-            run(*x).square().mean().backward()
-            opt.step()
-    full = sm.full_state_dict()
-    for k, v in reference.state_dict().items():
-        assert_close(full[k], v, msg=k)
+    train_side_by_side(sm, reference, [(torch.randint(0, 40, (5,), generator=g), torch.randint(0, 30, (5,), generator=g))
+                                       for _ in range(3)])
+    assert_state_like(sm, reference)
 
 
 def _two_ranks(rank: int, world: int) -> dict:

@@ -18,6 +18,7 @@ import fxrec
 from dist_harness import run_workers
 from fxrec.shard import shard
 from fxrec.topology import Topology
+from shard_models import assert_state_like, train_side_by_side
 
 
 class _Seq(nn.Module):
@@ -50,16 +51,8 @@ def test_lookups_indexed_in_a_loop_share_one_unit_and_train_as_unsharded():
     g = torch.Generator().manual_seed(1)
     sm = shard(model, Topology(1), (_tokens(g),), sparse_optimizer=fxrec.optim.SGD(lr=0.1))
     assert _units(sm) == 1
-    dense, plain = torch.optim.SGD(sm.parameters(), lr=0.1), torch.optim.SGD(reference.parameters(), lr=0.1)
-    for _ in range(3):
-        x = _tokens(g)
-        for run, opt in ((sm, dense), (reference, plain)):
-            opt.zero_grad()
-            run(x).square().mean().backward()
-            opt.step()
-    full = sm.full_state_dict()
-    for k, v in reference.state_dict().items():
-        assert_close(full[k], v, msg=k)
+    train_side_by_side(sm, reference, [(_tokens(g),) for _ in range(3)])
+    assert_state_like(sm, reference)
 
 
 def test_a_graph_with_a_grad_mode_switch_keeps_its_order():

@@ -23,7 +23,7 @@ from fxrec.topology import Topology
 from fxrec.types import TableInfo
 import models_zoo
 import shard_models
-from shard_models import CASES
+from shard_models import CASES, assert_state_like, train_side_by_side
 
 B = 3
 
@@ -431,18 +431,10 @@ def test_lookups_around_a_no_grad_block_train_as_unsharded(build):
     reference = copy.deepcopy(model)
     batch = (torch.randint(0, 30, (B, 3)), torch.randint(0, 100, (B, 2)))
     sm = shard(model, Topology(1), batch, sparse_optimizer=fxrec.optim.SGD(lr=0.1))
-    dense = torch.optim.SGD(sm.parameters(), lr=0.1)
-    plain = torch.optim.SGD(reference.parameters(), lr=0.1)
-    for step in range(3):
-        g = torch.Generator().manual_seed(step)
-        x = (torch.randint(0, 30, (B, 3), generator=g), torch.randint(0, 100, (B, 2), generator=g))
-        for run, opt in ((sm, dense), (reference, plain)):
-            opt.zero_grad()
-            run(*x).square().mean().backward()
-            opt.step()
-    full = sm.full_state_dict()
-    for k, v in reference.state_dict().items():
-        assert_close(full[k], v, msg=k)
+    gens = [torch.Generator().manual_seed(step) for step in range(3)]
+    train_side_by_side(sm, reference, [(torch.randint(0, 30, (B, 3), generator=g),
+                                        torch.randint(0, 100, (B, 2), generator=g)) for g in gens])
+    assert_state_like(sm, reference)
 
 
 class _QuietNegatives(nn.Module):
@@ -482,22 +474,14 @@ def test_a_table_read_only_under_no_grad_is_sharded_frozen(opt):
     lookups = {n.meta["fxrec_local_lookup"]["unit"]: states[n] for n in sm.module.graph.nodes
                if "fxrec_local_lookup" in n.meta}
     assert sorted(lookups.values(), key=str) == [False, "inherit"], lookups  # negs' unit inside the block
-    dense = torch.optim.SGD(sm.parameters(), lr=0.1)
-    plain = torch.optim.SGD(reference.parameters(), lr=0.1)
-    for step in range(3):
-        x = _quiet_batch(torch.Generator().manual_seed(step))
-        for run, o in ((sm, dense), (reference, plain)):
-            o.zero_grad()
-            run(*x).square().mean().backward()
-            o.step()
+    train_side_by_side(sm, reference, [_quiet_batch(torch.Generator().manual_seed(step)) for step in range(3)])
     full = sm.full_state_dict()
     assert_close(full["negs.weight"], model.negs.weight, rtol=0, atol=0)  # never touched
     assert_close(full["negs.weight"], reference.negs.weight, rtol=0, atol=0)
     if opt == "adam":  # no plain-torch reference for fxrec's row-wise Adam: the trained tables did move
         assert not torch.equal(full["item.weight"], reference.item.weight)
         return
-    for k, v in reference.state_dict().items():
-        assert_close(full[k], v, msg=k)
+    assert_state_like(sm, reference)
 
 
 def test_a_table_read_with_and_without_gradients_stays_dense():
