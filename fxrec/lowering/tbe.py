@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
@@ -34,6 +34,29 @@ def trains_now(anchor_node) -> bool:
         return torch._C._will_engine_execute_node(anchor_node)
     except (AttributeError, RuntimeError):  # a torch without it: every backward trains
         return True
+
+
+class AfterBackward:
+    """What a module gathers during one backward, to use once that backward is done.
+    ``gather(fresh, done)`` returns this backward's collection: the first call in a backward
+    makes it (``fresh()``) and queues ``done(collection)`` to run when the backward
+    completes; later calls in the same backward return it. A collection left by a backward
+    that raised before completing is dropped by the next backward's first call."""
+
+    def __init__(self):
+        self._pending: Optional[tuple[int, Any]] = None  # (the backward's graph task, its collection)
+
+    def gather(self, fresh: Callable[[], Any], done: Callable[[Any], None]) -> Any:
+        task = torch._C._current_graph_task_id()
+        if self._pending is None or self._pending[0] != task:
+            self._pending = (task, fresh())
+            torch.autograd.Variable._execution_engine.queue_callback(lambda: self._run(done))
+        return self._pending[1]
+
+    def _run(self, done: Callable[[Any], None]) -> None:
+        _, collected = self._pending
+        self._pending = None
+        done(collected)
 
 
 class _FusedLookup(torch.autograd.Function):
@@ -108,7 +131,7 @@ class FusedEmbeddingBags(nn.Module):
         # Autograd needs an input that requires grad to call our backward; the weights
         # are a buffer (they get no gradient), so this empty tensor stands in.
         self._anchor = torch.empty(0, requires_grad=True)
-        self._pending: Optional[tuple[int, list]] = None  # (backward's graph task, its calls): update_after_backward
+        self._after_backward = AfterBackward()  # this backward's lookup calls: update_after_backward
         if initialize and self.weights.device.type != "meta":
             with torch.no_grad():
                 for table in self.split_weights():
@@ -196,15 +219,9 @@ class FusedEmbeddingBags(nn.Module):
         broke around each feature of a shared table, a model called twice before one
         backward) is updated once, with its summed gradient, as an optimizer step after
         backward would; updating per call would apply RowWiseAdagrad and Adam twice."""
-        task = torch._C._current_graph_task_id()
-        if self._pending is None or self._pending[0] != task:  # (left from a backward that failed: dropped)
-            self._pending = (task, [])
-            torch.autograd.Variable._execution_engine.queue_callback(self._run_pending)
-        self._pending[1].append((grad_output, indices, offsets, psw))
+        self._after_backward.gather(list, self._update_calls).append((grad_output, indices, offsets, psw))
 
-    def _run_pending(self) -> None:
-        _, calls = self._pending
-        self._pending = None
+    def _update_calls(self, calls: list) -> None:
         self.update(*(calls[0] if len(calls) == 1 else merge_calls(self.layout, calls)))
 
     def update(self, grad_output: Tensor, indices: Tensor, offsets: Tensor, psw: Optional[Tensor]) -> None:

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from fxrec.lowering.layout import TBELayout
 from fxrec.lowering.sparse_update import init_state
-from fxrec.lowering.tbe import FusedEmbeddingBags, trains_now
+from fxrec.lowering.tbe import AfterBackward, FusedEmbeddingBags, trains_now
 from fxrec.lowering.torch_ref import apply_update
 from fxrec.optim import for_table
 from fxrec.passes.shard_ops import SlotInput, SlotSpec
@@ -234,7 +234,7 @@ class ReplicatedLookup(nn.Module):
         self.slots, self.optimizer, self.world_size, self.group = list(slots), optimizer, world_size, group
         self.tables = list(dict.fromkeys(s.table for s in self.slots))
         self._anchor = torch.empty(0, requires_grad=True)
-        self._pending: Optional[tuple[int, list]] = None  # (backward's graph task, its sums): _update_after_backward
+        self._after_backward = AfterBackward()  # this backward's gradient sums: _update_after_backward
         self._state: list[dict] = []
         for i, name in enumerate(self.tables):
             full = init[name]
@@ -293,13 +293,7 @@ class ReplicatedLookup(nn.Module):
         twice before one backward updates each row once, with its summed gradient, as
         FusedEmbeddingBags.update_after_backward does). Every rank queues it at the same
         point of the same backward, so the all-reduce in it meets the others'."""
-        task = torch._C._current_graph_task_id()
-        if self._pending is None or self._pending[0] != task:  # (left from a backward that failed: dropped)
-            acc = [torch.zeros(self.table(n).shape[0], self.table(n).shape[1] + 1, dtype=torch.float32,
-                               device=self.table(n).device) for n in self.tables]
-            self._pending = (task, acc)
-            torch.autograd.Variable._execution_engine.queue_callback(self._run_pending)
-        acc = self._pending[1]
+        acc = self._after_backward.gather(self._zero_sums, self._update)
         for slot, inp, g, w in zip(self.slots, inputs, grads, weights):
             if g is None:
                 continue
@@ -307,10 +301,10 @@ class ReplicatedLookup(nn.Module):
             occ = torch.cat([occ, torch.ones(occ.shape[0], 1, device=occ.device)], dim=1)
             acc[self.tables.index(slot.table)].index_add_(0, inp.values, occ)
 
-    def _run_pending(self) -> None:
-        _, acc = self._pending
-        self._pending = None
-        self._update(acc)
+    def _zero_sums(self) -> list[Tensor]:
+        """Per table, its dense gradient sum with a touched-count column, zero."""
+        return [torch.zeros(self.table(n).shape[0], self.table(n).shape[1] + 1, dtype=torch.float32,
+                            device=self.table(n).device) for n in self.tables]
 
     @torch.no_grad()
     def _update(self, acc: list[Tensor]) -> None:
