@@ -120,9 +120,15 @@ class DenseGradSync:
         """Forget a step whose backward failed: its launched all-reduces are waited for (every
         rank launched them, in the same backward) and their sums dropped; the gradients it
         filled in stay as the failed backward left them, as in the unsharded model."""
+        self._end_step(write_back=False)
+
+    def _end_step(self, write_back: bool) -> None:
+        """Wait for every launched bucket (writing its average back, or not) and empty them all."""
         for bucket in self.buckets:
             if bucket.work is not None:
                 bucket.work.wait()
+                if write_back:
+                    self._write_back(bucket)
                 bucket.work = None
             bucket.ready = [False] * len(bucket.params)
         self._next, self._active = 0, False
@@ -143,13 +149,8 @@ class DenseGradSync:
             for i, p in enumerate(bucket.params):
                 if not bucket.ready[i]:
                     bucket.fill(i, p.grad)
-        self._launch_ready()
-        for bucket in self.buckets:
-            bucket.work.wait()
-            self._write_back(bucket)
-            bucket.ready = [False] * len(bucket.params)
-            bucket.work = None
-        self._next, self._active = 0, False
+        self._launch_ready()  # every bucket is complete now: all are launched
+        self._end_step(write_back=True)
 
     def _write_back(self, bucket: _Bucket) -> None:
         flags = bucket.buffer[bucket.numel:].tolist()
