@@ -146,9 +146,10 @@ def _as_bags_of_one(layout, grad: Tensor, offsets: Tensor) -> tuple[Tensor, Tens
         rows = grad.view(T, width, layout.dims[0]).transpose(0, 1).reshape(width, T * layout.dims[0])
     else:
         rows = grad.new_zeros(width, layout.D_offsets_list[-1])
-        starts = layout.unpooled_offsets(offsets).tolist()
+        start = 0  # table t's block of the flat gradient: its n[t] rows of dims[t]
         for t, (c, d) in enumerate(zip(n, layout.dims)):
-            rows[:c, layout.D_offsets_list[t]:layout.D_offsets_list[t + 1]] = grad[starts[t]:starts[t] + c * d].view(c, d)
+            rows[:c, layout.D_offsets_list[t]:layout.D_offsets_list[t + 1]] = grad[start:start + c * d].view(c, d)
+            start += c * d
     lengths = (torch.arange(width, device=offsets.device) < counts.unsqueeze(1)).reshape(-1)
     bags = torch.cat([lengths.new_zeros(1, dtype=torch.long), lengths.long().cumsum(0)]).to(offsets.dtype)
     return rows.contiguous(), bags

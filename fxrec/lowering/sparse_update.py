@@ -270,13 +270,15 @@ def merge_calls(layout: TBELayout, calls: list) -> tuple[Tensor, Tensor, Tensor,
         lengths.append((off[1:] - off[:-1]).view(T, B))
         bounds = off[::B].tolist() if B else [0] * (T + 1)
         w = psw if psw is not None or not weighted else torch.ones(indices.numel(), device=indices.device)
-        blocks = layout.split_unpooled(grad, offsets) if not layout.pooled else None
+        start = 0  # unpooled: table t's block of the flat gradient, its ids' rows of dims[t]
         for t in range(T):
             ids[t].append(indices[bounds[t]:bounds[t + 1]].to(dtype))
             if weighted:
                 weights[t].append(w[bounds[t]:bounds[t + 1]].float())
-            if blocks is not None:
-                grads[t].append(blocks[t].reshape(-1))
+            if not layout.pooled:
+                size = (bounds[t + 1] - bounds[t]) * layout.dims[t]
+                grads[t].append(grad[start:start + size])
+                start += size
     merged = torch.cat(lengths, dim=1).reshape(-1)
     offsets = torch.cat([merged.new_zeros(1), merged.cumsum(0)]).to(calls[0][2].dtype)
     indices = torch.cat([x for per in ids for x in per])
