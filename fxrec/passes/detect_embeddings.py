@@ -384,10 +384,10 @@ def detect_embeddings_pass(gm: GraphModule, ctx) -> GraphModule:
     if frozen:  # fxrec.shard and the compile backend give them no sparse optimizer (fxrec.optim.freeze)
         ctx.log.append(f"detect_embeddings: table(s) {frozen} are frozen (requires_grad=False, or a buffer): "
                        f"looked up, never trained")
-    quiet = [t for t in tables if t in quiet and t not in frozen]
-    if quiet:  # no gradient ever reaches them: the model does not train them either
-        frozen.extend(quiet)
-        ctx.log.append(f"detect_embeddings: table(s) {quiet} are frozen: every lookup of them runs with "
+    untrained = [t for t in tables if t in quiet and t not in frozen]  # tables, in graph order
+    if untrained:  # no gradient ever reaches them: the model does not train them either
+        frozen.extend(untrained)
+        ctx.log.append(f"detect_embeddings: table(s) {untrained} are frozen: every lookup of them runs with "
                        f"gradients off (torch.no_grad()), so the model never trains them")
     return gm
 

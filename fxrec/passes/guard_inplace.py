@@ -118,11 +118,11 @@ class _Families:
     """Union-find over nodes that may share storage (an alias op joins its result to its
     first argument; an in-place op's result is its target)."""
 
-    def __init__(self, gm: GraphModule):
+    def __init__(self, gm: GraphModule, written: dict[Node, list[Node]]):
         self.parent: dict[Node, Node] = {}
         for node in gm.graph.nodes:
             first = node.args[0] if node.args and isinstance(node.args[0], Node) else None
-            for target in writes(gm, node):  # x.add_(1) is x; torch.add(a, b, out=c) is c
+            for target in written[node]:  # x.add_(1) is x; torch.add(a, b, out=c) is c
                 self.join(node, target)
             if first is not None and _aliases(gm, node):
                 self.join(node, first)
@@ -151,10 +151,11 @@ def _output(gm: GraphModule, node: Node) -> Node:
 
 def guard_inplace_pass(gm: GraphModule, ctx) -> GraphModule:
     """Snapshot the lookups' inputs and results that an in-place write may reach (module doc)."""
-    written = [t for n in gm.graph.nodes for t in writes(gm, n) if t.op != "get_attr"]
+    by_node = {n: writes(gm, n) for n in gm.graph.nodes}
+    written = [t for targets in by_node.values() for t in targets if t.op != "get_attr"]
     if not written:
         return gm
-    fam = _Families(gm)
+    fam = _Families(gm, by_node)
     hit = {fam.find(t) for t in written}
     lookups = [n for n in gm.graph.nodes if L.LOOKUP in n.meta]
     changed = 0
