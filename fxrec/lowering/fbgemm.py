@@ -8,7 +8,7 @@ build installed here is fbgemm-gpu-cpu 1.8.0):
   all tables, so only layouts with equal dims);
 - backward_update: ``fbgemm::split_embedding_backward_codegen_{sgd,rowwise_adagrad}_cpu``
   (the update is applied in place, duplicates aggregated per row first), unpooled tables
-  too, each id as a bag of one (`_as_bags_of_one`: fbgemm's nobag backward is 12-17x slower
+  too, each id as a bag of one (`_as_bags_of_one`: fbgemm's nobag backward is ~17x slower
   on the same ids). The op runs on one thread; with torch on N intra-op threads it is called
   on N runs of tables at once.
 
@@ -132,8 +132,9 @@ def _in_parallel(calls: list) -> None:
 
 def _as_bags_of_one(layout, grad: Tensor, offsets: Tensor) -> tuple[Tensor, Tensor]:
     """An unpooled update as a pooled one: each id its own bag of one (sum pooling), so that
-    fbgemm's pooled backward serves it, 12-17x faster on this CPU than its nobag backward on
-    the same ids (26 tables x 4096 ids, dim 64: 154 ms against 8.8 ms), for the same update.
+    fbgemm's pooled backward serves it, ~17x faster on this CPU than its nobag backward on
+    the same ids (26 tables x 4096 ids, dim 64: 148 ms against 8.7 ms, bench/overheads.py
+    before and after, bench/results/overheads_cpu.txt), for the same update.
     Returns the gradient as ``B' x sum(dims)`` rows (B' = the most ids of a table; a table's
     bags past its own ids are empty, their rows zero) and the T*B'+1 offsets."""
     T = layout.num_tables
