@@ -69,7 +69,7 @@ def test_two_calls_update_as_one_call_on_both_batches(tables, optimizer, kernel)
 class _Twice(nn.Module):
     def __init__(self):
         super().__init__()
-        self.e, self.lin = nn.EmbeddingBag(10, 4, mode="sum"), nn.Linear(4, 1)
+        self.e, self.lin = nn.EmbeddingBag(10, 8, mode="sum"), nn.Linear(8, 1)  # 8: two column blocks
 
     def forward(self, x):
         return self.lin(self.e(x)).squeeze(1)
@@ -117,7 +117,9 @@ def test_a_sharded_model_called_twice_updates_once_on_two_ranks():
         for res in results:
             for key, (got, want) in res.items():
                 assert_close(got, want, rtol=1e-5, atol=1e-6, msg=key)
-    for sharding in ("table_wise", "row_wise", "data_parallel"):  # data_parallel: ReplicatedLookup's path
+    # data_parallel: ReplicatedLookup's path; column_wise: exact RowWiseAdagrad's (row_sync.py),
+    # each row's accumulator summed over both ranks' column shards
+    for sharding in ("table_wise", "row_wise", "data_parallel", "column_wise"):
         check(run_workers(_two_calls, 2, sharding, timeout=120))
 
 

@@ -40,21 +40,30 @@ class AfterBackward:
     """What a module gathers during one backward, to use once that backward is done.
     ``gather(fresh, done)`` returns this backward's collection: the first call in a backward
     makes it (``fresh()``) and queues ``done(collection)`` to run when the backward
-    completes; later calls in the same backward return it. A collection left by a backward
-    that raised before completing is dropped by the next backward's first call."""
+    completes; later calls in the same backward return it. ``collection(fresh)`` returns it
+    without queueing anything, for a module whose ``done`` runs collectives and so must be
+    queued at a point of the backward that every rank reaches in the same order. A
+    collection left by a backward that raised before completing is dropped by the next
+    backward's first call."""
 
     def __init__(self):
-        self._pending: Optional[tuple[int, Any]] = None  # (the backward's graph task, its collection)
+        self._pending: Optional[list] = None  # [the backward's graph task, its collection, queued]
 
-    def gather(self, fresh: Callable[[], Any], done: Callable[[Any], None]) -> Any:
+    def collection(self, fresh: Callable[[], Any]) -> Any:
         task = torch._C._current_graph_task_id()
         if self._pending is None or self._pending[0] != task:
-            self._pending = (task, fresh())
-            torch.autograd.Variable._execution_engine.queue_callback(lambda: self._run(done))
+            self._pending = [task, fresh(), False]
         return self._pending[1]
 
+    def gather(self, fresh: Callable[[], Any], done: Callable[[Any], None]) -> Any:
+        collected = self.collection(fresh)
+        if not self._pending[2]:
+            self._pending[2] = True
+            torch.autograd.Variable._execution_engine.queue_callback(lambda: self._run(done))
+        return collected
+
     def _run(self, done: Callable[[Any], None]) -> None:
-        _, collected = self._pending
+        _, collected, _ = self._pending
         self._pending = None
         done(collected)
 

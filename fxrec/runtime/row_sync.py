@@ -9,26 +9,31 @@ TorchRec's), at the price of one small all-to-all and a second pass over the gra
 
 - every column shard of a table receives the same ids (every sample's ids for the table), so
   its shards' unique rows are the same, in the same (ascending) order on every holder;
-- in the local lookup's backward, `RowSyncState.hook` computes, per column shard, its unique
-  rows and the sum over its columns of their squared gradient (`row_sq_sums`), and defers the
-  fused update;
+- in the local lookup's backward, `RowSyncState.hook` keeps the call's gradient and defers
+  the fused update;
 - `RowSync` makes a token before the lookup, which the lookup and the unit's output buffers
   hang from, so on *every* rank (also one without shards) autograd runs the token's backward
-  after the lookup's backward and the unit's output collectives' backward. That backward
-  sends each table's sums to the other ranks holding the table and adds all holders' sums in
-  rank order; each shard's accumulator is then advanced by ``whole-row mean - own mean`` and
-  the deferred fused update runs, adding the own mean back: the accumulator grows by the
+  after the lookup's backward and the unit's output collectives' backward. The token's
+  backward queues `RowSync.finish` for the end of that backward (`AfterBackward`), once
+  however many forward calls the backward went through, as `FusedEmbeddingBags` defers its
+  update (tbe.py): a row two calls touched gets one update with its summed gradient;
+- `finish` joins each fused module's calls (`merge_calls`), computes, per column shard, its
+  unique rows and the sum over its columns of their squared gradient (`row_sq_sums`), sends
+  each table's sums to the other ranks holding the table and adds all holders' sums in rank
+  order; each shard's accumulator is then advanced by ``whole-row mean - own mean`` and the
+  deferred fused update runs, adding the own mean back: the accumulator grows by the
   whole-row mean (up to one rounding of the own mean), and the step uses it.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 from torch import Tensor, nn
 
-from fxrec.lowering.sparse_update import row_sq_sums
+from fxrec.lowering.sparse_update import merge_calls, row_sq_sums
+from fxrec.lowering.tbe import AfterBackward
 from fxrec.optim import RowWiseAdagrad, for_table
 from fxrec.runtime import comm
 from fxrec.runtime.dist_lookup import UnitSpec
@@ -59,7 +64,7 @@ def _exact_split_tables(spec: UnitSpec, optimizer) -> dict[str, tuple[int, ...]]
 
 
 @dataclass
-class _Entry:  # one column shard's share of a step, kept by the hook
+class _Entry:  # one column shard's share of a step (`RowSync._entries`)
     owner: nn.Module  # the FusedEmbeddingBags holding the shard
     table: str
     width: int  # the shard's columns
@@ -70,41 +75,31 @@ class _Entry:  # one column shard's share of a step, kept by the hook
 
 class _Token(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, anchor, sync, entries, deferred):
-        ctx.sync, ctx.entries, ctx.deferred = sync, entries, deferred
+    def forward(ctx, anchor, sync):
+        ctx.sync = sync
         return anchor.view_as(anchor)
 
     @staticmethod
     def backward(ctx, grad):
-        ctx.sync.finish(ctx.entries, ctx.deferred)
-        ctx.entries.clear()
-        ctx.deferred.clear()
-        return None, None, None, None
+        ctx.sync.deferred()
+        return None, None
 
 
 @dataclass
 class RowSyncState:
-    """One step's token and what the hook keeps for it (see module doc)."""
+    """One forward call's token (see module doc)."""
 
     token: Tensor
     sync: "RowSync"
-    entries: list = field(default_factory=list)  # _Entry per column shard of a split table
-    deferred: list = field(default_factory=list)  # (fused module, update arguments)
 
     def hook(self, owner, grad_output: Tensor, indices: Tensor, offsets: Tensor,
              psw: Optional[Tensor]) -> None:
-        """`FusedEmbeddingBags` update hook: the split tables' row sums now, the update later."""
-        names = owner.layout.names
-        split = [t for t, key in enumerate(names) if key in self.sync.shard_tables]
-        if not split:
+        """`FusedEmbeddingBags` update hook: the call's update, deferred to the end of backward."""
+        if not any(key in self.sync.shard_tables for key in owner.layout.names):
             if owner.optimizer is not None:  # None: frozen tables, read but not trained
-                owner.update(grad_output, indices, offsets, psw)
+                owner.update_after_backward(grad_output, indices, offsets, psw)
             return
-        for t, (rows, sums) in row_sq_sums(owner.layout, grad_output, indices, offsets, psw, split).items():
-            key = names[t]
-            self.entries.append(_Entry(owner, self.sync.shard_tables[key], owner.layout.dims[t],
-                                       owner.layout.hash_size_cumsum_list[t], rows, sums))
-        self.deferred.append((owner, (grad_output, indices, offsets, psw)))
+        self.sync.calls().setdefault(owner, []).append((grad_output, indices, offsets, psw))
 
 
 class RowSync(nn.Module):
@@ -121,6 +116,7 @@ class RowSync(nn.Module):
         # shard key -> its table, for this rank's shards of split tables
         self.shard_tables = {s.key: s.table for s in spec.local_shards() if s.table in self.holders}
         self._anchor = torch.empty(0, requires_grad=True)
+        self._after_backward = AfterBackward()
 
     @staticmethod
     def needed(spec: UnitSpec, optimizer) -> bool:
@@ -129,9 +125,19 @@ class RowSync(nn.Module):
     def forward(self) -> Optional[RowSyncState]:
         if not torch.is_grad_enabled():
             return None
-        state = RowSyncState(None, self)
-        state.token = _Token.apply(self._anchor, self, state.entries, state.deferred)
-        return state
+        return RowSyncState(_Token.apply(self._anchor, self), self)
+
+    def calls(self) -> dict:
+        """The running backward's lookup calls, by fused module."""
+        return self._after_backward.collection(dict)
+
+    def deferred(self) -> None:
+        """Queue `finish` for the end of the running backward (once). Only the token's backward
+        asks, at the same point of the backward on every rank: `finish`'s all-to-all then
+        meets the other ranks' in the same order among the other end-of-backward collectives
+        (`DenseGradSync`, `ReplicatedLookup`), which a lookup's backward, on ranks with shards
+        only, would not."""
+        self._after_backward.gather(dict, self.finish)
 
     # -- backward ----------------------------------------------------------------------
     def _partials(self, entries: list[_Entry]) -> dict[str, Tensor]:
@@ -167,9 +173,23 @@ class RowSync(nn.Module):
                     pos += n
         return out
 
+    def _entries(self, calls: dict) -> tuple[list[_Entry], list]:
+        """Each fused module's calls joined into one update, and its split shards' row sums."""
+        entries, updates = [], []
+        for owner, owner_calls in calls.items():
+            args = owner_calls[0] if len(owner_calls) == 1 else merge_calls(owner.layout, owner_calls)
+            names = owner.layout.names
+            split = [t for t, key in enumerate(names) if key in self.shard_tables]
+            for t, (rows, sums) in row_sq_sums(owner.layout, *args, split).items():
+                entries.append(_Entry(owner, self.shard_tables[names[t]], owner.layout.dims[t],
+                                      owner.layout.hash_size_cumsum_list[t], rows, sums))
+            updates.append((owner, args))
+        return entries, updates
+
     @torch.no_grad()
-    def finish(self, entries: list[_Entry], deferred: list) -> None:
+    def finish(self, calls: dict) -> None:
         """Exchange the row sums, advance the accumulators, run the deferred updates (module doc)."""
+        entries, updates = self._entries(calls)
         mine = self._partials(entries)
         parts = self._exchange(mine)
         mean = {}
@@ -187,7 +207,7 @@ class RowSync(nn.Module):
                 deltas.setdefault(e.owner, []).append(mean[e.table] - e.partial / e.width)
         for owner in rows:
             owner.optimizer_state()["momentum"].index_add_(0, torch.cat(rows[owner]), torch.cat(deltas[owner]))
-        for owner, args in deferred:
+        for owner, args in updates:
             owner.update(*args)
 
     def extra_repr(self) -> str:
