@@ -35,6 +35,7 @@ POOLED = {
     "mean_weighted": ((4, 33), ("mean",) * 2, torch.float32, torch.int64, True),
     "sum_and_mean": ((4, 12), ("sum", "mean"), torch.float32, torch.int64, True),
     "fp16_weighted": ((4, 12, 33), ("sum",) * 3, torch.float16, torch.int64, True),
+    "fp16_sum_and_mean_weighted": ((4, 12, 8), ("mean", "sum", "mean"), torch.float16, torch.int64, True),
     "bf16_mean": ((4, 12), ("mean",) * 2, torch.bfloat16, torch.int32, False),
     "tables30": (DIMS30, ("sum",) * 30, torch.float32, torch.int64, False),
 }
@@ -44,7 +45,7 @@ UNPOOLED = {
     "single_bf16": ((12,), torch.bfloat16, torch.int64),
 }
 # What fbgemm-gpu-cpu 1.8.0 declines (fxrec/lowering/fbgemm.py says why).
-FBGEMM_DECLINES = {"mean_weighted", "sum_and_mean", "bf16_mean", "mixed_dims_fp16", "single_bf16", "adam"}
+FBGEMM_DECLINES = {"bf16_mean", "mixed_dims_fp16", "single_bf16", "adam"}
 # its backward serves unpooled tables of mixed dims (each id a bag of one); its nobag forward does not
 FBGEMM_SERVES = {"backward_update": {"mixed_dims_fp16"}}
 OPTIMIZERS = {"sgd": SGD(lr=0.1), "rowwise_adagrad": RowWiseAdagrad(lr=0.1, eps=1e-8),
@@ -259,7 +260,9 @@ BACKWARD = {  # id -> (dims, poolings, weight dtype, id dtype, per-sample weight
     "mixed_dims_weighted": POOLED["mixed_dims_weighted"],
     "mean": POOLED["mean"],
     "mean_weighted": POOLED["mean_weighted"],
+    "sum_and_mean": POOLED["sum_and_mean"],
     "fp16_weighted": POOLED["fp16_weighted"],
+    "fp16_sum_and_mean_weighted": POOLED["fp16_sum_and_mean_weighted"],
     "bf16_mean": POOLED["bf16_mean"],
     "tables30": POOLED["tables30"],
     "equal_dims": ((8, 8), ("none", "none"), torch.float32, torch.int64, False),
