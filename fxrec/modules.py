@@ -109,6 +109,17 @@ def _init_weight(weight: Tensor, cfg) -> None:
             weight.uniform_(-bound, bound)
 
 
+def _split_once_under_dynamo(features) -> None:
+    """Under torch.compile, the host sync that splits the KJT by key (its lengths per key),
+    before the loop over features. Dynamo cannot trace the sync and breaks the graph there:
+    here, once, so every lookup of the collection lands in one graph (one fused call under
+    the fxrec backend), the split's sizes becoming symbolic after a recompile. Left to the
+    loop, the break came at every feature, each lookup ran in a frame of its own, and past
+    dynamo's recompile limit some ran eagerly, on the float tables of a quantized compile."""
+    if torch.compiler.is_dynamo_compiling() and isinstance(features, KeyedJaggedTensor):
+        features.sync()
+
+
 def _feature(owner: str, kjt, feature: str, table: str) -> JaggedTensor:
     # A Proxy (symbolic trace) has no key list to check; the lookup becomes a graph node.
     if isinstance(kjt, KeyedJaggedTensor) and feature not in kjt.index_per_key():
@@ -164,6 +175,7 @@ class EmbeddingBagCollection(nn.Module):
             _init_weight(self.embedding_bags[cfg.name].weight, cfg)
 
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
+        _split_once_under_dynamo(features)
         pooled = []
         for cfg in self._configs:
             bag = self.embedding_bags[cfg.name]
@@ -219,6 +231,7 @@ class EmbeddingCollection(nn.Module):
             _init_weight(self.embeddings[cfg.name].weight, cfg)
 
     def forward(self, features: KeyedJaggedTensor) -> dict[str, JaggedTensor]:
+        _split_once_under_dynamo(features)
         out = {}
         for cfg in self._configs:
             table = self.embeddings[cfg.name]

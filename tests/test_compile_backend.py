@@ -55,8 +55,6 @@ def test_inference_equals_eager_and_fuses(name, one_thread):
             for a, b in zip(_flat(compiled(*x)), _flat(reference(*x))):
                 torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     logs = [line for g in B.compiled for line in g.meta["fxrec_log"]]
-    if name == "sequence_ec":  # its KeyedJaggedTensor code breaks the graph around each lookup
-        return
     assert any("serves groups" in line for line in logs), logs
     # every table the model reads is a view of a fused buffer now
     buffers = {m.weights.untyped_storage().data_ptr() for m in _fused_modules()}
@@ -401,3 +399,42 @@ def test_a_table_read_only_under_no_grad_is_fused_frozen():
                                                                         ("negs",): None}
     logs = "\n".join(line for g in B.compiled for line in g.meta["fxrec_log"])
     assert "table(s) ['negs'] are frozen: every lookup of them runs with gradients off" in logs
+
+
+def _mixed_ebc_batch(rows: dict, b: int, seed: int):
+    from fxrec.sparse import KeyedJaggedTensor
+    g = torch.Generator().manual_seed(seed)
+    lengths = [torch.randint(0, 4, (b,), generator=g) for _ in rows]
+    values = [torch.randint(0, n, (int(l.sum()),), generator=g) for n, l in zip(rows.values(), lengths)]
+    return KeyedJaggedTensor(keys=list(rows), values=torch.cat(values), lengths=torch.cat(lengths))
+
+
+def test_a_collection_is_one_graph_and_stays_quantized_across_batch_sizes(one_thread):
+    """The KeyedJaggedTensor's split by key syncs with the host, which dynamo cannot trace:
+    the collection takes it once, before its loop over features, so all its lookups land in
+    one graph (one fused call). Broken at each feature instead, the per-feature frames
+    recompiled past dynamo's limit and then ran eagerly, on the float tables."""
+    from fxrec.modules import EmbeddingBagCollection, EmbeddingBagConfig
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.ebc = EmbeddingBagCollection([EmbeddingBagConfig("t_a", 13, 8, ["fa"], "sum"),
+                                               EmbeddingBagConfig("t_b", 7, 8, ["fb", "fb2"], "mean"),
+                                               EmbeddingBagConfig("t_c", 7, 8, ["fc"], "sum")])
+
+        def forward(self, kjt):
+            return self.ebc(kjt).values()
+
+    rows = {"fa": 13, "fb": 7, "fb2": 7, "fc": 7}
+    torch.manual_seed(0)
+    model = Model().eval()
+    lowered = fxrec.lower_for_inference(model, (_mixed_ebc_batch(rows, 3, 0),), "int8")
+    compiled = torch.compile(model, backend="fxrec", options={"weight_dtype": "int8", "dense": "eager"})
+    with torch.no_grad():
+        for seed, b in enumerate([3, 1, 5, 4, 3, 6, 7, 2, 9, 8]):
+            x = _mixed_ebc_batch(rows, b, seed)
+            torch.testing.assert_close(compiled(x), lowered(x), rtol=0, atol=0, msg=f"batch {b}")
+    assert len(B.compiled) <= 6
+    assert all("lookups ['embedding_bag', 'embedding_bag_1', 'embedding_bag_2', 'embedding_bag_3']" in
+               " ".join(g.meta["fxrec_log"]) for g in B.compiled if g.meta["fxrec_log"])
