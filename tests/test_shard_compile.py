@@ -1,9 +1,10 @@
 """``torch.compile(sharded)``, as a user speeds up the dense part of a model they sharded:
 on 2 gloo ranks it trains like the eager sharded model (outputs, tables, dense parameters).
 
-Dynamo compiles the dense layers and falls back to eager around fxrec's collectives and
-fused lookups (their host-side split sizes); the dense gradients' all-reduce hooks and the
-fused sparse optimizer must still run in the compiled backward."""
+Dynamo compiles the dense layers and runs fxrec's collectives and runtime modules eagerly
+between its graphs (fxrec/eager.py), also after a change of batch size makes it recompile
+with dynamic shapes; the dense gradients' all-reduce hooks and the fused sparse optimizer
+must still run in the compiled backward."""
 from __future__ import annotations
 
 import torch
@@ -27,8 +28,11 @@ def _worker(rank: int, world: int) -> dict:
         model = torch.compile(sm) if compiled else sm
         opt = torch.optim.SGD(sm.parameters(), lr=0.1)
         outs = []
-        for step in range(3):
-            out = model(*case.local_batches(world, 4, seed=10 + step)[rank])
+        for step in range(4):
+            # batch sizes that change between steps and differ between ranks: dynamo recompiles
+            # with dynamic shapes, and fxrec's lookups and collectives stay outside its graphs
+            size = (4, 2 + 3 * rank, 3, 1 + rank)[step]
+            out = model(*case.local_batches(world, size, seed=10 + step)[rank])
             out.square().mean().backward()
             opt.step()
             opt.zero_grad()

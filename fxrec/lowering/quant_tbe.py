@@ -17,6 +17,8 @@ from typing import Mapping, Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
+from fxrec.eager import eager_under_dynamo
+
 from . import registry
 from .layout import check_devices, check_inputs, in_table_order, table_position
 from .quant import QuantLayout, dequantize_rows, quant_type, quantize_rows
@@ -26,6 +28,7 @@ __all__ = ["QuantizedEmbeddingBags"]
 _OUTPUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
+@eager_under_dynamo
 class QuantizedEmbeddingBags(nn.Module):
     """tables: objects with ``name, num_embeddings, embedding_dim`` and ``pooling`` ("sum" /
     "mean"; "none" or absent = unpooled); all pooled or all unpooled.

@@ -14,6 +14,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
+from fxrec.eager import eager_under_dynamo
 from fxrec.optim import OPTIMIZERS
 
 from . import registry
@@ -99,6 +100,7 @@ class _FusedLookup(torch.autograd.Function):
         return None, psw_grad, None, None, None, None
 
 
+@eager_under_dynamo
 class FusedEmbeddingBags(nn.Module):
     """A batch of embedding tables with a fused lookup and fused sparse optimizer.
 

@@ -44,6 +44,7 @@ import torch
 from torch import Tensor, nn
 from torch.fx import GraphModule, Node
 
+from fxrec.eager import eager_under_dynamo
 from fxrec.optim import PerTable
 from fxrec.passes import lookup as L
 from fxrec.passes.grad_mode import GRAD_MODE, INHERIT, settle
@@ -327,6 +328,7 @@ def _rewrite_unit(gm: GraphModule, nodes: list[Node], name: str, env: dict) -> N
     e.drop_unused()
 
 
+@eager_under_dynamo
 class _Picked(nn.Module):
     """Feeds a ReplicatedLookup the inputs of its slots only."""
 

@@ -23,6 +23,7 @@ from typing import Any, ClassVar, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
+from fxrec.eager import eager_under_dynamo
 from fxrec.sparse import JaggedTensor, KeyedTensor
 
 __all__ = ["SlotSpec", "NodeSpec", "SlotInput", "InputFault", "find_fault", "check_inputs", "GatherInputs",
@@ -337,6 +338,7 @@ def _device_of(args) -> Optional[torch.device]:
     return None
 
 
+@eager_under_dynamo
 class GatherInputs(nn.Module):
     """forward(per_node_args) -> list[SlotInput], one per slot. ``per_node_args[i]`` is
     (ids, offsets, per_sample_weights) of node i, or (kjt,) for ebc/ec. With `check`, the
@@ -424,6 +426,7 @@ def _cat_columns(parts: list[Tensor]) -> Tensor:
     return torch.cat(parts, dim=1)
 
 
+@eager_under_dynamo
 class FinishOutputs(nn.Module):
     """forward(inputs, slot_outputs) -> tuple with each replaced node's output, in node order."""
 

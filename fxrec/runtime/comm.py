@@ -129,6 +129,14 @@ def _need_dim0(x: Tensor, op: str) -> None:
         raise ValueError(f"{op}: expected a tensor with at least one dimension, got a scalar")
 
 
+def _eager(fn):
+    """Kept out of dynamo's graphs (`torch.compile` of a sharded model): a collective runs
+    eagerly between the graphs around it. Traced, its host-side split sizes became symbolic
+    once a new batch size made dynamo recompile with dynamic shapes, and the graph it built
+    around the autograd Function failed (values of one graph used in another)."""
+    return torch.compiler.disable(fn)
+
+
 # ------------------------------------------------------------------ all_to_all
 def _a2a(x: Tensor, out_splits: list[int], in_splits: list[int], group) -> Tensor:
     out = x.new_empty(_rows(x, sum(out_splits)))
@@ -151,6 +159,7 @@ class _AllToAll(torch.autograd.Function):
         return _a2a(grad.contiguous(), in_splits, out_splits, ctx.group), None, None, None
 
 
+@_eager
 def all_to_all(x: Tensor, output_split_sizes: Splits, input_split_sizes: Splits, group=None) -> Tensor:
     """Rank r sends rows ``x[sum(in[:i]) : sum(in[:i+1])]`` to rank i and receives
     ``output_split_sizes[i]`` rows from rank i, concatenated in rank order.
@@ -176,6 +185,7 @@ def all_to_all(x: Tensor, output_split_sizes: Splits, input_split_sizes: Splits,
     return _AllToAll.apply(x, out_splits, in_splits, group)
 
 
+@_eager
 def all_to_all_counts(counts: Tensor, group=None) -> Tensor:
     """Exchange equal blocks of counts: ``counts`` has W*k entries, block i (entries
     ``i*k:(i+1)*k``) goes to rank i; the result holds rank j's block for this rank at
@@ -265,6 +275,7 @@ class _ReduceScatterV(torch.autograd.Function):
         return _ag_v(grad, ctx.splits, ctx.group), None, None, None
 
 
+@_eager
 def reduce_scatter(x: Tensor, group=None, split_sizes: Optional[Splits] = None) -> Tensor:
     """Sum ``x`` over the ranks of ``group``; dim 0 is cut into W chunks and rank r gets the
     sum of every rank's chunk r. Chunks are equal (``x.shape[0]`` a multiple of W) unless
@@ -318,6 +329,7 @@ def _shapes(x: Tensor, w: int, group) -> list[tuple[int, ...]]:
     return [tuple(r[1:r[0] + 1]) for r in rows]
 
 
+@_eager
 def all_gather(x: Tensor, group=None) -> Tensor:
     """Concatenate every rank's ``x`` on dim 0 in rank order. The first dims may differ (a
     last, shorter batch); the others must match on every rank, else every rank raises a
@@ -362,6 +374,7 @@ class _AllReduce(torch.autograd.Function):
         return _ar(grad, ctx.op, ctx.w, ctx.group), None, None, None
 
 
+@_eager
 def all_reduce(x: Tensor, op: str = "sum", group=None) -> Tensor:
     """A new tensor holding the sum ("sum") or mean ("avg") of ``x`` over the ranks of
     ``group``; ``x`` is not modified. "avg" needs a floating dtype. Differentiable (the

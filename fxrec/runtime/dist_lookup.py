@@ -32,6 +32,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from fxrec.eager import eager_under_dynamo
 from fxrec.passes.shard_ops import InputFault, SlotInput, SlotSpec, find_fault
 from fxrec.ranges import span_property
 
@@ -174,6 +175,7 @@ def raise_first_fault(rows: list[list[int]], slots) -> None:
             raise fault.error(slots)((f"rank {s}'s batch: " if len(rows) > 1 else "") + fault.message(slots))
 
 
+@eager_under_dynamo
 class FaultSend(nn.Module):
     """forward(inputs) -> int64 ``W * InputFault.WIDTH``: this rank's input fault (zeros when
     its inputs pass the check) once for every rank. A unit without routes (every table
@@ -192,6 +194,7 @@ class FaultSend(nn.Module):
         return torch.tensor(ints * self.world_size, dtype=torch.int64, device=dev)
 
 
+@eager_under_dynamo
 class FaultCheck(nn.Module):
     """forward(received faults, inputs) -> the inputs, once no rank's were faulty
     (`raise_first_fault`); the lookups take them from here, so they run after the check."""
@@ -212,6 +215,7 @@ class SendState:
     perms: dict                # slot -> permutation applied by bucketize (row-served slots)
 
 
+@eager_under_dynamo
 class InputDist(nn.Module):
     """forward(inputs) -> (counts, ids+lengths buffer, weights buffer or None, SendState).
     Inputs that fail the check send nothing but the fault (module doc)."""
@@ -286,6 +290,7 @@ class RecvState:
     sizes: dict                             # (source, route) -> (lengths entries, ids)
 
 
+@eager_under_dynamo
 class RecvSplits(nn.Module):
     """forward(send_state, received counts) -> (data out splits, data in splits, weights out
     splits, weights in splits, RecvState). Raises the first faulty rank's input error on
@@ -316,6 +321,7 @@ class LookupState:
     batch: int            # bags per table in the pooled lookup (padded)
 
 
+@eager_under_dynamo
 class Unpack(nn.Module):
     """forward(data, weights, RecvState) -> (pooled indices, offsets, weights, unpooled
     indices, offsets, LookupState): the received pieces in the fused kernels' TBE layout."""

@@ -28,6 +28,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from fxrec.eager import eager_under_dynamo
 from fxrec.passes.shard_ops import ColumnBlocks
 from fxrec.runtime.dist_lookup import LookupState, SendState, UnitSpec
 
@@ -174,6 +175,7 @@ class _Blocks(torch.autograd.Function):
         return None, None, out
 
 
+@eager_under_dynamo
 class OutputPrep(nn.Module):
     """forward(pooled out, unpooled outs, LookupState, SendState) -> (all_to_all buffer, its
     out splits, in splits, row_wise reduce_scatter buffer, its chunk sizes, table_row_wise
@@ -299,6 +301,7 @@ class OutputPrep(nn.Module):
         return parts, splits, cross_out, cross_in
 
 
+@eager_under_dynamo
 class CollectOutputs(nn.Module):
     """forward(inputs, SendState or None, all_to_all result, row_wise result, table_row_wise
     result, replicated outputs) -> per slot: pooled sums ``bags x dim`` (tables served
@@ -367,6 +370,7 @@ class CollectOutputs(nn.Module):
         return [out[k] for k in range(len(spec.slots))]
 
 
+@eager_under_dynamo
 class GroupTable(nn.Module):
     """forward(name) -> the process group `name` ("intra_node" / "cross_node"), so that graph
     nodes name a group without holding the (unprintable) group object in the code."""

@@ -27,6 +27,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor, nn
 
+from fxrec.eager import eager_under_dynamo
 from fxrec.lowering import registry
 from fxrec.lowering.tbe import FusedEmbeddingBags
 from fxrec.passes.shard_ops import SlotInput, SlotSpec
@@ -46,6 +47,7 @@ class Place:
     count: int
 
 
+@eager_under_dynamo
 class PackInputs(nn.Module):
     """forward(inputs: list[SlotInput]) -> (pooled indices, offsets, per-sample weights or
     None, unpooled indices, offsets, list[Place]); a pooled or unpooled triple/pair is None
@@ -121,6 +123,7 @@ class PackInputs(nn.Module):
         return f"pooled={self.pooled_tables}, unpooled={self.unpooled_tables}, weighted={self.weighted}"
 
 
+@eager_under_dynamo
 class SplitOutputs(nn.Module):
     """forward(places, pooled output ``B x sum(pooled_dims)`` or None, unpooled rows per
     table) -> one tensor per slot: its bags' sums (``count x dim``) or its rows."""

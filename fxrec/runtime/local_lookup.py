@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fxrec.eager import eager_under_dynamo
 from fxrec.lowering.layout import TBELayout
 from fxrec.lowering.sparse_update import init_state
 from fxrec.lowering.tbe import AfterBackward, FusedEmbeddingBags, trains_now
@@ -123,6 +124,7 @@ class FusedGroups(nn.Module):
         return list(self.parts)
 
 
+@eager_under_dynamo
 class LocalLookup(nn.Module):
     """forward(pooled indices, offsets, weights, unpooled indices, offsets) -> (pooled
     ``B x sum(shard widths)`` or None, list of unpooled ``rows x width`` per shard).
@@ -223,6 +225,7 @@ class _Replicated(torch.autograd.Function):
         return (None, None, None) + tuple(psw_grads)
 
 
+@eager_under_dynamo
 class ReplicatedLookup(nn.Module):
     """forward(inputs of the unit's data-parallel slots) -> their outputs: pooled sums
     ``bags x dim`` for tables served pooled, else rows ``ids x dim``.

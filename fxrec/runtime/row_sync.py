@@ -32,6 +32,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from fxrec.eager import eager_under_dynamo
 from fxrec.lowering.sparse_update import merge_calls, row_sq_sums
 from fxrec.lowering.tbe import AfterBackward
 from fxrec.optim import RowWiseAdagrad, for_table
@@ -102,6 +103,7 @@ class RowSyncState:
         self.sync.calls().setdefault(owner, []).append((grad_output, indices, offsets, psw))
 
 
+@eager_under_dynamo
 class RowSync(nn.Module):
     """forward() -> a `RowSyncState` (None when autograd is off): the token this unit's
     `LocalLookup` and `OutputPrep` take. Built only for units with split tables under
