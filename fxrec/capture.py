@@ -33,6 +33,7 @@ import torch.utils._pytree as pytree
 from torch import Tensor, nn
 from torch.fx._symbolic_trace import PH
 
+from fxrec.input_spec import checked
 from fxrec.passes import lookup as L
 from fxrec.passes.shapes import ExampleIdError, run_example
 
@@ -161,7 +162,37 @@ def _concrete_args(model: nn.Module, inputs: tuple) -> Optional[dict]:
             concrete[p.name] = _placeholders(v)
         elif v is None or isinstance(v, (bool, int, float, str)):
             concrete[p.name] = v
+    # Left out: None, a flag or a string (`extra=None` ... `if extra is not None:`) is fixed at
+    # its default, as a passed one is; numbers stay graph inputs (`* scale`).
+    for p in params[len(inputs):]:
+        if p.default is None or isinstance(p.default, (bool, str)):
+            concrete[p.name] = p.default
     return concrete or None
+
+
+_SPECIALIZED = re.compile(r"(\w+) has been specialized to have value (.*) but got another value")
+
+
+def _named_as_forward(graph: torch.fx.Graph, concrete: Optional[dict]) -> None:
+    """fx names a fixed argument's placeholder ``extra_1``; name it as forward does, so that
+    a keyword call (``model(ids, extra=None)``) still binds it; and say in fx's check of the
+    fixed value where the value came from."""
+    if not concrete:
+        return
+    targets = {n.target for n in graph.nodes if n.op == "placeholder"}
+    for n in graph.nodes:
+        if n.op == "placeholder" and n.target.endswith("_1"):
+            name = n.target[:-2]
+            # (a container's items are `ids_1`, `ids_2`...: placeholders of their own)
+            if name in concrete and not isinstance(concrete[name], (list, tuple, dict)) and name not in targets:
+                n.target = name
+        elif n.op == "call_function" and len(n.args) == 2 and isinstance(n.args[1], str):
+            found = _SPECIALIZED.fullmatch(n.args[1])
+            if found:
+                arg, value = found.groups()
+                n.args = (n.args[0], f"argument {arg!r} was captured as {value} (its value in example_inputs, "
+                                     f"or its default where they leave it out) and this call passes another; "
+                                     f"capture the model with example_inputs that pass the value you call it with")
 
 
 class TrainingFlag(nn.Module):
@@ -216,11 +247,16 @@ def _fx_trace(model: nn.Module, inputs: tuple, leaf_modules, flag: bool) -> torc
     tracer = FxrecTracer(leaf_modules, training_flag=flag)
     concrete = _concrete_args(model, inputs)
     if not flag:
-        return torch.fx.GraphModule(model, tracer.trace(model, concrete), type(model).__name__)
+        graph = tracer.trace(model, concrete)
+        _named_as_forward(graph, concrete)
+        checked(graph)
+        return torch.fx.GraphModule(model, graph, type(model).__name__)
     saved = {m: m.__dict__["training"] for m in model.modules() if "training" in m.__dict__}
     model.add_module(L.TRAINING_FLAG, TrainingFlag().train(model.training))
     try:
         graph = tracer.trace(model, concrete)
+        _named_as_forward(graph, concrete)
+        checked(graph)
         for m, mode in saved.items():  # before the GraphModule copies the root's mode
             m.__dict__["training"] = mode
         node = next(n for n in graph.nodes if n.op == "call_module" and n.target == L.TRAINING_FLAG)
@@ -453,6 +489,7 @@ def capture(model: nn.Module, example_inputs, *, leaf_modules: Iterable[Union[ty
             raise _failure(model, fx_error, export_error) from fx_error
         by, note = "export", f"{type(fx_error).__name__}: {_first_line(fx_error)}"
     _stamp(gm)
+    L.carry_hooks(model, gm)  # fx traced forward, not __call__: the model's own hooks run around the program
     gm.meta[L.CAPTURED_BY] = by
     gm.meta[L.CAPTURE_NOTE] = note
     gm.meta[L.PARAM_TABLES] = L.table_names_by_param(model)

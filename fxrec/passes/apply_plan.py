@@ -371,7 +371,7 @@ def _without_tables(gm: GraphModule) -> GraphModule:
     for node in list(gm.graph.nodes):
         if node.op == "get_attr" and not node.users:
             gm.graph.erase_node(node)
-    out = GraphModule(gm, gm.graph, type(gm).__name__)
+    out = L.carry_hooks(gm, GraphModule(gm, gm.graph, type(gm).__name__))
     out.meta.update(gm.meta)
     return out
 

@@ -367,6 +367,6 @@ def fuse_lookups_pass(gm: GraphModule, ctx) -> GraphModule:
     if not changed:
         return gm
     # Only what the graph references stays: the user's tables (and their modules) leave.
-    out = GraphModule(gm, gm.graph, type(gm).__name__)
+    out = L.carry_hooks(gm, GraphModule(gm, gm.graph, type(gm).__name__))
     out.meta.update(gm.meta)
     return out

@@ -99,7 +99,8 @@ def snapshot(value):
     if isinstance(value, Tensor):
         return value.clone()
     if isinstance(value, (list, tuple)):
-        return type(value)(snapshot(v) for v in value)
+        items = [snapshot(v) for v in value]
+        return type(value)(*items) if hasattr(value, "_fields") else type(value)(items)  # a NamedTuple
     if isinstance(value, dict):
         return {k: snapshot(v) for k, v in value.items()}
     if hasattr(value, "__dict__") and not isinstance(value, nn.Module):

@@ -186,3 +186,20 @@ def table_names_by_param(model: nn.Module) -> dict[str, str]:
     for fqn, t in tensors:
         names[fqn] = canonical.setdefault(id(t), fqn)
     return names
+
+
+# hooks of a module, by the attribute nn.Module keeps them in
+_HOOK_ATTRS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks", "_forward_hooks_with_kwargs",
+               "_forward_hooks_always_called", "_backward_pre_hooks", "_backward_hooks")
+
+
+def carry_hooks(src: nn.Module, dst: nn.Module) -> nn.Module:
+    """`dst` with `src`'s hooks (the user's model's, on the captured program; a program's, on
+    the one a pass rebuilds from it): calling `dst` runs them as calling `src` did, with
+    `dst` as the module they are given. Returns `dst`."""
+    for attr in _HOOK_ATTRS:
+        if getattr(src, attr, None):
+            setattr(dst, attr, type(getattr(src, attr))(getattr(src, attr)))
+    if getattr(src, "_is_full_backward_hook", None) is not None:
+        dst._is_full_backward_hook = src._is_full_backward_hook
+    return dst

@@ -41,6 +41,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.fx import Graph, GraphModule, Node
 
+from fxrec.passes.lookup import carry_hooks
 from fxrec.passes.schedule_overlap import INPUT, STAGE, handed_over
 from fxrec.runtime import comm
 
@@ -117,7 +118,8 @@ def split_stages(gm: GraphModule) -> Optional[tuple[GraphModule, GraphModule, _I
             new = g_main.call_module("fxrec_inbox", (i,))
         new.meta.update(old.meta)
         old.replace_all_uses_with(new)
-    main_gm = _without(GraphModule(main_root, g_main, "MainStage"), keep)
+    # the model's hooks (capture carried them onto the program) run around the main stage's call
+    main_gm = carry_hooks(gm, _without(GraphModule(main_root, g_main, "MainStage"), keep))
     return input_gm, main_gm, inbox
 
 
