@@ -116,6 +116,10 @@ def test_format_errors_name_table_and_value():
         quantize_rows(w, QUANT_TYPES["int8"], table="x")
     with pytest.raises(ValueError, match=r"table 'x': row 1 holds 1e\+05, beyond fp16"):
         quantize_rows(torch.tensor([[1.0, 2.0], [1e5, 0.0]]), QUANT_TYPES["int8"], table="x")
+    # finite, but its range overflows float32: the scale would be inf and every value decode to nan
+    with pytest.raises(ValueError, match=r"table 'x': row 1 spans -2e\+38 to 2e\+38, a range beyond float32"):
+        quantize_rows(torch.tensor([[1.0, 2.0, 0.0], [2e38, -2e38, 1.0]]), QUANT_TYPES["int8"], table="x",
+                      qparams="back")
     with pytest.raises(ValueError, match="meta device"):
         quantize_rows(torch.empty(3, 4, device="meta"), QUANT_TYPES["int8"], table="x")
 
@@ -402,6 +406,26 @@ def test_tied_table_stays_float_with_a_warning():
         torch.testing.assert_close(lowered(*ex), _decoded_model(model, lowered)(*ex), rtol=1e-6, atol=1e-6)
 
 
+def test_the_kernel_variable_is_read_when_lowering(monkeypatch):
+    """FXREC_KERNEL picks the kernel, and with it the row format, when the model is lowered;
+    setting or clearing it later changes neither (a per-call read failed on the other format)."""
+    case = CASES["dlrm_ebc"]
+    model, ex = case.make(0)
+    x = case.inputs(2)
+    monkeypatch.setenv("FXREC_KERNEL", "fbgemm")
+    forced = fxrec.lower_for_inference(model, ex, "int8")
+    monkeypatch.delenv("FXREC_KERNEL")
+    plain = fxrec.lower_for_inference(model, ex, "int8")
+    monkeypatch.setenv("FXREC_KERNEL", "fbgemm")
+    with torch.no_grad():
+        for lowered, kernel in ((forced, "fbgemm"), (plain, "torch")):
+            lowered(*x)
+            assert {m.kernel for m in lowered.modules() if isinstance(m, QuantizedEmbeddingBags)} == {kernel}
+        monkeypatch.delenv("FXREC_KERNEL")
+        forced(*x)
+        assert {m.kernel for m in forced.modules() if isinstance(m, QuantizedEmbeddingBags)} == {"fbgemm"}
+
+
 class _BagThenLinear(nn.Module):
     def __init__(self):
         super().__init__()
@@ -451,6 +475,9 @@ def test_lower_for_inference_errors():
     odd = _OneBag(10, 5)
     with pytest.raises(ValueError, match=r"table 'bag': dim 5 cannot be stored as int4 .* choose int8 or fp16"):
         fxrec.lower_for_inference(odd, (torch.tensor([1, 2]), torch.tensor([0, 1])), "int4")
+    wide = _BagThenLinear().double()
+    with pytest.raises(ValueError, match=r"table\(s\) \['bag'\] are float64, and quantized lookups return"):
+        fxrec.lower_for_inference(wide, (torch.tensor([1, 2]), torch.tensor([0, 1])), "int8")
     lowered = fxrec.lower_for_inference(model, ex, "int8")
     dense, offsets, ids = case.inputs(1)
     ids = [torch.tensor([3, 1000, 2])] + ids[1:]

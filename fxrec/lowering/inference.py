@@ -96,6 +96,12 @@ def lower_for_inference(model: nn.Module, example_inputs, weight_dtype: Union[st
         "bounds_check": bounds_check})
     gm = run_passes(gm, ctx, until="group_tables")
     table_types(weight_dtype, ctx.tables)  # bad types and dims raise here, naming the table, not in a pass
+    wide = sorted(t for t, info in ctx.tables.items() if info.dtype == torch.float64)
+    if wide and output_dtype is None:
+        raise ValueError(f"fxrec.lower_for_inference: table(s) {wide} are float64, and quantized lookups return "
+                         f"float32, float16 or bfloat16, which float64 dense layers would refuse: lower a float32 "
+                         f"copy of the model (copy.deepcopy(model).float()), or pass output_dtype= for dense "
+                         f"layers that take it")
     meta = sorted({r.table for n in gm.graph.nodes if L.LOOKUP in n.meta for r in n.meta[L.LOOKUP].reads
                    if L.fetch_attr(gm, r.weight_path).is_meta})
     if meta:

@@ -211,6 +211,11 @@ def _quantize_chunk(w: Tensor, qtype: QuantType, qparams: str, out: Tensor, tabl
     bias = lo.to(qdtype)
     b = bias.float()
     span = hi - b
+    wide = ~torch.isfinite(span)
+    if wide.any():  # the scale would be inf, and every value decode to nan
+        row = int(torch.nonzero(wide)[0, 0])
+        raise ValueError(f"table {table!r}: row {first + row} spans {lo[row].item():.4g} to {hi[row].item():.4g}, "
+                         f"a range beyond float32, which {qtype.name} stores its scale in; use fp32")
     scale = torch.where(span > 0, span / levels, torch.ones_like(span)).to(qdtype)
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
     inv = 1.0 / scale.float()

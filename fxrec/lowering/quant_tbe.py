@@ -52,7 +52,10 @@ class QuantizedEmbeddingBags(nn.Module):
         if output_dtype not in _OUTPUT_DTYPES:
             raise ValueError(f"output_dtype must be one of {_OUTPUT_DTYPES}, got {output_dtype}")
         self.output_dtype = output_dtype
-        self.kernel_request = kernel
+        # FXREC_KERNEL is read here, once: the row format below follows the kernel, so a
+        # kernel chosen per call could not read the rows
+        self.kernel_request = kernel if kernel is not None else (os.environ.get(registry.ENV_VAR) or None)
+        kernel = self.kernel_request
         # The row format follows the kernel: torch's rowwise ops read "back", FBGEMM's and
         # fxrec's Triton table-batched kernels "front" (quant.py). Ask which kernel would serve
         # the "front" format; torch then gets its own.
@@ -113,7 +116,7 @@ class QuantizedEmbeddingBags(nn.Module):
         return self._problem(self.layout, index_dtype, weighted, device if device is not None else self.weights.device)
 
     def _select(self, index_dtype: torch.dtype, weighted: bool):
-        key = (index_dtype, weighted, self.weights.device.type, os.environ.get(registry.ENV_VAR))
+        key = (index_dtype, weighted, self.weights.device.type)
         if key not in self._impls:
             self._impls[key] = registry.select(self._op, kernel=self.kernel_request,
                                                **self.problem(index_dtype, weighted))
