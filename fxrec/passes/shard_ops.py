@@ -298,6 +298,38 @@ def find_fault(slots: Sequence[SlotSpec], inputs: list[SlotInput]) -> Optional[I
             return InputFault(WEIGHTS, k, int(n_w is not None), n)
         if n_w is not None and n_w != n:
             return InputFault(WEIGHTS_COUNT, k, n_w, n)
+    if _all_fine(slots, inputs, given):
+        return None
+    return _first_fault(slots, inputs, given)
+
+
+def _all_fine(slots: Sequence[SlotSpec], inputs: list[SlotInput], given: list) -> bool:
+    """Every slot's ids in range and bag lengths non-negative and summing to its ids, in a few
+    ops over all slots at once and one host sync (per slot it was five small ops each)."""
+    counts = [inp.values.numel() for inp in inputs]
+    device = inputs[0].values.device
+    flags = []
+    if any(counts):
+        ids = torch.cat([inp.values for inp in inputs])  # (1-D int64, as GatherInputs makes them)
+        limits = torch.tensor([s.num_embeddings for s in slots], device=device)
+        bound = limits.repeat_interleave(torch.tensor(counts, device=device), output_size=ids.numel())
+        flags.append(((ids < 0) | (ids >= bound)).any())
+    with_lengths = [k for k, g in enumerate(given) if g[0] is not None]  # (ids without bags: nothing to sum)
+    if with_lengths:
+        parts = [given[k][0] for k in with_lengths]
+        lengths = torch.cat(parts)
+        sizes = torch.tensor([len(p) for p in parts], device=device)
+        slot_of = torch.arange(len(with_lengths), device=device).repeat_interleave(sizes, output_size=lengths.numel())
+        totals = torch.zeros(len(with_lengths), dtype=lengths.dtype, device=device).index_add_(0, slot_of, lengths)
+        want = torch.tensor([given[k][1] for k in with_lengths], device=device)
+        flags.append((totals != want).any())
+        if lengths.numel():
+            flags.append(lengths.min() < 0)
+    return not any(torch.stack(flags).tolist()) if flags else True
+
+
+def _first_fault(slots: Sequence[SlotSpec], inputs: list[SlotInput], given: list) -> Optional[InputFault]:
+    """`find_fault`'s answer slot by slot, once `_all_fine` found something wrong."""
     stats = []
     for inp, (lengths, n, _) in zip(inputs, given):
         v = inp.values
