@@ -318,6 +318,23 @@ def test_a_table_of_another_size_names_the_key_and_both_shapes(tmp_path):
         fxrec.checkpoint.load(CASES["two_tower"].build(), tmp_path / "t")
 
 
+def test_a_dense_layer_of_another_shape_is_not_called_a_table(tmp_path):
+    """World 1: a dense weight of another shape is named as the key alone; a table's key also
+    names its table."""
+    plain = CASES["dlrm_lists"].build()
+    plain.bot_l[0] = torch.nn.Linear(4, 6)
+    fxrec.checkpoint.save(plain, tmp_path / "t")
+    sm, _ = _world_one(0)
+    with pytest.raises(ValueError, match=r"'bot_l\.0\.weight' is \(6, 4\) in .* and \(8, 4\) in this model") as e:
+        fxrec.checkpoint.load(sm, tmp_path / "t")
+    assert "table" not in str(e.value)
+    plain = CASES["dlrm_lists"].build()
+    plain.emb_l[0] = torch.nn.EmbeddingBag(13, 8, mode="sum")
+    fxrec.checkpoint.save(plain, tmp_path / "u")
+    with pytest.raises(ValueError, match=r"'emb_l\.0\.weight' \(table 'emb_l\.0'\) is \(13, 8\) in"):
+        fxrec.checkpoint.load(sm, tmp_path / "u", sparse_optimizer=False)
+
+
 def test_a_plain_module_on_meta_is_refused(tmp_path):
     fxrec.checkpoint.save(_Tables(10), tmp_path / "t")
     with pytest.raises(ValueError, match=r"'emb\.weight' is on the meta device"):

@@ -409,7 +409,9 @@ def _problem(model: nn.Module, sd: dict, path: str, strict: bool = True):
         saved = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
     except Exception as e:  # noqa: BLE001 - a damaged file: say which, and why
         return ("bad", f"cannot read the metadata of {path!r}: {type(e).__name__}: {e}"), absent, None
-    tables = model._param_tables if isinstance(model, ShardedModel) else {}
+    # _param_tables maps every parameter and buffer (a dense one to its own path): keep the tables
+    tables = {k: t for k, t in model._param_tables.items() if t in model._tables} \
+        if isinstance(model, ShardedModel) else {}
 
     def what(key: str) -> str:
         base = key[len(SPARSE_PREFIX) + 1:].rpartition(".")[0] if key.startswith(SPARSE_PREFIX + ".") else key
