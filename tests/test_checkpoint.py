@@ -387,6 +387,17 @@ def test_a_submodule_named_extra_is_the_models(tmp_path):
         fxrec.checkpoint.save(_WithExtra("dense_optimizer"), tmp_path / "u")
 
 
+def test_a_dense_optimizer_over_a_parameter_outside_the_model_is_refused(tmp_path):
+    model = _WithExtra()
+    temperature = torch.nn.Parameter(torch.ones(()))
+    opt = torch.optim.Adam([{"params": model.parameters()}, {"params": [temperature]}])
+    match = r"dense optimizer holds a parameter that is not the model's \(param_groups\[1\]\['params'\]\[0\], shape \(\)\)"
+    with pytest.raises(ValueError, match=match):
+        fxrec.checkpoint.save(model, tmp_path / "t", optimizer=opt)
+    with pytest.raises(ValueError, match=match):
+        fxrec.checkpoint.load(model, tmp_path / "t", optimizer=opt)
+
+
 @pytest.mark.parametrize("make", [lambda ps: torch.optim.Adam(ps, lr=0.1),
                                   lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, dampening=0.1)])
 def test_saving_before_the_first_step_changes_nothing(tmp_path, make):

@@ -197,6 +197,7 @@ def _dense_state(module: nn.Module, optimizer: torch.optim.Optimizer, template: 
     Adam's step count and seeds momentum buffers, so training after a save would differ from
     training without it. Such an optimizer is put back as it was; it is saved without state,
     and for a load (`template`) the state made serves only as what DCP reads into."""
+    _check_dense_params(module, optimizer)
     if optimizer.state:
         return get_optimizer_state_dict(module, optimizer)
     before = optimizer.state_dict()
@@ -205,6 +206,19 @@ def _dense_state(module: nn.Module, optimizer: torch.optim.Optimizer, template: 
     if not template:
         osd["state"] = {}
     return osd
+
+
+def _check_dense_params(module: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """The dense optimizer's state is keyed by its parameters' paths in the model; one that is
+    not the model's has none (torch's get_optimizer_state_dict fails with a bare KeyError)."""
+    mine = {id(p) for p in module.parameters()}
+    for g, group in enumerate(optimizer.param_groups):
+        for i, p in enumerate(group["params"]):
+            if id(p) not in mine:
+                raise ValueError(f"fxrec.checkpoint: the dense optimizer holds a parameter that is not the model's "
+                                 f"(param_groups[{g}]['params'][{i}], shape {tuple(p.shape)}), so its state has no "
+                                 "key; make it a parameter of a submodule, or give it an optimizer of its own and "
+                                 "save its tensors in extra=")
 
 
 # ------------------------------------------------------------------ save / load
