@@ -348,6 +348,49 @@ def test_loading_a_dense_optimizer_that_was_not_saved(tmp_path):
         fxrec.checkpoint.load(model, tmp_path / "t", optimizer=torch.optim.Adam(model.parameters()))
 
 
+def _adam_checkpoint(path, groups: bool = False):
+    torch.manual_seed(0)
+    model = _WithExtra()
+    params = [{"params": model.main.parameters(), "lr": 0.1}, {"params": model.extra.parameters(), "lr": 0.2}] \
+        if groups else model.parameters()
+    opt = torch.optim.Adam(params, lr=0.1)
+    model(torch.randn(4, 3)).sum().backward()
+    opt.step()
+    fxrec.checkpoint.save(model, path, optimizer=opt)
+    return model
+
+
+@pytest.mark.parametrize("make, key", [
+    (lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9), "dense_optimizer.param_groups.0.dampening"),
+    (lambda ps: torch.optim.Adagrad(ps, lr=0.1), "dense_optimizer.param_groups.0.initial_accumulator_value"),
+])
+def test_a_dense_optimizer_of_another_type_is_named_not_called_damage(tmp_path, make, key):
+    """Saved with Adam, loaded with another type: refused before anything is read, naming a key
+    the checkpoint lacks; not strict, the weights load and the optimizer is left as it was."""
+    saved = _adam_checkpoint(tmp_path / "t")
+    fresh = _WithExtra()
+    opt = make(fresh.parameters())
+    before = copy.deepcopy(opt.state_dict())
+    with pytest.raises(ValueError, match=rf"dense optimizer state in '.*t' was saved by another optimizer type "
+                                         rf"or param-group layout \(it has no '{key}'.*without optimizer="):
+        fxrec.checkpoint.load(fresh, tmp_path / "t", optimizer=opt)
+    with pytest.warns(UserWarning, match=r"another optimizer type .* left as it was"):
+        fxrec.checkpoint.load(fresh, tmp_path / "t", optimizer=opt, strict=False)
+    assert torch.equal(fresh.main.weight, saved.main.weight)
+    assert str(opt.state_dict()) == str(before)
+
+
+def test_a_dense_optimizer_with_other_param_groups_is_refused(tmp_path):
+    _adam_checkpoint(tmp_path / "two", groups=True)
+    fresh = _WithExtra()
+    with pytest.raises(ValueError, match=r"param-group layout \(2 param group\(s\) there, 1 in this optimizer\)"):
+        fxrec.checkpoint.load(fresh, tmp_path / "two", optimizer=torch.optim.Adam(fresh.parameters(), lr=0.01))
+    _adam_checkpoint(tmp_path / "one")
+    opt = torch.optim.Adam([{"params": fresh.main.parameters()}, {"params": fresh.extra.parameters()}], lr=0.01)
+    with pytest.raises(ValueError, match=r"\(1 param group\(s\) there, 2 in this optimizer\)"):
+        fxrec.checkpoint.load(fresh, tmp_path / "one", optimizer=opt)
+
+
 def test_extra_values_come_back(tmp_path):
     model = _Tables(10)
     fxrec.checkpoint.save(model, tmp_path / "t", extra={"step": 41, "seen": torch.arange(3), "name": "run-a"})

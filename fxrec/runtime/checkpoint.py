@@ -385,6 +385,35 @@ def _only_saved_dense_state(osd: dict, saved: dict) -> bool:
     return bool(dropped)
 
 
+def _other_dense_optimizer(osd: dict, saved: dict) -> Optional[str]:
+    """Why the checkpoint's dense optimizer state (metadata `saved`) is not the template `osd`'s
+    kind, or None. DCP fails on a key it lacks only while reading, after the model's weights
+    may be read, with a message that reads like a damaged file; and a checkpoint with more
+    param groups would load their hyperparameters into the wrong groups without a word. So the
+    flattened keys are compared first: the groups' (their count, then each one's settings, which
+    differ by optimizer type) and the state's of each parameter that had state when saved (one
+    that had none gets none, see `_only_saved_dense_state`)."""
+    groups = f"{DENSE_OPTIMIZER}.param_groups."
+    theirs = {k for k in saved if k.startswith(groups)}
+    count = len({k[len(groups):].partition(".")[0] for k in theirs})
+    if count != len(osd["param_groups"]):
+        return f"{count} param group(s) there, {len(osd['param_groups'])} in this optimizer"
+    mine = {f"{groups}{i}.{name}" for i, group in enumerate(osd["param_groups"]) for name in group}
+    for fqn, state in osd.get("state", {}).items():
+        at = f"{DENSE_OPTIMIZER}.state.{fqn}."
+        had = {k for k in saved if k.startswith(at)}
+        if had:
+            theirs |= had
+            mine |= {at + name for name in state}
+    missing, extra = sorted(mine - theirs), sorted(theirs - mine)
+    if missing:
+        return f"it has no {missing[0]!r}" + (f" and {len(missing) - 1} more" if len(missing) > 1 else "")
+    if extra:
+        return f"it has {extra[0]!r}, which this optimizer lacks" + (f", and {len(extra) - 1} more" if len(extra) > 1
+                                                                       else "")
+    return None
+
+
 def _extra_templates(saved: dict) -> dict:
     """A value per ``extra.<key>`` of the checkpoint's metadata `saved`, for DCP to fill (it
     reads into what it is given)."""
@@ -436,6 +465,17 @@ def _problem(model: nn.Module, sd: dict, path: str, strict: bool = True):
             return ("keys", f"{path!r} was saved without a dense optimizer's state; load it without "
                             "optimizer="), absent, saved
         absent.append(DENSE_OPTIMIZER)
+    elif DENSE_OPTIMIZER in sd:
+        other = _other_dense_optimizer(sd[DENSE_OPTIMIZER], saved)
+        if other is not None:
+            why = f"the dense optimizer state in {path!r} was saved by another optimizer type or param-group " \
+                  f"layout ({other})"
+            if strict:
+                return ("keys", f"{why}; load it without optimizer= (or with strict=False) to leave this "
+                                "optimizer as it is"), absent, saved
+            if _rank() == 0:
+                warnings.warn(f"fxrec.checkpoint.load: {why}; this optimizer is left as it was", stacklevel=4)
+            absent.append(DENSE_OPTIMIZER)
     for key, value in sd.items():
         if key == DENSE_OPTIMIZER:
             continue
