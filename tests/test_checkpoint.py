@@ -273,6 +273,62 @@ def test_a_sharded_checkpoint_loads_into_the_plain_model(runs):
         assert torch.equal(value, saved[key]), key
 
 
+def _error(fn) -> tuple:
+    try:
+        fn()
+    except Exception as e:  # noqa: BLE001 - the type and message are what the test checks
+        return type(e).__name__, str(e)
+    return "nothing raised", ""
+
+
+def _unwritable_worker(rank: int, world: int, root: str) -> dict:
+    """Saves that cannot start: rank 0 finds out clearing the old metadata, and every rank must
+    raise its error rather than wait for it; a save after them still works."""
+    sm, opt = _build("dlrm_ebc", "sgd", "row_wise", world, rank, seed=0)
+    out = {
+        "file": _error(lambda: fxrec.checkpoint.save(sm, os.path.join(root, "file"), optimizer=opt)),
+        "file_background": _error(lambda: fxrec.checkpoint.save(sm, os.path.join(root, "file"), background=True)),
+        "metadata_dir": _error(lambda: fxrec.checkpoint.save(sm, os.path.join(root, "metadata_dir"))),
+    }
+    remove = os.remove
+
+    def denied(path, *args, **kwargs):
+        if path.endswith(".metadata"):
+            raise PermissionError(13, "Permission denied", path)
+        return remove(path, *args, **kwargs)
+
+    os.remove = denied  # a directory this user may not write in (the tests may run as root)
+    try:
+        out["denied"] = _error(lambda: fxrec.checkpoint.save(sm, os.path.join(root, "good")))
+    finally:
+        os.remove = remove
+    fxrec.checkpoint.save(sm, os.path.join(root, "good"))
+    out["then"] = "saved"
+    return out
+
+
+@pytest.fixture(scope="module")
+def unwritable(tmp_path_factory):
+    root = tmp_path_factory.mktemp("unwritable")
+    (root / "file").write_text("not a checkpoint")
+    (root / "metadata_dir" / ".metadata").mkdir(parents=True)
+    fxrec.checkpoint.save(_Tables(10), root / "good")  # so that there is a .metadata to remove
+    return run_workers(_unwritable_worker, 2, str(root), timeout=120)
+
+
+@pytest.mark.parametrize("case, kind, match", [
+    ("file", "NotADirectoryError", r"'.*file' is a file, not a checkpoint directory"),
+    ("file_background", "NotADirectoryError", r"'.*file' is a file, not a checkpoint directory"),
+    ("metadata_dir", "IsADirectoryError", r"'.*metadata_dir/\.metadata' is a directory"),
+    ("denied", "PermissionError", r"cannot write a checkpoint at '.*good': PermissionError"),
+])
+def test_a_save_that_cannot_start_raises_on_every_rank(unwritable, case, kind, match):
+    errors = [res[case] for res in unwritable]
+    assert errors[0] == errors[1]  # rank 0's error, also where rank 1 had nothing to do
+    assert errors[0][0] == kind and re.search(r"fxrec\.checkpoint\.save: " + match, errors[0][1]), errors[0]
+    assert all(res["then"] == "saved" for res in unwritable)
+
+
 # ------------------------------------------------------------------ one process
 def test_world_one_sharded_round_trip_with_dense_optimizer(tmp_path):
     """A ShardedModel of one rank (no process group): save after 2 steps, load into a fresh one,

@@ -38,6 +38,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import tempfile
 import warnings
 from concurrent.futures import Future
 from typing import Optional, Union
@@ -297,14 +298,38 @@ def _clear(path: str, collective: bool, group) -> None:
     """A save replaces the checkpoint at `path`, whose metadata goes first: DCP writes the
     new metadata last, so a save cut short leaves no checkpoint there (`load` says so) rather
     than the old metadata over half-rewritten data, which would load a silent mix of both.
-    Rank 0 removes it; the others wait, so none sees the old one while planning."""
-    if _rank() == 0:
-        try:
-            os.remove(os.path.join(path, ".metadata"))
-        except FileNotFoundError:
-            pass
-    if collective:
-        dist.barrier(group=group)
+    Rank 0 removes it; the others wait, so none sees the old one while planning. Where rank 0
+    cannot, every rank raises its error (the others would otherwise wait for it forever)."""
+    error = _cleared(path) if _rank() == 0 else None
+    if collective:  # the exchange is also the wait
+        everyone: list = [None] * dist.get_world_size(group)
+        dist.all_gather_object(everyone, error, group=group)
+        error = everyone[0]
+    if error is not None:
+        kind, message = error
+        raise kind(f"fxrec.checkpoint.save: {message}")
+
+
+def _cleared(path: str) -> Optional[tuple]:
+    """Make `path` a directory without metadata that this process can write into; None, or
+    why not as (an OSError type, message). Probed before DCP starts, so a path that is a file,
+    a `.metadata` that is a directory or a directory without write permission is named here,
+    not met midway by one rank."""
+    metadata = os.path.join(path, ".metadata")
+    if os.path.exists(path) and not os.path.isdir(path):
+        return NotADirectoryError, f"{path!r} is a file, not a checkpoint directory"
+    try:
+        os.makedirs(path, exist_ok=True)
+        if os.path.isdir(metadata):
+            return IsADirectoryError, f"{metadata!r} is a directory, where a checkpoint has its metadata file"
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(metadata)
+        fd, probe = tempfile.mkstemp(dir=path, prefix=".fxrec_probe_")
+        os.close(fd)
+        os.remove(probe)
+    except OSError as e:
+        return type(e), f"cannot write a checkpoint at {path!r}: {type(e).__name__}: {e}"
+    return None
 
 
 _BACKGROUND_GROUPS: dict = {}
