@@ -281,11 +281,22 @@ def _error(fn) -> tuple:
     return "nothing raised", ""
 
 
-def _unwritable_worker(rank: int, world: int, root: str) -> dict:
+class _Wrapped(torch.nn.Module):
+    def __init__(self, sharded):
+        super().__init__()
+        self.sm = sharded
+        self.head = torch.nn.Linear(1, 1)
+
+
+def _refused_worker(rank: int, world: int, root: str) -> dict:
     """Saves that cannot start: rank 0 finds out clearing the old metadata, and every rank must
-    raise its error rather than wait for it; a save after them still works."""
+    raise its error rather than wait for it; a save after them still works. And a module that
+    wraps a ShardedModel, refused on every rank rather than written locally by each."""
     sm, opt = _build("dlrm_ebc", "sgd", "row_wise", world, rank, seed=0)
     out = {
+        "wrapped_save": _error(lambda: fxrec.checkpoint.save(_Wrapped(sm), os.path.join(root, "wrapped"))),
+        "wrapped_load": _error(lambda: fxrec.checkpoint.load(_Wrapped(sm), os.path.join(root, "good"))),
+        "wrapped_written": os.path.exists(os.path.join(root, "wrapped")),
         "file": _error(lambda: fxrec.checkpoint.save(sm, os.path.join(root, "file"), optimizer=opt)),
         "file_background": _error(lambda: fxrec.checkpoint.save(sm, os.path.join(root, "file"), background=True)),
         "metadata_dir": _error(lambda: fxrec.checkpoint.save(sm, os.path.join(root, "metadata_dir"))),
@@ -308,12 +319,12 @@ def _unwritable_worker(rank: int, world: int, root: str) -> dict:
 
 
 @pytest.fixture(scope="module")
-def unwritable(tmp_path_factory):
-    root = tmp_path_factory.mktemp("unwritable")
+def refused(tmp_path_factory):
+    root = tmp_path_factory.mktemp("refused")
     (root / "file").write_text("not a checkpoint")
     (root / "metadata_dir" / ".metadata").mkdir(parents=True)
     fxrec.checkpoint.save(_Tables(10), root / "good")  # so that there is a .metadata to remove
-    return run_workers(_unwritable_worker, 2, str(root), timeout=120)
+    return run_workers(_refused_worker, 2, str(root), timeout=120)
 
 
 @pytest.mark.parametrize("case, kind, match", [
@@ -322,11 +333,20 @@ def unwritable(tmp_path_factory):
     ("metadata_dir", "IsADirectoryError", r"'.*metadata_dir/\.metadata' is a directory"),
     ("denied", "PermissionError", r"cannot write a checkpoint at '.*good': PermissionError"),
 ])
-def test_a_save_that_cannot_start_raises_on_every_rank(unwritable, case, kind, match):
-    errors = [res[case] for res in unwritable]
+def test_a_save_that_cannot_start_raises_on_every_rank(refused, case, kind, match):
+    errors = [res[case] for res in refused]
     assert errors[0] == errors[1]  # rank 0's error, also where rank 1 had nothing to do
     assert errors[0][0] == kind and re.search(r"fxrec\.checkpoint\.save: " + match, errors[0][1]), errors[0]
-    assert all(res["then"] == "saved" for res in unwritable)
+    assert all(res["then"] == "saved" for res in refused)
+
+
+@pytest.mark.parametrize("case", ["wrapped_save", "wrapped_load"])
+def test_a_module_wrapping_a_sharded_model_is_refused_on_every_rank(refused, case):
+    errors = [res[case] for res in refused]
+    assert not any(res["wrapped_written"] for res in refused)
+    assert errors[0] == errors[1]
+    assert errors[0][0] == "ValueError" and re.search(r"the _Wrapped holds a ShardedModel at 'sm'.*model\.sm itself",
+                                                      errors[0][1]), errors[0]
 
 
 # ------------------------------------------------------------------ one process

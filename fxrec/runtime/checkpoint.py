@@ -31,7 +31,8 @@ The keys and shapes are checked against the checkpoint's metadata before anythin
 so a mismatch names the key (and table) and both shapes instead of failing half-loaded.
 
 Save and load of a ShardedModel are collective (every rank calls them); of a plain module,
-local (one process).
+local (one process). A module that holds a ShardedModel is neither, and refused: save the
+ShardedModel itself.
 """
 from __future__ import annotations
 
@@ -175,6 +176,7 @@ def state_dict(model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = No
     parameters, under ``dense_optimizer``. sparse_optimizer: include the fused optimizer's
     state (a ShardedModel's). template: what `load` reads into (an optimizer without state
     yet gets a stand-in for DCP to overwrite; saved, it has none)."""
+    _check_not_wrapped(model)
     # a ShardedModel's pieces: only what this rank holds. Not its state_dict(), whose shard-less
     # ShardedTensors (TorchRec's keys on every rank) made DCP's load of a checkpoint beside the
     # dense optimizer's state fail ("Missing key in checkpoint state_dict: dense_optimizer.param_groups")
@@ -190,6 +192,20 @@ def state_dict(model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = No
     if optimizer is not None:
         out[DENSE_OPTIMIZER] = _dense_state(module, optimizer, template)
     return out
+
+
+def _check_not_wrapped(model: nn.Module) -> None:
+    """A module holding a ShardedModel is neither: saved as a plain module, each rank wrote its
+    own pieces locally into the same files (a corrupt checkpoint, silently). Refused, on every
+    rank alike (the module tree is the same on each), before anything is written or read."""
+    if isinstance(model, ShardedModel):
+        return
+    inner = next((name for name, m in model.named_modules() if isinstance(m, ShardedModel)), None)
+    if inner is not None:
+        raise ValueError(f"fxrec.checkpoint: the {type(model).__name__} holds a ShardedModel at {inner!r}; a "
+                         "checkpoint is of a ShardedModel itself (every rank calls save and load) or of a plain "
+                         f"module (one process). Save and load model.{inner} itself, and the rest of the "
+                         f"{type(model).__name__} apart (its tensors in extra=, say)")
 
 
 def _dense_state(module: nn.Module, optimizer: torch.optim.Optimizer, template: bool) -> dict:
@@ -352,8 +368,9 @@ def load(model: nn.Module, path: PathLike, optimizer: Optional[torch.optim.Optim
     saved). sparse_optimizer=False: the tables' weights only, leaving the fused optimizer's
     state as it is (e.g. a checkpoint of the plain model, or of another sparse optimizer).
     strict=False: what the checkpoint lacks (a table or layer added since, another sparse
-    optimizer's state, the dense optimizer's) is left as it is and named in a warning, to
-    warm-start a grown model; a shape that differs still raises.
+    optimizer's state, the dense optimizer's, or another dense optimizer type's or param-group
+    layout's) is left as it is and named in a warning, to warm-start a grown model; a shape
+    that differs still raises.
 
     Collective for a ShardedModel. Raises FileNotFoundError for a path that holds no
     checkpoint and ValueError for a key the checkpoint lacks (strict) or a shape that
