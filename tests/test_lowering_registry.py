@@ -34,7 +34,7 @@ def _no_forced_kernel(monkeypatch):
     (RowWiseAdagrad(0.1), torch.float16, "mean", False, "torch", CPU_FAST),  # fbgemm's fp16 fwd is slow
     (Adam(0.1), torch.float32, "sum", True, CPU_FAST, "torch"),  # fbgemm has no CPU Adam
     (SGD(0.1), torch.bfloat16, "sum", False, "torch", "torch"),  # nor bf16
-    (SGD(0.1), torch.float32, "mean", True, "torch", "torch"),  # nor weighted mean
+    (SGD(0.1), torch.float32, "mean", True, CPU_FAST, CPU_FAST),  # weighted mean: pooled by sum, scaled
 ])
 @pytest.mark.usefixtures("one_thread")
 def test_module_picks_the_expected_kernel(opt, dtype, pooling, weighted, fwd, bwd):
