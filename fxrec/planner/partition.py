@@ -178,18 +178,52 @@ def _better(a, b) -> bool:
 
 def _pack_any(chosen: list, options: list[list], topology, cap: float, work: Work | None = None):
     """Pack by time, then by memory, then with the tables that failed split into
-    options of smaller shards, until it fits or nothing smaller is left."""
+    options of smaller shards, until it fits or nothing smaller is left; then with the
+    tables already placed shrunk too (`_pack_shrunk`)."""
     chosen = list(chosen)
     for _ in range(len(chosen) + 1):
-        for by in ("time", "memory"):
-            pk, bad = pack(chosen, topology, cap, by, work)
-            if pk is not None:
-                return pk, None
+        pk, bad = _pack_both(chosen, topology, cap, work)
+        if pk is not None:
+            return pk, None
         smaller = [o for o in options[bad] if o.max_mem < chosen[bad].max_mem]
         if not smaller:
-            return None, bad
+            break
         chosen[bad] = min(smaller, key=lambda o: (o.total_time, o.max_mem))
+    pk = _pack_shrunk(chosen, options, topology, cap, work)
+    return (pk, None) if pk is not None else (None, bad)
+
+
+def _pack_both(chosen: list, topology, cap: float, work: Work | None):
+    for by in ("time", "memory"):
+        pk, bad = pack(chosen, topology, cap, by, work)
+        if pk is not None:
+            return pk, None
     return None, bad
+
+
+def _least_memory(opts: list):
+    return min(opts, key=lambda o: (o.total_mem, o.max_mem, o.total_time))
+
+
+def _pack_shrunk(chosen: list, options: list[list], topology, cap: float, work: Work | None):
+    """When the failing table has nothing smaller, the room it lacks is held by tables
+    placed before it, at options larger than they need (tight memory, e.g. one rank:
+    data_parallel before table_wise). Move the 1, 2, 4, ... tables that save the most
+    memory to their least-memory option, until every table is at its least; log2(T)
+    packings, and none at all where the plain packing fits (plans there are unchanged)."""
+    least = [_least_memory(opts) for opts in options]
+    saving = sorted(range(len(chosen)), key=lambda t: (-(chosen[t].total_mem - least[t].total_mem), t))
+    saving = [t for t in saving if least[t] is not chosen[t]]
+    k = 1
+    while saving:
+        trial = list(chosen)
+        for t in saving[:k]:
+            trial[t] = least[t]
+        pk, _ = _pack_both(trial, topology, cap, work)
+        if pk is not None or k >= len(saving):
+            return pk
+        k *= 2
+    return None
 
 
 def assignment(pk: Packing) -> list[tuple]:
