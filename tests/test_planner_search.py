@@ -137,3 +137,16 @@ def test_one_rank_with_tight_memory_shrinks_tables_already_placed(search):
     cap = int(sum(min(o.total_mem for o in opts) for opts in options) * 1.01)
     plan = fxrec.plan(tables, Topology(1, device="cuda", memory_per_rank=cap), search=search)
     assert plan.per_rank()[0]["memory_bytes"] <= cap
+
+
+@pytest.mark.parametrize("world,count,budget", [(8, 6, 100), (8, 6, 1000), (32, 12, 2000)])
+def test_exact_search_stops_at_its_step_budget(world, count, budget):
+    """The loops over options and rank combinations stop once the budget is spent (they
+    used to keep calling into children that returned at once: minutes on 32 ranks); the
+    budget counts steps, not seconds, so the result repeats."""
+    tables = [TableInfo(f"t{i}", 1_000_000 + 1000 * i, 128, pooling_factor=20) for i in range(count)]
+    topo = Topology(world, device="cuda")
+    options, _ = en.enumerate_options(en.table_specs(tables, {}, topo), topo, 512, "sgd")
+    runs = [exact.search(options, topo, topo.memory_per_rank, node_budget=budget) for _ in range(2)]
+    assert runs[0].nodes <= budget + 1 and not runs[0].optimal
+    assert runs[0].makespan == runs[1].makespan and runs[0].nodes == runs[1].nodes

@@ -106,7 +106,11 @@ class _Search:
             self.seen.add(key)
         for opt in self.opts[k]:
             for where, shards in self._placements(opt):
+                if self.nodes > self.budget:
+                    return  # a spent budget stops the loops too: each child would return at once
                 if any(self.mem[r] + m > self.cap for r, _, m in shards):
+                    # a step too: tight memory can reject millions of column shard placements
+                    self.nodes += 1
                     continue
                 for r, t, m in shards:
                     self.load[r] += t
