@@ -171,29 +171,54 @@ class Topology:
     def from_env(cls, device: str | None = None, **overrides) -> "Topology":
         """The topology of the running job.
 
-        World size and ranks per node come from the initialised torch.distributed
-        group, else from torchrun's WORLD_SIZE / LOCAL_WORLD_SIZE (1 / world size when
-        unset). Memory per rank is the GPU's total memory (cuda) or the host's
-        physical memory shared by the node's ranks (cpu). Bandwidths keep the device
-        defaults unless overridden (or use `load` with a calibrated profile).
+        World size and ranks per node are the overrides', else come from the
+        initialised torch.distributed group, else from torchrun's WORLD_SIZE /
+        LOCAL_WORLD_SIZE (1 / the world size when unset; ValueError naming the variable
+        when not a positive integer). Memory per rank is the GPU's total memory (cuda)
+        or the host's physical memory shared by the node's ranks (cpu; the ranks per
+        node after overrides). Bandwidths keep the device defaults unless overridden
+        (or use `load` with a calibrated profile).
         """
         import torch
 
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
-        world_size = int(os.environ.get("WORLD_SIZE", "1"))
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
+        overrides = {k: v for k, v in overrides.items() if v is not None}
+        # the sizes first, overrides included: the memory split below depends on them
+        world_size = overrides.pop("world_size", None)
+        if world_size is None and torch.distributed.is_available() and torch.distributed.is_initialized():
             world_size = torch.distributed.get_world_size()
-        rpn = int(os.environ.get("LOCAL_WORLD_SIZE", str(world_size)))
+        if world_size is None:
+            world_size = _env_int("WORLD_SIZE", 1)
+        rpn = overrides.pop("ranks_per_node", None)
+        if rpn is None:
+            rpn = _env_int("LOCAL_WORLD_SIZE", world_size)
         kwargs = dict(world_size=world_size, ranks_per_node=rpn, device=device)
         if device == "cuda" and torch.cuda.is_available():
-            local_rank = int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count()
+            local_rank = _env_int("LOCAL_RANK", 0, least=0) % torch.cuda.device_count()
             kwargs["memory_per_rank"] = torch.cuda.get_device_properties(local_rank).total_memory
-        elif device == "cpu":
+        elif device == "cpu" and isinstance(rpn, int) and not isinstance(rpn, bool) and rpn >= 1:
+            # a bad ranks_per_node is left for the constructor to name
             kwargs["memory_per_rank"] = _host_memory() // rpn
             kwargs["host_memory_per_rank"] = kwargs["memory_per_rank"]
-        kwargs.update({k: v for k, v in overrides.items() if v is not None})
+        kwargs.update(overrides)
         return cls(**kwargs)
+
+
+def _env_int(name: str, default: int, least: int = 1) -> int:
+    """The launcher's variable ``name`` as an int of at least ``least`` (``default`` when
+    unset); a ValueError naming the variable and its value otherwise."""
+    raw = os.environ.get(name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        value = None
+    if value is None or value < least:
+        kind = "a positive integer" if least == 1 else f"an integer >= {least}"
+        raise ValueError(f"Topology.from_env: {name}={raw!r} is not {kind}")
+    return value
 
 
 def _host_memory() -> int:

@@ -67,6 +67,42 @@ def test_from_env(monkeypatch):
     assert (t.world_size, t.ranks_per_node, t.memory_per_rank) == (1, 1, 10**9)
 
 
+@pytest.mark.parametrize("env,overrides,world,rpn", [
+    ({}, dict(world_size=8), 8, 8),  # one CPU host with 8 ranks, not 8 hosts of one
+    ({"WORLD_SIZE": "4"}, dict(ranks_per_node=2), 4, 2),
+    ({"WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "4"}, dict(world_size=8, ranks_per_node=2), 8, 2),
+    ({"WORLD_SIZE": "16", "LOCAL_WORLD_SIZE": "4"}, dict(world_size=32), 32, 4),
+])
+def test_from_env_overrides_set_the_derived_fields(monkeypatch, env, overrides, world, rpn):
+    """The ranks per node and the host memory split follow the overrides, not the launcher's
+    variables they replace."""
+    from fxrec.topology import _host_memory
+
+    for name in ("WORLD_SIZE", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    t = Topology.from_env(device="cpu", **overrides)
+    assert (t.world_size, t.ranks_per_node) == (world, rpn)
+    assert t.memory_per_rank == t.host_memory_per_rank == _host_memory() // rpn
+
+
+@pytest.mark.parametrize("env,match", [
+    ({"WORLD_SIZE": "0"}, "WORLD_SIZE='0' is not a positive integer"),
+    ({"WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "0"}, "LOCAL_WORLD_SIZE='0' is not a positive integer"),
+    ({"WORLD_SIZE": "abc"}, "WORLD_SIZE='abc' is not a positive integer"),
+    ({"WORLD_SIZE": ""}, "WORLD_SIZE='' is not a positive integer"),
+    ({"WORLD_SIZE": "-2"}, "WORLD_SIZE='-2' is not a positive integer"),
+])
+def test_from_env_names_a_bad_launcher_variable(monkeypatch, env, match):
+    for name in ("WORLD_SIZE", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(ValueError, match=match):
+        Topology.from_env(device="cpu")
+
+
 def test_save_load_roundtrip_and_overrides(tmp_path):
     t = Topology(16, ranks_per_node=4, device="cuda", memory_per_rank="40GB", hbm_bandwidth=2e12)
     path = tmp_path / "t.json"
