@@ -103,6 +103,18 @@ def test_from_env_names_a_bad_launcher_variable(monkeypatch, env, match):
         Topology.from_env(device="cpu")
 
 
+def test_calibrate_profile_splits_host_memory_among_spawned_ranks(monkeypatch):
+    """The spawn path has no WORLD_SIZE: the profile still gives each of its ranks a share."""
+    from fxrec.planner.calibrate import _profile
+    from fxrec.topology import _host_memory
+
+    for name in ("WORLD_SIZE", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    result = {"memory_bandwidth": 1e10, "intra_node": {"all_to_all": 1e9, "all_reduce": 1e9}}
+    t = _profile(result, 2, 2, "cpu")
+    assert t.memory_per_rank == t.host_memory_per_rank == _host_memory() // 2
+
+
 def test_save_load_roundtrip_and_overrides(tmp_path):
     t = Topology(16, ranks_per_node=4, device="cuda", memory_per_rank="40GB", hbm_bandwidth=2e12)
     path = tmp_path / "t.json"

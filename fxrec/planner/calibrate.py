@@ -105,7 +105,9 @@ def _profile(result: dict, world_size: int, ranks_per_node: int, device_kind: st
     if "inter_node" in result:
         kwargs["inter_node_bandwidth"] = result["inter_node"]["all_to_all"]
         result["measured"].append("inter_node_bandwidth")
-    env = Topology.from_env(device=device_kind)  # memory of this device / host
+    # memory of this device, or the host's split among its ranks; the spawn path has no
+    # WORLD_SIZE in its environment, so the sizes are passed
+    env = Topology.from_env(device=device_kind, world_size=world_size, ranks_per_node=ranks_per_node)
     return Topology(memory_per_rank=env.memory_per_rank, host_memory_per_rank=env.host_memory_per_rank, **kwargs)
 
 
