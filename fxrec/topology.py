@@ -66,10 +66,23 @@ def parse_bytes(value, what: str = "memory") -> int:
 
 
 def _positive(name: str, value) -> float:
-    value = float(value)
-    if not value > 0:
-        raise ValueError(f"Topology: {name} must be positive, got {value}")
-    return value
+    """A bandwidth: a positive finite number (inf would make every transfer free, and a
+    profile's JSON may hold Infinity)."""
+    try:
+        number = None if isinstance(value, bool) else float(value)
+    except (TypeError, ValueError):
+        number = None
+    if number is None or not 0 < number < math.inf:
+        raise ValueError(f"Topology: {name} must be a positive finite number (bytes/s), got {value!r}")
+    return number
+
+
+def _positive_int(name: str, value) -> int:
+    """A count: a positive integer (2.0 reads as 2; None, lists and strings are refused by name)."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or int(value) != value or value < 1:
+        raise ValueError(f"Topology: {name} must be a positive integer, got {value!r}")
+    return int(value)
 
 
 @dataclass
@@ -94,19 +107,16 @@ class Topology:
     def __post_init__(self):
         if self.device not in DEVICES:
             raise ValueError(f"Topology: device must be one of {DEVICES}, got {self.device!r}")
-        if isinstance(self.world_size, bool) or int(self.world_size) != self.world_size or self.world_size < 1:
-            raise ValueError(f"Topology: world_size must be a positive integer, got {self.world_size!r}")
-        self.world_size = int(self.world_size)
+        self.world_size = _positive_int("world_size", self.world_size)
         defaults = DEFAULTS[self.device]
         rpn = self.ranks_per_node
         if rpn is None:
             rpn = min(self.world_size, defaults["ranks_per_node"] or self.world_size)
-        if isinstance(rpn, bool) or int(rpn) != rpn or rpn < 1:
-            raise ValueError(f"Topology: ranks_per_node must be a positive integer, got {rpn!r}")
-        if self.world_size % int(rpn):
+        rpn = _positive_int("ranks_per_node", rpn)
+        if self.world_size % rpn:
             raise ValueError(f"Topology: world_size {self.world_size} is not a multiple of "
                              f"ranks_per_node {rpn}")
-        self.ranks_per_node = int(rpn)
+        self.ranks_per_node = rpn
         for name in ("memory_per_rank", "host_memory_per_rank"):
             value = getattr(self, name)
             setattr(self, name, parse_bytes(defaults[name] if value is None else value, f"Topology: {name}"))

@@ -59,6 +59,21 @@ def test_topology_profile_and_overrides(tables_csv, tmp_path, capsys):
     assert "optimizer adam" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("profile,match", [
+    ('{"world_size": null}', "world_size must be a positive integer, got None"),
+    ('{"world_size": 2, "ranks_per_node": [2]}', "ranks_per_node must be a positive integer, got [2]"),
+    ('{"world_size": 2, "hbm_bandwidth": "fast"}', "hbm_bandwidth must be a positive finite number (bytes/s), "
+                                                   "got 'fast'"),
+    ('{"world_size": 2, "hbm_bandwidth": Infinity}', "hbm_bandwidth must be a positive finite number"),
+])
+def test_a_bad_profile_field_is_one_line_naming_it(tables_csv, tmp_path, capsys, profile, match):
+    path = tmp_path / "topo.json"
+    path.write_text(profile)
+    assert main(["plan", "--tables", tables_csv, "--topology", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert match in err and len(err.strip().splitlines()) == 1
+
+
 def test_an_optimizer_per_table(tables_csv, tmp_path, capsys):
     out = tmp_path / "plan.json"
     assert main(["plan", "--tables", tables_csv, "--world-size", "4", "--optimizer", "rowwise_adagrad",

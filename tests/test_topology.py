@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -48,10 +49,19 @@ def test_parse_bytes(text, value):
     (dict(world_size=12, ranks_per_node=8), "not a multiple of ranks_per_node 8"),
     (dict(world_size=2, device="tpu"), "device must be one of"),
     (dict(world_size=2, memory_per_rank="lots"), "cannot read 'lots'"),
-    (dict(world_size=2, hbm_bandwidth=-1), "hbm_bandwidth must be positive"),
+    (dict(world_size=2, hbm_bandwidth=-1), "hbm_bandwidth must be a positive finite number (bytes/s), got -1"),
+    (dict(world_size=None), "world_size must be a positive integer, got None"),
+    (dict(world_size="4"), "world_size must be a positive integer, got '4'"),
+    (dict(world_size=2.5), "world_size must be a positive integer, got 2.5"),
+    (dict(world_size=2, ranks_per_node=[2]), "ranks_per_node must be a positive integer, got [2]"),
+    (dict(world_size=2, hbm_bandwidth="fast"), "hbm_bandwidth must be a positive finite number (bytes/s), "
+                                               "got 'fast'"),
+    (dict(world_size=2, intra_node_bandwidth=float("inf")), "intra_node_bandwidth must be a positive finite"),
+    (dict(world_size=2, inter_node_bandwidth=float("nan")), "inter_node_bandwidth must be a positive finite"),
+    (dict(world_size=2, hbm_bandwidth=True), "hbm_bandwidth must be a positive finite number (bytes/s), got True"),
 ])
 def test_bad_topology(kwargs, match):
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(ValueError, match=re.escape(match)):
         Topology(**kwargs)
 
 
