@@ -2,6 +2,8 @@
 would make it fit) and clear errors for bad planner input."""
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -121,6 +123,17 @@ def test_bad_input(tables, kwargs, match):
         return
     with pytest.raises(ValueError, match=match):
         fxrec.plan(tables, Topology(4), **kwargs)
+
+
+@pytest.mark.parametrize("method", ["per_rank", "table_costs", "max_rank_time", "imbalance", "explain"])
+@pytest.mark.parametrize("batch_size", [0, -5, 2.5, True, "64"])
+def test_plan_methods_check_their_batch_size(method, batch_size):
+    """As fxrec.plan does; 0 used to mean the plan's own batch, and -5 gave negative times."""
+    plan = fxrec.plan([TableInfo("a", 100_000, 64, 5.0), TableInfo("b", 1000, 16, 2.0)], Topology(2))
+    with pytest.raises(ValueError, match=rf"Plan: batch_size must be a positive integer \(or None for the plan's "
+                                         rf"own, 512\), got {re.escape(repr(batch_size))}"):
+        getattr(plan, method)(batch_size)
+    assert getattr(plan, method)(None) == getattr(plan, method)(512)
 
 
 def test_a_model_without_tables():

@@ -64,16 +64,27 @@ class Plan:
     def __len__(self) -> int:
         return len(self.tables)
 
+    def _batch(self, batch_size) -> int:
+        """The per-rank batch size to cost at: the plan's own for None; else checked as
+        `plan` checks it (``batch_size or`` took 0 as the plan's own, and a negative or
+        fractional batch gave negative or odd times)."""
+        if batch_size is None:
+            return self.batch_size
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"Plan: batch_size must be a positive integer (or None for the plan's own, "
+                             f"{self.batch_size}), got {batch_size!r}")
+        return batch_size
+
     def per_rank(self, batch_size: int | None = None) -> list[dict]:
         """Per rank: ``time`` (estimated seconds per step), its terms (``lookup``,
         ``input_dist``, ``output_dist``, ``allreduce``, ``row_sync``), ``memory_bytes``,
         ``memory_fraction`` and ``num_shards``; at the plan's batch size unless another
         per-rank ``batch_size`` is given (no re-planning)."""
-        return ev.per_rank(self, batch_size or self.batch_size)
+        return ev.per_rank(self, self._batch(batch_size))
 
     def table_costs(self, batch_size: int | None = None) -> dict:
         """Per table: its busiest shard's terms, ``time`` and ``rank``, and memory."""
-        return ev.table_summary(self, batch_size or self.batch_size)
+        return ev.table_summary(self, self._batch(batch_size))
 
     def max_rank_time(self, batch_size: int | None = None) -> float:
         return max(r["time"] for r in self.per_rank(batch_size))
@@ -95,7 +106,7 @@ class Plan:
     def explain(self, batch_size: int | None = None) -> str:
         """Per table (``t17: row_wise over 8 ranks [fbgemm], 0.41 ms = lookup 0.12 +
         ids all-to-all 0.09 + reduce-scatter 0.20``), per rank, and the imbalance."""
-        return report.explain(self, batch_size or self.batch_size)
+        return report.explain(self, self._batch(batch_size))
 
     def check(self, topology: Topology) -> None:
         """Raise PlanError unless this plan was made for ``topology``'s world."""
