@@ -74,6 +74,14 @@ def test_a_bad_profile_field_is_one_line_naming_it(tables_csv, tmp_path, capsys,
     assert match in err and len(err.strip().splitlines()) == 1
 
 
+def test_spaces_around_a_table_name_in_options_are_ignored(tables_csv, tmp_path):
+    out = tmp_path / "plan.json"
+    assert main(["plan", "--tables", tables_csv, "--world-size", "2", "--constraint", "item = row_wise",
+                 "--table-optimizer", " cat = adam ", "-o", str(out)]) == 0
+    plan = fxrec.Plan.from_json(out.read_text())
+    assert plan["item"].sharding == "row_wise" and plan.sparse_optimizer["cat"] == "adam"
+
+
 def test_an_optimizer_per_table(tables_csv, tmp_path, capsys):
     out = tmp_path / "plan.json"
     assert main(["plan", "--tables", tables_csv, "--world-size", "4", "--optimizer", "rowwise_adagrad",
@@ -125,6 +133,10 @@ def test_bad_csv_exits_2(tmp_path, capsys, content, match):
     (["plan", "--tables", "{csv}", "--world-size", "2", "--hedge", "1.5"], "hedge must be a fraction in [0, 1), got 1.5"),
     (["plan", "--tables", "{csv}", "--world-size", "2", "--constraint", "item=row_wise", "--constraint",
       "item=table_wise"], "table 'item' is constrained twice"),
+    (["plan", "--tables", "{csv}", "--world-size", "2", "--constraint", "item=row_wise", "--constraint",
+      " item =table_wise"], "table 'item' is constrained twice"),
+    (["plan", "--tables", "{csv}", "--world-size", "2", "--table-optimizer", "cat=adam", "--table-optimizer",
+      "cat=sgd"], "--table-optimizer 'cat=sgd': table 'cat' is given an optimizer twice"),
     (["plan", "--tables", "{csv}", "--world-size", "2", "-o", "/nonexistent/dir/p.json"],
      "cannot write '/nonexistent/dir/p.json'"),
 ])

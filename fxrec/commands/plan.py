@@ -108,6 +108,7 @@ def constraints_from_specs(specs: list[str]) -> dict:
     out = {}
     for spec in specs:
         name, sep, types = spec.partition("=")
+        name = name.strip()  # "item = row_wise": the table is 'item', not 'item '
         if not sep or not name or not types:
             raise UsageError(f"--constraint expects TABLE=TYPE[,TYPE], got {spec!r}")
         if name in out:  # the second would silently win: say so instead
@@ -133,10 +134,12 @@ def sparse_optimizer_from_args(args):
               "rowwise_adagrad_per_shard": RowWiseAdagrad(0.01, exact_column_wise=False)}
     tables = {}
     for spec in args.table_optimizer:
-        name, sep, kind = spec.partition("=")
+        name, sep, kind = (part.strip() for part in spec.partition("="))
         if not sep or not name or kind not in config:
             raise UsageError(f"--table-optimizer expects TABLE=OPTIMIZER with OPTIMIZER one of {OPTIMIZERS}, "
                              f"got {spec!r}")
+        if name in tables:  # the second would silently win, as with --constraint
+            raise UsageError(f"--table-optimizer {spec!r}: table {name!r} is given an optimizer twice")
         tables[name] = config[kind]
     return PerTable(tables, default=config[args.optimizer])
 
