@@ -496,12 +496,17 @@ def capture(model: nn.Module, example_inputs, *, leaf_modules: Iterable[Union[ty
     return gm
 
 
-def find_tables(model: nn.Module, example_inputs) -> list:
+def find_tables(model: nn.Module, example_inputs, dense: dict | None = None) -> list:
     """The embedding tables `model` reads on `example_inputs`, as TableInfo in graph
-    order (capture + detect_embeddings)."""
+    order (capture + detect_embeddings); ``dense``, when given, receives the looked-up
+    tables left dense, with the reason (``gm.meta[DENSE_TABLES]``)."""
     from fxrec.passes.detect_embeddings import detect_embeddings_pass
+    from fxrec.passes.lookup import DENSE_TABLES
     from fxrec.passes.runner import PassContext
     inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
     ctx = PassContext(example_inputs=inputs)
-    detect_embeddings_pass(capture(model, inputs), ctx)
+    gm = capture(model, inputs)
+    detect_embeddings_pass(gm, ctx)
+    if dense is not None:
+        dense.update(gm.meta.get(DENSE_TABLES, {}))
     return list(ctx.tables.values())

@@ -459,6 +459,9 @@ def shard(model: nn.Module, topology, example_inputs, plan=None, constraints=Non
     optimizer = freeze(optimizer, frozen)  # a sparse optimizer must not train what the model freezes
     if isinstance(optimizer, PerTable):
         optimizer.check_tables(ctx.tables)  # a misspelt table, or one without an optimizer
+    if constraints is not None:  # on every rank: a constraint on a table left dense, said as such
+        from fxrec.planner.plan import refuse_dense_constraints
+        refuse_dense_constraints(constraints, gm.meta.get(L.DENSE_TABLES, {}))
     ctx.plan = plan if plan is not None else _agreed_plan(ctx, topology, constraints, optimizer, world)
     check_plan(ctx.plan, ctx.tables, topology)  # here, so the user gets the ValueError / PlanError itself
     groups, dense_group = _process_groups(topology) if world > 1 else (None, None)

@@ -188,3 +188,36 @@ def test_a_bad_model_file_is_one_line_for_plan_and_dump(tmp_path, capsys, body, 
         assert main(argv) == 2
         err = capsys.readouterr().err
         assert match in err and "Traceback" not in err and "While executing" not in err, err
+
+
+TIED_MODEL = """\
+import torch, torch.nn as nn
+class M(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.user = nn.EmbeddingBag(1000, 16, mode="sum")
+        self.item = nn.EmbeddingBag(500, 16, mode="sum")
+    def forward(self, u, uo, i, io):
+        return (self.user(u, uo) * self.item(i, io)).sum(1) + self.item.weight.pow(2).sum()
+def build():
+    ids = torch.randint(0, 500, (24,)); offsets = torch.arange(0, 24, 3)
+    return M(), (ids, offsets, ids, offsets)
+"""
+
+
+@pytest.mark.parametrize("argv", [
+    ["plan", "{src}:build", "--world-size", "2"],
+    ["dump", "{src}:build", "--world-size", "2"],
+    ["dump", "{src}:build", "--world-size", "2", "--after", "detect_embeddings"],  # planned after the passes
+])
+def test_a_constraint_on_a_table_left_dense_says_so(tmp_path, capsys, argv):
+    """Not "unknown table 'item'": the model has it, its weight read outside lookups keeps it dense."""
+    src = tmp_path / "model.py"
+    src.write_text(TIED_MODEL)
+    argv = [a.replace("{src}", str(src)) for a in argv]
+    assert main(argv + ["--constraint", "item=row_wise"]) == 2
+    err = capsys.readouterr().err
+    assert "constraint for table 'item': the model keeps 'item' dense" in err and "unknown table" not in err
+    assert "its weight is also read outside embedding lookups, by %pow_1" in err
+    assert len(err.strip().splitlines()) == 1
+    assert main(argv + ["--constraint", "user=row_wise"]) == 0  # the sharded table takes one

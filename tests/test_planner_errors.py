@@ -173,3 +173,20 @@ def test_table_info_refuses_what_it_would_truncate(args, kwargs, match):
     with pytest.raises(ValueError, match=rf"table 'a': {match}"):
         TableInfo(*args, **kwargs)
     assert TableInfo("a", 10.0, 4).num_embeddings == 10  # a whole float is fine
+
+
+def test_a_constraint_on_a_table_the_model_keeps_dense():
+    class Tied(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.user = torch.nn.EmbeddingBag(100, 8)
+            self.item = torch.nn.EmbeddingBag(50, 8)
+
+        def forward(self, u, i):
+            return self.user(u) + self.item(i) + self.item.weight.sum()
+
+    inputs = (torch.randint(0, 50, (4, 3)), torch.randint(0, 50, (4, 3)))
+    with pytest.raises(ValueError, match=r"constraint for table 'item': the model keeps 'item' dense .*read outside "
+                                         r"embedding lookups"):
+        fxrec.plan(Tied(), Topology(2), inputs, constraints={"item": "row_wise"})
+    assert fxrec.plan(Tied(), Topology(2), inputs, constraints={"user": "row_wise"})["user"].sharding == "row_wise"

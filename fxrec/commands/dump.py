@@ -108,14 +108,21 @@ def build_dump(model, example_inputs: tuple, *, after: str | None = None, fmt: s
             raise DumpError(f"cannot shard: {e.__cause__}") from None
         raise
     if topology is not None and ctx.plan is None:  # shown before apply_plan: plan anyway
-        ctx.plan = _plan(ctx, topology, batch_size, constraints)
+        ctx.plan = _plan(ctx, topology, batch_size, constraints, gm)
     return snapshot["graph"](ctx)
 
 
-def _plan(ctx, topology, batch_size: int, constraints):
+def _plan(ctx, topology, batch_size: int, constraints, gm):
     import fxrec
+    from fxrec.passes.lookup import DENSE_TABLES
+    from fxrec.planner.plan import refuse_dense_constraints
+
     if not ctx.tables:
         return None
+    try:
+        refuse_dense_constraints(constraints or {}, gm.meta.get(DENSE_TABLES, {}))
+    except ValueError as e:
+        raise DumpError(f"cannot shard: {e}") from None
     try:
         return fxrec.plan(list(ctx.tables.values()), topology, constraints=constraints, batch_size=batch_size)
     except fxrec.PlanError as e:

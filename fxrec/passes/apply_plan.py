@@ -403,7 +403,8 @@ def apply_plan_pass(gm: GraphModule, ctx) -> GraphModule:
     opts, tables = ctx.options, gm.meta[L.TABLES]
     plan = ctx.plan
     if plan is None:
-        from fxrec.planner.plan import plan as make_plan
+        from fxrec.planner.plan import plan as make_plan, refuse_dense_constraints
+        refuse_dense_constraints(opts.get("constraints") or {}, gm.meta.get(L.DENSE_TABLES, {}))
         plan = make_plan(list(tables.values()), ctx.topology, constraints=opts.get("constraints"),
                          sparse_optimizer=opts.get("sparse_optimizer"), batch_size=opts.get("batch_size", 512))
     check_plan(plan, tables, ctx.topology)

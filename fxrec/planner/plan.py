@@ -126,7 +126,8 @@ class Plan:
         return plan
 
 
-def _tables(model_or_tables, example_inputs) -> list[TableInfo]:
+def _tables(model_or_tables, example_inputs, dense: dict) -> list[TableInfo]:
+    """The tables to plan; for a model, ``dense`` receives those it leaves dense (and why)."""
     if isinstance(model_or_tables, torch.nn.Module):
         from fxrec.capture import find_tables  # the front end loads only when a model is given
 
@@ -134,7 +135,7 @@ def _tables(model_or_tables, example_inputs) -> list[TableInfo]:
             raise ValueError("fxrec.plan: a model needs example_inputs to find its tables")
         if not isinstance(example_inputs, tuple):
             example_inputs = (example_inputs,)
-        found = list(find_tables(model_or_tables, example_inputs))
+        found = list(find_tables(model_or_tables, example_inputs, dense))
         if not found:
             raise ValueError(f"fxrec.plan: {type(model_or_tables).__name__} looks up no embedding table fxrec can "
                              f"place (`fxrec dump` lists the lookups it left dense, and why)")
@@ -152,12 +153,25 @@ def _tables(model_or_tables, example_inputs) -> list[TableInfo]:
     return tables
 
 
-def _constraints(constraints, tables, topology: Topology) -> dict:
+def refuse_dense_constraints(constraints, dense: dict) -> None:
+    """A constraint on a table the model keeps dense (detect_embeddings' ``DENSE_TABLES``:
+    table -> why) is a ValueError saying so and why, rather than "unknown table": the
+    user sees the table in the model, and the reason is what to change."""
+    if not isinstance(constraints, Mapping):
+        return  # `_constraints` names the wrong type
+    for name in constraints:
+        if name in dense:
+            raise ValueError(f"constraint for table {name!r}: the model keeps {name!r} dense (a plain parameter on "
+                             f"every rank, not sharded), so no sharding type applies: {dense[name]}")
+
+
+def _constraints(constraints, tables, topology: Topology, dense: dict | None = None) -> dict:
     names = {t.name for t in tables}
     out = {}
     if constraints is not None and not isinstance(constraints, Mapping):
         raise ValueError(f"fxrec.plan: constraints must map table names to a sharding type (a string), a list "
                          f"of them, or a fxrec.Constraint; got a {type(constraints).__name__}")
+    refuse_dense_constraints(constraints, dense or {})
     for name, con in (constraints or {}).items():
         if name not in names:
             raise ValueError(f"constraint for unknown table {name!r}; tables: {sorted(names)[:10]}")
@@ -243,9 +257,10 @@ def plan(model_or_tables, topology: Topology, example_inputs=None, constraints=N
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"fxrec.plan: batch_size must be a positive integer, got {batch_size!r}")
     _check_kernel_efficiency(kernel_efficiency)
-    tables = _tables(model_or_tables, example_inputs)
+    dense: dict = {}
+    tables = _tables(model_or_tables, example_inputs, dense)
     optimizer = optimizer_kinds(sparse_optimizer, [t.name for t in tables])
-    cons = _constraints(constraints, tables, topology)
+    cons = _constraints(constraints, tables, topology, dense)
     specs = enum_.table_specs(tables, cons, topology, kernel_efficiency)
     options, rejected = enum_.enumerate_options(specs, topology, batch_size, optimizer)
     check_tables_fit(specs, options, rejected, topology, batch_size, optimizer)
