@@ -62,12 +62,23 @@ def test_no_packing_although_each_table_and_the_total_fit():
     assert all(r["memory_bytes"] <= CPU2.memory_per_rank for r in plan.per_rank())
 
 
-def test_constraint_leaving_no_option():
+@pytest.mark.parametrize("constraint,topology,why", [
+    (Constraint("row_wise", ranks=(0, 1)), Topology(4), "row_wise needs all 4 ranks, the table is pinned to 2 "
+                                                        "(ranks 0, 1)"),
+    (Constraint("column_wise", min_shards=16), Topology(4), "column_wise makes 2 or 4 shard(s), outside "
+                                                            "min_shards=16"),
+    (Constraint(["data_parallel", "table_wise"], ranks=(0, 1, 2, 3), min_shards=2), Topology(8),
+     "data_parallel needs all 8 ranks, the table is pinned to 4 (ranks 0, 1, 2, 3); table_wise makes 1 shard(s), "
+     "outside min_shards=2"),
+    (Constraint("table_row_wise", ranks=(0, 1, 2)), Topology(8, ranks_per_node=4),
+     "table_row_wise needs a whole node (4 ranks) among the ranks it is pinned to (ranks 0, 1, 2)"),
+    (Constraint("data_parallel", max_shards=2), Topology(4), "data_parallel makes 4 shard(s), outside max_shards=2"),
+])
+def test_constraint_leaving_no_option_says_why_per_type(constraint, topology, why):
     tables = [TableInfo("t", 1000, 16)]
-    with pytest.raises(PlanError, match="'t': no sharding type is allowed by its constraint"):
-        fxrec.plan(tables, Topology(4), constraints={"t": Constraint("row_wise", ranks=(0, 1))})
-    with pytest.raises(PlanError, match="no sharding type is allowed"):
-        fxrec.plan(tables, Topology(4), constraints={"t": Constraint("column_wise", min_shards=16)})
+    with pytest.raises(PlanError, match="'t': no sharding type is allowed by its constraint") as e:
+        fxrec.plan(tables, topology, constraints={"t": constraint})
+    assert str(e.value).endswith(f"on this topology; {why}")
 
 
 @pytest.mark.parametrize("sharding,topology,need", [

@@ -73,20 +73,47 @@ def _fixes(spec, topology, batch_size: int, optimizer) -> list[str]:
     return out
 
 
-def _too_few_rows(spec, topology) -> str:
-    """Why row_wise / table_row_wise / column_wise could not apply: every row shard needs a
-    row; column shards are equal, of whole blocks of 4 columns (when the dim has them)."""
+def _excluded(spec, topology) -> str:
+    """Why each sharding type the constraint allows has no option, memory aside ("; "
+    before each reason, "" if none is known)."""
+    reasons = [_why_not(spec, sharding, topology) for sharding in spec.types]
+    return "".join(f"; {r}" for r in reasons if r)
+
+
+def _why_not(spec, sharding: str, topology) -> str | None:
+    """Every row shard needs a row; row_wise / data_parallel use every rank, table_row_wise
+    a whole node, so pins to fewer rule them out; column shards are equal, of whole blocks
+    of 4 columns (when the dim has them), at most one per (pinned) rank; and the number of
+    shards must lie within min_shards / max_shards."""
     from fxrec.planner.enumerate import column_splits
 
     n, d = spec.info.num_embeddings, spec.info.embedding_dim
-    need = {"row_wise": topology.world_size, "table_row_wise": topology.ranks_per_node}
-    short = [f"{t} needs at least {need[t]} rows (one per rank), the table has {n}"
-             for t in spec.types if t in need and n < need[t]]
-    if "column_wise" in spec.types and not column_splits(d, topology.world_size):
+    W, Pn = topology.world_size, topology.ranks_per_node
+    con = spec.constraint
+    pins = sorted(con.ranks) if con.ranks is not None else None
+    room = len(pins) if pins is not None else W
+    if sharding in ("data_parallel", "row_wise") and room < W:
+        return f"{sharding} needs all {W} ranks, the table is pinned to {room} ({_some(pins)})"
+    if sharding in ("row_wise", "table_row_wise") and n < (W if sharding == "row_wise" else Pn):
+        return f"{sharding} needs at least {W if sharding == 'row_wise' else Pn} rows (one per rank), the table has {n}"
+    if sharding == "table_row_wise" and pins is not None and \
+            not any(set(topology.node_ranks(nd)) <= set(pins) for nd in range(topology.num_nodes)):
+        return f"table_row_wise needs a whole node ({Pn} ranks) among the ranks it is pinned to ({_some(pins)})"
+    counts = {"table_wise": [1], "data_parallel": [W], "row_wise": [W], "table_row_wise": [Pn],
+              "column_wise": column_splits(d, room)}[sharding]
+    if not counts:
         unit = "blocks of 4 columns" if d % 4 == 0 else "columns"
-        short.append(f"column_wise needs 2 or more equal shards of whole {unit}, at most one per rank: dim {d} "
-                     f"({d // 4 if d % 4 == 0 else d} {unit}) has no such split over {topology.world_size} ranks")
-    return ("; " + "; ".join(short)) if short else ""
+        return (f"column_wise needs 2 or more equal shards of whole {unit}, at most one per rank: dim {d} "
+                f"({d // 4 if d % 4 == 0 else d} {unit}) has no such split over {room} ranks")
+    if not any((not con.min_shards or k >= con.min_shards) and (not con.max_shards or k <= con.max_shards)
+               for k in counts):
+        bounds = ", ".join(f"{key}={getattr(con, key)}" for key in ("min_shards", "max_shards") if getattr(con, key))
+        return f"{sharding} makes {' or '.join(map(str, counts))} shard(s), outside {bounds}"
+    return None
+
+
+def _some(ranks: list) -> str:
+    return "ranks " + ", ".join(map(str, ranks[:8])) + (", ..." if len(ranks) > 8 else "")
 
 
 def check_tables_fit(specs, options, rejected, topology, batch_size: int, optimizer) -> None:
@@ -103,7 +130,7 @@ def check_tables_fit(specs, options, rejected, topology, batch_size: int, optimi
         spec = specs[i]
         if not rejected[i]:
             lines.append(f"  {spec.info.name!r}: no sharding type is allowed by its constraint "
-                         f"{spec.constraint} on this topology{_too_few_rows(spec, topology)}")
+                         f"{spec.constraint} on this topology{_excluded(spec, topology)}")
             continue
         sharding, need, _ = min(rejected[i], key=lambda r: r[1])
         lines.append(f"  {spec.info.name!r}: needs {fmt_bytes(need)} on one rank at best ({sharding}; weights "
