@@ -113,6 +113,10 @@ def test_infeasible_plan_exits_1_naming_the_table(tables_csv, capsys):
     ("name,num_embeddings,embedding_dim\nt,1e400,4\n", "num_embeddings must be an integer, got '1e400'"),
     ("name,num_embeddings,embedding_dim,pooling_factor\nt,10,4,inf\n", "pooling_factor must be a number, got 'inf'"),
     (b"name,num_embeddings,embedding_dim\nt\xff,10,4\n", "not UTF-8 text (byte 0xff"),
+    ("name,num_embeddings,embedding_dim\nt,10,4\nu,10,4\nt,20,8\n", "bad.csv line 4: table 't' again (first on line 2)"),
+    ("name,num_embeddings,embedding_dim\nt,10,4\n\n\nt,20,8\n", "line 5: table 't' again (first on line 2)"),
+    ("name,num_embeddings,embedding_dim,,\nt,10,4,,x\n", "line 2: 'x' in column 5, which has no name in the header"),
+    ("name,,num_embeddings,embedding_dim\nt,x,10,4\n", "line 2: 'x' in column 2, which has no name in the header"),
 ])
 def test_bad_csv_exits_2(tmp_path, capsys, content, match):
     path = tmp_path / "bad.csv"
@@ -162,6 +166,21 @@ def test_plan_a_model_file(tmp_path, capsys):
     assert main(["plan", f"{src}:build", "--world-size", "2", "-o", str(out)]) == 0
     assert "user:" in capsys.readouterr().out
     assert json.loads(out.read_text())["tables"][0]["table"]["pooling_factor"] == 2.0
+
+
+@pytest.mark.parametrize("text", [
+    "name,num_embeddings,embedding_dim,,\nt,10,4,,\n",  # a spreadsheet's trailing commas
+    "name,num_embeddings,embedding_dim,\nt,10,4,\n",
+    "name,,num_embeddings,embedding_dim\nt,,10,4\n",
+])
+def test_empty_header_cells_name_no_column(tmp_path, text):
+    """Two empty header cells are not a column "given twice"; empty values under them are fine."""
+    from fxrec.commands.plan import read_tables_csv
+
+    path = tmp_path / "t.csv"
+    path.write_text(text)
+    (table,) = read_tables_csv(str(path))
+    assert (table.name, table.num_embeddings, table.embedding_dim) == ("t", 10, 4)
 
 
 def test_a_spreadsheets_csv_with_a_bom_and_exact_big_counts(tmp_path, capsys):

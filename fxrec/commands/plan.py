@@ -56,18 +56,29 @@ def read_tables_csv(path: str) -> list:
 
 def _read_tables(reader, path: str, TableInfo) -> list:
     cols = [c.strip() for c in reader.fieldnames or []]
+    # a header cell left empty ("a,b,," from a spreadsheet) names no column: its own key, so
+    # that two of them are not "given twice" and a value under one is caught below
+    reader.fieldnames = [c if c else _unnamed(i) for i, c in enumerate(cols)]
     missing = [c for c in ("name", "num_embeddings", "embedding_dim") if c not in cols]
     if missing:
-        raise UsageError(f"{path}: missing column(s) {', '.join(map(repr, missing))}; have {cols}")
-    twice = sorted({c for c in cols if cols.count(c) > 1})
+        raise UsageError(f"{path}: missing column(s) {', '.join(map(repr, missing))}; have {[c for c in cols if c]}")
+    twice = sorted({c for c in cols if c and cols.count(c) > 1})
     if twice:
         raise UsageError(f"{path} line 1: column(s) {', '.join(map(repr, twice))} given twice")
-    tables = []
-    for line, row in enumerate(reader, start=2):
+    tables, first = [], {}
+    for row in reader:
+        line = reader.line_num  # the file's line (csv skips blank lines; a quoted field may span lines)
         if None in row:  # DictReader's key for fields past the header's
             raise UsageError(f"{path} line {line}: {len(cols) + len(row[None])} fields for the header's "
                              f"{len(cols)}: {row[None]!r} past the last column")
         row = {(k or "").strip(): (v or "").strip() for k, v in row.items()}
+        for i, c in enumerate(cols):
+            value = "" if c else row.pop(_unnamed(i))
+            if value:
+                raise UsageError(f"{path} line {line}: {value!r} in column {i + 1}, which has no name in the header")
+        if row["name"] in first:  # fxrec.plan would refuse it too, without saying where
+            raise UsageError(f"{path} line {line}: table {row['name']!r} again (first on line {first[row['name']]})")
+        first[row["name"]] = line
         try:  # TableInfo checks the dtype's name
             tables.append(TableInfo(
                 name=row["name"], num_embeddings=_number(row, "num_embeddings", int),
@@ -80,6 +91,10 @@ def _read_tables(reader, path: str, TableInfo) -> list:
     if not tables:
         raise UsageError(f"{path}: no tables")
     return tables
+
+
+def _unnamed(i: int) -> str:
+    return f"\0column {i + 1}"  # a key no (stripped) header cell of a real file holds
 
 
 def _number(row: dict, key: str, kind, default=None):
