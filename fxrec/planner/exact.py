@@ -25,7 +25,7 @@ class ExactResult:
     assignment: list | None  # per table (option, where), as partition.assignment; None if none beat `upper`
     makespan: float
     optimal: bool  # False when the node budget ran out
-    nodes: int
+    nodes: int  # steps counted against the budget: nodes visited and placements refused for memory
 
 
 def _signatures(options, topology) -> list[tuple]:
