@@ -26,6 +26,7 @@ import os
 import re
 import sys
 import traceback
+import warnings
 from typing import Any, Iterable, NamedTuple, Optional, Union
 
 import torch
@@ -437,6 +438,20 @@ def _failure(model: nn.Module, fx_error: Exception, export_error: Optional[Excep
 
 
 # ------------------------------------------------------------------ public API
+def _warn_lost_backward_hooks(model: nn.Module, gm: torch.fx.GraphModule) -> None:
+    """fx runs a traced-through submodule's forward hooks inline but cannot keep its backward
+    hooks (they wrap the module call's tensors, and the call is gone): say which are lost.
+    A module the program still calls (a leaf, a lookup module left dense) keeps its hooks."""
+    called = {str(n.target) for n in gm.graph.nodes if n.op == "call_module"}
+    lost = [path for path, m in model.named_modules() if path and path not in called
+            and (getattr(m, "_backward_hooks", None) or getattr(m, "_backward_pre_hooks", None))]
+    if lost:
+        warnings.warn(f"fxrec.capture: the backward hooks of module(s) {lost} do not run in the captured program "
+                      f"(it traces through their forward, so there is no module call for them to wrap); register "
+                      f"them on a leaf module, on the model itself, or on the tensors (Tensor.register_hook)",
+                      stacklevel=3)
+
+
 def _check_arguments(model: nn.Module, inputs: tuple, given) -> None:
     """Raise a CaptureError naming forward's parameters when `inputs` cannot be its arguments
     (before tracing, whose own error would be some tensor op failing on the wrong value)."""
@@ -490,6 +505,7 @@ def capture(model: nn.Module, example_inputs, *, leaf_modules: Iterable[Union[ty
         by, note = "export", f"{type(fx_error).__name__}: {_first_line(fx_error)}"
     _stamp(gm)
     L.carry_hooks(model, gm)  # fx traced forward, not __call__: the model's own hooks run around the program
+    _warn_lost_backward_hooks(model, gm)
     gm.meta[L.CAPTURED_BY] = by
     gm.meta[L.CAPTURE_NOTE] = note
     gm.meta[L.PARAM_TABLES] = L.table_names_by_param(model)

@@ -19,6 +19,7 @@ from typing import Any, Sequence
 
 import torch.fx._pytree as fx_pytree
 import torch.utils._pytree as pytree
+from torch.fx import Proxy
 from torch.fx.graph import _PyTreeCodeGen
 
 __all__ = ["CheckedCodeGen", "flatten_inputs", "check_structure"]
@@ -28,33 +29,47 @@ def _children(spec: pytree.TreeSpec) -> list:
     return [spec.child(i) for i in range(spec.num_children)]
 
 
+def _sequence_type(spec: pytree.TreeSpec):
+    """The list, tuple or NamedTuple class `spec` stands for, or None (pytree keeps a
+    NamedTuple's class in its context, under a `namedtuple` marker type)."""
+    if spec.type in (list, tuple):
+        return spec.type
+    if isinstance(spec.context, type) and pytree.is_namedtuple_class(spec.context):
+        return spec.context
+    return None
+
+
+def _keys(keys) -> str:
+    return "[" + ", ".join(sorted(map(repr, keys))) + "]"
+
+
 def _describe(spec: pytree.TreeSpec) -> str:
     if spec.type is dict:
-        return f"a dict with keys {sorted(map(str, spec.context))}"
-    return f"a {spec.type.__name__} of {spec.num_children}"
+        return f"a dict with keys {_keys(spec.context)}"
+    return f"a {_sequence_type(spec).__name__} of {spec.num_children}"
 
 
 def check_structure(value: Any, spec: pytree.TreeSpec, path: str) -> None:
     """Raise ValueError when `value`'s lists, tuples and dicts are not those of `spec`
     (leaves, and containers of other kinds, such as a KeyedJaggedTensor, are not compared)."""
-    if spec.is_leaf():
+    if spec.is_leaf() or isinstance(value, Proxy):  # (torch.load re-traces the forward with proxies)
         return
-    if spec.type in (list, tuple) or pytree.is_namedtuple_class(spec.type):
+    if _sequence_type(spec) is not None:
         if not isinstance(value, (list, tuple)) or len(value) != spec.num_children:
             got = f"a {type(value).__name__} of {len(value)}" if isinstance(value, (list, tuple)) \
                 else f"a {type(value).__name__}"
             raise ValueError(f"{path} is {got}, but the model was captured with {_describe(spec)} there "
                              f"(from example_inputs): capture traces each item of a list, so call it with "
                              f"the structure of example_inputs, or capture it with this one")
+        fields = getattr(_sequence_type(spec), "_fields", None)
         for i, (item, child) in enumerate(zip(value, _children(spec))):
-            check_structure(item, child, f"{path}[{i}]")
+            check_structure(item, child, f"{path}.{fields[i]}" if fields else f"{path}[{i}]")
     elif spec.type is dict:
         if not isinstance(value, dict) or set(value) != set(spec.context):
             if isinstance(value, dict):
-                extra, missing = sorted(map(str, set(value) - set(spec.context))), \
-                    sorted(map(str, set(spec.context) - set(value)))
-                got = "a dict" + (f" with key(s) {extra} it lacked" if extra else "") + \
-                      (" and" if extra and missing else "") + (f" without key(s) {missing}" if missing else "")
+                extra, missing = set(value) - set(spec.context), set(spec.context) - set(value)
+                got = "a dict" + (f" with key(s) {_keys(extra)} that example_inputs lacked" if extra else "") + \
+                      (" and" if extra and missing else "") + (f" without key(s) {_keys(missing)}" if missing else "")
             else:
                 got = f"a {type(value).__name__}"
             raise ValueError(f"{path} is {got}, but the model was captured with {_describe(spec)} there "

@@ -39,8 +39,10 @@ STRUCTURE_CASES = [
                                                 "with a list of 3"),
     (lambda ids, feats: (ids[:2], feats), "argument 'id_list' is a list of 2"),
     (lambda ids, feats: (ids, dict(feats, scale=torch.full((4, 1), 3.0))),
-     "argument 'feats' is a dict with key(s) ['scale'] it lacked"),
+     "argument 'feats' is a dict with key(s) ['scale'] that example_inputs lacked"),
     (lambda ids, feats: (ids, {}), "argument 'feats' is a dict without key(s) ['x']"),
+    (lambda ids, feats: (ids, {1: feats["x"]}), "argument 'feats' is a dict with key(s) [1] that example_inputs "
+                                                 "lacked and without key(s) ['x']"),
     (lambda ids, feats: (ids[0], feats), "argument 'id_list' is a Tensor"),
 ]
 
@@ -165,3 +167,65 @@ def test_the_models_hooks_run(where, register, dense):
     assert_state_like(sm, reference)
     served = fxrec.lower_for_inference(reference, batches[0], "fp32")
     assert_close(served(*batches[2]), reference.eval()(*batches[2]))
+
+
+class _Nested(NamedTuple):
+    ids: torch.Tensor
+    more: list
+
+
+class _TakesNested(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.e = nn.EmbeddingBag(20, 4, mode="sum")
+
+    def forward(self, batch: _Nested):
+        return self.e(batch.ids) + sum(self.e(x) for x in batch.more)
+
+
+def test_lists_inside_a_namedtuple_are_checked_and_a_saved_program_loads(tmp_path):
+    torch.manual_seed(0)
+    model = _TakesNested()
+    ids = torch.randint(0, 20, (4, 3))
+    example = (_Nested(ids, [ids, ids]),)
+    sm = fxrec.shard(model, fxrec.Topology(world_size=1), example, sparse_optimizer=SGD(0.1))
+    with pytest.raises(ValueError, match=r"argument 'batch'.more is a list of 3, but the model was captured with "
+                                         r"a list of 2"):
+        sm(_Nested(ids, [ids, ids, ids]))
+    # torch.load re-traces the saved forward with proxies, which the check lets through
+    torch.save(sm, tmp_path / "sharded.pt")
+    loaded = torch.load(tmp_path / "sharded.pt", weights_only=False)
+    assert_close(loaded(*example), model(*example))
+
+
+class _Inner(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.e, self.lin = nn.EmbeddingBag(20, 4, mode="sum"), nn.Linear(4, 4)
+
+    def forward(self, ids):
+        return self.lin(self.e(ids))
+
+
+class _Outer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inner, self.out = _Inner(), nn.Linear(4, 1)
+
+    def forward(self, ids):
+        return self.out(self.inner(ids))
+
+
+def test_hooks_follow_the_model_and_lost_backward_hooks_are_named():
+    torch.manual_seed(0)
+    model = _Outer()
+    ids = torch.randint(0, 20, (4, 3))
+    model.inner.register_full_backward_hook(lambda mod, gin, gout: None)
+    with pytest.warns(UserWarning, match=r"the backward hooks of module\(s\) \['inner'\] do not run"):
+        sm = fxrec.shard(model, fxrec.Topology(world_size=1), (ids,), sparse_optimizer=SGD(0.1))
+    # the program shares the model's hooks: registered or removed on the model later, also on it
+    handle = model.register_forward_hook(lambda mod, inp, out: out * 2.0)
+    assert_close(sm(ids), model(ids))
+    assert_close(sm(ids), 2.0 * model.out(model.inner(ids)))
+    handle.remove()
+    assert_close(sm(ids), model(ids))

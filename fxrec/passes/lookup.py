@@ -194,12 +194,14 @@ _HOOK_ATTRS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward
 
 
 def carry_hooks(src: nn.Module, dst: nn.Module) -> nn.Module:
-    """`dst` with `src`'s hooks (the user's model's, on the captured program; a program's, on
-    the one a pass rebuilds from it): calling `dst` runs them as calling `src` did, with
-    `dst` as the module they are given. Returns `dst`."""
+    """`dst` sharing `src`'s hooks (the user's model's, with the captured program; a
+    program's, with the one a pass rebuilds from it): calling `dst` runs them as calling
+    `src` does, with `dst` as the module they are given. Shared, not copied, so a hook the
+    user registers on the model later, or removes with its handle, is registered or removed
+    for the program too. Returns `dst`."""
     for attr in _HOOK_ATTRS:
-        if getattr(src, attr, None):
-            setattr(dst, attr, type(getattr(src, attr))(getattr(src, attr)))
+        if hasattr(src, attr):
+            setattr(dst, attr, getattr(src, attr))
     if getattr(src, "_is_full_backward_hook", None) is not None:
         dst._is_full_backward_hook = src._is_full_backward_hook
     return dst
