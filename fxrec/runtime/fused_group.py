@@ -69,6 +69,10 @@ class PackInputs(nn.Module):
                 raise ValueError(f"table {s.table!r}: served pooled for one slot and as rows for another")
         self.pooled_tables = [t for t, p in served.items() if p]
         self.unpooled_tables = [t for t, p in served.items() if not p]
+        # each spec's table position among the pooled or unpooled ones (forward's per-slot loop)
+        position = {t: i for i, t in enumerate(self.pooled_tables)} | \
+            {t: i for i, t in enumerate(self.unpooled_tables)}
+        self._positions = [position[s.table] for s in self.specs]
         dims = {s.table: s.dim for s in self.specs}
         self.pooled_dims = [dims[t] for t in self.pooled_tables]
         self.unpooled_dims = [dims[t] for t in self.unpooled_tables]
@@ -83,9 +87,8 @@ class PackInputs(nn.Module):
         p_w: list[list[Tensor]] = [[] for _ in range(P)]
         u_ids: list[list[Tensor]] = [[] for _ in range(U)]
         p_bags, u_rows, places = [0] * P, [0] * U, []
-        for spec, inp in zip(self.specs, inputs):
+        for spec, t, inp in zip(self.specs, self._positions, inputs):
             if spec.served_pooled:
-                t = self.pooled_tables.index(spec.table)
                 n = inp.lengths.numel()
                 places.append(Place(True, t, p_bags[t], n))
                 p_bags[t] += n
@@ -95,7 +98,6 @@ class PackInputs(nn.Module):
                     p_w[t].append(inp.weights if inp.weights is not None else
                                   torch.ones(inp.values.numel(), device=device))
             else:
-                t = self.unpooled_tables.index(spec.table)
                 places.append(Place(False, t, u_rows[t], inp.values.numel()))
                 u_rows[t] += inp.values.numel()
                 u_ids[t].append(inp.values)
@@ -106,7 +108,8 @@ class PackInputs(nn.Module):
     def _pooled(self, ids, lengths, weights, bags, device):
         batch = max(bags)
         for t, n in enumerate(bags):  # pad every table to one batch size (empty bags)
-            lengths[t].append(torch.zeros(batch - n, dtype=torch.int64, device=device))
+            if n < batch:
+                lengths[t].append(torch.zeros(batch - n, dtype=torch.int64, device=device))
         flat = torch.cat([x.long() for per_table in lengths for x in per_table])
         offsets = torch.cat([flat.new_zeros(1), flat.cumsum(0)])
         indices = torch.cat([x for per_table in ids for x in per_table])
