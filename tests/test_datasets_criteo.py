@@ -148,12 +148,24 @@ def test_tsv_huge_id_without_hashing(tmp_path):
         (dict(num_embeddings_per_feature=0), "for cat_0 must be >= 1, got 0"),
         (dict(batch_size=0), "batch_size must be >= 1"),
         (dict(limit=-1), "limit must be >= 0"),
+        # a fraction is refused, not truncated to a smaller batch / table
+        (dict(batch_size=2.5), "CriteoTsvReader: batch_size must be a whole number, got 2.5"),
+        (dict(limit=3.5), "CriteoTsvReader: limit must be a whole number, got 3.5"),
+        (dict(num_embeddings_per_feature=[10] * 25 + [5.5]), "for cat_25 must be a whole number, got 5.5"),
+        (dict(num_embeddings_per_feature=True), "for cat_0 must be a whole number, got True"),
     ],
 )
 def test_tsv_rejects_bad_options(tmp_path, kwargs, match):
     (tmp_path / "x.tsv").write_text(_line() + "\n")
     with pytest.raises(ValueError, match=match):
         CriteoTsvReader(tmp_path / "x.tsv", **kwargs)
+
+
+@pytest.mark.parametrize("sizes", [np.int64(7), np.int32(7), 7.0, np.array([7] * 26), [np.int64(7)] * 26])
+def test_tsv_table_sizes_accept_numpy_and_whole_floats(tmp_path, sizes):
+    (tmp_path / "x.tsv").write_text(_line() + "\n")
+    (batch,) = list(CriteoTsvReader(tmp_path / "x.tsv", num_embeddings_per_feature=sizes))
+    assert int(batch.sparse_features.values().max()) < 7
 
 
 def test_tsv_missing_file(tmp_path):
@@ -259,3 +271,28 @@ def test_npy_missing_files(tmp_path):
         CriteoNpyReader(tmp_path / "day_0")
     with pytest.raises(FileNotFoundError, match=r"no \*_dense\.npy files"):
         find_npy_splits(tmp_path / "nothing_here")
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(batch_size=2.5), "CriteoNpyReader: batch_size must be a whole number, got 2.5"),
+        (dict(batch_size=0), "CriteoNpyReader: batch_size must be >= 1, got 0"),
+        (dict(limit=1.5), "CriteoNpyReader: limit must be a whole number, got 1.5"),
+        (dict(limit=-1), "CriteoNpyReader: limit must be >= 0, got -1"),
+        (dict(num_embeddings_per_feature=0), "for cat_0 must be >= 1, got 0"),
+    ],
+)
+def test_npy_rejects_bad_options(tmp_path, kwargs, match):
+    write_split(tmp_path / "day_0", 4, seed=7)
+    with pytest.raises(ValueError, match=match):
+        CriteoNpyReader(tmp_path / "day_0", **kwargs)
+
+
+@pytest.mark.parametrize("part", ["dense", "sparse", "labels"])
+def test_npy_one_file_of_a_split_names_its_stem(tmp_path, part):
+    """dir/day_0_dense.npy (what tab completion gives) reads the split dir/day_0, rather
+    than looking for dir/day_0_dense.npy_dense.npy."""
+    d0, _, _ = write_split(tmp_path / "day_0", 5, seed=8)
+    batches = list(CriteoNpyReader(tmp_path / f"day_0_{part}.npy", batch_size=5, num_embeddings_per_feature=10))
+    torch.testing.assert_close(batches[0].dense_features, torch.from_numpy(d0))

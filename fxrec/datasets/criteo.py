@@ -17,6 +17,7 @@ column. Lines that are entirely empty are skipped (they carry no record).
 from __future__ import annotations
 
 import gzip
+import numbers
 import os
 import re
 import zlib
@@ -25,6 +26,7 @@ from typing import Iterable, Iterator, Sequence
 import torch
 
 from fxrec.datasets.batch import Batch, make_batch
+from fxrec.types import whole
 
 NUM_DENSE = 13
 NUM_SPARSE = 26
@@ -40,20 +42,29 @@ _INT64_MAX = 2**63 - 1
 PathLike = str | os.PathLike
 
 
+def count_option(value, minimum: int, what: str) -> int:
+    """`value` as an int >= `minimum`; a fraction (a batch of 2.5) or a non-number is an
+    error naming `what`, never truncated."""
+    count = whole(value)
+    if count is None:
+        raise ValueError(f"{what} must be a whole number, got {value!r}")
+    if count < minimum:
+        raise ValueError(f"{what} must be >= {minimum}, got {value!r}")
+    return count
+
+
 def table_sizes(num_embeddings_per_feature: int | Sequence[int] | None, num_features: int = NUM_SPARSE) -> list[int] | None:
-    """Normalise a table-size option to one positive int per feature (or None: no hashing)."""
+    """Normalise a table-size option to one positive int per feature (or None: no hashing).
+    One number (a Python or numpy integer) stands for every feature."""
     if num_embeddings_per_feature is None:
         return None
-    if isinstance(num_embeddings_per_feature, int):
+    if isinstance(num_embeddings_per_feature, numbers.Real):  # np.int64(5) is one size, not a sequence
         sizes = [num_embeddings_per_feature] * num_features
     else:
-        sizes = [int(n) for n in num_embeddings_per_feature]
+        sizes = list(num_embeddings_per_feature)
     if len(sizes) != num_features:
         raise ValueError(f"num_embeddings_per_feature has {len(sizes)} entries, expected {num_features} (one per cat_i)")
-    for key, n in zip(SPARSE_KEYS, sizes):
-        if n < 1:
-            raise ValueError(f"num_embeddings_per_feature for {key} must be >= 1, got {n}")
-    return sizes
+    return [count_option(n, 1, f"num_embeddings_per_feature for {key}") for key, n in zip(SPARSE_KEYS, sizes)]
 
 
 def open_text(path: PathLike):
@@ -157,15 +168,11 @@ class CriteoTsvReader:
         for path in self.paths:
             if not os.path.isfile(path):
                 raise FileNotFoundError(f"CriteoTsvReader: no such file {os.fspath(path)}")
-        if int(batch_size) < 1:
-            raise ValueError(f"CriteoTsvReader: batch_size must be >= 1, got {batch_size}")
-        if limit is not None and int(limit) < 0:
-            raise ValueError(f"CriteoTsvReader: limit must be >= 0 or None, got {limit}")
-        self.batch_size = int(batch_size)
+        self.batch_size = count_option(batch_size, 1, "CriteoTsvReader: batch_size")
+        self.limit = None if limit is None else count_option(limit, 0, "CriteoTsvReader: limit")
         self.sizes = table_sizes(num_embeddings_per_feature)
         self.log_transform = bool(log_transform)
         self.drop_last = bool(drop_last)
-        self.limit = None if limit is None else int(limit)
 
     @property
     def keys(self) -> list[str]:

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from fxrec.datasets.batch import Batch, make_batch
-from fxrec.datasets.criteo import NUM_DENSE, NUM_SPARSE, SPARSE_KEYS, PathLike, table_sizes
+from fxrec.datasets.criteo import NUM_DENSE, NUM_SPARSE, SPARSE_KEYS, PathLike, count_option, table_sizes
 
 _PARTS = ("dense", "sparse", "labels")
 
@@ -40,6 +40,16 @@ def find_npy_splits(directory: PathLike) -> list[Path]:
     if not stems:
         raise FileNotFoundError(f"no *_dense.npy files in {directory}")
     return sorted(stems, key=lambda p: _natural_key(p.name))
+
+
+def _stem(path: Path) -> Path:
+    """The stem a path names: ``dir/day_0`` itself, or one of its three files
+    (``dir/day_0_dense.npy``), which a shell's tab completion hands over as readily."""
+    for part in _PARTS:
+        suffix = f"_{part}.npy"
+        if path.name.endswith(suffix) and len(path.name) > len(suffix) and path.is_file():
+            return path.with_name(path.name[: -len(suffix)])
+    return path
 
 
 class _Split:
@@ -111,8 +121,9 @@ class _Split:
 class CriteoNpyReader:
     """An iterable of `Batch` over preprocessed ``.npy`` splits, in the order given.
 
-    ``paths``: stems (``dir/day_0`` for ``dir/day_0_dense.npy`` ...), directories (all
-    their splits, natural order), or a list mixing both. Batches run across split
+    ``paths``: stems (``dir/day_0`` for ``dir/day_0_dense.npy`` ...; one of the three
+    files names its stem too), directories (all their splits, natural order), or a list
+    mixing both. Batches run across split
     boundaries; the last, partial batch is yielded unless ``drop_last``. ``limit``
     caps the total number of rows. Shapes are checked at construction; values (labels
     0/1, finite dense, non-negative ids) as each batch is read.
@@ -130,19 +141,16 @@ class CriteoNpyReader:
         items = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
         stems: list[Path] = []
         for item in items:
-            stems.extend(find_npy_splits(item) if Path(item).is_dir() else [Path(item)])
+            stems.extend(find_npy_splits(item) if Path(item).is_dir() else [_stem(Path(item))])
         if not stems:
             raise ValueError("CriteoNpyReader: no splits given")
-        if int(batch_size) < 1:
-            raise ValueError(f"CriteoNpyReader: batch_size must be >= 1, got {batch_size}")
-        if limit is not None and int(limit) < 0:
-            raise ValueError(f"CriteoNpyReader: limit must be >= 0 or None, got {limit}")
-        self.splits = [_Split(stem, mmap) for stem in stems]
-        self.batch_size = int(batch_size)
+        self.batch_size = count_option(batch_size, 1, "CriteoNpyReader: batch_size")
+        limit = None if limit is None else count_option(limit, 0, "CriteoNpyReader: limit")
         self.sizes = table_sizes(num_embeddings_per_feature)
+        self.splits = [_Split(stem, mmap) for stem in stems]
         self.drop_last = bool(drop_last)
         total = sum(s.rows for s in self.splits)
-        self.num_rows = total if limit is None else min(total, int(limit))
+        self.num_rows = total if limit is None else min(total, limit)
 
     @property
     def keys(self) -> list[str]:
