@@ -217,6 +217,7 @@ def test_signal_is_learnable_by_a_small_model():
         (dict(batch_size=0), "batch_size must be >= 1"),
         (dict(split="dev"), "split must be one of"),
         (dict(split=-1), "seed and an int split must be >= 0"),
+        (dict(split=1.5), r"split must be one of .* or a whole number, got 1.5"),  # not stream 1
         (dict(seed=-3), "seed and an int split must be >= 0"),
         (dict(signal_weights=(0.0, 0.0, 0.0)), "signal_weights must be 3 non-negative"),
         # neither truncated nor left to fail deep inside torch
@@ -229,6 +230,19 @@ def test_signal_is_learnable_by_a_small_model():
 def test_synthetic_rejects_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         SyntheticCriteo(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "split, num_batches, match",
+    [
+        ("val", 2.5, "num_batches must be a whole number, got 2.5"),
+        ("val", -1, "num_batches must be >= 0 or None"),
+        (2.5, 2, "split must be one of .* or a whole number, got 2.5"),
+    ],
+)
+def test_with_split_rejects_what_the_constructor_rejects(split, num_batches, match):
+    with pytest.raises(ValueError, match=match):
+        small().with_split(split, num_batches=num_batches)
 
 
 def test_endless_stream_has_no_len():

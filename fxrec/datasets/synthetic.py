@@ -141,6 +141,8 @@ class SyntheticCriteo:
             raise ValueError(f"SyntheticCriteo: zipf_alpha must be > 0 or None, got {self.zipf_alpha}")
         if self.bag_lengths not in _BAG_LENGTHS:
             raise ValueError(f"SyntheticCriteo: bag_lengths must be one of {_BAG_LENGTHS}, got {self.bag_lengths!r}")
+        if not isinstance(self.split, str) and whole(self.split) is None:  # int(1.5) would pick stream 1
+            raise ValueError(f"SyntheticCriteo: split must be one of {tuple(_SPLITS)} or a whole number, got {self.split!r}")
         if self.seed < 0 or (not isinstance(self.split, str) and int(self.split) < 0):
             raise ValueError(f"SyntheticCriteo: seed and an int split must be >= 0, got seed={self.seed}, split={self.split!r}")
         if isinstance(self.split, str) and self.split not in _SPLITS:
@@ -167,7 +169,7 @@ class SyntheticCriteo:
         other.__dict__.update(self.__dict__)
         other.split = split
         if num_batches is not ...:
-            other.num_batches = None if num_batches is None else int(num_batches)
+            other.num_batches = None if num_batches is None else _whole(num_batches, "num_batches")
         other._check()
         other._stream = _SPLITS[split] if isinstance(split, str) else int(split)
         return other
