@@ -86,6 +86,9 @@ def test_csv_header_and_detection_errors(tmp_path):
     path.write_text("user,item,rating,time\n1,2,3.0,4\n")
     with pytest.raises(ValueError, match=r"ratings\.csv:1: expected header 'userId,movieId,rating,timestamp'"):
         load_movielens(path)
+    path.write_text("")  # no header either: an empty file is not 0 interactions
+    with pytest.raises(ValueError, match=r"ratings\.csv: empty file; expected header 'userId,movieId,rating,timestamp'"):
+        load_movielens(path)
     write_format(tmp_path / "b", "100k")
     write_format(tmp_path / "b", "1m")
     with pytest.raises(ValueError, match="several MovieLens rating files"):

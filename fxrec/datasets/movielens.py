@@ -47,6 +47,7 @@ def read_ratings(path: PathLike, sep: str, header: bool, integer_ratings: bool) 
     """Parse one ratings file of the given layout into `Interactions` (ids remapped)."""
     users, items, times = array("q"), array("q"), array("q")
     ratings = array("d")
+    lineno = 0
     for lineno, line in text_lines(path):
         line = line.rstrip("\r\n")
         if lineno == 1 and header:
@@ -68,6 +69,8 @@ def read_ratings(path: PathLike, sep: str, header: bool, integer_ratings: bool) 
             raise ValueError(f"{os.fspath(path)}:{lineno}: column 3 (rating): too large: {rating[:20]!r}...")
         ratings.append(float(rating))
         times.append(_uint(fields[3], path, lineno, 3))
+    if header and lineno == 0:  # an empty file lacks the header as much as a wrong one does
+        raise ValueError(f"{os.fspath(path)}: empty file; expected header {_CSV_HEADER!r} on line 1")
     as_np = lambda buf, dtype: torch.from_numpy(np.frombuffer(buf, dtype=dtype).copy())  # noqa: E731
     return Interactions.from_raw(as_np(users, np.int64), as_np(items, np.int64), as_np(ratings, np.float64), as_np(times, np.int64))
 
