@@ -262,3 +262,21 @@ def test_one_process_pipeline_equals_plain_steps():
         pipe.progress(it)
     pipe.close()
     assert got == _step_by_step(plain, batches)
+
+
+@pytest.mark.parametrize("calls_before_close", [0, 1])
+def test_a_closed_pipeline_refuses_to_train_and_takes_no_batch(calls_before_close):
+    """After close(), progress raises before taking a batch (it used to take one, fail to
+    start its input stage on the stopped thread, and silently lose every other batch)."""
+    case, piped = _sharded("dlrm_ebc", 1, "table_wise")
+    batches = [case.local_batches(1, B, seed=30 + s)[0] for s in range(3)]
+    pipe = TrainPipeline(piped, torch.optim.SGD(piped.parameters(), lr=LR), _loss)
+    it = iter(batches)
+    for _ in range(calls_before_close):
+        pipe.progress(it)
+    pipe.close()
+    pipe.close()
+    for _ in range(2):
+        with pytest.raises(RuntimeError, match="the pipeline is closed"):
+            pipe.progress(it)
+    assert len(list(it)) == 3 - 2 * calls_before_close  # only what the pipeline took before close()

@@ -155,6 +155,7 @@ class TrainPipeline:
         self._background: Optional[bool] = None  # input stages in the background thread (set at the first)
         self.overlapped = 0  # input stages started in the background
         self._raised: Optional[BaseException] = None  # what the iterator raised when asked ahead
+        self._closed = False
 
     def _input_stage(self, args: tuple):
         input_gm = self._stages[0]
@@ -166,7 +167,13 @@ class TrainPipeline:
         return batch, args, self._pool.submit(self._input_stage, args)
 
     def progress(self, batches: Iterator) -> tuple[torch.Tensor, Any]:
-        """One training step on the next batch of `batches` (module doc)."""
+        """One training step on the next batch of `batches` (module doc); RuntimeError,
+        taking no batch, once the pipeline is closed."""
+        # Checked before next(batches): a closed pool refuses the next batch's input stage
+        # only after that batch was taken, and every other batch would be lost silently.
+        if self._closed:
+            raise RuntimeError("TrainPipeline: the pipeline is closed (close() was called); build a new one to "
+                               "train on")
         if self._raised is not None:  # asked ahead for this batch, the iterator raised: raise it now
             raised, self._raised = self._raised, None
             raise raised
@@ -209,7 +216,9 @@ class TrainPipeline:
 
     def close(self) -> None:
         """Wait for a pending input stage (its batch is not trained; what it raised is
-        dropped with it) and stop the background thread."""
+        dropped with it) and stop the background thread; progress() then refuses to train.
+        Closing twice is harmless."""
+        self._closed = True
         if self._next is not None:
             concurrent.futures.wait([self._next[2]])
             self._next = None
