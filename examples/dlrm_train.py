@@ -30,7 +30,9 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import math
 import os
+import sys
 import time
 
 import torch
@@ -74,6 +76,49 @@ def parse_args(argv=None):
                    help="after training, also evaluate the model lowered for inference with tables of TYPE "
                         "(int8, int4, int2, fp16 or fp32; repeatable)")
     return p.parse_args(argv)
+
+
+def _usage_error(flag: str, value, rule: str) -> SystemExit:
+    """One line on stderr naming the flag and its value (None: a switch), exit status 2 as
+    argparse's own errors: raise what this returns."""
+    print(f"dlrm_train: {flag}{'' if value is None else f' {value}'}: {rule}", file=sys.stderr)
+    return SystemExit(2)
+
+
+def check_flags(args) -> None:
+    """Refuse flag values that would fail later, after data loading or training, with a
+    traceback from deep inside torch or fxrec."""
+    counts = [("--batch-size", args.batch_size, 1), ("--steps", args.steps, 0), ("--val-batches", args.val_batches, 1),
+              ("--num-embeddings", args.num_embeddings, 1), ("--embedding-dim", args.embedding_dim, 1),
+              ("--save-every", args.save_every, 0)]
+    for flag, value, least in counts:
+        if value < least:
+            raise _usage_error(flag, value, f"must be >= {least}")
+    if not (math.isfinite(args.lr) and args.lr > 0):  # nan passes every comparison's negation
+        raise _usage_error("--lr", args.lr, "must be a finite number > 0")
+    if args.save_every and not args.save:
+        raise _usage_error("--save-every", args.save_every, "needs --save DIR")
+    if args.pipeline and not args.shard:
+        raise _usage_error("--pipeline", None, "trains a sharded model: add --shard")
+    problem = args.save and _unwritable(args.save)
+    if problem:
+        raise _usage_error("--save", args.save, problem)
+
+
+def _unwritable(path: str):
+    """Why a checkpoint directory cannot be made at `path`, or None; checked before training
+    so that the run does not end in a failed save. Permissive where it cannot know (a
+    read-only mount): the save itself still reports its error in one line."""
+    if os.path.exists(path):
+        if not os.path.isdir(path):
+            return "a file, not a checkpoint directory"
+        return None if os.access(path, os.W_OK | os.X_OK) else "a directory this process cannot write into"
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        return f"cannot make a directory under {parent}, a file"
+    return None if os.access(parent, os.W_OK | os.X_OK) else f"cannot make a directory in {parent} (not writable)"
 
 
 def data_streams(args, world: int = 1, start: int = 0):
@@ -231,10 +276,7 @@ def main(argv=None) -> dict[str, float]:
 
 
 def _main(args) -> dict[str, float]:
-    if args.save_every < 0 or (args.save_every and not args.save):
-        raise SystemExit(f"dlrm_train: --save-every {args.save_every} needs --save DIR and N >= 1")
-    if args.pipeline and not args.shard:
-        raise SystemExit("dlrm_train: --pipeline trains a sharded model: add --shard")
+    check_flags(args)
     rank, world = _init_distributed(args)
     torch.manual_seed(args.seed)  # the same model on every rank
     try:  # a missing or damaged file: one line naming it, not a traceback
@@ -261,10 +303,9 @@ def _main(args) -> dict[str, float]:
             bar.set_postfix(loss=f"{loss.item():.4f}", samples_s=f"{rate:,.0f}")
         if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < args.steps:
             # written while training goes on; the next save waits for it to finish
-            fxrec.checkpoint.save(model, args.save, optimizer=optimizer, extra={"step": first + step + 1},
-                                  background=True)
+            _save(args, model, optimizer, first + step + 1, background=True)
     if args.save:
-        fxrec.checkpoint.save(model, args.save, optimizer=optimizer, extra={"step": first + args.steps})
+        _save(args, model, optimizer, first + args.steps)
     result = evaluate(model, val, args.plain, rank, world, device)
     if rank == 0:
         print(f"validation: AUC {result['auc']:.4f}  NE {result['ne']:.4f}  ({len(val)} batches of "
@@ -272,6 +313,15 @@ def _main(args) -> dict[str, float]:
     if args.quantize:
         result.update(evaluate_quantized(args, model, val, num_tables, num_dense, rank, world))
     return result
+
+
+def _save(args, model, optimizer, step: int, background: bool = False) -> None:
+    """fxrec.checkpoint.save, its error (a full disk, a path that --save's check could not
+    foresee) in one line; a background save's error surfaces at the next save."""
+    try:
+        fxrec.checkpoint.save(model, args.save, optimizer=optimizer, extra={"step": step}, background=background)
+    except OSError as e:
+        raise SystemExit(f"dlrm_train: --save {args.save}: {e}") from None
 
 
 def evaluate_quantized(args, model, val, num_tables: int, num_dense: int, rank: int, world: int) -> dict:

@@ -58,6 +58,46 @@ def test_dlrm_demo_rejects_too_little_data(tmp_path):
         _load("dlrm_train").main(["--criteo-tsv", str(path), "--batch-size", "64"])
 
 
+DLRM_BASE = ["--steps", "3", "--batch-size", "32", "--val-batches", "2", "--num-embeddings", "100"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--val-batches", "0"], "--val-batches 0: must be >= 1"),
+    (["--batch-size", "0"], "--batch-size 0: must be >= 1"),
+    (["--steps", "-1"], "--steps -1: must be >= 0"),
+    (["--num-embeddings", "0"], "--num-embeddings 0: must be >= 1"),
+    (["--embedding-dim", "0"], "--embedding-dim 0: must be >= 1"),
+    (["--embedding-dim", "-3"], "--embedding-dim -3: must be >= 1"),
+    (["--lr", "-1"], "--lr -1.0: must be a finite number > 0"),
+    (["--lr", "nan"], "--lr nan: must be a finite number > 0"),
+    (["--lr", "0"], "--lr 0.0: must be a finite number > 0"),
+    (["--save-every", "-2", "--save", "{tmp}/ck"], "--save-every -2: must be >= 0"),
+    (["--save-every", "2"], "--save-every 2: needs --save DIR"),
+    (["--pipeline"], "--pipeline: trains a sharded model: add --shard"),
+    (["--save", "{tmp}/afile"], "--save {tmp}/afile: a file, not a checkpoint directory"),
+    (["--save", "{tmp}/afile/ck"], "--save {tmp}/afile/ck: cannot make a directory under {tmp}/afile, a file"),
+])
+def test_dlrm_demo_refuses_a_bad_flag_in_one_line_before_training(tmp_path, capsys, argv, message):
+    """Exit status 2 and one line naming the flag and its value, before any data is read or
+    step trained (not a traceback from torch or fxrec, nor one after training)."""
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(SystemExit) as e:
+        _load("dlrm_train").main(DLRM_BASE + [a.format(tmp=tmp_path) for a in argv])
+    assert e.value.code == 2
+    assert capsys.readouterr().err == f"dlrm_train: {message.format(tmp=tmp_path)}\n"
+
+
+def test_dlrm_demo_names_a_failed_save_in_one_line(tmp_path, monkeypatch):
+    """A save that fails where --save's check could not tell (a full disk, /proc/...): one line."""
+    import fxrec
+
+    def full_disk(*args, **kwargs):
+        raise OSError("fxrec.checkpoint.save: cannot write: No space left on device")
+    monkeypatch.setattr(fxrec.checkpoint, "save", full_disk)
+    with pytest.raises(SystemExit, match=r"^dlrm_train: --save .*ck: fxrec.checkpoint.save: cannot write: No space"):
+        _load("dlrm_train").main(DLRM_BASE + ["--save", str(tmp_path / "ck")])
+
+
 @pytest.mark.parametrize("demo, argv, message", [
     ("dlrm_train", ["--resume", "{tmp}/none"], r"^dlrm_train: fxrec.checkpoint.read_extra: no checkpoint at '.*none'"),
     ("dlrm_train", ["--criteo-tsv", "{tmp}/none.tsv"], r"^dlrm_train: CriteoTsvReader: no such file .*none.tsv"),
