@@ -3,8 +3,9 @@
 Default: the synthetic Criteo-like log (26 tables, 13 dense features), which finishes
 in well under 3 minutes on 2 CPU cores and reaches AUC >= 0.70. Real data:
 `--criteo-tsv day_0.gz [...]` (Kaggle/Terabyte TSV, hashed into --num-embeddings rows)
-or `--criteo-npy DIR` (TorchRec's preprocessed layout); the last --val-batches batches
-of the stream are held out for validation.
+or `--criteo-npy DIR` (TorchRec's preprocessed layout); the first --val-batches batches
+of the stream are held out for validation and training reads the --steps batches after
+them. Data that holds fewer batches than that is refused before training.
 
 Sharded: `torchrun --nproc-per-node 2 examples/dlrm_train.py --shard` hands the same
 model to `fxrec.shard` (gloo on CPU, NCCL on GPUs); --batch-size is then per rank, each
@@ -124,25 +125,36 @@ def _unwritable(path: str):
 def data_streams(args, world: int = 1, start: int = 0):
     """(train iterable, validation list of batches, number of tables, number of dense
     features); batches are global: world x the per-rank --batch-size. Training reads
-    --steps batches from batch `start` on (a resumed run); validation does not move."""
+    --steps batches from batch `start` on (a resumed run); validation is the same batches
+    whatever `start` and --steps are (a resumed run scores what a straight one does)."""
     batch_size = args.batch_size * world
     if args.criteo_tsv or args.criteo_npy:
-        reader = (CriteoTsvReader(args.criteo_tsv, batch_size=batch_size,
-                                  num_embeddings_per_feature=args.num_embeddings, drop_last=True)
-                  if args.criteo_tsv else
-                  CriteoNpyReader(args.criteo_npy, batch_size=batch_size,
-                                  num_embeddings_per_feature=args.num_embeddings, drop_last=True))
-        batches = list(itertools.islice(iter(reader), start + args.steps + args.val_batches))
-        if len(batches) <= start + args.val_batches:
-            raise SystemExit(f"dlrm_train: the data holds {len(batches)} batches of {batch_size}; "
-                             f"need more than {start} (resumed at) + --val-batches={args.val_batches}")
-        first = batches[0]
-        return batches[start:-args.val_batches], batches[-args.val_batches:], len(first.sparse_features.keys()), \
-            first.dense_features.shape[1]
+        return _criteo_streams(args, batch_size, start)
     train = SyntheticCriteo(num_embeddings=args.num_embeddings, batch_size=batch_size,
                             num_batches=start + args.steps, seed=args.seed)
     val = list(train.with_split("val", num_batches=args.val_batches))
     return itertools.islice(train, start, None), val, 26, 13
+
+
+def _criteo_streams(args, batch_size: int, start: int):
+    """data_streams for Criteo files: validation is the first --val-batches batches, a place
+    that neither --steps nor a resume moves and that needs no pass over the whole file to
+    find (the end of a TSV stream is known only once it is all read); training reads the
+    batches after them. Too little data is refused here, before any training, instead of
+    training fewer steps than asked."""
+    reader = (CriteoTsvReader(args.criteo_tsv, batch_size=batch_size,
+                              num_embeddings_per_feature=args.num_embeddings, drop_last=True)
+              if args.criteo_tsv else
+              CriteoNpyReader(args.criteo_npy, batch_size=batch_size,
+                              num_embeddings_per_feature=args.num_embeddings, drop_last=True))
+    need = args.val_batches + start + args.steps
+    batches = list(itertools.islice(iter(reader), need))
+    if len(batches) < need:
+        resumed = f" + {start} (resumed at)" if start else ""
+        raise SystemExit(f"dlrm_train: the data holds {len(batches)} batches of {batch_size}; need {need}: "
+                         f"--val-batches {args.val_batches}{resumed} + --steps {args.steps}")
+    val, first = batches[:args.val_batches], batches[0]
+    return batches[args.val_batches + start:], val, len(first.sparse_features.keys()), first.dense_features.shape[1]
 
 
 def build_model(args, num_tables: int, num_dense: int) -> torch.nn.Module:
@@ -297,15 +309,17 @@ def _main(args) -> dict[str, float]:
     start = time.perf_counter()
     steps = (pipelined_steps if args.pipeline else plain_steps)(args, model, optimizer, train, rank, world, device)
     bar = tqdm(steps, total=args.steps, unit="batch", desc="train", disable=rank != 0)
+    trained = 0
     for step, (loss, samples) in enumerate(bar):
+        trained = step + 1
         if step % 10 == 0:
             rate = (step + 1) * samples / (time.perf_counter() - start)
             bar.set_postfix(loss=f"{loss.item():.4f}", samples_s=f"{rate:,.0f}")
         if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < args.steps:
             # written while training goes on; the next save waits for it to finish
             _save(args, model, optimizer, first + step + 1, background=True)
-    if args.save:
-        _save(args, model, optimizer, first + args.steps)
+    if args.save:  # the step reached, not the one asked for, should the stream ever run short
+        _save(args, model, optimizer, first + trained)
     result = evaluate(model, val, args.plain, rank, world, device)
     if rank == 0:
         print(f"validation: AUC {result['auc']:.4f}  NE {result['ne']:.4f}  ({len(val)} batches of "

@@ -51,6 +51,45 @@ def test_dlrm_demo_reads_criteo_tsv(tmp_path):
     assert result["auc"] > 0.7  # the label is written into the dense features
 
 
+def _npy_day(folder, rows: int):
+    import numpy as np
+    rng = np.random.default_rng(0)
+    folder.mkdir()
+    np.save(folder / "day_0_dense.npy", rng.random((rows, 13), dtype=np.float32))
+    np.save(folder / "day_0_sparse.npy", rng.integers(0, 2**31 - 1, (rows, 26)).astype(np.int32))
+    np.save(folder / "day_0_labels.npy", rng.integers(0, 2, (rows,)).astype(np.int32))
+    return folder
+
+
+def test_dlrm_demo_refuses_criteo_data_shorter_than_the_run(tmp_path):
+    """9 batches cannot give 2 validation + 50 training ones: refused before training (it
+    trained 7 steps and recorded step 50)."""
+    data = str(_npy_day(tmp_path / "npy", 600))
+    with pytest.raises(SystemExit, match=r"^dlrm_train: the data holds 9 batches of 64; need 52: "
+                                         r"--val-batches 2 \+ --steps 50$"):
+        _load("dlrm_train").main(["--criteo-npy", data, "--batch-size", "64", "--val-batches", "2",
+                                  "--num-embeddings", "100", "--steps", "50", "--save", str(tmp_path / "ck")])
+    assert not (tmp_path / "ck").exists()
+
+
+def test_dlrm_demo_resumes_on_criteo_data_where_it_stopped(tmp_path):
+    """On Criteo files, 6 steps straight or 3 + a checkpoint + 3 more: the same model scored
+    on the same validation batches (the first --val-batches, whatever --steps), and the
+    checkpoint records the steps trained."""
+    import fxrec
+    common = ["--criteo-npy", str(_npy_day(tmp_path / "npy", 640)), "--batch-size", "64", "--val-batches", "2",
+              "--num-embeddings", "100", "--plain"]
+    demo = _load("dlrm_train")
+    straight = demo.main(["--steps", "6", *common])
+    demo.main(["--steps", "3", "--save", str(tmp_path / "ck"), *common])
+    assert fxrec.checkpoint.read_extra(str(tmp_path / "ck"))["step"] == 3
+    resumed = demo.main(["--steps", "3", "--resume", str(tmp_path / "ck"), *common])
+    assert resumed == pytest.approx(straight, abs=1e-6)
+    with pytest.raises(SystemExit, match=r"holds 10 batches of 64; need 11: --val-batches 2 \+ 3 \(resumed at\) "
+                                         r"\+ --steps 6"):
+        demo.main(["--steps", "6", "--resume", str(tmp_path / "ck"), *common])
+
+
 def test_dlrm_demo_rejects_too_little_data(tmp_path):
     path = tmp_path / "tiny.tsv"
     path.write_text("\t".join(["1"] + ["1"] * 13 + ["a"] * 26) + "\n")
