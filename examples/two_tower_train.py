@@ -9,6 +9,8 @@ user saw in training are not masked out of the ranking.
 from __future__ import annotations
 
 import argparse
+import math
+import sys
 import time
 
 import torch
@@ -21,6 +23,7 @@ from fxrec.modules import EmbeddingBagCollection, EmbeddingBagConfig
 from fxrec.sparse import KeyedJaggedTensor
 
 QUERY, CANDIDATE = ["user_id", "user_history"], ["item_id"]
+K = 10  # recall@K and NDCG@K rank every item: there must be at least K
 
 
 def parse_args(argv=None):
@@ -39,6 +42,42 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def _usage_error(flag: str, value, rule: str) -> SystemExit:
+    """One line on stderr naming the flag and its value, exit status 2 as argparse's own
+    errors: raise what this returns."""
+    print(f"two_tower_train: {flag} {value}: {rule}", file=sys.stderr)
+    return SystemExit(2)
+
+
+def check_flags(args) -> None:
+    """Refuse flag values that would fail later with a traceback (a batch of 0, a table of
+    0 rows, k past the candidates) or train nonsense silently (--temperature 0: a NaN loss;
+    --epochs -1: no training)."""
+    counts = [("--epochs", args.epochs, 0), ("--batch-size", args.batch_size, 1),
+              ("--history-length", args.history_length, 1), ("--embedding-dim", args.embedding_dim, 1)]
+    if not args.movielens:  # these shape the synthetic data only; MovieLens is checked once read
+        counts += [("--num-users", args.num_users, 1), ("--num-items", args.num_items, K),
+                   ("--num-interactions", args.num_interactions, 1)]
+    for flag, value, least in counts:
+        if value < least:
+            why = f" (recall@{K} ranks the items)" if flag == "--num-items" else ""
+            raise _usage_error(flag, value, f"must be >= {least}{why}")
+    for flag, value in (("--lr", args.lr), ("--temperature", args.temperature)):
+        if not (math.isfinite(value) and value > 0):  # nan passes every comparison's negation
+            raise _usage_error(flag, value, "must be a finite number > 0")
+
+
+def check_data(inter, test, source: str) -> None:
+    """Refuse interactions the run cannot score, in one line naming where they came from:
+    a MovieLens file may be empty, list fewer than K items or no user twice."""
+    if len(inter) == 0:
+        raise SystemExit(f"two_tower_train: {source}: no interactions")
+    if inter.num_items < K:
+        raise SystemExit(f"two_tower_train: {source}: {inter.num_items} items; recall@{K} needs at least {K}")
+    if len(test) == 0:
+        raise SystemExit(f"two_tower_train: {source}: no user has 2 interactions, so none is held out to score")
+
+
 def build_model(num_users: int, num_items: int, dim: int) -> TwoTower:
     # The item table is shared: the candidate id and the user's history both read it.
     ebc = EmbeddingBagCollection([
@@ -52,7 +91,7 @@ def _features(query: KeyedJaggedTensor, candidate: KeyedJaggedTensor) -> KeyedJa
     return KeyedJaggedTensor.concat([query, candidate])
 
 
-def evaluate(model: TwoTower, test: TwoTowerBatches, num_items: int, k: int = 10) -> dict[str, float]:
+def evaluate(model: TwoTower, test: TwoTowerBatches, num_items: int, k: int = K) -> dict[str, float]:
     recall, ndcg = metrics.RecallAtK(k), metrics.NDCGAtK(k)
     model.eval()
     with torch.no_grad():
@@ -77,9 +116,7 @@ def _empty_queries(n: int) -> KeyedJaggedTensor:
 
 def main(argv=None) -> dict[str, float]:
     args = parse_args(argv)
-    if args.history_length < 1:
-        raise SystemExit(f"two_tower_train: --history-length must be >= 1 (the query tower reads it), "
-                         f"got {args.history_length}")
+    check_flags(args)
     torch.manual_seed(args.seed)
     try:  # a missing or damaged file: one line naming it, not a traceback
         inter = (load_movielens(args.movielens) if args.movielens
@@ -88,6 +125,7 @@ def main(argv=None) -> dict[str, float]:
     except (OSError, ValueError) as e:
         raise SystemExit(f"two_tower_train: {e}") from None
     train, test = leave_last_out(inter)
+    check_data(inter, test, args.movielens or f"the synthetic data (--num-interactions {args.num_interactions})")
     batches = TwoTowerBatches(train, args.batch_size, history_length=args.history_length, seed=args.seed)
     test_batches = TwoTowerBatches(test, 256, history_length=args.history_length, history_from=train, shuffle=False)
     model = build_model(inter.num_users, inter.num_items, args.embedding_dim)
@@ -104,7 +142,7 @@ def main(argv=None) -> dict[str, float]:
             optimizer.step()
             if step % 10 == 0:
                 bar.set_postfix(loss=f"{loss.item():.3f}")
-    result = evaluate(model, test_batches, inter.num_items)
+    result = evaluate(model, test_batches, inter.num_items, K)
     print(f"test: recall@10 {result['recall@10']:.4f}  NDCG@10 {result['ndcg@10']:.4f}  "
           f"({len(test)} held-out interactions, {inter.num_items} items; {time.perf_counter() - start:.1f} s)")
     return result

@@ -147,6 +147,47 @@ def test_demos_name_a_missing_file_in_one_line(tmp_path, demo, argv, message):
         _load(demo).main([a.format(tmp=tmp_path) for a in argv])
 
 
+TWO_TOWER_BASE = ["--epochs", "1", "--num-users", "100", "--num-items", "200", "--num-interactions", "3000",
+                  "--batch-size", "64"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--batch-size", "0"], "--batch-size 0: must be >= 1"),
+    (["--batch-size", "-4"], "--batch-size -4: must be >= 1"),
+    (["--embedding-dim", "0"], "--embedding-dim 0: must be >= 1"),
+    (["--history-length", "0"], "--history-length 0: must be >= 1"),
+    (["--epochs", "-1"], "--epochs -1: must be >= 0"),
+    (["--num-users", "0"], "--num-users 0: must be >= 1"),
+    (["--num-items", "5"], "--num-items 5: must be >= 10 (recall@10 ranks the items)"),
+    (["--num-interactions", "0"], "--num-interactions 0: must be >= 1"),
+    (["--lr", "-1"], "--lr -1.0: must be a finite number > 0"),
+    (["--temperature", "0"], "--temperature 0.0: must be a finite number > 0"),
+    (["--temperature", "-1"], "--temperature -1.0: must be a finite number > 0"),
+    (["--temperature", "nan"], "--temperature nan: must be a finite number > 0"),
+])
+def test_two_tower_demo_refuses_a_bad_flag_in_one_line_before_training(capsys, argv, message):
+    with pytest.raises(SystemExit) as e:
+        _load("two_tower_train").main(TWO_TOWER_BASE + argv)
+    assert e.value.code == 2
+    assert capsys.readouterr().err == f"two_tower_train: {message}\n"
+
+
+@pytest.mark.parametrize("records, argv, message", [
+    ([], [], r"u\.data: no interactions$"),
+    ([(u, u % 5, 3, u) for u in range(40)], [], r"u\.data: 5 items; recall@10 needs at least 10$"),
+    ([(u, u, 3, u) for u in range(40)], [], r"u\.data: no user has 2 interactions, so none is held out"),
+    (None, ["--num-interactions", "1"], r"^two_tower_train: the synthetic data \(--num-interactions 1\): no user has 2"),
+])
+def test_two_tower_demo_refuses_data_it_cannot_score(tmp_path, records, argv, message):
+    """Data the run cannot score is one line naming its source, not a traceback (an empty
+    u.data made a table of 0 rows; 5 items, k=10 past the candidates)."""
+    if records is not None:
+        (tmp_path / "u.data").write_text("".join("\t".join(map(str, r)) + "\n" for r in records))
+        argv = ["--movielens", str(tmp_path / "u.data")]
+    with pytest.raises(SystemExit, match=message):
+        _load("two_tower_train").main(TWO_TOWER_BASE + argv)
+
+
 def test_two_tower_demo_beats_chance(capsys):
     result = _load("two_tower_train").main(["--epochs", "2", "--num-users", "200", "--num-items", "300",
                                             "--num-interactions", "8000", "--batch-size", "256"])
