@@ -14,7 +14,9 @@ Cases:
 - update unpooled: one fused RowWiseAdagrad update of 26 unpooled tables (100k x 64) for
   4096 ids each, fbgemm against fxrec's torch kernel;
 - compile T tables: ``torch.compile(backend="fxrec")`` under no_grad at batch 32 against
-  the plain eager model.
+  the plain eager model;
+- compile EBC: the same for an EmbeddingBagCollection of 26 tables (every fourth pooled by
+  mean) read through a KeyedJaggedTensor.
 """
 from __future__ import annotations
 
@@ -33,6 +35,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import fxrec  # noqa: E402
 from fxrec.lowering import backend  # noqa: E402
 from fxrec.lowering.tbe import FusedEmbeddingBags  # noqa: E402
+from fxrec.modules import EmbeddingBagCollection, EmbeddingBagConfig  # noqa: E402
+from fxrec.sparse import KeyedJaggedTensor  # noqa: E402
 from fxrec.types import TableInfo  # noqa: E402
 
 
@@ -60,6 +64,29 @@ def bag_batch(g, tables: int, b: int):
     lengths = [torch.randint(0, 9, (b,), generator=g) for _ in range(tables)]
     ids = [torch.randint(0, 1000, (int(n.sum()),), generator=g) for n in lengths]
     return ids, [torch.cat([n.new_zeros(1), n.cumsum(0)[:-1]]) for n in lengths]
+
+
+class Collection(nn.Module):
+    def __init__(self, configs):
+        super().__init__()
+        self.ebc = EmbeddingBagCollection(configs)
+        self.top = nn.Linear(sum(c.embedding_dim for c in configs), 1)
+
+    def forward(self, kjt):
+        return self.top(self.ebc(kjt).values())
+
+
+def kjt_batch(g, features: int, b: int) -> KeyedJaggedTensor:
+    lengths = torch.randint(0, 9, (features * b,), generator=g)
+    return KeyedJaggedTensor([f"f{i}" for i in range(features)], torch.randint(0, 1000, (int(lengths.sum()),),
+                             generator=g), lengths=lengths)
+
+
+def no_grad(m):
+    def call(b):
+        with torch.no_grad():
+            m(*b)
+    return call
 
 
 def stepper(model, opt):
@@ -134,13 +161,19 @@ def main() -> None:
         model = Bags(tables).eval()
         compiled = torch.compile(copy.deepcopy(model), backend="fxrec")
 
-        def no_grad(m):
-            def call(b):
-                with torch.no_grad():
-                    m(*b)
-            return call
         fns = {"plain eager": no_grad(model), "compile fxrec": no_grad(compiled)}
         rows.append((f"compile {tables} tables, no_grad, batch 32", *compare(fns, batches, 30, args.repeats)))
+
+    # an EmbeddingBagCollection read through a KeyedJaggedTensor, sum and mean tables: under the
+    # compile backend its lookups are one graph (one fused call), or one frame per feature
+    configs = [EmbeddingBagConfig(f"t{i}", 1000, 16, [f"f{i}"], "mean" if i % 4 == 0 else "sum") for i in range(26)]
+    batches = [(kjt_batch(g, 26, 32),) for _ in range(4)]
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = Collection(configs).eval()
+    compiled = torch.compile(copy.deepcopy(model), backend="fxrec")
+    fns = {"plain eager": no_grad(model), "compile fxrec": no_grad(compiled)}
+    rows.append(("compile EBC 26 features (sum, mean), no_grad, batch 32", *compare(fns, batches, 30, args.repeats)))
 
     print(f"# .venv/bin/python bench/overheads.py --repeats {args.repeats}  ({time.strftime('%Y-%m-%d %H:%M')}, "
           f"{os.cpu_count()} cores, 1 thread; torch {torch.__version__})")
