@@ -118,6 +118,8 @@ def test_infeasible_plan_exits_1_naming_the_table(tables_csv, capsys):
     ("name,num_embeddings,embedding_dim\nt,10,4\n\n\nt,20,8\n", "line 5: table 't' again (first on line 2)"),
     ("name,num_embeddings,embedding_dim,,\nt,10,4,,x\n", "line 2: 'x' in column 5, which has no name in the header"),
     ("name,,num_embeddings,embedding_dim\nt,x,10,4\n", "line 2: 'x' in column 2, which has no name in the header"),
+    ("\n\nname,num_embeddings,embedding_dim\nt,10,4\n", "line 1: empty; the header (name,num_embeddings,"),
+    ("", "missing column(s) 'name', 'num_embeddings', 'embedding_dim'; have []"),
 ])
 def test_bad_csv_exits_2(tmp_path, capsys, content, match):
     path = tmp_path / "bad.csv"

@@ -60,6 +60,9 @@ def _read_tables(reader, path: str, TableInfo) -> list:
     # that two of them are not "given twice" and a value under one is caught below
     reader.fieldnames = [c if c else _unnamed(i) for i, c in enumerate(cols)]
     missing = [c for c in ("name", "num_embeddings", "embedding_dim") if c not in cols]
+    if missing and not any(cols) and reader.line_num:  # (a file with nothing in it: the message below)
+        raise UsageError(f"{path} line 1: empty; the header (name,num_embeddings,embedding_dim,...) must be the "
+                         f"first line")
     if missing:
         raise UsageError(f"{path}: missing column(s) {', '.join(map(repr, missing))}; have {[c for c in cols if c]}")
     twice = sorted({c for c in cols if c and cols.count(c) > 1})
