@@ -15,6 +15,8 @@ import os
 import re
 from dataclasses import asdict, dataclass, fields
 
+from fxrec.types import whole
+
 DEVICES = ("cpu", "cuda")
 
 GiB = 1 << 30
@@ -79,10 +81,10 @@ def _positive(name: str, value) -> float:
 
 def _positive_int(name: str, value) -> int:
     """A count: a positive integer (2.0 reads as 2; None, lists and strings are refused by name)."""
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if not ok or int(value) != value or value < 1:
+    count = whole(value)
+    if count is None or count < 1:
         raise ValueError(f"Topology: {name} must be a positive integer, got {value!r}")
-    return int(value)
+    return count
 
 
 @dataclass
@@ -207,9 +209,9 @@ class Topology:
         if device == "cuda" and torch.cuda.is_available():
             local_rank = _env_int("LOCAL_RANK", 0, least=0) % torch.cuda.device_count()
             kwargs["memory_per_rank"] = torch.cuda.get_device_properties(local_rank).total_memory
-        elif device == "cpu" and isinstance(rpn, int) and not isinstance(rpn, bool) and rpn >= 1:
+        elif device == "cpu" and (whole(rpn) or 0) >= 1:
             # a bad ranks_per_node is left for the constructor to name
-            kwargs["memory_per_rank"] = _host_memory() // rpn
+            kwargs["memory_per_rank"] = _host_memory() // whole(rpn)
             kwargs["host_memory_per_rank"] = kwargs["memory_per_rank"]
         kwargs.update(overrides)
         return cls(**kwargs)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import operator
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -16,13 +17,18 @@ POOLINGS = ("sum", "mean", "none")
 
 
 def whole(value) -> Optional[int]:
-    """`value` as an int when it is a whole number (an integer, or a finite real without a
-    fraction: 1e6, 10.0), else None (1.5, inf, a bool, a string): counts are refused by
+    """`value` as an int when it is a whole number (an integer, numpy's and torch's
+    included, or a finite real without a fraction: 1e6, 10.0), else None (1.5, inf, a bool, a string): counts are refused by
     their callers, never truncated."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+    if isinstance(value, bool):
         return None
     if isinstance(value, numbers.Integral):
         return int(value)
+    if not isinstance(value, numbers.Real):
+        try:  # what indexes as an int: a numpy or torch integer scalar, an int tensor of one value
+            return operator.index(value)
+        except TypeError:
+            return None
     return int(value) if math.isfinite(value) and value == int(value) else None
 
 

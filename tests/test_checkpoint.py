@@ -467,6 +467,40 @@ def test_a_dense_optimizer_with_other_param_groups_is_refused(tmp_path):
         fxrec.checkpoint.load(fresh, tmp_path / "one", optimizer=opt)
 
 
+def test_a_scheduler_saved_with_the_optimizer_does_not_make_it_another_type(tmp_path):
+    """An LR scheduler adds `initial_lr` to the groups the optimizer saves, and a resume loads
+    the optimizer before it builds the scheduler again: the extra setting is not another type."""
+    model = _WithExtra()
+    opt = torch.optim.Adam(model.parameters(), lr=0.1)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    model(torch.randn(4, 3)).sum().backward()
+    opt.step()
+    sched.step()
+    fxrec.checkpoint.save(model, tmp_path / "s", optimizer=opt)
+    fresh = _WithExtra()
+    again = torch.optim.Adam(fresh.parameters(), lr=0.1)
+    fxrec.checkpoint.load(fresh, tmp_path / "s", optimizer=again)
+    for key, value in opt.state_dict()["state"].items():
+        for name, tensor in value.items():
+            assert torch.equal(again.state_dict()["state"][key][name], tensor), name
+
+
+def test_a_write_that_fails_midway_is_an_os_error_naming_the_path(tmp_path, monkeypatch):
+    """DCP wraps a failing write (a full disk) in its CheckpointException, a BaseException that
+    `except Exception` misses: save raises an OSError naming the path, sync or in the background."""
+    from torch.distributed.checkpoint.filesystem import FileSystemWriter
+
+    def full(self, *args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(FileSystemWriter, "write_data", full)
+    with pytest.raises(OSError, match=r"writing '.*full' failed \(rank 0: OSError: .*No space left"):
+        fxrec.checkpoint.save(_Tables(10), tmp_path / "full")
+    fxrec.checkpoint.save(_Tables(10), tmp_path / "later", background=True)
+    with pytest.raises(OSError, match=r"writing '.*later' failed"):  # at the next save, which waits for it
+        fxrec.checkpoint.save(_Tables(10), tmp_path / "next")
+
+
 def test_extra_values_come_back(tmp_path):
     model = _Tables(10)
     fxrec.checkpoint.save(model, tmp_path / "t", extra={"step": 41, "seen": torch.arange(3), "name": "run-a"})

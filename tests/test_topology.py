@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 
+import numpy as np
 import pytest
 import torch
 
@@ -188,3 +189,14 @@ def test_bench_calibrate_one_rank_says_links_are_not_measured(tmp_path, capsys):
     assert main(["bench", "calibrate", "--world-size", "1", "--size", "64KiB", "--iters", "1", "-o", str(out)]) == 0
     assert "links not measured on 1 rank (the profile keeps the default" in capsys.readouterr().out
     assert json.loads(out.read_text())["calibration"]["measured"] == ["hbm_bandwidth"]
+
+
+@pytest.mark.parametrize("count", [4, 4.0, np.int64(4), torch.tensor(4)])
+def test_counts_of_numpy_and_torch_integers_are_taken(count):
+    t = Topology(count, ranks_per_node=count // 2, device="cpu")
+    assert (t.world_size, t.ranks_per_node) == (4, 2) and type(t.world_size) is int
+    split = Topology.from_env("cpu", world_size=count, ranks_per_node=count // 2)
+    assert split.memory_per_rank == Topology.from_env("cpu", world_size=4, ranks_per_node=2).memory_per_rank
+    for bad in (2.5, torch.tensor(2.5), "4", True):
+        with pytest.raises(ValueError, match=r"world_size must be a positive integer"):
+            Topology(bad)

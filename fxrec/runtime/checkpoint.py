@@ -289,25 +289,46 @@ def save(model: nn.Module, path: PathLike, optimizer: Optional[torch.optim.Optim
     writer = dcp.FileSystemWriter(os.fspath(path), overwrite=True)
     with _quiet():
         if not background:
-            dcp.save(sd, storage_writer=writer, no_dist=not collective)
+            try:
+                dcp.save(sd, storage_writer=writer, no_dist=not collective)
+            except dcp.api.CheckpointException as e:  # a BaseException: a full disk, a failing write
+                raise _write_failed(os.fspath(path), e) from e
             return None
         if collective:
             done = dcp.async_save(sd, storage_writer=writer, process_group=group)
         else:
             done = dcp.async_save(sd, storage_writer=writer, no_dist=True)
-    _BACKGROUND[0] = done
+    _BACKGROUND[0] = (done, os.fspath(path))
     return done
 
 
-_BACKGROUND: list = [None]  # this process's last background save
+_BACKGROUND: list = [None]  # this process's last background save: (its Future, its path)
 
 
 def _wait_for_background() -> None:
     """Finish this process's last background save (its error, if any, is raised here): a
     save or load must not overlap it, on disk or on the background group's collectives."""
-    done, _BACKGROUND[0] = _BACKGROUND[0], None
-    if done is not None:
-        done.result()
+    last, _BACKGROUND[0] = _BACKGROUND[0], None
+    if last is not None:
+        done, path = last
+        try:
+            done.result()
+        except dcp.api.CheckpointException as e:
+            raise _write_failed(path, e) from e
+
+
+def _failures(e) -> str:
+    """DCP's per-rank failures of `e` (a CheckpointException), one clause each."""
+    return "; ".join(f"rank {r}: {type(err[0]).__name__}: {err[0]}" if isinstance(err, tuple) else
+                     f"rank {r}: {err}" for r, err in sorted(e.failures.items()))
+
+
+def _write_failed(where: str, e) -> OSError:
+    """A save that failed while writing, as an OSError naming where and why: DCP's own
+    exception is a BaseException (an `except Exception` misses it) whose text ends in the
+    bare error. The metadata is written last, so no checkpoint was left there."""
+    return OSError(f"fxrec.checkpoint.save: writing {where!r} failed ({_failures(e)}); no checkpoint was left "
+                   f"there")
 
 
 def _clear(path: str, collective: bool, group) -> None:
@@ -404,9 +425,7 @@ def load(model: nn.Module, path: PathLike, optimizer: Optional[torch.optim.Optim
         try:
             dcp.load(sd, storage_reader=dcp.FileSystemReader(path), no_dist=not _collective(model))
         except dcp.api.CheckpointException as e:  # a BaseException, whose text ends in the bare error
-            why = "; ".join(f"rank {r}: {type(err[0]).__name__}: {err[0]}" if isinstance(err, tuple) else
-                            f"rank {r}: {err}" for r, err in sorted(e.failures.items()))
-            raise ValueError(f"fxrec.checkpoint.load: reading {path!r} failed ({why}); its data files are "
+            raise ValueError(f"fxrec.checkpoint.load: reading {path!r} failed ({_failures(e)}); its data files are "
                              f"damaged or incomplete, and the model may be partly loaded") from e
     if optimizer is not None:
         set_optimizer_state_dict(model.module if isinstance(model, ShardedModel) else model, optimizer,
@@ -436,11 +455,15 @@ def _other_dense_optimizer(osd: dict, saved: dict) -> Optional[str]:
     differ by optimizer type) and the state's of each parameter that had state when saved (one
     that had none gets none, see `_only_saved_dense_state`)."""
     groups = f"{DENSE_OPTIMIZER}.param_groups."
-    theirs = {k for k in saved if k.startswith(groups)}
-    count = len({k[len(groups):].partition(".")[0] for k in theirs})
+    saved_groups = {k for k in saved if k.startswith(groups)}
+    count = len({k[len(groups):].partition(".")[0] for k in saved_groups})
     if count != len(osd["param_groups"]):
         return f"{count} param group(s) there, {len(osd['param_groups'])} in this optimizer"
     mine = {f"{groups}{i}.{name}" for i, group in enumerate(osd["param_groups"]) for name in group}
+    # a group setting the checkpoint has beyond this optimizer's is no sign of another type: an
+    # LR scheduler adds `initial_lr` to the groups it saves, and the optimizer is loaded before
+    # the scheduler that needs it is built again; the groups are replaced whole, as torch does
+    theirs = saved_groups & mine
     for fqn, state in osd.get("state", {}).items():
         at = f"{DENSE_OPTIMIZER}.state.{fqn}."
         had = {k for k in saved if k.startswith(at)}
