@@ -110,9 +110,13 @@ class FxrecTracer(torch.fx.Tracer):
         out = super().create_args_for_root(root_fn, is_module, concrete_args)
         if self._training_flag:  # after the placeholders: every module's `training` reads one node
             flag = self.create_proxy("call_module", L.TRAINING_FLAG, (), {})
-            for m in self.root.modules():
-                if not isinstance(m, TrainingFlag) and "training" in m.__dict__:
-                    m.__dict__["training"] = flag
+            # a submodule in the other mode (model.train(); model.encoder.eval()) reads its own,
+            # fixed: one flag following the root would run it in the root's mode
+            fixed = self.create_proxy("call_module", L.FIXED_TRAINING_FLAG, (), {})
+            modes = {m: m.training for m in self.root.modules() if "training" in m.__dict__}
+            for m, mode in modes.items():
+                if not isinstance(m, TrainingFlag):
+                    m.__dict__["training"] = flag if mode == modes[self.root] else fixed
         return out
 
     def create_proxy(self, kind, target, args, kwargs, name=None, type_expr=None, proxy_factory_fn=None):
@@ -206,6 +210,28 @@ class TrainingFlag(nn.Module):
         return self.training
 
 
+class FixedTrainingFlag(TrainingFlag):
+    """What traced code reads where a submodule captured in the other mode than the model's
+    read ``self.training``: that mode, which ``train()`` / ``eval()`` do not change (there is
+    no submodule left to set apart; a warning at capture names them)."""
+
+    def train(self, mode: bool = True):
+        return self
+
+
+@contextlib.contextmanager
+def modes_kept(model: nn.Module):
+    """Every module of `model` back in the mode it had, after a block that switches the model's
+    mode (`model.train(not was)` to capture the other mode): ``model.train(was)`` would set every
+    submodule to the root's mode, undoing a submodule the user put in eval mode apart."""
+    saved = [(m, m.training) for m in model.modules()]
+    try:
+        yield
+    finally:
+        for m, mode in saved:
+            m.training = mode
+
+
 @contextlib.contextmanager
 def _recording_grad_switches(tracer: FxrecTracer):
     """While `tracer` traces, torch's grad-mode context managers (whatever name the model
@@ -254,20 +280,37 @@ def _fx_trace(model: nn.Module, inputs: tuple, leaf_modules, flag: bool) -> torc
         return torch.fx.GraphModule(model, graph, type(model).__name__)
     saved = {m: m.__dict__["training"] for m in model.modules() if "training" in m.__dict__}
     model.add_module(L.TRAINING_FLAG, TrainingFlag().train(model.training))
+    fixed = FixedTrainingFlag()
+    fixed.training = not model.training
+    model.add_module(L.FIXED_TRAINING_FLAG, fixed)
     try:
         graph = tracer.trace(model, concrete)
         _named_as_forward(graph, concrete)
         checked(graph)
         for m, mode in saved.items():  # before the GraphModule copies the root's mode
             m.__dict__["training"] = mode
-        node = next(n for n in graph.nodes if n.op == "call_module" and n.target == L.TRAINING_FLAG)
-        if not node.users:
-            graph.erase_node(node)
+        for target in (L.TRAINING_FLAG, L.FIXED_TRAINING_FLAG):
+            node = next(n for n in graph.nodes if n.op == "call_module" and n.target == target)
+            if not node.users:
+                graph.erase_node(node)
+            elif target == L.FIXED_TRAINING_FLAG:
+                _warn_fixed_modes(model, tracer)
         return torch.fx.GraphModule(model, graph, type(model).__name__)
     finally:
         for m, mode in saved.items():
             m.__dict__["training"] = mode
         delattr(model, L.TRAINING_FLAG)
+        delattr(model, L.FIXED_TRAINING_FLAG)
+
+
+def _warn_fixed_modes(model: nn.Module, tracer: FxrecTracer) -> None:
+    """Name the submodules whose ``self.training`` reads were fixed at capture (`FixedTrainingFlag`)."""
+    other = [path for path, m in model.named_modules() if path and m.training != model.training
+             and not isinstance(m, TrainingFlag) and not tracer.is_leaf_module(m, path)]
+    mode, theirs = ("training", "eval") if model.training else ("eval", "training")
+    warnings.warn(f"fxrec.capture: the model is in {mode} mode, submodule(s) {other} in {theirs} mode: where their "
+                  f"code reads self.training, the captured program keeps {theirs} mode, which train() / eval() of "
+                  f"the captured or sharded model do not change", stacklevel=4)
 
 
 def _fx_capture(model: nn.Module, inputs: tuple, leaf_modules) -> torch.fx.GraphModule:

@@ -34,7 +34,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.fx import GraphModule
 
-from fxrec.capture import capture
+from fxrec.capture import capture, modes_kept
 from fxrec.optim import OPTIMIZERS, SGD, PerTable, for_table, freeze
 from fxrec.passes import lookup as L
 from fxrec.passes.apply_plan import ROOT, apply_plan_pass, build_units, check_plan
@@ -282,12 +282,9 @@ def _other_mode(model: nn.Module, inputs: tuple, gm: GraphModule, ctx) -> Option
     if any(t.is_meta for path, t in itertools.chain(model.named_parameters(), model.named_buffers())
            if names.get(path) not in ctx.tables):
         return None
-    was = model.training
-    model.train(not was)
-    try:
+    with modes_kept(model):
+        model.train(not model.training)
         other = capture(model, inputs)
-    finally:
-        model.train(was)
     octx = PassContext(example_inputs=inputs, topology=ctx.topology, plan=ctx.plan)
     other = run_passes(other, octx, until="group_tables")
     if list(octx.tables) != list(ctx.tables):

@@ -129,3 +129,57 @@ def _train_then_eval(rank: int, world: int) -> float:
 
 def test_a_branch_trains_then_evaluates_like_the_unsharded_model_on_two_ranks():
     assert max(run_workers(_train_then_eval, 2, timeout=120)) < 1e-5
+
+
+class _Tower(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return torch.nn.functional.dropout(self.lin(x), 0.5, self.training)
+
+
+class _WithTower(nn.Module):
+    """A submodule that reads self.training as a value, and (branch=True) a root that branches on it."""
+
+    def __init__(self, branch: bool):
+        super().__init__()
+        self.branch, self.e, self.tower, self.out = branch, nn.EmbeddingBag(20, 4), _Tower(), nn.Linear(4, 1)
+
+    def forward(self, ids):
+        h = self.e(ids)
+        if self.branch:
+            if self.training:
+                h = torch.nn.functional.dropout(h, 0.5)
+        else:
+            h = torch.nn.functional.dropout(h, 0.5, self.training)
+        return self.out(self.tower(h))
+
+
+@pytest.mark.parametrize("branch", [False, True])
+def test_a_submodule_put_in_eval_mode_apart_stays_so(branch):
+    """model.train(); model.tower.eval(): the tower's dropout stays off in the captured program
+    (a warning says its mode is fixed there) and the model's modes are as they were after
+    shard and lower_for_inference (which capture it in both modes)."""
+    torch.manual_seed(0)
+    model = _WithTower(branch)
+    model.train()
+    model.tower.eval()
+    ids = torch.randint(0, 20, (8, 3))
+    if branch:  # the branch is captured per mode: each program fixes every module's mode
+        sm = shard(model, Topology(1), (ids,), sparse_optimizer=SGD(LR))
+    else:
+        with pytest.warns(UserWarning, match=r"submodule\(s\) \['tower'\] in eval mode: .* keeps eval mode"):
+            sm = shard(model, Topology(1), (ids,), sparse_optimizer=SGD(LR))
+    fxrec.lower_for_inference(model, (ids,), "fp32")
+    assert model.training and not model.tower.training
+    with torch.no_grad():
+        for mode in (True, False, True):
+            sm.train(mode)
+            model.train(mode)
+            model.tower.eval()
+            torch.manual_seed(1)
+            want = model(ids)
+            torch.manual_seed(1)
+            assert_close(sm(ids), want)

@@ -72,7 +72,7 @@ def lower_for_inference(model: nn.Module, example_inputs, weight_dtype: Union[st
     Raises ValueError for a bad weight_dtype or dim (naming the table), tables on the meta
     device (nothing to quantize), and CaptureError when the model cannot be captured.
     """
-    from fxrec.capture import capture  # fxrec.capture imports the lowering package
+    from fxrec.capture import capture, modes_kept  # fxrec.capture imports the lowering package
     from fxrec.shard import ShardedModel
 
     if isinstance(model, ShardedModel):
@@ -85,12 +85,9 @@ def lower_for_inference(model: nn.Module, example_inputs, weight_dtype: Union[st
         raise ValueError(f"fxrec.lower_for_inference: the model holds fxrec's fused tables already (at "
                          f"{fused or 'its root'!r}): it was lowered or fused before; lower the original model")
     inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
-    was_training = model.training
-    model.eval()  # traced code may read self.training (F.dropout(..., training=self.training))
-    try:
+    with modes_kept(model):
+        model.eval()  # traced code may read self.training (F.dropout(..., training=self.training))
         gm = capture(model, inputs)
-    finally:
-        model.train(was_training)
     ctx = PassContext(example_inputs=inputs, options={
         "inference": True, "weight_dtype": weight_dtype, "output_dtype": output_dtype, "kernel": kernel,
         "bounds_check": bounds_check})

@@ -39,6 +39,7 @@ FROZEN_TABLES = "fxrec_frozen_tables"  # list[table name]: tables the model does
 PASSES_RUN = "fxrec_passes_run"      # list[str], appended by the runner
 TRAINING_BAKED = "fxrec_training_baked"  # (mode, why): the graph runs the code of that mode only
 TRAINING_FLAG = "fxrec_training"     # the captured module's TrainingFlag (capture.py)
+FIXED_TRAINING_FLAG = "fxrec_training_fixed"  # its FixedTrainingFlag: submodules captured in the other mode
 
 KINDS = ("module_bag", "module_embedding", "functional_bag", "functional_embedding",
          "aten_bag", "aten_embedding", "ebc", "ec")
