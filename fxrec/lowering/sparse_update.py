@@ -259,7 +259,10 @@ def merge_calls(layout: TBELayout, calls: list) -> tuple[Tensor, Tensor, Tensor,
     one call's: table t's bags (their ids, weights and gradient rows) of each call in turn,
     as if the calls' batches had been one batch. The fused update of the result is the
     update of each row's gradient summed over every call, as the unfused model's optimizer
-    step sees it. A call without per-sample weights, beside one with, weighs its ids 1."""
+    step sees it. A call without per-sample weights, beside one with, weighs its ids 1. One
+    call is returned as it is."""
+    if len(calls) == 1:
+        return calls[0]
     T = layout.num_tables
     lengths, ids, weights, grads = [], [[] for _ in range(T)], [[] for _ in range(T)], [[] for _ in range(T)]
     weighted = any(c[3] is not None for c in calls)

@@ -91,12 +91,11 @@ class _FusedLookup(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             psw_grad = per_sample_weights_grad(owner.weights, owner.layout, grad_output, indices, offsets)
             psw_grad = psw_grad.to(psw.dtype)
-        if not trains_now(ctx.anchor_node):
-            pass
-        elif ctx.update_hook is not None:
-            ctx.update_hook(owner, grad_output, indices, offsets, psw)
-        elif owner.optimizer is not None:
-            owner.update_after_backward(grad_output, indices, offsets, psw)
+        if trains_now(ctx.anchor_node):
+            if ctx.update_hook is not None:
+                ctx.update_hook(owner, grad_output, indices, offsets, psw)
+            elif owner.optimizer is not None:
+                owner.update_after_backward(grad_output, indices, offsets, psw)
         return None, psw_grad, None, None, None, None
 
 
@@ -233,7 +232,7 @@ class FusedEmbeddingBags(nn.Module):
         self._after_backward.gather(list, self._update_calls).append((grad_output, indices, offsets, psw))
 
     def _update_calls(self, calls: list) -> None:
-        self.update(*(calls[0] if len(calls) == 1 else merge_calls(self.layout, calls)))
+        self.update(*merge_calls(self.layout, calls))
 
     def update(self, grad_output: Tensor, indices: Tensor, offsets: Tensor, psw: Optional[Tensor]) -> None:
         """The fused backward + optimizer update of the rows `indices` touched, in place."""

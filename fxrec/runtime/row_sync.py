@@ -179,7 +179,7 @@ class RowSync(nn.Module):
         """Each fused module's calls joined into one update, and its split shards' row sums."""
         entries, updates = [], []
         for owner, owner_calls in calls.items():
-            args = owner_calls[0] if len(owner_calls) == 1 else merge_calls(owner.layout, owner_calls)
+            args = merge_calls(owner.layout, owner_calls)
             names = owner.layout.names
             split = [t for t, key in enumerate(names) if key in self.shard_tables]
             for t, (rows, sums) in row_sq_sums(owner.layout, *args, split).items():
