@@ -420,11 +420,7 @@ def fxrec_backend(gm: GraphModule, example_inputs, options: Optional[dict] = Non
     """The torch.compile backend (module doc). `mode` (torch.compile's) goes to inductor."""
     from fxrec.optim import freeze
     from fxrec.passes import lookup as L
-    from fxrec.passes.detect_embeddings import detect_embeddings_pass
     from fxrec.passes.fuse_lookups import fuse_lookups_pass
-    from fxrec.passes.group_tables import group_tables_pass
-    from fxrec.passes.guard_inplace import guard_inplace_pass
-    from fxrec.passes.hoist_inputs import hoist_inputs_pass
     from fxrec.passes.quantize_tables import quantize_tables_pass
     from fxrec.passes.runner import PassContext, run_passes
 
@@ -459,10 +455,7 @@ def fxrec_backend(gm: GraphModule, example_inputs, options: Optional[dict] = Non
         "inference": not wants_grad, "sparse_optimizer": opts.get("sparse_optimizer") if wants_grad else None,
         "kernel": opts.get("kernel"), "weight_dtype": opts.get("weight_dtype"),
         "output_dtype": opts.get("output_dtype"), "bounds_check": opts.get("bounds_check", True)})
-    gm = run_passes(gm, ctx, passes=[("detect_embeddings", detect_embeddings_pass),
-                                     ("guard_inplace", guard_inplace_pass),
-                                     ("hoist_inputs", hoist_inputs_pass),
-                                     ("group_tables", group_tables_pass)])
+    gm = run_passes(gm, ctx, until="group_tables")  # the runner's passes, in its order, up to the groups
     if wants_grad:  # frozen tables (requires_grad=False) are read, not trained
         ctx.options["sparse_optimizer"] = freeze(ctx.options["sparse_optimizer"], gm.meta[L.FROZEN_TABLES])
     idle = None if quantize or wants_grad else _nothing_to_gain(gm, ctx, params, opts)
