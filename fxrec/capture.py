@@ -487,7 +487,7 @@ def _warn_lost_backward_hooks(model: nn.Module, gm: torch.fx.GraphModule) -> Non
     A module the program still calls (a leaf, a lookup module left dense) keeps its hooks."""
     called = {str(n.target) for n in gm.graph.nodes if n.op == "call_module"}
     lost = [path for path, m in model.named_modules() if path and path not in called
-            and (getattr(m, "_backward_hooks", None) or getattr(m, "_backward_pre_hooks", None))]
+            and any(kind.startswith("backward") for kind in L.hooks_of(m))]
     if lost:
         warnings.warn(f"fxrec.capture: the backward hooks of module(s) {lost} do not run in the captured program "
                       f"(it traces through their forward, so there is no module call for them to wrap); register "

@@ -102,15 +102,11 @@ def _padding(padding_idx: Optional[int], rows: int) -> Optional[int]:
     return padding_idx + rows if padding_idx < 0 else padding_idx
 
 
-_HOOKS = {"_forward_pre_hooks": "forward pre-hook", "_forward_hooks": "forward hook",
-          "_backward_pre_hooks": "backward pre-hook", "_backward_hooks": "backward hook"}
-
-
 def _check_hooks(mod: nn.Module, path: str) -> None:
     """A lookup module (or one of its tables) with hooks: the sharded lookup that would replace
     its call would not run them, so it stays a module call, dense."""
     for sub_path, sub in mod.named_modules(prefix=path):
-        found = [kind for attr, kind in _HOOKS.items() if getattr(sub, attr, None)]
+        found = L.hooks_of(sub)
         if found:
             raise _Skip(f"module {sub_path!r} has a {' and a '.join(found)}, which fxrec's fused lookup would not run "
                         f"(remove it to let fxrec take the table)")

@@ -189,9 +189,16 @@ def table_names_by_param(model: nn.Module) -> dict[str, str]:
     return names
 
 
-# hooks of a module, by the attribute nn.Module keeps them in
-_HOOK_ATTRS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks", "_forward_hooks_with_kwargs",
-               "_forward_hooks_always_called", "_backward_pre_hooks", "_backward_hooks")
+# the dicts nn.Module keeps a module's hooks in, and what each holds
+HOOKS = {"_forward_pre_hooks": "forward pre-hook", "_forward_hooks": "forward hook",
+         "_backward_pre_hooks": "backward pre-hook", "_backward_hooks": "backward hook"}
+# and beside them, flags per hook (kwargs, always called)
+_HOOK_ATTRS = (*HOOKS, "_forward_pre_hooks_with_kwargs", "_forward_hooks_with_kwargs", "_forward_hooks_always_called")
+
+
+def hooks_of(module: nn.Module) -> list[str]:
+    """The kinds of hook `module` has ("forward hook", "backward pre-hook", ...)."""
+    return [kind for attr, kind in HOOKS.items() if getattr(module, attr, None)]
 
 
 def carry_hooks(src: nn.Module, dst: nn.Module) -> nn.Module:
