@@ -464,12 +464,17 @@ def _other_dense_optimizer(osd: dict, saved: dict) -> Optional[str]:
     # LR scheduler adds `initial_lr` to the groups it saves, and the optimizer is loaded before
     # the scheduler that needs it is built again; the groups are replaced whole, as torch does
     theirs = saved_groups & mine
+    # the saved state's keys by parameter, in one pass (`<prefix>.state.<fqn>.<state name>`)
+    states = f"{DENSE_OPTIMIZER}.state."
+    saved_state: dict[str, set] = {}
+    for key in saved:
+        if key.startswith(states):
+            saved_state.setdefault(key[len(states):].rpartition(".")[0], set()).add(key)
     for fqn, state in osd.get("state", {}).items():
-        at = f"{DENSE_OPTIMIZER}.state.{fqn}."
-        had = {k for k in saved if k.startswith(at)}
+        had = saved_state.get(fqn)
         if had:
             theirs |= had
-            mine |= {at + name for name in state}
+            mine |= {f"{states}{fqn}.{name}" for name in state}
     missing, extra = sorted(mine - theirs), sorted(theirs - mine)
     if missing:
         return f"it has no {missing[0]!r}" + (f" and {len(missing) - 1} more" if len(missing) > 1 else "")
