@@ -209,9 +209,9 @@ class Topology:
         if device == "cuda" and torch.cuda.is_available():
             local_rank = _env_int("LOCAL_RANK", 0, least=0) % torch.cuda.device_count()
             kwargs["memory_per_rank"] = torch.cuda.get_device_properties(local_rank).total_memory
-        elif device == "cpu" and (whole(rpn) or 0) >= 1:
+        elif device == "cpu" and (per_node := whole(rpn) or 0) >= 1:
             # a bad ranks_per_node is left for the constructor to name
-            kwargs["memory_per_rank"] = _host_memory() // whole(rpn)
+            kwargs["memory_per_rank"] = _host_memory() // per_node
             kwargs["host_memory_per_rank"] = kwargs["memory_per_rank"]
         kwargs.update(overrides)
         return cls(**kwargs)
