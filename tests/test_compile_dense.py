@@ -196,3 +196,42 @@ def test_mode_reaches_inductor(monkeypatch):
     assert seen["segment"] == {"backend": "inductor", "mode": "max-autotune-no-cudagraphs"}
     compile_whole(symbolic_trace(M()), [torch.randn(3)], "inductor", "max-autotune-no-cudagraphs")
     assert seen["whole"]["config_patches"] == torch._inductor.list_mode_options("max-autotune-no-cudagraphs")
+
+
+def test_every_segment_is_compiled_past_dynamos_recompile_limit():
+    """Dynamo counts compiled code against ``recompile_limit`` per code object. Segments
+    split under dynamo are lazy modules, whose forward (one function inside torch until the
+    first call) dynamo entered through one wrapper for all of them, so the 9th segment of a
+    process (here: of 12 graphs) ran uncompiled. Each segment's code is generated first:
+    every segment has compiled code of its own, and every answer is the eager one."""
+    from torch._C._dynamo.eval_frame import _debug_get_cache_entry_list
+    from torch.fx import symbolic_trace
+    from torch.fx._lazy_graph_module import _use_lazy_graph_module
+
+    from fxrec.passes import lookup as L
+
+    class M(torch.nn.Module):
+        def __init__(self, k: float):
+            super().__init__()
+            self.k = k
+
+        def forward(self, x):
+            return torch.relu(x * self.k) + 1
+
+    splits = []
+    for k in range(12):
+        gm = symbolic_trace(M(float(k)))
+        first = next(n for n in gm.graph.nodes if n.op == "call_function")
+        for n in gm.graph.nodes:
+            n.meta[L.PASS] = "fuse_lookups" if n is first else "input"
+        with _use_lazy_graph_module(True):  # as inside dynamo's call of the backend
+            splits.append(compile_dense(gm, "aot_eager", None, []))
+    x = torch.randn(5)
+    for k, split in enumerate(splits):
+        torch.testing.assert_close(split(x), torch.relu(x * k) + 1)
+    assert counters["stats"]["unique_graphs"] == 12  # each segment compiled, none left to run eagerly
+    entries = [getattr(split, name).compiled for split in splits
+               for name, kind, _ in split.meta[SEGMENTS] if kind == "aot_eager"]
+    assert len(entries) == 12
+    assert len({id(e._torchdynamo_orig_callable.__code__) for e in entries}) == 12  # a code object each
+    assert all(len(_debug_get_cache_entry_list(e._torchdynamo_orig_callable.__code__)) == 1 for e in entries)

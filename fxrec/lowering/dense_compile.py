@@ -12,7 +12,12 @@ inputs, and a dense segment after the lookups reads the fused modules' outputs, 
 no fake value before the first call (the fused kernels sync with the host, and fake tensors
 cannot run them). torch.compile compiles the segment on its first call, with its own guards:
 a new batch size recompiles it (dynamic after the first change, as torch.compile always
-does), exactly as when the user compiles a function that calls an uncompiled one.
+does), exactly as when the user compiles a function that calls an uncompiled one. Each
+segment is entered through a function with code of its own (`_entry`): dynamo keeps compiled
+code, and counts it against ``recompile_limit``, per code object, and it entered every module
+split under dynamo (whose lazy forward is one function inside torch) through one shared
+wrapper, so past the 8th segment of a process (8 graphs, or one graph recompiled for new
+sizes) segments ran uncompiled.
 
 A graph with no fused lookup (nothing to fuse, or lookups left for the user's optimizer) is
 handed to the backend whole, with dynamo's own example inputs: `compile_whole`.
@@ -65,6 +70,26 @@ def _partitions(gm: GraphModule) -> dict[Node, int]:
     return part
 
 
+def _entry(segment: GraphModule):
+    """A function calling `segment`, whose code object is its own (module doc)."""
+    def call(*args):
+        return segment(*args)
+
+    call.__code__ = call.__code__.replace(co_name=call.__code__.co_name)  # a new code object
+    return call
+
+
+class _Compiled(torch.nn.Module):
+    """A dense segment (its parameters stay in the module tree) called through its compiled entry."""
+
+    def __init__(self, segment: GraphModule, compiled):
+        super().__init__()
+        self.segment, self.compiled = segment, compiled
+
+    def forward(self, *args):
+        return self.compiled(*args)
+
+
 def compile_dense(gm: GraphModule, backend: str, mode: Optional[str], log: list[str]) -> GraphModule:
     """`gm` split into segments (module doc), each dense one compiled with `backend`
     (``mode`` goes to inductor). Returns `gm` itself for backend "eager" or when the graph
@@ -91,7 +116,7 @@ def compile_dense(gm: GraphModule, backend: str, mode: Optional[str], log: list[
             segments.append((name, "fxrec", counts[s]))
             continue
         kwargs = {"mode": mode} if backend == "inductor" and mode is not None else {}
-        setattr(split, name, torch.compile(sub, backend=backend, **kwargs))
+        setattr(split, name, _Compiled(sub, torch.compile(_entry(sub), backend=backend, **kwargs)))
         segments.append((name, backend, counts[s]))
     split.meta.update(gm.meta)
     gm.meta[SEGMENTS] = split.meta[SEGMENTS] = segments
