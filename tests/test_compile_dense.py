@@ -235,3 +235,29 @@ def test_every_segment_is_compiled_past_dynamos_recompile_limit():
     assert len(entries) == 12
     assert len({id(e._torchdynamo_orig_callable.__code__) for e in entries}) == 12  # a code object each
     assert all(len(_debug_get_cache_entry_list(e._torchdynamo_orig_callable.__code__)) == 1 for e in entries)
+
+
+def test_size_checks_run_in_fxrecs_segment():
+    """Dynamo checks each unbacked size it takes as an input (``u0 >= 0``). Those checks run
+    in fxrec's segment: the dense one then takes no size, which it would specialise on 0
+    and 1 and recompile for."""
+    import operator
+
+    from torch.fx import Graph, GraphModule
+
+    from fxrec.passes import lookup as L
+
+    g = Graph()
+    x, n = g.placeholder("x"), g.placeholder("n")
+    x.meta["example_value"], n.meta["example_value"] = torch.randn(3), 3
+    ge = g.call_function(operator.ge, (n, 0))
+    g.call_function(torch.ops.aten._assert_scalar.default, (ge, "n >= 0"))
+    fx_node = g.call_function(torch.mul, (x, 2.0))
+    fx_node.meta[L.PASS] = "fuse_lookups"
+    g.output(g.call_function(torch.relu, (fx_node,)))
+    split = compile_dense(GraphModule(torch.nn.Module(), g), "aot_eager", None, [])
+    assert [(k, c) for _, k, c in split.meta[SEGMENTS]] == [("fxrec", 3), ("aot_eager", 1)]
+    dense = getattr(split, split.meta[SEGMENTS][1][0]).segment
+    assert [p.name for p in dense.graph.nodes if p.op == "placeholder"] == ["mul"]
+    x = torch.randn(3)
+    torch.testing.assert_close(split(x, 0), torch.relu(x * 2))

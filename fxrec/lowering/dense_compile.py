@@ -29,6 +29,7 @@ from typing import Optional
 
 import torch
 from torch.fx import GraphModule, Node
+from torch.fx._lazy_graph_module import _LazyGraphModule
 from torch.fx.passes.split_module import split_module
 
 from fxrec.passes import lookup as L
@@ -56,14 +57,32 @@ def _is_dense(node: Node) -> bool:
     return node.meta.get(L.PASS, "input") == "input"
 
 
-def _partitions(gm: GraphModule) -> dict[Node, int]:
+def _size_checks(gm: GraphModule) -> set[Node]:
+    """Dynamo's checks of the graph's symbolic sizes (``u0 >= 0`` and its ``_assert_scalar``):
+    nodes computing on size inputs and each other only. They run in fxrec's segments, so a
+    dense segment takes a size only where its own computation reads it: one given the sizes
+    of an input as ints would specialise on 0 and 1 and recompile for each."""
+    sizes = {n for n in gm.graph.nodes if n.op == "placeholder" and isinstance(n.meta.get("example_value"),
+                                                                              (torch.SymInt, int))}
+    checks: set[Node] = set()
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or isinstance(node.meta.get("example_value"), torch.Tensor):
+            continue
+        inputs = node.all_input_nodes
+        if inputs and all(n in sizes or n in checks for n in inputs):
+            checks.add(node)
+    return checks
+
+
+def _partitions(gm: GraphModule, checks: set[Node]) -> dict[Node, int]:
     """Node -> segment number: a new segment wherever graph order switches between fxrec's
-    nodes and dynamo's. Placeholders, get_attr and the output are placed by split_module."""
+    nodes and dynamo's (`_size_checks` count as fxrec's). Placeholders, get_attr and the
+    output are placed by split_module."""
     part, seg, last = {}, -1, None
     for node in gm.graph.nodes:
         if node.op in ("placeholder", "get_attr", "output"):
             continue
-        kind = _is_dense(node)
+        kind = _is_dense(node) and node not in checks
         if kind is not last:
             seg, last = seg + 1, kind
         part[node] = seg
@@ -71,7 +90,11 @@ def _partitions(gm: GraphModule) -> dict[Node, int]:
 
 
 def _entry(segment: GraphModule):
-    """A function calling `segment`, whose code object is its own (module doc)."""
+    """A function calling `segment`, whose code object is its own (module doc). The segment's
+    code is generated first: dynamo does not trace a lazy module's forward, and would break
+    the graph at it."""
+    _LazyGraphModule.force_recompile(segment)
+
     def call(*args):
         return segment(*args)
 
@@ -94,14 +117,15 @@ def compile_dense(gm: GraphModule, backend: str, mode: Optional[str], log: list[
     """`gm` split into segments (module doc), each dense one compiled with `backend`
     (``mode`` goes to inductor). Returns `gm` itself for backend "eager" or when the graph
     has no dense computation; ``meta[SEGMENTS]`` of the result lists the segments."""
-    part = _partitions(gm)
-    dense_nodes = [n for n in part if _is_dense(n)]
+    checks = _size_checks(gm)
+    part = _partitions(gm, checks)
+    dense_nodes = [n for n in part if _is_dense(n) and n not in checks]
     if backend == "eager" or not dense_nodes:
         gm.meta[SEGMENTS] = [("", "fxrec", len(part))]
         log.append("backend: the rest of the graph runs eagerly"
                    + ("" if backend == "eager" else " (it has no dense computation)"))
         return gm
-    kinds = {part[n]: ("eager" if not _is_dense(n) else backend) for n in part}
+    kinds = {part[n]: ("eager" if not _is_dense(n) or n in checks else backend) for n in part}
     counts: dict[int, int] = {}
     for n, s in part.items():
         counts[s] = counts.get(s, 0) + 1
