@@ -109,19 +109,52 @@ def _init_weight(weight: Tensor, cfg) -> None:
             weight.uniform_(-bound, bound)
 
 
-def _split_once_under_dynamo(features) -> None:
-    """Under torch.compile, the host sync that splits the KJT by key (its lengths per key),
-    before the loop over features. Dynamo cannot trace the sync and breaks the graph there:
-    here, once, so every lookup of the collection lands in one graph (one fused call under
-    the fxrec backend), the split's sizes becoming symbolic after a recompile. Left to the
-    loop, the break came at every feature, each lookup ran in a frame of its own, and past
-    dynamo's recompile limit some ran eagerly, on the float tables of a quantized compile."""
+def _split_under_dynamo(features):
+    """Under torch.compile, the KJT split by key before the collection's loop over features:
+    ``{key: JaggedTensor}`` (`_split_by_key`); otherwise `features` as it came.
+
+    The split syncs with the host (each key's number of ids), which dynamo cannot trace: it
+    breaks the graph here, once, so every lookup of the collection lands in one graph (one
+    fused call under the fxrec backend). Left to the loop, the break came at every feature,
+    each lookup ran in a frame of its own, and past dynamo's recompile limit some ran
+    eagerly, on the float tables of a quantized compile."""
     if torch.compiler.is_dynamo_compiling() and isinstance(features, KeyedJaggedTensor):
-        features.sync()
+        return _split_by_key(features)
+    return features
+
+
+@torch.compiler.disable
+def _split_by_key(features: KeyedJaggedTensor) -> dict[str, JaggedTensor]:
+    """Each key's ids (and weights), with their sizes marked unbacked for dynamo: the graph
+    after the break takes a key's number of ids as a size it never specialises. Dynamo
+    would otherwise specialise the sizes 0 and 1, so small batches in which features are
+    often empty recompiled the graph for each pattern of empty and single-id features, and
+    past ``recompile_limit`` ran it eagerly. The pieces are copies (a few ids): views of one
+    buffer would hand dynamo their storage offsets, which it specialises in the same way."""
+    from torch._dynamo.decorators import mark_unbacked
+
+    out = {}
+    for key in features.keys():
+        jt = features[key]
+        values, weights = jt.values().clone(), jt.weights_or_none()
+        mark_unbacked(values, 0)
+        if weights is not None:
+            weights = weights.clone()
+            mark_unbacked(weights, 0)
+        out[key] = JaggedTensor(values, lengths=jt.lengths().clone(), weights=weights, validate=False)
+    return out
 
 
 def _feature(owner: str, kjt, feature: str, table: str) -> JaggedTensor:
     # A Proxy (symbolic trace) has no key list to check; the lookup becomes a graph node.
+    if isinstance(kjt, dict):  # `_split_under_dynamo`'s
+        if feature not in kjt:
+            raise KeyError(f"{owner}: feature {feature!r} (table {table!r}) is missing from the input; "
+                           f"it has keys {list(kjt)}")
+        jt = kjt[feature]
+        if jt.weights_or_none() is not None:  # both unbacked sizes: tell dynamo they are one
+            torch._check(jt.weights_or_none().size(0) == jt.values().size(0))
+        return jt
     if isinstance(kjt, KeyedJaggedTensor) and feature not in kjt.index_per_key():
         raise KeyError(f"{owner}: feature {feature!r} (table {table!r}) is missing from the input; "
                        f"it has keys {kjt.keys()}")
@@ -175,12 +208,12 @@ class EmbeddingBagCollection(nn.Module):
             _init_weight(self.embedding_bags[cfg.name].weight, cfg)
 
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
-        _split_once_under_dynamo(features)
+        split = _split_under_dynamo(features)
         pooled = []
         for cfg in self._configs:
             bag = self.embedding_bags[cfg.name]
             for feature in cfg.feature_names:
-                jt = _feature("EmbeddingBagCollection", features, feature, cfg.name)
+                jt = _feature("EmbeddingBagCollection", split, feature, cfg.name)
                 pooled.append(self._pool(bag, cfg, feature, jt))
         if not pooled:
             batch = features.stride()
@@ -231,12 +264,12 @@ class EmbeddingCollection(nn.Module):
             _init_weight(self.embeddings[cfg.name].weight, cfg)
 
     def forward(self, features: KeyedJaggedTensor) -> dict[str, JaggedTensor]:
-        _split_once_under_dynamo(features)
+        split = _split_under_dynamo(features)
         out = {}
         for cfg in self._configs:
             table = self.embeddings[cfg.name]
             for feature in cfg.feature_names:
-                jt = _feature("EmbeddingCollection", features, feature, cfg.name)
+                jt = _feature("EmbeddingCollection", split, feature, cfg.name)
                 ids = jt.values()
                 if should_validate(ids):
                     _check_ids("EmbeddingCollection", ids, feature, cfg)

@@ -188,12 +188,21 @@ def _as_inputs(gm: GraphModule, where: dict[str, int]) -> None:
     gm.recompile()
 
 
-def _concrete(example_inputs) -> tuple:
-    """The inputs with symbolic sizes replaced by the values they stood for in this call."""
+def _concrete(gm: GraphModule, example_inputs) -> tuple:
+    """The inputs with symbolic sizes replaced by the values they stood for in this call. An
+    unbacked size (a KJT key's number of ids, `fxrec.modules._split_by_key`) has no hint:
+    its value is the size of the input tensor it was read from."""
+    seen = {}
+    for node, x in zip([n for n in gm.graph.nodes if n.op == "placeholder"], example_inputs):
+        fake = node.meta.get("example_value")
+        if isinstance(x, torch.Tensor) and isinstance(fake, torch.Tensor):
+            for size, value in zip(fake.shape, x.shape):
+                if isinstance(size, torch.SymInt):
+                    seen.setdefault(size.node.expr, value)
     out = []
     for x in example_inputs:
         if isinstance(x, torch.SymInt):
-            x = x.node.hint
+            x = x.node.hint if x.node.hint is not None else seen[x.node.expr]
         out.append(x)
     return tuple(out)
 
@@ -451,7 +460,7 @@ def fxrec_backend(gm: GraphModule, example_inputs, options: Optional[dict] = Non
         return whole("backend: lookups left unfused: the tables want gradients and no sparse_optimizer was "
                      "given (options={'sparse_optimizer': fxrec.optim...} trains them inside backward)")
     params, where = _as_attributes(gm, tables)
-    ctx = PassContext(example_inputs=_concrete(example_inputs), options={
+    ctx = PassContext(example_inputs=_concrete(gm, example_inputs), options={
         "inference": not wants_grad, "sparse_optimizer": opts.get("sparse_optimizer") if wants_grad else None,
         "kernel": opts.get("kernel"), "weight_dtype": opts.get("weight_dtype"),
         "output_dtype": opts.get("output_dtype"), "bounds_check": opts.get("bounds_check", True)})
