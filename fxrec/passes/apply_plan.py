@@ -115,8 +115,7 @@ def build_units(gm: GraphModule) -> list[list[Node]]:
     for comp in comps:
         anchor, first = _span(gm, comp, pos)
         if anchor >= first or len({stage[n] for n in comp}) > 1:
-            raise ValueError(f"apply_plan: lookups {[n.name for n in comp]} read the same table but one's ids "
-                             f"depend on another's output; such a table cannot be sharded yet")
+            raise ValueError(_late_ids(gm, comp, pos))
         for unit in units:
             same = stage[unit[0]] == stage[comp[0]] and _dtype(gm, unit[0]) == _dtype(gm, comp[0]) and \
                 unit[0].meta.get(GRAD_MODE) == comp[0].meta.get(GRAD_MODE)  # a unit runs in one mode
@@ -128,6 +127,18 @@ def build_units(gm: GraphModule) -> list[list[Node]]:
         else:
             units.append(list(comp))
     return units
+
+
+def _late_ids(gm: GraphModule, comp: list[Node], pos: dict) -> str:
+    """Why the lookups of a table cannot be one unit: the ids of one are ready only after
+    another's result is used (computed from it, or by code hoist_inputs could not move)."""
+    used = {n: min((pos[u] for u in _output_node(n).users), default=len(pos)) for n in comp}
+    first = min(comp, key=used.get)
+    late = max(comp, key=lambda n: max([pos[a] for a in n.all_input_nodes] + [-1]))
+    return (f"apply_plan: lookups {[n.name for n in comp]} read the same table, which one unit must serve, but "
+            f"the ids of %{late.name} are ready only after the result of %{first.name} is used (computed from "
+            f"it, or from a tensor the model writes in place, or by code that cannot move earlier); compute "
+            f"the table's ids before using any of its results")
 
 
 def _dtype(gm: GraphModule, node: Node) -> torch.dtype:

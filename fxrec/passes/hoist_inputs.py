@@ -1,4 +1,4 @@
-"""hoist_inputs: index each lookup's ids out of the inputs as early as they can be.
+"""hoist_inputs: compute each lookup's ids out of the inputs as early as they can be.
 
 apply_plan serves lookups that are ready together by one unit (one set of collectives, one
 fused call), and lookups are ready together when all their ids exist before any of their
@@ -7,11 +7,19 @@ indexes table k's ids only after table k-1's result was used (its ``.mean``), so
 order no two lookups are ready together: every table got a unit of its own (8 tables: 8
 times the collectives and kernel calls). The ids themselves depend on nothing but the input.
 
-This pass moves the indexing that leads from the inputs to each lookup's ids (``x[:, k]``,
-``x.select(1, k)``, ``.view``, ``.long()`` ...) to right after what it reads, so such lookups
-are ready together. Only indexing moves, only earlier, and only in graphs with neither an
-in-place write (whose order against a read matters: guard_inplace) nor a grad-mode switch
-(the nodes' stamped modes must stay: grad_mode.py); such graphs are left as they are.
+The same holds for two lookups of one table, which must share a unit: a DIN-style model
+looks up the behaviour sequence, uses the result, then looks up the target item by ids it
+hashes or clamps (``self.item(target % n)``); in graph order the second lookup's ids came
+after the first's result was used, and apply_plan refused the table.
+
+This pass moves the computation that leads from the inputs to each lookup's ids to right
+after what it reads, so such lookups are ready together: indexing (``x[:, k]``,
+``x.select(1, k)``, ``.view``, ``.long()`` ...) and pure arithmetic (``%``, ``clamp``,
+``where``, ``roll``, comparisons, ``cat`` ...). Nothing that draws random numbers, calls a
+submodule or writes in place moves; nodes move only earlier; nothing moves in a graph with a
+grad-mode switch (the nodes' stamped modes must stay: grad_mode.py); and in a graph that
+writes in place, nothing moves that reads a tensor some write may reach (the families of
+guard_inplace), whose value depends on where it is read.
 """
 from __future__ import annotations
 
@@ -22,7 +30,7 @@ from torch.fx import GraphModule, Node
 
 from fxrec.passes import lookup as L
 from fxrec.passes.grad_mode import is_switch
-from fxrec.passes.guard_inplace import writes
+from fxrec.passes.guard_inplace import _Families, writes
 
 __all__ = ["hoist_inputs_pass"]
 
@@ -34,24 +42,51 @@ _INDEX_FUNCTIONS = {operator.getitem, torch.select, torch.narrow, torch.reshape,
                     torch.flatten, torch.transpose, torch.permute, torch.unbind, torch.split, torch.chunk}
 
 
-def _indexing(node: Node) -> bool:
+# pure computations on ids (deterministic, no state, no in-place write: `writes` is checked too)
+_PURE_METHODS = {"remainder", "fmod", "clamp", "clip", "clamp_min", "clamp_max", "where", "masked_fill", "roll",
+                 "flip", "gather", "index_select", "eq", "ne", "lt", "le", "gt", "ge", "abs", "add", "sub", "mul",
+                 "div", "floor_divide", "neg", "to", "type", "type_as", "expand", "expand_as", "repeat",
+                 "repeat_interleave", "size", "cumsum", "view_as", "reshape_as", "unflatten", "bool", "float",
+                 "minimum", "maximum", "logical_and", "logical_or", "logical_not", "bitwise_and", "bitwise_or",
+                 "bitwise_xor", "__and__", "__or__", "__xor__", "__invert__"}
+_PURE_FUNCTIONS = {operator.add, operator.sub, operator.mul, operator.truediv, operator.floordiv, operator.mod,
+                   operator.neg, operator.pos, operator.abs, operator.and_, operator.or_, operator.xor,
+                   operator.invert, operator.lshift, operator.rshift, operator.pow, operator.eq, operator.ne,
+                   operator.lt, operator.le, operator.gt, operator.ge, getattr,
+                   torch.remainder, torch.fmod, torch.clamp, torch.clip, torch.clamp_min, torch.clamp_max,
+                   torch.where, torch.masked_fill, torch.roll, torch.flip, torch.gather, torch.index_select,
+                   torch.eq, torch.ne, torch.lt, torch.le, torch.gt, torch.ge, torch.abs, torch.add, torch.sub,
+                   torch.mul, torch.div, torch.floor_divide, torch.neg, torch.cat, torch.concat, torch.stack,
+                   torch.minimum, torch.maximum, torch.logical_and, torch.logical_or, torch.logical_not,
+                   torch.bitwise_and, torch.bitwise_or, torch.bitwise_xor, torch.cumsum, torch.repeat_interleave,
+                   torch.arange, torch.zeros_like, torch.ones_like, torch.full_like}
+
+
+def _movable(gm: GraphModule, node: Node) -> bool:
     if node.op == "call_method":
-        return str(node.target) in _INDEX_METHODS
-    return node.op == "call_function" and node.target in _INDEX_FUNCTIONS
+        name = str(node.target)
+        ok = name in _INDEX_METHODS or name in _PURE_METHODS
+    else:
+        ok = node.op == "call_function" and (node.target in _INDEX_FUNCTIONS or node.target in _PURE_FUNCTIONS)
+    return ok and not writes(gm, node) and node.kwargs.get("out") is None
 
 
 def hoist_inputs_pass(gm: GraphModule, ctx) -> GraphModule:
-    """Move the indexing that makes the lookups' ids right after what it reads (module doc)."""
+    """Move the computation that makes the lookups' ids right after what it reads (module doc)."""
     nodes = list(gm.graph.nodes)
-    if any(is_switch(n) or writes(gm, n) for n in nodes):
+    if any(is_switch(n) for n in nodes):
         return gm
+    by_node = {n: writes(gm, n) for n in nodes}
+    written = [t for targets in by_node.values() for t in targets]
+    fam = _Families(gm, by_node) if written else None
+    hit = {fam.find(t) for t in written} if written else set()
     pos = {n: i for i, n in enumerate(nodes)}
     last_input = max((n for n in nodes if n.op == "placeholder"), key=pos.__getitem__, default=None)
     moved = 0
 
     def hoist(node: Node) -> None:
         nonlocal moved, pos
-        if not _indexing(node):
+        if not _movable(gm, node) or (hit and any(fam.find(a) in hit for a in node.all_input_nodes)):
             return
         for arg in node.all_input_nodes:
             hoist(arg)
@@ -69,5 +104,5 @@ def hoist_inputs_pass(gm: GraphModule, ctx) -> GraphModule:
             hoist(arg)
     if moved:
         gm.recompile()
-        ctx.log.append(f"{NAME}: {moved} indexing node(s) of the lookups' ids moved next to what they read")
+        ctx.log.append(f"{NAME}: {moved} node(s) computing the lookups' ids moved next to what they read")
     return gm
