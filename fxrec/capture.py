@@ -37,6 +37,7 @@ from torch.fx._symbolic_trace import PH
 from fxrec.input_spec import checked
 from fxrec.passes import lookup as L
 from fxrec.passes.shapes import ExampleIdError, run_example
+from fxrec.trace_ops import SetItemProxy, sizes_as_nodes
 
 _TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
 # fxrec's own tracing and interpreting code, never the "user's line"
@@ -84,7 +85,7 @@ class FxrecTracer(torch.fx.Tracer):
     def trace(self, root, concrete_args=None):
         self._trace_frame = sys._getframe()
         try:
-            with _recording_grad_switches(self):
+            with _recording_grad_switches(self), sizes_as_nodes(self):
                 return super().trace(root, concrete_args)
         finally:
             self._trace_frame = None
@@ -118,6 +119,9 @@ class FxrecTracer(torch.fx.Tracer):
                 if not isinstance(m, TrainingFlag):
                     m.__dict__["training"] = flag if mode == modes[self.root] else fixed
         return out
+
+    def proxy(self, node: torch.fx.Node) -> SetItemProxy:
+        return SetItemProxy(node, self)  # records `x[mask] = 0` (fxrec/trace_ops.py)
 
     def create_proxy(self, kind, target, args, kwargs, name=None, type_expr=None, proxy_factory_fn=None):
         proxy = super().create_proxy(kind, target, args, kwargs, name, type_expr, proxy_factory_fn)
