@@ -25,7 +25,7 @@ from torch import Tensor
 # The validation switch and checks live in sparse_checks.py; re-exported here because
 # users and modules reach them as fxrec.sparse.*.
 from fxrec.sparse_checks import (_check_index_tensor, _check_jagged, _check_keys, _check_sums,  # noqa: F401
-                                 is_tracing, set_validation, should_validate, validation, validation_enabled)
+                                 _names, is_tracing, set_validation, should_validate, validation, validation_enabled)
 
 
 # ------------------------------------------------------------------ helpers
@@ -154,7 +154,7 @@ class KeyedJaggedTensor:
                  stride: Optional[int] = None, validate: bool = True):
         if lengths is None and offsets is None:
             raise ValueError("KeyedJaggedTensor: give lengths or offsets")
-        self._keys = list(keys)
+        self._keys = _names("KeyedJaggedTensor", "keys", keys)
         self._values, self._lengths, self._offsets, self._weights = values, lengths, offsets, weights
         self._stride = None if stride is None else int(stride)
         self._length_per_key: Optional[list[int]] = None
@@ -417,7 +417,7 @@ class KeyedTensor:
 
     def __init__(self, keys: Sequence[str], length_per_key: Sequence[int], values: Tensor,
                  key_dim: int = 1, validate: bool = True):
-        self._keys, self._length_per_key = list(keys), [int(n) for n in length_per_key]
+        self._keys, self._length_per_key = _names("KeyedTensor", "keys", keys), [int(n) for n in length_per_key]
         self._values, self._key_dim = values, key_dim
         self._offset_per_key: Optional[list[int]] = None
         self._index_per_key: Optional[dict[str, int]] = None
@@ -480,7 +480,8 @@ class KeyedTensor:
         for kt in keyed_tensors:
             lookup.update({k: kt for k in kt.keys()})
         out = []
-        for group in groups:
+        for i, group in enumerate(_names("KeyedTensor.regroup", "groups", groups)):
+            group = _names("KeyedTensor.regroup", f"groups[{i}]", group)
             missing = [k for k in group if k not in lookup]
             if missing:
                 raise _unknown_key(missing[0], list(lookup))

@@ -2,6 +2,7 @@
 checks that name the offending key and value (see fxrec/sparse.py)."""
 from __future__ import annotations
 
+import collections.abc
 import contextlib
 from typing import Iterator, Sequence
 
@@ -61,6 +62,29 @@ def should_validate(*objs) -> bool:
 
 
 # ------------------------------------------------------------------ checks
+def _names(owner: str, arg: str, names, error: type = TypeError) -> list:
+    """``names`` (keys, feature names) as a list, refusing a str and an unordered set.
+
+    A str iterates as its characters, so ``keys="f1"`` meant one key and became 'f', '1';
+    a set iterates in hash order, which differs between processes (PYTHONHASHSEED), and
+    the order of names decides the order of values, lengths and output columns. Both are
+    refused instead of read silently. A dict (or its keys view) keeps its insertion order
+    and is taken. ``error`` is the caller's type for bad arguments (the table configs
+    raise ValueError)."""
+    if type(names) is list or type(names) is tuple:  # the usual case, kept cheap: KJTs are built per batch
+        return list(names)
+    if isinstance(names, (str, bytes)):
+        raise error(f"{owner}: {arg} must be a list of names, got the string {names!r}")
+    if isinstance(names, collections.abc.Set) and not isinstance(names, collections.abc.MappingView):
+        raise error(f"{owner}: {arg} must be a list or tuple, got {type(names).__name__} {names!r}: its "
+                    f"order is arbitrary (it differs between processes) and decides the order of the "
+                    f"outputs; give the names in the order you want")
+    try:
+        return list(names)
+    except TypeError:
+        raise error(f"{owner}: {arg} must be a list of names, got {type(names).__name__} {names!r}") from None
+
+
 def _check_keys(owner: str, keys: Sequence[str]) -> None:
     seen = set()
     for k in keys:

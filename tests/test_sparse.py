@@ -382,3 +382,31 @@ def test_keyed_tensor_regroup_and_from_tensor_list():
 def test_keyed_tensor_validation(keys, lpk, match):
     with pytest.raises(ValueError, match=match):
         KeyedTensor(keys, lpk, torch.randn(3, 5))
+
+
+# A str iterates as its characters and a set in hash order (another in each process): both
+# were read as key lists, silently (keys="f1" became 'f', '1' with half the batch size).
+@pytest.mark.parametrize("make,match", [
+    (lambda: KeyedJaggedTensor("f1", torch.arange(4), lengths=torch.tensor([1, 1, 2, 0])),
+     "KeyedJaggedTensor: keys must be a list of names, got the string 'f1'"),
+    (lambda: KeyedJaggedTensor({"a", "b"}, torch.arange(4), lengths=torch.tensor([1, 1, 2, 0])),
+     "KeyedJaggedTensor: keys must be a list or tuple, got set"),
+    (lambda: KeyedJaggedTensor("f1", torch.arange(4), lengths=torch.tensor([1, 1, 2, 0]), validate=False),
+     "keys must be a list of names, got the string 'f1'"),
+    (lambda: KeyedTensor("ab", [2, 3], torch.randn(2, 5)), "KeyedTensor: keys must be a list of names, got the string 'ab'"),
+    (lambda: KeyedTensor.regroup([KeyedTensor(["a", "b"], [2, 3], torch.randn(2, 5))], ["ab"]),
+     r"KeyedTensor.regroup: groups\[0\] must be a list of names, got the string 'ab'"),
+    (lambda: KeyedTensor.regroup([KeyedTensor(["a", "b"], [2, 3], torch.randn(2, 5))], [{"a", "b"}]),
+     r"KeyedTensor.regroup: groups\[0\] must be a list or tuple, got set"),
+])
+def test_key_lists_refuse_str_and_set(make, match):
+    with pytest.raises(TypeError, match=match):
+        make()
+
+
+def test_key_lists_take_tuples_and_dict_keys():
+    kjt = KeyedJaggedTensor(("a", "b"), torch.arange(3), lengths=torch.tensor([1, 2, 0, 0]))
+    assert kjt.keys() == ["a", "b"] and kjt.stride() == 2
+    kt = KeyedTensor({"a": 0, "b": 0}.keys(), (2, 3), torch.randn(2, 5))
+    assert kt.keys() == ["a", "b"]
+    assert KeyedTensor.regroup([kt], [("b",)])[0].shape == (2, 3)
