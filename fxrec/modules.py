@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fxrec.sparse import JaggedTensor, KeyedJaggedTensor, KeyedTensor, should_validate
+from fxrec.sparse_checks import _names
 
 WeightInit = Callable[[Tensor], None]
 BAG_POOLINGS = ("sum", "mean")
@@ -68,10 +69,9 @@ def _check_config(cfg) -> None:
         value = getattr(cfg, attr)
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
             raise ValueError(f"table {cfg.name!r}: {attr} must be a positive int, got {value!r}")
-    if isinstance(cfg.feature_names, str):
-        raise ValueError(f"table {cfg.name!r}: feature_names must be a list of names, "
-                         f"got the string {cfg.feature_names!r}")
-    cfg.feature_names = list(cfg.feature_names)
+    # A str or a set is refused (a set's order differs between processes and decides the
+    # output columns); ValueError, as for every other bad config field.
+    cfg.feature_names = _names(f"table {cfg.name!r}", "feature_names", cfg.feature_names, error=ValueError)
     if any(not isinstance(f, str) or not f for f in cfg.feature_names):
         raise ValueError(f"table {cfg.name!r}: feature names must be non-empty strings, got {cfg.feature_names}")
     if len(set(cfg.feature_names)) != len(cfg.feature_names):

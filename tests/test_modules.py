@@ -194,6 +194,11 @@ def test_missing_feature_and_float_ids():
     (lambda: EmbeddingBagConfig("t", 0, 2, ["a"]), "'t': num_embeddings must be a positive int, got 0"),
     (lambda: EmbeddingConfig("t", 10, -3, ["a"]), "'t': embedding_dim must be a positive int, got -3"),
     (lambda: EmbeddingBagConfig("t", 10, 2, "a"), "feature_names must be a list of names"),
+    # a set's order follows PYTHONHASHSEED: the output columns would differ between ranks and runs
+    (lambda: EmbeddingBagConfig("t", 10, 2, {"user_id", "item_id"}),
+     r"table 't': feature_names must be a list or tuple, got set \{'"),
+    (lambda: EmbeddingConfig("t", 10, 2, frozenset({"a"})),
+     r"table 't': feature_names must be a list or tuple, got frozenset"),
     (lambda: EmbeddingBagConfig("t", 10, 2, ["a", "a"]), "feature_names repeat a name"),
     (lambda: EmbeddingBagConfig("t", 10, 2, ["a"], dtype=torch.int64), "dtype must be a floating"),
     (lambda: EmbeddingBagCollection([EmbeddingBagConfig("t", 10, 2, ["a"]), EmbeddingBagConfig("t", 5, 2, ["b"])]),
@@ -204,6 +209,11 @@ def test_missing_feature_and_float_ids():
 def test_config_errors(make, match):
     with pytest.raises(ValueError, match=match):
         make()
+
+
+def test_config_feature_names_in_given_order():
+    assert EmbeddingBagConfig("t", 10, 2, ("b", "a")).feature_names == ["b", "a"]
+    assert EmbeddingConfig("t", 10, 2, {"b": 0, "a": 1}.keys()).feature_names == ["b", "a"]
 
 
 # ------------------------------------------------------------------ EmbeddingCollection
