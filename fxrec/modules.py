@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from fxrec.sparse import JaggedTensor, KeyedJaggedTensor, KeyedTensor, should_validate
 from fxrec.sparse_checks import _names
+from fxrec.types import whole
 
 WeightInit = Callable[[Tensor], None]
 BAG_POOLINGS = ("sum", "mean")
@@ -62,13 +63,22 @@ class EmbeddingBagConfig:
         _check_config(self)
 
 
+# A table's name is its key in the collection's nn.ModuleDict, which refuses a name with a
+# dot or one of its own attributes ('to', 'train') with torch's KeyError; the config checks first.
+_RESERVED_NAMES = frozenset(dir(nn.ModuleDict()))
+
+
 def _check_config(cfg) -> None:
     if not isinstance(cfg.name, str) or not cfg.name:
         raise ValueError(f"embedding table name must be a non-empty string, got {cfg.name!r}")
+    if "." in cfg.name or cfg.name in _RESERVED_NAMES:
+        raise ValueError(f"table {cfg.name!r}: a table name may not contain '.' nor be an attribute of "
+                         f"nn.Module ({cfg.name!r} is the collection's own); rename the table")
     for attr in ("num_embeddings", "embedding_dim"):
-        value = getattr(cfg, attr)
-        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-            raise ValueError(f"table {cfg.name!r}: {attr} must be a positive int, got {value!r}")
+        value = whole(getattr(cfg, attr))  # a numpy or torch integer too, as TableInfo takes
+        if value is None or value <= 0:
+            raise ValueError(f"table {cfg.name!r}: {attr} must be a positive int, got {getattr(cfg, attr)!r}")
+        setattr(cfg, attr, value)
     # A str or a set is refused (a set's order differs between processes and decides the
     # output columns); ValueError, as for every other bad config field.
     cfg.feature_names = _names(f"table {cfg.name!r}", "feature_names", cfg.feature_names, error=ValueError)
@@ -77,17 +87,26 @@ def _check_config(cfg) -> None:
     if len(set(cfg.feature_names)) != len(cfg.feature_names):
         raise ValueError(f"table {cfg.name!r}: feature_names repeat a name: {cfg.feature_names}")
     if isinstance(cfg.dtype, str):
-        cfg.dtype = getattr(torch, cfg.dtype)
+        dtype = getattr(torch, cfg.dtype, None)
+        if not isinstance(dtype, torch.dtype):
+            raise ValueError(f"table {cfg.name!r}: unknown dtype {cfg.dtype!r} (e.g. 'float32', 'float16')")
+        cfg.dtype = dtype
     if not (isinstance(cfg.dtype, torch.dtype) and cfg.dtype.is_floating_point):
         raise ValueError(f"table {cfg.name!r}: dtype must be a floating torch.dtype, got {cfg.dtype!r}")
     if cfg.weight_init is not None and not callable(cfg.weight_init):
         raise ValueError(f"table {cfg.name!r}: weight_init must be callable(weight) or None")
 
 
-def _check_tables(owner: str, tables: Sequence) -> None:
-    """Table names unique; each feature read by one table (outputs are keyed by feature)."""
+def _check_tables(owner: str, tables: Sequence, config_type: type) -> None:
+    """Each table a `config_type`; table names unique; each feature read by one table
+    (outputs are keyed by feature)."""
     names, owner_of = set(), {}
     for cfg in tables:
+        # An EmbeddingBagConfig's pooling means nothing to an EmbeddingCollection, and an
+        # EmbeddingConfig has none for an EmbeddingBagCollection.
+        if not isinstance(cfg, config_type):
+            raise TypeError(f"{owner}: tables must be {config_type.__name__}s, got "
+                            f"{type(cfg).__name__} {getattr(cfg, 'name', cfg)!r}")
         if cfg.name in names:
             raise ValueError(f"{owner}: two tables are named {cfg.name!r}")
         names.add(cfg.name)
@@ -145,6 +164,12 @@ def _split_by_key(features: KeyedJaggedTensor) -> dict[str, JaggedTensor]:
     return out
 
 
+def _check_input(owner: str, features) -> None:
+    # A Proxy is a KJT argument under torch.fx.symbolic_trace.
+    if not isinstance(features, (KeyedJaggedTensor, torch.fx.Proxy)):
+        raise TypeError(f"{owner}.forward takes a KeyedJaggedTensor, got {type(features).__name__}")
+
+
 def _feature(owner: str, kjt, feature: str, table: str) -> JaggedTensor:
     # A Proxy (symbolic trace) has no key list to check; the lookup becomes a graph node.
     if isinstance(kjt, dict):  # `_split_under_dynamo`'s
@@ -165,6 +190,9 @@ def _check_ids(owner: str, ids: Tensor, feature: str, cfg) -> None:
     if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
         raise ValueError(f"{owner}: feature {feature!r} (table {cfg.name!r}) has ids of dtype "
                          f"{ids.dtype}; ids must be integers")
+    if ids.dim() != 1:
+        raise ValueError(f"{owner}: feature {feature!r} (table {cfg.name!r}) has ids of shape "
+                         f"{tuple(ids.shape)}; a KeyedJaggedTensor's values must be 1-D")
     if ids.numel() == 0:
         return
     lo, hi = int(ids.min()), int(ids.max())
@@ -186,7 +214,7 @@ class EmbeddingBagCollection(nn.Module):
 
     def __init__(self, tables: Sequence[EmbeddingBagConfig], device=None):
         super().__init__()
-        _check_tables("EmbeddingBagCollection", tables)
+        _check_tables("EmbeddingBagCollection", tables, EmbeddingBagConfig)
         self._configs = list(tables)
         self.embedding_bags = nn.ModuleDict()
         for cfg in self._configs:
@@ -208,6 +236,7 @@ class EmbeddingBagCollection(nn.Module):
             _init_weight(self.embedding_bags[cfg.name].weight, cfg)
 
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
+        _check_input("EmbeddingBagCollection", features)
         split = _split_under_dynamo(features)
         pooled = []
         for cfg in self._configs:
@@ -247,7 +276,7 @@ class EmbeddingCollection(nn.Module):
 
     def __init__(self, tables: Sequence[EmbeddingConfig], device=None):
         super().__init__()
-        _check_tables("EmbeddingCollection", tables)
+        _check_tables("EmbeddingCollection", tables, EmbeddingConfig)
         self._configs = list(tables)
         self.embeddings = nn.ModuleDict()
         for cfg in self._configs:
@@ -264,6 +293,7 @@ class EmbeddingCollection(nn.Module):
             _init_weight(self.embeddings[cfg.name].weight, cfg)
 
     def forward(self, features: KeyedJaggedTensor) -> dict[str, JaggedTensor]:
+        _check_input("EmbeddingCollection", features)
         split = _split_under_dynamo(features)
         out = {}
         for cfg in self._configs:

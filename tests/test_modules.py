@@ -211,6 +211,41 @@ def test_config_errors(make, match):
         make()
 
 
+@pytest.mark.parametrize("make,match", [
+    (lambda: EmbeddingBagConfig("to", 10, 2, ["a"]), "table 'to': a table name may not contain '.' nor be an attribute"),
+    (lambda: EmbeddingConfig("a.b", 10, 2, ["a"]), "table 'a.b': a table name may not contain '.'"),
+    (lambda: EmbeddingBagConfig("t", 10, 2, ["a"], dtype="floatx"), "table 't': unknown dtype 'floatx'"),
+    (lambda: EmbeddingBagConfig("t", 10.5, 2, ["a"]), "'t': num_embeddings must be a positive int, got 10.5"),
+])
+def test_config_errors_name_the_field(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()
+
+
+def test_config_counts_take_numpy_integers():
+    np = pytest.importorskip("numpy")
+    cfg = EmbeddingBagConfig("t", np.int64(10), torch.tensor(4), ["a"])
+    assert (cfg.num_embeddings, cfg.embedding_dim) == (10, 4) and type(cfg.num_embeddings) is int
+
+
+def test_collection_refuses_the_other_config_type():
+    with pytest.raises(TypeError, match="EmbeddingCollection: tables must be EmbeddingConfigs, got EmbeddingBagConfig 't'"):
+        EmbeddingCollection([EmbeddingBagConfig("t", 10, 2, ["a"], pooling="mean")])
+    with pytest.raises(TypeError, match="EmbeddingBagCollection: tables must be EmbeddingBagConfigs, got EmbeddingConfig 't'"):
+        EmbeddingBagCollection([EmbeddingConfig("t", 10, 2, ["a"])])
+
+
+def test_collection_forward_input_errors():
+    ebc = EmbeddingBagCollection([EmbeddingBagConfig("t", 10, 2, ["a"])])
+    with pytest.raises(TypeError, match="EmbeddingBagCollection.forward takes a KeyedJaggedTensor, got Tensor"):
+        ebc(torch.tensor([1, 2]))
+    with pytest.raises(TypeError, match="EmbeddingCollection.forward takes a KeyedJaggedTensor, got dict"):
+        EmbeddingCollection([EmbeddingConfig("t", 10, 2, ["a"])])({"a": torch.tensor([1])})
+    kjt = KeyedJaggedTensor(["a"], torch.tensor([[1, 2], [3, 4]]), lengths=torch.tensor([1, 1]))
+    with pytest.raises(ValueError, match=r"feature 'a' \(table 't'\) has ids of shape \(2, 2\)"):
+        ebc(kjt)
+
+
 def test_config_feature_names_in_given_order():
     assert EmbeddingBagConfig("t", 10, 2, ("b", "a")).feature_names == ["b", "a"]
     assert EmbeddingConfig("t", 10, 2, {"b": 0, "a": 1}.keys()).feature_names == ["b", "a"]
