@@ -168,15 +168,17 @@ class KeyedJaggedTensor:
         _check_keys(owner, keys)
         num_bags = self._lengths.numel() if self._lengths is not None else self._offsets.numel() - 1
         if not keys:
+            # No bags: the checks below still hold values (and weights) to zero entries.
             if num_bags > 0:
                 raise ValueError(f"{owner}: no keys but {num_bags} bags")
-            return
-        if num_bags % len(keys):
-            raise ValueError(f"{owner}: {num_bags} lengths is not a multiple of the {len(keys)} "
-                             f"keys {keys}; lengths needs batch_size entries per key")
-        stride = num_bags // len(keys)
-        if self._stride is not None and self._stride != stride:
-            raise ValueError(f"{owner}: stride={self._stride} but lengths holds {stride} bags per key")
+            stride = 0
+        else:
+            if num_bags % len(keys):
+                raise ValueError(f"{owner}: {num_bags} lengths is not a multiple of the {len(keys)} "
+                                 f"keys {keys}; lengths needs batch_size entries per key")
+            stride = num_bags // len(keys)
+            if self._stride is not None and self._stride != stride:
+                raise ValueError(f"{owner}: stride={self._stride} but lengths holds {stride} bags per key")
         _check_jagged(owner, self._values, self._lengths, self._offsets, self._weights,
                       lambda i: f"key {keys[i // stride]!r} bag {i % stride}")
         if self._lengths is not None:

@@ -145,7 +145,7 @@ def _check_sums(owner, keys, lengths, stride, n) -> None:
                 raise ValueError(f"{owner}: lengths sum to {total} but values has {n} entries; "
                                  f"key {k!r}'s bags cover values[{end - s}:{end}], past the end "
                                  f"(per-key length sums {per_key})")
-    last = repr(keys[-1]) if keys else "<no keys>"
+    where = f"after key {keys[-1]!r}'s bags" if keys else "(there are no keys, so no bags)"
     raise ValueError(f"{owner}: lengths sum to {total} but values has {n} entries; the last "
-                     f"{n - total} values after key {last}'s bags belong to no bag "
+                     f"{n - total} values {where} belong to no bag "
                      f"(per-key length sums {per_key})")

@@ -203,6 +203,11 @@ BAD_KJTS = [
     (dict(keys=["a", "b"], values=V, lengths=torch.tensor([1, 2, 2, 1]), stride=4),
      "stride=4 but lengths holds 2 bags per key"),
     (dict(keys=["a"], values=V, lengths=torch.tensor([2.0, 4.0])), "lengths must be a 1-D integer tensor"),
+    # no keys, so no bags: every value would be left over
+    (dict(keys=[], values=V, lengths=torch.tensor([], dtype=torch.int64)),
+     r"lengths sum to 0 but values has 6 entries; the last 6 values \(there are no keys, so no bags\)"),
+    (dict(keys=[], values=V, offsets=torch.tensor([0])), "offsets end at 0 but values has 6 entries"),
+    (dict(keys=[], values=V[:0], lengths=V[:0], weights=torch.ones(2)), r"one weight per value \(0\), got shape \(2,\)"),
 ]
 
 
