@@ -25,7 +25,7 @@ from torch import Tensor
 # The validation switch and checks live in sparse_checks.py; re-exported here because
 # users and modules reach them as fxrec.sparse.*.
 from fxrec.sparse_checks import (_check_index_tensor, _check_jagged, _check_keys, _check_sums,  # noqa: F401
-                                 _names, is_tracing, set_validation, should_validate, validation, validation_enabled)
+                                 _names, _size, is_tracing, set_validation, should_validate, validation, validation_enabled)
 
 
 # ------------------------------------------------------------------ helpers
@@ -109,6 +109,8 @@ class JaggedTensor:
     def to_padded_dense(self, desired_length: Optional[int] = None, padding_value=0) -> Tensor:
         """``[num_bags, L, *values.shape[1:]]``: each bag's first L values, padded with
         ``padding_value``; L is ``desired_length`` or the longest bag."""
+        if desired_length is not None:
+            desired_length = _size("JaggedTensor.to_padded_dense", "desired_length", desired_length)
         return _pad(self._values, self.lengths(), self.offsets(), desired_length, padding_value)
 
     def to(self, device, non_blocking: bool = False) -> JaggedTensor:
@@ -156,7 +158,7 @@ class KeyedJaggedTensor:
             raise ValueError("KeyedJaggedTensor: give lengths or offsets")
         self._keys = _names("KeyedJaggedTensor", "keys", keys)
         self._values, self._lengths, self._offsets, self._weights = values, lengths, offsets, weights
-        self._stride = None if stride is None else int(stride)
+        self._stride = None if stride is None else _size("KeyedJaggedTensor", "stride", stride)
         self._length_per_key: Optional[list[int]] = None
         self._offset_per_key: Optional[list[int]] = None
         self._index_per_key: Optional[dict[str, int]] = None

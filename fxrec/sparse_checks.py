@@ -9,6 +9,8 @@ from typing import Iterator, Sequence
 import torch
 from torch import Tensor
 
+from fxrec.types import whole
+
 # ------------------------------------------------------------------ validation switch
 _VALIDATE = True
 
@@ -83,6 +85,20 @@ def _names(owner: str, arg: str, names, error: type = TypeError) -> list:
         return list(names)
     except TypeError:
         raise error(f"{owner}: {arg} must be a list of names, got {type(names).__name__} {names!r}") from None
+
+
+def _size(owner: str, arg: str, value) -> int:
+    """``value`` (a stride, a padded length) as an int >= 0. A fraction or a string is
+    refused rather than truncated or parsed by int(); a size traced by dynamo (SymInt)
+    goes through int() as it always did."""
+    if type(value) is int and value >= 0:  # the usual case, kept cheap: KJTs are built per batch
+        return value
+    if isinstance(value, torch.SymInt):
+        return int(value)
+    n = whole(value)
+    if n is None or n < 0:
+        raise ValueError(f"{owner}: {arg} must be a whole number >= 0, got {value!r}")
+    return n
 
 
 def _check_keys(owner: str, keys: Sequence[str]) -> None:

@@ -1,6 +1,8 @@
 """JaggedTensor / KeyedJaggedTensor / KeyedTensor: layout, round trips, validation, tracing."""
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 import torch.utils._pytree as pytree
@@ -209,6 +211,32 @@ BAD_KJTS = [
     (dict(keys=[], values=V, offsets=torch.tensor([0])), "offsets end at 0 but values has 6 entries"),
     (dict(keys=[], values=V[:0], lengths=V[:0], weights=torch.ones(2)), r"one weight per value \(0\), got shape \(2,\)"),
 ]
+
+
+# int() truncated a fractional stride (2.7 -> 2), parsed a string and kept a negative one
+@pytest.mark.parametrize("stride", [2.7, "2", -2, float("inf")])
+def test_kjt_stride_must_be_a_whole_number(stride):
+    with pytest.raises(ValueError, match=rf"KeyedJaggedTensor: stride must be a whole number >= 0, got {re.escape(repr(stride))}"):
+        KeyedJaggedTensor(["a"], V[:3], lengths=torch.tensor([1, 2]), stride=stride, validate=False)
+
+
+def test_kjt_stride_takes_whole_numbers_and_empty_checks_it():
+    np = pytest.importorskip("numpy")
+    for stride in (2, 2.0, np.int64(2), torch.tensor(2)):
+        kjt = KeyedJaggedTensor(["a"], V[:3], lengths=torch.tensor([1, 2]), stride=stride)
+        assert kjt.stride() == 2 and type(kjt.stride()) is int
+    assert KeyedJaggedTensor.empty(stride=3).stride() == 3
+    with pytest.raises(ValueError, match="stride must be a whole number >= 0, got -1"):
+        KeyedJaggedTensor.empty(stride=-1)
+
+
+@pytest.mark.parametrize("desired_length", [1.5, "2", -1])
+def test_jt_to_padded_dense_length_must_be_a_whole_number(desired_length):
+    jt = JaggedTensor(torch.arange(3), lengths=torch.tensor([1, 2]))
+    with pytest.raises(ValueError, match=rf"to_padded_dense: desired_length must be a whole number >= 0, "
+                                         rf"got {re.escape(repr(desired_length))}"):
+        jt.to_padded_dense(desired_length)
+    assert jt.to_padded_dense(2.0).shape == (2, 2)
 
 
 @pytest.mark.parametrize("kwargs,match", BAD_KJTS)
