@@ -222,6 +222,42 @@ def test_two_tower_rejects_bad_arguments():
         TwoTowerBatches(inter, history_length=-1)
 
 
+# Counts were truncated by int() (num_test=1.5 acted as neither 1 nor 2, batch_size=2.5 as 2),
+# strings parsed or failing inside torch, and nan / inf reached torch.multinomial.
+@pytest.mark.parametrize("call,match", [
+    (lambda i: TwoTowerBatches(i, batch_size=2.5), r"TwoTowerBatches: batch_size must be >= 1 and a whole number, got 2.5"),
+    (lambda i: TwoTowerBatches(i, batch_size="8"), r"TwoTowerBatches: batch_size must be >= 1 and a whole number, got '8'"),
+    (lambda i: TwoTowerBatches(i, batch_size=None), r"batch_size must be >= 1 and a whole number, got None"),
+    (lambda i: TwoTowerBatches(i, batch_size=float("inf")), r"batch_size must be >= 1 and a whole number, got inf"),
+    (lambda i: TwoTowerBatches(i, history_length=1.7), r"history_length must be >= 0 and a whole number, got 1.7"),
+    (lambda i: TwoTowerBatches(i, seed=1.5), r"TwoTowerBatches: seed must be a whole number, got 1.5"),
+    (lambda i: TwoTowerBatches(i).set_epoch(0.5), r"set_epoch: epoch must be a whole number, got 0.5"),
+    (lambda i: leave_last_out(i, num_test=1.5), r"leave_last_out: num_test must be >= 1 and a whole number, got 1.5"),
+    (lambda i: leave_last_out(i, num_test="1"), r"num_test must be >= 1 and a whole number, got '1'"),
+    (lambda i: train_test_split_by_time(i, "0.2"), r"train_test_split_by_time: test_fraction must be a finite number, got '0.2'"),
+    (lambda i: train_test_split_by_time(i, float("nan")), r"test_fraction must be a finite number, got nan"),
+    (lambda i: synthetic_interactions(num_users=1.5), r"synthetic_interactions: num_users must be >= 1 and a whole number, got 1.5"),
+    (lambda i: synthetic_interactions(num_items="10"), r"num_items must be >= 1 and a whole number, got '10'"),
+    (lambda i: synthetic_interactions(dim=2.5), r"dim must be >= 1 and a whole number, got 2.5"),
+    (lambda i: synthetic_interactions(num_interactions=10.7), r"num_interactions must be >= 0 and a whole number, got 10.7"),
+    (lambda i: synthetic_interactions(seed=1.5), r"synthetic_interactions: seed must be a whole number, got 1.5"),
+    (lambda i: synthetic_interactions(sharpness=float("nan")), r"sharpness must be a finite number, got nan"),
+    (lambda i: synthetic_interactions(popularity=float("inf")), r"popularity must be a finite number, got inf"),
+])
+def test_retrieval_counts_are_whole_and_numbers_finite(call, match):
+    with pytest.raises(ValueError, match=match):
+        call(synthetic_interactions(10, 10, 50, seed=2))
+
+
+def test_retrieval_counts_take_whole_numbers():
+    np = pytest.importorskip("numpy")
+    inter = synthetic_interactions(np.int64(10), 10.0, torch.tensor(50), seed=-1, sharpness=np.float32(2.0))
+    assert (inter.num_users, inter.num_items, len(inter)) == (10, 10, 50)
+    assert TwoTowerBatches(inter, batch_size=np.int64(8), history_length=2.0).batch_size == 8
+    assert len(leave_last_out(inter, num_test=1.0)[1]) == len(leave_last_out(inter)[1])
+    assert len(train_test_split_by_time(inter, torch.tensor(0.2))[1]) == 10
+
+
 def test_a_gz_that_is_not_gzip_names_the_file(tmp_path):
     path = tmp_path / "ratings.csv.gz"
     path.write_text("userId,movieId,rating,timestamp\n1,2,3.0,4\n")  # plain text under a .gz name

@@ -8,8 +8,32 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
+
+from fxrec.types import whole
+
+
+def _count(owner: str, what: str, value, low: Optional[int]) -> int:
+    """`value` as an int >= `low` (any int for None: a seed); a fraction or a string is an
+    error, not truncated by int() (num_test=1.5 moved users with 2 interactions wholly to test)."""
+    count = whole(value)
+    if count is None or (low is not None and count < low):
+        rule = "a whole number" if low is None else f">= {low} and a whole number"
+        raise ValueError(f"{owner}: {what} must be {rule}, got {value!r}")
+    return count
+
+
+def _real(owner: str, what: str, value) -> float:
+    """`value` as a finite float (a Python, numpy or one-element torch number; not a str)."""
+    try:
+        number = float(value) if not isinstance(value, (str, bytes)) else math.nan
+    except (TypeError, ValueError, RuntimeError):
+        number = math.nan
+    if not math.isfinite(number) or isinstance(value, bool):
+        raise ValueError(f"{owner}: {what} must be a finite number, got {value!r}")
+    return number
 
 
 @dataclass
@@ -83,8 +107,7 @@ def leave_last_out(interactions: Interactions, num_test: int = 1) -> tuple[Inter
     broken by position: the later row counts as later) go to test. Users with
     ``num_test`` or fewer interactions stay entirely in train. Both keep the original
     row order."""
-    if int(num_test) < 1:
-        raise ValueError(f"leave_last_out: num_test must be >= 1, got {num_test}")
+    num_test = _count("leave_last_out", "num_test", num_test, 1)
     n = len(interactions)
     by_time = interactions.time_order()
     order = by_time[torch.sort(interactions.user_ids[by_time], stable=True).indices]
@@ -102,6 +125,7 @@ def train_test_split_by_time(interactions: Interactions, test_fraction: float = 
     """Split into (train, test) at a global time cut: the latest ``round(n *
     test_fraction)`` interactions are the test set (ties broken by position). Both keep
     the original row order."""
+    test_fraction = _real("train_test_split_by_time", "test_fraction", test_fraction)
     if not 0.0 <= test_fraction <= 1.0:
         raise ValueError(f"train_test_split_by_time: test_fraction must be in [0, 1], got {test_fraction}")
     n = len(interactions)
@@ -130,12 +154,13 @@ def synthetic_interactions(
     with the affinity; timestamps are distinct-ish seconds over one year. Deterministic
     given ``seed``. With ``return_factors`` returns ``(interactions, U, V)``.
     """
-    for name, value in (("num_users", num_users), ("num_items", num_items), ("dim", dim)):
-        if int(value) < 1:
-            raise ValueError(f"synthetic_interactions: {name} must be >= 1, got {value}")
-    if int(num_interactions) < 0:
-        raise ValueError(f"synthetic_interactions: num_interactions must be >= 0, got {num_interactions}")
-    gen = torch.Generator().manual_seed(int(seed))
+    owner = "synthetic_interactions"
+    num_users, num_items, dim = (_count(owner, name, value, 1) for name, value in
+                                 (("num_users", num_users), ("num_items", num_items), ("dim", dim)))
+    num_interactions = _count(owner, "num_interactions", num_interactions, 0)
+    seed = _count(owner, "seed", seed, None)
+    sharpness, popularity = _real(owner, "sharpness", sharpness), _real(owner, "popularity", popularity)
+    gen = torch.Generator().manual_seed(seed)
     user_f = torch.randn(num_users, dim, generator=gen)
     item_f = torch.randn(num_items, dim, generator=gen)
     item_bias = torch.randn(num_items, generator=gen) * popularity

@@ -12,7 +12,7 @@ from typing import Iterator
 
 import torch
 
-from fxrec.datasets.interactions import Interactions
+from fxrec.datasets.interactions import Interactions, _count
 from fxrec.sparse import KeyedJaggedTensor
 
 
@@ -37,10 +37,9 @@ class TwoTowerBatches:
         seed: int = 0,
         drop_last: bool = False,
     ):
-        if int(batch_size) < 1:
-            raise ValueError(f"TwoTowerBatches: batch_size must be >= 1, got {batch_size}")
-        if int(history_length) < 0:
-            raise ValueError(f"TwoTowerBatches: history_length must be >= 0, got {history_length}")
+        batch_size = _count("TwoTowerBatches", "batch_size", batch_size, 1)
+        history_length = _count("TwoTowerBatches", "history_length", history_length, 0)
+        seed = _count("TwoTowerBatches", "seed", seed, None)
         pool = interactions if history_from is None else history_from
         if (pool.num_users, pool.num_items) != (interactions.num_users, interactions.num_items):
             raise ValueError(
@@ -48,10 +47,10 @@ class TwoTowerBatches:
                 f"{(pool.num_users, pool.num_items)}, expected {(interactions.num_users, interactions.num_items)}"
             )
         self.interactions = interactions
-        self.batch_size = int(batch_size)
-        self.history_length = int(history_length)
+        self.batch_size = batch_size
+        self.history_length = history_length
         self.shuffle = bool(shuffle)
-        self.seed = int(seed)
+        self.seed = seed
         self.drop_last = bool(drop_last)
         self.epoch = 0
         if self.history_length:
@@ -62,7 +61,7 @@ class TwoTowerBatches:
         return ["user_id", "user_history"] if self.history_length else ["user_id"]
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
+        self.epoch = _count("TwoTowerBatches.set_epoch", "epoch", epoch, None)
 
     def __len__(self) -> int:
         full, rest = divmod(len(self.interactions), self.batch_size)
