@@ -13,6 +13,7 @@ import json
 import math
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 
 from fxrec.types import whole
@@ -151,6 +152,8 @@ class Topology:
     def from_dict(cls, data: dict, **overrides) -> "Topology":
         """Build from a dict (a profile); unknown keys are ignored, ``overrides``
         (those not None) replace the dict's values."""
+        if not isinstance(data, Mapping):
+            raise TypeError(f"Topology.from_dict: data must be a dict (a profile), got {type(data).__name__} {data!r}")
         names = {f.name for f in fields(cls)}
         kwargs = {k: v for k, v in data.items() if k in names}
         kwargs.update({k: v for k, v in overrides.items() if v is not None})

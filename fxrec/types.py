@@ -53,8 +53,8 @@ class TableInfo:
     features: list[str] = field(default_factory=list)
 
     def __post_init__(self):
-        if not self.name:
-            raise ValueError("TableInfo: name must be a non-empty string")
+        if not isinstance(self.name, str) or not self.name:
+            raise ValueError(f"TableInfo: name must be a non-empty string, got {self.name!r}")
         for key in ("num_embeddings", "embedding_dim", "uses"):
             count = whole(getattr(self, key))
             if count is None:
@@ -79,6 +79,8 @@ class TableInfo:
         elif not isinstance(self.dtype, torch.dtype):
             raise ValueError(f"table {self.name!r}: dtype must be a torch.dtype or its name, got {self.dtype!r}")
         self.pooling_factor = float(self.pooling_factor)
+        if isinstance(self.features, str):  # it would read as one feature per character
+            raise ValueError(f"table {self.name!r}: features must be a list of names, got the string {self.features!r}")
 
     @property
     def element_bytes(self) -> int:

@@ -120,6 +120,10 @@ def test_infeasible_plan_exits_1_naming_the_table(tables_csv, capsys):
     ("name,,num_embeddings,embedding_dim\nt,x,10,4\n", "line 2: 'x' in column 2, which has no name in the header"),
     ("\n\nname,num_embeddings,embedding_dim\nt,10,4\n", "line 1: empty; the header (name,num_embeddings,"),
     ("", "missing column(s) 'name', 'num_embeddings', 'embedding_dim'; have []"),
+    # a misspelt optional column dropped its values silently
+    ("name,num_embeddings,embedding_dim,pooling_factr\nt,10,4,3\n",
+     "bad.csv line 1: unknown column(s) 'pooling_factr'; the columns are name, num_embeddings, embedding_dim, "
+     "pooling_factor, dtype, pooling, uses"),
 ])
 def test_bad_csv_exits_2(tmp_path, capsys, content, match):
     path = tmp_path / "bad.csv"

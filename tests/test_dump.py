@@ -196,6 +196,9 @@ def test_topology_options_without_world_size_are_an_error(capsys):
     rc, out, err = _dump(capsys, f"{ZOO}:dlrm_lists", "--device", "cuda")
     assert rc == 2 and out == ""
     assert err == "fxrec dump: --ranks-per-node/--device/--memory need --world-size (or --topology)\n"
+    rc, out, err = _dump(capsys, f"{ZOO}:dlrm_lists", "--rank", "1")  # it was ignored
+    assert rc == 2 and out == ""
+    assert err == "fxrec dump: --rank 1 needs a topology (--world-size or --topology)\n"
 
 
 @pytest.mark.parametrize("dense_device", ["cpu", "meta"])

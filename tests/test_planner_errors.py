@@ -201,3 +201,26 @@ def test_a_constraint_on_a_table_the_model_keeps_dense():
                                          r"embedding lookups"):
         fxrec.plan(Tied(), Topology(2), inputs, constraints={"item": "row_wise"})
     assert fxrec.plan(Tied(), Topology(2), inputs, constraints={"user": "row_wise"})["user"].sharding == "row_wise"
+
+
+# F27 of the API audit: each was a bare AttributeError/TypeError/JSONDecodeError, or accepted
+@pytest.mark.parametrize("make,error,match", [
+    (lambda: TableInfo(name=1, num_embeddings=10, embedding_dim=4), ValueError,
+     "TableInfo: name must be a non-empty string, got 1"),
+    (lambda: TableInfo(name="t", num_embeddings=10, embedding_dim=4, features="f"), ValueError,
+     "table 't': features must be a list of names, got the string 'f'"),
+    (lambda: Constraint(ranks=1.0), ValueError, "Constraint: ranks must be non-negative integers, got 1.0"),
+    (lambda: Constraint(ranks=[0, 1.5]), ValueError, r"ranks must be non-negative integers, got \[0, 1.5\]"),
+    (lambda: fxrec.Plan.from_json("x"), ValueError, "Plan.from_json: not valid JSON"),
+    (lambda: fxrec.Plan.from_json(None), TypeError, "Plan.from_json: text must be the JSON string Plan.to_json"),
+])
+def test_hand_built_planner_inputs_name_the_bad_field(make, error, match):
+    with pytest.raises(error, match=match):
+        make()
+
+
+def test_constraint_ranks_take_numpy_and_torch_integers():
+    np = pytest.importorskip("numpy")
+    assert Constraint(ranks=np.int64(1)).ranks == (1,)
+    assert Constraint(ranks=[np.int64(2), 0]).ranks == (0, 2)
+    assert Constraint(ranks=torch.tensor([1, 0])).ranks == (0, 1)

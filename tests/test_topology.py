@@ -200,3 +200,9 @@ def test_counts_of_numpy_and_torch_integers_are_taken(count):
     for bad in (2.5, torch.tensor(2.5), "4", True):
         with pytest.raises(ValueError, match=r"world_size must be a positive integer"):
             Topology(bad)
+
+
+@pytest.mark.parametrize("data", ["x", None, [("world_size", 2)]])
+def test_from_dict_refuses_what_is_not_a_dict(data):
+    with pytest.raises(TypeError, match=rf"Topology.from_dict: data must be a dict \(a profile\), got {type(data).__name__}"):
+        Topology.from_dict(data)

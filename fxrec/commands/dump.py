@@ -38,7 +38,8 @@ def add_arguments(parser) -> None:
                              "fp32), as fxrec.lower_for_inference builds it; not with a topology")
     topo = parser.add_argument_group("plan (optional): show where each table would go on this topology")
     add_topology_arguments(topo)
-    topo.add_argument("--rank", type=int, default=0, help="whose sharded program to show (default 0)")
+    # default None, read as 0: a --rank given without a topology is refused, not ignored
+    topo.add_argument("--rank", type=int, default=None, help="whose sharded program to show (default 0)")
 
 
 class DumpError(Exception):
@@ -186,9 +187,11 @@ def run(args) -> int:
         constraints = constraints_from_specs(args.constraint) or None
         if constraints and topology is None:
             raise DumpError("--constraint needs a topology (--world-size or --topology)")
+        if args.rank is not None and topology is None:
+            raise DumpError(f"--rank {args.rank} needs a topology (--world-size or --topology)")
         model, example_inputs = load_target(args.target)
         out = build_dump(model, example_inputs, after=args.after, fmt=args.format, title=args.target,
-                         topology=topology, batch_size=args.batch_size, rank=args.rank, constraints=constraints,
+                         topology=topology, batch_size=args.batch_size, rank=args.rank or 0, constraints=constraints,
                          weight_dtype=args.weight_dtype)
     except (LoadError, CaptureError, DumpError, UsageError, ExampleIdError) as e:
         return _fail(_first_part(e))

@@ -39,6 +39,9 @@ class UsageError(Exception):
     pass
 
 
+_CSV_COLUMNS = ("name", "num_embeddings", "embedding_dim", "pooling_factor", "dtype", "pooling", "uses")
+
+
 def read_tables_csv(path: str) -> list:
     """TableInfo per row of a CSV; errors name the file, line, table and value."""
     from fxrec.types import TableInfo
@@ -65,6 +68,11 @@ def _read_tables(reader, path: str, TableInfo) -> list:
                          f"first line")
     if missing:
         raise UsageError(f"{path}: missing column(s) {', '.join(map(repr, missing))}; have {[c for c in cols if c]}")
+    # an optional column misspelt (pooling_factr) would drop its values without a word
+    unknown = [c for c in cols if c and c not in _CSV_COLUMNS]
+    if unknown:
+        raise UsageError(f"{path} line 1: unknown column(s) {', '.join(map(repr, unknown))}; the columns are "
+                         f"{', '.join(_CSV_COLUMNS)}")
     twice = sorted({c for c in cols if c and cols.count(c) > 1})
     if twice:
         raise UsageError(f"{path} line 1: column(s) {', '.join(map(repr, twice))} given twice")

@@ -121,7 +121,14 @@ class Plan:
     @classmethod
     def from_json(cls, text: str) -> "Plan":
         """Inverse of `to_json`; raises ValueError naming what is malformed."""
-        plan = report.from_dict(json.loads(text), cls)
+        if not isinstance(text, (str, bytes, bytearray)):
+            raise TypeError(f"Plan.from_json: text must be the JSON string Plan.to_json() gives, got "
+                            f"{type(text).__name__}")
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"Plan.from_json: not valid JSON ({e}): {text[:60]!r}") from None
+        plan = report.from_dict(data, cls)
         validate_plan(plan)
         return plan
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from fxrec.planner.cost import KERNELS, SHARDING_TYPES
 from fxrec.ranges import span_property
-from fxrec.types import TableInfo
+from fxrec.types import TableInfo, whole
 
 
 class PlanError(ValueError):
@@ -85,10 +85,16 @@ class Constraint:
         self.sharding_types = _as_tuple(self.sharding_types, "sharding_types", SHARDING_TYPES, "Constraint")
         self.kernels = _as_tuple(self.kernels, "kernels", KERNELS, "Constraint")
         if self.ranks is not None:
-            ranks = (self.ranks,) if isinstance(self.ranks, int) else tuple(self.ranks)
-            if not ranks or any(isinstance(r, bool) or not isinstance(r, int) or r < 0 for r in ranks):
+            # one rank or several; numpy and torch integers too (fxrec.types.whole)
+            one = whole(self.ranks)
+            try:
+                ranks = (self.ranks,) if one is not None else tuple(self.ranks)
+            except TypeError:
+                ranks = ()
+            counts = [whole(r) if hasattr(r, "__index__") else None for r in ranks]  # 1.0 is no rank
+            if not ranks or any(r is None or r < 0 for r in counts):
                 raise ValueError(f"Constraint: ranks must be non-negative integers, got {self.ranks!r}")
-            self.ranks = tuple(sorted(set(ranks)))
+            self.ranks = tuple(sorted(set(counts)))
         for name in ("min_shards", "max_shards"):
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
