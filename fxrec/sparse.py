@@ -25,7 +25,7 @@ from torch import Tensor
 # The validation switch and checks live in sparse_checks.py; re-exported here because
 # users and modules reach them as fxrec.sparse.*.
 from fxrec.sparse_checks import (_check_index_tensor, _check_jagged, _check_keys, _check_sums,  # noqa: F401
-                                 _names, _size, is_tracing, set_validation, should_validate, validation, validation_enabled)
+                                 _check_tensors, _indices, _names, _size, is_tracing, set_validation, should_validate, validation, validation_enabled)
 
 
 # ------------------------------------------------------------------ helpers
@@ -60,6 +60,7 @@ class JaggedTensor:
             raise ValueError("JaggedTensor: give lengths or offsets")
         self._values, self._lengths, self._offsets, self._weights = values, lengths, offsets, weights
         if validate and should_validate(values, lengths, offsets, weights):
+            _check_tensors("JaggedTensor", values=values, lengths=lengths, offsets=offsets, weights=weights)
             _check_jagged("JaggedTensor", values, lengths, offsets, weights, lambda i: f"bag {i}")
             if lengths is not None and int(lengths.sum()) != values.size(0):
                 raise ValueError(f"JaggedTensor: lengths sum to {int(lengths.sum())} but values has "
@@ -68,6 +69,9 @@ class JaggedTensor:
     @staticmethod
     def from_dense(values: list[Tensor], weights: Optional[list[Tensor]] = None) -> JaggedTensor:
         """One bag per list entry (each a tensor whose first dim is the bag's ids)."""
+        if not values:  # torch.cat([]) would say only "expected a non-empty list"
+            raise ValueError("JaggedTensor.from_dense: values is empty; give at least one bag (it may be "
+                             "an empty tensor)")
         lengths = torch.tensor([v.size(0) for v in values], dtype=torch.int64)
         w = torch.cat(weights) if weights is not None else None
         return JaggedTensor(torch.cat(values), lengths=lengths, weights=w)
@@ -167,6 +171,7 @@ class KeyedJaggedTensor:
 
     def _validate(self) -> None:
         owner, keys = "KeyedJaggedTensor", self._keys
+        _check_tensors(owner, values=self._values, lengths=self._lengths, offsets=self._offsets, weights=self._weights)
         _check_keys(owner, keys)
         num_bags = self._lengths.numel() if self._lengths is not None else self._offsets.numel() - 1
         if not keys:
@@ -204,6 +209,10 @@ class KeyedJaggedTensor:
             raise ValueError("KeyedJaggedTensor.from_jt_dict: empty dict (stride unknown); "
                              "use KeyedJaggedTensor.empty(stride=...)")
         jts = list(jt_dict.values())
+        for k, jt in jt_dict.items():
+            if not isinstance(jt, JaggedTensor):
+                raise TypeError(f"KeyedJaggedTensor.from_jt_dict: key {k!r} maps to a {type(jt).__name__}, "
+                                f"not a JaggedTensor")
         stride = jts[0].lengths().numel()
         for k, jt in jt_dict.items():
             if jt.lengths().numel() != stride:
@@ -316,6 +325,7 @@ class KeyedJaggedTensor:
 
     def split(self, segments: Sequence[int]) -> list[KeyedJaggedTensor]:
         """Consecutive groups of ``segments[j]`` keys each; weights and stride kept."""
+        segments = _indices("KeyedJaggedTensor.split", "segments", segments)
         if sum(segments) != len(self._keys) or any(s < 0 for s in segments):
             raise ValueError(f"KeyedJaggedTensor.split: segments {list(segments)} must be "
                              f"non-negative and sum to the {len(self._keys)} keys")
@@ -334,6 +344,7 @@ class KeyedJaggedTensor:
 
     def permute(self, indices: Sequence[int]) -> KeyedJaggedTensor:
         """New KJT whose j-th key is ``keys[indices[j]]`` (indices may drop keys)."""
+        indices = _indices("KeyedJaggedTensor.permute", "indices", indices)
         k = len(self._keys)
         bad = [i for i in indices if not 0 <= i < k]
         if bad:
@@ -352,6 +363,8 @@ class KeyedJaggedTensor:
     @staticmethod
     def concat(kjts: Sequence[KeyedJaggedTensor]) -> KeyedJaggedTensor:
         """Keys of all inputs in order; all must share the stride and weightedness."""
+        if isinstance(kjts, KeyedJaggedTensor):
+            raise TypeError("KeyedJaggedTensor.concat takes a list of KeyedJaggedTensors, got one")
         if not kjts:
             raise ValueError("KeyedJaggedTensor.concat: empty list")
         strides = [k.stride() for k in kjts]
@@ -430,6 +443,10 @@ class KeyedTensor:
 
     def _validate(self) -> None:
         _check_keys("KeyedTensor", self._keys)
+        _check_tensors("KeyedTensor", values=self._values)
+        if not -self._values.dim() <= self._key_dim < self._values.dim():
+            raise ValueError(f"KeyedTensor: key_dim={self._key_dim} is not a dimension of values of shape "
+                             f"{tuple(self._values.shape)}")
         if len(self._keys) != len(self._length_per_key):
             raise ValueError(f"KeyedTensor: {len(self._keys)} keys but {len(self._length_per_key)} lengths")
         if any(n < 0 for n in self._length_per_key):
@@ -443,6 +460,8 @@ class KeyedTensor:
     @staticmethod
     def from_tensor_list(keys: Sequence[str], tensors: Sequence[Tensor], key_dim: int = 1,
                          cat_dim: int = 1) -> KeyedTensor:
+        if not tensors:
+            raise ValueError("KeyedTensor.from_tensor_list: tensors is empty; give one tensor per key")
         return KeyedTensor(keys, [t.size(key_dim) for t in tensors], torch.cat(list(tensors), dim=cat_dim),
                            key_dim=key_dim)
 
@@ -489,6 +508,8 @@ class KeyedTensor:
             missing = [k for k in group if k not in lookup]
             if missing:
                 raise _unknown_key(missing[0], list(lookup))
+            if not group:
+                raise ValueError(f"KeyedTensor.regroup: groups[{i}] is empty; each group names at least one key")
             out.append(torch.cat([lookup[k][k] for k in group], dim=keyed_tensors[0].key_dim()))
         return out
 

@@ -101,6 +101,26 @@ def _size(owner: str, arg: str, value) -> int:
     return n
 
 
+def _check_tensors(owner: str, **named) -> None:
+    """Each of ``named`` a tensor or None: a list or numpy array failed later with an
+    AttributeError ('list' object has no attribute 'dim') that named no argument."""
+    for name, t in named.items():
+        if t is not None and not isinstance(t, Tensor):
+            raise TypeError(f"{owner}: {name} must be a torch.Tensor, got {type(t).__name__} "
+                            f"(wrap it in torch.tensor / torch.as_tensor)")
+
+
+def _indices(owner: str, arg: str, values) -> list[int]:
+    """A list of ints (one per key: a short loop), refusing floats and strings; a tensor is
+    taken as its values."""
+    if isinstance(values, Tensor):
+        values = values.tolist()
+    out = [whole(v) if not isinstance(v, float) else None for v in values]
+    if any(v is None for v in out):
+        raise TypeError(f"{owner}: {arg} must be integers, got {list(values)!r}")
+    return out
+
+
 def _check_keys(owner: str, keys: Sequence[str]) -> None:
     seen = set()
     for k in keys:

@@ -443,3 +443,33 @@ def test_key_lists_take_tuples_and_dict_keys():
     kt = KeyedTensor({"a": 0, "b": 0}.keys(), (2, 3), torch.randn(2, 5))
     assert kt.keys() == ["a", "b"]
     assert KeyedTensor.regroup([kt], [("b",)])[0].shape == (2, 3)
+
+
+# Type slips that failed with an AttributeError, torch's error or a KeyError naming nothing
+@pytest.mark.parametrize("make,error,match", [
+    (lambda: KeyedJaggedTensor(["a"], [1, 2], lengths=torch.tensor([2])), TypeError,
+     "KeyedJaggedTensor: values must be a torch.Tensor, got list"),
+    (lambda: KeyedJaggedTensor(["a"], torch.arange(2), lengths=[1, 1]), TypeError,
+     "KeyedJaggedTensor: lengths must be a torch.Tensor, got list"),
+    (lambda: JaggedTensor([1, 2], lengths=torch.tensor([2])), TypeError, "JaggedTensor: values must be a torch.Tensor, got list"),
+    (lambda: KeyedJaggedTensor.concat(random_kjt(["a"], 2)[0]), TypeError,
+     "concat takes a list of KeyedJaggedTensors, got one"),
+    (lambda: random_kjt(["a", "b"], 2)[0].split([1.0, 1.0]), TypeError, r"split: segments must be integers, got \[1.0, 1.0\]"),
+    (lambda: random_kjt(["a", "b"], 2)[0].permute([1.0, 0.0]), TypeError, r"permute: indices must be integers, got \[1.0, 0.0\]"),
+    (lambda: KeyedJaggedTensor.from_jt_dict({"a": torch.arange(2)}), TypeError,
+     "from_jt_dict: key 'a' maps to a Tensor, not a JaggedTensor"),
+    (lambda: JaggedTensor.from_dense([]), ValueError, "JaggedTensor.from_dense: values is empty"),
+    (lambda: KeyedTensor.from_tensor_list([], []), ValueError, "KeyedTensor.from_tensor_list: tensors is empty"),
+    (lambda: KeyedTensor.regroup([KeyedTensor(["a"], [2], torch.randn(3, 2))], [[]]), ValueError,
+     r"KeyedTensor.regroup: groups\[0\] is empty"),
+    (lambda: KeyedTensor(["a"], [2], torch.randn(3, 2), key_dim=5), ValueError,
+     r"KeyedTensor: key_dim=5 is not a dimension of values of shape \(3, 2\)"),
+])
+def test_type_slips_name_the_argument(make, error, match):
+    with pytest.raises(error, match=match):
+        make()
+
+
+def test_permute_takes_a_tensor_of_indices():
+    kjt, _, _ = random_kjt(["a", "b"], 2)
+    assert_kjt_equal(kjt.permute(torch.tensor([1, 0])), kjt.permute([1, 0]))
