@@ -92,6 +92,27 @@ def test_grads_equal_full_batch_grads(world_size):
     assert run_workers(_grad_sync_worker, world_size) == [1] * world_size
 
 
+def _low_precision_worker(rank, w):
+    """Per-rank grads 40000 (fp16 in range): their 2-rank sum, 80000, is not."""
+    grads = {}
+    for dtype in (torch.float16, torch.bfloat16):
+        p = nn.Parameter(torch.zeros(4, dtype=dtype))
+        sync = DenseGradSync([p])
+        (p * torch.tensor([40000.0, 40000.0, 1.0, 3.0 + rank], dtype=dtype)).sum().backward()
+        sync.remove()
+        grads[dtype] = p.grad
+    return grads
+
+
+def test_low_precision_grads_are_averaged_without_overflow():
+    for grads in run_workers(_low_precision_worker, 2):
+        for dtype, got in grads.items():
+            # the exact average, rounded once to the parameter's dtype (as DDP's pre-division gives)
+            want = torch.tensor([40000.0, 40000.0, 1.0, 3.5]).to(dtype)
+            assert got.dtype == dtype
+            assert_close(got, want, rtol=0, atol=0, msg=str(dtype))
+
+
 def test_single_process_is_a_no_op_and_errors():
     model = _Net()
     sync = DenseGradSync(model.parameters())

@@ -41,11 +41,21 @@ from fxrec.runtime import comm
 __all__ = ["DenseGradSync"]
 
 
+# Buckets of these dtypes are reduced in fp32: a W-fold sum of in-range fp16 gradients can
+# overflow (and bf16 rounds it once more) before the division by W. DDP avoids the overflow by
+# dividing first; summing in fp32 avoids it too, rounds once at the end, and leaves fp32 and
+# fp64 buckets reduced exactly as before (sum, then divide).
+_REDUCE_IN_FP32 = (torch.float16, torch.bfloat16)
+
+
 class _Bucket:
-    """Flat buffer: each parameter's gradient at its offset, then one flag per parameter."""
+    """Flat buffer: each parameter's gradient at its offset, then one flag per parameter.
+    The buffer is fp32 for fp16/bf16 parameters (see _REDUCE_IN_FP32), else their dtype."""
 
     def __init__(self, params: list[nn.Parameter], dtype: torch.dtype, device: torch.device):
         self.params = params
+        if dtype in _REDUCE_IN_FP32:
+            dtype = torch.float32
         self.offsets, total = [], 0
         for p in params:
             self.offsets.append(total)
@@ -160,9 +170,9 @@ class DenseGradSync:
                 continue
             avg = bucket.slot(i).view_as(p)
             if p.grad is None:
-                p.grad = avg.clone()
+                p.grad = avg.to(dtype=p.dtype, copy=True)
             else:
-                p.grad.copy_(avg)
+                p.grad.copy_(avg)  # casts an fp32 average back to an fp16/bf16 grad
 
     def remove(self) -> None:
         """Unregister the hooks (the parameters' grads are no longer synchronised)."""
