@@ -3,13 +3,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import fxrec
 from fxrec.capture import CaptureError, SourceLoc
 from fxrec.modules import EmbeddingBagCollection, EmbeddingBagConfig
 from fxrec.passes import lookup as L
-from fxrec.passes.shapes import SparseSpec, TensorSpec
+from fxrec.passes.shapes import SparseSpec, TensorSpec, _written_parameters
 from fxrec.sparse import KeyedJaggedTensor
 
 try:
@@ -127,6 +128,39 @@ def test_capture_leaves_the_model_and_rng_unchanged():
     rng = torch.get_rng_state()
     fxrec.find_tables(model, (ids, offsets))
     assert torch.equal(torch.get_rng_state(), rng)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+class _WritesParameters(nn.Module):
+    """Its forward writes parameters in place: max_norm renormalises the rows it reads (module
+    and functional), and it clamps a parameter through a view."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(20, 4, max_norm=0.5)
+        self.bag = nn.EmbeddingBag(20, 4, max_norm=0.5, mode="sum")
+        self.w = nn.Parameter(torch.randn(20, 4))
+        self.scale = nn.Parameter(torch.full((4,), 3.0))
+        self.plain = nn.Embedding(20, 4)  # written by nothing: not copied
+        self.lin = nn.Linear(4, 1)
+
+    def forward(self, ids):
+        self.scale.data.clamp_(max=1.0)
+        h = self.emb(ids).sum(1) + self.bag(ids) + F.embedding(ids, self.w, max_norm=0.5).sum(1)
+        return self.lin((h + self.plain(ids).sum(1)) * self.scale)
+
+
+def test_running_the_example_restores_parameters_it_writes_and_copies_no_other():
+    torch.manual_seed(0)
+    model = _WritesParameters()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ids = torch.randint(0, 20, (3, 5))
+    written = _written_parameters(fxrec.capture(model, (ids,)))
+    assert {id(p) for p in written} == {id(model.emb.weight), id(model.bag.weight), id(model.w), id(model.scale)}
+    fxrec.find_tables(model, (ids,))
+    with pytest.warns(UserWarning, match="stay unquantized"):
+        fxrec.lower_for_inference(model, (ids,), weight_dtype="fp32")
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
 

@@ -84,8 +84,11 @@ def format_spec(spec: Any) -> str:
 @contextlib.contextmanager
 def _no_side_effects(module: nn.Module):
     """Run without autograd, without advancing the RNG, and with every buffer (batch-norm
-    statistics, counters) restored afterwards: capturing must not change the model."""
+    statistics, counters) and every parameter the run may write (`_written_parameters`)
+    restored afterwards: capturing must not change the model."""
     saved = {name: b.detach().clone() for name, b in module.named_buffers()}
+    params = _written_parameters(module) if isinstance(module, torch.fx.GraphModule) else []
+    saved_params = [(p, p.detach().clone()) for p in params]
     devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
     try:
         with torch.no_grad(), torch.random.fork_rng(devices=devices):
@@ -95,6 +98,40 @@ def _no_side_effects(module: nn.Module):
             for name, b in module.named_buffers():
                 if name in saved and b.shape == saved[name].shape:
                     b.copy_(saved[name])
+            for p, old in saved_params:
+                p.copy_(old)
+
+
+_F_MAX_NORM_ARG = {F.embedding: 3, F.embedding_bag: 3}  # max_norm's position in their signatures
+
+
+def _written_parameters(gm: torch.fx.GraphModule) -> list[Tensor]:
+    """The parameters a run of `gm` may write in place, found without copying the others
+    (tables are large): the weights of nn.Embedding / nn.EmbeddingBag modules with max_norm
+    (their forward renormalises the rows it reads), the weights F.embedding / F.embedding_bag
+    read with a max_norm, and parameters (or views of them) the graph writes in place
+    (``self.w.data.clamp_(...)``)."""
+    from fxrec.passes.guard_inplace import _aliases, writes
+    found = {id(m.weight): m.weight for m in gm.modules()
+             if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.max_norm is not None}
+    targets: list[torch.fx.Node] = []
+    for node in gm.graph.nodes:
+        targets += writes(gm, node)
+        pos = _F_MAX_NORM_ARG.get(node.target) if node.op == "call_function" else None
+        if pos is not None:
+            max_norm = node.args[pos] if len(node.args) > pos else node.kwargs.get("max_norm")
+            weight = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
+            if max_norm is not None and isinstance(weight, torch.fx.Node):
+                targets.append(weight)
+    for node in targets:
+        while node.op != "get_attr" and node.args and isinstance(node.args[0], torch.fx.Node) \
+                and _aliases(gm, node):
+            node = node.args[0]  # back through views to the attribute they show
+        if node.op == "get_attr":
+            value = L.fetch_attr(gm, str(node.target))
+            if isinstance(value, nn.Parameter):
+                found[id(value)] = value
+    return list(found.values())
 
 
 def _record(n: torch.fx.Node, result: Any) -> None:
