@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import re
+import warnings
 
 import pytest
 import torch
@@ -171,6 +172,31 @@ def test_meta_model_initialises_deterministically():
 
 
 # ------------------------------------------------------------------ errors
+class _LastItem(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.item = nn.Embedding(40, 8)
+        self.lin = nn.Linear(8, 1)
+
+    def forward(self, seq):
+        return self.lin(self.item(seq[:, -1]))  # a non-contiguous column of ids
+
+
+@pytest.mark.parametrize("sharding", ["row_wise", "table_row_wise"])
+def test_non_contiguous_ids_raise_no_warning_from_inside_fxrec(sharding):
+    torch.manual_seed(0)
+    x = torch.randint(0, 40, (3, 6))
+    sm = shard(_LastItem(), Topology(1), (x,), constraints={"item": sharding}, sparse_optimizer=SGD(0.1))
+    was = torch.is_warn_always_enabled()
+    torch.set_warn_always(True)  # torch's bucketize warning is once per process otherwise
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            sm(x).sum().backward()
+    finally:
+        torch.set_warn_always(was)
+
+
 def test_world_size_mismatch():
     _, model, batch = _make("dlrm_lists")
     with pytest.raises(ValueError, match=r"topology has world_size 2 but this job has 1 rank"):

@@ -150,6 +150,7 @@ def bucketize(values: Tensor, lengths: Optional[Tensor], weights: Optional[Tenso
     their order within a shard, re-based to the shard's first row. Returns per shard
     (lengths per bag or None, ids, weights or None) and the permutation applied."""
     S = len(starts)
+    values = values.contiguous()  # sliced ids (seq[:, -1]): bucketize would copy them anyway, and warn
     bucket = torch.bucketize(values, values.new_tensor(starts[1:]), right=True)
     order = torch.sort(bucket, stable=True).indices
     b_sorted = bucket[order]
