@@ -345,7 +345,10 @@ def _agreed_plan(ctx: PassContext, topology, constraints, optimizer, world: int)
 
 def _initialiser(model: nn.Module, tables: dict, seed: int, device):
     """Shard values: sliced from the model's tables, or drawn by deterministic_init for a
-    table on the meta device (never materialising the full table)."""
+    table on the meta device (never materialising the full table). Over several ranks, a
+    table whose values differ from rank 0's (weights loaded on rank 0 only, no common seed)
+    is sliced from rank 0's, as DDP starts every replica from rank 0's parameters
+    (`_rank0_tables`); the user's model is left as it is."""
     weights = {}
     names = L.table_names_by_param(model)
     params = dict(model.named_parameters(remove_duplicate=False))
@@ -353,6 +356,8 @@ def _initialiser(model: nn.Module, tables: dict, seed: int, device):
     for path, table in names.items():
         if table in tables and path in params:
             weights.setdefault(table, params[path])
+    if comm.world_size() > 1:
+        weights.update(_rank0_tables(weights, device))
 
     def values(table: str, rows, cols) -> Tensor:
         w, info = weights[table], tables[table]
@@ -361,6 +366,52 @@ def _initialiser(model: nn.Module, tables: dict, seed: int, device):
                                       dtype=info.dtype, device=device)
         return shard_from_full(w.detach(), rows, cols).to(device)
     return values
+
+
+_BLOCK_BYTES = 64 * 2 ** 20  # a table is hashed and broadcast in row blocks of this size
+
+
+def _row_blocks(w: Tensor):
+    rows = max(1, _BLOCK_BYTES // max(1, w[0].numel() * w.element_size())) if w.shape[0] else 1
+    return (slice(start, start + rows) for start in range(0, w.shape[0], rows))
+
+
+def _digest(w: Tensor) -> Optional[str]:
+    """A hash of `w`'s bytes (None on the meta device, whose values deterministic_init draws
+    alike on every rank)."""
+    import hashlib
+
+    if w.is_meta:
+        return None
+    h = hashlib.blake2b(repr((tuple(w.shape), w.dtype)).encode(), digest_size=16)
+    for block in _row_blocks(w):
+        h.update(w.detach()[block].contiguous().cpu().view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
+def _rank0_tables(weights: dict, device) -> dict:
+    """{table: rank 0's values} for the tables whose values on some rank differ from rank 0's
+    (collective). One all_gather_object of a hash per table finds them, so tables that agree
+    (the usual case: a common seed) cost one read each and no copy; only those that differ
+    are broadcast, in row blocks, into a copy on the other ranks."""
+    digests = {t: _digest(w) for t, w in weights.items()}
+    every: list = [None] * comm.world_size()
+    dist.all_gather_object(every, digests)
+    out = {t: torch.empty(w.shape, dtype=w.dtype, device="meta")  # rank 0 draws it: draw it here too
+           for t, w in weights.items() if every[0][t] is None and not w.is_meta}
+    differ = [t for t in weights if every[0][t] is not None and any(d[t] != every[0][t] for d in every)]
+    comm_device = device if dist.get_backend() == "nccl" else torch.device("cpu")
+    for t in differ:
+        w = weights[t].detach()
+        if comm.rank() != 0:
+            w = torch.empty(w.shape, dtype=w.dtype, device="cpu" if w.is_meta else w.device)
+        for block in _row_blocks(w):
+            buf = w[block].to(comm_device).contiguous()
+            dist.broadcast(buf, src=0)
+            if comm.rank() != 0:
+                w[block].copy_(buf)
+        out[t] = w
+    return out
 
 
 def _materialise_dense(gm: GraphModule, device, seed: int) -> None:

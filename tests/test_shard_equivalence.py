@@ -185,3 +185,44 @@ def test_sharded_equals_unsharded(world, sharding, name, optimizer):
     job = (sharding, name, optimizer)
     assert job in results, f"job not run (an earlier job on some rank failed): {sorted(results)[-1:]}"
     assert results[job] == [], "\n".join(results[job])
+
+
+class _Pretrained(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.EmbeddingBag(6, 8, mode="sum")
+        self.b = torch.nn.Embedding(5, 8)
+        self.lin = torch.nn.Linear(8, 1)
+
+    def forward(self, ids, offsets, seq):
+        return self.lin(self.a(ids, offsets) + self.b(seq).sum(1))
+
+
+def _rank0_values_worker(rank: int, world: int) -> list:
+    """Each rank builds the model with its own seed; rank 0 then loads 'pretrained' values."""
+    out = []
+    for sharding in ("table_wise", "row_wise", "column_wise", "data_parallel"):
+        torch.manual_seed(rank)
+        model = _Pretrained()
+        if rank == 0:
+            with torch.no_grad():
+                model.a.weight.copy_(torch.arange(48.0).view(6, 8) / 48)
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        batch = (torch.tensor([0, 5, 5, 3]), torch.tensor([0, 2]), torch.tensor([[0, 4], [2, 2]]))
+        sm = shard(model, Topology(world), batch, constraints={"a": sharding, "b": sharding}, sparse_optimizer=SGD(0.1))
+        with torch.no_grad():
+            got, want = sm(*batch), model(*batch)
+        for k in ("a.weight", "b.weight"):  # the user's tables are left as they were
+            assert torch.equal(model.state_dict()[k], before[k]), (rank, sharding, k)
+        out.append((sharding, got, want, {k: v for k, v in sm.full_state_dict().items()}, before))
+    return out
+
+
+def test_tables_start_from_rank_0s_values_as_dense_layers_do():
+    results = run_workers(_rank0_values_worker, 2, timeout=300)
+    for rank, per_sharding in enumerate(results):
+        for (sharding, got, _, full, _), (_, _, want, _, rank0) in zip(per_sharding, results[0]):
+            assert_close(got, want, rtol=0, atol=1e-6, msg=f"rank {rank} {sharding}: forward")
+            for k in ("a.weight", "b.weight"):
+                assert torch.equal(full[k], rank0[k]), (rank, sharding, k)
+
