@@ -226,3 +226,53 @@ def test_tables_start_from_rank_0s_values_as_dense_layers_do():
             for k in ("a.weight", "b.weight"):
                 assert torch.equal(full[k], rank0[k]), (rank, sharding, k)
 
+
+class _MaxNorm(torch.nn.Module):
+    """item has max_norm (left dense, renormalising the rows it reads in forward); other is sharded."""
+
+    def __init__(self):
+        super().__init__()
+        self.item = torch.nn.Embedding(40, 8, max_norm=0.5)
+        self.bag = torch.nn.EmbeddingBag(40, 8, max_norm=0.4, mode="mean")
+        self.other = torch.nn.Embedding(20, 8)
+        self.w = torch.nn.Parameter(torch.randn(40, 8) * 0.3)  # F.embedding with max_norm
+        torch.nn.init.normal_(self.item.weight, std=0.3)
+        torch.nn.init.normal_(self.bag.weight, std=0.3)
+        self.lin = torch.nn.Linear(8, 1)
+
+    def forward(self, seq):
+        h = self.item(seq) + self.other(seq % 20) + self.bag(seq).unsqueeze(1)
+        h = h + torch.nn.functional.embedding(seq, self.w, max_norm=0.6)
+        return self.lin(h).squeeze(-1).sum(1)
+
+
+def _max_norm_worker(rank: int, world: int) -> dict:
+    import copy
+    import warnings
+
+    torch.manual_seed(0)
+    model = _MaxNorm()
+    ref = copy.deepcopy(model)
+    batches = [torch.randint(0, 40, (2 + r, 6), generator=torch.Generator().manual_seed(r)) for r in range(world)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # item and bag stay dense: said in a warning
+        sm = shard(model, Topology(world), (batches[rank],), sparse_optimizer=SGD(DENSE_LR))
+    opt, ref_opt = torch.optim.SGD(sm.parameters(), lr=DENSE_LR), torch.optim.SGD(ref.parameters(), lr=DENSE_LR)
+    for step in range(STEPS):
+        g = torch.Generator().manual_seed(10 + step)
+        batches = [torch.randint(0, 40, (2, 6), generator=g) for _ in range(world)]
+        opt.zero_grad()
+        sm(batches[rank]).tanh().mean().backward()
+        opt.step()
+        ref_opt.zero_grad()  # the unsharded model on the global batch
+        ref(torch.cat(batches)).tanh().mean().backward()
+        ref_opt.step()
+    return {"sharded": sm.full_state_dict(), "reference": ref.state_dict()}
+
+
+def test_max_norm_tables_renormalise_the_global_batchs_rows_on_every_rank():
+    results = run_workers(_max_norm_worker, 2, timeout=300)
+    for k in ("item.weight", "bag.weight", "w"):
+        assert torch.equal(results[0]["sharded"][k], results[1]["sharded"][k]), k  # replicas stay equal
+    for k, want in results[0]["reference"].items():
+        assert_close(results[0]["sharded"][k], want, rtol=1e-5, atol=1e-6, msg=k)
