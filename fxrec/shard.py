@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import itertools
 import warnings
+import weakref
 from collections import OrderedDict
 from typing import Optional
 
@@ -67,6 +68,10 @@ class ShardedModel(nn.Module):
         self.frozen = tuple(frozen)  # tables the user's model does not train (`fxrec.optim.freeze`)
         self._param_tables = gm.meta.get(L.PARAM_TABLES, {})
         self.grad_sync = grad_sync
+        # The process group the program was sharded on (a weak reference: a ProcessGroup cannot
+        # be deep-copied), None without one. `_check_group` compares it with the current one.
+        pg = comm.default_group()
+        self.__dict__["_group"] = None if pg is None else weakref.ref(pg)
 
     @property
     def plan(self):
@@ -74,7 +79,31 @@ class ShardedModel(nn.Module):
         return self._plan
 
     def forward(self, *args, **kwargs):
+        self._check_group()
         return self.program(self.training)(*args, **kwargs)
+
+    @torch.compiler.disable
+    def _check_group(self) -> None:
+        """RuntimeError unless this process runs in the process group the model was sharded
+        on. Without it (destroy_process_group was called, or another group of another size was
+        made) the collectives see one rank or a group that is not the program's: data_parallel
+        replicas trained apart silently, and row_wise tables failed with errors about split
+        sizes. One identity test on the fast path; kept out of dynamo's graphs."""
+        ref, pg = self._group, comm.default_group()
+        if (ref() if ref is not None else None) is pg:
+            return
+        sharded_for, now = self._plan.topology.world_size, comm.world_size()
+        if sharded_for == 1 and now == 1:  # a one-rank program runs in any one-rank job
+            return
+        if pg is None:
+            why = "torch.distributed is not initialised (was destroy_process_group called?)"
+        elif now != sharded_for:
+            why = f"this job's process group has {now} rank(s)"
+        else:
+            why = "the process group it was sharded on was destroyed and another made since"
+        raise RuntimeError(f"ShardedModel: sharded for world_size {sharded_for}, but {why}; use it between "
+                           f"init_process_group and destroy_process_group, or shard the model again in this "
+                           f"process group")
 
     def program(self, training: bool) -> GraphModule:
         """The rewritten program that runs in this mode: `module`, or, for a forward that
@@ -169,6 +198,7 @@ class ShardedModel(nn.Module):
     def full_state_dict(self) -> "OrderedDict[str, Tensor]":
         """The unsharded model's state_dict (same keys, same order), tables gathered from
         every rank. Collective: every rank calls it; every rank gets the whole dict."""
+        self._check_group()
         mine = self.local_shards()
         full = {name: gather_full(mine.get(name, []), info.num_embeddings, info.embedding_dim, info.dtype)
                 for name, info in self._tables.items()}
@@ -194,6 +224,7 @@ class ShardedModel(nn.Module):
 
         if args:
             raise TypeError("ShardedModel.state_dict takes keyword arguments only (destination=, prefix=, keep_vars=)")
+        self._check_group()
         out = OrderedDict() if destination is None else destination
         for key, value in model_state(self, keep_vars, every_key=True).items():
             out[prefix + key] = value
@@ -210,6 +241,7 @@ class ShardedModel(nn.Module):
         if assign:
             raise ValueError("ShardedModel.load_state_dict: assign=True is not possible, the shards live in "
                              "fused buffers; their values are copied in")
+        self._check_group()
         keys = set(self._keys)
         unexpected = [k for k in state_dict if k not in keys]
         missing, pieces = [], self.local_shards()

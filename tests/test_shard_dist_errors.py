@@ -257,3 +257,37 @@ def test_an_input_one_rank_cannot_read_raises_on_every_rank():
                                            "must have the table's dtype, torch.float32, got torch.float64")
     assert r["folded"] == ("ValueError: rank 1's batch: table 'emb' (lookup %emb): ids were 2-D when the model was "
                            "captured (the .sum/.mean after the lookup pools their last dimension), got 1-D ids")
+
+
+# ------------------------------------------------------------------ after destroy_process_group
+def _after_destroy_worker(rank: int, world: int) -> dict:
+    """A ShardedModel used once its process group is gone: every entry point that would run
+    a collective (or silently skip one: data_parallel replicas would train apart) says so."""
+    case = CASES["dlrm_lists"]
+    out = {}
+    for sharding in ("data_parallel", "row_wise"):
+        torch.manual_seed(0)
+        model = case.build()
+        batch = case.draw(torch.Generator().manual_seed(rank), 3)
+        tables = fxrec.find_tables(model, batch)
+        sm = shard(model, Topology(world), batch, constraints={t.name: sharding for t in tables})
+        out[sharding] = sm
+    import torch.distributed as dist
+    dist.destroy_process_group()
+    errors = {}
+    for sharding, sm in out.items():
+        errors[f"{sharding}/forward"] = _expect(lambda: sm(*batch), RuntimeError)
+        errors[f"{sharding}/full_state_dict"] = _expect(sm.full_state_dict, RuntimeError)
+        errors[f"{sharding}/state_dict"] = _expect(sm.state_dict, RuntimeError)
+        errors[f"{sharding}/load_state_dict"] = _expect(lambda: sm.load_state_dict(model.state_dict()),
+                                                        RuntimeError)
+    errors["checkpoint.save"] = _expect(lambda: fxrec.checkpoint.save(out["data_parallel"], "/nonexistent/ckpt"),
+                                        RuntimeError)
+    return errors
+
+
+def test_a_sharded_model_after_destroy_process_group_is_refused():
+    for errors in run_workers(_after_destroy_worker, 2, timeout=180):
+        for what, got in errors.items():
+            assert got.startswith("RuntimeError: ShardedModel: sharded for world_size 2, but torch.distributed is "
+                                  "not initialised (was destroy_process_group called?)"), (what, got)

@@ -177,6 +177,8 @@ def state_dict(model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = No
     state (a ShardedModel's). template: what `load` reads into (an optimizer without state
     yet gets a stand-in for DCP to overwrite; saved, it has none)."""
     _check_not_wrapped(model)
+    if isinstance(model, ShardedModel):  # save and load are collective: in the group it was sharded on
+        model._check_group()
     # a ShardedModel's pieces: only what this rank holds. Not its state_dict(), whose shard-less
     # ShardedTensors (TorchRec's keys on every rank) made DCP's load of a checkpoint beside the
     # dense optimizer's state fail ("Missing key in checkpoint state_dict: dense_optimizer.param_groups")

@@ -33,7 +33,7 @@ import torch.fx
 from torch import Tensor
 
 __all__ = ["all_to_all", "all_to_all_counts", "reduce_scatter", "all_gather", "all_reduce",
-           "world_size", "rank", "ProcessGroups", "COMM_KINDS", "register_group", "resolve_group",
+           "world_size", "rank", "default_group", "ProcessGroups", "COMM_KINDS", "register_group", "resolve_group",
            "groups_for_this_thread"]
 
 # The kinds a pass writes into node.meta["fxrec_comm"].
@@ -93,6 +93,12 @@ def resolve_group(group):
     if group not in _GROUPS:
         raise ValueError(f"comm: unknown process group name {group!r}; registered: {sorted(_GROUPS)}")
     return _GROUPS[group]
+
+
+def default_group():
+    """The default process group, or None when torch.distributed is not initialised. Cheap:
+    `fxrec.ShardedModel` compares it with the one it was sharded on at every forward."""
+    return dist.group.WORLD if dist.is_available() else None
 
 
 def world_size(group=None) -> int:

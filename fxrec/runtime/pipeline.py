@@ -174,6 +174,7 @@ class TrainPipeline:
         if self._closed:
             raise RuntimeError("TrainPipeline: the pipeline is closed (close() was called); build a new one to "
                                "train on")
+        self.model._check_group()  # the stages below are the program's, past ShardedModel.forward
         if self._raised is not None:  # asked ahead for this batch, the iterator raised: raise it now
             raised, self._raised = self._raised, None
             raise raised
