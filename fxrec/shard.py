@@ -25,6 +25,7 @@ backward, so a row's accumulator sees its whole row (fxrec/runtime/row_sync.py).
 from __future__ import annotations
 
 import itertools
+import pickle
 import warnings
 import weakref
 from collections import OrderedDict
@@ -506,22 +507,11 @@ def _check_dense_tables(model: nn.Module, dense: dict, tables: dict) -> None:
                       f"by the dense optimizer, gradients averaged): {why}", stacklevel=3)
 
 
-def shard(model: nn.Module, topology, example_inputs, plan=None, constraints=None, sparse_optimizer=None, *,
-          seed: int = 0) -> ShardedModel:
-    """Shard `model` for `topology` on this rank (collective: every rank calls it).
-
-    plan: a `fxrec.Plan` (checked against the model's tables and the topology), else
-    ``fxrec.plan(tables, topology, constraints=...)`` on rank 0, broadcast.
-    sparse_optimizer: `fxrec.optim.SGD / RowWiseAdagrad / Adam`, fused into backward, or a
-    `fxrec.optim.PerTable` of them (tables with equal configs share fused kernels); default
-    `DEFAULT_SPARSE_OPTIMIZER` (SGD, lr 0.01, TorchRec's default).
-    seed: for tables on the meta device (`fxrec.runtime.tables.deterministic_init`) and
-    meta dense modules' reset_parameters().
-    Raises ValueError when the job's world size differs from the topology's, or the plan
-    misses a table, has another table's size or was made for another topology.
-    """
-    inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
-    world, rank = _check_world(topology)
+def _prepare(model: nn.Module, topology, inputs: tuple, plan, constraints, sparse_optimizer):
+    """This rank's part of `shard` before any collective: the arguments checked, the model
+    captured and its tables found. (gm, ctx, the sparse optimizer with the frozen tables
+    mapped to None, the model's state_dict keys, the device.)"""
+    _check_world(topology)
     if plan is not None and constraints is not None:
         raise ValueError("fxrec.shard: give a plan or constraints to plan with, not both")
     optimizer = DEFAULT_SPARSE_OPTIMIZER if sparse_optimizer is None else sparse_optimizer
@@ -542,6 +532,96 @@ def shard(model: nn.Module, topology, example_inputs, plan=None, constraints=Non
     if constraints is not None:  # on every rank: a constraint on a table left dense, said as such
         from fxrec.planner.plan import refuse_dense_constraints
         refuse_dense_constraints(constraints, gm.meta.get(L.DENSE_TABLES, {}))
+    return gm, ctx, optimizer, state_keys, device
+
+
+def _portable(e: Exception) -> tuple[type, str]:
+    """(an exception type another rank can rebuild from a message alone, `e`'s message): `e`'s
+    own type where it takes one message and pickles (ValueError, PlanError, ExampleIdError),
+    else its nearest builtin base (PassError's __init__ takes three arguments)."""
+    message = e.args[0] if len(e.args) == 1 and isinstance(e.args[0], str) else str(e)
+    for kind in type(e).__mro__:
+        try:
+            kind(message)
+            pickle.dumps(kind)
+            return kind, message
+        except Exception:  # noqa: BLE001 - not rebuildable: try its base
+            continue
+    return RuntimeError, message
+
+
+def _placement(plan):
+    """What of a given plan must agree across ranks: each table's sharding, kernel and shards
+    (not its costs, which follow each rank's example batch)."""
+    try:
+        return {name: (tp.sharding, tp.kernel, [(sh.rank, tuple(sh.rows), tuple(sh.cols)) for sh in tp.shards])
+                for name, tp in plan.tables.items()}
+    except Exception:  # noqa: BLE001 - None, or not a Plan: `_prepare` / check_plan say what it is
+        return repr(plan)
+
+
+def _picklable(value):
+    """`value` where it pickles (configs compare by ==), else its repr: all_gather_object
+    pickles on this rank alone, and a failure there would leave the others waiting."""
+    try:
+        pickle.dumps(value)
+        return value
+    except Exception:  # noqa: BLE001
+        return repr(value)
+
+
+def _agree(world: int, settings: dict, prepare):
+    """`prepare()` on this rank, then one exchange with every rank before `shard`'s first
+    collective (rank 0's plan broadcast). Example batches differ per rank, so one rank's may
+    fail (an id out of range) where the others' pass; that rank raised while the others waited
+    in the broadcast until the process group's timeout. Now the first failing rank's error is
+    raised on every rank, prefixed with its rank, as the sharded program does for a bad batch.
+    The `settings` every rank must share (a sparse optimizer or seed of its own would train each
+    rank's shards apart, silently) are compared with rank 0's: a ValueError names both values."""
+    if world == 1:
+        return prepare()
+    try:
+        value, error, status = prepare(), None, ("ok", {k: _picklable(v) for k, v in settings.items()})
+    except Exception as e:  # noqa: BLE001 - raised below, on every rank
+        value, error, status = None, e, ("error", *_portable(e))
+    everyone: list = [None] * world
+    dist.all_gather_object(everyone, status)
+    for r, (state, *rest) in enumerate(everyone):
+        if state == "error":
+            kind, message = rest
+            raise kind(f"rank {r}: {message}") from error
+    ours = everyone[0][1]
+    for r, (_, theirs) in enumerate(everyone[1:], start=1):
+        for name, value0 in ours.items():
+            if theirs[name] != value0:
+                raise ValueError(f"fxrec.shard: {name} differs between ranks: rank 0 has {value0!r}, rank {r} has "
+                                 f"{theirs[name]!r}; every rank must shard with the same {name}")
+    return value
+
+
+def shard(model: nn.Module, topology, example_inputs, plan=None, constraints=None, sparse_optimizer=None, *,
+          seed: int = 0) -> ShardedModel:
+    """Shard `model` for `topology` on this rank (collective: every rank calls it).
+
+    plan: a `fxrec.Plan` (checked against the model's tables and the topology), else
+    ``fxrec.plan(tables, topology, constraints=...)`` on rank 0, broadcast.
+    sparse_optimizer: `fxrec.optim.SGD / RowWiseAdagrad / Adam`, fused into backward, or a
+    `fxrec.optim.PerTable` of them (tables with equal configs share fused kernels); default
+    `DEFAULT_SPARSE_OPTIMIZER` (SGD, lr 0.01, TorchRec's default).
+    seed: for tables on the meta device (`fxrec.runtime.tables.deterministic_init`) and
+    meta dense modules' reset_parameters().
+    Raises ValueError when the job's world size differs from the topology's, or the plan
+    misses a table, has another table's size or was made for another topology.
+    """
+    inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    world, rank = comm.world_size(), comm.rank()
+    # every rank's own checks and capture first, then one exchange: the first collective
+    # comes after it (module doc of `_agree`)
+    settings = {"sparse_optimizer": sparse_optimizer, "constraints": constraints, "seed": seed,
+                "plan": _placement(plan)}
+    gm, ctx, optimizer, state_keys, device = _agree(world, settings, lambda: _prepare(
+        model, topology, inputs, plan, constraints, sparse_optimizer))
+    frozen = gm.meta[L.FROZEN_TABLES]
     ctx.plan = plan if plan is not None else _agreed_plan(ctx, topology, constraints, optimizer, world)
     check_plan(ctx.plan, ctx.tables, topology)  # here, so the user gets the ValueError / PlanError itself
     groups, dense_group = _process_groups(topology) if world > 1 else (None, None)

@@ -291,3 +291,69 @@ def test_a_sharded_model_after_destroy_process_group_is_refused():
         for what, got in errors.items():
             assert got.startswith("RuntimeError: ShardedModel: sharded for world_size 2, but torch.distributed is "
                                   "not initialised (was destroy_process_group called?)"), (what, got)
+
+
+# ------------------------------------------------------------------ shard's arguments, agreed
+def _agreement_worker(rank: int, world: int) -> dict:
+    """One rank's bad example batch or PerTable, and settings that differ between ranks: every
+    rank raises the same error from shard (none waits in the plan's broadcast), and a shard
+    with good arguments then works in the same process group."""
+    from fxrec.optim import PerTable, RowWiseAdagrad
+
+    case = CASES["dlrm_lists"]
+    torch.manual_seed(0)
+    model = case.build()
+    batch = case.draw(torch.Generator().manual_seed(rank), 3)
+    dense, offsets, ids = batch
+    far = (dense, offsets, [i + 100 if k == 0 and rank == 1 else i for k, i in enumerate(ids)])
+    typo = PerTable({"emb_l.O": SGD(0.5)}, default=SGD(0.1)) if rank == 1 else SGD(0.1)
+    row_wise = {t: "row_wise" for t in ("emb_l.0", "emb_l.1", "emb_l.2")}
+    plans = [fxrec.plan(model, Topology(world), batch, constraints={t: s for t in row_wise})
+             for s in ("row_wise", "table_wise")]
+    errors = (ValueError, TypeError, KeyError, RuntimeError)
+    out = {
+        "bad_example": _expect(lambda: shard(model, Topology(world), far), errors),
+        "bad_per_table": _expect(lambda: shard(model, Topology(world), batch, sparse_optimizer=typo), errors),
+        "optimizer_type": _expect(lambda: shard(model, Topology(world), batch, constraints=row_wise,
+                                                sparse_optimizer=SGD(0.1) if rank == 0 else RowWiseAdagrad(0.1)),
+                                  errors),
+        "lr": _expect(lambda: shard(model, Topology(world), batch, sparse_optimizer=SGD(0.1 if rank == 0 else 5.0)),
+                      errors),
+        "constraints": _expect(lambda: shard(model, Topology(world), batch,
+                                             constraints=row_wise if rank == 0 else None), errors),
+        "seed": _expect(lambda: shard(model, Topology(world), batch, seed=rank), errors),
+        "plan": _expect(lambda: shard(model, Topology(world), batch, plan=plans[rank]), errors),
+    }
+    sm = shard(model, Topology(world), batch, constraints=row_wise, sparse_optimizer=SGD(0.1))
+    with torch.no_grad():
+        out["good_after"] = tuple(sm(*batch).shape)
+    return out
+
+
+@pytest.fixture(scope="module")
+def agreement():
+    return run_workers(_agreement_worker, 2, timeout=180)
+
+
+def test_one_ranks_bad_example_batch_raises_on_every_rank(agreement):
+    assert agreement[0]["bad_example"] == agreement[1]["bad_example"]
+    assert agreement[0]["bad_example"].startswith("ExampleIdError: rank 1: table 'emb_l.0' (lookup %emb_l_0): "
+                                                  "id "), agreement[0]["bad_example"]
+    assert agreement[0]["bad_per_table"] == agreement[1]["bad_per_table"]
+    assert agreement[0]["bad_per_table"].startswith("ValueError: rank 1: PerTable: unknown table(s) ['emb_l.O']")
+    assert agreement[0]["good_after"] == (3, 1)
+
+
+@pytest.mark.parametrize("name, values", [
+    ("optimizer_type", "rank 0 has SGD(lr=0.1), rank 1 has RowWiseAdagrad(lr=0.1,"),
+    ("lr", "rank 0 has SGD(lr=0.1), rank 1 has SGD(lr=5.0)"),
+    ("constraints", "rank 0 has {'emb_l.0': 'row_wise', 'emb_l.1': 'row_wise', 'emb_l.2': 'row_wise'}, rank 1 has "
+                    "None"),
+    ("seed", "rank 0 has 0, rank 1 has 1"),
+    ("plan", "rank 0 has {'emb_l.0': ('row_wise'"),
+])
+def test_settings_that_differ_between_ranks_raise_on_every_rank(agreement, name, values):
+    argument = {"optimizer_type": "sparse_optimizer", "lr": "sparse_optimizer"}.get(name, name)
+    for r in agreement:
+        assert r[name].startswith(f"ValueError: fxrec.shard: {argument} differs between ranks: {values}"), r[name]
+    assert agreement[0][name] == agreement[1][name]
