@@ -247,6 +247,7 @@ class ShardedModel(nn.Module):
         unexpected = [k for k in state_dict if k not in keys]
         missing, pieces = [], self.local_shards()
         dense = self.module.state_dict()
+        self._check_loadable(state_dict, dense)
         for key in self._keys:
             table = self._param_tables.get(key)
             if table in self._tables:
@@ -282,6 +283,30 @@ class ShardedModel(nn.Module):
             raise RuntimeError(f"Error(s) in loading state_dict for ShardedModel: missing keys {missing}, "
                                f"unexpected keys {unexpected}")
         return nn.modules.module._IncompatibleKeys(missing, unexpected)
+
+    def _check_loadable(self, state_dict, dense: dict) -> None:
+        """Each value `load_state_dict` would copy is a tensor of its key's shape (a ShardedTensor
+        for a table too), checked before anything is copied. copy_ broadcasts: a 0-d tensor for
+        a (1, 11) weight filled it silently, where nn.Module refuses the size mismatch."""
+        from torch.distributed._shard.sharded_tensor import ShardedTensor
+
+        for key in self._keys:
+            if key not in state_dict:
+                continue
+            value, table = state_dict[key], self._param_tables.get(key)
+            if table in self._tables:
+                info = self._tables[table]
+                shape, what = (info.num_embeddings, info.embedding_dim), f"{key!r} (table {table!r})"
+                if isinstance(value, ShardedTensor):
+                    continue  # its pieces are checked against this rank's shards as they are copied
+            elif key in dense or key in self._extra:
+                shape, what = tuple((dense[key] if key in dense else self._extra[key]).shape), repr(key)
+            else:
+                continue
+            if not isinstance(value, Tensor):
+                raise TypeError(f"load_state_dict: {what} must be a tensor, got {type(value).__name__}")
+            if tuple(value.shape) != tuple(shape):
+                raise ValueError(f"load_state_dict: {what} is {tuple(value.shape)}, the model's is {tuple(shape)}")
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):

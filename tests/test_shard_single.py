@@ -143,6 +143,24 @@ def test_load_full_state_dict():
     assert_close(sm(*batch), other(*batch))
 
 
+@pytest.mark.parametrize("key, value, error, match", [
+    # a 0-d tensor would broadcast over the weight (copy_), filling it silently
+    ("top_l.0.weight", torch.tensor(7.0), ValueError, r"'top_l.0.weight' is \(\), the model's is \(8, 14\)"),
+    ("top_l.0.bias", torch.zeros(3), ValueError, r"'top_l.0.bias' is \(3,\), the model's is \(8,\)"),
+    ("top_l.0.bias", [0.0] * 8, TypeError, r"'top_l.0.bias' must be a tensor, got list"),
+    ("emb_l.1.weight", [[0.0]], TypeError, r"'emb_l.1.weight' \(table 'emb_l.1'\) must be a tensor, got list"),
+])
+def test_load_state_dict_refuses_a_value_of_another_shape_or_type(key, value, error, match):
+    _, model, batch = _make("dlrm_lists")
+    sm = shard(model, Topology(1), batch)
+    before = sm.full_state_dict()
+    for load in (sm.load_state_dict, sm.load_full_state_dict):
+        with pytest.raises(error, match=match):
+            load({**model.state_dict(), key: value})
+    for k, v in sm.full_state_dict().items():  # refused before anything was copied
+        assert torch.equal(v, before[k]), k
+
+
 class MetaTables(nn.Module):
     def __init__(self):
         super().__init__()
