@@ -37,7 +37,7 @@ from torch import Tensor, nn
 from torch.fx import GraphModule
 
 from fxrec.capture import capture, modes_kept
-from fxrec.optim import OPTIMIZERS, SGD, PerTable, for_table, freeze
+from fxrec.optim import OPTIMIZERS, SGD, PerTable, RowWiseAdagrad, for_table, freeze
 from fxrec.passes import lookup as L
 from fxrec.passes.apply_plan import ROOT, apply_plan_pass, build_units, check_plan
 from fxrec.passes.runner import PassContext, run_passes
@@ -147,10 +147,7 @@ class ShardedModel(nn.Module):
         for m in self._lookups():
             if isinstance(m, ReplicatedLookup):
                 for name in m.tables:
-                    new, old = for_table(value, name), for_table(m.optimizer, name)
-                    if type(new) is not type(old):
-                        raise ValueError(f"sparse_optimizer: table {name!r} must stay a {type(old).__name__}, "
-                                         f"got {new!r}")
+                    _check_swap(name, for_table(value, name), for_table(m.optimizer, name))
                 continue
             for fused in m.fused_modules():
                 tables = [key.rpartition("@")[0] for key in fused.layout.names]
@@ -158,10 +155,7 @@ class ShardedModel(nn.Module):
                 if len(set(configs.values())) > 1:
                     raise ValueError(f"sparse_optimizer: tables {tables} share one fused kernel (their optimizers "
                                      f"were equal when sharded) and must keep equal optimizers, got {configs}")
-                config = configs[tables[0]]
-                if type(config) is not type(fused.optimizer):
-                    raise ValueError(f"sparse_optimizer: table {tables[0]!r} must stay a "
-                                     f"{type(fused.optimizer).__name__}, got {config!r}")
+                _check_swap(tables[0], configs[tables[0]], fused.optimizer)
         for m in self._lookups():
             if isinstance(m, ReplicatedLookup):
                 m.optimizer = value
@@ -323,6 +317,19 @@ class ShardedModel(nn.Module):
         if missing:
             raise KeyError(f"load_full_state_dict: missing key {missing[0]!r}")
         self.load_state_dict({k: state[k] for k in self._keys}, strict=False)
+
+
+def _check_swap(table: str, new, old) -> None:
+    """A swapped-in sparse optimizer keeps what the sharded program was built for: the type
+    (its state) and RowWiseAdagrad's exact_column_wise (the row sync built at shard time, and the
+    accumulators' layout in a checkpoint). A changed exact_column_wise was taken and ignored:
+    training went on as before while a checkpoint described the other layout."""
+    if type(new) is not type(old):
+        raise ValueError(f"sparse_optimizer: table {table!r} must stay a {type(old).__name__}, got {new!r}")
+    if isinstance(old, RowWiseAdagrad) and new.exact_column_wise != old.exact_column_wise:
+        raise ValueError(f"sparse_optimizer: table {table!r} was sharded with exact_column_wise="
+                         f"{old.exact_column_wise}, got {new!r}; exact_column_wise cannot change after shard "
+                         f"(shard the model again with it)")
 
 
 # ------------------------------------------------------------------ shard()

@@ -396,6 +396,20 @@ def test_user_model_untouched_and_optimizer_swappable():
         sm.sparse_optimizer = SGD(0.1)
 
 
+def test_exact_column_wise_cannot_change_after_shard():
+    """The row sync of exact_column_wise is built at shard time (and a checkpoint lays out the
+    accumulators by it): a new optimizer that changes it is refused, not ignored."""
+    _, model, batch = _make("dlrm_lists")
+    sm = shard(model, Topology(1), batch, sparse_optimizer=RowWiseAdagrad(0.1))
+    with pytest.raises(ValueError, match=r"table 'emb_l.0' was sharded with exact_column_wise=True, got "
+                                         r"RowWiseAdagrad\(lr=0.5, eps=1e-08, exact_column_wise=False\); "
+                                         r"exact_column_wise cannot change after shard"):
+        sm.sparse_optimizer = RowWiseAdagrad(0.5, exact_column_wise=False)
+    assert sm.sparse_optimizer == RowWiseAdagrad(0.1)
+    sm.sparse_optimizer = RowWiseAdagrad(0.5)
+    assert sm.sparse_optimizer == RowWiseAdagrad(0.5)
+
+
 @pytest.mark.parametrize("name", ["functional_bag", "functional_embedding", "bag_2d", "table_dict", "seq_attention"])
 @pytest.mark.parametrize("sharding", ["table_wise", "row_wise", "table_row_wise", "data_parallel"])
 def test_lookup_styles(name, sharding):
