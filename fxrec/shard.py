@@ -144,6 +144,8 @@ class ShardedModel(nn.Module):
         kept. Tables that share a fused kernel (their configs were equal when sharded) must
         keep equal configs. The `frozen` tables stay untrained."""
         value = freeze(value, self.frozen)
+        if isinstance(value, PerTable):  # as shard does: a misspelt table would get the default silently
+            value.check_tables(self._tables)
         for m in self._lookups():
             if isinstance(m, ReplicatedLookup):
                 for name in m.tables:

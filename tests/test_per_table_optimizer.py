@@ -155,6 +155,10 @@ def test_a_new_learning_rate_per_table_keeps_shared_kernels_equal():
                                        default=RowWiseAdagrad(0.5))
     with pytest.raises(ValueError, match=r"must stay a Adam"):
         sm.sparse_optimizer = RowWiseAdagrad(0.5)
+    # a misspelt table would silently get the default, as shard refuses it
+    with pytest.raises(ValueError, match=r"PerTable: unknown table\(s\) \['t_usr'\]; the model's tables are"):
+        sm.sparse_optimizer = PerTable({EBC + "t_user": Adam(0.5), "t_usr": Adam(0.1)}, default=RowWiseAdagrad(0.5))
+    assert sm.sparse_optimizer.for_table(EBC + "t_user").lr == 0.5
 
 
 def _fused_optimizers(sm) -> dict:
