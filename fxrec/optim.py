@@ -38,14 +38,47 @@ _FP32 = 4
 _INT32 = 4
 
 
-def _check_lr(kind: str, lr: float) -> None:
-    if not lr >= 0:
+# The fused kernels update in float32: an lr or eps beyond its largest value is inf there, which
+# turned the touched rows into inf (lr) or froze every table (eps: the update g / inf is 0).
+_FP32_MAX = 3.4028234663852886e38
+
+
+def _number(kind: str, name: str, value, rule: str) -> float:
+    """`value` as a float, else TypeError naming `kind`'s argument `name`. A bool is refused
+    (SGD(lr=True) trained with lr 1.0), as is anything float() does not take as one number (a
+    string, a tensor of several values), which failed inside the comparison with a bare error."""
+    if isinstance(value, (bool, str, bytes)) or type(value).__name__ in ("bool", "bool_") or value is None:
+        raise TypeError(f"{kind}: {name} must be a number {rule}, got {value!r} ({type(value).__name__})")
+    try:
+        return float(value)
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise TypeError(f"{kind}: {name} must be a number {rule}, got {value!r} ({type(value).__name__})") from e
+
+
+def _finite(kind: str, name: str, value: float) -> None:
+    if not value <= _FP32_MAX:  # inf; nan is refused before this by the caller's range check
+        raise ValueError(f"{kind}: {name} must be finite in float32 (at most {_FP32_MAX:.4g}, where the fused "
+                         f"update runs), got {value!r}")
+
+
+def _check_lr(kind: str, lr) -> float:
+    value = _number(kind, "lr", lr, ">= 0")
+    if not value >= 0:
         raise ValueError(f"{kind}: lr must be >= 0, got {lr}")
+    _finite(kind, "lr", value)
+    return value
 
 
-def _check_eps(kind: str, eps: float) -> None:
-    if not eps > 0:
+def _check_eps(kind: str, eps) -> float:
+    value = _number(kind, "eps", eps, "> 0")
+    if not value > 0:
         raise ValueError(f"{kind}: eps must be > 0, got {eps}")
+    _finite(kind, "eps", value)
+    return value
+
+
+def _set(config, name: str, value) -> None:
+    object.__setattr__(config, name, value)  # the dataclasses are frozen; this normalises a field
 
 
 @dataclass(frozen=True)
@@ -56,7 +89,7 @@ class SGD:
     name: ClassVar[str] = "sgd"
 
     def __post_init__(self):
-        _check_lr("SGD", self.lr)
+        _set(self, "lr", _check_lr("SGD", self.lr))
 
     def state_bytes_per_row(self, dim: int) -> int:
         return 0
@@ -72,8 +105,11 @@ class RowWiseAdagrad:
     name: ClassVar[str] = "rowwise_adagrad"
 
     def __post_init__(self):
-        _check_lr("RowWiseAdagrad", self.lr)
-        _check_eps("RowWiseAdagrad", self.eps)
+        _set(self, "lr", _check_lr("RowWiseAdagrad", self.lr))
+        _set(self, "eps", _check_eps("RowWiseAdagrad", self.eps))
+        if not isinstance(self.exact_column_wise, bool):  # "no" is truthy: it trained exactly
+            raise TypeError(f"RowWiseAdagrad: exact_column_wise must be True or False, got "
+                            f"{self.exact_column_wise!r} ({type(self.exact_column_wise).__name__})")
 
     def state_bytes_per_row(self, dim: int) -> int:
         return _FP32
@@ -89,12 +125,15 @@ class Adam:
     name: ClassVar[str] = "adam"
 
     def __post_init__(self):
-        _check_lr("Adam", self.lr)
-        _check_eps("Adam", self.eps)
-        betas = tuple(float(b) for b in self.betas)
+        _set(self, "lr", _check_lr("Adam", self.lr))
+        _set(self, "eps", _check_eps("Adam", self.eps))
+        rule = "two values in [0, 1)"
+        if isinstance(self.betas, (str, bytes)) or not hasattr(self.betas, "__iter__"):
+            raise TypeError(f"Adam: betas must be {rule}, got {self.betas!r} ({type(self.betas).__name__})")
+        betas = tuple(_number("Adam", "betas", b, f"(betas: {rule})") for b in self.betas)
         if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
-            raise ValueError(f"Adam: betas must be two values in [0, 1), got {self.betas}")
-        object.__setattr__(self, "betas", betas)
+            raise ValueError(f"Adam: betas must be {rule}, got {self.betas}")
+        _set(self, "betas", betas)
 
     def state_bytes_per_row(self, dim: int) -> int:
         return 2 * dim * _FP32 + _INT32
@@ -113,7 +152,12 @@ class PerTable:
     name: ClassVar[str] = "per_table"
 
     def __init__(self, tables: Mapping[str, Optional[SparseOptimizer]], default: Optional[SparseOptimizer] = None):
-        for key, opt in dict(tables).items():
+        try:
+            tables = dict(tables)
+        except (TypeError, ValueError) as e:
+            raise TypeError(f"PerTable: tables must map table names to fxrec.optim.SGD/RowWiseAdagrad/Adam, got "
+                            f"{tables!r} ({type(tables).__name__})") from e
+        for key, opt in tables.items():
             if not isinstance(key, str) or not (opt is None or isinstance(opt, OPTIMIZERS)):
                 raise ValueError(f"PerTable: tables must map table names to fxrec.optim.SGD/RowWiseAdagrad/Adam "
                                  f"(or None: not trained), got {key!r}: {opt!r}")

@@ -9,7 +9,7 @@ from fxrec.lowering import (FusedEmbeddingBags, NoKernelError, TBELayout, kernel
                             register_kernel, registered, select)
 from fxrec.lowering import registry
 from fxrec.lowering.fbgemm import AVAILABLE as FBGEMM
-from fxrec.optim import SGD, Adam, RowWiseAdagrad
+from fxrec.optim import SGD, Adam, PerTable, RowWiseAdagrad
 from fxrec.types import TableInfo
 
 CPU_FAST = "fbgemm" if FBGEMM else "torch"  # what a CPU problem gets when fbgemm serves it
@@ -298,6 +298,40 @@ def test_optimizer_configs():
         RowWiseAdagrad(0.1, eps=0)
     with pytest.raises(ValueError, match="SGD: lr must be >= 0, got -1"):
         SGD(-1)
+
+
+@pytest.mark.parametrize("make, error, match", [
+    # beyond float32 the fused update sees inf: rows became inf (lr) or never moved (eps)
+    (lambda: SGD(float("inf")), ValueError, r"SGD: lr must be finite in float32 .*, got inf"),
+    (lambda: Adam(1e300), ValueError, r"Adam: lr must be finite in float32 .*, got 1e\+300"),
+    (lambda: RowWiseAdagrad(0.1, eps=1e300), ValueError, r"RowWiseAdagrad: eps must be finite in float32 .*, got "
+                                                          r"1e\+300"),
+    (lambda: SGD(float("nan")), ValueError, r"SGD: lr must be >= 0, got nan"),
+    # True trained with lr 1.0; "no" is truthy and trained exactly
+    (lambda: SGD(True), TypeError, r"SGD: lr must be a number >= 0, got True \(bool\)"),
+    (lambda: RowWiseAdagrad(0.1, eps=True), TypeError, r"RowWiseAdagrad: eps must be a number > 0, got True"),
+    (lambda: RowWiseAdagrad(0.1, exact_column_wise="no"), TypeError,
+     r"RowWiseAdagrad: exact_column_wise must be True or False, got 'no' \(str\)"),
+    (lambda: RowWiseAdagrad(0.1, exact_column_wise=None), TypeError, r"exact_column_wise must be True or False"),
+    # types the comparison failed on with a bare error
+    (lambda: SGD("0.1"), TypeError, r"SGD: lr must be a number >= 0, got '0.1' \(str\)"),
+    (lambda: SGD(None), TypeError, r"SGD: lr must be a number >= 0, got None"),
+    (lambda: SGD(torch.tensor([0.1, 0.2])), TypeError, r"SGD: lr must be a number >= 0, got tensor"),
+    (lambda: RowWiseAdagrad(0.1, eps="1e-8"), TypeError, r"RowWiseAdagrad: eps must be a number > 0, got '1e-8'"),
+    (lambda: Adam(0.1, betas=0.9), TypeError, r"Adam: betas must be two values in \[0, 1\), got 0.9 \(float\)"),
+    (lambda: Adam(0.1, betas="ab"), TypeError, r"Adam: betas must be two values in \[0, 1\), got 'ab'"),
+    (lambda: Adam(0.1, betas=None), TypeError, r"Adam: betas must be two values in \[0, 1\), got None"),
+    (lambda: PerTable(None), TypeError, r"PerTable: tables must map table names .*, got None"),
+])
+def test_optimizer_configs_refuse_meaningless_values(make, error, match):
+    with pytest.raises(error, match=match):
+        make()
+
+
+def test_optimizer_configs_take_numbers_of_any_kind():
+    assert SGD(1) == SGD(1.0) and isinstance(SGD(1).lr, float)
+    assert RowWiseAdagrad(torch.tensor(0.5)).lr == 0.5
+    assert Adam(0.1, betas=[0.5, 0.25]).betas == (0.5, 0.25)
 
 
 def test_table_minmax_paths_agree():
