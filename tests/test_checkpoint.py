@@ -701,3 +701,17 @@ def test_the_next_save_or_load_waits_for_a_background_save(tmp_path):
     fxrec.checkpoint.save(model, tmp_path / "a", extra={"step": 1}, background=True)
     fxrec.checkpoint.save(model, tmp_path / "a", extra={"step": 2}, background=True)  # waits for the first
     assert fxrec.checkpoint.load(_Tables(10), tmp_path / "a") == {"step": 2}  # waits for the second
+
+
+def test_fxrec_checkpoint_imports_as_a_module():
+    """README: fxrec.checkpoint.save / load. The import forms work too, and give the one module
+    (fxrec.runtime.checkpoint), not a copy."""
+    import importlib
+
+    import fxrec.runtime.checkpoint as runtime_checkpoint
+
+    module = importlib.import_module("fxrec.checkpoint")
+    from fxrec.checkpoint import load, save
+
+    assert module is runtime_checkpoint is fxrec.checkpoint
+    assert (save, load) == (runtime_checkpoint.save, runtime_checkpoint.load)
