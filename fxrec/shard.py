@@ -552,7 +552,7 @@ def _prepare(model: nn.Module, topology, inputs: tuple, plan, constraints, spars
     if not isinstance(optimizer, OPTIMIZERS + (PerTable,)):
         raise ValueError(f"fxrec.shard: sparse_optimizer must be fxrec.optim.SGD/RowWiseAdagrad/Adam or a "
                          f"fxrec.optim.PerTable, got {optimizer!r}")
-    device = torch.device("cuda", torch.cuda.current_device()) if topology.device == "cuda" else torch.device("cpu")
+    device = _device(topology)
     state_keys = list(model.state_dict().keys())
     gm = capture(model, inputs)
     ctx = PassContext(example_inputs=inputs, topology=topology)
@@ -567,6 +567,17 @@ def _prepare(model: nn.Module, topology, inputs: tuple, plan, constraints, spars
         from fxrec.planner.plan import refuse_dense_constraints
         refuse_dense_constraints(constraints, gm.meta.get(L.DENSE_TABLES, {}))
     return gm, ctx, optimizer, state_keys, device
+
+
+def _device(topology) -> torch.device:
+    """Where this rank's shards and dense part go. A CUDA topology on a host without CUDA is
+    refused here, naming it: torch.cuda.current_device() failed with torch's own assertion."""
+    if topology.device != "cuda":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ValueError(f"fxrec.shard: topology.device={topology.device!r} but torch.cuda.is_available() is False "
+                         f"on this host; use Topology(..., device='cpu') or a CUDA build of torch")
+    return torch.device("cuda", torch.cuda.current_device())
 
 
 def _portable(e: Exception) -> tuple[type, str]:

@@ -221,6 +221,13 @@ def test_world_size_mismatch():
         shard(model, Topology(2), batch)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the host has CUDA")
+def test_a_cuda_topology_without_cuda_is_refused():
+    _, model, batch = _make("dlrm_lists")
+    with pytest.raises(ValueError, match=r"topology.device='cuda' but torch.cuda.is_available\(\) is False"):
+        shard(model, Topology(1, device="cuda"), batch)
+
+
 def test_plan_missing_a_table():
     _, model, batch = _make("dlrm_lists")
     tables = fxrec.find_tables(model, batch)
