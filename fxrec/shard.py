@@ -44,6 +44,7 @@ from fxrec.passes.runner import PassContext, run_passes
 from fxrec.runtime import comm
 from fxrec.runtime.local_lookup import LocalLookup, ReplicatedLookup
 from fxrec.runtime.tables import deterministic_init, gather_full, shard_from_full
+from fxrec.types import whole
 
 __all__ = ["shard", "ShardedModel", "DEFAULT_SPARSE_OPTIMIZER"]
 
@@ -541,11 +542,12 @@ def _check_dense_tables(model: nn.Module, dense: dict, tables: dict) -> None:
                       f"by the dense optimizer, gradients averaged): {why}", stacklevel=3)
 
 
-def _prepare(model: nn.Module, topology, inputs: tuple, plan, constraints, sparse_optimizer):
+def _prepare(model: nn.Module, topology, inputs: tuple, plan, constraints, sparse_optimizer, seed):
     """This rank's part of `shard` before any collective: the arguments checked, the model
     captured and its tables found. (gm, ctx, the sparse optimizer with the frozen tables
     mapped to None, the model's state_dict keys, the device.)"""
     _check_world(topology)
+    _check_seed(seed)
     if plan is not None and constraints is not None:
         raise ValueError("fxrec.shard: give a plan or constraints to plan with, not both")
     optimizer = DEFAULT_SPARSE_OPTIMIZER if sparse_optimizer is None else sparse_optimizer
@@ -567,6 +569,16 @@ def _prepare(model: nn.Module, topology, inputs: tuple, plan, constraints, spars
         from fxrec.planner.plan import refuse_dense_constraints
         refuse_dense_constraints(constraints, gm.meta.get(L.DENSE_TABLES, {}))
     return gm, ctx, optimizer, state_keys, device
+
+
+def _check_seed(seed) -> None:
+    """A whole number torch.manual_seed takes. The seed matters only for tables and dense
+    modules on the meta device, so a bad one passed silently elsewhere, and there 1.5 was
+    truncated to 1 while "a" or None failed inside a pass."""
+    value = whole(seed)
+    if value is None or not -(2 ** 63) <= value < 2 ** 64:
+        raise ValueError(f"fxrec.shard: seed must be a whole number (torch.manual_seed's range), got {seed!r} "
+                         f"({type(seed).__name__})")
 
 
 def _device(topology) -> torch.device:
@@ -665,7 +677,8 @@ def shard(model: nn.Module, topology, example_inputs, plan=None, constraints=Non
     settings = {"sparse_optimizer": sparse_optimizer, "constraints": constraints, "seed": seed,
                 "plan": _placement(plan)}
     gm, ctx, optimizer, state_keys, device = _agree(world, settings, lambda: _prepare(
-        model, topology, inputs, plan, constraints, sparse_optimizer))
+        model, topology, inputs, plan, constraints, sparse_optimizer, seed))
+    seed = whole(seed)
     frozen = gm.meta[L.FROZEN_TABLES]
     ctx.plan = plan if plan is not None else _agreed_plan(ctx, topology, constraints, optimizer, world)
     check_plan(ctx.plan, ctx.tables, topology)  # here, so the user gets the ValueError / PlanError itself

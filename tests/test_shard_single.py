@@ -228,6 +228,14 @@ def test_a_cuda_topology_without_cuda_is_refused():
         shard(model, Topology(1, device="cuda"), batch)
 
 
+@pytest.mark.parametrize("seed", ["a", None, 1.5, True, float("inf"), 2 ** 64])
+def test_a_seed_that_is_not_a_whole_number_is_refused(seed):
+    # refused also where no table is on meta (the seed then goes unused)
+    _, model, batch = _make("dlrm_lists")
+    with pytest.raises(ValueError, match=rf"fxrec.shard: seed must be a whole number .*, got {re.escape(repr(seed))} "):
+        shard(model, Topology(1), batch, seed=seed)
+
+
 def test_plan_missing_a_table():
     _, model, batch = _make("dlrm_lists")
     tables = fxrec.find_tables(model, batch)
