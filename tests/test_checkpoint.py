@@ -715,3 +715,20 @@ def test_fxrec_checkpoint_imports_as_a_module():
 
     assert module is runtime_checkpoint is fxrec.checkpoint
     assert (save, load) == (runtime_checkpoint.save, runtime_checkpoint.load)
+
+
+@pytest.mark.parametrize("call, name, value", [
+    ("save", "background", "yes"),
+    ("load", "strict", "no"),
+    ("load", "sparse_optimizer", "adam"),
+    ("load", "strict", None),
+])
+def test_a_flag_that_is_not_a_bool_is_refused(tmp_path, call, name, value):
+    case = CASES["dlrm_lists"]
+    torch.manual_seed(0)
+    model = case.build()
+    sm = shard(model, Topology(1), case.draw(torch.Generator().manual_seed(0), 3))
+    fxrec.checkpoint.save(sm, tmp_path / "ckpt")
+    with pytest.raises(TypeError, match=rf"fxrec.checkpoint.{call}: {name} must be True or False, got "
+                                        rf"{re.escape(repr(value))}"):
+        getattr(fxrec.checkpoint, call)(sm, tmp_path / "ckpt", **{name: value})

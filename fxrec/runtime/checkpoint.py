@@ -258,6 +258,14 @@ def _quiet():
         yield
 
 
+def _flag(fn: str, name: str, value) -> None:
+    """A flag is True or False: anything else was read as truthy (background="yes" saved in the
+    background, strict="no" loaded strictly, sparse_optimizer="adam" did not pick an optimizer)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"fxrec.checkpoint.{fn}: {name} must be True or False, got {value!r} "
+                        f"({type(value).__name__})")
+
+
 def save(model: nn.Module, path: PathLike, optimizer: Optional[torch.optim.Optimizer] = None,
          extra: Optional[dict] = None, background: bool = False) -> Optional[Future]:
     """Write `model` (and the dense `optimizer`'s state) to the DCP directory `path`.
@@ -275,6 +283,7 @@ def save(model: nn.Module, path: PathLike, optimizer: Optional[torch.optim.Optim
     does not finish leaves no checkpoint there rather than a mix of the old and the new (save
     elsewhere to keep the last one while writing the next). Collective for a ShardedModel:
     every rank calls it with the same path, extra and background."""
+    _flag("save", "background", background)
     sd = state_dict(model, optimizer)
     for key, value in (extra or {}).items():
         nested = isinstance(value, (list, tuple)) and any(isinstance(v, Tensor) for v in value)
@@ -399,6 +408,8 @@ def load(model: nn.Module, path: PathLike, optimizer: Optional[torch.optim.Optim
     checkpoint and ValueError for a key the checkpoint lacks (strict) or a shape that
     differs; on every rank, with the first failing rank's message, before anything is read.
     Returns the `extra` dict given to `save` (empty if none)."""
+    _flag("load", "sparse_optimizer", sparse_optimizer)
+    _flag("load", "strict", strict)
     path = os.fspath(path)
     _wait_for_background()
     sd = state_dict(model, optimizer, sparse_optimizer, template=True)
