@@ -185,6 +185,23 @@ def test_unknown_option_is_named():
         torch.compile(model, backend="fxrec", options={"sparse_optimiser": None})(*CASES["bag_2d"].inputs(1))
 
 
+@pytest.mark.parametrize("options, match", [
+    # accepted and ignored under no_grad, or failed deep in fuse_lookups when training
+    ({"sparse_optimizer": "garbage"}, r"sparse_optimizer must be fxrec.optim.SGD/RowWiseAdagrad/Adam or a "
+                                      r"fxrec.optim.PerTable, got 'garbage'"),
+    ({"kernel": "cuda"}, r"kernel must be one of \['triton', 'fbgemm', 'torch'\].*, got 'cuda'"),
+    ({"output_dtype": torch.int8, "weight_dtype": "int8"}, r"output_dtype must be one of .*, got torch.int8"),
+    ({"output_dtype": torch.float16}, r"output_dtype=torch.float16 is what quantized lookups return, and no "
+                                      r"weight_dtype was given"),
+    ({"bounds_check": "no"}, r"bounds_check must be True or False, got 'no'"),
+    (["dense"], r"options must be a dict of option name -> value, got \['dense'\] \(list\)"),
+])
+def test_bad_option_values_are_named(options, match):
+    model, _ = CASES["bag_2d"].make(0)
+    with torch.no_grad(), pytest.raises(Exception, match=match):
+        torch.compile(model, backend="fxrec", options=options)(*CASES["bag_2d"].inputs(1))
+
+
 def test_training_and_eval_graphs_share_one_buffer(one_thread):
     """A training graph (fused optimizer) and an eval graph (no_grad) of one model read and
     write the same tables: evaluating between steps sees every step."""

@@ -105,13 +105,43 @@ def register() -> None:
         registry.register_backend(fxrec_backend, name="fxrec")
 
 
+_OUTPUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
 def _check_options(options: Optional[dict]) -> dict:
+    """The options, each checked for its type and value here, before any graph compiles: a
+    bad one was otherwise ignored (a sparse_optimizer under no_grad, an output_dtype without
+    weight_dtype), read as truthy (bounds_check="no") or met deep inside a pass, wrapped in
+    BackendCompilerFailed, and only once a graph with lookups compiled."""
+    from fxrec.lowering.registry import KERNELS
+    from fxrec.optim import OPTIMIZERS, PerTable
+
+    where = "torch.compile(backend='fxrec')"
+    if options is not None and not isinstance(options, Mapping):
+        raise TypeError(f"{where}: options must be a dict of option name -> value, got {options!r} "
+                        f"({type(options).__name__}); the options are {list(OPTIONS)}")
     opts = dict(options or {})
     unknown = sorted(set(opts) - set(OPTIONS))
     if unknown:
-        raise ValueError(f"torch.compile(backend='fxrec'): unknown option(s) {unknown}; "
+        raise ValueError(f"{where}: unknown option(s) {unknown}; "
                          f"the options are {list(OPTIONS)}")
     opts["dense"] = check_dense(opts.get("dense", "inductor"))
+    optimizer = opts.get("sparse_optimizer")
+    if optimizer is not None and not isinstance(optimizer, OPTIMIZERS + (PerTable,)):
+        raise ValueError(f"{where}: sparse_optimizer must be fxrec.optim.SGD/RowWiseAdagrad/Adam or a "
+                         f"fxrec.optim.PerTable, got {optimizer!r}")
+    kernel = opts.get("kernel")
+    if kernel is not None and kernel not in KERNELS:
+        raise ValueError(f"{where}: kernel must be one of {list(KERNELS)} (or None: the registry's choice), got "
+                         f"{kernel!r}")
+    output_dtype = opts.get("output_dtype")
+    if output_dtype is not None and output_dtype not in _OUTPUT_DTYPES:
+        raise ValueError(f"{where}: output_dtype must be one of {list(_OUTPUT_DTYPES)}, got {output_dtype!r}")
+    if output_dtype is not None and opts.get("weight_dtype") is None:
+        raise ValueError(f"{where}: output_dtype={output_dtype} is what quantized lookups return, and no "
+                         f"weight_dtype was given to quantize with; give weight_dtype too, or leave output_dtype out")
+    if not isinstance(opts.get("bounds_check", True), bool):
+        raise TypeError(f"{where}: bounds_check must be True or False, got {opts['bounds_check']!r}")
     return opts
 
 
