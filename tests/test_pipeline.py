@@ -280,3 +280,19 @@ def test_a_closed_pipeline_refuses_to_train_and_takes_no_batch(calls_before_clos
         with pytest.raises(RuntimeError, match="the pipeline is closed"):
             pipe.progress(it)
     assert len(list(it)) == 3 - 2 * calls_before_close  # only what the pipeline took before close()
+
+
+def test_bad_arguments_are_refused_at_construction():
+    """Each failed at the first progress() (a missing optimizer only after forward ran), with
+    an AttributeError or 'NoneType object is not callable' naming no argument."""
+    case, piped = _sharded("dlrm_ebc", 1, "table_wise")
+    opt = torch.optim.SGD(piped.parameters(), lr=LR)
+    with pytest.raises(TypeError, match=r"TrainPipeline takes a fxrec.ShardedModel \(fxrec.shard\(...\)\), got "
+                                        r"DLRMEBC"):
+        TrainPipeline(case.build(), opt, _loss)
+    with pytest.raises(TypeError, match=r"TrainPipeline: optimizer must be a torch optimizer .*, got NoneType"):
+        TrainPipeline(piped, None, _loss)
+    with pytest.raises(TypeError, match=r"TrainPipeline: loss_fn must be callable, got None"):
+        TrainPipeline(piped, opt, None)
+    with pytest.raises(TypeError, match=r"TrainPipeline: inputs must be callable, got None"):
+        TrainPipeline(piped, opt, _loss, inputs=None)

@@ -131,6 +131,22 @@ def _ranks_per_node() -> int:
     return len(dist.get_process_group_ranks(intra))
 
 
+def _check_arguments(model, optimizer, loss_fn, inputs) -> None:
+    """Checked at construction: each failed at the first progress() with an AttributeError or
+    'NoneType object is not callable', a missing optimizer only after the batch was taken and
+    its forward ran."""
+    from fxrec.shard import ShardedModel
+
+    if not isinstance(model, ShardedModel):
+        raise TypeError(f"TrainPipeline takes a fxrec.ShardedModel (fxrec.shard(...)), got {type(model).__name__}")
+    if not (callable(getattr(optimizer, "step", None)) and callable(getattr(optimizer, "zero_grad", None))):
+        raise TypeError(f"TrainPipeline: optimizer must be a torch optimizer over sharded.parameters() (with step "
+                        f"and zero_grad), got {type(optimizer).__name__}")
+    for name, fn in (("loss_fn", loss_fn), ("inputs", inputs)):
+        if not callable(fn):
+            raise TypeError(f"TrainPipeline: {name} must be callable, got {fn!r} ({type(fn).__name__})")
+
+
 class TrainPipeline:
     """Trains a `fxrec.ShardedModel`, overlapping the next batch's id distribution with the
     current batch's step (module doc).
@@ -142,6 +158,7 @@ class TrainPipeline:
 
     def __init__(self, model, optimizer: torch.optim.Optimizer, loss_fn: Callable[[Any, Any], torch.Tensor],
                  inputs: Callable[[Any], tuple] = tuple):
+        _check_arguments(model, optimizer, loss_fn, inputs)
         self.model, self.optimizer, self.loss_fn, self.inputs = model, optimizer, loss_fn, inputs
         split = split_stages(model.program(True))  # the training-mode program
         self._stages = split
