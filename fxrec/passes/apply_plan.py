@@ -3,9 +3,13 @@ output_dist nodes for this rank, following a `fxrec.Plan`.
 
 Lookups are served in *units*: all lookups that read a table are in one unit (the fused
 sparse optimizer must see each table's whole gradient at once), and lookups at the same
-stage with the same weight dtype and grad mode share a unit when their inputs are all ready
+stage with the same table dtypes and grad mode share a unit when their inputs are all ready
 before any of their outputs is used, so one set of collectives serves them all (TorchRec groups its
-all-to-alls the same way). Per unit the graph gets (fxrec/runtime/dist_lookup.py):
+all-to-alls the same way). Each table is stored and trained in its own dtype: a unit whose
+tables differ in dtype (an EmbeddingBagCollection of fp16 and fp32 tables) has a fused kernel
+per dtype, sends its results in the dtype theirs promote to (`comm_dtype`, an exact widening),
+and each slot gets its table's dtype back in FinishOutputs. Per unit the graph gets
+(fxrec/runtime/dist_lookup.py):
 
     gather (SlotInputs) -> input_dist -> all_to_all_counts -> recv_splits -> all_to_all
     (ids and lengths) [-> all_to_all (per-sample weights)] -> unpack -> lookup
@@ -117,7 +121,9 @@ def build_units(gm: GraphModule) -> list[list[Node]]:
         if anchor >= first or len({stage[n] for n in comp}) > 1:
             raise ValueError(_late_ids(gm, comp, pos))
         for unit in units:
-            same = stage[unit[0]] == stage[comp[0]] and _dtype(gm, unit[0]) == _dtype(gm, comp[0]) and \
+            # one set of table dtypes per unit: a mixed one sends in their promotion (comm_dtype)
+            same = stage[unit[0]] == stage[comp[0]] and set(_dtypes(gm, unit).values()) == \
+                set(_dtypes(gm, comp).values()) and \
                 unit[0].meta.get(GRAD_MODE) == comp[0].meta.get(GRAD_MODE)  # a unit runs in one mode
             anchor, first = _span(gm, unit + comp, pos)
             if same and anchor < first:
@@ -141,8 +147,19 @@ def _late_ids(gm: GraphModule, comp: list[Node], pos: dict) -> str:
             f"the table's ids before using any of its results")
 
 
-def _dtype(gm: GraphModule, node: Node) -> torch.dtype:
-    return L.fetch_attr(gm, node.meta[L.LOOKUP].reads[0].weight_path).dtype
+def _dtypes(gm: GraphModule, nodes: list[Node]) -> dict[str, torch.dtype]:
+    """Table -> its weight's dtype, for the tables `nodes` read."""
+    return {r.table: L.fetch_attr(gm, r.weight_path).dtype for n in nodes for r in n.meta[L.LOOKUP].reads}
+
+
+def comm_dtype(dtypes) -> torch.dtype:
+    """The dtype a unit's output collectives carry: its tables' one, or the dtype theirs
+    promote to (fp16 + fp32 -> fp32, fp16 + bf16 -> fp32), into which each table's values
+    widen exactly; FinishOutputs gives each slot its table's dtype back."""
+    out = None
+    for d in dtypes:
+        out = d if out is None else torch.promote_types(out, d)
+    return out
 
 
 # ------------------------------------------------------------------ specs
@@ -271,7 +288,7 @@ def _insertion_point(gm: GraphModule, nodes: list[Node]) -> Node:
 def _unit_modules(gm: GraphModule, spec: UnitSpec, nodes: list[Node], dp_slots: list[int], env: dict) -> nn.Module:
     """The per-rank modules of one unit, registered at ``gm.fxrec_shards.<unit>``."""
     node_specs, slots = _node_specs(nodes, gm.meta[L.TABLES])
-    dtype, device, values = _dtype(gm, nodes[0]), env["device"], env["values"]
+    dtypes, device, values = _dtypes(gm, nodes), env["device"], env["values"]
     unit = nn.Module()
     gm.get_submodule(ROOT).add_module(spec.name, unit)
     # Over several ranks the inputs' check travels with the unit's first collective (InputDist,
@@ -290,15 +307,15 @@ def _unit_modules(gm: GraphModule, spec: UnitSpec, nodes: list[Node], dp_slots: 
 
         def init(key: str) -> Tensor:  # drawn when LocalLookup fills that shard, not all at once
             return values(shards[key].table, shards[key].rows, shards[key].cols)
-        unit.lookup = LocalLookup(spec.local_shards(), env["optimizer"], spec.world_size, dtype, device, init,
+        unit.lookup = LocalLookup(spec.local_shards(), env["optimizer"], spec.world_size, dtypes, device, init,
                                   scale_outputs=False)
-        unit.output_prep = OutputPrep(spec, dtype, device, grad_scale=1.0 / spec.world_size)
+        unit.output_prep = OutputPrep(spec, comm_dtype(dtypes.values()), device, grad_scale=1.0 / spec.world_size)
         if RowSync.needed(spec, env["optimizer"]):
             unit.row_sync = RowSync(spec, env["optimizer"], device)
     if dp_slots:
         dp = [slots[k] for k in dp_slots]
         full = {s.table: values(s.table, (0, s.num_embeddings), (0, s.dim)) for s in dp}
-        unit.replicated = _Picked(ReplicatedLookup(dp, env["optimizer"], spec.world_size, dtype, device, full),
+        unit.replicated = _Picked(ReplicatedLookup(dp, env["optimizer"], spec.world_size, dtypes, device, full),
                                   dp_slots)
     return unit
 

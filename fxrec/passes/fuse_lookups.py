@@ -13,7 +13,8 @@ Three kinds of graph reach this pass:
    Groups that share a table (a pooled and an unpooled read of one table, e.g. a tower's
    history mean and its candidate item) or a lookup node (an EBC whose tables differ in
    dtype) are fused into *one* call: a table's weights live in one place, and its sparse
-   update must see its whole gradient at once. Such a table is served as rows and pooled
+   update must see its whole gradient at once (tables of several dtypes get a fused module
+   per dtype inside that call, each table stored and trained in its own dtype). Such a table is served as rows and pooled
    in the glue, as apply_plan does. The tables leave the GraphModule's parameters (they
    are the fused module's buffers, copied from the user's weights; meta stays meta).
    With ``ctx.options["weight_dtype"]`` (inference, quantize_tables runs next) the fused
@@ -140,7 +141,8 @@ def _lookup_module(pack: PackInputs, keys: dict, weights: dict, optimizer, kerne
               for t in pack.pooled_tables + pack.unpooled_tables]
     first = next(iter(weights.values()))
     init = {keys[t]: w.detach() for t, w in weights.items()}
-    module = LocalLookup(shards, optimizer, 1, first.dtype, device or first.device, init.__getitem__)
+    dtypes = {t: w.dtype for t, w in weights.items()}  # each table its own (one fused module per dtype)
+    module = LocalLookup(shards, optimizer, 1, dtypes, device or first.device, init.__getitem__)
     if kernel is not None:
         module.pooled = with_kernel(module.pooled, kernel) if module.pooled is not None else None
         module.unpooled = with_kernel(module.unpooled, kernel) if module.unpooled is not None else None

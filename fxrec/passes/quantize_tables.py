@@ -57,11 +57,13 @@ def _own_dtype(dtype: torch.dtype) -> torch.dtype:
     return dtype if dtype in (torch.float32, torch.float16, torch.bfloat16) else torch.float32
 
 
-def _quantized(fused, keys_to_tables: dict, types: dict, opts: dict, source) -> QuantizedEmbeddingBags:
+def _quantized(fused, keys_to_tables: dict, types: dict, opts: dict, source):
     """`fused`'s tables quantized: from the user's weights when fuse_lookups kept them
-    (`source`, its modules then on meta), else from `fused`'s own copy."""
-    if isinstance(fused, FusedGroups):  # several sparse optimizers: none in inference
-        raise ValueError(f"{NAME}: a lookup fused per sparse optimizer cannot be quantized; lower without one")
+    (`source`, its modules then on meta), else from `fused`'s own copy. A `FusedGroups`
+    (tables of several dtypes) gets each part quantized, each returning its tables' dtype."""
+    if isinstance(fused, FusedGroups):
+        parts = [_quantized(p, keys_to_tables, types, opts, source) for p in fused.parts]
+        return FusedGroups(parts, fused.members, fused.dims, fused.pooled)
     types = {n: types[keys_to_tables[n]] for n in fused.layout.names}
     # the unit's GatherInputs checks every id already, naming the lookup (bounds_check below)
     out = opts.get("output_dtype") or _own_dtype(fused.weights.dtype)
@@ -96,11 +98,15 @@ def quantize_tables_pass(gm: GraphModule, ctx) -> GraphModule:
                 continue
             q = _quantized(fused, keys, types, opts, source)
             setattr(mod, role, q)
-            record[role] = q.kernel_record(_weighted(gm, node) and role == "pooled", opts.get("kernel_device"))
-            served.update(keys[n] for n in q.layout.names)
-            kinds = ", ".join(f"{n}:{t.name}" for n, t in zip(q.layout.names, q.layout.types))
-            ctx.log.append(f"{NAME}: %{node.name} {role} tables [{kinds}], {q.layout.numel:,} bytes, "
-                           f"kernel {record[role]}")
+            parts = q.fused_modules() if isinstance(q, FusedGroups) else [q]
+            records = [p.kernel_record(_weighted(gm, node) and role == "pooled", opts.get("kernel_device"))
+                       for p in parts]
+            record[role] = {op: "+".join(dict.fromkeys(r[op] for r in records)) for op in records[0]}
+            for p in parts:
+                served.update(keys[n] for n in p.layout.names)
+                kinds = ", ".join(f"{n}:{t.name}" for n, t in zip(p.layout.names, p.layout.types))
+                ctx.log.append(f"{NAME}: %{node.name} {role} tables [{kinds}], {p.layout.numel:,} bytes, "
+                               f"kernel {records[parts.index(p)]}")
         node.meta[KERNEL] = record
         if source is not None:
             del mod.source_weights  # the lowered module must not keep the user's tables alive

@@ -427,6 +427,16 @@ def _joined(out) -> Tensor:
     return out.join() if isinstance(out, ColumnBlocks) else out
 
 
+def _in_dtype(out, dtype: Optional[torch.dtype]):
+    """A slot's result (a tensor or its `ColumnBlocks`) in its table's dtype: a lookup serving
+    tables of several dtypes gives each the dtype they promote to (apply_plan.comm_dtype)."""
+    if dtype is None:
+        return out
+    if isinstance(out, ColumnBlocks):
+        return out if all(b.dtype == dtype for b in out) else ColumnBlocks(b.to(dtype) for b in out)
+    return out.to(dtype)
+
+
 def _finish_slot(slot: SlotSpec, inp: SlotInput, out: Tensor) -> Tensor:
     """A slot's result in the callee's form (before the node-level container)."""
     if slot.pooling == "none":
@@ -468,6 +478,7 @@ class FinishOutputs(nn.Module):
 
     def forward(self, inputs: list[SlotInput], slot_outputs: list) -> tuple[Any, ...]:
         """slot_outputs: per slot a tensor, or its `ColumnBlocks`."""
+        slot_outputs = [_in_dtype(out, slot.dtype) for out, slot in zip(slot_outputs, self.slots)]
         results = []
         for spec in self.nodes:
             if spec.kind == "ebc":

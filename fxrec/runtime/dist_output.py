@@ -253,6 +253,9 @@ class OutputPrep(nn.Module):
 
     def forward(self, p_out, u_out, ls: LookupState, send: SendState, sync=None):
         """sync: the unit's `RowSyncState` (or None); its token hangs from every buffer."""
+        # a unit whose tables differ in dtype sends in the one they promote to (apply_plan.comm_dtype)
+        p_out = p_out.to(self.dtype) if p_out is not None else None
+        u_out = [u.to(self.dtype) for u in u_out]
         out = self._send_buffers(p_out, u_out, ls, send)
         if sync is None:
             return out

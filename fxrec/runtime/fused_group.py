@@ -191,7 +191,7 @@ def kernel_record(fused: FusedEmbeddingBags, weighted: bool = False, device=None
     by the registry as FusedEmbeddingBags chooses: its `kernel_request`, else FXREC_KERNEL
     (as set now), else the first kernel whose checker accepts. `device`: the device to choose
     for (default: the weights'; `fxrec dump` keeps its shards on meta but shows the kernels
-    the topology's device would run). A `FusedGroups` (one kernel per sparse optimizer)
+    the topology's device would run). A `FusedGroups` (one kernel per sparse optimizer and dtype)
     gives each op's kernels joined by "+", in its parts' order, once each."""
     if hasattr(fused, "parts"):
         merged: dict[str, list[str]] = {}

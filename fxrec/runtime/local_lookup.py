@@ -17,7 +17,7 @@ so replicas stay equal.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Mapping, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -84,10 +84,12 @@ def _table_slices(indices: Tensor, offsets: Tensor, psw: Optional[Tensor], table
 
 
 class FusedGroups(nn.Module):
-    """Tables of several sparse optimizer configurations (`fxrec.optim.PerTable`) served as
-    one `FusedEmbeddingBags` over all of them would be: one fused module per configuration
-    (`parts`, holding the tables at positions ``members[i]``), the same inputs and output
-    layout (pooled ``B x sum(dims)``, or the flat unpooled one) in the tables' order."""
+    """Tables of several sparse optimizer configurations (`fxrec.optim.PerTable`) or dtypes
+    served as one `FusedEmbeddingBags` over all of them would be: one fused module per
+    (configuration, dtype) (`parts`, holding the tables at positions ``members[i]``), the
+    same inputs and output layout (pooled ``B x sum(dims)``, or the flat unpooled one) in the
+    tables' order. Parts of different dtypes give an output in the dtype they promote to
+    (as torch.cat does; exact, a widening); each table's values are its own dtype's."""
 
     def __init__(self, parts: list[FusedEmbeddingBags], members: list[list[int]], dims: list[int], pooled: bool):
         super().__init__()
@@ -132,28 +134,33 @@ class LocalLookup(nn.Module):
     shards: this rank's `LocalShard`s (pooled first); `init(key)` its initial values, called
     once per shard while the fused tables are filled, so that at most one shard's values
     exist beside the fused storage (not a second copy of every table on the rank).
+    dtype: the tables' dtype, or table name -> its dtype; each table is stored and trained
+    in its own (tables of different dtypes get fused modules of their own: `FusedGroups`,
+    whose outputs are in the dtype they promote to).
     scale_outputs: scale the outputs' gradients by 1/world_size here; False when the
     consumer of the outputs scales their gradients itself (module doc)."""
 
-    def __init__(self, shards, optimizer, world_size: int, dtype: torch.dtype, device,
-                 init: Callable[[str], Tensor], scale_outputs: bool = True):
+    def __init__(self, shards, optimizer, world_size: int, dtype: Union[torch.dtype, Mapping[str, torch.dtype]],
+                 device, init: Callable[[str], Tensor], scale_outputs: bool = True):
         super().__init__()
         self.world_size, self.scale_outputs = world_size, scale_outputs
-        pooled = [(s, _Table(s.key, s.num_rows, s.num_cols, "sum", dtype)) for s in shards if s.pooled]
-        unpooled = [(s, _Table(s.key, s.num_rows, s.num_cols, "none", dtype)) for s in shards if not s.pooled]
+        of = dtype.__getitem__ if isinstance(dtype, Mapping) else lambda table: dtype
+        pooled = [(s, _Table(s.key, s.num_rows, s.num_cols, "sum", of(s.table))) for s in shards if s.pooled]
+        unpooled = [(s, _Table(s.key, s.num_rows, s.num_cols, "none", of(s.table))) for s in shards if not s.pooled]
         self.pooled = self._fused(pooled, optimizer, device, init, True)
         self.unpooled = self._fused(unpooled, optimizer, device, init, False)
 
     @staticmethod
     def _fused(tables, optimizer, device, init, pooled: bool):
-        """One FusedEmbeddingBags, or a FusedGroups of one per optimizer configuration."""
+        """One FusedEmbeddingBags, or a FusedGroups of one per (optimizer configuration,
+        dtype): each table is stored, trained and served in its own dtype."""
         if not tables:
             return None
-        configs: dict = {}  # configuration -> positions of its tables
-        for pos, (shard, _) in enumerate(tables):
-            configs.setdefault(for_table(optimizer, shard.table), []).append(pos)
+        configs: dict = {}  # (configuration, dtype) -> positions of its tables
+        for pos, (shard, spec) in enumerate(tables):
+            configs.setdefault((for_table(optimizer, shard.table), spec.dtype), []).append(pos)
         parts = []
-        for config, members in configs.items():
+        for (config, _), members in configs.items():
             specs = [tables[p][1] for p in members]
             # Uninitialised storage, filled shard by shard: the user's RNG stream is left alone
             # (each rank builds different shards) and no shard is drawn twice.
@@ -230,9 +237,11 @@ class ReplicatedLookup(nn.Module):
     """forward(inputs of the unit's data-parallel slots) -> their outputs: pooled sums
     ``bags x dim`` for tables served pooled, else rows ``ids x dim``.
 
-    slots: the SlotSpecs, aligned with forward's inputs; `init[table]` the full table."""
+    slots: the SlotSpecs, aligned with forward's inputs; `init[table]` the full table.
+    dtype: the tables' dtype, or table name -> its dtype (each table keeps its own)."""
 
-    def __init__(self, slots: list[SlotSpec], optimizer, world_size: int, dtype, device, init: dict, group=None):
+    def __init__(self, slots: list[SlotSpec], optimizer, world_size: int,
+                 dtype: Union[torch.dtype, Mapping[str, torch.dtype]], device, init: dict, group=None):
         super().__init__()
         self.slots, self.optimizer, self.world_size, self.group = list(slots), optimizer, world_size, group
         self.tables = list(dict.fromkeys(s.table for s in self.slots))
@@ -240,9 +249,9 @@ class ReplicatedLookup(nn.Module):
         self._after_backward = AfterBackward()  # this backward's gradient sums: _update_after_backward
         self._state: list[dict] = []
         for i, name in enumerate(self.tables):
-            full = init[name]
-            self.register_buffer(f"table{i}", full.detach().to(device=device, dtype=dtype).clone())
-            spec = _Table(name, full.shape[0], full.shape[1], "none", dtype)
+            full, dt = init[name], dtype[name] if isinstance(dtype, Mapping) else dtype
+            self.register_buffer(f"table{i}", full.detach().to(device=device, dtype=dt).clone())
+            spec = _Table(name, full.shape[0], full.shape[1], "none", dt)
             state = init_state(for_table(optimizer, name), TBELayout([spec], device))
             for key, value in state.items():
                 if value.numel() == full.numel() and full.shape[0] != full.numel():
