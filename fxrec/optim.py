@@ -3,7 +3,9 @@
 These are plain data: the fused kernels (fxrec.lowering) apply them inside the backward
 pass, only to the rows a batch touched, and the planner reads `state_bytes_per_row` to
 size each shard. State lives beside the table, sharded with it, always in fp32 (Adam's
-per-row step count in int32), whatever the weight dtype.
+per-row step count in int32), whatever the weight dtype. Gradients are summed and the
+update computed in fp32 (rounded once to an fp16 / bf16 table's dtype), or in fp64 for an
+fp64 table, which the torch kernel serves (it reads the fp32 state widened).
 
 Definitions (g = the row's gradient summed over every occurrence of its id in the batch):
 

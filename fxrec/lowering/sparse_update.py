@@ -43,17 +43,18 @@ def init_state(optimizer, layout: TBELayout, device=None) -> dict[str, Tensor]:
                      "RowWiseAdagrad or Adam")
 
 
-def adam_row_scalars(optimizer: Adam, step: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-row ``lr / (1 - beta1**step)`` and ``sqrt(1 - beta2**step)`` as fp32.
+def adam_row_scalars(optimizer: Adam, step: Tensor, dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
+    """Per-row ``lr / (1 - beta1**step)`` and ``sqrt(1 - beta2**step)`` in `dtype` (fp32; fp64
+    for an fp64 table's update).
 
     Computed in float64 as torch.optim.Adam does in Python (where 1 - beta2 near 1e-3
-    would lose ~1e-4 relative precision in fp32), then rounded once to fp32.
+    would lose ~1e-4 relative precision in fp32), then rounded once to `dtype`.
     """
     beta1, beta2 = optimizer.betas
     s = step.to(torch.float64)
     step_size = optimizer.lr / (1.0 - torch.pow(beta1, s))
     bc2_sqrt = torch.sqrt(1.0 - torch.pow(beta2, s))
-    return step_size.to(torch.float32), bc2_sqrt.to(torch.float32)
+    return step_size.to(dtype), bc2_sqrt.to(dtype)
 
 
 @dataclass

@@ -4,6 +4,9 @@ Forward: F.embedding_bag per table (it accumulates fp16/bf16 in fp32; with per-s
 weights, low-precision tables gather the touched rows to pool them in fp32). Backward + update: per table, the occurrences' gradients are summed per
 unique id (index_add_, or in deterministic mode a stable sort + segment_reduce, which
 adds in a fixed order on every device), then the optimizer updates only those rows.
+Arithmetic runs in fp32, or in fp64 for fp64 tables (`compute_dtype`): a user who chose
+fp64 gets fp64 sums and updates (the other kernels refuse fp64, so it always comes here);
+the optimizer state stays fp32 (fxrec/optim.py).
 """
 from __future__ import annotations
 
@@ -19,6 +22,12 @@ from .layout import TBELayout
 from .quant import QuantLayout, dequantize_rows
 from .registry import Problem, register_kernel
 from .sparse_update import ROW_STATE, adam_row_scalars
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a table's weighted sums, gradients and updates are computed in: fp32, or the
+    table's own where it is wider (fp64), never rounding a user's fp64 table to fp32."""
+    return torch.promote_types(dtype, torch.float32)
 
 
 def _bounds(offsets: Tensor, B: int, T: int) -> list[int]:
@@ -41,12 +50,13 @@ def pooled_forward(weights: Tensor, layout: TBELayout, indices: Tensor, offsets:
             # table's dtype, the output's: no round trip through fp32 (two more passes)
             outs.append(F.embedding_bag(ids, table, bag_off, mode="mean" if mean else "sum"))
             continue
-        if table.dtype != torch.float32:  # fp32 weights for fp32 per-sample weights, without copying the table
-            table, ids = table[ids].float(), torch.arange(e - s, device=ids.device, dtype=ids.dtype)
-        out = F.embedding_bag(ids, table, bag_off, mode="sum", per_sample_weights=per_sample_weights[s:e].float())
+        acc = compute_dtype(table.dtype)
+        if table.dtype != acc:  # fp32 weights for fp32 per-sample weights, without copying the table
+            table, ids = table[ids].to(acc), torch.arange(e - s, device=ids.device, dtype=ids.dtype)
+        out = F.embedding_bag(ids, table, bag_off, mode="sum", per_sample_weights=per_sample_weights[s:e].to(acc))
         if mean:
             lengths = offsets[t * B + 1:(t + 1) * B + 1] - offsets[t * B:(t + 1) * B]
-            out = out / lengths.clamp(min=1).unsqueeze(1).float()
+            out = out / lengths.clamp(min=1).unsqueeze(1).to(acc)
         outs.append(out)
     if B == 0:
         return weights.new_zeros(0, layout.total_D)
@@ -63,32 +73,35 @@ def unpooled_forward(weights: Tensor, layout: TBELayout, indices: Tensor, offset
 
 def per_sample_weights_grad(weights: Tensor, layout: TBELayout, grad_output: Tensor,
                             indices: Tensor, offsets: Tensor) -> Tensor:
-    """fp32 [N]: d loss / d per_sample_weight[i] = <grad of i's bag, i's row> (/ bag length
-    for mean). Reads only the looked-up rows; call it before the weights are updated."""
+    """[N] in `compute_dtype` (fp32; fp64 for fp64 weights): d loss / d per_sample_weight[i] =
+    <grad of i's bag, i's row> (/ bag length for mean). Reads only the looked-up rows; call
+    it before the weights are updated."""
     B = layout.batch_size(offsets)
     bounds = _bounds(offsets, B, layout.num_tables)
-    out = torch.zeros(indices.numel(), dtype=torch.float32, device=indices.device)
+    acc = compute_dtype(weights.dtype)
+    out = torch.zeros(indices.numel(), dtype=acc, device=indices.device)
     for t, table in enumerate(layout.split(weights)):
         s, e = bounds[t], bounds[t + 1]
         if e > s:
             # the occurrence gradient with unit weights, dotted with the row it looked up
-            g = _occurrence_grads(layout, t, grad_output, offsets, B, s, e, 0, None)
-            out[s:e] = (g * table[indices[s:e]].float()).sum(dim=1)
+            g = _occurrence_grads(layout, t, grad_output, offsets, B, s, e, 0, None, acc)
+            out[s:e] = (g * table[indices[s:e]].to(acc)).sum(dim=1)
     return out
 
 
 def _occurrence_grads(layout: TBELayout, t: int, grad_output: Tensor, offsets: Tensor, B: int,
-                      s: int, e: int, unpooled_start: int, psw: Optional[Tensor]) -> Tensor:
-    """fp32 [e - s, dim_t]: the gradient each occurrence of table t sends to its row."""
+                      s: int, e: int, unpooled_start: int, psw: Optional[Tensor],
+                      dtype: torch.dtype = torch.float32) -> Tensor:
+    """[e - s, dim_t] in `dtype`: the gradient each occurrence of table t sends to its row."""
     d0, d1 = layout.D_offsets_list[t], layout.D_offsets_list[t + 1]
     if not layout.pooled:
-        return grad_output[unpooled_start:unpooled_start + (e - s) * (d1 - d0)].view(e - s, d1 - d0).float()
+        return grad_output[unpooled_start:unpooled_start + (e - s) * (d1 - d0)].view(e - s, d1 - d0).to(dtype)
     lengths = (offsets[t * B + 1:(t + 1) * B + 1] - offsets[t * B:(t + 1) * B]).long()
     bag = torch.repeat_interleave(torch.arange(B, device=grad_output.device), lengths, output_size=e - s)
-    g = grad_output[bag, d0:d1].float()
-    scale = psw[s:e].float() if psw is not None else None
+    g = grad_output[bag, d0:d1].to(dtype)
+    scale = psw[s:e].to(dtype) if psw is not None else None
     if layout.poolings[t] == "mean":
-        inv = 1.0 / lengths.clamp(min=1)[bag].float()
+        inv = 1.0 / lengths.clamp(min=1)[bag].to(dtype)
         scale = inv if scale is None else scale * inv
     return g if scale is None else g * scale.unsqueeze(1)
 
@@ -103,22 +116,25 @@ def _aggregate(ids: Tensor, grads: Tensor, deterministic: bool) -> tuple[Tensor,
 
 
 def apply_update(optimizer, table: Tensor, state: dict[str, Tensor], rows: Tensor, g: Tensor) -> None:
-    """Update `table[rows]` (unique rows) and its state slices with summed gradients g (fp32)."""
-    w = table[rows].float()
+    """Update `table[rows]` (unique rows) and its state slices with summed gradients g, computed
+    in `compute_dtype` (fp32; fp64 for an fp64 table, whose fp32 state is read widened)."""
+    acc = compute_dtype(table.dtype)
+    w, g = table[rows].to(acc), g.to(acc)
     if isinstance(optimizer, SGD):
         w = w - optimizer.lr * g
     elif isinstance(optimizer, RowWiseAdagrad):
-        mom = state["momentum"][rows] + (g * g).mean(dim=1)
-        state["momentum"][rows] = mom
+        mom = state["momentum"][rows].to(acc) + (g * g).mean(dim=1)
+        state["momentum"][rows] = mom.to(state["momentum"].dtype)
         w = w - (optimizer.lr / (mom.sqrt() + optimizer.eps)).unsqueeze(1) * g
     elif isinstance(optimizer, Adam):
         beta1, beta2 = optimizer.betas
         step = state["step"][rows] + 1
         state["step"][rows] = step
-        m = state["exp_avg"][rows].lerp(g, 1 - beta1)
-        v = state["exp_avg_sq"][rows] * beta2 + (1 - beta2) * g * g
-        state["exp_avg"][rows], state["exp_avg_sq"][rows] = m, v
-        step_size, bc2_sqrt = adam_row_scalars(optimizer, step)
+        m = state["exp_avg"][rows].to(acc).lerp(g, 1 - beta1)
+        v = state["exp_avg_sq"][rows].to(acc) * beta2 + (1 - beta2) * g * g
+        state["exp_avg"][rows] = m.to(state["exp_avg"].dtype)
+        state["exp_avg_sq"][rows] = v.to(state["exp_avg_sq"].dtype)
+        step_size, bc2_sqrt = adam_row_scalars(optimizer, step, acc)
         denom = v.sqrt() / bc2_sqrt.unsqueeze(1) + optimizer.eps
         w = w - step_size.unsqueeze(1) * (m / denom)
     else:
@@ -135,9 +151,11 @@ def _table_state(layout: TBELayout, state: dict[str, Tensor], t: int) -> dict[st
 
 def table_grads(layout: TBELayout, grad_output: Tensor, indices: Tensor, offsets: Tensor,
                 per_sample_weights: Optional[Tensor] = None, deterministic: bool = False,
-                tables: Optional[Sequence[int]] = None) -> dict[int, tuple[Tensor, Tensor]]:
+                tables: Optional[Sequence[int]] = None, dtype: torch.dtype = torch.float32
+                ) -> dict[int, tuple[Tensor, Tensor]]:
     """Per table t (all, or those in `tables`): its unique ids (ascending, int64) and their
-    summed fp32 gradients ``U x dim_t``; a table no id touched gets empty tensors."""
+    summed gradients ``U x dim_t`` in `dtype` (`compute_dtype` of the weights: fp32, or fp64);
+    a table no id touched gets empty tensors."""
     B = layout.batch_size(offsets)
     bounds = _bounds(offsets, B, layout.num_tables)
     wanted = set(range(layout.num_tables) if tables is None else tables)
@@ -146,11 +164,11 @@ def table_grads(layout: TBELayout, grad_output: Tensor, indices: Tensor, offsets
         s, e = bounds[t], bounds[t + 1]
         if t in wanted:
             if e > s:
-                g = _occurrence_grads(layout, t, grad_output, offsets, B, s, e, start, per_sample_weights)
+                g = _occurrence_grads(layout, t, grad_output, offsets, B, s, e, start, per_sample_weights, dtype)
                 out[t] = _aggregate(indices[s:e].long(), g, deterministic)
             else:
                 out[t] = (indices.new_zeros(0, dtype=torch.int64),
-                          grad_output.new_zeros(0, layout.dims[t], dtype=torch.float32))
+                          grad_output.new_zeros(0, layout.dims[t], dtype=dtype))
         start += (e - s) * layout.dims[t]
     return out
 
@@ -160,7 +178,7 @@ def backward_update(weights: Tensor, state: dict[str, Tensor], layout: TBELayout
                     per_sample_weights: Optional[Tensor] = None, deterministic: bool = False) -> None:
     tables = layout.split(weights)
     for t, (rows, g) in table_grads(layout, grad_output, indices, offsets, per_sample_weights,
-                                    deterministic).items():
+                                    deterministic, dtype=compute_dtype(weights.dtype)).items():
         if rows.numel():
             apply_update(optimizer, tables[t], _table_state(layout, state, t), rows, g)
 

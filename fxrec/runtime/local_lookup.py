@@ -27,7 +27,7 @@ from fxrec.eager import eager_under_dynamo
 from fxrec.lowering.layout import TBELayout
 from fxrec.lowering.sparse_update import init_state
 from fxrec.lowering.tbe import AfterBackward, FusedEmbeddingBags, trains_now
-from fxrec.lowering.torch_ref import apply_update
+from fxrec.lowering.torch_ref import apply_update, compute_dtype
 from fxrec.optim import for_table
 from fxrec.passes.shard_ops import SlotInput, SlotSpec
 from fxrec.runtime import comm
@@ -309,21 +309,25 @@ class ReplicatedLookup(nn.Module):
         for slot, inp, g, w in zip(self.slots, inputs, grads, weights):
             if g is None:
                 continue
-            occ = self._occurrence_grads(slot, inp, g, w).float()
-            occ = torch.cat([occ, torch.ones(occ.shape[0], 1, device=occ.device)], dim=1)
-            acc[self.tables.index(slot.table)].index_add_(0, inp.values, occ)
+            i = self.tables.index(slot.table)
+            occ = self._occurrence_grads(slot, inp, g, w).to(acc[i].dtype)
+            occ = torch.cat([occ, occ.new_ones(occ.shape[0], 1)], dim=1)
+            acc[i].index_add_(0, inp.values, occ)
 
     def _zero_sums(self) -> list[Tensor]:
-        """Per table, its dense gradient sum with a touched-count column, zero."""
-        return [torch.zeros(self.table(n).shape[0], self.table(n).shape[1] + 1, dtype=torch.float32,
-                            device=self.table(n).device) for n in self.tables]
+        """Per table, its dense gradient sum with a touched-count column, zero, in the dtype its
+        update computes in (fp32; fp64 for an fp64 table: torch_ref.compute_dtype)."""
+        return [torch.zeros(self.table(n).shape[0], self.table(n).shape[1] + 1,
+                            dtype=compute_dtype(self.table(n).dtype), device=self.table(n).device)
+                for n in self.tables]
 
     @torch.no_grad()
     def _update(self, acc: list[Tensor]) -> None:
-        # One all-reduce: each table's dense grad with a touched-count column.
+        # One all-reduce: each table's dense grad with a touched-count column (in fp64 when
+        # any table is fp64: the others' sums widen exactly and come back to their dtype).
         flat = comm.all_reduce(torch.cat([a.reshape(-1) for a in acc]), "sum", group=self.group)
-        for i, (name, a) in enumerate(zip(self.tables, flat.split([a.numel() for a in acc]))):
-            a = a.view(-1, self.table(name).shape[1] + 1)
+        for i, (name, a, mine) in enumerate(zip(self.tables, flat.split([a.numel() for a in acc]), acc)):
+            a = a.view(-1, self.table(name).shape[1] + 1).to(mine.dtype)
             rows = (a[:, -1] > 0).nonzero().squeeze(1)
             opt = for_table(self.optimizer, name)
             if rows.numel() and opt is not None:
