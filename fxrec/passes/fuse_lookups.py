@@ -14,9 +14,10 @@ Three kinds of graph reach this pass:
    history mean and its candidate item) or a lookup node (an EBC whose tables differ in
    dtype) are fused into *one* call: a table's weights live in one place, and its sparse
    update must see its whole gradient at once (tables of several dtypes get a fused module
-   per dtype inside that call, each table stored and trained in its own dtype). Such a table is served as rows and pooled
-   in the glue, as apply_plan does. The tables leave the GraphModule's parameters (they
-   are the fused module's buffers, copied from the user's weights; meta stays meta).
+   per dtype inside that call, each table stored and trained in its own dtype). A table
+   read both ways is served as rows and pooled in the glue, as apply_plan does. The tables
+   leave the GraphModule's parameters (they are the fused module's buffers, copied from the
+   user's weights; meta stays meta).
    With ``ctx.options["weight_dtype"]`` (inference, quantize_tables runs next) the fused
    modules hold no copy (they are built on meta) and the unit keeps the user's weights in
    its `source_weights` for quantize_tables, which quantizes them and drops that reference.
