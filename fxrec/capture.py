@@ -466,22 +466,30 @@ def _user_location(error: Exception) -> str:
     return f"{os.path.basename(f.filename)}:{f.lineno} `{(f.line or '').strip()}`"
 
 
-def _failure(model: nn.Module, fx_error: Exception, export_error: Optional[Exception]) -> CaptureError:
-    """One line: where (module path, file:line, code), what, and the advice."""
+def _failure(model: nn.Module, fx_error: Exception, export_error: Optional[Exception],
+             traced: bool = False) -> CaptureError:
+    """One line: where (module path, file:line, code), what, and the advice. `traced`: fx
+    traced forward and the failure came from running the example through the graph (a
+    shape that does not fit, not control flow: the advice says so)."""
     where = _user_location(fx_error)
     where = f" at {where}" if where else ""
     path, type_name = getattr(fx_error, "_fxrec_module", ("", type(model).__name__))
     module = f"module '{path}' ({type_name})" if path else f"the root module ({type_name})"
-    advice = (f"mark it a leaf (fxrec.capture(..., leaf_modules=['{path}'])) or move the data-dependent "
-              f"control flow out of its forward (e.g. torch.where)" if path else
-              "move the data-dependent control flow out of forward (e.g. torch.where), or into a "
-              "submodule passed in fxrec.capture(..., leaf_modules=[...])")
+    if traced:
+        advice = ("check that the model runs on example_inputs as given (their shapes and dtypes: "
+                  "model(*example_inputs))")
+    else:
+        advice = (f"mark it a leaf (fxrec.capture(..., leaf_modules=['{path}'])) or move the data-dependent "
+                  f"control flow out of its forward (e.g. torch.where)" if path else
+                  "move the data-dependent control flow out of forward (e.g. torch.where), or into a "
+                  "submodule passed in fxrec.capture(..., leaf_modules=[...])")
     also = f"; torch.export fallback failed too: {_first_line(export_error)}" if export_error else ""
     if _meta_dense(model):
         advice += ("; the model is on the meta device, where operations that read tensor data "
                    "(after the lookups) cannot run: capture it on cpu")
-    return CaptureError(f"cannot capture {type(model).__name__}: in {module}{where}: "
-                        f"{type(fx_error).__name__}: {_first_line(fx_error)}{also}. Fix: {advice}")
+    place = f"example_inputs do not run through {module}" if traced else f"in {module}"
+    return CaptureError(f"cannot capture {type(model).__name__}: {place}{where}: "
+                        f"{type(fx_error).__name__}: {_first_line(fx_error)}{also}".rstrip(".") + f". Fix: {advice}")
 
 
 # ------------------------------------------------------------------ public API
@@ -535,20 +543,22 @@ def capture(model: nn.Module, example_inputs, *, leaf_modules: Iterable[Union[ty
     """
     inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
     _check_arguments(model, inputs, example_inputs)
+    traced = False
     try:
         gm, note = _fx_capture(model, inputs, leaf_modules), None
+        traced = True
         run_example(gm, inputs)  # a graph that cannot run its own example is not a capture
         by = "fx"
     except (CaptureError, ExampleIdError):  # a bad example is no reason to try torch.export
         raise
     except Exception as fx_error:
         if not fallback:
-            raise _failure(model, fx_error, None) from fx_error
+            raise _failure(model, fx_error, None, traced) from fx_error
         try:
             gm = _export_capture(model, inputs)
             run_example(gm, inputs)
         except Exception as export_error:
-            raise _failure(model, fx_error, export_error) from fx_error
+            raise _failure(model, fx_error, export_error, traced) from fx_error
         by, note = "export", f"{type(fx_error).__name__}: {_first_line(fx_error)}"
     _stamp(gm)
     L.carry_hooks(model, gm)  # fx traced forward, not __call__: the model's own hooks run around the program

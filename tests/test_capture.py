@@ -195,6 +195,26 @@ def test_without_fallback_the_error_points_at_the_root_forward():
         fxrec.capture(model, example, fallback=False)
 
 
+class _WrongWidth(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.bag = torch.nn.EmbeddingBag(10, 4, mode="sum")
+        self.top = torch.nn.Linear(11, 1)  # takes 7 dense features + 4, the example has 13
+
+    def forward(self, dense, ids):
+        return self.top(torch.cat([dense, self.bag(ids)], 1))
+
+
+def test_an_example_that_does_not_fit_the_model_is_said_so():
+    """fx traces forward; the example then fails in the graph (a matmul of the wrong width):
+    the advice is about the example, not data-dependent control flow."""
+    with pytest.raises(CaptureError, match=r"example_inputs do not run through the root module \(_WrongWidth\): "
+                                           r"RuntimeError: mat1 and mat2.*Fix: check that the model runs on "
+                                           r"example_inputs") as info:
+        fxrec.capture(_WrongWidth(), (torch.randn(4, 13), torch.randint(0, 10, (4, 3))))
+    assert "control flow" not in str(info.value)
+
+
 def test_wrong_number_of_example_inputs():
     model, (x,) = zoo.CASES["no_tables"].make()
     with pytest.raises(CaptureError, match=r"example_inputs do not fit NoTables.forward\(x\): too many positional"):
