@@ -10,7 +10,9 @@ the tables in each way a user does and check the compiled model against eager:
   must re-quantize);
 - an eval graph compiled before the training one: the training graph's recompiles (a new
   batch size) keep its optimizer state;
-- a per-table weight_dtype over a forward dynamo splits in two graphs.
+- a per-table weight_dtype over a forward dynamo splits in two graphs;
+- two instances of a model, which dynamo serves one graph: each keeps its own tables and
+  its own optimizer state.
 """
 from __future__ import annotations
 
@@ -169,3 +171,83 @@ def test_a_per_table_weight_dtype_spans_the_graphs():
         torch._dynamo.reset()
         with torch.no_grad():
             torch.compile(model, backend="fxrec", options={"weight_dtype": {"user": "int8"}})(*x)
+
+
+class _Pair(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.user, self.item, self.lin = nn.EmbeddingBag(50, 4), nn.EmbeddingBag(30, 4), nn.Linear(8, 1)
+
+    def forward(self, u, uo, i, io):
+        return self.lin(torch.cat([self.user(u, uo), self.item(i, io)], 1))
+
+
+def _pair_batch(b: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randint(0, 50, (2 * b,), generator=g), torch.arange(0, 2 * b, 2),
+            torch.randint(0, 30, (3 * b,), generator=g), torch.arange(0, 3 * b, 3))
+
+
+def test_two_instances_served_by_one_graph_keep_their_own_tables():
+    """Dynamo serves the second instance the first one's graph (the parameters are inputs, so
+    its guards pass): each instance is served its own tables, and the first one's parameters
+    are left as they were (they were once overwritten by the second's)."""
+    torch.manual_seed(0)
+    a, b = _Pair().eval(), _Pair().eval()
+    references = {id(a): copy.deepcopy(a), id(b): copy.deepcopy(b)}
+    before = copy.deepcopy(a.state_dict())
+    compiled = {id(a): torch.compile(a, backend="fxrec"), id(b): torch.compile(b, backend="fxrec")}
+    with torch.no_grad():
+        for step, model in enumerate([a, a, b, b, a, b]):
+            x = _pair_batch(4, step)
+            torch.testing.assert_close(compiled[id(model)](*x), references[id(model)](*x), msg=f"call {step}")
+    for key, value in a.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    assert a.user.weight.untyped_storage().data_ptr() != b.user.weight.untyped_storage().data_ptr()
+    assert "serves groups" in _logs()
+
+
+def _rowwise_adagrad_step(reference: nn.Module, acc: dict, lr: float, eps: float) -> None:
+    """Eager RowWiseAdagrad on the reference's tables; the dense layer is stepped on neither side."""
+    with torch.no_grad():
+        for name in ("user", "item"):
+            weight = getattr(reference, name).weight
+            acc[name] += weight.grad.square().mean(1)
+            weight -= lr * weight.grad / (acc[name].sqrt() + eps).unsqueeze(1)
+    reference.zero_grad()
+
+
+def test_two_instances_train_their_own_tables_and_optimizer_state():
+    """A sweep or an A/B run: two instances trained with a sparse optimizer through one graph,
+    step by step in turn. Each trains its own tables from its own (fresh) RowWiseAdagrad state,
+    as eager does, and the second's steps leave the first's tables as they were. A table of
+    the first replaced on the way (its other table's parameter too: assign=True wraps the
+    state_dict's views anew) is copied into its buffer, the optimizer state kept."""
+    lr, eps = 0.1, 1e-8
+    torch.manual_seed(0)
+    a, b = _Pair(), _Pair()
+    references = {id(a): copy.deepcopy(a), id(b): copy.deepcopy(b)}
+    acc = {id(m): {"user": torch.zeros(50), "item": torch.zeros(30)} for m in (a, b)}
+    compiled = {id(m): torch.compile(m, backend="fxrec", options={
+        "sparse_optimizer": fxrec.optim.RowWiseAdagrad(lr=lr, eps=eps)}) for m in (a, b)}
+    for step in range(3):
+        for model, other in ((a, b), (b, a)):
+            reference, x = references[id(model)], _pair_batch(8, 10 * step + (model is b))
+            kept = {k: v.detach().clone() for k, v in other.named_parameters()}
+            out = compiled[id(model)](*x)
+            torch.testing.assert_close(out, reference(*x), msg=f"step {step}")
+            out.square().mean().backward()
+            reference(*x).square().mean().backward()
+            _rowwise_adagrad_step(reference, acc[id(model)], lr, eps)
+            for name in ("user", "item"):
+                torch.testing.assert_close(getattr(model, name).weight, getattr(reference, name).weight,
+                                           msg=f"step {step}, {name}")
+            for k, v in other.named_parameters():
+                assert torch.equal(v.detach(), kept[k]), f"step {step}: {k} of the other instance changed"
+        if step == 0:  # a's item table replaced while b's tables are served: a's user table keeps its state
+            new = torch.randn(30, 4)
+            a.load_state_dict({**a.state_dict(), "item.weight": new}, assign=True)
+            references[id(a)].item.weight.data.copy_(new)
+    assert a.user.weight.untyped_storage().data_ptr() != b.user.weight.untyped_storage().data_ptr()
+    if len(B.compiled) == 1:  # the second instance was served the first one's graph
+        assert "of another parameter set" in _logs()

@@ -36,8 +36,21 @@ What is fused, and how the tables stay the model's:
   them changed since: written in place (its version counter, or that of the fused buffer it
   views, moved), or replaced (``load_state_dict(assign=True)``, ``.data = ...``). Not with
   gradients.
-- A float table replaced that way is copied into the fused buffer before the next call
-  (`_Rebinding`); a graph left unfused reads the tables dynamo passes.
+- Each model instance keeps its own fused buffers and optimizer state. Dynamo serves every
+  instance of a model class the graph it compiled for the first (the parameters are graph
+  inputs, so its guards pass), so a fused module belongs to a set of parameters, not to a
+  graph: each fused module's place in the graph (`_Slot`) is served with the module of the
+  parameters dynamo passes, found by them (`_bind`). On every call `_Rebinding` checks that
+  each table's parameter still starts where its view in the slot's buffer does (one
+  data_ptr comparison per table); where one does not, the slot takes the fused module those
+  parameters belong to (the other instance's, kept with its state), or, where none of them
+  belongs to one (a new instance), a new module with a buffer the tables move into and
+  fresh optimizer state, as a new model's. A table the user replaced
+  (``load_state_dict(assign=True)``, ``mod.weight = nn.Parameter(...)``, ``.data = ...``)
+  is copied into the buffer its model's other tables are in, state kept; when every table
+  of a fused module is replaced at once the new parameters are as a new instance's and
+  their optimizer state starts afresh. A module the graph no longer serves is kept while
+  its parameters live. A graph left unfused reads the tables dynamo passes.
 - ``options={"kernel": "triton" | "fbgemm" | "torch"}`` forces the kernel.
 - ``mode`` (torch.compile's) goes to inductor, for the dense segments.
 
@@ -67,10 +80,12 @@ compiled: list[GraphModule] = []
 _KEEP = 32
 # id(parameter) -> (the parameter, table name, {optimizer type: a fused module whose buffer
 # it views}), all weak: a recompile reuses the module of its optimizer's kind, state and all;
-# graphs of other kinds (an eval graph beside a training one) share its buffer. Not a
-# WeakKeyDictionary: it compares keys with ==, which a tensor answers elementwise.
+# graphs of other kinds (an eval graph beside a training one) share its buffer. The graphs
+# hold the modules (`_Rebinding.held`). Not a WeakKeyDictionary: it compares keys with ==,
+# which a tensor answers elementwise.
 _ALIASED: dict[int, tuple[weakref.ref, str, dict[type, weakref.ref]]] = {}
 _ANY = object()
+_FUSED: "weakref.WeakSet[Any]" = weakref.WeakSet()  # every fused module a parameter was aliased to
 
 
 def _aliased(param: nn.Parameter, kind=_ANY) -> Optional[tuple[Any, str]]:
@@ -92,6 +107,7 @@ def _alias(param: nn.Parameter, name: str, module) -> None:
     if entry is None or entry[0]() is not param:
         entry = _ALIASED[id(param)] = (weakref.ref(param), name, {})
     entry[2][type(module.optimizer)] = weakref.ref(module)
+    _FUSED.add(module)
     for key in [k for k, e in _ALIASED.items() if e[0]() is None]:  # dead parameters
         del _ALIASED[key]
 
@@ -244,69 +260,138 @@ def _same_layout(a, b) -> bool:
         and a.weights.dtype == b.weights.dtype and a.weights.device == b.weights.device
 
 
-def _share_storage(gm: GraphModule, params: dict[str, nn.Parameter], log: list[str]) -> None:
-    """Make each fused table the model's parameter's storage (module doc). Tables an earlier
-    compile fused already keep their one buffer: a recompile (same optimizer kind) reuses
-    that module, state and all; another graph (an eval graph beside a training one) gets
-    its own module over the same buffer, so every graph reads and writes the same tables."""
+class _Slot:
+    """A place in a lowered graph that holds a fused module (a LocalLookup's pooled or
+    unpooled module, or one part of its FusedGroups), and what `_bind` needs to fill it
+    for another set of parameters: the graph inputs carrying its tables, the optimizer
+    configuration and kernel the graph was compiled with."""
+
+    def __init__(self, path: str, lookup, role: str, index: Optional[int], part, inputs: dict[str, int]):
+        self.path, self.lookup, self.role, self.index = path, lookup, role, index
+        self.inputs, self.config, self.kernel = inputs, part.optimizer, part.kernel_request
+        self.module, self.starts = part, []
+
+    def install(self, module) -> None:
+        """Serve this slot with `module`; remember where its tables' views start (the check
+        `_Rebinding` makes on every call)."""
+        if self.index is None:
+            setattr(self.lookup, self.role, module)
+        else:
+            getattr(self.lookup, self.role).parts[self.index] = module
+        views = module.table_weights()
+        self.module, self.starts = module, [(i, views[n].data_ptr()) for n, i in self.inputs.items()]
+
+
+def _slots(gm: GraphModule, where: dict[str, int]) -> list[_Slot]:
+    """Every fused module of `gm` whose tables are all graph inputs, as a `_Slot`."""
     from fxrec.runtime.local_lookup import LocalLookup
 
+    out = []
     for path, lookup in gm.named_modules():
         if not isinstance(lookup, LocalLookup):
             continue
         for role in ("pooled", "unpooled"):
             fused = getattr(lookup, role)
-            if fused is None:
-                continue
-            parts = fused.fused_modules() if hasattr(fused, "fused_modules") else [fused]
+            parts = [] if fused is None else fused.parts if hasattr(fused, "parts") else [fused]
             for i, part in enumerate(parts):
-                names = list(part.layout.names)
-                if any(_aliased(params[n]) is not None for n in names):
-                    kept = _earlier(part, params, type(part.optimizer))
-                    if kept is not None:
-                        kept.optimizer = part.optimizer  # a new lr takes effect, the state stays
-                        if hasattr(fused, "parts"):
-                            fused.parts[i] = kept
-                        else:
-                            setattr(lookup, role, kept)
-                        log.append(f"backend: {path}.{role} reuses the fused module of an earlier compile ({names})")
-                        continue
-                    kept = _earlier(part, params)
-                    if kept is None:  # `_grouping_conflict` let this graph through: cannot happen
-                        raise RuntimeError(f"backend: tables {names} were fused by an earlier compile in another "
-                                           f"layout; this graph cannot share their buffer")
-                    part.weights = kept.weights  # its own optimizer state, which its recompiles keep
-                    for name in names:
-                        _alias(params[name], name, part)
-                    log.append(f"backend: {path}.{role} shares the fused buffer of an earlier compile ({names}), "
-                               f"with its own optimizer state")
-                    continue
-                with torch.no_grad():
-                    for name, view in part.table_weights().items():
-                        params[name].data = view
-                        _alias(params[name], name, part)
-                log.append(f"backend: {path}.{role}: tables {names} now live in its fused buffer")
+                if all(n in where for n in part.layout.names):
+                    index = i if hasattr(fused, "parts") else None
+                    out.append(_Slot(path, lookup, role, index, part, {n: where[n] for n in part.layout.names}))
+    return out
 
 
-def _earlier(part, params: dict, kind=_ANY) -> Optional[Any]:
-    """The fused module of an earlier compile (trained by an optimizer of type `kind`, when
-    given) whose buffer all of these tables' parameters view, laid out exactly as `part`;
-    None otherwise."""
-    owners = set()
-    for name in part.layout.names:
-        entry = _aliased(params[name], kind)
-        if entry is None or entry[1] != name:
-            return None
-        owners.add(entry[0])
-    if len(owners) != 1:
-        return None
-    (module,) = owners
-    if not _same_layout(module, part):
-        return None
-    views = module.table_weights()
-    if any(params[n].data_ptr() != views[n].data_ptr() for n in part.layout.names):
-        return None
-    return module
+def _home(part, params: dict[str, nn.Parameter], kind: type) -> Optional[Any]:
+    """The fused module, laid out as `part`, that some of these parameters view or were
+    moved into (their model's: `_bind`), preferring one trained by an optimizer of type
+    `kind`, then the one most of them belong to; None when none belongs to one. A new
+    parameter over a table's view counts (``load_state_dict(state_dict(), assign=True)``
+    wraps the views it was given in new parameters)."""
+    votes: dict[int, list] = {}
+    for module in [m for m in _FUSED if _same_layout(m, part)]:
+        views = module.table_weights()
+        mine = [n for n, p in params.items() if p.data_ptr() == views[n].data_ptr() or _aliased_to(p, n, module)]
+        if mine:
+            votes[id(module)] = [type(module.optimizer) is not kind, -len(mine), module]
+    return min(votes.values(), key=lambda v: v[:2])[2] if votes else None
+
+
+def _aliased_to(param: nn.Parameter, name: str, module) -> bool:
+    """Whether `param` was made a view of `module`'s table `name` (it may view another
+    buffer since: ``.data = ...``)."""
+    entry = _ALIASED.get(id(param))
+    return entry is not None and entry[0]() is param and entry[1] == name and \
+        any(ref() is module for ref in entry[2].values())
+
+
+def _move_into(module, params: dict[str, nn.Parameter], copy: bool = True) -> None:
+    """Make each parameter a view of its table in `module`'s buffer (``param.data``),
+    copying its values in first (`copy`) where it is not one already."""
+    for name, view in module.table_weights().items():
+        param = params[name]
+        if param.data_ptr() == view.data_ptr():
+            continue
+        if param.shape != view.shape or param.dtype != view.dtype:
+            raise ValueError(f"torch.compile(backend='fxrec'): table {name!r} was replaced by a "
+                             f"{tuple(param.shape)} {param.dtype} tensor, and its fused buffer holds "
+                             f"{tuple(view.shape)} {view.dtype}; recompile (torch._dynamo.reset()) for a new shape")
+        with torch.no_grad():
+            if copy:
+                view.copy_(param.detach())
+            param.data = view
+
+
+def _bind(part, params: dict[str, nn.Parameter], config, kernel: Optional[str], built=None) -> tuple[Any, str]:
+    """The fused module that serves `part`'s tables for these parameters (module doc), and
+    how it was found: "reuses" the module of their model trained by an optimizer of
+    `config`'s type (its state kept; `config` replaces its settings), "shares" the buffer
+    of their model's module of another kind (an eval graph's), with state of its own, or
+    "new": none of them belongs to a fused module, so they are another model's (or all of
+    this model's tables were replaced) and move into a buffer of their own. Tables the
+    user replaced are copied into their model's buffer. `built` (a compile's own module,
+    holding the tables' values) serves as the new module; else one is made."""
+    from fxrec.runtime.fused_group import empty_like
+
+    home = _home(part, params, type(config))
+    if home is None or type(home.optimizer) is not type(config):
+        module = built if built is not None else empty_like(part, config, kernel)
+        if home is None:
+            _move_into(module, params, copy=built is None)
+        else:
+            _move_into(home, params)
+            module.weights = home.weights
+        how = "new" if home is None else "shares"
+    else:
+        _move_into(home, params)
+        module, how = home, "reuses"
+        module.optimizer = config  # a new lr takes effect, the state stays
+    for name, param in params.items():
+        _alias(param, name, module)
+    return module, how
+
+
+def _share_storage(gm: GraphModule, params: dict[str, nn.Parameter], where: dict[str, int],
+                   log: list[str]) -> list[_Slot]:
+    """Make each fused table the model's parameter's storage (module doc). Tables an earlier
+    compile fused already keep their one buffer: a recompile (same optimizer kind) reuses
+    that module, state and all; another graph (an eval graph beside a training one) gets
+    its own module over the same buffer, so every graph reads and writes the same tables.
+    Returns the graph's slots, each served by its module."""
+    slots = _slots(gm, where)
+    for slot in slots:
+        part, names = slot.module, list(slot.module.layout.names)
+        mine = {n: params[n] for n in names}
+        if _home(part, mine, type(part.optimizer)) is None and any(_aliased(p) is not None for p in mine.values()):
+            # `_grouping_conflict` let this graph through: cannot happen
+            raise RuntimeError(f"backend: tables {names} were fused by an earlier compile in another "
+                               f"layout; this graph cannot share their buffer")
+        module, how = _bind(part, mine, part.optimizer, part.kernel_request, built=part)
+        slot.install(module)
+        at = f"{slot.path}.{slot.role}"
+        log.append({"reuses": f"backend: {at} reuses the fused module of an earlier compile ({names})",
+                    "shares": f"backend: {at} shares the fused buffer of an earlier compile ({names}), "
+                              f"with its own optimizer state",
+                    "new": f"backend: {at}: tables {names} now live in its fused buffer"}[how])
+    return slots
 
 
 def _grouping_conflict(gm: GraphModule, ctx, params: dict[str, nn.Parameter]) -> Optional[str]:
@@ -410,40 +495,41 @@ class _Refreshing:
 
 
 class _Rebinding:
-    """Calls the fused graph, first moving into the fused buffer any table whose parameter
-    (as dynamo passes it) no longer views it: the user replaced the parameter
-    (``load_state_dict(assign=True)``, ``mod.weight = nn.Parameter(...)``) or its data
-    (``mod.weight.data = ...``). The new values are copied in and the parameter made a view
-    of the buffer again, as `_share_storage` made the first one; optimizer state stays."""
+    """Calls the fused graph, first serving each slot with the fused module of the tables
+    dynamo passes (`_bind`) where they are not the ones it serves: another instance of the
+    model (dynamo serves it this graph: its guards pass), or a table the user replaced
+    (``load_state_dict(assign=True)``, ``mod.weight = nn.Parameter(...)``,
+    ``mod.weight.data = ...``), which is copied into its model's buffer. The check on every
+    call: each table's parameter still starts where its view in the slot's buffer does."""
 
-    def __init__(self, gm: GraphModule, where: dict[str, int], run):
-        from fxrec.lowering.tbe import FusedEmbeddingBags
+    def __init__(self, gm: GraphModule, slots: list[_Slot], params: dict[str, nn.Parameter], run):
+        self.gm, self.slots, self.run = gm, slots, run
+        # id(module) -> (module, its parameters): a module this graph served and no longer
+        # does stays alive while its model does (the first instance's, while the graph
+        # serves the second), with its optimizer state; `_aliased` finds it again
+        self.held: dict[int, tuple[Any, list[weakref.ref]]] = {}
+        for slot in slots:
+            self._hold(slot.module, [params[n] for n in slot.inputs])
 
-        self.run = run
-        self.slots = []  # [input position, table name, fused module, where its view starts]
-        for module in gm.modules():
-            if isinstance(module, FusedEmbeddingBags):
-                views = module.table_weights()
-                self.slots += [[where[n], n, module, views[n].data_ptr()] for n in module.layout.names if n in where]
+    def _hold(self, module, params: list) -> None:
+        self.held[id(module)] = (module, [weakref.ref(p) for p in params])
+        for key in [k for k, (m, refs) in self.held.items() if all(r() is None for r in refs)]:
+            del self.held[key]  # its model is gone
+
+    def _rebind(self, slot: _Slot, args) -> None:
+        params = {n: args[i] for n, i in slot.inputs.items()}
+        module, how = _bind(slot.module, params, slot.config, slot.kernel)
+        slot.install(module)
+        self._hold(module, list(params.values()))
+        if how == "new":
+            self.gm.meta[LOG].append(f"backend: {slot.path}.{slot.role}: tables {list(slot.inputs)} of another "
+                                     f"parameter set (another instance of the model, or every table replaced) "
+                                     f"now live in a fused buffer of their own")
 
     def __call__(self, *args):
         for slot in self.slots:
-            i, name, module, start = slot
-            param = args[i]
-            if param.data_ptr() == start:  # every call but one after a replacement: no view built
-                continue
-            view = module.table_weights()[name]
-            slot[3] = view.data_ptr()
-            if param.data_ptr() == view.data_ptr() and _aliased(param) is not None:
-                continue
-            if param.shape != view.shape or param.dtype != view.dtype:
-                raise ValueError(f"torch.compile(backend='fxrec'): table {name!r} was replaced by a "
-                                 f"{tuple(param.shape)} {param.dtype} tensor, and its fused buffer holds "
-                                 f"{tuple(view.shape)} {view.dtype}; recompile (torch._dynamo.reset()) for a new shape")
-            with torch.no_grad():
-                view.copy_(param.detach())
-                param.data = view
-            _alias(param, name, module)
+            if any(args[i].data_ptr() != start for i, start in slot.starts):
+                self._rebind(slot, args)
         return self.run(*args)
 
 
@@ -522,5 +608,5 @@ def fxrec_backend(gm: GraphModule, example_inputs, options: Optional[dict] = Non
     if quantize:
         run = compile_dense(out, dense, mode, log)
         return _done(out, log, _Refreshing(out, params, where, run))
-    _share_storage(out, params, log)
-    return _done(out, log, _Rebinding(out, where, compile_dense(out, dense, mode, log).forward))
+    slots = _share_storage(out, params, where, log)
+    return _done(out, log, _Rebinding(out, slots, params, compile_dense(out, dense, mode, log).forward))

@@ -32,7 +32,7 @@ from fxrec.lowering import registry
 from fxrec.lowering.tbe import FusedEmbeddingBags
 from fxrec.passes.shard_ops import SlotInput, SlotSpec
 
-__all__ = ["Place", "PackInputs", "SplitOutputs", "with_kernel", "kernel_record"]
+__all__ = ["Place", "PackInputs", "SplitOutputs", "with_kernel", "empty_like", "kernel_record"]
 
 
 @dataclass(frozen=True)
@@ -174,15 +174,22 @@ def with_kernel(fused: FusedEmbeddingBags, kernel: str) -> FusedEmbeddingBags:
             if part.kernel_request != kernel:
                 fused.parts[i] = with_kernel(part, kernel)
         return fused
-    lay = fused.layout
-    specs = [_Spec(n, r, d, p, fused.weights.dtype) for n, r, d, p in zip(lay.names, lay.rows, lay.dims, lay.poolings)]
-    new = FusedEmbeddingBags(specs, optimizer=fused.optimizer, kernel=kernel, device=fused.weights.device,
-                             dtype=fused.weights.dtype, bounds_check=fused.bounds_check,
-                             deterministic=fused.deterministic, initialize=False)
+    new = empty_like(fused, fused.optimizer, kernel)
     new.weights.copy_(fused.weights)
     for key, value in fused.optimizer_state().items():
         new.optimizer_state()[key].copy_(value)
     return new
+
+
+def empty_like(fused: FusedEmbeddingBags, optimizer, kernel: Optional[str]) -> FusedEmbeddingBags:
+    """A FusedEmbeddingBags with `fused`'s tables, dtype, device and checks, trained by
+    `optimizer` (fresh state) and served by `kernel` (None: the registry's choice); its
+    weights are uninitialised, for the caller to fill."""
+    lay = fused.layout
+    specs = [_Spec(n, r, d, p, fused.weights.dtype) for n, r, d, p in zip(lay.names, lay.rows, lay.dims, lay.poolings)]
+    return FusedEmbeddingBags(specs, optimizer=optimizer, kernel=kernel, device=fused.weights.device,
+                              dtype=fused.weights.dtype, bounds_check=fused.bounds_check,
+                              deterministic=fused.deterministic, initialize=False)
 
 
 def kernel_record(fused: FusedEmbeddingBags, weighted: bool = False, device=None) -> dict[str, str]:
