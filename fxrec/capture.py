@@ -41,7 +41,8 @@ from fxrec.trace_ops import SetItemProxy, sizes_as_nodes
 
 _TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
 # fxrec's own tracing and interpreting code, never the "user's line"
-_INTERNAL = (os.path.abspath(__file__), os.path.dirname(os.path.abspath(L.__file__)) + os.sep)
+_INTERNAL = (os.path.abspath(__file__), os.path.dirname(os.path.abspath(L.__file__)) + os.sep,
+             os.path.join(os.path.dirname(os.path.abspath(__file__)), "trace_ops.py"))
 
 
 class CaptureError(RuntimeError):
@@ -420,7 +421,7 @@ def _is_user_file(path: str) -> bool:
     if path.startswith("<"):  # fx-generated code, <string>, <frozen ...>
         return False
     path = os.path.abspath(path)
-    return not (path.startswith(_TORCH_DIR) or path == _INTERNAL[0] or path.startswith(_INTERNAL[1]))
+    return not (path.startswith(_TORCH_DIR) or path in (_INTERNAL[0], _INTERNAL[2]) or path.startswith(_INTERNAL[1]))
 
 
 def _user_frame_from_trace(stack_trace: Optional[str]) -> Optional[SourceLoc]:

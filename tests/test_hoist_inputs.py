@@ -134,10 +134,33 @@ class _WrittenIds(nn.Module):
         return h + self.item(ids % 7).sum(1)
 
 
-def test_ids_an_in_place_write_reaches_keep_their_place():
-    model = _WrittenIds()
+class _WrittenThroughAView(nn.Module):
+    """The write reaches the ids through a view guard_inplace's lists do not name."""
+
+    def __init__(self, how: str):
+        super().__init__()
+        self.how = how
+        self.item = nn.Embedding(50, 8)
+
+    def forward(self, hist, target):
+        h = self.item(hist).sum(1) * 2
+        t = target + 0
+        if self.how == "ravel":
+            t.ravel().add_(1)
+        else:
+            t.split_with_sizes([t.shape[0]])[0].add_(1)
+        return h * self.item(t % 50)
+
+
+@pytest.mark.parametrize("model", [_WrittenIds(), _WrittenThroughAView("ravel"), _WrittenThroughAView("split")],
+                         ids=["clamp_", "ravel", "split_with_sizes"])
+def test_ids_an_in_place_write_reaches_keep_their_place(model):
+    """Moved ahead of the write, the second lookup would read its ids unwritten (a wrong
+    answer); kept in place, one unit cannot serve the table, which is refused."""
+    example = (torch.randint(0, 50, (4, 5)),) if isinstance(model, _WrittenIds) else _din_batch(
+        torch.Generator().manual_seed(0))
     with pytest.raises(ValueError, match=r"lookups \['item', 'item_1'\] read the same table.*%item_1"):
-        shard(model, Topology(1), (torch.randint(0, 50, (4, 5)),))
+        shard(model, Topology(1), example)
 
 
 def _din_two_ranks(rank: int, world: int) -> dict:

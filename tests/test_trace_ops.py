@@ -78,3 +78,17 @@ def test_factories_without_traced_arguments_are_untouched():
     gm = fxrec.capture(Plain(), (torch.randint(0, 10, (2, 3)),), fallback=False)
     assert torch.ones is ones
     assert torch.ones not in {n.target for n in gm.graph.nodes if n.op == "call_function"}
+
+
+def test_the_new_nodes_carry_the_models_line():
+    """Provenance names the model's line, not fxrec's tracing code."""
+    from fxrec.passes import lookup as L
+
+    gm = fxrec.capture(_Sas(True), (_seq(torch.Generator().manual_seed(0), 3, 5),), fallback=False)
+    import operator
+
+    made = [n for n in gm.graph.nodes if n.op == "call_function" and n.target in (torch.ones, torch.arange,
+                                                                                   operator.setitem)]
+    assert len(made) == 3
+    for n in made:
+        assert n.meta[L.SOURCE] is not None and n.meta[L.SOURCE].file.endswith("test_trace_ops.py"), n

@@ -18,8 +18,10 @@ after what it reads, so such lookups are ready together: indexing (``x[:, k]``,
 ``where``, ``roll``, comparisons, ``cat`` ...). Nothing that draws random numbers, calls a
 submodule or writes in place moves; nodes move only earlier; nothing moves in a graph with a
 grad-mode switch (the nodes' stamped modes must stay: grad_mode.py); and in a graph that
-writes in place, nothing moves that reads a tensor some write may reach (the families of
-guard_inplace), whose value depends on where it is read.
+writes in place, nothing moves that reads a tensor some write may reach, whose value depends
+on where it is read. Which tensors a write may reach is judged conservatively
+(`_may_share`): any node but a lookup, a snapshot or arithmetic known to return a new tensor
+may return a view of its inputs (``.ravel()``, ``split_with_sizes`` and ops no list names).
 """
 from __future__ import annotations
 
@@ -30,7 +32,7 @@ from torch.fx import GraphModule, Node
 
 from fxrec.passes import lookup as L
 from fxrec.passes.grad_mode import is_switch
-from fxrec.passes.guard_inplace import _Families, writes
+from fxrec.passes.guard_inplace import snapshot, writes
 
 __all__ = ["hoist_inputs_pass"]
 
@@ -62,6 +64,48 @@ _PURE_FUNCTIONS = {operator.add, operator.sub, operator.mul, operator.truediv, o
                    torch.arange, torch.zeros_like, torch.ones_like, torch.full_like}
 
 
+# of the pure computations, those whose result is a new tensor, never a view of an input
+_FRESH_METHODS = _PURE_METHODS - {"to", "type", "type_as", "expand", "expand_as", "view_as", "reshape_as",
+                                  "unflatten", "bool", "float", "size"}
+_FRESH_FUNCTIONS = _PURE_FUNCTIONS - {getattr, operator.pos}
+
+
+def _fresh(node: Node) -> bool:
+    """Whether `node`'s result shares no storage with its inputs."""
+    if L.LOOKUP in node.meta:
+        return True
+    if node.op == "call_method":
+        return str(node.target) in _FRESH_METHODS
+    return node.op == "call_function" and (node.target in _FRESH_FUNCTIONS or node.target is snapshot)
+
+
+def _may_share(nodes: list[Node], by_node: dict[Node, list[Node]]) -> dict[Node, Node]:
+    """Node -> its family's root, families joining what may share storage: a node with the
+    targets it writes, and any node that is not `_fresh` with its inputs (guard_inplace's
+    alias lists name the views it knows; a view they miss must not let a read move past a
+    write through it)."""
+    parent: dict[Node, Node] = {}
+
+    def find(n: Node) -> Node:
+        while parent.get(n, n) is not n:
+            parent[n] = parent.get(parent[n], parent[n])
+            n = parent[n]
+        return n
+
+    def join(a: Node, b: Node) -> None:
+        ra, rb = find(a), find(b)
+        if ra is not rb:
+            parent[ra] = rb
+
+    for node in nodes:
+        for target in by_node[node]:
+            join(node, target)
+        if not _fresh(node):
+            for arg in node.all_input_nodes:
+                join(node, arg)
+    return {n: find(n) for n in nodes}
+
+
 def _movable(gm: GraphModule, node: Node) -> bool:
     if node.op == "call_method":
         name = str(node.target)
@@ -78,15 +122,15 @@ def hoist_inputs_pass(gm: GraphModule, ctx) -> GraphModule:
         return gm
     by_node = {n: writes(gm, n) for n in nodes}
     written = [t for targets in by_node.values() for t in targets]
-    fam = _Families(gm, by_node) if written else None
-    hit = {fam.find(t) for t in written} if written else set()
+    family = _may_share(nodes, by_node) if written else {}
+    hit = {family[t] for t in written}
     pos = {n: i for i, n in enumerate(nodes)}
     last_input = max((n for n in nodes if n.op == "placeholder"), key=pos.__getitem__, default=None)
     moved = 0
 
     def hoist(node: Node) -> None:
         nonlocal moved, pos
-        if not _movable(gm, node) or (hit and any(fam.find(a) in hit for a in node.all_input_nodes)):
+        if not _movable(gm, node) or (hit and any(family[a] in hit for a in node.all_input_nodes)):
             return
         for arg in node.all_input_nodes:
             hoist(arg)
