@@ -617,6 +617,16 @@ def _placement(plan):
         return repr(plan)
 
 
+def _layout(topology):
+    """What of the topology must agree across ranks: its ranks, nodes and device (each rank
+    builds its own, e.g. Topology.from_env(), whose LOCAL_WORLD_SIZE may differ between
+    launchers); a rank whose plan check then failed alone left the others waiting."""
+    try:
+        return (topology.world_size, topology.ranks_per_node, topology.device)
+    except AttributeError:  # not a Topology: `_prepare` says what it is
+        return repr(topology)
+
+
 def _picklable(value):
     """`value` where it pickles (configs compare by ==), else its repr: all_gather_object
     pickles on this rank alone, and a failure there would leave the others waiting."""
@@ -675,13 +685,14 @@ def shard(model: nn.Module, topology, example_inputs, plan=None, constraints=Non
     # every rank's own checks and capture first, then one exchange: the first collective
     # comes after it (module doc of `_agree`)
     settings = {"sparse_optimizer": sparse_optimizer, "constraints": constraints, "seed": seed,
-                "plan": _placement(plan)}
+                "plan": _placement(plan), "topology": _layout(topology)}
     gm, ctx, optimizer, state_keys, device = _agree(world, settings, lambda: _prepare(
         model, topology, inputs, plan, constraints, sparse_optimizer, seed))
     seed = whole(seed)
     frozen = gm.meta[L.FROZEN_TABLES]
     ctx.plan = plan if plan is not None else _agreed_plan(ctx, topology, constraints, optimizer, world)
-    check_plan(ctx.plan, ctx.tables, topology)  # here, so the user gets the ValueError / PlanError itself
+    # here, so the user gets the ValueError / PlanError itself; on every rank at once, as `_agree` does
+    _agree(world, {}, lambda: check_plan(ctx.plan, ctx.tables, topology))
     groups, dense_group = _process_groups(topology) if world > 1 else (None, None)
     ctx.options.update(rank=rank, world_size=world, sparse_optimizer=optimizer, process_groups=groups,
                        device=device, init=_initialiser(model, ctx.tables, seed, device))

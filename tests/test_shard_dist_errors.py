@@ -323,6 +323,10 @@ def _agreement_worker(rank: int, world: int) -> dict:
                                              constraints=row_wise if rank == 0 else None), errors),
         "seed": _expect(lambda: shard(model, Topology(world), batch, seed=rank), errors),
         "plan": _expect(lambda: shard(model, Topology(world), batch, plan=plans[rank]), errors),
+        # Topology.from_env under launchers that set LOCAL_WORLD_SIZE differently: rank 1's
+        # plan check failed alone and rank 0 waited in the next collective
+        "topology": _expect(lambda: shard(model, Topology(world, ranks_per_node=1 if rank else None), batch),
+                            errors),
     }
     sm = shard(model, Topology(world), batch, constraints=row_wise, sparse_optimizer=SGD(0.1))
     with torch.no_grad():
@@ -351,6 +355,7 @@ def test_one_ranks_bad_example_batch_raises_on_every_rank(agreement):
                     "None"),
     ("seed", "rank 0 has 0, rank 1 has 1"),
     ("plan", "rank 0 has {'emb_l.0': ('row_wise'"),
+    ("topology", "rank 0 has (2, 2, 'cpu'), rank 1 has (2, 1, 'cpu')"),
 ])
 def test_settings_that_differ_between_ranks_raise_on_every_rank(agreement, name, values):
     argument = {"optimizer_type": "sparse_optimizer", "lr": "sparse_optimizer"}.get(name, name)
