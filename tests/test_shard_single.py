@@ -280,6 +280,18 @@ def test_ids_of_another_dtype_are_refused(dtype):
         sm(dense, offsets, bad)
 
 
+@pytest.mark.parametrize("which", ["ids", "offsets"])
+def test_ids_or_offsets_that_are_not_tensors_are_refused(which):
+    """A list (ids.tolist()) failed with AttributeError: 'list' object has no attribute 'dim'."""
+    _, model, batch = _make("dlrm_lists")
+    sm = shard(model, Topology(1), batch)
+    dense, offsets, ids = batch
+    ids = [i.tolist() if k == 1 and which == "ids" else i for k, i in enumerate(ids)]
+    offsets = [o.tolist() if k == 1 and which == "offsets" else o for k, o in enumerate(offsets)]
+    with pytest.raises(TypeError, match=rf"table 'emb_l.1' \(lookup %emb_l_1\): {which} must be a tensor"):
+        sm(dense, offsets, ids)
+
+
 class _PaddedBags(nn.Module):
     def __init__(self):
         super().__init__()
@@ -600,3 +612,4 @@ def test_kjt_weights_of_another_dtype_are_cast_as_the_collection_casts_them():
     sm = shard(model, Topology(1), (kjt,))
     with torch.no_grad():
         assert_close(sm(kjt), model(kjt))
+

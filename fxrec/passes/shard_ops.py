@@ -90,8 +90,9 @@ _ID_DTYPES = (torch.int64, torch.int32)  # what F.embedding / F.embedding_bag ta
 # every dtype, in an order all ranks share: a bad input's dtype travels as its position
 DTYPES = sorted({v for v in vars(torch).values() if isinstance(v, torch.dtype)}, key=str)
 # why a slot's input cannot be read at all (`BadInput`), and the exception it raises
-IDS_DTYPE, NO_FEATURE, WEIGHTS_DTYPE, FOLDED_NDIM, BAG_IDS_NDIM, OFFSETS_WITH_2D, OFFSETS_NDIM, WEIGHTS_SHAPE = \
-    range(1, 9)
+IDS_DTYPE, NO_FEATURE, WEIGHTS_DTYPE, FOLDED_NDIM, BAG_IDS_NDIM, OFFSETS_WITH_2D, OFFSETS_NDIM, WEIGHTS_SHAPE, \
+    NOT_TENSOR = range(1, 10)
+_ARGUMENTS = ("ids", "offsets", "per-sample weights")  # NOT_TENSOR's detail: which one
 
 
 class BadInput(Exception):
@@ -119,6 +120,9 @@ def bad_input_message(slot: "SlotSpec", reason: int, detail: int) -> tuple[type,
         return TypeError, f"ids must be int64 or int32, got {_say_dtype(detail)}"
     if reason == NO_FEATURE:
         return KeyError, "the feature is missing from the input"
+    if reason == NOT_TENSOR:
+        return TypeError, (f"{_ARGUMENTS[detail]} must be a tensor (torch.tensor / torch.as_tensor), "
+                           f"as the lookup takes them")
     if reason == WEIGHTS_DTYPE:
         return TypeError, (f"per-sample weights must have the table's dtype, {slot.dtype}, got "
                            f"{_say_dtype(detail)}")
@@ -370,6 +374,16 @@ def _device_of(args) -> Optional[torch.device]:
     return None
 
 
+def _check_tensors(spec: NodeSpec, args) -> None:
+    """A lookup's ids, offsets and weights are tensors (or None where optional): a list or a
+    numpy array failed with an AttributeError ('list' object has no attribute 'dim')."""
+    if spec.kind in ("ebc", "ec"):
+        return  # a KeyedJaggedTensor, checked by its own reader
+    for i, arg in enumerate(args[:3]):
+        if not isinstance(arg, Tensor) and (i == 0 or arg is not None):
+            raise BadInput(NOT_TENSOR, i)
+
+
 @eager_under_dynamo
 class GatherInputs(nn.Module):
     """forward(per_node_args) -> list[SlotInput], one per slot. ``per_node_args[i]`` is
@@ -387,6 +401,7 @@ class GatherInputs(nn.Module):
             for k in spec.slots:
                 slot = self.slots[k]
                 try:
+                    _check_tensors(spec, args)
                     if spec.kind in ("ebc", "ec"):
                         out[k] = _kjt_slot(spec, slot, args[0])
                     elif spec.kind in ("module_bag", "functional_bag"):
