@@ -546,6 +546,7 @@ def _prepare(model: nn.Module, topology, inputs: tuple, plan, constraints, spars
     """This rank's part of `shard` before any collective: the arguments checked, the model
     captured and its tables found. (gm, ctx, the sparse optimizer with the frozen tables
     mapped to None, the model's state_dict keys, the device.)"""
+    _check_types(model, topology, plan)
     _check_world(topology)
     _check_seed(seed)
     if plan is not None and constraints is not None:
@@ -569,6 +570,23 @@ def _prepare(model: nn.Module, topology, inputs: tuple, plan, constraints, spars
         from fxrec.planner.plan import refuse_dense_constraints
         refuse_dense_constraints(constraints, gm.meta.get(L.DENSE_TABLES, {}))
     return gm, ctx, optimizer, state_keys, device
+
+
+def _check_types(model, topology, plan) -> None:
+    """TypeErrors naming shard's argument: a wrong type failed with an AttributeError on it
+    ('int' object has no attribute 'world_size'; a plan given as its JSON text: 'str' object
+    has no attribute 'check')."""
+    from fxrec.planner.plan import Plan
+    from fxrec.topology import Topology
+
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"fxrec.shard: model must be a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(topology, Topology):
+        raise TypeError(f"fxrec.shard: topology must be a fxrec.Topology (e.g. Topology(world_size=2) or "
+                        f"Topology.from_env()), got {type(topology).__name__} {topology!r}")
+    if plan is not None and not isinstance(plan, Plan):
+        raise TypeError(f"fxrec.shard: plan must be a fxrec.Plan (Plan.from_json(text) reads a saved one), got "
+                        f"{type(plan).__name__}")
 
 
 def _check_seed(seed) -> None:

@@ -613,3 +613,20 @@ def test_kjt_weights_of_another_dtype_are_cast_as_the_collection_casts_them():
     with torch.no_grad():
         assert_close(sm(kjt), model(kjt))
 
+
+@pytest.mark.parametrize("arguments, error", [
+    ({"topology": 2}, r"fxrec.shard: topology must be a fxrec.Topology .*got int 2"),
+    ({"model": None}, r"fxrec.shard: model must be a torch.nn.Module, got NoneType"),
+    ({"plan": "{}"}, r"fxrec.shard: plan must be a fxrec.Plan \(Plan.from_json\(text\) reads a saved one\), got str"),
+])
+def test_arguments_of_the_wrong_type_are_named(arguments, error):
+    _, model, batch = _make("dlrm_lists")
+    given = {"model": model, "topology": Topology(1)} | arguments
+    with pytest.raises(TypeError, match=error):
+        shard(given.pop("model"), given.pop("topology"), batch, **given)
+
+
+def test_plan_names_a_topology_of_the_wrong_type():
+    _, model, batch = _make("dlrm_lists")
+    with pytest.raises(TypeError, match=r"fxrec.plan: topology must be a fxrec.Topology .*got int 2"):
+        fxrec.plan(model, 2, batch)

@@ -257,6 +257,9 @@ def plan(model_or_tables, topology: Topology, example_inputs=None, constraints=N
     up so that the plan also stays balanced if every remote byte crossed the NIC
     (`fxrec.planner.hedge`); 0 turns it off. The exact search is never hedged.
     """
+    if not isinstance(topology, Topology):  # else an AttributeError on it, deep in the enumeration
+        raise TypeError(f"fxrec.plan: topology must be a fxrec.Topology (e.g. Topology(world_size=2)), got "
+                        f"{type(topology).__name__} {topology!r}")
     if search not in ("auto", "heuristic", "exact"):
         raise ValueError(f"fxrec.plan: search must be 'auto', 'heuristic' or 'exact', got {search!r}")
     if isinstance(hedge, bool) or not isinstance(hedge, (int, float)) or not 0 <= hedge < 1:
