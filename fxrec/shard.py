@@ -70,6 +70,12 @@ class ShardedModel(nn.Module):
         self.frozen = tuple(frozen)  # tables the user's model does not train (`fxrec.optim.freeze`)
         self._param_tables = gm.meta.get(L.PARAM_TABLES, {})
         self.grad_sync = grad_sync
+        if grad_sync is not None:
+            # The hooks sit on the user's own parameters: they go with this model (module doc of
+            # fxrec.runtime.grad_sync), so a dropped ShardedModel frees its dense part's gradients
+            # and buckets, and sharding the model again does not stack all-reduces. The callback
+            # holds the DenseGradSync only, never this model.
+            weakref.finalize(self, grad_sync.remove)
         # The process group the program was sharded on (a weak reference: a ProcessGroup cannot
         # be deep-copied), None without one. `_check_group` compares it with the current one.
         pg = comm.default_group()
@@ -82,7 +88,16 @@ class ShardedModel(nn.Module):
 
     def forward(self, *args, **kwargs):
         self._check_group()
-        return self.program(self.training)(*args, **kwargs)
+        return self._arm_grad_sync(self.program(self.training)(*args, **kwargs))
+
+    @torch.compiler.disable
+    def _arm_grad_sync(self, out):
+        """`out`, whose backward averages the dense gradients across ranks (`DenseGradSync.arm`):
+        only a backward through the program's outputs does, not one of the user's plain model,
+        which holds the same parameters. Kept out of dynamo's graphs (it hooks autograd nodes)."""
+        if self.grad_sync is not None:
+            self.grad_sync.arm(out)
+        return out
 
     @torch.compiler.disable
     def _check_group(self) -> None:
@@ -730,5 +745,5 @@ def shard(model: nn.Module, topology, example_inputs, plan=None, constraints=Non
         from fxrec.runtime.grad_sync import DenseGradSync
 
         _broadcast_dense(gm)
-        grad_sync = DenseGradSync(list(gm.parameters()), group=dense_group)
+        grad_sync = DenseGradSync(list(gm.parameters()), group=dense_group, gated=True)
     return ShardedModel(gm, ctx.plan, state_keys, dict(ctx.tables), extra, grad_sync, optimizer, frozen, other)

@@ -27,13 +27,31 @@ When finish runs (``auto_finish``):
   must then reach at least one of the parameters (the usual SPMD case).
 - False: call `finish()` on every rank after each backward; this also works when a rank's
   backward produced no dense gradient at all.
+
+Which backwards it acts in (``gated``):
+- False (default): every backward that accumulates a gradient into one of the parameters.
+- True: only a backward that goes through the outputs of a forward passed to `arm` (fxrec.shard:
+  each forward of the sharded program). The parameters are the user's own model's, so a
+  backward of that plain model (a local reference, one rank alone) keeps its local gradients
+  and starts no collective. `arm` puts a pre-hook on the outputs' autograd nodes, which runs
+  before any gradient reaches a parameter through them and marks that backward (its graph
+  task): several forwards before one backward mark it once, a forward under no_grad marks
+  nothing, and one whose backward never runs leaves nothing behind.
+
+The hooks hold this object, which holds the parameters: a cycle through autograd's hook table
+that Python's gc does not see. `remove()` breaks it; whoever owns the DenseGradSync calls it
+when done (fxrec.shard: when the ShardedModel is collected), or the parameters, their
+gradients and the buckets stay alive as long as the process.
 """
 from __future__ import annotations
 
-from typing import Iterable, Optional
+import functools
+import weakref
+from typing import Any, Iterable, Optional
 
 import torch
 import torch.distributed as dist
+import torch.utils._pytree as pytree
 from torch import Tensor, nn
 
 from fxrec.runtime import comm
@@ -88,16 +106,19 @@ class DenseGradSync:
     dropped); every rank passes the same parameters in the same order. ``bucket_bytes``: the
     size at which a bucket is closed (parameters are never split; one larger than the limit
     gets a bucket of its own). Without an initialised process group, or with one rank, it
-    registers nothing and `finish` does nothing.
+    registers nothing and `finish` does nothing. ``gated``: act only in backwards that `arm`
+    marked (module doc).
     """
 
     def __init__(self, params: Iterable[nn.Parameter], group=None, bucket_bytes: int = 25 * 2 ** 20,
-                 auto_finish: bool = True):
+                 auto_finish: bool = True, gated: bool = False):
         if bucket_bytes <= 0:
             raise ValueError(f"DenseGradSync: bucket_bytes must be positive, got {bucket_bytes}")
         seen: set[int] = set()
         self.params = [p for p in params if p.requires_grad and not (id(p) in seen or seen.add(id(p)))]
         self.auto_finish = auto_finish
+        self.gated = gated
+        self._armed = None  # the graph task of the latest backward `arm` marked
         self.world_size = comm.world_size()
         self.group = group if group is not None or self.world_size == 1 else dist.new_group()
         if group is not None:
@@ -111,11 +132,24 @@ class DenseGradSync:
         if self.world_size > 1:
             self._handles = [p.register_post_accumulate_grad_hook(self._on_grad) for p in self.params]
 
+    def arm(self, outputs: Any) -> None:
+        """With ``gated``: a backward that goes through `outputs` (a forward's result: a tensor
+        or a pytree of them) averages the gradients. The pre-hooks hold this object weakly, so
+        a kept output keeps nothing of it alive."""
+        if not self._handles:
+            return
+        mark = functools.partial(_mark_backward, weakref.ref(self))
+        for t in pytree.tree_leaves(outputs):
+            if isinstance(t, Tensor) and t.grad_fn is not None:
+                t.grad_fn.register_prehook(mark)
+
     def _on_grad(self, p: nn.Parameter) -> None:
+        task = torch._C._current_graph_task_id()
+        if self.gated and task != self._armed:
+            return  # a backward of the plain model, not through the sharded program's outputs
         if p.grad is not None and p.grad.is_sparse:
             raise ValueError(f"DenseGradSync: a parameter of shape {tuple(p.shape)} has a sparse gradient; "
                              "only dense parameters can be averaged here")
-        task = torch._C._current_graph_task_id()
         if self._active and self.auto_finish and task != self._task:
             self._drop_unfinished()  # a backward that raised before its finish ran
         if not self._active:
@@ -179,6 +213,13 @@ class DenseGradSync:
         for h in self._handles:
             h.remove()
         self._handles = []
+
+
+def _mark_backward(ref: "weakref.ref[DenseGradSync]", grad_outputs) -> None:
+    """Pre-hook `DenseGradSync.arm` puts on an output's autograd node."""
+    sync = ref()
+    if sync is not None:
+        sync._armed = torch._C._current_graph_task_id()
 
 
 def _make_buckets(params: list[nn.Parameter], bucket_bytes: int) -> list[_Bucket]:

@@ -220,7 +220,7 @@ class TrainPipeline:
                 self._raised = e     # step by step: this batch still trains, the next call raises it
         inbox.values = tuple(values)
         try:
-            out = main_gm(*args)
+            out = self.model._arm_grad_sync(main_gm(*args))  # past ShardedModel.forward, as _check_group
         finally:
             inbox.values = None
         return self._step(batch, out)

@@ -1,0 +1,87 @@
+"""What fxrec.shard and its runtime leave behind: nothing that outlives its owner, nothing that
+acts on the user's own model. Real processes, gloo, 2 ranks.
+
+- The dense-gradient hooks `shard` puts on the model's own parameters average gradients only in
+  backwards of the sharded program and go with the ShardedModel: the plain model's backward
+  keeps its local gradient, re-sharding does not stack hooks, a dropped model is freed.
+"""
+from __future__ import annotations
+
+import copy
+import gc
+import weakref
+
+import torch
+import torch.distributed as dist
+
+import fxrec
+from dist_harness import run_workers
+from fxrec.models import DLRMPlain
+
+B = 3
+
+
+def _model() -> DLRMPlain:
+    torch.manual_seed(0)
+    return DLRMPlain([20, 30], 4, 3, [8, 4], [8, 1])
+
+
+def _batch(rank: int) -> tuple:
+    g = torch.Generator().manual_seed(rank)
+    return torch.randn(B, 3, generator=g), [torch.arange(B)] * 2, [torch.randint(0, 20, (B,), generator=g)] * 2
+
+
+def _shard(model, batch):
+    return fxrec.shard(model, fxrec.Topology(world_size=dist.get_world_size()), batch,
+                       sparse_optimizer=fxrec.optim.SGD(lr=0.1))
+
+
+def _hooks(p) -> int:
+    return len(p._post_accumulate_grad_hooks or {})
+
+
+def _plain_grad_is_local(model, batch) -> bool:
+    """The plain model's backward gives what a copy of it (no hooks) gives on the same batch."""
+    ref = copy.deepcopy(model)
+    for m in (model, ref):
+        m.zero_grad(set_to_none=True)
+        m(*batch).sum().backward()
+    return all(torch.equal(p.grad, q.grad) for p, q in zip(model.parameters(), ref.parameters()))
+
+
+def _grad_sync_worker(rank: int, world: int) -> None:
+    model, batch = _model(), _batch(rank)
+    p = model.top_l[0].weight
+    sm = _shard(model, batch)
+    assert _hooks(p) == 1
+    assert _plain_grad_is_local(model, batch)
+    sm(*batch)  # a forward whose backward never runs, and one under no_grad: the plain model stays plain
+    with torch.no_grad():
+        sm(*batch)
+    assert _plain_grad_is_local(model, batch)
+    # the sharded program's backward averages (two forwards, one backward)
+    model.zero_grad(set_to_none=True)
+    (sm(*batch).sum() + sm(*batch).sum()).backward()
+    grads = [torch.empty_like(p.grad) for _ in range(world)]
+    dist.all_gather(grads, p.grad)
+    assert all(torch.equal(g, grads[0]) for g in grads)
+    # re-sharding: the dropped ShardedModel is freed and takes its hooks along
+    dropped = weakref.ref(sm)
+    sm = _shard(model, batch)
+    gc.collect()
+    assert dropped() is None and _hooks(p) == 1
+    del sm
+    gc.collect()
+    assert _hooks(p) == 0
+    # a model dropped with its ShardedModel is freed, dense parameters included
+    other = _model()
+    sm = _shard(other, batch)
+    sm(*batch).sum().backward()
+    param = weakref.ref(next(other.top_l.parameters()))
+    del other, sm
+    gc.collect()
+    assert param() is None
+
+
+def test_dense_grad_hooks_act_for_the_sharded_program_only_and_go_with_it():
+    run_workers(_grad_sync_worker, 2)
