@@ -4,11 +4,14 @@ acts on the user's own model. Real processes, gloo, 2 ranks.
 - The dense-gradient hooks `shard` puts on the model's own parameters average gradients only in
   backwards of the sharded program and go with the ShardedModel: the plain model's backward
   keeps its local gradient, re-sharding does not stack hooks, a dropped model is freed.
+- A TrainPipeline's process groups go with it (closed, or collected unclosed): one pipeline
+  per epoch keeps the number of groups, open files and threads flat.
 """
 from __future__ import annotations
 
 import copy
 import gc
+import os
 import weakref
 
 import torch
@@ -17,6 +20,7 @@ import torch.distributed as dist
 import fxrec
 from dist_harness import run_workers
 from fxrec.models import DLRMPlain
+from fxrec.runtime.pipeline import TrainPipeline
 
 B = 3
 
@@ -85,3 +89,34 @@ def _grad_sync_worker(rank: int, world: int) -> None:
 
 def test_dense_grad_hooks_act_for_the_sharded_program_only_and_go_with_it():
     run_workers(_grad_sync_worker, 2)
+
+
+def _resources() -> tuple[int, int, int]:
+    """(process groups torch has registered, open files, OS threads) of this process."""
+    gc.collect()
+    return (len(dist.distributed_c10d._world.pg_map), len(os.listdir("/proc/self/fd")),
+            len(os.listdir("/proc/self/task")))
+
+
+def _pipeline_worker(rank: int, world: int) -> list:
+    model, batch = _model(), _batch(rank)
+    sm = _shard(model, batch)
+    opt = torch.optim.SGD(sm.parameters(), lr=0.1)
+    seen = []
+    for epoch in range(4):
+        pipe = TrainPipeline(sm, opt, lambda out, b: out.pow(2).mean())
+        for _ in range(2):
+            pipe.progress(iter([batch] * 2))
+        assert pipe.overlapped  # the background thread used the pipeline's groups
+        if epoch % 2:
+            pipe.close()  # else dropped unclosed
+        dropped = weakref.ref(pipe)
+        del pipe
+        assert dropped() is None  # freed where it is dropped (no cycle waiting for gc, no thread holding it)
+        seen.append(_resources())
+    return seen
+
+
+def test_pipelines_give_their_process_groups_back():
+    for seen in run_workers(_pipeline_worker, 2):
+        assert len(set(seen)) == 1, seen

@@ -34,7 +34,7 @@ from torch import Tensor
 
 __all__ = ["all_to_all", "all_to_all_counts", "reduce_scatter", "all_gather", "all_reduce",
            "world_size", "rank", "default_group", "ProcessGroups", "COMM_KINDS", "register_group", "resolve_group",
-           "groups_for_this_thread"]
+           "groups_for_this_thread", "destroy_groups"]
 
 # The kinds a pass writes into node.meta["fxrec_comm"].
 COMM_KINDS = ("all_to_all", "all_to_all_counts", "reduce_scatter", "all_gather", "all_reduce")
@@ -54,6 +54,24 @@ def register_group(name: str, group) -> None:
     """Make ``group`` (a ProcessGroup, or None for WORLD) reachable as ``group=name``; a later
     registration of the same name replaces the earlier one (this process only)."""
     _GROUPS[name] = group
+
+
+def destroy_groups(groups) -> None:
+    """Destroy each of `groups` that torch still has registered (None, non-member stand-ins,
+    repeats and groups a global destroy_process_group already dropped are skipped), and forget
+    the names they are registered under. Local: no collective, so each rank may call it when it
+    is done with them; the C++ group (gloo: its threads and sockets) is freed once the last
+    Python reference to it goes."""
+    registered = dist.distributed_c10d._world.pg_map if dist.is_available() else {}
+    done: list = []
+    for g in groups:
+        if g is None or any(g is d for d in done) or g is default_group() or g not in registered:
+            continue
+        done.append(g)
+        dist.destroy_process_group(g)
+    for name, g in list(_GROUPS.items()):
+        if name != "world" and any(g is d for d in done):
+            del _GROUPS[name]
 
 
 def _initialised() -> bool:

@@ -34,6 +34,8 @@ from __future__ import annotations
 
 import concurrent.futures
 import copy
+import threading
+import weakref
 from typing import Any, Callable, Iterator, Optional
 
 import torch
@@ -147,6 +149,22 @@ def _check_arguments(model, optimizer, loss_fn, inputs) -> None:
             raise TypeError(f"TrainPipeline: {name} must be callable, got {fn!r} ({type(fn).__name__})")
 
 
+def _input_stage(input_gm: GraphModule, groups: dict, args: tuple):
+    with comm.groups_for_this_thread(groups):
+        return input_gm(*args)
+
+
+def _release(pool: concurrent.futures.ThreadPoolExecutor, groups: list) -> None:
+    """Wait for the pending input stage and stop the pool's thread, then destroy the groups
+    (TrainPipeline.close, or the collection of a pipeline never closed). No collective: this
+    rank's collectives on the groups are over then, and a peer still finishing its side of the
+    last one has had all of this rank's data sent, which gloo delivers after this end closes."""
+    if threading.current_thread() in getattr(pool, "_threads", ()):
+        return  # collected by gc on the stage's own thread: leave the groups rather than pull them from under it
+    pool.shutdown(wait=True)
+    comm.destroy_groups(groups)
+
+
 class TrainPipeline:
     """Trains a `fxrec.ShardedModel`, overlapping the next batch's id distribution with the
     current batch's step (module doc).
@@ -168,20 +186,23 @@ class TrainPipeline:
             world = dist.new_group(list(range(comm.world_size())))  # collective
             self._groups = {"world": world, "intra_node": pgs.intra_node, "cross_node": pgs.cross_node}
         self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="fxrec-input-dist")
+        # The groups are this pipeline's alone (two pipelines alive at once must not interleave
+        # their input stages' collectives on one group), so they go with it: close() destroys
+        # them, and so does the collection of a pipeline never closed (one per epoch leaked 3
+        # gloo groups, their sockets and threads, each time). See _release.
+        self._release = weakref.finalize(self, _release, self._pool, list(self._groups.values()))
+        self._release.atexit = False  # at exit there is nothing to give back
         self._next: Optional[tuple] = None  # (batch, its model arguments, future of its input stage's values)
         self._background: Optional[bool] = None  # input stages in the background thread (set at the first)
         self.overlapped = 0  # input stages started in the background
         self._raised: Optional[BaseException] = None  # what the iterator raised when asked ahead
         self._closed = False
 
-    def _input_stage(self, args: tuple):
-        input_gm = self._stages[0]
-        with comm.groups_for_this_thread(self._groups):
-            return input_gm(*args)
-
     def _start(self, batch) -> tuple:
         args = tuple(self.inputs(batch))
-        return batch, args, self._pool.submit(self._input_stage, args)
+        # the task holds the stage and the groups, not the pipeline: a dropped pipeline is
+        # released where it is dropped, not later on the pool's thread
+        return batch, args, self._pool.submit(_input_stage, self._stages[0], self._groups, args)
 
     def progress(self, batches: Iterator) -> tuple[torch.Tensor, Any]:
         """One training step on the next batch of `batches` (module doc); RuntimeError,
@@ -234,10 +255,12 @@ class TrainPipeline:
 
     def close(self) -> None:
         """Wait for a pending input stage (its batch is not trained; what it raised is
-        dropped with it) and stop the background thread; progress() then refuses to train.
-        Closing twice is harmless."""
+        dropped with it), stop the background thread and destroy the pipeline's process groups
+        (local, no collective); progress() then refuses to train. Closing twice is harmless."""
         self._closed = True
         if self._next is not None:
             concurrent.futures.wait([self._next[2]])
             self._next = None
         self._pool.shutdown(wait=True)
+        self._groups = {}
+        self._release()
