@@ -117,6 +117,12 @@ def _pipeline_worker(rank: int, world: int) -> list:
     return seen
 
 
+def _flat(seen: list) -> bool:
+    """No count grew after the first (each leaked pipeline added 3 groups or more, 14
+    files or more, 9 threads or more; an unrelated file may come and go)."""
+    return all(now <= first for later in seen[1:] for now, first in zip(later, seen[0]))
+
+
 def test_pipelines_give_their_process_groups_back():
     for seen in run_workers(_pipeline_worker, 2):
-        assert len(set(seen)) == 1, seen
+        assert _flat(seen), seen
