@@ -107,8 +107,8 @@ class ShardedModel(nn.Module):
         replicas trained apart silently, and row_wise tables failed with errors about split
         sizes. One identity test on the fast path; kept out of dynamo's graphs."""
         ref, pg = self._group, comm.default_group()
-        if (ref() if ref is not None else None) is pg:
-            return
+        if (ref() if ref is not None else None) is pg and (ref is None or pg is not None):
+            return  # (a dead reference: the group it was sharded on is gone, even when none is current)
         sharded_for, now = self._plan.topology.world_size, comm.world_size()
         if sharded_for == 1 and now == 1:  # a one-rank program runs in any one-rank job
             return
@@ -519,21 +519,13 @@ def _materialise_dense(gm: GraphModule, device, seed: int) -> None:
             mod.reset_parameters()
 
 
-_GROUPS: dict = {}
-
-
 def _process_groups(topology):
     """(ProcessGroups, a group for dense-gradient all-reduces), created once per default
     process group and ranks_per_node: creating a group is collective and slow (gloo
-    connects every pair), and a job may shard several models."""
-    world_pg = dist.distributed_c10d._get_default_group()
-    key = (id(world_pg), topology.ranks_per_node)
-    cached = _GROUPS.get(key)
-    if cached is None or cached[0] is not world_pg:
-        # Keeping world_pg referenced keeps its id from being reused by a later group.
-        cached = (world_pg, comm.ProcessGroups(topology), dist.new_group(list(range(topology.world_size))))
-        _GROUPS[key] = cached
-    return cached[1], cached[2]
+    connects every pair), and a job may shard several models. They go with the default group
+    (`comm.per_default_group`): an init / destroy cycle leaves none of its groups behind."""
+    return comm.per_default_group(("fxrec.shard", topology.ranks_per_node), lambda: (
+        comm.ProcessGroups(topology), dist.new_group(list(range(topology.world_size)))))
 
 
 def _broadcast_dense(gm: GraphModule) -> None:

@@ -6,10 +6,13 @@ acts on the user's own model. Real processes, gloo, 2 ranks.
   keeps its local gradient, re-sharding does not stack hooks, a dropped model is freed.
 - A TrainPipeline's process groups go with it (closed, or collected unclosed): one pipeline
   per epoch keeps the number of groups, open files and threads flat.
+- The groups `shard` and background checkpoints make once per default process group go with
+  it: init / shard / save / destroy cycles in one process keep open files and threads flat.
 """
 from __future__ import annotations
 
 import copy
+import datetime
 import gc
 import os
 import weakref
@@ -18,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 import fxrec
-from dist_harness import run_workers
+from dist_harness import free_port, run_workers
 from fxrec.models import DLRMPlain
 from fxrec.runtime.pipeline import TrainPipeline
 
@@ -118,11 +121,33 @@ def _pipeline_worker(rank: int, world: int) -> list:
 
 
 def _flat(seen: list) -> bool:
-    """No count grew after the first (each leaked pipeline added 3 groups or more, 14
+    """No count grew after the first (each leaked pipeline or cycle added 3 groups or more, 14
     files or more, 9 threads or more; an unrelated file may come and go)."""
     return all(now <= first for later in seen[1:] for now, first in zip(later, seen[0]))
 
 
 def test_pipelines_give_their_process_groups_back():
     for seen in run_workers(_pipeline_worker, 2):
+        assert _flat(seen), seen
+
+
+def _reinit_worker(rank: int, world: int, path: str) -> list:
+    seen = []
+    for _ in range(4):
+        model, batch = _model(), _batch(rank)
+        sm = _shard(model, batch)
+        sm(*batch).sum().backward()
+        fxrec.checkpoint.save(sm, path, background=True).result()  # on its own background group
+        port = [free_port() if rank == 0 else None]
+        dist.broadcast_object_list(port, src=0)
+        del sm, model
+        dist.destroy_process_group()
+        seen.append(_resources())
+        os.environ["MASTER_PORT"] = str(port[0])
+        dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
+    return seen
+
+
+def test_destroyed_default_group_takes_fxrecs_groups_along(tmp_path):
+    for seen in run_workers(_reinit_worker, 2, str(tmp_path / "ckpt")):
         assert _flat(seen), seen

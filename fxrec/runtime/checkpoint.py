@@ -56,6 +56,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimi
 
 from fxrec.lowering.sparse_update import ROW_STATE
 from fxrec.optim import RowWiseAdagrad, for_table
+from fxrec.runtime import comm
 from fxrec.shard import ShardedModel
 
 __all__ = ["save", "load", "read_extra", "state_dict", "SPARSE_PREFIX", "DENSE_OPTIMIZER"]
@@ -380,16 +381,11 @@ def _cleared(path: str) -> Optional[tuple]:
     return None
 
 
-_BACKGROUND_GROUPS: dict = {}
-
-
 def _background_group():
-    """A gloo group over all ranks for background saves, made once (collectively: every rank's
-    first background save makes it at the same point)."""
-    key = id(dist.group.WORLD)
-    if key not in _BACKGROUND_GROUPS:
-        _BACKGROUND_GROUPS[key] = dist.new_group(backend="gloo")
-    return _BACKGROUND_GROUPS[key]
+    """A gloo group over all ranks for background saves, made once per default process group
+    (collectively: every rank's first background save makes it at the same point) and gone
+    with it (`comm.per_default_group`)."""
+    return comm.per_default_group("fxrec.checkpoint.background", lambda: dist.new_group(backend="gloo"))
 
 
 @torch.no_grad()

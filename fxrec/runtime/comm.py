@@ -25,7 +25,8 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from typing import Optional, Sequence, Union
+import weakref
+from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 import torch.distributed as dist
@@ -34,7 +35,7 @@ from torch import Tensor
 
 __all__ = ["all_to_all", "all_to_all_counts", "reduce_scatter", "all_gather", "all_reduce",
            "world_size", "rank", "default_group", "ProcessGroups", "COMM_KINDS", "register_group", "resolve_group",
-           "groups_for_this_thread", "destroy_groups"]
+           "groups_for_this_thread", "destroy_groups", "per_default_group"]
 
 # The kinds a pass writes into node.meta["fxrec_comm"].
 COMM_KINDS = ("all_to_all", "all_to_all_counts", "reduce_scatter", "all_gather", "all_reduce")
@@ -62,16 +63,64 @@ def destroy_groups(groups) -> None:
     the names they are registered under. Local: no collective, so each rank may call it when it
     is done with them; the C++ group (gloo: its threads and sockets) is freed once the last
     Python reference to it goes."""
+    groups = [g for g in groups if g is not None]
     registered = dist.distributed_c10d._world.pg_map if dist.is_available() else {}
     done: list = []
     for g in groups:
-        if g is None or any(g is d for d in done) or g is default_group() or g not in registered:
+        if any(g is d for d in done) or g is default_group() or g not in registered:
             continue
         done.append(g)
         dist.destroy_process_group(g)
     for name, g in list(_GROUPS.items()):
-        if name != "world" and any(g is d for d in done):
+        if name != "world" and any(g is d for d in groups):
             del _GROUPS[name]
+
+
+# Values made once per default process group (`per_default_group`) and that group, held weakly.
+_PER_DEFAULT: dict = {}
+_PER_DEFAULT_OWNER: Optional[weakref.ref] = None
+
+
+def per_default_group(key, make: Callable[[], Any]) -> Any:
+    """`make()`'s value for `key`, made at the first call under the current default process
+    group and kept while it is current: creating groups is collective and slow (gloo connects
+    every pair), so code that needs its own groups makes them once (every rank calls at the same
+    point, as `make` is collective). Values made under an earlier default group go as soon as
+    it is freed (destroy_process_group), or else at the next call here, and the groups among
+    them that torch still has registered are destroyed: a process that initialises and destroys
+    torch.distributed several times keeps no old group's threads and sockets. Not cached
+    without an initialised default group."""
+    global _PER_DEFAULT_OWNER
+    pg = default_group()
+    if pg is None:
+        return make()
+    owner = _PER_DEFAULT_OWNER() if _PER_DEFAULT_OWNER is not None else None
+    if owner is not pg:
+        _drop_per_default()
+        _PER_DEFAULT_OWNER = weakref.ref(pg, _owner_freed)
+    if key not in _PER_DEFAULT:
+        _PER_DEFAULT[key] = make()
+    return _PER_DEFAULT[key]
+
+
+def _owner_freed(ref) -> None:
+    if ref is _PER_DEFAULT_OWNER:
+        _drop_per_default()
+
+
+def _drop_per_default() -> None:
+    values = list(_PER_DEFAULT.values())
+    _PER_DEFAULT.clear()
+    destroy_groups(_groups_in(values))
+
+
+def _groups_in(value) -> list:
+    """The ProcessGroups in `value` (a group, a `ProcessGroups`, or lists / tuples of them)."""
+    if isinstance(value, (list, tuple)):
+        return [g for v in value for g in _groups_in(v)]
+    if isinstance(value, ProcessGroups):
+        return [value.intra_node, value.cross_node]
+    return [value] if dist.is_available() and isinstance(value, dist.ProcessGroup) else []
 
 
 def _initialised() -> bool:
