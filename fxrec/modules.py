@@ -148,19 +148,28 @@ def _split_by_key(features: KeyedJaggedTensor) -> dict[str, JaggedTensor]:
     after the break takes a key's number of ids as a size it never specialises. Dynamo
     would otherwise specialise the sizes 0 and 1, so small batches in which features are
     often empty recompiled the graph for each pattern of empty and single-id features, and
-    past ``recompile_limit`` ran it eagerly. The pieces are copies (a few ids): views of one
-    buffer would hand dynamo their storage offsets, which it specialises in the same way."""
+    past ``recompile_limit`` ran it eagerly. The ids and weights are copies (a few ids):
+    views of one buffer would hand dynamo their storage offsets, which follow the data and
+    which it specialises in the same way; the lengths stay views (their offsets follow the
+    batch size only). One split for all keys: this runs on every call."""
     from torch._dynamo.decorators import mark_unbacked
 
+    keys = features.keys()
+    if not keys:
+        return {}
+    per_key = features.length_per_key()
+    values, weights = features.values().split(per_key), features.weights_or_none()
+    weights = weights.split(per_key) if weights is not None else None
+    lengths = features.lengths().view(len(keys), -1)
     out = {}
-    for key in features.keys():
-        jt = features[key]
-        values, weights = jt.values().clone(), jt.weights_or_none()
-        mark_unbacked(values, 0)
+    for i, key in enumerate(keys):
+        ids = values[i].clone()
+        mark_unbacked(ids, 0)
+        w = None
         if weights is not None:
-            weights = weights.clone()
-            mark_unbacked(weights, 0)
-        out[key] = JaggedTensor(values, lengths=jt.lengths().clone(), weights=weights, validate=False)
+            w = weights[i].clone()
+            mark_unbacked(w, 0)
+        out[key] = JaggedTensor(ids, lengths=lengths[i], weights=w, validate=False)
     return out
 
 
