@@ -37,7 +37,7 @@ from torch.fx._symbolic_trace import PH
 from fxrec.input_spec import checked
 from fxrec.passes import lookup as L
 from fxrec.passes.shapes import ExampleIdError, run_example
-from fxrec.trace_ops import SetItemProxy, sizes_as_nodes
+from fxrec.trace_ops import SetItemProxy, checkpoints_traced_through, sizes_as_nodes
 
 _TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
 # fxrec's own tracing and interpreting code, never the "user's line"
@@ -86,7 +86,7 @@ class FxrecTracer(torch.fx.Tracer):
     def trace(self, root, concrete_args=None):
         self._trace_frame = sys._getframe()
         try:
-            with _recording_grad_switches(self), sizes_as_nodes(self):
+            with _recording_grad_switches(self), sizes_as_nodes(self), checkpoints_traced_through():
                 return super().trace(root, concrete_args)
         finally:
             self._trace_frame = None

@@ -7,6 +7,7 @@ sharded model trains as the unsharded one.
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -92,3 +93,39 @@ def test_the_new_nodes_carry_the_models_line():
     assert len(made) == 3
     for n in made:
         assert n.meta[L.SOURCE] is not None and n.meta[L.SOURCE].file.endswith("test_trace_ops.py"), n
+
+
+class _Checkpointed(nn.Module):
+    def __init__(self, reentrant: bool):
+        super().__init__()
+        self.reentrant = reentrant
+        self.bag = nn.EmbeddingBag(30, 8, mode="sum")
+        self.bottom = nn.Linear(4, 8)
+        self.top = nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 1))
+
+    def forward(self, dense, ids):
+        import torch.utils.checkpoint as ckpt
+
+        h = torch.cat([torch.relu(self.bottom(dense)), self.bag(ids)], 1)
+        return ckpt.checkpoint(self.top, h, use_reentrant=self.reentrant)
+
+
+def _dense_ids(g, b=4):
+    return torch.randn(b, 4, generator=g), torch.randint(0, 30, (b, 3), generator=g)
+
+
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_an_activation_checkpoint_in_forward_trains_as_unsharded(reentrant):
+    """The reentrant checkpoint runs its function under no_grad in forward: traced into, that
+    block stayed in the program and no layer inside or before it, nor the table, trained."""
+    torch.manual_seed(0)
+    model = _Checkpointed(reentrant)
+    reference = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(3)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        sm = shard(model, Topology(1), _dense_ids(g), sparse_optimizer=fxrec.optim.SGD(lr=0.1))
+    said = [str(w.message) for w in caught if "activation checkpoint" in str(w.message)]
+    assert bool(said) == reentrant, said
+    train_side_by_side(sm, reference, [_dense_ids(g) for _ in range(3)])
+    assert_state_like(sm, reference)
