@@ -732,3 +732,23 @@ def test_a_flag_that_is_not_a_bool_is_refused(tmp_path, call, name, value):
     with pytest.raises(TypeError, match=rf"fxrec.checkpoint.{call}: {name} must be True or False, got "
                                         rf"{re.escape(repr(value))}"):
         getattr(fxrec.checkpoint, call)(sm, tmp_path / "ckpt", **{name: value})
+
+
+@pytest.mark.parametrize("call, arguments, error", [
+    ("save", {"optimizer": "adam"}, r"fxrec.checkpoint.save: optimizer must be the dense torch.optim optimizer"),
+    ("load", {"optimizer": "adam"}, r"fxrec.checkpoint.load: optimizer must be the dense torch.optim optimizer"),
+    ("save", {"model": None}, r"fxrec.checkpoint.save: model must be the ShardedModel .*got NoneType"),
+    ("load", {"model": None}, r"fxrec.checkpoint.load: model must be the ShardedModel .*got NoneType"),
+    ("save", {"extra": [1, 2]}, r"fxrec.checkpoint.save: extra must be a dict of str keys, got list"),
+    ("save", {"path": None}, r"fxrec.checkpoint.save: path must be a directory path .*got NoneType None"),
+])
+def test_arguments_of_the_wrong_type_are_named(tmp_path, call, arguments, error):
+    """They failed with AttributeErrors on the argument ('str' object has no attribute
+    'param_groups') or os.fspath's message, which names none."""
+    case = CASES["dlrm_lists"]
+    torch.manual_seed(0)
+    sm = shard(case.build(), Topology(1), case.draw(torch.Generator().manual_seed(0), 3))
+    fxrec.checkpoint.save(sm, tmp_path / "ckpt")
+    given = {"model": sm, "path": tmp_path / "ckpt"} | arguments
+    with pytest.raises(TypeError, match=error):
+        getattr(fxrec.checkpoint, call)(given.pop("model"), given.pop("path"), **given)

@@ -41,6 +41,7 @@ import math
 import os
 import tempfile
 import warnings
+from collections.abc import Mapping
 from concurrent.futures import Future
 from typing import Optional, Union
 
@@ -267,6 +268,23 @@ def _flag(fn: str, name: str, value) -> None:
                         f"({type(value).__name__})")
 
 
+def _arguments(fn: str, model, path, optimizer, extra=None) -> None:
+    """TypeErrors naming save's / load's argument: a wrong type failed further on with an
+    AttributeError on it ('str' object has no attribute 'param_groups'), or, for the path,
+    os.fspath's message, which names no argument."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"fxrec.checkpoint.{fn}: model must be the ShardedModel (or a plain torch.nn.Module), "
+                        f"got {type(model).__name__}")
+    if not isinstance(path, (str, bytes, os.PathLike)):
+        raise TypeError(f"fxrec.checkpoint.{fn}: path must be a directory path (str or os.PathLike), got "
+                        f"{type(path).__name__} {path!r}")
+    if optimizer is not None and not (hasattr(optimizer, "state_dict") and hasattr(optimizer, "param_groups")):
+        raise TypeError(f"fxrec.checkpoint.{fn}: optimizer must be the dense torch.optim optimizer (or None), got "
+                        f"{type(optimizer).__name__} {optimizer!r}")
+    if extra is not None and not isinstance(extra, Mapping):
+        raise TypeError(f"fxrec.checkpoint.{fn}: extra must be a dict of str keys, got {type(extra).__name__}")
+
+
 def save(model: nn.Module, path: PathLike, optimizer: Optional[torch.optim.Optimizer] = None,
          extra: Optional[dict] = None, background: bool = False) -> Optional[Future]:
     """Write `model` (and the dense `optimizer`'s state) to the DCP directory `path`.
@@ -285,6 +303,7 @@ def save(model: nn.Module, path: PathLike, optimizer: Optional[torch.optim.Optim
     elsewhere to keep the last one while writing the next). Collective for a ShardedModel:
     every rank calls it with the same path, extra and background."""
     _flag("save", "background", background)
+    _arguments("save", model, path, optimizer, extra)
     sd = state_dict(model, optimizer)
     for key, value in (extra or {}).items():
         nested = isinstance(value, (list, tuple)) and any(isinstance(v, Tensor) for v in value)
@@ -406,6 +425,7 @@ def load(model: nn.Module, path: PathLike, optimizer: Optional[torch.optim.Optim
     Returns the `extra` dict given to `save` (empty if none)."""
     _flag("load", "sparse_optimizer", sparse_optimizer)
     _flag("load", "strict", strict)
+    _arguments("load", model, path, optimizer)
     path = os.fspath(path)
     _wait_for_background()
     sd = state_dict(model, optimizer, sparse_optimizer, template=True)
