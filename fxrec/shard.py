@@ -86,6 +86,17 @@ class ShardedModel(nn.Module):
         """The `fxrec.Plan` this model was sharded with."""
         return self._plan
 
+    def _apply(self, fn, recurse=True):
+        """`.to(dtype)` / `.double()` / `.half()` are refused: the fused shards and their
+        kernels were built for the tables' dtypes at shard time (a double model failed inside
+        fbgemm's backward). Device moves and the other conversions go through."""
+        probe = torch.zeros(1)
+        if fn(probe).dtype != probe.dtype:
+            raise TypeError(f"ShardedModel: its tables keep the dtypes they were sharded with "
+                            f"({sorted({str(t.dtype) for t in self._tables.values()})}); cast the model "
+                            f"before fxrec.shard (e.g. model.double()), or give tables their dtype in its config")
+        return super()._apply(fn, recurse)
+
     def forward(self, *args, **kwargs):
         self._check_group()
         return self._arm_grad_sync(self.program(self.training)(*args, **kwargs))

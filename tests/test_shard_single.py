@@ -630,3 +630,17 @@ def test_plan_names_a_topology_of_the_wrong_type():
     _, model, batch = _make("dlrm_lists")
     with pytest.raises(TypeError, match=r"fxrec.plan: topology must be a fxrec.Topology .*got int 2"):
         fxrec.plan(model, 2, batch)
+
+
+@pytest.mark.parametrize("cast", ["double", "half", "to_float64"])
+def test_casting_a_sharded_model_is_refused(cast):
+    """The fused shards and kernels keep the dtypes of shard time: a double model failed inside
+    fbgemm's backward. A device move (.cpu()) goes through."""
+    _, model, batch = _make("dlrm_lists")
+    sm = shard(model, Topology(1), batch)
+    with pytest.raises(TypeError, match=r"ShardedModel: its tables keep the dtypes they were sharded with "
+                                        r"\(\['torch.float32'\]\); cast the model before fxrec.shard"):
+        sm.to(torch.float64) if cast == "to_float64" else getattr(sm, cast)()
+    assert sm.cpu() is sm
+    with torch.no_grad():
+        assert sm(*batch).dtype == torch.float32
