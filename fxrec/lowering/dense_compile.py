@@ -74,6 +74,32 @@ def _size_checks(gm: GraphModule) -> set[Node]:
     return checks
 
 
+def _drop_sign_checks(gm: GraphModule) -> int:
+    """Erase dynamo's ``_assert_scalar(u0 >= 0)`` of each unbacked size input (a KJT key's
+    number of ids, `fxrec.modules._split_by_key`): a tensor's size is never negative, and
+    the checks, run eagerly in fxrec's segment, cost two Python calls per key per call.
+    Returns how many were erased."""
+    import operator
+
+    erased = 0
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target is not torch.ops.aten._assert_scalar.default:
+            continue
+        cond = node.args[0] if node.args else None
+        if not (isinstance(cond, Node) and cond.target is operator.ge and len(cond.args) == 2 and cond.args[1] == 0):
+            continue
+        size = cond.args[0]
+        if isinstance(size, Node) and size.op == "placeholder" and isinstance(size.meta.get("example_value"),
+                                                                               torch.SymInt):
+            gm.graph.erase_node(node)
+            if not cond.users:
+                gm.graph.erase_node(cond)
+            erased += 1
+    if erased:
+        gm.recompile()
+    return erased
+
+
 def _partitions(gm: GraphModule, checks: set[Node]) -> dict[Node, int]:
     """Node -> segment number: a new segment wherever graph order switches between fxrec's
     nodes and dynamo's (`_size_checks` count as fxrec's). Placeholders, get_attr and the
@@ -117,6 +143,7 @@ def compile_dense(gm: GraphModule, backend: str, mode: Optional[str], log: list[
     """`gm` split into segments (module doc), each dense one compiled with `backend`
     (``mode`` goes to inductor). Returns `gm` itself for backend "eager" or when the graph
     has no dense computation; ``meta[SEGMENTS]`` of the result lists the segments."""
+    _drop_sign_checks(gm)
     checks = _size_checks(gm)
     part = _partitions(gm, checks)
     dense_nodes = [n for n in part if _is_dense(n) and n not in checks]
