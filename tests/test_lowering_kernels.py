@@ -300,7 +300,10 @@ def test_backward_update(kernel, variant, case, opt, gen, monkeypatch):
     for t, (got, want) in enumerate(zip(layout.split(flat), ref.w)):
         torch.testing.assert_close(got.float(), want, **tol, msg=lambda m: f"table {t}: {m}")
     if opt == "rowwise_adagrad":
-        torch.testing.assert_close(state["momentum"], torch.cat(ref.momentum), rtol=1e-4, atol=1e-3)
+        # fp16/bf16 tables: the kernel's squared gradients come from low-precision rows and
+        # outputs, ~1e-3 relative apart from the fp32 reference's (seen: 4.6e-4, seed 1255740668)
+        rtol = 1e-4 if wdtype == torch.float32 else TOL[wdtype]["rtol"]
+        torch.testing.assert_close(state["momentum"], torch.cat(ref.momentum), rtol=rtol, atol=1e-3)
     if counters:
         assert_launched_only(counters, variant)
 
