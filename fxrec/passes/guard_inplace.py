@@ -115,18 +115,25 @@ def snapshot(value):
 torch.fx.wrap("snapshot")
 
 
-class _Families:
-    """Union-find over nodes that may share storage (an alias op joins its result to its
-    first argument; an in-place op's result is its target)."""
+def _alias_of_first(gm: GraphModule, node: Node) -> list[Node]:
+    """The input `node`'s result may share storage with, by the alias lists: its first
+    argument, for the ops that may return it or a view of it."""
+    first = node.args[0] if node.args and isinstance(node.args[0], Node) else None
+    return [first] if first is not None and _aliases(gm, node) else []
 
-    def __init__(self, gm: GraphModule, written: dict[Node, list[Node]]):
+
+class _Families:
+    """Union-find over nodes that may share storage (a node joins the inputs `shares(gm,
+    node)` names, by default an alias op's first argument; an in-place op's result is its
+    target)."""
+
+    def __init__(self, gm: GraphModule, written: dict[Node, list[Node]], shares=_alias_of_first):
         self.parent: dict[Node, Node] = {}
         for node in gm.graph.nodes:
-            first = node.args[0] if node.args and isinstance(node.args[0], Node) else None
             for target in written[node]:  # x.add_(1) is x; torch.add(a, b, out=c) is c
                 self.join(node, target)
-            if first is not None and _aliases(gm, node):
-                self.join(node, first)
+            for other in shares(gm, node):
+                self.join(node, other)
 
     def find(self, node: Node) -> Node:
         root = node

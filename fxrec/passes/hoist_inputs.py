@@ -32,7 +32,7 @@ from torch.fx import GraphModule, Node
 
 from fxrec.passes import lookup as L
 from fxrec.passes.grad_mode import is_switch
-from fxrec.passes.guard_inplace import snapshot, writes
+from fxrec.passes.guard_inplace import _Families, snapshot, writes
 
 __all__ = ["hoist_inputs_pass"]
 
@@ -79,31 +79,11 @@ def _fresh(node: Node) -> bool:
     return node.op == "call_function" and (node.target in _FRESH_FUNCTIONS or node.target is snapshot)
 
 
-def _may_share(nodes: list[Node], by_node: dict[Node, list[Node]]) -> dict[Node, Node]:
-    """Node -> its family's root, families joining what may share storage: a node with the
-    targets it writes, and any node that is not `_fresh` with its inputs (guard_inplace's
-    alias lists name the views it knows; a view they miss must not let a read move past a
-    write through it)."""
-    parent: dict[Node, Node] = {}
-
-    def find(n: Node) -> Node:
-        while parent.get(n, n) is not n:
-            parent[n] = parent.get(parent[n], parent[n])
-            n = parent[n]
-        return n
-
-    def join(a: Node, b: Node) -> None:
-        ra, rb = find(a), find(b)
-        if ra is not rb:
-            parent[ra] = rb
-
-    for node in nodes:
-        for target in by_node[node]:
-            join(node, target)
-        if not _fresh(node):
-            for arg in node.all_input_nodes:
-                join(node, arg)
-    return {n: find(n) for n in nodes}
+def _may_share(gm: GraphModule, node: Node) -> list[Node]:
+    """The inputs `node`'s result may share storage with, judged conservatively: all of them,
+    unless it is `_fresh` (guard_inplace's alias lists name the views they know; a view they
+    miss must not let a read move past a write through it)."""
+    return [] if _fresh(node) else node.all_input_nodes
 
 
 def _movable(gm: GraphModule, node: Node) -> bool:
@@ -122,15 +102,15 @@ def hoist_inputs_pass(gm: GraphModule, ctx) -> GraphModule:
         return gm
     by_node = {n: writes(gm, n) for n in nodes}
     written = [t for targets in by_node.values() for t in targets]
-    family = _may_share(nodes, by_node) if written else {}
-    hit = {family[t] for t in written}
+    family = _Families(gm, by_node, shares=_may_share) if written else None
+    hit = {family.find(t) for t in written}
     pos = {n: i for i, n in enumerate(nodes)}
     last_input = max((n for n in nodes if n.op == "placeholder"), key=pos.__getitem__, default=None)
     moved = 0
 
     def hoist(node: Node) -> None:
         nonlocal moved, pos
-        if not _movable(gm, node) or (hit and any(family[a] in hit for a in node.all_input_nodes)):
+        if not _movable(gm, node) or (hit and any(family.find(a) in hit for a in node.all_input_nodes)):
             return
         for arg in node.all_input_nodes:
             hoist(arg)
