@@ -41,9 +41,8 @@ from fxrec.passes.table_reads import fold_weight_metadata, reads_outside
 from fxrec.types import TableInfo
 
 aten = torch.ops.aten
-_F_BAG_ARGS = ["input", "weight", "offsets", "max_norm", "norm_type", "scale_grad_by_freq", "mode",
-               "sparse", "per_sample_weights", "include_last_offset", "padding_idx"]
-_F_EMB_ARGS = ["input", "weight", "padding_idx", "max_norm", "norm_type", "scale_grad_by_freq", "sparse"]
+_F_BAG_ARGS = list(L.F_ARGS[F.embedding_bag])
+_F_EMB_ARGS = list(L.F_ARGS[F.embedding])
 _ATEN_BAGS = (aten.embedding_bag.default, aten.embedding_bag.padding_idx, aten._embedding_bag.default,
               aten._embedding_bag_forward_only.default)
 _ATEN_MODES = {0: "sum", 1: "mean", 2: "max"}

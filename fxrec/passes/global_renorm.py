@@ -30,7 +30,6 @@ from fxrec.runtime import comm
 __all__ = ["global_renorm_pass", "flat_ids", "renorm_rows"]
 
 NAME = "global_renorm"
-_MAX_NORM_ARG = 3  # max_norm's position in F.embedding's and F.embedding_bag's signatures
 
 
 def flat_ids(ids: Tensor) -> Tensor:
@@ -48,10 +47,6 @@ torch.fx.wrap("flat_ids")
 torch.fx.wrap("renorm_rows")
 
 
-def _arg(node: Node, pos: int, name: str, default=None):
-    return node.args[pos] if len(node.args) > pos else node.kwargs.get(name, default)
-
-
 def _plain_module(mod: nn.Module) -> bool:
     return (isinstance(mod, nn.Embedding) and type(mod).forward is nn.Embedding.forward) or (
         isinstance(mod, nn.EmbeddingBag) and type(mod).forward is nn.EmbeddingBag.forward)
@@ -66,12 +61,14 @@ def _functional_call(gm: GraphModule, node: Node, mod: nn.Module) -> tuple:
                          f"an F.embedding call, which would not run the hooks; remove them, or shard on one rank")
     with gm.graph.inserting_before(node):
         weight = gm.graph.get_attr(f"{path}.weight")
-    ids = _arg(node, 0, "input")
+    ids = node.args[0] if node.args else node.kwargs.get("input")
     if isinstance(mod, nn.Embedding):
         args = (ids, weight, mod.padding_idx, None, mod.norm_type, mod.scale_grad_by_freq, mod.sparse)
         return F.embedding, ids, weight, args, mod.max_norm, mod.norm_type
-    args = (ids, weight, _arg(node, 1, "offsets"), None, mod.norm_type, mod.scale_grad_by_freq, mod.mode,
-            mod.sparse, _arg(node, 2, "per_sample_weights"), mod.include_last_offset, mod.padding_idx)
+    offsets = node.args[1] if len(node.args) > 1 else node.kwargs.get("offsets")
+    psw = node.args[2] if len(node.args) > 2 else node.kwargs.get("per_sample_weights")
+    args = (ids, weight, offsets, None, mod.norm_type, mod.scale_grad_by_freq, mod.mode, mod.sparse, psw,
+            mod.include_last_offset, mod.padding_idx)
     return F.embedding_bag, ids, weight, args, mod.max_norm, mod.norm_type
 
 
@@ -107,14 +104,12 @@ def global_renorm_pass(gm: GraphModule, ctx) -> GraphModule:
                 call = _copy_meta(node, gm.graph.call_function(fn, args))
             node.replace_all_uses_with(call)
             gm.graph.erase_node(node)
-        elif node.op == "call_function" and node.target in (F.embedding, F.embedding_bag):
-            max_norm = _arg(node, _MAX_NORM_ARG, "max_norm")
-            if max_norm is None:
-                continue
-            norm_type = _arg(node, _MAX_NORM_ARG + 1, "norm_type", 2.0)
-            _renorm_before(gm, node, _arg(node, 0, "input"), _arg(node, 1, "weight"), max_norm, norm_type)
-            if len(node.args) > _MAX_NORM_ARG:
-                node.update_arg(_MAX_NORM_ARG, None)
+        elif L.renormalising_call(node):
+            _renorm_before(gm, node, L.functional_arg(node, "input"), L.functional_arg(node, "weight"),
+                           L.functional_arg(node, "max_norm"), L.functional_arg(node, "norm_type", 2.0))
+            pos = L.F_ARGS[node.target].index("max_norm")
+            if len(node.args) > pos:
+                node.update_arg(pos, None)
             else:
                 node.update_kwarg("max_norm", None)
         else:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 # node.meta keys
@@ -213,3 +214,25 @@ def carry_hooks(src: nn.Module, dst: nn.Module) -> nn.Module:
     if getattr(src, "_is_full_backward_hook", None) is not None:
         dst._is_full_backward_hook = src._is_full_backward_hook
     return dst
+
+
+# ------------------------------------------------------------------ functional lookups' arguments
+# F.embedding_bag's and F.embedding's parameters, in signature order (a call node passes them
+# by position or by name)
+F_ARGS = {
+    F.embedding_bag: ("input", "weight", "offsets", "max_norm", "norm_type", "scale_grad_by_freq", "mode",
+                      "sparse", "per_sample_weights", "include_last_offset", "padding_idx"),
+    F.embedding: ("input", "weight", "padding_idx", "max_norm", "norm_type", "scale_grad_by_freq", "sparse"),
+}
+
+
+def functional_arg(node, name: str, default=None):
+    """Argument `name` of an F.embedding / F.embedding_bag call node, wherever it was passed."""
+    pos = F_ARGS[node.target].index(name)
+    return node.args[pos] if len(node.args) > pos else node.kwargs.get(name, default)
+
+
+def renormalising_call(node) -> bool:
+    """Whether `node` is an F.embedding / F.embedding_bag call with a max_norm: it renormalises,
+    in place, the rows of its weight that it reads."""
+    return node.op == "call_function" and node.target in F_ARGS and functional_arg(node, "max_norm") is not None

@@ -102,9 +102,6 @@ def _no_side_effects(module: nn.Module):
                 p.copy_(old)
 
 
-_F_MAX_NORM_ARG = {F.embedding: 3, F.embedding_bag: 3}  # max_norm's position in their signatures
-
-
 def _written_parameters(gm: torch.fx.GraphModule) -> list[Tensor]:
     """The parameters a run of `gm` may write in place, found without copying the others
     (tables are large): the weights of nn.Embedding / nn.EmbeddingBag modules with max_norm
@@ -117,12 +114,9 @@ def _written_parameters(gm: torch.fx.GraphModule) -> list[Tensor]:
     targets: list[torch.fx.Node] = []
     for node in gm.graph.nodes:
         targets += writes(gm, node)
-        pos = _F_MAX_NORM_ARG.get(node.target) if node.op == "call_function" else None
-        if pos is not None:
-            max_norm = node.args[pos] if len(node.args) > pos else node.kwargs.get("max_norm")
-            weight = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
-            if max_norm is not None and isinstance(weight, torch.fx.Node):
-                targets.append(weight)
+        weight = L.functional_arg(node, "weight") if L.renormalising_call(node) else None
+        if isinstance(weight, torch.fx.Node):
+            targets.append(weight)
     for node in targets:
         while node.op != "get_attr" and node.args and isinstance(node.args[0], torch.fx.Node) \
                 and _aliases(gm, node):
