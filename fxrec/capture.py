@@ -41,8 +41,9 @@ from fxrec.trace_ops import SetItemProxy, checkpoints_traced_through, sizes_as_n
 
 _TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
 # fxrec's own tracing and interpreting code, never the "user's line"
-_INTERNAL = (os.path.abspath(__file__), os.path.dirname(os.path.abspath(L.__file__)) + os.sep,
-             os.path.join(os.path.dirname(os.path.abspath(__file__)), "trace_ops.py"))
+_INTERNAL_FILES = (os.path.abspath(__file__),
+                   os.path.join(os.path.dirname(os.path.abspath(__file__)), "trace_ops.py"))
+_INTERNAL_DIR = os.path.dirname(os.path.abspath(L.__file__)) + os.sep  # fxrec/passes/
 
 
 class CaptureError(RuntimeError):
@@ -421,7 +422,7 @@ def _is_user_file(path: str) -> bool:
     if path.startswith("<"):  # fx-generated code, <string>, <frozen ...>
         return False
     path = os.path.abspath(path)
-    return not (path.startswith(_TORCH_DIR) or path in (_INTERNAL[0], _INTERNAL[2]) or path.startswith(_INTERNAL[1]))
+    return not (path.startswith(_TORCH_DIR) or path in _INTERNAL_FILES or path.startswith(_INTERNAL_DIR))
 
 
 def _user_frame_from_trace(stack_trace: Optional[str]) -> Optional[SourceLoc]:
