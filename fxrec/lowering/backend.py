@@ -84,18 +84,15 @@ _KEEP = 32
 # hold the modules (`_Rebinding.held`). Not a WeakKeyDictionary: it compares keys with ==,
 # which a tensor answers elementwise.
 _ALIASED: dict[int, tuple[weakref.ref, str, dict[type, weakref.ref]]] = {}
-_ANY = object()
 _FUSED: "weakref.WeakSet[Any]" = weakref.WeakSet()  # every fused module a parameter was aliased to
 
 
-def _aliased(param: nn.Parameter, kind=_ANY) -> Optional[tuple[Any, str]]:
-    """(a fused module whose buffer `param` views, its table name): the one trained by an
-    optimizer of type `kind` when given (None when there is none), else any."""
+def _aliased(param: nn.Parameter) -> Optional[tuple[Any, str]]:
+    """(a fused module whose buffer `param` views, its table name), or None."""
     entry = _ALIASED.get(id(param))
     if entry is None or entry[0]() is not param:
         return None
-    refs = entry[2] if kind is _ANY else {kind: entry[2][kind]} if kind in entry[2] else {}
-    for ref in refs.values():
+    for ref in entry[2].values():
         if ref() is not None:
             return ref(), entry[1]
     return None
