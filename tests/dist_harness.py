@@ -142,6 +142,20 @@ def _check_alive(procs, done, results) -> None:
             done[r] = pickle.loads(payload)
 
 
+def run_jobs(rank: int, world: int, run, jobs: list, traceback_limit: int = 8) -> dict:
+    """A worker for `run_workers`: ``{job: run(rank, world, *job)}`` (each a list of failures)
+    for each job in turn. A job that raises records its traceback and ends the run: the
+    other ranks are left stuck in a collective, and fail theirs too."""
+    results = {}
+    for job in jobs:
+        try:
+            results[job] = run(rank, world, *job)
+        except Exception:  # noqa: BLE001 - reported per job
+            results[job] = [traceback.format_exc(limit=traceback_limit)]
+            break
+    return results
+
+
 def merge_failures(per_rank: list[dict]) -> dict:
     """Per-rank ``{job: [failure, ...]}`` results as one ``{job: ["rank r: failure", ...]}``."""
     merged: dict = {}

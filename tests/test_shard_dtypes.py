@@ -17,7 +17,6 @@ each table's dtype, as the fused kernels update a half-precision table.
 from __future__ import annotations
 
 import copy
-import traceback
 
 import pytest
 import torch
@@ -25,7 +24,7 @@ from torch import nn
 from torch.testing import assert_close
 
 import fxrec
-from dist_harness import merge_failures, run_workers
+from dist_harness import merge_failures, run_jobs, run_workers
 from fxrec.modules import EmbeddingBagCollection, EmbeddingBagConfig, EmbeddingCollection, EmbeddingConfig
 from fxrec.optim import SGD, RowWiseAdagrad
 from fxrec.passes.lookup import table_names_by_param
@@ -170,17 +169,6 @@ def _run(rank: int, world: int, sharding: str, optimizer: str, case: str = "mixe
     return bad
 
 
-def _worker(rank: int, world: int, jobs: list) -> dict:
-    results = {}
-    for job in jobs:
-        try:
-            results[job] = _run(rank, world, *job)
-        except Exception:  # noqa: BLE001 - reported per job; the other ranks fail their collective too
-            results[job] = [traceback.format_exc(limit=8)]
-            break
-    return results
-
-
 @pytest.mark.parametrize("optimizer", ["sgd", "rowwise_adagrad"])
 @pytest.mark.parametrize("sharding", [s for s in SHARDINGS if s != "column_wise"])  # needs 2 ranks
 @pytest.mark.parametrize("case", list(CASES))
@@ -193,7 +181,7 @@ _JOBS = [(s, "rowwise_adagrad", "mixed") for s in SHARDINGS] + [(s, "sgd", "wide
 
 @pytest.fixture(scope="module")
 def two_ranks() -> dict:
-    return merge_failures(run_workers(_worker, 2, _JOBS, timeout=300))
+    return merge_failures(run_workers(run_jobs, 2, _run, _JOBS, timeout=300))
 
 
 @pytest.mark.parametrize("job", _JOBS, ids=[f"{c}-{s}" for s, _, c in _JOBS])

@@ -10,14 +10,13 @@ gradients (SGD, or RowWiseAdagrad's ``m += mean(g^2); w -= lr / (sqrt(m) + eps) 
 """
 from __future__ import annotations
 
-import traceback
 
 import pytest
 import torch
 from torch.testing import assert_close
 
 import fxrec
-from dist_harness import merge_failures, run_workers
+from dist_harness import merge_failures, run_jobs, run_workers
 from fxrec.optim import SGD, Adam, RowWiseAdagrad
 from fxrec.passes.lookup import table_names_by_param
 from fxrec.shard import shard
@@ -159,23 +158,12 @@ def _run_job(rank: int, world: int, sharding: str, name: str, optimizer: str) ->
     return bad
 
 
-def _worker(rank: int, world: int, jobs: list) -> dict:
-    results = {}
-    for job in jobs:
-        try:
-            results[job] = _run_job(rank, world, *job)
-        except Exception:  # noqa: BLE001 - reported per job; the other ranks fail their collective too
-            results[job] = [traceback.format_exc(limit=6)]
-            break  # a rank that raised leaves the others stuck in a collective
-    return results
-
-
 _RESULTS: dict = {}
 
 
 def _results(world: int) -> dict:
     if world not in _RESULTS:
-        _RESULTS[world] = merge_failures(run_workers(_worker, world, _jobs(world), timeout=600))
+        _RESULTS[world] = merge_failures(run_workers(run_jobs, world, _run_job, _jobs(world), 6, timeout=600))
     return _RESULTS[world]
 
 
