@@ -25,7 +25,8 @@ from torch import Tensor
 # The validation switch and checks live in sparse_checks.py; re-exported here because
 # users and modules reach them as fxrec.sparse.*.
 from fxrec.sparse_checks import (_check_index_tensor, _check_jagged, _check_keys, _check_sums,  # noqa: F401
-                                 _check_tensors, _indices, _names, _size, is_tracing, set_validation, should_validate, validation, validation_enabled)
+                                 _check_tensors, _indices, _names, _size, is_tracing, set_validation,
+                                 should_validate, validation, validation_enabled)
 
 
 # ------------------------------------------------------------------ helpers
