@@ -11,6 +11,7 @@ from torch.testing import assert_close
 
 import fxrec
 from dist_harness import run_workers
+from fxrec.lowering import sparse_update
 from fxrec.optim import SGD, RowWiseAdagrad
 from fxrec.passes import lookup as L
 from fxrec.shard import shard
@@ -56,8 +57,10 @@ def _structure(rank: int, name: str, optimizer: str, cons: dict) -> tuple:
             sorted(u.target.rsplit(".", 1)[-1] for u in syncs[0].users) if syncs else [])
 
 
-def _momenta(rank: int, name: str, column_wise: set) -> dict:
-    """Each column shard's accumulator after two steps, by table."""
+def _momenta(rank: int, name: str, column_wise: set, bags_of_one: float) -> tuple[dict, dict]:
+    """Each column shard's accumulator after two steps, by table, and the tables then; the
+    split tables updated by bags of one (fraction 1) or by the lookups' own ids (0)."""
+    sparse_update.BAGS_OF_ONE_UNIQUE_FRACTION = bags_of_one
     case, _, sm = _build(rank, name, column_wise, RowWiseAdagrad(LR))
     for step in range(2):
         sm(*case.local_batches(WORLD, B, seed=10 + step)[rank]).square().mean().backward()
@@ -68,7 +71,7 @@ def _momenta(rank: int, name: str, column_wise: set) -> dict:
             for key, state in fused.table_state().items():
                 if key.split("@")[0] in column_wise:
                     out[key] = state["momentum"].clone()
-    return out
+    return out, sm.full_state_dict()
 
 
 def _no_grad_forward(rank: int) -> bool:
@@ -81,7 +84,7 @@ def _no_grad_forward(rank: int) -> bool:
 
 def _worker(rank: int, world: int) -> dict:
     return {"structure": [_structure(rank, n, o, c) for n, o, c, _ in STRUCTURE],
-            "momenta": [_momenta(rank, n, cw) for n, cw in MOMENTA],
+            "momenta": [{f: _momenta(rank, n, cw, f) for f in (0.0, 1.0)} for n, cw in MOMENTA],
             "no_grad": _no_grad_forward(rank)}
 
 
@@ -103,11 +106,12 @@ def test_row_sync_node_only_where_needed(i):
             assert kind == "all_to_all" and users == ["lookup", "output_prep"]
 
 
+@pytest.mark.parametrize("bags_of_one", [0.0, 1.0], ids=["own_ids", "bags_of_one"])
 @pytest.mark.parametrize("i", range(len(MOMENTA)), ids=[n for n, _ in MOMENTA])
-def test_column_shards_hold_identical_accumulators(i):
+def test_column_shards_hold_identical_accumulators(i, bags_of_one):
     by_table: dict = {}
     for r in _results():
-        for key, m in r["momenta"][i].items():
+        for key, m in r["momenta"][i][bags_of_one][0].items():
             by_table.setdefault(key.split("@")[0], []).append(m)
     assert set(by_table) == MOMENTA[i][1]
     for table, ms in by_table.items():
@@ -115,6 +119,17 @@ def test_column_shards_hold_identical_accumulators(i):
         assert ms[0].abs().sum() > 0, f"{table}: no row was updated"
         # equal up to one rounding of the shard's own mean per step (row_sync.py)
         assert_close(ms[0], ms[1], rtol=1e-6, atol=0, msg=table)
+
+
+@pytest.mark.parametrize("i", range(len(MOMENTA)), ids=[n for n, _ in MOMENTA])
+def test_bags_of_one_train_as_the_lookups_own_ids(i):
+    """The two ways of making the split tables' update (sparse_update.row_sq_sums) give the
+    same tables; test_shard_equivalence holds the default one to the unsharded training."""
+    for r in _results():
+        own, bags = r["momenta"][i][0.0][1], r["momenta"][i][1.0][1]
+        assert own.keys() == bags.keys()
+        for key in own:
+            assert_close(bags[key], own[key], rtol=1e-5, atol=1e-6, msg=key)
 
 
 def test_no_grad_forward_leaves_tables_alone():

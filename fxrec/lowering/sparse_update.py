@@ -221,38 +221,174 @@ def _segment_sq_sums(G: Tensor, rows: Tensor, scale: Optional[Tensor], keys: Ten
     return sums
 
 
+# Where a call's rows repeat often, the occurrences exact column_wise RowWiseAdagrad sorts
+# by row for its row sums also make the update: each unique row a bag of one holding its
+# summed gradient, which the fused kernel regroups in a fraction of the time it takes over
+# every id (bench/vs_torchrec.py's column shards: 425k Zipf ids, 139k unique rows). With few
+# repeats, gathering every row's gradient costs more than the kernel's own pass saves: bags
+# of one are used up to this fraction of unique rows per id (bench/row_sums.py measures
+# both ways; bench/results/row_sums_cpu.txt).
+BAGS_OF_ONE_UNIQUE_FRACTION = 0.5
+
+
+@dataclass
+class RowSums:
+    """`row_sq_sums`'s result: per table, its unique ids (ascending, int64) and their sums of
+    the squared gradient over the table's columns (fp32); and the calls
+    ``(grad_output, indices, offsets, per_sample_weights)`` whose fused updates, one after the
+    other, are the update of the call the sums were computed from."""
+
+    sums: dict[int, tuple[Tensor, Tensor]]
+    calls: list[tuple]
+
+
+@dataclass
+class _Runs:
+    """One width group's occurrences sorted by row (`_sorted_runs`): U runs of equal rows."""
+
+    group: list[int]  # the layout's tables, ascending, all of width d
+    G: Tensor  # m x d gradient rows (`_group_occurrences`)
+    rows: Tensor  # per sorted occurrence, its row of G
+    scale: Optional[Tensor]  # per sorted occurrence; None when every factor is 1
+    keys: Tensor  # sorted keys
+    counts: Tensor  # per run, its occurrences
+    ids: Tensor  # int64 [U], each run's id within its table
+    cut: list[int]  # the group's i-th table's runs are cut[i]:cut[i + 1]
+
+
+def _sorted_runs(layout: TBELayout, grad_output: Tensor, indices: Tensor, offsets: Tensor,
+                 per_sample_weights: Optional[Tensor], group: list[int], bounds: list[int]) -> Optional[_Runs]:
+    """`group`'s occurrences stably sorted by row (so summed in input order within a row:
+    the same result run to run); None when the group has none."""
+    G, rows, keys, scale, bases = _group_occurrences(layout, grad_output, indices, offsets,
+                                                     per_sample_weights, group, bounds)
+    if keys.numel() == 0:
+        return None
+    keys, perm = torch.sort(keys, stable=True)
+    uniq, counts = torch.unique_consecutive(keys, return_counts=True)
+    uniq = uniq.long()
+    # unique keys ascend, so the group's i-th table's are those in [bases[i], bases[i+1])
+    dev = uniq.device
+    cut = torch.searchsorted(uniq, torch.tensor(bases, dtype=torch.int64, device=dev)).tolist()
+    per_table = torch.tensor([cut[i + 1] - cut[i] for i in range(len(group))], device=dev)
+    ids = uniq - torch.repeat_interleave(torch.tensor(bases[:-1], dtype=torch.int64, device=dev), per_table,
+                                         output_size=uniq.numel())
+    return _Runs(group, G, rows.index_select(0, perm), None if scale is None else scale.index_select(0, perm),
+                 keys, counts, ids, cut)
+
+
+def _bag_sums(G: Tensor, rows: Tensor, scale: Optional[Tensor], bag_offsets: Tensor, lists: int,
+              B: int) -> Tensor:
+    """``B x (lists * d)``, fp32 (fp64 for an fp64 G): bag b of list i, the occurrences
+    ``bag_offsets[i * B + b]:bag_offsets[i * B + b + 1]``, is the sum of their ``scale * G[row]``,
+    in list i's columns (the pooled layout of `lists` tables of width d)."""
+    from . import fbgemm  # its kernels register themselves; imported here, not at load
+
+    if fbgemm.AVAILABLE and G.device.type == "cpu" and G.dtype == torch.float32:
+        return fbgemm.bag_sums(G, rows, scale, bag_offsets, lists)
+    acc = torch.float64 if G.dtype == torch.float64 else torch.float32
+    out = F.embedding_bag(rows, G.to(acc), bag_offsets, mode="sum", include_last_offset=True,
+                          per_sample_weights=None if scale is None else scale.to(acc))
+    return out.view(lists, B, -1).transpose(0, 1).reshape(B, -1)
+
+
+def _bags_of_one(layout: TBELayout, runs: _Runs, call: tuple) -> tuple[tuple, list[Tensor]]:
+    """The call updating `runs.group`'s tables with each unique row as a bag of one holding
+    its summed gradient (no per-sample weights: they are in the sums), and each row's sum of
+    the squared gradient, per table of the group."""
+    T, dev = layout.num_tables, runs.G.device
+    d, Tg = layout.dims[runs.group[0]], len(runs.group)
+    U = [runs.cut[i + 1] - runs.cut[i] for i in range(Tg)]
+    starts = runs.counts.cumsum(0) - runs.counts
+    ids, offsets = runs.ids.to(call[1].dtype), call[2]
+    if not layout.pooled:  # one "sample" per table, holding its unique rows: blocks in table order
+        n = runs.rows.numel()
+        bag_off = torch.cat([starts, starts.new_full((1,), n)])
+        g = _bag_sums(runs.G, runs.rows, runs.scale, bag_off, 1, len(starts))
+        sq = _sq_norms(g)
+        lengths = torch.zeros(T, dtype=torch.int64, device=dev)
+        lengths[runs.group] = torch.tensor(U, device=dev)
+        call_off = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)]).to(offsets.dtype)
+        return (g.reshape(-1), ids, call_off, None), [sq[runs.cut[i]:runs.cut[i + 1]] for i in range(Tg)]
+    # pooled: B' = the most unique rows of a table; table i's bags past its U[i] are empty
+    Bp = max(U)
+    real = torch.arange(Bp, device=dev) < torch.tensor(U, device=dev).unsqueeze(1)  # Tg x B'
+    lengths = torch.zeros(Tg, Bp, dtype=torch.int64, device=dev).masked_scatter_(real, runs.counts.long())
+    bag_off = torch.cat([lengths.new_zeros(1), lengths.reshape(-1).cumsum(0)])
+    g = _bag_sums(runs.G, runs.rows, runs.scale, bag_off, Tg, Bp)  # B' x (Tg * d)
+    sq = _sq_norms(g.view(-1, d)).view(Bp, Tg)
+    if runs.group != list(range(T)):  # the group's columns of the layout's B' x total_D
+        whole = g.new_zeros(Bp, layout.D_offsets_list[-1])
+        for i, t in enumerate(runs.group):
+            whole[:, layout.D_offsets_list[t]:layout.D_offsets_list[t + 1]] = g[:, i * d:(i + 1) * d]
+        g = whole
+    call_len = torch.zeros(T, Bp, dtype=torch.int64, device=dev)
+    call_len[runs.group] = real.long()
+    call_off = torch.cat([call_len.new_zeros(1), call_len.reshape(-1).cumsum(0)]).to(offsets.dtype)
+    return (g, ids, call_off, None), [sq[:U[i], i] for i in range(Tg)]
+
+
+def _without(layout: TBELayout, call: tuple, drop: set) -> tuple:
+    """`call` with the tables in `drop` given no ids (their update is made elsewhere)."""
+    grad_output, indices, offsets, psw = call
+    T = layout.num_tables
+    B = layout.batch_size(offsets)
+    bounds = offsets[::B].tolist() if B else [0] * (T + 1)
+    keep = [t for t in range(T) if t not in drop]
+    off = offsets.long()
+    lengths = (off[1:] - off[:-1]).view(T, B).clone()
+    lengths[sorted(drop)] = 0
+    new_off = torch.cat([lengths.new_zeros(1), lengths.reshape(-1).cumsum(0)]).to(offsets.dtype)
+    ids = torch.cat([indices[bounds[t]:bounds[t + 1]] for t in keep])
+    weights = None if psw is None else torch.cat([psw[bounds[t]:bounds[t + 1]] for t in keep])
+    if not layout.pooled:  # the dropped tables' blocks of per-id gradient rows go too
+        start = layout.unpooled_offsets(offsets).tolist()
+        grad_output = torch.cat([grad_output[start[t]:start[t + 1]] for t in keep])
+    return grad_output, ids, new_off, weights
+
+
 def row_sq_sums(layout: TBELayout, grad_output: Tensor, indices: Tensor, offsets: Tensor,
-                per_sample_weights: Optional[Tensor], tables) -> dict[int, tuple[Tensor, Tensor]]:
+                per_sample_weights: Optional[Tensor], tables, bags_of_one: Optional[float] = None) -> RowSums:
     """Per table t in `tables`: its unique ids (ascending, int64) and, per id, the sum over
     the table's columns of the squared gradient summed over the id's occurrences (fp32) —
-    RowWiseAdagrad's ``sum(g**2)`` before the mean. Per distinct width, one sort of the
-    occurrences by row and one `embedding_bag` over the gradient rows of the rows that occur
-    more than once, whatever the number of tables; tables no id touched get empty tensors.
-    Occurrences are summed in input order within a row, so the result is the same run to run."""
+    RowWiseAdagrad's ``sum(g**2)`` before the mean — and the update's calls (`RowSums`).
+    Per distinct width, one sort of the occurrences by row, whatever the number of tables;
+    tables no id touched get empty tensors. Occurrences are summed in input order within a
+    row, so the result is the same run to run.
+
+    A width group whose unique rows are at most `bags_of_one` (default
+    BAGS_OF_ONE_UNIQUE_FRACTION) of its ids is updated by a call of bags of one
+    (`_bags_of_one`), its sums the squared norms of those bags' gradients;
+    otherwise only the rows that occur more than once sum their gradients
+    (`_segment_sq_sums`), and the group stays in the given call."""
     dev = grad_output.device
     tables = sorted(set(tables))
     out = {t: (torch.zeros(0, dtype=torch.int64, device=dev), torch.zeros(0, dtype=torch.float32, device=dev))
            for t in tables}
+    call = (grad_output, indices, offsets, per_sample_weights)
     if indices.numel() == 0:
-        return out
+        return RowSums(out, [call])
     B = layout.batch_size(offsets)
     bounds = offsets[::B].tolist()  # table t's occurrences: bounds[t]:bounds[t + 1]
+    bags_of_one = BAGS_OF_ONE_UNIQUE_FRACTION if bags_of_one is None else bags_of_one
+    calls, taken = [], set()
     for d in sorted({layout.dims[t] for t in tables}):
-        group = [t for t in tables if layout.dims[t] == d]
-        G, rows, keys, scale, bases = _group_occurrences(layout, grad_output, indices, offsets,
-                                                         per_sample_weights, group, bounds)
-        if keys.numel() == 0:
+        runs = _sorted_runs(layout, grad_output, indices, offsets, per_sample_weights,
+                            [t for t in tables if layout.dims[t] == d], bounds)
+        if runs is None:
             continue
-        keys, perm = torch.sort(keys, stable=True)
-        uniq, counts = torch.unique_consecutive(keys, return_counts=True)
-        sums = _segment_sq_sums(G, rows.index_select(0, perm),
-                                None if scale is None else scale.index_select(0, perm), keys, counts)
-        uniq = uniq.long()
-        # unique keys ascend, so the group's i-th table's are those in [bases[i], bases[i+1])
-        cut = torch.searchsorted(uniq, torch.tensor(bases, dtype=torch.int64, device=dev)).tolist()
-        for i, t in enumerate(group):
-            out[t] = (uniq[cut[i]:cut[i + 1]] - bases[i], sums[cut[i]:cut[i + 1]])
-    return out
+        if runs.ids.numel() <= bags_of_one * runs.keys.numel():
+            bags, sums = _bags_of_one(layout, runs, call)
+            calls.append(bags)
+            taken.update(runs.group)
+        else:
+            flat = _segment_sq_sums(runs.G, runs.rows, runs.scale, runs.keys, runs.counts)
+            sums = [flat[runs.cut[i]:runs.cut[i + 1]] for i in range(len(runs.group))]
+        for i, t in enumerate(runs.group):
+            out[t] = (runs.ids[runs.cut[i]:runs.cut[i + 1]], sums[i])
+    if len(taken) < layout.num_tables:  # the tables no bags of one update keep their ids
+        calls.insert(0, _without(layout, call, taken) if taken else call)
+    return RowSums(out, calls)
 
 
 def merge_calls(layout: TBELayout, calls: list) -> tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:

@@ -22,7 +22,10 @@ TorchRec's), at the price of one small all-to-all and a second pass over the gra
   each table's sums to the other ranks holding the table and adds all holders' sums in rank
   order; each shard's accumulator is then advanced by ``whole-row mean - own mean`` and the
   deferred fused update runs, adding the own mean back: the accumulator grows by the
-  whole-row mean (up to one rounding of the own mean), and the step uses it.
+  whole-row mean (up to one rounding of the own mean), and the step uses it. Where rows
+  repeat often, that update is made from the rows' summed gradients the row sums were
+  computed from, each row a bag of one (`row_sq_sums`'s calls): the kernel then regroups
+  the unique rows, not every id.
 """
 from __future__ import annotations
 
@@ -176,16 +179,18 @@ class RowSync(nn.Module):
         return out
 
     def _entries(self, calls: dict) -> tuple[list[_Entry], list]:
-        """Each fused module's calls joined into one update, and its split shards' row sums."""
+        """Each fused module's calls joined into one update (as `row_sq_sums`'s calls), and its
+        split shards' row sums."""
         entries, updates = [], []
         for owner, owner_calls in calls.items():
             args = merge_calls(owner.layout, owner_calls)
             names = owner.layout.names
             split = [t for t, key in enumerate(names) if key in self.shard_tables]
-            for t, (rows, sums) in row_sq_sums(owner.layout, *args, split).items():
+            found = row_sq_sums(owner.layout, *args, split)
+            for t, (rows, sums) in found.sums.items():
                 entries.append(_Entry(owner, self.shard_tables[names[t]], owner.layout.dims[t],
                                       owner.layout.hash_size_cumsum_list[t], rows, sums))
-            updates.append((owner, args))
+            updates.append((owner, found.calls))
         return entries, updates
 
     @torch.no_grad()
@@ -209,8 +214,9 @@ class RowSync(nn.Module):
                 deltas.setdefault(e.owner, []).append(mean[e.table] - e.partial / e.width)
         for owner in rows:
             owner.optimizer_state()["momentum"].index_add_(0, torch.cat(rows[owner]), torch.cat(deltas[owner]))
-        for owner, args in updates:
-            owner.update(*args)
+        for owner, calls in updates:
+            for call in calls:
+                owner.update(*call)
 
     def extra_repr(self) -> str:
         return f"split_tables={dict(self.holders)}"
