@@ -28,6 +28,7 @@ from __future__ import annotations
 import operator
 
 import torch
+import torch.nn.functional as F
 from torch.fx import GraphModule, Node
 
 from fxrec.passes import lookup as L
@@ -64,10 +65,14 @@ _PURE_FUNCTIONS = {operator.add, operator.sub, operator.mul, operator.truediv, o
                    torch.arange, torch.zeros_like, torch.ones_like, torch.full_like}
 
 
-# of the pure computations, those whose result is a new tensor, never a view of an input
+# of the pure computations, those whose result is a new tensor, never a view of an input; and
+# products and functional lookups, so that a table they read (``h @ self.items.weight.t()``,
+# ``F.embedding(ids, self.table)``) is no kin of a write to their result or to the other input:
+# the example run saves the parameters a write may reach (shapes._written_parameters)
 _FRESH_METHODS = _PURE_METHODS - {"to", "type", "type_as", "expand", "expand_as", "view_as", "reshape_as",
-                                  "unflatten", "bool", "float", "size"}
-_FRESH_FUNCTIONS = _PURE_FUNCTIONS - {getattr, operator.pos}
+                                  "unflatten", "bool", "float", "size"} | {"matmul", "mm", "bmm"}
+_FRESH_FUNCTIONS = _PURE_FUNCTIONS - {getattr, operator.pos} | {
+    operator.matmul, torch.matmul, torch.mm, torch.bmm, F.linear, *L.F_ARGS}
 
 
 def _fresh(node: Node) -> bool:
@@ -82,7 +87,8 @@ def _fresh(node: Node) -> bool:
 def _may_share(gm: GraphModule, node: Node) -> list[Node]:
     """The inputs `node`'s result may share storage with, judged conservatively: all of them,
     unless it is `_fresh` (guard_inplace's alias lists name the views they know; a view they
-    miss must not let a read move past a write through it)."""
+    miss must not let a read move past a write through it, nor the example run leave a
+    parameter written through it unrestored: shapes._written_parameters)."""
     return [] if _fresh(node) else node.all_input_nodes
 
 

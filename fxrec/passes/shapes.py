@@ -106,22 +106,28 @@ def _written_parameters(gm: torch.fx.GraphModule) -> list[Tensor]:
     """The parameters a run of `gm` may write in place, found without copying the others
     (tables are large): the weights of nn.Embedding / nn.EmbeddingBag modules with max_norm
     (their forward renormalises the rows it reads), the weights F.embedding / F.embedding_bag
-    read with a max_norm, and parameters (or views of them) the graph writes in place
-    (``self.w.data.clamp_(...)``)."""
-    from fxrec.passes.guard_inplace import _aliases, writes
+    read with a max_norm, and every parameter a tensor the graph writes in place may share
+    storage with (``self.w.data.ravel().clamp_(...)``)."""
+    from fxrec.passes.guard_inplace import _Families, writes
+    from fxrec.passes.hoist_inputs import _may_share
     found = {id(m.weight): m.weight for m in gm.modules()
              if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.max_norm is not None}
-    targets: list[torch.fx.Node] = []
+    by_node = {n: writes(gm, n) for n in gm.graph.nodes}
+    targets = [t for written in by_node.values() for t in written]
     for node in gm.graph.nodes:
-        targets += writes(gm, node)
         weight = L.functional_arg(node, "weight") if L.renormalising_call(node) else None
         if isinstance(weight, torch.fx.Node):
             targets.append(weight)
-    for node in targets:
-        while node.op != "get_attr" and node.args and isinstance(node.args[0], torch.fx.Node) \
-                and _aliases(gm, node):
-            node = node.args[0]  # back through views to the attribute they show
-        if node.op == "get_attr":
+    if not targets:
+        return list(found.values())
+    # guard_inplace's alias lists name the views they know (not .ravel(), split_with_sizes,
+    # torch.unflatten ...): a write through a view they miss would change the user's model. So
+    # hoist_inputs' conservative rule: only a lookup or arithmetic known to return a new tensor
+    # keeps a write away from what it read; a parameter joins the writes' families otherwise
+    family = _Families(gm, by_node, shares=_may_share)
+    hit = {family.find(t) for t in targets}
+    for node in gm.graph.nodes:
+        if node.op == "get_attr" and family.find(node) in hit:
             value = L.fetch_attr(gm, str(node.target))
             if isinstance(value, nn.Parameter):
                 found[id(value)] = value
