@@ -628,21 +628,6 @@ def _device(topology) -> torch.device:
     return torch.device("cuda", torch.cuda.current_device())
 
 
-def _portable(e: Exception) -> tuple[type, str]:
-    """(an exception type another rank can rebuild from a message alone, `e`'s message): `e`'s
-    own type where it takes one message and pickles (ValueError, PlanError, ExampleIdError),
-    else its nearest builtin base (PassError's __init__ takes three arguments)."""
-    message = e.args[0] if len(e.args) == 1 and isinstance(e.args[0], str) else str(e)
-    for kind in type(e).__mro__:
-        try:
-            kind(message)
-            pickle.dumps(kind)
-            return kind, message
-        except Exception:  # noqa: BLE001 - not rebuildable: try its base
-            continue
-    return RuntimeError, message
-
-
 def _placement(plan):
     """What of a given plan must agree across ranks: each table's sharding, kernel and shards
     (not its costs, which follow each rank's example batch)."""
@@ -673,29 +658,23 @@ def _picklable(value):
         return repr(value)
 
 
-def _agree(world: int, settings: dict, prepare):
+def _agree(settings: dict, prepare):
     """`prepare()` on this rank, then one exchange with every rank before `shard`'s first
     collective (rank 0's plan broadcast). Example batches differ per rank, so one rank's may
     fail (an id out of range) where the others' pass; that rank raised while the others waited
     in the broadcast until the process group's timeout. Now the first failing rank's error is
-    raised on every rank, prefixed with its rank, as the sharded program does for a bad batch.
-    The `settings` every rank must share (a sparse optimizer or seed of its own would train each
-    rank's shards apart, silently) are compared with rank 0's: a ValueError names both values."""
-    if world == 1:
-        return prepare()
+    raised on every rank, prefixed with its rank (`comm.agree`), as the sharded program does for
+    a bad batch. The `settings` every rank must share (a sparse optimizer or seed of its own
+    would train each rank's shards apart, silently) are compared with rank 0's: a ValueError
+    names both values."""
+    value = error = None
     try:
-        value, error, status = prepare(), None, ("ok", {k: _picklable(v) for k, v in settings.items()})
-    except Exception as e:  # noqa: BLE001 - raised below, on every rank
-        value, error, status = None, e, ("error", *_portable(e))
-    everyone: list = [None] * world
-    dist.all_gather_object(everyone, status)
-    for r, (state, *rest) in enumerate(everyone):
-        if state == "error":
-            kind, message = rest
-            raise kind(f"rank {r}: {message}") from error
-    ours = everyone[0][1]
-    for r, (_, theirs) in enumerate(everyone[1:], start=1):
-        for name, value0 in ours.items():
+        value = prepare()
+    except Exception as e:  # noqa: BLE001 - raised by comm.agree, on every rank
+        error = e
+    everyone = comm.agree(error, {k: _picklable(v) for k, v in settings.items()})
+    for r, theirs in enumerate(everyone[1:], start=1):
+        for name, value0 in everyone[0].items():
             if theirs[name] != value0:
                 raise ValueError(f"fxrec.shard: {name} differs between ranks: rank 0 has {value0!r}, rank {r} has "
                                  f"{theirs[name]!r}; every rank must shard with the same {name}")
@@ -722,13 +701,13 @@ def shard(model: nn.Module, topology, example_inputs, plan=None, constraints=Non
     # comes after it (module doc of `_agree`)
     settings = {"sparse_optimizer": sparse_optimizer, "constraints": constraints, "seed": seed,
                 "plan": _placement(plan), "topology": _layout(topology)}
-    gm, ctx, optimizer, state_keys, device = _agree(world, settings, lambda: _prepare(
+    gm, ctx, optimizer, state_keys, device = _agree(settings, lambda: _prepare(
         model, topology, inputs, plan, constraints, sparse_optimizer, seed))
     seed = whole(seed)
     frozen = gm.meta[L.FROZEN_TABLES]
     ctx.plan = plan if plan is not None else _agreed_plan(ctx, topology, constraints, optimizer, world)
     # here, so the user gets the ValueError / PlanError itself; on every rank at once, as `_agree` does
-    _agree(world, {}, lambda: check_plan(ctx.plan, ctx.tables, topology))
+    _agree({}, lambda: check_plan(ctx.plan, ctx.tables, topology))
     groups, dense_group = _process_groups(topology) if world > 1 else (None, None)
     ctx.options.update(rank=rank, world_size=world, sparse_optimizer=optimizer, process_groups=groups,
                        device=device, init=_initialiser(model, ctx.tables, seed, device))

@@ -248,6 +248,63 @@ def test_collectives_trace_as_graph_nodes():
     assert comm.all_to_all in targets and comm.all_reduce in targets
 
 
+# ------------------------------------------------------------------ agree: one rank's error, raised on every rank
+class _ThreeArgumentError(RuntimeError):
+    """Not rebuildable from a message alone (as fxrec's PassError): travels as its base."""
+
+    def __init__(self, what, where, why):
+        super().__init__(f"{what} at {where}: {why}")
+
+
+def _agree_outcome(error, value=None, **kwargs):
+    """comm.agree's result, or what it raised: (type, message, type of its __cause__)."""
+    try:
+        return comm.agree(error, value, **kwargs)
+    except Exception as e:  # noqa: BLE001 - the type and message are what the test checks
+        return type(e).__name__, str(e), type(e.__cause__).__name__
+
+
+def _agree_worker(rank, w):
+    mine = ValueError(f"bad id 7 on rank {rank}")
+    return {
+        "none_fails": _agree_outcome(None, f"rank {rank}'s value"),
+        "rank_1_fails": _agree_outcome(mine if rank == 1 else None, rank),
+        "both_fail": _agree_outcome(KeyError(f"no key on rank {rank}")),
+        "not_rebuildable": _agree_outcome(_ThreeArgumentError("t", "x", "y") if rank == 1 else None),
+        "this_process_alone": _agree_outcome(mine, collective=False),
+        "after": _agree_outcome(None, rank, group="world"),  # every rank left each exchange in step
+    }
+
+
+@pytest.fixture(scope="module")
+def agreed():
+    return run_workers(_agree_worker, 2)
+
+
+def test_agree_raises_the_first_failing_ranks_error_on_every_rank(agreed):
+    # chained from the original error on the rank that had it
+    assert [r["rank_1_fails"] for r in agreed] == [("ValueError", "rank 1: bad id 7 on rank 1", "NoneType"),
+                                                   ("ValueError", "rank 1: bad id 7 on rank 1", "ValueError")]
+    assert [r["both_fail"][:2] for r in agreed] == [("KeyError", "'rank 0: no key on rank 0'")] * 2
+    assert [r["not_rebuildable"][:2] for r in agreed] == [("RuntimeError", "rank 1: t at x: y")] * 2
+    assert [r["this_process_alone"] for r in agreed] == [("ValueError", f"bad id 7 on rank {r}", "NoneType")
+                                                         for r in range(2)]
+
+
+def test_agree_returns_every_ranks_value_when_no_rank_fails(agreed):
+    for r in agreed:
+        assert r["none_fails"] == ["rank 0's value", "rank 1's value"]
+        assert r["after"] == [0, 1]
+
+
+def test_agree_in_one_process_raises_the_error_itself():
+    error = _ThreeArgumentError("t", "x", "y")
+    with pytest.raises(_ThreeArgumentError) as info:
+        comm.agree(error, "value")
+    assert info.value is error
+    assert comm.agree(None, "value") == ["value"]
+
+
 # ------------------------------------------------------------------ the harness itself
 def _raising_worker(rank, w):
     if rank == 1:

@@ -368,14 +368,11 @@ def _clear(path: str, collective: bool, group) -> None:
     than the old metadata over half-rewritten data, which would load a silent mix of both.
     Rank 0 removes it; the others wait, so none sees the old one while planning. Where rank 0
     cannot, every rank raises its error (the others would otherwise wait for it forever)."""
-    error = _cleared(path) if _rank() == 0 else None
-    if collective:  # the exchange is also the wait
-        everyone: list = [None] * dist.get_world_size(group)
-        dist.all_gather_object(everyone, error, group=group)
-        error = everyone[0]
-    if error is not None:
-        kind, message = error
-        raise kind(f"fxrec.checkpoint.save: {message}")
+    error, why = None, _cleared(path) if _rank() == 0 else None
+    if why is not None:
+        kind, message = why
+        error = kind(f"fxrec.checkpoint.save: {message}")
+    comm.agree(error, group=group, collective=collective)  # the exchange is also the wait
 
 
 def _cleared(path: str) -> Optional[tuple]:
@@ -431,16 +428,13 @@ def load(model: nn.Module, path: PathLike, optimizer: Optional[torch.optim.Optim
     sd = state_dict(model, optimizer, sparse_optimizer, template=True)
     with _quiet():
         problem, absent, saved = _problem(model, sd, path, strict)
-    skipped = sorted(absent)
-    if _collective(model):  # one rank's problem stops every rank, not only that one
-        everyone: list = [None] * dist.get_world_size()
-        dist.all_gather_object(everyone, (problem, absent))
-        first = next(((r, p) for r, (p, _) in enumerate(everyone) if p is not None), None)
-        problem = None if first is None else (first[1][0], f"rank {first[0]}: {first[1][1]}")
-        skipped = sorted({k for _, keys in everyone for k in keys})
+    error = None
     if problem is not None:
         kind, message = problem
-        raise (FileNotFoundError if kind == "missing" else ValueError)(f"fxrec.checkpoint.load: {message}")
+        error = (FileNotFoundError if kind == "missing" else ValueError)(f"fxrec.checkpoint.load: {message}")
+    # one rank's problem stops every rank, not only that one; a key any rank skips is named
+    everyone = comm.agree(error, absent, collective=_collective(model))
+    skipped = sorted({k for keys in everyone for k in keys})
     for key in absent:
         sd.pop(key)
     if skipped and _rank() == 0:

@@ -20,10 +20,14 @@ call_function node. Guarantees shared by all of them:
 Only ``all_to_all_single``, ``reduce_scatter_single`` / ``all_gather_single`` (formerly
 ``*_tensor``) and ``all_reduce`` are used: gloo's list all_to_all rejects uneven sizes, while all
 four of these work on gloo (CPU) and NCCL (GPU).
+
+`agree` is host-side, not a graph node: it exchanges each rank's error (or a picklable value)
+so that one rank's error is raised on every rank, before a collective it would never reach.
 """
 from __future__ import annotations
 
 import contextlib
+import pickle
 import threading
 import weakref
 from typing import Any, Callable, Optional, Sequence, Union
@@ -35,7 +39,7 @@ from torch import Tensor
 
 __all__ = ["all_to_all", "all_to_all_counts", "reduce_scatter", "all_gather", "all_reduce",
            "world_size", "rank", "default_group", "ProcessGroups", "COMM_KINDS", "register_group", "resolve_group",
-           "groups_for_this_thread", "destroy_groups", "per_default_group"]
+           "groups_for_this_thread", "destroy_groups", "per_default_group", "agree"]
 
 # The kinds a pass writes into node.meta["fxrec_comm"].
 COMM_KINDS = ("all_to_all", "all_to_all_counts", "reduce_scatter", "all_gather", "all_reduce")
@@ -467,6 +471,46 @@ def all_reduce(x: Tensor, op: str = "sum", group=None) -> Tensor:
 
 for _name in ("all_to_all", "all_to_all_counts", "reduce_scatter", "all_gather", "all_reduce"):
     torch.fx.wrap(_name)
+
+
+# ------------------------------------------------------------------ errors, agreed
+def agree(error: Optional[Exception], value: Any = None, group=None, collective: bool = True) -> list:
+    """Every rank's `value`, in rank order, from one exchange (``all_gather_object``, so every
+    rank of `group` calls it at the same point) when no rank has an `error`. Where one does,
+    every rank raises the first failing rank's: its type (or nearest base that a message
+    rebuilds, `_portable`) with ``"rank r: "`` before its message, chained from `error` on
+    that rank. A rank that raised alone left the others waiting, until the process group's
+    timeout, in a collective it never reached. With one rank, or ``collective=False`` (this
+    process alone), no exchange: `error` itself is raised, else ``[value]`` returned. `value`
+    must pickle (all_gather_object pickles on this rank alone)."""
+    group = resolve_group(group)
+    w = world_size(group)
+    if not collective or w == 1:
+        if error is not None:
+            raise error
+        return [value]
+    everyone: list = [None] * w
+    dist.all_gather_object(everyone, (None if error is None else _portable(error), value), group=group)
+    for r, (failed, _) in enumerate(everyone):
+        if failed is not None:
+            kind, message = failed
+            raise kind(f"rank {r}: {message}") from error
+    return [v for _, v in everyone]
+
+
+def _portable(e: Exception) -> tuple[type, str]:
+    """(an exception type another rank can rebuild from a message alone, `e`'s message): `e`'s
+    own type where it takes one message and pickles (ValueError, PlanError, ExampleIdError),
+    else its nearest builtin base (PassError's __init__ takes three arguments)."""
+    message = e.args[0] if len(e.args) == 1 and isinstance(e.args[0], str) else str(e)
+    for kind in type(e).__mro__:
+        try:
+            kind(message)
+            pickle.dumps(kind)
+            return kind, message
+        except Exception:  # noqa: BLE001 - not rebuildable: try its base
+            continue
+    return RuntimeError, message
 
 
 # ------------------------------------------------------------------ process groups
