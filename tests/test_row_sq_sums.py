@@ -14,6 +14,7 @@ from torch.testing import assert_close
 
 from fxrec.lowering import FusedEmbeddingBags, registered
 from fxrec.lowering.layout import TBELayout
+from fxrec.lowering import sparse_update
 from fxrec.lowering.sparse_update import _bag_sums, row_sq_sums
 from fxrec.lowering.torch_ref import table_grads
 from fxrec.optim import SGD, RowWiseAdagrad
@@ -59,7 +60,11 @@ def _problem(g, pooled: bool, dims: list[int], rows: int, batch: int, weighted: 
 ])
 @pytest.mark.parametrize("deterministic", [False, True])
 @pytest.mark.parametrize("bags_of_one", [0.0, 1.0], ids=["repeated_rows", "bags_of_one"])
-def test_row_sq_sums_matches_per_table_reference(pooled, dims, tables, weighted, deterministic, bags_of_one):
+@pytest.mark.parametrize("chunk_bytes", [None, 1], ids=["one_call", "a_call_per_bag"])
+def test_row_sq_sums_matches_per_table_reference(pooled, dims, tables, weighted, deterministic, bags_of_one,
+                                                 chunk_bytes, monkeypatch):
+    if chunk_bytes is not None:  # bags of one in calls of one bag per table (pooled) or one row
+        monkeypatch.setattr(sparse_update, "_CHUNK_BYTES", chunk_bytes)
     g = torch.Generator().manual_seed(hash((pooled, tuple(dims), weighted)) % 2 ** 31)
     for batch in (0, 1, 5) if pooled else (1,):  # row lookups: one bag per table
         layout, grad, ids, offsets, psw = _problem(g, pooled, dims, rows=7, batch=batch, weighted=weighted)
@@ -95,10 +100,14 @@ def _update_cases():
 
 @pytest.mark.parametrize("kernel, pooled, dims, tables, weighted", list(_update_cases()))
 @pytest.mark.parametrize("optimizer", [SGD(0.1), RowWiseAdagrad(0.1)], ids=["sgd", "rowwise_adagrad"])
-def test_update_calls_make_the_calls_update(kernel, pooled, dims, tables, weighted, optimizer):
+@pytest.mark.parametrize("chunk_bytes", [None, 1], ids=["one_call", "a_call_per_bag"])
+def test_update_calls_make_the_calls_update(kernel, pooled, dims, tables, weighted, optimizer, chunk_bytes,
+                                            monkeypatch):
     """The calls `row_sq_sums` returns, run in turn, update a module as the call they come
     from updates its twin (weights and accumulators): with bags of one for every width group
-    (fraction 1) and for none (0)."""
+    (fraction 1) and for none (0); the bags in one call per group, or in many."""
+    if chunk_bytes is not None:
+        monkeypatch.setattr(sparse_update, "_CHUNK_BYTES", chunk_bytes)
     g = torch.Generator().manual_seed(hash((pooled, tuple(dims), weighted, kernel)) % 2 ** 31)
     layout, grad, ids, offsets, psw = _problem(g, pooled, dims, rows=7, batch=5 if pooled else 1,
                                                weighted=weighted)
@@ -118,7 +127,12 @@ def test_update_calls_make_the_calls_update(kernel, pooled, dims, tables, weight
         got = FusedEmbeddingBags(specs, optimizer=optimizer, kernel=kernel)
         got.load_state_dict(start.state_dict())
         calls = row_sq_sums(layout, grad, ids, offsets, psw, wanted, fraction).calls
-        assert len(calls) == n_calls
+        if chunk_bytes is None:
+            assert len(calls) == n_calls
+        elif fraction == 1.0:  # a call per bag of each table (pooled: B = 1) or per row (unpooled)
+            bags = calls[1:] if tables is not None else calls
+            assert len(bags) >= n_bags
+            assert all(c[2].numel() == len(dims) + 1 if pooled else c[1].numel() == 1 for c in bags)
         for call in calls:
             got.update(*call)
         assert_close(got.weights, ref.weights, rtol=1e-5, atol=1e-6)

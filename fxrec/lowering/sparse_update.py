@@ -228,7 +228,7 @@ def _segment_sq_sums(G: Tensor, rows: Tensor, scale: Optional[Tensor], keys: Ten
 # repeats, gathering every row's gradient costs more than the kernel's own pass saves: bags
 # of one are used up to this fraction of unique rows per id (bench/row_sums.py measures
 # both ways; bench/results/row_sums_cpu.txt).
-BAGS_OF_ONE_UNIQUE_FRACTION = 0.5
+BAGS_OF_ONE_UNIQUE_FRACTION = 0.45
 
 
 @dataclass
@@ -292,40 +292,74 @@ def _bag_sums(G: Tensor, rows: Tensor, scale: Optional[Tensor], bag_offsets: Ten
     return out.view(lists, B, -1).transpose(0, 1).reshape(B, -1)
 
 
-def _bags_of_one(layout: TBELayout, runs: _Runs, call: tuple) -> tuple[tuple, list[Tensor]]:
-    """The call updating `runs.group`'s tables with each unique row as a bag of one holding
+# Bags of one are summed and updated in calls of at most this many bytes of gradient: a
+# larger buffer is a fresh mmap on every call on glibc (past its 32 MiB threshold), whose page
+# faults cost more than the bags save (bench/row_sums.py --batch 8192, Zipf 0.9: 1.2x slower
+# than the lookup's own ids in one call).
+_CHUNK_BYTES = 16 << 20
+
+
+def _bags_of_one(layout: TBELayout, runs: _Runs, call: tuple) -> tuple[list[tuple], list[Tensor]]:
+    """The calls updating `runs.group`'s tables with each unique row as a bag of one holding
     its summed gradient (no per-sample weights: they are in the sums), and each row's sum of
-    the squared gradient, per table of the group."""
+    the squared gradient, per table of the group. Pooled, a call holds up to C bags of each
+    table (B = C, a table's bags past its rows empty); unpooled, a run of up to C rows."""
     T, dev = layout.num_tables, runs.G.device
     d, Tg = layout.dims[runs.group[0]], len(runs.group)
+    width = 8 if runs.G.dtype == torch.float64 else 4  # the bytes of a summed gradient element
     U = [runs.cut[i + 1] - runs.cut[i] for i in range(Tg)]
-    starts = runs.counts.cumsum(0) - runs.counts
-    ids, offsets = runs.ids.to(call[1].dtype), call[2]
-    if not layout.pooled:  # one "sample" per table, holding its unique rows: blocks in table order
-        n = runs.rows.numel()
-        bag_off = torch.cat([starts, starts.new_full((1,), n)])
-        g = _bag_sums(runs.G, runs.rows, runs.scale, bag_off, 1, len(starts))
-        sq = _sq_norms(g)
-        lengths = torch.zeros(T, dtype=torch.int64, device=dev)
-        lengths[runs.group] = torch.tensor(U, device=dev)
-        call_off = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)]).to(offsets.dtype)
-        return (g.reshape(-1), ids, call_off, None), [sq[runs.cut[i]:runs.cut[i + 1]] for i in range(Tg)]
-    # pooled: B' = the most unique rows of a table; table i's bags past its U[i] are empty
-    Bp = max(U)
-    real = torch.arange(Bp, device=dev) < torch.tensor(U, device=dev).unsqueeze(1)  # Tg x B'
-    lengths = torch.zeros(Tg, Bp, dtype=torch.int64, device=dev).masked_scatter_(real, runs.counts.long())
-    bag_off = torch.cat([lengths.new_zeros(1), lengths.reshape(-1).cumsum(0)])
-    g = _bag_sums(runs.G, runs.rows, runs.scale, bag_off, Tg, Bp)  # B' x (Tg * d)
-    sq = _sq_norms(g.view(-1, d)).view(Bp, Tg)
-    if runs.group != list(range(T)):  # the group's columns of the layout's B' x total_D
-        whole = g.new_zeros(Bp, layout.D_offsets_list[-1])
-        for i, t in enumerate(runs.group):
-            whole[:, layout.D_offsets_list[t]:layout.D_offsets_list[t + 1]] = g[:, i * d:(i + 1) * d]
-        g = whole
-    call_len = torch.zeros(T, Bp, dtype=torch.int64, device=dev)
-    call_len[runs.group] = real.long()
-    call_off = torch.cat([call_len.new_zeros(1), call_len.reshape(-1).cumsum(0)]).to(offsets.dtype)
-    return (g, ids, call_off, None), [sq[:U[i], i] for i in range(Tg)]
+    starts = torch.cat([runs.counts.new_zeros(1), runs.counts.cumsum(0)])  # run j: starts[j]:starts[j + 1]
+    ids, offset_dtype = runs.ids.to(call[1].dtype), call[2].dtype
+    calls, sums = [], [[] for _ in range(Tg)]
+
+    def taken(pieces: list[tuple[int, int]], x: Optional[Tensor]) -> Optional[Tensor]:
+        """x's parts ``a:b``, in order (None stays None)."""
+        if x is None:
+            return None
+        return torch.cat([x[a:b] for a, b in pieces]) if len(pieces) > 1 else x[pieces[0][0]:pieces[0][1]]
+
+    if not layout.pooled:  # runs a:b are one block of rows, table-major
+        C = max(1, _CHUNK_BYTES // (width * d))
+        edges = list(range(0, len(starts) - 1, C)) + [len(starts) - 1]
+        at = starts[edges].tolist()
+        for (a, b), (sa, sb) in zip(zip(edges, edges[1:]), zip(at, at[1:])):
+            g = _bag_sums(runs.G, runs.rows[sa:sb], taken([(sa, sb)], runs.scale), starts[a:b + 1] - sa, 1, b - a)
+            sq = _sq_norms(g)
+            lengths = torch.zeros(T, dtype=torch.int64, device=dev)
+            for i, t in enumerate(runs.group):
+                lo, hi = max(runs.cut[i], a), min(runs.cut[i + 1], b)
+                sums[i].append(sq[max(lo - a, 0):max(hi - a, 0)])
+                lengths[t] = max(hi - lo, 0)
+            call_off = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)]).to(offset_dtype)
+            calls.append((g.reshape(-1), ids[a:b], call_off, None))
+    else:
+        C = max(1, _CHUNK_BYTES // (width * layout.D_offsets_list[-1]))
+        chunks = [[(runs.cut[i] + min(k, U[i]), runs.cut[i] + min(k + C, U[i])) for i in range(Tg)]
+                  for k in range(0, max(U), C)]  # per chunk, table i's runs j0:j1
+        ends = [j for chunk in chunks for pair in chunk for j in pair]
+        at = iter(starts[torch.tensor(ends, device=dev)].tolist())
+        for chunk in chunks:
+            occ = [(next(at), next(at)) for _ in chunk]  # table i's occurrences of those runs
+            n = [j1 - j0 for j0, j1 in chunk]
+            c = max(n)
+            real = torch.arange(c, device=dev) < torch.tensor(n, device=dev).unsqueeze(1)  # Tg x c
+            lengths = torch.zeros(Tg, c, dtype=torch.int64, device=dev).masked_scatter_(
+                real, taken(chunk, runs.counts).long())
+            bag_off = torch.cat([lengths.new_zeros(1), lengths.reshape(-1).cumsum(0)])
+            g = _bag_sums(runs.G, taken(occ, runs.rows), taken(occ, runs.scale), bag_off, Tg, c)  # c x (Tg*d)
+            sq = _sq_norms(g.view(-1, d)).view(c, Tg)
+            for i in range(Tg):
+                sums[i].append(sq[:n[i], i])
+            if runs.group != list(range(T)):  # the group's columns of the layout's c x total_D
+                whole = g.new_zeros(c, layout.D_offsets_list[-1])
+                for i, t in enumerate(runs.group):
+                    whole[:, layout.D_offsets_list[t]:layout.D_offsets_list[t + 1]] = g[:, i * d:(i + 1) * d]
+                g = whole
+            call_len = torch.zeros(T, c, dtype=torch.int64, device=dev)
+            call_len[runs.group] = real.long()
+            call_off = torch.cat([call_len.new_zeros(1), call_len.reshape(-1).cumsum(0)]).to(offset_dtype)
+            calls.append((g, taken(chunk, ids), call_off, None))
+    return calls, [torch.cat(parts) if len(parts) > 1 else parts[0] for parts in sums]
 
 
 def _without(layout: TBELayout, call: tuple, drop: set) -> tuple:
@@ -379,7 +413,7 @@ def row_sq_sums(layout: TBELayout, grad_output: Tensor, indices: Tensor, offsets
             continue
         if runs.ids.numel() <= bags_of_one * runs.keys.numel():
             bags, sums = _bags_of_one(layout, runs, call)
-            calls.append(bags)
+            calls += bags
             taken.update(runs.group)
         else:
             flat = _segment_sq_sums(runs.G, runs.rows, runs.scale, runs.keys, runs.counts)
