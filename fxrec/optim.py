@@ -16,8 +16,9 @@ Definitions (g = the row's gradient summed over every occurrence of its id in th
   1e-8, FBGEMM's default for SplitTableBatchedEmbeddingBagsCodegen (TorchRec passes it
   through). A column_wise table's row is split over shards: with `exact_column_wise` the
   shards exchange their per-row sums of g**2 in backward so the accumulator sees the whole
-  row, as unsharded (fxrec/runtime/row_sync.py; it costs a second pass over the gradient);
-  ``False`` gives each shard an accumulator over its own columns, as TorchRec/FBGEMM do.
+  row, as unsharded (fxrec/runtime/row_sync.py; it costs a sort of the ids by row, which,
+  where rows repeat often, also gives the update its per-row gradients); ``False`` gives
+  each shard an accumulator over its own columns, as TorchRec/FBGEMM do.
 - `Adam(lr, betas, eps)`: "lazy" Adam. Each touched row is updated exactly as
   `torch.optim.Adam` (amsgrad=False, weight_decay=0) updates a parameter holding only
   that row, with a *per-row* step count: a row's step counts the batches that touched it,
