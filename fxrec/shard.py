@@ -169,7 +169,28 @@ class ShardedModel(nn.Module):
     def sparse_optimizer(self, value) -> None:
         """Swap in configs of the same types per table (e.g. a new learning rate); state is
         kept. Tables that share a fused kernel (their configs were equal when sharded) must
-        keep equal configs. The `frozen` tables stay untrained."""
+        keep equal configs. The `frozen` tables stay untrained.
+
+        Collective: every rank sets the same value at the same point. Each rank checks it
+        against its own fused kernels, then one exchange (`_agree`): where any rank refuses
+        it, or a rank was given another value than rank 0, every rank raises and none changes;
+        else every rank applies it. Checked per rank alone, a table_wise plan let the rank
+        holding a table refuse what the others took, so ranks trained on apart silently, or
+        one stopped while the others waited in their next collective."""
+        self._check_group()
+        new = _agree({"sparse_optimizer": value}, lambda: self._checked_optimizer(value),
+                     where="ShardedModel.sparse_optimizer", act="set")
+        for m in self._lookups():
+            if isinstance(m, ReplicatedLookup):
+                m.optimizer = new
+            else:
+                for fused in m.fused_modules():
+                    fused.optimizer = for_table(new, fused.layout.names[0].rpartition("@")[0])
+        self._sparse_optimizer = new
+
+    def _checked_optimizer(self, value):
+        """`value` with the `frozen` tables mapped to None, once it fits this rank's lookups
+        (ValueError otherwise); changes nothing."""
         value = freeze(value, self.frozen)
         if isinstance(value, PerTable):  # as shard does: a misspelt table would get the default silently
             value.check_tables(self._tables)
@@ -185,13 +206,7 @@ class ShardedModel(nn.Module):
                     raise ValueError(f"sparse_optimizer: tables {tables} share one fused kernel (their optimizers "
                                      f"were equal when sharded) and must keep equal optimizers, got {configs}")
                 _check_swap(tables[0], configs[tables[0]], fused.optimizer)
-        for m in self._lookups():
-            if isinstance(m, ReplicatedLookup):
-                m.optimizer = value
-            else:
-                for fused in m.fused_modules():
-                    fused.optimizer = for_table(value, fused.layout.names[0].rpartition("@")[0])
-        self._sparse_optimizer = value
+        return value
 
     def _pieces(self, of_shards, of_replicas) -> dict[str, list[tuple]]:
         """Table -> this rank's ``(rows, cols, value)`` pieces, where `of_shards(LocalLookup)`
@@ -658,7 +673,7 @@ def _picklable(value):
         return repr(value)
 
 
-def _agree(settings: dict, prepare):
+def _agree(settings: dict, prepare, where: str = "fxrec.shard", act: str = "shard with"):
     """`prepare()` on this rank, then one exchange with every rank before `shard`'s first
     collective (rank 0's plan broadcast). Example batches differ per rank, so one rank's may
     fail (an id out of range) where the others' pass; that rank raised while the others waited
@@ -666,7 +681,8 @@ def _agree(settings: dict, prepare):
     raised on every rank, prefixed with its rank (`comm.agree`), as the sharded program does for
     a bad batch. The `settings` every rank must share (a sparse optimizer or seed of its own
     would train each rank's shards apart, silently) are compared with rank 0's: a ValueError
-    names both values."""
+    names both values, as "`where`: ... every rank must `act` the same <setting>". Returns
+    `prepare()`'s value on this rank. (Also the `ShardedModel.sparse_optimizer` setter's check.)"""
     value = error = None
     try:
         value = prepare()
@@ -676,8 +692,8 @@ def _agree(settings: dict, prepare):
     for r, theirs in enumerate(everyone[1:], start=1):
         for name, value0 in everyone[0].items():
             if theirs[name] != value0:
-                raise ValueError(f"fxrec.shard: {name} differs between ranks: rank 0 has {value0!r}, rank {r} has "
-                                 f"{theirs[name]!r}; every rank must shard with the same {name}")
+                raise ValueError(f"{where}: {name} differs between ranks: rank 0 has {value0!r}, rank {r} has "
+                                 f"{theirs[name]!r}; every rank must {act} the same {name}")
     return value
 
 

@@ -6,6 +6,7 @@ dense parameter where the unsharded model trained with the same per-table update
 them; the planner sizes each table for its own optimizer's state."""
 from __future__ import annotations
 
+import re
 import traceback
 
 import pytest
@@ -252,3 +253,58 @@ def test_interleaved_groups_read_and_write_the_layout_of_one_kernel(pooled):
     torch.testing.assert_close(got["t2@0"], want["t2@0"])
     step_single = want["t1@0"] - values["t1@0"]  # SGD(0.1)'s step; SGD(0.3) takes 3 times it
     torch.testing.assert_close(got["t1@0"] - values["t1@0"], 3 * step_single, rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------------ the setter, on every rank
+def _swap(sm, value) -> str:
+    try:
+        sm.sparse_optimizer = value
+        return "accepted"
+    except ValueError as e:
+        return f"ValueError: {e}"
+
+
+def _setter_worker(rank: int, world: int) -> dict:
+    """table_wise over 2 ranks, t_user and t_item pinned on rank 0 (one fused kernel under SGD),
+    t_cat on rank 1; each new optimizer is set on every rank, then the state of each."""
+    case = CASES["dlrm_ebc"]
+    model, _, batches, _ = case.setup(world, B, seed=1)
+    pins = {"t_user": 0, "t_item": 0, "t_cat": 1}
+    cons = {EBC + t: fxrec.Constraint("table_wise", ranks=(r,)) for t, r in pins.items()}
+    sm = shard(model, Topology(world), batches[rank], constraints=cons, sparse_optimizer=SGD(0.1))
+    out = {"groups": _groups(sm)}
+    for name, value in [
+        ("shares_a_kernel", PerTable({EBC + "t_user": SGD(0.05)}, default=SGD(0.1))),  # refused on rank 0 only
+        ("untrained", PerTable({EBC + "t_cat": None}, default=SGD(0.1))),  # refused on rank 1 only
+        ("rank_own", SGD(0.1 + rank)),  # each rank checks its own alone, and passes
+        ("alone", PerTable({EBC + "t_cat": SGD(0.05)}, default=SGD(0.1))),  # fits every rank's kernels
+    ]:
+        out[name] = (_swap(sm, value), sm.sparse_optimizer, _fused_optimizers(sm))
+    sm(*batches[rank]).square().mean().backward()  # the ranks still run one program
+    return out
+
+
+def test_a_new_sparse_optimizer_is_agreed_by_every_rank():
+    """A rank checked a new sparse optimizer against its own kernels alone: under table_wise,
+    the rank holding a table refused what the other rank took and applied, so the ranks
+    trained apart (or one stopped while the other waited). Now every rank raises the first
+    refusing rank's error and keeps its optimizer, or every rank applies it; a value that
+    differs from rank 0's is refused on every rank."""
+    ranks = run_workers(_setter_worker, 2, timeout=300)
+    assert ranks[0]["groups"] == [[EBC + "t_user", EBC + "t_item"]] and ranks[1]["groups"] == [[EBC + "t_cat"]]
+    refused = {"shares_a_kernel": r"ValueError: rank 0: sparse_optimizer: tables \[.*t_user.*t_item.*\] share one "
+                                  r"fused kernel",
+               "untrained": r"ValueError: rank 1: sparse_optimizer: table '.*t_cat' must stay a SGD, got None",
+               "rank_own": r"ValueError: ShardedModel.sparse_optimizer: sparse_optimizer differs between ranks: "
+                           r"rank 0 has SGD\(lr=0.1\), rank 1 has SGD\(lr=1.1\); every rank must set the same "
+                           r"sparse_optimizer"}
+    for rank, res in enumerate(ranks):
+        for name, pattern in refused.items():
+            outcome, optimizer, fused = res[name]
+            assert re.match(pattern, outcome), (rank, name, outcome)
+            assert optimizer == SGD(0.1) and set(fused.values()) == {SGD(0.1)}, (rank, name, optimizer, fused)
+        outcome, optimizer, fused = res["alone"]
+        assert outcome == "accepted", (rank, outcome)
+        assert optimizer == PerTable({EBC + "t_cat": SGD(0.05)}, default=SGD(0.1))
+        assert {k.rpartition("@")[0]: v for k, v in fused.items()} == (
+            {EBC + "t_user": SGD(0.1), EBC + "t_item": SGD(0.1)} if rank == 0 else {EBC + "t_cat": SGD(0.05)})
