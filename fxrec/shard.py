@@ -87,14 +87,29 @@ class ShardedModel(nn.Module):
         return self._plan
 
     def _apply(self, fn, recurse=True):
-        """`.to(dtype)` / `.double()` / `.half()` are refused: the fused shards and their
+        """A cast that would change a table's dtype (`.float()` / `.to(torch.float32)` on fp16,
+        bf16 or fp64 tables, `.half()`, `.bfloat16()`, `.double()`), or float32 (the fused
+        optimizers' state), is refused before anything changes: the fused shards and their
         kernels were built for the tables' dtypes at shard time (a double model failed inside
-        fbgemm's backward). Device moves and the other conversions go through."""
-        probe = torch.zeros(1)
-        if fn(probe).dtype != probe.dtype:
+        fbgemm's backward; `.float()` turned bf16 tables fp32 while full_state_dict still
+        reported bf16). Device moves, and casts that change no table (`.float()` where every
+        table is fp32), go through."""
+        casts: dict = {}
+
+        def cast(dtype: torch.dtype) -> torch.dtype:  # what `fn` makes of a tensor of `dtype`
+            if dtype not in casts:
+                casts[dtype] = fn(torch.zeros(1, dtype=dtype)).dtype
+            return casts[dtype]
+
+        changed = [f"table {name!r} from {info.dtype} into {cast(info.dtype)}"
+                   for name, info in self._tables.items() if cast(info.dtype) != info.dtype]
+        if not changed and cast(torch.float32) != torch.float32:
+            changed = [f"the fused optimizers' float32 state into {cast(torch.float32)}"]
+        if changed:
             raise TypeError(f"ShardedModel: its tables keep the dtypes they were sharded with "
-                            f"({sorted({str(t.dtype) for t in self._tables.values()})}); cast the model "
-                            f"before fxrec.shard (e.g. model.double()), or give tables their dtype in its config")
+                            f"({sorted({str(t.dtype) for t in self._tables.values()})}); this cast would turn "
+                            f"{', '.join(changed)}; cast the model before fxrec.shard (e.g. model.double()), or "
+                            f"give tables their dtype in its config")
         return super()._apply(fn, recurse)
 
     def forward(self, *args, **kwargs):

@@ -17,6 +17,7 @@ each table's dtype, as the fused kernels update a half-precision table.
 from __future__ import annotations
 
 import copy
+import re
 
 import pytest
 import torch
@@ -250,3 +251,54 @@ def test_fp64_per_sample_weights_get_fp64_gradients():
     got.square().sum().backward()
     want.square().sum().backward()
     assert_close(got_w.grad, want_w.grad, **TOL[F64])
+
+
+class HalfTables(nn.Module):
+    """A bf16 and an fp16 table, an fp32 dense layer."""
+
+    def __init__(self):
+        super().__init__()
+        self.ebc = EmbeddingBagCollection([EmbeddingBagConfig("t_brain", 9, 8, ["f_brain"], dtype=BF16),
+                                           EmbeddingBagConfig("t_half", 10, 8, ["f_half"], dtype=F16)])
+        self.top = nn.Linear(16, 1)
+
+    def forward(self, kjt):
+        return self.top(self.ebc(kjt).values().float())
+
+
+_BF, _HALF = "table 'ebc.embedding_bags.t_brain'", "table 'ebc.embedding_bags.t_half'"
+
+
+@pytest.mark.parametrize("cast, turns", [
+    ("float", f"{_BF} from torch.bfloat16 into torch.float32, {_HALF} from torch.float16 into torch.float32"),
+    ("to_float32", f"{_BF} from torch.bfloat16 into torch.float32, {_HALF} from torch.float16 into torch.float32"),
+    ("bfloat16", f"{_HALF} from torch.float16 into torch.bfloat16"),
+    ("half", f"{_BF} from torch.bfloat16 into torch.float16"),
+    ("double", f"{_BF} from torch.bfloat16 into torch.float64, {_HALF} from torch.float16 into torch.float64"),
+], ids=["float", "to_float32", "bfloat16", "half", "double"])
+@pytest.mark.parametrize("sharding", ["table_wise", "data_parallel"])
+def test_a_cast_that_would_change_a_tables_dtype_is_refused(sharding, cast, turns):
+    """`.float()` (and `.to(torch.float32)`) on fp16/bf16 tables passed the guard, which probed
+    fp32 alone: the fused tables turned fp32 while full_state_dict still reported fp16/bf16. Now
+    every cast that changes a table's dtype is refused, naming the tables and both dtypes, and
+    leaves the model as it was; a device move goes through."""
+    torch.manual_seed(0)
+    model = HalfTables()
+    g = torch.Generator().manual_seed(1)
+    batch = (_kjt(g, {"f_brain": 9, "f_half": 10}, B),)
+    tables = ("ebc.embedding_bags.t_brain", "ebc.embedding_bags.t_half")
+    sm = fxrec.shard(model, Topology(1), batch, constraints={t: sharding for t in tables},
+                     sparse_optimizer=RowWiseAdagrad(LR))
+    dtypes = {k: v.dtype for k, v in sm.state_dict().items()}
+    with pytest.raises(TypeError, match=r"ShardedModel: its tables keep the dtypes they were sharded with \(\['torch."
+                                        r"bfloat16', 'torch.float16'\]\); this cast would turn " + re.escape(turns) +
+                                        "; cast the model before fxrec.shard"):
+        sm.to(torch.float32) if cast == "to_float32" else getattr(sm, cast)()
+    assert sm.cpu() is sm and sm.to("cpu") is sm
+    assert {k: v.dtype for k, v in sm.state_dict().items()} == dtypes
+    assert {str(w.dtype) for pieces in sm.local_shards().values() for *_, w in pieces} == {"torch.bfloat16",
+                                                                                           "torch.float16"}
+    assert {str(s.dtype) for pieces in sm.local_optimizer_state().values() for *_, st in pieces
+            for s in st.values()} == {"torch.float32"}
+    sm(*batch).square().mean().backward()
+    assert {k: v.dtype for k, v in sm.full_state_dict().items()} == {k: v.dtype for k, v in model.state_dict().items()}

@@ -638,9 +638,12 @@ def test_casting_a_sharded_model_is_refused(cast):
     fbgemm's backward. A device move (.cpu()) goes through."""
     _, model, batch = _make("dlrm_lists")
     sm = shard(model, Topology(1), batch)
+    into = "torch.float64" if cast != "half" else "torch.float16"
     with pytest.raises(TypeError, match=r"ShardedModel: its tables keep the dtypes they were sharded with "
-                                        r"\(\['torch.float32'\]\); cast the model before fxrec.shard"):
+                                        r"\(\['torch.float32'\]\); this cast would turn table 'emb_l.0' from "
+                                        rf"torch.float32 into {into}, .*; cast the model before fxrec.shard"):
         sm.to(torch.float64) if cast == "to_float64" else getattr(sm, cast)()
-    assert sm.cpu() is sm
+    # a device move, and casts that leave fp32 tables as they are
+    assert sm.cpu() is sm and sm.to("cpu") is sm and sm.float() is sm and sm.to(torch.float32) is sm
     with torch.no_grad():
         assert sm(*batch).dtype == torch.float32
