@@ -308,3 +308,22 @@ def test_a_new_sparse_optimizer_is_agreed_by_every_rank():
         assert optimizer == PerTable({EBC + "t_cat": SGD(0.05)}, default=SGD(0.1))
         assert {k.rpartition("@")[0]: v for k, v in fused.items()} == (
             {EBC + "t_user": SGD(0.1), EBC + "t_item": SGD(0.1)} if rank == 0 else {EBC + "t_cat": SGD(0.05)})
+
+
+def test_a_table_with_a_kernel_of_its_own_is_frozen_by_lr_zero():
+    """What README's "Limits of fused training" says: after shard, a table given a setting of
+    its own at shard time stops moving once its lr is set to 0 (its RowWiseAdagrad state still
+    accumulates); the other tables train on."""
+    case = CASES["dlrm_ebc"]
+    model, _, batches, _ = case.setup(1, B, seed=1)
+    own = PerTable({EBC + "t_user": RowWiseAdagrad(0.04)}, default=RowWiseAdagrad(0.05))
+    sm = shard(model, Topology(1), batches[0], sparse_optimizer=own)
+    sm.sparse_optimizer = PerTable({EBC + "t_user": RowWiseAdagrad(0.0)}, default=RowWiseAdagrad(0.05))
+    before = {k: v.clone() for k, v in sm.full_state_dict().items()}
+    state = [s.clone() for *_, st in sm.local_optimizer_state()[EBC + "t_user"] for s in st.values()]
+    sm(*batches[0]).square().mean().backward()
+    after = sm.full_state_dict()
+    assert torch.equal(after[EBC + "t_user.weight"], before[EBC + "t_user.weight"])
+    assert not torch.equal(after[EBC + "t_item.weight"], before[EBC + "t_item.weight"])
+    assert any(not torch.equal(s, t) for s, t in
+               zip(state, [s for *_, st in sm.local_optimizer_state()[EBC + "t_user"] for s in st.values()]))
