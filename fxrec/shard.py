@@ -24,6 +24,7 @@ backward, so a row's accumulator sees its whole row (fxrec/runtime/row_sync.py).
 """
 from __future__ import annotations
 
+import copy
 import itertools
 import pickle
 import warnings
@@ -80,6 +81,25 @@ class ShardedModel(nn.Module):
         # be deep-copied), None without one. `_check_group` compares it with the current one.
         pg = comm.default_group()
         self.__dict__["_group"] = None if pg is None else weakref.ref(pg)
+
+    def __deepcopy__(self, memo: dict) -> "ShardedModel":
+        """``copy.deepcopy(sharded)`` (and ``torch.optim.swa_utils.AveragedModel(sharded)``,
+        which copies it): an independent ShardedModel for the same plan and process groups
+        (shared, not copied). It owns copies of the dense parameters and buffers, of the shards
+        and of the sparse optimizer's state (the two programs of a forward that branches on
+        self.training still share one set), and a DenseGradSync whose hooks average its own
+        parameters' gradients; the original keeps its own. Local: each rank copies its part,
+        and the copies then train together as the originals do."""
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        new.__dict__.update(copy.deepcopy(self.__dict__, memo))
+        for mine, theirs in ((self.module, new.module), (self._other_mode, new._other_mode)):
+            if mine is not None:  # a GraphModule's deepcopy drops the model's hooks and class name
+                L.carry_hooks(copy.deepcopy(L.carry_hooks(mine, nn.Module()), memo), theirs)
+                type(theirs).__name__ = type(mine).__name__
+        if new.grad_sync is not None:
+            weakref.finalize(new, new.grad_sync.remove)  # as __init__ does: the hooks go with the copy
+        return new
 
     @property
     def plan(self):

@@ -4,6 +4,8 @@ acts on the user's own model. Real processes, gloo, 2 ranks.
 - The dense-gradient hooks `shard` puts on the model's own parameters average gradients only in
   backwards of the sharded program and go with the ShardedModel: the plain model's backward
   keeps its local gradient, re-sharding does not stack hooks, a dropped model is freed.
+- A deep copy of a ShardedModel (copy.deepcopy, AveragedModel) is a second one with hooks, shards
+  and optimizer state of its own: the copy and the original train apart, each as the unsharded model.
 - A TrainPipeline's process groups go with it (closed, or collected unclosed): one pipeline
   per epoch keeps the number of groups, open files and threads flat.
 - The groups `shard` and background checkpoints make once per default process group go with
@@ -24,6 +26,7 @@ import fxrec
 from dist_harness import free_port, run_workers
 from fxrec.models import DLRMPlain
 from fxrec.runtime.pipeline import TrainPipeline
+from shard_models import CASES
 
 B = 3
 
@@ -92,6 +95,57 @@ def _grad_sync_worker(rank: int, world: int) -> None:
 
 def test_dense_grad_hooks_act_for_the_sharded_program_only_and_go_with_it():
     run_workers(_grad_sync_worker, 2)
+
+
+def _train_step(sm, ref, opts, case, batches, rank: int) -> None:
+    """One SGD step of the sharded model on this rank's batch and of the unsharded `ref` on
+    the global batch (mean square of the output)."""
+    for run, opt, batch in zip((sm, ref), opts, (batches[rank], case.concat(batches))):
+        opt.zero_grad()
+        run(*batch).square().mean().backward()
+        opt.step()
+
+
+def _deepcopy_worker(rank: int, world: int) -> None:
+    from torch.optim.swa_utils import AveragedModel
+
+    from shard_models import assert_state_like
+
+    case = CASES["dlrm_lists"]
+    model, ref, batches, _ = case.setup(world, B, seed=1)
+    # groups of their own (table_row_wise over 2 nodes of 1 rank), replicas, column shards
+    constraints = {"emb_l.0": "column_wise", "emb_l.1": "table_row_wise", "emb_l.2": "data_parallel"}
+    sm = fxrec.shard(model, fxrec.Topology(world, ranks_per_node=1), batches[rank], constraints=constraints,
+                     sparse_optimizer=fxrec.optim.SGD(lr=0.1))
+    opts = [torch.optim.SGD(m.parameters(), lr=0.1) for m in (sm, ref)]
+    steps = [case.local_batches(world, B, seed=10 + s) for s in range(7)]
+    _train_step(sm, ref, opts, case, steps[0], rank)
+    copied, ref_copy = copy.deepcopy(sm), copy.deepcopy(ref)
+    assert all(_hooks(p) == 1 for m in (sm, copied) for p in m.parameters())
+    copy_opts = [torch.optim.SGD(m.parameters(), lr=0.1) for m in (copied, ref_copy)]
+    for s in range(1, 4):  # interleaved, on other batches: neither may move the other
+        _train_step(copied, ref_copy, copy_opts, case, steps[s + 3], rank)
+        _train_step(sm, ref, opts, case, steps[s], rank)
+    assert_state_like(copied, ref_copy)
+    assert_state_like(sm, ref)
+    # torch's weight averaging deep-copies the model; its copy runs, and averages the dense parameters
+    swa = AveragedModel(sm)
+    swa.update_parameters(sm)  # the first takes the parameters as they are
+    before = [p.detach().clone() for p in sm.parameters()]
+    _train_step(sm, ref, opts, case, steps[0], rank)
+    swa.update_parameters(sm)
+    for avg, p, q in zip(swa.module.parameters(), before, sm.parameters()):
+        torch.testing.assert_close(avg, (p + q) / 2)
+    swa(*steps[1][rank]).sum().backward()
+    # a dropped copy takes its hooks along and leaves the original's
+    param = weakref.ref(next(copied.parameters()))
+    del copied, swa, copy_opts
+    gc.collect()
+    assert param() is None and all(_hooks(p) == 1 for p in sm.parameters())
+
+
+def test_a_deep_copy_trains_apart_as_the_unsharded_model():
+    run_workers(_deepcopy_worker, 2)
 
 
 def _resources() -> tuple[int, int, int]:

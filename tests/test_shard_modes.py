@@ -80,6 +80,24 @@ def test_a_branch_gets_a_program_per_mode_sharing_the_shards():
     assert list(sm.state_dict()) == list(model.state_dict())  # the second program holds no state of its own
 
 
+def test_a_deep_copy_keeps_one_set_of_shards_for_both_programs():
+    torch.manual_seed(0)
+    model = _Branch()
+    model.register_forward_hook(lambda module, args, out: out + 1)  # runs around both programs
+    example = _batch(torch.Generator().manual_seed(0), 3)
+    sm = shard(model, Topology(1), example)
+    copied = copy.deepcopy(sm)
+    for training in (True, False):
+        program = copied.program(training)
+        assert program.get_submodule(ROOT) is copied.module.get_submodule(ROOT) is not sm.module.get_submodule(ROOT)
+        assert program.lin is copied.module.lin is not model.lin
+        assert type(program).__name__ == "_Branch"
+    sm.eval()
+    copied.eval()
+    with torch.no_grad():
+        assert_close(copied(*example), sm(*example), rtol=0, atol=0)  # the hook included
+
+
 def test_modes_whose_tables_differ_keep_one_program_and_warn():
     example = _batch(torch.Generator().manual_seed(0), 3)
     sm = shard(_TrainOnlyTable(), Topology(1), example)

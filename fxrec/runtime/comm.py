@@ -558,6 +558,11 @@ class ProcessGroups:
             register_group("intra_node", self.intra_node)
             register_group("cross_node", self.cross_node)
 
+    def __deepcopy__(self, memo: dict) -> "ProcessGroups":
+        """Itself: a deep copy of a sharded program (``copy.deepcopy(sharded)``) talks over the
+        same groups, and a ProcessGroup cannot be copied."""
+        return self
+
     def __repr__(self) -> str:
         return (f"ProcessGroups(rank={self.rank}, world_size={self.world_size}, "
                 f"ranks_per_node={self.ranks_per_node}, intra_node={self.intra_node_ranks}, "

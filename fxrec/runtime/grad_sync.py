@@ -45,6 +45,7 @@ gradients and the buckets stay alive as long as the process.
 """
 from __future__ import annotations
 
+import copy
 import functools
 import weakref
 from typing import Any, Iterable, Optional
@@ -118,12 +119,17 @@ class DenseGradSync:
         self.params = [p for p in params if p.requires_grad and not (id(p) in seen or seen.add(id(p)))]
         self.auto_finish = auto_finish
         self.gated = gated
-        self._armed = None  # the graph task of the latest backward `arm` marked
+        self.bucket_bytes = bucket_bytes
         self.world_size = comm.world_size()
         self.group = group if group is not None or self.world_size == 1 else dist.new_group()
         if group is not None:
             self.world_size = comm.world_size(group)
-        self.buckets = _make_buckets(self.params, bucket_bytes)
+        self._hook()
+
+    def _hook(self) -> None:
+        """Fresh buckets over `params`, and their hooks (none on one rank); no step under way."""
+        self._armed = None  # the graph task of the latest backward `arm` marked
+        self.buckets = _make_buckets(self.params, self.bucket_bytes)
         self._where = {id(p): (b, i) for b, bucket in enumerate(self.buckets) for i, p in enumerate(bucket.params)}
         self._next = 0  # first bucket not yet launched
         self._active = False  # a backward has started filling buckets since the last finish
@@ -131,6 +137,19 @@ class DenseGradSync:
         self._handles = []
         if self.world_size > 1:
             self._handles = [p.register_post_accumulate_grad_hook(self._on_grad) for p in self.params]
+
+    def __deepcopy__(self, memo: dict) -> "DenseGradSync":
+        """The sync of a deep copy of the parameters' owner (``copy.deepcopy(sharded)``,
+        ``torch.optim.swa_utils.AveragedModel(sharded)``): it averages the gradients of the
+        copies of the parameters (those `memo` maps them to, so the copied model's own), through
+        hooks and buckets of its own, and leaves this one's as they are. The process group is
+        shared, not copied: a ProcessGroup cannot be, and the copy talks to the same ranks.
+        Not collective: each rank copies its own."""
+        new = copy.copy(self)  # the settings, the group and world size
+        memo[id(self)] = new
+        new.params = copy.deepcopy(self.params, memo)
+        new._hook()
+        return new
 
     def arm(self, outputs: Any) -> None:
         """With ``gated``: a backward that goes through `outputs` (a forward's result: a tensor
