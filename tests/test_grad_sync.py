@@ -134,3 +134,38 @@ def test_buckets_follow_reverse_order_and_size_limit():
     layout = [[names[id(p)] for p in b.params] for b in sync.buckets]
     assert layout == [["top.bias", "top.weight", "never.bias", "never.weight"],
                       ["aux.bias", "aux.weight"], ["bottom.bias", "bottom.weight"]]
+
+
+def _freeze_worker(rank, w):
+    """A layer frozen when fxrec.shard runs and unfrozen later, and another frozen after it, on
+    the sharded model and the unsharded one alike: every step equals the unsharded step."""
+    import fxrec
+    from shard_models import CASES, assert_state_like
+
+    case = CASES["dlrm_lists"]
+    model, ref, batches, _ = case.setup(w, B, seed=1)
+    for m in (model, ref):
+        m.bot_l.requires_grad_(False)
+    sm = fxrec.shard(model, fxrec.Topology(w), batches[rank], sparse_optimizer=fxrec.optim.SGD(lr=0.1))
+    opts = [torch.optim.SGD(m.parameters(), lr=0.1) for m in (sm, ref)]
+    for step in range(4):
+        for m in (model, ref):
+            if step == 1:
+                m.bot_l.requires_grad_(True)  # its gradients are averaged from here on
+            if step == 2:
+                m.top_l[0].requires_grad_(False)
+        batches = case.local_batches(w, B, seed=10 + step)
+        for run, opt, batch in zip((sm, ref), opts, (batches[rank], case.concat(batches))):
+            opt.zero_grad(set_to_none=True)
+            run(*batch).square().mean().backward()
+            opt.step()
+        grad = model.bot_l[0].weight.grad
+        assert (grad is None) == (step == 0)
+        if grad is not None:
+            assert_close(grad, ref.bot_l[0].weight.grad, rtol=1e-5, atol=1e-6)
+        assert (model.top_l[0].weight.grad is None) == (step >= 2)
+        assert_state_like(sm, ref)
+
+
+def test_layers_frozen_or_unfrozen_after_shard_train_as_the_unsharded_model():
+    run_workers(_freeze_worker, 2)

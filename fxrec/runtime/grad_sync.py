@@ -15,6 +15,10 @@ Guarantees:
   optimizer then skips it), and one touched by any rank gets the average on every rank.
 - Gradients accumulated over several backwards without zero_grad stay correct: the old part
   is already identical on every rank, so averaging it again leaves it unchanged.
+- A parameter frozen (``requires_grad_(False)``) is left out, its ``.grad`` as it was; one
+  unfrozen later is averaged from the first forward `arm` sees it train in (`refresh` rebuilds
+  the buckets and hooks when the set that requires grad changed; without `arm`, call it after
+  freezing or unfreezing).
 - ``group=None`` creates a dedicated group over all ranks (collective: every rank constructs
   DenseGradSync at the same point), so bucket all-reduces, launched at data-dependent moments
   of backward, never interleave with the sharded program's own collectives on the default
@@ -103,8 +107,9 @@ class _Bucket:
 class DenseGradSync:
     """Bucketed, overlapped gradient averaging for ``params`` over ``group`` (see module doc).
 
-    ``params``: the dense parameters (those without ``requires_grad`` and repeats are
-    dropped); every rank passes the same parameters in the same order. ``bucket_bytes``: the
+    ``params``: the dense parameters (repeats are dropped); every rank passes the same
+    parameters in the same order. Only those that require grad are hooked and bucketed;
+    `refresh` (which `arm` calls) follows a parameter frozen or unfrozen later. ``bucket_bytes``: the
     size at which a bucket is closed (parameters are never split; one larger than the limit
     gets a bucket of its own). Without an initialised process group, or with one rank, it
     registers nothing and `finish` does nothing. ``gated``: act only in backwards that `arm`
@@ -116,7 +121,7 @@ class DenseGradSync:
         if bucket_bytes <= 0:
             raise ValueError(f"DenseGradSync: bucket_bytes must be positive, got {bucket_bytes}")
         seen: set[int] = set()
-        self.params = [p for p in params if p.requires_grad and not (id(p) in seen or seen.add(id(p)))]
+        self._all = [p for p in params if not (id(p) in seen or seen.add(id(p)))]
         self.auto_finish = auto_finish
         self.gated = gated
         self.bucket_bytes = bucket_bytes
@@ -127,7 +132,10 @@ class DenseGradSync:
         self._hook()
 
     def _hook(self) -> None:
-        """Fresh buckets over `params`, and their hooks (none on one rank); no step under way."""
+        """`params`: those of all the parameters that require grad now, with fresh buckets and
+        their hooks (none on one rank); no step under way."""
+        self._trains = [p.requires_grad for p in self._all]
+        self.params = [p for p, trains in zip(self._all, self._trains) if trains]
         self._armed = None  # the graph task of the latest backward `arm` marked
         self.buckets = _make_buckets(self.params, self.bucket_bytes)
         self._where = {id(p): (b, i) for b, bucket in enumerate(self.buckets) for i, p in enumerate(bucket.params)}
@@ -147,14 +155,29 @@ class DenseGradSync:
         Not collective: each rank copies its own."""
         new = copy.copy(self)  # the settings, the group and world size
         memo[id(self)] = new
-        new.params = copy.deepcopy(self.params, memo)
+        new._all = copy.deepcopy(self._all, memo)
         new._hook()
         return new
+
+    def refresh(self) -> None:
+        """Follow the parameters that train: where one was frozen or unfrozen since the last
+        look (``requires_grad_``), the buckets and hooks are rebuilt over those that require
+        grad now (a step under way is dropped, as a failed backward's). Every rank must
+        freeze the same parameters, as every rank passes the same ones. One pass over the flags
+        otherwise: `arm` calls it at each forward."""
+        if self.world_size == 1 or all(p.requires_grad is trains for p, trains in zip(self._all, self._trains)):
+            return
+        if self._active:
+            self._drop_unfinished()
+        self.remove()
+        self._hook()
 
     def arm(self, outputs: Any) -> None:
         """With ``gated``: a backward that goes through `outputs` (a forward's result: a tensor
         or a pytree of them) averages the gradients. The pre-hooks hold this object weakly, so
-        a kept output keeps nothing of it alive."""
+        a kept output keeps nothing of it alive. Calls `refresh` first: the parameters that
+        train in this forward's backward are those that require grad now."""
+        self.refresh()
         if not self._handles:
             return
         mark = functools.partial(_mark_backward, weakref.ref(self))
