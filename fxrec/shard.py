@@ -15,6 +15,8 @@ model computes on the concatenated W*b global batch, and one step with the loss 
 over each local batch leaves tables and dense parameters where the unsharded step on the
 global batch (loss averaged over it) leaves them: dense gradients are averaged across
 ranks in backward (`DenseGradSync`), sparse ones scaled by 1/W before the fused optimizer.
+The dense buffers are DDP's: a training forward's batch statistics (BatchNorm) are its local
+batch's, and every rank then holds rank 0's buffers (`BufferSync`).
 Ranks may feed different local batch sizes (a job's last, short batch; an empty one), under
 every sharding type: the bag counts travel with the ids, and row-wise reduce-scatters pad
 their chunks to the largest batch.
@@ -60,7 +62,7 @@ class ShardedModel(nn.Module):
     the fused sparse optimizer inside backward. ``module`` is the rewritten GraphModule."""
 
     def __init__(self, gm: GraphModule, plan, state_keys: list[str], tables: dict, extra: dict, grad_sync=None,
-                 sparse_optimizer=None, frozen=(), other_mode: Optional[GraphModule] = None):
+                 sparse_optimizer=None, frozen=(), other_mode: Optional[GraphModule] = None, buffer_sync=None):
         super().__init__()
         self.module = gm
         # the program of the other mode, for a forward that branches on self.training: it shares
@@ -71,6 +73,7 @@ class ShardedModel(nn.Module):
         self.frozen = tuple(frozen)  # tables the user's model does not train (`fxrec.optim.freeze`)
         self._param_tables = gm.meta.get(L.PARAM_TABLES, {})
         self.grad_sync = grad_sync
+        self.buffer_sync = buffer_sync  # rank 0's dense buffers to every rank after a training forward
         if grad_sync is not None:
             # The hooks sit on the user's own parameters: they go with this model (module doc of
             # fxrec.runtime.grad_sync), so a dropped ShardedModel frees its dense part's gradients
@@ -134,13 +137,18 @@ class ShardedModel(nn.Module):
 
     def forward(self, *args, **kwargs):
         self._check_group()
-        return self._arm_grad_sync(self.program(self.training)(*args, **kwargs))
+        return self._after_forward(self.program(self.training)(*args, **kwargs))
 
     @torch.compiler.disable
-    def _arm_grad_sync(self, out):
-        """`out`, whose backward averages the dense gradients across ranks (`DenseGradSync.arm`):
-        only a backward through the program's outputs does, not one of the user's plain model,
-        which holds the same parameters. Kept out of dynamo's graphs (it hooks autograd nodes)."""
+    def _after_forward(self, out):
+        """`out`, the program's outputs, once every rank holds rank 0's dense buffers (after a
+        forward in training mode, which BatchNorm's running statistics follow on each rank's
+        local batch: `BufferSync`, as DDP's broadcast_buffers), and whose backward averages the
+        dense gradients across ranks (`DenseGradSync.arm`): only a backward through the
+        program's outputs does, not one of the user's plain model, which holds the same
+        parameters. Kept out of dynamo's graphs (it hooks autograd nodes)."""
+        if self.buffer_sync is not None:
+            self.buffer_sync.after_forward()
         if self.grad_sync is not None:
             self.grad_sync.arm(out)
         return out
@@ -773,10 +781,13 @@ def shard(model: nn.Module, topology, example_inputs, plan=None, constraints=Non
     own, names = gm.state_dict(), L.table_names_by_param(model)
     extra = {k: v.detach() for k, v in model.state_dict(keep_vars=True).items()
              if k not in own and names.get(k) not in ctx.tables and not v.is_meta}
-    grad_sync = None
+    grad_sync = buffer_sync = None
     if world > 1:
+        from fxrec.runtime.buffer_sync import BufferSync
         from fxrec.runtime.grad_sync import DenseGradSync
 
         _broadcast_dense(gm)
         grad_sync = DenseGradSync(list(gm.parameters()), group=dense_group, gated=True)
-    return ShardedModel(gm, ctx.plan, state_keys, dict(ctx.tables), extra, grad_sync, optimizer, frozen, other)
+        buffer_sync = BufferSync.of(gm, ROOT, group=dense_group)
+    return ShardedModel(gm, ctx.plan, state_keys, dict(ctx.tables), extra, grad_sync, optimizer, frozen, other,
+                        buffer_sync)

@@ -2,7 +2,9 @@
 
 Each rank builds the same model (same seed) and sees its own slice of a global batch that every
 rank generates from one seeded generator; after backward and sync, every rank's grads must equal
-the gradients of the loss averaged over the global batch, computed in one process.
+the gradients of the loss averaged over the global batch, computed in one process. Through
+fxrec.shard: layers frozen and unfrozen after shard, and BatchNorm's running statistics
+(fxrec.runtime.buffer_sync), which follow rank 0's as under DDP.
 """
 from __future__ import annotations
 
@@ -169,3 +171,81 @@ def _freeze_worker(rank, w):
 
 def test_layers_frozen_or_unfrozen_after_shard_train_as_the_unsharded_model():
     run_workers(_freeze_worker, 2)
+
+
+class _BatchNormed(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.EmbeddingBag(30, 8, mode="sum")
+        self.bot = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8))
+        self.top = nn.Sequential(nn.Linear(16, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 1))
+
+    def forward(self, dense, ids):
+        return self.top(torch.cat([self.bot(dense), self.emb(ids)], 1)).squeeze(1)
+
+
+def _bn_batches(w: int, step: int, b: int = 4) -> list[tuple]:
+    g = torch.Generator().manual_seed(100 + step)
+    return [(torch.randn(b, 4, generator=g) * (r + 1), torch.randint(0, 30, (b, 3), generator=g)) for r in range(w)]
+
+
+def _buffers(model: nn.Module) -> dict:
+    return {k: v.clone() for k, v in model.named_buffers()}
+
+
+def _ddp_step(ref: nn.Module, opt, batches: list) -> None:
+    """One step as DDP takes it, in one process: every replica starts from rank 0's buffers,
+    normalises with its own batch's statistics, and the gradients are averaged; the buffers
+    are then rank 0's replica's."""
+    start, rank0 = _buffers(ref), None
+    opt.zero_grad()
+    for r, batch in enumerate(batches):
+        ref.load_state_dict(start, strict=False)
+        (ref(*batch).square().mean() / len(batches)).backward()
+        rank0 = _buffers(ref) if r == 0 else rank0
+    ref.load_state_dict(rank0, strict=False)
+    opt.step()
+
+
+def _gathered(t: torch.Tensor) -> list:
+    out = [torch.empty_like(t) for _ in range(torch.distributed.get_world_size())]
+    torch.distributed.all_gather(out, t.contiguous())
+    return out
+
+
+def _batchnorm_worker(rank, w):
+    import fxrec
+
+    torch.manual_seed(0)
+    model = _BatchNormed()
+    ref = copy.deepcopy(model)
+    sm = fxrec.shard(model, fxrec.Topology(w), _bn_batches(w, 0)[rank], sparse_optimizer=fxrec.optim.SGD(lr=0.1))
+    opt, ref_opt = torch.optim.SGD(sm.parameters(), lr=0.1), torch.optim.SGD(ref.parameters(), lr=0.1)
+    for step in range(3):
+        batches = _bn_batches(w, step)
+        opt.zero_grad()
+        sm(*batches[rank]).square().mean().backward()
+        opt.step()
+        _ddp_step(ref, ref_opt, batches)
+        full = sm.full_state_dict()
+        for key, want in ref.state_dict().items():
+            assert_close(full[key], want, rtol=1e-5, atol=1e-6, msg=f"step {step}: {key}")
+        for key, mine in _buffers(model).items():  # every rank holds rank 0's
+            assert all(torch.equal(mine, theirs) for theirs in _gathered(mine)), key
+    sm.eval()
+    ref.eval()
+    with torch.no_grad():
+        same = _bn_batches(1, 7)[0]
+        out = sm(*same)
+        assert_close(out, ref(*same), rtol=1e-5, atol=1e-6)
+    assert all(torch.equal(out, theirs) for theirs in _gathered(out))
+    # two forwards before one backward: the broadcast after the first leaves its graph intact
+    sm.train()
+    (sm(*_bn_batches(w, 5)[rank]).square().mean() + sm(*_bn_batches(w, 6)[rank]).square().mean()).backward()
+    for key, mine in _buffers(model).items():
+        assert all(torch.equal(mine, theirs) for theirs in _gathered(mine)), key
+    return int(model.top[1].num_batches_tracked)
+
+
+def test_batchnorm_statistics_follow_rank_0s_as_under_ddp():
+    assert run_workers(_batchnorm_worker, 2) == [5, 5]

@@ -241,7 +241,7 @@ class TrainPipeline:
                 self._raised = e     # step by step: this batch still trains, the next call raises it
         inbox.values = tuple(values)
         try:
-            out = self.model._arm_grad_sync(main_gm(*args))  # past ShardedModel.forward, as _check_group
+            out = self.model._after_forward(main_gm(*args))  # past ShardedModel.forward, as _check_group
         finally:
             inbox.values = None
         return self._step(batch, out)
