@@ -53,6 +53,7 @@ def _problem(g, pooled: bool, dims: list[int], rows: int, batch: int, weighted: 
     (True, [4, 8, 4, 6], None, False),
     (True, [4, 8, 4, 6], None, True),
     (True, [8, 8, 8], None, False),  # one width: the gradient seen as rows without a copy
+    (True, [1, 1, 4], None, True),  # width 1 (a dim-2 table's column shards)
     (True, [4, 8, 4, 6], [1, 2], True),  # a subset of the tables
     (False, [4, 8, 4, 6], None, False),
     (False, [8, 8], None, False),
@@ -81,6 +82,7 @@ def test_row_sq_sums_matches_per_table_reference(pooled, dims, tables, weighted,
 UPDATE_CASES = [  # (pooled, dims, tables, weighted)
     (True, [4, 8, 4, 6], None, True),  # sum and mean tables, weighted, three width groups
     (True, [8, 8, 8], None, False),  # the whole layout one group: the bag sums are the gradient as is
+    (True, [1, 1, 4], None, False),  # width 1
     (True, [4, 8, 4, 6], [1, 2], True),  # the other tables keep their ids in a call of their own
     (False, [8, 8], None, False),
     (False, [4, 8, 4, 6], [0, 3], False),
@@ -121,16 +123,19 @@ def test_update_calls_make_the_calls_update(kernel, pooled, dims, tables, weight
     ref.update(grad, ids, offsets, psw)
     B = layout.batch_size(offsets)
     has_ids = [int(offsets[(t + 1) * B] - offsets[t * B]) > 0 for t in range(len(dims))]
-    # one call of bags of one per width with ids, and the others' ids in a call of their own
-    n_bags = len({dims[t] for t in wanted if has_ids[t]})
-    for fraction, n_calls in ((0.0, 1), (1.0, n_bags + (tables is not None))):
+    # one call of bags of one per width with ids, and the other tables' ids in a call of their
+    # own (the given call as it is where no table has an id)
+    widths = {dims[t] for t in wanted if has_ids[t]}
+    rest = len([t for t in wanted if dims[t] in widths]) < len(dims)
+    n_bags = len(widths)
+    for fraction, n_calls in ((0.0, 1), (1.0, n_bags + rest)):
         got = FusedEmbeddingBags(specs, optimizer=optimizer, kernel=kernel)
         got.load_state_dict(start.state_dict())
         calls = row_sq_sums(layout, grad, ids, offsets, psw, wanted, fraction).calls
         if chunk_bytes is None:
             assert len(calls) == n_calls
         elif fraction == 1.0:  # a call per bag of each table (pooled: B = 1) or per row (unpooled)
-            bags = calls[1:] if tables is not None else calls
+            bags = calls[1:] if rest else calls
             assert len(bags) >= n_bags
             assert all(c[2].numel() == len(dims) + 1 if pooled else c[1].numel() == 1 for c in bags)
         for call in calls:
@@ -142,21 +147,22 @@ def test_update_calls_make_the_calls_update(kernel, pooled, dims, tables, weight
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64])  # fbgemm's op; embedding_bag
 @pytest.mark.parametrize("weighted", [False, True])
-def test_bag_sums_against_a_loop(dtype, weighted):
+@pytest.mark.parametrize("d", [1, 4])
+def test_bag_sums_against_a_loop(dtype, weighted, d):
     g = torch.Generator().manual_seed(7)
-    G = torch.randn(9, 4, generator=g).to(dtype)
+    G = torch.randn(9, d, generator=g).to(dtype)
     lists, B = 3, 4
     lengths = torch.randint(0, 4, (lists * B,), generator=g)
     offsets = torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)])
     rows = torch.randint(0, 9, (int(offsets[-1]),), generator=g)
     scale = torch.rand(rows.numel(), generator=g) if weighted else None
     acc = torch.float64 if dtype == torch.float64 else torch.float32
-    want = torch.zeros(B, lists * 4, dtype=acc)
+    want = torch.zeros(B, lists * d, dtype=acc)
     for i in range(lists):
         for b in range(B):
             for o in range(int(offsets[i * B + b]), int(offsets[i * B + b + 1])):
                 w = 1.0 if scale is None else float(scale[o])
-                want[b, i * 4:(i + 1) * 4] += w * G[rows[o]].to(acc)
+                want[b, i * d:(i + 1) * d] += w * G[rows[o]].to(acc)
     got = _bag_sums(G, rows, scale, offsets, lists, B)
-    assert got.dtype == acc
+    assert got.dtype == acc and got.is_contiguous()
     assert_close(got, want, rtol=1e-5, atol=1e-6)

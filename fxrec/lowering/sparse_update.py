@@ -214,8 +214,11 @@ def _segment_sq_sums(G: Tensor, rows: Tensor, scale: Optional[Tensor], keys: Ten
         occ[:-1] |= same
         multi = counts > 1
         m_counts = counts.masked_select(multi)
-        psw = None if scale is None else scale.masked_select(occ).to(G.dtype)
-        g = F.embedding_bag(rows.masked_select(occ), G, m_counts.cumsum(0) - m_counts, mode="sum",
+        # summed in fp32 (fp64 for fp64), as the kernels sum: in fp16 / bf16 a row's column
+        # shards ended with accumulators up to 7e-3 apart
+        acc = torch.float64 if G.dtype == torch.float64 else torch.float32
+        psw = None if scale is None else scale.masked_select(occ).to(acc)
+        g = F.embedding_bag(rows.masked_select(occ), G.to(acc), m_counts.cumsum(0) - m_counts, mode="sum",
                             per_sample_weights=psw)
         sums.masked_scatter_(multi, _sq_norms(g))  # no U x d temporary
     return sums
@@ -289,7 +292,8 @@ def _bag_sums(G: Tensor, rows: Tensor, scale: Optional[Tensor], bag_offsets: Ten
     acc = torch.float64 if G.dtype == torch.float64 else torch.float32
     out = F.embedding_bag(rows, G.to(acc), bag_offsets, mode="sum", include_last_offset=True,
                           per_sample_weights=None if scale is None else scale.to(acc))
-    return out.view(lists, B, -1).transpose(0, 1).reshape(B, -1)
+    # contiguous: with d = 1 reshape would return a strided view, and callers view it as rows
+    return out.view(lists, B, -1).transpose(0, 1).contiguous().view(B, -1)
 
 
 # Bags of one are summed and updated in calls of at most this many bytes of gradient: a
