@@ -1,15 +1,20 @@
 """Launch wrappers for the Triton kernels, with the registry's op signatures.
 
 Forward: a program pools one bag (or copies a block of one table's rows, unpooled) and
-gathers `block_n` ids per step of its loop. `block_n` defaults to the mean ids per bag (per
-table, unpooled) rounded up to a power of two within [8, 32], from counts the host already
-knows: at a pooling factor of ~20 a bag's ids are loaded in one step, all its rows in flight
-together, instead of in three dependent steps of 8.
+gathers `block_n` ids per step of its loop. Pooled: 8 ids per step in 2 warps
+(`_POOLED_BLOCK_N`, `_POOLED_NUM_WARPS`): on an H200 (bench/kernels.py --sweep,
+bench/results/gpu_kernels_sweep.txt) that was the fastest of 9 configurations in all four
+shapes swept, 1.3-2.1x faster than 32 ids per step in 4 warps at a pooling factor of 20,
+where many small programs keep more loads in flight than few that load a bag at once.
+Unpooled: `block_n` is the mean ids per table rounded up to a power of two within [8, 32],
+in 4 warps (not swept).
 
 Backward: index preparation (global rows, stable sort, unique) runs in torch
 (`sparse_update.sort_occurrences`); one kernel launch then reduces and updates every unique
-row of every table. By default `backward_update_rows_kernel` updates ROWS unique rows per
-program in a [ROWS, BLOCK_D] tile of about `_BWD_TILE` elements. Why: most unique rows of a
+row of every table. Rows narrower than 128 (`_BWD_ONE_ROW_MIN_D`) are updated by
+`backward_update_rows_kernel`, ROWS unique rows per program in a [ROWS, BLOCK_D] tile of about
+`_BWD_TILE` elements; wider ones by the one-row kernel in 2 warps, which an H200 sweep found
+faster there (see the constants). Why several rows: most unique rows of a
 real batch occur once or twice, so one row per program (`backward_update_kernel`) leaves most
 of its [8, BLOCK_D] occurrence tile masked and waits on one row's chain of dependent loads;
 ROWS rows keep ROWS times as many loads in flight (FBGEMM's CUDA backward runs a warp per row,
@@ -41,17 +46,24 @@ from ..sparse_update import adam_row_scalars, sort_occurrences
 from . import kernels
 
 _OPT_CODE = {"sgd": 0, "rowwise_adagrad": 1, "adam": 2}
-_FWD_BLOCK_N = (8, 32)  # ids gathered per step of a forward loop: the mean bag, clamped to this range
+_FWD_BLOCK_N = (8, 32)  # ids per step of the unpooled forward: the mean per table, clamped to this range
+_POOLED_BLOCK_N = 8  # ids per step of the pooled forward, and its warps (module doc)
+_POOLED_NUM_WARPS = 2
 _BWD_BLOCK_N = 8  # occurrences reduced per step of a chunk sum / of the one-row kernel's loop
 _NUM_WARPS = 4  # triton's default
 _FWD_MAX_BLOCK_D = 128
 MAX_DIM = 8192  # the backward keeps a whole row in one program
-# The rows kernel's tile (`_bwd_rows`): 8 rows of dim 128, 16 of dim 64; registers bound the
-# tile, so wider rows mean fewer of them. Its warps (`_bwd_warps`) give each thread 8 elements:
-# ptxas (sm_90) then uses ~128 registers per thread without spilling, where 16 elements per
-# thread needed ~250 and spilled.
-_BWD_TILE = 1024
-_BWD_ELEMS_PER_THREAD = 8
+# The update's default launch, from an H200 sweep of the fused SGD / RowWiseAdagrad update
+# (bench/kernels.py --sweep, bench/results/gpu_kernels_sweep.txt; 26 tables, 16384 x 20 ids):
+# rows of dim 128 or more go one per program in 2 warps (`_BWD_ONE_ROW_MIN_D`; 1.3-1.8x faster
+# than 8 rows per program in 4 warps); narrower rows share a rows-kernel tile of about
+# `_BWD_TILE` elements (`_bwd_rows`: 8 rows of dim 64, 1.2-1.7x faster than 16), 4 elements
+# per thread (`_bwd_warps`: 4 warps there). Registers bound the tile: at 16 elements per
+# thread ptxas (sm_90) needed ~250 registers and spilled.
+_BWD_ONE_ROW_MIN_D = 128
+_BWD_ONE_ROW_WARPS = 2
+_BWD_TILE = 512
+_BWD_ELEMS_PER_THREAD = 4
 _BWD_ROWS_MAX = 16
 # Occurrences one backward program reduces at most: a hotter row (Zipf ids) is first summed in
 # chunks by many programs, so one row cannot serialise the launch. A rows program waits for its
@@ -66,7 +78,7 @@ def _block_d(max_d: int, cap: Optional[int] = None) -> int:
 
 
 def _fwd_block_n(ids: int, groups: int) -> int:
-    """Mean ids per group (bag; table when unpooled) rounded up to a power of two, in
+    """Mean ids per group (an unpooled table) rounded up to a power of two, in
     `_FWD_BLOCK_N`. Host integers only: no device sync."""
     lo, hi = _FWD_BLOCK_N
     mean = -(-ids // max(groups, 1))
@@ -74,12 +86,18 @@ def _fwd_block_n(ids: int, groups: int) -> int:
 
 
 def _bwd_rows(block_d: int) -> int:
-    """Unique rows per program of the rows kernel: a tile of about `_BWD_TILE` elements."""
+    """Unique rows per program: 0 (the one-row kernel) from `_BWD_ONE_ROW_MIN_D`, else a
+    rows-kernel tile of about `_BWD_TILE` elements."""
+    if block_d >= _BWD_ONE_ROW_MIN_D:
+        return 0
     return max(1, min(_BWD_ROWS_MAX, _BWD_TILE // block_d))
 
 
 def _bwd_warps(rows: int, block_d: int) -> int:
-    """Warps of a rows-kernel program: `_BWD_ELEMS_PER_THREAD` tile elements per thread, 1 to 8."""
+    """Warps of an update program: `_BWD_ONE_ROW_WARPS` for the one-row kernel (rows 0), else
+    `_BWD_ELEMS_PER_THREAD` tile elements per thread, 1 to 8."""
+    if rows == 0:
+        return _BWD_ONE_ROW_WARPS
     return max(1, min(8, rows * block_d // (32 * _BWD_ELEMS_PER_THREAD)))
 
 
@@ -99,8 +117,7 @@ def _launch_config(op: str, config: Optional[dict], **defaults) -> dict:
 def pooled_forward(weights: Tensor, layout: TBELayout, indices: Tensor, offsets: Tensor,
                    per_sample_weights: Optional[Tensor] = None, *, config: Optional[dict] = None) -> Tensor:
     B = layout.batch_size(offsets)
-    cfg = _launch_config("pooled_forward", config, block_n=_fwd_block_n(indices.numel(), layout.num_tables * B),
-                         num_warps=_NUM_WARPS)
+    cfg = _launch_config("pooled_forward", config, block_n=_POOLED_BLOCK_N, num_warps=_POOLED_NUM_WARPS)
     out = torch.empty(B, layout.total_D, dtype=weights.dtype, device=weights.device)
     if B == 0:
         return out
@@ -162,7 +179,7 @@ def backward_update(weights: Tensor, state: dict[str, Tensor], layout: TBELayout
         beta1, beta2 = optimizer.betas
     grad_output = grad_output.contiguous()
     rows, block_n = cfg["rows"], cfg["block_n"]
-    num_warps = cfg["num_warps"] or _NUM_WARPS
+    num_warps = cfg["num_warps"] or _bwd_warps(0, block_d)  # the one-row kernel and the chunk sums
     rows_warps = cfg["num_warps"] or (_bwd_warps(rows, block_d) if rows else None)
     head = (weights, state.get("momentum", weights), state.get("exp_avg", weights),
             state.get("exp_avg_sq", weights), step_size, bc2_sqrt,
