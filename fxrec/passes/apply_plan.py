@@ -47,6 +47,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 from torch.fx import GraphModule, Node
+from torch.fx.node import map_arg
 
 from fxrec.eager import eager_under_dynamo
 from fxrec.optim import PerTable
@@ -85,9 +86,20 @@ def replace_lookups(gm: GraphModule, nodes: list[Node], results: list[Node]) -> 
             gm.graph.erase_node(n)
 
 
+def _id_inputs(n: Node) -> list[Node]:
+    """The nodes a unit reads for lookup `n`: its ids, offsets and per-sample weights (an
+    EBC's / EC's KeyedJaggedTensor), as `_node_args` gathers them. Not its weight: the unit
+    serves the table from its shards, so where the graph fetches the weight (fx puts the
+    get_attr of ``F.embedding_bag(ids, self.e.weight)`` at that call, maybe after another
+    lookup of the table was used) does not make the ids late."""
+    found: list[Node] = []
+    map_arg(_node_args(n), found.append)
+    return found
+
+
 def _span(gm: GraphModule, nodes: list[Node], pos: dict) -> tuple[int, int]:
     """(position after which the unit can run, position of the first use of its outputs)."""
-    inputs = [a for n in nodes for a in n.all_input_nodes]
+    inputs = [a for n in nodes for a in _id_inputs(n)]
     last_ph = max((pos[n] for n in gm.graph.nodes if n.op == "placeholder"), default=-1)
     anchor = max([pos[a] for a in inputs] + [last_ph])
     first_use = min((pos[u] for n in nodes for u in _output_node(n).users), default=len(pos))
@@ -140,7 +152,7 @@ def _late_ids(gm: GraphModule, comp: list[Node], pos: dict) -> str:
     another's result is used (computed from it, or by code hoist_inputs could not move)."""
     used = {n: min((pos[u] for u in _output_node(n).users), default=len(pos)) for n in comp}
     first = min(comp, key=used.get)
-    late = max(comp, key=lambda n: max([pos[a] for a in n.all_input_nodes] + [-1]))
+    late = max(comp, key=lambda n: max([pos[a] for a in _id_inputs(n)] + [-1]))
     return (f"apply_plan: lookups {[n.name for n in comp]} read the same table, which one unit must serve, but "
             f"the ids of %{late.name} are ready only after the result of %{first.name} is used (computed from "
             f"it, or from a tensor the model writes in place, or by code that cannot move earlier); compute "
@@ -200,7 +212,7 @@ def _routes(slots: list[SlotSpec], plan) -> list[RouteSpec]:
     return routes
 
 
-def _node_args(gm: GraphModule, n: Node) -> list:
+def _node_args(n: Node) -> list:
     lk = n.meta[L.LOOKUP]
     if lk.kind in ("ebc", "ec") or lk.kind in L.EMBEDDING_KINDS:
         return [lk.ids.of(n)]
@@ -280,7 +292,7 @@ def _emit_dist(e: _Emitter, spec: UnitSpec, gathered: Node, root: str, has_sync:
 def _insertion_point(gm: GraphModule, nodes: list[Node]) -> Node:
     """The node after which the unit's nodes go: its last input (or the last placeholder)."""
     pos = {n: i for i, n in enumerate(gm.graph.nodes)}
-    last = max([pos[a] for n in nodes for a in n.all_input_nodes] +
+    last = max([pos[a] for n in nodes for a in _id_inputs(n)] +
                [pos[n] for n in gm.graph.nodes if n.op == "placeholder"])
     return list(gm.graph.nodes)[last]
 
@@ -340,7 +352,7 @@ def _rewrite_unit(gm: GraphModule, nodes: list[Node], name: str, env: dict) -> N
     unit = _unit_modules(gm, spec, nodes, dp_slots, env)
     before = settle(gm, _insertion_point(gm, nodes).next, nodes[0].meta.get(GRAD_MODE, INHERIT))
     e = _Emitter(gm, before, nodes[0], f"{ROOT}.{name}")
-    gathered = e.module("gather", [_node_args(gm, n) for n in nodes])
+    gathered = e.module("gather", [_node_args(n) for n in nodes])
     if hasattr(unit, "fault_send"):
         faults = e.comm(comm.all_to_all_counts, "all_to_all_counts", e.module("fault_send", gathered))
         gathered = e.module("fault_check", faults, gathered)
