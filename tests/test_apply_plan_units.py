@@ -60,13 +60,8 @@ class BagThenBag(nn.Module):
         return self.top(torch.cat([s, p], 1))
 
 
-class IdsFromResult(nn.Module):
+class IdsFromResult(SeqThenBag):
     """The second lookup's ids are computed from the first's result: genuinely late."""
-
-    def __init__(self):
-        super().__init__()
-        self.e = nn.Embedding(ROWS, DIM)
-        self.top = nn.Linear(DIM * L_SEQ + DIM, 3)
 
     def forward(self, seq, ids, offs):
         s = self.e(seq).flatten(1)
