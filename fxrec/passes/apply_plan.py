@@ -88,12 +88,12 @@ def replace_lookups(gm: GraphModule, nodes: list[Node], results: list[Node]) -> 
 
 def _id_inputs(n: Node) -> list[Node]:
     """The nodes a unit reads for lookup `n`: its ids, offsets and per-sample weights (an
-    EBC's / EC's KeyedJaggedTensor), as `_node_args` gathers them. Not its weight: the unit
+    EBC's / EC's KeyedJaggedTensor), as `lookup.gather_args` gives them. Not its weight: the unit
     serves the table from its shards, so where the graph fetches the weight (fx puts the
     get_attr of ``F.embedding_bag(ids, self.e.weight)`` at that call, maybe after another
     lookup of the table was used) does not make the ids late."""
     found: list[Node] = []
-    map_arg(_node_args(n), found.append)
+    map_arg(L.gather_args(n), found.append)
     return found
 
 
@@ -210,13 +210,6 @@ def _routes(slots: list[SlotSpec], plan) -> list[RouteSpec]:
             routes.append(RouteSpec(k, slot.table, j, s.rank, tuple(s.rows), tuple(s.cols), by_row,
                                     slot.served_pooled, slot.weighted and slot.served_pooled, output))
     return routes
-
-
-def _node_args(n: Node) -> list:
-    lk = n.meta[L.LOOKUP]
-    if lk.kind in ("ebc", "ec") or lk.kind in L.EMBEDDING_KINDS:
-        return [lk.ids.of(n)]
-    return [ref.of(n) if ref is not None else None for ref in (lk.ids, lk.offsets, lk.per_sample_weights)]
 
 
 # ------------------------------------------------------------------ graph
@@ -352,7 +345,7 @@ def _rewrite_unit(gm: GraphModule, nodes: list[Node], name: str, env: dict) -> N
     unit = _unit_modules(gm, spec, nodes, dp_slots, env)
     before = settle(gm, _insertion_point(gm, nodes).next, nodes[0].meta.get(GRAD_MODE, INHERIT))
     e = _Emitter(gm, before, nodes[0], f"{ROOT}.{name}")
-    gathered = e.module("gather", [_node_args(n) for n in nodes])
+    gathered = e.module("gather", [L.gather_args(n) for n in nodes])
     if hasattr(unit, "fault_send"):
         faults = e.comm(comm.all_to_all_counts, "all_to_all_counts", e.module("fault_send", gathered))
         gathered = e.module("fault_check", faults, gathered)

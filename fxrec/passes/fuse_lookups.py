@@ -127,14 +127,6 @@ def _specs(gm: GraphModule, nodes: list[Node]) -> tuple[list[NodeSpec], list[Slo
     return specs, slots
 
 
-def _node_args(node: Node) -> list:
-    """What GatherInputs reads of one lookup: (kjt,), (ids,) or (ids, offsets, weights)."""
-    lk = node.meta[L.LOOKUP]
-    if lk.kind in ("ebc", "ec") or lk.kind in L.EMBEDDING_KINDS:
-        return [lk.ids.of(node)]
-    return [ref.of(node) if ref is not None else None for ref in (lk.ids, lk.offsets, lk.per_sample_weights)]
-
-
 def _lookup_module(pack: PackInputs, keys: dict, weights: dict, optimizer, kernel, device=None) -> LocalLookup:
     """A one-rank LocalLookup over pack's tables (shard `keys[table]`), holding copies of
     `weights` (on `device`, default theirs; "meta" holds no copy)."""
@@ -237,7 +229,7 @@ def _fuse_unit(gm: GraphModule, groups: list, nodes: list[Node], name: str, opts
         unit.lookup = _lookup_module(unit.pack, {t: t for t in weights}, weights, opts.get("sparse_optimizer"),
                                      opts.get("kernel"))
     unit.split = SplitOutputs(unit.pack.pooled_dims)
-    args = [_node_args(n) for n in nodes]
+    args = [L.gather_args(n) for n in nodes]
     e = _Emitter(gm, settle(gm, _after_inputs(gm, args), nodes[0].meta.get(GRAD_MODE, INHERIT)), nodes[0])
     prefix = f"{ROOT}.{name}"
     gathered = e.module(f"{prefix}.gather", args)

@@ -236,3 +236,13 @@ def renormalising_call(node) -> bool:
     """Whether `node` is an F.embedding / F.embedding_bag call with a max_norm: it renormalises,
     in place, the rows of its weight that it reads."""
     return node.op == "call_function" and node.target in F_ARGS and functional_arg(node, "max_norm") is not None
+
+
+def gather_args(node) -> list:
+    """What a unit's GatherInputs reads of lookup `node` (from its `LOOKUP` meta): ``[kjt]`` for
+    an EBC / EC, ``[ids]`` for an embedding, else ``[ids, offsets, per_sample_weights]`` (None
+    where absent). Never the table's weight: the unit serves it from its own storage."""
+    lk = node.meta[LOOKUP]
+    if lk.kind in ("ebc", "ec") or lk.kind in EMBEDDING_KINDS:
+        return [lk.ids.of(node)]
+    return [ref.of(node) if ref is not None else None for ref in (lk.ids, lk.offsets, lk.per_sample_weights)]
