@@ -509,7 +509,7 @@ def _initialiser(model: nn.Module, tables: dict, seed: int, device):
         if table in tables and path in params:
             weights.setdefault(table, params[path])
     if comm.world_size() > 1:
-        weights.update(_rank0_tables(weights, device))
+        weights.update(_rank0_tables(weights))
 
     def values(table: str, rows, cols) -> Tensor:
         w, info = weights[table], tables[table]
@@ -541,7 +541,7 @@ def _digest(w: Tensor) -> Optional[str]:
     return h.hexdigest()
 
 
-def _rank0_tables(weights: dict, device) -> dict:
+def _rank0_tables(weights: dict) -> dict:
     """{table: rank 0's values} for the tables whose values on some rank differ from rank 0's
     (collective). One all_gather_object of a hash per table finds them, so tables that agree
     (the usual case: a common seed) cost one read each and no copy; only those that differ
@@ -552,7 +552,7 @@ def _rank0_tables(weights: dict, device) -> dict:
     out = {t: torch.empty(w.shape, dtype=w.dtype, device="meta")  # rank 0 draws it: draw it here too
            for t, w in weights.items() if every[0][t] is None and not w.is_meta}
     differ = [t for t in weights if every[0][t] is not None and any(d[t] != every[0][t] for d in every)]
-    comm_device = device if dist.get_backend() == "nccl" else torch.device("cpu")
+    comm_device = comm.collective_device()
     for t in differ:
         w = weights[t].detach()
         if comm.rank() != 0:

@@ -29,6 +29,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from fxrec.runtime import comm
+
 __all__ = ["BufferSync"]
 
 
@@ -80,7 +82,7 @@ class BufferSync:
             return
         # by element size, largest first: each buffer's bytes then start at a multiple of its size
         tensors.sort(key=lambda t: -t.element_size())
-        device = _comm_device(self.group)
+        device = comm.collective_device(self.group)
         flat = torch.cat([t.detach().reshape(-1).view(torch.uint8).to(device) for t in tensors])
         dist.broadcast(flat, src=0, group=self.group)
         if dist.get_rank() == 0:
@@ -90,10 +92,3 @@ class BufferSync:
             n = t.numel() * t.element_size()
             t.data.copy_(flat[offset:offset + n].view(t.dtype).view(t.shape))  # .data: no version bump
             offset += n
-
-
-def _comm_device(group) -> torch.device:
-    """Where a broadcast over `group` takes its tensors: the current GPU under NCCL, else the CPU."""
-    if dist.get_backend(group) == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")

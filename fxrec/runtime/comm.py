@@ -39,7 +39,7 @@ from torch import Tensor
 
 __all__ = ["all_to_all", "all_to_all_counts", "reduce_scatter", "all_gather", "all_reduce",
            "world_size", "rank", "default_group", "ProcessGroups", "COMM_KINDS", "register_group", "resolve_group",
-           "groups_for_this_thread", "destroy_groups", "per_default_group", "agree"]
+           "groups_for_this_thread", "destroy_groups", "per_default_group", "agree", "collective_device"]
 
 # The kinds a pass writes into node.meta["fxrec_comm"].
 COMM_KINDS = ("all_to_all", "all_to_all_counts", "reduce_scatter", "all_gather", "all_reduce")
@@ -184,6 +184,14 @@ def rank(group=None) -> int:
     if not _initialised():
         return 0
     return dist.get_rank(resolve_group(group))
+
+
+def collective_device(group=None) -> torch.device:
+    """Where a host-side collective over `group` takes its tensors: the current GPU under NCCL
+    (it moves only CUDA tensors), else the CPU (gloo, or no process group)."""
+    if _initialised() and dist.get_backend(resolve_group(group)) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def _as_splits(splits: Splits, what: str, w: int, op: str = "all_to_all") -> list[int]:

@@ -20,6 +20,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from fxrec.runtime import comm
+
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 __all__ = ["ROW_BLOCK", "COL_BLOCK", "deterministic_init", "gather_full", "shard_from_full", "allocate_shard"]
@@ -165,7 +167,7 @@ def gather_full(shards: list[Piece], num_embeddings: int, embedding_dim: int, dt
     owner = _unique_pieces(metas, n, d)
     layout = _layout(metas, owner)
     sizes = [sum(_area(key) for key, _, _ in sends) for sends in layout]
-    pad, me, device = max(sizes), (dist.get_rank(group) if w > 1 else 0), _comm_device(group)
+    pad, me, device = max(sizes), (dist.get_rank(group) if w > 1 else 0), comm.collective_device(group)
     buf = torch.zeros(pad, dtype=dtype, device=device)
     for key, i, offset in layout[me]:
         buf[offset:offset + _area(key)] = shards[i][2].detach().reshape(-1)
@@ -186,10 +188,3 @@ def gather_full(shards: list[Piece], num_embeddings: int, embedding_dim: int, dt
         for ((r0, r1), (c0, c1)), _, offset in sends:
             full[r0:r1, c0:c1] = flats[rank][offset:offset + _area(((r0, r1), (c0, c1)))].view(r1 - r0, c1 - c0)
     return full
-
-
-def _comm_device(group) -> torch.device:
-    # NCCL moves only CUDA tensors; gloo moves CPU tensors.
-    if dist.is_available() and dist.is_initialized() and dist.get_backend(group) == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
