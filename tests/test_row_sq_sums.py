@@ -166,3 +166,19 @@ def test_bag_sums_against_a_loop(dtype, weighted, d):
     got = _bag_sums(G, rows, scale, offsets, lists, B)
     assert got.dtype == acc and got.is_contiguous()
     assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("bags_of_one", [0.0, 1.0], ids=["repeated_rows", "bags_of_one"])
+def test_half_gradients_are_summed_in_fp32(dtype, bags_of_one):
+    """A fp16 / bf16 table's repeated rows are summed in fp32, as the kernels sum them: the
+    sums equal those of the same gradient values held in fp32 (summed in bf16, a row's column
+    shards ended with accumulators up to 7e-3 apart)."""
+    g = torch.Generator().manual_seed(3)
+    layout, grad, ids, offsets, psw = _problem(g, True, [8, 8], rows=3, batch=64, weighted=True)
+    half = grad.to(dtype)
+    got = row_sq_sums(layout, half, ids, offsets, psw, [0, 1], bags_of_one).sums
+    want = row_sq_sums(layout, half.float(), ids, offsets, psw, [0, 1], bags_of_one).sums
+    for t in (0, 1):
+        assert torch.equal(got[t][0], want[t][0])
+        assert_close(got[t][1], want[t][1], rtol=1e-5, atol=1e-6)
