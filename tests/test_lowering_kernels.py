@@ -579,16 +579,18 @@ _BWD_ROWS_SIG = {"weights_ptr": "*bf16", "momentum_ptr": "*fp32", "exp_avg_ptr":
                  "OPT": "constexpr", "HAS_SEL": "constexpr", "ROWS": "constexpr", "BLOCK_D": "constexpr"}
 _POOLED_SIG = {"weights_ptr": "*fp16", "w_offsets_ptr": "*i64", "d_offsets_ptr": "*i32", "is_mean_ptr": "*i32",
                "indices_ptr": "*i32", "offsets_ptr": "*i32", "psw_ptr": "*fp32", "out_ptr": "*fp16", "B": "i32",
-               "total_D": "i32", "HAS_PSW": "constexpr", "BLOCK_N": "constexpr", "BLOCK_D": "constexpr"}
+               "total_D": "i32", "rows_ptr": "*i64", "n": "i32", "err_ptr": "*i64", "HAS_PSW": "constexpr",
+               "CHECK": "constexpr", "BLOCK_N": "constexpr", "BLOCK_D": "constexpr"}
 _COMPILE_CASES = {  # case -> (kernel, signature, constexprs)
     **{f"pooled_forward_kernel{suffix}": ("pooled_forward_kernel", _POOLED_SIG,
-                                          {"HAS_PSW": True, "BLOCK_N": n, "BLOCK_D": 128})
-       for suffix, n in (("", 8), ("_n32", 32))},
-    "unpooled_forward_kernel": ("unpooled_forward_kernel",
-                                {"weights_ptr": "*bf16", "w_offsets_ptr": "*i64", "d_offsets_ptr": "*i32",
-                                 "indices_ptr": "*i64", "offsets_ptr": "*i64", "out_offsets_ptr": "*i64",
-                                 "out_ptr": "*bf16", "B": "i32", "BLOCK_N": "constexpr", "BLOCK_D": "constexpr"},
-                                {"BLOCK_N": 8, "BLOCK_D": 64}),
+                                          {"HAS_PSW": True, "CHECK": check, "BLOCK_N": n, "BLOCK_D": 128})
+       for suffix, n, check in (("", 8, True), ("_unchecked", 8, False), ("_n32", 32, True))},
+    **{f"unpooled_forward_kernel{'' if check else '_unchecked'}": (
+        "unpooled_forward_kernel",
+        {"weights_ptr": "*bf16", "w_offsets_ptr": "*i64", "d_offsets_ptr": "*i32", "indices_ptr": "*i64",
+         "offsets_ptr": "*i64", "out_offsets_ptr": "*i64", "out_ptr": "*bf16", "B": "i32", "rows_ptr": "*i64",
+         "n": "i32", "err_ptr": "*i64", "CHECK": "constexpr", "BLOCK_N": "constexpr", "BLOCK_D": "constexpr"},
+        {"CHECK": check, "BLOCK_N": 8, "BLOCK_D": 64}) for check in (True, False)},
     "backward_sgd": ("backward_update_kernel", _BWD_SIG, {"OPT": 0, "BLOCK_N": 8, "BLOCK_D": 64}),
     "backward_rowwise_adagrad": ("backward_update_kernel", _BWD_SIG, {"OPT": 1, "BLOCK_N": 8, "BLOCK_D": 64}),
     "backward_adam": ("backward_update_kernel", _BWD_SIG, {"OPT": 2, "BLOCK_N": 8, "BLOCK_D": 64}),

@@ -245,21 +245,23 @@ def test_other_qparams_formats_are_refused():
 
 _COMMON_SIG = {"weights_ptr": "*u8", "w_offsets_ptr": "*i64", "row_bytes_ptr": "*i64", "tys_ptr": "*u8",
                "d_offsets_ptr": "*i32"}
+_CHECK_SIG = {"rows_ptr": "*i64", "n": "i32", "err_ptr": "*i64", "CHECK": "constexpr"}  # the bounds check
 _COMPILE_CASES = {  # case -> (kernel, signature, constexprs)
     "pooled_i32_psw_bf16": ("quant_pooled_forward_kernel",
                             {**_COMMON_SIG, "is_mean_ptr": "*i32", "indices_ptr": "*i32", "offsets_ptr": "*i32",
-                             "psw_ptr": "*fp32", "out_ptr": "*bf16", "B": "i32", "total_D": "i32",
+                             "psw_ptr": "*fp32", "out_ptr": "*bf16", "B": "i32", "total_D": "i32", **_CHECK_SIG,
                              "HAS_PSW": "constexpr", "BLOCK_N": "constexpr", "BLOCK_D": "constexpr"},
-                            {"HAS_PSW": True, "BLOCK_N": 32, "BLOCK_D": 128}),
-    "pooled_i64_fp32": ("quant_pooled_forward_kernel",
-                        {**_COMMON_SIG, "is_mean_ptr": "*i32", "indices_ptr": "*i64", "offsets_ptr": "*i64",
-                         "psw_ptr": "*u8", "out_ptr": "*fp32", "B": "i32", "total_D": "i32",
-                         "HAS_PSW": "constexpr", "BLOCK_N": "constexpr", "BLOCK_D": "constexpr"},
-                        {"HAS_PSW": False, "BLOCK_N": 8, "BLOCK_D": 16}),
-    "unpooled_fp16": ("quant_unpooled_forward_kernel",
-                      {**_COMMON_SIG, "indices_ptr": "*i64", "offsets_ptr": "*i32", "out_offsets_ptr": "*i64",
-                       "out_ptr": "*fp16", "B": "i32", "BLOCK_N": "constexpr", "BLOCK_D": "constexpr"},
-                      {"BLOCK_N": 8, "BLOCK_D": 64}),
+                            {"HAS_PSW": True, "CHECK": True, "BLOCK_N": 32, "BLOCK_D": 128}),
+    "pooled_i64_fp32_unchecked": ("quant_pooled_forward_kernel",
+                                  {**_COMMON_SIG, "is_mean_ptr": "*i32", "indices_ptr": "*i64", "offsets_ptr": "*i64",
+                                   "psw_ptr": "*u8", "out_ptr": "*fp32", "B": "i32", "total_D": "i32", **_CHECK_SIG,
+                                   "HAS_PSW": "constexpr", "BLOCK_N": "constexpr", "BLOCK_D": "constexpr"},
+                                  {"HAS_PSW": False, "CHECK": False, "BLOCK_N": 8, "BLOCK_D": 16}),
+    **{f"unpooled_fp16{'' if check else '_unchecked'}": (
+        "quant_unpooled_forward_kernel",
+        {**_COMMON_SIG, "indices_ptr": "*i64", "offsets_ptr": "*i32", "out_offsets_ptr": "*i64",
+         "out_ptr": "*fp16", "B": "i32", **_CHECK_SIG, "BLOCK_N": "constexpr", "BLOCK_D": "constexpr"},
+        {"CHECK": check, "BLOCK_N": 8, "BLOCK_D": 64}) for check in (True, False)},
 }
 
 

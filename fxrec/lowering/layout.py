@@ -234,6 +234,43 @@ def _check_values(layout: TBELayout, indices: Tensor, offsets: Tensor, B: int) -
                              f"[0, {layout.rows[t]})")
 
 
+# An in-kernel check's fault record (kernels.py's CHECK): int64 [2], the smallest position of
+# a bad id and the smallest bag with unsound offsets, each left at NO_FAULT when none.
+NO_FAULT = 1 << 62
+
+
+def fault_record(device) -> Tensor:
+    """A fresh record for a kernel that checks its ids as it loads them."""
+    return torch.full((2,), NO_FAULT, dtype=torch.int64, device=device)
+
+
+def raise_if_flagged(record: Tensor, layout: TBELayout, indices: Tensor, offsets: Tensor) -> None:
+    """Read a kernel's fault record (one host sync); if it flagged anything, raise the error
+    `check_inputs` raises for this batch, naming the table and id (the full check runs only
+    then, so its message is the one every kernel gives)."""
+    bad_id, bad_bag = record.tolist()
+    if bad_id == NO_FAULT and bad_bag == NO_FAULT:
+        return
+    _check_values(layout, indices, offsets.long(), layout.batch_size(offsets))
+    raise RuntimeError(f"fxrec: a kernel flagged id position {bad_id} / bag {bad_bag} of this batch, which "
+                       "the host check passes; please report this with the batch")
+
+
+def unchecked_batch(layout: TBELayout, indices: Tensor, offsets: Tensor) -> None:
+    """check_inputs' value checks, for a checking kernel's wrapper that launches nothing
+    (an empty batch)."""
+    _check_values(layout, indices, offsets.long(), layout.batch_size(offsets))
+
+
+def check_offsets(layout: TBELayout, indices: Tensor, offsets: Tensor, stats: list) -> None:
+    """Raise check_inputs' error when ``stats`` (the host values of ``offsets[::B]`` then the
+    count of decreasing steps, read by the caller in a sync it makes anyway) show unsound
+    offsets; the ids are left to the kernel."""
+    first, last, decreasing = stats[0], stats[-2], stats[-1]
+    if first != 0 or last != indices.numel() or decreasing:
+        _check_values(layout, indices, offsets.long(), layout.batch_size(offsets))
+
+
 def _runs_in_range(layout: TBELayout, indices: Tensor, offsets: Tensor, B: int) -> bool:
     """True when every id lies in its table's range, by one aminmax per run of equal-row
     tables (`TBELayout.equal_row_runs`). The offsets are already known to be sound, so

@@ -134,14 +134,18 @@ class QuantizedEmbeddingBags(nn.Module):
                 **_unused) -> Tensor:
         """Pooled: ``B x sum(dims)`` in `output_dtype`; unpooled: the flat layout (layout.py)."""
         check_devices(self.weights.device, indices=indices, offsets=offsets, per_sample_weights=per_sample_weights)
-        check_inputs(self.layout, indices, offsets, per_sample_weights, self.bounds_check)
+        check_inputs(self.layout, indices, offsets, per_sample_weights, False)  # shapes and dtypes
         if self.layout.device != self.weights.device:  # the module was moved with .to()
             self.layout = self.layout.to(self.weights.device)
         impl = self._select(indices.dtype, per_sample_weights is not None)
+        # a kernel that checks the ids as it loads them (Triton's) is asked to; others are checked first
+        in_kernel = self.bounds_check and getattr(impl, "checks_ids", False)
+        check_inputs(self.layout, indices, offsets, per_sample_weights, self.bounds_check and not in_kernel)
+        kw = {"check_ids": True} if in_kernel else {}
         with torch.no_grad():
             if self.layout.pooled:
-                return impl(self.weights, self.layout, indices, offsets, per_sample_weights, self.output_dtype)
-            return impl(self.weights, self.layout, indices, offsets, self.output_dtype)
+                return impl(self.weights, self.layout, indices, offsets, per_sample_weights, self.output_dtype, **kw)
+            return impl(self.weights, self.layout, indices, offsets, self.output_dtype, **kw)
 
     # -- tables --------------------------------------------------------------------------
     def split_weights(self) -> list[Tensor]:

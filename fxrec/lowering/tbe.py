@@ -111,7 +111,8 @@ class FusedEmbeddingBags(nn.Module):
     means the weights are never updated (per-sample weights still get gradients).
     kernel: force "triton", "fbgemm" or "torch" (else FXREC_KERNEL, else the registry's
     first acceptable kernel); a forced kernel that cannot serve raises NoKernelError.
-    bounds_check: validate ids and offsets on every call (one host sync).
+    bounds_check: validate ids and offsets on every call (one host sync; Triton's kernels check
+    the ids as they load them).
     deterministic: bit-identical updates run to run (also on when
     torch.are_deterministic_algorithms_enabled()).
 
@@ -205,9 +206,10 @@ class FusedEmbeddingBags(nn.Module):
         update_hook: ``hook(self, grad_output, indices, offsets, per_sample_weights)`` called in
         backward instead of the fused update (it may call `update` itself)."""
         check_devices(self.weights.device, indices=indices, offsets=offsets, per_sample_weights=per_sample_weights)
-        check_inputs(self.layout, indices, offsets, per_sample_weights, self.bounds_check)
         if self.layout.device != self.weights.device:  # the module was moved with .to()
             self.layout = self.layout.to(self.weights.device)
+        check_inputs(self.layout, indices, offsets, per_sample_weights,
+                     self.bounds_check and not self._kernel_checks(indices, per_sample_weights))
         psw_grad = per_sample_weights is not None and per_sample_weights.requires_grad
         if torch.is_grad_enabled() and (self.optimizer is not None or psw_grad or update_hook is not None):
             anchor = self._anchor if anchor is None else anchor
@@ -216,11 +218,20 @@ class FusedEmbeddingBags(nn.Module):
             return _FusedLookup.apply(anchor, per_sample_weights, self, indices, offsets, update_hook)
         return self._lookup(indices, offsets, per_sample_weights)
 
+    def _kernel_checks(self, indices: Tensor, psw: Optional[Tensor]) -> bool:
+        """True when the lookup's kernel checks the ids as it loads them (its impl's
+        `checks_ids`: Triton's), so that `check_inputs` leaves the values to it: on a GPU a
+        separate check read every id again and cost about as much as the lookup."""
+        if indices.dtype not in (torch.int32, torch.int64) or indices.device.type == "meta":
+            return False  # check_inputs names the bad dtype; nothing runs on meta
+        return getattr(self._select(self._lookup_op, indices.dtype, psw is not None), "checks_ids", False)
+
     def _lookup(self, indices: Tensor, offsets: Tensor, psw: Optional[Tensor]) -> Tensor:
         impl = self._select(self._lookup_op, indices.dtype, psw is not None)
+        kw = {"check_ids": True} if self.bounds_check and getattr(impl, "checks_ids", False) else {}
         if self.layout.pooled:
-            return impl(self.weights, self.layout, indices, offsets, psw)
-        return impl(self.weights, self.layout, indices, offsets)
+            return impl(self.weights, self.layout, indices, offsets, psw, **kw)
+        return impl(self.weights, self.layout, indices, offsets, **kw)
 
     def update_after_backward(self, grad_output: Tensor, indices: Tensor, offsets: Tensor,
                               psw: Optional[Tensor]) -> None:

@@ -10,6 +10,15 @@ The fused backward has two update kernels with the same formulas: `backward_upda
 `backward_update_kernel` (one unique row per program; ops' config rows=0, kept so benchmarks
 can compare the two).
 
+Bounds check (CHECK, a constexpr: off, the kernels are unchanged): the lookup kernels check
+the ids they load against their table's rows (`rows_ptr`) and never load a row for a bad
+one; the pooled kernels also check each bag's offsets and clamp its range into the ids, so
+unsound offsets cannot send a load outside them. Faults go to a two-entry int64 record,
+by atomic_min, so each entry ends as the smallest: ``err[0]`` the position of a bad id,
+``err[1]`` a bag with unsound offsets. The wrapper reads the record once after the launch
+(`layout.raise_if_flagged`): the check costs no pass over the ids of its own, where a
+separate check read them again (on an H200, 0.5 ms of a 0.6-1.1 ms lookup).
+
 This module must be imported after TRITON_INTERPRET is set if the kernels are to run
 on the CPU: `triton.jit` decides at decoration time whether to interpret.
 """
@@ -34,6 +43,36 @@ def bag_of_program(d_offsets_ptr, offsets_ptr, B, BLOCK_D: tl.constexpr):
 
 
 @triton.jit
+def check_bag(err_ptr, bag, start, end, n):
+    """A bag's id range (start, end), clamped to 0 <= start <= end <= n (n ids in all); a bag
+    whose offsets are unsound (bag 0 does not start at 0, the last bag does not end at n, or
+    it ends before it starts) is recorded in err[1]."""
+    last = bag == tl.num_programs(0) - 1
+    bad = (start > end) | (start < 0) | (end > n) | ((bag == 0) & (start != 0)) | (last & (end != n))
+    if bad:
+        tl.atomic_min(err_ptr + 1, bag.to(tl.int64))
+    start = tl.minimum(tl.maximum(start, 0), n)
+    end = tl.minimum(tl.maximum(end, start), n)
+    return start, end
+
+
+@triton.jit
+def check_ids(ids, pos, nmask, n_rows, first_bad):
+    """(the mask of the ids that may be loaded, first_bad lowered to the positions of the ids
+    outside [0, n_rows))."""
+    bad = nmask & ((ids < 0) | (ids >= n_rows))
+    return nmask & ~bad, tl.minimum(first_bad, tl.where(bad, pos, first_bad))
+
+
+@triton.jit
+def record_first_bad(err_ptr, first_bad, n):
+    """err[0] lowered to the smallest position in first_bad (n: none there)."""
+    lo = tl.min(first_bad, axis=0)
+    if lo < n:
+        tl.atomic_min(err_ptr, lo)
+
+
+@triton.jit
 def store_bag(acc, is_mean_ptr, out_ptr, t, b, d0, start, end, cols, cmask, total_D):
     """Store bag (t, b)'s fp32 sums `acc` (divided by its length where table t pools by
     mean) at its columns of the B x total_D output, rounded once to the output's dtype."""
@@ -47,22 +86,31 @@ def store_bag(acc, is_mean_ptr, out_ptr, t, b, d0, start, end, cols, cmask, tota
 
 @triton.jit
 def pooled_forward_kernel(weights_ptr, w_offsets_ptr, d_offsets_ptr, is_mean_ptr,
-                          indices_ptr, offsets_ptr, psw_ptr, out_ptr, B, total_D,
-                          HAS_PSW: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+                          indices_ptr, offsets_ptr, psw_ptr, out_ptr, B, total_D, rows_ptr, n, err_ptr,
+                          HAS_PSW: tl.constexpr, CHECK: tl.constexpr, BLOCK_N: tl.constexpr,
+                          BLOCK_D: tl.constexpr):
     """Grid (T*B, cdiv(max_D, BLOCK_D)): program (bag, dblk) pools bag = t*B + b."""
     t, b, d0, D, start, end, cols, cmask = bag_of_program(d_offsets_ptr, offsets_ptr, B, BLOCK_D)
+    first_bad = tl.zeros([BLOCK_N], dtype=tl.int64) + n
+    if CHECK:
+        start, end = check_bag(err_ptr, tl.program_id(0), start, end, n)
+        n_rows = tl.load(rows_ptr + t)
     w_base = tl.load(w_offsets_ptr + t)
     acc = tl.zeros([BLOCK_D], dtype=tl.float32)
     for i in range(start, end, BLOCK_N):
         pos = i + tl.arange(0, BLOCK_N)
         nmask = pos < end
         ids = tl.load(indices_ptr + pos, mask=nmask, other=0).to(tl.int64)
+        if CHECK:
+            nmask, first_bad = check_ids(ids, pos, nmask, n_rows, first_bad)
         ptrs = weights_ptr + w_base + ids[:, None] * D + cols[None, :]
         rows = tl.load(ptrs, mask=nmask[:, None] & cmask[None, :], other=0.0).to(tl.float32)
         if HAS_PSW:
             s = tl.load(psw_ptr + pos, mask=nmask, other=0.0).to(tl.float32)
             rows = rows * s[:, None]
         acc += tl.sum(rows, axis=0)
+    if CHECK:
+        record_first_bad(err_ptr, first_bad, n)
     store_bag(acc, is_mean_ptr, out_ptr, t, b, d0, start, end, cols, cmask, total_D)
 
 
@@ -83,13 +131,18 @@ def block_of_program(d_offsets_ptr, offsets_ptr, B, BLOCK_N: tl.constexpr, BLOCK
 
 @triton.jit
 def unpooled_forward_kernel(weights_ptr, w_offsets_ptr, d_offsets_ptr, indices_ptr, offsets_ptr,
-                            out_offsets_ptr, out_ptr, B,
-                            BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Grid (T, cdiv(max N_t, BLOCK_N), cdiv(max_D, BLOCK_D)): copies table t's rows to its block."""
+                            out_offsets_ptr, out_ptr, B, rows_ptr, n, err_ptr,
+                            CHECK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Grid (T, cdiv(max N_t, BLOCK_N), cdiv(max_D, BLOCK_D)): copies table t's rows to its block.
+    The wrapper checks the offsets before the launch; CHECK checks the ids."""
     t, D, local, pos, nmask, cols, cmask = block_of_program(d_offsets_ptr, offsets_ptr, B, BLOCK_N, BLOCK_D)
     w_base = tl.load(w_offsets_ptr + t)
-    mask = nmask[:, None] & cmask[None, :]
     ids = tl.load(indices_ptr + pos, mask=nmask, other=0).to(tl.int64)
+    if CHECK:
+        first_bad = tl.zeros([BLOCK_N], dtype=tl.int64) + n
+        nmask, first_bad = check_ids(ids, pos, nmask, tl.load(rows_ptr + t), first_bad)
+        record_first_bad(err_ptr, first_bad, n)
+    mask = nmask[:, None] & cmask[None, :]
     rows = tl.load(weights_ptr + w_base + ids[:, None] * D + cols[None, :], mask=mask, other=0.0)
     out_base = tl.load(out_offsets_ptr + t)
     tl.store(out_ptr + out_base + local[:, None] * D + cols[None, :], rows, mask=mask)

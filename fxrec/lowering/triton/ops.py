@@ -41,7 +41,7 @@ import torch
 import triton
 from torch import Tensor
 
-from ..layout import TBELayout
+from ..layout import TBELayout, check_offsets, fault_record, raise_if_flagged, unchecked_batch
 from ..sparse_update import adam_row_scalars, sort_occurrences
 from . import kernels
 
@@ -115,32 +115,62 @@ def _launch_config(op: str, config: Optional[dict], **defaults) -> dict:
 
 
 def pooled_forward(weights: Tensor, layout: TBELayout, indices: Tensor, offsets: Tensor,
-                   per_sample_weights: Optional[Tensor] = None, *, config: Optional[dict] = None) -> Tensor:
+                   per_sample_weights: Optional[Tensor] = None, *, config: Optional[dict] = None,
+                   check_ids: bool = False) -> Tensor:
+    """check_ids: check the ids and offsets in the kernel (kernels.py) and raise check_inputs'
+    error after it; one host sync."""
     B = layout.batch_size(offsets)
     cfg = _launch_config("pooled_forward", config, block_n=_POOLED_BLOCK_N, num_warps=_POOLED_NUM_WARPS)
     out = torch.empty(B, layout.total_D, dtype=weights.dtype, device=weights.device)
     if B == 0:
+        if check_ids:
+            unchecked_batch(layout, indices, offsets)
         return out
     dev = weights.device
     block_d = _block_d(layout.max_D, _FWD_MAX_BLOCK_D)
     psw = per_sample_weights if per_sample_weights is not None else weights  # unread when absent
+    record = fault_record(dev) if check_ids else out  # unread unless checking
     grid = (layout.num_tables * B, triton.cdiv(layout.max_D, block_d))
     kernels.pooled_forward_kernel[grid](
         weights, layout.weights_offsets.to(dev), layout.D_offsets.to(dev), layout.is_mean.to(dev),
-        indices, offsets, psw, out, B, layout.total_D,
-        HAS_PSW=per_sample_weights is not None, BLOCK_N=cfg["block_n"], BLOCK_D=block_d,
+        indices, offsets, psw, out, B, layout.total_D, layout.rows_t.to(dev), indices.numel(), record,
+        HAS_PSW=per_sample_weights is not None, CHECK=check_ids, BLOCK_N=cfg["block_n"], BLOCK_D=block_d,
         num_warps=cfg["num_warps"])
+    if check_ids:
+        raise_if_flagged(record, layout, indices, offsets)
     return out
 
 
+pooled_forward.checks_ids = True  # FusedEmbeddingBags passes check_ids instead of checking first
+
+
+def table_counts(layout: TBELayout, indices: Tensor, offsets: Tensor, check_ids: bool) -> list[int]:
+    """Each table's number of ids (one host sync, which an unpooled launch needs for its grid
+    and output); with check_ids also check_inputs' offset checks, read in the same sync."""
+    B = layout.batch_size(offsets)
+    T = layout.num_tables
+    if B == 0:
+        if check_ids:
+            unchecked_batch(layout, indices, offsets)
+        return [0] * T
+    bounds = offsets[::B]
+    if check_ids:
+        stats = torch.cat([bounds.long(), (offsets[1:] < offsets[:-1]).sum().view(1)]).tolist()
+        check_offsets(layout, indices, offsets, stats)
+        bounds = stats[:-1]
+    else:
+        bounds = bounds.tolist()
+    return [e - s for s, e in zip(bounds[:-1], bounds[1:])]
+
+
 def unpooled_forward(weights: Tensor, layout: TBELayout, indices: Tensor, offsets: Tensor, *,
-                     config: Optional[dict] = None) -> Tensor:
+                     config: Optional[dict] = None, check_ids: bool = False) -> Tensor:
+    """check_ids: as pooled_forward's (the offsets are checked before the launch)."""
     B = layout.batch_size(offsets)
     T = layout.num_tables
     cfg = _launch_config("unpooled_forward", config, block_n=_fwd_block_n(indices.numel(), T),
                          num_warps=_NUM_WARPS)
-    bounds = offsets[::B].tolist() if B > 0 else [0] * (T + 1)  # one sync: the output's size
-    counts = [e - s for s, e in zip(bounds[:-1], bounds[1:])]
+    counts = table_counts(layout, indices, offsets, check_ids)
     out_off = [0]
     for n, d in zip(counts, layout.dims):
         out_off.append(out_off[-1] + n * d)
@@ -149,12 +179,18 @@ def unpooled_forward(weights: Tensor, layout: TBELayout, indices: Tensor, offset
         return out
     dev = weights.device
     block_d = _block_d(layout.max_D, _FWD_MAX_BLOCK_D)
+    record = fault_record(dev) if check_ids else out  # unread unless checking
     grid = (T, triton.cdiv(max(counts), cfg["block_n"]), triton.cdiv(layout.max_D, block_d))
     kernels.unpooled_forward_kernel[grid](
         weights, layout.weights_offsets.to(dev), layout.D_offsets.to(dev), indices, offsets,
-        torch.tensor(out_off, dtype=torch.int64, device=dev), out, B,
-        BLOCK_N=cfg["block_n"], BLOCK_D=block_d, num_warps=cfg["num_warps"])
+        torch.tensor(out_off, dtype=torch.int64, device=dev), out, B, layout.rows_t.to(dev), indices.numel(),
+        record, CHECK=check_ids, BLOCK_N=cfg["block_n"], BLOCK_D=block_d, num_warps=cfg["num_warps"])
+    if check_ids:
+        raise_if_flagged(record, layout, indices, offsets)
     return out
+
+
+unpooled_forward.checks_ids = True
 
 
 def backward_update(weights: Tensor, state: dict[str, Tensor], layout: TBELayout, optimizer,
