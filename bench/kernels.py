@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fxrec.lowering import FusedEmbeddingBags, NoKernelError, TBELayout, check_inputs, select
+from fxrec.lowering.sparse_update import sort_occurrences
 from fxrec.optim import SGD, RowWiseAdagrad
 from fxrec.types import TableInfo
 
@@ -384,6 +385,9 @@ def sweep(device, bw: float, small: bool = False) -> None:
             continue
         grad = torch.randn(s.B, s.T * s.D, device=device, dtype=s.dtype)
         unique = touched_rows(s, ids)
+        # the update's first part, in torch: where the time goes that the kernel configs cannot win
+        t_sort = timeit(lambda: sort_occurrences(m.layout, ids, offsets), device)
+        print(f"  of every update below: the occurrence sort (sparse_update.sort_occurrences, torch) {t_sort * 1e3:.3f} ms")
         for opt in (fxrec_optimizer("sgd"), fxrec_optimizer("adagrad")):
             floor = update_bytes(s, unique, opt) / bw
             print(f"  fused {opt.name} update alone: {unique:,} touched rows, floor {floor * 1e3:.3f} ms")
