@@ -145,6 +145,32 @@ def test_triton_checks_ids_in_the_kernel(kind, monkeypatch):
     assert len(calls) == 1
 
 
+@pytest.mark.skipif(not CHILD, reason="runs in test_triton_interpreter_suite's child")
+@pytest.mark.parametrize("kind", ["pooled", "mean"])
+def test_triton_multi_bag_kernel_checks_the_same(kind, monkeypatch):
+    """The pooled kernel of several bags per program (config bags, for the GPU sweep) checks as
+    the one-bag kernel does: the same errors, and valid batches' outputs unchanged."""
+    from fxrec.lowering.triton import kernels, ops
+
+    class NotLaunched:
+        def __getitem__(self, grid):
+            raise AssertionError("the one-bag kernel ran")
+
+    monkeypatch.setattr(ops, "_POOLED_BAGS", 4)
+    monkeypatch.setattr(kernels, "pooled_forward_kernel", NotLaunched())
+    for ids, offsets, match in CASES:
+        m = MODULES[kind]("triton", True)
+        args = torch.tensor(ids, dtype=torch.int64), torch.tensor(offsets)
+        if match is not None:
+            with pytest.raises(ValueError, match=match):
+                m(*args)
+            continue
+        want = MODULES[kind]("torch", False)
+        want.load_state_dict(m.state_dict())
+        with torch.no_grad():
+            torch.testing.assert_close(m(*args), want(*args))
+
+
 def test_triton_interpreter_suite():
     """This file's tests for kernel "triton", in a child pytest under TRITON_INTERPRET=1."""
     if CHILD:

@@ -485,20 +485,35 @@ def test_triton_is_not_picked_on_cpu_unless_requested():
     assert select("pooled_forward", kernel="triton", **prob)[0] == "triton"
 
 
+FWD_CONFIGS = {  # id -> (op, config, pooling)
+    "pooled_block_n32": ("pooled_forward", {"block_n": 32, "num_warps": 2}, "sum"),
+    "unpooled_block_n32": ("unpooled_forward", {"block_n": 32, "num_warps": 2}, "none"),
+    # several bags per program: B=4 bags per table, so programs span two tables, and the last
+    # program of bags=8 is part empty (3 tables x 4 bags)
+    "pooled_bags2_mean": ("pooled_forward", {"bags": 2, "block_n": 4}, "mean"),
+    "pooled_bags8": ("pooled_forward", {"bags": 8, "block_n": 8, "num_warps": 4}, "sum"),
+    "pooled_bags4_mean": ("pooled_forward", {"bags": 4, "block_n": 2}, "mean"),
+}
+
+
 @only_in_triton_child
-@pytest.mark.parametrize("op", ["pooled_forward", "unpooled_forward"])
-def test_triton_forward_config(op, gen):
-    """A launch config other than the heuristic's (benchmarks sweep these) computes the same."""
+@pytest.mark.parametrize("case", list(FWD_CONFIGS))
+def test_triton_forward_config(case, gen):
+    """A launch config other than the heuristic's (benchmarks sweep these) computes the same;
+    the multi-bag kernel, bit for bit what the one-bag kernel computes with the same block_n."""
     from fxrec.lowering.triton import ops
+    op, config, pooling = FWD_CONFIGS[case]
     pooled = op == "pooled_forward"
-    tables = make_tables((4, 12, 33), ("sum" if pooled else "none",) * 3, gen)
+    tables = make_tables((4, 12, 33), (pooling,) * 3, gen)
     weights = flat_weights(tables, torch.float32, gen)
     layout, flat = pack(tables, weights)
     indices, offsets, psw = make_batch(tables, torch.int64, pooled, gen)
-    config = {"block_n": 32, "num_warps": 2}
     out = (ops.pooled_forward(flat, layout, indices, offsets, psw, config=config) if pooled
            else ops.unpooled_forward(flat, layout, indices, offsets, config=config))
     torch.testing.assert_close(out, ref_lookup(tables, weights, indices, offsets, psw))
+    if "bags" in config:
+        one = ops.pooled_forward(flat, layout, indices, offsets, psw, config={"block_n": config["block_n"]})
+        assert torch.equal(out, one)
 
 
 BAD_CONFIGS = {  # id -> (op, config, error)
@@ -507,6 +522,8 @@ BAD_CONFIGS = {  # id -> (op, config, error)
     "backward_unknown": ("backward_update", {"warps": 4}, "backward_update: unknown config key 'warps'"),
     "block_n_not_pow2": ("pooled_forward", {"block_n": 12}, "config block_n=12 must be a power of two"),
     "rows_negative": ("backward_update", {"rows": -1}, r"config rows=-1 must be a power of two or 0"),
+    "bags_not_pow2": ("pooled_forward", {"bags": 3}, "config bags=3 must be a power of two"),
+    "unpooled_bags": ("unpooled_forward", {"bags": 2}, "unpooled_forward: unknown config key 'bags'"),
 }
 
 
@@ -585,6 +602,10 @@ _COMPILE_CASES = {  # case -> (kernel, signature, constexprs)
     **{f"pooled_forward_kernel{suffix}": ("pooled_forward_kernel", _POOLED_SIG,
                                           {"HAS_PSW": True, "CHECK": check, "BLOCK_N": n, "BLOCK_D": 128})
        for suffix, n, check in (("", 8, True), ("_unchecked", 8, False), ("_n32", 32, True))},
+    **{f"pooled_forward_bags{bags}{'' if check else '_unchecked'}": (
+        "pooled_forward_bags_kernel", {**_POOLED_SIG, "num_bags": "i32", "BAGS": "constexpr"},
+        {"HAS_PSW": check, "CHECK": check, "BAGS": bags, "BLOCK_N": 8, "BLOCK_D": 64})
+       for bags, check in ((4, True), (8, False), (2, True))},
     **{f"unpooled_forward_kernel{'' if check else '_unchecked'}": (
         "unpooled_forward_kernel",
         {"weights_ptr": "*bf16", "w_offsets_ptr": "*i64", "d_offsets_ptr": "*i32", "indices_ptr": "*i64",

@@ -115,6 +115,61 @@ def pooled_forward_kernel(weights_ptr, w_offsets_ptr, d_offsets_ptr, is_mean_ptr
 
 
 @triton.jit
+def pooled_forward_bags_kernel(weights_ptr, w_offsets_ptr, d_offsets_ptr, is_mean_ptr,
+                               indices_ptr, offsets_ptr, psw_ptr, out_ptr, B, total_D, num_bags,
+                               rows_ptr, n, err_ptr, HAS_PSW: tl.constexpr, CHECK: tl.constexpr,
+                               BAGS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Grid (cdiv(T*B, BAGS), cdiv(max_D, BLOCK_D)): program p pools bags p*BAGS ... p*BAGS+BAGS-1
+    (bag = t*B + b) at once: their offsets, then their ids, then their rows are loaded together,
+    a [BAGS, BLOCK_N, BLOCK_D] tile per step, so one program has BAGS bags' loads in flight where
+    `pooled_forward_kernel` waits on one bag's chain of dependent loads (offsets, ids, rows). The
+    same sums, in the same order per bag. CHECK as `pooled_forward_kernel`'s."""
+    bag = tl.program_id(0) * BAGS + tl.arange(0, BAGS)
+    bmask = bag < num_bags
+    t = tl.where(bmask, bag // B, 0)
+    b = bag - t * B
+    d0 = tl.load(d_offsets_ptr + t)
+    D = tl.load(d_offsets_ptr + t + 1) - d0
+    start = tl.load(offsets_ptr + bag, mask=bmask, other=0).to(tl.int64)
+    end = tl.load(offsets_ptr + bag + 1, mask=bmask, other=0).to(tl.int64)
+    if CHECK:
+        last = bag == num_bags - 1
+        bad = bmask & ((start > end) | (start < 0) | (end > n) | ((bag == 0) & (start != 0)) | (last & (end != n)))
+        first = tl.min(tl.where(bad, bag, num_bags), axis=0)
+        if first < num_bags:
+            tl.atomic_min(err_ptr + 1, first.to(tl.int64))
+        start = tl.minimum(tl.maximum(start, 0), n)
+        end = tl.minimum(tl.maximum(end, start), n)
+        n_rows = tl.load(rows_ptr + t)
+    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    cmask = (cols[None, :] < D[:, None]) & bmask[:, None]  # [BAGS, BLOCK_D]
+    w_base = tl.load(w_offsets_ptr + t)
+    first_bad = tl.zeros([BAGS, BLOCK_N], dtype=tl.int64) + n
+    acc = tl.zeros([BAGS, BLOCK_D], dtype=tl.float32)
+    longest = tl.max(end - start, axis=0)
+    for i in range(0, longest, BLOCK_N):
+        pos = start[:, None] + i + tl.arange(0, BLOCK_N)[None, :]  # [BAGS, BLOCK_N]
+        nmask = pos < end[:, None]
+        ids = tl.load(indices_ptr + pos, mask=nmask, other=0).to(tl.int64)
+        if CHECK:
+            nmask, first_bad = check_ids(ids, pos, nmask, n_rows[:, None], first_bad)
+        ptrs = weights_ptr + (w_base[:, None] + ids * D[:, None])[:, :, None] + cols[None, None, :]
+        rows = tl.load(ptrs, mask=nmask[:, :, None] & cmask[:, None, :], other=0.0).to(tl.float32)
+        if HAS_PSW:
+            s = tl.load(psw_ptr + pos, mask=nmask, other=0.0).to(tl.float32)
+            rows = rows * s[:, :, None]
+        acc += tl.sum(rows, axis=1)
+    if CHECK:
+        record_first_bad(err_ptr, tl.reshape(first_bad, [BAGS * BLOCK_N]), n)
+    length = (end - start).to(tl.float32)
+    is_mean = tl.load(is_mean_ptr + t)
+    # mean of an empty bag stays 0, as in F.embedding_bag
+    acc = tl.where(((is_mean != 0) & (length > 0))[:, None], acc / tl.maximum(length, 1.0)[:, None], acc)
+    out = out_ptr + (b.to(tl.int64) * total_D + d0)[:, None] + cols[None, :]
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=cmask)
+
+
+@triton.jit
 def block_of_program(d_offsets_ptr, offsets_ptr, B, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """An unpooled kernel's program of grid (T, cdiv(max N_t, BLOCK_N), cdiv(max_D, BLOCK_D)):
     (t, D = its dim, local = its ids' positions within table t's, pos = their positions in

@@ -28,9 +28,10 @@ hot rows. The one-row kernel (config rows=0) chunks every row once any row has m
 
 `config` (keyword-only, for benchmarks such as bench/kernels.py; registry calls pass none,
 so the defaults apply) overrides launch choices: `block_n` (ids per step: forward loops,
-the backward's chunk sums and the one-row kernel), `num_warps` (every launch of the op), and
-for the backward `rows` (unique rows per program; 0 selects the one-row kernel). Values are
-powers of two (or rows=0); an unknown key raises ValueError naming it.
+the backward's chunk sums and the one-row kernel), `num_warps` (every launch of the op), for
+the pooled forward `bags` (bags per program), and for the backward `rows` (unique rows per
+program; 0 selects the one-row kernel). Values are powers of two (or rows=0); an unknown key
+raises ValueError naming it.
 """
 from __future__ import annotations
 
@@ -49,6 +50,9 @@ _OPT_CODE = {"sgd": 0, "rowwise_adagrad": 1, "adam": 2}
 _FWD_BLOCK_N = (8, 32)  # ids per step of the unpooled forward: the mean per table, clamped to this range
 _POOLED_BLOCK_N = 8  # ids per step of the pooled forward, and its warps (module doc)
 _POOLED_NUM_WARPS = 2
+# Bags per program: 1 is `pooled_forward_kernel`; more, `pooled_forward_bags_kernel`, which loads
+# several bags' ids and rows together (config bags=; not yet timed on a GPU, so not the default).
+_POOLED_BAGS = 1
 _BWD_BLOCK_N = 8  # occurrences reduced per step of a chunk sum / of the one-row kernel's loop
 _NUM_WARPS = 4  # triton's default
 _FWD_MAX_BLOCK_D = 128
@@ -120,7 +124,8 @@ def pooled_forward(weights: Tensor, layout: TBELayout, indices: Tensor, offsets:
     """check_ids: check the ids and offsets in the kernel (kernels.py) and raise check_inputs'
     error after it; one host sync."""
     B = layout.batch_size(offsets)
-    cfg = _launch_config("pooled_forward", config, block_n=_POOLED_BLOCK_N, num_warps=_POOLED_NUM_WARPS)
+    cfg = _launch_config("pooled_forward", config, block_n=_POOLED_BLOCK_N, num_warps=_POOLED_NUM_WARPS,
+                         bags=_POOLED_BAGS)
     out = torch.empty(B, layout.total_D, dtype=weights.dtype, device=weights.device)
     if B == 0:
         if check_ids:
@@ -130,12 +135,17 @@ def pooled_forward(weights: Tensor, layout: TBELayout, indices: Tensor, offsets:
     block_d = _block_d(layout.max_D, _FWD_MAX_BLOCK_D)
     psw = per_sample_weights if per_sample_weights is not None else weights  # unread when absent
     record = fault_record(dev) if check_ids else out  # unread unless checking
-    grid = (layout.num_tables * B, triton.cdiv(layout.max_D, block_d))
-    kernels.pooled_forward_kernel[grid](
-        weights, layout.weights_offsets.to(dev), layout.D_offsets.to(dev), layout.is_mean.to(dev),
-        indices, offsets, psw, out, B, layout.total_D, layout.rows_t.to(dev), indices.numel(), record,
-        HAS_PSW=per_sample_weights is not None, CHECK=check_ids, BLOCK_N=cfg["block_n"], BLOCK_D=block_d,
-        num_warps=cfg["num_warps"])
+    head = (weights, layout.weights_offsets.to(dev), layout.D_offsets.to(dev), layout.is_mean.to(dev),
+            indices, offsets, psw, out, B, layout.total_D)
+    tail = (layout.rows_t.to(dev), indices.numel(), record)
+    common = dict(HAS_PSW=per_sample_weights is not None, CHECK=check_ids, BLOCK_N=cfg["block_n"], BLOCK_D=block_d,
+                  num_warps=cfg["num_warps"])
+    bags, num_bags = cfg["bags"], layout.num_tables * B
+    if bags == 1:
+        kernels.pooled_forward_kernel[(num_bags, triton.cdiv(layout.max_D, block_d))](*head, *tail, **common)
+    else:
+        kernels.pooled_forward_bags_kernel[(triton.cdiv(num_bags, bags), triton.cdiv(layout.max_D, block_d))](
+            *head, num_bags, *tail, BAGS=bags, **common)
     if check_ids:
         raise_if_flagged(record, layout, indices, offsets)
     return out
