@@ -32,13 +32,16 @@ def tables(pooling: str) -> list[TableInfo]:
     return [TableInfo(n, r, 4, pooling=pooling) for n, r in ROWS]
 
 
-MODULES = {  # kind -> module builder (kernel, bounds_check)
-    "pooled": lambda k, check: FusedEmbeddingBags(tables("sum"), optimizer=SGD(0.1), kernel=k, bounds_check=check),
-    "mean": lambda k, check: FusedEmbeddingBags(tables("mean"), kernel=k, bounds_check=check),
-    "unpooled": lambda k, check: FusedEmbeddingBags(tables("none"), optimizer=SGD(0.1), kernel=k,
-                                                    bounds_check=check),
-    "quant_pooled": lambda k, check: QuantizedEmbeddingBags(tables("sum"), "int8", kernel=k, bounds_check=check),
-    "quant_unpooled": lambda k, check: QuantizedEmbeddingBags(tables("none"), "int4", kernel=k, bounds_check=check),
+MODULES = {  # kind -> module builder (kernel, bounds_check, device)
+    "pooled": lambda k, check, dev="cpu": FusedEmbeddingBags(tables("sum"), optimizer=SGD(0.1), kernel=k,
+                                                            bounds_check=check, device=dev),
+    "mean": lambda k, check, dev="cpu": FusedEmbeddingBags(tables("mean"), kernel=k, bounds_check=check, device=dev),
+    "unpooled": lambda k, check, dev="cpu": FusedEmbeddingBags(tables("none"), optimizer=SGD(0.1), kernel=k,
+                                                              bounds_check=check, device=dev),
+    "quant_pooled": lambda k, check, dev="cpu": QuantizedEmbeddingBags(tables("sum"), "int8", kernel=k,
+                                                                      bounds_check=check, device=dev),
+    "quant_unpooled": lambda k, check, dev="cpu": QuantizedEmbeddingBags(tables("none"), "int4", kernel=k,
+                                                                        bounds_check=check, device=dev),
 }
 
 
@@ -171,11 +174,38 @@ def test_triton_multi_bag_kernel_checks_the_same(kind, monkeypatch):
             torch.testing.assert_close(m(*args), want(*args))
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("kind", list(MODULES))
+def test_gpu_kernels_check_in_the_kernel(kind, monkeypatch):
+    """The compiled kernels (the interpreter does not run the GPU compiler): the table's errors
+    from the in-kernel check, valid batches as the torch kernel computes them, and the host
+    check run only for a bad batch's message."""
+    calls = []
+    check = layout_mod._check_values
+    monkeypatch.setattr(layout_mod, "_check_values", lambda *a: (calls.append(a), check(*a)))
+    m = MODULES[kind](None, True, "cuda")
+    for ids, offsets, match in CASES:
+        args = torch.tensor(ids, dtype=torch.int64, device="cuda"), torch.tensor(offsets, device="cuda")
+        if match is not None:
+            before = len(calls)
+            with pytest.raises(ValueError, match=match):
+                m(*args)
+            assert len(calls) == before + 1
+            continue
+        want = MODULES[kind]("torch", False, "cuda")  # the same layout (quantized rows align on a GPU)
+        want.load_state_dict(m.state_dict())
+        with torch.no_grad():
+            torch.testing.assert_close(m(*args), want(*args))
+    assert set(m.kernels.values()) == {"triton"}
+    assert len(calls) == sum(match is not None for _, _, match in CASES)
+
+
 def test_triton_interpreter_suite():
     """This file's tests for kernel "triton", in a child pytest under TRITON_INTERPRET=1."""
     if CHILD:
         return  # we are the child
     pytest.importorskip("triton")
-    status, out, tail = run_interpreter_child(__file__, "interpreter_suite")
+    status, out, tail = run_interpreter_child(__file__, "interpreter_suite or gpu")
     assert status == 0, tail
     assert " passed" in out and "failed" not in out and "skipped" not in out, tail
