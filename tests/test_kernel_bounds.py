@@ -195,10 +195,12 @@ def test_gpu_kernels_check_in_the_kernel(kind, monkeypatch):
             continue
         unchecked = MODULES[kind](None, False, "cuda")  # the same kernel, row format and tables
         unchecked.load_state_dict(m.state_dict())
+        before = len(calls)
         with torch.no_grad():
             torch.testing.assert_close(m(*args), unchecked(*args), rtol=0, atol=0)
+        if ids:  # (a batch without ids launches nothing: its offsets are checked on the host)
+            assert len(calls) == before
     assert set(m.kernels.values()) == {"triton"}
-    assert len(calls) == sum(match is not None for _, _, match in CASES)
 
 
 def test_triton_interpreter_suite():
