@@ -256,9 +256,9 @@ def raise_if_flagged(record: Tensor, layout: TBELayout, indices: Tensor, offsets
                        "the host check passes; please report this with the batch")
 
 
-def unchecked_batch(layout: TBELayout, indices: Tensor, offsets: Tensor) -> None:
-    """check_inputs' value checks, for a checking kernel's wrapper that launches nothing
-    (an empty batch)."""
+def check_on_host(layout: TBELayout, indices: Tensor, offsets: Tensor) -> None:
+    """check_inputs' value checks, on the host: for a checking kernel's wrapper that launches
+    nothing (a batch without bags or ids), whose offsets no kernel then sees."""
     _check_values(layout, indices, offsets.long(), layout.batch_size(offsets))
 
 

@@ -42,7 +42,7 @@ import torch
 import triton
 from torch import Tensor
 
-from ..layout import TBELayout, check_offsets, fault_record, raise_if_flagged, unchecked_batch
+from ..layout import TBELayout, check_offsets, check_on_host, fault_record, raise_if_flagged
 from ..sparse_update import adam_row_scalars, sort_occurrences
 from . import kernels
 
@@ -129,7 +129,7 @@ def pooled_forward(weights: Tensor, layout: TBELayout, indices: Tensor, offsets:
     out = torch.empty(B, layout.total_D, dtype=weights.dtype, device=weights.device)
     if B == 0:
         if check_ids:
-            unchecked_batch(layout, indices, offsets)
+            check_on_host(layout, indices, offsets)
         return out
     dev = weights.device
     block_d = _block_d(layout.max_D, _FWD_MAX_BLOCK_D)
@@ -161,7 +161,7 @@ def table_counts(layout: TBELayout, indices: Tensor, offsets: Tensor, check_ids:
     T = layout.num_tables
     if B == 0:
         if check_ids:
-            unchecked_batch(layout, indices, offsets)
+            check_on_host(layout, indices, offsets)
         return [0] * T
     bounds = offsets[::B]
     if check_ids:

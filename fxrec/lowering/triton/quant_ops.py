@@ -17,7 +17,7 @@ import torch
 import triton
 from torch import Tensor
 
-from ..layout import fault_record, raise_if_flagged, unchecked_batch
+from ..layout import check_on_host, fault_record, raise_if_flagged
 from ..quant import QuantLayout
 from . import quant_kernels
 from .ops import _FWD_MAX_BLOCK_D, _NUM_WARPS, _block_d, _fwd_block_n, table_counts
@@ -50,7 +50,7 @@ def quant_pooled_forward(weights: Tensor, layout: QuantLayout, indices: Tensor, 
     dev = weights.device
     if B == 0 or indices.numel() == 0:  # every bag empty: zeros, without a launch
         if check_ids:
-            unchecked_batch(layout, indices, offsets)
+            check_on_host(layout, indices, offsets)
         return torch.zeros(B, layout.total_D, dtype=output_dtype, device=dev)
     out = torch.empty(B, layout.total_D, dtype=output_dtype, device=dev)
     block_d = _block_d(layout.max_D, _FWD_MAX_BLOCK_D)
