@@ -45,12 +45,18 @@ CASES = [(None, None), ("id_high", ID_RANGE), ("id_negative", ID_RANGE), ("negat
          ("sum", LENGTHS_SUM)]
 
 
+# Slots of one table size share one min/max of their joined ids (`_all_fine`): sizes all
+# different, and sizes shared by slots far apart
+ROWS = {"distinct": [5, 1000, 17, 3, 64, 2, 9], "shared": [17, 5, 17, 1000, 5, 17, 9]}
+
+
 @pytest.mark.parametrize("plant, kind", CASES)
 @pytest.mark.parametrize("batch", [1, 8])
-def test_all_slots_at_once_finds_what_slot_by_slot_finds(plant, kind, batch):
+@pytest.mark.parametrize("sizes", list(ROWS))
+def test_all_slots_at_once_finds_what_slot_by_slot_finds(plant, kind, batch, sizes):
     batch = max(batch, 2) if plant == "negative_length" else batch  # moving ids between bags needs two
-    rows = [5, 1000, 17, 3, 64, 2, 9]
-    for seed in range(6):
+    rows = ROWS[sizes]
+    for seed in range(len(rows)):
         g = torch.Generator().manual_seed(seed)
         slots, inputs = _slots(rows), _inputs(g, rows, batch)
         bad = seed % len(rows)
@@ -77,3 +83,5 @@ def test_int32_lengths_empty_batches_and_bagless_ids():
     assert find_fault(slots, inputs) == InputFault(ID_RANGE, 2, 10, 1)
     empty = [SlotInput(torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=torch.int64)) for _ in slots]
     assert find_fault(slots, empty) is None
+    empty[1] = SlotInput(torch.tensor([4]), torch.zeros(0, dtype=torch.int64))  # an id, and no bag to hold it
+    assert find_fault(slots, empty) == InputFault(LENGTHS_SUM, 1, 0, 1)

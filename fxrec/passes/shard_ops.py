@@ -17,6 +17,8 @@ passes no gradient to it. Such a read is never folded into a bag (detect_embeddi
 """
 from __future__ import annotations
 
+import itertools
+
 from dataclasses import dataclass
 from typing import Any, ClassVar, Optional, Sequence
 
@@ -309,27 +311,42 @@ def find_fault(slots: Sequence[SlotSpec], inputs: list[SlotInput]) -> Optional[I
 
 def _all_fine(slots: Sequence[SlotSpec], inputs: list[SlotInput], given: list) -> bool:
     """Every slot's ids in range and bag lengths non-negative and summing to its ids, in a few
-    ops over all slots at once and one host sync (per slot it was five small ops each)."""
-    counts = [inp.values.numel() for inp in inputs]
+    ops over all slots at once and one host sync (per slot it was five small ops each).
+
+    Ids: one min/max per group of slots sharing a table size (the slots' ids joined first when
+    there are several), not a per-id bound tensor and two comparisons over it: a KeyedJaggedTensor
+    of 26 features, 213k ids, took 0.57 ms per check that way on one CPU thread, 12% of a forward
+    of its lookups. Lengths: their sums per slot from one cumulative sum, read at the slots'
+    boundaries."""
     device = inputs[0].values.device
-    flags = []
-    if any(counts):
-        ids = torch.cat([inp.values for inp in inputs])  # (1-D int64, as GatherInputs makes them)
-        limits = torch.tensor([s.num_embeddings for s in slots], device=device)
-        bound = limits.repeat_interleave(torch.tensor(counts, device=device), output_size=ids.numel())
-        flags.append(((ids < 0) | (ids >= bound)).any())
+    stats = []  # int64 scalars: each group's min id, max id minus its bound; then the length checks
+    by_limit: dict[int, list[Tensor]] = {}
+    for slot, inp in zip(slots, inputs):
+        if inp.values.numel():
+            by_limit.setdefault(slot.num_embeddings, []).append(inp.values)
+    for limit, parts in by_limit.items():
+        lo, hi = torch.aminmax(parts[0] if len(parts) == 1 else torch.cat(parts))
+        stats += [lo.long(), hi.long() - limit]
+    groups = len(stats)
     with_lengths = [k for k, g in enumerate(given) if g[0] is not None]  # (ids without bags: nothing to sum)
     if with_lengths:
         parts = [given[k][0] for k in with_lengths]
-        lengths = torch.cat(parts)
-        sizes = torch.tensor([len(p) for p in parts], device=device)
-        slot_of = torch.arange(len(with_lengths), device=device).repeat_interleave(sizes, output_size=lengths.numel())
-        totals = torch.zeros(len(with_lengths), dtype=lengths.dtype, device=device).index_add_(0, slot_of, lengths)
-        want = torch.tensor([given[k][1] for k in with_lengths], device=device)
-        flags.append((totals != want).any())
+        lengths = torch.cat(parts) if len(parts) > 1 else parts[0]
         if lengths.numel():
-            flags.append(lengths.min() < 0)
-    return not any(torch.stack(flags).tolist()) if flags else True
+            cum = torch.cat([lengths.new_zeros(1, dtype=torch.int64), lengths.cumsum(0, dtype=torch.int64)])
+            bounds = torch.tensor(list(itertools.accumulate((len(p) for p in parts), initial=0)), device=device)
+            edges = cum.index_select(0, bounds)
+            totals = edges[1:] - edges[:-1]
+            want = torch.tensor([given[k][1] for k in with_lengths], device=device)
+            stats += [(totals != want).any().long(), lengths.min().long()]
+        elif any(given[k][1] for k in with_lengths):  # no bags, yet ids: sums of 0 against them
+            return False
+    if not stats:
+        return True
+    flat = torch.stack(stats).tolist()
+    if any(flat[i] < 0 or flat[i + 1] >= 0 for i in range(0, groups, 2)):
+        return False
+    return len(flat) == groups or (not flat[groups] and flat[groups + 1] >= 0)
 
 
 def _first_fault(slots: Sequence[SlotSpec], inputs: list[SlotInput], given: list) -> Optional[InputFault]:
