@@ -250,14 +250,18 @@ def backward_update_kernel(weights_ptr, momentum_ptr, exp_avg_ptr, exp_avg_sq_pt
     cmask = cols < D
     s0 = tl.load(seg_ptr + u)
     s1 = tl.load(seg_ptr + u + 1)
-    g = _sum_occurrences(src_off_ptr, scale_ptr, grad_ptr, s0, s1, cols, cmask, BLOCK_N, BLOCK_D)
+    # the row (and its accumulator) are read before the gradient loop: its loads do not depend
+    # on the gradient, so they are in flight while it is summed (the row is this program's alone)
     elem = tl.load(w_offsets_ptr + t) + row * D + cols
     w = tl.load(weights_ptr + elem, mask=cmask, other=0.0).to(tl.float32)
+    if OPT == 1:
+        grow = tl.load(hash_cumsum_ptr + t) + row
+        mom = tl.load(momentum_ptr + grow)
+    g = _sum_occurrences(src_off_ptr, scale_ptr, grad_ptr, s0, s1, cols, cmask, BLOCK_N, BLOCK_D)
     if OPT == 0:
         w = w - lr * g
     elif OPT == 1:
-        grow = tl.load(hash_cumsum_ptr + t) + row
-        mom = tl.load(momentum_ptr + grow) + tl.sum(g * g, axis=0) / D.to(tl.float32)
+        mom = mom + tl.sum(g * g, axis=0) / D.to(tl.float32)
         tl.store(momentum_ptr + grow, mom)
         w = w - (lr / (tl.sqrt_rn(mom) + eps)) * g
     else:
@@ -319,6 +323,12 @@ def backward_update_rows_kernel(weights_ptr, momentum_ptr, exp_avg_ptr, exp_avg_
     mask = cols[None, :] < D[:, None]
     s0 = tl.load(start_ptr + h, mask=hmask, other=0)
     count = tl.load(end_ptr + h, mask=hmask, other=0) - s0
+    # the rows (and accumulators) are read before the gradient loop, as in backward_update_kernel
+    elem = (tl.load(w_offsets_ptr + t, mask=hmask, other=0) + row * D)[:, None] + cols[None, :]
+    w = tl.load(weights_ptr + elem, mask=mask, other=0.0).to(tl.float32)
+    if OPT == 1:
+        grow = tl.load(hash_cumsum_ptr + t, mask=hmask, other=0) + row
+        mom = tl.load(momentum_ptr + grow, mask=hmask, other=0.0)
     g = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
     for j in range(0, tl.max(count, axis=0)):
         has = count > j  # rows with a j-th entry
@@ -326,15 +336,11 @@ def backward_update_rows_kernel(weights_ptr, momentum_ptr, exp_avg_ptr, exp_avg_
         sc = tl.load(scale_ptr + s0 + j, mask=has, other=0.0)
         occ = tl.load(grad_ptr + src[:, None] + cols[None, :], mask=has[:, None] & mask, other=0.0)
         g += occ.to(tl.float32) * sc[:, None]
-    elem = (tl.load(w_offsets_ptr + t, mask=hmask, other=0) + row * D)[:, None] + cols[None, :]
-    w = tl.load(weights_ptr + elem, mask=mask, other=0.0).to(tl.float32)
     if OPT == 0:
         w = w - lr * g
     elif OPT == 1:
-        grow = tl.load(hash_cumsum_ptr + t, mask=hmask, other=0) + row
         # masked cols of g are 0: the mean is over the row's own D (max(D, 1): no 0/0 past H)
-        mom = tl.load(momentum_ptr + grow, mask=hmask, other=0.0) \
-            + tl.sum(g * g, axis=1) / tl.maximum(D, 1).to(tl.float32)
+        mom = mom + tl.sum(g * g, axis=1) / tl.maximum(D, 1).to(tl.float32)
         tl.store(momentum_ptr + grow, mom, mask=hmask)
         w = w - (lr / (tl.sqrt_rn(mom) + eps))[:, None] * g
     else:
