@@ -132,6 +132,30 @@ def test_a_rejected_training_batch_updates_nothing(kernel, kind, gen):
     assert not torch.equal(m.weights, before)
 
 
+def strided(x: torch.Tensor, junk: int) -> torch.Tensor:
+    """x's values as a strided view (every other element of a buffer holding `junk` between)."""
+    buf = torch.full((2 * x.numel(),), junk, dtype=x.dtype)
+    buf[::2] = x
+    return buf[::2]
+
+
+@pytest.mark.parametrize("kernel,kind", [(k, kind) for k in KERNELS_UNDER_TEST for kind in MODULES
+                                         if serving(k, kind)])
+def test_strided_inputs_are_read_as_their_values(kernel, kind, gen):
+    """Ids, offsets and per-sample weights that are strided views (a column of a 2-D batch) give
+    what their packed copies give: Triton's kernels read raw memory, and took the junk between."""
+    m = MODULES[kind](kernel, True)
+    ids, offsets, _, _ = random_batch(kind, gen)
+    ids = ids.clamp(0, 4).long()
+    pooled = kind in ("pooled", "mean", "quant_pooled")
+    psw = torch.rand(ids.numel(), generator=gen) if pooled else None
+    args = (ids, offsets, psw) if pooled else (ids, offsets)
+    views = (strided(ids, 10 ** 6), strided(offsets, 7), strided(psw, 100.0)) if pooled else \
+        (strided(ids, 10 ** 6), strided(offsets, 7))
+    with torch.no_grad():
+        torch.testing.assert_close(m(*views), m(*args), rtol=0, atol=0)
+
+
 @pytest.mark.skipif(not CHILD, reason="runs in test_triton_interpreter_suite's child")
 @pytest.mark.parametrize("kind", list(MODULES))
 def test_triton_checks_ids_in_the_kernel(kind, monkeypatch):

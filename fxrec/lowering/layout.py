@@ -172,6 +172,14 @@ def table_position(names: Sequence[str], name: str) -> int:
     return list(names).index(name)
 
 
+def packed(*tensors: Optional[Tensor]) -> tuple:
+    """Ids, offsets, per-sample weights (and weights) as packed arrays, as FBGEMM's ops and
+    fxrec's Triton kernels read them: a strided view (``batch[:, 0]``, ``ids[::2]``) is copied
+    packed (read raw, its ids were the view's base's, silently wrong or a fault); packed tensors
+    pass as they are (a copy keeps autograd to the view). None stays None."""
+    return tuple(None if t is None else t.contiguous() for t in tensors)
+
+
 def check_devices(device: torch.device, **tensors: Optional[Tensor]) -> None:
     """Each given tensor (None: absent) is on `device`, where the tables are."""
     for name, x in tensors.items():

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from fxrec.eager import eager_under_dynamo
 
 from . import registry
-from .layout import check_devices, check_inputs, in_table_order, table_position
+from .layout import check_devices, check_inputs, in_table_order, packed, table_position
 from .quant import QuantLayout, dequantize_rows, quant_type, quantize_rows
 
 __all__ = ["QuantizedEmbeddingBags"]
@@ -134,6 +134,7 @@ class QuantizedEmbeddingBags(nn.Module):
                 **_unused) -> Tensor:
         """Pooled: ``B x sum(dims)`` in `output_dtype`; unpooled: the flat layout (layout.py)."""
         check_devices(self.weights.device, indices=indices, offsets=offsets, per_sample_weights=per_sample_weights)
+        indices, offsets, per_sample_weights = packed(indices, offsets, per_sample_weights)
         check_inputs(self.layout, indices, offsets, per_sample_weights, False)  # shapes and dtypes
         if self.layout.device != self.weights.device:  # the module was moved with .to()
             self.layout = self.layout.to(self.weights.device)

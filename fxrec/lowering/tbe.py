@@ -18,7 +18,7 @@ from fxrec.eager import eager_under_dynamo
 from fxrec.optim import OPTIMIZERS
 
 from . import registry
-from .layout import TBELayout, check_devices, check_inputs, in_table_order, table_position
+from .layout import TBELayout, check_devices, check_inputs, in_table_order, packed, table_position
 from .sparse_update import ROW_STATE, init_state, merge_calls
 from .torch_ref import per_sample_weights_grad
 
@@ -206,6 +206,7 @@ class FusedEmbeddingBags(nn.Module):
         update_hook: ``hook(self, grad_output, indices, offsets, per_sample_weights)`` called in
         backward instead of the fused update (it may call `update` itself)."""
         check_devices(self.weights.device, indices=indices, offsets=offsets, per_sample_weights=per_sample_weights)
+        indices, offsets, per_sample_weights = packed(indices, offsets, per_sample_weights)
         if self.layout.device != self.weights.device:  # the module was moved with .to()
             self.layout = self.layout.to(self.weights.device)
         check_inputs(self.layout, indices, offsets, per_sample_weights,
@@ -247,6 +248,7 @@ class FusedEmbeddingBags(nn.Module):
 
     def update(self, grad_output: Tensor, indices: Tensor, offsets: Tensor, psw: Optional[Tensor]) -> None:
         """The fused backward + optimizer update of the rows `indices` touched, in place."""
+        grad_output, indices, offsets, psw = packed(grad_output, indices, offsets, psw)
         impl = self._select("backward_update", indices.dtype, psw is not None)
         impl(self.weights, self.optimizer_state(), self.layout, self.optimizer, grad_output,
              indices, offsets, psw, self._is_deterministic())

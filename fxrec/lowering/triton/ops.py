@@ -42,7 +42,7 @@ import torch
 import triton
 from torch import Tensor
 
-from ..layout import TBELayout, check_offsets, check_on_host, fault_record, raise_if_flagged
+from ..layout import TBELayout, check_offsets, check_on_host, fault_record, packed, raise_if_flagged
 from ..sparse_update import adam_row_scalars, sort_occurrences
 from . import kernels
 
@@ -123,6 +123,7 @@ def pooled_forward(weights: Tensor, layout: TBELayout, indices: Tensor, offsets:
                    check_ids: bool = False) -> Tensor:
     """check_ids: check the ids and offsets in the kernel (kernels.py) and raise check_inputs'
     error after it; one host sync."""
+    weights, indices, offsets, per_sample_weights = packed(weights, indices, offsets, per_sample_weights)
     B = layout.batch_size(offsets)
     cfg = _launch_config("pooled_forward", config, block_n=_POOLED_BLOCK_N, num_warps=_POOLED_NUM_WARPS,
                          bags=_POOLED_BAGS)
@@ -176,6 +177,7 @@ def table_counts(layout: TBELayout, indices: Tensor, offsets: Tensor, check_ids:
 def unpooled_forward(weights: Tensor, layout: TBELayout, indices: Tensor, offsets: Tensor, *,
                      config: Optional[dict] = None, check_ids: bool = False) -> Tensor:
     """check_ids: as pooled_forward's (the offsets are checked before the launch)."""
+    weights, indices, offsets = packed(weights, indices, offsets)
     B = layout.batch_size(offsets)
     T = layout.num_tables
     cfg = _launch_config("unpooled_forward", config, block_n=_fwd_block_n(indices.numel(), T),

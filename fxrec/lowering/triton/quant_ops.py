@@ -17,7 +17,7 @@ import torch
 import triton
 from torch import Tensor
 
-from ..layout import check_on_host, fault_record, raise_if_flagged
+from ..layout import check_on_host, fault_record, packed, raise_if_flagged
 from ..quant import QuantLayout
 from . import quant_kernels
 from .ops import _FWD_MAX_BLOCK_D, _NUM_WARPS, _block_d, _fwd_block_n, table_counts
@@ -46,6 +46,7 @@ def quant_pooled_forward(weights: Tensor, layout: QuantLayout, indices: Tensor, 
     """check_ids: check the ids and offsets in the kernel and raise check_inputs' error after
     it (one host sync), as ops.pooled_forward."""
     _check_format(layout)
+    weights, indices, offsets, per_sample_weights = packed(weights, indices, offsets, per_sample_weights)
     B = layout.batch_size(offsets)
     dev = weights.device
     if B == 0 or indices.numel() == 0:  # every bag empty: zeros, without a launch
@@ -75,6 +76,7 @@ def quant_unpooled_forward(weights: Tensor, layout: QuantLayout, indices: Tensor
                            output_dtype: torch.dtype = torch.float32, *, check_ids: bool = False) -> Tensor:
     """check_ids: as quant_pooled_forward's (the offsets are checked before the launch)."""
     _check_format(layout)
+    weights, indices, offsets = packed(weights, indices, offsets)
     B = layout.batch_size(offsets)
     T = layout.num_tables
     dev = weights.device
