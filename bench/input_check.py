@@ -67,7 +67,7 @@ def main() -> None:
     lengths = torch.poisson(torch.full((T * B,), 4.0)).long()
     per = lengths.view(T, B).sum(1).tolist()
     values = torch.cat([torch.randint(0, r, (n,)) for r, n in zip(rows, per)])
-    kjt = KeyedJaggedTensor([f"f{t}" for t in range(T)], values, lengths)
+    kjt = KeyedJaggedTensor([f"f{t}" for t in range(T)], values, lengths=lengths)
     sharded = fxrec.shard(Model(configs), fxrec.Topology(world_size=1), (kjt,))
     seen = {}
     check = dist_lookup.find_fault

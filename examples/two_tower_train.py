@@ -96,7 +96,8 @@ def evaluate(model: TwoTower, test: TwoTowerBatches, num_items: int, k: int = K)
     model.eval()
     with torch.no_grad():
         # Every item's candidate embedding, once: the candidate tower over all item ids.
-        items = KeyedJaggedTensor(["item_id"], torch.arange(num_items), torch.ones(num_items, dtype=torch.int32))
+        items = KeyedJaggedTensor(["item_id"], torch.arange(num_items),
+                                  lengths=torch.ones(num_items, dtype=torch.int32))
         _, item_emb = model(_features(_empty_queries(num_items), items))
         item_emb = torch.nn.functional.normalize(item_emb, dim=-1)
         for query, candidate in test:
@@ -111,7 +112,7 @@ def evaluate(model: TwoTower, test: TwoTowerBatches, num_items: int, k: int = K)
 def _empty_queries(n: int) -> KeyedJaggedTensor:
     """n query samples with no ids at all: the collection reads every feature in one
     call, and the candidate tower's output does not depend on them."""
-    return KeyedJaggedTensor(QUERY, torch.zeros(0, dtype=torch.long), torch.zeros(2 * n, dtype=torch.int32))
+    return KeyedJaggedTensor(QUERY, torch.zeros(0, dtype=torch.long), lengths=torch.zeros(2 * n, dtype=torch.int32))
 
 
 def main(argv=None) -> dict[str, float]:

@@ -50,15 +50,21 @@ def _unknown_key(key, keys) -> KeyError:
 
 
 # ------------------------------------------------------------------ JaggedTensor
+# A positional call in another order (lengths third) reaches the constructor as weights only
+_ORDER_HINT = "; the third positional argument is weights, as in TorchRec: {call}, or pass lengths=..."
+
+
 class JaggedTensor:
     """One feature's bags. ``values[offsets[i]:offsets[i+1]]`` is bag i; ``lengths`` and
     ``offsets`` are derived from each other on first use and cached."""
 
-    def __init__(self, values: Tensor, lengths: Optional[Tensor] = None,
-                 offsets: Optional[Tensor] = None, weights: Optional[Tensor] = None,
-                 validate: bool = True):
+    def __init__(self, values: Tensor, weights: Optional[Tensor] = None, lengths: Optional[Tensor] = None,
+                 offsets: Optional[Tensor] = None, validate: bool = True):
+        # TorchRec's argument order (values, weights, lengths, offsets), so that its positional
+        # calls mean the same here
         if lengths is None and offsets is None:
-            raise ValueError("JaggedTensor: give lengths or offsets")
+            raise ValueError("JaggedTensor: give lengths or offsets" + _ORDER_HINT.format(
+                call="JaggedTensor(values, weights, lengths, offsets)") * (weights is not None))
         self._values, self._lengths, self._offsets, self._weights = values, lengths, offsets, weights
         if validate and should_validate(values, lengths, offsets, weights):
             _check_tensors("JaggedTensor", values=values, lengths=lengths, offsets=offsets, weights=weights)
@@ -119,9 +125,9 @@ class JaggedTensor:
         return _pad(self._values, self.lengths(), self.offsets(), desired_length, padding_value)
 
     def to(self, device, non_blocking: bool = False) -> JaggedTensor:
-        return JaggedTensor(self._values.to(device, non_blocking=non_blocking),
+        return JaggedTensor(self._values.to(device, non_blocking=non_blocking), _to(self._weights, device, non_blocking),
                             _to(self._lengths, device, non_blocking), _to(self._offsets, device, non_blocking),
-                            _to(self._weights, device, non_blocking), validate=False)
+                            validate=False)
 
     def device(self) -> torch.device:
         return self._values.device
@@ -129,7 +135,7 @@ class JaggedTensor:
     def __fx_create_arg__(self, tracer):
         # A JT built from Proxies inside a traced forward becomes a constructor call.
         return tracer.create_node("call_function", JaggedTensor, tracer.create_arg(
-            (self._values, self._lengths, self._offsets, self._weights)), {"validate": False})
+            (self._values, self._weights, self._lengths, self._offsets)), {"validate": False})
 
     def __repr__(self) -> str:
         return f"JaggedTensor(values={self._values}, lengths={self.lengths()}, weights={self._weights})"
@@ -156,11 +162,14 @@ class KeyedJaggedTensor:
     has one entry per value.
     """
 
-    def __init__(self, keys: Sequence[str], values: Tensor, lengths: Optional[Tensor] = None,
-                 offsets: Optional[Tensor] = None, weights: Optional[Tensor] = None,
+    def __init__(self, keys: Sequence[str], values: Tensor, weights: Optional[Tensor] = None,
+                 lengths: Optional[Tensor] = None, offsets: Optional[Tensor] = None,
                  stride: Optional[int] = None, validate: bool = True):
+        # TorchRec's argument order (keys, values, weights, lengths, offsets, stride), so that its
+        # positional calls mean the same here
         if lengths is None and offsets is None:
-            raise ValueError("KeyedJaggedTensor: give lengths or offsets")
+            raise ValueError("KeyedJaggedTensor: give lengths or offsets" + _ORDER_HINT.format(
+                call="KeyedJaggedTensor(keys, values, weights, lengths, offsets, stride)") * (weights is not None))
         self._keys = _names("KeyedJaggedTensor", "keys", keys)
         self._values, self._lengths, self._offsets, self._weights = values, lengths, offsets, weights
         self._stride = None if stride is None else _size("KeyedJaggedTensor", "stride", stride)
@@ -225,17 +234,20 @@ class KeyedJaggedTensor:
                                  weights=weights, stride=stride)
 
     @staticmethod
-    def empty(is_weighted: bool = False, device=None, values_dtype=torch.int64,
+    def empty(is_weighted: bool = False, device=None, values_dtype=torch.int64, weights_dtype=None,
               lengths_dtype=torch.int64, stride: int = 0) -> KeyedJaggedTensor:
-        w = torch.empty(0, device=device) if is_weighted else None
+        """No keys (TorchRec's argument order; weights_dtype None: torch's default float)."""
+        w = torch.empty(0, dtype=weights_dtype, device=device) if is_weighted else None
         return KeyedJaggedTensor([], torch.empty(0, dtype=values_dtype, device=device),
                                  lengths=torch.empty(0, dtype=lengths_dtype, device=device),
                                  weights=w, stride=stride)
 
     @staticmethod
     def empty_like(kjt: KeyedJaggedTensor) -> KeyedJaggedTensor:
-        return KeyedJaggedTensor.empty(kjt.weights_or_none() is not None, kjt.device(),
-                                       kjt.values().dtype, kjt.lengths().dtype, kjt.stride())
+        w = kjt.weights_or_none()
+        return KeyedJaggedTensor.empty(w is not None, kjt.device(), values_dtype=kjt.values().dtype,
+                                       weights_dtype=None if w is None else w.dtype,
+                                       lengths_dtype=kjt.lengths().dtype, stride=kjt.stride())
 
     # -- accessors
     def keys(self) -> list[str]:
@@ -384,8 +396,8 @@ class KeyedJaggedTensor:
     # -- devices and streams
     def to(self, device, non_blocking: bool = False) -> KeyedJaggedTensor:
         kjt = KeyedJaggedTensor(self._keys, self._values.to(device, non_blocking=non_blocking),
-                                _to(self._lengths, device, non_blocking), _to(self._offsets, device, non_blocking),
-                                _to(self._weights, device, non_blocking), self._stride, validate=False)
+                                _to(self._weights, device, non_blocking), _to(self._lengths, device, non_blocking),
+                                _to(self._offsets, device, non_blocking), self._stride, validate=False)
         kjt._length_per_key, kjt._offset_per_key = self._length_per_key, self._offset_per_key
         return kjt
 
@@ -395,8 +407,8 @@ class KeyedJaggedTensor:
         if not _pinning_available():
             return self
         pin = lambda t: None if t is None else t.pin_memory()
-        kjt = KeyedJaggedTensor(self._keys, self._values.pin_memory(), pin(self._lengths), pin(self._offsets),
-                                pin(self._weights), self._stride, validate=False)
+        kjt = KeyedJaggedTensor(self._keys, self._values.pin_memory(), pin(self._weights), pin(self._lengths),
+                                pin(self._offsets), self._stride, validate=False)
         kjt._length_per_key, kjt._offset_per_key = self._length_per_key, self._offset_per_key
         return kjt
 
@@ -408,7 +420,7 @@ class KeyedJaggedTensor:
 
     def __fx_create_arg__(self, tracer):
         return tracer.create_node("call_function", KeyedJaggedTensor, tracer.create_arg(
-            (self._keys, self._values, self._lengths, self._offsets, self._weights, self._stride)),
+            (self._keys, self._values, self._weights, self._lengths, self._offsets, self._stride)),
             {"validate": False})
 
     def __repr__(self) -> str:

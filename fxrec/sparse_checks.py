@@ -161,6 +161,9 @@ def _check_jagged(owner, values, lengths, offsets, weights, bag_name) -> None:
         if offsets is not None and (offsets.numel() != lengths.numel() + 1
                                     or not torch.equal(offsets.diff(), lengths.to(offsets.dtype))):
             raise ValueError(f"{owner}: lengths and offsets were both given and disagree")
+    if weights is not None and not weights.is_floating_point():
+        raise TypeError(f"{owner}: weights must be floating point, got {weights.dtype} (the third positional "
+                        f"argument is weights, as in TorchRec; pass lengths=... for bag lengths)")
     if weights is not None and (weights.dim() != 1 or weights.size(0) != n):
         raise ValueError(f"{owner}: weights must be 1-D with one weight per value ({n}), "
                          f"got shape {tuple(weights.shape)}")

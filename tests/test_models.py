@@ -23,7 +23,7 @@ def _batch(gen):
     lengths = torch.randint(0, 4, (len(ROWS), B), generator=gen)
     lengths[0, 0] = 0  # an empty bag
     ids = [torch.randint(0, n, (int(lengths[i].sum()),), generator=gen) for i, n in enumerate(ROWS)]
-    kjt = KeyedJaggedTensor([f"f{i}" for i in range(len(ROWS))], torch.cat(ids), lengths.flatten())
+    kjt = KeyedJaggedTensor([f"f{i}" for i in range(len(ROWS))], torch.cat(ids), lengths=lengths.flatten())
     offsets = [torch.cat([torch.zeros(1, dtype=torch.long), lengths[i].cumsum(0)[:-1]]) for i in range(len(ROWS))]
     dense = torch.randn(B, 4, generator=gen)
     return dense, kjt, offsets, ids
@@ -92,7 +92,8 @@ def test_two_tower_spellings_agree_with_shared_item_table():
     hist_values = torch.cat([history[b, :hist_lengths[b]] for b in range(B)])
     kjt = KeyedJaggedTensor(["user_id", "user_history", "item_id"],
                             torch.cat([user_ids, hist_values, item_ids]),
-                            torch.cat([torch.ones(B, dtype=torch.long), hist_lengths, torch.ones(B, dtype=torch.long)]))
+                            lengths=torch.cat([torch.ones(B, dtype=torch.long), hist_lengths,
+                                               torch.ones(B, dtype=torch.long)]))
     q, c = fx_model(kjt)
     q_ref, c_ref = plain(user_ids, history, hist_lengths, item_ids)
     assert q.shape == c.shape == (B, 8)

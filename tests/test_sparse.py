@@ -473,3 +473,42 @@ def test_type_slips_name_the_argument(make, error, match):
 def test_permute_takes_a_tensor_of_indices():
     kjt, _, _ = random_kjt(["a", "b"], 2)
     assert_kjt_equal(kjt.permute(torch.tensor([1, 0])), kjt.permute([1, 0]))
+
+
+# ---------------------------------------------------------------- TorchRec's argument order
+def test_positional_arguments_follow_torchrecs_order():
+    """TorchRec's positional calls mean the same here: JaggedTensor(values, weights, lengths,
+    offsets), KeyedJaggedTensor(keys, values, weights, lengths, offsets, stride),
+    KeyedJaggedTensor.empty(is_weighted, device, values_dtype, weights_dtype, lengths_dtype)."""
+    values, w, lengths = torch.tensor([10, 11, 12]), torch.tensor([0.5, 1.0, 2.0]), torch.tensor([0, 2, 1, 0])
+    kjt = KeyedJaggedTensor(["a", "b"], values, w, lengths)
+    assert torch.equal(kjt.weights(), w) and torch.equal(kjt.lengths(), lengths) and kjt.stride() == 2
+    by_offsets = KeyedJaggedTensor(["a", "b"], values, None, None, torch.tensor([0, 0, 2, 3, 3]), 2)
+    assert torch.equal(by_offsets.lengths(), lengths) and by_offsets.weights_or_none() is None
+    jt = JaggedTensor(values, w, torch.tensor([2, 1]))
+    assert torch.equal(jt.weights(), w) and jt.to_dense()[1].tolist() == [12]
+    assert JaggedTensor(values, None, None, torch.tensor([0, 3])).lengths().tolist() == [3]
+    empty = KeyedJaggedTensor.empty(True, None, torch.int32, torch.float64, torch.int32)
+    assert (empty.values().dtype, empty.weights().dtype, empty.lengths().dtype) == (torch.int32, torch.float64,
+                                                                                    torch.int32)
+
+
+@pytest.mark.parametrize("make", [
+    lambda: KeyedJaggedTensor(["a", "b"], torch.tensor([1, 2, 3]), torch.tensor([0, 2, 1, 0])),
+    lambda: JaggedTensor(torch.tensor([1, 2, 3]), torch.tensor([2, 1])),
+])
+def test_lengths_given_third_say_the_third_argument_is_weights(make):
+    """fxrec's old order put lengths third: such a call now reaches the constructor as integer
+    weights, without lengths, and says so rather than read them as weights."""
+    with pytest.raises(ValueError, match=r"give lengths or offsets; the third positional argument is weights, "
+                                         r"as in TorchRec: .*, or pass lengths="):
+        make()
+    with pytest.raises(TypeError, match=r"weights must be floating point, got torch.int64 \(the third positional"):
+        KeyedJaggedTensor(["a"], torch.tensor([1, 2]), torch.tensor([1, 1]), lengths=torch.tensor([2]))
+
+
+def test_empty_like_keeps_the_weights_dtype():
+    kjt = KeyedJaggedTensor(["a"], torch.tensor([1, 2]), lengths=torch.tensor([2]),
+                            weights=torch.tensor([1.0, 2.0], dtype=torch.float64))
+    like = KeyedJaggedTensor.empty_like(kjt)
+    assert like.weights().dtype == torch.float64 and like.stride() == 1
