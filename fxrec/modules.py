@@ -216,14 +216,21 @@ class EmbeddingBagCollection(nn.Module):
 
     forward(kjt) returns a KeyedTensor of shape ``batch x sum(dims)`` keyed by feature, in
     table order then each table's ``feature_names`` order. Features of the KJT that no
-    table reads are ignored; a missing one raises KeyError. Per-sample weights are used
-    whenever the KJT carries them. Mean pooling of an empty bag gives zeros; with weights,
-    "mean" is ``sum(w_i * row_i) / number_of_ids`` (the bag's length, not the weights' sum).
+    table reads are ignored; a missing one raises KeyError. Mean pooling of an empty bag gives
+    zeros; with weights, "mean" is ``sum(w_i * row_i) / number_of_ids`` (the bag's length, not
+    the weights' sum).
+
+    is_weighted: as TorchRec's (same position): True, the KJT must carry per-sample weights,
+    which are applied; False, any weights it carries are ignored. None (the default): the
+    weights are applied whenever the KJT carries them.
     """
 
-    def __init__(self, tables: Sequence[EmbeddingBagConfig], device=None):
+    def __init__(self, tables: Sequence[EmbeddingBagConfig], is_weighted: Optional[bool] = None, device=None):
         super().__init__()
         _check_tables("EmbeddingBagCollection", tables, EmbeddingBagConfig)
+        if is_weighted is not None and not isinstance(is_weighted, bool):
+            raise TypeError(f"EmbeddingBagCollection: is_weighted must be True, False or None, got {is_weighted!r}")
+        self._is_weighted = is_weighted
         self._configs = list(tables)
         self.embedding_bags = nn.ModuleDict()
         for cfg in self._configs:
@@ -239,6 +246,14 @@ class EmbeddingBagCollection(nn.Module):
     def embedding_bag_configs(self) -> list[EmbeddingBagConfig]:
         return list(self._configs)
 
+    def is_weighted(self) -> bool:
+        """True when built with is_weighted=True (as TorchRec's method)."""
+        return bool(self._is_weighted)
+
+    def ignores_weights(self) -> bool:
+        """Built with is_weighted=False: the KJT's per-sample weights are not applied."""
+        return self._is_weighted is False
+
     def reset_parameters(self) -> None:
         """Re-initialise every table with its weight_init (or the default uniform)."""
         for cfg in self._configs:
@@ -246,6 +261,9 @@ class EmbeddingBagCollection(nn.Module):
 
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
         _check_input("EmbeddingBagCollection", features)
+        if self._is_weighted and features.weights_or_none() is None:
+            raise ValueError("EmbeddingBagCollection: built with is_weighted=True, but the KeyedJaggedTensor "
+                             "carries no per-sample weights")
         split = _split_under_dynamo(features)
         pooled = []
         for cfg in self._configs:
@@ -260,7 +278,8 @@ class EmbeddingBagCollection(nn.Module):
         return KeyedTensor(self._feature_names, self._dims, torch.cat(pooled, dim=1))
 
     def _pool(self, bag: nn.EmbeddingBag, cfg: EmbeddingBagConfig, feature: str, jt) -> Tensor:
-        ids, offsets, weights = jt.values(), jt.offsets(), jt.weights_or_none()
+        ids, offsets = jt.values(), jt.offsets()
+        weights = None if self._is_weighted is False else jt.weights_or_none()
         if should_validate(ids):
             _check_ids("EmbeddingBagCollection", ids, feature, cfg)
         if isinstance(weights, Tensor) and weights.dtype != cfg.dtype:

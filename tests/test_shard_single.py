@@ -647,3 +647,57 @@ def test_casting_a_sharded_model_is_refused(cast):
     assert sm.cpu() is sm and sm.to("cpu") is sm and sm.float() is sm and sm.to(torch.float32) is sm
     with torch.no_grad():
         assert sm(*batch).dtype == torch.float32
+
+
+@pytest.mark.parametrize("is_weighted", [None, False, True])
+def test_is_weighted_decides_whether_the_sharded_lookup_applies_the_weights(is_weighted):
+    """An EmbeddingBagCollection built with is_weighted=False ignores the per-sample weights a
+    KeyedJaggedTensor carries, as TorchRec's does; sharded, lowered, compiled and trained it
+    ignores them too (None and True apply them)."""
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.ebc = EmbeddingBagCollection([EmbeddingBagConfig("t", 10, 4, ["a"]),
+                                               EmbeddingBagConfig("u", 7, 4, ["b"], pooling="mean")],
+                                              is_weighted=is_weighted)
+
+        def forward(self, kjt):
+            return self.ebc(kjt).values()
+
+    g = torch.Generator().manual_seed(3)
+    lengths = torch.tensor([2, 1, 0, 3])
+    kjt = fxrec.KeyedJaggedTensor(["a", "b"], torch.tensor([1, 2, 3, 4, 5, 6]), lengths=lengths,
+                                  weights=torch.rand(6, generator=g) + 0.5)
+    bare = fxrec.KeyedJaggedTensor(["a", "b"], kjt.values(), lengths=lengths)
+    model = Model()
+    if is_weighted is not True:  # (True refuses a batch without weights: the test below)
+        with torch.no_grad():
+            applied = not torch.equal(model(kjt), model(bare))
+        assert applied == (is_weighted is None)
+    reference = copy.deepcopy(model)
+    lowered = fxrec.lower_for_inference(model, (kjt,), weight_dtype="fp32")
+    from fxrec.lowering.backend import register
+    register()
+    compiled = torch.compile(copy.deepcopy(model), backend="fxrec", options={"dense": "eager"})
+    with torch.no_grad():
+        assert_close(lowered(kjt), reference(kjt))
+        assert_close(compiled(kjt), reference(kjt))
+    sm = shard(model, Topology(1), (kjt,), sparse_optimizer=SGD(0.5))
+    with torch.no_grad():
+        assert_close(sm(kjt), reference(kjt))
+    sm(kjt).sum().backward()  # one step: the weights scale (or not) each id's gradient
+    ref_opt = torch.optim.SGD(reference.parameters(), lr=0.5)
+    reference(kjt).sum().backward()
+    ref_opt.step()
+    for name, want in reference.state_dict().items():
+        assert_close(sm.full_state_dict()[name], want)
+
+
+def test_is_weighted_true_needs_weights_and_is_told_apart():
+    ebc = EmbeddingBagCollection([EmbeddingBagConfig("t", 10, 4, ["a"])], is_weighted=True)
+    assert ebc.is_weighted() and not EmbeddingBagCollection([EmbeddingBagConfig("t", 10, 4, ["a"])]).is_weighted()
+    with pytest.raises(ValueError, match="built with is_weighted=True, but the KeyedJaggedTensor carries no "
+                                         "per-sample weights"):
+        ebc(fxrec.KeyedJaggedTensor(["a"], torch.tensor([1]), lengths=torch.tensor([1])))
+    with pytest.raises(TypeError, match="is_weighted must be True, False or None, got 'yes'"):
+        EmbeddingBagCollection([EmbeddingBagConfig("t", 10, 4, ["a"])], is_weighted="yes")

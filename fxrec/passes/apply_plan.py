@@ -189,7 +189,7 @@ def _node_specs(nodes: list[Node], tables: dict) -> tuple[list[NodeSpec], list[S
                                       info.num_embeddings, info.embedding_dim, bool(lk.weighted) and lk.kind != "ec",
                                       info.dtype))
         specs.append(NodeSpec(n.name, lk.kind, tuple(ks), lk.include_last_offset, lk.padding_idx,
-                              None if lk.pool_node is None else lk.pool_dim + 1))
+                              None if lk.pool_node is None else lk.pool_dim + 1, lk.ignores_weights))
     return specs, slots
 
 

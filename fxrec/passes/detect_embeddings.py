@@ -126,7 +126,9 @@ def _match_module(gm: GraphModule, node: Node, names: dict) -> Optional[_Candida
                                 tuple(c.feature_names)) for o, c in zip(owners, configs))
         weights = [gm.get_submodule(o).weight for o in owners]
         refs = _arg_refs(node, ["features"])
-        return _Candidate(node, Lookup("ebc" if bags else "ec", reads, ids=refs.get("features")), weights)
+        lookup = Lookup("ebc" if bags else "ec", reads, ids=refs.get("features"),
+                        ignores_weights=bags and mod.ignores_weights())
+        return _Candidate(node, lookup, weights)
     is_bag = type(mod).forward is nn.EmbeddingBag.forward and isinstance(mod, nn.EmbeddingBag)
     is_emb = type(mod).forward is nn.Embedding.forward and isinstance(mod, nn.Embedding)
     if not (is_bag or is_emb):
@@ -298,7 +300,7 @@ def _fold(node: Node, ids_ndim: int) -> Optional[tuple[Node, str, int]]:
 def _finish(c: _Candidate) -> None:
     """Fold reductions and turn the sample into per-read (ids, bags) counts."""
     s, lk = c.sample, c.lookup
-    lk.weighted = s["weighted"]
+    lk.weighted = s["weighted"] and not lk.ignores_weights
     if lk.kind == "ebc":
         c.counts = s["per_read"]
     elif lk.kind == "ec":

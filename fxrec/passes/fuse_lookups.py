@@ -123,7 +123,7 @@ def _specs(gm: GraphModule, nodes: list[Node]) -> tuple[list[NodeSpec], list[Slo
                                       info.num_embeddings, info.embedding_dim, bool(lk.weighted) and lk.kind != "ec",
                                       info.dtype))
         specs.append(NodeSpec(n.name, lk.kind, tuple(ks), lk.include_last_offset, lk.padding_idx,
-                              None if lk.pool_node is None else lk.pool_dim + 1))
+                              None if lk.pool_node is None else lk.pool_dim + 1, lk.ignores_weights))
     return specs, slots
 
 

@@ -103,6 +103,7 @@ class Lookup:
     padding_idx: Optional[int] = None
     include_last_offset: bool = False
     weighted: bool = False  # per-sample weights present on the example batch
+    ignores_weights: bool = False  # an EmbeddingBagCollection built with is_weighted=False
     pool_node: Optional[str] = None
     pool_dim: Optional[int] = None
     output_index: Optional[int] = None

@@ -60,6 +60,7 @@ class NodeSpec:
     include_last_offset: bool = False
     padding_idx: Optional[int] = None
     folded: Optional[int] = None  # nn.Embedding folded into its .sum/.mean (pool_node): the ids' ndim
+    ignores_weights: bool = False  # an EmbeddingBagCollection built with is_weighted=False
 
 
 @dataclass
@@ -227,7 +228,7 @@ def _kjt_slot(spec: NodeSpec, slot: SlotSpec, kjt) -> SlotInput:
     values, lengths = _int_ids(jt.values()), jt.lengths().long()
     if spec.kind == "ec":
         return SlotInput(values, shape=(values.numel(),), jt_lengths=jt.lengths())
-    weights = jt.weights_or_none()
+    weights = None if spec.ignores_weights else jt.weights_or_none()
     if weights is not None and slot.dtype is not None and weights.dtype != slot.dtype:
         weights = weights.to(slot.dtype)  # as the unsharded EmbeddingBagCollection casts them
     divisor = lengths.clamp(min=1) if slot.pooling == "mean" else None
