@@ -82,6 +82,8 @@ def _check_config(cfg) -> None:
     # A str or a set is refused (a set's order differs between processes and decides the
     # output columns); ValueError, as for every other bad config field.
     cfg.feature_names = _names(f"table {cfg.name!r}", "feature_names", cfg.feature_names, error=ValueError)
+    if not cfg.feature_names:  # as TorchRec's configs: a table without feature names reads its own name
+        cfg.feature_names = [cfg.name]
     if any(not isinstance(f, str) or not f for f in cfg.feature_names):
         raise ValueError(f"table {cfg.name!r}: feature names must be non-empty strings, got {cfg.feature_names}")
     if len(set(cfg.feature_names)) != len(cfg.feature_names):
@@ -105,8 +107,8 @@ def _check_tables(owner: str, tables: Sequence, config_type: type) -> None:
         # An EmbeddingBagConfig's pooling means nothing to an EmbeddingCollection, and an
         # EmbeddingConfig has none for an EmbeddingBagCollection.
         if not isinstance(cfg, config_type):
-            raise TypeError(f"{owner}: tables must be {config_type.__name__}s, got "
-                            f"{type(cfg).__name__} {getattr(cfg, 'name', cfg)!r}")
+            raise TypeError(f"{owner}: tables must be fxrec.{config_type.__name__}s, got {_type_name(cfg)} "
+                            f"{getattr(cfg, 'name', cfg)!r}{_other_library(cfg, 'fxrec.' + config_type.__name__)}")
         if cfg.name in names:
             raise ValueError(f"{owner}: two tables are named {cfg.name!r}")
         names.add(cfg.name)
@@ -173,10 +175,27 @@ def _split_by_key(features: KeyedJaggedTensor) -> dict[str, JaggedTensor]:
     return out
 
 
+def _type_name(obj) -> str:
+    """The type's module and name: "torchrec....KeyedJaggedTensor", where the bare name would
+    read as the very type asked for."""
+    t = type(obj)
+    if t.__module__ == "builtins":
+        return t.__name__
+    return f"fxrec.{t.__qualname__}" if t.__module__.split(".")[0] == "fxrec" else f"{t.__module__}.{t.__qualname__}"
+
+
+def _other_library(obj, ours: str) -> str:
+    """A hint when `obj` is another library's type of the same name (TorchRec's)."""
+    if type(obj).__module__.split(".")[0] in ("fxrec", "builtins") or type(obj).__name__ != ours.split(".")[-1]:
+        return ""
+    return f" (fxrec's modules take {ours}, with the same fields and layout)"
+
+
 def _check_input(owner: str, features) -> None:
     # A Proxy is a KJT argument under torch.fx.symbolic_trace.
     if not isinstance(features, (KeyedJaggedTensor, torch.fx.Proxy)):
-        raise TypeError(f"{owner}.forward takes a KeyedJaggedTensor, got {type(features).__name__}")
+        raise TypeError(f"{owner}.forward takes a fxrec.KeyedJaggedTensor, got {_type_name(features)}"
+                        f"{_other_library(features, 'fxrec.KeyedJaggedTensor')}")
 
 
 def _feature(owner: str, kjt, feature: str, table: str) -> JaggedTensor:

@@ -229,17 +229,17 @@ def test_config_counts_take_numpy_integers():
 
 
 def test_collection_refuses_the_other_config_type():
-    with pytest.raises(TypeError, match="EmbeddingCollection: tables must be EmbeddingConfigs, got EmbeddingBagConfig 't'"):
+    with pytest.raises(TypeError, match="EmbeddingCollection: tables must be fxrec.EmbeddingConfigs, got fxrec.EmbeddingBagConfig 't'"):
         EmbeddingCollection([EmbeddingBagConfig("t", 10, 2, ["a"], pooling="mean")])
-    with pytest.raises(TypeError, match="EmbeddingBagCollection: tables must be EmbeddingBagConfigs, got EmbeddingConfig 't'"):
+    with pytest.raises(TypeError, match="EmbeddingBagCollection: tables must be fxrec.EmbeddingBagConfigs, got fxrec.EmbeddingConfig 't'"):
         EmbeddingBagCollection([EmbeddingConfig("t", 10, 2, ["a"])])
 
 
 def test_collection_forward_input_errors():
     ebc = EmbeddingBagCollection([EmbeddingBagConfig("t", 10, 2, ["a"])])
-    with pytest.raises(TypeError, match="EmbeddingBagCollection.forward takes a KeyedJaggedTensor, got Tensor"):
+    with pytest.raises(TypeError, match="EmbeddingBagCollection.forward takes a fxrec.KeyedJaggedTensor, got torch.Tensor"):
         ebc(torch.tensor([1, 2]))
-    with pytest.raises(TypeError, match="EmbeddingCollection.forward takes a KeyedJaggedTensor, got dict"):
+    with pytest.raises(TypeError, match="EmbeddingCollection.forward takes a fxrec.KeyedJaggedTensor, got dict"):
         EmbeddingCollection([EmbeddingConfig("t", 10, 2, ["a"])])({"a": torch.tensor([1])})
     kjt = KeyedJaggedTensor(["a"], torch.tensor([[1, 2], [3, 4]]), lengths=torch.tensor([1, 1]))
     with pytest.raises(ValueError, match=r"feature 'a' \(table 't'\) has ids of shape \(2, 2\)"):
@@ -305,3 +305,26 @@ def test_export_and_compile_ebc():
         kjt = random_kjt({"a": 20, "b": 20, "c": 10}, 2, weighted=True)
         torch.testing.assert_close(exported.module()(kjt), model(kjt))
         torch.testing.assert_close(compiled(kjt), model(kjt))
+
+
+def test_another_librarys_types_of_the_same_name_are_told_apart():
+    """TorchRec's KeyedJaggedTensor or config handed to fxrec's modules: the message names both
+    types in full, not 'takes a KeyedJaggedTensor, got KeyedJaggedTensor'."""
+    def foreign(name: str):
+        return type(name, (), {"__module__": f"torchrec.sparse.{name.lower()}", "name": "t"})()
+
+    with pytest.raises(TypeError, match=r"takes a fxrec.KeyedJaggedTensor, got torchrec.sparse.keyedjaggedtensor."
+                                        r"KeyedJaggedTensor \(fxrec's modules take fxrec.KeyedJaggedTensor"):
+        EmbeddingBagCollection([EmbeddingBagConfig("t", 10, 2, ["a"])])(foreign("KeyedJaggedTensor"))
+    with pytest.raises(TypeError, match=r"tables must be fxrec.EmbeddingBagConfigs, got torchrec.sparse."
+                                        r"embeddingbagconfig.EmbeddingBagConfig 't' \(fxrec's modules take"):
+        EmbeddingBagCollection([foreign("EmbeddingBagConfig")])
+
+
+def test_a_table_without_feature_names_reads_its_own_name():
+    """As TorchRec's configs: no feature_names means the feature named as the table."""
+    ebc = EmbeddingBagCollection([EmbeddingBagConfig("t", 10, 2)])
+    assert ebc.embedding_bag_configs()[0].feature_names == ["t"]
+    out = ebc(KeyedJaggedTensor(["t"], torch.tensor([1, 2]), lengths=torch.tensor([2])))
+    assert out.keys() == ["t"] and out.values().shape == (1, 2)
+    assert EmbeddingConfig("e", 10, 2).feature_names == ["e"]
