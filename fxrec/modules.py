@@ -175,6 +175,13 @@ def _split_by_key(features: KeyedJaggedTensor) -> dict[str, JaggedTensor]:
     return out
 
 
+def as_output(x: Tensor, table_dtype: torch.dtype) -> Tensor:
+    """A collection's looked-up values (of a table of `table_dtype`: a traced forward's values
+    have no dtype to read) as TorchRec's collections return them: fp16 and bf16 tables give
+    float32 (their dense layers take float32); float32 and float64 stay."""
+    return x.float() if table_dtype in (torch.float16, torch.bfloat16) else x
+
+
 def _type_name(obj) -> str:
     """The type's module and name: "torchrec....KeyedJaggedTensor", where the bare name would
     read as the very type asked for."""
@@ -237,7 +244,8 @@ class EmbeddingBagCollection(nn.Module):
     table order then each table's ``feature_names`` order. Features of the KJT that no
     table reads are ignored; a missing one raises KeyError. Mean pooling of an empty bag gives
     zeros; with weights, "mean" is ``sum(w_i * row_i) / number_of_ids`` (the bag's length, not
-    the weights' sum).
+    the weights' sum). fp16 and bf16 tables give float32 values, as TorchRec's collection does
+    (`as_output`); float32 and float64 tables their own.
 
     is_weighted: as TorchRec's (same position): True, the KJT must carry per-sample weights,
     which are applied; False, any weights it carries are ignored. None (the default): the
@@ -289,7 +297,7 @@ class EmbeddingBagCollection(nn.Module):
             bag = self.embedding_bags[cfg.name]
             for feature in cfg.feature_names:
                 jt = _feature("EmbeddingBagCollection", split, feature, cfg.name)
-                pooled.append(self._pool(bag, cfg, feature, jt))
+                pooled.append(as_output(self._pool(bag, cfg, feature, jt), cfg.dtype))
         if not pooled:
             batch = features.stride()
             values = torch.empty(batch, 0, device=self._device(), dtype=torch.float32)
@@ -319,7 +327,8 @@ class EmbeddingBagCollection(nn.Module):
 class EmbeddingCollection(nn.Module):
     """Unpooled lookups: forward(kjt) returns ``{feature: JaggedTensor}`` whose values are
     the rows ``table[ids]`` (``num_ids x dim``) with the input's lengths, in table order
-    then each table's ``feature_names`` order. Per-sample weights are not applied."""
+    then each table's ``feature_names`` order. Per-sample weights are not applied. fp16 and
+    bf16 tables give float32 rows, as TorchRec's collection does (`as_output`)."""
 
     def __init__(self, tables: Sequence[EmbeddingConfig], device=None):
         super().__init__()
@@ -350,5 +359,6 @@ class EmbeddingCollection(nn.Module):
                 ids = jt.values()
                 if should_validate(ids):
                     _check_ids("EmbeddingCollection", ids, feature, cfg)
-                out[feature] = JaggedTensor(table(ids), lengths=jt.lengths(), validate=False)
+                out[feature] = JaggedTensor(as_output(table(ids), cfg.dtype), lengths=jt.lengths(),
+                                            validate=False)
         return out

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from fxrec.eager import eager_under_dynamo
+from fxrec.modules import as_output
 from fxrec.sparse import JaggedTensor, KeyedTensor
 
 __all__ = ["SlotSpec", "NodeSpec", "SlotInput", "InputFault", "find_fault", "check_inputs", "GatherInputs",
@@ -483,6 +484,12 @@ def _finish_slot(slot: SlotSpec, inp: SlotInput, out: Tensor) -> Tensor:
     return out.reshape(*inp.shape, slot.dim)
 
 
+def _as_output(x: Tensor) -> Tensor:
+    """A collection's values as the unsharded collection returns them (`fxrec.modules.as_output`:
+    half-precision tables give float32)."""
+    return as_output(x, x.dtype)
+
+
 def _cat_columns(parts: list[Tensor]) -> Tensor:
     """``torch.cat(parts, dim=1)``, or, when the parts are the consecutive column blocks of one
     2-D tensor in order (a one-rank fused lookup whose output already has the KeyedTensor's
@@ -523,13 +530,15 @@ class FinishOutputs(nn.Module):
                         parts.extend(out)
                     else:
                         parts.append(_finish_slot(self.slots[k], inputs[k], _joined(out)))
-                results.append(KeyedTensor(keys, [self.slots[k].dim for k in spec.slots], _cat_columns(parts)))
+                results.append(KeyedTensor(keys, [self.slots[k].dim for k in spec.slots],
+                                           _as_output(_cat_columns(parts))))
                 continue
             # contiguous: a pooled slot's result may be a strided view into the received buffer
             # (dist_output.py), which the user's code would not expect of an embedding's output
             outs = [_finish_slot(self.slots[k], inputs[k], _joined(slot_outputs[k])).contiguous() for k in spec.slots]
             if spec.kind == "ec":
-                results.append({self.slots[k].feature: JaggedTensor(o, lengths=inputs[k].jt_lengths, validate=False)
+                results.append({self.slots[k].feature: JaggedTensor(_as_output(o), lengths=inputs[k].jt_lengths,
+                                                                    validate=False)
                                 for k, o in zip(spec.slots, outs)})
             else:
                 results.append(outs[0])
