@@ -333,7 +333,9 @@ class KeyedJaggedTensor:
         return JaggedTensor(values, lengths=self.lengths()[i * b:(i + 1) * b], weights=weights,
                             validate=False)
 
-    def to_dict(self) -> dict[str, JaggedTensor]:
+    def to_dict(self, compute_offsets: bool = True) -> dict[str, JaggedTensor]:
+        """Key -> its JaggedTensor. (compute_offsets: TorchRec's hint to build offsets now;
+        here each JaggedTensor derives them on first use either way.)"""
         return {k: self[k] for k in self._keys}
 
     def split(self, segments: Sequence[int]) -> list[KeyedJaggedTensor]:
@@ -521,8 +523,13 @@ class KeyedTensor:
             missing = [k for k in group if k not in lookup]
             if missing:
                 raise _unknown_key(missing[0], list(lookup))
-            if not group:
-                raise ValueError(f"KeyedTensor.regroup: groups[{i}] is empty; each group names at least one key")
+            if not group:  # no columns, as TorchRec's regroup gives (batch x 0)
+                if not keyed_tensors:
+                    raise ValueError(f"KeyedTensor.regroup: groups[{i}] is empty and there is no KeyedTensor "
+                                     f"to take its batch from")
+                first = keyed_tensors[0]
+                out.append(first.values().narrow(first.key_dim(), 0, 0))
+                continue
             out.append(torch.cat([lookup[k][k] for k in group], dim=keyed_tensors[0].key_dim()))
         return out
 

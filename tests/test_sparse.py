@@ -460,8 +460,8 @@ def test_key_lists_take_tuples_and_dict_keys():
      "from_jt_dict: key 'a' maps to a Tensor, not a JaggedTensor"),
     (lambda: JaggedTensor.from_dense([]), ValueError, "JaggedTensor.from_dense: values is empty"),
     (lambda: KeyedTensor.from_tensor_list([], []), ValueError, "KeyedTensor.from_tensor_list: tensors is empty"),
-    (lambda: KeyedTensor.regroup([KeyedTensor(["a"], [2], torch.randn(3, 2))], [[]]), ValueError,
-     r"KeyedTensor.regroup: groups\[0\] is empty"),
+    (lambda: KeyedTensor.regroup([], [[]]), ValueError,
+     r"KeyedTensor.regroup: groups\[0\] is empty and there is no KeyedTensor to take its batch from"),
     (lambda: KeyedTensor(["a"], [2], torch.randn(3, 2), key_dim=5), ValueError,
      r"KeyedTensor: key_dim=5 is not a dimension of values of shape \(3, 2\)"),
 ])
@@ -512,3 +512,12 @@ def test_empty_like_keeps_the_weights_dtype():
                             weights=torch.tensor([1.0, 2.0], dtype=torch.float64))
     like = KeyedJaggedTensor.empty_like(kjt)
     assert like.weights().dtype == torch.float64 and like.stride() == 1
+
+
+def test_regroup_of_an_empty_group_and_to_dict_compute_offsets():
+    """As TorchRec's: an empty group gives batch x 0 columns; to_dict takes compute_offsets."""
+    kt = KeyedTensor.from_tensor_list(["a", "b"], [torch.ones(3, 2), torch.zeros(3, 1)])
+    empty, ab = KeyedTensor.regroup([kt], [[], ["b", "a"]])
+    assert empty.shape == (3, 0) and ab.shape == (3, 3)
+    kjt = KeyedJaggedTensor(["a"], torch.tensor([1, 2]), lengths=torch.tensor([2]))
+    assert kjt.to_dict(compute_offsets=False)["a"].values().tolist() == [1, 2]
