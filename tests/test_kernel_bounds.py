@@ -21,7 +21,7 @@ from fxrec.lowering import layout as layout_mod
 from fxrec.lowering.quant_tbe import QuantizedEmbeddingBags
 from fxrec.optim import SGD
 from fxrec.types import TableInfo
-from triton_child import run_interpreter_child
+from triton_child import assert_interpreter_child_passes
 
 KERNELS_UNDER_TEST = os.environ.get("FXREC_TEST_KERNELS", "torch,fbgemm").split(",")
 CHILD = "triton" in KERNELS_UNDER_TEST
@@ -231,7 +231,4 @@ def test_triton_interpreter_suite():
     """This file's tests for kernel "triton", in a child pytest under TRITON_INTERPRET=1."""
     if CHILD:
         return  # we are the child
-    pytest.importorskip("triton")
-    status, out, tail = run_interpreter_child(__file__, "interpreter_suite or gpu")
-    assert status == 0, tail
-    assert " passed" in out and "failed" not in out and "skipped" not in out, tail
+    assert_interpreter_child_passes(__file__, "interpreter_suite or gpu")

@@ -19,7 +19,7 @@ from fxrec.lowering import torch_ref
 from fxrec.lowering.quant import QuantLayout, quantize_rows
 from fxrec.lowering.registry import kernel_choices, registered, select
 from fxrec.types import TableInfo
-from triton_child import run_interpreter_child
+from triton_child import assert_interpreter_child_passes
 
 KERNELS_UNDER_TEST = os.environ.get("FXREC_TEST_KERNELS", "torch,fbgemm").split(",")
 CHILD = "triton" in KERNELS_UNDER_TEST
@@ -192,10 +192,7 @@ def test_triton_interpreter_suite():
     """This file's kernel tests for "triton", in a child pytest under TRITON_INTERPRET=1."""
     if CHILD:
         return  # we are the child
-    pytest.importorskip("triton")
-    status, out, tail = run_interpreter_child(__file__, "interpreter_suite or gpu or compile_for or checker")
-    assert status == 0, tail
-    assert " passed" in out and "failed" not in out and "skipped" not in out, tail
+    assert_interpreter_child_passes(__file__, "interpreter_suite or gpu or compile_for or checker")
 
 
 QUANT_OPS = ("quant_pooled_forward", "quant_unpooled_forward")

@@ -20,3 +20,14 @@ def run_interpreter_child(test_file: str, deselect: str) -> tuple[int, str, str]
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", test_file,
                            "-k", f"not ({deselect})"], env=env, capture_output=True, text=True, timeout=600)
     return proc.returncode, proc.stdout, proc.stdout[-6000:] + proc.stderr[-2000:]
+
+
+def assert_interpreter_child_passes(test_file: str, deselect: str, allow_skips: bool = False) -> None:
+    """A test file's whole interpreter suite: `run_interpreter_child` passes, runs tests, fails
+    none and (unless `allow_skips`) skips none: a Triton case must not pass by not running."""
+    import pytest
+    pytest.importorskip("triton")
+    status, out, tail = run_interpreter_child(test_file, deselect)
+    assert status == 0, tail
+    assert " passed" in out and "failed" not in out, tail
+    assert allow_skips or "skipped" not in out, tail
