@@ -10,9 +10,10 @@ the numerical reference the sharded and fused paths are tested against.
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +30,12 @@ BAG_POOLINGS = ("sum", "mean")
 @dataclass
 class EmbeddingConfig:
     """One table read without pooling. ``weight_init(weight)`` runs under no_grad;
-    None means uniform(-sqrt(1/num_embeddings), +sqrt(1/num_embeddings))."""
+    None means uniform(-sqrt(1/num_embeddings), +sqrt(1/num_embeddings)).
+
+    TorchRec's spellings are taken too, by keyword (`_torchrec_fields`): ``data_type`` (its
+    DataType FP32 / FP16 / BF16, or that name as a string) for ``dtype``; ``init_fn`` for
+    ``weight_init``; ``weight_init_min`` / ``weight_init_max``, the bounds of the uniform
+    default. They are folded into ``dtype`` / ``weight_init`` and read None after."""
 
     name: str
     num_embeddings: int
@@ -37,15 +43,22 @@ class EmbeddingConfig:
     feature_names: list[str] = field(default_factory=list)
     weight_init: Optional[WeightInit] = None
     dtype: torch.dtype = torch.float32
+    data_type: Any = None
+    init_fn: Optional[WeightInit] = None
+    weight_init_min: Optional[float] = None
+    weight_init_max: Optional[float] = None
 
     def __post_init__(self):
+        _torchrec_fields(self)
         _check_config(self)
 
 
 @dataclass
 class EmbeddingBagConfig:
     """One pooled table: every feature in ``feature_names`` is pooled with it, giving
-    one output per feature. ``pooling`` is "sum" or "mean"."""
+    one output per feature. ``pooling`` is "sum" or "mean" (or TorchRec's PoolingType).
+    TorchRec's ``data_type``, ``init_fn``, ``weight_init_min`` / ``weight_init_max`` as in
+    `EmbeddingConfig`."""
 
     name: str
     num_embeddings: int
@@ -54,13 +67,52 @@ class EmbeddingBagConfig:
     pooling: str = "sum"
     weight_init: Optional[WeightInit] = None
     dtype: torch.dtype = torch.float32
+    data_type: Any = None
+    init_fn: Optional[WeightInit] = None
+    weight_init_min: Optional[float] = None
+    weight_init_max: Optional[float] = None
 
     def __post_init__(self):
+        _torchrec_fields(self)
         self.pooling = str(getattr(self.pooling, "name", self.pooling)).lower()  # PoolingType.SUM too
         if self.pooling not in BAG_POOLINGS:
             raise ValueError(f"table {self.name!r}: pooling must be one of {BAG_POOLINGS}, "
                              f"got {self.pooling!r}")
         _check_config(self)
+
+
+_DATA_TYPES = {"FP32": torch.float32, "FP16": torch.float16, "BF16": torch.bfloat16}
+
+
+def _torchrec_fields(cfg) -> None:
+    """TorchRec's config fields, folded into fxrec's: data_type into dtype, init_fn into
+    weight_init, weight_init_min / max into a uniform weight_init. Each clash (both spellings,
+    different values) raises, naming the table."""
+    if cfg.data_type is not None:
+        name = str(getattr(cfg.data_type, "value", cfg.data_type)).upper()
+        if name not in _DATA_TYPES:
+            raise ValueError(f"table {cfg.name!r}: data_type {cfg.data_type!r} is not a float type fxrec trains "
+                             f"({', '.join(_DATA_TYPES)}); quantized types are served by "
+                             f"fxrec.lower_for_inference(weight_dtype=...)")
+        if cfg.dtype not in (torch.float32, _DATA_TYPES[name]):
+            raise ValueError(f"table {cfg.name!r}: data_type {name} and dtype {cfg.dtype} disagree; give one")
+        cfg.dtype, cfg.data_type = _DATA_TYPES[name], None
+    bounds = (cfg.weight_init_min, cfg.weight_init_max)
+    given = [n for n, v in (("weight_init", cfg.weight_init), ("init_fn", cfg.init_fn),
+                            ("weight_init_min/max", None if bounds == (None, None) else bounds)) if v is not None]
+    if len(given) > 1:
+        raise ValueError(f"table {cfg.name!r}: {' and '.join(given)} both set the initial weights; give one")
+    if cfg.init_fn is not None:
+        cfg.weight_init, cfg.init_fn = cfg.init_fn, None
+    elif bounds != (None, None):
+        n = whole(cfg.num_embeddings)
+        default = math.sqrt(1.0 / n) if n else 1.0
+        lo = -default if cfg.weight_init_min is None else float(cfg.weight_init_min)
+        hi = default if cfg.weight_init_max is None else float(cfg.weight_init_max)
+        if not lo <= hi:
+            raise ValueError(f"table {cfg.name!r}: weight_init_min {lo} is above weight_init_max {hi}")
+        cfg.weight_init = functools.partial(nn.init.uniform_, a=lo, b=hi)
+        cfg.weight_init_min = cfg.weight_init_max = None
 
 
 # A table's name is its key in the collection's nn.ModuleDict, which refuses a name with a

@@ -396,9 +396,13 @@ class KeyedJaggedTensor:
         return out
 
     # -- devices and streams
-    def to(self, device, non_blocking: bool = False) -> KeyedJaggedTensor:
+    def to(self, device, non_blocking: bool = False, dtype: Optional[torch.dtype] = None) -> KeyedJaggedTensor:
+        """A copy on `device`; `dtype`, as TorchRec's, is the weights' (ids and lengths keep theirs)."""
+        weights = _to(self._weights, device, non_blocking)
+        if weights is not None and dtype is not None:
+            weights = weights.to(dtype)
         kjt = KeyedJaggedTensor(self._keys, self._values.to(device, non_blocking=non_blocking),
-                                _to(self._weights, device, non_blocking), _to(self._lengths, device, non_blocking),
+                                weights, _to(self._lengths, device, non_blocking),
                                 _to(self._offsets, device, non_blocking), self._stride, validate=False)
         kjt._length_per_key, kjt._offset_per_key = self._length_per_key, self._offset_per_key
         return kjt

@@ -329,3 +329,39 @@ def test_a_table_without_feature_names_reads_its_own_name():
     out = ebc(KeyedJaggedTensor(["t"], torch.tensor([1, 2]), lengths=torch.tensor([2])))
     assert out.keys() == ["t"] and out.values().shape == (1, 2)
     assert EmbeddingConfig("e", 10, 2).feature_names == ["e"]
+
+
+class _DataType:  # stands in for torchrec.types.DataType (an Enum whose values are these names)
+    def __init__(self, value):
+        self.value = value
+
+
+@pytest.mark.parametrize("config", [EmbeddingBagConfig, EmbeddingConfig])
+def test_torchrecs_config_fields_are_taken(config):
+    """data_type, init_fn and weight_init_min / max, as TorchRec's configs spell them."""
+    assert config(name="t", num_embeddings=10, embedding_dim=2, data_type=_DataType("FP16")).dtype == torch.float16
+    assert config(name="t", num_embeddings=10, embedding_dim=2, data_type="bf16").dtype == torch.bfloat16
+    seen = []
+    cfg = config(name="t", num_embeddings=10, embedding_dim=2, init_fn=lambda w: (seen.append(1), w.fill_(0.25)))
+    collection = EmbeddingBagCollection([cfg]) if config is EmbeddingBagConfig else EmbeddingCollection([cfg])
+    assert seen and all(bool((p == 0.25).all()) for p in collection.parameters())
+    cfg = config(name="t", num_embeddings=1000, embedding_dim=4, weight_init_min=0.5, weight_init_max=0.75)
+    collection = EmbeddingBagCollection([cfg]) if config is EmbeddingBagConfig else EmbeddingCollection([cfg])
+    w = next(collection.parameters()).detach()
+    assert 0.5 <= float(w.min()) and float(w.max()) <= 0.75 and float(w.max()) > 0.7
+    assert (cfg.data_type, cfg.init_fn, cfg.weight_init_min, cfg.weight_init_max) == (None, None, None, None)
+
+
+@pytest.mark.parametrize("fields, match", [
+    ({"data_type": "INT8"}, r"table 't': data_type 'INT8' is not a float type fxrec trains \(FP32, FP16, BF16\); "
+                            r"quantized types are served by fxrec.lower_for_inference"),
+    ({"data_type": "FP16", "dtype": torch.bfloat16}, "table 't': data_type FP16 and dtype torch.bfloat16 disagree"),
+    ({"init_fn": torch.nn.init.zeros_, "weight_init": torch.nn.init.ones_},
+     "table 't': weight_init and init_fn both set the initial weights"),
+    ({"init_fn": torch.nn.init.zeros_, "weight_init_max": 0.1},
+     "table 't': init_fn and weight_init_min/max both set the initial weights"),
+    ({"weight_init_min": 0.5, "weight_init_max": 0.1}, "table 't': weight_init_min 0.5 is above weight_init_max 0.1"),
+])
+def test_torchrecs_config_fields_that_clash_are_refused(fields, match):
+    with pytest.raises(ValueError, match=match):
+        EmbeddingBagConfig(name="t", num_embeddings=10, embedding_dim=2, **fields)

@@ -521,3 +521,12 @@ def test_regroup_of_an_empty_group_and_to_dict_compute_offsets():
     assert empty.shape == (3, 0) and ab.shape == (3, 3)
     kjt = KeyedJaggedTensor(["a"], torch.tensor([1, 2]), lengths=torch.tensor([2]))
     assert kjt.to_dict(compute_offsets=False)["a"].values().tolist() == [1, 2]
+
+
+def test_kjt_to_takes_the_weights_dtype():
+    """As TorchRec's KeyedJaggedTensor.to: dtype is the weights' (the ids keep theirs)."""
+    kjt = KeyedJaggedTensor(["a"], torch.tensor([1, 2]), lengths=torch.tensor([2]), weights=torch.tensor([0.5, 1.0]))
+    moved = kjt.to("cpu", dtype=torch.float64)
+    assert moved.weights().dtype == torch.float64 and moved.values().dtype == torch.int64
+    bare = KeyedJaggedTensor(["a"], torch.tensor([1, 2]), lengths=torch.tensor([2]))
+    assert bare.to("cpu", dtype=torch.float16).weights_or_none() is None
