@@ -340,9 +340,10 @@ def bench_training(s: Shape, device, dense: bool, bw: float) -> None:
 
 
 # ---------------------------------------------------------------- Triton launch sweep
-FWD_CONFIGS = [None] + [{"block_n": n, "num_warps": w} for n in (8, 16, 32) for w in (2, 4, 8)] + [
+# one warp too: an fp16 row of 128 is 256 bytes, 8 per thread of one warp (2 warps: 4 bytes each)
+FWD_CONFIGS = [None] + [{"block_n": n, "num_warps": w} for n in (8, 16, 32) for w in (1, 2, 4, 8)] + [
     {"bags": b, "block_n": n, "num_warps": w} for b, n, w in  # several bags per program (triton/ops.py)
-    ((2, 8, 2), (4, 8, 2), (4, 8, 4), (8, 8, 4), (4, 4, 2), (8, 4, 4))]
+    ((2, 8, 2), (4, 8, 2), (4, 8, 4), (8, 8, 4), (4, 4, 2), (8, 4, 4), (4, 8, 1))]
 # rows=0: the one-row kernel; rows=16 at dim 128 needs 8 warps not to spill (see triton/ops.py)
 BWD_CONFIGS = [None] + [{"rows": r, "num_warps": w} for r in (0, 8, 16) for w in (2, 4, 8)]
 
