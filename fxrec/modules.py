@@ -227,11 +227,16 @@ def _split_by_key(features: KeyedJaggedTensor) -> dict[str, JaggedTensor]:
     return out
 
 
+def output_dtype(table_dtype: torch.dtype) -> torch.dtype:
+    """The dtype a collection returns a table's values in, as TorchRec's collections do: fp16
+    and bf16 tables give float32 (their dense layers take float32); float32 and float64 stay."""
+    return torch.float32 if table_dtype in (torch.float16, torch.bfloat16) else table_dtype
+
+
 def as_output(x: Tensor, table_dtype: torch.dtype) -> Tensor:
-    """A collection's looked-up values (of a table of `table_dtype`: a traced forward's values
-    have no dtype to read) as TorchRec's collections return them: fp16 and bf16 tables give
-    float32 (their dense layers take float32); float32 and float64 stay."""
-    return x.float() if table_dtype in (torch.float16, torch.bfloat16) else x
+    """A collection's looked-up values of a table of `table_dtype` (a traced forward's values
+    have no dtype to read) in `output_dtype`."""
+    return x.float() if output_dtype(table_dtype) != table_dtype else x
 
 
 def _type_name(obj) -> str:

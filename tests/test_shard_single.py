@@ -701,3 +701,24 @@ def test_is_weighted_true_needs_weights_and_is_told_apart():
         ebc(fxrec.KeyedJaggedTensor(["a"], torch.tensor([1]), lengths=torch.tensor([1])))
     with pytest.raises(TypeError, match="is_weighted must be True, False or None, got 'yes'"):
         EmbeddingBagCollection([EmbeddingBagConfig("t", 10, 4, ["a"])], is_weighted="yes")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_tables_on_meta_feed_a_float32_layer(dtype):
+    """A collection's half-precision tables give float32 (as TorchRec's), also as the stand-in
+    capture builds for tables on the meta device: an fp32 Linear after them captures and
+    shards (it failed with 'mat1 and mat2 must have the same dtype')."""
+    class Model(nn.Module):
+        def __init__(self, device):
+            super().__init__()
+            self.ebc = EmbeddingBagCollection([EmbeddingBagConfig("t", 10, 4, ["a"], dtype=dtype)], device=device)
+            self.top = nn.Linear(4, 1)
+
+        def forward(self, kjt):
+            return self.top(self.ebc(kjt).values())
+
+    kjt = fxrec.KeyedJaggedTensor(["a"], torch.tensor([1, 2, 3]), lengths=torch.tensor([2, 1]))
+    assert [t.dtype for t in fxrec.find_tables(Model("meta"), (kjt,))] == [dtype]
+    sm = shard(Model("meta"), Topology(1), (kjt,))
+    with torch.no_grad():
+        assert sm(kjt).dtype == torch.float32 and sm(kjt).shape == (2, 1)
