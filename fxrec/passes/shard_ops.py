@@ -278,7 +278,8 @@ class InputFault:
             return f"{where}: id {self.value} outside [0, {slot.num_embeddings})"
         if self.kind == WEIGHTS:
             was, now = ("absent", "present") if self.value else ("present", "absent")
-            return f"{where}: per-sample weights were {was} when the model was sharded but are {now} now"
+            return (f"{where}: per-sample weights were {was} when the model was captured (shard's or "
+                    f"lower_for_inference's example inputs, torch.compile's first call) but are {now} now")
         if self.kind == WEIGHTS_COUNT:
             return f"{where}: {self.value} per-sample weights for {self.ids} ids"
         if self.kind == NEGATIVE_LENGTH:
