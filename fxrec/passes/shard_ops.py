@@ -18,7 +18,6 @@ passes no gradient to it. Such a read is never folded into a bag (detect_embeddi
 from __future__ import annotations
 
 import itertools
-
 from dataclasses import dataclass
 from typing import Any, ClassVar, Optional, Sequence
 
