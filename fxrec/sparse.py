@@ -79,9 +79,12 @@ class JaggedTensor:
         if not values:  # torch.cat([]) would say only "expected a non-empty list"
             raise ValueError("JaggedTensor.from_dense: values is empty; give at least one bag (it may be "
                              "an empty tensor)")
-        lengths = torch.tensor([v.size(0) for v in values], dtype=torch.int64)
+        flat = torch.cat(values)
+        # int32 lengths on the values' device, as TorchRec's (they were int64 on the CPU whatever
+        # the values' device)
+        lengths = torch.tensor([v.size(0) for v in values], dtype=torch.int32, device=flat.device)
         w = torch.cat(weights) if weights is not None else None
-        return JaggedTensor(torch.cat(values), lengths=lengths, weights=w)
+        return JaggedTensor(flat, lengths=lengths, weights=w)
 
     def values(self) -> Tensor:
         return self._values

@@ -530,3 +530,11 @@ def test_kjt_to_takes_the_weights_dtype():
     assert moved.weights().dtype == torch.float64 and moved.values().dtype == torch.int64
     bare = KeyedJaggedTensor(["a"], torch.tensor([1, 2]), lengths=torch.tensor([2]))
     assert bare.to("cpu", dtype=torch.float16).weights_or_none() is None
+
+
+def test_from_dense_lengths_are_int32_on_the_values_device():
+    """As TorchRec's JaggedTensor.from_dense (on a CPU-only machine: the meta device stands in)."""
+    jt = JaggedTensor.from_dense([torch.tensor([1, 2]), torch.tensor([], dtype=torch.int64)])
+    assert jt.lengths().dtype == torch.int32 and jt.lengths().tolist() == [2, 0]
+    meta = JaggedTensor.from_dense([torch.zeros(2, device="meta"), torch.zeros(1, device="meta")])
+    assert meta.lengths().device.type == "meta"
