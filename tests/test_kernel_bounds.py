@@ -94,7 +94,7 @@ def gen():
     return torch.Generator().manual_seed(seed)
 
 
-def random_batch(kind: str, gen, B: int = 6):
+def random_batch(gen, B: int = 6):
     """(ids int32, offsets int64, the table given one bad id, that id) on fresh random bags."""
     lengths = torch.randint(0, 6, (len(ROWS) * B,), generator=gen)
     t = int(torch.randint(0, len(ROWS), (1,), generator=gen))
@@ -113,7 +113,7 @@ def random_batch(kind: str, gen, B: int = 6):
 def test_one_bad_id_in_a_random_batch_is_named(kernel, kind, gen):
     m = MODULES[kind](kernel, True)
     for _ in range(3):
-        ids, offsets, table, bad = random_batch(kind, gen)
+        ids, offsets, table, bad = random_batch(gen)
         with pytest.raises(ValueError, match=rf"table '{table}': id {bad} out of range \[0, "):
             m(ids, offsets)
 
@@ -123,7 +123,7 @@ def test_one_bad_id_in_a_random_batch_is_named(kernel, kind, gen):
 def test_a_rejected_training_batch_updates_nothing(kernel, kind, gen):
     m = MODULES[kind](kernel, True)
     before = m.weights.clone()
-    ids, offsets, _, _ = random_batch(kind, gen)
+    ids, offsets, _, _ = random_batch(gen)
     with pytest.raises(ValueError, match="out of range"):
         m(ids, offsets).sum().backward()
     assert torch.equal(m.weights, before)
@@ -145,7 +145,7 @@ def test_strided_inputs_are_read_as_their_values(kernel, kind, gen):
     """Ids, offsets and per-sample weights that are strided views (a column of a 2-D batch) give
     what their packed copies give: Triton's kernels read raw memory, and took the junk between."""
     m = MODULES[kind](kernel, True)
-    ids, offsets, _, _ = random_batch(kind, gen)
+    ids, offsets, _, _ = random_batch(gen)
     ids = ids.clamp(0, 4).long()
     pooled = kind in ("pooled", "mean", "quant_pooled")
     psw = torch.rand(ids.numel(), generator=gen) if pooled else None
