@@ -175,17 +175,22 @@ def comm_dtype(dtypes) -> torch.dtype:
 
 
 # ------------------------------------------------------------------ specs
-def _node_specs(nodes: list[Node], tables: dict) -> tuple[list[NodeSpec], list[SlotSpec]]:
+def node_specs(nodes: list[Node], tables: dict, served_pooled: Optional[dict] = None
+               ) -> tuple[list[NodeSpec], list[SlotSpec]]:
+    """One NodeSpec per lookup and one SlotSpec per (lookup, table, feature) read. A table is
+    served pooled where `served_pooled` says so (table -> bool; fuse_lookups' one fused call),
+    else where it pools (a sharded unit's own shards)."""
     specs, slots = [], []
     for n in nodes:
         lk = n.meta[L.LOOKUP]
         ks = []
         for read in lk.reads:
             info = tables[read.table]
+            pooled = info.pooling != "none" if served_pooled is None else served_pooled[read.table]
             for feature in read.features or (None,):
                 ks.append(len(slots))
                 # EmbeddingCollection ignores per-sample weights
-                slots.append(SlotSpec(n.name, read.table, feature, read.pooling, info.pooling != "none",
+                slots.append(SlotSpec(n.name, read.table, feature, read.pooling, pooled,
                                       info.num_embeddings, info.embedding_dim, bool(lk.weighted) and lk.kind != "ec",
                                       info.dtype))
         specs.append(NodeSpec(n.name, lk.kind, tuple(ks), lk.include_last_offset, lk.padding_idx,
@@ -292,20 +297,20 @@ def _insertion_point(gm: GraphModule, nodes: list[Node]) -> Node:
 
 def _unit_modules(gm: GraphModule, spec: UnitSpec, nodes: list[Node], dp_slots: list[int], env: dict) -> nn.Module:
     """The per-rank modules of one unit, registered at ``gm.fxrec_shards.<unit>``."""
-    node_specs, slots = _node_specs(nodes, gm.meta[L.TABLES])
+    specs, slots = node_specs(nodes, gm.meta[L.TABLES])
     dtypes, device, values = _dtypes(gm, nodes), env["device"], env["values"]
     unit = nn.Module()
     gm.get_submodule(ROOT).add_module(spec.name, unit)
     # Over several ranks the inputs' check travels with the unit's first collective (InputDist,
     # or FaultSend where no table is sharded), so that one rank's bad batch raises on all.
     collective_check = bool(spec.routes) or spec.world_size > 1
-    unit.gather = GatherInputs(node_specs, slots, check=not collective_check)
+    unit.gather = GatherInputs(specs, slots, check=not collective_check)
     if not spec.routes and spec.world_size > 1:
         unit.fault_send, unit.fault_check = FaultSend(slots, spec.world_size), FaultCheck(slots)
     # The 1/W of the shards' gradients (local_lookup.py) is applied in backward by CollectOutputs
     # (what all_to_all brought) and OutputPrep (what reduce_scatter brought).
     unit.collect = CollectOutputs(spec, dp_slots, grad_scale=1.0 / spec.world_size)
-    unit.finish = FinishOutputs(node_specs, slots)
+    unit.finish = FinishOutputs(specs, slots)
     if spec.routes:
         unit.input_dist, unit.recv_splits, unit.unpack = InputDist(spec), RecvSplits(spec), Unpack(spec)
         shards = {s.key: s for s in spec.local_shards()}
@@ -336,7 +341,7 @@ def optimizer_groups(optimizer, tables: list[str]) -> dict:
 
 def _rewrite_unit(gm: GraphModule, nodes: list[Node], name: str, env: dict) -> None:
     plan, P = env["plan"], env["ranks_per_node"]
-    _, slots = _node_specs(nodes, gm.meta[L.TABLES])
+    _, slots = node_specs(nodes, gm.meta[L.TABLES])
     routes = _routes(slots, plan)
     spec = UnitSpec(name, env["rank"], env["world_size"], P, tuple(slots), tuple(routes),
                     {r.table: r.rank // P for r in routes if r.output == "twrw"},

@@ -60,8 +60,8 @@ from torch.fx.node import map_arg
 
 from fxrec.passes import lookup as L
 from fxrec.passes.grad_mode import GRAD_MODE, INHERIT, settle
-from fxrec.passes.apply_plan import LOCAL_LOOKUP, SUPPORTED, replace_lookups
-from fxrec.passes.shard_ops import FinishOutputs, GatherInputs, NodeSpec, SlotSpec
+from fxrec.passes.apply_plan import LOCAL_LOOKUP, SUPPORTED, node_specs, replace_lookups
+from fxrec.passes.shard_ops import FinishOutputs, GatherInputs
 from fxrec.runtime.dist_lookup import LocalShard, Unpack
 from fxrec.runtime.fused_group import PackInputs, SplitOutputs, kernel_record, with_kernel
 from fxrec.runtime.local_lookup import LocalLookup, ReplicatedLookup
@@ -105,26 +105,6 @@ def served_pooled(nodes: list[Node]) -> dict[str, bool]:
         for r in n.meta[L.LOOKUP].reads:
             pooled[r.table] = pooled.get(r.table, True) and r.pooling != "none"
     return pooled
-
-
-def _specs(gm: GraphModule, nodes: list[Node]) -> tuple[list[NodeSpec], list[SlotSpec]]:
-    """One NodeSpec per lookup and one SlotSpec per (lookup, table, feature) read (a table
-    served pooled or as rows: `served_pooled`)."""
-    pooled = served_pooled(nodes)
-    tables, specs, slots = gm.meta[L.TABLES], [], []
-    for n in nodes:
-        lk, ks = n.meta[L.LOOKUP], []
-        for read in lk.reads:
-            info = tables[read.table]
-            for feature in read.features or (None,):
-                ks.append(len(slots))
-                # an EmbeddingCollection ignores per-sample weights
-                slots.append(SlotSpec(n.name, read.table, feature, read.pooling, pooled[read.table],
-                                      info.num_embeddings, info.embedding_dim, bool(lk.weighted) and lk.kind != "ec",
-                                      info.dtype))
-        specs.append(NodeSpec(n.name, lk.kind, tuple(ks), lk.include_last_offset, lk.padding_idx,
-                              None if lk.pool_node is None else lk.pool_dim + 1, lk.ignores_weights))
-    return specs, slots
 
 
 def _lookup_module(pack: PackInputs, keys: dict, weights: dict, optimizer, kernel, device=None) -> LocalLookup:
@@ -215,7 +195,7 @@ def _restore_order(gm: GraphModule) -> None:
 
 
 def _fuse_unit(gm: GraphModule, groups: list, nodes: list[Node], name: str, opts: dict) -> None:
-    specs, slots = _specs(gm, nodes)
+    specs, slots = node_specs(nodes, gm.meta[L.TABLES], served_pooled(nodes))
     unit = nn.Module()
     gm.get_submodule(ROOT).add_module(name, unit)
     unit.gather, unit.finish = GatherInputs(specs, slots), FinishOutputs(specs, slots)
