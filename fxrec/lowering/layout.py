@@ -259,15 +259,16 @@ def raise_if_flagged(record: Tensor, layout: TBELayout, indices: Tensor, offsets
     bad_id, bad_bag = record.tolist()
     if bad_id == NO_FAULT and bad_bag == NO_FAULT:
         return
-    _check_values(layout, indices, offsets.long(), layout.batch_size(offsets))
+    check_on_host(layout, indices, offsets)
     raise RuntimeError(f"fxrec: a kernel flagged id position {bad_id} / bag {bad_bag} of this batch, which "
                        "the host check passes; please report this with the batch")
 
 
 def check_on_host(layout: TBELayout, indices: Tensor, offsets: Tensor) -> None:
     """check_inputs' value checks, on the host: for a checking kernel's wrapper that launches
-    nothing (a batch without bags or ids), whose offsets no kernel then sees."""
-    _check_values(layout, indices, offsets.long(), layout.batch_size(offsets))
+    nothing (a batch without bags or ids), whose offsets no kernel then sees, and for the
+    message of a batch a kernel's record or the offsets' values flagged."""
+    _check_values(layout, indices, offsets, layout.batch_size(offsets))
 
 
 def check_offsets(layout: TBELayout, indices: Tensor, offsets: Tensor, stats: list) -> None:
@@ -276,7 +277,7 @@ def check_offsets(layout: TBELayout, indices: Tensor, offsets: Tensor, stats: li
     offsets; the ids are left to the kernel."""
     first, last, decreasing = stats[0], stats[-2], stats[-1]
     if first != 0 or last != indices.numel() or decreasing:
-        _check_values(layout, indices, offsets.long(), layout.batch_size(offsets))
+        check_on_host(layout, indices, offsets)
 
 
 def _runs_in_range(layout: TBELayout, indices: Tensor, offsets: Tensor, B: int) -> bool:
