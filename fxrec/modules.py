@@ -1,7 +1,8 @@
 """Unsharded reference embedding modules, TorchRec-compatible.
 
 `EmbeddingBagCollection` pools each feature's bags with its table and returns a
-`KeyedTensor` keyed by feature name; `EmbeddingCollection` returns each feature's
+`KeyedTensor` keyed by feature name (``feature@table`` for a feature that several tables
+read, as in TorchRec); `EmbeddingCollection` returns each feature's
 looked-up rows as a `JaggedTensor`. State-dict keys are ``embedding_bags.<table>.weight``
 and ``embeddings.<table>.weight``, as in TorchRec, so checkpoints move between the two.
 
@@ -151,10 +152,21 @@ def _check_config(cfg) -> None:
         raise ValueError(f"table {cfg.name!r}: weight_init must be callable(weight) or None")
 
 
+def embedding_names(tables: Sequence) -> list[list[str]]:
+    """Each table's output keys, one per name of its ``feature_names``: the feature's name, or
+    ``"feature@table"`` for a feature that several tables read (TorchRec's names for a shared
+    feature, so that each table's values keep a key of their own)."""
+    readers: dict[str, int] = {}
+    for cfg in tables:
+        for f in cfg.feature_names:
+            readers[f] = readers.get(f, 0) + 1
+    return [[f"{f}@{cfg.name}" if readers[f] > 1 else f for f in cfg.feature_names] for cfg in tables]
+
+
 def _check_tables(owner: str, tables: Sequence, config_type: type) -> None:
-    """Each table a `config_type`; table names unique; each feature read by one table
-    (outputs are keyed by feature)."""
-    names, owner_of = set(), {}
+    """Each table a `config_type`; table names unique; the output keys (`embedding_names`)
+    unique. A feature may feed several tables, as in TorchRec."""
+    names = set()
     for cfg in tables:
         # An EmbeddingBagConfig's pooling means nothing to an EmbeddingCollection, and an
         # EmbeddingConfig has none for an EmbeddingBagCollection.
@@ -164,11 +176,14 @@ def _check_tables(owner: str, tables: Sequence, config_type: type) -> None:
         if cfg.name in names:
             raise ValueError(f"{owner}: two tables are named {cfg.name!r}")
         names.add(cfg.name)
-        for f in cfg.feature_names:
-            if f in owner_of:
-                raise ValueError(f"{owner}: feature {f!r} is read by both table {owner_of[f]!r} and "
-                                 f"table {cfg.name!r}; each feature may feed one table")
-            owner_of[f] = cfg.name
+    # Only a feature literally named "f@t" beside a feature "f" shared with table "t" collides.
+    seen = {}
+    for cfg, keys in zip(tables, embedding_names(tables)):
+        for key in keys:
+            if key in seen:
+                raise ValueError(f"{owner}: tables {seen[key]!r} and {cfg.name!r} both give an output named "
+                                 f"{key!r} (a shared feature is keyed 'feature@table'); rename the feature")
+            seen[key] = cfg.name
 
 
 def _init_weight(weight: Tensor, cfg) -> None:
@@ -298,7 +313,8 @@ class EmbeddingBagCollection(nn.Module):
     """Pooled lookups for several tables.
 
     forward(kjt) returns a KeyedTensor of shape ``batch x sum(dims)`` keyed by feature, in
-    table order then each table's ``feature_names`` order. Features of the KJT that no
+    table order then each table's ``feature_names`` order; a feature that several tables
+    read is keyed ``feature@table`` (`embedding_names`), as in TorchRec. Features of the KJT that no
     table reads are ignored; a missing one raises KeyError. Mean pooling of an empty bag gives
     zeros; with weights, "mean" is ``sum(w_i * row_i) / number_of_ids`` (the bag's length, not
     the weights' sum). fp16 and bf16 tables give float32 values, as TorchRec's collection does
@@ -323,7 +339,7 @@ class EmbeddingBagCollection(nn.Module):
             self.embedding_bags[cfg.name] = nn.EmbeddingBag(
                 cfg.num_embeddings, cfg.embedding_dim, mode=cfg.pooling, include_last_offset=True,
                 _weight=weight, device=device, dtype=cfg.dtype)
-        self._feature_names = [f for cfg in self._configs for f in cfg.feature_names]
+        self._embedding_names = [k for keys in embedding_names(self._configs) for k in keys]
         self._dims = [cfg.embedding_dim for cfg in self._configs for _ in cfg.feature_names]
         self.reset_parameters()
 
@@ -359,7 +375,7 @@ class EmbeddingBagCollection(nn.Module):
             batch = features.stride()
             values = torch.empty(batch, 0, device=self._device(), dtype=torch.float32)
             return KeyedTensor([], [], values)
-        return KeyedTensor(self._feature_names, self._dims, torch.cat(pooled, dim=1))
+        return KeyedTensor(self._embedding_names, self._dims, torch.cat(pooled, dim=1))
 
     def _pool(self, bag: nn.EmbeddingBag, cfg: EmbeddingBagConfig, feature: str, jt) -> Tensor:
         ids, offsets = jt.values(), jt.offsets()
@@ -384,8 +400,8 @@ class EmbeddingBagCollection(nn.Module):
 class EmbeddingCollection(nn.Module):
     """Unpooled lookups: forward(kjt) returns ``{feature: JaggedTensor}`` whose values are
     the rows ``table[ids]`` (``num_ids x dim``) with the input's lengths, in table order
-    then each table's ``feature_names`` order. Per-sample weights are not applied. fp16 and
-    bf16 tables give float32 rows, as TorchRec's collection does (`as_output`)."""
+    then each table's ``feature_names`` order (``feature@table`` for a feature that several
+    tables read). Per-sample weights are not applied. fp16 and bf16 tables give float32 rows, as TorchRec's collection does (`as_output`)."""
 
     def __init__(self, tables: Sequence[EmbeddingConfig], device=None):
         super().__init__()
@@ -396,6 +412,7 @@ class EmbeddingCollection(nn.Module):
             weight = torch.empty(cfg.num_embeddings, cfg.embedding_dim, device=device, dtype=cfg.dtype)
             self.embeddings[cfg.name] = nn.Embedding(cfg.num_embeddings, cfg.embedding_dim, _weight=weight,
                                                      device=device, dtype=cfg.dtype)
+        self._keys = embedding_names(self._configs)
         self.reset_parameters()
 
     def embedding_configs(self) -> list[EmbeddingConfig]:
@@ -409,13 +426,12 @@ class EmbeddingCollection(nn.Module):
         _check_input("EmbeddingCollection", features)
         split = _split_under_dynamo(features)
         out = {}
-        for cfg in self._configs:
+        for cfg, keys in zip(self._configs, self._keys):
             table = self.embeddings[cfg.name]
-            for feature in cfg.feature_names:
+            for feature, key in zip(cfg.feature_names, keys):
                 jt = _feature("EmbeddingCollection", split, feature, cfg.name)
                 ids = jt.values()
                 if should_validate(ids):
                     _check_ids("EmbeddingCollection", ids, feature, cfg)
-                out[feature] = JaggedTensor(as_output(table(ids), cfg.dtype), lengths=jt.lengths(),
-                                            validate=False)
+                out[key] = JaggedTensor(as_output(table(ids), cfg.dtype), lengths=jt.lengths(), validate=False)
         return out

@@ -101,6 +101,21 @@ def test_two_tower_spellings_agree_with_shared_item_table():
     torch.testing.assert_close(c, c_ref)
 
 
+def test_two_tower_reads_a_shared_feature_by_its_tables_keys():
+    # the candidate's id feeds its id table and a coarser category-hash table, each keyed feature@table
+    ebc = EmbeddingBagCollection([EmbeddingBagConfig("user", 6, DIM, ["user_id"]),
+                                  EmbeddingBagConfig("item", 11, DIM, ["item_id"]),
+                                  EmbeddingBagConfig("item_hash", 11, 4, ["item_id"])])
+    model = TwoTower(ebc, ["user_id"], ["item_id@item", "item_id@item_hash"], [8])
+    kjt = KeyedJaggedTensor(["user_id", "item_id"], torch.tensor([1, 2, 3, 4]), lengths=torch.ones(4, dtype=torch.long))
+    pooled = ebc(kjt).to_dict()
+    _, c = model(kjt)
+    torch.testing.assert_close(c, model.candidate_proj(torch.cat([pooled["item_id@item"],
+                                                                  pooled["item_id@item_hash"]], dim=1)))
+    with pytest.raises(ValueError, match=r"feature 'item_id' is no output.*'feature@table'"):
+        TwoTower(ebc, ["user_id"], ["item_id"], [8])
+
+
 def test_in_batch_softmax_loss_matches_definition_and_trains():
     gen = torch.Generator().manual_seed(3)
     q = torch.randn(4, 8, generator=gen, requires_grad=True)
@@ -138,7 +153,7 @@ def test_dlrm_trains_on_a_fixed_batch():
                   3, [4], [1]), r"same embedding_dim.*\[4, 8\]"),
     (lambda: DLRM(_ebc(), 4, [16, 6], [1]), r"end in the embedding dim 8"),
     (lambda: DLRMPlain(ROWS, DIM, 4, [16, 4], [1]), r"end in the embedding dim 8"),
-    (lambda: TwoTower(_ebc(), ["f0"], ["nope"], [4]), r"feature 'nope' is read by no table"),
+    (lambda: TwoTower(_ebc(), ["f0"], ["nope"], [4]), r"feature 'nope' is no output of the collection"),
     (lambda: in_batch_softmax_loss(torch.zeros(2, 3), torch.zeros(3, 3)), r"differ in shape"),
 ])
 def test_bad_configurations_are_named(build, match):

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fxrec.models.mlp import MLP
+from fxrec.modules import embedding_names
 
 
 def in_batch_softmax_loss(query: torch.Tensor, candidate: torch.Tensor, temperature: float = 0.05) -> torch.Tensor:
@@ -34,13 +35,15 @@ class TwoTower(nn.Module):
                  layer_sizes: list[int], device=None):
         super().__init__()
         self.embedding_bag_collection = embedding_bag_collection
-        dims = {}
-        for cfg in embedding_bag_collection.embedding_bag_configs():
-            for f in cfg.feature_names:
-                dims[f] = cfg.embedding_dim
+        dims = {}  # by the collection's output key: the feature, or "feature@table" for a shared one
+        configs = embedding_bag_collection.embedding_bag_configs()
+        for cfg, keys in zip(configs, embedding_names(configs)):
+            for key in keys:
+                dims[key] = cfg.embedding_dim
         for f in list(query_features) + list(candidate_features):
             if f not in dims:
-                raise ValueError(f"TwoTower: feature {f!r} is read by no table of the collection (known: {sorted(dims)})")
+                raise ValueError(f"TwoTower: feature {f!r} is no output of the collection (its outputs: {sorted(dims)}; "
+                                 f"a feature several tables read is named 'feature@table')")
         self.query_features = list(query_features)
         self.candidate_features = list(candidate_features)
         self.query_proj = MLP(sum(dims[f] for f in query_features), layer_sizes, final_activation=False, device=device)

@@ -187,12 +187,12 @@ def node_specs(nodes: list[Node], tables: dict, served_pooled: Optional[dict] = 
         for read in lk.reads:
             info = tables[read.table]
             pooled = info.pooling != "none" if served_pooled is None else served_pooled[read.table]
-            for feature in read.features or (None,):
+            for feature, key in zip(read.features or (None,), read.keys or read.features or (None,)):
                 ks.append(len(slots))
                 # EmbeddingCollection ignores per-sample weights
                 slots.append(SlotSpec(n.name, read.table, feature, read.pooling, pooled,
                                       info.num_embeddings, info.embedding_dim, bool(lk.weighted) and lk.kind != "ec",
-                                      info.dtype))
+                                      info.dtype, key))
         specs.append(NodeSpec(n.name, lk.kind, tuple(ks), lk.include_last_offset, lk.padding_idx,
                               None if lk.pool_node is None else lk.pool_dim + 1, lk.ignores_weights))
     return specs, slots

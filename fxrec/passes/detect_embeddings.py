@@ -113,7 +113,7 @@ def _check_hooks(mod: nn.Module, path: str) -> None:
 
 # ------------------------------------------------------------------ structural matching
 def _match_module(gm: GraphModule, node: Node, names: dict) -> Optional[_Candidate]:
-    from fxrec.modules import EmbeddingBagCollection, EmbeddingCollection
+    from fxrec.modules import EmbeddingBagCollection, EmbeddingCollection, embedding_names
     mod = gm.get_submodule(node.target)
     path = str(node.target)
     _check_hooks(mod, path)
@@ -123,7 +123,8 @@ def _match_module(gm: GraphModule, node: Node, names: dict) -> Optional[_Candida
         sub = "embedding_bags" if bags else "embeddings"
         owners = [f"{path}.{sub}.{c.name}" for c in configs]
         reads = tuple(TableRead(names.get(f"{o}.weight", o), c.pooling if bags else "none", f"{o}.weight",
-                                tuple(c.feature_names)) for o, c in zip(owners, configs))
+                                tuple(c.feature_names), tuple(keys))
+                      for o, c, keys in zip(owners, configs, embedding_names(configs)))
         weights = [gm.get_submodule(o).weight for o in owners]
         refs = _arg_refs(node, ["features"])
         lookup = Lookup("ebc" if bags else "ec", reads, ids=refs.get("features"),

@@ -71,12 +71,18 @@ class TableRead:
     """One table read by a lookup node. `weight_path` is the attribute path, in the
     GraphModule, of the weight tensor this node reads (``emb_l.0.weight``,
     ``ebc.embedding_bags.t0.weight``, ``table``); `features` names the KJT features that
-    feed it (EBC/EC) and is empty for the other kinds."""
+    feed it (EBC/EC) and is empty for the other kinds; `keys` the collection's output key
+    of each (the feature, or ``feature@table`` for a feature several tables read)."""
 
     table: str
     pooling: str  # "sum" | "mean" | "none"
     weight_path: str
     features: tuple[str, ...] = ()
+    keys: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        if self.keys and len(self.keys) != len(self.features):
+            raise ValueError(f"TableRead {self.table!r}: {len(self.keys)} output keys for {len(self.features)} features")
 
 
 @dataclass

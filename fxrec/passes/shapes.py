@@ -163,19 +163,20 @@ def _meta_collection(mod: nn.Module, kjt) -> Any:
     """What an EBC / EC with meta tables returns, built from the (real) KJT's sizes on the
     KJT's device (`_lookup_device`): its lookups would need the table data, but only
     shapes are wanted."""
-    from fxrec.modules import EmbeddingBagCollection, output_dtype
+    from fxrec.modules import EmbeddingBagCollection, embedding_names, output_dtype
     from fxrec.sparse import JaggedTensor, KeyedTensor
     device = _lookup_device(kjt.values())
     if isinstance(mod, EmbeddingBagCollection):
         configs = mod.embedding_bag_configs()
-        keys = [f for c in configs for f in c.feature_names]
+        keys = [k for names in embedding_names(configs) for k in names]
         dims = [c.embedding_dim for c in configs for _ in c.feature_names]
         # the dtype the collection returns (half-precision tables give float32), promoted over tables
         dtype = functools.reduce(torch.promote_types, [output_dtype(c.dtype) for c in configs], torch.float32)
         return KeyedTensor(keys, dims, torch.zeros(kjt.stride(), sum(dims), dtype=dtype, device=device))
-    return {f: JaggedTensor(torch.zeros(kjt[f].values().numel(), c.embedding_dim, dtype=output_dtype(c.dtype),
+    configs = mod.embedding_configs()
+    return {k: JaggedTensor(torch.zeros(kjt[f].values().numel(), c.embedding_dim, dtype=output_dtype(c.dtype),
                                         device=device), lengths=kjt[f].lengths(), validate=False)
-            for c in mod.embedding_configs() for f in c.feature_names}
+            for c, keys in zip(configs, embedding_names(configs)) for f, k in zip(c.feature_names, keys)}
 
 
 # ------------------------------------------------------------------ lookups on meta tables

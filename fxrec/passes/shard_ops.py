@@ -47,6 +47,11 @@ class SlotSpec:
     dim: int
     weighted: bool
     dtype: Optional[torch.dtype] = None  # the table's: per-sample weights must have it, as in torch
+    key: Optional[str] = None  # the collection's output key: the feature, or "feature@table" when shared
+
+    @property
+    def output_key(self) -> Optional[str]:
+        return self.feature if self.key is None else self.key
 
 
 @dataclass(frozen=True)
@@ -522,7 +527,7 @@ class FinishOutputs(nn.Module):
         results = []
         for spec in self.nodes:
             if spec.kind == "ebc":
-                keys = [self.slots[k].feature for k in spec.slots]
+                keys = [self.slots[k].output_key for k in spec.slots]
                 parts = []
                 for k in spec.slots:
                     out = slot_outputs[k]
@@ -537,7 +542,7 @@ class FinishOutputs(nn.Module):
             # (dist_output.py), which the user's code would not expect of an embedding's output
             outs = [_finish_slot(self.slots[k], inputs[k], _joined(slot_outputs[k])).contiguous() for k in spec.slots]
             if spec.kind == "ec":
-                results.append({self.slots[k].feature: JaggedTensor(_as_output(o), lengths=inputs[k].jt_lengths,
+                results.append({self.slots[k].output_key: JaggedTensor(_as_output(o), lengths=inputs[k].jt_lengths,
                                                                     validate=False)
                                 for k, o in zip(spec.slots, outs)})
             else:
