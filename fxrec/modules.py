@@ -28,12 +28,45 @@ WeightInit = Callable[[Tensor], None]
 BAG_POOLINGS = ("sum", "mean")
 
 
+# TorchRec's configs open with (num_embeddings, embedding_dim, name, data_type, feature_names,
+# weight_init_max, weight_init_min); fxrec's with (name, num_embeddings, embedding_dim, ...).
+_TORCHREC_ORDER = ("num_embeddings", "embedding_dim", "name", "data_type", "feature_names",
+                   "weight_init_max", "weight_init_min")
+
+
+def _takes_torchrec_order(cls):
+    """Let a config also be called in TorchRec's positional order. A call whose first argument
+    is an integer (fxrec's first field is the table's name, a string) is TorchRec's:
+    ``EmbeddingBagConfig(1000, 64, "t_user", feature_names=["user"])`` reads as TorchRec's
+    does, where fxrec's order would take 1000 for the name."""
+    init = cls.__init__
+
+    @functools.wraps(init)
+    def __init__(self, *args, **kwargs):
+        if args and not isinstance(args[0], str) and whole(args[0]) is not None:
+            if len(args) > len(_TORCHREC_ORDER):
+                raise TypeError(f"{cls.__name__}: in TorchRec's order (num_embeddings first) only "
+                                f"{', '.join(_TORCHREC_ORDER)} are taken by position; pass the rest by keyword")
+            for field_name, value in zip(_TORCHREC_ORDER, args):
+                if field_name in kwargs:
+                    raise TypeError(f"{cls.__name__}: {field_name!r} given by position (TorchRec's order, "
+                                    f"num_embeddings first) and by keyword")
+                kwargs[field_name] = value
+            args = ()
+        init(self, *args, **kwargs)
+
+    cls.__init__ = __init__
+    return cls
+
+
+@_takes_torchrec_order
 @dataclass
 class EmbeddingConfig:
     """One table read without pooling. ``weight_init(weight)`` runs under no_grad;
     None means uniform(-sqrt(1/num_embeddings), +sqrt(1/num_embeddings)).
 
-    TorchRec's spellings are taken too, by keyword (`_torchrec_fields`): ``data_type`` (its
+    TorchRec's spellings are taken too (`_torchrec_fields`), and its positional order, which
+    opens with num_embeddings (`_takes_torchrec_order`): ``data_type`` (its
     DataType FP32 / FP16 / BF16, or that name as a string) for ``dtype``; ``init_fn`` for
     ``weight_init``; ``weight_init_min`` / ``weight_init_max``, the bounds of the uniform
     default. They are folded into ``dtype`` / ``weight_init`` and read None after."""
@@ -54,6 +87,7 @@ class EmbeddingConfig:
         _check_config(self)
 
 
+@_takes_torchrec_order
 @dataclass
 class EmbeddingBagConfig:
     """One pooled table: every feature in ``feature_names`` is pooled with it, giving

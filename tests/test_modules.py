@@ -365,3 +365,30 @@ def test_torchrecs_config_fields_are_taken(config):
 def test_torchrecs_config_fields_that_clash_are_refused(fields, match):
     with pytest.raises(ValueError, match=match):
         EmbeddingBagConfig(name="t", num_embeddings=10, embedding_dim=2, **fields)
+
+
+@pytest.mark.parametrize("config", [EmbeddingBagConfig, EmbeddingConfig])
+def test_torchrecs_positional_order_is_taken(config):
+    """TorchRec's configs open with (num_embeddings, embedding_dim, name, data_type,
+    feature_names, weight_init_max, weight_init_min); a call starting with an int is read so."""
+    fxrec_order = config("t", 100, 16, ["a"])
+    assert config(100, 16, "t", None, ["a"]) == fxrec_order
+    assert config(100, 16, "t", feature_names=["a"]) == fxrec_order
+    assert config(torch.tensor(100), 16, name="t", feature_names=["a"]) == fxrec_order  # integer-like, as elsewhere
+    half = config(100, 16, "t", "FP16", ["a"], 0.5, 0.25)
+    assert (half.name, half.num_embeddings, half.embedding_dim, half.dtype) == ("t", 100, 16, torch.float16)
+    w = torch.empty(100, 16)
+    half.weight_init(w)
+    assert 0.25 <= float(w.min()) and float(w.max()) <= 0.5
+    if config is EmbeddingBagConfig:
+        assert config(100, 16, "t", pooling="mean").pooling == "mean"
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda: EmbeddingBagConfig(100, 16, "t", name="u"), r"'name' given by position \(TorchRec's order"),
+    (lambda: EmbeddingConfig(100, 16, "t", None, ["a"], 0.5, 0.25, 90), r"only num_embeddings, .* by position"),
+    (lambda: EmbeddingBagConfig(100, 16), r"missing 1 required positional argument: 'name'"),
+])
+def test_torchrecs_positional_order_errors(call, match):
+    with pytest.raises(TypeError, match=match):
+        call()
