@@ -90,11 +90,14 @@ def _names(owner: str, arg: str, names, error: type = TypeError) -> list:
 def _size(owner: str, arg: str, value) -> int:
     """``value`` (a stride, a padded length) as an int >= 0. A fraction or a string is
     refused rather than truncated or parsed by int(); a size traced by dynamo (SymInt)
-    goes through int() as it always did."""
+    goes through int() as it always did, and one traced by torch.fx (a Proxy: a KJT built in
+    forward with ``stride=ids.shape[0]``) is kept, to be the node that computes it."""
     if type(value) is int and value >= 0:  # the usual case, kept cheap: KJTs are built per batch
         return value
     if isinstance(value, torch.SymInt):
         return int(value)
+    if isinstance(value, torch.fx.Proxy):  # a size traced by torch.fx: ``ids.shape[0]`` in a forward
+        return value
     n = whole(value)
     if n is None or n < 0:
         raise ValueError(f"{owner}: {arg} must be a whole number >= 0, got {value!r}")

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fxrec
+from dist_harness import run_workers
 from fxrec.capture import CaptureError, SourceLoc
 from fxrec.modules import EmbeddingBagCollection, EmbeddingBagConfig
 from fxrec.passes import lookup as L
@@ -108,6 +109,49 @@ def test_kjt_built_inside_forward():
     assert gm.meta[L.CAPTURED_BY] == "fx"
     fresh = (torch.randint(0, 10, (3,)), torch.tensor([0, 2, 1, 0]))
     torch.testing.assert_close(gm(*fresh), model(*fresh))
+
+
+class _KJTFromIdColumns(nn.Module):
+    """Builds its KJT inside forward from a batch x features matrix of ids, one id per bag,
+    with the stride read from the ids' shape (a traced size under torch.fx)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ebc = EmbeddingBagCollection([EmbeddingBagConfig("t_a", 10, 4, ["a"]),
+                                           EmbeddingBagConfig("t_b", 12, 4, ["b"])])
+        self.lin = nn.Linear(8, 1)
+
+    def forward(self, ids):
+        b = ids.shape[0]
+        kjt = KeyedJaggedTensor(["a", "b"], ids.t().reshape(-1), lengths=torch.ones(2 * b, dtype=torch.long),
+                                stride=b)
+        return self.lin(self.ebc(kjt).values())
+
+
+def test_kjt_with_a_traced_stride_is_captured_by_fx_and_sharded():
+    # the stride was refused as "must be a whole number", so capture fell back to torch.export,
+    # whose aten lookups shard could not take
+    torch.manual_seed(0)
+    model = _KJTFromIdColumns()
+    example, fresh = torch.randint(0, 10, (4, 2)), torch.randint(0, 10, (3, 2))
+    assert fxrec.capture(model, (example,)).meta[L.CAPTURED_BY] == "fx"
+    sm = fxrec.shard(model, fxrec.Topology(1), (example,), constraints={"ebc.embedding_bags.t_a": "row_wise"})
+    with torch.no_grad():
+        torch.testing.assert_close(sm(fresh), model(fresh))
+    results = run_workers(_traced_stride_worker, 2, timeout=120)
+    for got, want in results:
+        torch.testing.assert_close(got, want)
+
+
+def _traced_stride_worker(rank: int, world: int) -> tuple:
+    torch.manual_seed(0)
+    model = _KJTFromIdColumns()
+    g = torch.Generator().manual_seed(1)
+    batches = [torch.randint(0, 10, (3, 2), generator=g) for _ in range(world)]
+    sm = fxrec.shard(model, fxrec.Topology(world), (batches[rank],),
+                     constraints={"ebc.embedding_bags.t_a": "row_wise", "ebc.embedding_bags.t_b": "table_wise"})
+    with torch.no_grad():
+        return sm(batches[rank]), model(torch.cat(batches))[rank * 3:(rank + 1) * 3]
 
 
 class _WithBatchNorm(nn.Module):
