@@ -19,6 +19,12 @@ Definitions (g = the row's gradient summed over every occurrence of its id in th
   row, as unsharded (fxrec/runtime/row_sync.py; it costs a sort of the ids by row, which,
   where rows repeat often, also gives the update its per-row gradients); ``False`` gives
   each shard an accumulator over its own columns, as TorchRec/FBGEMM do.
+- `Adagrad(lr, eps=1e-10)`: FBGEMM's EXACT_ADAGRAD, `torch.optim.Adagrad` (lr_decay=0,
+  weight_decay=0, initial_accumulator_value=0) on the touched rows: one fp32 accumulator per
+  element, ``s += g**2``, then ``w -= lr * g / (sqrt(s) + eps)``. A row no batch touched has
+  g = 0, for which torch's dense Adagrad changes nothing either: training with it equals
+  `torch.optim.Adagrad` over the whole table. eps defaults to torch's 1e-10. Its state is per
+  element, so a column_wise table's shards need no exchange.
 - `Adam(lr, betas, eps)`: "lazy" Adam. Each touched row is updated exactly as
   `torch.optim.Adam` (amsgrad=False, weight_decay=0) updates a parameter holding only
   that row, with a *per-row* step count: a row's step counts the batches that touched it,
@@ -119,6 +125,22 @@ class RowWiseAdagrad:
 
 
 @dataclass(frozen=True)
+class Adagrad:
+    """torch.optim.Adagrad / FBGEMM's EXACT_ADAGRAD: one fp32 accumulator per element (see module doc)."""
+
+    lr: float
+    eps: float = 1e-10
+    name: ClassVar[str] = "adagrad"
+
+    def __post_init__(self):
+        _set(self, "lr", _check_lr("Adagrad", self.lr))
+        _set(self, "eps", _check_eps("Adagrad", self.eps))
+
+    def state_bytes_per_row(self, dim: int) -> int:
+        return dim * _FP32
+
+
+@dataclass(frozen=True)
 class Adam:
     """Lazy Adam with per-row step counts: two fp32 moments per element + an int32 step per row."""
 
@@ -142,13 +164,14 @@ class Adam:
         return 2 * dim * _FP32 + _INT32
 
 
-SparseOptimizer = Union[SGD, RowWiseAdagrad, Adam]
-OPTIMIZERS = (SGD, RowWiseAdagrad, Adam)
+SparseOptimizer = Union[SGD, RowWiseAdagrad, Adagrad, Adam]
+OPTIMIZERS = (SGD, RowWiseAdagrad, Adagrad, Adam)
+NAMES = "fxrec.optim.SGD/RowWiseAdagrad/Adagrad/Adam"  # for messages
 
 
 class PerTable:
     """A sparse optimizer per table: `tables` maps table names (`fxrec.TableInfo.name`, as
-    `fxrec.find_tables` and plans spell them) to SGD / RowWiseAdagrad / Adam, or to None for
+    `fxrec.find_tables` and plans spell them) to SGD / RowWiseAdagrad / Adagrad / Adam, or to None for
     a table that is not trained; `default` serves every other table (None: each table must
     be named)."""
 
@@ -158,14 +181,14 @@ class PerTable:
         try:
             tables = dict(tables)
         except (TypeError, ValueError) as e:
-            raise TypeError(f"PerTable: tables must map table names to fxrec.optim.SGD/RowWiseAdagrad/Adam, got "
+            raise TypeError(f"PerTable: tables must map table names to fxrec.optim.SGD/RowWiseAdagrad/Adagrad/Adam, got "
                             f"{tables!r} ({type(tables).__name__})") from e
         for key, opt in tables.items():
             if not isinstance(key, str) or not (opt is None or isinstance(opt, OPTIMIZERS)):
-                raise ValueError(f"PerTable: tables must map table names to fxrec.optim.SGD/RowWiseAdagrad/Adam "
+                raise ValueError(f"PerTable: tables must map table names to fxrec.optim.SGD/RowWiseAdagrad/Adagrad/Adam "
                                  f"(or None: not trained), got {key!r}: {opt!r}")
         if default is not None and not isinstance(default, OPTIMIZERS):
-            raise ValueError(f"PerTable: default must be fxrec.optim.SGD/RowWiseAdagrad/Adam or None, got {default!r}")
+            raise ValueError(f"PerTable: default must be fxrec.optim.SGD/RowWiseAdagrad/Adagrad/Adam or None, got {default!r}")
         self.tables, self.default = dict(tables), default
 
     def for_table(self, name: str) -> Optional[SparseOptimizer]:
@@ -217,4 +240,4 @@ def freeze(optimizer, tables: Iterable[str]):
     return PerTable({**optimizer.tables, **{t: None for t in tables}}, default=optimizer.default)
 
 
-__all__ = ["SGD", "RowWiseAdagrad", "Adam", "PerTable", "for_table", "freeze", "SparseOptimizer", "OPTIMIZERS"]
+__all__ = ["SGD", "RowWiseAdagrad", "Adagrad", "Adam", "PerTable", "for_table", "freeze", "SparseOptimizer", "OPTIMIZERS"]

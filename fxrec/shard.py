@@ -629,7 +629,7 @@ def _prepare(model: nn.Module, topology, inputs: tuple, plan, constraints, spars
         raise ValueError("fxrec.shard: give a plan or constraints to plan with, not both")
     optimizer = DEFAULT_SPARSE_OPTIMIZER if sparse_optimizer is None else sparse_optimizer
     if not isinstance(optimizer, OPTIMIZERS + (PerTable,)):
-        raise ValueError(f"fxrec.shard: sparse_optimizer must be fxrec.optim.SGD/RowWiseAdagrad/Adam or a "
+        raise ValueError(f"fxrec.shard: sparse_optimizer must be fxrec.optim.SGD/RowWiseAdagrad/Adagrad/Adam or a "
                          f"fxrec.optim.PerTable, got {optimizer!r}")
     device = _device(topology)
     state_keys = list(model.state_dict().keys())
@@ -746,7 +746,7 @@ def shard(model: nn.Module, topology, example_inputs, plan=None, constraints=Non
 
     plan: a `fxrec.Plan` (checked against the model's tables and the topology), else
     ``fxrec.plan(tables, topology, constraints=...)`` on rank 0, broadcast.
-    sparse_optimizer: `fxrec.optim.SGD / RowWiseAdagrad / Adam`, fused into backward, or a
+    sparse_optimizer: `fxrec.optim.SGD / RowWiseAdagrad / Adagrad / Adam`, fused into backward, or a
     `fxrec.optim.PerTable` of them (tables with equal configs share fused kernels); default
     `DEFAULT_SPARSE_OPTIMIZER` (SGD, lr 0.01, TorchRec's default).
     seed: for tables on the meta device (`fxrec.runtime.tables.deterministic_init`) and

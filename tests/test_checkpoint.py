@@ -24,7 +24,7 @@ from torch.testing import assert_close
 
 import fxrec
 from dist_harness import run_workers
-from fxrec.optim import SGD, Adam, RowWiseAdagrad
+from fxrec.optim import SGD, Adagrad, Adam, RowWiseAdagrad
 from fxrec.shard import shard
 from fxrec.topology import Topology
 from shard_models import CASES
@@ -35,7 +35,7 @@ LR = 0.05
 RANKS_PER_NODE = {2: 1, 4: 2}
 SPARSE = {"sgd": lambda: SGD(LR), "rowwise_adagrad": lambda: RowWiseAdagrad(LR, eps=1e-8),
           "rowwise_adagrad_per_shard": lambda: RowWiseAdagrad(LR, eps=1e-8, exact_column_wise=False),
-          "adam": lambda: Adam(LR, betas=(0.9, 0.99), eps=1e-4)}
+          "adam": lambda: Adam(LR, betas=(0.9, 0.99), eps=1e-4), "adagrad": lambda: Adagrad(LR, eps=1e-8)}
 
 # (job, model, sparse optimizer, saved as (W=2), loaded as (world, sharding), loaded on meta)
 JOBS = [
@@ -46,6 +46,7 @@ JOBS = [
     ("dp_to_twrw", "dlrm_ebc", "adam", "data_parallel", (4, "table_row_wise"), False),
     ("cw_per_shard", "dlrm_ebc", "rowwise_adagrad_per_shard", "column_wise", (2, "column_wise"), False),
     ("odd_rw_to_tw", "odd_tables", "rowwise_adagrad", "row_wise", (4, "table_wise"), False),
+    ("cw_to_rw_adagrad", "dlrm_ebc", "adagrad", "column_wise", (4, "row_wise"), False),
 ]
 
 

@@ -187,7 +187,7 @@ def test_unknown_option_is_named():
 
 @pytest.mark.parametrize("options, match", [
     # accepted and ignored under no_grad, or failed deep in fuse_lookups when training
-    ({"sparse_optimizer": "garbage"}, r"sparse_optimizer must be fxrec.optim.SGD/RowWiseAdagrad/Adam or a "
+    ({"sparse_optimizer": "garbage"}, r"sparse_optimizer must be fxrec.optim.SGD/RowWiseAdagrad/Adagrad/Adam or a "
                                       r"fxrec.optim.PerTable, got 'garbage'"),
     ({"kernel": "cuda"}, r"kernel must be one of \['triton', 'fbgemm', 'torch'\].*, got 'cuda'"),
     ({"output_dtype": torch.int8, "weight_dtype": "int8"}, r"output_dtype must be one of .*, got torch.int8"),

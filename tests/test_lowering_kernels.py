@@ -19,7 +19,7 @@ import torch
 
 from fxrec.lowering import FusedEmbeddingBags, NoKernelError, TBELayout, select
 from fxrec.lowering.sparse_update import init_state, sort_occurrences
-from fxrec.optim import SGD, Adam, RowWiseAdagrad
+from fxrec.optim import SGD, Adagrad, Adam, RowWiseAdagrad
 from fxrec.types import TableInfo
 from triton_child import assert_interpreter_child_passes
 
@@ -49,6 +49,7 @@ FBGEMM_DECLINES = {"bf16_mean", "mixed_dims_fp16", "single_bf16", "adam"}
 # its backward serves unpooled tables of mixed dims (each id a bag of one); its nobag forward does not
 FBGEMM_SERVES = {"backward_update": {"mixed_dims_fp16"}}
 OPTIMIZERS = {"sgd": SGD(lr=0.1), "rowwise_adagrad": RowWiseAdagrad(lr=0.1, eps=1e-8),
+              "adagrad": Adagrad(lr=0.1, eps=1e-8),
               "adam": Adam(lr=0.05, betas=(0.8, 0.95), eps=1e-6)}
 TOL = {torch.float32: dict(rtol=1.3e-6, atol=1e-5), torch.float16: dict(rtol=2e-3, atol=2e-3),
        torch.bfloat16: dict(rtol=1.6e-2, atol=1.6e-2)}
@@ -159,6 +160,7 @@ class RefTrainer:
         self.tables, self.opt, self.dtype = tables, optimizer, dtype
         self.w = [w.float().clone() for w in weights]
         self.momentum = [torch.zeros(t.num_embeddings) for t in tables]
+        self.sums = [torch.zeros(t.num_embeddings, t.embedding_dim) for t in tables]  # Adagrad's
         self.adam = {}  # (table, row) -> (param, torch.optim.Adam)
 
     def step(self, indices, offsets, psw, grad_out):
@@ -179,6 +181,9 @@ class RefTrainer:
                 if isinstance(self.opt, RowWiseAdagrad):
                     self.momentum[t][r] += (g * g).mean()
                     p[r] -= self.opt.lr * g / (self.momentum[t][r].sqrt() + self.opt.eps)
+                elif isinstance(self.opt, Adagrad):  # torch.optim.Adagrad's step, on the row
+                    self.sums[t][r] += g * g
+                    p[r] -= self.opt.lr * g / (self.sums[t][r].sqrt() + self.opt.eps)
                 else:
                     self._adam_row(t, r, p, g)
 
@@ -580,13 +585,13 @@ def test_triton_interpreter_suite():
 
 
 _BWD_SIG = {"weights_ptr": "*bf16", "momentum_ptr": "*fp32", "exp_avg_ptr": "*fp32", "exp_avg_sq_ptr": "*fp32",
-            "step_size_ptr": "*fp32", "bc2_sqrt_ptr": "*fp32", "w_offsets_ptr": "*i64", "d_offsets_ptr": "*i32",
+            "sum_ptr": "*fp32", "step_size_ptr": "*fp32", "bc2_sqrt_ptr": "*fp32", "w_offsets_ptr": "*i64", "d_offsets_ptr": "*i32",
             "hash_cumsum_ptr": "*i64", "uniq_table_ptr": "*i64", "uniq_row_ptr": "*i64", "seg_ptr": "*i64",
             "src_off_ptr": "*i64", "scale_ptr": "*fp32", "grad_ptr": "*bf16", "lr": "fp32", "eps": "fp32",
             "one_minus_beta1": "fp32", "beta2": "fp32", "one_minus_beta2": "fp32",
             "OPT": "constexpr", "BLOCK_N": "constexpr", "BLOCK_D": "constexpr"}
 _BWD_ROWS_SIG = {"weights_ptr": "*bf16", "momentum_ptr": "*fp32", "exp_avg_ptr": "*fp32", "exp_avg_sq_ptr": "*fp32",
-                 "step_size_ptr": "*fp32", "bc2_sqrt_ptr": "*fp32", "w_offsets_ptr": "*i64",
+                 "sum_ptr": "*fp32", "step_size_ptr": "*fp32", "bc2_sqrt_ptr": "*fp32", "w_offsets_ptr": "*i64",
                  "d_offsets_ptr": "*i32", "hash_cumsum_ptr": "*i64", "uniq_table_ptr": "*i64",
                  "uniq_row_ptr": "*i64", "sel_ptr": "*i64", "start_ptr": "*i64", "end_ptr": "*i64",
                  "src_off_ptr": "*i64", "scale_ptr": "*fp32", "grad_ptr": "*bf16", "lr": "fp32", "eps": "fp32",
@@ -613,9 +618,10 @@ _COMPILE_CASES = {  # case -> (kernel, signature, constexprs)
     "backward_sgd": ("backward_update_kernel", _BWD_SIG, {"OPT": 0, "BLOCK_N": 8, "BLOCK_D": 64}),
     "backward_rowwise_adagrad": ("backward_update_kernel", _BWD_SIG, {"OPT": 1, "BLOCK_N": 8, "BLOCK_D": 64}),
     "backward_adam": ("backward_update_kernel", _BWD_SIG, {"OPT": 2, "BLOCK_N": 8, "BLOCK_D": 64}),
+    "backward_adagrad": ("backward_update_kernel", _BWD_SIG, {"OPT": 3, "BLOCK_N": 8, "BLOCK_D": 64}),
     **{f"backward_rows_{opt}_r{rows}_d{block_d}{'_sel' if sel else ''}": (
         "backward_update_rows_kernel", _BWD_ROWS_SIG, {"OPT": code, "HAS_SEL": sel, "ROWS": rows, "BLOCK_D": block_d})
-       for opt, code in (("sgd", 0), ("rowwise_adagrad", 1), ("adam", 2))
+       for opt, code in (("sgd", 0), ("rowwise_adagrad", 1), ("adam", 2), ("adagrad", 3))
        for rows, block_d, sel in ((8, 128, False), (16, 64, True), (4, 64, False))},
     "segment_sum_kernel": ("segment_sum_kernel",
                            {"d_offsets_ptr": "*i32", "uniq_table_ptr": "*i64", "chunk_row_ptr": "*i64",

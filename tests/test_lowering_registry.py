@@ -9,7 +9,7 @@ from fxrec.lowering import (FusedEmbeddingBags, NoKernelError, TBELayout, kernel
                             register_kernel, registered, select)
 from fxrec.lowering import registry
 from fxrec.lowering.fbgemm import AVAILABLE as FBGEMM
-from fxrec.optim import SGD, Adam, PerTable, RowWiseAdagrad
+from fxrec.optim import SGD, Adagrad, Adam, PerTable, RowWiseAdagrad
 from fxrec.types import TableInfo
 
 CPU_FAST = "fbgemm" if FBGEMM else "torch"  # what a CPU problem gets when fbgemm serves it
@@ -291,6 +291,7 @@ def test_optimizer_configs():
     assert SGD(0.1).state_bytes_per_row(64) == 0
     assert RowWiseAdagrad(0.1).state_bytes_per_row(64) == 4
     assert Adam(0.1).state_bytes_per_row(64) == 2 * 64 * 4 + 4
+    assert Adagrad(0.1).state_bytes_per_row(64) == 64 * 4 and Adagrad(0.1).eps == 1e-10  # torch.optim.Adagrad's
     assert RowWiseAdagrad(0.1).eps == 1e-8 and Adam(0.1).betas == (0.9, 0.999)
     with pytest.raises(ValueError, match=r"Adam: betas must be two values in \[0, 1\), got \(0.9, 1.0\)"):
         Adam(0.1, betas=(0.9, 1.0))

@@ -14,7 +14,7 @@ import torch
 
 import fxrec
 from dist_harness import run_workers
-from fxrec.optim import SGD, Adam, PerTable, RowWiseAdagrad
+from fxrec.optim import SGD, Adagrad, Adam, PerTable, RowWiseAdagrad
 from fxrec.runtime.local_lookup import FusedGroups, LocalLookup
 from fxrec.shard import shard
 from fxrec.topology import Topology
@@ -24,15 +24,15 @@ from test_shard_equivalence import (ADAM_EPS, BETAS, EPS, MIXED, SPARSE_LR, _mis
 
 B, STEPS = 2, 3
 CONFIGS = {"sgd": SGD(SPARSE_LR), "rowwise_adagrad": RowWiseAdagrad(SPARSE_LR, eps=EPS),
-           "adam": Adam(SPARSE_LR, betas=BETAS, eps=ADAM_EPS)}
+           "adam": Adam(SPARSE_LR, betas=BETAS, eps=ADAM_EPS), "adagrad": Adagrad(SPARSE_LR, eps=EPS)}
 EBC = "sparse_arch.ebc.embedding_bags."
 # (job, model, sharding, table -> optimizer kind (the rest: rowwise_adagrad))
 JOBS = [
     ("mixed_lists", "dlrm_lists", "mixed", {"emb_l.1": "adam", "emb_l.2": "sgd"}),
     ("tw_ebc", "dlrm_ebc", "table_wise", {EBC + "t_user": "adam", EBC + "t_cat": "sgd"}),
-    ("cw_ebc", "dlrm_ebc", "column_wise", {EBC + "t_item": "adam"}),
+    ("cw_ebc", "dlrm_ebc", "column_wise", {EBC + "t_item": "adam", EBC + "t_user": "adagrad"}),
     ("dp_ebc", "dlrm_ebc", "data_parallel", {EBC + "t_user": "sgd", EBC + "t_cat": "adam"}),
-    ("rw_sequence", "sequence_ec", "row_wise", {"ec.embeddings.t_item": "adam"}),
+    ("rw_sequence", "sequence_ec", "row_wise", {"ec.embeddings.t_item": "adam", "ec.embeddings.t_query": "adagrad"}),
 ]
 
 

@@ -210,7 +210,7 @@ def test_pinned_ranks_exclude_spread_types():
 
 @pytest.mark.parametrize("optimizer,per_element,per_row", [
     ("sgd", 0, 0), ("rowwise_adagrad", 0, 4), ("adam", 8, 4), (fxrec.optim.Adam(lr=0.1), 8, 4),
-    (fxrec.optim.RowWiseAdagrad(lr=0.1), 0, 4),
+    (fxrec.optim.RowWiseAdagrad(lr=0.1), 0, 4), ("adagrad", 4, 0), (fxrec.optim.Adagrad(lr=0.1), 4, 0),
 ])
 def test_memory_counts_optimizer_state(optimizer, per_element, per_row):
     tables = [TableInfo("a", 10_000, 16, 2.0), TableInfo("b", 4_000, 32, 1.0)]

@@ -10,7 +10,7 @@ import fxrec
 from fxrec import TableInfo
 from fxrec.cli import main
 from fxrec.commands import plan as plan_cli
-from fxrec.optim import SGD, Adam, RowWiseAdagrad
+from fxrec.optim import SGD, Adagrad, Adam, RowWiseAdagrad
 from fxrec.planner import cost
 from fxrec.planner.plan import Plan, optimizer_kind
 from fxrec.topology import Topology
@@ -35,6 +35,7 @@ def costs(sharding, topo=CUDA16, optimizer="sgd", batch=B, **kw):
     ("sgd", lambda n, c: 0),
     ("rowwise_adagrad", lambda n, c: 4 * n),  # one fp32 per row
     ("adam", lambda n, c: 8 * n * c + 4 * n),  # two fp32 per element + an int32 step per row
+    ("adagrad", lambda n, c: 4 * n * c),  # one fp32 per element
 ])
 @pytest.mark.parametrize("sharding", ["table_wise", "row_wise", "column_wise"])
 def test_storage_counts_optimizer_state(optimizer, extra, sharding):
@@ -256,6 +257,7 @@ def test_shard_parameters_must_carry_the_full_dim():
     (RowWiseAdagrad(0.1), EXACT),
     (RowWiseAdagrad(0.1, exact_column_wise=False), PER_SHARD),
     (Adam(0.1), "adam"),
+    (Adagrad(0.1), "adagrad"),
     (PER_SHARD, PER_SHARD),
     (EXACT, EXACT),
 ])

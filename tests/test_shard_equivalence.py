@@ -17,7 +17,7 @@ from torch.testing import assert_close
 
 import fxrec
 from dist_harness import merge_failures, run_jobs, run_workers
-from fxrec.optim import SGD, Adam, RowWiseAdagrad
+from fxrec.optim import SGD, Adagrad, Adam, RowWiseAdagrad
 from fxrec.passes.lookup import table_names_by_param
 from fxrec.shard import shard
 from fxrec.topology import Topology
@@ -27,7 +27,7 @@ B, STEPS, SPARSE_LR, DENSE_LR, EPS = 2, 3, 0.1, 0.1, 1e-8
 SHARDINGS = ["table_wise", "row_wise", "column_wise", "data_parallel", "table_row_wise", "mixed", "explicit_plan"]
 MODELS = ["dlrm_lists", "dlrm_ebc", "two_tower", "sequence", "weighted_mean", "sequence_ec", "uneven_bags",
           "odd_tables"]
-OPTIMIZERS = ["sgd", "rowwise_adagrad", "adam", "rowwise_adagrad_per_shard"]
+OPTIMIZERS = ["sgd", "rowwise_adagrad", "adam", "adagrad", "rowwise_adagrad_per_shard"]
 BETAS, ADAM_EPS = (0.9, 0.99), 1e-4  # a larger eps: Adam's g / |g| would magnify rounding of tiny grads
 RANKS_PER_NODE = {2: 1, 4: 2}  # table_row_wise crosses nodes: 2 nodes x 1 rank, 2 nodes x 2 ranks
 
@@ -52,11 +52,11 @@ NO_COLUMN_WISE = {"weighted_mean"}
 
 
 def _jobs(world: int) -> list[tuple[str, str, str]]:
-    # Adam (elementwise, like SGD) on 2 ranks only, to keep the suite short; TorchRec's
+    # Adam and Adagrad (elementwise, like SGD) on 2 ranks only, to keep the suite short; TorchRec's
     # per-column-shard RowWiseAdagrad (exact_column_wise=False) differs from the exact one
     # only on column_wise tables
     return [(s, m, o) for s in SHARDINGS for m in MODELS for o in OPTIMIZERS
-            if not (s == "column_wise" and m in NO_COLUMN_WISE) and (o != "adam" or world == 2)
+            if not (s == "column_wise" and m in NO_COLUMN_WISE) and (o not in ("adam", "adagrad") or world == 2)
             and (o != "rowwise_adagrad_per_shard" or (s == "column_wise" and world == 2))]
 
 
@@ -79,6 +79,10 @@ def _reference_step(sm, t_params: dict, state: dict, optimizer: str) -> None:
                 p -= SPARSE_LR * g
             elif optimizer == "adam":
                 _lazy_adam(p, g, state.setdefault(name, {}))
+            elif optimizer == "adagrad":  # torch.optim.Adagrad's step on the whole table
+                s = state.setdefault(name, torch.zeros_like(p))
+                s += g * g
+                p -= SPARSE_LR * g / (s.sqrt() + EPS)
             elif optimizer == "rowwise_adagrad_per_shard":  # one accumulator per column shard
                 for c0, c1 in sorted({tuple(s.cols) for s in sm.plan[name].shards}):
                     m = state.setdefault((name, c0), torch.zeros(p.shape[0]))
@@ -131,7 +135,7 @@ def _run_job(rank: int, world: int, sharding: str, name: str, optimizer: str) ->
     plan = fxrec.plan(tables, topology, constraints=cons) if sharding == "explicit_plan" else None
     sparse = {"sgd": SGD(SPARSE_LR), "rowwise_adagrad": RowWiseAdagrad(SPARSE_LR, eps=EPS),
               "rowwise_adagrad_per_shard": RowWiseAdagrad(SPARSE_LR, eps=EPS, exact_column_wise=False),
-              "adam": Adam(SPARSE_LR, betas=BETAS, eps=ADAM_EPS)}[optimizer]
+              "adam": Adam(SPARSE_LR, betas=BETAS, eps=ADAM_EPS), "adagrad": Adagrad(SPARSE_LR, eps=EPS)}[optimizer]
     sm = shard(model, topology, batches[rank], plan=plan, constraints=None if plan else cons,
                sparse_optimizer=sparse)
     for table, kind in cons.items():

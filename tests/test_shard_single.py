@@ -722,3 +722,53 @@ def test_half_tables_on_meta_feed_a_float32_layer(dtype):
     sm = shard(Model("meta"), Topology(1), (kjt,))
     with torch.no_grad():
         assert sm(kjt).dtype == torch.float32 and sm(kjt).shape == (2, 1)
+
+
+class _AdagradModel(nn.Module):
+    """A mean bag, a sum bag with per-sample weights, and an unpooled nn.Embedding."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.EmbeddingBag(30, 8, mode="mean")
+        self.b = nn.EmbeddingBag(20, 16, mode="sum")
+        self.seq = nn.Embedding(25, 8)
+        self.lin = nn.Linear(32, 1)
+
+    def forward(self, ids, offsets, ids_b, offsets_b, psw, tokens):
+        return self.lin(torch.cat([self.a(ids, offsets), self.b(ids_b, offsets_b, per_sample_weights=psw),
+                                   self.seq(tokens).sum(1)], dim=1))
+
+
+def _adagrad_batch(g):
+    return (torch.randint(0, 30, (9,), generator=g), torch.tensor([0, 4, 4, 6]),
+            torch.randint(0, 20, (7,), generator=g), torch.tensor([0, 2, 5, 7]),
+            torch.rand(7, generator=g), torch.randint(0, 25, (4, 3), generator=g))
+
+
+@pytest.mark.parametrize("kernel", ["torch", "fbgemm"])
+def test_adagrad_trains_as_torch_optim_adagrad_over_the_whole_model(kernel, monkeypatch):
+    """fxrec.optim.Adagrad on the tables + torch.optim.Adagrad on the dense layers equals
+    torch.optim.Adagrad over every parameter of the unsharded model: a row no batch touched has
+    a zero gradient, for which torch's dense Adagrad changes nothing either."""
+    monkeypatch.setenv("FXREC_KERNEL", kernel)
+    torch.manual_seed(0)
+    model = _AdagradModel()
+    ref = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(1)
+    sm = shard(model, Topology(1), _adagrad_batch(g), sparse_optimizer=fxrec.optim.Adagrad(0.1, eps=1e-10))
+    opt = torch.optim.Adagrad(sm.parameters(), lr=0.1, eps=1e-10)
+    ref_opt = torch.optim.Adagrad(ref.parameters(), lr=0.1, eps=1e-10)
+    for _ in range(4):
+        batch = _adagrad_batch(g)
+        for run, o in ((sm, opt), (ref, ref_opt)):
+            o.zero_grad()
+            run(*batch).square().mean().backward()
+            o.step()
+    fused = [f for m in sm.modules() if type(m).__name__ == "LocalLookup" for f in m.fused_modules()]
+    assert {f.kernels["backward_update"] for f in fused} == {kernel}
+    assert_state_like(sm, ref)
+    state = sm.local_optimizer_state()
+    sums = {t: pieces[0][2]["sum"] for t, pieces in state.items()}
+    for t in ("a", "b", "seq"):  # the accumulator is torch's "sum", element by element
+        assert_close(sums[t].view(ref_opt.state[getattr(ref, t).weight]["sum"].shape),
+                     ref_opt.state[getattr(ref, t).weight]["sum"])

@@ -12,7 +12,7 @@ HELP = "Plan where each embedding table goes: sharding type, kernel, ranks; per-
 
 # fxrec.planner.cost.OPTIMIZER_STATE's names (not imported: it loads sympy); rowwise_adagrad is
 # fxrec's exact one, rowwise_adagrad_per_shard TorchRec's (exact_column_wise=False)
-OPTIMIZERS = ("sgd", "rowwise_adagrad", "rowwise_adagrad_per_shard", "adam")
+OPTIMIZERS = ("sgd", "rowwise_adagrad", "rowwise_adagrad_per_shard", "adagrad", "adam")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

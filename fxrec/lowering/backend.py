@@ -141,7 +141,7 @@ def _check_options(options: Optional[dict]) -> dict:
     opts["dense"] = check_dense(opts.get("dense", "inductor"))
     optimizer = opts.get("sparse_optimizer")
     if optimizer is not None and not isinstance(optimizer, OPTIMIZERS + (PerTable,)):
-        raise ValueError(f"{where}: sparse_optimizer must be fxrec.optim.SGD/RowWiseAdagrad/Adam or a "
+        raise ValueError(f"{where}: sparse_optimizer must be fxrec.optim.SGD/RowWiseAdagrad/Adagrad/Adam or a "
                          f"fxrec.optim.PerTable, got {optimizer!r}")
     kernel = opts.get("kernel")
     if kernel is not None and kernel not in KERNELS:

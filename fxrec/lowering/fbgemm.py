@@ -6,7 +6,7 @@ build installed here is fbgemm-gpu-cpu 1.8.0):
 - pooled_forward: ``fbgemm::split_embedding_codegen_forward_cpu``;
 - unpooled_forward: ``fbgemm::split_embedding_nobag_codegen_forward_cpu`` (one dim for
   all tables, so only layouts with equal dims);
-- backward_update: ``fbgemm::split_embedding_backward_codegen_{sgd,rowwise_adagrad}_cpu``
+- backward_update: ``fbgemm::split_embedding_backward_codegen_{sgd,rowwise_adagrad,adagrad}_cpu``
   (the update is applied in place, duplicates aggregated per row first), unpooled tables
   too, each id as a bag of one (`_as_bags_of_one`: fbgemm's nobag backward is ~17x slower
   on the same ids). The op runs on one thread; with torch on N intra-op threads it is called
@@ -17,7 +17,7 @@ What the checker declines, and why (found by testing 1.8.0 against torch_ref):
 - Adam: fbgemm 1.8.0 says "Optimizer adam is not supported in CPU mode" (no CPU backward;
   on GPU its Adam also bias-corrects with one global iteration count, not our per-row
   step). Its CPU backwards exist for sgd, adagrad, rowwise_adagrad (+ with_counter) and
-  rowwise_rmsprop_ar; fxrec's optimizers map to sgd and rowwise_adagrad;
+  rowwise_rmsprop_ar; fxrec's optimizers map to sgd, rowwise_adagrad and adagrad;
 - (served, not declined: fbgemm takes one pooling mode per call, and its "mean" with
   per-sample weights disagrees with ours, weighted sum / bag length, in the fp16 forward
   and the backward; sum and mean tables in one call, or a weighted mean, are pooled by sum
@@ -65,7 +65,7 @@ except Exception as e:  # ImportError, or an fbgemm built against another torch 
 _HOST = 3  # fbgemm's EmbeddingLocation.HOST
 _POOLING_MODE = {"sum": 0, "mean": 1}
 _SPARSE_TYPE = {torch.float32: 0, torch.float16: 1}  # fbgemm's SparseType.as_int()
-_OPTIMIZERS = ("sgd", "rowwise_adagrad")
+_OPTIMIZERS = ("sgd", "rowwise_adagrad", "adagrad")
 
 
 def _placements(layout) -> Tensor:
@@ -230,6 +230,9 @@ def backward_update(weights: Tensor, state: dict[str, Tensor], layout, optimizer
             # momentum is in global-row order: table t's slice starts at hash_size_cumsum[t]
             opt_args = (state["momentum"], plc, layout.hash_size_cumsum[t0:t1].contiguous(), lr,
                         float(optimizer.eps), 0.0, 0, 0.0)
+        elif optimizer.name == "adagrad":
+            # the accumulator is laid out like the weights: the same offsets index it
+            opt_args = (state["sum"], plc, layout.weights_offsets[t0:t1].contiguous(), lr, float(optimizer.eps))
         w_off, hsc = layout.weights_offsets[t0:t1].contiguous(), layout.hash_size_cumsum[t0:t1 + 1].contiguous()
         off = offsets[t0 * B:t1 * B + 1]
         op = getattr(_ops, f"split_embedding_backward_codegen_{optimizer.name}_cpu")

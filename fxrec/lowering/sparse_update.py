@@ -8,6 +8,7 @@ fixed order (bit-identical run to run) and update that row and its optimizer sta
 Optimizer state (`init_state`), always on the weights' device:
 - SGD: none;
 - RowWiseAdagrad: ``momentum`` fp32 [total_rows] (global row order);
+- Adagrad: ``sum`` fp32 laid out exactly like the weights (torch.optim.Adagrad's name);
 - Adam: ``exp_avg``, ``exp_avg_sq`` fp32 laid out exactly like the weights, and
   ``step`` int32 [total_rows], the per-row step count.
 """
@@ -20,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fxrec.optim import SGD, Adam, RowWiseAdagrad
+from fxrec.optim import SGD, Adagrad, Adam, RowWiseAdagrad
 
 from .layout import TBELayout
 
@@ -35,12 +36,14 @@ def init_state(optimizer, layout: TBELayout, device=None) -> dict[str, Tensor]:
         return {}
     if isinstance(optimizer, RowWiseAdagrad):
         return {"momentum": torch.zeros(layout.total_rows, dtype=torch.float32, **kw)}
+    if isinstance(optimizer, Adagrad):
+        return {"sum": torch.zeros(layout.numel, dtype=torch.float32, **kw)}
     if isinstance(optimizer, Adam):
         return {"exp_avg": torch.zeros(layout.numel, dtype=torch.float32, **kw),
                 "exp_avg_sq": torch.zeros(layout.numel, dtype=torch.float32, **kw),
                 "step": torch.zeros(layout.total_rows, dtype=torch.int32, **kw)}
     raise ValueError(f"unsupported sparse optimizer {optimizer!r}; use fxrec.optim.SGD, "
-                     "RowWiseAdagrad or Adam")
+                     "RowWiseAdagrad, Adagrad or Adam")
 
 
 def adam_row_scalars(optimizer: Adam, step: Tensor, dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:

@@ -107,7 +107,7 @@ class FusedEmbeddingBags(nn.Module):
     ``pooling`` ("sum"/"mean"; "none" or absent = unpooled) and ``dtype``
     (`fxrec.TableInfo`, `fxrec.EmbeddingBagConfig`, `fxrec.EmbeddingConfig`). All tables
     must be pooled, or all unpooled, and share one dtype (or pass `dtype`).
-    optimizer: `fxrec.optim.SGD/RowWiseAdagrad/Adam`, applied inside backward; None
+    optimizer: `fxrec.optim.SGD/RowWiseAdagrad/Adagrad/Adam`, applied inside backward; None
     means the weights are never updated (per-sample weights still get gradients).
     kernel: force "triton", "fbgemm" or "torch" (else FXREC_KERNEL, else the registry's
     first acceptable kernel); a forced kernel that cannot serve raises NoKernelError.
@@ -126,7 +126,7 @@ class FusedEmbeddingBags(nn.Module):
                  deterministic: bool = False, initialize: bool = True):
         super().__init__()
         if optimizer is not None and not isinstance(optimizer, OPTIMIZERS):
-            raise ValueError(f"optimizer must be one of fxrec.optim.SGD/RowWiseAdagrad/Adam, got {optimizer!r}")
+            raise ValueError(f"optimizer must be one of fxrec.optim.SGD/RowWiseAdagrad/Adagrad/Adam, got {optimizer!r}")
         self.layout = TBELayout(tables, device)
         dtype = dtype if dtype is not None else _common_dtype(tables)
         self.register_buffer("weights", torch.empty(self.layout.numel, dtype=dtype, device=self.layout.device))

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fxrec.optim import SGD, Adam, RowWiseAdagrad
+from fxrec.optim import SGD, Adagrad, Adam, RowWiseAdagrad
 
 from .layout import TBELayout
 from .quant import QuantLayout, dequantize_rows
@@ -126,6 +126,10 @@ def apply_update(optimizer, table: Tensor, state: dict[str, Tensor], rows: Tenso
         mom = state["momentum"][rows].to(acc) + (g * g).mean(dim=1)
         state["momentum"][rows] = mom.to(state["momentum"].dtype)
         w = w - (optimizer.lr / (mom.sqrt() + optimizer.eps)).unsqueeze(1) * g
+    elif isinstance(optimizer, Adagrad):  # torch.optim.Adagrad's addcmul_ / sqrt().add_(eps) / addcdiv_
+        s = state["sum"][rows].to(acc) + g * g
+        state["sum"][rows] = s.to(state["sum"].dtype)
+        w = w - optimizer.lr * (g / (s.sqrt() + optimizer.eps))
     elif isinstance(optimizer, Adam):
         beta1, beta2 = optimizer.betas
         step = state["step"][rows] + 1

@@ -70,14 +70,16 @@ DEFAULT_KERNELS = {"cuda": ("triton", "fbgemm"), "cpu": ("fbgemm", "torch")}
 KERNELS = ("fbgemm", "triton", "torch")
 
 # Optimizer state: (bytes per element, bytes per row), as fxrec.optim keeps it: fp32
-# state; Adam's two moments per element plus an int32 step count per row. Every state
+# state; Adagrad's accumulator per element; Adam's two moments per element plus an int32
+# step count per row. Every state
 # array holds 4-byte entries, so bytes / 4 is the number of arrays a row update touches.
 # "rowwise_adagrad" is RowWiseAdagrad(exact_column_wise=True), fxrec's default;
 # "rowwise_adagrad_per_shard" is exact_column_wise=False (TorchRec's): same state.
-OPTIMIZER_STATE = {"sgd": (0, 0), "rowwise_adagrad": (0, 4), "rowwise_adagrad_per_shard": (0, 4), "adam": (8, 4)}
+OPTIMIZER_STATE = {"sgd": (0, 0), "rowwise_adagrad": (0, 4), "rowwise_adagrad_per_shard": (0, 4), "adagrad": (4, 0),
+                   "adam": (8, 4)}
 # 1 where a column_wise table's shards exchange per-row sums of g**2 in backward so that
 # each row's accumulator sees the whole row (the row_sync term); 0 elsewhere.
-OPTIMIZER_ROW_SYNC = {"sgd": 0, "rowwise_adagrad": 1, "rowwise_adagrad_per_shard": 0, "adam": 0}
+OPTIMIZER_ROW_SYNC = {"sgd": 0, "rowwise_adagrad": 1, "rowwise_adagrad_per_shard": 0, "adagrad": 0, "adam": 0}
 
 # Symbols. Table/shard parameters vary per shard; the rest per plan.
 N, n, c, C, pf, u, eb, ob, pooled, eff, opt_elem, opt_row, opt_sync = sp.symbols(

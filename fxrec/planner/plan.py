@@ -199,7 +199,7 @@ def _constraints(constraints, tables, topology: Topology, dense: dict | None = N
 
 
 def optimizer_kind(optimizer) -> str:
-    """"sgd" / "rowwise_adagrad" / "rowwise_adagrad_per_shard" / "adam" from a name or a
+    """"sgd" / "rowwise_adagrad" / "rowwise_adagrad_per_shard" / "adagrad" / "adam" from a name or a
     fxrec.optim object. The kind is what the cost model tells apart: RowWiseAdagrad with
     ``exact_column_wise=False`` keeps the same state but skips the column_wise row sync."""
     if optimizer is None:

@@ -4,7 +4,7 @@ Served problems: CUDA tensors; or CPU tensors when this package was imported wit
 TRITON_INTERPRET=1 in the environment *and* the kernel was requested explicitly
 (``kernel="triton"`` or FXREC_KERNEL=triton) -- the interpreter is for testing, far too
 slow to be picked on its own. Weights fp32/fp16/bf16, ids int32/int64, sum/mean/none
-pooling, per-sample weights, SGD/RowWiseAdagrad/Adam, dims up to `ops.MAX_DIM`.
+pooling, per-sample weights, SGD/RowWiseAdagrad/Adagrad/Adam, dims up to `ops.MAX_DIM`.
 Quantized tables (quant_pooled_forward / quant_unpooled_forward, `quant_ops`): uint8 buffers
 of fp32/fp16/int8/int4/int2 tables in FBGEMM's format (qparams "front"), mixed in one
 launch, output fp32/fp16/bf16.
@@ -32,7 +32,7 @@ except Exception as e:  # ImportError, or a triton that fails to initialise
     mark_unavailable("triton", f"triton import failed: {type(e).__name__}: {e}")
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_OPTIMIZERS = ("sgd", "rowwise_adagrad", "adam")
+_OPTIMIZERS = ("sgd", "rowwise_adagrad", "adagrad", "adam")
 _QUANT_TYPES = ("fp32", "fp16", "int8", "int4", "int2")
 
 

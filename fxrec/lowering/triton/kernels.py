@@ -233,7 +233,16 @@ def _adam_moments(exp_avg_ptr, exp_avg_sq_ptr, elem, mask, g, one_minus_beta1, b
 
 
 @triton.jit
-def backward_update_kernel(weights_ptr, momentum_ptr, exp_avg_ptr, exp_avg_sq_ptr,
+def _adagrad_sum(sum_ptr, elem, mask, g):
+    """Adagrad's accumulator of the elements `elem` (where `mask`), advanced by g*g, stored and
+    returned (both update kernels share it)."""
+    s = tl.load(sum_ptr + elem, mask=mask, other=0.0) + g * g
+    tl.store(sum_ptr + elem, s, mask=mask)
+    return s
+
+
+@triton.jit
+def backward_update_kernel(weights_ptr, momentum_ptr, exp_avg_ptr, exp_avg_sq_ptr, sum_ptr,
                            step_size_ptr, bc2_sqrt_ptr,
                            w_offsets_ptr, d_offsets_ptr, hash_cumsum_ptr,
                            uniq_table_ptr, uniq_row_ptr, seg_ptr, src_off_ptr, scale_ptr, grad_ptr,
@@ -241,7 +250,7 @@ def backward_update_kernel(weights_ptr, momentum_ptr, exp_avg_ptr, exp_avg_sq_pt
                            OPT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """Grid (U,): program u sums unique row u's occurrence gradients in sorted order
     (no atomics: deterministic) and applies the optimizer to that row and its state.
-    OPT: 0 SGD, 1 RowWiseAdagrad, 2 Adam. BLOCK_D >= the table's dim (whole row)."""
+    OPT: 0 SGD, 1 RowWiseAdagrad, 2 Adam, 3 Adagrad. BLOCK_D >= the table's dim (whole row)."""
     u = tl.program_id(0)
     t = tl.load(uniq_table_ptr + u)
     row = tl.load(uniq_row_ptr + u)
@@ -264,6 +273,9 @@ def backward_update_kernel(weights_ptr, momentum_ptr, exp_avg_ptr, exp_avg_sq_pt
         mom = mom + tl.sum(g * g, axis=0) / D.to(tl.float32)
         tl.store(momentum_ptr + grow, mom)
         w = w - (lr / (tl.sqrt_rn(mom) + eps)) * g
+    elif OPT == 3:
+        s = _adagrad_sum(sum_ptr, elem, cmask, g)
+        w = w - lr * tl.div_rn(g, tl.sqrt_rn(s) + eps)
     else:
         m, v = _adam_moments(exp_avg_ptr, exp_avg_sq_ptr, elem, cmask, g, one_minus_beta1, beta2, one_minus_beta2)
         denom = tl.sqrt_rn(v) / tl.load(bc2_sqrt_ptr + u) + eps
@@ -291,7 +303,7 @@ def segment_sum_kernel(d_offsets_ptr, uniq_table_ptr, chunk_row_ptr, chunk_first
 
 
 @triton.jit
-def backward_update_rows_kernel(weights_ptr, momentum_ptr, exp_avg_ptr, exp_avg_sq_ptr,
+def backward_update_rows_kernel(weights_ptr, momentum_ptr, exp_avg_ptr, exp_avg_sq_ptr, sum_ptr,
                                 step_size_ptr, bc2_sqrt_ptr,
                                 w_offsets_ptr, d_offsets_ptr, hash_cumsum_ptr,
                                 uniq_table_ptr, uniq_row_ptr, sel_ptr, start_ptr, end_ptr,
@@ -301,7 +313,7 @@ def backward_update_rows_kernel(weights_ptr, momentum_ptr, exp_avg_ptr, exp_avg_
                                 BLOCK_D: tl.constexpr):
     """Grid (cdiv(H, ROWS),): program p updates the rows at positions p*ROWS .. p*ROWS+ROWS-1
     (of H) together in a [ROWS, BLOCK_D] tile, with `backward_update_kernel`'s formulas (OPT 0
-    SGD, 1 RowWiseAdagrad, 2 Adam). Position h is unique row ``sel[h]`` (HAS_SEL; else h itself)
+    SGD, 1 RowWiseAdagrad, 2 Adam, 3 Adagrad). Position h is unique row ``sel[h]`` (HAS_SEL; else h itself)
     and sums the gradient rows of sorted entries ``start[h]:end[h]`` (occurrences, or chunk
     partial sums of a hot row). Why: most unique rows of a real batch have one or two
     occurrences, so a program per row leaves most of its tile masked and waits on one row's
@@ -343,6 +355,9 @@ def backward_update_rows_kernel(weights_ptr, momentum_ptr, exp_avg_ptr, exp_avg_
         mom = mom + tl.sum(g * g, axis=1) / tl.maximum(D, 1).to(tl.float32)
         tl.store(momentum_ptr + grow, mom, mask=hmask)
         w = w - (lr / (tl.sqrt_rn(mom) + eps))[:, None] * g
+    elif OPT == 3:
+        s = _adagrad_sum(sum_ptr, elem, mask, g)
+        w = w - lr * tl.div_rn(g, tl.sqrt_rn(s) + eps)
     else:
         m, v = _adam_moments(exp_avg_ptr, exp_avg_sq_ptr, elem, mask, g, one_minus_beta1, beta2, one_minus_beta2)
         denom = tl.sqrt_rn(v) / tl.load(bc2_sqrt_ptr + u, mask=hmask, other=1.0)[:, None] + eps

@@ -46,7 +46,7 @@ from ..layout import TBELayout, check_offsets, check_on_host, fault_record, pack
 from ..sparse_update import adam_row_scalars, sort_occurrences
 from . import kernels
 
-_OPT_CODE = {"sgd": 0, "rowwise_adagrad": 1, "adam": 2}
+_OPT_CODE = {"sgd": 0, "rowwise_adagrad": 1, "adam": 2, "adagrad": 3}
 _FWD_BLOCK_N = (8, 32)  # ids per step of the unpooled forward: the mean per table, clamped to this range
 _POOLED_BLOCK_N = 8  # ids per step of the pooled forward, and its warps (module doc)
 _POOLED_NUM_WARPS = 2
@@ -230,7 +230,7 @@ def backward_update(weights: Tensor, state: dict[str, Tensor], layout: TBELayout
     num_warps = cfg["num_warps"] or _bwd_warps(0, block_d)  # the one-row kernel and the chunk sums
     rows_warps = cfg["num_warps"] or (_bwd_warps(rows, block_d) if rows else None)
     head = (weights, state.get("momentum", weights), state.get("exp_avg", weights),
-            state.get("exp_avg_sq", weights), step_size, bc2_sqrt,
+            state.get("exp_avg_sq", weights), state.get("sum", weights), step_size, bc2_sqrt,
             layout.weights_offsets.to(dev), layout.D_offsets.to(dev), layout.hash_size_cumsum.to(dev),
             sg.uniq_table, sg.uniq_row)
     tail = (float(optimizer.lr), float(getattr(optimizer, "eps", 0.0)), 1.0 - beta1, beta2, 1.0 - beta2)
