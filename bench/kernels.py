@@ -9,8 +9,9 @@ time = bytes / bandwidth, then each implementation's time and floor/time in perc
 Zipf ids repeat hot rows, which caches serve, so their "% of floor" can exceed 100.
 
 Training step (forward + backward + optimizer): fxrec's fused module against
-nn.EmbeddingBag(sparse=True) + torch.optim.SGD / Adagrad (note: torch's Adagrad keeps
-a state per element, fxrec's RowWiseAdagrad one per row) and, in --cpu mode, against
+nn.EmbeddingBag(sparse=True) + torch.optim.SGD / Adagrad: fxrec's SGD, its Adagrad (the same
+math as torch's: a state per element) and its RowWiseAdagrad (one state per row, FBGEMM's usual
+choice; against torch's Adagrad too) and, in --cpu mode, against
 the dense-gradient nn.EmbeddingBag + SGD step. Its floor: the forward's bytes, plus
 reading the output gradient and reading and writing each touched row and its optimizer
 state (`update_bytes`); "% floor" is given for every row of that table.
@@ -36,7 +37,7 @@ from torch import nn
 
 from fxrec.lowering import FusedEmbeddingBags, NoKernelError, TBELayout, check_inputs, select
 from fxrec.lowering.sparse_update import sort_occurrences
-from fxrec.optim import SGD, RowWiseAdagrad
+from fxrec.optim import SGD, Adagrad, RowWiseAdagrad
 from fxrec.types import TableInfo
 
 
@@ -153,8 +154,9 @@ def update_bytes(s: Shape, unique_rows: int, optimizer) -> int:
 
 
 def fxrec_optimizer(which: str):
-    """fxrec's sparse optimizer for a training comparison ("sgd" or "adagrad")."""
-    return SGD(0.01) if which == "sgd" else RowWiseAdagrad(0.01)
+    """fxrec's sparse optimizer for a training comparison ("sgd", "adagrad": the exact one, whose
+    math is torch.optim.Adagrad's, or "rowwise_adagrad")."""
+    return {"sgd": SGD(0.01), "adagrad": Adagrad(0.01), "rowwise_adagrad": RowWiseAdagrad(0.01)}[which]
 
 
 # ---------------------------------------------------------------- implementations
@@ -208,7 +210,8 @@ def fbgemm_cuda(s: Shape, optimizer):
         from fbgemm_gpu.split_table_batched_embeddings_ops_common import EmbeddingLocation
         from fbgemm_gpu.split_table_batched_embeddings_ops_training import (
             ComputeDevice, SplitTableBatchedEmbeddingBagsCodegen)
-        opt = EmbOptimType.EXACT_ROWWISE_ADAGRAD if isinstance(optimizer, RowWiseAdagrad) else EmbOptimType.EXACT_SGD
+        opt = (EmbOptimType.EXACT_ROWWISE_ADAGRAD if isinstance(optimizer, RowWiseAdagrad) else
+               EmbOptimType.EXACT_ADAGRAD if isinstance(optimizer, Adagrad) else EmbOptimType.EXACT_SGD)
         prec = SparseType.FP16 if s.dtype == torch.float16 else SparseType.FP32
         return SplitTableBatchedEmbeddingBagsCodegen(
             [(s.rows, s.D, EmbeddingLocation.DEVICE, ComputeDevice.CUDA)] * s.T, optimizer=opt,
@@ -305,7 +308,7 @@ def train_impls(s: Shape, device, ids, offsets, grad, which: str, dense: bool):
         return (lambda: emb(ids, offsets).backward(grad)), "fbgemm" if emb is not None else None
 
     impls = {f"fxrec fused {fxrec_opt.name}": build_fused,
-             f"torch EmbeddingBag(sparse) + {which}": lambda: build_torch(True)}
+             f"torch EmbeddingBag(sparse) + {'sgd' if which == 'sgd' else 'adagrad'}": lambda: build_torch(True)}
     if torch.device(device).type == "cpu":
         impls["fxrec fused (torch kernel)"] = lambda: build_fused("torch")
     else:
@@ -321,7 +324,7 @@ def bench_training(s: Shape, device, dense: bool, bw: float) -> None:
     grad = torch.randn(s.B, s.T * s.D, device=device, dtype=s.dtype)
     unique = touched_rows(s, ids)
     widths = (46, 11, 15, 14, 9)
-    for which in ("sgd", "adagrad"):
+    for which in ("sgd", "adagrad", "rowwise_adagrad"):
         floor = (lookup_bytes(s) + update_bytes(s, unique, fxrec_optimizer(which))) / bw
         print(f"  {which}: {unique:,} touched rows; floor {floor * 1e3:.3f} ms (forward + read the output "
               f"gradient + read/write touched rows{'' if which == 'sgd' else ' and their fp32 state'})")
@@ -336,7 +339,8 @@ def bench_training(s: Shape, device, dense: bool, bw: float) -> None:
             print_row((name, f"{t * 1e3:.2f}", kernel or "-", f"{t / fused_t:.2f}", f"{100 * floor / t:.1f}"),
                       widths)
             del step
-    print("  (torch.optim.Adagrad keeps element-wise state; fxrec's RowWiseAdagrad one value per row)")
+    print("  (torch.optim.Adagrad keeps element-wise state, as fxrec's Adagrad does; its RowWiseAdagrad one value "
+          "per row)")
 
 
 # ---------------------------------------------------------------- Triton launch sweep
@@ -391,7 +395,7 @@ def sweep(device, bw: float, small: bool = False) -> None:
         # the update's first part, in torch: where the time goes that the kernel configs cannot win
         t_sort = timeit(lambda: sort_occurrences(m.layout, ids, offsets), device)
         print(f"  of every update below: the occurrence sort (sparse_update.sort_occurrences, torch) {t_sort * 1e3:.3f} ms")
-        for opt in (fxrec_optimizer("sgd"), fxrec_optimizer("adagrad")):
+        for opt in (fxrec_optimizer("sgd"), fxrec_optimizer("rowwise_adagrad")):
             floor = update_bytes(s, unique, opt) / bw
             print(f"  fused {opt.name} update alone: {unique:,} touched rows, floor {floor * 1e3:.3f} ms")
             print_row((f"{opt.name} config", "time ms", "% floor"), (30, 11, 9))

@@ -65,7 +65,7 @@ def main(argv=None) -> int:
     shapes = [K.Shape("tiny", 3, 1000, 16, 4, 16)] if device == "cpu" else [
         K.Shape("criteo", 26, 500_000, 16384, 20, 128), K.Shape("criteo", 26, 500_000, 16384, 20, 128, dist="zipf")]
     for s in shapes:
-        for which in ("sgd", "adagrad"):
+        for which in ("sgd", "rowwise_adagrad"):
             profile_step(s, device, which, args.steps, args.rows)
     return 0
 

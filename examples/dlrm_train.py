@@ -10,8 +10,8 @@ them. Data that holds fewer batches than that is refused before training.
 Sharded: `torchrun --nproc-per-node 2 examples/dlrm_train.py --shard` hands the same
 model to `fxrec.shard` (gloo on CPU, NCCL on GPUs); --batch-size is then per rank, each
 rank trains on its slice of every global batch, tables are trained by a fused row-wise
-Adagrad and dense layers by torch's Adagrad, and AUC/NE are computed on the gathered
-predictions of all ranks. Rank 0 prints.
+Adagrad and dense layers by torch's Adagrad, and AUC/NE are computed over the predictions
+of all ranks (fxrec.metrics' compute() is collective on several ranks). Rank 0 prints.
 
 Checkpoints: `--save DIR` writes the model (every rank its shards), both optimizers' state
 and the step reached, with `fxrec.checkpoint`, after training (and with `--save-every N`
@@ -178,16 +178,18 @@ def forward(model, batch, plain: bool) -> torch.Tensor:
 
 def evaluate(model, batches, plain: bool, rank: int = 0, world: int = 1,
              device: torch.device = torch.device("cpu")) -> dict[str, float]:
-    """AUC and NE over every rank's predictions (each rank scores its slice)."""
-    from fxrec.runtime import comm
-    auc, ne = metrics.AUC(from_logits=True), metrics.NE(from_logits=True)
+    """AUC and NE over every rank's predictions: each rank scores its slice, and the metrics'
+    compute() (collective on several ranks) takes every rank's. One rank alone (world 1, as
+    for the quantized models rank 0 scores by itself) computes over its own."""
+    sync = world > 1
+    auc, ne = metrics.AUC(from_logits=True, sync=sync), metrics.NE(from_logits=True, sync=sync)
     model.eval()
     with torch.no_grad():
         for batch in batches:
             local = _local(batch, rank, world, device)
-            logits = comm.all_gather(forward(model, local, plain)) if world > 1 else forward(model, local, plain)
-            auc.update(logits, batch.labels)
-            ne.update(logits, batch.labels)
+            logits = forward(model, local, plain)
+            auc.update(logits, local.labels)
+            ne.update(logits, local.labels)
     model.train()
     return {"auc": auc.compute(), "ne": ne.compute()}
 

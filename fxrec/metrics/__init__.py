@@ -14,7 +14,9 @@ relevant candidate per query, or a (num_queries x num_candidates) relevance matr
 Each function has a streaming twin (``AUC``, ``LogLoss``, ``NE``, ``Accuracy``,
 ``RecallAtK``, ``NDCGAtK``) with ``update(...)``, ``compute() -> float`` and
 ``reset()``; the functions are one update plus compute, so both give the same
-number. ``MetricCollection`` updates several at once. Sums are accumulated in float64
+number. In a distributed job the streaming metrics' ``compute()`` is collective and gives
+the metric over every rank's batches (``sync=False``: this rank's alone); the functions
+compute over the tensors they are given. ``MetricCollection`` updates several at once. Sums are accumulated in float64
 (float32 on MPS, which has no float64) on the device of the inputs, and read back to
 the host only in ``compute()``. Bad input raises ``ValueError`` naming the argument and
 the offending value or shape.

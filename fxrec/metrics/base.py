@@ -7,9 +7,10 @@ naming the argument and the offending value or shape.
 from __future__ import annotations
 
 import abc
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator, Mapping, Optional
 
 import torch
+import torch.distributed as dist
 
 __all__ = ["Metric", "MetricCollection"]
 
@@ -37,19 +38,44 @@ def _reject(flat: torch.Tensor, bad: torch.Tensor, name: str, rule: str) -> None
         raise ValueError(f"{name} {rule}, got {flat[i].item()} at flat index {i}")
 
 
+def _group_device(group) -> torch.device:
+    """Where `group`'s collectives take tensors: the current CUDA device under NCCL, else the CPU."""
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 class Metric(abc.ABC):
     """A streaming metric: ``update(...)`` adds a batch, ``compute()`` returns the value
     over every batch since construction or ``reset()``, ``reset()`` forgets them.
 
     Running sums live in one tensor on the first batch's device; later batches are moved
     there. ``compute()`` before any ``update()`` raises ValueError.
+
+    In a distributed job (torch.distributed initialised, more than one rank) ``compute()``
+    is collective, as torchmetrics' and TorchRec's are: every rank of ``process_group``
+    (default: the whole job) calls it, and each gets the metric over every rank's batches,
+    the number one process would give on all of them. A rank that saw no batch takes part
+    with none. ``sync=False`` computes over this rank's batches alone.
     """
 
-    def __init__(self) -> None:
+    _width = 0  # how many running sums update() adds (the sums-based metrics)
+
+    def __init__(self, *, sync: bool = True, process_group: Optional[Any] = None) -> None:
+        if not isinstance(sync, bool):
+            raise ValueError(f"{type(self).__name__}: sync must be True or False, got {sync!r}")
+        self.sync, self.process_group = sync, process_group
         self._totals: torch.Tensor | None = None
 
     def reset(self) -> None:
         self._totals = None
+
+    def _group(self):
+        """The process group compute() reduces over, or None (one process, or sync=False)."""
+        if not self.sync or not (dist.is_available() and dist.is_initialized()):
+            return None
+        group = self.process_group if self.process_group is not None else dist.group.WORLD
+        return group if dist.get_world_size(group) > 1 else None
 
     def _add(self, sums: torch.Tensor) -> None:
         if self._totals is None:
@@ -58,10 +84,18 @@ class Metric(abc.ABC):
             self._totals = self._totals + sums.to(self._totals.device)
 
     def _sums(self) -> list[float]:
-        if self._totals is None:
-            raise ValueError(f"{type(self).__name__}.compute() called with no data: "
+        group, totals = self._group(), self._totals
+        if group is not None:  # every rank's sums, and how many ranks had any (a rank may have none)
+            local = torch.zeros(self._width + 1, dtype=torch.float64) if totals is None else \
+                torch.cat([totals.detach().to("cpu", torch.float64), totals.new_ones(1, dtype=torch.float64).cpu()])
+            local = local.to(_group_device(group))
+            dist.all_reduce(local, group=group)
+            totals = None if local[-1].item() == 0 else local[:-1]
+        if totals is None:
+            where = " on any rank" if group is not None else ""
+            raise ValueError(f"{type(self).__name__}.compute() called with no data{where}: "
                              "call update() first")
-        return self._totals.tolist()
+        return totals.tolist()
 
     @abc.abstractmethod
     def update(self, *args: Any, **kwargs: Any) -> None:

@@ -13,7 +13,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from fxrec.metrics.base import Metric, _acc_dtype, _as_tensor, _reject, _weighted_mean
+import torch.distributed as dist
+
+from fxrec.metrics.base import Metric, _acc_dtype, _as_tensor, _group_device, _reject, _weighted_mean
 
 __all__ = ["auc", "log_loss", "normalized_entropy", "accuracy", "AUC", "LogLoss", "NE", "Accuracy"]
 
@@ -94,8 +96,11 @@ class LogLoss(Metric):
     log(1 - p_i)] / sum_i w_i, with p clamped to [eps, 1 - eps], i.e. each example's loss
     capped at -log(eps) (logits: log-probabilities by logsigmoid, then the same cap)."""
 
-    def __init__(self, from_logits: bool = False, eps: float = DEFAULT_EPS) -> None:
-        super().__init__()
+    _width = 3
+
+    def __init__(self, from_logits: bool = False, eps: float = DEFAULT_EPS, *, sync: bool = True,
+                 process_group=None) -> None:
+        super().__init__(sync=sync, process_group=process_group)
         self.from_logits, self.eps = bool(from_logits), _check_eps(eps)
 
     def update(self, predictions: Any, labels: Any, weights: Any = None) -> None:
@@ -131,8 +136,11 @@ class Accuracy(Metric):
     """Weighted fraction of examples whose predicted class (1 when the probability is
     >= threshold, sigmoid(logit) with from_logits) equals the label."""
 
-    def __init__(self, threshold: float = 0.5, from_logits: bool = False) -> None:
-        super().__init__()
+    _width = 2
+
+    def __init__(self, threshold: float = 0.5, from_logits: bool = False, *, sync: bool = True,
+                 process_group=None) -> None:
+        super().__init__(sync=sync, process_group=process_group)
         if not 0 <= threshold <= 1:
             raise ValueError(f"threshold must be in [0, 1], got {threshold!r}")
         self.threshold, self.from_logits = float(threshold), bool(from_logits)
@@ -161,8 +169,8 @@ class AUC(Metric):
     logits avoids ties that float rounding of sigmoid would create).
     """
 
-    def __init__(self, from_logits: bool = False) -> None:
-        super().__init__()
+    def __init__(self, from_logits: bool = False, *, sync: bool = True, process_group=None) -> None:
+        super().__init__(sync=sync, process_group=process_group)
         self.from_logits = bool(from_logits)
         self.reset()
 
@@ -177,21 +185,43 @@ class AUC(Metric):
         self._batches.append((p, y, w))
 
     def compute(self) -> float:
-        if not self._batches:
+        group = self._group()
+        if not self._batches and group is None:
             raise ValueError("AUC.compute() called with no data: call update() first")
-        scores = torch.cat([p.to(_acc_dtype(p.device)) for p, _, _ in self._batches])
-        pos = torch.cat([y for _, y, _ in self._batches])
+        scores = torch.cat([p.to(_acc_dtype(p.device)) for p, _, _ in self._batches]) if self._batches else \
+            torch.zeros(0, dtype=torch.float64)
+        pos = torch.cat([y for _, y, _ in self._batches]) if self._batches else torch.zeros(0, dtype=torch.bool)
         w = None
         if any(b[2] is not None for b in self._batches):
             w = torch.cat([torch.ones_like(p, dtype=scores.dtype) if w is None else w
                            for p, _, w in self._batches])
+        if group is not None:
+            scores, pos, w = _gathered(group, scores, pos, w)
+            if scores.numel() == 0:
+                raise ValueError("AUC.compute() called with no data on any rank: call update() first")
         return _weighted_auc(scores, pos, w)
+
+
+def _gathered(group, scores: torch.Tensor, pos: torch.Tensor, w):
+    """Every rank's examples, in rank order: ``(scores, pos, w)`` on this rank's device (the
+    AUC is exact, so it needs them all, not sums). Weights are ones where a rank gave none,
+    and None where no rank did. The ranks may hold different numbers of examples."""
+    from fxrec.runtime import comm
+    dev, home = _group_device(group), scores.device
+    # one float64 row per example: score, label, weight (exact: labels are 0/1, scores float64)
+    local = torch.stack([scores.to(dev, torch.float64), pos.to(dev, torch.float64),
+                         torch.ones_like(scores, dtype=torch.float64, device=dev) if w is None
+                         else w.to(dev, torch.float64)], dim=1)
+    weighted = torch.tensor([float(w is not None)], dtype=torch.float64, device=dev)
+    dist.all_reduce(weighted, group=group)
+    rows = comm.all_gather(local, group).to(home)
+    return rows[:, 0].to(scores.dtype), rows[:, 1] > 0.5, rows[:, 2] if weighted.item() else None
 
 
 def log_loss(predictions: Any, labels: Any, weights: Any = None, *,
              from_logits: bool = False, eps: float = DEFAULT_EPS) -> float:
     """Weighted mean binary cross entropy (see ``LogLoss``)."""
-    metric = LogLoss(from_logits=from_logits, eps=eps)
+    metric = LogLoss(from_logits=from_logits, eps=eps, sync=False)  # these tensors alone
     metric.update(predictions, labels, weights)
     return metric.compute()
 
@@ -200,7 +230,7 @@ def normalized_entropy(predictions: Any, labels: Any, weights: Any = None, *,
                        from_logits: bool = False, eps: float = DEFAULT_EPS) -> float:
     """Log loss / entropy of the weighted base rate (see ``NE``); 1.0 for the base-rate
     predictor, ValueError when only one class is present."""
-    metric = NE(from_logits=from_logits, eps=eps)
+    metric = NE(from_logits=from_logits, eps=eps, sync=False)
     metric.update(predictions, labels, weights)
     return metric.compute()
 
@@ -208,7 +238,7 @@ def normalized_entropy(predictions: Any, labels: Any, weights: Any = None, *,
 def accuracy(predictions: Any, labels: Any, threshold: float = 0.5, *,
              weights: Any = None, from_logits: bool = False) -> float:
     """Weighted fraction with (probability >= threshold) == label (see ``Accuracy``)."""
-    metric = Accuracy(threshold=threshold, from_logits=from_logits)
+    metric = Accuracy(threshold=threshold, from_logits=from_logits, sync=False)
     metric.update(predictions, labels, weights)
     return metric.compute()
 

@@ -99,10 +99,10 @@ def _ndcg_per_query(s: torch.Tensor, rel: torch.Tensor, k: int) -> torch.Tensor:
 class _RankingMetric(Metric):
     """Mean of a per-query value over the queries that have a relevant candidate."""
 
-    _name, _binary = "", True
+    _name, _binary, _width = "", True, 2
 
-    def __init__(self, k: int) -> None:
-        super().__init__()
+    def __init__(self, k: int, *, sync: bool = True, process_group=None) -> None:
+        super().__init__(sync=sync, process_group=process_group)
         self.k = _check_k(k)
 
     @abc.abstractmethod
@@ -153,13 +153,13 @@ class NDCGAtK(_RankingMetric):
 
 def recall_at_k(scores: Any, targets: Any, k: int) -> float:
     """Mean recall@k over queries with a relevant candidate (see ``RecallAtK``)."""
-    metric = RecallAtK(k)
+    metric = RecallAtK(k, sync=False)  # these tensors alone
     metric.update(scores, targets)
     return metric.compute()
 
 
 def ndcg_at_k(scores: Any, targets: Any, k: int) -> float:
     """Mean NDCG@k (linear gains) over queries with a relevant candidate (see ``NDCGAtK``)."""
-    metric = NDCGAtK(k)
+    metric = NDCGAtK(k, sync=False)
     metric.update(scores, targets)
     return metric.compute()
