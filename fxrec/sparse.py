@@ -520,7 +520,14 @@ class KeyedTensor:
 
     @staticmethod
     def regroup(keyed_tensors: Sequence[KeyedTensor], groups: Sequence[Sequence[str]]) -> list[Tensor]:
-        """One tensor per group: the named keys' columns (from any input) concatenated."""
+        """One tensor per group: the named keys' columns (from any input) concatenated.
+
+        Under torch.fx (a collection's output is a Proxy) the call is one graph node, so that a
+        model reading its embeddings this way is captured (``a, b = KeyedTensor.regroup(...)``
+        unpacks the node's output)."""
+        traced = _traced_call(KeyedTensor.regroup, keyed_tensors, groups)
+        if traced is not None:
+            return traced
         lookup: dict[str, KeyedTensor] = {}
         for kt in keyed_tensors:
             lookup.update({k: kt for k in kt.keys()})
@@ -540,6 +547,18 @@ class KeyedTensor:
             out.append(torch.cat([lookup[k][k] for k in group], dim=keyed_tensors[0].key_dim()))
         return out
 
+    @staticmethod
+    def regroup_as_dict(keyed_tensors: Sequence[KeyedTensor], groups: Sequence[Sequence[str]],
+                        keys: Sequence[str]) -> dict[str, Tensor]:
+        """`regroup`'s tensors keyed by `keys`, one name per group (as TorchRec's)."""
+        keys = _names("KeyedTensor.regroup_as_dict", "keys", keys)
+        if len(keys) != len(groups):
+            raise ValueError(f"KeyedTensor.regroup_as_dict: {len(keys)} keys {keys} for {len(groups)} groups")
+        traced = _traced_call(KeyedTensor.regroup_as_dict, keyed_tensors, groups, keys)
+        if traced is not None:
+            return traced
+        return dict(zip(keys, KeyedTensor.regroup(keyed_tensors, groups)))
+
     def to(self, device, non_blocking: bool = False) -> KeyedTensor:
         return KeyedTensor(self._keys, self._length_per_key, self._values.to(device, non_blocking=non_blocking),
                            self._key_dim, validate=False)
@@ -554,6 +573,16 @@ class KeyedTensor:
 
     def __repr__(self) -> str:
         return f"KeyedTensor(keys={self._keys}, length_per_key={self._length_per_key}, values={self._values})"
+
+
+def _traced_call(fn, keyed_tensors, *args):
+    """`fn`'s call as a node of the graph torch.fx is tracing, when one of `keyed_tensors` is
+    a Proxy; else None (run it)."""
+    proxies = [kt for kt in keyed_tensors if isinstance(kt, torch.fx.Proxy)] \
+        if isinstance(keyed_tensors, (list, tuple)) else []
+    if not proxies:
+        return None
+    return proxies[0].tracer.create_proxy("call_function", fn, (list(keyed_tensors), *args), {})
 
 
 # Last: registering needs the classes above.

@@ -12,7 +12,7 @@ from fxrec.capture import CaptureError, SourceLoc
 from fxrec.modules import EmbeddingBagCollection, EmbeddingBagConfig
 from fxrec.passes import lookup as L
 from fxrec.passes.shapes import SparseSpec, TensorSpec, _written_parameters
-from fxrec.sparse import KeyedJaggedTensor
+from fxrec.sparse import KeyedJaggedTensor, KeyedTensor
 
 try:
     from tests import models_zoo as zoo
@@ -152,6 +152,41 @@ def _traced_stride_worker(rank: int, world: int) -> tuple:
                      constraints={"ebc.embedding_bags.t_a": "row_wise", "ebc.embedding_bags.t_b": "table_wise"})
     with torch.no_grad():
         return sm(batches[rank]), model(torch.cat(batches))[rank * 3:(rank + 1) * 3]
+
+
+class _Regrouped(nn.Module):
+    """Reads its pooled embeddings through KeyedTensor.regroup / regroup_as_dict, as TorchRec
+    models (DLRM's interaction arch) do."""
+
+    def __init__(self):
+        super().__init__()
+        self.ebc = EmbeddingBagCollection([EmbeddingBagConfig("t_a", 10, 4, ["a", "b"]),
+                                           EmbeddingBagConfig("t_c", 12, 4, ["c"])])
+        self.lin = nn.Linear(12 + 4, 1)
+
+    def forward(self, kjt):
+        kt = self.ebc(kjt)
+        first, second = KeyedTensor.regroup([kt], [["c", "a"], ["b"]])
+        by_name = KeyedTensor.regroup_as_dict([kt], [["b"]], ["user"])
+        return self.lin(torch.cat([first, second, by_name["user"] * 2], dim=1))
+
+
+def test_regroup_is_one_node_and_the_model_shards():
+    # regroup iterated over the collection's Proxy: torch.fx failed, and shard could not take
+    # the torch.export fallback's aten lookups
+    torch.manual_seed(0)
+    model = _Regrouped()
+    g = torch.Generator().manual_seed(0)
+    batch = lambda: KeyedJaggedTensor(["a", "b", "c"], torch.randint(0, 10, (9,), generator=g),
+                                      lengths=torch.tensor([1, 2, 0, 1, 1, 1, 2, 1, 0]))
+    example = batch()
+    gm = fxrec.capture(model, (example,))
+    assert gm.meta[L.CAPTURED_BY] == "fx"
+    assert sum(n.target in (KeyedTensor.regroup, KeyedTensor.regroup_as_dict) for n in gm.graph.nodes) == 2
+    sm = fxrec.shard(model, fxrec.Topology(1), (example,), constraints={"ebc.embedding_bags.t_a": "row_wise"})
+    fresh = batch()
+    with torch.no_grad():
+        torch.testing.assert_close(sm(fresh), model(fresh))
 
 
 class _WithBatchNorm(nn.Module):

@@ -405,6 +405,11 @@ def test_keyed_tensor_regroup_and_from_tensor_list():
     g1, g2 = KeyedTensor.regroup([kt1, kt2], [["c", "a"], ["b"]])
     torch.testing.assert_close(g1, torch.cat([parts[2], parts[0]], dim=1))
     torch.testing.assert_close(g2, parts[1])
+    d = KeyedTensor.regroup_as_dict([kt1, kt2], [["c", "a"], ["b"]], ["ca", "b_only"])
+    assert list(d) == ["ca", "b_only"]
+    torch.testing.assert_close(d["ca"], g1)
+    with pytest.raises(ValueError, match=r"regroup_as_dict: 1 keys \['x'\] for 2 groups"):
+        KeyedTensor.regroup_as_dict([kt1, kt2], [["c"], ["b"]], ["x"])
 
 
 @pytest.mark.parametrize("keys,lpk,match", [
