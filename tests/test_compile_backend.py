@@ -119,6 +119,55 @@ def test_training_without_sparse_optimizer_keeps_the_lookups(name):
     assert "backend: the whole graph compiled with inductor" in logs, logs
 
 
+class _Unfusable(torch.nn.Module):
+    """A bag, an unpooled table and an EmbeddingCollection, trained without a sparse optimizer:
+    every lookup stays in the graph inductor compiles."""
+
+    def __init__(self):
+        super().__init__()
+        self.bag = torch.nn.EmbeddingBag(10, 4, mode="sum")
+        self.rows = torch.nn.Embedding(6, 4)
+        self.ec = fxrec.EmbeddingCollection([fxrec.EmbeddingConfig("t_h", 7, 4, ["h"])])
+
+    def forward(self, ids, offsets, tokens, kjt):
+        return self.bag(ids, offsets).sum() + self.rows(tokens).sum() + self.ec(kjt)["h"].values().sum()
+
+
+def _unfusable_batch(bad: str = ""):
+    return (torch.tensor([1, 12 if bad == "bag" else 2, 3]), torch.tensor([0, 1]),
+            torch.tensor([[0, 6 if bad == "rows" else 5]]),
+            fxrec.KeyedJaggedTensor(["h"], torch.tensor([1, -1 if bad == "ec" else 6]), lengths=torch.tensor([1, 1])))
+
+
+@pytest.mark.parametrize("grad", [True, False])
+def test_an_unfused_lookup_with_a_bad_id_raises_naming_its_table(grad):
+    """Training without a sparse optimizer leaves the lookups to inductor, whose own kernels
+    asserted inside their parallel loop: an nn.Embedding's bad id ended the process ("terminate
+    called ... index out of bounds"). Under no_grad the fused kernels raise the same error."""
+    torch.manual_seed(0)
+    model = _Unfusable()
+    compiled = torch.compile(model, backend="fxrec")
+    with torch.set_grad_enabled(grad):
+        want = model(*_unfusable_batch())
+        torch.testing.assert_close(compiled(*_unfusable_batch()), want)
+        for bad, match in (("bag", r"table 'bag' \(lookup %\w+\): id 12 outside \[0, 10\)"),
+                           ("rows", r"table 'rows' \(lookup %\w+\): id 6 outside \[0, 6\)"),
+                           ("ec", r"table '(ec\.)?embeddings\.t_h' \(lookup %\w+\): id -1 outside \[0, 7\)")):
+            with pytest.raises(ValueError, match=match):
+                compiled(*_unfusable_batch(bad))
+    logs = [line for g in B.compiled for line in g.meta["fxrec_log"]]
+    assert any("unfused lookups' ids are checked against their tables" in line for line in logs) == grad, logs
+
+
+def test_bounds_check_false_leaves_unfused_lookups_unguarded():
+    torch.manual_seed(0)
+    model = _Unfusable()
+    compiled = torch.compile(model, backend="fxrec", options={"bounds_check": False})
+    torch.testing.assert_close(compiled(*_unfusable_batch()), model(*_unfusable_batch()))
+    graphs = [g for g in B.compiled]
+    assert graphs and not any(n.target is torch.ops.fxrec.checked_ids.default for g in graphs for n in g.graph.nodes)
+
+
 @pytest.mark.parametrize("name", ["dlrm_lists", "two_tower", "weighted_bag", "table_dict"])
 def test_training_with_a_sparse_optimizer_equals_eager_sgd(name):
     case = CASES[name]

@@ -70,6 +70,7 @@ from torch import nn
 from torch.fx import GraphModule, Node
 
 from .dense_compile import check_dense, compile_dense, compile_whole
+from .id_guard import guard_ids
 
 __all__ = ["fxrec_backend", "register", "compiled", "OPTIONS"]
 
@@ -550,13 +551,19 @@ def fxrec_backend(gm: GraphModule, example_inputs, options: Optional[dict] = Non
     dense = opts["dense"]
     log: list[str] = []
 
+    def guarded() -> list[str]:  # the unfused lookups check their ids, as eager and fused ones do
+        if not opts.get("bounds_check", True) or not guard_ids(gm, _LOOKUPS, tables):
+            return []
+        return ["backend: the unfused lookups' ids are checked against their tables (bounds_check)"]
+
     def whole(why: str):  # nothing fused: the graph goes to the dense backend as it came
-        return _done(gm, [why, f"backend: the whole graph compiled with {dense}"],
-                     compile_whole(gm, example_inputs, dense, mode))
+        log = [why, f"backend: the whole graph compiled with {dense}"] + guarded()
+        return _done(gm, log, compile_whole(gm, example_inputs, dense, mode))
 
     def unfused(why: str):  # after detect_embeddings: the lookups read their inputs again
         log = [line for line in ctx.log if not line.startswith("ran ")] + [f"backend: lookups left unfused: {why}"]
         _as_inputs(gm, where)
+        log += guarded()
         return _done(gm, log, compile_dense(gm, dense, mode, log).forward)
 
     tables = _lookup_tables(gm, example_inputs)
