@@ -32,6 +32,15 @@ Definitions (g = the row's gradient summed over every occurrence of its id in th
   are left alone, moments included (unlike dense Adam, whose moments decay every step,
   and unlike torch.optim.SparseAdam, whose bias correction uses one global step).
 
+Weight decay (``weight_decay=``, 0 by default), on the touched rows only, as FBGEMM and TorchRec
+apply it (a dense torch optimizer also decays the rows a batch did not touch):
+
+- "l2" (every optimizer; torch.optim's weight_decay, FBGEMM's WeightDecayMode.L2): the row's
+  gradient becomes ``g + weight_decay * w`` before the update above reads it, accumulators
+  included;
+- "decoupled" (`RowWiseAdagrad(weight_decay_mode="decoupled")`, FBGEMM's DECOUPLE): the
+  accumulator reads g, and the row is also shrunk: ``w -= lr * weight_decay * w``.
+
 `PerTable({table: optimizer, ...}, default=...)` gives tables their own optimizer (as
 TorchRec's per-table fused parameters do): tables with equal configurations share one fused
 kernel, and the planner sizes each table for its own optimizer's state. A table mapped to
@@ -90,15 +99,46 @@ def _set(config, name: str, value) -> None:
     object.__setattr__(config, name, value)  # the dataclasses are frozen; this normalises a field
 
 
+# How the update reads weight_decay (the kernels' WD_MODE): none; "l2" adds weight_decay * w to
+# the row's gradient before the optimizer sees it (torch.optim's weight_decay, FBGEMM's L2);
+# "decoupled" leaves the gradient and shrinks the row by lr * weight_decay * w (FBGEMM's DECOUPLE).
+DECAY_MODES = {"none": 0, "l2": 1, "decoupled": 2}
+
+
+def _check_decay(config, kind: str, modes: tuple[str, ...] = ("l2",)) -> None:
+    """Normalise `config.weight_decay` (a number >= 0) and its mode (one of `modes`)."""
+    value = _number(kind, "weight_decay", config.weight_decay, ">= 0")
+    if not value >= 0:
+        raise ValueError(f"{kind}: weight_decay must be >= 0, got {config.weight_decay}")
+    _finite(kind, "weight_decay", value)
+    _set(config, "weight_decay", value)
+    mode = getattr(config, "weight_decay_mode", "l2")
+    name = str(getattr(mode, "name", mode)).lower()  # FBGEMM's WeightDecayMode.L2 / DECOUPLE too
+    name = {"decouple": "decoupled"}.get(name, name)
+    if name not in modes:
+        raise ValueError(f"{kind}: weight_decay_mode must be one of {list(modes)}, got {mode!r}")
+    if hasattr(config, "weight_decay_mode"):
+        _set(config, "weight_decay_mode", name)
+
+
+def decay_mode(optimizer) -> int:
+    """`DECAY_MODES`' code of `optimizer`'s weight decay: 0 where it has none (or it is 0)."""
+    if optimizer is None or not getattr(optimizer, "weight_decay", 0.0):
+        return 0
+    return DECAY_MODES[getattr(optimizer, "weight_decay_mode", "l2")]
+
+
 @dataclass(frozen=True)
 class SGD:
-    """Plain SGD on the touched rows; no optimizer state."""
+    """Plain SGD on the touched rows; no optimizer state. weight_decay: torch.optim.SGD's (L2)."""
 
     lr: float
+    weight_decay: float = 0.0
     name: ClassVar[str] = "sgd"
 
     def __post_init__(self):
         _set(self, "lr", _check_lr("SGD", self.lr))
+        _check_decay(self, "SGD")
 
     def state_bytes_per_row(self, dim: int) -> int:
         return 0
@@ -106,11 +146,14 @@ class SGD:
 
 @dataclass(frozen=True)
 class RowWiseAdagrad:
-    """FBGEMM's EXACT_ROWWISE_ADAGRAD: one fp32 accumulator per row (see module doc)."""
+    """FBGEMM's EXACT_ROWWISE_ADAGRAD: one fp32 accumulator per row (see module doc), with its
+    weight_decay and weight_decay_mode ("l2" or "decoupled"; FBGEMM's WeightDecayMode too)."""
 
     lr: float
     eps: float = 1e-8
     exact_column_wise: bool = True
+    weight_decay: float = 0.0
+    weight_decay_mode: str = "l2"
     name: ClassVar[str] = "rowwise_adagrad"
 
     def __post_init__(self):
@@ -119,6 +162,7 @@ class RowWiseAdagrad:
         if not isinstance(self.exact_column_wise, bool):  # "no" is truthy: it trained exactly
             raise TypeError(f"RowWiseAdagrad: exact_column_wise must be True or False, got "
                             f"{self.exact_column_wise!r} ({type(self.exact_column_wise).__name__})")
+        _check_decay(self, "RowWiseAdagrad", ("l2", "decoupled"))
 
     def state_bytes_per_row(self, dim: int) -> int:
         return _FP32
@@ -126,15 +170,18 @@ class RowWiseAdagrad:
 
 @dataclass(frozen=True)
 class Adagrad:
-    """torch.optim.Adagrad / FBGEMM's EXACT_ADAGRAD: one fp32 accumulator per element (see module doc)."""
+    """torch.optim.Adagrad / FBGEMM's EXACT_ADAGRAD: one fp32 accumulator per element (see module
+    doc). weight_decay: torch.optim.Adagrad's (L2)."""
 
     lr: float
     eps: float = 1e-10
+    weight_decay: float = 0.0
     name: ClassVar[str] = "adagrad"
 
     def __post_init__(self):
         _set(self, "lr", _check_lr("Adagrad", self.lr))
         _set(self, "eps", _check_eps("Adagrad", self.eps))
+        _check_decay(self, "Adagrad")
 
     def state_bytes_per_row(self, dim: int) -> int:
         return dim * _FP32
@@ -142,16 +189,19 @@ class Adagrad:
 
 @dataclass(frozen=True)
 class Adam:
-    """Lazy Adam with per-row step counts: two fp32 moments per element + an int32 step per row."""
+    """Lazy Adam with per-row step counts: two fp32 moments per element + an int32 step per row.
+    weight_decay: torch.optim.Adam's (L2)."""
 
     lr: float
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
+    weight_decay: float = 0.0
     name: ClassVar[str] = "adam"
 
     def __post_init__(self):
         _set(self, "lr", _check_lr("Adam", self.lr))
         _set(self, "eps", _check_eps("Adam", self.eps))
+        _check_decay(self, "Adam")
         rule = "two values in [0, 1)"
         if isinstance(self.betas, (str, bytes)) or not hasattr(self.betas, "__iter__"):
             raise TypeError(f"Adam: betas must be {rule}, got {self.betas!r} ({type(self.betas).__name__})")

@@ -19,7 +19,7 @@ import torch
 
 from fxrec.lowering import FusedEmbeddingBags, NoKernelError, TBELayout, select
 from fxrec.lowering.sparse_update import init_state, sort_occurrences
-from fxrec.optim import SGD, Adagrad, Adam, RowWiseAdagrad
+from fxrec.optim import SGD, Adagrad, Adam, RowWiseAdagrad, decay_mode
 from fxrec.types import TableInfo
 from triton_child import assert_interpreter_child_passes
 
@@ -50,6 +50,12 @@ FBGEMM_DECLINES = {"bf16_mean", "mixed_dims_fp16", "single_bf16", "adam"}
 FBGEMM_SERVES = {"backward_update": {"mixed_dims_fp16"}}
 OPTIMIZERS = {"sgd": SGD(lr=0.1), "rowwise_adagrad": RowWiseAdagrad(lr=0.1, eps=1e-8),
               "adagrad": Adagrad(lr=0.1, eps=1e-8),
+              # weight decay (fxrec.optim.DECAY_MODES) on the touched rows
+              "sgd_l2": SGD(lr=0.1, weight_decay=0.3),
+              "rowwise_adagrad_l2": RowWiseAdagrad(lr=0.1, eps=1e-8, weight_decay=0.3),
+              "rowwise_adagrad_decoupled": RowWiseAdagrad(lr=0.1, eps=1e-8, weight_decay=0.3,
+                                                          weight_decay_mode="decoupled"),
+              "adam_l2": Adam(lr=0.05, betas=(0.8, 0.95), eps=1e-6, weight_decay=0.3),
               "adam": Adam(lr=0.05, betas=(0.8, 0.95), eps=1e-6)}
 TOL = {torch.float32: dict(rtol=1.3e-6, atol=1e-5), torch.float16: dict(rtol=2e-3, atol=2e-3),
        torch.bfloat16: dict(rtol=1.6e-2, atol=1.6e-2)}
@@ -172,13 +178,18 @@ class RefTrainer:
         self.w = [p.detach().to(self.dtype).float() for p in params]
 
     def _update(self, t, p, touched):
-        if isinstance(self.opt, SGD):
+        mode = decay_mode(self.opt)
+        if isinstance(self.opt, SGD) and not mode:
             torch.optim.SGD([p], lr=self.opt.lr).step()  # untouched rows have zero grad
             return
         with torch.no_grad():
             for r in touched.tolist():
-                g = p.grad[r]
-                if isinstance(self.opt, RowWiseAdagrad):
+                g, w0 = p.grad[r], p[r].clone()
+                if mode == 1:  # L2: the optimizer reads the decayed gradient
+                    g = g + self.opt.weight_decay * w0
+                if isinstance(self.opt, SGD):
+                    p[r] -= self.opt.lr * g
+                elif isinstance(self.opt, RowWiseAdagrad):
                     self.momentum[t][r] += (g * g).mean()
                     p[r] -= self.opt.lr * g / (self.momentum[t][r].sqrt() + self.opt.eps)
                 elif isinstance(self.opt, Adagrad):  # torch.optim.Adagrad's step, on the row
@@ -186,6 +197,8 @@ class RefTrainer:
                     p[r] -= self.opt.lr * g / (self.sums[t][r].sqrt() + self.opt.eps)
                 else:
                     self._adam_row(t, r, p, g)
+                if mode == 2:  # decoupled: the row shrinks beside the step
+                    p[r] -= self.opt.lr * self.opt.weight_decay * w0
 
     def _adam_row(self, t, r, p, g):
         if (t, r) not in self.adam:
@@ -210,8 +223,14 @@ def pack(tables, weights):
 
 
 def problem(layout, wdtype, idtype, weighted=False, optimizer=None):
+    """A Problem's fields; `optimizer` a fxrec.optim config (or None)."""
     return dict(device="cpu", weight_dtype=wdtype, index_dtype=idtype, dims=layout.dims,
-                poolings=layout.poolings, optimizer=optimizer, weighted=weighted)
+                poolings=layout.poolings, optimizer=None if optimizer is None else optimizer.name,
+                weight_decay=decay_mode(optimizer), weighted=weighted)
+
+
+# optimizers fbgemm's CPU backward declines: Adam, and weight decay (1.8.0 leaves it unapplied)
+FBGEMM_DECLINED_OPTIMIZERS = {"adam", "adam_l2", "sgd_l2", "rowwise_adagrad_l2", "rowwise_adagrad_decoupled"}
 
 
 def forced(op, kernel, case, prob):
@@ -284,8 +303,8 @@ def test_backward_update(kernel, variant, case, opt, gen, monkeypatch):
     tables = make_tables(dims, poolings, gen, rows_hi=12)  # few rows: rows recur across steps
     weights = flat_weights(tables, wdtype, gen)
     layout, flat = pack(tables, weights)
-    prob = problem(layout, wdtype, idtype, weighted, optimizer.name)
-    impl = forced("backward_update", kernel, "adam" if opt == "adam" else case, prob)
+    prob = problem(layout, wdtype, idtype, weighted, optimizer)
+    impl = forced("backward_update", kernel, "adam" if opt in FBGEMM_DECLINED_OPTIMIZERS else case, prob)
     if impl is None:
         return
     state = init_state(optimizer, layout)
@@ -298,13 +317,13 @@ def test_backward_update(kernel, variant, case, opt, gen, monkeypatch):
         impl(flat, state, layout, optimizer, grad, indices, offsets, psw)
         ref.step(indices, offsets, psw, grad.view(B, -1) if layout.pooled else grad)
     tol = dict(TOL[wdtype])
-    if opt == "adam" and wdtype == torch.float32:
+    if opt.startswith("adam") and wdtype == torch.float32:
         # Adam steps by m / (sqrt(v) + eps): where a row's summed gradient is near eps (1e-6),
         # a reduction in another order moves the step by ~1e-4 of lr (seen: 1.6e-5 at lr 0.05)
         tol["atol"] = 5e-5
     for t, (got, want) in enumerate(zip(layout.split(flat), ref.w)):
         torch.testing.assert_close(got.float(), want, **tol, msg=lambda m: f"table {t}: {m}")
-    if opt == "rowwise_adagrad":
+    if opt.startswith("rowwise_adagrad"):
         # fp16/bf16 tables: the kernel's squared gradients come from low-precision rows and
         # outputs, ~1e-3 relative apart from the fp32 reference's (seen: 4.6e-4, seed 1255740668)
         rtol = 1e-4 if wdtype == torch.float32 else TOL[wdtype]["rtol"]
@@ -343,8 +362,8 @@ def test_backward_update_hot_rows(kernel, variant, opt, mix, gen, monkeypatch):
     weights = flat_weights(tables, torch.float32, gen)
     layout, flat = pack(tables, weights)
     optimizer = OPTIMIZERS[opt]
-    impl = forced("backward_update", kernel, "adam" if opt == "adam" else "hot",
-                  problem(layout, torch.float32, torch.int64, True, optimizer.name))
+    impl = forced("backward_update", kernel, "adam" if opt in FBGEMM_DECLINED_OPTIMIZERS else "hot",
+                  problem(layout, torch.float32, torch.int64, True, optimizer))
     if impl is None:
         return
     state = init_state(optimizer, layout)
@@ -361,7 +380,7 @@ def test_backward_update_hot_rows(kernel, variant, opt, mix, gen, monkeypatch):
         ref.step(indices, offsets, psw, grad)
     for t, (got, want) in enumerate(zip(layout.split(flat), ref.w)):
         torch.testing.assert_close(got, want, msg=lambda m: f"table {t}: {m}")
-    if opt == "rowwise_adagrad":
+    if opt.startswith("rowwise_adagrad"):
         torch.testing.assert_close(state["momentum"], torch.cat(ref.momentum), rtol=1e-4, atol=1e-3)
     if kernel == "triton":
         assert_launched_only(counters, variant)
@@ -588,15 +607,16 @@ _BWD_SIG = {"weights_ptr": "*bf16", "momentum_ptr": "*fp32", "exp_avg_ptr": "*fp
             "sum_ptr": "*fp32", "step_size_ptr": "*fp32", "bc2_sqrt_ptr": "*fp32", "w_offsets_ptr": "*i64", "d_offsets_ptr": "*i32",
             "hash_cumsum_ptr": "*i64", "uniq_table_ptr": "*i64", "uniq_row_ptr": "*i64", "seg_ptr": "*i64",
             "src_off_ptr": "*i64", "scale_ptr": "*fp32", "grad_ptr": "*bf16", "lr": "fp32", "eps": "fp32",
-            "one_minus_beta1": "fp32", "beta2": "fp32", "one_minus_beta2": "fp32",
-            "OPT": "constexpr", "BLOCK_N": "constexpr", "BLOCK_D": "constexpr"}
+            "one_minus_beta1": "fp32", "beta2": "fp32", "one_minus_beta2": "fp32", "wd": "fp32",
+            "OPT": "constexpr", "WD_MODE": "constexpr", "BLOCK_N": "constexpr", "BLOCK_D": "constexpr"}
 _BWD_ROWS_SIG = {"weights_ptr": "*bf16", "momentum_ptr": "*fp32", "exp_avg_ptr": "*fp32", "exp_avg_sq_ptr": "*fp32",
                  "sum_ptr": "*fp32", "step_size_ptr": "*fp32", "bc2_sqrt_ptr": "*fp32", "w_offsets_ptr": "*i64",
                  "d_offsets_ptr": "*i32", "hash_cumsum_ptr": "*i64", "uniq_table_ptr": "*i64",
                  "uniq_row_ptr": "*i64", "sel_ptr": "*i64", "start_ptr": "*i64", "end_ptr": "*i64",
                  "src_off_ptr": "*i64", "scale_ptr": "*fp32", "grad_ptr": "*bf16", "lr": "fp32", "eps": "fp32",
-                 "one_minus_beta1": "fp32", "beta2": "fp32", "one_minus_beta2": "fp32", "H": "i32",
-                 "OPT": "constexpr", "HAS_SEL": "constexpr", "ROWS": "constexpr", "BLOCK_D": "constexpr"}
+                 "one_minus_beta1": "fp32", "beta2": "fp32", "one_minus_beta2": "fp32", "wd": "fp32", "H": "i32",
+                 "OPT": "constexpr", "WD_MODE": "constexpr", "HAS_SEL": "constexpr", "ROWS": "constexpr",
+                 "BLOCK_D": "constexpr"}
 _POOLED_SIG = {"weights_ptr": "*fp16", "w_offsets_ptr": "*i64", "d_offsets_ptr": "*i32", "is_mean_ptr": "*i32",
                "indices_ptr": "*i32", "offsets_ptr": "*i32", "psw_ptr": "*fp32", "out_ptr": "*fp16", "B": "i32",
                "total_D": "i32", "rows_ptr": "*i64", "n": "i32", "err_ptr": "*i64", "HAS_PSW": "constexpr",
@@ -615,14 +635,14 @@ _COMPILE_CASES = {  # case -> (kernel, signature, constexprs)
          "offsets_ptr": "*i64", "out_offsets_ptr": "*i64", "out_ptr": "*bf16", "B": "i32", "rows_ptr": "*i64",
          "n": "i32", "err_ptr": "*i64", "CHECK": "constexpr", "BLOCK_N": "constexpr", "BLOCK_D": "constexpr"},
         {"CHECK": check, "BLOCK_N": 8, "BLOCK_D": 64}) for check in (True, False)},
-    "backward_sgd": ("backward_update_kernel", _BWD_SIG, {"OPT": 0, "BLOCK_N": 8, "BLOCK_D": 64}),
-    "backward_rowwise_adagrad": ("backward_update_kernel", _BWD_SIG, {"OPT": 1, "BLOCK_N": 8, "BLOCK_D": 64}),
-    "backward_adam": ("backward_update_kernel", _BWD_SIG, {"OPT": 2, "BLOCK_N": 8, "BLOCK_D": 64}),
-    "backward_adagrad": ("backward_update_kernel", _BWD_SIG, {"OPT": 3, "BLOCK_N": 8, "BLOCK_D": 64}),
-    **{f"backward_rows_{opt}_r{rows}_d{block_d}{'_sel' if sel else ''}": (
-        "backward_update_rows_kernel", _BWD_ROWS_SIG, {"OPT": code, "HAS_SEL": sel, "ROWS": rows, "BLOCK_D": block_d})
+    **{f"backward_{opt}_wd{wd}": ("backward_update_kernel", _BWD_SIG,
+                                  {"OPT": code, "WD_MODE": wd, "BLOCK_N": 8, "BLOCK_D": 64})
+       for opt, code in (("sgd", 0), ("rowwise_adagrad", 1), ("adam", 2), ("adagrad", 3)) for wd in (0, 1, 2)},
+    **{f"backward_rows_{opt}_r{rows}_d{block_d}{'_sel' if sel else ''}_wd{wd}": (
+        "backward_update_rows_kernel", _BWD_ROWS_SIG,
+        {"OPT": code, "WD_MODE": wd, "HAS_SEL": sel, "ROWS": rows, "BLOCK_D": block_d})
        for opt, code in (("sgd", 0), ("rowwise_adagrad", 1), ("adam", 2), ("adagrad", 3))
-       for rows, block_d, sel in ((8, 128, False), (16, 64, True), (4, 64, False))},
+       for rows, block_d, sel, wd in ((8, 128, False, 0), (16, 64, True, 1), (4, 64, False, 2))},
     "segment_sum_kernel": ("segment_sum_kernel",
                            {"d_offsets_ptr": "*i32", "uniq_table_ptr": "*i64", "chunk_row_ptr": "*i64",
                             "chunk_first_ptr": "*i64", "chunk_last_ptr": "*i64", "src_off_ptr": "*i64",

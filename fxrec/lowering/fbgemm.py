@@ -14,6 +14,8 @@ build installed here is fbgemm-gpu-cpu 1.8.0):
 
 What the checker declines, and why (found by testing 1.8.0 against torch_ref):
 - bf16 weights: the CPU kernels are not instantiated for BFloat16;
+- weight decay: 1.8.0's CPU rowwise_adagrad takes weight_decay and its mode and applies
+  neither (the row and its accumulator come out as without), and its sgd and adagrad take none;
 - Adam: fbgemm 1.8.0 says "Optimizer adam is not supported in CPU mode" (no CPU backward;
   on GPU its Adam also bias-corrects with one global iteration count, not our per-row
   step). Its CPU backwards exist for sgd, adagrad, rowwise_adagrad (+ with_counter) and
@@ -330,6 +332,8 @@ def _check_unpooled(p: Problem) -> Optional[str]:
 def _check_backward(p: Problem) -> Optional[str]:
     if p.optimizer not in _OPTIMIZERS:
         return f"optimizer {p.optimizer!r} unsupported (fbgemm CPU: {', '.join(_OPTIMIZERS)})"
+    if p.weight_decay:
+        return "weight_decay unsupported (fbgemm CPU 1.8.0's backward takes it and leaves it unapplied)"
     # unpooled: any dims, as bags of one id (`_as_bags_of_one`)
     return _check_pooled(p) if p.poolings and p.poolings[0] != "none" else _check_common(p)
 

@@ -41,7 +41,8 @@ class Problem:
     index_dtype: torch.dtype = torch.int64
     dims: tuple[int, ...] = ()
     poolings: tuple[str, ...] = ()  # "sum" / "mean" / "none"
-    optimizer: Optional[str] = None  # SGD.name / RowWiseAdagrad.name / Adam.name
+    optimizer: Optional[str] = None  # SGD.name / RowWiseAdagrad.name / Adagrad.name / Adam.name
+    weight_decay: int = 0  # the optimizer's weight-decay mode (fxrec.optim.DECAY_MODES): 0 none
     weighted: bool = False  # per-sample weights present
     deterministic: bool = False
     explicit: bool = False  # set by `select` when the kernel was forced

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from fxrec.eager import eager_under_dynamo
-from fxrec.optim import OPTIMIZERS
+from fxrec.optim import OPTIMIZERS, decay_mode
 
 from . import registry
 from .layout import TBELayout, check_devices, check_inputs, in_table_order, packed, table_position
@@ -190,6 +190,7 @@ class FusedEmbeddingBags(nn.Module):
                 op, kernel=self.kernel_request, device=self.weights.device, weight_dtype=self.weights.dtype,
                 index_dtype=index_dtype, dims=self.layout.dims, poolings=self.layout.poolings,
                 optimizer=self.optimizer.name if (op == "backward_update" and self.optimizer) else None,
+                weight_decay=decay_mode(self.optimizer) if op == "backward_update" else 0,
                 weighted=weighted, deterministic=det, threads=threads)
         name, impl = self._impls[key]
         self.kernels[op] = name

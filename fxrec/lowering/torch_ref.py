@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fxrec.optim import SGD, Adagrad, Adam, RowWiseAdagrad
+from fxrec.optim import SGD, Adagrad, Adam, RowWiseAdagrad, decay_mode
 
 from .layout import TBELayout
 from .quant import QuantLayout, dequantize_rows
@@ -120,6 +120,10 @@ def apply_update(optimizer, table: Tensor, state: dict[str, Tensor], rows: Tenso
     in `compute_dtype` (fp32; fp64 for an fp64 table, whose fp32 state is read widened)."""
     acc = compute_dtype(table.dtype)
     w, g = table[rows].to(acc), g.to(acc)
+    mode = decay_mode(optimizer)  # fxrec.optim.DECAY_MODES
+    w0 = w
+    if mode == 1:  # L2: the optimizer reads the decayed gradient
+        g = g + optimizer.weight_decay * w
     if isinstance(optimizer, SGD):
         w = w - optimizer.lr * g
     elif isinstance(optimizer, RowWiseAdagrad):
@@ -143,6 +147,8 @@ def apply_update(optimizer, table: Tensor, state: dict[str, Tensor], rows: Tenso
         w = w - step_size.unsqueeze(1) * (m / denom)
     else:
         raise ValueError(f"unsupported sparse optimizer {optimizer!r}")
+    if mode == 2:  # decoupled: the row shrinks beside the step
+        w = w - (optimizer.lr * optimizer.weight_decay) * w0
     table[rows] = w.to(table.dtype)
 
 

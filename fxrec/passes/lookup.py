@@ -188,7 +188,8 @@ def table_names_by_param(model: nn.Module) -> dict[str, str]:
     canonical: dict[int, str] = {}
     for path, mod in model.named_modules(remove_duplicate=False):
         if isinstance(mod, (nn.Embedding, nn.EmbeddingBag)):
-            canonical.setdefault(id(mod.weight), path)
+            # the model itself an nn.EmbeddingBag (path ""): its table is named by its weight's path
+            canonical.setdefault(id(mod.weight), path or "weight")
     names: dict[str, str] = {}
     tensors = list(model.named_parameters(remove_duplicate=False)) + \
         list(model.named_buffers(remove_duplicate=False))

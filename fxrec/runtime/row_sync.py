@@ -38,7 +38,8 @@ from torch import Tensor, nn
 from fxrec.eager import eager_under_dynamo
 from fxrec.lowering.sparse_update import merge_calls, row_sq_sums
 from fxrec.lowering.tbe import AfterBackward
-from fxrec.optim import RowWiseAdagrad, for_table
+from fxrec.lowering.torch_ref import table_grads
+from fxrec.optim import RowWiseAdagrad, decay_mode, for_table
 from fxrec.runtime import comm
 from fxrec.runtime.dist_lookup import UnitSpec
 
@@ -64,6 +65,20 @@ def _exact_split_tables(spec: UnitSpec, optimizer) -> dict[str, tuple[int, ...]]
         opt = for_table(optimizer, table)
         if isinstance(opt, RowWiseAdagrad) and opt.exact_column_wise:
             out[table] = ranks
+    return out
+
+
+def _decayed_sq_sums(owner, args: tuple, tables: list[int]) -> dict[int, tuple[Tensor, Tensor]]:
+    """Per table t of `tables`: its unique ids (ascending) and, per id, the sum over the shard's
+    columns of ``(g + weight_decay * w) ** 2``: RowWiseAdagrad's L2 row sums, which read the rows
+    (before their update) beside the summed gradients g. The plain sums (`row_sq_sums`) need only
+    the gradient; these are taken apart, from each row's summed gradient."""
+    wd = owner.optimizer.weight_decay
+    per_table = owner.layout.split(owner.weights)
+    out = {}
+    for t, (ids, g) in table_grads(owner.layout, *args, tables=tables).items():
+        w = per_table[t].index_select(0, ids).float()
+        out[t] = (ids, (g.float() + wd * w).square().sum(1))
     return out
 
 
@@ -187,6 +202,8 @@ class RowSync(nn.Module):
             names = owner.layout.names
             split = [t for t, key in enumerate(names) if key in self.shard_tables]
             found = row_sq_sums(owner.layout, *args, split)
+            if decay_mode(owner.optimizer) == 1:  # L2: the accumulator reads g + weight_decay * w
+                found.sums.update(_decayed_sq_sums(owner, args, split))
             for t, (rows, sums) in found.sums.items():
                 entries.append(_Entry(owner, self.shard_tables[names[t]], owner.layout.dims[t],
                                       owner.layout.hash_size_cumsum_list[t], rows, sums))

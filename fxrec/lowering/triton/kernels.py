@@ -246,11 +246,14 @@ def backward_update_kernel(weights_ptr, momentum_ptr, exp_avg_ptr, exp_avg_sq_pt
                            step_size_ptr, bc2_sqrt_ptr,
                            w_offsets_ptr, d_offsets_ptr, hash_cumsum_ptr,
                            uniq_table_ptr, uniq_row_ptr, seg_ptr, src_off_ptr, scale_ptr, grad_ptr,
-                           lr, eps, one_minus_beta1, beta2, one_minus_beta2,
-                           OPT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+                           lr, eps, one_minus_beta1, beta2, one_minus_beta2, wd,
+                           OPT: tl.constexpr, WD_MODE: tl.constexpr, BLOCK_N: tl.constexpr,
+                           BLOCK_D: tl.constexpr):
     """Grid (U,): program u sums unique row u's occurrence gradients in sorted order
     (no atomics: deterministic) and applies the optimizer to that row and its state.
-    OPT: 0 SGD, 1 RowWiseAdagrad, 2 Adam, 3 Adagrad. BLOCK_D >= the table's dim (whole row)."""
+    OPT: 0 SGD, 1 RowWiseAdagrad, 2 Adam, 3 Adagrad. WD_MODE (fxrec.optim.DECAY_MODES): 0 none,
+    1 L2 (g += wd * w before the update), 2 decoupled (w -= lr * wd * w beside it). BLOCK_D >=
+    the table's dim (whole row)."""
     u = tl.program_id(0)
     t = tl.load(uniq_table_ptr + u)
     row = tl.load(uniq_row_ptr + u)
@@ -267,6 +270,9 @@ def backward_update_kernel(weights_ptr, momentum_ptr, exp_avg_ptr, exp_avg_sq_pt
         grow = tl.load(hash_cumsum_ptr + t) + row
         mom = tl.load(momentum_ptr + grow)
     g = _sum_occurrences(src_off_ptr, scale_ptr, grad_ptr, s0, s1, cols, cmask, BLOCK_N, BLOCK_D)
+    w0 = w
+    if WD_MODE == 1:
+        g = g + wd * w  # masked columns: w is 0 there, so g stays 0
     if OPT == 0:
         w = w - lr * g
     elif OPT == 1:
@@ -280,6 +286,8 @@ def backward_update_kernel(weights_ptr, momentum_ptr, exp_avg_ptr, exp_avg_sq_pt
         m, v = _adam_moments(exp_avg_ptr, exp_avg_sq_ptr, elem, cmask, g, one_minus_beta1, beta2, one_minus_beta2)
         denom = tl.sqrt_rn(v) / tl.load(bc2_sqrt_ptr + u) + eps
         w = w - tl.load(step_size_ptr + u) * tl.div_rn(m, denom)
+    if WD_MODE == 2:
+        w = w - (lr * wd) * w0
     tl.store(weights_ptr + elem, w.to(weights_ptr.dtype.element_ty), mask=cmask)
 
 
@@ -308,9 +316,9 @@ def backward_update_rows_kernel(weights_ptr, momentum_ptr, exp_avg_ptr, exp_avg_
                                 w_offsets_ptr, d_offsets_ptr, hash_cumsum_ptr,
                                 uniq_table_ptr, uniq_row_ptr, sel_ptr, start_ptr, end_ptr,
                                 src_off_ptr, scale_ptr, grad_ptr,
-                                lr, eps, one_minus_beta1, beta2, one_minus_beta2, H,
-                                OPT: tl.constexpr, HAS_SEL: tl.constexpr, ROWS: tl.constexpr,
-                                BLOCK_D: tl.constexpr):
+                                lr, eps, one_minus_beta1, beta2, one_minus_beta2, wd, H,
+                                OPT: tl.constexpr, WD_MODE: tl.constexpr, HAS_SEL: tl.constexpr,
+                                ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
     """Grid (cdiv(H, ROWS),): program p updates the rows at positions p*ROWS .. p*ROWS+ROWS-1
     (of H) together in a [ROWS, BLOCK_D] tile, with `backward_update_kernel`'s formulas (OPT 0
     SGD, 1 RowWiseAdagrad, 2 Adam, 3 Adagrad). Position h is unique row ``sel[h]`` (HAS_SEL; else h itself)
@@ -348,6 +356,9 @@ def backward_update_rows_kernel(weights_ptr, momentum_ptr, exp_avg_ptr, exp_avg_
         sc = tl.load(scale_ptr + s0 + j, mask=has, other=0.0)
         occ = tl.load(grad_ptr + src[:, None] + cols[None, :], mask=has[:, None] & mask, other=0.0)
         g += occ.to(tl.float32) * sc[:, None]
+    w0 = w
+    if WD_MODE == 1:
+        g = g + wd * w
     if OPT == 0:
         w = w - lr * g
     elif OPT == 1:
@@ -362,4 +373,6 @@ def backward_update_rows_kernel(weights_ptr, momentum_ptr, exp_avg_ptr, exp_avg_
         m, v = _adam_moments(exp_avg_ptr, exp_avg_sq_ptr, elem, mask, g, one_minus_beta1, beta2, one_minus_beta2)
         denom = tl.sqrt_rn(v) / tl.load(bc2_sqrt_ptr + u, mask=hmask, other=1.0)[:, None] + eps
         w = w - tl.load(step_size_ptr + u, mask=hmask, other=0.0)[:, None] * tl.div_rn(m, denom)
+    if WD_MODE == 2:
+        w = w - (lr * wd) * w0
     tl.store(weights_ptr + elem, w.to(weights_ptr.dtype.element_ty), mask=mask)

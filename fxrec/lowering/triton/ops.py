@@ -42,6 +42,8 @@ import torch
 import triton
 from torch import Tensor
 
+from fxrec.optim import decay_mode
+
 from ..layout import TBELayout, check_offsets, check_on_host, fault_record, packed, raise_if_flagged
 from ..sparse_update import adam_row_scalars, sort_occurrences
 from . import kernels
@@ -233,21 +235,23 @@ def backward_update(weights: Tensor, state: dict[str, Tensor], layout: TBELayout
             state.get("exp_avg_sq", weights), state.get("sum", weights), step_size, bc2_sqrt,
             layout.weights_offsets.to(dev), layout.D_offsets.to(dev), layout.hash_size_cumsum.to(dev),
             sg.uniq_table, sg.uniq_row)
-    tail = (float(optimizer.lr), float(getattr(optimizer, "eps", 0.0)), 1.0 - beta1, beta2, 1.0 - beta2)
-    opt = _OPT_CODE[optimizer.name]
+    tail = (float(optimizer.lr), float(getattr(optimizer, "eps", 0.0)), 1.0 - beta1, beta2, 1.0 - beta2,
+            float(optimizer.weight_decay))
+    opt, wd_mode = _OPT_CODE[optimizer.name], decay_mode(optimizer)
     if rows == 0:  # the one-row kernel: every row through the chunk pass once any row is hot
         seg, src_off, scale, grad = sg.seg, sg.src_off, sg.scale, grad_output
         chunks = _hot_chunks(sg.seg, _BWD_CHUNK)
         if chunks is not None:  # rows reduce their chunks' partial sums, not their occurrences
             seg, src_off, scale, grad = _chunk_sums(layout, sg, chunks, grad_output, block_d, block_n, num_warps)
         kernels.backward_update_kernel[(sg.num_unique,)](
-            *head, seg, src_off, scale, grad, *tail, OPT=opt, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=num_warps)
+            *head, seg, src_off, scale, grad, *tail, OPT=opt, WD_MODE=wd_mode, BLOCK_N=block_n, BLOCK_D=block_d,
+            num_warps=num_warps)
         return
 
     def update(sel, start, end, src_off, scale, grad, n):  # the rows kernel over n positions
         kernels.backward_update_rows_kernel[(triton.cdiv(n, rows),)](
             *head, start if sel is None else sel, start, end, src_off, scale, grad, *tail, n,
-            OPT=opt, HAS_SEL=sel is not None, ROWS=rows, BLOCK_D=block_d, num_warps=rows_warps)
+            OPT=opt, WD_MODE=wd_mode, HAS_SEL=sel is not None, ROWS=rows, BLOCK_D=block_d, num_warps=rows_warps)
 
     seg = sg.seg
     hot = (seg[1:] - seg[:-1]) > _BWD_ROWS_CHUNK
