@@ -435,7 +435,8 @@ class EmbeddingCollection(nn.Module):
     """Unpooled lookups: forward(kjt) returns ``{feature: JaggedTensor}`` whose values are
     the rows ``table[ids]`` (``num_ids x dim``) with the input's lengths, in table order
     then each table's ``feature_names`` order (``feature@table`` for a feature that several
-    tables read). Per-sample weights are not applied. fp16 and bf16 tables give float32 rows, as TorchRec's collection does (`as_output`)."""
+    tables read). Per-sample weights are not applied. fp16 and bf16 tables give float32 rows, as
+    TorchRec's collection does (`as_output`)."""
 
     def __init__(self, tables: Sequence[EmbeddingConfig], device=None):
         super().__init__()

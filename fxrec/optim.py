@@ -231,14 +231,14 @@ class PerTable:
         try:
             tables = dict(tables)
         except (TypeError, ValueError) as e:
-            raise TypeError(f"PerTable: tables must map table names to fxrec.optim.SGD/RowWiseAdagrad/Adagrad/Adam, got "
+            raise TypeError(f"PerTable: tables must map table names to {NAMES}, got "
                             f"{tables!r} ({type(tables).__name__})") from e
         for key, opt in tables.items():
             if not isinstance(key, str) or not (opt is None or isinstance(opt, OPTIMIZERS)):
-                raise ValueError(f"PerTable: tables must map table names to fxrec.optim.SGD/RowWiseAdagrad/Adagrad/Adam "
+                raise ValueError(f"PerTable: tables must map table names to {NAMES} "
                                  f"(or None: not trained), got {key!r}: {opt!r}")
         if default is not None and not isinstance(default, OPTIMIZERS):
-            raise ValueError(f"PerTable: default must be fxrec.optim.SGD/RowWiseAdagrad/Adagrad/Adam or None, got {default!r}")
+            raise ValueError(f"PerTable: default must be {NAMES} or None, got {default!r}")
         self.tables, self.default = dict(tables), default
 
     def for_table(self, name: str) -> Optional[SparseOptimizer]:
@@ -290,4 +290,5 @@ def freeze(optimizer, tables: Iterable[str]):
     return PerTable({**optimizer.tables, **{t: None for t in tables}}, default=optimizer.default)
 
 
-__all__ = ["SGD", "RowWiseAdagrad", "Adagrad", "Adam", "PerTable", "for_table", "freeze", "SparseOptimizer", "OPTIMIZERS"]
+__all__ = ["SGD", "RowWiseAdagrad", "Adagrad", "Adam", "PerTable", "for_table", "freeze", "SparseOptimizer",
+           "OPTIMIZERS", "DECAY_MODES", "decay_mode"]

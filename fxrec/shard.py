@@ -40,7 +40,7 @@ from torch import Tensor, nn
 from torch.fx import GraphModule
 
 from fxrec.capture import capture, modes_kept
-from fxrec.optim import OPTIMIZERS, SGD, PerTable, RowWiseAdagrad, for_table, freeze
+from fxrec.optim import NAMES, OPTIMIZERS, SGD, PerTable, RowWiseAdagrad, for_table, freeze
 from fxrec.passes import lookup as L
 from fxrec.passes.apply_plan import ROOT, apply_plan_pass, build_units, check_plan
 from fxrec.passes.runner import PassContext, run_passes
@@ -629,7 +629,7 @@ def _prepare(model: nn.Module, topology, inputs: tuple, plan, constraints, spars
         raise ValueError("fxrec.shard: give a plan or constraints to plan with, not both")
     optimizer = DEFAULT_SPARSE_OPTIMIZER if sparse_optimizer is None else sparse_optimizer
     if not isinstance(optimizer, OPTIMIZERS + (PerTable,)):
-        raise ValueError(f"fxrec.shard: sparse_optimizer must be fxrec.optim.SGD/RowWiseAdagrad/Adagrad/Adam or a "
+        raise ValueError(f"fxrec.shard: sparse_optimizer must be {NAMES} or a "
                          f"fxrec.optim.PerTable, got {optimizer!r}")
     device = _device(topology)
     state_keys = list(model.state_dict().keys())

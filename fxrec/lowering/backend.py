@@ -128,7 +128,7 @@ def _check_options(options: Optional[dict]) -> dict:
     weight_dtype), read as truthy (bounds_check="no") or met deep inside a pass, wrapped in
     BackendCompilerFailed, and only once a graph with lookups compiled."""
     from fxrec.lowering.registry import KERNELS
-    from fxrec.optim import OPTIMIZERS, PerTable
+    from fxrec.optim import NAMES, OPTIMIZERS, PerTable
 
     where = "torch.compile(backend='fxrec')"
     if options is not None and not isinstance(options, Mapping):
@@ -142,7 +142,7 @@ def _check_options(options: Optional[dict]) -> dict:
     opts["dense"] = check_dense(opts.get("dense", "inductor"))
     optimizer = opts.get("sparse_optimizer")
     if optimizer is not None and not isinstance(optimizer, OPTIMIZERS + (PerTable,)):
-        raise ValueError(f"{where}: sparse_optimizer must be fxrec.optim.SGD/RowWiseAdagrad/Adagrad/Adam or a "
+        raise ValueError(f"{where}: sparse_optimizer must be {NAMES} or a "
                          f"fxrec.optim.PerTable, got {optimizer!r}")
     kernel = opts.get("kernel")
     if kernel is not None and kernel not in KERNELS:

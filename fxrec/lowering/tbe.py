@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from fxrec.eager import eager_under_dynamo
-from fxrec.optim import OPTIMIZERS, decay_mode
+from fxrec.optim import NAMES, OPTIMIZERS, decay_mode
 
 from . import registry
 from .layout import TBELayout, check_devices, check_inputs, in_table_order, packed, table_position
@@ -126,7 +126,7 @@ class FusedEmbeddingBags(nn.Module):
                  deterministic: bool = False, initialize: bool = True):
         super().__init__()
         if optimizer is not None and not isinstance(optimizer, OPTIMIZERS):
-            raise ValueError(f"optimizer must be one of fxrec.optim.SGD/RowWiseAdagrad/Adagrad/Adam, got {optimizer!r}")
+            raise ValueError(f"optimizer must be one of {NAMES}, got {optimizer!r}")
         self.layout = TBELayout(tables, device)
         dtype = dtype if dtype is not None else _common_dtype(tables)
         self.register_buffer("weights", torch.empty(self.layout.numel, dtype=dtype, device=self.layout.device))

@@ -42,8 +42,8 @@ class TwoTower(nn.Module):
                 dims[key] = cfg.embedding_dim
         for f in list(query_features) + list(candidate_features):
             if f not in dims:
-                raise ValueError(f"TwoTower: feature {f!r} is no output of the collection (its outputs: {sorted(dims)}; "
-                                 f"a feature several tables read is named 'feature@table')")
+                raise ValueError(f"TwoTower: feature {f!r} is no output of the collection (its outputs: "
+                                 f"{sorted(dims)}; a feature several tables read is named 'feature@table')")
         self.query_features = list(query_features)
         self.candidate_features = list(candidate_features)
         self.query_proj = MLP(sum(dims[f] for f in query_features), layer_sizes, final_activation=False, device=device)
