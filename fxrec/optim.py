@@ -49,7 +49,7 @@ None is not trained (no state, no update): `freeze` maps the tables whose weight
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import ClassVar, Iterable, Mapping, Optional, Union
 
 _FP32 = 4
@@ -121,6 +121,13 @@ def _check_decay(config, kind: str, modes: tuple[str, ...] = ("l2",)) -> None:
         _set(config, "weight_decay_mode", name)
 
 
+def _repr(config) -> str:
+    """The config's fields, without weight decay where it has none: SGD(lr=0.1), as before there was any."""
+    skip = () if config.weight_decay else ("weight_decay", "weight_decay_mode")
+    return f"{type(config).__name__}(" + ", ".join(
+        f"{f.name}={getattr(config, f.name)!r}" for f in fields(config) if f.name not in skip) + ")"
+
+
 def decay_mode(optimizer) -> int:
     """`DECAY_MODES`' code of `optimizer`'s weight decay: 0 where it has none (or it is 0)."""
     if optimizer is None or not getattr(optimizer, "weight_decay", 0.0):
@@ -128,13 +135,14 @@ def decay_mode(optimizer) -> int:
     return DECAY_MODES[getattr(optimizer, "weight_decay_mode", "l2")]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class SGD:
     """Plain SGD on the touched rows; no optimizer state. weight_decay: torch.optim.SGD's (L2)."""
 
     lr: float
     weight_decay: float = 0.0
     name: ClassVar[str] = "sgd"
+    __repr__ = _repr
 
     def __post_init__(self):
         _set(self, "lr", _check_lr("SGD", self.lr))
@@ -144,7 +152,7 @@ class SGD:
         return 0
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class RowWiseAdagrad:
     """FBGEMM's EXACT_ROWWISE_ADAGRAD: one fp32 accumulator per row (see module doc), with its
     weight_decay and weight_decay_mode ("l2" or "decoupled"; FBGEMM's WeightDecayMode too)."""
@@ -155,6 +163,7 @@ class RowWiseAdagrad:
     weight_decay: float = 0.0
     weight_decay_mode: str = "l2"
     name: ClassVar[str] = "rowwise_adagrad"
+    __repr__ = _repr
 
     def __post_init__(self):
         _set(self, "lr", _check_lr("RowWiseAdagrad", self.lr))
@@ -168,7 +177,7 @@ class RowWiseAdagrad:
         return _FP32
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class Adagrad:
     """torch.optim.Adagrad / FBGEMM's EXACT_ADAGRAD: one fp32 accumulator per element (see module
     doc). weight_decay: torch.optim.Adagrad's (L2)."""
@@ -177,6 +186,7 @@ class Adagrad:
     eps: float = 1e-10
     weight_decay: float = 0.0
     name: ClassVar[str] = "adagrad"
+    __repr__ = _repr
 
     def __post_init__(self):
         _set(self, "lr", _check_lr("Adagrad", self.lr))
@@ -187,7 +197,7 @@ class Adagrad:
         return dim * _FP32
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class Adam:
     """Lazy Adam with per-row step counts: two fp32 moments per element + an int32 step per row.
     weight_decay: torch.optim.Adam's (L2)."""
@@ -197,6 +207,7 @@ class Adam:
     eps: float = 1e-8
     weight_decay: float = 0.0
     name: ClassVar[str] = "adam"
+    __repr__ = _repr
 
     def __post_init__(self):
         _set(self, "lr", _check_lr("Adam", self.lr))
