@@ -16,6 +16,7 @@ import copy
 import pytest
 import torch
 import torch._dynamo
+import torch.nn.functional as F
 
 import fxrec
 from fxrec.lowering import backend as B
@@ -157,6 +158,60 @@ def test_an_unfused_lookup_with_a_bad_id_raises_naming_its_table(grad):
                 compiled(*_unfusable_batch(bad))
     logs = [line for g in B.compiled for line in g.meta["fxrec_log"]]
     assert any("unfused lookups' ids are checked against their tables" in line for line in logs) == grad, logs
+
+
+class _BufferTables(torch.nn.Module):
+    """Tables the graph reads as a buffer or computes: no parameter, so never fused."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("codes", torch.randn(10, 4))
+        self.table = torch.nn.Parameter(torch.randn(12, 4))
+
+    def forward(self, ids):
+        return (F.embedding(ids, self.codes) + F.embedding(ids, self.table * 2.0)).sum()
+
+
+def test_a_buffer_or_computed_table_checks_its_ids_too():
+    # their bad ids reached inductor's kernel: an error naming no table, or on a large batch
+    # a process abort
+    torch.manual_seed(0)
+    model = _BufferTables()
+    compiled = torch.compile(model, backend="fxrec")
+    ids = torch.randint(0, 10, (64, 3))
+    torch.testing.assert_close(compiled(ids), model(ids))
+    ids[5, 1] = 11
+    with pytest.raises(ValueError, match=r"table 'codes' \(lookup %\w+\): id 11 outside \[0, 10\)"):
+        compiled(ids)
+
+
+class _InCollection(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c = fxrec.EmbeddingBagCollection([fxrec.EmbeddingBagConfig("t", 10, 4, ["f"]),
+                                               fxrec.EmbeddingBagConfig("u", 12, 4, ["g"])])
+
+    def forward(self, kjt):
+        return self.c(kjt).values().sum(1)
+
+
+def test_per_table_optimizers_keyed_as_find_tables_names_them():
+    """The collection's graph names its tables from the collection's frame ('embedding_bags.t');
+    a PerTable keyed by the model's paths ('c.embedding_bags.t') still reaches them: the
+    compiled training equals fxrec.shard's on one rank."""
+    from fxrec.optim import SGD, Adagrad, PerTable
+    kjt = fxrec.KeyedJaggedTensor(["f", "g"], torch.tensor([1, 2, 3, 4]), lengths=torch.tensor([2, 1, 0, 1]))
+    per_table = PerTable({"c.embedding_bags.t": SGD(0.5), "c.embedding_bags.u": Adagrad(0.5)})
+    assert sorted(t.name for t in fxrec.find_tables(_InCollection(), (kjt,))) == sorted(per_table.tables)
+    torch.manual_seed(0)
+    model = _InCollection()
+    sharded = fxrec.shard(copy.deepcopy(model), fxrec.Topology(1), (kjt,), sparse_optimizer=per_table)
+    compiled = torch.compile(model, backend="fxrec", options={"sparse_optimizer": per_table})
+    for run in (compiled, sharded):
+        for _ in range(2):
+            run(kjt).square().sum().backward()
+    for key, value in sharded.full_state_dict().items():
+        torch.testing.assert_close(model.state_dict()[key], value, msg=key)
 
 
 def test_bounds_check_false_leaves_unfused_lookups_unguarded():

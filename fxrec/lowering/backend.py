@@ -221,6 +221,32 @@ def _as_attributes(gm: GraphModule, tables: dict) -> tuple[dict[str, nn.Paramete
     return by_name, where
 
 
+def _for_graph(optimizer, names: list[str]):
+    """`optimizer` for a graph whose tables are `names`. A `PerTable` is keyed as
+    `fxrec.find_tables` names tables, by their path in the model, but dynamo names a graph's
+    tables from the frame it traced: a collection's own graph (after the graph break in its
+    forward) starts at the collection, ``embedding_bags.t`` for ``sparse_arch.ebc.embedding_bags.t``.
+    Such a table takes the one entry whose name ends with its own; several that differ raise."""
+    from fxrec.optim import PerTable
+    if not isinstance(optimizer, PerTable):
+        return optimizer
+    extra = {}
+    for name in names:
+        short = name.removeprefix("fxrec_tables.")  # `_as_attributes`' prefix
+        if name in optimizer.tables:
+            continue
+        hits = [k for k in optimizer.tables if k == short or k.endswith("." + short)]
+        configs = {repr(optimizer.tables[k]) for k in hits}
+        if len(configs) > 1:
+            raise ValueError(f"torch.compile(backend='fxrec'): this graph's table {short!r} (named from the frame "
+                             f"dynamo traced) may be any of {hits} of sparse_optimizer's PerTable, which differ: "
+                             f"give them one optimizer, or train with fxrec.shard, which names every table by "
+                             f"its path in the model")
+        if hits:
+            extra[name] = optimizer.tables[hits[0]]
+    return PerTable({**optimizer.tables, **extra}, default=optimizer.default) if extra else optimizer
+
+
 def _as_inputs(gm: GraphModule, where: dict[str, int]) -> None:
     """Undo `_as_attributes` for a graph left unfused: its lookups read the tables dynamo
     passes again, so a parameter the user replaces (``load_state_dict(assign=True)``) is read."""
@@ -552,7 +578,8 @@ def fxrec_backend(gm: GraphModule, example_inputs, options: Optional[dict] = Non
     log: list[str] = []
 
     def guarded() -> list[str]:  # the unfused lookups check their ids, as eager and fused ones do
-        if not opts.get("bounds_check", True) or not guard_ids(gm, _LOOKUPS, tables):
+        name_of = lambda n: ".".join(_source_path(n) or [n.name])  # noqa: E731 - a buffer's path, or the node
+        if not opts.get("bounds_check", True) or not guard_ids(gm, _LOOKUPS, tables, name_of):
             return []
         return ["backend: the unfused lookups' ids are checked against their tables (bounds_check)"]
 
@@ -580,8 +607,9 @@ def fxrec_backend(gm: GraphModule, example_inputs, options: Optional[dict] = Non
         return whole("backend: lookups left unfused: the tables want gradients and no sparse_optimizer was "
                      "given (options={'sparse_optimizer': fxrec.optim...} trains them inside backward)")
     params, where = _as_attributes(gm, tables)
+    sparse = _for_graph(opts.get("sparse_optimizer"), list(params)) if wants_grad else None
     ctx = PassContext(example_inputs=_concrete(gm, example_inputs), options={
-        "inference": not wants_grad, "sparse_optimizer": opts.get("sparse_optimizer") if wants_grad else None,
+        "inference": not wants_grad, "sparse_optimizer": sparse,
         "kernel": opts.get("kernel"), "weight_dtype": opts.get("weight_dtype"),
         "output_dtype": opts.get("output_dtype"), "bounds_check": opts.get("bounds_check", True)})
     gm = run_passes(gm, ctx, until="group_tables")  # the runner's passes, in its order, up to the groups

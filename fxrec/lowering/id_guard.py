@@ -11,6 +11,8 @@ outside any generated loop), so a bad id raises that ValueError before the looku
 """
 from __future__ import annotations
 
+from typing import Callable, Optional
+
 import torch
 from torch import Tensor
 from torch.fx import GraphModule, Node
@@ -33,22 +35,37 @@ def _(ids: Tensor, num_embeddings: int, table: str) -> Tensor:
     return torch.empty_like(ids)
 
 
-def guard_ids(gm: GraphModule, lookups: tuple, tables: dict) -> int:
-    """Route the ids of every lookup (a call of one of `lookups`) whose weight is a key of
-    `tables` (its node -> (table name, parameter)) through `checked_ids`; returns how many."""
+def _rows(weight: Node) -> Optional[int]:
+    """The rows of a table the graph computes or reads as a buffer, from its example value."""
+    value = weight.meta.get("example_value", weight.meta.get("val"))
+    shape = getattr(value, "shape", None)
+    if shape is None or len(shape) != 2 or not isinstance(shape[0], int):
+        return None
+    return int(shape[0])
+
+
+def guard_ids(gm: GraphModule, lookups: tuple, tables: dict, name_of: Callable[[Node], str]) -> int:
+    """Route the ids of every lookup (a call of one of `lookups`) through `checked_ids`: a
+    parameter table's (a key of `tables`: its node -> (name, parameter)), and one the graph
+    computes or reads as a buffer (rows from its example value, named by `name_of`).
+    Returns how many lookups it guarded."""
     guarded = 0
     for node in list(gm.graph.nodes):
         if node.op != "call_function" or node.target not in lookups:
             continue
         weight = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
         ids = node.args[0] if node.args else node.kwargs.get("input")
-        if weight not in tables or not isinstance(ids, Node):
+        if not isinstance(ids, Node) or not isinstance(weight, Node):
             continue
-        name, param = tables[weight]
+        if weight in tables:
+            name, rows = tables[weight][0], int(tables[weight][1].shape[0])
+        else:
+            name, rows = name_of(weight), _rows(weight)
+            if rows is None:
+                continue
         with gm.graph.inserting_before(node):
             checked = gm.graph.call_function(
-                torch.ops.fxrec.checked_ids.default,
-                (ids, int(param.shape[0]), f"table {name!r} (lookup %{node.name})"))
+                torch.ops.fxrec.checked_ids.default, (ids, rows, f"table {name!r} (lookup %{node.name})"))
         checked.meta.update({k: v for k, v in ids.meta.items() if k in ("val", "example_value", "tensor_meta")})
         if node.args:
             node.args = (checked,) + tuple(node.args[1:])
