@@ -116,13 +116,36 @@ class CheckedCodeGen(_PyTreeCodeGen):
         if defaults:  # `def forward(self, ids, extra):` -> `def forward(self, ids, extra = None):`
             head, sep, rest = text.partition(")")
             params = [p.strip() for p in head[head.index("(") + 1:].split(",")]
-            params = [f"{p} = {defaults[p]}" if p in defaults else p for p in params]
+            # only a trailing run keeps its defaults: a parameter with a default before one
+            # without (`forward(self, ids, extra=None, pair=None)` given `pair`, a container
+            # fx unpacks and names without its default) would be a SyntaxError
+            last = max((i for i, p in enumerate(params) if p not in defaults), default=-1)
+            params = [f"{p} = {defaults[p]}" if p in defaults and i > last else p for i, p in enumerate(params)]
             text = head[:head.index("(") + 1] + ", ".join(params) + sep + rest
         return text
 
     def additional_globals(self) -> list[tuple[str, Any]]:
         return [*super().additional_globals(), ("fxrec_flatten_inputs", flatten_inputs)]
 
+    def process_inputs(self, *inputs: Any) -> Any:
+        """An Interpreter's unpacking of the arguments (`fxrec.passes.shapes.run_example`), along
+        the captured structure as the generated forward's. torch's takes every pytree leaf,
+        and a KeyedJaggedTensor is a pytree node: beside a container argument (which gives the
+        graph this codegen) a KJT argument, one placeholder, came apart into its tensors.
+        Arguments left out (fixed at their defaults) are left to the placeholders' defaults."""
+        info = self.pytree_info
+        spec = info.in_spec
+        if spec.type is tuple and spec.num_children == 2 and spec.child(0).type is list \
+                and spec.child(1).type is dict:  # ([positional], {keyword})
+            specs = _children(spec.child(0)) + _children(spec.child(1))
+        else:
+            specs = _children(spec)
+        if len(info.orig_args) > 0 and info.orig_args[0] == "self":
+            specs = specs[1:]
+        flat: list = []
+        for value, child in zip(inputs, specs):
+            flat += fx_pytree.tree_flatten_spec(value, child)
+        return flat + list(inputs[len(specs):])
 
 def checked(graph) -> None:
     """Give `graph` the checking codegen where fx flattened its arguments."""

@@ -229,3 +229,35 @@ def test_hooks_follow_the_model_and_lost_backward_hooks_are_named():
     assert_close(sm(ids), 2.0 * model.out(model.inner(ids)))
     handle.remove()
     assert_close(sm(ids), model(ids))
+
+
+class _PairAndKJT(nn.Module):
+    """A tuple argument beside a KeyedJaggedTensor one; the tuple bound to a defaulted parameter."""
+
+    def __init__(self):
+        super().__init__()
+        self.bag = nn.EmbeddingBag(8, 4)
+        self.ebc = fxrec.EmbeddingBagCollection([fxrec.EmbeddingBagConfig("t", 8, 4, ["f"])])
+
+    def forward(self, kjt, scale=None, pair=None):
+        return self.bag(pair[0], pair[1]) * scale + self.ebc(kjt).values()
+
+
+def _pair_batch(g):
+    kjt = fxrec.KeyedJaggedTensor(["f"], torch.randint(0, 8, (3,), generator=g), lengths=torch.tensor([2, 1]))
+    return kjt, torch.rand(2, 1, generator=g), (torch.randint(0, 8, (3,), generator=g), torch.tensor([0, 1]))
+
+
+def test_a_kjt_beside_a_container_and_a_container_after_a_default_are_captured_by_fx():
+    # the KJT came apart into its tensors when the example ran (torch's Interpreter unpacks
+    # every pytree leaf), and the signature put `pair` without a default after `scale=None`
+    # (a SyntaxError): both fell back to torch.export, whose lookups fxrec.shard refuses
+    torch.manual_seed(0)
+    model = _PairAndKJT()
+    g = torch.Generator().manual_seed(0)
+    example = _pair_batch(g)
+    assert fxrec.capture(model, example).meta[L.CAPTURED_BY] == "fx"
+    sm = fxrec.shard(copy.deepcopy(model), fxrec.Topology(1), example, sparse_optimizer=SGD(0.1))
+    batch = _pair_batch(g)
+    with torch.no_grad():
+        assert_close(sm(*batch), model(*batch))
