@@ -214,6 +214,22 @@ def test_per_table_optimizers_keyed_as_find_tables_names_them():
         torch.testing.assert_close(model.state_dict()[key], value, msg=key)
 
 
+def test_a_bad_batch_that_reaches_a_new_graph_raises_the_value_error_and_a_good_one_compiles_it():
+    # dynamo compiles on the batch that reached the graph; fxrec's passes read it, failed on
+    # its bad id, and dynamo reported BackendCompilerFailed on every such call
+    torch.manual_seed(0)
+    model = _Unfusable().eval()
+    compiled = torch.compile(model, backend="fxrec")
+    with torch.no_grad():
+        for _ in range(2):
+            with pytest.raises(ValueError, match=r"table 'rows' \(lookup %\w+\): id 6 outside \[0, 6\)$"):
+                compiled(*_unfusable_batch("rows"))
+        torch.testing.assert_close(compiled(*_unfusable_batch()), model(*_unfusable_batch()))
+        with pytest.raises(ValueError, match=r"table 'bag' \(lookup %\w+\): id 12 outside \[0, 10\)"):
+            compiled(*_unfusable_batch("bag"))
+    assert _fused_modules(), "the good batch compiled the graph, fused"
+
+
 def test_bounds_check_false_leaves_unfused_lookups_unguarded():
     torch.manual_seed(0)
     model = _Unfusable()

@@ -162,6 +162,8 @@ def _check_options(options: Optional[dict]) -> dict:
 # ------------------------------------------------------------------ the lookups' tables
 def _source_path(node: Node) -> Optional[list[str]]:
     """``L['self']._modules['emb_l']._modules['0']._parameters['weight']`` -> [emb_l, 0, weight]."""
+    if _SOURCE_PATH in node.meta:  # kept by `_OnValidIds`: dynamo drops its grapharg after the compile
+        return node.meta[_SOURCE_PATH]
     grapharg = node.meta.get("grapharg")
     source = getattr(grapharg, "source", None)
     if source is None:
@@ -172,6 +174,9 @@ def _source_path(node: Node) -> Optional[list[str]]:
     # the first key is the frame's local: the model ('self') is no part of a name, another
     # local (a module a helper function was handed: 'bag') is
     return keys[1:] if keys[0] == "self" and len(keys) > 1 else keys
+
+
+_SOURCE_PATH = "fxrec_source_path"
 
 
 def _lookup_tables(gm: GraphModule, example_inputs) -> dict[Node, tuple[str, nn.Parameter]]:
@@ -213,6 +218,7 @@ def _as_attributes(gm: GraphModule, tables: dict) -> tuple[dict[str, nn.Paramete
                     made.add(part)
             owner = getattr(owner, part)
         owner.register_parameter(parts[-1], param)
+        gm.meta.setdefault("fxrec_made", set()).update(made)
         with gm.graph.inserting_after(node):
             attr = gm.graph.get_attr(name)
         node.replace_all_uses_with(attr)
@@ -565,13 +571,60 @@ def _done(gm: GraphModule, log: list[str], fn=None):
     return fn if fn is not None else gm.forward
 
 
+def _as_given(gm: GraphModule, where: dict[str, int]) -> None:
+    """Undo `_as_attributes` whole (the tables' attributes too) and keep each placeholder's
+    source path, which dynamo drops after the compile: the graph as dynamo gave it, to compile
+    again (`_OnValidIds`)."""
+    _as_inputs(gm, where)
+    for node in gm.graph.nodes:
+        if node.op == "placeholder":
+            node.meta[_SOURCE_PATH] = _source_path(node)
+    for name in list(where) + sorted(gm.meta.pop("fxrec_made", ())):
+        owner_path, _, leaf = name.rpartition(".")
+        owner = gm.get_submodule(owner_path) if owner_path else gm
+        if hasattr(owner, leaf):
+            delattr(owner, leaf)
+
+
+class _OnValidIds:
+    """The graph's compile, put off to its first call whose ids are in range. Dynamo compiles
+    on the batch that reached a new graph (or shape); when that batch has an id outside its
+    table, fxrec's passes, which read the example, fail, and dynamo reports any backend failure
+    as BackendCompilerFailed. Deferred, the bad batch raises the ValueError naming the table
+    and the id that any later bad batch raises, and the first good one compiles the graph."""
+
+    def __init__(self, gm: GraphModule, options: Optional[dict], mode: Optional[str]):
+        self.gm, self.options, self.mode, self.run = gm, options, mode, None
+
+    def __call__(self, *args):
+        if self.run is None:
+            from fxrec.passes.runner import PassError
+            from fxrec.passes.shapes import ExampleIdError
+            try:
+                self.run = _backend(self.gm, list(args), self.options, self.mode, defer=False)
+            except PassError as e:
+                if not isinstance(e.__cause__, ExampleIdError):
+                    raise
+                # the batch's own error, as the compiled graph's check words it (the interpreter
+                # that found it appends the node it was running)
+                message = str(e.__cause__).split("\n\nWhile executing")[0]
+                raise ValueError(message.replace(" in the example inputs", "")) from None
+        return self.run(*args)
+
+
 def fxrec_backend(gm: GraphModule, example_inputs, options: Optional[dict] = None, mode: Optional[str] = None):
     """The torch.compile backend (module doc). `mode` (torch.compile's) goes to inductor."""
+    return _backend(gm, example_inputs, options, mode, defer=True)
+
+
+def _backend(gm: GraphModule, example_inputs, options: Optional[dict], mode: Optional[str], defer: bool):
+    """`fxrec_backend`; with `defer`, a batch of ids out of range puts the compile off (`_OnValidIds`)."""
     from fxrec.optim import freeze
     from fxrec.passes import lookup as L
     from fxrec.passes.fuse_lookups import fuse_lookups_pass
     from fxrec.passes.quantize_tables import quantize_tables_pass
-    from fxrec.passes.runner import PassContext, run_passes
+    from fxrec.passes.runner import PassContext, PassError, run_passes
+    from fxrec.passes.shapes import ExampleIdError
 
     opts = _check_options(options)
     dense = opts["dense"]
@@ -612,7 +665,15 @@ def fxrec_backend(gm: GraphModule, example_inputs, options: Optional[dict] = Non
         "inference": not wants_grad, "sparse_optimizer": sparse,
         "kernel": opts.get("kernel"), "weight_dtype": opts.get("weight_dtype"),
         "output_dtype": opts.get("output_dtype"), "bounds_check": opts.get("bounds_check", True)})
-    gm = run_passes(gm, ctx, until="group_tables")  # the runner's passes, in its order, up to the groups
+    try:
+        gm = run_passes(gm, ctx, until="group_tables")  # the runner's passes, in its order, up to the groups
+    except PassError as e:
+        if not isinstance(e.__cause__, ExampleIdError):
+            raise
+        _as_given(gm, where)  # for the compile on a valid batch
+        if not defer:
+            raise
+        return _OnValidIds(gm, options, mode)
     if wants_grad:  # frozen tables (requires_grad=False) are read, not trained
         ctx.options["sparse_optimizer"] = freeze(ctx.options["sparse_optimizer"], gm.meta[L.FROZEN_TABLES])
     idle = None if quantize or wants_grad else _nothing_to_gain(gm, ctx, params, opts)
