@@ -554,6 +554,8 @@ class KeyedTensor:
         keys = _names("KeyedTensor.regroup_as_dict", "keys", keys)
         if len(keys) != len(groups):
             raise ValueError(f"KeyedTensor.regroup_as_dict: {len(keys)} keys {keys} for {len(groups)} groups")
+        if len(set(keys)) != len(keys):  # a dict would keep one of them
+            raise ValueError(f"KeyedTensor.regroup_as_dict: keys {keys} repeat a name")
         traced = _traced_call(KeyedTensor.regroup_as_dict, keyed_tensors, groups, keys)
         if traced is not None:
             return traced

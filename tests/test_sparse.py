@@ -410,6 +410,8 @@ def test_keyed_tensor_regroup_and_from_tensor_list():
     torch.testing.assert_close(d["ca"], g1)
     with pytest.raises(ValueError, match=r"regroup_as_dict: 1 keys \['x'\] for 2 groups"):
         KeyedTensor.regroup_as_dict([kt1, kt2], [["c"], ["b"]], ["x"])
+    with pytest.raises(ValueError, match=r"regroup_as_dict: keys \['x', 'x'\] repeat a name"):
+        KeyedTensor.regroup_as_dict([kt1, kt2], [["c"], ["b"]], ["x", "x"])
 
 
 @pytest.mark.parametrize("keys,lpk,match", [
