@@ -147,6 +147,7 @@ class CheckedCodeGen(_PyTreeCodeGen):
             flat += fx_pytree.tree_flatten_spec(value, child)
         return flat + list(inputs[len(specs):])
 
+
 def checked(graph) -> None:
     """Give `graph` the checking codegen where fx flattened its arguments."""
     codegen = graph._codegen

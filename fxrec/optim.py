@@ -10,8 +10,8 @@ fp64 table, which the torch kernel serves (it reads the fp32 state widened).
 Definitions (g = the row's gradient summed over every occurrence of its id in the batch):
 
 - `SGD(lr)`: ``w -= lr * g``.
-- `RowWiseAdagrad(lr, eps, exact_column_wise=True)`: FBGEMM's EXACT_ROWWISE_ADAGRAD
-  (weight_decay=0): one fp32 accumulator per row, ``m += mean(g**2)`` over the row's dim,
+- `RowWiseAdagrad(lr, eps, exact_column_wise=True)`: FBGEMM's EXACT_ROWWISE_ADAGRAD: one
+  fp32 accumulator per row, ``m += mean(g**2)`` over the row's dim,
   then ``w -= lr / (sqrt(m) + eps) * g``. The accumulator starts at 0. eps defaults to
   1e-8, FBGEMM's default for SplitTableBatchedEmbeddingBagsCodegen (TorchRec passes it
   through). A column_wise table's row is split over shards: with `exact_column_wise` the
@@ -20,13 +20,13 @@ Definitions (g = the row's gradient summed over every occurrence of its id in th
   where rows repeat often, also gives the update its per-row gradients); ``False`` gives
   each shard an accumulator over its own columns, as TorchRec/FBGEMM do.
 - `Adagrad(lr, eps=1e-10)`: FBGEMM's EXACT_ADAGRAD, `torch.optim.Adagrad` (lr_decay=0,
-  weight_decay=0, initial_accumulator_value=0) on the touched rows: one fp32 accumulator per
-  element, ``s += g**2``, then ``w -= lr * g / (sqrt(s) + eps)``. A row no batch touched has
-  g = 0, for which torch's dense Adagrad changes nothing either: training with it equals
-  `torch.optim.Adagrad` over the whole table. eps defaults to torch's 1e-10. Its state is per
-  element, so a column_wise table's shards need no exchange.
+  initial_accumulator_value=0) on the touched rows: one fp32 accumulator per element,
+  ``s += g**2``, then ``w -= lr * g / (sqrt(s) + eps)``. A row no batch touched has g = 0, for
+  which torch's dense Adagrad changes nothing either: without weight decay, training with it
+  equals `torch.optim.Adagrad` over the whole table. eps defaults to torch's 1e-10. Its state
+  is per element, so a column_wise table's shards need no exchange.
 - `Adam(lr, betas, eps)`: "lazy" Adam. Each touched row is updated exactly as
-  `torch.optim.Adam` (amsgrad=False, weight_decay=0) updates a parameter holding only
+  `torch.optim.Adam` (amsgrad=False) updates a parameter holding only
   that row, with a *per-row* step count: a row's step counts the batches that touched it,
   and bias correction uses that count (1 - beta**step_row). Rows a batch does not touch
   are left alone, moments included (unlike dense Adam, whose moments decay every step,

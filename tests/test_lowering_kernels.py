@@ -604,7 +604,8 @@ def test_triton_interpreter_suite():
 
 
 _BWD_SIG = {"weights_ptr": "*bf16", "momentum_ptr": "*fp32", "exp_avg_ptr": "*fp32", "exp_avg_sq_ptr": "*fp32",
-            "sum_ptr": "*fp32", "step_size_ptr": "*fp32", "bc2_sqrt_ptr": "*fp32", "w_offsets_ptr": "*i64", "d_offsets_ptr": "*i32",
+            "sum_ptr": "*fp32", "step_size_ptr": "*fp32", "bc2_sqrt_ptr": "*fp32", "w_offsets_ptr": "*i64",
+            "d_offsets_ptr": "*i32",
             "hash_cumsum_ptr": "*i64", "uniq_table_ptr": "*i64", "uniq_row_ptr": "*i64", "seg_ptr": "*i64",
             "src_off_ptr": "*i64", "scale_ptr": "*fp32", "grad_ptr": "*bf16", "lr": "fp32", "eps": "fp32",
             "one_minus_beta1": "fp32", "beta2": "fp32", "one_minus_beta2": "fp32", "wd": "fp32",

@@ -204,7 +204,8 @@ def test_missing_feature_and_float_ids():
     (lambda: EmbeddingBagConfig("t", 10, 2, ["a"], dtype=torch.int64), "dtype must be a floating"),
     (lambda: EmbeddingBagCollection([EmbeddingBagConfig("t", 10, 2, ["a"]), EmbeddingBagConfig("t", 5, 2, ["b"])]),
      "two tables are named 't'"),
-    (lambda: EmbeddingBagCollection([EmbeddingBagConfig("t1", 10, 2, ["a"]), EmbeddingBagConfig("t2", 5, 2, ["a", "a@t1"])]),
+    (lambda: EmbeddingBagCollection([EmbeddingBagConfig("t1", 10, 2, ["a"]),
+                                     EmbeddingBagConfig("t2", 5, 2, ["a", "a@t1"])]),
      "tables 't1' and 't2' both give an output named 'a@t1'"),
 ])
 def test_config_errors(make, match):

@@ -160,6 +160,9 @@ def _check_options(options: Optional[dict]) -> dict:
 
 
 # ------------------------------------------------------------------ the lookups' tables
+_SOURCE_PATH = "fxrec_source_path"
+
+
 def _source_path(node: Node) -> Optional[list[str]]:
     """``L['self']._modules['emb_l']._modules['0']._parameters['weight']`` -> [emb_l, 0, weight]."""
     if _SOURCE_PATH in node.meta:  # kept by `_OnValidIds`: dynamo drops its grapharg after the compile
@@ -174,9 +177,6 @@ def _source_path(node: Node) -> Optional[list[str]]:
     # the first key is the frame's local: the model ('self') is no part of a name, another
     # local (a module a helper function was handed: 'bag') is
     return keys[1:] if keys[0] == "self" and len(keys) > 1 else keys
-
-
-_SOURCE_PATH = "fxrec_source_path"
 
 
 def _lookup_tables(gm: GraphModule, example_inputs) -> dict[Node, tuple[str, nn.Parameter]]:

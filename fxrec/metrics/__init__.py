@@ -16,10 +16,10 @@ Each function has a streaming twin (``AUC``, ``LogLoss``, ``NE``, ``Accuracy``,
 ``reset()``; the functions are one update plus compute, so both give the same
 number. In a distributed job the streaming metrics' ``compute()`` is collective and gives
 the metric over every rank's batches (``sync=False``: this rank's alone); the functions
-compute over the tensors they are given. ``MetricCollection`` updates several at once. Sums are accumulated in float64
-(float32 on MPS, which has no float64) on the device of the inputs, and read back to
-the host only in ``compute()``. Bad input raises ``ValueError`` naming the argument and
-the offending value or shape.
+compute over the tensors they are given. ``MetricCollection`` updates several at once.
+Sums are accumulated in float64 (float32 on MPS, which has no float64) on the device of the
+inputs, and read back to the host only in ``compute()``. Bad input raises ``ValueError``
+naming the argument and the offending value or shape.
 
 Layout: ``base.py`` (input checks, ``Metric``, ``MetricCollection``), ``binary.py``
 (AUC, log loss, NE, accuracy), ``retrieval.py`` (recall@k, NDCG@k); every public name

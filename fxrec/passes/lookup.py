@@ -82,7 +82,8 @@ class TableRead:
 
     def __post_init__(self):
         if self.keys and len(self.keys) != len(self.features):
-            raise ValueError(f"TableRead {self.table!r}: {len(self.keys)} output keys for {len(self.features)} features")
+            raise ValueError(f"TableRead {self.table!r}: {len(self.keys)} output keys for "
+                             f"{len(self.features)} features")
 
 
 @dataclass
