@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fxrec.sparse import JaggedTensor, KeyedJaggedTensor, KeyedTensor, should_validate
-from fxrec.sparse_checks import _names
+from fxrec.sparse_checks import _names, out_of_range_id
 from fxrec.types import whole
 
 WeightInit = Callable[[Tensor], None]
@@ -334,11 +334,8 @@ def _check_ids(owner: str, ids: Tensor, feature: str, cfg) -> None:
     if ids.dim() != 1:
         raise ValueError(f"{owner}: feature {feature!r} (table {cfg.name!r}) has ids of shape "
                          f"{tuple(ids.shape)}; a KeyedJaggedTensor's values must be 1-D")
-    if ids.numel() == 0:
-        return
-    lo, hi = int(ids.min()), int(ids.max())
-    if lo < 0 or hi >= cfg.num_embeddings:
-        bad = lo if lo < 0 else hi
+    bad = out_of_range_id(ids, cfg.num_embeddings)
+    if bad is not None:
         raise ValueError(f"{owner}: feature {feature!r} (table {cfg.name!r}, num_embeddings="
                          f"{cfg.num_embeddings}) has id {bad}, outside [0, {cfg.num_embeddings})")
 
@@ -447,7 +444,7 @@ class EmbeddingCollection(nn.Module):
             weight = torch.empty(cfg.num_embeddings, cfg.embedding_dim, device=device, dtype=cfg.dtype)
             self.embeddings[cfg.name] = nn.Embedding(cfg.num_embeddings, cfg.embedding_dim, _weight=weight,
                                                      device=device, dtype=cfg.dtype)
-        self._keys = embedding_names(self._configs)
+        self._embedding_names_by_table = embedding_names(self._configs)
         self.reset_parameters()
 
     def embedding_configs(self) -> list[EmbeddingConfig]:
@@ -461,7 +458,7 @@ class EmbeddingCollection(nn.Module):
         _check_input("EmbeddingCollection", features)
         split = _split_under_dynamo(features)
         out = {}
-        for cfg, keys in zip(self._configs, self._keys):
+        for cfg, keys in zip(self._configs, self._embedding_names_by_table):
             table = self.embeddings[cfg.name]
             for feature, key in zip(cfg.feature_names, keys):
                 jt = _feature("EmbeddingCollection", split, feature, cfg.name)

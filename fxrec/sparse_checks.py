@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import collections.abc
 import contextlib
-from typing import Iterator, Sequence
+from typing import Iterator, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -85,6 +85,15 @@ def _names(owner: str, arg: str, names, error: type = TypeError) -> list:
         return list(names)
     except TypeError:
         raise error(f"{owner}: {arg} must be a list of names, got {type(names).__name__} {names!r}") from None
+
+
+def out_of_range_id(ids: Tensor, rows: int) -> Optional[int]:
+    """The smallest id of `ids` when it is negative, else the largest when it is `rows` or more
+    (one min/max pass, one host sync), else None: the id an error about the table names."""
+    if ids.numel() == 0:
+        return None
+    lo, hi = (int(v) for v in torch.aminmax(ids.detach()))
+    return lo if lo < 0 else hi if hi >= rows else None
 
 
 def _size(owner: str, arg: str, value) -> int:

@@ -242,8 +242,7 @@ def _for_graph(optimizer, names: list[str]):
         if name in optimizer.tables:
             continue
         hits = [k for k in optimizer.tables if k == short or k.endswith("." + short)]
-        configs = {repr(optimizer.tables[k]) for k in hits}
-        if len(configs) > 1:
+        if len({optimizer.tables[k] for k in hits}) > 1:  # the configs are frozen dataclasses: hashable
             raise ValueError(f"torch.compile(backend='fxrec'): this graph's table {short!r} (named from the frame "
                              f"dynamo traced) may be any of {hits} of sparse_optimizer's PerTable, which differ: "
                              f"give them one optimizer, or train with fxrec.shard, which names every table by "

@@ -17,16 +17,16 @@ import torch
 from torch import Tensor
 from torch.fx import GraphModule, Node
 
+from fxrec.sparse_checks import out_of_range_id
+
 
 @torch.library.custom_op("fxrec::checked_ids", mutates_args=())
 def checked_ids(ids: Tensor, num_embeddings: int, table: str) -> Tensor:
     """`ids` (a copy: an op may not return its input), or ValueError naming `table` and the
     first offending id when one is outside ``[0, num_embeddings)``."""
-    if ids.numel():
-        lo, hi = (int(v) for v in torch.aminmax(ids))
-        if lo < 0 or hi >= num_embeddings:
-            bad = lo if lo < 0 else hi
-            raise ValueError(f"{table}: id {bad} outside [0, {num_embeddings})")
+    bad = out_of_range_id(ids, num_embeddings)
+    if bad is not None:
+        raise ValueError(f"{table}: id {bad} outside [0, {num_embeddings})")
     return ids.clone()
 
 

@@ -86,8 +86,8 @@ class Metric(abc.ABC):
     def _sums(self) -> list[float]:
         group, totals = self._group(), self._totals
         if group is not None:  # every rank's sums, and how many ranks had any (a rank may have none)
-            local = torch.zeros(self._width + 1, dtype=torch.float64) if totals is None else \
-                torch.cat([totals.detach().to("cpu", torch.float64), totals.new_ones(1, dtype=torch.float64).cpu()])
+            sums = torch.zeros(self._width, dtype=torch.float64) if totals is None else totals.to("cpu", torch.float64)
+            local = torch.cat([sums, torch.tensor([float(totals is not None)], dtype=torch.float64)])
             local = local.to(_group_device(group))
             dist.all_reduce(local, group=group)
             totals = None if local[-1].item() == 0 else local[:-1]

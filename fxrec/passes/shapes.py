@@ -23,6 +23,7 @@ from torch.fx.node import map_aggregate
 from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
 from fxrec.passes import lookup as L
+from fxrec.sparse_checks import out_of_range_id
 
 _DTYPE_SHORT = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16", torch.float64: "f64",
                 torch.int64: "i64", torch.int32: "i32", torch.int16: "i16", torch.int8: "i8",
@@ -246,12 +247,11 @@ def _check_example_ids(n: torch.fx.Node, mod_or_target: Any, args: tuple, kwargs
         ids, rows = _pick(args, kwargs, where[0]), weight.shape[0]
         node = _pick(n.args, n.kwargs, where[1])
         table = str(node.target) if isinstance(node, torch.fx.Node) and node.op == "get_attr" else f"%{n.name}"
-    if not isinstance(ids, Tensor) or ids.is_meta or ids.numel() == 0 or ids.is_floating_point():
+    if not isinstance(ids, Tensor) or ids.is_meta or ids.is_floating_point():
         return
-    lo, hi = (int(v) for v in torch.aminmax(ids.detach()))
-    if lo < 0 or hi >= rows:
-        raise ExampleIdError(f"table {table!r} (lookup %{n.name}): id {lo if lo < 0 else hi} outside [0, {rows}) "
-                             f"in the example inputs")
+    bad = out_of_range_id(ids, rows)
+    if bad is not None:
+        raise ExampleIdError(f"table {table!r} (lookup %{n.name}): id {bad} outside [0, {rows}) in the example inputs")
 
 
 class _Recorder(torch.fx.Interpreter):
