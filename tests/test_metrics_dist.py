@@ -31,7 +31,11 @@ def _retrieval(world: int):
 
 
 BINARY = {"auc": lambda **kw: metrics.AUC(**kw), "log_loss": lambda **kw: metrics.LogLoss(**kw),
-          "ne": lambda **kw: metrics.NE(**kw), "accuracy": lambda **kw: metrics.Accuracy(**kw)}
+          "ne": lambda **kw: metrics.NE(**kw), "accuracy": lambda **kw: metrics.Accuracy(**kw),
+          "auprc": lambda **kw: metrics.AUPRC(**kw), "ctr": lambda **kw: metrics.CTR(**kw),
+          "calibration": lambda **kw: metrics.Calibration(**kw), "precision": lambda **kw: metrics.Precision(**kw),
+          "recall": lambda **kw: metrics.Recall(**kw), "mse": lambda **kw: metrics.MSE(**kw),
+          "rmse": lambda **kw: metrics.RMSE(**kw), "mae": lambda **kw: metrics.MAE(**kw)}
 RETRIEVAL = {"recall@3": lambda **kw: metrics.RecallAtK(3, **kw), "ndcg@3": lambda **kw: metrics.NDCGAtK(3, **kw)}
 
 
