@@ -706,6 +706,22 @@ def _layout(topology):
         return repr(topology)
 
 
+_WIRE_DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
+                "fp32": torch.float32, "float32": torch.float32}
+
+
+def _wire_dtype(value) -> Optional[torch.dtype]:
+    """shard's comm_dtype as a torch dtype (None stays None); anything else is refused by name."""
+    if value is None:
+        return None
+    if isinstance(value, torch.dtype) and value in _WIRE_DTYPES.values():
+        return value
+    if isinstance(value, str) and value in _WIRE_DTYPES:
+        return _WIRE_DTYPES[value]
+    raise ValueError(f"fxrec.shard: comm_dtype must be one of {sorted(_WIRE_DTYPES)} or torch.bfloat16 / "
+                     f"torch.float16 / torch.float32, got {value!r}")
+
+
 def _picklable(value):
     """`value` where it pickles (configs compare by ==), else its repr: all_gather_object
     pickles on this rank alone, and a failure there would leave the others waiting."""
@@ -741,7 +757,7 @@ def _agree(settings: dict, prepare, where: str = "fxrec.shard", act: str = "shar
 
 
 def shard(model: nn.Module, topology, example_inputs, plan=None, constraints=None, sparse_optimizer=None, *,
-          seed: int = 0) -> ShardedModel:
+          seed: int = 0, comm_dtype=None) -> ShardedModel:
     """Shard `model` for `topology` on this rank (collective: every rank calls it).
 
     plan: a `fxrec.Plan` (checked against the model's tables and the topology), else
@@ -751,6 +767,11 @@ def shard(model: nn.Module, topology, example_inputs, plan=None, constraints=Non
     `DEFAULT_SPARSE_OPTIMIZER` (SGD, lr 0.01, TorchRec's default).
     seed: for tables on the meta device (`fxrec.runtime.tables.deterministic_init`) and
     meta dense modules' reset_parameters().
+    comm_dtype: "bf16" or "fp16" (or the torch dtype): the sharded tables' results, and their
+    gradients in backward, travel between ranks in it (TorchRec's quantized comms; the ids and
+    the data_parallel tables' gradients do not). It halves the output collectives' bytes and
+    rounds what they carry to its precision; row_wise partial sums are also added in it. Tables
+    already in a 16-bit dtype send in their own. None (default): in the tables' dtype.
     Raises ValueError when the job's world size differs from the topology's, or the plan
     misses a table, has another table's size or was made for another topology.
     """
@@ -758,10 +779,18 @@ def shard(model: nn.Module, topology, example_inputs, plan=None, constraints=Non
     world, rank = comm.world_size(), comm.rank()
     # every rank's own checks and capture first, then one exchange: the first collective
     # comes after it (module doc of `_agree`)
+    try:
+        wire, bad_wire = _wire_dtype(comm_dtype), None
+    except ValueError as e:  # raised in _agree's prepare, so that it reaches every rank
+        wire, bad_wire = None, e
+
+    def prepare():
+        if bad_wire is not None:
+            raise bad_wire
+        return _prepare(model, topology, inputs, plan, constraints, sparse_optimizer, seed)
     settings = {"sparse_optimizer": sparse_optimizer, "constraints": constraints, "seed": seed,
-                "plan": _placement(plan), "topology": _layout(topology)}
-    gm, ctx, optimizer, state_keys, device = _agree(settings, lambda: _prepare(
-        model, topology, inputs, plan, constraints, sparse_optimizer, seed))
+                "plan": _placement(plan), "topology": _layout(topology), "comm_dtype": wire}
+    gm, ctx, optimizer, state_keys, device = _agree(settings, prepare)
     seed = whole(seed)
     frozen = gm.meta[L.FROZEN_TABLES]
     ctx.plan = plan if plan is not None else _agreed_plan(ctx, topology, constraints, optimizer, world)
@@ -769,7 +798,7 @@ def shard(model: nn.Module, topology, example_inputs, plan=None, constraints=Non
     _agree({}, lambda: check_plan(ctx.plan, ctx.tables, topology))
     groups, dense_group = _process_groups(topology) if world > 1 else (None, None)
     ctx.options.update(rank=rank, world_size=world, sparse_optimizer=optimizer, process_groups=groups,
-                       device=device, init=_initialiser(model, ctx.tables, seed, device))
+                       device=device, init=_initialiser(model, ctx.tables, seed, device), comm_dtype=wire)
     gm = run_passes(gm, ctx, passes=_passes_from_apply_plan())
     other = _other_mode(model, inputs, gm, ctx) if L.TRAINING_BAKED in gm.meta else None
     _materialise_dense(gm, device, seed)

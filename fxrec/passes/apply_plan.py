@@ -34,7 +34,8 @@ Context: ``ctx.topology`` (None: the pass leaves the graph alone), ``ctx.plan`` 
 now with ``ctx.options["constraints"]``), ``ctx.options``: ``rank``, ``world_size``
 (default: torch.distributed's, 1 without it), ``sparse_optimizer``, ``process_groups``
 (`comm.ProcessGroups`, needed for table_row_wise), ``device``, ``init`` (``init(table, rows,
-cols) -> Tensor``: a shard's initial values; default: sliced from the graph's own weight).
+cols) -> Tensor``: a shard's initial values; default: sliced from the graph's own weight),
+``comm_dtype`` (a narrower dtype the output collectives carry: `comm_dtype`).
 
 Limits: aten-level lookups (a torch.export capture) are not rewritten (ValueError); a table
 read by two lookups of which one's ids depend on the other's output cannot be sharded.
@@ -164,13 +165,19 @@ def _dtypes(gm: GraphModule, nodes: list[Node]) -> dict[str, torch.dtype]:
     return {r.table: L.fetch_attr(gm, r.weight_path).dtype for n in nodes for r in n.meta[L.LOOKUP].reads}
 
 
-def comm_dtype(dtypes) -> torch.dtype:
+def comm_dtype(dtypes, wire: Optional[torch.dtype] = None) -> torch.dtype:
     """The dtype a unit's output collectives carry: its tables' one, or the dtype theirs
     promote to (fp16 + fp32 -> fp32, fp16 + bf16 -> fp32), into which each table's values
-    widen exactly; FinishOutputs gives each slot its table's dtype back."""
+    widen exactly; FinishOutputs gives each slot its table's dtype back.
+
+    `wire` (fxrec.shard's comm_dtype, TorchRec's quantized comms): a narrower dtype the
+    results and their gradients travel in instead, where it is narrower than that; a unit of
+    16-bit tables keeps its own."""
     out = None
     for d in dtypes:
         out = d if out is None else torch.promote_types(out, d)
+    if wire is not None and out is not None and wire.itemsize < out.itemsize:
+        return wire
     return out
 
 
@@ -319,7 +326,8 @@ def _unit_modules(gm: GraphModule, spec: UnitSpec, nodes: list[Node], dp_slots: 
             return values(shards[key].table, shards[key].rows, shards[key].cols)
         unit.lookup = LocalLookup(spec.local_shards(), env["optimizer"], spec.world_size, dtypes, device, init,
                                   scale_outputs=False)
-        unit.output_prep = OutputPrep(spec, comm_dtype(dtypes.values()), device, grad_scale=1.0 / spec.world_size)
+        unit.output_prep = OutputPrep(spec, comm_dtype(dtypes.values(), env.get("wire_dtype")), device,
+                                      grad_scale=1.0 / spec.world_size)
         if RowSync.needed(spec, env["optimizer"]):
             unit.row_sync = RowSync(spec, env["optimizer"], device)
     if dp_slots:
@@ -452,7 +460,8 @@ def apply_plan_pass(gm: GraphModule, ctx) -> GraphModule:
                          f"{world} ranks")
     env = dict(plan=plan, rank=opts.get("rank", comm.rank()), world_size=world,
                ranks_per_node=ctx.topology.ranks_per_node, optimizer=opts.get("sparse_optimizer"),
-               device=opts.get("device", torch.device("cpu")), values=_shard_values(gm, opts.get("init")))
+               device=opts.get("device", torch.device("cpu")), values=_shard_values(gm, opts.get("init")),
+               wire_dtype=opts.get("comm_dtype"))
     units = build_units(gm)
     gm.add_module(ROOT, nn.Module())
     gm.get_submodule(ROOT).groups = GroupTable(opts.get("process_groups"))
