@@ -75,6 +75,9 @@ def parse_args(argv=None):
     p.add_argument("--bottom", type=int, nargs="+", default=[256, 64], help="bottom MLP (ends in --dim)")
     p.add_argument("--top", type=int, nargs="+", default=[256, 128, 1])
     p.add_argument("--lr", type=float, default=0.05)
+    p.add_argument("--comm-dtype", choices=("fp32", "bf16", "fp16"), default="fp32",
+                   help="the dtype pooled embeddings and their gradients cross ranks in: fxrec.shard's "
+                        "comm_dtype, TorchRec's QCommsConfig forward and backward precision")
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--steps", type=int, default=20, help="timed steps")
     p.add_argument("--repeats", type=int, default=2, help="runs per framework (alternating); the best is reported")
@@ -166,7 +169,8 @@ def build_fxrec(args, sharding: str, batches, exact_column_wise: bool = True, pi
     plan = fxrec.Plan(tables, topo, args.batch_per_rank)
     example = (batches[0].dense_features, batches[0].sparse_features)
     sparse = fxrec.optim.RowWiseAdagrad(lr=args.lr, exact_column_wise=exact_column_wise)
-    sharded = fxrec.shard(model, topo, example, plan=plan, sparse_optimizer=sparse)
+    sharded = fxrec.shard(model, topo, example, plan=plan, sparse_optimizer=sparse,
+                          comm_dtype=None if args.comm_dtype == "fp32" else args.comm_dtype)
     for name, pieces in sharded.local_shards().items():
         full = full_table(names.index(name[len(FXREC_TABLE_PREFIX):]), args.rows, args.dim)
         for (r0, r1), (c0, c1), w in pieces:
@@ -234,7 +238,7 @@ def build_torchrec(args, sharding: str, batches):
     model = DLRM(ebc, 13, args.bottom, args.top, dense_device=torch.device("cpu"))
     init_dense(model)
     apply_optimizer_in_backward(RowWiseAdagrad, model.sparse_arch.parameters(), {"lr": args.lr, "eps": 1e-8})
-    sharder = EmbeddingBagCollectionSharder()
+    sharder = EmbeddingBagCollectionSharder(qcomm_codecs_registry=torchrec_qcomms(args.comm_dtype))
     dmp = DistributedModelParallel(model, env=ShardingEnv.from_process_group(dist.group.WORLD),
                                    device=torch.device("cpu"), plan=torchrec_plan(args, sharding, ebc, sharder),
                                    sharders=[sharder])
@@ -252,6 +256,15 @@ def build_torchrec(args, sharding: str, batches):
         return loss
 
     return step, tr_batches, lambda: torchrec_table_bytes(dmp)
+
+
+def torchrec_qcomms(comm_dtype: str):
+    """TorchRec's codecs for --comm-dtype (None for fp32: no quantized comms)."""
+    if comm_dtype == "fp32":
+        return None
+    from torchrec.distributed.fbgemm_qcomm_codec import CommType, QCommsConfig, get_qcomm_codecs_registry
+    precision = {"bf16": CommType.BF16, "fp16": CommType.FP16}[comm_dtype]
+    return get_qcomm_codecs_registry(QCommsConfig(forward_precision=precision, backward_precision=precision))
 
 
 def torchrec_plan(args, sharding: str, ebc, sharder):
@@ -481,7 +494,8 @@ def main(argv=None) -> None:
         raise SystemExit(f"vs_torchrec: --bottom must end in --dim ({args.dim}) and --dim divide by --world")
     print(_header())
     print(f"# pooling ~{args.pooling} ids/bag (Poisson), bottom MLP {args.bottom}, top MLP {args.top}, "
-          f"lr {args.lr}; {args.warmup} warm-up + {args.steps} timed steps; 1 thread per rank, gloo; "
+          f"lr {args.lr}; pooled embeddings cross ranks in {args.comm_dtype}; {args.warmup} warm-up + "
+          f"{args.steps} timed steps; 1 thread per rank, gloo; "
           f"each framework run {args.repeats}x in fresh processes, best run reported (medians below it); "
           f"the 2 cores are shared with other jobs (load averages below)", flush=True)
     with tempfile.TemporaryDirectory() as out_dir:
