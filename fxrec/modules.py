@@ -263,7 +263,8 @@ def _split_by_key(features: KeyedJaggedTensor) -> dict[str, JaggedTensor]:
     per_key = features.length_per_key()
     values, weights = features.values().split(per_key), features.weights_or_none()
     weights = weights.split(per_key) if weights is not None else None
-    lengths = features.lengths().view(len(keys), -1)
+    lengths = features.lengths().split(features.stride_per_key()) if features.variable_stride_per_key() else \
+        features.lengths().view(len(keys), -1)
     out = {}
     for i, key in enumerate(keys):
         ids = values[i].clone()
@@ -309,6 +310,29 @@ def _check_input(owner: str, features) -> None:
     if not isinstance(features, (KeyedJaggedTensor, torch.fx.Proxy)):
         raise TypeError(f"{owner}.forward takes a fxrec.KeyedJaggedTensor, got {_type_name(features)}"
                         f"{_other_library(features, 'fxrec.KeyedJaggedTensor')}")
+
+
+def _inverse_rows(owner: str, features):
+    """For a KJT with a batch per key (TorchRec's VBE): feature -> its row of inverse_indices,
+    which gives each of the batch's samples its bag; None for one batch for every key."""
+    if not isinstance(features, KeyedJaggedTensor) or not features.variable_stride_per_key():
+        return None
+    inverse = features.inverse_indices_or_none()
+    if inverse is None:
+        raise ValueError(f"{owner}: the KeyedJaggedTensor has a batch per key (stride_per_key_per_rank "
+                         f"{features.stride_per_key_per_rank()}) but no inverse_indices to give each sample its bag")
+    keys, rows = inverse
+    index = {k: i for i, k in enumerate(keys)}
+
+    def row(feature: str) -> Tensor:
+        if feature not in index:
+            raise ValueError(f"{owner}: inverse_indices has no row for feature {feature!r} (it has {list(keys)})")
+        return rows[index[feature]]
+    return row
+
+
+def _expanded(pooled: Tensor, inverse, feature: str) -> Tensor:
+    return pooled if inverse is None else pooled.index_select(0, inverse(feature))
 
 
 def _feature(owner: str, kjt, feature: str, table: str) -> JaggedTensor:
@@ -396,12 +420,14 @@ class EmbeddingBagCollection(nn.Module):
             raise ValueError("EmbeddingBagCollection: built with is_weighted=True, but the KeyedJaggedTensor "
                              "carries no per-sample weights")
         split = _split_under_dynamo(features)
-        pooled = []
+        pooled, inverse = [], _inverse_rows("EmbeddingBagCollection", features)
         for cfg in self._configs:
             bag = self.embedding_bags[cfg.name]
             for feature in cfg.feature_names:
                 jt = _feature("EmbeddingBagCollection", split, feature, cfg.name)
-                pooled.append(as_output(self._pool(bag, cfg, feature, jt), cfg.dtype))
+                # a batch per key (VBE): each sample reads its bag's sums. (No local name for the
+                # lookup's result: dynamo names the graph's lookup nodes after it.)
+                pooled.append(_expanded(as_output(self._pool(bag, cfg, feature, jt), cfg.dtype), inverse, feature))
         if not pooled:
             batch = features.stride()
             values = torch.empty(batch, 0, device=self._device(), dtype=torch.float32)

@@ -3,7 +3,10 @@
 * `JaggedTensor`: one feature's bags: ``values`` of all bags concatenated, with
   ``lengths`` (ids per bag) or ``offsets`` (bag starts, plus the end).
 * `KeyedJaggedTensor` (KJT): several features. Values are key-major: all of key 0's
-  bags, then key 1's; ``lengths`` holds ``len(keys) * stride`` entries in that order.
+  bags, then key 1's; ``lengths`` holds ``len(keys) * stride`` entries in that order. With
+  ``stride_per_key_per_rank`` (TorchRec's variable batch per feature, VBE) key k holds its own
+  number of bags, and ``inverse_indices`` (keys, ``keys x stride`` tensor) give each sample of
+  the batch its bag of each key.
 * `KeyedTensor`: pooled outputs, ``batch x sum(length_per_key)`` for ``key_dim=1``.
 
 Construction checks the data (sums, monotone offsets, sizes, unique keys) and names the
@@ -25,8 +28,8 @@ from torch import Tensor
 # The validation switch and checks live in sparse_checks.py; re-exported here because
 # users and modules reach them as fxrec.sparse.*.
 from fxrec.sparse_checks import (_check_index_tensor, _check_jagged, _check_keys, _check_sums,  # noqa: F401
-                                 _check_tensors, _indices, _names, _size, is_tracing, set_validation,
-                                 should_validate, validation, validation_enabled)
+                                 _check_tensors, _indices, _names, _size, is_tracing, out_of_range_id,
+                                 set_validation, should_validate, validation, validation_enabled)
 
 
 # ------------------------------------------------------------------ helpers
@@ -167,7 +170,8 @@ class KeyedJaggedTensor:
 
     def __init__(self, keys: Sequence[str], values: Tensor, weights: Optional[Tensor] = None,
                  lengths: Optional[Tensor] = None, offsets: Optional[Tensor] = None,
-                 stride: Optional[int] = None, validate: bool = True):
+                 stride: Optional[int] = None, stride_per_key_per_rank: Optional[Sequence[Sequence[int]]] = None,
+                 *, inverse_indices: Optional[tuple] = None, validate: bool = True):
         # TorchRec's argument order (keys, values, weights, lengths, offsets, stride), so that its
         # positional calls mean the same here
         if lengths is None and offsets is None:
@@ -176,6 +180,10 @@ class KeyedJaggedTensor:
         self._keys = _names("KeyedJaggedTensor", "keys", keys)
         self._values, self._lengths, self._offsets, self._weights = values, lengths, offsets, weights
         self._stride = None if stride is None else _size("KeyedJaggedTensor", "stride", stride)
+        # variable batch per feature (VBE): key k holds sum(stride_per_key_per_rank[k]) bags
+        self._spk = _strides_per_key(self._keys, stride_per_key_per_rank)
+        self._sprk = None if self._spk is None else [list(r) for r in stride_per_key_per_rank]
+        self._inverse = _inverse_indices(inverse_indices)
         self._length_per_key: Optional[list[int]] = None
         self._offset_per_key: Optional[list[int]] = None
         self._index_per_key: Optional[dict[str, int]] = None
@@ -187,6 +195,9 @@ class KeyedJaggedTensor:
         _check_tensors(owner, values=self._values, lengths=self._lengths, offsets=self._offsets, weights=self._weights)
         _check_keys(owner, keys)
         num_bags = self._lengths.numel() if self._lengths is not None else self._offsets.numel() - 1
+        if self._spk is not None:
+            self._validate_variable(num_bags)
+            return
         if not keys:
             # No bags: the checks below still hold values (and weights) to zero entries.
             if num_bags > 0:
@@ -204,15 +215,48 @@ class KeyedJaggedTensor:
         if self._lengths is not None:
             _check_sums(owner, keys, self._lengths, stride, self._values.size(0))
 
+    def _validate_variable(self, num_bags: int) -> None:
+        """The checks of a KJT whose keys have batch sizes of their own (`stride_per_key`)."""
+        owner, keys, spk = "KeyedJaggedTensor", self._keys, self._spk
+        if num_bags != sum(spk):
+            raise ValueError(f"{owner}: stride_per_key_per_rank gives {sum(spk)} bags "
+                             f"({dict(zip(keys, spk))}) but lengths holds {num_bags}")
+        starts = _bag_starts(spk)
+        key_of = lambda i: max(j for j in range(len(keys)) if starts[j] <= i)  # noqa: E731
+        _check_jagged(owner, self._values, self._lengths, self._offsets, self._weights,
+                      lambda i: f"key {keys[key_of(i)]!r} bag {i - starts[key_of(i)]}")
+        lengths = self.lengths()
+        sums = [int(lengths[starts[j]:starts[j + 1]].sum()) for j in range(len(keys))]
+        if sum(sums) != self._values.size(0):
+            raise ValueError(f"{owner}: lengths sum to {sum(sums)} but values has {self._values.size(0)} entries "
+                             f"(per-key length sums {dict(zip(keys, sums))})")
+        if self._inverse is not None:
+            inv_keys, inv = self._inverse
+            if self._stride is not None and self._stride != inv.shape[1]:
+                raise ValueError(f"{owner}: stride={self._stride} but inverse_indices map {inv.shape[1]} samples")
+            rows = {k: i for i, k in enumerate(inv_keys)}
+            for k, n in zip(keys, spk):
+                if k not in rows:
+                    raise ValueError(f"{owner}: inverse_indices has no row for key {k!r} (it has {list(inv_keys)})")
+                bad = out_of_range_id(inv[rows[k]], n)
+                if bad is not None:
+                    raise ValueError(f"{owner}: inverse_indices of key {k!r} holds {bad}, outside its {n} bags")
+
     # -- constructors
     @staticmethod
-    def from_lengths_sync(keys, values, lengths, weights=None, stride=None) -> KeyedJaggedTensor:
+    def from_lengths_sync(keys, values, lengths, weights=None, stride=None, stride_per_key_per_rank=None,
+                          inverse_indices=None) -> KeyedJaggedTensor:
         """Build and compute the per-key sizes now (one host sync)."""
-        return KeyedJaggedTensor(keys, values, lengths=lengths, weights=weights, stride=stride).sync()
+        return KeyedJaggedTensor(keys, values, lengths=lengths, weights=weights, stride=stride,
+                                 stride_per_key_per_rank=stride_per_key_per_rank,
+                                 inverse_indices=inverse_indices).sync()
 
     @staticmethod
-    def from_offsets_sync(keys, values, offsets, weights=None, stride=None) -> KeyedJaggedTensor:
-        return KeyedJaggedTensor(keys, values, offsets=offsets, weights=weights, stride=stride).sync()
+    def from_offsets_sync(keys, values, offsets, weights=None, stride=None, stride_per_key_per_rank=None,
+                          inverse_indices=None) -> KeyedJaggedTensor:
+        return KeyedJaggedTensor(keys, values, offsets=offsets, weights=weights, stride=stride,
+                                 stride_per_key_per_rank=stride_per_key_per_rank,
+                                 inverse_indices=inverse_indices).sync()
 
     @staticmethod
     def from_jt_dict(jt_dict: dict[str, JaggedTensor]) -> KeyedJaggedTensor:
@@ -284,14 +328,63 @@ class KeyedJaggedTensor:
         return self._offsets
 
     def stride(self) -> int:
-        """Batch size: the explicit stride, else bags / keys (0 with no keys)."""
+        """Batch size: the explicit stride, else bags / keys (0 with no keys); with a batch per
+        key, the samples inverse_indices maps (else the largest key's bags)."""
         if self._stride is None:
-            if not self._keys:
+            if self._spk is not None:
+                self._stride = int(self._inverse[1].shape[1]) if self._inverse is not None else max(self._spk,
+                                                                                                     default=0)
+            elif not self._keys:
                 self._stride = 0
             else:
                 bags = self._lengths.numel() if self._lengths is not None else self._offsets.numel() - 1
                 self._stride = bags // len(self._keys)
         return self._stride
+
+    def variable_stride_per_key(self) -> bool:
+        """Whether the keys have batch sizes of their own (TorchRec's VBE)."""
+        return self._spk is not None
+
+    def stride_per_key(self) -> list[int]:
+        """Bags per key: ``stride()`` for each, or each key's own (variable batch per key)."""
+        return list(self._spk) if self._spk is not None else [self.stride()] * len(self._keys)
+
+    def stride_per_key_per_rank(self) -> list[list[int]]:
+        return [list(r) for r in self._sprk] if self._sprk is not None else [[self.stride()] for _ in self._keys]
+
+    def inverse_indices(self) -> tuple[list[str], Tensor]:
+        """(keys, ``len(keys) x stride()`` tensor): sample b of a key reads that key's bag
+        ``inverse[row of the key, b]`` (variable batch per key)."""
+        if self._inverse is None:
+            raise ValueError("KeyedJaggedTensor has no inverse_indices; use inverse_indices_or_none()")
+        return self._inverse
+
+    def inverse_indices_or_none(self) -> Optional[tuple[list[str], Tensor]]:
+        return self._inverse
+
+    def _bag_range(self, i: int) -> tuple[int, int]:
+        """Key i's bags: ``lengths()[start:end]``."""
+        if self._spk is not None:
+            starts = _bag_starts(self._spk)
+            return starts[i], starts[i + 1]
+        b = self.stride()
+        return i * b, (i + 1) * b
+
+    def _key_lengths(self) -> list[Tensor]:
+        """Each key's lengths."""
+        lengths = self.lengths()
+        if self._spk is not None:
+            return list(lengths.split(self._spk))
+        return list(lengths.reshape(len(self._keys), self.stride())) if self._keys else []
+
+    def _like(self, keys, values, lengths, weights, spk_rows) -> KeyedJaggedTensor:
+        """A KJT of `keys` with this one's batch: its stride, or per key `spk_rows` (rows of
+        stride_per_key_per_rank) and its inverse_indices."""
+        if self._spk is None:
+            return KeyedJaggedTensor(keys, values, lengths=lengths, weights=weights, stride=self.stride(),
+                                     validate=False)
+        return KeyedJaggedTensor(keys, values, lengths=lengths, weights=weights, stride=self._stride,
+                                 stride_per_key_per_rank=spk_rows, inverse_indices=self._inverse, validate=False)
 
     def device(self) -> torch.device:
         return self._values.device
@@ -301,6 +394,8 @@ class KeyedJaggedTensor:
         if self._length_per_key is None:
             if not self._keys:
                 self._length_per_key = []
+            elif self._spk is not None:
+                self._length_per_key = [int(n) for n in torch.stack([t.sum() for t in self._key_lengths()]).tolist()]
             else:
                 self._length_per_key = self.lengths().reshape(len(self._keys), self.stride()).sum(1).tolist()
         return self._length_per_key
@@ -327,14 +422,13 @@ class KeyedJaggedTensor:
         i = self.index_per_key().get(key)
         if i is None:
             raise _unknown_key(key, self._keys)
-        opk, b = self.offset_per_key(), self.stride()
+        opk, (b0, b1) = self.offset_per_key(), self._bag_range(i)
         values, weights = self._values[opk[i]:opk[i + 1]], self._weights
         if weights is not None:
             weights = weights[opk[i]:opk[i + 1]]
             # Under export the slice sizes are unbacked symbols; tell the tracer they match.
             torch._check(weights.size(0) == values.size(0))
-        return JaggedTensor(values, lengths=self.lengths()[i * b:(i + 1) * b], weights=weights,
-                            validate=False)
+        return JaggedTensor(values, lengths=self.lengths()[b0:b1], weights=weights, validate=False)
 
     def to_dict(self, compute_offsets: bool = True) -> dict[str, JaggedTensor]:
         """Key -> its JaggedTensor. (compute_offsets: TorchRec's hint to build offsets now;
@@ -347,14 +441,14 @@ class KeyedJaggedTensor:
         if sum(segments) != len(self._keys) or any(s < 0 for s in segments):
             raise ValueError(f"KeyedJaggedTensor.split: segments {list(segments)} must be "
                              f"non-negative and sum to the {len(self._keys)} keys")
-        opk, b, out, start = self.offset_per_key(), self.stride(), [], 0
+        opk, out, start = self.offset_per_key(), [], 0
         for seg in segments:
             end = start + seg
             lo, hi = opk[start], opk[end]
-            kjt = KeyedJaggedTensor(self._keys[start:end], self._values[lo:hi],
-                                    lengths=self.lengths()[start * b:end * b],
-                                    weights=None if self._weights is None else self._weights[lo:hi],
-                                    stride=b, validate=False)
+            b0, b1 = (self._bag_range(start)[0], self._bag_range(end - 1)[1]) if seg else (0, 0)
+            kjt = self._like(self._keys[start:end], self._values[lo:hi], self.lengths()[b0:b1],
+                             None if self._weights is None else self._weights[lo:hi],
+                             self._sprk[start:end] if self._sprk is not None else None)
             kjt._length_per_key = self.length_per_key()[start:end]
             out.append(kjt)
             start = end
@@ -369,12 +463,13 @@ class KeyedJaggedTensor:
             raise ValueError(f"KeyedJaggedTensor.permute: indices {bad} out of range for {k} keys")
         if len(set(indices)) != len(indices):
             raise ValueError(f"KeyedJaggedTensor.permute: indices {list(indices)} repeat a key")
-        opk, b = self.offset_per_key(), self.stride()
-        pick = lambda t: torch.cat([t[opk[i]:opk[i + 1]] for i in indices]) if indices else t[:0]
-        lengths = self.lengths().reshape(k, b)[list(indices)].reshape(-1) if k else self.lengths()
-        kjt = KeyedJaggedTensor([self._keys[i] for i in indices], pick(self._values), lengths=lengths,
-                                weights=None if self._weights is None else pick(self._weights),
-                                stride=b, validate=False)
+        opk = self.offset_per_key()
+        pick = lambda t: torch.cat([t[opk[i]:opk[i + 1]] for i in indices]) if indices else t[:0]  # noqa: E731
+        per_key = self._key_lengths()
+        lengths = torch.cat([per_key[i] for i in indices]) if indices else self.lengths()[:0]
+        kjt = self._like([self._keys[i] for i in indices], pick(self._values), lengths,
+                         None if self._weights is None else pick(self._weights),
+                         [self._sprk[i] for i in indices] if self._sprk is not None else None)
         kjt._length_per_key = [self.length_per_key()[i] for i in indices]
         return kjt
 
@@ -391,9 +486,13 @@ class KeyedJaggedTensor:
         keys = [key for k in kjts for key in k.keys()]
         _check_keys("KeyedJaggedTensor.concat", keys)
         weights = _all_or_none("concat", keys, [k.weights_or_none() for k in kjts])
-        out = KeyedJaggedTensor(keys, torch.cat([k.values() for k in kjts]),
-                                lengths=torch.cat([k.lengths() for k in kjts]),
-                                weights=weights, stride=strides[0], validate=False)
+        values, lengths = torch.cat([k.values() for k in kjts]), torch.cat([k.lengths() for k in kjts])
+        if any(k.variable_stride_per_key() for k in kjts):
+            out = KeyedJaggedTensor(keys, values, lengths=lengths, weights=weights, stride=strides[0],
+                                    stride_per_key_per_rank=[r for k in kjts for r in k.stride_per_key_per_rank()],
+                                    inverse_indices=_concat_inverse(kjts), validate=False)
+        else:
+            out = KeyedJaggedTensor(keys, values, lengths=lengths, weights=weights, stride=strides[0], validate=False)
         if all(k._length_per_key is not None for k in kjts):
             out._length_per_key = [n for k in kjts for n in k._length_per_key]
         return out
@@ -404,9 +503,11 @@ class KeyedJaggedTensor:
         weights = _to(self._weights, device, non_blocking)
         if weights is not None and dtype is not None:
             weights = weights.to(dtype)
+        inverse = None if self._inverse is None else (self._inverse[0], _to(self._inverse[1], device, non_blocking))
         kjt = KeyedJaggedTensor(self._keys, self._values.to(device, non_blocking=non_blocking),
                                 weights, _to(self._lengths, device, non_blocking),
-                                _to(self._offsets, device, non_blocking), self._stride, validate=False)
+                                _to(self._offsets, device, non_blocking), self._stride, self._sprk,
+                                inverse_indices=inverse, validate=False)
         kjt._length_per_key, kjt._offset_per_key = self._length_per_key, self._offset_per_key
         return kjt
 
@@ -416,27 +517,86 @@ class KeyedJaggedTensor:
         if not _pinning_available():
             return self
         pin = lambda t: None if t is None else t.pin_memory()
+        inverse = None if self._inverse is None else (self._inverse[0], pin(self._inverse[1]))
         kjt = KeyedJaggedTensor(self._keys, self._values.pin_memory(), pin(self._weights), pin(self._lengths),
-                                pin(self._offsets), self._stride, validate=False)
+                                pin(self._offsets), self._stride, self._sprk, inverse_indices=inverse,
+                                validate=False)
         kjt._length_per_key, kjt._offset_per_key = self._length_per_key, self._offset_per_key
         return kjt
 
     def record_stream(self, stream) -> None:
         """Mark the tensors as used on ``stream`` (CUDA tensors only; a no-op on CPU)."""
-        for t in (self._values, self._lengths, self._offsets, self._weights):
+        for t in (self._values, self._lengths, self._offsets, self._weights,
+                  None if self._inverse is None else self._inverse[1]):
             if t is not None and t.is_cuda:
                 t.record_stream(stream)
 
     def __fx_create_arg__(self, tracer):
+        kwargs = {"validate": False}
+        if self._spk is not None:
+            kwargs["inverse_indices"] = tracer.create_arg(self._inverse)
         return tracer.create_node("call_function", KeyedJaggedTensor, tracer.create_arg(
-            (self._keys, self._values, self._weights, self._lengths, self._offsets, self._stride)),
-            {"validate": False})
+            (self._keys, self._values, self._weights, self._lengths, self._offsets, self._stride, self._sprk)),
+            kwargs)
 
     def __repr__(self) -> str:
         if isinstance(self._values, torch.fx.Proxy):
             return f"KeyedJaggedTensor(keys={self._keys}, <traced>)"
         return (f"KeyedJaggedTensor(keys={self._keys}, stride={self.stride()}, values={self._values}, "
                 f"lengths={self.lengths()}, weights={self._weights})")
+
+
+def _strides_per_key(keys: list, sprk) -> Optional[list[int]]:
+    """Each key's bags from TorchRec's ``stride_per_key_per_rank`` (one list per key, summed
+    over ranks), or None where it is not given."""
+    if sprk is None:
+        return None
+    if isinstance(sprk, (str, bytes)) or not isinstance(sprk, Sequence) or len(sprk) != len(keys):
+        raise ValueError(f"KeyedJaggedTensor: stride_per_key_per_rank must hold one list of ints per key "
+                         f"({len(keys)} keys), got {sprk!r}")
+    out = []
+    for k, row in zip(keys, sprk):
+        if isinstance(row, (str, bytes)) or not isinstance(row, Sequence) or not row:
+            raise ValueError(f"KeyedJaggedTensor: stride_per_key_per_rank of key {k!r} must be a non-empty "
+                             f"list of ints, got {row!r}")
+        out.append(sum(_size("KeyedJaggedTensor", f"stride_per_key_per_rank of key {k!r}", n) for n in row))
+    return out
+
+
+def _inverse_indices(value) -> Optional[tuple[list[str], Tensor]]:
+    if value is None:
+        return None
+    if not (isinstance(value, tuple) and len(value) == 2):
+        raise ValueError(f"KeyedJaggedTensor: inverse_indices must be (keys, tensor), got {type(value).__name__}")
+    keys, inv = value
+    if isinstance(inv, Tensor) and not isinstance(inv, torch.fx.Proxy) and (inv.dim() != 2 or len(keys) != inv.shape[0]
+                                                                            or inv.is_floating_point()):
+        raise ValueError(f"KeyedJaggedTensor: inverse_indices must hold an integer tensor of one row per key "
+                         f"({len(keys)} keys), got shape {tuple(inv.shape)} dtype {inv.dtype}")
+    return _names("KeyedJaggedTensor", "inverse_indices keys", keys), inv
+
+
+def _bag_starts(spk: list[int]) -> list[int]:
+    out = [0]
+    for n in spk:
+        out.append(out[-1] + n)
+    return out
+
+
+def _concat_inverse(kjts) -> Optional[tuple[list[str], Tensor]]:
+    """The inverse indices of every key of `kjts` (a key of a fixed-batch KJT maps sample b to bag b)."""
+    keys, rows = [], []
+    for k in kjts:
+        inv = k.inverse_indices_or_none()
+        for j, key in enumerate(k.keys()):
+            keys.append(key)
+            if inv is not None and key in inv[0]:
+                rows.append(inv[1][inv[0].index(key)])
+            elif not k.variable_stride_per_key():
+                rows.append(torch.arange(k.stride(), device=k.device()))
+            else:
+                return None
+    return keys, torch.stack(rows) if rows else torch.zeros(0, 0, dtype=torch.int64)
 
 
 def _all_or_none(op: str, keys, weights: list) -> Optional[Tensor]:

@@ -23,13 +23,21 @@ def _jt_unflatten(children, _ctx):
 
 
 def _kjt_flatten(kjt):
-    return [kjt.values(), kjt.lengths(), kjt.weights_or_none()], (tuple(kjt.keys()), kjt.stride())
+    # a variable batch per key (VBE) adds its strides to the context, its inverse indices to the children
+    inverse = kjt.inverse_indices_or_none()
+    sprk = tuple(tuple(r) for r in kjt.stride_per_key_per_rank()) if kjt.variable_stride_per_key() else None
+    ctx = (tuple(kjt.keys()), kjt.stride(), sprk, None if inverse is None else tuple(inverse[0]))
+    children = [kjt.values(), kjt.lengths(), kjt.weights_or_none()]
+    return children + [inverse[1]] if inverse is not None else children, ctx
 
 
 def _kjt_unflatten(children, ctx):
-    values, lengths, weights = children
-    keys, stride = ctx
+    values, lengths, weights, *rest = children
+    keys, stride, sprk, inverse_keys = ctx
+    inverse = rest[0] if rest else None
     return KeyedJaggedTensor(list(keys), values, lengths=lengths, weights=weights, stride=stride,
+                             stride_per_key_per_rank=None if sprk is None else [list(r) for r in sprk],
+                             inverse_indices=None if inverse_keys is None else (list(inverse_keys), inverse),
                              validate=False)
 
 
@@ -58,9 +66,10 @@ def _register(cls, flatten, unflatten, names, to_json, from_json) -> None:
 
 _register(JaggedTensor, _jt_flatten, _jt_unflatten, ("_values", "_lengths", "_weights"),
           lambda ctx: "null", lambda s: None)
-_register(KeyedJaggedTensor, _kjt_flatten, _kjt_unflatten, ("_values", "_lengths", "_weights"),
-          lambda ctx: json.dumps([list(ctx[0]), ctx[1]]),
-          lambda s: (lambda d: (tuple(d[0]), d[1]))(json.loads(s)))
+_register(KeyedJaggedTensor, _kjt_flatten, _kjt_unflatten, ("_values", "_lengths", "_weights", "_inverse"),
+          lambda ctx: json.dumps([list(ctx[0]), ctx[1], ctx[2], ctx[3]]),
+          lambda s: (lambda d: (tuple(d[0]), d[1], None if d[2] is None else tuple(tuple(r) for r in d[2]),
+                                None if d[3] is None else tuple(d[3])))(json.loads(s)))
 _register(KeyedTensor, _kt_flatten, _kt_unflatten, ("_values",),
           lambda ctx: json.dumps([list(ctx[0]), list(ctx[1]), ctx[2]]),
           lambda s: (lambda d: (tuple(d[0]), tuple(d[1]), d[2]))(json.loads(s)))

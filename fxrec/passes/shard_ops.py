@@ -85,6 +85,7 @@ class SlotInput:
     shape: tuple = ()
     keep: Optional[Tensor] = None
     jt_lengths: Optional[Tensor] = None
+    inverse: Optional[Tensor] = None  # a batch per key (VBE): each sample's bag, for the pooled output
     raw: Optional[tuple[Tensor, int, Optional[int]]] = None
     bad: Optional[tuple[int, int]] = None  # (reason, detail) of an input that could not be read (`BadInput`)
 
@@ -99,7 +100,7 @@ _ID_DTYPES = (torch.int64, torch.int32)  # what F.embedding / F.embedding_bag ta
 DTYPES = sorted({v for v in vars(torch).values() if isinstance(v, torch.dtype)}, key=str)
 # why a slot's input cannot be read at all (`BadInput`), and the exception it raises
 IDS_DTYPE, NO_FEATURE, WEIGHTS_DTYPE, FOLDED_NDIM, BAG_IDS_NDIM, OFFSETS_WITH_2D, OFFSETS_NDIM, WEIGHTS_SHAPE, \
-    NOT_TENSOR = range(1, 10)
+    NOT_TENSOR, NO_INVERSE = range(1, 11)
 _ARGUMENTS = ("ids", "offsets", "per-sample weights")  # NOT_TENSOR's detail: which one
 
 
@@ -145,6 +146,9 @@ def bad_input_message(slot: "SlotSpec", reason: int, detail: int) -> tuple[type,
         return ValueError, f"offsets must be 1-D, got {detail}-D offsets"
     if reason == WEIGHTS_SHAPE:
         return ValueError, f"per-sample weights must have the ids' shape, got {detail}-D weights"
+    if reason == NO_INVERSE:
+        return ValueError, ("the KeyedJaggedTensor has a batch per key (stride_per_key_per_rank) but its "
+                            "inverse_indices give the feature no row, so its samples have no bags")
     return ValueError, f"unreadable input (reason {reason})"
 
 
@@ -237,7 +241,18 @@ def _kjt_slot(spec: NodeSpec, slot: SlotSpec, kjt) -> SlotInput:
     if weights is not None and slot.dtype is not None and weights.dtype != slot.dtype:
         weights = weights.to(slot.dtype)  # as the unsharded EmbeddingBagCollection casts them
     divisor = lengths.clamp(min=1) if slot.pooling == "mean" else None
-    return SlotInput(values, lengths, weights, divisor, shape=(lengths.numel(),))
+    return SlotInput(values, lengths, weights, divisor, shape=(lengths.numel(),), inverse=_inverse_row(kjt, slot))
+
+
+def _inverse_row(kjt, slot: SlotSpec) -> Optional[Tensor]:
+    """A KJT with a batch per key (VBE): the feature's row of inverse_indices (its samples'
+    bags), which FinishOutputs expands the pooled sums by."""
+    if not kjt.variable_stride_per_key():
+        return None
+    inverse = kjt.inverse_indices_or_none()
+    if inverse is None or slot.feature not in inverse[0]:
+        raise BadInput(NO_INVERSE)
+    return inverse[1][inverse[0].index(slot.feature)]
 
 
 ID_RANGE, NEGATIVE_LENGTH, LENGTHS_SUM, WEIGHTS, WEIGHTS_COUNT, BAD_INPUT = 1, 2, 3, 4, 5, 6  # InputFault kinds
@@ -533,6 +548,9 @@ class FinishOutputs(nn.Module):
                     out = slot_outputs[k]
                     if isinstance(out, ColumnBlocks) and self._as_is(k, inputs[k]):
                         parts.extend(out)
+                    elif inputs[k].inverse is not None:  # a batch per key: each sample its bag's sums
+                        parts.append(_finish_slot(self.slots[k], inputs[k], _joined(out)).index_select(
+                            0, inputs[k].inverse))
                     else:
                         parts.append(_finish_slot(self.slots[k], inputs[k], _joined(out)))
                 results.append(KeyedTensor(keys, [self.slots[k].dim for k in spec.slots],
@@ -552,7 +570,8 @@ class FinishOutputs(nn.Module):
     def _as_is(self, k: int, inp: SlotInput) -> bool:
         """Whether slot k's pooled sums are its output unchanged (no mean division, no reshape)."""
         slot = self.slots[k]
-        return slot.pooling != "none" and slot.served_pooled and inp.divisor is None and len(inp.shape) == 1
+        return slot.pooling != "none" and slot.served_pooled and inp.divisor is None and len(inp.shape) == 1 \
+            and inp.inverse is None
 
     def extra_repr(self) -> str:
         return f"nodes={[n.name for n in self.nodes]}"
