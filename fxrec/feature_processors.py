@@ -45,6 +45,13 @@ def _max_length(owner: str, key: str, value) -> int:
 _ANY_LENGTH = 2 ** 62
 
 
+def _real(device):
+    """`device`, or the CPU where it (or the default device) is meta. The weights are a few
+    floats per feature: on a model built on meta they stay real, since the sharded program reads
+    them as attributes, where no module's reset_parameters() could give them values."""
+    return torch.device("cpu") if torch.empty(0, device=device).is_meta else device
+
+
 def _positions(offsets: Tensor, lengths: Tensor, n: int) -> Tensor:
     """Each value's position in its bag: 0, 1, ... from every bag's start."""
     starts = torch.repeat_interleave(offsets[:-1].long(), lengths.long(), output_size=n)
@@ -73,16 +80,33 @@ class PositionWeightedModule(FeatureProcessor):
     def __init__(self, max_feature_length: int, device=None):
         super().__init__()
         self.max_feature_length = _max_length("PositionWeightedModule", "max_feature_length", max_feature_length)
-        self.position_weight = nn.Parameter(torch.ones(max_feature_length, device=device))
+        self.position_weight = nn.Parameter(torch.ones(max_feature_length, device=_real(device)))
+
+    def reset_parameters(self) -> None:
+        """Every position weighs 1 (how it starts; a model built on meta is materialised so)."""
+        with torch.no_grad():
+            self.position_weight.fill_(1.0)
 
     def forward(self, features: JaggedTensor) -> JaggedTensor:
-        values = features.values()
-        offsets = features.offsets()
-        pos = torch.ops.fxrec.checked_positions(_positions(offsets, features.lengths(), values.numel()),
-                                                torch.zeros_like(values, dtype=torch.long), offsets,
-                                                [self.max_feature_length], "this feature", max(1, offsets.numel() - 1))
-        return JaggedTensor(values, weights=self.position_weight[pos], lengths=features.lengths(),
-                            validate=False)
+        return _call(position_weighted_jt, features, self.position_weight)
+
+
+def position_weighted_jt(features: JaggedTensor, weight: Tensor) -> JaggedTensor:
+    """One feature's bags with weights ``weight[position]`` (`PositionWeightedModule`)."""
+    values, offsets = features.values(), features.offsets()
+    pos = torch.ops.fxrec.checked_positions(_positions(offsets, features.lengths(), values.numel()),
+                                            torch.zeros_like(values, dtype=torch.long), offsets,
+                                            [weight.numel()], "", [0])
+    return JaggedTensor(values, weights=_gather(weight, pos, values), lengths=features.lengths(), validate=False)
+
+
+def _gather(table: Tensor, index: Tensor, values: Tensor) -> Tensor:
+    """``table[index]``; ones where the table is on meta and the batch is not: capture runs the
+    model on its example batch with the weights of a model built on meta, and only the shape
+    of these weights matters there (the sharded program runs on materialised weights)."""
+    if table.is_meta and not values.is_meta:
+        return torch.ones(index.shape, dtype=table.dtype, device=values.device)
+    return table[index]
 
 
 class PositionWeightedModuleCollection(FeatureProcessorsCollection):
@@ -97,7 +121,13 @@ class PositionWeightedModuleCollection(FeatureProcessorsCollection):
         self.max_feature_lengths = {k: _max_length("PositionWeightedModuleCollection", k, v)
                                     for k, v in max_feature_lengths.items()}
         self.position_weights = nn.ParameterDict(
-            {k: nn.Parameter(torch.ones(n, device=device)) for k, n in self.max_feature_lengths.items()})
+            {k: nn.Parameter(torch.ones(n, device=_real(device))) for k, n in self.max_feature_lengths.items()})
+
+    def reset_parameters(self) -> None:
+        """Every position weighs 1."""
+        with torch.no_grad():
+            for p in self.position_weights.values():
+                p.fill_(1.0)
 
     def forward(self, features: KeyedJaggedTensor) -> KeyedJaggedTensor:
         keys = tuple(self.max_feature_lengths)
@@ -105,15 +135,20 @@ class PositionWeightedModuleCollection(FeatureProcessorsCollection):
 
 
 def _call(fn, features, *args):
-    """`fn(features, *args)`, or under torch.fx its call recorded as one node (module doc)."""
-    if isinstance(features, torch.fx.Proxy):
-        return features.tracer.create_proxy("call_function", fn, (features, *args), {})
+    """`fn(features, *args)`, or under torch.fx its call recorded as one node (module doc): the
+    features are a Proxy, or a KJT / JaggedTensor built in forward from Proxies."""
+    proxy = features if isinstance(features, torch.fx.Proxy) else getattr(features, "_values", None)
+    if isinstance(proxy, torch.fx.Proxy):
+        return proxy.tracer.create_proxy("call_function", fn, (features, *args), {})
     return fn(features, *args)
 
 
-def position_weighted(features: KeyedJaggedTensor, keys: Sequence[str], *weights: Tensor) -> KeyedJaggedTensor:
+def position_weighted(features: KeyedJaggedTensor, keys: Sequence[str], *weights: Tensor,
+                      defer: Optional[bool] = None) -> KeyedJaggedTensor:
     """`features` with per-sample weights ``weights[j][position]`` for the values of ``keys[j]``
-    and 1 for every other key's. Keys of `keys` the KJT lacks are skipped."""
+    and 1 for every other key's. Keys of `keys` the KJT lacks are skipped. A bag longer than its
+    key's weights raises ValueError; with `defer` (the sharded program, `defer_position_faults`)
+    the KJT carries it instead, for the lookup's input check to raise on every rank."""
     kjt_keys = features.keys()
     values, lengths, offsets = features.values(), features.lengths(), features.offsets()
     n, stride = values.numel(), features.stride()
@@ -122,31 +157,49 @@ def position_weighted(features: KeyedJaggedTensor, keys: Sequence[str], *weights
     dtype = given[present[0]].dtype if present else torch.float32
     device = values.device
     # One flat table: each present key's weights, then a single 1 for the keys without any.
-    table = torch.cat([given[k] for k in present] + [torch.ones(1, dtype=dtype, device=device)])
+    table = torch.cat([given[k] for k in present] + [torch.ones(1, dtype=dtype, device=given[present[0]].device
+                                                                if present else device)])
     base, limit, start = [], [], 0
     for k in kjt_keys:
         size = given[k].numel() if k in given else 0
         base.append(start if size else table.numel() - 1)
         limit.append(size)
         start += size
-    per_bag = torch.arange(len(kjt_keys), device=device).repeat_interleave(stride)
+    spk = features.stride_per_key()
+    per_bag = torch.repeat_interleave(torch.arange(len(kjt_keys), device=device),
+                                      torch.tensor(spk, dtype=torch.long, device=device), output_size=sum(spk))
     key_of = torch.repeat_interleave(per_bag, lengths.long(), output_size=n)
     # a key without weights takes bags of any length
     limits = [size or _ANY_LENGTH for size in limit]
-    pos = torch.ops.fxrec.checked_positions(_positions(offsets, lengths, n), key_of, offsets.long(), limits,
-                                            "\n".join(kjt_keys), max(1, stride))
-    weighted = torch.tensor(limit, device=device)[key_of] > 0
-    index = torch.tensor(base, device=device)[key_of] + torch.where(weighted, pos, 0)
+    long = dict(dtype=torch.long, device=device)
+    pos = _positions(offsets, lengths, n)
+    if defer is None:
+        starts = [0]
+        for b in spk[:-1]:
+            starts.append(starts[-1] + b)
+        pos = torch.ops.fxrec.checked_positions(pos, key_of, offsets.long(), limits, "\n".join(kjt_keys), starts)
+    weighted = torch.tensor(limit, **long)[key_of] > 0
+    index = torch.tensor(base, **long)[key_of] + torch.where(weighted, pos, 0)
     # Unchecked (validation off), a position past its key's weights would read the next key's
     # weight: point it past the table instead, so that the gather fails rather than answers.
-    index = torch.where(pos < torch.tensor(limits, device=device)[key_of], index, table.numel())
-    return KeyedJaggedTensor(kjt_keys, values, weights=table[index], lengths=lengths, offsets=features.offsets(),
-                             stride=stride, validate=False)
+    fits = pos < torch.tensor(limits, **long)[key_of]
+    out_weights = _gather(table, torch.where(fits, index, table.numel() if defer is None else 0), values)
+    out = KeyedJaggedTensor(kjt_keys, values, weights=out_weights, lengths=lengths, offsets=features.offsets(),
+                            stride=stride, stride_per_key_per_rank=features.stride_per_key_per_rank()
+                            if features.variable_stride_per_key() else None,
+                            inverse_indices=features.inverse_indices_or_none(), validate=False)
+    if defer is not None and n and not bool(fits.all()):
+        # sharded: the first too-long bag travels with the lookups' input check (shard_ops), so
+        # that every rank raises it; raised here, the other ranks waited in the exchange
+        i = int((~fits).nonzero()[0, 0])
+        bag = int(torch.searchsorted(offsets.long(), torch.tensor(i, device=device), right=True)) - 1
+        out._position_fault = (kjt_keys[int(key_of[i])], int(offsets[bag + 1] - offsets[bag]), limit[int(key_of[i])])
+    return out
 
 
 @torch.library.custom_op("fxrec::checked_positions", mutates_args=())
 def checked_positions(pos: Tensor, key_of: Tensor, offsets: Tensor, limits: list[int], keys: str,
-                      stride: int) -> Tensor:
+                      starts: list[int]) -> Tensor:
     """`pos` (a copy: an op may not return its input), or ValueError naming the key, bag and
     length of the first bag longer than its key's limit (`keys` joined by newlines). An opaque op so that torch.compile runs the check as it is, on
     the real batch; one host sync, none under validation(False)."""
@@ -157,28 +210,46 @@ def checked_positions(pos: Tensor, key_of: Tensor, offsets: Tensor, limits: list
             bag = int(torch.searchsorted(offsets, torch.tensor(i, dtype=offsets.dtype, device=offsets.device),
                                          right=True)) - 1
             key = int(key_of[i])
-            raise ValueError(f"position weights of feature {keys.split(chr(10))[key]!r}: bag {bag % stride} holds "
+            name = keys.split(chr(10))[key]
+            raise ValueError(f"position weights{f' of feature {name!r}' if name else ''}: bag {bag - starts[key]} holds "
                              f"{int(offsets[bag + 1] - offsets[bag])} ids, more than its max feature length "
                              f"{limits[key]}")
     return pos.clone()
 
 
 @checked_positions.register_fake
-def _(pos, key_of, offsets, limits, keys, stride):
+def _(pos, key_of, offsets, limits, keys, starts):
     return torch.empty_like(pos)
 
 
-class _ProcessorDict(FeatureProcessorsCollection):
-    """A dict of per-feature `PositionWeightedModule`s as one collection (a KJT's other keys
-    get weight 1)."""
+# The example run of capture (fxrec/passes/shapes.py) calls them as they are when the weights are
+# on meta (`_gather`): moved to meta, the batch's ids, which they pass on, could not be sampled.
+position_weighted.takes_meta_weights = True
+position_weighted_jt.takes_meta_weights = True
 
-    def __init__(self, processors: Mapping[str, nn.Module]):
-        super().__init__()
-        self.processors = nn.ModuleDict(dict(processors))
+
+def defer_position_faults(gm: torch.fx.GraphModule) -> int:
+    """In a sharded program: every `position_weighted` node carries a too-long bag on its KJT
+    instead of raising (`position_weighted`'s `defer`), so that the lookups' input check raises
+    it on every rank. Returns how many nodes it changed."""
+    changed = 0
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target is position_weighted:
+            node.kwargs = {**node.kwargs, "defer": True}
+            changed += 1
+    if changed:
+        gm.recompile()
+    return changed
+
+
+class _ProcessorDict(nn.ModuleDict):
+    """A dict of per-feature `PositionWeightedModule`s as one collection (a KJT's other keys
+    get weight 1). A ModuleDict, as TorchRec keeps them: the state_dict keys are its
+    (``_feature_processors.<feature>.position_weight``)."""
 
     def forward(self, features: KeyedJaggedTensor) -> KeyedJaggedTensor:
-        keys = tuple(self.processors)
-        return _call(position_weighted, features, keys, *[self.processors[k].position_weight for k in keys])
+        keys = tuple(self.keys())
+        return _call(position_weighted, features, keys, *[self[k].position_weight for k in keys])
 
 
 class FeatureProcessedEmbeddingBagCollection(nn.Module):
@@ -207,7 +278,7 @@ class FeatureProcessedEmbeddingBagCollection(nn.Module):
                     raise TypeError(f"{owner}: the processor of feature {k!r} is a {type(fp).__name__}; "
                                     f"fxrec takes PositionWeightedModule (or a PositionWeightedModuleCollection)")
             named = set(feature_processors)
-            processors = _ProcessorDict(feature_processors)
+            processors = _ProcessorDict(dict(feature_processors))
         else:
             raise TypeError(f"{owner}: feature_processors must be a dict of PositionWeightedModule or a "
                             f"PositionWeightedModuleCollection, got {type(feature_processors).__name__}")

@@ -4,6 +4,7 @@ shard on 1 and 2 gloo ranks, trained 3 steps) against the unsharded model."""
 from __future__ import annotations
 
 import copy
+import re
 
 import pytest
 import torch
@@ -41,7 +42,7 @@ class PositionWeighted(nn.Module):
         with torch.no_grad():  # not all ones, so that a weight at the wrong position shows
             for p in self.parameters():
                 if p.dim() == 1 and p.numel() <= MAX_LEN + 1 and p is not self.lin.bias:
-                    p.copy_(torch.rand(p.shape) + 0.5)
+                    p.copy_(torch.rand(p.shape, device=p.device) + 0.5)
 
     def forward(self, kjt, user):
         pooled = self.fp_ebc(kjt).values()
@@ -93,7 +94,7 @@ def test_position_weights_get_the_gradient_of_the_weighted_pooling():
     ref = copy.deepcopy(model)
     ref.zero_grad()
     ebc = ref.fp_ebc._embedding_bag_collection
-    weights = {k: m.position_weight for k, m in ref.fp_ebc._feature_processors.processors.items()}
+    weights = {k: m.position_weight for k, m in ref.fp_ebc._feature_processors.items()}
     w = _loop_weights(kjt, weights)
     pooled = ebc(KeyedJaggedTensor(kjt.keys(), kjt.values(), weights=w, lengths=kjt.lengths())).values()
     wu = _loop_weights(user, dict(ref.pw.position_weights))
@@ -145,6 +146,63 @@ def test_a_bag_longer_than_its_weights_is_named():
         PositionWeightedModule(2)(JaggedTensor(torch.arange(3), lengths=torch.tensor([3])))
     with validation(False), pytest.raises(IndexError):  # unchecked: torch's gather refuses it
         pw(kjt)
+
+
+def test_state_dict_keys_are_torchrecs_and_a_kjt_without_keys_passes():
+    ebc = EmbeddingBagCollection([EmbeddingBagConfig("t", 5, 2, ["a"])], is_weighted=True)
+    fp = FeatureProcessedEmbeddingBagCollection(ebc, {"a": PositionWeightedModule(2)})
+    assert list(fp.state_dict()) == ["_embedding_bag_collection.embedding_bags.t.weight",
+                                     "_feature_processors.a.position_weight"]
+    out = PositionWeightedModuleCollection({"a": 3})(KeyedJaggedTensor.empty())
+    assert out.keys() == [] and out.weights().numel() == 0
+
+
+class BuildsItsBatch(nn.Module):
+    """Builds its KJT in forward, and weights one feature with a single PositionWeightedModule."""
+
+    def __init__(self):
+        super().__init__()
+        self.pw = PositionWeightedModuleCollection({"a": MAX_LEN})
+        self.one = PositionWeightedModule(MAX_LEN)
+        self.ebc = EmbeddingBagCollection([EmbeddingBagConfig("t", 20, 4, ["a", "b"])], is_weighted=True)
+        self.lin = nn.Linear(12, 1)
+
+    def forward(self, values, lengths, b_values, b_lengths):
+        kjt = KeyedJaggedTensor(["a", "b"], values, lengths=lengths)
+        b = self.one(JaggedTensor(b_values, lengths=b_lengths))  # a JaggedTensor built in forward too
+        b_sum = torch.zeros(b_lengths.numel()).index_add(
+            0, torch.repeat_interleave(torch.arange(b_lengths.numel()), b_lengths), b.weights())
+        return self.lin(torch.cat([self.ebc(self.pw(kjt)).values(), b_sum.unsqueeze(1).expand(-1, 4)], dim=1))
+
+
+def test_a_kjt_built_in_forward_is_captured_by_fx_and_sharded():
+    torch.manual_seed(0)
+    model = BuildsItsBatch()
+    with torch.no_grad():
+        model.one.position_weight.copy_(torch.tensor([2.0, 3.0, 5.0]))
+    def args(seed, b):
+        kjt = _kjt(torch.Generator().manual_seed(seed), {"a": 20, "b": 20}, b, max_len=MAX_LEN)
+        return kjt.values(), kjt.lengths(), kjt["b"].values(), kjt["b"].lengths()
+    gm = fxrec.capture(model, args(0, B), fallback=False)
+    assert sum(n.op == "call_function" and n.target.__name__.startswith("position_weighted")
+               for n in gm.graph.nodes) == 2
+    sm = fxrec.shard(copy.deepcopy(model), Topology(1), args(0, B), sparse_optimizer=SGD(LR))
+    with torch.no_grad():
+        assert_close(sm(*args(1, B + 2)), model(*args(1, B + 2)))
+
+
+def test_a_model_built_on_meta_keeps_real_position_weights_and_shards():
+    with torch.device("meta"):
+        model = PositionWeighted()
+    mine = {n: p for n, p in model.named_parameters() if "position_weight" in n}
+    assert len(mine) == 3 and not any(p.is_meta for p in mine.values())  # a few floats: kept real
+    batch = _batches(1, seed=0)[0]
+    sm = fxrec.shard(model, Topology(1), batch, sparse_optimizer=SGD(LR))
+    full = sm.full_state_dict()
+    for name, p in mine.items():
+        assert torch.equal(full[name], p)
+    assert sm(*batch)[0].shape == (B, 1)
+    PositionWeightedModuleCollection({"a": 2}).reset_parameters()  # ones, as built
 
 
 # ------------------------------------------------------------------ compile and inference
@@ -245,16 +303,38 @@ def _run_pipeline(rank: int, world: int, sharding: str) -> list[str]:
     return bad
 
 
-def _job(rank: int, world: int, what: str, sharding: str) -> list[str]:
-    return (_run_pipeline if what == "pipeline" else _run)(rank, world, sharding)
-
-
 @pytest.mark.parametrize("sharding", ["table_wise", "row_wise"])
 def test_one_rank_shard_trains_like_the_unsharded_model(sharding):
     assert _run(0, 1, sharding) == []
 
 
-_JOBS = [("train", s) for s in SHARDINGS] + [("pipeline", "row_wise")]
+def _too_long_on_one_rank(rank: int, world: int, sharding: str) -> list[str]:
+    """Rank 1's batch has a bag longer than "u"'s position weights: every rank must raise it (it
+    used to raise on rank 1 alone, before the exchange, and rank 0 waited in it)."""
+    torch.manual_seed(0)
+    model = PositionWeighted()
+    batches = _batches(world, seed=1)
+    sm = fxrec.shard(model, Topology(world), batches[rank], constraints={t: sharding for t in _tables(model)},
+                     sparse_optimizer=SGD(LR))
+    kjt, user = batches[rank]
+    if rank == 1:
+        user = KeyedJaggedTensor(["u"], torch.arange(MAX_LEN + 1), lengths=torch.tensor([0, MAX_LEN + 1, 0]))
+    try:
+        sm(kjt, user)
+    except ValueError as e:
+        want = (r"rank 1's batch: .*feature 'u'.*position weights \(fxrec.feature_processors\) take bags of up to "
+                rf"{MAX_LEN} ids, and a bag holds {MAX_LEN + 1}")
+        return [] if re.search(want, str(e)) else [f"{sharding}: rank {rank} raised {e}"]
+    return [f"{sharding}: rank {rank} raised nothing"]
+
+
+def _job(rank: int, world: int, what: str, sharding: str) -> list[str]:
+    run = {"train": _run, "pipeline": _run_pipeline, "too_long": _too_long_on_one_rank}[what]
+    return run(rank, world, sharding)
+
+
+_JOBS = [("train", s) for s in SHARDINGS] + [("pipeline", "row_wise"), ("too_long", "table_wise"),
+                                             ("too_long", "data_parallel")]
 
 
 @pytest.fixture(scope="module")

@@ -6,6 +6,7 @@ lower_for_inference, and shard on 1 and 2 gloo ranks, trained 3 steps."""
 from __future__ import annotations
 
 import copy
+import re
 
 import pytest
 import torch
@@ -227,3 +228,29 @@ def test_two_gloo_ranks_train_like_the_expanded_batch(two_ranks, sharding):
     job = (sharding,)
     assert job in two_ranks, f"job not run (an earlier job on some rank failed): {sorted(two_ranks)[-1:]}"
     assert two_ranks[job] == [], "\n".join(two_ranks[job])
+
+
+def _bad_inverse(rank: int, world: int) -> None:
+    """Rank 1's batch maps a sample to a bag its user feature does not have (built unchecked)."""
+    torch.manual_seed(0)
+    batches = _batches(world, seed=1)
+    sm = fxrec.shard(Ranker(), Topology(world), (batches[rank][0],), sparse_optimizer=SGD(LR))
+    kjt = batches[rank][0]
+    if rank == 1:
+        keys, inv = kjt.inverse_indices()
+        inv = inv.clone()
+        inv[0, 3] = UNIQUE["user"]
+        kjt = KeyedJaggedTensor(kjt.keys(), kjt.values(), lengths=kjt.lengths(),
+                                stride_per_key_per_rank=kjt.stride_per_key_per_rank(), inverse_indices=(keys, inv),
+                                validate=False)
+    try:
+        sm(kjt)
+    except ValueError as e:
+        return str(e)
+    return "no error"
+
+
+def test_one_ranks_bad_inverse_index_raises_on_every_rank():
+    for message in run_workers(_bad_inverse, 2, timeout=120):
+        assert re.search(r"rank 1.*'user'.*inverse_indices give a sample bag 2, which the feature does not have",
+                         message), message

@@ -462,6 +462,9 @@ def apply_plan_pass(gm: GraphModule, ctx) -> GraphModule:
                ranks_per_node=ctx.topology.ranks_per_node, optimizer=opts.get("sparse_optimizer"),
                device=opts.get("device", torch.device("cpu")), values=_shard_values(gm, opts.get("init")),
                wire_dtype=opts.get("comm_dtype"))
+    # a bag too long for its position weights is raised by the units' input check, on every rank
+    from fxrec.feature_processors import defer_position_faults
+    defer_position_faults(gm)
     units = build_units(gm)
     gm.add_module(ROOT, nn.Module())
     gm.get_submodule(ROOT).groups = GroupTable(opts.get("process_groups"))

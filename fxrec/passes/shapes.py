@@ -292,6 +292,8 @@ class _Recorder(torch.fx.Interpreter):
                 return _rehome(self.call_module(n.target, meta_args, meta_kwargs), _lookup_device(ids))
             if any(t.is_meta for t in itertools.chain(mod.parameters(), mod.buffers())):
                 args, kwargs = _to_meta((args, kwargs))
+        elif n.op == "call_function" and getattr(n.target, "takes_meta_weights", False):
+            pass  # keeps the batch real: the ids it passes on are sampled by detect_embeddings
         elif n.op in ("call_function", "call_method") and _any_meta((args, kwargs)):
             on_meta, ids = _meta_table_ids(n.target, args, kwargs) if n.op == "call_function" else (False, None)
             args, kwargs = _to_meta((args, kwargs))

@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from fxrec.eager import eager_under_dynamo
 from fxrec.modules import as_output
 from fxrec.sparse import JaggedTensor, KeyedTensor
+from fxrec.sparse_checks import out_of_range_id
 
 __all__ = ["SlotSpec", "NodeSpec", "SlotInput", "InputFault", "find_fault", "check_inputs", "GatherInputs",
            "FinishOutputs", "pool_rows"]
@@ -100,7 +101,7 @@ _ID_DTYPES = (torch.int64, torch.int32)  # what F.embedding / F.embedding_bag ta
 DTYPES = sorted({v for v in vars(torch).values() if isinstance(v, torch.dtype)}, key=str)
 # why a slot's input cannot be read at all (`BadInput`), and the exception it raises
 IDS_DTYPE, NO_FEATURE, WEIGHTS_DTYPE, FOLDED_NDIM, BAG_IDS_NDIM, OFFSETS_WITH_2D, OFFSETS_NDIM, WEIGHTS_SHAPE, \
-    NOT_TENSOR, NO_INVERSE = range(1, 11)
+    NOT_TENSOR, NO_INVERSE, INVERSE_RANGE, POSITION_LENGTH = range(1, 13)
 _ARGUMENTS = ("ids", "offsets", "per-sample weights")  # NOT_TENSOR's detail: which one
 
 
@@ -149,6 +150,11 @@ def bad_input_message(slot: "SlotSpec", reason: int, detail: int) -> tuple[type,
     if reason == NO_INVERSE:
         return ValueError, ("the KeyedJaggedTensor has a batch per key (stride_per_key_per_rank) but its "
                             "inverse_indices give the feature no row, so its samples have no bags")
+    if reason == POSITION_LENGTH:  # detail: the bag's length << 32 | the weights' max length
+        return ValueError, (f"its position weights (fxrec.feature_processors) take bags of up to {detail & 0xFFFFFFFF} "
+                            f"ids, and a bag holds {detail >> 32}")
+    if reason == INVERSE_RANGE:
+        return ValueError, f"its inverse_indices give a sample bag {detail}, which the feature does not have"
     return ValueError, f"unreadable input (reason {reason})"
 
 
@@ -234,6 +240,9 @@ def _kjt_slot(spec: NodeSpec, slot: SlotSpec, kjt) -> SlotInput:
         jt = kjt[slot.feature]
     except KeyError:  # as the unsharded collection says it, with the lookup
         raise BadInput(NO_FEATURE) from None
+    fault = getattr(kjt, "_position_fault", None)  # feature_processors.position_weighted's, deferred
+    if fault is not None and fault[0] == slot.feature:
+        raise BadInput(POSITION_LENGTH, fault[1] << 32 | fault[2])
     values, lengths = _int_ids(jt.values()), jt.lengths().long()
     if spec.kind == "ec":
         return SlotInput(values, shape=(values.numel(),), jt_lengths=jt.lengths())
@@ -252,7 +261,13 @@ def _inverse_row(kjt, slot: SlotSpec) -> Optional[Tensor]:
     inverse = kjt.inverse_indices_or_none()
     if inverse is None or slot.feature not in inverse[0]:
         raise BadInput(NO_INVERSE)
-    return inverse[1][inverse[0].index(slot.feature)]
+    row = inverse[1][inverse[0].index(slot.feature)]
+    # checked here, on every read: a KJT built in forward (or with validate=False) was not, and an
+    # index_select failing on one rank only, after the exchange, would leave the others waiting
+    bad = out_of_range_id(row, kjt.stride_per_key()[kjt.index_per_key()[slot.feature]])
+    if bad is not None:
+        raise BadInput(INVERSE_RANGE, bad)
+    return row
 
 
 ID_RANGE, NEGATIVE_LENGTH, LENGTHS_SUM, WEIGHTS, WEIGHTS_COUNT, BAD_INPUT = 1, 2, 3, 4, 5, 6  # InputFault kinds
