@@ -85,6 +85,19 @@ def test_collection_weights_each_position_and_leaves_other_keys_at_one():
     assert_close(out.weights(), _loop_weights(kjt, dict(pw.position_weights)))
 
 
+def test_a_batch_per_key_is_weighted_by_each_keys_own_bags():
+    kjt = KeyedJaggedTensor(["a", "b"], torch.arange(9), lengths=torch.tensor([3, 1, 2, 0, 1, 2]),
+                            stride_per_key_per_rank=[[2], [4]],
+                            inverse_indices=(["a", "b"], torch.tensor([[0, 1, 1, 0], [0, 1, 2, 3]])))
+    pw = PositionWeightedModuleCollection({"a": 3, "b": 2})
+    with torch.no_grad():
+        for p in pw.position_weights.values():
+            p.copy_(torch.randn(p.shape))
+    out = pw(kjt)
+    assert out.stride_per_key() == [2, 4] and out.inverse_indices_or_none() is not None
+    assert_close(out.weights(), _loop_weights(kjt, dict(pw.position_weights)))
+
+
 def test_position_weights_get_the_gradient_of_the_weighted_pooling():
     torch.manual_seed(0)
     model = PositionWeighted()
