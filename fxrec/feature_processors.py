@@ -20,6 +20,8 @@ model's parameters); it runs on each rank's real batch. The computation needs no
 (every ``repeat_interleave`` is told its output size); only the check that no bag is longer than
 its key's weights syncs once, and it is skipped under ``fxrec.sparse.validation(False)``, where
 a longer bag fails in torch's indexing instead (IndexError on the CPU, a device assert on a GPU).
+In a sharded program the node defers a too-long bag to the lookups' input check, which raises
+it on every rank (`defer_position_faults`).
 """
 from __future__ import annotations
 
@@ -201,8 +203,9 @@ def position_weighted(features: KeyedJaggedTensor, keys: Sequence[str], *weights
 def checked_positions(pos: Tensor, key_of: Tensor, offsets: Tensor, limits: list[int], keys: str,
                       starts: list[int]) -> Tensor:
     """`pos` (a copy: an op may not return its input), or ValueError naming the key, bag and
-    length of the first bag longer than its key's limit (`keys` joined by newlines). An opaque op so that torch.compile runs the check as it is, on
-    the real batch; one host sync, none under validation(False)."""
+    length of the first bag longer than its key's limit (`keys` joined by newlines, `starts`
+    each key's first bag). An opaque op so that torch.compile runs the check as it is, on the
+    real batch; one host sync, none under validation(False)."""
     if pos.numel() and validation_enabled():
         over = ((pos >= torch.tensor(limits, device=pos.device)[key_of])).nonzero()
         if over.numel():
