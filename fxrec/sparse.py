@@ -395,7 +395,8 @@ class KeyedJaggedTensor:
             if not self._keys:
                 self._length_per_key = []
             elif self._spk is not None:
-                self._length_per_key = [int(n) for n in torch.stack([t.sum() for t in self._key_lengths()]).tolist()]
+                # (no int(): under export the sums are unbacked symbols, as in the branch below)
+                self._length_per_key = torch.stack([t.sum() for t in self._key_lengths()]).tolist()
             else:
                 self._length_per_key = self.lengths().reshape(len(self._keys), self.stride()).sum(1).tolist()
         return self._length_per_key

@@ -45,15 +45,18 @@ def _batches(world: int, seed: int):
 
 
 def _record(seen: list):
-    """Patch this process's collectives that carry lookup results to note their float dtypes."""
-    for name in ("all_to_all_single", "reduce_scatter_tensor", "all_gather_into_tensor"):
-        real = getattr(dist, name)
+    """Patch this process's collectives that carry lookup results to note their float dtypes
+    (fxrec.runtime.comm binds its reduce-scatter and all-gather at import: patched there)."""
+    from fxrec.runtime import comm
+    for owner, name in ((dist, "all_to_all_single"), (comm, "_reduce_scatter_single"),
+                        (comm, "_all_gather_single")):
+        real = getattr(owner, name)
 
-        def wrapped(out, inp, *args, _real=real, **kwargs):
+        def wrapped(out, inp, *args, _real=real, _name=name, **kwargs):
             if inp.is_floating_point():
-                seen.append(inp.dtype)
+                seen.append((_name, inp.dtype))
             return _real(out, inp, *args, **kwargs)
-        setattr(dist, name, wrapped)
+        setattr(owner, name, wrapped)
 
 
 def _run(rank: int, world: int, sharding: str, wire: str) -> list[str]:
@@ -107,9 +110,13 @@ def _run(rank: int, world: int, sharding: str, wire: str) -> list[str]:
         with torch.no_grad():
             for p in tables:
                 p -= LR * p.grad
-    wide = sorted({str(d) for d in seen if d != dtype})
+    wide = sorted({f"{op} {d}" for op, d in seen if d != dtype})
     if sharding != "data_parallel" and (wide or not seen):
         bad.append(f"{sharding} {wire}: lookup collectives carried {wide or 'nothing'}, not only {dtype}")
+    # the sums of row_wise (and table_row_wise on one node) travel by reduce-scatter, their
+    # gradients by all-gather: both seen, both narrow
+    if sharding == "row_wise" and not {"_reduce_scatter_single", "_all_gather_single"} <= {op for op, _ in seen}:
+        bad.append(f"{sharding} {wire}: no reduce-scatter / all-gather recorded ({sorted({op for op, _ in seen})})")
     full = sm.full_state_dict()
     for key, want_value in ref.state_dict().items():
         try:

@@ -130,6 +130,14 @@ def test_bad_batches_are_named(call, match):
         call()
 
 
+def test_torch_export_takes_a_vbe_batch():
+    torch.manual_seed(0)
+    ebc = Ranker().ebc
+    vbe = _batch(torch.Generator().manual_seed(6))[0]
+    exported = torch.export.export(ebc, (vbe,))
+    assert_close(exported.module()(vbe).values(), ebc(vbe).values())
+
+
 def test_compile_and_lower_give_the_eager_values():
     torch.manual_seed(0)
     model = Ranker().eval()
@@ -230,19 +238,27 @@ def test_two_gloo_ranks_train_like_the_expanded_batch(two_ranks, sharding):
     assert two_ranks[job] == [], "\n".join(two_ranks[job])
 
 
-def _bad_inverse(rank: int, world: int) -> None:
-    """Rank 1's batch maps a sample to a bag its user feature does not have (built unchecked)."""
+def _bad_batch(rank: int, world: int, what: str) -> str:
+    """Rank 1's batch, built unchecked, maps a sample to a bag its user feature does not have,
+    or holds fewer bags than its strides say; every rank's error."""
     torch.manual_seed(0)
     batches = _batches(world, seed=1)
     sm = fxrec.shard(Ranker(), Topology(world), (batches[rank][0],), sparse_optimizer=SGD(LR))
     kjt = batches[rank][0]
     if rank == 1:
         keys, inv = kjt.inverse_indices()
-        inv = inv.clone()
-        inv[0, 3] = UNIQUE["user"]
-        kjt = KeyedJaggedTensor(kjt.keys(), kjt.values(), lengths=kjt.lengths(),
-                                stride_per_key_per_rank=kjt.stride_per_key_per_rank(), inverse_indices=(keys, inv),
-                                validate=False)
+        inv, lengths, sprk = inv.clone(), kjt.lengths(), kjt.stride_per_key_per_rank()
+        if what == "inverse":
+            inv[0, 3] = UNIQUE["user"]
+        elif what == "bags":
+            sprk[0] = [UNIQUE["user"] + 1]
+        else:  # a fixed batch whose lengths are not keys x stride
+            _, kjt = _batch(torch.Generator().manual_seed(9))
+            kjt = KeyedJaggedTensor(kjt.keys(), kjt.values(),
+                                    lengths=torch.cat([kjt.lengths(), torch.zeros(1, dtype=torch.long)]), validate=False)
+        if what != "fixed":
+            kjt = KeyedJaggedTensor(kjt.keys(), kjt.values(), lengths=lengths, stride_per_key_per_rank=sprk,
+                                    inverse_indices=(keys, inv), validate=False)
     try:
         sm(kjt)
     except ValueError as e:
@@ -250,7 +266,10 @@ def _bad_inverse(rank: int, world: int) -> None:
     return "no error"
 
 
-def test_one_ranks_bad_inverse_index_raises_on_every_rank():
-    for message in run_workers(_bad_inverse, 2, timeout=120):
-        assert re.search(r"rank 1.*'user'.*inverse_indices give a sample bag 2, which the feature does not have",
-                         message), message
+@pytest.mark.parametrize("what, message", [
+    ("inverse", r"'user'.*inverse_indices give a sample bag 2, which the feature does not have"),
+    ("bags", rf"holds {sum(UNIQUE.values())} bags, not the number its keys' batch sizes"),
+    ("fixed", rf"holds {3 * B + 1} bags, not the number its keys' batch sizes")])
+def test_one_ranks_unchecked_bad_batch_raises_on_every_rank(what, message):
+    for got in run_workers(_bad_batch, 2, what, timeout=120):
+        assert re.search("rank 1.*" + message, got), got

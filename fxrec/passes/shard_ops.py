@@ -101,7 +101,7 @@ _ID_DTYPES = (torch.int64, torch.int32)  # what F.embedding / F.embedding_bag ta
 DTYPES = sorted({v for v in vars(torch).values() if isinstance(v, torch.dtype)}, key=str)
 # why a slot's input cannot be read at all (`BadInput`), and the exception it raises
 IDS_DTYPE, NO_FEATURE, WEIGHTS_DTYPE, FOLDED_NDIM, BAG_IDS_NDIM, OFFSETS_WITH_2D, OFFSETS_NDIM, WEIGHTS_SHAPE, \
-    NOT_TENSOR, NO_INVERSE, INVERSE_RANGE, POSITION_LENGTH = range(1, 13)
+    NOT_TENSOR, NO_INVERSE, INVERSE_RANGE, POSITION_LENGTH, BAG_COUNT = range(1, 14)
 _ARGUMENTS = ("ids", "offsets", "per-sample weights")  # NOT_TENSOR's detail: which one
 
 
@@ -153,6 +153,9 @@ def bad_input_message(slot: "SlotSpec", reason: int, detail: int) -> tuple[type,
     if reason == POSITION_LENGTH:  # detail: the bag's length << 32 | the weights' max length
         return ValueError, (f"its position weights (fxrec.feature_processors) take bags of up to {detail & 0xFFFFFFFF} "
                             f"ids, and a bag holds {detail >> 32}")
+    if reason == BAG_COUNT:
+        return ValueError, (f"its KeyedJaggedTensor holds {detail} bags, not the number its keys' batch sizes "
+                            f"(stride, or stride_per_key_per_rank) make")
     if reason == INVERSE_RANGE:
         return ValueError, f"its inverse_indices give a sample bag {detail}, which the feature does not have"
     return ValueError, f"unreadable input (reason {reason})"
@@ -236,6 +239,11 @@ def _embedding_slot(spec: NodeSpec, slot: SlotSpec, ids: Tensor) -> SlotInput:
 
 
 def _kjt_slot(spec: NodeSpec, slot: SlotSpec, kjt) -> SlotInput:
+    # an unvalidated KJT (built in forward, validate=False) whose bags do not fit its batch
+    # sizes fails in torch's split / reshape on its rank alone: a BadInput reaches every rank
+    bags = kjt.lengths().numel()
+    if bags != sum(kjt.stride_per_key()):
+        raise BadInput(BAG_COUNT, bags)
     try:
         jt = kjt[slot.feature]
     except KeyError:  # as the unsharded collection says it, with the lookup
