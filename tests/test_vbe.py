@@ -179,6 +179,24 @@ def test_a_vbe_batch_built_in_forward_is_captured_and_sharded():
             assert_close(g, w)
 
 
+def test_compiled_training_with_a_sparse_optimizer_equals_the_expanded_batchs():
+    torch.manual_seed(0)
+    model = Ranker()
+    ref = copy.deepcopy(model)
+    compiled = torch.compile(model, backend="fxrec", options={"sparse_optimizer": SGD(LR)})
+    opt, ref_opt = torch.optim.SGD(model.lin.parameters(), lr=LR), torch.optim.SGD(ref.parameters(), lr=LR)
+    for step in range(STEPS):
+        vbe, expanded = _batch(torch.Generator().manual_seed(10 + step))
+        opt.zero_grad()
+        sum(o.square().mean() for o in compiled(vbe)).backward()
+        opt.step()
+        ref_opt.zero_grad()
+        sum(o.square().mean() for o in ref(expanded)).backward()
+        ref_opt.step()
+    for (name, got), want in zip(model.state_dict().items(), ref.state_dict().values()):
+        assert_close(got, want, rtol=1e-5, atol=1e-6, msg=name)
+
+
 # ------------------------------------------------------------------ sharded
 def _run(rank: int, world: int, sharding: str) -> list[str]:
     """Each rank feeds its VBE batch; the unsharded model takes every rank's expanded batch."""

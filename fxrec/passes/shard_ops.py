@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from fxrec.eager import eager_under_dynamo
-from fxrec.modules import as_output
+from fxrec.modules import as_output, expand_bags
 from fxrec.sparse import JaggedTensor, KeyedTensor
 from fxrec.sparse_checks import out_of_range_id
 
@@ -572,8 +572,8 @@ class FinishOutputs(nn.Module):
                     if isinstance(out, ColumnBlocks) and self._as_is(k, inputs[k]):
                         parts.extend(out)
                     elif inputs[k].inverse is not None:  # a batch per key: each sample its bag's sums
-                        parts.append(_finish_slot(self.slots[k], inputs[k], _joined(out)).index_select(
-                            0, inputs[k].inverse))
+                        parts.append(expand_bags(_finish_slot(self.slots[k], inputs[k], _joined(out)),
+                                                 inputs[k].inverse))
                     else:
                         parts.append(_finish_slot(self.slots[k], inputs[k], _joined(out)))
                 results.append(KeyedTensor(keys, [self.slots[k].dim for k in spec.slots],
