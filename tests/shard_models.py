@@ -49,6 +49,21 @@ def _cat_bags(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Ten
     return torch.cat(ids), torch.cat(offsets)
 
 
+class Mismatches(list):
+    """assert_close failures, one line each, prefixed with `label`: what a job on several ranks
+    returns instead of raising at the first, so that every mismatch of every rank is seen."""
+
+    def __init__(self, label: str):
+        super().__init__()
+        self.label = label
+
+    def check(self, what: str, got, want, rtol: float = 1e-5, atol: float = 1e-6) -> None:
+        try:
+            torch.testing.assert_close(got, want, rtol=rtol, atol=atol)
+        except AssertionError as e:
+            self.append(f"{self.label} {what}: {str(e).strip().splitlines()[-1]}")
+
+
 def _kjt(g, rows: dict, b: int, weighted: bool = False, max_len: int = 3) -> KeyedJaggedTensor:
     lengths = torch.randint(0, max_len + 1, (len(rows) * b,), generator=g)
     per_key = lengths.view(len(rows), b).sum(1).tolist()

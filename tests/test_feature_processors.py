@@ -20,7 +20,7 @@ from fxrec.optim import SGD
 from fxrec.runtime.pipeline import TrainPipeline
 from fxrec.sparse import JaggedTensor, KeyedJaggedTensor, validation
 from fxrec.topology import Topology
-from shard_models import _cat_kjt, _kjt
+from shard_models import Mismatches, _cat_kjt, _kjt
 
 B, STEPS, LR = 3, 3, 0.1
 ROWS = {"a": 20, "b": 12, "c": 16}  # "a" and "c" position-weighted (dict form), "b" not
@@ -244,13 +244,8 @@ def _tables(model) -> list[str]:
 def _run(rank: int, world: int, sharding: str) -> list[str]:
     """Shard every table `sharding`, compare the forward, train 3 steps (tables by fused SGD,
     the position weights and the linear layer by torch's SGD) and compare every parameter."""
-    bad: list[str] = []
-
-    def check(what, got, want):
-        try:
-            assert_close(got, want, rtol=1e-5, atol=1e-6)
-        except AssertionError as e:
-            bad.append(f"{sharding} {what}: {str(e).strip().splitlines()[-1]}")
+    bad = Mismatches(sharding)
+    check = bad.check
 
     torch.manual_seed(0)
     model = PositionWeighted()

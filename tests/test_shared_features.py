@@ -18,7 +18,7 @@ from fxrec.modules import (EmbeddingBagCollection, EmbeddingBagConfig, Embedding
 from fxrec.optim import SGD, RowWiseAdagrad
 from fxrec.sparse import KeyedJaggedTensor
 from fxrec.topology import Topology
-from shard_models import _cat_kjt, _kjt
+from shard_models import Mismatches, _cat_kjt, _kjt
 
 B, STEPS, LR, EPS = 3, 3, 0.1, 1e-8
 POOLED = {"q": 20, "u": 20, "v": 12}  # "q" feeds t_a (20 rows) and t_b (30 rows)
@@ -143,13 +143,8 @@ def test_compile_and_lower_give_the_unsharded_values():
 def _run(rank: int, world: int, sharding, optimizer: str) -> list[str]:
     """Shard (all tables `sharding`, or a dict of them), compare the forward, train 3 steps
     side by side and compare every table; the mismatches."""
-    bad: list[str] = []
-
-    def check(what, got, want):
-        try:
-            assert_close(got, want, rtol=1e-5, atol=1e-6)
-        except AssertionError as e:
-            bad.append(f"{sharding} {optimizer} {what}: {str(e).strip().splitlines()[-1]}")
+    bad = Mismatches(f"{sharding} {optimizer}")
+    check = bad.check
 
     torch.manual_seed(0)
     model = SharedFeatures()

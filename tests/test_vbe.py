@@ -19,7 +19,7 @@ from fxrec.modules import EmbeddingBagCollection, EmbeddingBagConfig, EmbeddingC
 from fxrec.optim import SGD
 from fxrec.sparse import KeyedJaggedTensor
 from fxrec.topology import Topology
-from shard_models import _cat_kjt
+from shard_models import Mismatches, _cat_kjt
 
 B, STEPS, LR = 6, 3, 0.1
 ROWS = {"user": 20, "item": 30, "ctx": 12}
@@ -200,13 +200,8 @@ def test_compiled_training_with_a_sparse_optimizer_equals_the_expanded_batchs():
 # ------------------------------------------------------------------ sharded
 def _run(rank: int, world: int, sharding: str) -> list[str]:
     """Each rank feeds its VBE batch; the unsharded model takes every rank's expanded batch."""
-    bad: list[str] = []
-
-    def check(what, got, want):
-        try:
-            assert_close(got, want, rtol=1e-5, atol=1e-6)
-        except AssertionError as e:
-            bad.append(f"{sharding} {what}: {str(e).strip().splitlines()[-1]}")
+    bad = Mismatches(sharding)
+    check = bad.check
 
     torch.manual_seed(0)
     model = Ranker()
