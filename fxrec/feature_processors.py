@@ -35,7 +35,8 @@ from fxrec.sparse import JaggedTensor, KeyedJaggedTensor, KeyedTensor
 from fxrec.sparse_checks import validation_enabled
 
 __all__ = ["FeatureProcessedEmbeddingBagCollection", "FeatureProcessor", "FeatureProcessorsCollection",
-           "PositionWeightedModule", "PositionWeightedModuleCollection", "position_weighted"]
+           "PositionWeightedModule", "PositionWeightedModuleCollection", "defer_position_faults",
+           "position_weighted", "position_weighted_jt"]
 
 
 def _max_length(owner: str, key: str, value) -> int:
