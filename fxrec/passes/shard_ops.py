@@ -272,9 +272,14 @@ def _inverse_row(kjt, slot: SlotSpec) -> Optional[Tensor]:
     row = inverse[1][inverse[0].index(slot.feature)]
     # checked here, on every read: a KJT built in forward (or with validate=False) was not, and an
     # index_select failing on one rank only, after the exchange, would leave the others waiting
-    bad = out_of_range_id(row, kjt.stride_per_key()[kjt.index_per_key()[slot.feature]])
+    bags = kjt.stride_per_key()[kjt.index_per_key()[slot.feature]]
+    bad = out_of_range_id(row, bags)
     if bad is not None:
         raise BadInput(INVERSE_RANGE, bad)
+    # a key that carries the whole batch (an item beside deduplicated user features) maps each
+    # sample to its own bag: its sums need no expansion (nor its gradient a sum into bags)
+    if row.numel() == bags and bool((row == torch.arange(bags, device=row.device)).all()):
+        return None
     return row
 
 
