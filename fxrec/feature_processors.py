@@ -97,8 +97,8 @@ class PositionWeightedModule(FeatureProcessor):
 def position_weighted_jt(features: JaggedTensor, weight: Tensor) -> JaggedTensor:
     """One feature's bags with weights ``weight[position]`` (`PositionWeightedModule`)."""
     values, offsets = features.values(), features.offsets()
-    pos = torch.ops.fxrec.checked_positions(_positions(offsets, features.lengths(), values.numel()),
-                                            torch.zeros_like(values, dtype=torch.long), offsets,
+    pos = _positions(offsets, features.lengths(), values.numel())
+    pos = torch.ops.fxrec.checked_positions(pos, pos < weight.numel(), torch.zeros_like(pos), offsets.long(),
                                             [weight.numel()], "", [0])
     return JaggedTensor(values, weights=_gather(weight, pos, values), lengths=features.lengths(), validate=False)
 
@@ -165,7 +165,7 @@ def position_weighted(features: KeyedJaggedTensor, keys: Sequence[str], *weights
     base, limit, start = [], [], 0
     for k in kjt_keys:
         size = given[k].numel() if k in given else 0
-        base.append(start if size else table.numel() - 1)
+        base.append(start)
         limit.append(size)
         start += size
     spk = features.stride_per_key()
@@ -176,53 +176,62 @@ def position_weighted(features: KeyedJaggedTensor, keys: Sequence[str], *weights
     limits = [size or _ANY_LENGTH for size in limit]
     long = dict(dtype=torch.long, device=device)
     pos = _positions(offsets, lengths, n)
+    limit_of = torch.tensor(limits, **long)[key_of]
+    fits = pos < limit_of
     if defer is None:
         starts = [0]
         for b in spk[:-1]:
             starts.append(starts[-1] + b)
-        pos = torch.ops.fxrec.checked_positions(pos, key_of, offsets.long(), limits, "\n".join(kjt_keys), starts)
-    weighted = torch.tensor(limit, **long)[key_of] > 0
-    index = torch.tensor(base, **long)[key_of] + torch.where(weighted, pos, 0)
+        pos = torch.ops.fxrec.checked_positions(pos, fits, key_of, offsets.long(), limits, "\n".join(kjt_keys),
+                                                starts)
+    # the keys without weights read the table's last entry, a 1
+    index = torch.where(limit_of < _ANY_LENGTH, torch.tensor(base, **long)[key_of] + pos, table.numel() - 1)
     # Unchecked (validation off), a position past its key's weights would read the next key's
     # weight: point it past the table instead, so that the gather fails rather than answers.
-    fits = pos < torch.tensor(limits, **long)[key_of]
     out_weights = _gather(table, torch.where(fits, index, table.numel() if defer is None else 0), values)
     out = KeyedJaggedTensor(kjt_keys, values, weights=out_weights, lengths=lengths, offsets=features.offsets(),
                             stride=stride, stride_per_key_per_rank=features.stride_per_key_per_rank()
                             if features.variable_stride_per_key() else None,
                             inverse_indices=features.inverse_indices_or_none(), validate=False)
-    if defer is not None and n and not bool(fits.all()):
+    found = _first_too_long(fits, key_of, offsets.long()) if defer is not None else None
+    if found is not None:
         # sharded: the first too-long bag travels with the lookups' input check (shard_ops), so
         # that every rank raises it; raised here, the other ranks waited in the exchange
-        i = int((~fits).nonzero()[0, 0])
-        bag = int(torch.searchsorted(offsets.long(), torch.tensor(i, device=device), right=True)) - 1
-        out._position_fault = (kjt_keys[int(key_of[i])], int(offsets[bag + 1] - offsets[bag]), limit[int(key_of[i])])
+        key, _, length = found
+        out._position_fault = (kjt_keys[key], length, limit[key])
     return out
 
 
+def _first_too_long(fits: Tensor, key_of: Tensor, offsets: Tensor) -> Optional[tuple[int, int, int]]:
+    """(key index, bag, the bag's length) of the first id past its key's weights (``fits``
+    false), or None. One host sync."""
+    over = (~fits).nonzero()
+    if not over.numel():
+        return None
+    i = int(over[0, 0])
+    bag = int(torch.searchsorted(offsets, torch.tensor(i, dtype=offsets.dtype, device=offsets.device),
+                                 right=True)) - 1
+    return int(key_of[i]), bag, int(offsets[bag + 1] - offsets[bag])
+
+
 @torch.library.custom_op("fxrec::checked_positions", mutates_args=())
-def checked_positions(pos: Tensor, key_of: Tensor, offsets: Tensor, limits: list[int], keys: str,
+def checked_positions(pos: Tensor, fits: Tensor, key_of: Tensor, offsets: Tensor, limits: list[int], keys: str,
                       starts: list[int]) -> Tensor:
     """`pos` (a copy: an op may not return its input), or ValueError naming the key, bag and
-    length of the first bag longer than its key's limit (`keys` joined by newlines, `starts`
-    each key's first bag). An opaque op so that torch.compile runs the check as it is, on the
-    real batch; one host sync, none under validation(False)."""
-    if pos.numel() and validation_enabled():
-        over = ((pos >= torch.tensor(limits, device=pos.device)[key_of])).nonzero()
-        if over.numel():
-            i = int(over[0, 0])
-            bag = int(torch.searchsorted(offsets, torch.tensor(i, dtype=offsets.dtype, device=offsets.device),
-                                         right=True)) - 1
-            key = int(key_of[i])
-            name = keys.split(chr(10))[key]
-            raise ValueError(f"position weights{f' of feature {name!r}' if name else ''}: bag {bag - starts[key]} holds "
-                             f"{int(offsets[bag + 1] - offsets[bag])} ids, more than its max feature length "
-                             f"{limits[key]}")
+    length of the first bag longer than its key's limit (``fits`` false; `keys` joined by
+    newlines, `starts` each key's first bag). An opaque op so that torch.compile runs the check
+    as it is, on the real batch; one host sync, none under validation(False)."""
+    found = _first_too_long(fits, key_of, offsets) if pos.numel() and validation_enabled() else None
+    if found is not None:
+        key, bag, length = found
+        name = keys.split(chr(10))[key]
+        raise ValueError(f"position weights{f' of feature {name!r}' if name else ''}: bag {bag - starts[key]} holds "
+                         f"{length} ids, more than its max feature length {limits[key]}")
     return pos.clone()
 
 
 @checked_positions.register_fake
-def _(pos, key_of, offsets, limits, keys, starts):
+def _(pos, fits, key_of, offsets, limits, keys, starts):
     return torch.empty_like(pos)
 
 

@@ -216,6 +216,10 @@ def test_a_model_built_on_meta_keeps_real_position_weights_and_shards():
         assert torch.equal(full[name], p)
     assert sm(*batch)[0].shape == (B, 1)
     PositionWeightedModuleCollection({"a": 2}).reset_parameters()  # ones, as built
+    # moved to meta after construction, the weights have no values to shard: said by name
+    # (capture runs the processors beside meta weights on the real batch, fxrec/passes/shapes.py)
+    with pytest.raises(ValueError, match=r"'fp_ebc._feature_processors.a.position_weight' .* is on the meta device"):
+        fxrec.shard(PositionWeighted().to("meta"), Topology(1), batch, sparse_optimizer=SGD(LR))
 
 
 # ------------------------------------------------------------------ compile and inference
