@@ -182,8 +182,14 @@ def _check_jagged(owner, values, lengths, offsets, weights, bag_name) -> None:
 
 
 def _check_sums(owner, keys, lengths, stride, n) -> None:
-    """Names the key whose bags run past the end of values, or the values left over."""
-    sums = lengths.reshape(len(keys), stride).sum(1).tolist() if keys else []
+    """Names the key whose bags run past the end of values, or the values left over. `stride`:
+    every key's bags, or a list of each key's (a batch per key)."""
+    if not keys:
+        sums = []
+    elif isinstance(stride, int):
+        sums = lengths.reshape(len(keys), stride).sum(1).tolist()
+    else:
+        sums = [int(t.sum()) for t in lengths.split(list(stride))]
     total = sum(sums)
     if total == n:
         return
