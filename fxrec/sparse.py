@@ -182,6 +182,7 @@ class KeyedJaggedTensor:
         self._stride = None if stride is None else _size("KeyedJaggedTensor", "stride", stride)
         # variable batch per feature (VBE): key k holds sum(stride_per_key_per_rank[k]) bags
         self._spk = _strides_per_key(self._keys, stride_per_key_per_rank)
+        self._bag_starts = None if self._spk is None else _bag_starts(self._spk)  # key k: [k]:[k + 1]
         self._sprk = None if self._spk is None else [list(r) for r in stride_per_key_per_rank]
         self._inverse = _inverse_indices(inverse_indices)
         self._length_per_key: Optional[list[int]] = None
@@ -221,7 +222,7 @@ class KeyedJaggedTensor:
         if num_bags != sum(spk):
             raise ValueError(f"{owner}: stride_per_key_per_rank gives {sum(spk)} bags "
                              f"({dict(zip(keys, spk))}) but lengths holds {num_bags}")
-        starts = _bag_starts(spk)
+        starts = self._bag_starts
         key_of = lambda i: max(j for j in range(len(keys)) if starts[j] <= i)  # noqa: E731
         _check_jagged(owner, self._values, self._lengths, self._offsets, self._weights,
                       lambda i: f"key {keys[key_of(i)]!r} bag {i - starts[key_of(i)]}")
@@ -362,8 +363,7 @@ class KeyedJaggedTensor:
     def _bag_range(self, i: int) -> tuple[int, int]:
         """Key i's bags: ``lengths()[start:end]``."""
         if self._spk is not None:
-            starts = _bag_starts(self._spk)
-            return starts[i], starts[i + 1]
+            return self._bag_starts[i], self._bag_starts[i + 1]
         b = self.stride()
         return i * b, (i + 1) * b
 
