@@ -2,9 +2,9 @@
 
 Binary classification (CTR-style): ``auc``, ``auprc``, ``log_loss``, ``normalized_entropy``,
 ``accuracy``, ``ctr``, ``calibration``, ``precision``, ``recall``. ``predictions`` are
-probabilities in [0, 1]; pass ``from_logits=True`` for raw logits. ``labels`` are 0/1 (bool, int or float) of exactly the predictions'
-shape (no broadcasting: a (B, 1) vs (B,) mix-up is an error, not a silent outer
-product). ``weights`` are optional non-negative per-example weights of the same shape.
+probabilities in [0, 1]; pass ``from_logits=True`` for raw logits. ``labels`` are 0/1 (bool,
+int or float) of exactly the predictions' shape (no broadcasting: a (B, 1) vs (B,) mix-up is an
+error, not a silent outer product). ``weights`` are optional non-negative per-example weights of the same shape.
 Labels, weights and targets are moved to the device of the predictions / scores.
 
 Regression: ``mse``, ``rmse``, ``mae`` over real ``predictions`` and ``labels`` of one shape,

@@ -106,6 +106,13 @@ class Metric(abc.ABC):
         """The metric over every batch since construction or reset()."""
 
 
+def _one_shot(metric: "Metric", *batch) -> float:
+    """`metric` (made with sync=False: these tensors alone) over one batch: what the one-shot
+    functions are, so that each gives the number its streaming twin gives."""
+    metric.update(*batch)
+    return metric.compute()
+
+
 def _weighted_mean(total: float, weight: float, name: str) -> float:
     if weight <= 0:
         raise ValueError(f"{name} is undefined: weights sum to {weight:g}")

@@ -16,7 +16,8 @@ import torch.nn.functional as F
 
 import torch.distributed as dist
 
-from fxrec.metrics.base import Metric, _acc_dtype, _as_tensor, _group_device, _reject, _weighted_mean
+from fxrec.metrics.base import (Metric, _acc_dtype, _as_tensor, _group_device, _one_shot, _reject,
+                                _weighted_mean)
 
 __all__ = ["auc", "auprc", "log_loss", "normalized_entropy", "accuracy", "AUC", "AUPRC", "LogLoss", "NE",
            "Accuracy"]
@@ -258,26 +259,21 @@ def _gathered(group, scores: torch.Tensor, pos: torch.Tensor, w):
 def log_loss(predictions: Any, labels: Any, weights: Any = None, *,
              from_logits: bool = False, eps: float = DEFAULT_EPS) -> float:
     """Weighted mean binary cross entropy (see ``LogLoss``)."""
-    metric = LogLoss(from_logits=from_logits, eps=eps, sync=False)  # these tensors alone
-    metric.update(predictions, labels, weights)
-    return metric.compute()
+    return _one_shot(LogLoss(from_logits=from_logits, eps=eps, sync=False), predictions, labels, weights)
 
 
 def normalized_entropy(predictions: Any, labels: Any, weights: Any = None, *,
                        from_logits: bool = False, eps: float = DEFAULT_EPS) -> float:
     """Log loss / entropy of the weighted base rate (see ``NE``); 1.0 for the base-rate
     predictor, ValueError when only one class is present."""
-    metric = NE(from_logits=from_logits, eps=eps, sync=False)
-    metric.update(predictions, labels, weights)
-    return metric.compute()
+    return _one_shot(NE(from_logits=from_logits, eps=eps, sync=False), predictions, labels, weights)
 
 
 def accuracy(predictions: Any, labels: Any, threshold: float = 0.5, *,
              weights: Any = None, from_logits: bool = False) -> float:
     """Weighted fraction with (probability >= threshold) == label (see ``Accuracy``)."""
-    metric = Accuracy(threshold=threshold, from_logits=from_logits, sync=False)
-    metric.update(predictions, labels, weights)
-    return metric.compute()
+    return _one_shot(Accuracy(threshold=threshold, from_logits=from_logits, sync=False), predictions, labels,
+                     weights)
 
 
 def auc(predictions: Any, labels: Any, weights: Any = None, *,

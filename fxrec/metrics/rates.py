@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from fxrec.metrics.base import Metric, _acc_dtype, _weighted_mean
+from fxrec.metrics.base import Metric, _acc_dtype, _one_shot, _weighted_mean
 from fxrec.metrics.binary import _binary_inputs
 
 __all__ = ["ctr", "calibration", "precision", "recall", "CTR", "Calibration", "Precision", "Recall"]
@@ -96,28 +96,24 @@ class Recall(_Thresholded):
         return (prob >= self.threshold).to(prob.dtype) * y, y
 
 
-def _once(metric: Metric, predictions, labels, weights) -> float:
-    metric.update(predictions, labels, weights)
-    return metric.compute()
-
 
 def ctr(predictions: Any, labels: Any, weights: Any = None, *, from_logits: bool = False) -> float:
     """Weighted fraction of positive labels (see ``CTR``)."""
-    return _once(CTR(from_logits, sync=False), predictions, labels, weights)
+    return _one_shot(CTR(from_logits, sync=False), predictions, labels, weights)
 
 
 def calibration(predictions: Any, labels: Any, weights: Any = None, *, from_logits: bool = False) -> float:
     """``sum(w * p) / sum(w * y)`` (see ``Calibration``)."""
-    return _once(Calibration(from_logits, sync=False), predictions, labels, weights)
+    return _one_shot(Calibration(from_logits, sync=False), predictions, labels, weights)
 
 
 def precision(predictions: Any, labels: Any, threshold: float = 0.5, *, weights: Any = None,
               from_logits: bool = False) -> float:
     """Weighted TP / (TP + FP) at ``threshold`` (see ``Precision``)."""
-    return _once(Precision(threshold, from_logits, sync=False), predictions, labels, weights)
+    return _one_shot(Precision(threshold, from_logits, sync=False), predictions, labels, weights)
 
 
 def recall(predictions: Any, labels: Any, threshold: float = 0.5, *, weights: Any = None,
            from_logits: bool = False) -> float:
     """Weighted TP / (TP + FN) at ``threshold`` (see ``Recall``)."""
-    return _once(Recall(threshold, from_logits, sync=False), predictions, labels, weights)
+    return _one_shot(Recall(threshold, from_logits, sync=False), predictions, labels, weights)

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from fxrec.metrics.base import Metric, _acc_dtype, _as_tensor, _reject, _weighted_mean
+from fxrec.metrics.base import Metric, _acc_dtype, _as_tensor, _one_shot, _reject, _weighted_mean
 
 __all__ = ["mse", "rmse", "mae", "MSE", "RMSE", "MAE"]
 
@@ -74,21 +74,17 @@ class MAE(MSE):
         return diff.abs()
 
 
-def _once(metric: Metric, predictions, labels, weights) -> float:
-    metric.update(predictions, labels, weights)
-    return metric.compute()
-
 
 def mse(predictions: Any, labels: Any, weights: Any = None) -> float:
     """Weighted mean squared error (see ``MSE``)."""
-    return _once(MSE(sync=False), predictions, labels, weights)
+    return _one_shot(MSE(sync=False), predictions, labels, weights)
 
 
 def rmse(predictions: Any, labels: Any, weights: Any = None) -> float:
     """Root of the weighted mean squared error (see ``RMSE``)."""
-    return _once(RMSE(sync=False), predictions, labels, weights)
+    return _one_shot(RMSE(sync=False), predictions, labels, weights)
 
 
 def mae(predictions: Any, labels: Any, weights: Any = None) -> float:
     """Weighted mean absolute error (see ``MAE``)."""
-    return _once(MAE(sync=False), predictions, labels, weights)
+    return _one_shot(MAE(sync=False), predictions, labels, weights)

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from fxrec.metrics.base import Metric, _acc_dtype, _as_tensor, _reject
+from fxrec.metrics.base import Metric, _acc_dtype, _as_tensor, _one_shot, _reject
 
 __all__ = ["recall_at_k", "ndcg_at_k", "RecallAtK", "NDCGAtK"]
 
@@ -153,13 +153,9 @@ class NDCGAtK(_RankingMetric):
 
 def recall_at_k(scores: Any, targets: Any, k: int) -> float:
     """Mean recall@k over queries with a relevant candidate (see ``RecallAtK``)."""
-    metric = RecallAtK(k, sync=False)  # these tensors alone
-    metric.update(scores, targets)
-    return metric.compute()
+    return _one_shot(RecallAtK(k, sync=False), scores, targets)
 
 
 def ndcg_at_k(scores: Any, targets: Any, k: int) -> float:
     """Mean NDCG@k (linear gains) over queries with a relevant candidate (see ``NDCGAtK``)."""
-    metric = NDCGAtK(k, sync=False)
-    metric.update(scores, targets)
-    return metric.compute()
+    return _one_shot(NDCGAtK(k, sync=False), scores, targets)
