@@ -38,6 +38,25 @@ def _reject(flat: torch.Tensor, bad: torch.Tensor, name: str, rule: str) -> None
         raise ValueError(f"{name} {rule}, got {flat[i].item()} at flat index {i}")
 
 
+def _paired_inputs(predictions: Any, labels: Any, weights: Any):
+    """``(p, y, w)`` flattened on the predictions' device, after the checks every per-example
+    metric shares: labels (and weights) of exactly the predictions' shape, not empty, weights
+    finite and >= 0 in the accumulation dtype (None where not given). p and y keep their dtypes."""
+    p = _as_tensor(predictions, "predictions")
+    y = _as_tensor(labels, "labels").to(p.device)
+    if y.shape != p.shape:
+        raise ValueError(f"labels shape {tuple(y.shape)} does not match predictions shape {tuple(p.shape)}")
+    w = None if weights is None else _as_tensor(weights, "weights").to(p.device)
+    if w is not None and w.shape != p.shape:
+        raise ValueError(f"weights shape {tuple(w.shape)} does not match predictions shape {tuple(p.shape)}")
+    if p.numel() == 0:
+        raise ValueError(f"predictions is empty (shape {tuple(p.shape)})")
+    if w is not None:
+        w = w.reshape(-1).to(_acc_dtype(p.device))
+        _reject(w, ~(torch.isfinite(w) & (w >= 0)), "weights", "must be finite and >= 0")
+    return p.reshape(-1), y.reshape(-1), w
+
+
 def _group_device(group) -> torch.device:
     """Where `group`'s collectives take tensors: the current CUDA device under NCCL, else the CPU."""
     if dist.get_backend(group) == "nccl":

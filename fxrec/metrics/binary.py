@@ -16,8 +16,8 @@ import torch.nn.functional as F
 
 import torch.distributed as dist
 
-from fxrec.metrics.base import (Metric, _acc_dtype, _as_tensor, _group_device, _one_shot, _reject,
-                                _weighted_mean)
+from fxrec.metrics.base import (Metric, _acc_dtype, _group_device, _one_shot, _paired_inputs,
+                                _reject, _weighted_mean)
 
 __all__ = ["auc", "auprc", "log_loss", "normalized_entropy", "accuracy", "AUC", "AUPRC", "LogLoss", "NE",
            "Accuracy"]
@@ -30,18 +30,7 @@ def _binary_inputs(predictions: Any, labels: Any, weights: Any, from_logits: boo
 
     ``p`` keeps its floating dtype, ``y`` is bool, ``w`` is None or float.
     """
-    p = _as_tensor(predictions, "predictions")
-    y = _as_tensor(labels, "labels").to(p.device)
-    if y.shape != p.shape:
-        raise ValueError(
-            f"labels shape {tuple(y.shape)} does not match predictions shape {tuple(p.shape)}")
-    w = None if weights is None else _as_tensor(weights, "weights").to(p.device)
-    if w is not None and w.shape != p.shape:
-        raise ValueError(
-            f"weights shape {tuple(w.shape)} does not match predictions shape {tuple(p.shape)}")
-    if p.numel() == 0:
-        raise ValueError(f"predictions is empty (shape {tuple(p.shape)})")
-    p, y = p.reshape(-1), y.reshape(-1)
+    p, y, w = _paired_inputs(predictions, labels, weights)
     if not p.is_floating_point():
         p = p.to(torch.get_default_dtype())
     _reject(y, (y != 0) & (y != 1), "labels", "must be 0 or 1")
@@ -50,9 +39,6 @@ def _binary_inputs(predictions: Any, labels: Any, weights: Any, from_logits: boo
     else:
         _reject(p, ~((p >= 0) & (p <= 1)), "predictions",
                 "must be probabilities in [0, 1] (pass from_logits=True for logits)")
-    if w is not None:
-        w = w.reshape(-1).to(_acc_dtype(p.device))
-        _reject(w, ~(torch.isfinite(w) & (w >= 0)), "weights", "must be finite and >= 0")
     return p, y.bool(), w
 
 

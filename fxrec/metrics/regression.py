@@ -12,32 +12,19 @@ from typing import Any
 
 import torch
 
-from fxrec.metrics.base import Metric, _acc_dtype, _as_tensor, _one_shot, _reject, _weighted_mean
+from fxrec.metrics.base import Metric, _acc_dtype, _one_shot, _paired_inputs, _reject, _weighted_mean
 
 __all__ = ["mse", "rmse", "mae", "MSE", "RMSE", "MAE"]
 
 
 def _regression_inputs(predictions: Any, labels: Any, weights: Any):
     """Validated, flattened ``(p, y, w)`` in the accumulation dtype on the predictions' device."""
-    p = _as_tensor(predictions, "predictions")
+    p, y, w = _paired_inputs(predictions, labels, weights)
     dtype = _acc_dtype(p.device)
-    y = _as_tensor(labels, "labels").to(p.device)
-    if y.shape != p.shape:
-        raise ValueError(f"labels shape {tuple(y.shape)} does not match predictions shape {tuple(p.shape)}")
-    if p.numel() == 0:
-        raise ValueError(f"predictions is empty (shape {tuple(p.shape)})")
-    shape = tuple(p.shape)
-    p, y = p.reshape(-1).to(dtype), y.reshape(-1).to(dtype)
+    p, y = p.to(dtype), y.to(dtype)
     _reject(p, ~torch.isfinite(p), "predictions", "must be finite")
     _reject(y, ~torch.isfinite(y), "labels", "must be finite")
-    if weights is None:
-        return p, y, torch.ones_like(p)
-    w = _as_tensor(weights, "weights").to(p.device)
-    if tuple(w.shape) != shape:
-        raise ValueError(f"weights shape {tuple(w.shape)} does not match predictions shape {shape}")
-    w = w.reshape(-1).to(dtype)
-    _reject(w, ~(torch.isfinite(w) & (w >= 0)), "weights", "must be finite and >= 0")
-    return p, y, w
+    return p, y, torch.ones_like(p) if w is None else w
 
 
 class MSE(Metric):
