@@ -321,13 +321,12 @@ def _inverse_rows(owner: str, features):
     if inverse is None:
         raise ValueError(f"{owner}: the KeyedJaggedTensor has a batch per key (stride_per_key_per_rank "
                          f"{features.stride_per_key_per_rank()}) but no inverse_indices to give each sample its bag")
-    keys, rows = inverse
-    index = {k: i for i, k in enumerate(keys)}
 
     def row(feature: str) -> Tensor:
-        if feature not in index:
-            raise ValueError(f"{owner}: inverse_indices has no row for feature {feature!r} (it has {list(keys)})")
-        return rows[index[feature]]
+        found = features.inverse_row(feature)
+        if found is None:
+            raise ValueError(f"{owner}: inverse_indices has no row for feature {feature!r} (it has {inverse[0]})")
+        return found
     return row
 
 

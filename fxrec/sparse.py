@@ -360,6 +360,13 @@ class KeyedJaggedTensor:
     def inverse_indices_or_none(self) -> Optional[tuple[list[str], Tensor]]:
         return self._inverse
 
+    def inverse_row(self, key: str) -> Optional[Tensor]:
+        """`key`'s row of inverse_indices (each sample's bag of that key), or None where there
+        is none."""
+        if self._inverse is None or key not in self._inverse[0]:
+            return None
+        return self._inverse[1][self._inverse[0].index(key)]
+
     def _bag_range(self, i: int) -> tuple[int, int]:
         """Key i's bags: ``lengths()[start:end]``."""
         if self._spk is not None:

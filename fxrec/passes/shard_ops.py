@@ -266,10 +266,9 @@ def _inverse_row(kjt, slot: SlotSpec) -> Optional[Tensor]:
     bags), which FinishOutputs expands the pooled sums by."""
     if not kjt.variable_stride_per_key():
         return None
-    inverse = kjt.inverse_indices_or_none()
-    if inverse is None or slot.feature not in inverse[0]:
+    row = kjt.inverse_row(slot.feature)
+    if row is None:
         raise BadInput(NO_INVERSE)
-    row = inverse[1][inverse[0].index(slot.feature)]
     # checked here, on every read: a KJT built in forward (or with validate=False) was not, and an
     # index_select failing on one rank only, after the exchange, would leave the others waiting
     bags = kjt.stride_per_key()[kjt.index_per_key()[slot.feature]]
