@@ -133,6 +133,16 @@ def test_bad_batches_are_named(call, match):
         call()
 
 
+def test_the_sharded_read_expands_only_keys_whose_inverse_row_is_not_the_identity():
+    from fxrec.passes.shard_ops import NodeSpec, SlotSpec, _kjt_slot
+    vbe = _batch(torch.Generator().manual_seed(7))[0]
+    node = NodeSpec("ebc", "ebc", (0,))
+    read = {k: _kjt_slot(node, SlotSpec("ebc", f"t_{k}", k, "sum", True, n, 8, False), vbe) for k, n in ROWS.items()}
+    assert read["item"].inverse is None  # each sample its own bag: no expansion (nor its backward)
+    assert torch.equal(read["user"].inverse, vbe.inverse_row("user"))
+    assert torch.equal(read["ctx"].inverse, vbe.inverse_row("ctx"))
+
+
 def test_torch_export_takes_a_vbe_batch():
     torch.manual_seed(0)
     ebc = Ranker().ebc
