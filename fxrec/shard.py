@@ -45,7 +45,7 @@ from fxrec.passes import lookup as L
 from fxrec.passes.apply_plan import ROOT, apply_plan_pass, build_units, check_plan
 from fxrec.passes.runner import PassContext, run_passes
 from fxrec.runtime import comm
-from fxrec.runtime.local_lookup import LocalLookup, ReplicatedLookup
+from fxrec.runtime.local_lookup import LocalLookup, ReplicatedLookup, shard_pieces, state_pieces
 from fxrec.runtime.tables import deterministic_init, gather_full, shard_from_full
 from fxrec.types import whole
 
@@ -251,31 +251,15 @@ class ShardedModel(nn.Module):
                 _check_swap(tables[0], configs[tables[0]], fused.optimizer)
         return value
 
-    def _pieces(self, of_shards, of_replicas) -> dict[str, list[tuple]]:
-        """Table -> this rank's ``(rows, cols, value)`` pieces, where `of_shards(LocalLookup)`
-        gives ``{shard key: value}`` and `of_replicas(ReplicatedLookup)` ``{table: value}``."""
-        out: dict[str, list] = {}
-        for m in self._lookups():
-            if isinstance(m, LocalLookup):
-                for key, value in of_shards(m).items():
-                    table, _, idx = key.rpartition("@")
-                    s = self._plan[table].shards[int(idx)]
-                    out.setdefault(table, []).append((tuple(s.rows), tuple(s.cols), value))
-            else:
-                for name, value in of_replicas(m).items():
-                    w = m.table(name)
-                    out.setdefault(name, []).append(((0, w.shape[0]), (0, w.shape[1]), value))
-        return out
-
     def local_shards(self) -> dict[str, list[tuple]]:
         """Table -> this rank's ``(rows, cols, live weight view)`` pieces."""
-        return self._pieces(lambda m: m.shard_weights(), lambda m: {name: m.table(name) for name in m.tables})
+        return shard_pieces(self._lookups(), self._plan)
 
     def local_optimizer_state(self) -> dict[str, list[tuple]]:
         """Table -> this rank's ``(rows, cols, {state name: live view})`` pieces, aligned with
         `local_shards`: the fused sparse optimizer's state of each shard (empty dicts under
         SGD). Row state (``momentum``, ``step``) is ``rows``; the rest ``rows x width``."""
-        return self._pieces(lambda m: m.shard_state(), lambda m: m.table_state())
+        return state_pieces(self._lookups(), self._plan)
 
     def full_state_dict(self) -> "OrderedDict[str, Tensor]":
         """The unsharded model's state_dict (same keys, same order), tables gathered from

@@ -32,7 +32,7 @@ from fxrec.optim import for_table
 from fxrec.passes.shard_ops import SlotInput, SlotSpec
 from fxrec.runtime import comm
 
-__all__ = ["LocalLookup", "ReplicatedLookup", "FusedGroups", "scale_grad"]
+__all__ = ["LocalLookup", "ReplicatedLookup", "FusedGroups", "scale_grad", "shard_pieces", "state_pieces"]
 
 
 class _ScaleGrad(torch.autograd.Function):
@@ -340,3 +340,32 @@ class ReplicatedLookup(nn.Module):
                 w is not None and w.requires_grad for w in weights)):
             return list(_Replicated.apply(self._anchor.view_as(self._anchor), self, inputs, *weights))
         return self._lookup(inputs, weights)
+
+
+# ------------------------------------------------------------------ a rank's pieces of its tables
+def _pieces(lookups, plan, of_shards, of_replicas) -> dict[str, list[tuple]]:
+    """Table -> this rank's ``(rows, cols, value)`` pieces, where `of_shards(LocalLookup)`
+    gives ``{shard key: value}`` and `of_replicas(ReplicatedLookup)` ``{table: value}``."""
+    out: dict[str, list] = {}
+    for m in lookups:
+        if isinstance(m, LocalLookup):
+            for key, value in of_shards(m).items():
+                table, _, idx = key.rpartition("@")
+                s = plan[table].shards[int(idx)]
+                out.setdefault(table, []).append((tuple(s.rows), tuple(s.cols), value))
+        else:
+            for name, value in of_replicas(m).items():
+                w = m.table(name)
+                out.setdefault(name, []).append(((0, w.shape[0]), (0, w.shape[1]), value))
+    return out
+
+
+def shard_pieces(lookups, plan) -> dict[str, list[tuple]]:
+    """Table -> this rank's ``(rows, cols, live weight view)`` pieces, over `lookups` (the
+    program's LocalLookup / ReplicatedLookup modules) sharded by `plan`."""
+    return _pieces(lookups, plan, lambda m: m.shard_weights(), lambda m: {name: m.table(name) for name in m.tables})
+
+
+def state_pieces(lookups, plan) -> dict[str, list[tuple]]:
+    """As `shard_pieces`, each piece's fused optimizer state ``{name: live view}``."""
+    return _pieces(lookups, plan, lambda m: m.shard_state(), lambda m: m.table_state())
