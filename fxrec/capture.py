@@ -82,6 +82,8 @@ class FxrecTracer(torch.fx.Tracer):
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if isinstance(m, self._leaf_types + (TrainingFlag,)) or module_qualified_name in self._leaf_names:
             return True
+        if getattr(type(m), "fxrec_leaf", False):  # a module that asks to stay whole (managed collisions)
+            return True
         return super().is_leaf_module(m, module_qualified_name)
 
     def trace(self, root, concrete_args=None):

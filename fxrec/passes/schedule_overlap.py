@@ -33,7 +33,8 @@ def _main_only(gm: GraphModule, node: Node) -> bool:
     if node.op == "call_module":
         mod = gm.get_submodule(node.target)
         # buffers are allowed: input_dist's modules keep constant routing tables in them
-        if isinstance(mod, RowSync) or any(True for _ in mod.parameters()):
+        # fxrec_main_stage: a module that writes the tables (managed collisions' evictions)
+        if isinstance(mod, RowSync) or getattr(mod, "fxrec_main_stage", False) or any(True for _ in mod.parameters()):
             return True
     return False
 

@@ -91,8 +91,9 @@ def _no_side_effects(module: nn.Module):
     params = _written_parameters(module) if isinstance(module, torch.fx.GraphModule) else []
     saved_params = [(p, p.detach().clone()) for p in params]
     devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    from fxrec.managed_collision import no_profiling  # their Python state is not a buffer
     try:
-        with torch.no_grad(), torch.random.fork_rng(devices=devices):
+        with torch.no_grad(), torch.random.fork_rng(devices=devices), no_profiling():
             yield
     finally:
         with torch.no_grad():

@@ -11,7 +11,8 @@ checkpoint see rank 0's buffers on every rank.
 
 Guarantees:
 - Only the dense modules' floating-point and integer buffers (never the tables' shards or
-  their optimizer state, nor bool masks), in one broadcast of their bytes, over the group it is
+  their optimizer state, nor bool masks, nor those of a module marked
+  ``fxrec_replicated_state``, which every rank computes alike from the global batch), in one broadcast of their bytes, over the group it is
   given (every rank calls it at the same point: the sharded program's forward is collective).
 - The copy into a buffer does not bump its version counter: a forward's autograd graph keeps
   buffers it read (BatchNorm keeps its running statistics), and two forwards before one
@@ -52,8 +53,11 @@ class BufferSync:
         """A BufferSync over the buffers of `module`'s submodules outside the one at path
         `skip` (the shards), or None where there are none to keep equal."""
         owners, seen = [], set()
+        # modules whose every rank computes the same buffers from the same data say so
+        # (`fxrec_replicated_state`: managed collisions' maps, profiled on the global batch)
+        skips = [skip] + [p for p, m in module.named_modules() if getattr(m, "fxrec_replicated_state", False)]
         for path, m in module.named_modules():
-            if path == skip or path.startswith(skip + "."):
+            if any(path == s or path.startswith(s + ".") for s in skips):
                 continue
             for name, t in m._buffers.items():
                 if _synced(t) and id(t) not in seen:
