@@ -40,6 +40,15 @@ class TableInfo:
     bare parameter read by ``F.embedding*``, the parameter's path.
     pooling_factor: mean number of ids per bag, measured on the example batch (1.0 for
     unpooled lookups, where each id is its own output row).
+    uses: how many features (lookups) read the table; each gives every sample a bag of it.
+    bags_per_sample: how many bags of the table one sample makes, summed over its uses.
+    None (the default) means `uses`: every sample has its own bag of each feature. A
+    feature with a batch of its own (TorchRec's variable batch per feature, VBE: a
+    KeyedJaggedTensor's ``stride_per_key_per_rank``) contributes its bags over the batch's
+    samples instead, e.g. 2 bags for a batch of 8 contribute 0.25, since the
+    EmbeddingBagCollection looks up, exchanges and pools each bag once and expands the
+    pooled sums to the samples only at the end. The planner charges lookups, ids and
+    output exchanges per bag (`fxrec.planner.cost`).
     """
 
     name: str
@@ -51,6 +60,7 @@ class TableInfo:
     uses: int = 1
     # Filled by the front end: the lookup nodes' names and the features that feed them.
     features: list[str] = field(default_factory=list)
+    bags_per_sample: Optional[float] = None
 
     def __post_init__(self):
         if not isinstance(self.name, str) or not self.name:
@@ -71,6 +81,12 @@ class TableInfo:
                              f"got {self.pooling_factor!r}")
         if self.uses < 1:
             raise ValueError(f"table {self.name!r}: uses must be >= 1, got {self.uses}")
+        if self.bags_per_sample is not None:
+            bags = self.bags_per_sample
+            if isinstance(bags, bool) or not (isinstance(bags, numbers.Real) and 0 <= bags < math.inf):
+                raise ValueError(f"table {self.name!r}: bags_per_sample must be a finite number >= 0 (or None for "
+                                 f"one bag per use), got {bags!r}")
+            self.bags_per_sample = float(bags)
         if isinstance(self.dtype, str):
             dtype = getattr(torch, self.dtype, None)
             if not isinstance(dtype, torch.dtype):

@@ -61,6 +61,8 @@ class _Candidate:
     weights: list[Tensor]
     sample: Optional[dict] = None  # measured on the example batch
     counts: list[tuple[int, int]] = field(default_factory=list)  # per read: (ids, bags)
+    # per read: bags per sample where its features have a batch of their own (VBE), else None
+    per_sample: list[Optional[float]] = field(default_factory=list)
 
 
 def _arg_refs(node: Node, names: list[str]) -> dict[str, ArgRef]:
@@ -256,7 +258,9 @@ def _sample(c: _Candidate, args: tuple, kwargs: dict) -> dict:
         for read in lk.reads:
             jts = [kjt[f] for f in read.features]
             per_read.append((sum(jt.values().numel() for jt in jts), sum(jt.lengths().numel() for jt in jts)))
-        return {"per_read": per_read, "weighted": kjt.weights_or_none() is not None}
+        # with a batch per key (VBE) a key's bags are not the batch's samples: keep the samples
+        samples = kjt.stride() if kjt.variable_stride_per_key() else None
+        return {"per_read": per_read, "weighted": kjt.weights_or_none() is not None, "samples": samples}
     ids = lk.ids.pick(args, kwargs)
     offsets = lk.offsets.pick(args, kwargs) if lk.offsets else None
     psw = lk.per_sample_weights.pick(args, kwargs) if lk.per_sample_weights else None
@@ -302,8 +306,11 @@ def _finish(c: _Candidate) -> None:
     """Fold reductions and turn the sample into per-read (ids, bags) counts."""
     s, lk = c.sample, c.lookup
     lk.weighted = s["weighted"] and not lk.ignores_weights
+    c.per_sample = [None] * len(lk.reads)
     if lk.kind == "ebc":
         c.counts = s["per_read"]
+        if s["samples"]:  # VBE: each bag is looked up once, then expanded to its samples
+            c.per_sample = [bags / s["samples"] for _, bags in c.counts]
     elif lk.kind == "ec":
         c.counts = [(ids, ids) for ids, _ in s["per_read"]]  # unpooled: each id is its own row
     elif lk.kind in L.BAG_KINDS:
@@ -336,17 +343,22 @@ def _combine_pooling(poolings: list[str]) -> str:
 def _tables(cands: list[_Candidate]) -> dict[str, TableInfo]:
     acc: dict[str, dict] = {}
     for c in cands:
-        for read, weight, (ids, bags) in zip(c.lookup.reads, c.weights, c.counts):
+        for read, weight, (ids, bags), per_sample in zip(c.lookup.reads, c.weights, c.counts, c.per_sample):
             a = acc.setdefault(read.table, {"weight": weight, "poolings": [], "uses": 0, "ids": 0,
-                                            "bags": 0, "features": []})
+                                            "bags": 0, "features": [], "per_sample": 0.0, "vbe": False})
+            uses = max(1, len(read.features))
             a["poolings"].append(read.pooling)
-            a["uses"] += max(1, len(read.features))
+            a["uses"] += uses
             a["ids"] += ids
             a["bags"] += bags
             a["features"] += list(read.features) or [c.node.name]
+            # a read without a batch per key gives each sample one bag per feature, as `uses` counts
+            a["per_sample"] += uses if per_sample is None else per_sample
+            a["vbe"] |= per_sample is not None
     return {name: TableInfo(name=name, num_embeddings=a["weight"].shape[0], embedding_dim=a["weight"].shape[1],
                             pooling_factor=a["ids"] / a["bags"] if a["bags"] else 0.0, dtype=a["weight"].dtype,
-                            pooling=_combine_pooling(a["poolings"]), uses=a["uses"], features=a["features"])
+                            pooling=_combine_pooling(a["poolings"]), uses=a["uses"], features=a["features"],
+                            bags_per_sample=a["per_sample"] if a["vbe"] else None)
             for name, a in acc.items()}
 
 

@@ -1,7 +1,7 @@
 """Storage and time of one shard, as sympy expressions compiled once to numpy.
 
 Each formula below is written once, in sympy, in terms of the shard (rows ``n`` of a
-table of ``N`` rows, ``c`` of its ``C`` columns), the table (pooling factor ``pf``, lookups
+table of ``N`` rows, ``c`` of its ``C`` columns), the table (pooling factor ``pf``, bags
 per sample ``u``, weight bytes per element ``eb``, output bytes per element ``ob``,
 ``pooled`` 1/0), the kernel's efficiency ``eff``, the optimizer (its state ``opt_elem``,
 ``opt_row``, and ``opt_sync`` 1/0: whether it syncs split rows), the per-rank batch ``B``
@@ -14,6 +14,11 @@ sympy).
 
 Model (per training step, seconds; a rank's time is the sum over its shards, with no
 overlap assumed):
+- every sample makes ``u`` bags of the table (`bags_per_sample`): one per feature that
+  reads it, or fewer where a feature has a batch of its own (VBE). A bag is looked up,
+  its ids sent and its pooled sum returned once, however many samples share it; the
+  expansion of the sums to the batch runs on the sample-owning rank after the output
+  exchange, the same under every plan, so no shard is charged for it;
 - ids are uniform over rows, so a row-wise shard sees the fraction n/N of the ids;
 - lookup: bytes moved by forward (read rows, write outputs) and backward (read output
   grads, read+write rows and optimizer state) over ``bw_mem * eff``; a data-parallel
@@ -108,7 +113,7 @@ def _formulas(sharding: str) -> dict:
     """The sympy time terms and ``memory`` of one shard of this sharding type."""
     dp = sharding == "data_parallel"
     remote = (P - 1) / bw_intra + (W - P) / bw_inter  # s/byte for one message to every peer
-    Bu = B * u  # a table read by `uses` lookups serves that many bags per sample
+    Bu = B * u  # the bags of the table a rank's batch makes (`bags_per_sample`)
     samples = Bu if dp else W * Bu
     frac = n / N
     ids = samples * pf * frac
@@ -226,8 +231,14 @@ def shard_params(info, n: int, c: int, pf: float, eff: float, element_bytes: int
     factor ``pf`` and kernel efficiency ``eff``; ``element_bytes`` overrides the table's
     dtype (feasibility's "what if fp16")."""
     eb = element_bytes or info.element_bytes
-    return dict(N=info.num_embeddings, n=n, c=c, C=info.embedding_dim, pf=pf, u=info.uses, eb=eb,
+    return dict(N=info.num_embeddings, n=n, c=c, C=info.embedding_dim, pf=pf, u=bags_per_sample(info), eb=eb,
                 ob=output_bytes(eb), pooled=0 if info.pooling == "none" else 1, eff=eff)
+
+
+def bags_per_sample(info) -> float:
+    """``u``: the bags of the table ``info`` one sample makes, its `uses` unless the front
+    end measured (or the user gave) fewer: `TableInfo.bags_per_sample`."""
+    return info.uses if info.bags_per_sample is None else info.bags_per_sample
 
 
 def _given(shard: dict, what: str) -> list:

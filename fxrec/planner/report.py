@@ -17,11 +17,13 @@ def to_dict(plan) -> dict:
     tables = []
     for tp in plan.tables.values():
         info = tp.table
+        table = dict(num_embeddings=info.num_embeddings, embedding_dim=info.embedding_dim,
+                     pooling_factor=info.pooling_factor, dtype=dtype_name(info.dtype), pooling=info.pooling,
+                     uses=info.uses, features=list(info.features))
+        if info.bags_per_sample is not None:  # only a VBE table carries it: other plans' JSON stays as it was
+            table["bags_per_sample"] = info.bags_per_sample
         tables.append(dict(
-            name=tp.name, sharding=tp.sharding, kernel=tp.kernel,
-            table=dict(num_embeddings=info.num_embeddings, embedding_dim=info.embedding_dim,
-                       pooling_factor=info.pooling_factor, dtype=dtype_name(info.dtype), pooling=info.pooling,
-                       uses=info.uses, features=list(info.features)),
+            name=tp.name, sharding=tp.sharding, kernel=tp.kernel, table=table,
             shards=[[s.rank, s.rows[0], s.rows[1], s.cols[0], s.cols[1]] for s in tp.shards]))
     return dict(version=JSON_VERSION, topology=plan.topology.to_dict(), batch_size=plan.batch_size,
                 sparse_optimizer=plan.sparse_optimizer, kernel_efficiency=plan.kernel_efficiency,
