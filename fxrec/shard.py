@@ -47,7 +47,7 @@ from fxrec.passes.runner import PassContext, run_passes
 from fxrec.runtime import comm
 from fxrec.runtime.local_lookup import LocalLookup, ReplicatedLookup, shard_pieces, state_pieces
 from fxrec.runtime.tables import deterministic_init, gather_full, shard_from_full
-from fxrec.types import whole
+from fxrec.types import whole, wire_dtype
 
 __all__ = ["shard", "ShardedModel", "DEFAULT_SPARSE_OPTIMIZER"]
 
@@ -690,22 +690,6 @@ def _layout(topology):
         return repr(topology)
 
 
-_WIRE_DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
-                "fp32": torch.float32, "float32": torch.float32}
-
-
-def _wire_dtype(value) -> Optional[torch.dtype]:
-    """shard's comm_dtype as a torch dtype (None stays None); anything else is refused by name."""
-    if value is None:
-        return None
-    if isinstance(value, torch.dtype) and value in _WIRE_DTYPES.values():
-        return value
-    if isinstance(value, str) and value in _WIRE_DTYPES:
-        return _WIRE_DTYPES[value]
-    raise ValueError(f"fxrec.shard: comm_dtype must be one of {sorted(_WIRE_DTYPES)} or torch.bfloat16 / "
-                     f"torch.float16 / torch.float32, got {value!r}")
-
-
 def _picklable(value):
     """`value` where it pickles (configs compare by ==), else its repr: all_gather_object
     pickles on this rank alone, and a failure there would leave the others waiting."""
@@ -764,7 +748,7 @@ def shard(model: nn.Module, topology, example_inputs, plan=None, constraints=Non
     # every rank's own checks and capture first, then one exchange: the first collective
     # comes after it (module doc of `_agree`)
     try:
-        wire, bad_wire = _wire_dtype(comm_dtype), None
+        wire, bad_wire = wire_dtype(comm_dtype, "fxrec.shard"), None
     except ValueError as e:  # raised in _agree's prepare, so that it reaches every rank
         wire, bad_wire = None, e
 
@@ -804,6 +788,6 @@ def shard(model: nn.Module, topology, example_inputs, plan=None, constraints=Non
         buffer_sync = BufferSync.of(gm, ROOT, group=dense_group)
     sharded = ShardedModel(gm, ctx.plan, state_keys, dict(ctx.tables), extra, grad_sync, optimizer, frozen, other,
                            buffer_sync)
-    from fxrec.runtime.managed_collision import wire
-    wire([gm, other], model, names, sharded._lookups(), ctx.plan, dense_group)
+    from fxrec.runtime.managed_collision import wire as wire_collisions  # (`wire` is comm_dtype's dtype here)
+    wire_collisions([gm, other], model, names, sharded._lookups(), ctx.plan, dense_group)
     return sharded

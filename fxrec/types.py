@@ -14,6 +14,23 @@ from typing import Optional
 import torch
 
 POOLINGS = ("sum", "mean", "none")
+# comm_dtype's names (fxrec.shard, fxrec.plan): the dtype the sharded tables' results and
+# their gradients travel between ranks in
+WIRE_DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
+               "fp32": torch.float32, "float32": torch.float32}
+
+
+def wire_dtype(value, owner: str) -> Optional[torch.dtype]:
+    """A comm_dtype as a torch dtype (None stays None); anything else is a ValueError that
+    names `owner` (the function given it) and the value."""
+    if value is None:
+        return None
+    if isinstance(value, torch.dtype) and value in WIRE_DTYPES.values():
+        return value
+    if isinstance(value, str) and value in WIRE_DTYPES:
+        return WIRE_DTYPES[value]
+    raise ValueError(f"{owner}: comm_dtype must be one of {sorted(WIRE_DTYPES)} or torch.bfloat16 / "
+                     f"torch.float16 / torch.float32, got {value!r}")
 
 
 def whole(value) -> Optional[int]:
