@@ -459,16 +459,17 @@ def _check_world(topology) -> tuple[int, int]:
     return world, rank
 
 
-def _agreed_plan(ctx: PassContext, topology, constraints, optimizer, world: int):
-    """Rank 0's plan on every rank (example batches, hence pooling factors, may differ).
-    A planning error on rank 0 is raised on every rank, so none waits for the others."""
+def _agreed_plan(ctx: PassContext, topology, constraints, optimizer, world: int, wire):
+    """Rank 0's plan on every rank (example batches, hence pooling factors, may differ),
+    costed for the output collectives' dtype `wire` (shard's comm_dtype). A planning error
+    on rank 0 is raised on every rank, so none waits for the others."""
     from fxrec.planner.plan import Plan, plan as make_plan
 
     box: list = [None]
     if comm.rank() == 0:
         try:
             box[0] = ("ok", make_plan(list(ctx.tables.values()), topology, constraints=constraints,
-                                      sparse_optimizer=optimizer).to_json())
+                                      sparse_optimizer=optimizer, comm_dtype=wire).to_json())
         except Exception as e:  # noqa: BLE001 - re-raised below, on every rank
             box[0] = ("error", e)
     if world > 1:
@@ -761,7 +762,7 @@ def shard(model: nn.Module, topology, example_inputs, plan=None, constraints=Non
     gm, ctx, optimizer, state_keys, device = _agree(settings, prepare)
     seed = whole(seed)
     frozen = gm.meta[L.FROZEN_TABLES]
-    ctx.plan = plan if plan is not None else _agreed_plan(ctx, topology, constraints, optimizer, world)
+    ctx.plan = plan if plan is not None else _agreed_plan(ctx, topology, constraints, optimizer, world, wire)
     # here, so the user gets the ValueError / PlanError itself; on every rank at once, as `_agree` does
     _agree({}, lambda: check_plan(ctx.plan, ctx.tables, topology))
     groups, dense_group = _process_groups(topology) if world > 1 else (None, None)

@@ -2,8 +2,9 @@
 
 Each formula below is written once, in sympy, in terms of the shard (rows ``n`` of a
 table of ``N`` rows, ``c`` of its ``C`` columns), the table (pooling factor ``pf``, bags
-per sample ``u``, weight bytes per element ``eb``, output bytes per element ``ob``,
-``pooled`` 1/0), the kernel's efficiency ``eff``, the optimizer (its state ``opt_elem``,
+per sample ``u``, weight bytes per element ``eb``, output bytes per element ``ob`` (the
+lookup's outputs, in the compute dtype) and ``wb`` (the same outputs on the wire between
+ranks, `wire_bytes`), ``pooled`` 1/0), the kernel's efficiency ``eff``, the optimizer (its state ``opt_elem``,
 ``opt_row``, and ``opt_sync`` 1/0: whether it syncs split rows), the per-rank batch ``B``
 and the topology (``W`` ranks, ``P`` per node, bandwidths ``bw_mem``, ``bw_intra``, ``bw_inter``,
 ``bw_ring``, and ``gran``, the bytes that one scattered row access moves at least).
@@ -30,7 +31,9 @@ overlap assumed):
 - input_dist: the ids (8 bytes) and lengths (4 bytes per bag) the shard receives from
   the other ranks, over NVLink-class ``bw_intra`` from its node's P-1 peers and
   ``bw_inter`` from the W-P others;
-- output_dist: what the shard sends forward and receives back in backward: pooled
+- output_dist: what the shard sends forward and receives back in backward, ``wb`` bytes
+  per element (fewer than ``ob`` under fxrec.shard's comm_dtype, which sends results and
+  their gradients in 16 bits; the lookup still writes and reads them at ``ob``): pooled
   vectors by all-to-all (table/column-wise), a reduce-scatter over all ranks
   (row-wise, over the ring bandwidth), a reduce-scatter within the node followed by an
   all-to-all (table-row-wise); unpooled tables return one row per id;
@@ -51,6 +54,8 @@ import functools
 
 import numpy as np
 import sympy as sp
+
+from fxrec.types import wire_dtype
 
 SHARDING_TYPES = ("data_parallel", "table_wise", "row_wise", "table_row_wise", "column_wise")
 TERMS = ("lookup", "input_dist", "output_dist", "allreduce", "row_sync")
@@ -87,15 +92,18 @@ OPTIMIZER_STATE = {"sgd": (0, 0), "rowwise_adagrad": (0, 4), "rowwise_adagrad_pe
 OPTIMIZER_ROW_SYNC = {"sgd": 0, "rowwise_adagrad": 1, "rowwise_adagrad_per_shard": 0, "adagrad": 0, "adam": 0}
 
 # Symbols. Table/shard parameters vary per shard; the rest per plan.
-N, n, c, C, pf, u, eb, ob, pooled, eff, opt_elem, opt_row, opt_sync = sp.symbols(
-    "N n c C pf u eb ob pooled eff opt_elem opt_row opt_sync", nonnegative=True)
+N, n, c, C, pf, u, eb, ob, wb, pooled, eff, opt_elem, opt_row, opt_sync = sp.symbols(
+    "N n c C pf u eb ob wb pooled eff opt_elem opt_row opt_sync", nonnegative=True)
 B = sp.Symbol("B", positive=True)
 W, P = sp.symbols("W P", positive=True, integer=True)
 bw_mem, bw_intra, bw_inter, bw_ring = sp.symbols("bw_mem bw_intra bw_inter bw_ring", positive=True)
 gran = sp.Symbol("gran", positive=True)
 OPT_ARGS = (opt_elem, opt_row, opt_sync)  # from the optimizer's name, not given per shard
-SHARD_ARGS = (N, n, c, C, pf, u, eb, ob, pooled, eff) + OPT_ARGS
+SHARD_ARGS = (N, n, c, C, pf, u, eb, ob, wb, pooled, eff) + OPT_ARGS
 GIVEN_ARGS = SHARD_ARGS[:-len(OPT_ARGS)]  # what a shard dict carries
+# what a shard dict may leave out, and the argument it then takes the value of: without a
+# narrower wire dtype the outputs travel as they are computed
+DEFAULT_ARGS = {wb.name: ob.name}
 PLAN_ARGS = (B, W, P, bw_mem, bw_intra, bw_inter, bw_ring, gran)
 STATE_ENTRY_BYTES = 4
 
@@ -137,13 +145,13 @@ def _formulas(sharding: str) -> dict:
     terms["lookup"] = (fwd + bwd) / (bw_mem * eff)
     if not dp:
         terms["input_dist"] = Bu * (pf * frac * ID_BYTES + LENGTH_BYTES) * remote
-    unpooled_rows = 2 * Bu * pf * frac * c * ob * remote  # one row per id, all-to-all both ways
+    unpooled_rows = 2 * Bu * pf * frac * c * wb * remote  # one row per id, all-to-all both ways
     if sharding in ("table_wise", "column_wise"):
-        terms["output_dist"] = 2 * Bu * c * ob * (pooled + (1 - pooled) * pf) * remote
+        terms["output_dist"] = 2 * Bu * c * wb * (pooled + (1 - pooled) * pf) * remote
     elif sharding == "row_wise":
-        terms["output_dist"] = pooled * 2 * (W - 1) * Bu * c * ob / bw_ring + (1 - pooled) * unpooled_rows
+        terms["output_dist"] = pooled * 2 * (W - 1) * Bu * c * wb / bw_ring + (1 - pooled) * unpooled_rows
     elif sharding == "table_row_wise":
-        within_node = (P - 1) * W * Bu * c * ob / (P * bw_intra) + Bu * c * ob * remote / P
+        within_node = (P - 1) * W * Bu * c * wb / (P * bw_intra) + Bu * c * wb * remote / P
         terms["output_dist"] = pooled * 2 * within_node + (1 - pooled) * unpooled_rows
     elif dp:
         terms["allreduce"] = 2 * (W - 1) / W * N * c * eb / bw_ring
@@ -226,13 +234,19 @@ def _opt_args(optimizer) -> list:
     return [np.asarray([v[s] for v in per], dtype=np.float64) for s in OPT_ARGS]
 
 
-def shard_params(info, n: int, c: int, pf: float, eff: float, element_bytes: int | None = None) -> dict:
+def shard_params(info, n: int, c: int, pf: float, eff: float, element_bytes: int | None = None,
+                 wire: int | None = None) -> dict:
     """`GIVEN_ARGS` of an ``n`` x ``c`` shard of the table ``info`` (a TableInfo), at pooling
     factor ``pf`` and kernel efficiency ``eff``; ``element_bytes`` overrides the table's
-    dtype (feasibility's "what if fp16")."""
+    dtype (feasibility's "what if fp16"); ``wire``: the bytes per element of the plan's
+    comm_dtype (`wire_bytes`), None for none."""
     eb = element_bytes or info.element_bytes
+    ob = output_bytes(eb)
+    # a wire dtype only ever narrows what is sent (fxrec.passes.apply_plan.comm_dtype): a
+    # 16-bit table sends in its own dtype under comm_dtype="fp32"
+    wb = min(ob, wire) if wire else ob
     return dict(N=info.num_embeddings, n=n, c=c, C=info.embedding_dim, pf=pf, u=bags_per_sample(info), eb=eb,
-                ob=output_bytes(eb), pooled=0 if info.pooling == "none" else 1, eff=eff)
+                ob=ob, wb=wb, pooled=0 if info.pooling == "none" else 1, eff=eff)
 
 
 def bags_per_sample(info) -> float:
@@ -242,10 +256,10 @@ def bags_per_sample(info) -> float:
 
 
 def _given(shard: dict, what: str) -> list:
-    missing = [s.name for s in GIVEN_ARGS if s.name not in shard]
+    missing = [s.name for s in GIVEN_ARGS if s.name not in shard and s.name not in DEFAULT_ARGS]
     if missing:
         raise ValueError(f"{what}: shard parameter(s) {missing} missing; expected {[s.name for s in GIVEN_ARGS]}")
-    return [shard[s.name] for s in GIVEN_ARGS]
+    return [shard[s.name] if s.name in shard else shard[DEFAULT_ARGS[s.name]] for s in GIVEN_ARGS]
 
 
 def output_bytes(element_bytes: int) -> int:
@@ -253,11 +267,19 @@ def output_bytes(element_bytes: int) -> int:
     return 2 if element_bytes == 2 else 4
 
 
+def wire_bytes(comm_dtype) -> int | None:
+    """Bytes per element of a comm_dtype (a `fxrec.types.WIRE_DTYPES` name or dtype; None:
+    none given, the outputs travel in their own dtype)."""
+    dtype = wire_dtype(comm_dtype, "fxrec.plan")
+    return None if dtype is None else dtype.itemsize
+
+
 def shard_costs(sharding: str, shards: dict, topology, batch_size: int, optimizer) -> dict:
     """Evaluate every term and ``memory`` for many shards at once.
 
-    ``shards`` maps the names of `GIVEN_ARGS` (``N n c C pf u eb ob pooled eff``; ``C``
-    is the table's full dim) to equal-length arrays (or scalars). ``optimizer``: one kind
+    ``shards`` maps the names of `GIVEN_ARGS` (``N n c C pf u eb ob wb pooled eff``; ``C``
+    is the table's full dim; ``wb`` may be left out, for ``ob``) to equal-length arrays (or
+    scalars). ``optimizer``: one kind
     for every shard, or a sequence of kinds, one per shard. Returns numpy float arrays of
     seconds per step (one per term, plus ``time``, their sum) and bytes (``memory``).
     """

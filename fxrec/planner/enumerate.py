@@ -153,8 +153,9 @@ def _allowed_nodes(spec: TableSpec, topology) -> tuple | None:
     return tuple(nd for nd in range(topology.num_nodes) if set(topology.node_ranks(nd)) <= pins)
 
 
-def enumerate_options(specs: list[TableSpec], topology, batch_size: int, optimizer):
-    """Per table, the options whose every shard fits one rank's memory.
+def enumerate_options(specs: list[TableSpec], topology, batch_size: int, optimizer, wire: int | None = None):
+    """Per table, the options whose every shard fits one rank's memory; ``wire``: the bytes
+    per element of the plan's comm_dtype (`cost.wire_bytes`), None for none.
 
     Returns ``(options, rejected)``: ``options[i]`` lists table i's options;
     ``rejected[i]`` lists (sharding, largest shard bytes) of the options that were
@@ -169,7 +170,7 @@ def enumerate_options(specs: list[TableSpec], topology, batch_size: int, optimiz
     for sharding, items in rows.items():
         if not items:
             continue
-        shards = _shard_arrays(specs, items)
+        shards = _shard_arrays(specs, items, wire)
         kinds = optimizer if isinstance(optimizer, str) else \
             [cost.kind_for(optimizer, specs[i].info.name) for i, _, groups in items for _ in groups]
         res = cost.shard_costs(sharding, shards, topology, batch_size, kinds)
@@ -199,12 +200,12 @@ def enumerate_options(specs: list[TableSpec], topology, batch_size: int, optimiz
     return options, rejected
 
 
-def _shard_arrays(specs, items) -> dict:
+def _shard_arrays(specs, items, wire: int | None) -> dict:
     """Column arrays of the cost model's shard parameters, one entry per size group."""
     cols = {s.name: [] for s in cost.GIVEN_ARGS}
     for i, _, groups in items:
         spec = specs[i]
         for rows_, c, _ in groups:
-            for key, v in cost.shard_params(spec.info, rows_, c, spec.pooling_factor, spec.eff).items():
+            for key, v in cost.shard_params(spec.info, rows_, c, spec.pooling_factor, spec.eff, wire=wire).items():
                 cols[key].append(v)
     return cols

@@ -26,12 +26,13 @@ def table_costs(plan, batch_size: int) -> dict:
         for size, ranks in by_size.items():
             groups[tp.sharding].append((name, size, ranks))
     out = {name: {"shards": []} for name in plan.tables}
+    wire = cost.wire_bytes(plan.comm_dtype)
     for sharding, items in groups.items():
         cols = defaultdict(list)
         for name, (n, c), _ in items:
             tp = plan.tables[name]
             eff = cost.kernel_efficiency(topo.device, tp.kernel, plan.kernel_efficiency)
-            for k, v in cost.shard_params(tp.table, n, c, tp.table.pooling_factor, eff).items():
+            for k, v in cost.shard_params(tp.table, n, c, tp.table.pooling_factor, eff, wire=wire).items():
                 cols[k].append(v)
         kinds = [cost.kind_for(plan.sparse_optimizer, name) for name, _, _ in items]
         res = cost.shard_costs(sharding, cols, topo, batch_size, kinds)

@@ -40,7 +40,9 @@ class Plan:
     table name when the tables' differ: `fxrec.optim.PerTable`), and search statistics
     (``stats``: method, max rank time at planning time, and three lower bounds on it:
     ``lower_bound`` the tightest (`bounds.cover_bound`), ``split_lower_bound`` and
-    ``simple_lower_bound`` (max of total / ranks and the largest indivisible shard))."""
+    ``simple_lower_bound`` (max of total / ranks and the largest indivisible shard)), and
+    the wire dtype of the sharded tables' outputs it was costed for (``comm_dtype``: "bf16",
+    "fp16", "fp32", or None for the tables' own)."""
 
     tables: dict[str, TablePlan]
     topology: Topology
@@ -48,6 +50,7 @@ class Plan:
     sparse_optimizer: str | dict = "sgd"
     kernel_efficiency: dict | None = None
     stats: dict = dataclasses.field(default_factory=dict)
+    comm_dtype: str | None = None
 
     def __getitem__(self, name: str) -> TablePlan:
         try:
@@ -246,7 +249,7 @@ def _check_kernel_efficiency(overrides) -> None:
 
 def plan(model_or_tables, topology: Topology, example_inputs=None, constraints=None, *,
          batch_size: int = DEFAULT_BATCH_SIZE, sparse_optimizer=None, kernel_efficiency: dict | None = None,
-         search: str = "auto", hedge: float = HEDGE_SLACK) -> Plan:
+         search: str = "auto", hedge: float = HEDGE_SLACK, comm_dtype=None) -> Plan:
     """Choose every table's sharding type, kernel and shard placement so that the
     busiest rank's estimated step time is as short as found and every rank's memory
     fits; raise PlanError (naming tables, needs and fixes) when it cannot fit.
@@ -256,6 +259,9 @@ def plan(model_or_tables, topology: Topology, example_inputs=None, constraints=N
     hedge: on several nodes, how much (a fraction) the heuristic's busiest rank may give
     up so that the plan also stays balanced if every remote byte crossed the NIC
     (`fxrec.planner.hedge`); 0 turns it off. The exact search is never hedged.
+    comm_dtype: the dtype ``fxrec.shard(..., comm_dtype=)`` will send the sharded tables'
+    outputs and their gradients in ("bf16", "fp16", "fp32" or the torch dtype; None: the
+    tables' own): the output exchange is costed at its bytes, the lookup is not.
     """
     if not isinstance(topology, Topology):  # else an AttributeError on it, deep in the enumeration
         raise TypeError(f"fxrec.plan: topology must be a fxrec.Topology (e.g. Topology(world_size=2)), got "
@@ -267,12 +273,13 @@ def plan(model_or_tables, topology: Topology, example_inputs=None, constraints=N
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"fxrec.plan: batch_size must be a positive integer, got {batch_size!r}")
     _check_kernel_efficiency(kernel_efficiency)
+    wire = report.wire_name(comm_dtype, "fxrec.plan")
     dense: dict = {}
     tables = _tables(model_or_tables, example_inputs, dense)
     optimizer = optimizer_kinds(sparse_optimizer, [t.name for t in tables])
     cons = _constraints(constraints, tables, topology, dense)
     specs = enum_.table_specs(tables, cons, topology, kernel_efficiency)
-    options, rejected = enum_.enumerate_options(specs, topology, batch_size, optimizer)
+    options, rejected = enum_.enumerate_options(specs, topology, batch_size, optimizer, cost.wire_bytes(wire))
     check_tables_fit(specs, options, rejected, topology, batch_size, optimizer)
     check_total_fits(specs, options, topology, batch_size, optimizer)
     assignment, stats = _search(options, topology, search, hedge)
@@ -287,7 +294,7 @@ def plan(model_or_tables, topology: Topology, example_inputs=None, constraints=N
         info = dataclasses.replace(spec.info, pooling_factor=spec.pooling_factor)
         tables_out[info.name] = TablePlan(info.name, opt.sharding, opt.kernel, _shards(opt, where, info, topology),
                                           info)
-    return Plan(tables_out, topology, batch_size, optimizer, kernel_efficiency, stats)
+    return Plan(tables_out, topology, batch_size, optimizer, kernel_efficiency, stats, wire)
 
 
 def _search(options, topology, search: str, slack: float):

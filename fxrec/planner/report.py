@@ -2,14 +2,26 @@
 from __future__ import annotations
 
 import sympy as sp
+import torch
 
 from fxrec.planner import cost
 from fxrec.planner.feasibility import dtype_name, fmt_bytes
 from fxrec.planner.spec import Shard, TablePlan
 from fxrec.topology import Topology
-from fxrec.types import TableInfo
+from fxrec.types import TableInfo, wire_dtype
 
 JSON_VERSION = 1
+
+
+WIRE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+
+
+def wire_name(comm_dtype, owner: str) -> str | None:
+    """A comm_dtype (a name or torch dtype, `fxrec.types.WIRE_DTYPES`) by its short name, as a
+    Plan keeps it (JSON has no torch dtypes); None stays None. A ValueError names ``owner``
+    and the value otherwise."""
+    dtype = wire_dtype(comm_dtype, owner)
+    return None if dtype is None else WIRE_NAMES[dtype]
 
 
 # -- JSON ---------------------------------------------------------------------------------
@@ -27,7 +39,7 @@ def to_dict(plan) -> dict:
             shards=[[s.rank, s.rows[0], s.rows[1], s.cols[0], s.cols[1]] for s in tp.shards]))
     return dict(version=JSON_VERSION, topology=plan.topology.to_dict(), batch_size=plan.batch_size,
                 sparse_optimizer=plan.sparse_optimizer, kernel_efficiency=plan.kernel_efficiency,
-                stats=plan.stats, tables=tables)
+                comm_dtype=wire_name(plan.comm_dtype, "Plan"), stats=plan.stats, tables=tables)
 
 
 def _whole(value, where: str) -> int:
@@ -53,8 +65,10 @@ def from_dict(data: dict, cls):
         batch = data["batch_size"]
         if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
             raise ValueError(f"plan JSON: batch_size must be a positive integer, got {batch!r}")
+        # (a plan written before comm_dtype was planned for has none: outputs in their own dtype)
+        wire = wire_name(data.get("comm_dtype"), "plan JSON")
         return cls(tables, topology, batch, data["sparse_optimizer"],
-                   data.get("kernel_efficiency"), data.get("stats") or {})
+                   data.get("kernel_efficiency"), data.get("stats") or {}, wire)
     except (KeyError, TypeError) as e:
         raise ValueError(f"plan JSON: malformed ({type(e).__name__}: {e})") from None
 
@@ -120,9 +134,10 @@ def summary(plan, ranks: list[dict], batch_size: int) -> str:
 
 def header(plan, batch_size: int) -> str:
     t = plan.topology
+    wire = f"; outputs sent in {plan.comm_dtype}" if plan.comm_dtype else ""
     return (f"plan for {t.world_size} ranks ({t.num_nodes} node(s) x {t.ranks_per_node}), {t.device}, "
             f"{fmt_bytes(t.memory_per_rank)} per rank; batch {batch_size} per rank; "
-            f"optimizer {_optimizers(plan.sparse_optimizer)}")
+            f"optimizer {_optimizers(plan.sparse_optimizer)}{wire}")
 
 
 def _optimizers(optimizer) -> str:
@@ -154,7 +169,8 @@ def cost_expressions(plan, name: str, symbolic_bandwidths: bool = False) -> dict
     worst = plan.table_costs()[name]["rank"]
     shard = next(s for s in tp.shards if s.rank == worst)
     eff = cost.kernel_efficiency(plan.topology.device, tp.kernel, plan.kernel_efficiency)
-    params = cost.shard_params(tp.table, shard.num_rows, shard.num_cols, tp.table.pooling_factor, eff)
+    params = cost.shard_params(tp.table, shard.num_rows, shard.num_cols, tp.table.pooling_factor, eff,
+                               wire=cost.wire_bytes(plan.comm_dtype))
     symbolic = (cost.B,) + ((cost.bw_mem, cost.bw_intra, cost.bw_inter, cost.bw_ring) if symbolic_bandwidths else ())
     exprs = cost.shard_expressions(tp.sharding, params, plan.topology, cost.kind_for(plan.sparse_optimizer, name),
                                    symbolic)
