@@ -21,7 +21,7 @@ model's parameters); it runs on each rank's real batch. The computation needs no
 its key's weights syncs once, and it is skipped under ``fxrec.sparse.validation(False)``, where
 a longer bag fails in torch's indexing instead (IndexError on the CPU, a device assert on a GPU).
 In a sharded program the node defers a too-long bag to the lookups' input check, which raises
-it on every rank (`defer_position_faults`).
+it on every rank; bags no lookup reads are checked with one exchange (`defer_position_faults`).
 """
 from __future__ import annotations
 
@@ -94,12 +94,21 @@ class PositionWeightedModule(FeatureProcessor):
         return _call(position_weighted_jt, features, self.position_weight)
 
 
-def position_weighted_jt(features: JaggedTensor, weight: Tensor) -> JaggedTensor:
-    """One feature's bags with weights ``weight[position]`` (`PositionWeightedModule`)."""
+def position_weighted_jt(features: JaggedTensor, weight: Tensor, collective: bool = False) -> JaggedTensor:
+    """One feature's bags with weights ``weight[position]`` (`PositionWeightedModule`). With
+    `collective` (a sharded program, `defer_position_faults`) every rank learns of a too-long
+    bag on any rank and raises it."""
     values, offsets = features.values(), features.offsets()
     pos = _positions(offsets, features.lengths(), values.numel())
-    pos = torch.ops.fxrec.checked_positions(pos, pos < weight.numel(), torch.zeros_like(pos), offsets.long(),
-                                            [weight.numel()], "", [0])
+    if collective:
+        fits = pos < weight.numel()
+        # checked whatever validation() says: the exchange is made anyway, and unchecked, a bag
+        # too long failed in indexing on its own rank while the others waited
+        _raise_everywhere(_first_too_long(fits, torch.zeros_like(pos), offsets.long()), ("",), [weight.numel()], [0])
+        pos = torch.where(fits, pos, weight.numel())  # past the table, as unchecked: never a wrong weight
+    else:
+        pos = torch.ops.fxrec.checked_positions(pos, pos < weight.numel(), torch.zeros_like(pos), offsets.long(),
+                                                [weight.numel()], "", [0])
     return JaggedTensor(values, weights=_gather(weight, pos, values), lengths=features.lengths(), validate=False)
 
 
@@ -147,11 +156,13 @@ def _call(fn, features, *args):
 
 
 def position_weighted(features: KeyedJaggedTensor, keys: Sequence[str], *weights: Tensor,
-                      defer: Optional[bool] = None) -> KeyedJaggedTensor:
+                      defer: Optional[bool] = None, unread: Sequence[str] = ()) -> KeyedJaggedTensor:
     """`features` with per-sample weights ``weights[j][position]`` for the values of ``keys[j]``
     and 1 for every other key's. Keys of `keys` the KJT lacks are skipped. A bag longer than its
     key's weights raises ValueError; with `defer` (the sharded program, `defer_position_faults`)
-    the KJT carries it instead, for the lookup's input check to raise on every rank."""
+    the KJT carries it instead, for the lookup's input check to raise on every rank, except
+    for the keys in `unread`, which no lookup reads: every rank learns of those (one
+    all_gather) and raises."""
     kjt_keys = features.keys()
     values, lengths, offsets = features.values(), features.lengths(), features.offsets()
     n, stride = values.numel(), features.stride()
@@ -194,6 +205,12 @@ def position_weighted(features: KeyedJaggedTensor, keys: Sequence[str], *weights
                             if features.variable_stride_per_key() else None,
                             inverse_indices=features.inverse_indices_or_none(), validate=False)
     found = _first_too_long(fits, key_of, offsets.long()) if defer is not None else None
+    if unread:
+        starts = [0]
+        for b in spk[:-1]:
+            starts.append(starts[-1] + b)
+        _raise_everywhere(found if found is not None and kjt_keys[found[0]] in unread else None, kjt_keys, limits,
+                          starts)
     if found is not None:
         # sharded: the first too-long bag travels with the lookups' input check (shard_ops), so
         # that every rank raises it; raised here, the other ranks waited in the exchange
@@ -214,6 +231,28 @@ def _first_too_long(fits: Tensor, key_of: Tensor, offsets: Tensor) -> Optional[t
     return int(key_of[i]), bag, int(offsets[bag + 1] - offsets[bag])
 
 
+def _message(keys: Sequence[str], key: int, bag: int, length: int, limits: Sequence[int], starts) -> str:
+    name = keys[key]
+    return (f"position weights{f' of feature {name!r}' if name else ''}: bag {bag - starts[key]} holds "
+            f"{length} ids, more than its max feature length {limits[key]}")
+
+
+def _raise_everywhere(found: Optional[tuple[int, int, int]], keys: Sequence[str], limits: Sequence[int],
+                      starts) -> None:
+    """A sharded program's check of bags no lookup's input check sees: every rank's ``found``
+    (`_first_too_long`) in one all_gather, and the first faulty rank's raised on every rank, so
+    that none is left waiting in the next collective. Every rank calls it at the same point."""
+    from fxrec.runtime import comm
+
+    mine = torch.tensor([-1, 0, 0] if found is None else list(found), dtype=torch.int64)
+    w = comm.world_size()
+    every = comm.all_gather(mine.to(comm.collective_device())).cpu().view(w, 3) if w > 1 else mine.view(1, 3)
+    for rank, (key, bag, length) in enumerate(every.tolist()):
+        if key >= 0:
+            raise ValueError((f"rank {rank}'s batch: " if w > 1 else "") + _message(keys, key, bag, length, limits,
+                                                                                   starts))
+
+
 @torch.library.custom_op("fxrec::checked_positions", mutates_args=())
 def checked_positions(pos: Tensor, fits: Tensor, key_of: Tensor, offsets: Tensor, limits: list[int], keys: str,
                       starts: list[int]) -> Tensor:
@@ -223,10 +262,7 @@ def checked_positions(pos: Tensor, fits: Tensor, key_of: Tensor, offsets: Tensor
     as it is, on the real batch; one host sync, none under validation(False)."""
     found = _first_too_long(fits, key_of, offsets) if pos.numel() and validation_enabled() else None
     if found is not None:
-        key, bag, length = found
-        name = keys.split(chr(10))[key]
-        raise ValueError(f"position weights{f' of feature {name!r}' if name else ''}: bag {bag - starts[key]} holds "
-                         f"{length} ids, more than its max feature length {limits[key]}")
+        raise ValueError(_message(keys.split(chr(10)), *found, limits, starts))
     return pos.clone()
 
 
@@ -242,13 +278,29 @@ position_weighted_jt.takes_meta_weights = True
 
 
 def defer_position_faults(gm: torch.fx.GraphModule) -> int:
-    """In a sharded program: every `position_weighted` node carries a too-long bag on its KJT
-    instead of raising (`position_weighted`'s `defer`), so that the lookups' input check raises
-    it on every rank. Returns how many nodes it changed."""
+    """In a sharded program a too-long bag must raise on every rank (one raising alone left the
+    others waiting in a collective). Every `position_weighted` node carries it on its KJT
+    (`position_weighted`'s `defer`), for the lookups' input check to raise on every rank, but for
+    the weighted keys no lookup reads from that KJT (`unread`), and every `position_weighted_jt`
+    node (its JaggedTensor feeds the model's own code), which exchange their faults themselves.
+    Returns how many nodes it changed."""
+    from fxrec.passes import lookup as L
+
+    read: dict = {}  # node -> the features lookups read from it
+    for node in gm.graph.nodes:
+        lk = node.meta.get(L.LOOKUP)
+        source = lk.ids.of(node) if lk is not None and lk.ids is not None else None
+        if isinstance(source, torch.fx.Node):
+            read.setdefault(source, set()).update(f for r in lk.reads for f in r.features)
     changed = 0
     for node in gm.graph.nodes:
         if node.op == "call_function" and node.target is position_weighted:
-            node.kwargs = {**node.kwargs, "defer": True}
+            keys = node.args[1] if len(node.args) > 1 else node.kwargs["keys"]
+            unread = tuple(k for k in keys if k not in read.get(node, set()))
+            node.kwargs = {**node.kwargs, "defer": True, "unread": unread}
+            changed += 1
+        elif node.op == "call_function" and node.target is position_weighted_jt:
+            node.kwargs = {**node.kwargs, "collective": True}
             changed += 1
     if changed:
         gm.recompile()

@@ -340,13 +340,64 @@ def _too_long_on_one_rank(rank: int, world: int, sharding: str) -> list[str]:
     return [f"{sharding}: rank {rank} raised nothing"]
 
 
+class OwnUse(nn.Module):
+    """Position weights the model's own code reads: a standalone PositionWeightedModule's
+    JaggedTensor, and a weighted key ("v") no table reads."""
+
+    def __init__(self):
+        super().__init__()
+        self.pw = PositionWeightedModuleCollection({"u": MAX_LEN, "v": MAX_LEN})
+        self.one = PositionWeightedModule(MAX_LEN)
+        self.user = EmbeddingBagCollection([EmbeddingBagConfig("t_u", 10, 8, ["u"])], is_weighted=True)
+        self.lin = nn.Linear(8, 1)
+
+    def forward(self, kjt, values, lengths):
+        weighted = self.pw(kjt)
+        jt = self.one(JaggedTensor(values, lengths=lengths))
+        return self.lin(self.user(weighted).values()) + weighted["v"].weights().sum() + jt.weights().sum()
+
+
+def _own_use_batch(g, too_long: str = "") -> tuple:
+    kjt = _kjt(g, {"u": 10, "v": 10}, B, max_len=MAX_LEN)
+    lengths = torch.randint(0, MAX_LEN + 1, (B,), generator=g)
+    if too_long == "v":
+        kjt = KeyedJaggedTensor(["u", "v"], torch.arange(MAX_LEN + 1), lengths=torch.tensor(
+            [0] * B + [0, MAX_LEN + 1] + [0] * (B - 2)))
+    if too_long == "jt":
+        lengths[2] = MAX_LEN + 1
+    return kjt, torch.arange(int(lengths.sum())), lengths
+
+
+def _too_long_read_by_the_model(rank: int, world: int, sharding: str) -> list[str]:
+    """A too-long bag on rank 1 that no lookup reads (a standalone module's JaggedTensor, a
+    weighted key no table reads) raises on every rank; it used to raise on rank 1 alone, or
+    nowhere, and the next good batch trains."""
+    torch.manual_seed(0)
+    sm = fxrec.shard(OwnUse(), Topology(world), _own_use_batch(torch.Generator().manual_seed(0)),
+                     constraints={"user.embedding_bags.t_u": sharding}, sparse_optimizer=SGD(LR))
+    bad = []
+    for where, want in (("jt", rf"rank 1's batch: position weights: bag 2 holds {MAX_LEN + 1} ids"),
+                        ("v", rf"rank 1's batch: position weights of feature 'v': bag 1 holds {MAX_LEN + 1} ids")):
+        batch = _own_use_batch(torch.Generator().manual_seed(rank), where if rank == 1 else "")
+        try:
+            sm(*batch)
+            bad.append(f"{sharding} {where}: rank {rank} raised nothing")
+        except ValueError as e:
+            if not re.search(want, str(e)):
+                bad.append(f"{sharding} {where}: rank {rank} raised {e}")
+    sm(*_own_use_batch(torch.Generator().manual_seed(9 + rank))).sum().backward()
+    return bad
+
+
 def _job(rank: int, world: int, what: str, sharding: str) -> list[str]:
-    run = {"train": _run, "pipeline": _run_pipeline, "too_long": _too_long_on_one_rank}[what]
+    run = {"train": _run, "pipeline": _run_pipeline, "too_long": _too_long_on_one_rank,
+           "own_use": _too_long_read_by_the_model}[what]
     return run(rank, world, sharding)
 
 
 _JOBS = [("train", s) for s in SHARDINGS] + [("pipeline", "row_wise"), ("too_long", "table_wise"),
-                                             ("too_long", "data_parallel")]
+                                             ("too_long", "data_parallel"), ("own_use", "table_wise"),
+                                             ("own_use", "row_wise")]
 
 
 @pytest.fixture(scope="module")
