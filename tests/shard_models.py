@@ -32,6 +32,32 @@ def train_side_by_side(sharded, reference: nn.Module, batches, lr: float = 0.1) 
             opt.step()
 
 
+def pipeline_like_steps(piped, plain, batches: list, loss, lr: float) -> list[str]:
+    """Train `piped` by TrainPipeline and `plain` (a ShardedModel built alike) step by step on
+    `batches` (torch SGD at `lr` on the dense parameters, ``loss(output)``); the failures: losses
+    or any state entry that differ."""
+    from fxrec.runtime.pipeline import TrainPipeline
+
+    pipe = TrainPipeline(piped, torch.optim.SGD(piped.parameters(), lr=lr), lambda out, _: loss(out))
+    it = iter(batches)
+    got = [pipe.progress(it)[0].item() for _ in batches]
+    pipe.close()
+    opt = torch.optim.SGD(plain.parameters(), lr=lr)
+    want = []
+    for batch in batches:
+        opt.zero_grad()
+        value = loss(plain(*batch))
+        value.backward()
+        opt.step()
+        want.append(value.item())
+    bad = [f"pipeline losses {got} != step by step {want}"] if got != want else []
+    plain_state = plain.full_state_dict()
+    for key, value in piped.full_state_dict().items():
+        if not torch.equal(value, plain_state[key]):
+            bad.append(f"pipeline: {key} differs from step-by-step training")
+    return bad
+
+
 def assert_state_like(sharded, reference: nn.Module) -> None:
     """Every entry of the unsharded `reference`'s state_dict equals the sharded model's."""
     full = sharded.full_state_dict()

@@ -17,10 +17,9 @@ from fxrec.feature_processors import (FeatureProcessedEmbeddingBagCollection, Po
                                       PositionWeightedModuleCollection)
 from fxrec.modules import EmbeddingBagCollection, EmbeddingBagConfig
 from fxrec.optim import SGD
-from fxrec.runtime.pipeline import TrainPipeline
 from fxrec.sparse import JaggedTensor, KeyedJaggedTensor, validation
 from fxrec.topology import Topology
-from shard_models import Mismatches, _cat_kjt, _kjt
+from shard_models import Mismatches, _cat_kjt, _kjt, pipeline_like_steps
 
 B, STEPS, LR = 3, 3, 0.1
 ROWS = {"a": 20, "b": 12, "c": 16}  # "a" and "c" position-weighted (dict form), "b" not
@@ -295,24 +294,7 @@ def _run_pipeline(rank: int, world: int, sharding: str) -> list[str]:
                                 constraints=cons, sparse_optimizer=SGD(LR))
     piped, plain = shard(), shard()
     batches = [_batches(world, seed=10 + s)[rank] for s in range(STEPS)]
-    pipe = TrainPipeline(piped, torch.optim.SGD(piped.parameters(), lr=LR), lambda out, _: _loss(out))
-    it = iter(batches)
-    got = [pipe.progress(it)[0].item() for _ in batches]
-    pipe.close()
-    opt = torch.optim.SGD(plain.parameters(), lr=LR)
-    want = []
-    for batch in batches:
-        opt.zero_grad()
-        loss = _loss(plain(*batch))
-        loss.backward()
-        opt.step()
-        want.append(loss.item())
-    bad = [f"pipeline losses {got} != step by step {want}"] if got != want else []
-    plain_state = plain.full_state_dict()
-    for key, value in piped.full_state_dict().items():
-        if not torch.equal(value, plain_state[key]):
-            bad.append(f"pipeline: {key} differs from step-by-step training")
-    return bad
+    return pipeline_like_steps(piped, plain, batches, _loss, LR)
 
 
 @pytest.mark.parametrize("sharding", ["table_wise", "row_wise"])
