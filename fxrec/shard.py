@@ -787,8 +787,5 @@ def shard(model: nn.Module, topology, example_inputs, plan=None, constraints=Non
         _broadcast_dense(gm)
         grad_sync = DenseGradSync(list(gm.parameters()), group=dense_group, gated=True)
         buffer_sync = BufferSync.of(gm, ROOT, group=dense_group)
-    sharded = ShardedModel(gm, ctx.plan, state_keys, dict(ctx.tables), extra, grad_sync, optimizer, frozen, other,
-                           buffer_sync)
-    from fxrec.runtime.managed_collision import wire as wire_collisions  # (`wire` is comm_dtype's dtype here)
-    wire_collisions([gm, other], model, names, sharded._lookups(), ctx.plan, dense_group)
-    return sharded
+    return ShardedModel(gm, ctx.plan, state_keys, dict(ctx.tables), extra, grad_sync, optimizer, frozen, other,
+                        buffer_sync)

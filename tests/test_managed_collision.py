@@ -493,6 +493,9 @@ def test_two_gloo_ranks_train_like_the_unsharded_model(two_ranks, job):
 def test_the_sharded_state_dict_holds_the_maps_and_loads_them():
     torch.manual_seed(0)
     sm = _shard(Ranker(), 1, 0, "table_wise")
+    calls = [n.target for n in sm.module.graph.nodes if n.op == "call_module" and "mc" in str(n.target)]
+    assert calls == ["fxrec_mc_0"]  # route_collisions: the collection's call goes through ShardedCollisions
+    assert sm.module.fxrec_mc_0.mcc is sm.module.get_submodule("mc._managed_collision_collection")
     for step in range(2):
         sm(*_batches(1, 10 + step)[0]).sum().backward()
     state = sm.state_dict()

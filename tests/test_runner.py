@@ -72,7 +72,7 @@ def test_disable_and_until(disable, until, expected):
 def test_unknown_pass_name(kwargs):
     _, _, _, gm, ctx = _captured()
     with pytest.raises(ValueError, match="unknown pass .nope.; the passes are: detect_embeddings, guard_inplace, hoist_inputs, "
-                                         "group_tables, apply_plan, global_renorm, fuse_lookups"):
+                                         "group_tables, apply_plan, global_renorm, route_collisions, fuse_lookups"):
         run_passes(gm, ctx, **kwargs)
 
 

@@ -17,6 +17,7 @@ from fxrec.passes.apply_plan import apply_plan_pass
 from fxrec.passes.detect_embeddings import detect_embeddings_pass
 from fxrec.passes.fuse_lookups import fuse_lookups_pass
 from fxrec.passes.global_renorm import global_renorm_pass
+from fxrec.passes.route_collisions import route_collisions_pass
 from fxrec.passes.grad_mode import changed_states
 from fxrec.passes.group_tables import group_tables_pass
 from fxrec.passes.guard_inplace import guard_inplace_pass
@@ -54,6 +55,8 @@ PASSES: list[tuple[str, PassFn]] = [
     ("apply_plan", apply_plan_pass),
     # Sharded over ranks: a max_norm table left dense renormalises the global batch's rows.
     ("global_renorm", global_renorm_pass),
+    # Sharded: managed collisions profile every rank's ids and reset evicted rows in the shards.
+    ("route_collisions", route_collisions_pass),
     # One fused table-batched call per group (unsharded) / records each local lookup's kernel.
     ("fuse_lookups", fuse_lookups_pass),
     # Inference only (ctx.options["weight_dtype"]): the fused tables become quantized constants.

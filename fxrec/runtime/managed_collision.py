@@ -1,7 +1,8 @@
 """Managed collisions in a sharded program (`fxrec.managed_collision`).
 
-`wire` replaces each call of a `ManagedCollisionCollection` in the sharded program by a call of
-`ShardedCollisions`, which keeps the unsharded model's semantics on the global batch:
+The route_collisions pass replaces each call of a `ManagedCollisionCollection` in a sharded
+program by a call of `ShardedCollisions`, which keeps the unsharded model's semantics on the
+global batch:
 
 - Every rank holds the whole map. In training mode one all_gather brings every rank's ids of
   the managed tables (after their hash), so that each rank's map profiles the global batch
@@ -31,7 +32,7 @@ from fxrec.managed_collision import ManagedCollisionCollection, fresh_rows
 from fxrec.runtime import comm
 from fxrec.runtime.local_lookup import shard_pieces, state_pieces
 
-__all__ = ["ShardedCollisions", "wire"]
+__all__ = ["ShardedCollisions"]
 
 
 class ShardedCollisions(nn.Module):
@@ -39,19 +40,23 @@ class ShardedCollisions(nn.Module):
 
     `tables`: the collection's table name -> the program's table name, or the weight itself
     where the table stayed a dense parameter (``None`` where the rows it evicts are not the
-    program's to reset); `lookups`: the program's LocalLookup /
-    ReplicatedLookup modules, which hold this rank's pieces of the tables sharded by `plan`.
-    They and the collection are referred to outside the module tree (a deepcopy of the
-    ShardedModel maps them to its own copies)."""
+    program's to reset); `program`: the GraphModule whose LocalLookup / ReplicatedLookup
+    modules hold this rank's pieces of the tables sharded by `plan`. The collection and the
+    program are referred to outside the module tree (a deepcopy of the ShardedModel maps
+    them to its own copies)."""
 
     fxrec_main_stage = True
 
-    def __init__(self, mcc: ManagedCollisionCollection, tables: dict, lookups: list, plan, group):
+    def __init__(self, mcc: ManagedCollisionCollection, tables: dict, program, plan, group=None):
         super().__init__()
         self.__dict__["mcc"] = mcc  # not a child: its state keeps the model's keys
-        self.__dict__["_lookups"] = list(lookups)
+        self.__dict__["_program"] = program
         self.__dict__["_plan"] = plan
         self.tables, self.group = dict(tables), group
+
+    def _lookups(self) -> list:
+        from fxrec.runtime.local_lookup import LocalLookup, ReplicatedLookup
+        return [m for m in self._program.modules() if isinstance(m, (LocalLookup, ReplicatedLookup))]
 
     def forward(self, features):
         mcc = self.mcc
@@ -108,7 +113,8 @@ class ShardedCollisions(nn.Module):
                 target.data[rows.to(target.device)] = new.to(device=target.device, dtype=target.dtype)
                 continue
             if weights is None:
-                weights, state = shard_pieces(self._lookups, self._plan), state_pieces(self._lookups, self._plan)
+                lookups = self._lookups()
+                weights, state = shard_pieces(lookups, self._plan), state_pieces(lookups, self._plan)
             rows = rows.cpu()
             for (r, c, view), (_, _, opt) in zip(weights.get(target, []), state.get(target, [])):
                 mine = (rows >= r[0]) & (rows < r[1])
@@ -118,56 +124,3 @@ class ShardedCollisions(nn.Module):
                 view[local] = new[mine][:, c[0]:c[1]].to(device=view.device, dtype=view.dtype)
                 for value in opt.values():
                     value[local.to(value.device)] = 0
-
-
-def _table_names(model: nn.Module, names: dict) -> dict[str, dict]:
-    """Path of each managed collision collection inside an fxrec managed-collision module of
-    `model` -> {its table: (the program's table name, the weight's key)}. `names`: parameter key
-    -> table name."""
-    from fxrec.managed_collision import _ManagedCollisionBase
-    from fxrec.modules import EmbeddingBagCollection
-
-    out = {}
-    for path, m in model.named_modules():
-        if isinstance(m, _ManagedCollisionBase):
-            prefix = f"{path}." if path else ""
-            sub = "embedding_bags" if isinstance(m._embedding_module, EmbeddingBagCollection) else "embeddings"
-            weights = {c.name: f"{prefix}_embedding_module.{sub}.{c.name}.weight"
-                       for c in m._managed_collision_collection.embedding_configs()}
-            out[f"{prefix}_managed_collision_collection"] = {t: (names.get(w), w) for t, w in weights.items()}
-    return out
-
-
-def _dense_weight(gm, path: str) -> Optional[Tensor]:
-    """The program's own parameter at `path` (a table left dense), or None."""
-    try:
-        return gm.get_parameter(path)
-    except AttributeError:
-        return None
-
-
-def wire(programs: list, model: nn.Module, names: dict, lookups: list, plan, group) -> int:
-    """In each GraphModule of `programs`, route every call of a ManagedCollisionCollection
-    through a `ShardedCollisions` (module doc). `names`: the model's parameter key -> table
-    name; `lookups`, `plan`: as `ShardedCollisions` takes them. Returns how many calls it routed."""
-    owners = _table_names(model, names)
-    wrappers: dict[str, tuple[str, ShardedCollisions]] = {}
-    routed = 0
-    for gm in programs:
-        if gm is None:
-            continue
-        for node in list(gm.graph.nodes):
-            if node.op != "call_module" or not isinstance(gm.get_submodule(node.target), ManagedCollisionCollection):
-                continue
-            path = str(node.target)
-            if path not in wrappers:
-                mapping = {t: (n if n in plan.tables else _dense_weight(gm, weight))
-                           for t, (n, weight) in owners.get(path, {}).items()}
-                wrappers[path] = (f"_fxrec_mc_{len(wrappers)}",
-                                  ShardedCollisions(gm.get_submodule(path), mapping, lookups, plan, group))
-            name, wrapper = wrappers[path]
-            gm.add_submodule(name, wrapper)
-            node.target = name
-            routed += 1
-        gm.recompile()
-    return routed
