@@ -145,7 +145,7 @@ def test_unknown_after_pass(capsys):
     rc, _, err = _dump(capsys, f"{ZOO}:no_tables", "--after", "nope")
     assert rc == 2 and err == ("fxrec dump: unknown pass 'nope' for --after; choose from: capture, "
                                "detect_embeddings, guard_inplace, hoist_inputs, group_tables, apply_plan, global_renorm, "
-                               "fuse_lookups, "
+                               "route_collisions, fuse_lookups, "
                                "quantize_tables, "
                                "schedule_overlap\n")
 
