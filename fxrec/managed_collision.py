@@ -35,9 +35,12 @@ nothing is profiled: capture does not change the model.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import copy
 import contextvars
 import hashlib
 import math
+import warnings
 from typing import Callable, Mapping, Optional, Sequence, Union
 
 import torch
@@ -137,8 +140,10 @@ class MCHManagedCollisionModule(ManagedCollisionModule):
     State (buffers, TorchRec's names, in the state_dict): ``_mch_sorted_raw_ids`` (the ids
     holding rows, ascending; empty rows hold int64's max), ``_mch_remapped_ids_mapping`` (each
     one's row), the policy's ``_mch_counts`` / ``_mch_last_access_iter``, and
-    ``_current_iter_tensor`` (calls profiled). The ids seen since the last eviction are not
-    (fewer than ``eviction_interval`` calls' worth: none under the default interval of 1)."""
+    ``_current_iter_tensor`` (calls profiled; evictions come every ``eviction_interval``-th, so a
+    loaded map keeps the schedule). The ids seen since the last eviction are not (fewer than
+    ``eviction_interval`` calls' worth: none under the default interval of 1); saving them
+    warns, as the map then resumes without them."""
 
     def __init__(self, zch_size: int, device=None, eviction_policy: Optional[MCHEvictionPolicy] = None,
                  eviction_interval: int = 1, input_hash_size: int = (2 ** 63) - 1,
@@ -167,8 +172,16 @@ class MCHManagedCollisionModule(ManagedCollisionModule):
         self._register_load_state_dict_pre_hook(self._forget_history)
 
     def _forget_history(self, *args, **kwargs) -> None:
-        # a loaded map starts its eviction interval afresh: ids profiled before belong to another state
+        # ids profiled before belong to another state
         self._history, self._evicted = [], None
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self._history:
+            warnings.warn(f"{self._owner()}: saved {len(self._history)} call(s) into an eviction interval of "
+                          f"{self._eviction_interval}; the ids seen since the last eviction are not saved, so a map "
+                          f"loaded from this state evicts without them (save every eviction_interval calls to resume "
+                          f"exactly)", stacklevel=2)
 
     # TorchRec's accessors
     def output_size(self) -> int:
@@ -203,12 +216,15 @@ class MCHManagedCollisionModule(ManagedCollisionModule):
         None (one host sync; none under fxrec.sparse.validation(False))."""
         if not ids.numel() or not validation_enabled():
             return None
-        bad = (ids < 0) | (ids >= self._input_hash_size)
+        wide = ids.long()  # an int32 tensor compared with input_hash_size (2**63 - 1) overflowed it
+        bad = (wide < 0) | (wide >= self._input_hash_size)
         if not bool(bad.any()):
             return None
-        value = int(ids[bad][0])
-        return feature, value, (f"{self._owner(feature)}: id {value} is outside [0, {self._input_hash_size}) "
-                                f"(input_hash_size)")
+        value = int(wide[bad][0])
+        return feature, value, self.bad_id_message(feature, value)
+
+    def bad_id_message(self, feature: str, value: int) -> str:
+        return f"{self._owner(feature)}: id {value} is outside [0, {self._input_hash_size}) (input_hash_size)"
 
     @torch.no_grad()
     def profile_ids(self, ids: Sequence[Tensor]) -> None:
@@ -221,7 +237,9 @@ class MCHManagedCollisionModule(ManagedCollisionModule):
         device = self._mch_sorted_raw_ids.device
         self._history.append((torch.cat([i.reshape(-1).to(device=device, dtype=torch.int64) for i in ids])
                               if ids else torch.empty(0, dtype=torch.int64, device=device), iteration))
-        if len(self._history) >= self._eviction_interval:
+        # every eviction_interval-th call since the map was new, counted by the saved iteration:
+        # a map loaded from a checkpoint evicts when the uninterrupted one would
+        if iteration % self._eviction_interval == 0:
             self._coalesce(iteration)
 
     def profile(self, features: Mapping[str, JaggedTensor]) -> dict[str, JaggedTensor]:
@@ -352,7 +370,34 @@ class ManagedCollisionCollection(nn.Module):
         if fault is not None:
             raise ValueError(fault[2])
         self.profile_tables(self.table_ids(pieces))
+        target = self.__dict__.get("_reset_target")
+        if target is not None:
+            reset_rows(target, self)
         return self.assemble(features, pieces)
+
+    def guard(self, embedding_module: nn.Module) -> None:
+        """Reset the rows evictions hand to new ids in `embedding_module`'s tables, in forward
+        (the managed-collision collections call it): so does every program that runs this
+        collection as it is (eager, torch.compile, fxrec.capture's GraphModule). A sharded
+        program resets its shards instead (fxrec.runtime.managed_collision). The reference is
+        kept outside the module tree (the tables' state keeps its keys)."""
+        self.__dict__["_reset_target"] = embedding_module
+
+    def __deepcopy__(self, memo: dict) -> "ManagedCollisionCollection":
+        """A copy that resets the copy of its collection where that is copied with it (a deepcopy of
+        the whole model, which copies the collection first), else none (never the original's)."""
+        target = self.__dict__.pop("_reset_target", None)
+        try:
+            new = type(self).__new__(type(self))
+            memo[id(self)] = new
+            for key, value in self.__dict__.items():
+                new.__dict__[key] = copy.deepcopy(value, memo)
+        finally:
+            if target is not None:
+                self.__dict__["_reset_target"] = target
+        if target is not None and id(target) in memo:
+            new.__dict__["_reset_target"] = memo[id(target)]
+        return new
 
     def prepare(self, features: KeyedJaggedTensor) -> tuple[dict[str, Tensor], Optional[tuple]]:
         """(feature -> its ids, hashed where its table's module hashes; the first id outside its
@@ -436,11 +481,39 @@ def fresh_rows(cfg, count: int, iteration: int) -> Tensor:
     return out
 
 
+@torch.no_grad()
+def reset_rows(embedding_module: nn.Module, mcc: ManagedCollisionCollection) -> None:
+    """Fresh values (`fresh_rows`) for the rows `mcc`'s evictions handed to new ids, in the
+    tables of `embedding_module` (an fxrec collection), before the batch looks them up."""
+    weights = _tables_of(embedding_module)
+    configs = {c.name: c for c in mcc.embedding_configs()}
+    modules = mcc._managed_collision_modules
+    for table, rows in mcc.evict().items():
+        if rows is None or not rows.numel() or table not in weights:
+            continue
+        w = weights[table]
+        new = fresh_rows(configs[table], rows.numel(), modules[table].current_iter())
+        w.data[rows.to(w.device)] = new.to(device=w.device, dtype=w.dtype)
+
+
 def _tables_of(module: nn.Module) -> dict:
     """Table name -> the weight of an fxrec collection."""
     if isinstance(module, EmbeddingBagCollection):
         return {name: bag.weight for name, bag in module.embedding_bags.items()}
     return {name: emb.weight for name, emb in module.embeddings.items()}
+
+
+def _config_difference(ours: list, theirs: list) -> str:
+    """The first difference between two lists of table configs, in words."""
+    names, other = [c.name for c in ours], [c.name for c in theirs]
+    if names != other:
+        return f"tables {names} here, {other} in the managed collision collection"
+    for a, b in zip(ours, theirs):
+        for f in dataclasses.fields(a):
+            if getattr(a, f.name) != getattr(b, f.name, None):
+                return (f"table {a.name!r}: {f.name} {getattr(a, f.name)!r} here, {getattr(b, f.name, None)!r} in "
+                        f"the managed collision collection")
+    return f"table configs {ours} here, {theirs} in the managed collision collection"
 
 
 class _ManagedCollisionBase(nn.Module):
@@ -452,38 +525,18 @@ class _ManagedCollisionBase(nn.Module):
         if not isinstance(managed_collision_collection, ManagedCollisionCollection):
             raise TypeError(f"{owner}: expects a ManagedCollisionCollection, got "
                             f"{type(managed_collision_collection).__name__}")
-        ours = [(c.name, c.num_embeddings, tuple(c.feature_names)) for c in configs(embedding_module)]
-        theirs = [(c.name, c.num_embeddings, tuple(c.feature_names))
-                  for c in managed_collision_collection.embedding_configs()]
-        if ours != theirs:
-            raise ValueError(f"{owner}: the collection's tables {ours} and the managed collision collection's "
-                             f"{theirs} must be the same configs")
+        ours, theirs = configs(embedding_module), managed_collision_collection.embedding_configs()
+        if ours != theirs:  # every field: the evicted rows restart from the map's configs' init
+            raise ValueError(f"{owner}: {_config_difference(ours, theirs)}; the collection and its managed "
+                             f"collision collection must be built from the same configs")
+        # the collection first: a deepcopy then copies it before the map that resets its rows
         self._embedding_module = embedding_module
         self._managed_collision_collection = managed_collision_collection
         self._return_remapped_features = bool(return_remapped_features)
-
-    @torch._dynamo.disable
-    def _remap(self, features: KeyedJaggedTensor) -> KeyedJaggedTensor:
-        out = self._managed_collision_collection(features)
-        if not isinstance(out, torch.fx.Proxy):  # traced, the sharded program resets the rows
-            self.reset_evicted()
-        return out
-
-    @torch.no_grad()
-    def reset_evicted(self) -> None:
-        """Fresh values for the rows evictions handed to new ids (module doc)."""
-        weights = _tables_of(self._embedding_module)
-        configs = {c.name: c for c in self._managed_collision_collection.embedding_configs()}
-        mcs = self._managed_collision_collection._managed_collision_modules
-        for table, rows in self._managed_collision_collection.evict().items():
-            if rows is None or not rows.numel():
-                continue
-            w = weights[table]
-            new = fresh_rows(configs[table], rows.numel(), mcs[table].current_iter())
-            w.data[rows.to(w.device)] = new.to(device=w.device, dtype=w.dtype)
+        managed_collision_collection.guard(embedding_module)
 
     def forward(self, features: KeyedJaggedTensor, mutate_miss_lengths: bool = True):
-        remapped = self._remap(features)
+        remapped = self._managed_collision_collection(features)
         out = self._embedding_module(remapped)
         return out, (remapped if self._return_remapped_features else None)
 

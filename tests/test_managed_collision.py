@@ -162,10 +162,41 @@ def test_bad_arguments_and_ids_raise_naming_them():
     with pytest.raises(ValueError, match=r"managed collision modules for \['u'\], which are not among the tables"):
         ManagedCollisionCollection({"t": MCHManagedCollisionModule(5), "u": MCHManagedCollisionModule(5)}, cfgs)
     mcc = ManagedCollisionCollection({"t": MCHManagedCollisionModule(5)}, cfgs)
-    with pytest.raises(ValueError, match="must be the same configs"):
+    with pytest.raises(ValueError, match=r"table 't': feature_names \['b'\] here, \['a'\] in the managed"):
         ManagedCollisionEmbeddingBagCollection(EmbeddingBagCollection([EmbeddingBagConfig("t", 5, 4, ["b"])]), mcc)
+    init = EmbeddingBagConfig("t", 5, 4, ["a"], weight_init=torch.nn.init.zeros_)
+    with pytest.raises(ValueError, match="table 't': weight_init <function zeros_"):  # the fresh rows' init
+        ManagedCollisionEmbeddingBagCollection(EmbeddingBagCollection([init]), mcc)
     with pytest.raises(TypeError, match="expects an fxrec EmbeddingBagCollection"):
         ManagedCollisionEmbeddingBagCollection(EmbeddingCollection([EmbeddingConfig("t", 5, 4, ["a"])]), mcc)
+
+
+def test_int32_ids_are_checked_and_remapped_as_int64():
+    wide, narrow = MCHManagedCollisionModule(4, name="t"), MCHManagedCollisionModule(4, name="t")
+    ids = [3, 2 ** 31 - 1, 3]
+    def int32(values):
+        values = torch.tensor(values, dtype=torch.int32)
+        return {"f": JaggedTensor(values, lengths=torch.tensor([values.numel()]))}
+    got = narrow(int32(ids))["f"].values()
+    assert got.dtype == torch.int32 and got.tolist() == wide(_jt(ids))["f"].values().tolist()
+    with pytest.raises(ValueError, match="id -2 is outside"):
+        narrow(int32([-2]))
+
+
+def test_a_loaded_map_keeps_the_eviction_schedule_and_saving_mid_interval_warns():
+    g = torch.Generator().manual_seed(3)
+    stream = [torch.randint(0, 9, (6,), generator=g) * SPREAD for _ in range(6)]
+    whole = MCHManagedCollisionModule(5, eviction_interval=2, name="t")
+    for ids in stream[:4]:
+        whole(_jt(ids))
+    state = copy.deepcopy(whole.state_dict())  # after 4 calls: on an eviction boundary, no warning
+    resumed = MCHManagedCollisionModule(5, eviction_interval=2, name="t")
+    resumed.load_state_dict(state)
+    for ids in stream[4:]:
+        assert torch.equal(resumed(_jt(ids))["f"].values(), whole(_jt(ids))["f"].values())
+    whole(_jt(stream[0]))
+    with pytest.warns(UserWarning, match=r"table 't': saved 1 call\(s\) into an eviction interval of 2"):
+        whole.state_dict()
 
 
 # ------------------------------------------------------------------ the collections
@@ -287,6 +318,18 @@ def test_capture_keeps_the_collection_whole_and_changes_nothing():
     assert model.mc._managed_collision_collection._managed_collision_modules["t_item"]._history == []
 
 
+def test_the_captured_graph_module_trains_like_eager():
+    torch.manual_seed(0)
+    model = Ranker()
+    ref = copy.deepcopy(model)
+    gm = fxrec.capture(model, _batches(1, 0)[0], fallback=False)
+    steps = [_batches(1, 10 + s) for s in range(STEPS)] + [_evicting_batch(1, 30)]
+    _train_reference(ref, steps)
+    _train_reference(gm, steps)  # the GraphModule holds the model's own modules
+    for k, v in ref.state_dict().items():
+        assert_close(model.state_dict()[k], v, msg=k)
+
+
 def test_compile_trains_like_eager_and_lower_serves_the_map():
     torch.manual_seed(0)
     model = Ranker()
@@ -401,9 +444,13 @@ def _run_state(rank: int, world: int, sharding: str) -> list[str]:
 
 def _bad_id_on_one_rank(rank: int, world: int, sharding: str) -> list[str]:
     """Rank 1's batch holds an id outside t_user's input range: every rank raises it, no map
-    profiles the batch, and the next batch trains."""
+    profiles the batch, and the next batch trains. ``sharding="dense"``: t_user stays a dense
+    parameter (no lookup input check of its own)."""
     torch.manual_seed(0)
-    sm = _shard(Ranker(), world, rank, sharding)
+    if sharding == "dense":
+        sm = fxrec.shard(Penalised(), Topology(world), _batches(world, 0)[rank], sparse_optimizer=SGD(LR))
+    else:
+        sm = _shard(Ranker(), world, rank, sharding)
     mcc = sm.module.get_submodule("mc._managed_collision_collection")
     mcc._managed_collision_modules["t_user"]._input_hash_size = 10 ** 9
     state = copy.deepcopy(mcc.state_dict())
@@ -418,7 +465,8 @@ def _bad_id_on_one_rank(rank: int, world: int, sharding: str) -> list[str]:
             sm(kjt, x)
             bad.append(f"{sharding} {mode}: rank {rank} raised nothing")
         except ValueError as e:
-            want = rf"rank 1's batch: .*'user'.*managed collision module .* was given id {10 ** 9 + 1}"
+            want = (rf"rank 1's batch: table 't_user', feature 'user': id {10 ** 9 + 1} is outside "
+                    rf"\[0, {10 ** 9}\) \(input_hash_size\)")
             if not re.search(want, str(e)):
                 bad.append(f"{sharding} {mode}: rank {rank} raised {e}")
     for k, v in mcc.state_dict().items():
@@ -446,7 +494,8 @@ def _job(rank: int, world: int, what: str, sharding: str) -> list[str]:
 
 _JOBS = ([("train", s) for s in SHARDINGS] + [("state", "row_wise"), ("state", "column_wise"),
                                                ("state", "data_parallel"), ("bad_id", "table_wise"),
-                                               ("bad_id", "data_parallel"), ("pipeline", "row_wise")])
+                                               ("bad_id", "data_parallel"), ("bad_id", "dense"),
+                                               ("pipeline", "row_wise")])
 
 
 @pytest.mark.parametrize("sharding", ["table_wise", "row_wise"])

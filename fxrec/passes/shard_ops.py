@@ -101,7 +101,7 @@ _ID_DTYPES = (torch.int64, torch.int32)  # what F.embedding / F.embedding_bag ta
 DTYPES = sorted({v for v in vars(torch).values() if isinstance(v, torch.dtype)}, key=str)
 # why a slot's input cannot be read at all (`BadInput`), and the exception it raises
 IDS_DTYPE, NO_FEATURE, WEIGHTS_DTYPE, FOLDED_NDIM, BAG_IDS_NDIM, OFFSETS_WITH_2D, OFFSETS_NDIM, WEIGHTS_SHAPE, \
-    NOT_TENSOR, NO_INVERSE, INVERSE_RANGE, POSITION_LENGTH, BAG_COUNT, MC_ID_RANGE = range(1, 15)
+    NOT_TENSOR, NO_INVERSE, INVERSE_RANGE, POSITION_LENGTH, BAG_COUNT = range(1, 14)
 _ARGUMENTS = ("ids", "offsets", "per-sample weights")  # NOT_TENSOR's detail: which one
 
 
@@ -156,9 +156,6 @@ def bad_input_message(slot: "SlotSpec", reason: int, detail: int) -> tuple[type,
     if reason == BAG_COUNT:
         return ValueError, (f"its KeyedJaggedTensor holds {detail} bags, not the number its keys' batch sizes "
                             f"(stride, or stride_per_key_per_rank) make")
-    if reason == MC_ID_RANGE:
-        return ValueError, (f"its managed collision module (fxrec.managed_collision) was given id {detail}, "
-                            f"outside [0, input_hash_size)")
     if reason == INVERSE_RANGE:
         return ValueError, f"its inverse_indices give a sample bag {detail}, which the feature does not have"
     return ValueError, f"unreadable input (reason {reason})"
@@ -254,9 +251,6 @@ def _kjt_slot(spec: NodeSpec, slot: SlotSpec, kjt) -> SlotInput:
     fault = getattr(kjt, "_position_fault", None)  # feature_processors.position_weighted's, deferred
     if fault is not None and fault[0] == slot.feature:
         raise BadInput(POSITION_LENGTH, fault[1] << 32 | fault[2])
-    fault = getattr(kjt, "_mc_fault", None)  # runtime.managed_collision's, deferred
-    if fault is not None and fault[0] == slot.feature:
-        raise BadInput(MC_ID_RANGE, fault[1])
     values, lengths = _int_ids(jt.values()), jt.lengths().long()
     if spec.kind == "ec":
         return SlotInput(values, shape=(values.numel(),), jt_lengths=jt.lengths())

@@ -13,8 +13,9 @@ global batch:
   and in the unsharded model), written into this rank's pieces of the table, and their fused
   sparse optimizer state is zeroed.
 - An id outside its module's input range on one rank: every rank learns it from the exchange
-  and none profiles the batch; the remapped KJT carries the fault to the lookups' input check,
-  which raises it on every rank (as for other bad input). In eval mode the check alone carries it.
+  (in eval mode, a small one of its own) and raises it, naming the rank, before any profiles
+  the batch or any lookup starts; so also for a table left dense, which has no input check of
+  its own.
 - It runs on the main stage (`fxrec_main_stage`): TrainPipeline runs it in step with training,
   since an eviction writes rows the previous batch's backward updates.
 
@@ -61,42 +62,58 @@ class ShardedCollisions(nn.Module):
     def forward(self, features):
         mcc = self.mcc
         pieces, fault = mcc.prepare(features)
+        order = [f for cfg in mcc.embedding_configs() for f in cfg.feature_names]
+        mine = (-1, 0) if fault is None else (order.index(fault[0]), fault[1])
         profiling = mcc.training and any(m.training for m in mcc._managed_collision_modules.values())
         if profiling:
-            ids = mcc.table_ids(pieces)
-            every, faulty = self._gather(ids, fault is not None)
-            if not faulty:
-                mcc.profile_tables(every)
-                self._reset(mcc.evict())
-        out = mcc.assemble(features, pieces)
-        if fault is not None:
-            out._mc_fault = fault[:2]  # (feature, id): raised by the lookups' input check on every rank
-        return out
+            every, faults = self._gather(mcc.table_ids(pieces), mine)
+        else:
+            faults = self._exchange(torch.tensor(mine, dtype=torch.int64, device=features.values().device))
+        self._raise(faults, order)
+        if profiling:
+            mcc.profile_tables(every)
+            self._reset(mcc.evict())
+        return mcc.assemble(features, pieces)
 
-    def _gather(self, ids: dict[str, Tensor], faulty: bool) -> tuple[dict[str, Tensor], bool]:
-        """Every rank's ids of each table, and whether any rank's batch was faulty (one all_gather;
-        a header per rank: the fault flag, then each table's count)."""
+    def _raise(self, faults: list[tuple[int, int]], order: list[str]) -> None:
+        """The first faulty rank's bad id, raised on every rank (each got every rank's
+        ``(feature index, id)``, feature index -1 for none), before any of them profiles."""
+        w = len(faults)
+        for rank, (feature, value) in enumerate(faults):
+            if feature >= 0:
+                name = order[feature]
+                table = next(c.name for c in self.mcc.embedding_configs() if name in c.feature_names)
+                message = self.mcc._managed_collision_modules[table].bad_id_message(name, value)
+                raise ValueError(f"rank {rank}'s batch: {message}" if w > 1 else message)
+
+    def _exchange(self, block: Tensor) -> list:
+        """Every rank's fault ``(feature index, id)``: one all_gather of two int64 each."""
+        if comm.world_size(self.group) == 1:
+            return [tuple(block.tolist())]
+        return [tuple(r) for r in comm.all_gather(block, group=self.group).view(-1, 2).tolist()]
+
+    def _gather(self, ids: dict[str, Tensor], fault: tuple[int, int]) -> tuple[dict[str, Tensor], list]:
+        """Every rank's ids of each table and every rank's fault, in one all_gather of a block per
+        rank: the fault ``(feature index, id)``, each table's count, then the ids."""
         names = list(ids)
-        device = next(iter(ids.values())).device if ids else torch.device("cpu")
-        header = torch.tensor([int(faulty)] + [ids[n].numel() for n in names], dtype=torch.int64, device=device)
+        device = next(iter(ids.values())).device
+        header = torch.tensor(list(fault) + [ids[n].numel() for n in names], dtype=torch.int64, device=device)
         mine = torch.cat([header] + [ids[n].to(torch.int64) for n in names])
-        w = comm.world_size(self.group)
-        if w == 1:
-            return ids, faulty
-        sizes = comm.all_gather(torch.tensor([mine.numel()], device=device), group=self.group).tolist()
+        if comm.world_size(self.group) == 1:
+            return ids, [fault]
         every = comm.all_gather(mine, group=self.group)
+        head = 2 + len(names)
         out: dict[str, list] = {n: [] for n in names}
-        start, any_fault = 0, False
-        for size in sizes:
-            block = every[start:start + size]
-            start += size
-            counts = block[1:1 + len(names)].tolist()
-            any_fault |= bool(block[0])
-            at = 1 + len(names)
-            for n, c in zip(names, counts):
-                out[n].append(block[at:at + c])
-                at += c
-        return {n: torch.cat(parts) for n, parts in out.items()}, any_fault
+        faults, start = [], 0
+        while start < every.numel():
+            block = every[start:start + head].tolist()
+            faults.append((block[0], block[1]))
+            at = start + head
+            for n, count in zip(names, block[2:]):
+                out[n].append(every[at:at + count])
+                at += count
+            start = at
+        return {n: torch.cat(parts) for n, parts in out.items()}, faults
 
     @torch.no_grad()
     def _reset(self, evictions: dict[str, Optional[Tensor]]) -> None:
