@@ -125,15 +125,19 @@ class ShardedCollisions(nn.Module):
             target = self.tables.get(table)
             if rows is None or not rows.numel() or target is None:
                 continue
-            new = fresh_rows(configs[table], rows.numel(), modules[table].current_iter())
             if isinstance(target, Tensor):  # a table left dense: a parameter of the program, whole
+                new = fresh_rows(configs[table], rows.numel(), modules[table].current_iter())
                 target.data[rows.to(target.device)] = new.to(device=target.device, dtype=target.dtype)
                 continue
             if weights is None:
                 lookups = self._lookups()
                 weights, state = shard_pieces(lookups, self._plan), state_pieces(lookups, self._plan)
+            pieces = list(zip(weights.get(target, []), state.get(target, [])))
+            if not pieces:  # another rank's table: nothing to draw here
+                continue
+            new = fresh_rows(configs[table], rows.numel(), modules[table].current_iter())
             rows = rows.cpu()
-            for (r, c, view), (_, _, opt) in zip(weights.get(target, []), state.get(target, [])):
+            for (r, c, view), (_, _, opt) in pieces:
                 mine = (rows >= r[0]) & (rows < r[1])
                 if not bool(mine.any()):
                     continue
