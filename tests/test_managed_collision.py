@@ -351,6 +351,22 @@ def test_compile_trains_like_eager_and_lower_serves_the_map():
         assert_close(lowered(*batch), ref(*batch), rtol=1e-5, atol=1e-6)
 
 
+def test_compile_with_a_fused_sparse_optimizer_resets_evicted_rows():
+    torch.manual_seed(0)
+    model = Ranker()
+    ref = copy.deepcopy(model)
+    compiled = torch.compile(model, backend="fxrec", options={"sparse_optimizer": SGD(LR)})
+    steps = [_batches(1, 10 + s) for s in range(STEPS)] + [_evicting_batch(1, 30)]
+    _train_reference(ref, steps)
+    opt = torch.optim.SGD([p for n, p in model.named_parameters() if "embedding_bags" not in n], lr=LR)
+    for batches in steps:
+        opt.zero_grad()
+        compiled(*batches[0]).square().mean().backward()
+        opt.step()
+    for k, v in ref.state_dict().items():
+        assert_close(model.state_dict()[k], v, msg=k)
+
+
 # ------------------------------------------------------------------ sharded
 TABLES = ["mc._embedding_module.embedding_bags.t_user", "mc._embedding_module.embedding_bags.t_item",
           "other.embedding_bags.t_x"]
