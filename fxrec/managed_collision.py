@@ -226,29 +226,49 @@ class MCHManagedCollisionModule(ManagedCollisionModule):
     def bad_id_message(self, feature: str, value: int) -> str:
         return f"{self._owner(feature)}: id {value} is outside [0, {self._input_hash_size}) (input_hash_size)"
 
+    def advance(self) -> Optional[int]:
+        """Count one profiled call: the new iteration, or None where nothing is profiled (eval
+        mode, capture's example run)."""
+        if not self.training or _QUIET.get():
+            return None
+        iteration = self.current_iter() + 1
+        self._current_iter_tensor.fill_(iteration)
+        return iteration
+
+    def record(self, ids: Sequence[Tensor], iteration: int) -> None:
+        """Keep one call's ids for the next eviction."""
+        device = self._mch_sorted_raw_ids.device
+        self._history.append((torch.cat([i.reshape(-1).to(device=device, dtype=torch.int64) for i in ids])
+                              if ids else torch.empty(0, dtype=torch.int64, device=device), iteration))
+
+    def evicts_at(self, iteration: int) -> bool:
+        """Every eviction_interval-th call since the map was new, counted by the saved iteration:
+        a map loaded from a checkpoint evicts when the uninterrupted one would."""
+        return iteration % self._eviction_interval == 0
+
     @torch.no_grad()
     def profile_ids(self, ids: Sequence[Tensor]) -> None:
         """Count one call's ids (training mode, outside capture), evicting every
         ``eviction_interval`` calls."""
-        if not self.training or _QUIET.get():
+        iteration = self.advance()
+        if iteration is None:
             return
-        iteration = self.current_iter() + 1
-        self._current_iter_tensor.fill_(iteration)
-        device = self._mch_sorted_raw_ids.device
-        self._history.append((torch.cat([i.reshape(-1).to(device=device, dtype=torch.int64) for i in ids])
-                              if ids else torch.empty(0, dtype=torch.int64, device=device), iteration))
-        # every eviction_interval-th call since the map was new, counted by the saved iteration:
-        # a map loaded from a checkpoint evicts when the uninterrupted one would
-        if iteration % self._eviction_interval == 0:
-            self._coalesce(iteration)
+        self.record(ids, iteration)
+        if self.evicts_at(iteration):
+            self.apply_delta(self.delta(iteration))
 
     def profile(self, features: Mapping[str, JaggedTensor]) -> dict[str, JaggedTensor]:
         """TorchRec's profile: count the features' ids; returns them as they are."""
         self.profile_ids([jt.values() for jt in features.values()])
         return dict(features)
 
-    def _coalesce(self, iteration: int) -> None:
-        """The ids seen since the last eviction compete for the rows (module doc)."""
+    @torch.no_grad()
+    def delta(self, iteration: int) -> dict[str, Tensor]:
+        """What the eviction at `iteration` changes (module doc), the map left as it is: ``hit``
+        (positions of held ids seen since the last eviction) with their new metadata
+        (``hit_<name>``), ``freed`` (positions whose id loses its row) paired with ``new`` (the
+        ids that take them) and theirs (``new_<name>``). `apply_delta` makes the change; a
+        sharded program computes it on one rank and applies it on every rank."""
         seen = torch.cat([ids for ids, _ in self._history])
         when = torch.cat([torch.full_like(ids, it) for ids, it in self._history])
         self._history = []
@@ -257,35 +277,57 @@ class MCHManagedCollisionModule(ManagedCollisionModule):
         held = self._mch_sorted_raw_ids
         pos = torch.searchsorted(held[:-1], ids)
         hit = held[pos] == ids
-        meta = {m: getattr(self, f"_mch_{m}") for m in self._eviction_policy.metadata}
+        names = self._eviction_policy.metadata
+        meta = {m: getattr(self, f"_mch_{m}") for m in names}
+        out = {"hit": pos[hit]}
         if "counts" in meta:
-            meta["counts"][pos[hit]] += counts[hit]
+            out["hit_counts"] = meta["counts"][pos[hit]] + counts[hit]
         if "last_access_iter" in meta:
-            meta["last_access_iter"][pos[hit]] = last[hit]
-        new, new_counts, new_last = ids[~hit], counts[~hit], last[~hit]
+            out["hit_last_access_iter"] = last[hit]
+        seen_meta = {"counts": counts, "last_access_iter": last}
+        new, new_counts = ids[~hit], counts[~hit]
+        new_meta = {m: seen_meta[m][~hit] for m in names}
+        empty = torch.empty(0, dtype=torch.int64, device=held.device)
+        out.update(freed=empty, new=empty, **{f"new_{m}": empty for m in names})
         if self._eviction_policy._threshold_filtering_func is not None:
             keep, _ = self._eviction_policy._threshold_filtering_func(new_counts)
-            new, new_counts, new_last = new[keep], new_counts[keep], new_last[keep]
+            new, new_counts, new_meta = new[keep], new_counts[keep], {m: v[keep] for m, v in new_meta.items()}
         if not new.numel():
-            return
+            return out
         # new ids in order of their counts (ties: the smaller id first)
         order = torch.argsort(new_counts, descending=True, stable=True)
-        new, new_counts, new_last = new[order], new_counts[order], new_last[order]
+        new, new_meta = new[order], {m: v[order] for m, v in new_meta.items()}
         n = self._zch_size
+        after = {m: v.clone() for m, v in meta.items()}  # the held ids' metadata with this interval's hits
+        for m in names:
+            after[m][out["hit"]] = out[f"hit_{m}"]
         zeros = torch.zeros(n, dtype=torch.int64, device=held.device)
-        old = self._eviction_policy.scores(meta.get("counts", zeros), meta.get("last_access_iter", zeros), iteration)
+        old = self._eviction_policy.scores(after.get("counts", zeros), after.get("last_access_iter", zeros), iteration)
         old[-1] = math.inf  # the miss row is never handed to an id
-        score = torch.cat([old, self._eviction_policy.scores(new_counts, new_last, iteration)])
+        mine = torch.zeros(new.numel(), dtype=torch.int64, device=held.device)
+        score = torch.cat([old, self._eviction_policy.scores(new_meta.get("counts", mine),
+                                                             new_meta.get("last_access_iter", mine), iteration)])
         ranked = torch.argsort(score, descending=True, stable=True)
         taken = ranked[:n][ranked[:n] >= n] - n   # new ids that win a row
-        freed = ranked[n:][ranked[n:] < n]        # rows whose id loses it, paired with `taken`
+        out["freed"] = ranked[n:][ranked[n:] < n]  # rows whose id loses it, paired with `taken`
+        out["new"] = new[taken]
+        for m in names:
+            out[f"new_{m}"] = new_meta[m][taken]
+        return out
+
+    @torch.no_grad()
+    def apply_delta(self, delta: Mapping[str, Tensor]) -> None:
+        """Make the change `delta` computed (`delta`); the evicted rows go to `evict()`."""
+        held = self._mch_sorted_raw_ids
+        meta = {m: getattr(self, f"_mch_{m}") for m in self._eviction_policy.metadata}
+        for m, buf in meta.items():
+            buf[delta["hit"]] = delta[f"hit_{m}"]
+        freed = delta["freed"]
         if not freed.numel():
             return
-        held[freed] = new[taken]
-        if "counts" in meta:
-            meta["counts"][freed] = new_counts[taken]
-        if "last_access_iter" in meta:
-            meta["last_access_iter"][freed] = new_last[taken]
+        held[freed] = delta["new"]
+        for m, buf in meta.items():
+            buf[freed] = delta[f"new_{m}"]
         rows = self._mch_remapped_ids_mapping[freed]
         self._evicted = rows if self._evicted is None else torch.cat([self._evicted, rows])
         resort = torch.argsort(held, stable=True)  # empty rows (int64 max) stay last, the miss row at the end

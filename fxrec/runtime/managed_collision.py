@@ -71,9 +71,54 @@ class ShardedCollisions(nn.Module):
             faults = self._exchange(torch.tensor(mine, dtype=torch.int64, device=features.values().device))
         self._raise(faults, order)
         if profiling:
-            mcc.profile_tables(every)
+            self._profile(every)
             self._reset(mcc.evict())
         return mcc.assemble(features, pieces)
+
+    def _profile(self, ids: dict[str, Tensor]) -> None:
+        """Each table's map counts the call; the table's owner (table i: rank i % W) alone keeps
+        its global ids and computes its evictions (`MCHManagedCollisionModule.delta`), which one
+        all_gather brings to every rank, and every rank applies them: equal maps on every rank,
+        each rank profiling 1/W of the tables."""
+        modules = list(self.mcc._managed_collision_modules.items())
+        w, me = comm.world_size(self.group), comm.rank(self.group)
+        deltas: dict[int, dict] = {}
+        evicting = False
+        for i, (name, mc) in enumerate(modules):
+            iteration = mc.advance()
+            if iteration is None:
+                continue
+            evicting |= mc.evicts_at(iteration)
+            if i % w == me:
+                mc.record([ids[name]], iteration)
+                if mc.evicts_at(iteration):
+                    deltas[i] = mc.delta(iteration)
+        if w > 1 and evicting:  # the same on every rank: the same iterations, the same intervals
+            deltas = self._share(deltas, modules)
+        for i in sorted(deltas):
+            modules[i][1].apply_delta(deltas[i])
+
+    def _share(self, mine: dict[int, dict], modules: list) -> dict[int, dict]:
+        """Every rank's deltas (one all_gather of a block per rank: its number of deltas, then
+        each as ``table index, hits, new ids`` and its tensors in `_fields` order)."""
+        device = modules[0][1]._mch_sorted_raw_ids.device
+        parts = [torch.tensor([len(mine)], dtype=torch.int64, device=device)]
+        for i, d in mine.items():
+            parts.append(torch.tensor([i, d["hit"].numel(), d["new"].numel()], dtype=torch.int64, device=device))
+            parts += [d[f] for f in _fields(modules[i][1])]
+        every = comm.all_gather(torch.cat(parts), group=self.group)
+        out, at = {}, 0
+        while at < every.numel():
+            count, at = int(every[at]), at + 1
+            for _ in range(count):
+                i, hits, new = every[at:at + 3].tolist()
+                at += 3
+                d = {}
+                for f in _fields(modules[i][1]):
+                    size = hits if f.startswith("hit") else new
+                    d[f], at = every[at:at + size], at + size
+                out[i] = d
+        return out
 
     def _raise(self, faults: list[tuple[int, int]], order: list[str]) -> None:
         """The first faulty rank's bad id, raised on every rank (each got every rank's
@@ -145,3 +190,9 @@ class ShardedCollisions(nn.Module):
                 view[local] = new[mine][:, c[0]:c[1]].to(device=view.device, dtype=view.dtype)
                 for value in opt.values():
                     value[local.to(value.device)] = 0
+
+
+def _fields(mc) -> list[str]:
+    """The tensors of a map's delta, in the order `ShardedCollisions._share` packs them."""
+    names = mc._eviction_policy.metadata
+    return ["hit"] + [f"hit_{m}" for m in names] + ["freed", "new"] + [f"new_{m}" for m in names]
