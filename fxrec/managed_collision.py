@@ -24,8 +24,9 @@ are; its sharded one resets them after the lookup.) `fxrec.shard` also zeroes th
 optimizer's state of those rows.
 
 Sharded (`fxrec.runtime.managed_collision`): every rank keeps the whole map (32 bytes a row
-under DistanceLFU) and profiles the global batch's ids, so that its map, and the evictions,
-equal the unsharded model's on the global batch; each rank remaps its own batch.
+under DistanceLFU); each table's map is profiled on the global batch's ids by one rank, whose
+evictions (`MCHManagedCollisionModule.delta`) every rank applies, so that every rank's map, and
+the evictions, equal the unsharded model's on the global batch; each rank remaps its own batch.
 
 Under torch.fx the collection is a leaf (one ``call_module`` node): its state lives in Python
 as well as in buffers, and per-key code cannot be traced on a Proxy. Under torch.compile it runs

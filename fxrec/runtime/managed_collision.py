@@ -5,10 +5,11 @@ program by a call of `ShardedCollisions`, which keeps the unsharded model's sema
 global batch:
 
 - Every rank holds the whole map. In training mode one all_gather brings every rank's ids of
-  the managed tables (after their hash), so that each rank's map profiles the global batch
-  and evicts exactly what the unsharded model would; each rank then remaps its own batch.
-  The collective sits inside this module rather than in the graph because it depends on the
-  mode at run time (no exchange in eval mode) and on the map's own profiling state.
+  the managed tables (after their hash); table i's owner (rank i % W) profiles them, so that it
+  evicts exactly what the unsharded model would, and a second all_gather brings every owner's
+  evictions to every rank, which applies them (`_profile`); each rank then remaps its own batch.
+  The collectives sit inside this module rather than in the graph because they depend on the
+  mode at run time (no exchange of ids in eval mode) and on the map's own eviction schedule.
 - The rows evictions hand to new ids restart from `fresh_rows` (the same values on every rank,
   and in the unsharded model), written into this rank's pieces of the table, and their fused
   sparse optimizer state is zeroed.
