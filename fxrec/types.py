@@ -55,8 +55,10 @@ class TableInfo:
 
     name: the path of the module that owns the table (``emb_l.0``, ``user``) or, for a
     bare parameter read by ``F.embedding*``, the parameter's path.
-    pooling_factor: mean number of ids per bag, measured on the example batch (1.0 for
-    unpooled lookups, where each id is its own output row).
+    pooling_factor: mean number of ids per bag, measured on the example batch. An unpooled
+    lookup's bag is a sample's sequence (an EmbeddingCollection feature's lengths entry, a
+    row of ``batch x seq`` ids), each of whose ids is its own output row, so a history of
+    50 ids per sample has factor 50; 1-D ids, with no batch structure, have factor 1.0.
     uses: how many features (lookups) read the table; each gives every sample a bag of it.
     bags_per_sample: how many bags of the table one sample makes, summed over its uses.
     None (the default) means `uses`: every sample has its own bag of each feature. A
@@ -64,7 +66,8 @@ class TableInfo:
     KeyedJaggedTensor's ``stride_per_key_per_rank``) contributes its bags over the batch's
     samples instead, e.g. 2 bags for a batch of 8 contribute 0.25, since the
     EmbeddingBagCollection looks up, exchanges and pools each bag once and expands the
-    pooled sums to the samples only at the end. The planner charges lookups, ids and
+    pooled sums to the samples only at the end (an EmbeddingCollection looks each up once
+    and does not expand). The planner charges lookups, ids and
     output exchanges per bag (`fxrec.planner.cost`).
     """
 

@@ -37,8 +37,10 @@ EXPECTED = {
     "two_tower": (["module_embedding"] * 3, [
         ("user_tower.user", 20, 8, "none", 1, lambda x: 1.0),
         ("user_tower.item", 50, 8, "none", 2, lambda x: (5 + 1) / 2)]),
+    # unpooled: a sample's sequence is its bag, so the factor is its length; 1-D ids (the
+    # positions, shared by the batch) have no samples to count: each id is its own bag
     "seq_attention": (["module_embedding"] * 2, [
-        ("tok", 30, 8, "none", 1, lambda x: 1.0), ("pos", 6, 8, "none", 1, lambda x: 1.0)]),
+        ("tok", 30, 8, "none", 1, lambda x: x[0].shape[1]), ("pos", 6, 8, "none", 1, lambda x: 1.0)]),
     "no_tables": ([], []),
     "weighted_bag": (["module_bag"], [("bag", 40, 8, "sum", 1, lambda x: x[0].numel() / B)]),
     "bag_2d": (["module_bag"], [("bag", 40, 8, "mean", 1, lambda x: 3.0)]),
@@ -47,8 +49,8 @@ EXPECTED = {
     "table_dict": (["module_embedding", "module_bag"], [
         ("tables.user", 20, 8, "none", 1, lambda x: 1.0), ("tables.genre", 10, 8, "mean", 1, lambda x: 3.0)]),
     "sequence_ec": (["ec"], [
-        ("ec.embeddings.t_item", 30, 8, "none", 2, lambda x: 1.0),
-        ("ec.embeddings.t_query", 15, 8, "none", 1, lambda x: 1.0)]),
+        ("ec.embeddings.t_item", 30, 8, "none", 2, lambda x: _kjt_pf(x[0], "hist", "clicks")),
+        ("ec.embeddings.t_query", 15, 8, "none", 1, lambda x: _kjt_pf(x[0], "query"))]),
     "shape_branch": (["aten_bag", "aten_embedding"], [
         ("bag", 30, 8, "sum", 1, lambda x: x[1].numel() / B), ("table", 30, 8, "sum", 1, lambda x: 3.0)]),
 }

@@ -307,12 +307,12 @@ def _finish(c: _Candidate) -> None:
     s, lk = c.sample, c.lookup
     lk.weighted = s["weighted"] and not lk.ignores_weights
     c.per_sample = [None] * len(lk.reads)
-    if lk.kind == "ebc":
+    if lk.kind in ("ebc", "ec"):
+        # a feature's bags are its lengths entries, one per sample; an EC's bag is a sequence,
+        # each of whose ids the planner charges as its own output row (cost.py)
         c.counts = s["per_read"]
-        if s["samples"]:  # VBE: each bag is looked up once, then expanded to its samples
+        if s["samples"]:  # VBE: each bag is looked up and sent once (an EBC expands its sums at the end)
             c.per_sample = [bags / s["samples"] for _, bags in c.counts]
-    elif lk.kind == "ec":
-        c.counts = [(ids, ids) for ids, _ in s["per_read"]]  # unpooled: each id is its own row
     elif lk.kind in L.BAG_KINDS:
         shape = s["shape"]
         bags = shape[0] if len(shape) == 2 else (s["offsets"] or 0) - int(lk.include_last_offset)
@@ -324,11 +324,21 @@ def _finish(c: _Candidate) -> None:
         # no gradient, which only a per-position mask on the rows can do.
         folded = _fold(c.node, len(shape)) if lk.padding_idx is None else None
         if folded is None:
-            c.counts = [(numel, numel)]
+            c.counts = [(numel, _unpooled_bags(shape))]
             return
         pool, how, dim = folded
         c.lookup = replace(lk, reads=(replace(lk.reads[0], pooling=how),), pool_node=pool.name, pool_dim=dim)
         c.counts = [(s["real"], numel // shape[-1] if shape[-1] else 0)]
+
+
+def _unpooled_bags(shape: tuple) -> int:
+    """The bags of an unpooled nn.Embedding / F.embedding read: one per sample, the ids'
+    first dim (``batch x seq`` ids are one sequence of seq ids per sample), so its factor
+    is the ids a sample carries. 1-D ids have no batch structure to tell samples from ids
+    (one id per sample, or positions shared by the batch): each id stays its own bag,
+    factor 1.0, as before."""
+    numel = int(torch.Size(shape).numel())
+    return shape[0] if len(shape) >= 2 else numel
 
 
 # ------------------------------------------------------------------ tables

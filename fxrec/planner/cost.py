@@ -16,10 +16,12 @@ sympy).
 Model (per training step, seconds; a rank's time is the sum over its shards, with no
 overlap assumed):
 - every sample makes ``u`` bags of the table (`bags_per_sample`): one per feature that
-  reads it, or fewer where a feature has a batch of its own (VBE). A bag is looked up,
-  its ids sent and its pooled sum returned once, however many samples share it; the
-  expansion of the sums to the batch runs on the sample-owning rank after the output
-  exchange, the same under every plan, so no shard is charged for it;
+  reads it, or fewer where a feature has a batch of its own (VBE). A bag holds ``pf`` ids;
+  it is looked up, its ids and one length sent and its pooled sum returned once, however
+  many samples share it; the expansion of the sums to the batch runs on the sample-owning
+  rank after the output exchange, the same under every plan, so no shard is charged for
+  it. An unpooled table's bag is a sample's sequence of one feature and returns ``pf``
+  rows, one per id, so ``pf`` is the sequence's length (`TableInfo.pooling_factor`);
 - ids are uniform over rows, so a row-wise shard sees the fraction n/N of the ids;
 - lookup: bytes moved by forward (read rows, write outputs) and backward (read output
   grads, read+write rows and optimizer state) over ``bw_mem * eff``; a data-parallel
