@@ -36,19 +36,19 @@ nothing is profiled: capture does not change the model.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import copy
 import contextvars
+import copy
+import dataclasses
 import hashlib
 import math
 import warnings
-from typing import Callable, Mapping, Optional, Sequence, Union
+from typing import Callable, Mapping, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from fxrec.modules import EmbeddingBagCollection, EmbeddingCollection
-from fxrec.sparse import JaggedTensor, KeyedJaggedTensor, KeyedTensor
+from fxrec.sparse import JaggedTensor, KeyedJaggedTensor
 from fxrec.sparse_checks import validation_enabled
 
 __all__ = ["DistanceLFU_EvictionPolicy", "LFU_EvictionPolicy", "LRU_EvictionPolicy", "MCHEvictionPolicy",
@@ -370,8 +370,10 @@ class ManagedCollisionCollection(nn.Module):
     other keys as they are). Each module's ``output_size()`` must be its table's rows.
 
     A leaf under fxrec's tracer, run outside torch.compile's graphs (module doc). forward is
-    `prepare` (split, hash, check), `profile_tables` and `assemble` (remap): the sharded program
-    (`fxrec.runtime.managed_collision`) runs them with the global batch's ids profiled."""
+    `prepare` (split, hash, check), `profile_tables`, the reset of the evicted rows of the
+    collection it `guard`s, and `assemble` (remap): the sharded program
+    (`fxrec.runtime.managed_collision`) runs the first and the last itself, profiling each table
+    on one rank and resetting the rows in its shards."""
 
     fxrec_leaf = True              # one node under fxrec's tracer (module doc)
     fxrec_replicated_state = True  # sharded: every rank computes the same map (no buffer broadcast)
