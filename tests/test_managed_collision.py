@@ -294,12 +294,17 @@ def _concat(batches):
     return _cat_kjt([k for k, _ in batches]), _cat_kjt([x for _, x in batches])
 
 
-def _train_reference(ref, batches_per_step):
-    opt = torch.optim.SGD(ref.parameters(), lr=LR)
+def _train(run, params, batches_per_step):
+    """One torch SGD step on `params` per step's global batch, on the mean square of `run`'s output."""
+    opt = torch.optim.SGD(params, lr=LR)
     for batches in batches_per_step:
         opt.zero_grad()
-        ref(*_concat(batches)).square().mean().backward()
+        run(*_concat(batches)).square().mean().backward()
         opt.step()
+
+
+def _train_reference(ref, batches_per_step):
+    _train(ref, ref.parameters(), batches_per_step)
 
 
 def _mc_state(model) -> dict:
@@ -337,11 +342,7 @@ def test_compile_trains_like_eager_and_lower_serves_the_map():
     compiled = torch.compile(model, backend="fxrec")
     steps = [_batches(1, 10 + s) for s in range(STEPS)]
     _train_reference(ref, steps)
-    opt = torch.optim.SGD(model.parameters(), lr=LR)
-    for batches in steps:
-        opt.zero_grad()
-        compiled(*batches[0]).square().mean().backward()
-        opt.step()
+    _train(compiled, model.parameters(), steps)
     for k, v in ref.state_dict().items():
         assert_close(model.state_dict()[k], v, msg=k)
     ref.eval()
@@ -358,11 +359,7 @@ def test_compile_with_a_fused_sparse_optimizer_resets_evicted_rows():
     compiled = torch.compile(model, backend="fxrec", options={"sparse_optimizer": SGD(LR)})
     steps = [_batches(1, 10 + s) for s in range(STEPS)] + [_evicting_batch(1, 30)]
     _train_reference(ref, steps)
-    opt = torch.optim.SGD([p for n, p in model.named_parameters() if "embedding_bags" not in n], lr=LR)
-    for batches in steps:
-        opt.zero_grad()
-        compiled(*batches[0]).square().mean().backward()
-        opt.step()
+    _train(compiled, [p for n, p in model.named_parameters() if "embedding_bags" not in n], steps)
     for k, v in ref.state_dict().items():
         assert_close(model.state_dict()[k], v, msg=k)
 
@@ -534,11 +531,7 @@ def test_a_managed_table_left_dense_is_reset_too():
         sm = fxrec.shard(model, Topology(1), _batches(1, 0)[0], sparse_optimizer=SGD(LR))
     steps = [_batches(1, 10 + s) for s in range(STEPS)] + [_evicting_batch(1, 30)]
     _train_reference(ref, steps)
-    opt = torch.optim.SGD(sm.parameters(), lr=LR)
-    for batches in steps:
-        opt.zero_grad()
-        sm(*batches[0]).square().mean().backward()
-        opt.step()
+    _train(sm, sm.parameters(), steps)
     full = sm.full_state_dict()
     for key, value in ref.state_dict().items():
         assert_close(full[key], value, msg=key)
