@@ -22,14 +22,13 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 import time
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from side_by_side import alternate, fastest  # noqa: E402 - bench/, beside this file
 
 
 def parse_args(argv=None):
@@ -141,15 +140,6 @@ def worker(rank: int, args, mode: str, port: int, out_dir: str) -> None:
     dist.destroy_process_group()
 
 
-def run(args, mode: str, out_dir: str) -> dict:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(worker, args=(args, mode, port, out_dir), nprocs=args.world)
-    return torch.load(os.path.join(out_dir, f"{mode}.pt"))
-
-
 def main(argv=None) -> None:
     args = parse_args(argv)
     print(f"# {sys.executable} bench/managed_collision.py {' '.join(argv or sys.argv[1:])}  "
@@ -158,16 +148,9 @@ def main(argv=None) -> None:
           f"of {args.ids_per_bag} ids, raw ids from {args.rows * args.vocab_factor:,} (skewed); tables "
           f"{args.rows:,} x {args.dim}, table_wise; {args.warmup} warm-up + {args.steps} timed steps, best of "
           f"{args.repeats} alternating runs", flush=True)
-    best: dict = {}
-    own: dict = {}
-    with tempfile.TemporaryDirectory() as out_dir:
-        for _ in range(args.repeats):
-            for mode in ("hashed", "managed"):
-                got = run(args, mode, out_dir)
-                ms = 1000 * got["elapsed"] / args.steps
-                print(f"# {mode}: {ms:.1f} ms/step", flush=True)
-                best[mode] = min(best.get(mode, ms), ms)
-                own[mode] = got["own"]
+    runs = alternate(worker, args, ("hashed", "managed"))
+    best = {mode: 1000 * fastest(r)["elapsed"] / args.steps for mode, r in runs.items()}
+    own = {mode: r[-1]["own"] for mode, r in runs.items()}
     samples = args.world * args.batch_per_rank
     print(f"{'':40}{'id % rows':>14}{'managed':>14}")
     print(f"{'ms/step (best run)':40}{best['hashed']:>14.1f}{best['managed']:>14.1f}")

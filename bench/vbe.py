@@ -15,14 +15,13 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 import time
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from side_by_side import alternate, fastest  # noqa: E402 - bench/, beside this file
 
 
 def parse_args(argv=None):
@@ -136,15 +135,6 @@ def worker(rank: int, args, mode: str, port: int, out_dir: str) -> None:
     dist.destroy_process_group()
 
 
-def run(args, mode: str, out_dir: str) -> dict:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(worker, args=(args, mode, port, out_dir), nprocs=args.world)
-    return torch.load(os.path.join(out_dir, f"{mode}.pt"))
-
-
 def main(argv=None) -> None:
     args = parse_args(argv)
     print(f"# .venv/bin/python bench/vbe.py {' '.join(argv or sys.argv[1:])}  ({time.strftime('%Y-%m-%d %H:%M')}, "
@@ -153,17 +143,9 @@ def main(argv=None) -> None:
           f"per user; {args.user_features} user features of 1..{args.user_history} ids, {args.item_features} item "
           f"features of 1..3 ids; tables {args.rows:,} x {args.dim}, table_wise; {args.warmup} warm-up + "
           f"{args.steps} timed steps, best of {args.repeats} alternating runs", flush=True)
-    best: dict = {}
-    losses: dict = {}
-    with tempfile.TemporaryDirectory() as out_dir:
-        for _ in range(args.repeats):
-            for mode in ("expanded", "vbe"):
-                got = run(args, mode, out_dir)
-                ms = 1000 * got["elapsed"] / args.steps
-                print(f"# {mode}: {ms:.1f} ms/step", flush=True)
-                if mode not in best or ms < best[mode][0]:
-                    best[mode] = (ms, got["bytes"])
-                losses[mode] = got["losses"]
+    runs = alternate(worker, args, ("expanded", "vbe"))
+    best = {mode: (1000 * fastest(r)["elapsed"] / args.steps, fastest(r)["bytes"]) for mode, r in runs.items()}
+    losses = {mode: r[-1]["losses"] for mode, r in runs.items()}
     samples = args.world * args.batch_per_rank
     print(f"{'':34}{'expanded batch':>16}{'VBE batch':>16}")
     print(f"{'ms/step (best run)':34}{best['expanded'][0]:>16.1f}{best['vbe'][0]:>16.1f}")
