@@ -67,7 +67,7 @@ class ShardedCollisions(nn.Module):
         mine = (-1, 0) if fault is None else (order.index(fault[0]), fault[1])
         profiling = mcc.training and any(m.training for m in mcc._managed_collision_modules.values())
         if profiling:
-            every, faults = self._gather(mcc.table_ids(pieces), mine)
+            every, faults = self._gather(mcc.table_ids(pieces), mine, features.values().device)
         else:
             faults = self._exchange(torch.tensor(mine, dtype=torch.int64, device=features.values().device))
         self._raise(faults, order)
@@ -138,11 +138,10 @@ class ShardedCollisions(nn.Module):
             return [tuple(block.tolist())]
         return [tuple(r) for r in comm.all_gather(block, group=self.group).view(-1, 2).tolist()]
 
-    def _gather(self, ids: dict[str, Tensor], fault: tuple[int, int]) -> tuple[dict[str, Tensor], list]:
+    def _gather(self, ids: dict[str, Tensor], fault: tuple[int, int], device) -> tuple[dict[str, Tensor], list]:
         """Every rank's ids of each table and every rank's fault, in one all_gather of a block per
         rank: the fault ``(feature index, id)``, each table's count, then the ids."""
         names = list(ids)
-        device = next(iter(ids.values())).device
         header = torch.tensor(list(fault) + [ids[n].numel() for n in names], dtype=torch.int64, device=device)
         mine = torch.cat([header] + [ids[n].to(torch.int64) for n in names])
         if comm.world_size(self.group) == 1:
