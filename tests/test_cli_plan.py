@@ -45,6 +45,16 @@ def test_hedge_flag_reaches_the_planner(tables_csv, tmp_path):
     assert "hedge_steps" not in stats["0"] and "hedge_steps" in stats["0.2"]
 
 
+def test_comm_dtype_flag_reaches_the_planner(tables_csv, tmp_path, capsys):
+    out = tmp_path / "plan.json"
+    assert main(["plan", "--tables", tables_csv, "--world-size", "4", "--comm-dtype", "bf16", "-o", str(out)]) == 0
+    assert "outputs sent in bf16" in capsys.readouterr().out
+    assert fxrec.Plan.from_json(out.read_text()).comm_dtype == "bf16"
+    assert main(["plan", "--tables", tables_csv, "--world-size", "4", "--comm-dtype", "int8"]) == 2
+    err = capsys.readouterr().err
+    assert "fxrec.plan: comm_dtype must be one of" in err and "got 'int8'" in err
+
+
 def test_topology_profile_and_overrides(tables_csv, tmp_path, capsys):
     profile = tmp_path / "topo.json"
     fxrec.Topology(2, device="cpu", hbm_bandwidth=1e10).save(str(profile))

@@ -32,6 +32,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--hedge", type=float, default=0.005, metavar="FRACTION",
                    help="on several nodes, the share of the busiest rank's time the plan may give up to stay "
                         "balanced if intra-node links were as slow as the NIC (0: off; default 0.005)")
+    p.add_argument("--comm-dtype", metavar="DTYPE", default=None,
+                   help="the dtype fxrec.shard(..., comm_dtype=) will send the sharded tables' outputs in "
+                        "(bf16, fp16, fp32): the output exchange is costed at its bytes")
     p.add_argument("-o", "--output", metavar="PLAN.json", help="write the plan as JSON")
 
 
@@ -191,7 +194,8 @@ def run(args) -> int:
         else:
             source, example_inputs = load_target(args.target)
         plan = fxrec.plan(source, topology, example_inputs, constraints, batch_size=args.batch_size,
-                          sparse_optimizer=sparse_optimizer_from_args(args), search=args.search, hedge=args.hedge)
+                          sparse_optimizer=sparse_optimizer_from_args(args), search=args.search, hedge=args.hedge,
+                          comm_dtype=args.comm_dtype)
     except fxrec.PlanError as e:
         print(f"fxrec plan: no plan fits:\n{e}", file=sys.stderr)
         return 1
