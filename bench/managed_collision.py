@@ -154,7 +154,8 @@ def main(argv=None) -> None:
     samples = args.world * args.batch_per_rank
     print(f"{'':40}{'id % rows':>14}{'managed':>14}")
     print(f"{'ms/step (best run)':40}{best['hashed']:>14.1f}{best['managed']:>14.1f}")
-    print(f"{'samples/s (global)':40}{samples * 1000 / best['hashed']:>14,.0f}{samples * 1000 / best['managed']:>14,.0f}")
+    rate = {mode: samples * 1000 / ms for mode, ms in best.items()}
+    print(f"{'samples/s (global)':40}{rate['hashed']:>14,.0f}{rate['managed']:>14,.0f}")
     print(f"{'unseen batch: ids with a row of their own':40}{own['hashed']:>14.1%}{own['managed']:>14.1%}")
     print(f"managed / hashed samples/s: {best['hashed'] / best['managed']:.2f}")
     map_alone(args)

@@ -12,8 +12,9 @@ checkpoint see rank 0's buffers on every rank.
 Guarantees:
 - Only the dense modules' floating-point and integer buffers (never the tables' shards or
   their optimizer state, nor bool masks, nor those of a module marked
-  ``fxrec_replicated_state``, which every rank computes alike from the global batch), in one broadcast of their bytes, over the group it is
-  given (every rank calls it at the same point: the sharded program's forward is collective).
+  ``fxrec_replicated_state``, which every rank computes alike from the global batch), in one
+  broadcast of their bytes, over the group it is given (every rank calls it at the same point:
+  the sharded program's forward is collective).
 - The copy into a buffer does not bump its version counter: a forward's autograd graph keeps
   buffers it read (BatchNorm keeps its running statistics), and two forwards before one
   backward (or this broadcast after the first) must not make that backward fail as "modified
