@@ -20,8 +20,9 @@ An evicted row restarts from fresh values (`fresh_rows`: the table's init, drawn
 generator seeded by the table's name and the module's iteration, so that a sharded model's
 ranks draw the same), before the batch that brought its new id looks it up: a new id never
 trains on the row of the id it displaced. (TorchRec's eager module leaves evicted rows as they
-are; its sharded one resets them after the lookup.) `fxrec.shard` also zeroes the fused sparse
-optimizer's state of those rows.
+are; its sharded one resets them after the lookup.) Where a fused sparse optimizer trains the
+table (`fxrec.shard`, torch.compile's ``sparse_optimizer`` option), its state of those rows is
+zeroed too.
 
 Sharded (`fxrec.runtime.managed_collision`): every rank keeps the whole map (32 bytes a row
 under DistanceLFU); each table's map is profiled on the global batch's ids by one rank, whose
@@ -41,6 +42,7 @@ import copy
 import dataclasses
 import hashlib
 import math
+import sys
 import warnings
 from typing import Callable, Mapping, Optional, Sequence
 
@@ -529,16 +531,20 @@ def fresh_rows(cfg, count: int, iteration: int) -> Tensor:
 @torch.no_grad()
 def reset_rows(embedding_module: nn.Module, mcc: ManagedCollisionCollection) -> None:
     """Fresh values (`fresh_rows`) for the rows `mcc`'s evictions handed to new ids, in the
-    tables of `embedding_module` (an fxrec collection), before the batch looks them up."""
+    tables of `embedding_module` (an fxrec collection), before the batch looks them up; where
+    torch.compile trains a table by a fused sparse optimizer, those rows' state is zeroed too."""
     weights = _tables_of(embedding_module)
     configs = {c.name: c for c in mcc.embedding_configs()}
     modules = mcc._managed_collision_modules
+    compiled = sys.modules.get("fxrec.lowering.backend")  # loaded where torch.compile(backend="fxrec") ran
     for table, rows in mcc.evict().items():
         if rows is None or not rows.numel() or table not in weights:
             continue
         w = weights[table]
         new = fresh_rows(configs[table], rows.numel(), modules[table].current_iter())
         w.data[rows.to(w.device)] = new.to(device=w.device, dtype=w.dtype)
+        for state in (compiled.table_optimizer_state(w) if compiled is not None else {}).values():
+            state[rows.to(state.device)] = 0
 
 
 def _tables_of(module: nn.Module) -> dict:

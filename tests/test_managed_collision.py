@@ -364,6 +364,19 @@ def test_compile_with_a_fused_sparse_optimizer_resets_evicted_rows():
         assert_close(model.state_dict()[k], v, msg=k)
 
 
+def test_compile_with_rowwise_adagrad_zeroes_the_evicted_rows_state_as_shard_does():
+    torch.manual_seed(0)
+    model = Ranker()
+    sm = _shard(copy.deepcopy(model), 1, 0, "table_wise", RowWiseAdagrad(lr=LR))
+    compiled = torch.compile(model, backend="fxrec", options={"sparse_optimizer": RowWiseAdagrad(lr=LR)})
+    steps = [_batches(1, 10 + s) for s in range(STEPS)] + [_evicting_batch(1, 30), _batches(1, 40)]
+    _train(compiled, [p for n, p in model.named_parameters() if "embedding_bags" not in n], steps)
+    _train(sm, sm.parameters(), steps)
+    full = sm.full_state_dict()
+    for k, v in model.state_dict().items():
+        assert_close(v, full[k], msg=k)
+
+
 # ------------------------------------------------------------------ sharded
 TABLES = ["mc._embedding_module.embedding_bags.t_user", "mc._embedding_module.embedding_bags.t_item",
           "other.embedding_bags.t_x"]

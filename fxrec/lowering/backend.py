@@ -66,7 +66,7 @@ from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 from torch.fx import GraphModule, Node
 
 from .dense_compile import check_dense, compile_dense, compile_whole
@@ -97,6 +97,20 @@ def _aliased(param: nn.Parameter) -> Optional[tuple[Any, str]]:
         if ref() is not None:
             return ref(), entry[1]
     return None
+
+
+def table_optimizer_state(param: nn.Parameter) -> dict[str, Tensor]:
+    """The fused sparse optimizer's state (live views: ``{name: rows or rows x dim}``) of the
+    table whose fused buffer `param` views under ``options={"sparse_optimizer": ...}``, or {}
+    where it views none (the managed collisions' reset zeroes evicted rows' state with it)."""
+    entry = _ALIASED.get(id(param))
+    if entry is None or entry[0]() is not param:
+        return {}
+    for ref in entry[2].values():
+        module = ref()
+        if module is not None and module.table_weights()[entry[1]].data_ptr() == param.data_ptr():
+            return module.table_state().get(entry[1], {})
+    return {}
 
 
 def _alias(param: nn.Parameter, name: str, module) -> None:
