@@ -32,6 +32,36 @@ def train_side_by_side(sharded, reference: nn.Module, batches, lr: float = 0.1) 
             opt.step()
 
 
+def train_checked(check, sm, ref, ref_tables: dict, first: list, steps: list[list], concat, loss, rank: int,
+                  batch: int, lr: float, sparse_update) -> dict:
+    """Compare the sharded model `sm` (fed rank `rank`'s batch of `batch` samples) with the
+    unsharded `ref` (fed the global batch, `concat` of every rank's): the outputs on `first`,
+    then, after one step per entry of `steps` (torch SGD at `lr` on the dense parameters of
+    both, on ``loss(outputs)``; `sparse_update(ref_tables)` on the reference's tables, under
+    no_grad, where `sm`'s fused optimizer trains its own), every entry of the state_dict.
+    Mismatches go to ``check(what, got, want)`` (`Mismatches.check`). Returns `sm`'s
+    full_state_dict."""
+    mine = slice(rank * batch, (rank + 1) * batch)
+    with torch.no_grad():
+        for i, (got, want) in enumerate(zip(sm(*first[rank]), ref(*concat(first)))):
+            check(f"output {i}", got, want[mine])
+    dense_opt = torch.optim.SGD(sm.parameters(), lr=lr)
+    ref_opt = torch.optim.SGD([p for n, p in ref.named_parameters() if n not in ref_tables], lr=lr)
+    for batches in steps:
+        dense_opt.zero_grad()
+        loss(sm(*batches[rank])).backward()
+        dense_opt.step()
+        ref.zero_grad()
+        loss(ref(*concat(batches))).backward()
+        ref_opt.step()
+        with torch.no_grad():
+            sparse_update(ref_tables)
+    full = sm.full_state_dict()
+    for key, want in ref.state_dict().items():
+        check(f"after {len(steps)} steps, {key}", full[key], want)
+    return full
+
+
 def pipeline_like_steps(piped, plain, batches: list, loss, lr: float) -> list[str]:
     """Train `piped` by TrainPipeline and `plain` (a ShardedModel built alike) step by step on
     `batches` (torch SGD at `lr` on the dense parameters, ``loss(output)``); the failures: losses

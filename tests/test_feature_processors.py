@@ -19,7 +19,7 @@ from fxrec.modules import EmbeddingBagCollection, EmbeddingBagConfig
 from fxrec.optim import SGD
 from fxrec.sparse import JaggedTensor, KeyedJaggedTensor, validation
 from fxrec.topology import Topology
-from shard_models import Mismatches, _cat_kjt, _kjt, pipeline_like_steps
+from shard_models import Mismatches, _cat_kjt, _kjt, pipeline_like_steps, train_checked
 
 B, STEPS, LR = 3, 3, 0.1
 ROWS = {"a": 20, "b": 12, "c": 16}  # "a" and "c" position-weighted (dict form), "b" not
@@ -248,8 +248,6 @@ def _run(rank: int, world: int, sharding: str) -> list[str]:
     """Shard every table `sharding`, compare the forward, train 3 steps (tables by fused SGD,
     the position weights and the linear layer by torch's SGD) and compare every parameter."""
     bad = Mismatches(sharding)
-    check = bad.check
-
     torch.manual_seed(0)
     model = PositionWeighted()
     ref = copy.deepcopy(model)
@@ -258,27 +256,14 @@ def _run(rank: int, world: int, sharding: str) -> list[str]:
     batches = _batches(world, seed=1)
     sm = fxrec.shard(model, Topology(world), batches[rank], constraints={t: sharding for t in _tables(model)},
                      sparse_optimizer=SGD(LR))
-    mine = slice(rank * B, (rank + 1) * B)
-    with torch.no_grad():
-        for i, (got, want) in enumerate(zip(sm(*batches[rank]), ref(*_concat(batches)))):
-            check(f"output {i}", got, want[mine])
-    dense_opt = torch.optim.SGD(sm.parameters(), lr=LR)
-    ref_opt = torch.optim.SGD([p for n, p in ref.named_parameters() if n not in ref_tables], lr=LR)
-    for step in range(STEPS):
-        batches = _batches(world, seed=10 + step)
-        dense_opt.zero_grad()
-        _loss(sm(*batches[rank])).backward()
-        dense_opt.step()
-        ref.zero_grad()
-        _loss(ref(*_concat(batches))).backward()
-        ref_opt.step()
-        with torch.no_grad():
-            for p in ref_tables.values():
-                if p.grad is not None:
-                    p -= LR * p.grad
-    full = sm.full_state_dict()
-    for key, want in ref.state_dict().items():
-        check(f"after {STEPS} steps, {key}", full[key], want)
+
+    def sgd(tables):
+        for p in tables.values():
+            if p.grad is not None:
+                p -= LR * p.grad
+    full = train_checked(bad.check, sm, ref, ref_tables, batches,
+                         [_batches(world, seed=10 + s) for s in range(STEPS)], _concat, _loss, rank, B, LR, sgd)
+    for key in ref.state_dict():
         if "position_weight" in key and torch.equal(full[key], initial[key]):
             bad.append(f"{sharding}: {key} did not train")
     return bad

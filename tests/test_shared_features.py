@@ -18,7 +18,7 @@ from fxrec.modules import (EmbeddingBagCollection, EmbeddingBagConfig, Embedding
 from fxrec.optim import SGD, RowWiseAdagrad
 from fxrec.sparse import KeyedJaggedTensor
 from fxrec.topology import Topology
-from shard_models import Mismatches, _cat_kjt, _kjt
+from shard_models import Mismatches, _cat_kjt, _kjt, train_checked
 
 B, STEPS, LR, EPS = 3, 3, 0.1, 1e-8
 POOLED = {"q": 20, "u": 20, "v": 12}  # "q" feeds t_a (20 rows) and t_b (30 rows)
@@ -144,8 +144,6 @@ def _run(rank: int, world: int, sharding, optimizer: str) -> list[str]:
     """Shard (all tables `sharding`, or a dict of them), compare the forward, train 3 steps
     side by side and compare every table; the mismatches."""
     bad = Mismatches(f"{sharding} {optimizer}")
-    check = bad.check
-
     torch.manual_seed(0)
     model = SharedFeatures()
     ref = copy.deepcopy(model)
@@ -154,33 +152,19 @@ def _run(rank: int, world: int, sharding, optimizer: str) -> list[str]:
     batches = _batches(world, seed=1)
     sparse = SGD(LR) if optimizer == "sgd" else RowWiseAdagrad(LR, eps=EPS)
     sm = fxrec.shard(model, Topology(world), batches[rank], constraints=cons, sparse_optimizer=sparse)
-    mine = slice(rank * B, (rank + 1) * B)
-    with torch.no_grad():
-        for i, (got, want) in enumerate(zip(sm(*batches[rank]), ref(*_concat(batches)))):
-            check(f"output {i}", got, want[mine])
-    dense_opt = torch.optim.SGD(sm.parameters(), lr=LR)
-    ref_opt = torch.optim.SGD([p for n, p in ref.named_parameters() if n not in ref_tables], lr=LR)
     state: dict = {}
-    for step in range(STEPS):
-        batches = _batches(world, seed=10 + step)
-        dense_opt.zero_grad()
-        _loss(sm(*batches[rank])).backward()
-        dense_opt.step()
-        ref.zero_grad()
-        _loss(ref(*_concat(batches))).backward()
-        ref_opt.step()
-        with torch.no_grad():  # the sparse update on the unsharded tables' dense gradients
-            for name, p in ref_tables.items():
-                g = p.grad if p.grad is not None else torch.zeros_like(p)
-                if optimizer == "sgd":
-                    p -= LR * g
-                else:
-                    m = state.setdefault(name, torch.zeros(p.shape[0]))
-                    m += (g * g).mean(1)
-                    p -= (LR / (m.sqrt() + EPS)).unsqueeze(1) * g
-    full = sm.full_state_dict()
-    for key, want in ref.state_dict().items():
-        check(f"after {STEPS} steps, {key}", full[key], want)
+
+    def sparse_update(tables):  # the sparse update on the unsharded tables' dense gradients
+        for name, p in tables.items():
+            g = p.grad if p.grad is not None else torch.zeros_like(p)
+            if optimizer == "sgd":
+                p -= LR * g
+            else:
+                m = state.setdefault(name, torch.zeros(p.shape[0]))
+                m += (g * g).mean(1)
+                p -= (LR / (m.sqrt() + EPS)).unsqueeze(1) * g
+    train_checked(bad.check, sm, ref, ref_tables, batches, [_batches(world, seed=10 + s) for s in range(STEPS)],
+                  _concat, _loss, rank, B, LR, sparse_update)
     return bad
 
 
